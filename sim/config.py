@@ -1,0 +1,70 @@
+"""Configuration dataclasses for one simulated experiment.
+
+`sim.experiments` builds these from `experiments.yaml` (with ``--set``
+overrides) and validates them; the simulator only reads them. Defaults
+follow vLLM v1's online-serving defaults so an unconfigured run behaves like
+``vllm serve``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from sim.core.params import PolicyParams
+
+POLICIES = ("fcfs", "mlfq", "plas", "atlas", "srpt")
+BALANCERS = ("round_robin", "least_used", "locality")
+PREEMPTION_MODES = ("recompute", "swap")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str = "llama-3.1-8b"
+    gpu: str = "a100-80gb"
+    # GPUs per replica; the replica's memory is gpu memory x this.
+    gpus_per_replica: int = 1
+    gpu_memory_utilization: float = 0.9  # vLLM's default
+    # Memory kept for activations and CUDA graphs, on top of the weights.
+    activation_reserve_bytes: int = 2 * 1024**3
+    block_size: int = 16  # vLLM's default KV block
+    max_num_seqs: int = 256  # vLLM v1 default
+    max_num_batched_tokens: int = 8192  # vLLM v1 token budget with chunked prefill
+    enable_chunked_prefill: bool = True
+    enable_prefix_caching: bool = True
+    preemption_mode: str = "recompute"  # vLLM v1 preempts by recompute only
+    replicas: int = 1
+    balancer: str = "locality"
+    # Explicit KV capacity in blocks; None derives it from the specs.
+    num_gpu_blocks: int | None = None
+
+
+@dataclass(frozen=True)
+class LatencyConfig:
+    kind: str = "roofline"  # constant | roofline | fitted
+    seconds: float = 0.02  # constant kind
+    name: str | None = None  # fitted kind: the model's name or path
+    # Roofline: fraction of peak FLOP/s and bandwidth actually reached.
+    flops_efficiency: float = 0.6
+    bandwidth_efficiency: float = 0.7
+    step_overhead: float = 0.004  # seconds per step: scheduling, sampling, launches
+
+
+@dataclass(frozen=True)
+class WorkloadConfig:
+    # Either a generator (`generator` and `params`) or a trace file (`trace`).
+    generator: str | None = "bfcl"
+    params: dict[str, Any] = field(default_factory=dict)  # programs, rate, arrival, ...
+    trace: str | None = None
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    name: str
+    description: str = ""
+    workload: WorkloadConfig = field(default_factory=WorkloadConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    latency: LatencyConfig = field(default_factory=LatencyConfig)
+    policies: tuple[str, ...] = POLICIES
+    policy_params: PolicyParams = field(default_factory=PolicyParams)
+    seed: int = 0

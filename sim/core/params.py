@@ -1,0 +1,75 @@
+"""Tunable parameters of the scheduler core, with the reasons for each default.
+
+The paper gives none of K, the queue bounds, the quantum or beta, so every
+value here is ours, chosen from the workloads' scale and set in
+`experiments.yaml` (key ``policy_params``) so it can be swept.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class PolicyParams:
+    # --- PLAS / ATLAS discretised queues -------------------------------------
+    # K = 8 queues with upper bounds doubling from `queue_base`: 1, 2, 4, ...
+    # 64 s and an unbounded last queue. A BFCL call is ~1 s of service and a
+    # ShareGPT program tens of seconds, so the bins separate fresh programs
+    # (Q1) from long ones (Q7/Q8) within the range real programs span.
+    # Doubling keeps K small: continuous priorities degrade into round-robin
+    # and KV thrashing (DESIGN.md section 1).
+    num_queues: int = 8
+    queue_base: float = 1.0  # seconds of attained service, Q1's upper bound
+    # Service a call may receive in a queue before it is demoted one queue.
+    # None means "the queue's width", so a call is demoted exactly when its
+    # program's attained service plus its own crosses the queue's upper
+    # bound: least-attained-service order, discretised.
+    quantum: float | None = None
+    # Anti-starvation: a waiting call jumps to Q1 when
+    # (W_program + W_call) / (T_program + T_call) >= beta. 8 means a program
+    # may wait eight times its service before it is rescued, which bounds
+    # its slowdown without letting long programs jump the queue often.
+    beta: float = 8.0
+
+    # --- MLFQ (FastServe skip-join) ------------------------------------------
+    # Quanta double from `mlfq_base_quantum`, about two decode steps of an 8B
+    # model, as in FastServe where the first quantum is one iteration.
+    mlfq_base_quantum: float = 0.05
+    # Skip-join: a call enters the highest queue whose quantum covers its
+    # estimated prefill time, prompt_tokens * this (A100, 8B: ~60 us/token).
+    mlfq_prefill_s_per_token: float = 6e-5
+    # A call that waited this long without service is promoted to Q1.
+    mlfq_starve_after: float = 10.0
+
+    # --- Load balancing --------------------------------------------------------
+    # Calls with at most this many prompt tokens go to the least-used engine;
+    # longer ones stay on their program's engine (the paper's rule).
+    locality_threshold: int = 2048
+
+    # --- Process table -------------------------------------------------------
+    # A program with no live call and no arrival for this long is forgotten.
+    # Long enough to outlast the tool and think times of the workloads we
+    # generate (seconds) and typical human turns in chat (a minute or two).
+    program_ttl: float = 600.0
+
+    def __post_init__(self) -> None:
+        checks = [
+            ("num_queues", self.num_queues >= 1, "an integer >= 1"),
+            ("queue_base", self.queue_base > 0, "> 0 seconds"),
+            ("quantum", self.quantum is None or self.quantum > 0, "null or > 0 seconds"),
+            ("beta", self.beta > 0, "> 0"),
+            ("mlfq_base_quantum", self.mlfq_base_quantum > 0, "> 0 seconds"),
+            ("mlfq_prefill_s_per_token", self.mlfq_prefill_s_per_token >= 0, ">= 0"),
+            ("mlfq_starve_after", self.mlfq_starve_after > 0, "> 0 seconds"),
+            ("locality_threshold", self.locality_threshold >= 0, ">= 0 tokens"),
+            ("program_ttl", self.program_ttl > 0, "> 0 seconds"),
+        ]
+        for name, ok, expected in checks:
+            if not ok:
+                raise ValueError(f"policy_params.{name}: expected {expected}, got {getattr(self, name)!r}")
+
+    def queue_upper_bounds(self) -> list[float]:
+        """Upper bound of each queue's attained-service range; the last is inf."""
+        bounds = [self.queue_base * 2**i for i in range(self.num_queues - 1)]
+        return bounds + [float("inf")]

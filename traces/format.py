@@ -1,0 +1,65 @@
+"""The program-trace data model: a program is a DAG of LLM calls.
+
+A trace file is JSON Lines, one `Program` per line (see traces/README.md).
+These dataclasses are the in-memory form shared by the generators, the
+importers, the simulator and the replayer, so every field here has exactly
+one meaning everywhere.
+
+Prefix sharing is stated per call, because the engine's prefix cache and the
+locality balancer need it exactly:
+
+* ``context_of``: the id of an *ancestor* call whose full context (its prompt
+  followed by its output) is the start of this call's prompt. The rest of the
+  prompt is new tokens. This is how a chat turn re-sends the history.
+* ``shared_prefix``: a name and a token count for a prefix shared across
+  programs (a system prompt). Only for calls without ``context_of``; a call
+  that continues another inherits its ancestor's shared prefix.
+* ``block_hashes`` with ``hash_block_tokens``: for imported traces that carry
+  hashes of fixed-size prompt blocks (Mooncake). Two prompts share exactly
+  the leading blocks whose hashes are equal. Exclusive with the other two.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class SharedPrefix:
+    """A prefix of ``tokens`` tokens shared by every call that names ``key``."""
+
+    key: str
+    tokens: int
+
+
+@dataclass(frozen=True)
+class Call:
+    """One LLM call of a program."""
+
+    id: str
+    parents: tuple[str, ...]
+    prompt_tokens: int
+    output_tokens: int
+    delay: float = 0.0  # seconds after the last parent finishes (tool/think time)
+    context_of: str | None = None
+    shared_prefix: SharedPrefix | None = None
+    block_hashes: tuple[int, ...] | None = None
+    hash_block_tokens: int | None = None
+
+    @property
+    def context_tokens(self) -> int:
+        """Tokens a descendant re-sends when it continues this call."""
+        return self.prompt_tokens + self.output_tokens
+
+
+@dataclass(frozen=True)
+class Program:
+    """An agentic program: calls in a DAG, arriving at ``arrival`` seconds."""
+
+    id: str
+    arrival: float
+    workload: str
+    calls: tuple[Call, ...] = field(default_factory=tuple)
+
+    def call_index(self) -> dict[str, Call]:
+        return {c.id: c for c in self.calls}
