@@ -23,8 +23,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+# ``slots=True``: a trace of a million calls is held in memory by the
+# simulator; slots cut each Call's footprint roughly in half and make field
+# access faster. Field names and meanings are unchanged.
 
-@dataclass(frozen=True)
+
+@dataclass(frozen=True, slots=True)
 class SharedPrefix:
     """A prefix of ``tokens`` tokens shared by every call that names ``key``."""
 
@@ -32,7 +36,7 @@ class SharedPrefix:
     tokens: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Call:
     """One LLM call of a program."""
 
@@ -52,7 +56,7 @@ class Call:
         return self.prompt_tokens + self.output_tokens
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Program:
     """An agentic program: calls in a DAG, arriving at ``arrival`` seconds."""
 

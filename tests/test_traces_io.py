@@ -1,0 +1,113 @@
+"""Round trips of the trace format: any valid program survives save/load exactly."""
+
+from __future__ import annotations
+
+import math
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from traces.format import Call, Program, SharedPrefix
+from traces.io import load, load_all, program_to_json, save
+from traces.validate import parse_program
+
+ids = st.text(alphabet=st.characters(codec="utf-8", exclude_categories=("Cs",)), min_size=1, max_size=6)
+finite = st.floats(min_value=0.0, max_value=1e9, allow_nan=False, allow_infinity=False)
+
+
+@st.composite
+def valid_programs(draw, pid=None):
+    """Random valid programs: random DAGs with every kind of prefix information."""
+    n = draw(st.integers(1, 12))
+    call_ids = draw(st.lists(ids, min_size=n, max_size=n, unique=True))
+    calls: list[Call] = []
+    ancestors: list[set[int]] = []
+    for i, cid in enumerate(call_ids):
+        parents = sorted(draw(st.sets(st.integers(0, i - 1), max_size=3))) if i else []
+        anc = set(parents)
+        for p in parents:
+            anc |= ancestors[p]
+        ancestors.append(anc)
+        output = draw(st.integers(1, 300))
+        delay = draw(finite)
+        kind = draw(st.sampled_from(["none", "context", "shared", "hashes"]))
+        if kind == "context" and anc:
+            x = calls[draw(st.sampled_from(sorted(anc)))]
+            prompt = x.prompt_tokens + x.output_tokens + draw(st.integers(0, 100))
+            call = Call(cid, tuple(call_ids[p] for p in parents), prompt, output, delay, context_of=x.id)
+        elif kind == "shared":
+            prompt = draw(st.integers(1, 400))
+            sp = SharedPrefix(draw(st.sampled_from(["sys", "tools", "é"])), draw(st.integers(1, prompt)))
+            call = Call(cid, tuple(call_ids[p] for p in parents), prompt, output, delay, shared_prefix=sp)
+        elif kind == "hashes":
+            prompt = draw(st.integers(1, 400))
+            h = draw(st.sampled_from([16, 32, 100, 512]))
+            hashes = tuple(draw(st.lists(st.integers(-(2**70), 2**70), min_size=-(-prompt // h), max_size=-(-prompt // h))))
+            call = Call(cid, tuple(call_ids[p] for p in parents), prompt, output, delay, block_hashes=hashes, hash_block_tokens=h)
+        else:
+            call = Call(cid, tuple(call_ids[p] for p in parents), draw(st.integers(1, 400)), output, delay)
+        calls.append(call)
+    order = draw(st.permutations(range(n)))  # the format allows any call order
+    return Program(
+        pid if pid is not None else draw(ids),
+        draw(finite),
+        draw(st.sampled_from(["sharegpt", "bfcl", "lats", "x y"])),
+        tuple(calls[i] for i in order),
+    )
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(valid_programs())
+def test_any_valid_program_round_trips_through_json(program):
+    import json
+
+    assert parse_program(json.loads(program_to_json(program))) == program
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(st.lists(valid_programs(), min_size=1, max_size=5))
+def test_files_round_trip_exactly_and_deterministically(tmp_path, programs):
+    programs = [Program(f"p{i}", p.arrival, p.workload, p.calls) for i, p in enumerate(programs)]
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    assert save(programs, a) == len(programs)
+    assert load_all(a) == programs
+    save(load(a), b)
+    assert a.read_bytes() == b.read_bytes()
+
+
+def test_saved_line_format_is_compact_and_omits_none(tmp_path):
+    p = Program(
+        "p0",
+        0.1,
+        "chat",
+        (
+            Call("c0", (), 20, 5, 0.0, shared_prefix=SharedPrefix("sys", 8)),
+            Call("c1", ("c0",), 30, 7, 1.5, context_of="c0"),
+        ),
+    )
+    path = tmp_path / "t.jsonl"
+    save([p], path)
+    assert path.read_text() == (
+        '{"id":"p0","arrival":0.1,"workload":"chat","calls":['
+        '{"id":"c0","parents":[],"prompt_tokens":20,"output_tokens":5,"delay":0.0,'
+        '"shared_prefix":{"key":"sys","tokens":8}},'
+        '{"id":"c1","parents":["c0"],"prompt_tokens":30,"output_tokens":7,"delay":1.5,"context_of":"c0"}]}\n'
+    )
+
+
+def test_floats_round_trip_bit_exactly(tmp_path):
+    values = [0.1 + 0.2, 1e-300, 123456789.123456789, math.nextafter(1.0, 2.0), 5e-324]
+    progs = [Program(f"p{i}", v, "w", (Call("c", (), 1, 1, v),)) for i, v in enumerate(values)]
+    path = tmp_path / "f.jsonl"
+    save(progs, path)
+    back = load_all(path)
+    assert [p.arrival for p in back] == values
+    assert [p.calls[0].delay for p in back] == values
+
+
+def test_load_is_lazy(tmp_path):
+    path = tmp_path / "t.jsonl"
+    good = '{"id":"p0","arrival":0,"workload":"w","calls":[{"id":"c","parents":[],"prompt_tokens":1,"output_tokens":1,"delay":0}]}'
+    path.write_text(good + "\nnot json\n")
+    it = load(path)
+    assert next(it).id == "p0"  # the bad second line is not read yet

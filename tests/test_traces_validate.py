@@ -1,0 +1,137 @@
+"""Each class of invalid input gets its own, precisely located error."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from traces.io import load_all
+from traces.validate import TraceError, validate_file
+
+
+def call(cid="c0", parents=(), prompt=10, output=5, delay=0.0, **extra):
+    d = {"id": cid, "parents": list(parents), "prompt_tokens": prompt, "output_tokens": output, "delay": delay}
+    d.update(extra)
+    return d
+
+
+def prog(pid="p0", calls=None, arrival=0.0, workload="w", **extra):
+    d = {"id": pid, "arrival": arrival, "workload": workload, "calls": calls if calls is not None else [call()]}
+    d.update(extra)
+    return d
+
+
+def write(tmp_path, *lines):
+    path = tmp_path / "trace.jsonl"
+    path.write_text("".join((l if isinstance(l, str) else json.dumps(l)) + "\n" for l in lines))
+    return path
+
+
+def first_error(tmp_path, bad) -> TraceError:
+    """Put ``bad`` on line 2 after a good program and return the load error."""
+    path = write(tmp_path, prog("ok"), bad)
+    with pytest.raises(TraceError) as info:
+        load_all(path)
+    err = info.value
+    assert err.line == 2 and err.file == str(path)
+    assert str(err).startswith(f"{path}:2: ")
+    return err
+
+
+CASES = [
+    # (description, bad line, expected field, call id, words in the message)
+    ("malformed json", '{"id": "p1", ', None, None, "malformed JSON"),
+    ("not an object", "[1, 2]", None, None, "expected a JSON object"),
+    ("missing field", {"id": "p1", "arrival": 0, "workload": "w"}, "calls", None, "missing"),
+    ("unknown program key", prog("p1", extra=1), "extra", None, "unknown key"),
+    ("unknown call key", prog("p1", [call(colour="red")]), "colour", "c0", "unknown key"),
+    ("bool is not an int", prog("p1", [call(prompt=True)]), "prompt_tokens", "c0", "got true"),
+    ("negative tokens", prog("p1", [call(prompt=-5)]), "prompt_tokens", "c0", "expected an integer > 0, got -5"),
+    ("zero output", prog("p1", [call(output=0)]), "output_tokens", "c0", "> 0"),
+    ("float tokens", prog("p1", [call(prompt=3.0)]), "prompt_tokens", "c0", "got 3.0"),
+    ("string id", prog(7), "id", None, "non-empty string"),
+    ("empty calls", prog("p1", []), "calls", None, "non-empty list"),
+    ("negative delay", prog("p1", [call(delay=-0.5)]), "delay", "c0", ">= 0"),
+    ("negative arrival", prog("p1", arrival=-1), "arrival", None, ">= 0"),
+    ("nan arrival", '{"id":"p1","arrival":NaN,"workload":"w","calls":[]}', "arrival", None, "finite"),
+    ("infinite delay", '{"id":"p1","arrival":0,"workload":"w","calls":[{"id":"c0","parents":[],"prompt_tokens":1,"output_tokens":1,"delay":Infinity}]}', "delay", "c0", "finite"),
+    ("missing parent", prog("p1", [call("a"), call("b", ["zz"])]), "parents", "b", "'zz', which is not in this program"),
+    ("duplicate parent", prog("p1", [call("a"), call("b", ["a", "a"])]), "parents", "b", "twice"),
+    ("duplicate call id", prog("p1", [call("a"), call("a")]), "id", "a", "duplicate call id"),
+    ("cycle", prog("p1", [call("a", ["c"]), call("b", ["a"]), call("c", ["b"])]), "parents", "a", "cycle: 'b' -> 'c' -> 'a' -> 'b'"),
+    ("self loop", prog("p1", [call("a", ["a"])]), "parents", "a", "cycle"),
+    ("context not ancestor", prog("p1", [call("a"), call("b", prompt=100, context_of="a")]), "context_of", "b", "not an ancestor"),
+    ("context unknown", prog("p1", [call("a"), call("b", ["a"], prompt=100, context_of="q")]), "context_of", "b", "not in this program"),
+    ("context too long", prog("p1", [call("a", prompt=10, output=5), call("b", ["a"], prompt=14, context_of="a")]), "context_of", "b", "longer than this call's prompt_tokens 14"),
+    ("prefix too long", prog("p1", [call(prompt=10, shared_prefix={"key": "s", "tokens": 11})]), "shared_prefix.tokens", "c0", "longer than prompt_tokens"),
+    ("prefix with context", prog("p1", [call("a"), call("b", ["a"], prompt=50, context_of="a", shared_prefix={"key": "s", "tokens": 1})]), "shared_prefix", "b", "context_of"),
+    ("prefix bad key", prog("p1", [call(shared_prefix={"key": "s", "tokens": 1, "x": 1})]), "x", "c0", "unknown key in shared_prefix"),
+    ("hash count", prog("p1", [call(prompt=513, block_hashes=[1], hash_block_tokens=512)]), "block_hashes", "c0", "= 2 hashes, got 1"),
+    ("hash without size", prog("p1", [call(prompt=5, block_hashes=[1])]), "hash_block_tokens", "c0", "missing"),
+    ("hash not int", prog("p1", [call(prompt=5, block_hashes=["1"], hash_block_tokens=16)]), "block_hashes", "c0", "integers"),
+    ("hash with prefix", prog("p1", [call(prompt=5, block_hashes=[1], hash_block_tokens=16, shared_prefix={"key": "s", "tokens": 1})]), "block_hashes", "c0", "not allowed together"),
+    ("hash with context", prog("p1", [call("a"), call("b", ["a"], prompt=16, context_of="a", block_hashes=[1], hash_block_tokens=16)]), "block_hashes", "b", "not allowed together"),
+    ("duplicate program", prog("ok"), "id", None, "duplicate program id (first on line 1)"),
+]
+
+
+@pytest.mark.parametrize("what,bad,field,call_id,words", CASES, ids=[c[0] for c in CASES])
+def test_each_invalid_input_gets_its_specific_error(tmp_path, what, bad, field, call_id, words):
+    err = first_error(tmp_path, bad)
+    assert err.field == field, str(err)
+    assert err.call_id == call_id, str(err)
+    assert words in str(err), str(err)
+    assert isinstance(err, ValueError)
+
+
+def test_message_format_matches_the_documented_example(tmp_path):
+    lines = [prog(f"p{i}") for i in range(11)] + [prog("p7x", [call("c3", prompt=-5)])]
+    path = write(tmp_path, *lines)
+    with pytest.raises(TraceError) as info:
+        load_all(path)
+    assert str(info.value) == f"{path}:12: program 'p7x' call 'c3': field 'prompt_tokens': expected an integer > 0, got -5"
+    assert info.value.program_id == "p7x"
+
+
+def test_cycle_error_names_the_cycle(tmp_path):
+    err = first_error(tmp_path, prog("p1", [call("r"), call("a", ["r", "c"]), call("b", ["a"]), call("c", ["b"])]))
+    assert "'a' -> 'b' -> 'c' -> 'a'" in str(err) or "'b' -> 'c' -> 'a' -> 'b'" in str(err) or "'c' -> 'a' -> 'b' -> 'c'" in str(err)
+
+
+def test_calls_may_be_listed_in_any_order_and_context_of_any_ancestor(tmp_path):
+    calls = [
+        call("d", ["b"], prompt=200, context_of="a"),
+        call("b", ["a"], prompt=50, context_of="a"),
+        call("a", prompt=20, output=10),
+    ]
+    (p,) = load_all(write(tmp_path, prog("p1", calls)))
+    assert [c.id for c in p.calls] == ["d", "b", "a"]
+
+
+def test_validate_file_collects_every_bad_line_and_keeps_programs(tmp_path):
+    path = write(
+        tmp_path,
+        prog("p0"),
+        "garbage",
+        prog("p2", [call(prompt=0)]),
+        prog("p3"),
+        "",
+        prog("p0"),
+    )
+    errors = validate_file(path)
+    assert [e.line for e in errors] == [2, 3, 5, 6]
+    assert [e.field for e in errors] == [None, "prompt_tokens", None, "id"]
+    assert [e.line for e in validate_file(path, limit=2)] == [2, 3]
+
+
+def test_valid_file_has_no_errors(tmp_path):
+    assert validate_file(write(tmp_path, prog("a"), prog("b"))) == []
+
+
+def test_trace_error_pickles_with_attributes():
+    import pickle
+
+    e = TraceError("bad", file="f", line=3, program_id="p", call_id="c", field="x")
+    e2 = pickle.loads(pickle.dumps(e))
+    assert (e2.file, e2.line, e2.program_id, e2.call_id, e2.field, str(e2)) == ("f", 3, "p", "c", "x", str(e))

@@ -1,0 +1,410 @@
+"""Parsing and validation of trace programs.
+
+One function, :func:`parse_program`, turns the JSON object of one trace line
+into a :class:`~traces.format.Program` and checks every rule of the format on
+the way, so a program that exists in memory is always valid. It raises a
+:class:`TraceError` on the *first* problem of that program, naming the file,
+line, program, call and field, because a person fixing a trace by hand needs
+the exact place. Later checks of the same program would mostly repeat the
+first problem (a missing parent makes every descendant suspicious), so one
+error per line is reported; :func:`validate_file` keeps going with the next
+line and so collects every bad line of a file.
+
+Nothing is clipped, rounded or dropped: a value is either accepted as written
+or the line is rejected. ``bool`` is rejected where an integer or a number is
+expected (``True`` is an ``int`` in Python, not in a trace).
+
+This is the hot path of loading a trace (a million calls must load in
+seconds), hence the exact-type tests (``type(x) is int``), the frozenset key
+checks and the fast paths for the common shapes (parents listed before their
+children; ``context_of`` naming a direct parent).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from traces.format import Call, Program, SharedPrefix
+
+PROGRAM_KEYS = frozenset({"id", "arrival", "workload", "calls"})
+CALL_REQUIRED = ("id", "parents", "prompt_tokens", "output_tokens", "delay")
+CALL_KEYS = frozenset(CALL_REQUIRED) | {
+    "context_of",
+    "shared_prefix",
+    "block_hashes",
+    "hash_block_tokens",
+}
+PREFIX_KEYS = frozenset({"key", "tokens"})
+
+
+class TraceError(ValueError):
+    """A trace that breaks a rule of the format.
+
+    ``str(error)`` is the full message, e.g.
+    ``trace.jsonl:12: program 'p7' call 'c3': field 'prompt_tokens':
+    expected an integer > 0, got -5``; the parts are also attributes so tests
+    and tools need not parse the message. ``reason`` is the message without
+    the location.
+    """
+
+    def __init__(
+        self,
+        reason: str,
+        *,
+        file: str | None = None,
+        line: int | None = None,
+        program_id: str | None = None,
+        call_id: str | None = None,
+        field: str | None = None,
+    ) -> None:
+        self.reason = reason
+        self.file = file
+        self.line = line
+        self.program_id = program_id
+        self.call_id = call_id
+        self.field = field
+        super().__init__(self._render())
+
+    def _render(self) -> str:
+        parts = []
+        if self.file is not None or self.line is not None:
+            where = self.file if self.file is not None else "<trace>"
+            parts.append(f"{where}:{self.line}" if self.line is not None else where)
+        who = ""
+        if self.program_id is not None:
+            who = f"program {self.program_id!r}"
+        if self.call_id is not None:
+            who = f"{who} call {self.call_id!r}".strip()
+        if who:
+            parts.append(who)
+        if self.field is not None:
+            parts.append(f"field {self.field!r}")
+        parts.append(self.reason)
+        return ": ".join(parts)
+
+    def located(self, file: str | None, line: int | None) -> "TraceError":
+        """The same error with the file and line filled in (used by loaders)."""
+        return TraceError(
+            self.reason,
+            file=file,
+            line=line,
+            program_id=self.program_id,
+            call_id=self.call_id,
+            field=self.field,
+        )
+
+    def __reduce__(self):  # keep attributes across pickling (multiprocessing)
+        return (_rebuild, (self.reason, self.file, self.line, self.program_id, self.call_id, self.field))
+
+
+def _rebuild(reason, file, line, program_id, call_id, field):
+    return TraceError(
+        reason, file=file, line=line, program_id=program_id, call_id=call_id, field=field
+    )
+
+
+def show(value: Any) -> str:
+    """A short JSON rendering of an offending value for error messages."""
+    try:
+        text = json.dumps(value, allow_nan=True)
+    except (TypeError, ValueError):
+        text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+@dataclass(slots=True)
+class _Ctx:
+    program_id: str | None = None
+    call_id: str | None = None
+
+    def error(self, field: str | None, reason: str) -> TraceError:
+        return TraceError(reason, program_id=self.program_id, call_id=self.call_id, field=field)
+
+
+def _pos_int(ctx: _Ctx, field: str, value: Any) -> int:
+    if type(value) is not int or value <= 0:
+        raise ctx.error(field, f"expected an integer > 0, got {show(value)}")
+    return value
+
+
+def _nonneg_number(ctx: _Ctx, field: str, value: Any) -> float:
+    t = type(value)
+    if t is float:
+        if not math.isfinite(value):
+            raise ctx.error(field, f"expected a finite number >= 0, got {show(value)}")
+    elif t is not int:
+        raise ctx.error(field, f"expected a number >= 0, got {show(value)}")
+    if value < 0:
+        raise ctx.error(field, f"expected a number >= 0, got {show(value)}")
+    return float(value)
+
+
+def _id(ctx: _Ctx, field: str, value: Any) -> str:
+    if type(value) is not str or not value:
+        raise ctx.error(field, f"expected a non-empty string, got {show(value)}")
+    return value
+
+
+def _check_keys(ctx: _Ctx, obj: dict, allowed: frozenset, required, what: str) -> None:
+    for key in required:
+        if key not in obj:
+            raise ctx.error(key, f"missing (required in {what})")
+    if len(obj) > len(required) and not allowed.issuperset(obj):
+        unknown = sorted(k for k in obj if k not in allowed)
+        raise ctx.error(
+            unknown[0], f"unknown key in {what} (allowed: {', '.join(sorted(allowed))})"
+        )
+
+
+def _parse_prefix(ctx: _Ctx, value: Any) -> SharedPrefix:
+    if type(value) is not dict:
+        raise ctx.error("shared_prefix", f"expected an object {{key, tokens}}, got {show(value)}")
+    _check_keys(ctx, value, PREFIX_KEYS, ("key", "tokens"), "shared_prefix")
+    key = _id(ctx, "shared_prefix.key", value["key"])
+    tokens = _pos_int(ctx, "shared_prefix.tokens", value["tokens"])
+    return SharedPrefix(key, tokens)
+
+
+def _parse_call(ctx: _Ctx, obj: Any) -> Call:
+    if type(obj) is not dict:
+        raise ctx.error("calls", f"expected each call to be an object, got {show(obj)}")
+    cid = obj.get("id")
+    if type(cid) is str and cid:
+        ctx.call_id = cid
+    _check_keys(ctx, obj, CALL_KEYS, CALL_REQUIRED, "a call")
+    _id(ctx, "id", cid)
+    parents = obj["parents"]
+    if type(parents) is not list:
+        raise ctx.error("parents", f"expected a list of call ids, got {show(parents)}")
+    for p in parents:
+        if type(p) is not str or not p:
+            raise ctx.error("parents", f"expected call ids (non-empty strings), got {show(p)}")
+    if len(parents) > 1 and len(set(parents)) != len(parents):
+        raise ctx.error("parents", f"lists a parent twice: {show(parents)}")
+    prompt = _pos_int(ctx, "prompt_tokens", obj["prompt_tokens"])
+    output = _pos_int(ctx, "output_tokens", obj["output_tokens"])
+    delay = _nonneg_number(ctx, "delay", obj["delay"])
+    if len(obj) == 5:  # the common case: no prefix information
+        return Call(cid, tuple(parents), prompt, output, delay)
+
+    context_of = obj.get("context_of")
+    if context_of is not None:
+        _id(ctx, "context_of", context_of)
+    prefix = obj.get("shared_prefix")
+    if prefix is not None:
+        prefix = _parse_prefix(ctx, prefix)
+        if context_of is not None:
+            raise ctx.error(
+                "shared_prefix",
+                "not allowed together with context_of (the call inherits its ancestor's prefix)",
+            )
+        if prefix.tokens > prompt:
+            raise ctx.error(
+                "shared_prefix.tokens",
+                f"shared prefix of {prefix.tokens} tokens is longer than prompt_tokens {prompt}",
+            )
+    hashes = obj.get("block_hashes")
+    hbt = obj.get("hash_block_tokens")
+    if hashes is not None or hbt is not None:
+        if hashes is None:
+            raise ctx.error("block_hashes", "missing (required with hash_block_tokens)")
+        if hbt is None:
+            raise ctx.error("hash_block_tokens", "missing (required with block_hashes)")
+        hbt = _pos_int(ctx, "hash_block_tokens", hbt)
+        if type(hashes) is not list:
+            raise ctx.error("block_hashes", f"expected a list of integers, got {show(hashes)}")
+        for h in hashes:
+            if type(h) is not int:
+                raise ctx.error("block_hashes", f"expected integers, got {show(h)}")
+        want = -(-prompt // hbt)
+        if len(hashes) != want:
+            raise ctx.error(
+                "block_hashes",
+                f"expected ceil(prompt_tokens / hash_block_tokens) = ceil({prompt} / {hbt}) = "
+                f"{want} hashes, got {len(hashes)}",
+            )
+        if context_of is not None or prefix is not None:
+            raise ctx.error(
+                "block_hashes",
+                "not allowed together with context_of or shared_prefix (one kind of prefix "
+                "information per call)",
+            )
+        hashes = tuple(hashes)
+    return Call(cid, tuple(parents), prompt, output, delay, context_of, prefix, hashes, hbt)
+
+
+def parse_program(obj: Any) -> Program:
+    """Build a validated :class:`Program` from one decoded trace line.
+
+    Raises :class:`TraceError` (without file and line; the loader adds them)
+    on the first rule the program breaks.
+    """
+    ctx = _Ctx()
+    if type(obj) is not dict:
+        raise ctx.error(None, f"expected a JSON object (one program per line), got {show(obj)}")
+    pid = obj.get("id")
+    if type(pid) is str and pid:
+        ctx.program_id = pid
+    _check_keys(ctx, obj, PROGRAM_KEYS, ("id", "arrival", "workload", "calls"), "a program")
+    _id(ctx, "id", pid)
+    arrival = _nonneg_number(ctx, "arrival", obj["arrival"])
+    workload = obj["workload"]
+    if type(workload) is not str:
+        raise ctx.error("workload", f"expected a string, got {show(workload)}")
+    raw_calls = obj["calls"]
+    if type(raw_calls) is not list or not raw_calls:
+        raise ctx.error("calls", f"expected a non-empty list of calls, got {show(raw_calls)}")
+
+    calls = []
+    index: dict[str, int] = {}
+    in_order = True  # every parent listed before its child: no cycle possible
+    for i, raw in enumerate(raw_calls):
+        ctx.call_id = None
+        call = _parse_call(ctx, raw)
+        if call.id in index:
+            raise ctx.error("id", f"duplicate call id (also call #{index[call.id]} of this program)")
+        for p in call.parents:
+            if p not in index:  # includes a call naming itself
+                in_order = False
+        index[call.id] = i
+        calls.append(call)
+
+    for call in calls:
+        ctx.call_id = call.id
+        for p in call.parents:
+            if p not in index:
+                raise ctx.error("parents", f"names call {p!r}, which is not in this program")
+    if not in_order:
+        _check_acyclic(ctx, calls, index)
+
+    for call in calls:
+        x = call.context_of
+        if x is None:
+            continue
+        ctx.call_id = call.id
+        if x not in index:
+            raise ctx.error("context_of", f"names call {x!r}, which is not in this program")
+        if x not in call.parents and not _is_ancestor(x, call, calls, index):
+            raise ctx.error("context_of", f"names call {x!r}, which is not an ancestor of this call")
+        anc = calls[index[x]]
+        if anc.prompt_tokens + anc.output_tokens > call.prompt_tokens:
+            raise ctx.error(
+                "context_of",
+                f"context of {x!r} is {anc.prompt_tokens + anc.output_tokens} tokens "
+                f"(prompt {anc.prompt_tokens} + output {anc.output_tokens}), longer than this "
+                f"call's prompt_tokens {call.prompt_tokens}",
+            )
+    return Program(pid, arrival, workload, tuple(calls))
+
+
+def _check_acyclic(ctx: _Ctx, calls: list[Call], index: dict[str, int]) -> None:
+    """Kahn's algorithm; on a cycle, name a call that lies on it."""
+    n = len(calls)
+    indeg = [len(c.parents) for c in calls]
+    children: list[list[int]] = [[] for _ in range(n)]
+    for i, c in enumerate(calls):
+        for p in c.parents:
+            children[index[p]].append(i)
+    ready = [i for i in range(n) if indeg[i] == 0]
+    seen = 0
+    while ready:
+        i = ready.pop()
+        seen += 1
+        for j in children[i]:
+            indeg[j] -= 1
+            if indeg[j] == 0:
+                ready.append(j)
+    if seen == n:
+        return
+    # Walk parents among the unresolved calls until one repeats: it is on a cycle.
+    i = next(k for k in range(n) if indeg[k] > 0)
+    visited: list[int] = []
+    pos: dict[int, int] = {}
+    while i not in pos:
+        pos[i] = len(visited)
+        visited.append(i)
+        i = next(index[p] for p in calls[i].parents if indeg[index[p]] > 0)
+    cycle = [calls[k].id for k in visited[pos[i]:]]
+    cycle.reverse()  # parent -> child order
+    ctx.call_id = calls[i].id
+    raise ctx.error("parents", "cycle: " + " -> ".join(repr(c) for c in cycle + [cycle[0]]))
+
+
+def _is_ancestor(target: str, call: Call, calls: list[Call], index: dict[str, int]) -> bool:
+    stack = list(call.parents)
+    seen = set(stack)
+    while stack:
+        cid = stack.pop()
+        if cid == target:
+            return True
+        for p in calls[index[cid]].parents:
+            if p not in seen:
+                seen.add(p)
+                stack.append(p)
+    return False
+
+
+def decode_line(text: str) -> Any:
+    """``json.loads`` with the decoder's complaint turned into a TraceError."""
+    try:
+        return json.loads(text)
+    except ValueError as exc:  # JSONDecodeError, or UnicodeDecodeError from bytes
+        raise TraceError(f"malformed JSON: {exc}") from None
+
+
+def validate_file(path: str | os.PathLike, limit: int | None = 50) -> list[TraceError]:
+    """Every problem of a trace file, one per bad line, up to ``limit``.
+
+    Unlike :func:`traces.io.load`, this keeps going after a bad line so a
+    person sees all of them at once. ``limit=None`` collects all. Raises
+    OSError if the file cannot be read.
+    """
+    return scan_file(path, limit).errors
+
+
+@dataclass(slots=True)
+class ScanResult:
+    """What :func:`scan_file` found: errors (up to the limit), their total and sizes."""
+
+    errors: list[TraceError]
+    error_count: int
+    programs: int
+    calls: int
+
+
+def scan_file(path: str | os.PathLike, limit: int | None = 50) -> ScanResult:
+    """Validate every line of ``path``; keep the first ``limit`` errors and count the rest."""
+    file = os.fspath(path)
+    errors: list[TraceError] = []
+    count = 0
+    programs = calls = 0
+    seen: dict[str, int] = {}
+    with open(file, "rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            if not raw.strip():
+                err = TraceError("empty line (one program per line, no blank lines)")
+            else:
+                try:
+                    prog = parse_program(decode_line(raw))
+                except TraceError as exc:
+                    err = exc
+                else:
+                    first = seen.get(prog.id)
+                    if first is None:
+                        seen[prog.id] = lineno
+                        programs += 1
+                        calls += len(prog.calls)
+                        continue
+                    err = TraceError(
+                        f"duplicate program id (first on line {first})",
+                        program_id=prog.id,
+                        field="id",
+                    )
+            count += 1
+            if limit is None or len(errors) < limit:
+                errors.append(err.located(file, lineno))
+    return ScanResult(errors, count, programs, calls)
