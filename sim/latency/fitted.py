@@ -1,0 +1,282 @@
+"""Fitted latency: a six-coefficient regression of step time on the step's shape.
+
+Why this form: each term is one cost a vLLM step really has, so the
+coefficients mean something and extrapolate sanely to shapes outside the
+profile, unlike a black-box regressor::
+
+    t = max(per_token * num_tokens, weights_floor)   # GEMMs: compute, or reading the weights once
+        + per_attn_pair * prefill_attn_pairs          # prefill attention FLOPs
+        + per_decode_kv_token * decode_kv_tokens      # decode attention reads the KV cache
+        + per_seq * num_seqs                          # LM head / sampling / per-request CPU work
+        + per_step                                    # scheduling, launches, fixed CPU work
+
+All coefficients are non-negative, so the model is monotone in every field.
+
+Fitting minimises the *relative* error ``(pred - y) / y`` (so small decode
+steps weigh as much as big prefills and MAPE is what is controlled). The
+``max`` makes it piecewise linear: for a fixed knee ``k = weights_floor /
+per_token`` the model is linear in the rest, so we grid-search ``k`` with
+non-negative least squares (``scipy.optimize.nnls``) and then polish all six
+coefficients together with ``scipy.optimize.least_squares`` (bounds >= 0).
+Both steps are deterministic.
+
+Quality is reported on held-out steps: a seeded random ``test_fraction`` of
+the profile is set aside, the model is fitted on the rest, and the shipped
+coefficients are exactly those, so the reported MAPE and R² describe them.
+
+A fitted model is a JSON file (``sim/latency/models/NAME.json`` for shipped
+ones) with ``coefficients``, ``provenance`` (gpu, model, engine, source,
+date, how derived) and ``fit`` (seed, split sizes, held-out MAPE and R²).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from sim.latency.base import StepShape
+from sim.latency.profile import ProfileError, ProfileRow, read_profile
+
+MODELS_DIR = Path(__file__).parent / "models"
+FORMAT = "autellix-fitted-latency v1"
+COEFFICIENTS = ("per_token", "weights_floor", "per_attn_pair", "per_decode_kv_token", "per_seq", "per_step")
+FORM = ("max(per_token*num_tokens, weights_floor) + per_attn_pair*prefill_attn_pairs "
+        "+ per_decode_kv_token*decode_kv_tokens + per_seq*num_seqs + per_step")
+
+
+class FitError(ValueError):
+    """A fitted model file that is malformed, or a profile that cannot be fitted."""
+
+
+@dataclass(frozen=True)
+class FittedLatency:
+    per_token: float
+    weights_floor: float
+    per_attn_pair: float
+    per_decode_kv_token: float
+    per_seq: float
+    per_step: float
+    name: str = "fitted"
+    provenance: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+    fit: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+    def __post_init__(self) -> None:
+        for key in COEFFICIENTS:
+            value = getattr(self, key)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise FitError(f"fitted latency {self.name!r}: coefficient {key} must be a finite number >= 0, "
+                               f"got {value!r}")
+
+    def step_time(self, shape: StepShape) -> float:
+        if not shape.num_seqs:
+            return 0.0
+        gemm = self.per_token * shape.num_tokens
+        if gemm < self.weights_floor:
+            gemm = self.weights_floor
+        return (gemm + self.per_attn_pair * shape.prefill_attn_pairs
+                + self.per_decode_kv_token * shape.decode_kv_tokens
+                + self.per_seq * shape.num_seqs + self.per_step)
+
+    def coefficients(self) -> dict[str, float]:
+        return {k: float(getattr(self, k)) for k in COEFFICIENTS}
+
+    def to_json(self) -> dict[str, Any]:
+        return {"format": FORMAT, "name": self.name, "form": FORM, "units": "seconds; per_X is seconds per unit of X",
+                "coefficients": self.coefficients(), "provenance": self.provenance, "fit": self.fit}
+
+    @classmethod
+    def from_json(cls, raw: Any, origin: str = "<json>") -> "FittedLatency":
+        if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+            raise FitError(f"{origin}: not a fitted latency model (expected \"format\": \"{FORMAT}\")")
+        coef = raw.get("coefficients")
+        if not isinstance(coef, dict) or set(coef) != set(COEFFICIENTS):
+            got = sorted(coef) if isinstance(coef, dict) else coef
+            raise FitError(f"{origin}: \"coefficients\" must have exactly {', '.join(COEFFICIENTS)}; got {got}")
+        return cls(**coef, name=str(raw.get("name", Path(origin).stem)),
+                   provenance=dict(raw.get("provenance", {})), fit=dict(raw.get("fit", {})))
+
+
+def available() -> list[str]:
+    return sorted(p.stem for p in MODELS_DIR.glob("*.json"))
+
+
+def load_fitted(name: str | None) -> FittedLatency:
+    """A shipped model by name (``sim/latency/models/NAME.json``) or a JSON file by path."""
+    if not name:
+        raise ValueError(f"latency.name: the fitted kind needs a model name or .json path; "
+                         f"shipped: {', '.join(available())}")
+    path = Path(name)
+    if path.suffix != ".json" and len(path.parts) == 1:
+        path = MODELS_DIR / f"{name}.json"
+        if not path.exists():
+            raise ValueError(f"latency.name: unknown fitted model {name!r}; valid choices: {', '.join(available())} "
+                             f"(or a path to a .json file)")
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"latency.name: no such fitted model file {str(path)!r}; shipped: "
+                         f"{', '.join(available())}") from None
+    except json.JSONDecodeError as exc:
+        raise FitError(f"{path}:{exc.lineno}: malformed JSON: {exc.msg}") from None
+    return FittedLatency.from_json(raw, str(path))
+
+
+# ---------------------------------------------------------------- fitting
+
+
+def _design(rows: Sequence[ProfileRow]):
+    import numpy as np
+
+    x = np.array([[r.shape.num_tokens, r.shape.prefill_attn_pairs, r.shape.decode_kv_tokens, r.shape.num_seqs]
+                  for r in rows], dtype=float)
+    y = np.array([r.seconds for r in rows], dtype=float)
+    return x, y
+
+
+def _predict(p, x):
+    import numpy as np
+
+    return np.maximum(p[0] * x[:, 0], p[1]) + p[2] * x[:, 1] + p[3] * x[:, 2] + p[4] * x[:, 3] + p[5]
+
+
+def fit_coefficients(rows: Sequence[ProfileRow]) -> list[float]:
+    """Non-negative relative-least-squares coefficients, in ``COEFFICIENTS`` order."""
+    import numpy as np
+    from scipy.optimize import least_squares, nnls
+
+    x, y = _design(rows)
+    n = x[:, 0]
+    knees = np.unique(np.concatenate([[0.0], np.unique(n)]))
+    if len(knees) > 200:
+        knees = np.unique(np.quantile(knees, np.linspace(0, 1, 200)))
+    best = None
+    for k in knees:
+        a = np.column_stack([np.maximum(n, k), x[:, 1], x[:, 2], x[:, 3], np.ones_like(n)]) / y[:, None]
+        scale = np.where(a.max(axis=0) > 0, a.max(axis=0), 1.0)
+        c, _ = nnls(a / scale, np.ones_like(y))
+        c = c / scale
+        p = np.array([c[0], c[0] * k, c[1], c[2], c[3], c[4]])
+        sse = float(np.sum((_predict(p, x) / y - 1) ** 2))
+        if best is None or sse < best[0]:
+            best = (sse, p)
+    sse0, p0 = best
+    # Polish the knee jointly with the rest; scale parameters to O(1) for the solver.
+    scale = np.where(p0 > 0, p0, np.maximum(p0.max(), 1e-12) * 1e-6)
+    res = least_squares(lambda q: _predict(q * scale, x) / y - 1, np.where(p0 > 0, 1.0, 0.0),
+                        bounds=(0, np.inf), method="trf", xtol=1e-14, ftol=1e-14, gtol=1e-14, max_nfev=2000)
+    p1 = res.x * scale
+    if float(np.sum((_predict(p1, x) / y - 1) ** 2)) < sse0:
+        p0 = p1
+    return [float(v) for v in p0]
+
+
+def quality(model: FittedLatency, rows: Sequence[ProfileRow]) -> dict[str, float]:
+    """MAPE (%), max APE (%) and R² of ``model`` on ``rows``."""
+    pred = [model.step_time(r.shape) for r in rows]
+    y = [r.seconds for r in rows]
+    ape = [abs(p - t) / t for p, t in zip(pred, y)]
+    mean = sum(y) / len(y)
+    ss_tot = sum((t - mean) ** 2 for t in y)
+    ss_res = sum((p - t) ** 2 for p, t in zip(pred, y))
+    return {"mape_pct": 100 * sum(ape) / len(ape), "max_ape_pct": 100 * max(ape),
+            "r2": 1 - ss_res / ss_tot if ss_tot > 0 else float("nan"), "points": len(rows)}
+
+
+def split(rows: Sequence[ProfileRow], test_fraction: float, seed: int) -> tuple[list[ProfileRow], list[ProfileRow]]:
+    """Deterministic (seeded) train/test split."""
+    import numpy as np
+
+    if not 0 < test_fraction < 1:
+        raise FitError(f"test fraction must be in (0, 1), got {test_fraction}")
+    order = np.random.default_rng(seed).permutation(len(rows))
+    n_test = max(1, int(round(test_fraction * len(rows))))
+    test = [rows[i] for i in sorted(order[:n_test])]
+    train = [rows[i] for i in sorted(order[n_test:])]
+    return train, test
+
+
+def fit_profile(rows: Sequence[ProfileRow], name: str = "fitted", provenance: dict[str, Any] | None = None,
+                test_fraction: float = 0.2, seed: int = 0) -> tuple[FittedLatency, dict[str, Any]]:
+    """Fit on a seeded train split; the report holds train and held-out quality."""
+    min_train = 2 * len(COEFFICIENTS)
+    if len(rows) < min_train + 2:
+        raise FitError(f"profile has {len(rows)} steps; fitting {len(COEFFICIENTS)} coefficients with a held-out "
+                       f"split needs at least {min_train + 2}")
+    train, test = split(rows, test_fraction, seed)
+    if len(train) < min_train:
+        raise FitError(f"only {len(train)} training steps after holding out {len(test)}; need {min_train}")
+    coef = fit_coefficients(train)
+    draft = FittedLatency(*coef, name=name)
+    report = {
+        "objective": "non-negative least squares on relative error (nnls knee grid, then least_squares polish)",
+        "seed": seed,
+        "test_fraction": test_fraction,
+        "train": quality(draft, train),
+        "heldout": quality(draft, test),
+    }
+    model = FittedLatency(*coef, name=name, provenance=dict(provenance or {}), fit=report)
+    return model, report
+
+
+def fit_command(profile_path: str | Path, out_path: str | Path, name: str | None = None,
+                test_fraction: float = 0.2, seed: int = 0) -> tuple[FittedLatency, dict[str, Any]]:
+    """Read a profile CSV, fit it, write the model JSON; returns the model and report."""
+    profile = read_profile(profile_path)
+    name = name or Path(out_path).stem
+    prov = {k: profile.provenance[k] for k in ("gpu", "model", "engine", "source", "date", "derived")
+            if k in profile.provenance}
+    prov["profile"] = Path(profile_path).name
+    prov["fitted"] = f"{_dt.date.today().isoformat()} by python -m sim fit-latency (sim.latency.fitted)"
+    model, report = fit_profile(profile.rows, name, prov, test_fraction, seed)
+    Path(out_path).write_text(json.dumps(model.to_json(), indent=2) + "\n")
+    return model, report
+
+
+def fit_latency_main(argv: list[str]) -> int:
+    """``python -m sim fit-latency``: fit a profile CSV and report held-out MAPE and R²."""
+    p = argparse.ArgumentParser(
+        prog="python -m sim fit-latency",
+        description="Fit the step-time regression to a latency profile CSV and write a fitted model JSON. "
+                    "Prints MAPE and R² on held-out steps.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=(
+            "examples:\n"
+            "  python -m engine profile -o a100.csv                      # on a GPU machine\n"
+            "  python -m sim fit-latency a100.csv -o my-a100.json\n"
+            "  python -m sim.latency.vidur ../shared/data/vidur-profiles/a100-llama-3-8b/mlp.csv \\\n"
+            "      --model llama-3.1-8b --gpu a100-80gb -o vidur-a100.csv\n"
+            "  python -m sim fit-latency vidur-a100.csv -o sim/latency/models/a100-llama-3.1-8b.json\n"
+            "then use it with latency.kind=fitted, latency.name=my-a100.json (or a shipped name)."
+        ),
+    )
+    p.add_argument("profile", help="profile CSV (format: sim/latency/profile.py)")
+    p.add_argument("-o", "--output", required=True, help="fitted model JSON to write")
+    p.add_argument("--name", help="model name stored in the JSON (default: the output file's stem)")
+    p.add_argument("--test-fraction", type=float, default=0.2, help="held-out share of steps (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the train/test split (default: %(default)s)")
+    p.add_argument("--max-mape", type=float, help="exit 1 if the held-out MAPE (%%) exceeds this")
+    args = p.parse_args(argv)
+    try:
+        model, report = fit_command(args.profile, args.output, args.name, args.test_fraction, args.seed)
+    except (ProfileError, FitError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    h, t = report["heldout"], report["train"]
+    print(f"held-out MAPE {h['mape_pct']:.2f}% (max {h['max_ape_pct']:.1f}%), R² {h['r2']:.4f} "
+          f"on {h['points']} steps; train MAPE {t['mape_pct']:.2f}% on {t['points']}")
+    print("coefficients: " + ", ".join(f"{k}={v:.4g}" for k, v in model.coefficients().items()))
+    print(f"wrote {args.output}")
+    if args.max_mape is not None and h["mape_pct"] > args.max_mape:
+        print(f"error: held-out MAPE {h['mape_pct']:.2f}% exceeds --max-mape {args.max_mape}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(fit_latency_main(sys.argv[1:]))

@@ -1,0 +1,183 @@
+"""Latency profile CSV: measured (or derived) step times, one row per engine step.
+
+A profile is what a fitted latency model is fitted to. It has two sources: our
+own profiler on a real GPU (``python -m engine profile``) and Vidur's published
+per-operator timings turned into whole steps (``python -m sim.latency.vidur``).
+Both write the same format so one fitter serves both.
+
+Format (UTF-8 text)::
+
+    # autellix-latency-profile v1
+    # gpu: NVIDIA A100-SXM4-80GB
+    # model: llama-3.1-8b
+    # engine: vllm 0.26.0
+    # source: python -m engine profile
+    # date: 2026-01-01
+    # derived: measured, median of 5 timed steps per shape
+    num_seqs,num_tokens,num_decode,decode_kv_tokens,prefill_tokens,prefill_attn_pairs,seconds
+    1,2048,0,0,2048,2098176,0.1432
+    64,64,64,64064,0,0,0.0231
+
+* Leading lines starting with ``#`` are provenance, ``# key: value`` each (the
+  first, ``# autellix-latency-profile v1``, names the format). Keys are free
+  form; ``gpu``, ``model``, ``engine``, ``source``, ``date`` and ``derived``
+  are the ones the fitter copies into the fitted model's provenance.
+* Then one header line with exactly the columns in ``COLUMNS`` (any order),
+  then one row per step. The six shape columns are non-negative integers with
+  the meaning of :class:`sim.latency.base.StepShape`; ``seconds`` is the step's
+  wall time, a positive finite number.
+* Blank lines are ignored; ``#`` lines after the header are not allowed (a
+  comment in the middle of the data is more likely a damaged file).
+
+The reader validates everything and raises :class:`ProfileError` with
+``file:line: column: problem`` so a CLI can print one clear line.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sim.latency.base import StepShape
+
+FORMAT_LINE = "# autellix-latency-profile v1"
+SHAPE_COLUMNS = (
+    "num_seqs",
+    "num_tokens",
+    "num_decode",
+    "decode_kv_tokens",
+    "prefill_tokens",
+    "prefill_attn_pairs",
+)
+COLUMNS = SHAPE_COLUMNS + ("seconds",)
+
+
+class ProfileError(ValueError):
+    """A profile file that is missing, malformed, truncated or inconsistent."""
+
+
+@dataclass(frozen=True)
+class ProfileRow:
+    shape: StepShape
+    seconds: float
+
+
+@dataclass
+class Profile:
+    rows: list[ProfileRow]
+    provenance: dict[str, str] = field(default_factory=dict)
+
+
+def shape_problem(s: StepShape) -> str | None:
+    """Why a shape cannot be a real engine step, or None if it can.
+
+    Checked on read so a hand-edited or truncated-number row (``640`` where
+    ``64064`` was meant) is caught rather than silently fitted.
+    """
+    if s.num_seqs < 1:
+        return "num_seqs: a measured step has at least one sequence"
+    if s.num_decode > s.num_seqs:
+        return "num_decode: larger than num_seqs"
+    if s.num_tokens != s.num_decode + s.prefill_tokens:
+        return "num_tokens: must equal num_decode + prefill_tokens"
+    n_prefill = s.num_seqs - s.num_decode
+    if n_prefill == 0 and (s.prefill_tokens or s.prefill_attn_pairs):
+        return "prefill_tokens: non-zero but every sequence is a decode"
+    if n_prefill and s.prefill_tokens < 2 * n_prefill:
+        return "prefill_tokens: each prefill chunk has at least 2 tokens"
+    if s.prefill_attn_pairs < s.prefill_tokens:
+        return "prefill_attn_pairs: smaller than prefill_tokens"
+    if s.decode_kv_tokens < s.num_decode:
+        return "decode_kv_tokens: smaller than num_decode (each decode reads >= 1 KV token)"
+    return None
+
+
+def parse_profile(text: str, origin: str = "<profile>") -> Profile:
+    """Parse profile text; ``origin`` names the file in error messages."""
+    lines = text.splitlines()
+    provenance: dict[str, str] = {}
+    i = 0
+    while i < len(lines) and (not lines[i].strip() or lines[i].lstrip().startswith("#")):
+        line = lines[i].strip().lstrip("#").strip()
+        if ":" in line:
+            key, value = line.split(":", 1)
+            provenance[key.strip()] = value.strip()
+        i += 1
+    if i == len(lines):
+        raise ProfileError(f"{origin}: empty profile: no header line with columns {','.join(COLUMNS)}")
+    header_lineno = i + 1
+    header = [c.strip() for c in next(csv.reader([lines[i]]))]
+    missing = [c for c in COLUMNS if c not in header]
+    if missing:
+        raise ProfileError(f"{origin}:{header_lineno}: missing column(s) {', '.join(missing)}; "
+                           f"expected {','.join(COLUMNS)}")
+    unknown = [c for c in header if c not in COLUMNS]
+    if unknown or len(set(header)) != len(header):
+        raise ProfileError(f"{origin}:{header_lineno}: unexpected or repeated column(s) "
+                           f"{', '.join(unknown) or 'duplicates'}; expected {','.join(COLUMNS)}")
+    rows: list[ProfileRow] = []
+    for lineno, line in enumerate(lines[i + 1 :], start=header_lineno + 1):
+        if not line.strip():
+            continue
+        if line.lstrip().startswith("#"):
+            raise ProfileError(f"{origin}:{lineno}: comment line inside the data (provenance goes above the header)")
+        values = next(csv.reader([line]))
+        if len(values) != len(header):
+            raise ProfileError(f"{origin}:{lineno}: expected {len(header)} fields, got {len(values)} "
+                               f"(truncated or malformed row)")
+        rec = dict(zip(header, (v.strip() for v in values)))
+        ints = {}
+        for col in SHAPE_COLUMNS:
+            try:
+                ints[col] = int(rec[col])
+            except ValueError:
+                raise ProfileError(f"{origin}:{lineno}: column {col}: expected an integer, got {rec[col]!r}") from None
+            if ints[col] < 0:
+                raise ProfileError(f"{origin}:{lineno}: column {col}: must be >= 0, got {ints[col]}")
+        try:
+            seconds = float(rec["seconds"])
+        except ValueError:
+            raise ProfileError(f"{origin}:{lineno}: column seconds: expected a number, got {rec['seconds']!r}") from None
+        if not (math.isfinite(seconds) and seconds > 0):
+            raise ProfileError(f"{origin}:{lineno}: column seconds: must be a positive finite time, got {rec['seconds']}")
+        shape = StepShape(**ints)
+        problem = shape_problem(shape)
+        if problem:
+            col, msg = problem.split(": ", 1)
+            raise ProfileError(f"{origin}:{lineno}: column {col}: {msg}")
+        rows.append(ProfileRow(shape, seconds))
+    if not rows:
+        raise ProfileError(f"{origin}: no data rows after the header (truncated file?)")
+    return Profile(rows, provenance)
+
+
+def read_profile(path: str | Path) -> Profile:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ProfileError(f"{path}: no such profile file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ProfileError(f"{path}: cannot read profile: {exc}") from None
+    return parse_profile(text, str(path))
+
+
+def format_profile(profile: Profile) -> str:
+    out = io.StringIO()
+    out.write(FORMAT_LINE + "\n")
+    for key, value in profile.provenance.items():
+        if "\n" in key or "\n" in value or ":" in key:
+            raise ValueError(f"provenance entry {key!r} must be one line and its key must not contain ':'")
+        out.write(f"# {key}: {value}\n")
+    out.write(",".join(COLUMNS) + "\n")
+    for row in profile.rows:
+        s = row.shape
+        out.write(",".join(str(getattr(s, c)) for c in SHAPE_COLUMNS) + f",{row.seconds!r}\n")
+    return out.getvalue()
+
+
+def write_profile(path: str | Path, profile: Profile) -> None:
+    Path(path).write_text(format_profile(profile), encoding="utf-8")

@@ -1,0 +1,148 @@
+"""Fitted latency: coefficient recovery, shipped models' quality, loading and the CLI."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from sim.config import LatencyConfig
+from sim.hardware import load_gpu, load_model
+from sim.latency import build
+from sim.latency.base import StepShape
+from sim.latency.fitted import (COEFFICIENTS, MODELS_DIR, FitError, FittedLatency, available, fit_latency_main,
+                                fit_profile, load_fitted, quality, split)
+from sim.latency.profile import Profile, ProfileRow, read_profile, write_profile
+
+TRUE = FittedLatency(per_token=5e-5, weights_floor=0.009, per_attn_pair=3e-9, per_decode_kv_token=9e-8,
+                     per_seq=7e-6, per_step=0.003, name="truth")
+SHIPPED = ("a100-llama-3.1-8b", "h100-llama-3.1-8b-est")
+
+
+def synthetic_rows(model: FittedLatency, n: int = 300, seed: int = 1, noise: float = 0.0) -> list[ProfileRow]:
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        kind = rng.random()
+        batch = []
+        if kind < 0.4:
+            batch += [(1, rng.randint(0, 8000)) for _ in range(rng.randint(1, 256))]
+        if kind > 0.3:
+            batch += [(rng.randint(2, 4096), rng.randint(0, 8000)) for _ in range(rng.randint(1, 3))]
+        shape = StepShape.from_batch(batch)
+        t = model.step_time(shape) * (1 + rng.uniform(-noise, noise))
+        rows.append(ProfileRow(shape, t))
+    return rows
+
+
+def test_recovers_known_coefficients():
+    model, report = fit_profile(synthetic_rows(TRUE), name="x")
+    for key in COEFFICIENTS:
+        assert getattr(model, key) == pytest.approx(getattr(TRUE, key), rel=1e-4), key
+    assert report["heldout"]["mape_pct"] < 1e-3
+    assert report["heldout"]["r2"] > 0.999999
+
+
+def test_recovers_linear_model_without_floor():
+    lin = FittedLatency(4e-5, 0.0, 2e-9, 1e-7, 0.0, 0.005)
+    model, _ = fit_profile(synthetic_rows(lin, seed=3))
+    assert model.per_token == pytest.approx(4e-5, rel=1e-4)
+    assert model.per_step == pytest.approx(0.005, rel=1e-4)
+    assert model.step_time(StepShape.from_batch([(1, 0)])) == pytest.approx(lin.step_time(StepShape.from_batch([(1, 0)])), rel=1e-4)
+
+
+def test_noisy_fit_is_close_and_reports_error():
+    model, report = fit_profile(synthetic_rows(TRUE, noise=0.05, seed=2))
+    assert 1.0 < report["heldout"]["mape_pct"] < 4.0
+    assert model.per_token == pytest.approx(TRUE.per_token, rel=0.05)
+
+
+def test_split_is_deterministic_and_disjoint():
+    rows = synthetic_rows(TRUE, n=50)
+    a_train, a_test = split(rows, 0.2, seed=7)
+    b_train, b_test = split(rows, 0.2, seed=7)
+    assert a_test == b_test and len(a_test) == 10 and len(a_train) == 40
+    assert split(rows, 0.2, seed=8)[1] != a_test
+
+
+def test_too_few_rows():
+    with pytest.raises(FitError, match="at least"):
+        fit_profile(synthetic_rows(TRUE, n=5))
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_models_meet_quality_bar(name):
+    model = load_fitted(name)
+    fit = model.fit
+    assert fit["heldout"]["mape_pct"] <= 5.0
+    assert fit["heldout"]["r2"] >= 0.99
+    for key in ("gpu", "model", "engine", "source", "date", "derived"):
+        assert model.provenance[key], key
+    # The stored figures are true of the stored coefficients on the shipped profile's held-out split.
+    rows = read_profile(MODELS_DIR / f"{name}.profile.csv").rows
+    _, test = split(rows, fit["test_fraction"], fit["seed"])
+    q = quality(model, test)
+    assert q["mape_pct"] == pytest.approx(fit["heldout"]["mape_pct"], rel=1e-9)
+    assert q["mape_pct"] <= 5.0
+
+
+def test_shipped_model_is_refit_from_its_profile():
+    name = SHIPPED[0]
+    shipped = load_fitted(name)
+    refit, _ = fit_profile(read_profile(MODELS_DIR / f"{name}.profile.csv").rows, name)
+    for key in COEFFICIENTS:
+        assert getattr(refit, key) == pytest.approx(getattr(shipped, key), rel=1e-6, abs=1e-15), key
+
+
+def test_step_time_matches_formula_and_is_zero_when_empty():
+    s = StepShape.from_batch([(1, 999)] * 64 + [(512, 100)])
+    expect = max(5e-5 * 576, 0.009) + 3e-9 * s.prefill_attn_pairs + 9e-8 * 64000 + 7e-6 * 65 + 0.003
+    assert TRUE.step_time(s) == pytest.approx(expect)
+    assert TRUE.step_time(StepShape()) == 0.0
+
+
+def test_load_by_path_and_errors(tmp_path):
+    path = tmp_path / "m.json"
+    path.write_text(json.dumps(TRUE.to_json()))
+    assert load_fitted(str(path)) == TRUE
+    with pytest.raises(ValueError, match="valid choices: .*a100-llama-3.1-8b"):
+        load_fitted("no-such-model")
+    with pytest.raises(ValueError, match="needs a model name"):
+        load_fitted(None)
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({**TRUE.to_json(), "coefficients": {"per_token": 1}}))
+    with pytest.raises(FitError, match="coefficients"):
+        load_fitted(str(bad))
+    neg = tmp_path / "neg.json"
+    neg.write_text(json.dumps({**TRUE.to_json(), "coefficients": {**TRUE.coefficients(), "per_step": -1}}))
+    with pytest.raises(FitError, match="per_step"):
+        load_fitted(str(neg))
+
+
+def test_build_dispatch():
+    m = build(LatencyConfig(kind="fitted", name="a100-llama-3.1-8b"), load_model("llama-3.1-8b"),
+              load_gpu("a100-80gb"), 1)
+    assert isinstance(m, FittedLatency) and m.name == "a100-llama-3.1-8b"
+    assert set(SHIPPED) <= set(available())
+
+
+def test_cli_fits_and_reports(tmp_path, capsys):
+    prof = tmp_path / "p.csv"
+    write_profile(prof, Profile(synthetic_rows(TRUE, n=60), {"gpu": "test", "model": "m", "date": "d"}))
+    out = tmp_path / "fit.json"
+    assert fit_latency_main([str(prof), "-o", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "held-out MAPE" in printed and "R²" in printed
+    model = load_fitted(str(out))
+    assert model.name == "fit" and model.provenance["gpu"] == "test"
+    assert fit_latency_main([str(prof), "-o", str(out), "--max-mape", "-1"]) == 1
+
+
+def test_cli_bad_input_exits_1_with_message(tmp_path, capsys):
+    prof = tmp_path / "p.csv"
+    prof.write_text("num_seqs,num_tokens\n1,2\n")
+    assert fit_latency_main([str(prof), "-o", str(tmp_path / "x.json")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "missing column(s)" in err and "Traceback" not in err
+    assert fit_latency_main([str(tmp_path / "none.csv"), "-o", str(tmp_path / "x.json")]) == 1

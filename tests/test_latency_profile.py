@@ -1,0 +1,78 @@
+"""Profile CSV format: round trip and clear errors on damaged files."""
+
+from __future__ import annotations
+
+import pytest
+
+from sim.latency.base import StepShape
+from sim.latency.profile import (COLUMNS, Profile, ProfileError, ProfileRow, parse_profile, read_profile,
+                                 write_profile)
+
+HEADER = ",".join(COLUMNS)
+GOOD = [
+    "1,2048,0,0,2048,2098176,0.15",
+    "64,64,64,64064,0,0,0.021",
+    "65,576,64,64064,512,131328,0.05",
+]
+
+
+def text(*rows: str, header: str = HEADER) -> str:
+    return "# autellix-latency-profile v1\n# gpu: test-gpu\n" + header + "\n" + "\n".join(rows) + "\n"
+
+
+def test_round_trip(tmp_path):
+    rows = [ProfileRow(StepShape.from_batch([(1, 999)] * 64), 0.021),
+            ProfileRow(StepShape.from_batch([(2048, 0)]), 0.15),
+            ProfileRow(StepShape.from_batch([(1, 10), (512, 100)]), 1 / 3)]
+    prof = Profile(rows, {"gpu": "A100", "model": "llama-3.1-8b", "date": "2026-01-01"})
+    path = tmp_path / "p.csv"
+    write_profile(path, prof)
+    back = read_profile(path)
+    assert back.rows == rows
+    assert back.provenance == prof.provenance
+
+
+def test_columns_in_any_order():
+    cols = list(reversed(COLUMNS))
+    row = ",".join(reversed(GOOD[0].split(",")))
+    prof = parse_profile(text(row, header=",".join(cols)))
+    assert prof.rows[0].shape.prefill_attn_pairs == 2098176
+    assert prof.rows[0].seconds == 0.15
+
+
+@pytest.mark.parametrize(
+    "content, where",
+    [
+        (text(GOOD[0], header=HEADER.replace(",seconds", "")), ":3: missing column(s) seconds"),
+        (text(GOOD[0], "64,64,64,640"), ":5: expected 7 fields, got 4"),
+        (text(GOOD[0], "64,sixty,64,64064,0,0,0.02"), ":5: column num_tokens: expected an integer, got 'sixty'"),
+        (text(GOOD[0], "64,64,64,64064,0,0,abc"), ":5: column seconds: expected a number"),
+        (text(GOOD[0], "64,64,64,64064,0,0,0"), ":5: column seconds: must be a positive finite time"),
+        (text(GOOD[0], "64,64,64,64064,0,0,-0.1"), ":5: column seconds: must be a positive finite time"),
+        (text(GOOD[0], "64,64,64,64064,0,0,nan"), ":5: column seconds: must be a positive finite time"),
+        (text(GOOD[0], "64,64,64,-5,0,0,0.1"), ":5: column decode_kv_tokens: must be >= 0"),
+        (text(GOOD[0], "64,65,64,64064,0,0,0.1"), ":5: column num_tokens: must equal num_decode + prefill_tokens"),
+        (text(GOOD[0], "0,0,0,0,0,0,0.1"), ":5: column num_seqs"),
+        (text(GOOD[0], "# note", GOOD[1]), ":5: comment line inside the data"),
+        (text(), ": no data rows"),
+        ("# only comments\n", ": empty profile"),
+        (text(GOOD[0], header=HEADER + ",extra"), ":3: unexpected or repeated column(s) extra"),
+    ],
+)
+def test_errors_name_file_line_and_column(tmp_path, content, where):
+    path = tmp_path / "bad.csv"
+    path.write_text(content)
+    with pytest.raises(ProfileError) as err:
+        read_profile(path)
+    assert str(err.value).startswith(str(path))
+    assert where in str(err.value)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ProfileError, match="no such profile file"):
+        read_profile(tmp_path / "nope.csv")
+
+
+def test_blank_lines_ignored():
+    prof = parse_profile(text(GOOD[0], "", GOOD[1]))
+    assert [r.seconds for r in prof.rows] == [0.15, 0.021]

@@ -1,0 +1,92 @@
+"""Vidur importer: per-operator sums checked against hand arithmetic on real rows."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from sim.hardware import load_gpu, load_model
+from sim.latency.base import StepShape
+from sim.latency.profile import read_profile
+from sim.latency.vidur import Arch, SyntheticStep, VidurError, build_profile, main, read_vidur_mlp, shape_grid
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "vidur-profiles"
+A100 = DATA / "a100-llama-3-8b" / "mlp.csv"
+H100 = DATA / "h100-llama-2-7b" / "mlp.csv"
+L31 = load_model("llama-3.1-8b")
+
+
+def step_ms(ops, n):
+    return ops.step_ms(ops.tokens.index(n), 32)
+
+
+def test_a100_rows_by_hand():
+    ops = read_vidur_mlp(A100)
+    assert ops.arch == Arch.of(L31)  # Llama-3-8B has Llama-3.1-8B's shapes
+    # Line 457 (num_tokens=1, TP=1), median column of each op; add counted twice; emb once.
+    layer1 = 0.005 + 0.033 + 0.004 + 0.025 + 0.005 + 0.142 + 0.011 + 0.076 + 2 * 0.002
+    assert step_ms(ops, 1) == pytest.approx(32 * layer1 + 0.003)
+    # Line 391 (num_tokens=512).
+    layer512 = 0.012 + 0.13 + 0.012 + 0.085 + 0.012 + 0.516 + 0.046 + 0.263 + 2 * 0.0065
+    assert step_ms(ops, 512) == pytest.approx(32 * layer512 + 0.027)
+    # Lines 262 and 263 both have num_tokens=2048: they are averaged.
+    row262 = 0.0545 + 0.467 + 0.048 + 0.308 + 0.056 + 2.2485 + 0.174 + 1.049 + 2 * 0.026
+    row263 = 0.056 + 0.479 + 0.049 + 0.318 + 0.057 + 2.309 + 0.177 + 1.077 + 2 * 0.027
+    assert step_ms(ops, 2048) == pytest.approx(32 * (row262 + row263) / 2 + (0.121 + 0.124) / 2)
+
+
+def test_h100_llama2_row_and_scaling_by_hand():
+    ops = read_vidur_mlp(H100)
+    assert (ops.arch.n_kv_head, ops.arch.n_expanded_embd, ops.arch.vocab_size) == (32, 11008, 32768)  # MHA
+    # Line 228 (num_tokens=256, TP=1): emb .009, ln .004, qkv .052, rope .007, o .022, ln .004,
+    # up .13, act .008, down .056, add .003.
+    raw_layer = 0.004 + 0.052 + 0.007 + 0.022 + 0.004 + 0.13 + 0.008 + 0.056 + 2 * 0.003
+    assert step_ms(ops, 256) == pytest.approx(32 * raw_layer + 0.009)
+    # To Llama-3.1-8B: QKV x (32 + 2*8) / (3*32) = 0.5, rope x 40/64, MLP ops x 14336/11008.
+    mlp = 14336 / 11008
+    est_layer = 0.004 + 0.052 * 0.5 + 0.007 * 40 / 64 + 0.022 + 0.004 + (0.13 + 0.008 + 0.056) * mlp + 2 * 0.003
+    assert step_ms(ops.scaled_to(Arch.of(L31)), 256) == pytest.approx(32 * est_layer + 0.009)
+
+
+def test_interpolation_and_extrapolation():
+    ops = read_vidur_mlp(A100)
+    step = SyntheticStep.build(ops, L31, load_gpu("a100-80gb"))
+    lo, hi = step_ms(ops, 512) / 1e3, step_ms(ops, 520) / 1e3
+    assert step.forward_seconds(516) == pytest.approx((lo + hi) / 2)
+    top = ops.tokens[-1]
+    assert step.forward_seconds(2 * top) == pytest.approx(2 * step.forward_seconds(top))
+
+
+def test_profile_shapes_are_valid_and_times_grow(tmp_path):
+    out = tmp_path / "p.csv"
+    assert main([str(A100), "--model", "llama-3.1-8b", "--gpu", "a100-80gb", "-o", str(out)]) == 0
+    prof = read_profile(out)  # the reader validates every row
+    assert len(prof.rows) > 150 and prof.provenance["gpu"] == "a100-80gb"
+    assert all(r.shape.num_tokens <= 8192 and r.shape.num_seqs <= 256 for r in prof.rows)
+    kinds = {(r.shape.num_decode > 0, r.shape.prefill_tokens > 0) for r in prof.rows}
+    assert kinds == {(True, False), (False, True), (True, True)}  # decode, prefill, mixed
+    t = {r.shape: r.seconds for r in prof.rows}
+    d = [t[StepShape.from_batch([(1, c)] * b)] for b, c in ((1, 1024), (64, 1024), (64, 4096))]
+    assert d[0] < d[1] < d[2]
+
+
+def test_estimate_is_marked(tmp_path):
+    prof = build_profile(H100, L31, load_gpu("h100"))
+    assert prof.provenance["derived"].count("ESTIMATE") == 1
+
+
+def test_grid_respects_limits():
+    for s in shape_grid(max_tokens=2048, max_seqs=64):
+        assert s.num_tokens <= 2048 and s.num_seqs <= 64
+
+
+def test_errors(tmp_path, capsys):
+    bad = tmp_path / "mlp.csv"
+    bad.write_text("num_tokens,num_tensor_parallel_workers\n1,1\n")
+    with pytest.raises(VidurError, match="missing column"):
+        read_vidur_mlp(bad)
+    assert main([str(bad), "-o", str(tmp_path / "o.csv")]) == 1
+    assert "error:" in capsys.readouterr().err
+    with pytest.raises(VidurError, match="num_tensor_parallel_workers == 3"):
+        read_vidur_mlp(A100, tp=3)
