@@ -1,0 +1,177 @@
+"""``python -m sim``: run and list experiments, fit latency models.
+
+Bad input (a wrong experiment, a missing trace, a model that does not fit)
+is reported as one line on stderr with exit status 1; a malformed command
+line exits with status 2 (argparse's convention). A traceback means a bug.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+RUN_EXAMPLES = """examples:
+  python -m sim run quickstart
+  python -m sim run bfcl-high --set workload.params.rate=2.5 --set policies=[fcfs,plas]
+  python -m sim run multi-engine-locality --set engine.balancer=round_robin --out results/rr
+  python -m sim run my-exp --experiments my.yaml --quiet
+"""
+LIST_EXAMPLES = """examples:
+  python -m sim list
+  python -m sim list --experiments my.yaml
+"""
+FIT_EXAMPLES = """examples:
+  python -m sim fit-latency --help     (options are the latency tool's own)
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m sim",
+        description="Simulate program-aware LLM serving (Autellix PLAS/ATLAS vs FCFS, MLFQ, SRPT).",
+        epilog="examples:\n  python -m sim list\n  python -m sim run quickstart\n  python -m sim run quickstart --set engine.replicas=2 --out /tmp/q\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser(
+        "run",
+        help="run one experiment under each of its policies",
+        description="Run experiment NAME under each of its policies on one workload and write "
+        "config.yaml, calls.csv, programs.csv, summary.json and latency.png to the output directory.",
+        epilog=RUN_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    run.add_argument("name", metavar="NAME", help="experiment name (see `python -m sim list`)")
+    _experiments_arg(run)
+    run.add_argument(
+        "-s",
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a dotted key; VALUE is YAML (e.g. engine.replicas=4, policies=[plas,fcfs]); repeatable",
+    )
+    run.add_argument("-o", "--out", metavar="DIR", help="output directory (default: results/NAME)")
+    run.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no result table")
+
+    lst = sub.add_parser(
+        "list",
+        help="list experiments with their descriptions",
+        description="List the experiments of an experiments file.",
+        epilog=LIST_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _experiments_arg(lst)
+
+    sub.add_parser(
+        "fit-latency",
+        help="fit a latency model to profiles (delegated to sim.latency.fitted)",
+        description="Fit a latency model; every argument is passed to sim.latency.fitted.",
+        epilog=FIT_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        add_help=False,
+    )
+    return parser
+
+
+def _experiments_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "-e",
+        "--experiments",
+        metavar="FILE",
+        help="experiments file (default: experiments.yaml at the repository root)",
+    )
+
+
+def _fmt(value: Any, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def result_table(summary: dict[str, Any]) -> str:
+    """The short per-policy table printed after a run."""
+    header = ("policy", "norm mean", "norm p95", "prog mean", "norm vs fcfs")
+    rows = [header, ("", "(s/tok)", "(s/tok)", "(s)", "")]
+    for policy, s in summary["policies"].items():
+        rows.append(
+            (
+                policy,
+                _fmt(s.get("normalized_latency_mean"), ".4g"),
+                _fmt(s.get("normalized_latency_p95"), ".4g"),
+                _fmt(s.get("program_latency_mean"), ".4g"),
+                _fmt(s.get("normalized_latency_mean_vs_fcfs"), ".3f"),
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Exception types that mean bad input, not a bug."""
+    from sim.capacity import CapacityError
+    from sim.experiments import ConfigError
+    from sim.hardware import SpecError
+
+    errors: list[type[BaseException]] = [ConfigError, CapacityError, SpecError, OSError]
+    try:
+        from traces.validate import TraceError
+
+        errors.append(TraceError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from sim.experiments import resolve
+    from sim.run import run_experiment
+
+    cfg = resolve(args.name, args.experiments, args.overrides)
+    out = Path(args.out) if args.out else Path("results") / cfg.name
+    summary = run_experiment(cfg, out, quiet=args.quiet)
+    if not args.quiet:
+        print(result_table(summary))
+        print(f"results in {out}")
+    return 0
+
+
+def _list(args: argparse.Namespace) -> int:
+    from sim.experiments import list_experiments
+
+    items = list_experiments(args.experiments)
+    width = max(len(name) for name, _ in items)
+    for name, desc in items:
+        print(f"{name.ljust(width)}  {desc}".rstrip())
+    return 0
+
+
+def _fit_latency(argv: list[str]) -> int:
+    try:
+        from sim.latency.fitted import fit_latency_main
+    except ImportError as exc:
+        print(f"python -m sim fit-latency: not available: {exc}", file=sys.stderr)
+        return 1
+    return int(fit_latency_main(argv) or 0)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "fit-latency":  # its options belong to the latency tool
+        return _fit_latency(argv[1:])
+    args = _parser().parse_args(argv)
+    errors = _user_errors()
+    try:
+        return _run(args) if args.command == "run" else _list(args)
+    except errors as exc:
+        text = str(exc)
+        if isinstance(exc, OSError) and exc.filename is not None:
+            text = f"{exc.filename}: {exc.strerror}"
+        print(f"error: {text}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,546 @@
+"""Named experiments: `experiments.yaml` (plus ``--set`` overrides) to validated `ExperimentConfig`.
+
+An experiment must fail before any simulation starts if it is wrong, and the
+message must say where: the file and line (from PyYAML's node marks) or the
+``--set`` that caused it, the full dotted key, and the valid choices. A
+simulation that runs for minutes on a typo is the failure this module exists
+to prevent.
+
+File format::
+
+    defaults:            # optional, deep-merged under every experiment
+      engine: {model: llama-3.1-8b, ...}
+    experiments:
+      NAME:
+        description: ...
+        workload: {generator: bfcl, params: {programs: 200, rate: 1.0, ...}}
+        # or      {trace: path/to/trace.jsonl}   (relative to the working directory)
+        engine: {...}          # fields of sim.config.EngineConfig
+        latency: {...}         # fields of sim.config.LatencyConfig
+        policies: [fcfs, plas]
+        policy_params: {...}   # fields of sim.core.params.PolicyParams
+        seed: 0
+
+Layers are merged in order defaults < experiment < ``--set``. Mappings merge
+key by key, anything else is replaced. One exception keeps a workload
+coherent: a layer that names ``workload.trace`` drops the lower layers'
+``generator`` and ``params``, and one that names ``workload.generator`` drops
+their ``trace``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import types
+import typing
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import yaml
+
+from sim.config import (
+    BALANCERS,
+    POLICIES,
+    PREEMPTION_MODES,
+    EngineConfig,
+    ExperimentConfig,
+    LatencyConfig,
+    WorkloadConfig,
+)
+from sim.core.params import PolicyParams
+
+DEFAULT_FILE = Path(__file__).resolve().parent.parent / "experiments.yaml"
+TOP_KEYS = ("defaults", "experiments")
+EXPERIMENT_KEYS = ("description", "workload", "engine", "latency", "policies", "policy_params", "seed")
+WORKLOAD_KEYS = ("generator", "params", "trace")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+Path_ = tuple[Any, ...]  # a key path: strings for mapping keys, ints for list items
+
+
+class ConfigError(ValueError):
+    """A bad experiments file, experiment or override; the message is for the user."""
+
+
+@dataclass(frozen=True)
+class ExperimentsFile:
+    """A parsed experiments file; ``lines`` maps key paths (from the top) to 1-based lines."""
+
+    path: str  # as shown in messages
+    defaults: dict[str, Any]
+    experiments: dict[str, dict[str, Any]]
+    lines: dict[Path_, int]
+
+    def names(self) -> list[str]:
+        return list(self.experiments)
+
+    def description(self, name: str) -> str:
+        desc = self.experiments[name].get("description", "")
+        return desc if isinstance(desc, str) else str(desc)
+
+
+# --- reading the file ----------------------------------------------------------
+
+
+def _display(path: str | Path) -> str:
+    """The path relative to the working directory when it is under it: short messages."""
+    rel = os.path.relpath(path)
+    return str(path) if rel.startswith("..") else rel
+
+
+def _walk(node: yaml.Node, path: Path_, lines: dict[Path_, int], where: str) -> None:
+    if isinstance(node, yaml.MappingNode):
+        seen: set[Any] = set()
+        for key, value in node.value:
+            if key.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` merges at this level
+                merged = value.value if isinstance(value, yaml.SequenceNode) else [value]
+                for sub in merged:
+                    sub_lines: dict[Path_, int] = {}
+                    _walk(sub, path, sub_lines, where)
+                    for k, v in sub_lines.items():
+                        lines.setdefault(k, v)
+                continue
+            name = key.value if isinstance(key, yaml.ScalarNode) else repr(key.value)
+            if name in seen:
+                raise ConfigError(f"{where}:{key.start_mark.line + 1}: {_dotted(path + (name,))}: duplicate key")
+            seen.add(name)
+            lines[path + (name,)] = key.start_mark.line + 1
+            _walk(value, path + (name,), lines, where)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            lines[path + (i,)] = item.start_mark.line + 1
+            _walk(item, path + (i,), lines, where)
+
+
+def load_file(path: str | Path | None = None) -> ExperimentsFile:
+    """Parse and shape-check an experiments file; experiments are validated by `resolve`."""
+    path = Path(path) if path is not None else DEFAULT_FILE
+    where = _display(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        hint = "; pass --experiments FILE" if path == DEFAULT_FILE else ""
+        raise ConfigError(f"{where}: experiments file not found{hint}") from None
+    except OSError as exc:
+        raise ConfigError(f"{where}: cannot read: {exc.strerror}") from None
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        data = loader.construct_document(node) if node is not None else None
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = f":{mark.line + 1}" if mark else ""
+        raise ConfigError(f"{where}{line}: invalid YAML: {exc.problem or exc.context}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{where}: invalid YAML: {exc}") from None
+    finally:
+        loader.dispose()
+    lines: dict[Path_, int] = {}
+    if node is not None:
+        _walk(node, (), lines, where)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping with keys {', '.join(TOP_KEYS)}")
+    for key in data:
+        if key not in TOP_KEYS:
+            raise ConfigError(
+                f"{where}:{lines.get((key,), 1)}: {key}: unknown key; valid keys: {', '.join(TOP_KEYS)}"
+            )
+    defaults = data.get("defaults") or {}
+    experiments = data.get("experiments")
+    if not isinstance(defaults, dict):
+        raise ConfigError(f"{where}:{lines.get(('defaults',), 1)}: defaults: expected a mapping")
+    if not isinstance(experiments, dict) or not experiments:
+        raise ConfigError(f"{where}:{lines.get(('experiments',), 1)}: experiments: expected a non-empty mapping")
+    for name, body in experiments.items():
+        line = lines.get(("experiments", name), 1)
+        if not isinstance(name, str) or not NAME_RE.match(name):
+            raise ConfigError(
+                f"{where}:{line}: experiment name {name!r}: use letters, digits, '.', '_' and '-' "
+                "(it names the output directory)"
+            )
+        if not isinstance(body, dict):
+            raise ConfigError(f"{where}:{line}: experiments.{name}: expected a mapping")
+    return ExperimentsFile(where, defaults, experiments, lines)
+
+
+def list_experiments(path: str | Path | None = None) -> list[tuple[str, str]]:
+    """(name, description) of every experiment in the file, in file order."""
+    ef = load_file(path)
+    return [(name, ef.description(name)) for name in ef.names()]
+
+
+# --- overrides ----------------------------------------------------------------------
+
+
+def parse_override(text: str) -> tuple[tuple[str, ...], Any]:
+    """``a.b.c=value`` to (('a', 'b', 'c'), value); the value is parsed as YAML (``[a,b]`` is a list)."""
+    key, sep, raw = text.partition("=")
+    parts = tuple(p.strip() for p in key.split("."))
+    if not sep or not all(parts):
+        raise ConfigError(f"--set {text}: expected KEY=VALUE with a dotted KEY, e.g. engine.replicas=4")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"--set {text}: cannot parse the value as YAML: {problem}") from None
+    return parts, value
+
+
+# --- merging -------------------------------------------------------------------------
+
+
+@dataclass
+class _Layered:
+    """Merged experiment data and, per key path, where it was last set."""
+
+    data: dict[str, Any]
+    origins: dict[Path_, str]
+
+    def origin(self, path: Path_) -> str | None:
+        for n in range(len(path), 0, -1):
+            if path[:n] in self.origins:
+                return self.origins[path[:n]]
+        return None
+
+
+def _prune_workload(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """Drop the base workload's source that the top layer replaces (see module docstring)."""
+    bw, tw = base.get("workload"), top.get("workload")
+    if not (isinstance(bw, dict) and isinstance(tw, dict)):
+        return base
+    bw = dict(bw)
+    if "trace" in tw:
+        bw.pop("generator", None)
+        bw.pop("params", None)
+    if "generator" in tw:
+        bw.pop("trace", None)
+    return {**base, "workload": bw}
+
+
+def _deep_merge(base: Any, top: Any) -> Any:
+    if isinstance(base, dict) and isinstance(top, dict):
+        out = dict(base)
+        for k, v in top.items():
+            out[k] = _deep_merge(base[k], v) if k in base else v
+        return out
+    return top
+
+
+def _origins_from_file(ef: ExperimentsFile, prefix: Path_) -> dict[Path_, str]:
+    n = len(prefix)
+    return {p[n:]: f"{ef.path}:{line}" for p, line in ef.lines.items() if p[:n] == prefix and len(p) > n}
+
+
+def _merge(layers: Iterable[tuple[dict[str, Any], dict[Path_, str]]]) -> _Layered:
+    data: dict[str, Any] = {}
+    origins: dict[Path_, str] = {}
+    for top, top_origins in layers:
+        data = _deep_merge(_prune_workload(data, top), top)
+        origins.update(top_origins)
+    return _Layered(data, origins)
+
+
+def _override_layer(overrides: Sequence[str]) -> tuple[dict[str, Any], dict[Path_, str]]:
+    data: dict[str, Any] = {}
+    origins: dict[Path_, str] = {}
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = data
+        for p in parts[:-1]:
+            if not isinstance(node.get(p), dict):
+                node[p] = {}
+            node = node[p]
+        node[parts[-1]] = value
+        origins[parts] = f"--set {text}"
+        for sub in _subpaths(value):
+            origins[parts + sub] = f"--set {text}"
+    return data, origins
+
+
+def _subpaths(value: Any) -> list[Path_]:
+    if isinstance(value, dict):
+        return [(k,) + rest for k, v in value.items() for rest in [()] + _subpaths(v)]
+    if isinstance(value, list):
+        return [(i,) + rest for i, v in enumerate(value) for rest in [()] + _subpaths(v)]
+    return []
+
+
+# --- validation ----------------------------------------------------------------------
+
+
+def _dotted(path: Path_) -> str:
+    out = ""
+    for p in path:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out
+
+
+@dataclass
+class _Checker:
+    """Raises ConfigError naming the origin, the experiment and the dotted key."""
+
+    name: str
+    layered: _Layered
+
+    def fail(self, path: Path_, problem: str) -> typing.NoReturn:
+        origin = self.layered.origin(path)
+        where = f"{origin}: " if origin else ""
+        key = f"{_dotted(path)}: " if path else ""
+        raise ConfigError(f"{where}experiment {self.name!r}: {key}{problem}")
+
+    def keys(self, data: Any, path: Path_, valid: Sequence[str]) -> dict[str, Any]:
+        if not isinstance(data, dict):
+            self.fail(path, f"expected a mapping with keys {', '.join(valid)}, got {_show(data)}")
+        for key in data:
+            if key not in valid:
+                self.fail(path + (key,), f"unknown key; valid keys: {', '.join(valid)}")
+        return data
+
+    def choice(self, path: Path_, value: Any, valid: Sequence[str]) -> None:
+        if value not in valid:
+            self.fail(path, f"unknown value {value!r}; valid choices: {', '.join(valid)}")
+
+    def dataclass(self, cls: type, data: Any, path: Path_) -> Any:
+        names = [f.name for f in fields(cls)]
+        data = self.keys({} if data is None else data, path, names)
+        hints = typing.get_type_hints(cls)
+        kwargs = {k: self.typed(hints[k], v, path + (k,)) for k, v in data.items()}
+        try:
+            return cls(**kwargs)
+        except ValueError as exc:  # the dataclass's own range checks (PolicyParams)
+            msg = str(exc)
+            bad = msg.split(":", 1)[0].rsplit(".", 1)[-1]
+            sub = path + (bad,) if bad in data else path
+            self.fail(sub, msg.split(": ", 1)[-1] if bad in data else msg)
+
+    def typed(self, hint: Any, value: Any, path: Path_) -> Any:
+        """Check ``value`` against a field's annotation; ints are accepted for floats."""
+        origin, args = typing.get_origin(hint), typing.get_args(hint)
+        if origin in (typing.Union, types.UnionType):
+            if value is None and type(None) in args:
+                return None
+            inner = [a for a in args if a is not type(None)]
+            return self.typed(inner[0], value, path)
+        if hint is bool:
+            if isinstance(value, bool):
+                return value
+            self.fail(path, f"expected true or false, got {_show(value)}")
+        if hint is int:
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value
+            self.fail(path, f"expected an integer, got {_show(value)}")
+        if hint is float:
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                return float(value)
+            # PyYAML (YAML 1.1) reads 1e-5 without a dot as a string.
+            if isinstance(value, str):
+                try:
+                    return float(value)
+                except ValueError:
+                    pass
+            self.fail(path, f"expected a number, got {_show(value)}")
+        if hint is str:
+            if isinstance(value, str):
+                return value
+            self.fail(path, f"expected a string, got {_show(value)}")
+        if origin is dict:
+            if isinstance(value, dict):
+                return dict(value)
+            self.fail(path, f"expected a mapping, got {_show(value)}")
+        if origin is tuple:
+            if isinstance(value, (list, tuple)):
+                return tuple(self.typed(args[0], v, path + (i,)) for i, v in enumerate(value))
+            self.fail(path, f"expected a list, got {_show(value)}")
+        if dataclasses.is_dataclass(hint):
+            return self.dataclass(hint, value, path)
+        raise TypeError(f"no type check for {hint!r} at {_dotted(path)}")  # a bug, not bad input
+
+
+def _show(value: Any) -> str:
+    kind = {dict: "a mapping", list: "a list", type(None): "null"}.get(type(value))
+    return kind if kind else f"{value!r}"
+
+
+def _positive(ck: _Checker, path: Path_, value: float | None, what: str, strict: bool = True) -> None:
+    """Fail unless value > 0 (strict) or >= 0; None passes (an optional field)."""
+    if value is None:
+        return
+    if (value <= 0) if strict else (value < 0):
+        ck.fail(path, f"expected {what}, got {value!r}")
+
+
+def _check_engine(ck: _Checker, e: EngineConfig) -> None:
+    from sim.capacity import CapacityError, num_kv_blocks
+    from sim.hardware import SpecError, available, load_gpu, load_model
+
+    p = ("engine",)
+    for key, kind, loader in (("model", "model", load_model), ("gpu", "gpu", load_gpu)):
+        value = getattr(e, key)
+        if not value.endswith(".json"):
+            ck.choice(p + (key,), value, available(kind))
+        try:
+            loader(value)
+        except SpecError as exc:
+            ck.fail(p + (key,), str(exc))
+    for key in ("gpus_per_replica", "block_size", "max_num_seqs", "max_num_batched_tokens", "replicas"):
+        _positive(ck, p + (key,), getattr(e, key), "an integer >= 1")
+    _positive(ck, p + ("num_gpu_blocks",), e.num_gpu_blocks, "null or an integer >= 1")
+    _positive(ck, p + ("activation_reserve_bytes",), e.activation_reserve_bytes, ">= 0 bytes", strict=False)
+    if not 0 < e.gpu_memory_utilization <= 1:
+        ck.fail(p + ("gpu_memory_utilization",), f"expected a fraction in (0, 1], got {e.gpu_memory_utilization}")
+    ck.choice(p + ("preemption_mode",), e.preemption_mode, PREEMPTION_MODES)
+    ck.choice(p + ("balancer",), e.balancer, BALANCERS)
+    try:
+        num_kv_blocks(e)
+    except CapacityError as exc:
+        ck.fail(p + ("model",), str(exc).removeprefix("engine.model: "))
+
+
+def _check_latency(ck: _Checker, lat: LatencyConfig, e: EngineConfig) -> None:
+    from sim import latency
+    from sim.hardware import load_gpu, load_model
+
+    p = ("latency",)
+    ck.choice(p + ("kind",), lat.kind, latency.KINDS)
+    _positive(ck, p + ("seconds",), lat.seconds, "> 0 seconds")
+    for key in ("flops_efficiency", "bandwidth_efficiency"):
+        value = getattr(lat, key)
+        if not 0 < value <= 1:
+            ck.fail(p + (key,), f"expected a fraction in (0, 1], got {value}")
+    _positive(ck, p + ("step_overhead",), lat.step_overhead, ">= 0 seconds", strict=False)
+    if lat.kind == "fitted" and not lat.name:
+        ck.fail(p + ("name",), "the fitted latency kind needs the fitted model's name or path")
+    # Building it now turns a missing fitted model into an error before the run.
+    try:
+        latency.build(lat, load_model(e.model), load_gpu(e.gpu), e.gpus_per_replica)
+    except (ValueError, OSError, ImportError) as exc:
+        ck.fail(p + ("name",) if lat.kind == "fitted" else p + ("kind",), f"cannot build the latency model: {exc}")
+
+
+def _check_workload(ck: _Checker, raw: Any) -> tuple[str | None, dict[str, Any], str | None]:
+    p = ("workload",)
+    if raw is None:
+        ck.fail(p, "missing; give either generator (with params) or trace")
+    ck.keys(raw, p, WORKLOAD_KEYS)
+    gen, params, trace = raw.get("generator"), raw.get("params"), raw.get("trace")
+    if (gen is None) == (trace is None):
+        which = "both" if gen is not None else "neither"
+        ck.fail(p, f"give exactly one of generator (with params) or trace, got {which}")
+    if trace is not None:
+        if not isinstance(trace, str):
+            ck.fail(p + ("trace",), f"expected a file path, got {_show(trace)}")
+        if params:
+            ck.fail(p + ("params",), "params apply to a generator, not to a trace file")
+        if not os.path.isfile(trace):
+            ck.fail(p + ("trace",), f"no such file: {trace} (relative paths are from the working directory)")
+        return None, {}, trace
+    try:
+        from traces.generators import WORKLOADS
+    except ImportError as exc:
+        ck.fail(p + ("generator",), f"the workload generators are not available: {exc}")
+    ck.choice(p + ("generator",), gen, sorted(WORKLOADS))
+    params = {} if params is None else params
+    if not isinstance(params, dict):
+        ck.fail(p + ("params",), f"expected a mapping, got {_show(params)}")
+    pp = p + ("params",)
+    if "seed" in params:
+        ck.fail(pp + ("seed",), "set the experiment's top-level seed instead")
+    for key in ("programs", "rate"):
+        if key not in params:
+            ck.fail(pp, f"missing {key}")
+    programs, rate = params["programs"], params["rate"]
+    if not isinstance(programs, int) or isinstance(programs, bool) or programs < 1:
+        ck.fail(pp + ("programs",), f"expected an integer >= 1, got {_show(programs)}")
+    if not isinstance(rate, (int, float)) or isinstance(rate, bool) or not rate > 0:
+        ck.fail(pp + ("rate",), f"expected a number > 0 (programs per second), got {_show(rate)}")
+    if "cv" in params:
+        cv = params["cv"]
+        if not isinstance(cv, (int, float)) or isinstance(cv, bool) or not cv > 0:
+            ck.fail(pp + ("cv",), f"expected a number > 0, got {_show(cv)}")
+    if "arrival" in params and not isinstance(params["arrival"], str):
+        ck.fail(pp + ("arrival",), f"expected a string, got {_show(params['arrival'])}")
+    return gen, dict(params), None
+
+
+def _build(name: str, layered: _Layered) -> ExperimentConfig:
+    ck = _Checker(name, layered)
+    raw = ck.keys(layered.data, (), EXPERIMENT_KEYS)
+    description = ck.typed(str, raw.get("description", ""), ("description",))
+    gen, params, trace = _check_workload(ck, raw.get("workload"))
+    engine = ck.dataclass(EngineConfig, raw.get("engine"), ("engine",))
+    lat = ck.dataclass(LatencyConfig, raw.get("latency"), ("latency",))
+    policies = ck.typed(tuple[str, ...], raw.get("policies", list(POLICIES)), ("policies",))
+    if not policies:
+        ck.fail(("policies",), f"expected at least one of {', '.join(POLICIES)}")
+    for i, pol in enumerate(policies):
+        ck.choice(("policies", i), pol, POLICIES)
+        if pol in policies[:i]:
+            ck.fail(("policies", i), f"{pol!r} is listed twice")
+    params_obj = ck.dataclass(PolicyParams, raw.get("policy_params"), ("policy_params",))
+    seed = ck.typed(int, raw.get("seed", 0), ("seed",))
+    if seed < 0:
+        ck.fail(("seed",), f"expected an integer >= 0, got {seed}")
+    _check_engine(ck, engine)
+    _check_latency(ck, lat, engine)
+    return ExperimentConfig(
+        name=name,
+        description=description,
+        workload=WorkloadConfig(generator=gen, params=params, trace=trace),
+        engine=engine,
+        latency=lat,
+        policies=policies,
+        policy_params=params_obj,
+        seed=seed,
+    )
+
+
+def resolve(name: str, file: str | Path | ExperimentsFile | None = None, overrides: Sequence[str] = ()) -> ExperimentConfig:
+    """The validated configuration of experiment ``name`` with ``--set`` overrides applied."""
+    ef = file if isinstance(file, ExperimentsFile) else load_file(file)
+    if name not in ef.experiments:
+        raise ConfigError(f"{ef.path}: unknown experiment {name!r}; experiments: {', '.join(ef.names())}")
+    layered = _merge(
+        [
+            (ef.defaults, _origins_from_file(ef, ("defaults",))),
+            (ef.experiments[name], _origins_from_file(ef, ("experiments", name))),
+            _override_layer(overrides),
+        ]
+    )
+    return _build(name, layered)
+
+
+def to_dict(cfg: ExperimentConfig) -> dict[str, Any]:
+    """The fully resolved experiment, in the file format (an ``experiments:`` entry body).
+
+    Every field is present, so the result does not depend on later changes
+    to the dataclass defaults; `to_file_dict` wraps it into a file that
+    `resolve` reads back to an equal config.
+    """
+    w = cfg.workload
+    workload = {"trace": w.trace} if w.trace is not None else {"generator": w.generator, "params": dict(sorted(w.params.items()))}
+    return {
+        "description": cfg.description,
+        "workload": workload,
+        "engine": dataclasses.asdict(cfg.engine),
+        "latency": dataclasses.asdict(cfg.latency),
+        "policies": list(cfg.policies),
+        "policy_params": dataclasses.asdict(cfg.policy_params),
+        "seed": cfg.seed,
+    }
+
+
+def to_file_dict(cfg: ExperimentConfig) -> dict[str, Any]:
+    return {"experiments": {cfg.name: to_dict(cfg)}}
+
+
+def dump_yaml(data: Any) -> str:
+    """Deterministic YAML text: fixed key order (as given), block style, no aliases."""
+
+    class _NoAlias(yaml.SafeDumper):
+        def ignore_aliases(self, data: Any) -> bool:
+            return True
+
+    return yaml.dump(data, Dumper=_NoAlias, sort_keys=False, default_flow_style=False, allow_unicode=True, width=100)

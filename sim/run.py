@@ -1,0 +1,104 @@
+"""Run one experiment: the same workload under every policy, results to a directory.
+
+Outputs (all byte-identical for the same experiment and seed, so runs can
+be diffed and cached):
+
+* ``config.yaml``: the fully resolved experiment, in the experiments-file
+  format, so ``python -m sim run NAME --experiments OUT/config.yaml`` reruns it;
+* ``calls.csv``, ``programs.csv``: every policy's rows (`sim.metrics` format);
+* ``summary.json``: `sim.metrics.summarize_run`;
+* ``latency.png``: `sim.plots.latency_plot`.
+
+A long run must not lose finished work, so the CSVs are appended and
+flushed after each policy and ``summary.json`` is rewritten (atomically)
+after each policy; the plot comes last.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from sim.config import ExperimentConfig
+from sim.experiments import dump_yaml, to_file_dict
+from sim.metrics import summarize_run, write_header, write_rows
+from sim.plots import latency_plot
+from sim.progress import progress_bar
+from sim.records import CallRecord, ProgramRecord
+
+OUTPUTS = ("config.yaml", "calls.csv", "programs.csv", "summary.json", "latency.png")
+
+
+@dataclass
+class PolicyResult:
+    policy: str
+    calls: list[CallRecord]
+    programs: list[ProgramRecord]
+    stats: dict[str, float]
+
+
+def load_workload(cfg: ExperimentConfig) -> list[Any]:
+    """The experiment's programs: its trace file, or its generator seeded with ``cfg.seed``."""
+    w = cfg.workload
+    if w.trace is not None:
+        from traces.io import load_all
+
+        return list(load_all(w.trace))
+    from traces.generators import generate
+
+    return list(generate(w.generator, seed=cfg.seed, **w.params))
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8", newline="\n")
+    os.replace(tmp, path)
+
+
+def summary_text(summary: dict[str, Any]) -> str:
+    return json.dumps(summary, indent=2, sort_keys=True, allow_nan=False) + "\n"
+
+
+def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, quiet: bool = False) -> dict[str, Any]:
+    """Simulate ``cfg`` under each of its policies and write the outputs; returns the summary."""
+    from sim.simulate import simulate
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    programs = load_workload(cfg)
+    for name in OUTPUTS:  # never leave a previous run's file next to this run's
+        (out / name).unlink(missing_ok=True)
+    _write_atomic(out / "config.yaml", dump_yaml(to_file_dict(cfg)))
+
+    results: list[PolicyResult] = []
+    summary: dict[str, Any] = summarize_run(cfg.name, [])
+    with (
+        open(out / "calls.csv", "w", newline="", encoding="utf-8") as calls_fh,
+        open(out / "programs.csv", "w", newline="", encoding="utf-8") as programs_fh,
+        progress_bar(len(programs) * len(cfg.policies), quiet) as bar,
+    ):
+        write_header(calls_fh, CallRecord)
+        write_header(programs_fh, ProgramRecord)
+        for i, policy in enumerate(cfg.policies):
+            bar.describe(policy)
+            res = simulate(programs, cfg, policy, progress=bar.advance)
+            bar.finish_to(len(programs) * (i + 1))
+            results.append(PolicyResult(policy, list(res.calls), list(res.programs), dict(res.stats)))
+            write_rows(calls_fh, res.calls)
+            write_rows(programs_fh, res.programs)
+            calls_fh.flush()
+            programs_fh.flush()
+            summary = summarize_run(cfg.name, [(r.policy, r.calls, r.programs, r.stats) for r in results])
+            _write_atomic(out / "summary.json", summary_text(summary))
+    write_plot(out / "latency.png", cfg.name, results, summary)
+    return summary
+
+
+def write_plot(path: Path, experiment: str, results: Sequence[PolicyResult], summary: dict[str, Any]) -> None:
+    normalized = {r.policy: [p.normalized_latency for p in r.programs] for r in results}
+    tmp = path.with_name(path.name + ".tmp")
+    latency_plot(tmp, experiment, normalized, summary["policies"])
+    os.replace(tmp, path)

@@ -1,0 +1,104 @@
+"""`python -m sim`: help, list, and one-line errors with the right exit status for bad input."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sim.cli import main, result_table
+
+ROOT = Path(__file__).resolve().parent.parent
+
+EXPERIMENTS = """\
+experiments:
+  tiny:
+    description: a tiny one
+    workload: {trace: t.jsonl}
+    latency: {kind: constant, seconds: 0.01}
+    policies: [fcfs, plas]
+  other:
+    workload: {trace: t.jsonl}
+"""
+
+
+def sim(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "sim", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture
+def workdir(tmp_path):
+    (tmp_path / "t.jsonl").write_text("")
+    (tmp_path / "exp.yaml").write_text(EXPERIMENTS)
+    return tmp_path
+
+
+def test_help_has_examples_for_each_subcommand(capsys):
+    for args in ([], ["run"], ["list"]):
+        with pytest.raises(SystemExit) as info:
+            main([*args, "--help"])
+        assert info.value.code == 0
+        out = capsys.readouterr().out
+        assert "examples:" in out and "python -m sim" in out
+
+
+def test_list(workdir):
+    res = sim("list", "--experiments", "exp.yaml", cwd=workdir)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.splitlines() == ["tiny   a tiny one", "other"]
+
+
+def test_list_default_file_is_the_shipped_one(tmp_path):
+    res = sim("list", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    names = [line.split()[0] for line in res.stdout.splitlines()]
+    assert names[0] == "quickstart" and "constant-latency-check" in names
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["run", "nope", "-e", "exp.yaml"], "error: exp.yaml: unknown experiment 'nope'; experiments: tiny, other"),
+        (["run", "tiny", "-e", "exp.yaml", "--set", "engine.replica=2"], "error: --set engine.replica=2: experiment 'tiny': engine.replica: unknown key"),
+        (["run", "tiny", "-e", "exp.yaml", "--set", "policies=[fcfs,lifo]"], "error: --set policies=[fcfs,lifo]: experiment 'tiny': policies[1]: unknown value 'lifo'"),
+        (["run", "tiny", "-e", "exp.yaml", "-s", "engine.model=llama-3.1-70b"], "error: --set engine.model=llama-3.1-70b: experiment 'tiny': engine.model: llama-3.1-70b does not fit"),
+        (["run", "tiny", "-e", "exp.yaml", "-s", "replicas"], "error: --set replicas: expected KEY=VALUE"),
+        (["list", "-e", "missing.yaml"], "error: missing.yaml: experiments file not found"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_1(workdir, args, message):
+    res = sim(*args, cwd=workdir)
+    assert res.returncode == 1
+    assert "Traceback" not in res.stderr
+    assert len(res.stderr.splitlines()) == 1 and res.stderr.startswith(message), res.stderr
+
+
+@pytest.mark.parametrize("args", [[], ["run"], ["frobnicate"], ["run", "tiny", "--bogus"]])
+def test_usage_errors_exit_2(workdir, args):
+    res = sim(*args, cwd=workdir)
+    assert res.returncode == 2 and "Traceback" not in res.stderr and "usage:" in res.stderr
+
+
+def test_fit_latency_is_delegated(workdir):
+    res = sim("fit-latency", "--help", cwd=workdir)
+    assert res.returncode == 0 and "Traceback" not in res.stderr
+    assert "usage:" in res.stdout and "profile" in res.stdout
+
+
+def test_result_table():
+    summary = {
+        "policies": {
+            "fcfs": {"normalized_latency_mean": 0.5, "normalized_latency_p95": 1.25, "program_latency_mean": 30.0,
+                     "normalized_latency_mean_vs_fcfs": 1.0},
+            "plas": {"normalized_latency_mean": 0.25, "normalized_latency_p95": None, "program_latency_mean": 15.0,
+                     "normalized_latency_mean_vs_fcfs": 0.5},
+        }
+    }
+    lines = result_table(summary).splitlines()
+    assert lines[0].split() == ["policy", "norm", "mean", "norm", "p95", "prog", "mean", "norm", "vs", "fcfs"]
+    assert lines[2].split() == ["fcfs", "0.5", "1.25", "30", "1.000"]
+    assert lines[3].split() == ["plas", "0.25", "-", "15", "0.500"]

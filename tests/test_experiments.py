@@ -1,0 +1,261 @@
+"""experiments.yaml loading: merging, overrides, and an error message for every kind of mistake."""
+
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+
+from sim.config import POLICIES
+from sim.experiments import (
+    ConfigError,
+    dump_yaml,
+    list_experiments,
+    load_file,
+    parse_override,
+    resolve,
+    to_dict,
+    to_file_dict,
+)
+
+BASE = """\
+defaults:
+  engine:
+    model: llama-3.1-8b
+    gpu: a100-80gb
+  latency: {kind: constant, seconds: 0.01}
+  policies: [fcfs, plas]
+  seed: 3
+experiments:
+  ok:
+    description: a valid one
+    workload: {trace: TRACE}
+"""
+
+
+@pytest.fixture
+def write(tmp_path, monkeypatch):
+    """Write an experiments file whose trace exists; ``extra`` adds experiments. Returns its path."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "t.jsonl").write_text("")
+
+    def _write(extra: str = "", base: str = BASE) -> str:
+        path = tmp_path / "exp.yaml"
+        path.write_text(base.replace("TRACE", "t.jsonl") + textwrap.indent(textwrap.dedent(extra), "  "))
+        return "exp.yaml"
+
+    return _write
+
+
+def error(name, path, overrides=()) -> str:
+    with pytest.raises(ConfigError) as info:
+        resolve(name, path, overrides)
+    return str(info.value)
+
+
+def test_valid_experiment_merges_defaults(write):
+    cfg = resolve("ok", write())
+    assert cfg.name == "ok" and cfg.description == "a valid one"
+    assert cfg.workload.trace == "t.jsonl" and cfg.workload.generator is None
+    assert cfg.policies == ("fcfs", "plas") and cfg.seed == 3
+    assert cfg.latency.kind == "constant" and cfg.latency.seconds == 0.01
+    assert cfg.engine.replicas == 1 and cfg.engine.balancer == "locality"  # dataclass defaults
+
+
+def test_list_gives_names_and_descriptions(write):
+    path = write("""\
+      second:
+        workload: {trace: t.jsonl}
+    """)
+    assert list_experiments(path) == [("ok", "a valid one"), ("second", "")]
+
+
+def test_unknown_nested_key_names_line_key_and_choices(write):
+    path = write("""\
+      bad:
+        workload: {trace: t.jsonl}
+        engine:
+          replicas: 2
+          replica: 4
+    """)
+    msg = error("bad", path)
+    assert msg.startswith("exp.yaml:16: experiment 'bad': engine.replica: unknown key; valid keys: ")
+    assert "replicas" in msg and "balancer" in msg
+
+
+def test_unknown_key_in_defaults_points_at_defaults(write):
+    path = write(base=BASE.replace("  seed: 3\n", "  seed: 3\n  sed: 4\n"))
+    assert error("ok", path).startswith("exp.yaml:8: experiment 'ok': sed: unknown key; valid keys: description,")
+
+
+def test_unknown_top_level_key(write):
+    path = write(base=BASE + "experimentz: {}\n")
+    with pytest.raises(ConfigError, match=r"^exp.yaml:12: experimentz: unknown key; valid keys: defaults, experiments$"):
+        load_file(path)
+
+
+def test_unknown_policy_lists_valid_ones(write):
+    path = write("""\
+      bad:
+        workload: {trace: t.jsonl}
+        policies:
+          - fcfs
+          - las
+    """)
+    assert error("bad", path) == (
+        f"exp.yaml:16: experiment 'bad': policies[1]: unknown value 'las'; valid choices: {', '.join(POLICIES)}"
+    )
+
+
+def test_duplicate_policy(write):
+    path = write("bad: {workload: {trace: t.jsonl}, policies: [plas, plas]}\n")
+    assert "policies[1]: 'plas' is listed twice" in error("bad", path)
+
+
+def test_model_that_does_not_fit(write):
+    path = write("""\
+      big:
+        workload: {trace: t.jsonl}
+        engine: {model: llama-3.1-70b}
+    """)
+    msg = error("big", path)
+    assert msg.startswith("exp.yaml:14: experiment 'big': engine.model: llama-3.1-70b does not fit")
+    assert "gpus_per_replica" in msg
+    # ... and fits on four GPUs, as in the paper
+    assert resolve("big", path, ["engine.gpus_per_replica=4"]).engine.gpus_per_replica == 4
+
+
+def test_unknown_experiment_lists_names(write):
+    path = write("other: {workload: {trace: t.jsonl}}\n")
+    assert error("nope", path) == "exp.yaml: unknown experiment 'nope'; experiments: ok, other"
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("engine.replicas=four", "engine.replicas: expected an integer, got 'four'"),
+        ("engine.replicas=2.5", "engine.replicas: expected an integer, got 2.5"),
+        ("engine.replicas=0", "engine.replicas: expected an integer >= 1, got 0"),
+        ("engine.enable_prefix_caching=maybe", "engine.enable_prefix_caching: expected true or false, got 'maybe'"),
+        ("engine.gpu_memory_utilization=1.5", "engine.gpu_memory_utilization: expected a fraction in (0, 1]"),
+        ("engine.balancer=random", "engine.balancer: unknown value 'random'; valid choices: round_robin, least_used, locality"),
+        ("engine.preemption_mode=kill", "engine.preemption_mode: unknown value 'kill'; valid choices: recompute, swap"),
+        ("engine.model=gpt-5", "engine.model: unknown value 'gpt-5'; valid choices: llama-3.1-70b, llama-3.1-8b"),
+        ("engine.gpu=tpu", "engine.gpu: unknown value 'tpu'; valid choices: a100-80gb, h100"),
+        ("latency.kind=magic", "latency.kind: unknown value 'magic'; valid choices: constant, roofline, fitted"),
+        ("latency.seconds=-1", "latency.seconds: expected > 0 seconds, got -1.0"),
+        ("latency={kind: fitted}", "latency.name: the fitted latency kind needs"),
+        ("policies=[]", "policies: expected at least one of fcfs, mlfq, plas, atlas, srpt"),
+        ("policies=plas", "policies: expected a list, got 'plas'"),
+        ("policy_params.beta=0", "policy_params.beta: expected > 0, got 0.0"),
+        ("policy_params.betta=1", "policy_params.betta: unknown key; valid keys: num_queues,"),
+        ("seed=-1", "seed: expected an integer >= 0, got -1"),
+        ("engine=4", "engine: expected a mapping with keys model, gpu,"),
+    ],
+)
+def test_bad_values_name_the_set_and_the_key(write, override, expected):
+    msg = error("ok", write(), [override])
+    assert msg.startswith(f"--set {override}: experiment 'ok': {expected}")
+
+
+def test_workload_needs_exactly_one_source(write):
+    path = write("""\
+      both:
+        workload: {trace: t.jsonl, generator: bfcl}
+      neither:
+        workload: {params: {rate: 1}}
+      missing:
+        description: no workload
+      gone:
+        workload: {trace: nothere.jsonl}
+    """)
+    assert "exp.yaml:13: experiment 'both': workload: give exactly one of generator (with params) or trace, got both" in error("both", path)
+    assert "experiment 'neither': workload: give exactly one of generator (with params) or trace, got neither" in error("neither", path)
+    assert "experiment 'missing': workload: missing" in error("missing", path)
+    assert "exp.yaml:19: experiment 'gone': workload.trace: no such file: nothere.jsonl" in error("gone", path)
+    assert "workload.traec: unknown key; valid keys: generator, params, trace" in error("ok", path, ["workload.traec=x"])
+
+
+def test_invalid_yaml_and_duplicate_keys_give_lines(write):
+    path = write("broken: {workload: [\n")
+    with pytest.raises(ConfigError, match=r"^exp.yaml:13: invalid YAML"):
+        load_file(path)
+    path = write("""\
+      dup:
+        seed: 1
+        seed: 2
+    """)
+    with pytest.raises(ConfigError, match=r"^exp.yaml:14: experiments.dup.seed: duplicate key$"):
+        load_file(path)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="experiments file not found"):
+        load_file(tmp_path / "none.yaml")
+
+
+def test_bad_experiment_name(write):
+    with pytest.raises(ConfigError, match="experiment name 'a b'"):
+        load_file(write("a b: {workload: {trace: t.jsonl}}\n"))
+
+
+def test_parse_override():
+    assert parse_override("engine.replicas=4") == (("engine", "replicas"), 4)
+    assert parse_override("workload.params.rate=2.5") == (("workload", "params", "rate"), 2.5)
+    assert parse_override("policies=[plas,fcfs]") == (("policies",), ["plas", "fcfs"])
+    assert parse_override("latency.name=a=b") == (("latency", "name"), "a=b")
+    assert parse_override("latency.name=null") == (("latency", "name"), None)
+    assert parse_override("description=") == (("description",), "")
+    for bad in ("engine.replicas", "=4", "engine..replicas=4", "engine.=1"):
+        with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+            parse_override(bad)
+    with pytest.raises(ConfigError, match=r"--set policies=\[a: cannot parse the value as YAML"):
+        parse_override("policies=[a")
+
+
+def test_overrides_apply_in_order_and_merge(write):
+    cfg = resolve(
+        "ok",
+        write(),
+        ["engine.replicas=4", "engine.replicas=2", "policies=[srpt, atlas]", "policy_params={beta: 4}",
+         "latency.seconds=1e-3", "engine.balancer=round_robin"],
+    )
+    assert cfg.engine.replicas == 2 and cfg.engine.balancer == "round_robin"
+    assert cfg.engine.gpu == "a100-80gb"  # the rest of engine is kept
+    assert cfg.policies == ("srpt", "atlas")
+    assert cfg.policy_params.beta == 4.0 and cfg.policy_params.num_queues == 8
+    assert cfg.latency.seconds == 1e-3  # YAML 1.1 reads 1e-3 as a string; accepted as a number
+
+
+def test_workload_source_replaces_the_lower_layers(write, tmp_path):
+    (tmp_path / "u.jsonl").write_text("")
+    base = BASE.replace("  seed: 3\n", "  seed: 3\n  workload: {generator: bfcl, params: {programs: 5, rate: 1}}\n")
+    path = write(base=base)
+    cfg = resolve("ok", path)  # the experiment's trace drops the default generator and params
+    assert cfg.workload.trace == "t.jsonl" and cfg.workload.generator is None and cfg.workload.params == {}
+    assert resolve("ok", path, ["workload.trace=u.jsonl"]).workload.trace == "u.jsonl"
+
+
+def test_resolved_config_round_trips_through_its_file(write, tmp_path):
+    cfg = resolve("ok", write(), ["engine.replicas=3", "policy_params.quantum=0.5"])
+    data = to_dict(cfg)
+    assert set(data["engine"]) >= {"model", "gpu", "replicas", "balancer", "preemption_mode", "max_num_seqs"}
+    (tmp_path / "config.yaml").write_text(dump_yaml(to_file_dict(cfg)))
+    assert resolve("ok", tmp_path / "config.yaml") == cfg
+    assert dump_yaml(to_file_dict(cfg)) == dump_yaml(to_file_dict(resolve("ok", tmp_path / "config.yaml")))
+
+
+def test_anchors_and_merge_keys_keep_lines(write):
+    path = write("""\
+      anchored:
+        workload: {trace: t.jsonl}
+        engine: &eng
+          replicas: 2
+      merged:
+        workload: {trace: t.jsonl}
+        engine:
+          <<: *eng
+          replicaz: 3
+    """)
+    assert resolve("anchored", path).engine.replicas == 2
+    assert error("merged", path).startswith("exp.yaml:20: experiment 'merged': engine.replicaz: unknown key")

@@ -1,0 +1,126 @@
+"""Summary math checked by hand on tiny record sets, and the CSV round trip."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from sim.metrics import (
+    RecordFormatError,
+    percentile,
+    read_calls_csv,
+    read_programs_csv,
+    summarize_policy,
+    summarize_run,
+    write_calls_csv,
+    write_programs_csv,
+)
+from sim.records import CallRecord, ProgramRecord
+
+
+def call(policy="fcfs", pid="p0", cid="c0", prompt=100, out=10, arrival=0.0, first_token=1.0, finish=2.0,
+         preemptions=0, hit=0, engine=0) -> CallRecord:
+    return CallRecord(
+        policy=policy, program_id=pid, call_id=cid, engine=engine, prompt_tokens=prompt, output_tokens=out,
+        arrival=arrival, first_scheduled=arrival, first_token=first_token, finish=finish,
+        waiting=0.5, service=finish - arrival - 0.5, preemptions=preemptions, prefix_hit_tokens=hit,
+    )
+
+
+def program(policy="fcfs", pid="p0", arrival=0.0, latency=10.0, out=10, waiting=3.0, service=1.0) -> ProgramRecord:
+    return ProgramRecord(
+        policy=policy, program_id=pid, workload="bfcl", arrival=arrival, finish=arrival + latency, calls=2,
+        output_tokens=out, latency=latency, normalized_latency=latency / out, waiting=waiting, service=service,
+        waiting_share=waiting / (waiting + service),
+    )
+
+
+def test_percentile_is_numpy_linear_by_hand():
+    xs = [4.0, 1.0, 3.0, 2.0]  # sorted 1 2 3 4; rank h = 3q/100
+    assert percentile(xs, 50) == pytest.approx(2.5)  # h = 1.5
+    assert percentile(xs, 95) == pytest.approx(3.85)  # h = 2.85: 3 + 0.85 * 1
+    assert percentile(xs, 99) == pytest.approx(3.97)
+    assert percentile(xs, 0) == 1.0 and percentile(xs, 100) == 4.0
+    assert percentile([7.0], 95) == 7.0
+    assert percentile([], 50) is None
+
+
+def test_summarize_policy_by_hand():
+    progs = [
+        program(pid="a", latency=10.0, out=10, waiting=3.0, service=1.0),  # norm 1.0, share 0.75
+        program(pid="b", latency=20.0, out=5, waiting=1.0, service=1.0),  # norm 4.0, share 0.5
+        program(pid="c", latency=30.0, out=30, waiting=0.0, service=2.0),  # norm 1.0, share 0.0
+    ]
+    calls = [
+        call(cid="1", prompt=100, arrival=0.0, first_token=1.0, finish=3.0, preemptions=1, hit=50),
+        call(cid="2", prompt=300, arrival=2.0, first_token=2.5, finish=4.0, preemptions=2, hit=0),
+    ]
+    s = summarize_policy(calls, progs)
+    assert s["programs"] == 3 and s["calls"] == 2
+    assert s["program_latency_mean"] == pytest.approx(20.0)
+    assert s["program_latency_p50"] == pytest.approx(20.0)
+    assert s["program_latency_p95"] == pytest.approx(29.0)  # h = 1.9: 20 + 0.9 * 10
+    assert s["program_latency_p99"] == pytest.approx(29.8)
+    assert s["normalized_latency_mean"] == pytest.approx(2.0)
+    assert s["normalized_latency_p50"] == pytest.approx(1.0)
+    assert s["normalized_latency_p95"] == pytest.approx(1.0 + 0.9 * 3.0)  # sorted 1 1 4, h = 1.9
+    assert s["waiting_share_mean"] == pytest.approx(1.25 / 3)
+    assert s["call_latency_mean"] == pytest.approx((3.0 + 2.0) / 2)
+    assert s["ttft_mean"] == pytest.approx((1.0 + 0.5) / 2)
+    assert s["preemptions"] == 3
+    assert s["prefix_hit_rate"] == pytest.approx(50 / 400)
+
+
+def test_empty_policy_gives_nulls_not_nan():
+    s = summarize_policy([], [])
+    assert s["programs"] == 0 and s["normalized_latency_mean"] is None and s["prefix_hit_rate"] is None
+    json.dumps(s, allow_nan=False)
+
+
+def test_ratios_vs_fcfs():
+    runs = [
+        ("fcfs", [call()], [program(pid="a", latency=10.0, out=10), program(pid="b", latency=30.0, out=10)], {}),
+        ("plas", [call(policy="plas")], [program(policy="plas", latency=5.0, out=10)], {"steps": 7}),
+    ]
+    doc = summarize_run("exp", runs)
+    assert doc["experiment"] == "exp" and list(doc["policies"]) == ["fcfs", "plas"]
+    fcfs, plas = doc["policies"]["fcfs"], doc["policies"]["plas"]
+    assert fcfs["normalized_latency_mean_vs_fcfs"] == pytest.approx(1.0)
+    assert plas["normalized_latency_mean_vs_fcfs"] == pytest.approx(0.5 / 2.0)
+    assert plas["program_latency_mean_vs_fcfs"] == pytest.approx(5.0 / 20.0)
+    assert plas["stats"] == {"steps": 7.0}
+
+
+def test_no_ratios_without_fcfs():
+    doc = summarize_run("exp", [("plas", [call()], [program()], {})])
+    assert not any(k.endswith("_vs_fcfs") for k in doc["policies"]["plas"])
+
+
+def test_csv_round_trip_is_exact_and_stable(tmp_path):
+    calls = [call(cid="c,1", arrival=0.1 + 0.2, finish=1 / 3), call(policy="plas", engine=3, hit=16)]
+    calls[0].first_token = np.float64(0.7)  # numpy floats must not leak 'np.float64(...)' into the file
+    progs = [program(latency=1e-7), program(policy="plas", pid="x\"y")]
+    write_calls_csv(tmp_path / "c.csv", calls)
+    write_programs_csv(tmp_path / "p.csv", progs)
+    text = (tmp_path / "c.csv").read_text()
+    assert text.splitlines()[0].startswith("policy,program_id,call_id,engine,prompt_tokens")
+    assert "np.float64" not in text and "\r" not in text
+    back = read_calls_csv(tmp_path / "c.csv")
+    assert back[0].arrival == 0.1 + 0.2 and back[0].finish == 1 / 3 and back[0].call_id == "c,1"
+    assert back[0].first_token == 0.7 and back[1] == calls[1]
+    assert read_programs_csv(tmp_path / "p.csv") == progs
+    write_calls_csv(tmp_path / "c2.csv", back)
+    assert (tmp_path / "c2.csv").read_bytes() == (tmp_path / "c.csv").read_bytes()
+
+
+def test_read_rejects_wrong_header_and_values(tmp_path):
+    write_programs_csv(tmp_path / "p.csv", [program()])
+    with pytest.raises(RecordFormatError, match=r"p.csv:1: expected the CallRecord columns"):
+        read_calls_csv(tmp_path / "p.csv")
+    lines = (tmp_path / "p.csv").read_text().splitlines()
+    lines[1] = lines[1].replace(",2,10,", ",two,10,", 1)
+    (tmp_path / "bad.csv").write_text("\n".join(lines) + "\n")
+    with pytest.raises(RecordFormatError, match=r"bad.csv:2: column calls: expected int, got 'two'"):
+        read_programs_csv(tmp_path / "bad.csv")
