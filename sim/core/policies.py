@@ -1,0 +1,230 @@
+"""Scheduling policies, one small class each, behind one interface.
+
+As in vLLM's ``v1/core/sched/request_queue.py``, a policy only decides
+order: it gives each call an ordering ``key`` (lower runs first), moves calls
+between queues as they attain service, and says when a waiting call is
+starving. Admission, KV and preemption mechanics stay in the scheduler
+(`sim.core.scheduler`) so every policy shares them.
+
+``rank`` is the coarse class a key belongs to (the queue index for queued
+policies). A waiting call preempts a running one only if its rank is
+strictly better: displacing a call of the same class would trade one
+equally-entitled call for another and thrash the KV cache.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from sim.core.params import PolicyParams
+from sim.core.state import CallState, ProgramState
+
+INF = float("inf")
+
+
+class Policy:
+    name: ClassVar[str] = ""
+    preemptive: ClassVar[bool] = True
+    # SRPT needs the trace's future; the real engine cannot run it.
+    oracle: ClassVar[bool] = False
+
+    def __init__(self, params: PolicyParams):
+        self.params = params
+        self._queue_seq = 0
+
+    # -- hooks -----------------------------------------------------------------
+    def on_arrival(self, call: CallState, program: ProgramState) -> None:
+        """Set the call's entry priority, queue and key."""
+        raise NotImplementedError
+
+    def on_service(self, call: CallState, seconds: float) -> None:
+        """The call attained ``seconds`` of service in a step."""
+
+    def on_finish(self, call: CallState, program: ProgramState) -> None:
+        """Update the program's priority when one of its calls completes."""
+
+    def starve_deadline(self, call: CallState, program: ProgramState) -> float:
+        """Earliest time a waiting call counts as starving (inf: never)."""
+        return INF
+
+    def promote(self, call: CallState, now: float) -> None:
+        """Move a starving call to the top queue; reset only the call's W and T."""
+        call.reset_time = now
+        call.service_since_reset = 0.0
+        self._enter_queue(call, 0, self.queue_quantum(0))
+
+    def rank(self, call: CallState):
+        return call.key[0]
+
+    # -- shared queue mechanics ------------------------------------------------
+    def queue_quantum(self, queue: int) -> float:
+        return INF
+
+    def _enter_queue(self, call: CallState, queue: int, quantum: float) -> None:
+        self._queue_seq += 1
+        call.queue = queue
+        call.queue_seq = self._queue_seq
+        call.quantum_left = quantum
+        call.key = (queue, self._queue_seq)
+
+    def _charge_quantum(self, call: CallState, seconds: float) -> None:
+        """Spend service from the quantum; overflow carries into lower queues."""
+        call.quantum_left -= seconds
+        last = self.params.num_queues - 1
+        while call.quantum_left <= 1e-12 and call.queue < last:
+            overflow = -call.quantum_left
+            nxt = call.queue + 1
+            self._enter_queue(call, nxt, self.queue_quantum(nxt) - overflow)
+
+
+class FCFS(Policy):
+    """vLLM's default: arrival order; preempted only when memory runs out."""
+
+    name = "fcfs"
+    preemptive = False
+
+    def on_arrival(self, call, program):
+        call.key = (0, call.seq)
+
+    def promote(self, call, now):  # FCFS never starves anyone by reordering
+        pass
+
+
+class MLFQ(Policy):
+    """FastServe's skip-join MLFQ.
+
+    Quanta double from ``mlfq_base_quantum``. A call skips the queues whose
+    quantum is shorter than its estimated prefill (prompt tokens x
+    ``mlfq_prefill_s_per_token``), is demoted when it uses up its quantum,
+    and is promoted to Q1 after ``mlfq_starve_after`` seconds without service.
+    """
+
+    name = "mlfq"
+
+    def queue_quantum(self, queue):
+        if queue == self.params.num_queues - 1:
+            return INF
+        return self.params.mlfq_base_quantum * 2**queue
+
+    def entry_queue(self, prompt_tokens: int) -> int:
+        prefill = prompt_tokens * self.params.mlfq_prefill_s_per_token
+        for q in range(self.params.num_queues):
+            if self.queue_quantum(q) >= prefill:
+                return q
+        return self.params.num_queues - 1
+
+    def on_arrival(self, call, program):
+        q = self.entry_queue(call.prompt_tokens)
+        self._enter_queue(call, q, self.queue_quantum(q))
+
+    def on_service(self, call, seconds):
+        self._charge_quantum(call, seconds)
+
+    def starve_deadline(self, call, program):
+        if call.queue == 0:
+            return INF
+        return call.waiting_since + self.params.mlfq_starve_after
+
+
+class _ProgramLevel(Policy):
+    """Shared machinery of PLAS and ATLAS: program priority -> discretised queue.
+
+    A new call enters the queue that bins its program's priority (not Q1, as
+    MLFQ would). With ``quantum=None`` a call is demoted exactly when its
+    program priority plus its own service crosses the queue's upper bound.
+    """
+
+    def __init__(self, params):
+        super().__init__(params)
+        self.bounds = params.queue_upper_bounds()
+
+    def queue_of(self, priority: float) -> int:
+        for q, hi in enumerate(self.bounds):
+            if priority < hi:
+                return q
+        return len(self.bounds) - 1
+
+    def queue_quantum(self, queue):
+        if queue == self.params.num_queues - 1:
+            return INF
+        if self.params.quantum is not None:
+            return self.params.quantum
+        lo = self.bounds[queue - 1] if queue > 0 else 0.0
+        return self.bounds[queue] - lo
+
+    def program_priority(self, program: ProgramState) -> float:
+        return program.service
+
+    def on_arrival(self, call, program):
+        call.priority = self.program_priority(program)
+        q = self.queue_of(call.priority)
+        if self.params.quantum is None and q < self.params.num_queues - 1:
+            quantum = self.bounds[q] - call.priority
+        else:
+            quantum = self.queue_quantum(q)
+        self._enter_queue(call, q, quantum)
+
+    def on_service(self, call, seconds):
+        self._charge_quantum(call, seconds)
+
+    def starve_deadline(self, call, program):
+        """Solve (W_p + W_c(t)) / (T_p + T_c) >= beta for t, W_c growing at rate 1."""
+        if call.queue == 0:
+            return INF
+        t_total = program.total_service + call.service_since_reset
+        # W_c(t) = t - reset_time - T_c  =>  t >= reset + T_c + beta*T_total - W_p
+        deadline = call.reset_time + call.service_since_reset + self.params.beta * t_total - program.total_waiting
+        return max(deadline, call.waiting_since)
+
+
+class PLAS(_ProgramLevel):
+    """Program-Level Attained Service: priority = service of completed calls."""
+
+    name = "plas"
+
+    def on_finish(self, call, program):
+        program.service += call.service
+
+
+class ATLAS(_ProgramLevel):
+    """Adaptive Thread-Level Attained Service: the program's critical path.
+
+    A call's priority is the program's scalar when it arrived; completing it
+    raises the scalar to ``priority + service``. Parallel calls of a program
+    share that scalar, so they land in the same queue and run as a gang.
+    """
+
+    name = "atlas"
+
+    def on_finish(self, call, program):
+        program.service = max(program.service, call.priority + call.service)
+
+
+class SRPT(Policy):
+    """Oracle: shortest remaining program work first (simulator only).
+
+    The simulator keeps ``ProgramState.remaining_work`` exact from the trace;
+    the key is refreshed whenever it changes (see SchedulerCore.set_remaining).
+    Programs are never demoted or promoted: SRPT does not starve anyone that
+    finishes, and it is the lower bound the others are measured against.
+    """
+
+    name = "srpt"
+    oracle = True
+
+    def on_arrival(self, call, program):
+        call.key = (program.remaining_work, program.seq, call.seq)
+
+    def promote(self, call, now):
+        pass
+
+
+POLICY_CLASSES: dict[str, type[Policy]] = {p.name: p for p in (FCFS, MLFQ, PLAS, ATLAS, SRPT)}
+
+
+def make_policy(name: str, params: PolicyParams | None = None) -> Policy:
+    try:
+        cls = POLICY_CLASSES[name]
+    except KeyError:
+        raise ValueError(f"unknown policy {name!r}; valid choices: {', '.join(POLICY_CLASSES)}") from None
+    return cls(params or PolicyParams())

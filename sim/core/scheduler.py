@@ -1,0 +1,210 @@
+"""SchedulerCore: the per-engine decisions both engines delegate to.
+
+One instance per engine replica. The caller (the simulator's replica model
+or the vLLM plugin) owns the batch mechanics (token budget, KV blocks) and
+calls, once per engine step:
+
+1. ``promote_starving(now)``: anti-starvation promotions;
+2. ``order(calls)``: the running and waiting calls in priority order;
+3. ``choose_victims(...)``: running calls to preempt so that better-ranked
+   waiting calls fit (empty for non-preemptive policies);
+4. ``memory_victim(running)``: whom to evict when a running call cannot
+   grow (every policy, FCFS included);
+5. ``on_admitted`` / ``on_preempted`` as calls move between the two sets;
+6. ``on_step(services, now)`` with `attribute_service`'s result;
+7. ``finish_call`` when a call completes.
+
+Starvation deadlines live in a heap with lazy invalidation, so a step costs
+O(promotions x log n) rather than a scan of every waiting call: the plugin
+must decide in well under a millisecond with a thousand waiting requests.
+"""
+
+from __future__ import annotations
+
+import heapq
+from operator import attrgetter
+from typing import Callable, Iterable, Sequence
+
+from sim.core.policies import Policy
+from sim.core.process_table import ProcessTable
+from sim.core.state import CallState, ProgramState
+
+_KEY = attrgetter("key")
+
+
+class SchedulerCore:
+    def __init__(self, policy: Policy, table: ProcessTable):
+        self.policy = policy
+        self.table = table
+        self.calls: dict[str, CallState] = {}
+        self._seq = 0
+        self._deadlines: list[tuple[float, int, CallState, float]] = []
+        self._push_seq = 0
+
+    # -- arrivals and completions ------------------------------------------------
+    def add_call(
+        self, call_id: str, program_id: str, thread_id: str, prompt_tokens: int, now: float
+    ) -> CallState:
+        if call_id in self.calls:
+            raise ValueError(f"call {call_id!r} is already live on this engine")
+        program = self.table.get_or_create(program_id, now)
+        if thread_id in program.live:
+            raise ValueError(f"program {program_id!r} already has a live call on thread {thread_id!r}")
+        self._seq += 1
+        call = CallState(
+            id=call_id,
+            program_id=program_id,
+            thread_id=thread_id,
+            arrival=now,
+            prompt_tokens=prompt_tokens,
+            seq=self._seq,
+            reset_time=now,
+            waiting_since=now,
+        )
+        program.live[thread_id] = call
+        program.last_arrival = now
+        self.calls[call_id] = call
+        self.policy.on_arrival(call, program)
+        self._push_deadline(call, program)
+        return call
+
+    def finish_call(self, call: CallState, now: float) -> ProgramState:
+        """Account a completed call to its program; returns the program entry."""
+        program = self.table.programs[call.program_id]
+        call.finished = True
+        call.running = False
+        del self.calls[call.id]
+        del program.live[call.thread_id]
+        program.total_service += call.service
+        program.total_waiting += max(0.0, (now - call.arrival) - call.service)
+        program.last_completion = now
+        self.policy.on_finish(call, program)
+        # W_program grew: siblings that wait may now be starving earlier.
+        for sibling in program.live.values():
+            if not sibling.running:
+                self._push_deadline(sibling, program)
+        return program
+
+    def abort_call(self, call: CallState, now: float) -> None:
+        """Drop a call that will not complete (client gone); its service is not counted."""
+        program = self.table.programs[call.program_id]
+        call.finished = True
+        call.running = False
+        self.calls.pop(call.id, None)
+        program.live.pop(call.thread_id, None)
+        program.last_completion = now
+
+    # -- ordering ----------------------------------------------------------------------
+    @staticmethod
+    def order(calls: Iterable[CallState]) -> list[CallState]:
+        return sorted(calls, key=_KEY)
+
+    def rank(self, call: CallState):
+        return self.policy.rank(call)
+
+    def memory_victim(self, running: Sequence[CallState]) -> CallState:
+        """The running call to evict when memory runs out: the worst key.
+
+        Under FCFS that is the latest arrival, as vLLM pops the tail of its
+        running list; under priority policies it is the lowest priority, as
+        vLLM's priority mode picks the largest (priority, arrival).
+        """
+        return max(running, key=_KEY)
+
+    def choose_victims(
+        self,
+        running: Sequence[CallState],
+        waiting: Sequence[CallState],
+        free_seqs: int,
+        free_blocks: int,
+        blocks_needed: Callable[[CallState], int],
+        blocks_freed: Callable[[CallState], int],
+    ) -> list[CallState]:
+        """Running calls to preempt so better-ranked waiting calls fit.
+
+        ``waiting`` must be in key order. Walks it best-first; a waiting call
+        that does not fit may displace running calls of strictly worse rank,
+        worst first, but only if that makes it fit. Stops at the first
+        waiting call that cannot be made to fit, preserving order.
+        """
+        if not self.policy.preemptive or not waiting or not running:
+            return []
+        rank = self.policy.rank
+        candidates = sorted(running, key=_KEY, reverse=True)
+        victims: list[CallState] = []
+        used = 0
+        for w in waiting:
+            need = blocks_needed(w)
+            taken: list[CallState] = []
+            seqs, blocks = free_seqs, free_blocks
+            i = used
+            while (seqs < 1 or blocks < need) and i < len(candidates) and rank(candidates[i]) > rank(w):
+                taken.append(candidates[i])
+                seqs += 1
+                blocks += blocks_freed(candidates[i])
+                i += 1
+            if seqs < 1 or blocks < need:
+                break
+            victims.extend(taken)
+            used = i
+            free_seqs, free_blocks = seqs - 1, blocks - need
+        return victims
+
+    # -- state transitions -------------------------------------------------------------
+    def on_admitted(self, call: CallState) -> None:
+        call.running = True
+
+    def on_preempted(self, call: CallState, now: float) -> None:
+        call.running = False
+        call.waiting_since = now
+        self._push_deadline(call, self.table.programs[call.program_id])
+
+    def on_step(self, services: dict[str, float], now: float) -> None:
+        """Charge each call its service (from `attribute_service`)."""
+        policy = self.policy
+        calls = self.calls
+        for cid, seconds in services.items():
+            call = calls.get(cid)
+            if call is None:
+                continue  # finished in this step; finish_call already ran
+            call.service += seconds
+            call.service_since_reset += seconds
+            policy.on_service(call, seconds)
+
+    def charge_finished(self, call: CallState, seconds: float) -> None:
+        """Service of the step in which ``call`` finished, before `finish_call`."""
+        call.service += seconds
+        call.service_since_reset += seconds
+
+    # -- anti-starvation ---------------------------------------------------------------
+    def _push_deadline(self, call: CallState, program: ProgramState) -> None:
+        deadline = self.policy.starve_deadline(call, program)
+        if deadline != float("inf"):
+            self._push_seq += 1
+            heapq.heappush(self._deadlines, (deadline, self._push_seq, call, call.waiting_since))
+
+    def promote_starving(self, now: float) -> list[CallState]:
+        """Promote every waiting call whose starvation deadline has passed."""
+        promoted = []
+        heap = self._deadlines
+        while heap and heap[0][0] <= now:
+            _, _, call, since = heapq.heappop(heap)
+            if call.finished or call.running or call.waiting_since != since or call.queue == 0:
+                continue  # stale entry
+            program = self.table.programs[call.program_id]
+            deadline = self.policy.starve_deadline(call, program)
+            if deadline > now:
+                self._push_seq += 1
+                heapq.heappush(heap, (deadline, self._push_seq, call, since))
+                continue
+            self.policy.promote(call, now)
+            promoted.append(call)
+        return promoted
+
+    # -- oracle ------------------------------------------------------------------------
+    def set_remaining(self, program: ProgramState, work: float) -> None:
+        """SRPT only: the program's exact remaining work, refreshed by the simulator."""
+        program.remaining_work = work
+        if self.policy.oracle:
+            for call in program.live.values():
+                self.policy.on_arrival(call, program)

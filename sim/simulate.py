@@ -1,0 +1,239 @@
+"""Run one policy over a trace on a cluster of simulated engine replicas.
+
+Scenario: programs arrive at their trace arrival times. A program releases
+each call once all its parents have finished and the call's delay (tool or
+think time) has passed; the balancer sends the call to a replica, which
+runs it to completion (`sim.replica`). A program ends when its last call
+finishes. Everything runs in one SimPy environment; replicas share one
+process table, as engines behind the paper's gateway do.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import simpy
+
+from sim.capacity import num_kv_blocks
+from sim.config import ExperimentConfig
+from sim.core import ProcessTable, SchedulerCore, make_balancer, make_policy
+from sim.core.state import ProgramState
+from sim.hardware import load_gpu, load_model
+from sim.kvcache import KVCache
+from sim.latency import build as build_latency
+from sim.records import CallRecord, ProgramRecord
+from sim.replica import Replica, SimCall, StepInfo
+from traces.format import Program
+from traces.prefix import context_block_keys
+
+# SRPT's remaining work is counted in decode-step equivalents: each output
+# token is one step, and this many prompt tokens of prefill cost about one.
+PREFILL_TOKENS_PER_STEP = 512
+
+
+class SimulationError(ValueError):
+    """The trace cannot run on this engine configuration (e.g. a call larger than the KV cache)."""
+
+
+@dataclass
+class SimResult:
+    policy: str
+    calls: list[CallRecord]
+    programs: list[ProgramRecord]
+    stats: dict[str, float] = field(default_factory=dict)
+
+
+def _work(call) -> float:
+    return call.output_tokens + call.prompt_tokens / PREFILL_TOKENS_PER_STEP
+
+
+class Cluster:
+    """Replicas behind a load balancer, plus the program runner."""
+
+    def __init__(
+        self,
+        env: simpy.Environment,
+        cfg: ExperimentConfig,
+        policy: str,
+        progress: Callable[[int], None] | None = None,
+        observer: Callable[[StepInfo], None] | None = None,
+    ):
+        self.env = env
+        self.cfg = cfg
+        self.policy = policy
+        self.progress = progress
+        eng = cfg.engine
+        model, gpu = load_model(eng.model), load_gpu(eng.gpu)
+        self.capacity_blocks = num_kv_blocks(eng, model, gpu)
+        latency = build_latency(cfg.latency, model, gpu, eng.gpus_per_replica)
+        self.table = ProcessTable(cfg.policy_params.program_ttl)
+        self.balancer = make_balancer(eng.balancer, cfg.policy_params.locality_threshold)
+        self.oracle = make_policy(policy, cfg.policy_params).oracle
+        self.replicas = [
+            Replica(
+                env, i, eng, latency,
+                SchedulerCore(make_policy(policy, cfg.policy_params), self.table),
+                KVCache(self.capacity_blocks, eng.block_size, eng.enable_prefix_caching),
+                model.kv_bytes_per_token * 1, gpu.pcie_bandwidth * eng.gpus_per_replica,
+                on_finish=self._on_finish,
+                on_progress=self._on_progress if self.oracle else None,
+                observer=observer,
+            )
+            for i in range(eng.replicas)
+        ]
+        self.call_records: list[CallRecord] = []
+        self.program_records: list[ProgramRecord] = []
+        self._by_program: dict[str, list[CallRecord]] = {}
+        self._remaining: dict[str, float] = {}
+
+    # -- program runner ------------------------------------------------------------------
+    def source(self, env: simpy.Environment, programs: Sequence[Program]):
+        for program in programs:
+            if program.arrival > env.now:
+                yield env.timeout(program.arrival - env.now)
+            env.process(self.run_program(env, program))
+
+    def run_program(self, env: simpy.Environment, program: Program):
+        keys = (
+            context_block_keys(program, self.cfg.engine.block_size)
+            if self.cfg.engine.enable_prefix_caching
+            else {}
+        )
+        done = {c.id: env.event() for c in program.calls}
+        if self.oracle:
+            self._remaining[program.id] = sum(_work(c) for c in program.calls)
+        for call in program.calls:
+            env.process(self.run_call(env, program, call, keys.get(call.id, ()), done))
+        yield simpy.AllOf(env, list(done.values()))
+        self._record_program(program)
+        self._remaining.pop(program.id, None)
+        if program.id in self.table:
+            self.table.remove(program.id)
+        if self.progress is not None:
+            self.progress(1)
+
+    def run_call(self, env, program: Program, call, keys, done):
+        if call.parents:
+            yield simpy.AllOf(env, [done[p] for p in call.parents])
+        if call.delay > 0:
+            yield env.timeout(call.delay)
+        sim_call = SimCall(program.id, call.id, call.prompt_tokens, call.output_tokens, keys, done[call.id], env.now)
+        entry = self.table.get_or_create(program.id, env.now)
+        loads = [r.load for r in self.replicas]
+        replica = self.replicas[self.balancer.choose(call.prompt_tokens, entry, loads)]
+        if self.oracle:
+            replica.core.set_remaining(entry, self._remaining[program.id])
+        replica.submit(sim_call)
+        if self.oracle:
+            replica.refresh_order()
+
+    # -- accounting ----------------------------------------------------------------------
+    def _on_progress(self, call: SimCall, new_tokens: int, sampled: bool) -> None:
+        """SRPT only: keep the program's remaining work exact as tokens are computed."""
+        pid = call.program_id
+        done = (1 if sampled else 0)
+        if call.generated == 1 and sampled:
+            done += call.prompt_tokens / PREFILL_TOKENS_PER_STEP
+        if done:
+            self._remaining[pid] -= done
+            entry: ProgramState = self.table.programs[pid]
+            self.replicas[call.engine].core.set_remaining(entry, self._remaining[pid])
+
+    def _on_finish(self, call: SimCall) -> None:
+        record = CallRecord(
+                policy=self.policy,
+                program_id=call.program_id,
+                call_id=call.call_id,
+                engine=call.engine,
+                prompt_tokens=call.prompt_tokens,
+                output_tokens=call.output_tokens,
+                arrival=call.arrival,
+                first_scheduled=call.first_scheduled,
+                first_token=call.first_token,
+                finish=call.finish,
+                waiting=(call.finish - call.arrival) - call.service,
+                service=call.service,
+                preemptions=call.preemptions,
+                prefix_hit_tokens=call.prefix_hit_tokens,
+        )
+        self.call_records.append(record)
+        self._by_program.setdefault(call.program_id, []).append(record)
+
+    def _record_program(self, program: Program) -> None:
+        n = len(program.calls)
+        mine = self._by_program.pop(program.id)
+        finish = max(r.finish for r in mine)
+        out = sum(c.output_tokens for c in program.calls)
+        waiting = sum(r.waiting for r in mine)
+        service = sum(r.service for r in mine)
+        latency = finish - program.arrival
+        self.program_records.append(
+            ProgramRecord(
+                policy=self.policy,
+                program_id=program.id,
+                workload=program.workload,
+                arrival=program.arrival,
+                finish=finish,
+                calls=n,
+                output_tokens=out,
+                latency=latency,
+                normalized_latency=latency / out,
+                waiting=waiting,
+                service=service,
+                waiting_share=waiting / (waiting + service) if waiting + service > 0 else 0.0,
+            )
+        )
+
+
+def check_fits(programs: Sequence[Program], capacity_blocks: int, engine) -> None:
+    """Every call must fit in an empty engine, or the simulation would stall.
+
+    As vLLM requires ``max_model_len`` to fit the KV cache, and, without
+    chunked prefill, the token budget to cover a whole (re)computed prompt.
+    """
+    limit = capacity_blocks * engine.block_size
+    for program in programs:
+        for call in program.calls:
+            size = call.prompt_tokens + call.output_tokens
+            if size > limit:
+                raise SimulationError(
+                    f"program {program.id!r} call {call.id!r}: prompt_tokens + output_tokens = "
+                    f"{size} exceeds the KV cache of one replica ({limit} tokens); "
+                    f"use a larger GPU or engine.gpus_per_replica"
+                )
+            if not engine.enable_chunked_prefill and size > engine.max_num_batched_tokens:
+                raise SimulationError(
+                    f"program {program.id!r} call {call.id!r}: prompt_tokens + output_tokens = "
+                    f"{size} exceeds engine.max_num_batched_tokens={engine.max_num_batched_tokens}, "
+                    f"which must cover a whole prompt when engine.enable_chunked_prefill is false"
+                )
+
+
+def simulate(
+    programs: Sequence[Program],
+    cfg: ExperimentConfig,
+    policy: str,
+    progress: Callable[[int], None] | None = None,
+    observer: Callable[[StepInfo], None] | None = None,
+) -> SimResult:
+    """Simulate ``programs`` (sorted by arrival) under ``policy``; deterministic."""
+    env = simpy.Environment()
+    cluster = Cluster(env, cfg, policy, progress, observer)
+    check_fits(programs, cluster.capacity_blocks, cfg.engine)
+    ordered = sorted(programs, key=lambda p: p.arrival)  # stable: ties keep file order
+    env.process(cluster.source(env, ordered))
+    env.run()
+    unfinished = len(programs) - len(cluster.program_records)
+    if unfinished:
+        raise RuntimeError(f"{unfinished} programs did not finish: the simulation stalled")
+    reps = cluster.replicas
+    stats = {
+        "sim_time": env.now,
+        "steps": float(sum(r.steps for r in reps)),
+        "preemptions": float(sum(r.preemptions for r in reps)),
+        "kv_evictions": float(sum(r.kv.evictions for r in reps)),
+        "kv_capacity_blocks": float(cluster.capacity_blocks),
+        "busy_fraction": sum(r.busy_time for r in reps) / (env.now * len(reps)) if env.now > 0 else 0.0,
+    }
+    return SimResult(policy, cluster.call_records, cluster.program_records, stats)

@@ -1,0 +1,220 @@
+"""The shared scheduler core: policies, starvation, victims, balancers, process table."""
+
+import subprocess
+import sys
+
+import pytest
+
+from sim.core import (
+    ProcessTable,
+    SchedulerCore,
+    attribute_service,
+    make_balancer,
+    make_policy,
+)
+from sim.core.params import PolicyParams
+
+
+def core(policy, **params):
+    p = PolicyParams(**params)
+    return SchedulerCore(make_policy(policy, p), ProcessTable(p.program_ttl))
+
+
+def test_core_imports_only_the_standard_library():
+    code = (
+        "import sys, sim.core\n"
+        "heavy = {'simpy', 'numpy', 'scipy', 'torch', 'vllm', 'matplotlib', 'yaml'}\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in heavy))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_attribute_service_gives_every_call_the_step():
+    assert attribute_service(0.25, ["a", "b"]) == {"a": 0.25, "b": 0.25}
+    with pytest.raises(ValueError):
+        attribute_service(-1.0, ["a"])
+
+
+def test_unknown_policy_names_valid_choices():
+    with pytest.raises(ValueError, match="valid choices: fcfs, mlfq, plas, atlas, srpt"):
+        make_policy("lifo")
+
+
+def test_fcfs_orders_by_arrival_and_never_preempts_for_priority():
+    c = core("fcfs")
+    a = c.add_call("A/0", "A", "0", 100, 0.0)
+    b = c.add_call("B/0", "B", "0", 100, 1.0)
+    assert c.order([b, a]) == [a, b]
+    c.on_admitted(a)
+    victims = c.choose_victims([a], [b], 0, 0, lambda _: 1, lambda _: 1)
+    assert victims == []
+    assert c.memory_victim([a, b]) is b  # latest arrival, as vLLM pops its running tail
+
+
+def test_plas_new_call_enters_queue_of_program_service():
+    c = core("plas", queue_base=1.0, num_queues=4)  # bounds 1, 2, 4, inf
+    a0 = c.add_call("A/0", "A", "0", 10, 0.0)
+    c.on_admitted(a0)
+    c.on_step({"A/0": 3.0}, 3.0)  # demoted: 3 s crosses Q1 (1) and Q2 (2)
+    assert a0.queue == 2
+    c.finish_call(a0, 3.0)
+    assert c.table.programs["A"].service == 3.0
+    a1 = c.add_call("A/1", "A", "1", 10, 3.0)
+    b0 = c.add_call("B/0", "B", "0", 10, 3.5)
+    assert a1.queue == 2 and a1.priority == 3.0
+    assert b0.queue == 0
+    assert c.order([a1, b0]) == [b0, a1]  # less attained service first, despite arriving later
+
+
+def test_plas_demotion_happens_exactly_at_queue_bound():
+    c = core("plas", queue_base=1.0, num_queues=4)
+    a = c.add_call("A/0", "A", "0", 10, 0.0)
+    c.on_admitted(a)
+    c.on_step({"A/0": 0.5}, 0.5)
+    assert a.queue == 0
+    c.on_step({"A/0": 0.5}, 1.0)
+    assert a.queue == 1
+    c.on_step({"A/0": 0.9}, 1.9)
+    assert a.queue == 1
+    c.on_step({"A/0": 0.1}, 2.0)
+    assert a.queue == 2
+
+
+def test_fixed_quantum_demotes_after_quantum():
+    c = core("plas", queue_base=1.0, num_queues=4, quantum=0.25)
+    a = c.add_call("A/0", "A", "0", 10, 0.0)
+    c.on_admitted(a)
+    c.on_step({"A/0": 0.25}, 0.25)
+    assert a.queue == 1
+    c.on_step({"A/0": 0.25}, 0.5)
+    assert a.queue == 2
+
+
+def test_atlas_parallel_siblings_share_the_critical_path_priority():
+    plas, atlas = core("plas"), core("atlas")
+    for c in (plas, atlas):
+        root = c.add_call("P/r", "P", "r", 10, 0.0)
+        c.on_step({"P/r": 2.0}, 2.0)
+        c.finish_call(root, 2.0)
+        kids = [c.add_call(f"P/{k}", "P", k, 10, 2.0) for k in "abc"]
+        assert len({k.priority for k in kids}) == 1  # gang: same entry priority
+        for k in kids:
+            c.on_step({k.id: 1.5}, 3.5)
+        for k in kids:
+            c.finish_call(k, 3.5)
+    # ATLAS keeps the critical path (2 + 1.5); PLAS sums the work (2 + 3 x 1.5).
+    assert atlas.table.programs["P"].service == pytest.approx(3.5)
+    assert plas.table.programs["P"].service == pytest.approx(6.5)
+
+
+def test_mlfq_skip_join_enters_by_prompt_length():
+    c = core("mlfq", mlfq_base_quantum=0.05, mlfq_prefill_s_per_token=1e-4, num_queues=6)
+    short = c.add_call("A/0", "A", "0", 100, 0.0)  # 0.01 s prefill -> Q1 (0.05)
+    long = c.add_call("B/0", "B", "0", 3000, 0.0)  # 0.3 s -> Q4 (0.4)
+    assert short.queue == 0 and long.queue == 3
+
+
+def test_preemptive_victims_only_of_strictly_worse_rank():
+    c = core("plas", queue_base=1.0, num_queues=4)
+    old = c.add_call("A/0", "A", "0", 10, 0.0)
+    c.on_admitted(old)
+    c.on_step({"A/0": 5.0}, 5.0)  # now in the last queue
+    new = c.add_call("B/0", "B", "0", 10, 5.0)
+    peer = c.add_call("C/0", "C", "0", 10, 5.0)
+    # One sequence slot, held by `old`: the better-ranked `new` displaces it.
+    victims = c.choose_victims([old], [new, peer], 0, 100, lambda _: 1, lambda _: 1)
+    assert victims == [old]
+    # A waiting call of the same rank does not displace a running one.
+    c2 = core("plas")
+    x = c2.add_call("X/0", "X", "0", 10, 0.0)
+    y = c2.add_call("Y/0", "Y", "0", 10, 0.1)
+    c2.on_admitted(x)
+    assert c2.choose_victims([x], [y], 0, 100, lambda _: 1, lambda _: 1) == []
+
+
+def test_victims_are_not_taken_when_they_would_not_make_room():
+    c = core("plas", queue_base=1.0, num_queues=4)
+    old = c.add_call("A/0", "A", "0", 10, 0.0)
+    c.on_admitted(old)
+    c.on_step({"A/0": 5.0}, 5.0)
+    new = c.add_call("B/0", "B", "0", 10, 5.0)
+    # `new` needs 50 blocks; preempting `old` frees only 10 of the 0 free.
+    assert c.choose_victims([old], [new], 1, 0, lambda _: 50, lambda _: 10) == []
+
+
+def test_anti_starvation_promotes_at_the_solved_deadline():
+    c = core("plas", queue_base=1.0, num_queues=4, beta=2.0)
+    a0 = c.add_call("A/0", "A", "0", 10, 0.0)
+    c.on_admitted(a0)
+    c.on_step({"A/0": 3.0}, 3.0)
+    c.finish_call(a0, 3.0)  # T_p = 3, W_p = 0
+    a1 = c.add_call("A/1", "A", "1", 10, 3.0)  # waits in Q3
+    assert a1.queue == 2
+    # (W_p + W_c) / (T_p + T_c) >= 2  <=>  W_c >= 6  <=>  t >= 9
+    assert c.promote_starving(8.99) == []
+    assert c.promote_starving(9.0) == [a1]
+    assert a1.queue == 0 and a1.reset_time == 9.0 and a1.service_since_reset == 0.0
+    assert c.table.programs["A"].total_service == 3.0  # only the call's W and T reset
+
+
+def test_starvation_deadline_moves_earlier_when_a_sibling_finishes():
+    c = core("plas", queue_base=1.0, num_queues=4, beta=2.0)
+    r = c.add_call("A/r", "A", "r", 10, 0.0)
+    c.on_admitted(r)
+    c.on_step({"A/r": 3.0}, 3.0)
+    c.finish_call(r, 3.0)
+    s1 = c.add_call("A/1", "A", "1", 10, 3.0)
+    s2 = c.add_call("A/2", "A", "2", 10, 3.0)
+    c.on_admitted(s1)  # s1 runs 1 s after waiting 2 s; s2 keeps waiting
+    c.on_step({"A/1": 1.0}, 6.0)
+    c.finish_call(s1, 6.0)  # T_p = 4, W_p = 2 -> s2 starves when W_c >= 2*4 - 2 = 6
+    assert c.promote_starving(8.99) == []
+    assert c.promote_starving(9.0) == [s2]
+
+
+def test_mlfq_promotes_after_waiting_threshold():
+    c = core("mlfq", mlfq_starve_after=4.0, mlfq_prefill_s_per_token=1.0)
+    a = c.add_call("A/0", "A", "0", 100, 0.0)  # long prompt: a low queue
+    assert a.queue > 0
+    assert c.promote_starving(3.9) == []
+    assert c.promote_starving(4.0) == [a]
+
+
+def test_locality_pins_long_calls_and_spreads_short_ones():
+    table = ProcessTable(60.0)
+    bal = make_balancer("locality", 2048)
+    p = table.get_or_create("P", 0.0)
+    assert bal.choose(3000, p, [5, 1, 3]) == 1  # first long call pins to least used
+    assert bal.choose(3000, p, [5, 9, 0]) == 1  # stays pinned despite load
+    assert bal.choose(2048, p, [5, 9, 0]) == 2  # short call: least used
+    rr = make_balancer("round_robin")
+    assert [rr.choose(10, p, [0, 0, 0]) for _ in range(4)] == [0, 1, 2, 0]
+    assert make_balancer("least_used").choose(10, p, [2, 1, 1]) == 1
+    with pytest.raises(ValueError, match="valid choices"):
+        make_balancer("random")
+
+
+def test_process_table_expires_idle_programs_only():
+    t = ProcessTable(ttl=10.0)
+    c = SchedulerCore(make_policy("plas"), t)
+    a = c.add_call("A/0", "A", "0", 10, 0.0)
+    c.add_call("B/0", "B", "0", 10, 0.0)
+    c.finish_call(a, 1.0)
+    assert t.expire(10.9) == []
+    assert t.expire(11.0) == ["A"]  # B still has a live call
+    assert "B" in t and "A" not in t
+    with pytest.raises(ValueError, match="still has live calls"):
+        t.remove("B")
+
+
+def test_duplicate_live_call_is_rejected():
+    c = core("fcfs")
+    c.add_call("A/0", "A", "0", 10, 0.0)
+    with pytest.raises(ValueError, match="already live"):
+        c.add_call("A/0", "A", "0", 10, 0.0)
+
+
+def test_bad_params_name_the_key():
+    with pytest.raises(ValueError, match=r"policy_params.beta: expected > 0"):
+        PolicyParams(beta=0)
