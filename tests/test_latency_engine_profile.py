@@ -1,0 +1,157 @@
+"""`python -m engine profile`: no-GPU error path, grid, and shape bookkeeping on a fake engine."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import types
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from engine import profile as eprof
+from engine.cli import build_parser
+from sim.latency.base import StepShape
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_no_gpu_exits_1_with_one_line(tmp_path):
+    out = tmp_path / "p.csv"
+    proc = subprocess.run([sys.executable, "-m", "engine", "profile", "-o", str(out)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("python -m engine profile: ")
+    assert not out.exists()
+
+
+def test_help_works_without_vllm():
+    proc = subprocess.run([sys.executable, "-m", "engine", "profile", "--help"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "fit-latency" in proc.stdout
+
+
+def test_gpu_problem_messages(monkeypatch):
+    fake_torch = types.ModuleType("torch")
+    fake_torch.cuda = types.SimpleNamespace(is_available=lambda: False)
+    monkeypatch.setitem(sys.modules, "torch", fake_torch)
+    assert "torch.cuda.is_available() is False" in eprof.gpu_problem()
+    fake_torch.cuda = types.SimpleNamespace(is_available=lambda: True)
+    monkeypatch.setitem(sys.modules, "vllm", None)  # import vllm -> ImportError
+    assert "vllm is not installed" in eprof.gpu_problem()
+    monkeypatch.setitem(sys.modules, "torch", None)
+    assert "torch is not installed" in eprof.gpu_problem()
+
+
+def test_cli_dispatch_has_profile():
+    args = build_parser().parse_args(["profile", "-o", "x.csv", "--quick"])
+    assert args.run is eprof.run and args.quick
+
+
+def test_config_json_is_llama_31_8b(tmp_path):
+    cfg = json.loads((eprof.write_model_dir(tmp_path) / "config.json").read_text())
+    assert cfg["architectures"] == ["LlamaForCausalLM"]
+    assert (cfg["num_hidden_layers"], cfg["num_key_value_heads"], cfg["vocab_size"]) == (32, 8, 128256)
+    assert cfg["rope_scaling"]["rope_type"] == "llama3" and cfg["torch_dtype"] == "bfloat16"
+
+
+def test_grid_covers_kinds_within_limits():
+    cases = eprof.profile_cases(max_tokens=4096, max_seqs=128, kv_tokens=200_000)
+    assert {c.kind for c in cases} == {"prefill", "decode", "mixed"}
+    for c in cases:
+        assert c.tokens() <= 4096 and c.decode_batch + len(c.chunks) <= 128 and c.kv_tokens(64) <= 200_000
+        assert all(ctx % 16 == 0 for _, ctx in c.chunks)
+    assert len(eprof.profile_cases(quick=True)) < len(cases)
+
+
+# ---- a fake engine with vLLM v1's observable behaviour: chunked prefill, prefix cache, FCFS
+
+
+@dataclass
+class _R:
+    prompt: list
+    max_tokens: int
+    computed: int
+    cached: int
+    generated: int = 0
+    finished: bool = False
+
+
+class FakeEngine:
+    BLOCK = 16
+
+    def __init__(self, budget=512):
+        self.budget, self.reqs, self.cache, self.now, self.shapes = budget, {}, set(), 0.0, []
+
+    def add_request(self, rid, prompt, params):
+        ids = prompt["prompt_token_ids"]
+        hit = 0
+        while hit + self.BLOCK < len(ids) and tuple(ids[: hit + self.BLOCK]) in self.cache:
+            hit += self.BLOCK
+        self.reqs[rid] = _R(ids, params, hit, hit)
+
+    def abort_request(self, ids):
+        for r in ids:
+            self.reqs.pop(r, None)
+
+    def has_unfinished_requests(self):
+        return bool(self.reqs)
+
+    def step(self):
+        left, batch, outs = self.budget, [], []
+        for rid, r in list(self.reqs.items()):
+            new = min(len(r.prompt) - r.computed, left) if r.computed < len(r.prompt) else 1
+            if new <= 0 or left <= 0:
+                continue
+            batch.append((new, r.computed))
+            left -= new
+            r.computed += new
+            if r.computed >= len(r.prompt):
+                for b in range(self.BLOCK, len(r.prompt) + 1, self.BLOCK):
+                    self.cache.add(tuple(r.prompt[:b]))
+                r.generated += 1
+                r.finished = r.generated >= r.max_tokens
+                outs.append(types.SimpleNamespace(request_id=rid, finished=r.finished, num_cached_tokens=r.cached,
+                                                  outputs=[types.SimpleNamespace(token_ids=[7] * r.generated)]))
+                if r.finished:
+                    del self.reqs[rid]
+        shape = StepShape.from_batch(batch) if batch else StepShape()
+        self.shapes.append(shape)
+        self.now += 0.001 + 1e-6 * shape.num_tokens
+        return outs
+
+
+@pytest.mark.parametrize("case", [
+    eprof.Case(chunks=((64, 0),)),
+    eprof.Case(chunks=((100, 1024),)),  # context beyond the budget: prefix built over several steps
+    eprof.Case(chunks=((32, 0),) * 3),
+    eprof.Case(8, 300),
+    eprof.Case(4, 700, ((200, 160),)),
+])
+def test_runner_records_the_shapes_the_engine_ran(case):
+    eng = FakeEngine()
+    runner = eprof.StepRunner(eng, lambda n: n, repeats=3, clock=lambda: eng.now)
+    rows = runner.run(case)
+    assert len(rows) == 3 and runner.dropped == 0
+    for row in rows:
+        match = [s for s in eng.shapes if s == row.shape]
+        assert match, row.shape
+        assert row.seconds == pytest.approx(0.001 + 1e-6 * row.shape.num_tokens)
+        assert row.shape.num_decode == case.decode_batch
+        assert row.shape.prefill_tokens == sum(n for n, _ in case.chunks)
+    if case.decode_batch:  # decode contexts advance by one per timed step
+        kv = [r.shape.decode_kv_tokens for r in rows]
+        assert kv[1] - kv[0] == case.decode_batch and kv[2] - kv[1] == case.decode_batch
+        assert kv[0] >= case.decode_batch * (case.decode_ctx + 1)
+    assert not eng.reqs  # drained
+
+
+def test_runner_drops_steps_that_did_not_match():
+    eng = FakeEngine(budget=100)  # a 200-token chunk cannot run in one step
+    runner = eprof.StepRunner(eng, lambda n: n, repeats=2, clock=lambda: eng.now)
+    assert runner.run(eprof.Case(chunks=((200, 0),))) == []
+    assert runner.dropped == 2
