@@ -123,6 +123,12 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         errors.append(TraceError)
     except ImportError:
         pass
+    try:  # a trace that cannot run on the engine (e.g. a call larger than the KV cache)
+        from sim.simulate import SimulationError
+
+        errors.append(SimulationError)
+    except ImportError:
+        pass
     return tuple(errors)
 
 

@@ -59,7 +59,8 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 def summary_text(summary: dict[str, Any]) -> str:
-    return json.dumps(summary, indent=2, sort_keys=True, allow_nan=False) + "\n"
+    # Key order is fixed by construction (policies in run order), so no sort_keys.
+    return json.dumps(summary, indent=2, allow_nan=False) + "\n"
 
 
 def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, quiet: bool = False) -> dict[str, Any]:

@@ -102,3 +102,30 @@ def test_result_table():
     assert lines[0].split() == ["policy", "norm", "mean", "norm", "p95", "prog", "mean", "norm", "vs", "fcfs"]
     assert lines[2].split() == ["fcfs", "0.5", "1.25", "30", "1.000"]
     assert lines[3].split() == ["plas", "0.25", "-", "15", "0.500"]
+
+
+def test_run_end_to_end(workdir):
+    from test_experiments import tiny_trace
+
+    tiny_trace(workdir / "t.jsonl", programs=8)
+    res = sim("run", "tiny", "-e", "exp.yaml", "--set", "policies=[fcfs, atlas]", cwd=workdir)
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    assert lines[0].split()[0] == "policy"
+    assert [line.split()[0] for line in lines[2:4]] == ["fcfs", "atlas"]
+    assert lines[2].split()[-1] == "1.000"
+    assert lines[-1] == f"results in {Path('results') / 'tiny'}"
+    out = workdir / "results" / "tiny"
+    assert sorted(p.name for p in out.iterdir()) == ["calls.csv", "config.yaml", "latency.png", "programs.csv", "summary.json"]
+    assert "prog" in res.stderr  # the progress bar
+
+    quiet = sim("run", "tiny", "-e", "exp.yaml", "--quiet", "--out", "q", cwd=workdir)
+    assert quiet.returncode == 0 and quiet.stdout == "" and quiet.stderr == ""
+    assert (workdir / "q" / "summary.json").read_bytes() != b""
+
+
+def test_bad_trace_is_one_line(workdir):
+    (workdir / "bad.jsonl").write_text('{"id": "x"}\n')
+    res = sim("run", "tiny", "-e", "exp.yaml", "-s", "workload.trace=bad.jsonl", "-q", cwd=workdir)
+    assert res.returncode == 1 and "Traceback" not in res.stderr
+    assert len(res.stderr.splitlines()) == 1 and res.stderr.startswith("error: bad.jsonl:1: program 'x'")
