@@ -128,7 +128,7 @@ class Case:
 
 
 def profile_cases(max_tokens: int = 8192, max_seqs: int = 256, kv_tokens: int = 400_000,
-                  quick: bool = False) -> list[Case]:
+                  quick: bool = False, max_model_len: int = 32768) -> list[Case]:
     """The grid: pure prefill (chunk size x cached context, and k equal chunks),
     pure decode (batch x context), mixed (decode batch + one chunk).
 
@@ -152,7 +152,8 @@ def profile_cases(max_tokens: int = 8192, max_seqs: int = 256, kv_tokens: int = 
                     cases.append(Case(b, c, ((n, pc),)))
     return [k for k in cases
             if 0 < k.tokens() <= max_tokens and k.decode_batch + len(k.chunks) <= max_seqs
-            and k.kv_tokens(64) <= kv_tokens]
+            and k.kv_tokens(64) <= kv_tokens
+            and k.decode_ctx + 512 < max_model_len and all(n + c < max_model_len for n, c in k.chunks)]
 
 
 # ---------------------------------------------------------------- running
@@ -180,6 +181,7 @@ class StepRunner:
     params: Callable[[int], Any]
     repeats: int = 3
     seed: int = 0
+    token_budget: int = 8192  # the engine's max_num_batched_tokens
     clock: Callable[[], float] = time.perf_counter
     dropped: int = 0
     _rng: random.Random = field(init=False)
@@ -204,7 +206,8 @@ class StepRunner:
         outs = self.engine.step()
         dt = self.clock() - t0
         for out in outs:
-            req = self._reqs.get(out.request_id)
+            # Some vLLM releases append "-<suffix>" to the id internally; ours contain no "-".
+            req = self._reqs.get(out.request_id) or self._reqs.get(str(out.request_id).split("-")[0])
             if req is None:
                 continue
             req.generated = len(out.outputs[0].token_ids) if out.outputs else req.generated
@@ -243,7 +246,10 @@ class StepRunner:
         """Time ``repeats`` steps of ``case``; rows whose shape did not happen are dropped."""
         rows: list[ProfileRow] = []
         try:
-            decodes = [self._add(self.tokens(case.decode_ctx), 1_000_000) for _ in range(case.decode_batch)]
+            # Enough tokens to outlive the case's untimed and timed steps, few enough that a decode
+            # batch ends soon even if an abort is lost; one that ends early fails the check, not the row.
+            life = 64 + 2 * self.repeats + 2 * (case.kv_tokens(0) // self.token_budget + 1)
+            decodes = [self._add(self.tokens(case.decode_ctx), life) for _ in range(case.decode_batch)]
             self._until(lambda: all(self._reqs[r].generated >= 1 for r in decodes))
             prefixes = [self._prefix(ctx) for _, ctx in case.chunks]
             for _ in range(self.repeats):
@@ -354,9 +360,11 @@ def profile_on_gpu(args: argparse.Namespace) -> Profile:
     cache = getattr(getattr(engine, "vllm_config", None), "cache_config", None)
     blocks = getattr(cache, "num_gpu_blocks", None)
     kv_tokens = blocks * cache.block_size if blocks else 400_000
-    cases = profile_cases(args.max_num_batched_tokens, args.max_num_seqs, int(kv_tokens * 0.9), args.quick)
-    runner = StepRunner(engine, _sampling_params_factory(), repeats=args.repeats, seed=args.seed)
-    warm = StepRunner(engine, runner.params, repeats=1, seed=args.seed + 1)
+    cases = profile_cases(args.max_num_batched_tokens, args.max_num_seqs, int(kv_tokens * 0.9), args.quick,
+                          args.max_model_len)
+    runner = StepRunner(engine, _sampling_params_factory(), repeats=args.repeats, seed=args.seed,
+                        token_budget=args.max_num_batched_tokens)
+    warm = StepRunner(engine, runner.params, repeats=1, seed=args.seed + 1, token_budget=args.max_num_batched_tokens)
     rows: list[ProfileRow] = []
     for i, case in enumerate(cases, 1):
         warm.run(case)  # first run of a shape pays compilation / allocator warm-up

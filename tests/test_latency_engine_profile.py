@@ -84,8 +84,9 @@ class _R:
 class FakeEngine:
     BLOCK = 16
 
-    def __init__(self, budget=512):
+    def __init__(self, budget=512, id_suffix=""):
         self.budget, self.reqs, self.cache, self.now, self.shapes = budget, {}, set(), 0.0, []
+        self.id_suffix = id_suffix  # some vLLM releases report internal ids with a suffix
 
     def add_request(self, rid, prompt, params):
         ids = prompt["prompt_token_ids"]
@@ -115,7 +116,7 @@ class FakeEngine:
                     self.cache.add(tuple(r.prompt[:b]))
                 r.generated += 1
                 r.finished = r.generated >= r.max_tokens
-                outs.append(types.SimpleNamespace(request_id=rid, finished=r.finished, num_cached_tokens=r.cached,
+                outs.append(types.SimpleNamespace(request_id=rid + self.id_suffix, finished=r.finished, num_cached_tokens=r.cached,
                                                   outputs=[types.SimpleNamespace(token_ids=[7] * r.generated)]))
                 if r.finished:
                     del self.reqs[rid]
@@ -134,7 +135,7 @@ class FakeEngine:
 ])
 def test_runner_records_the_shapes_the_engine_ran(case):
     eng = FakeEngine()
-    runner = eprof.StepRunner(eng, lambda n: n, repeats=3, clock=lambda: eng.now)
+    runner = eprof.StepRunner(eng, lambda n: n, repeats=3, token_budget=eng.budget, clock=lambda: eng.now)
     rows = runner.run(case)
     assert len(rows) == 3 and runner.dropped == 0
     for row in rows:
@@ -155,3 +156,10 @@ def test_runner_drops_steps_that_did_not_match():
     runner = eprof.StepRunner(eng, lambda n: n, repeats=2, clock=lambda: eng.now)
     assert runner.run(eprof.Case(chunks=((200, 0),))) == []
     assert runner.dropped == 2
+
+
+def test_runner_maps_suffixed_request_ids():
+    eng = FakeEngine(id_suffix="-1a2b3c4d")
+    runner = eprof.StepRunner(eng, lambda n: n, repeats=2, token_budget=eng.budget, clock=lambda: eng.now)
+    rows = runner.run(eprof.Case(4, 100, ((64, 32),)))
+    assert len(rows) == 2 and rows[0].shape.num_decode == 4 and not eng.reqs

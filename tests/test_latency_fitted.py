@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from sim.config import LatencyConfig
 from sim.hardware import load_gpu, load_model
@@ -146,3 +148,20 @@ def test_cli_bad_input_exits_1_with_message(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "missing column(s)" in err and "Traceback" not in err
     assert fit_latency_main([str(tmp_path / "none.csv"), "-o", str(tmp_path / "x.json")]) == 1
+
+
+batch = st.lists(st.tuples(st.integers(1, 4096), st.integers(0, 16384)), min_size=1, max_size=30)
+
+
+@functools.cache
+def _shipped() -> tuple[FittedLatency, ...]:
+    return tuple(load_fitted(n) for n in SHIPPED)
+
+
+@settings(max_examples=50)
+@given(batch, st.integers(1, 2048), st.integers(1, 1024))
+def test_shipped_models_monotone(b, extra_new, extra_ctx):
+    for m in _shipped():
+        base = m.step_time(StepShape.from_batch(b))
+        assert m.step_time(StepShape.from_batch([(n, c + extra_ctx) for n, c in b])) >= base
+        assert m.step_time(StepShape.from_batch(b + [(extra_new, 0)])) > base

@@ -11,6 +11,10 @@ profile, unlike a black-box regressor::
         + per_step                                    # scheduling, launches, fixed CPU work
 
 All coefficients are non-negative, so the model is monotone in every field.
+Below the knee (``num_tokens < weights_floor / per_token``) only the sum
+``weights_floor + per_step`` is pinned down by data of pure-prefill and
+pure-decode steps; mixed steps above the knee separate them. Read the two
+together rather than as a clean "weights read" vs "CPU overhead" split.
 
 Fitting minimises the *relative* error ``(pred - y) / y`` (so small decode
 steps weigh as much as big prefills and MAPE is what is controlled). The
@@ -185,7 +189,7 @@ def quality(model: FittedLatency, rows: Sequence[ProfileRow]) -> dict[str, float
     ss_tot = sum((t - mean) ** 2 for t in y)
     ss_res = sum((p - t) ** 2 for p, t in zip(pred, y))
     return {"mape_pct": 100 * sum(ape) / len(ape), "max_ape_pct": 100 * max(ape),
-            "r2": 1 - ss_res / ss_tot if ss_tot > 0 else float("nan"), "points": len(rows)}
+            "r2": 1 - ss_res / ss_tot if ss_tot > 0 else None, "points": len(rows)}
 
 
 def split(rows: Sequence[ProfileRow], test_fraction: float, seed: int) -> tuple[list[ProfileRow], list[ProfileRow]]:
@@ -268,7 +272,8 @@ def fit_latency_main(argv: list[str]) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     h, t = report["heldout"], report["train"]
-    print(f"held-out MAPE {h['mape_pct']:.2f}% (max {h['max_ape_pct']:.1f}%), R² {h['r2']:.4f} "
+    r2 = "undefined (constant times)" if h["r2"] is None else f"{h['r2']:.4f}"
+    print(f"held-out MAPE {h['mape_pct']:.2f}% (max {h['max_ape_pct']:.1f}%), R² {r2} "
           f"on {h['points']} steps; train MAPE {t['mape_pct']:.2f}% on {t['points']}")
     print("coefficients: " + ", ".join(f"{k}={v:.4g}" for k, v in model.coefficients().items()))
     print(f"wrote {args.output}")
