@@ -15,10 +15,12 @@ How a step's time is built (all choices are constants below):
   attn_rope + attn_post_proj (O) + post_attention_layernorm + mlp_up_proj
   (gate+up) + mlp_act + mlp_down_proj + 2 x add``, times ``num_layers``. A
   Llama decoder layer has two residual adds (after attention and after the
-  MLP); Vidur's profiler times one ``add`` op and Vidur's own simulator counts
-  it once per block, and vLLM fuses both into ``fused_add_rms_norm``. We count
-  it twice, as the unfused layer does; the difference is under 1% of a layer
-  (0.47 ms of 68 ms per layer at 32k tokens on A100).
+  MLP). The ``add`` column is the time of one residual add (an element-wise
+  add of ``num_tokens x hidden``); Vidur's own simulator adds it once per
+  block, and vLLM fuses each add into the following RMSNorm
+  (``fused_add_rms_norm``). We count it twice, as the unfused layer runs it;
+  either choice changes a layer by under 1% (0.47 ms of 68 ms per layer at
+  32k tokens on A100, 0.002 of 0.305 ms at 1 token).
 * **Embedding** (``emb``) once per step; its timing does not depend on layers.
 * **Statistic.** The ``median`` of Vidur's repeated timings, robust to the
   occasional slow repetition (``mean`` is selectable). Rows repeated for the
@@ -36,9 +38,11 @@ How a step's time is built (all choices are constants below):
 * **Per-step overhead**: ``STEP_OVERHEAD_S`` (2 ms) plus
   ``PER_SEQ_OVERHEAD_S`` (10 us) per sequence: vLLM v1's scheduling, input
   preparation, sampling and output processing run on the CPU between GPU
-  forward passes and are not in any operator timing. 2 ms is the order vLLM
-  v1 spends per step for an 8B model without async scheduling; our own
-  profiler (``python -m engine profile``) measures it and should replace it.
+  forward passes and are not in any operator timing. The values are our
+  assumption (a few ms per step is the usual order for an 8B model without
+  async scheduling), not a measurement; they enter the fitted ``per_step`` and
+  ``per_seq`` almost one to one. Our own profiler (``python -m engine
+  profile``) measures the real overhead and should replace them.
 
 Estimating a model Vidur did not profile (``h100-llama-3.1-8b-est``): the
 H100 data is Llama-2-7B (MHA: 32 KV heads, MLP width 11008, vocab 32000);
