@@ -1,0 +1,449 @@
+"""Seeded synthetic workloads that reproduce the paper's trace statistics.
+
+``generate(workload, programs, rate, seed)`` returns programs whose means
+match DESIGN.md section 2 (calls per program, prompt tokens per call counting
+re-sent history, output tokens per call). Each workload's parameters are a
+dataclass below; their defaults are the paper's numbers, and the internal
+distributions are *derived* from those targets (closed-form or by bisection
+on exact expectations), so a changed target moves the distribution instead of
+silently drifting. traces/README.md explains each distribution and why it
+was chosen.
+
+Randomness: one ``numpy.random.SeedSequence(seed)`` is split into an
+arrival stream and a program stream, each a ``Generator(PCG64(...))``. So
+the same seed gives byte-identical traces, and changing ``rate`` (or the
+arrival process) changes only the arrival times, never the programs: a rate
+sweep compares the same work at different loads.
+
+Token counts are integers >= 1 drawn as ``ceil(lognormal)``: lengths of text
+are well described by lognormals (right-skewed, multiplicative), and the
+ceiling keeps every count positive without clipping; the lognormal's mean is
+set to ``target - 0.5`` to offset the ceiling's average rounding up.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import Any, Callable
+
+import numpy as np
+
+from traces.arrivals import arrival_times, check_arrival
+from traces.format import Call, Program, SharedPrefix
+
+WORKLOADS = ("sharegpt", "bfcl", "lats", "mixed")
+
+
+# ---------------------------------------------------------------- parameters
+
+
+def _check_positive(obj: Any, *names: str, integer: bool = False) -> None:
+    for name in names:
+        v = getattr(obj, name)
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+        if integer:
+            ok = ok and isinstance(v, int)
+        if not ok:
+            kind = "an integer" if integer else "a finite number"
+            raise ValueError(f"{type(obj).__name__[:-6].lower()} parameter {name!r} must be {kind} > 0, got {v!r}")
+
+
+@dataclass(frozen=True)
+class ShareGPTParams:
+    """Multi-turn chat: a chain of turns, each re-sending the whole history.
+
+    ``turns_sigma`` is the log-space spread of the turn count (a discretised
+    lognormal truncated at ``calls_max`` whose location is solved so the mean
+    is ``calls_mean``). ``user_tokens_mean`` is the mean length of each new
+    user message: the table's 255.65 cannot be the mean prompt *including*
+    history (see traces/README.md, "ShareGPT prompt lengths"), so it is
+    matched on the new tokens per call. ``history=False`` drops the re-sent
+    history (calls stay chained but carry no ``context_of``), which
+    reproduces the table's prompt mean literally. ``think_time_mean`` > 0
+    adds exponential human think time before each later turn.
+    """
+
+    calls_mean: float = 6.66
+    calls_max: int = 80
+    turns_sigma: float = 1.0
+    user_tokens_mean: float = 255.65
+    user_tokens_sigma: float = 1.0
+    output_tokens_mean: float = 276.81
+    output_tokens_sigma: float = 0.8
+    think_time_mean: float = 0.0
+    history: bool = True
+
+    def __post_init__(self) -> None:
+        _check_positive(self, "calls_mean", "turns_sigma", "user_tokens_mean", "user_tokens_sigma",
+                        "output_tokens_mean", "output_tokens_sigma")
+        _check_positive(self, "calls_max", integer=True)
+        if not (isinstance(self.think_time_mean, (int, float)) and self.think_time_mean >= 0):
+            raise ValueError(f"sharegpt parameter 'think_time_mean' must be >= 0, got {self.think_time_mean!r}")
+        if not isinstance(self.history, bool):
+            raise ValueError(f"sharegpt parameter 'history' must be true or false, got {self.history!r}")
+
+
+@dataclass(frozen=True)
+class BFCLParams:
+    """ReAct tool loop: a chain of short calls with tool time between them.
+
+    The root prompt is the function documentation (``docs_tokens``, shared
+    across programs through ``shared_prefix``; ``tool_sets`` distinct
+    documentation sets, one chosen uniformly per program) plus the user
+    query. Each later call re-sends the history plus the previous tool's
+    result (``observation_tokens_mean``). The query length is solved so that
+    the mean prompt per call, history included, is ``prompt_tokens_mean``.
+    Tool time before each later call is lognormal with mean
+    ``tool_delay_mean`` seconds.
+    """
+
+    calls_mean: float = 10.75
+    calls_max: int = 70
+    calls_sigma: float = 0.6
+    prompt_tokens_mean: float = 735.06
+    output_tokens_mean: float = 34.14
+    output_tokens_sigma: float = 0.6
+    docs_tokens: int = 256
+    tool_sets: int = 16
+    observation_tokens_mean: float = 25.0
+    observation_tokens_sigma: float = 1.0
+    query_tokens_sigma: float = 0.7
+    tool_delay_mean: float = 1.0
+    tool_delay_sigma: float = 1.0
+
+    def __post_init__(self) -> None:
+        _check_positive(self, "calls_mean", "calls_sigma", "prompt_tokens_mean", "output_tokens_mean",
+                        "output_tokens_sigma", "observation_tokens_mean", "observation_tokens_sigma",
+                        "query_tokens_sigma", "tool_delay_mean", "tool_delay_sigma")
+        _check_positive(self, "calls_max", "docs_tokens", "tool_sets", integer=True)
+
+
+@dataclass(frozen=True)
+class LATSParams:
+    """Language Agent Tree Search (MCTS) on HotpotQA: a tree of parallel expansions.
+
+    A program is a root call (shared few-shot prompt of ``prefix_tokens``
+    plus the question) followed by MCTS steps. Each step expands the
+    selected node into ``width`` children in parallel (calls with the node
+    as parent and ``context_of``: each child re-sends the node's trajectory
+    plus the observation of its action), then one evaluation call joins the
+    children (their outputs and observations are its new prompt), then one
+    reflection call continues the node's trajectory with the evaluation's
+    verdict. The next step waits for the reflection (it is a parent of the
+    next expansions) because MCTS runs its iterations in sequence.
+
+    Selection: with probability ``greedy`` the search descends into one of
+    the new children (the best-valued one) if it is shallower than
+    ``depth``; otherwise it restarts from a uniformly chosen node shallower
+    than ``depth`` (exploration). The number of steps is geometric (each
+    step finds the answer with a fixed probability) truncated at
+    ``max_steps``, its probability solved so calls per program average
+    ``calls_mean``.
+
+    Outputs differ by role: expansions write a short thought and action
+    (``expansion_output_mean``), evaluations a short verdict
+    (``evaluation_output_mean``), the root the same as the overall mean, and
+    reflections take the rest so the mean over all calls is exactly
+    ``output_tokens_mean``. ``prefix_tokens`` defaults to the value that
+    makes the mean prompt (history included) 467.24 tokens at the other
+    defaults (calibrated with ``python -m traces stats``; see README).
+    Tool time (the Wikipedia search behind each action) delays the
+    evaluation by a lognormal of mean ``tool_delay_mean`` seconds.
+    """
+
+    calls_mean: float = 159.71
+    width: int = 5
+    depth: int = 7
+    max_steps: int = 50
+    greedy: float = 0.5
+    output_tokens_mean: float = 72.64
+    expansion_output_mean: float = 30.0
+    evaluation_output_mean: float = 60.0
+    output_tokens_sigma: float = 0.6
+    prefix_tokens: int = 132
+    question_tokens_mean: float = 30.0
+    observation_tokens_mean: float = 20.0
+    instruction_tokens_mean: float = 20.0
+    tokens_sigma: float = 0.6
+    tool_delay_mean: float = 0.5
+    tool_delay_sigma: float = 1.0
+
+    def __post_init__(self) -> None:
+        _check_positive(self, "calls_mean", "output_tokens_mean", "expansion_output_mean",
+                        "evaluation_output_mean", "output_tokens_sigma", "question_tokens_mean",
+                        "observation_tokens_mean", "instruction_tokens_mean", "tokens_sigma",
+                        "tool_delay_mean", "tool_delay_sigma")
+        _check_positive(self, "width", "depth", "max_steps", "prefix_tokens", integer=True)
+        if not (isinstance(self.greedy, (int, float)) and 0 <= self.greedy <= 1):
+            raise ValueError(f"lats parameter 'greedy' must be a probability in [0, 1], got {self.greedy!r}")
+        lo, hi = 1 + (self.width + 2), 1 + (self.max_steps + 1) / 2 * (self.width + 2)
+        if not lo < self.calls_mean < hi:
+            raise ValueError(
+                f"lats parameter 'calls_mean' must lie strictly between {lo} and {hi} for "
+                f"width={self.width}, max_steps={self.max_steps}; got {self.calls_mean!r}"
+            )
+        if self.reflection_output_mean < 1:
+            raise ValueError(
+                "lats: expansion_output_mean and evaluation_output_mean leave less than one token per "
+                f"reflection to reach output_tokens_mean {self.output_tokens_mean}"
+            )
+
+    @property
+    def reflection_output_mean(self) -> float:
+        """Reflection output that makes the per-step mean equal ``output_tokens_mean``."""
+        per_step = self.width + 2
+        return per_step * self.output_tokens_mean - self.width * self.expansion_output_mean - self.evaluation_output_mean
+
+
+# ---------------------------------------------------------- distributions
+
+
+def _bisect(f: Callable[[float], float], target: float, lo: float, hi: float) -> float:
+    """x in [lo, hi] with f(x) = target for an increasing f (60 halvings)."""
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        if f(mid) < target:
+            lo = mid
+        else:
+            hi = mid
+    return (lo + hi) / 2
+
+
+def count_pmf(mean: float, kmax: int, sigma: float) -> np.ndarray:
+    """P(K = k) for k = 1..kmax: a lognormal discretised by ceiling, truncated, mean ``mean``.
+
+    ``P(K = k)`` is proportional to ``P(k-1 < X <= k)``, ``X`` lognormal
+    with log-spread ``sigma``; the location is solved by bisection on the
+    exact mean of the truncated distribution.
+    """
+    if not 1 < mean < kmax:
+        raise ValueError(f"a mean of {mean} calls is impossible with at most {kmax} calls")
+    k = np.arange(1, kmax + 1, dtype=float)
+    logk = np.log(k)
+    erf = np.vectorize(math.erf)
+
+    def pmf(mu: float) -> np.ndarray:
+        cdf = 0.5 * (1 + erf((logk - mu) / (sigma * math.sqrt(2))))
+        p = np.diff(np.concatenate(([0.0], cdf)))
+        return p / p.sum()
+
+    mu = _bisect(lambda m: float(pmf(m) @ k), mean, -20.0, math.log(kmax) + 20 * sigma)
+    return pmf(mu)
+
+
+def truncated_geometric_pmf(mean: float, kmax: int) -> np.ndarray:
+    """P(K = k) ∝ (1-p)^(k-1) for k = 1..kmax, with p solved for the mean."""
+    k = np.arange(1, kmax + 1, dtype=float)
+    if not 1 < mean < (kmax + 1) / 2:
+        # Means at or above the midpoint would need p <= 0 (an increasing pmf).
+        raise ValueError(f"a truncated geometric on 1..{kmax} needs a mean in (1, {(kmax + 1) / 2}), got {mean}")
+
+    def pmf(q: float) -> np.ndarray:  # q = 1 - p, the per-step failure probability
+        w = q ** (k - 1)
+        return w / w.sum()
+
+    q = _bisect(lambda q: float(pmf(q) @ k), mean, 1e-12, 1 - 1e-12)
+    return pmf(q)
+
+
+def _tokens(rng: np.random.Generator, mean: float, sigma: float, size: int) -> list[int]:
+    """``size`` integer token counts >= 1 with mean ``mean`` (ceil of a lognormal)."""
+    m = max(mean - 0.5, 1e-9)
+    mu = math.log(m) - sigma * sigma / 2
+    return [int(x) for x in np.ceil(rng.lognormal(mu, sigma, size))]
+
+
+def _seconds(rng: np.random.Generator, mean: float, sigma: float, size: int) -> list[float]:
+    mu = math.log(mean) - sigma * sigma / 2
+    return [float(x) for x in rng.lognormal(mu, sigma, size)]
+
+
+def _draw(rng: np.random.Generator, pmf: np.ndarray, n: int) -> list[int]:
+    return [int(x) + 1 for x in rng.choice(len(pmf), size=n, p=pmf)]
+
+
+def calls_weighted_position(pmf: np.ndarray) -> float:
+    """E[t - 1] for a call drawn uniformly from all calls of chains with length pmf.
+
+    In a chain that re-sends its history, call ``t`` carries ``t - 1`` earlier
+    rounds, so this is the factor between per-round tokens and history.
+    """
+    k = np.arange(1, len(pmf) + 1, dtype=float)
+    return float(((k * (k - 1) / 2) @ pmf) / (k @ pmf))
+
+
+# ---------------------------------------------------------------- workloads
+
+
+def _sharegpt(rng: np.random.Generator, n: int, p: ShareGPTParams) -> list[tuple[Call, ...]]:
+    pmf = count_pmf(p.calls_mean, p.calls_max, p.turns_sigma)
+    out = []
+    for turns in _draw(rng, pmf, n):
+        user = _tokens(rng, p.user_tokens_mean, p.user_tokens_sigma, turns)
+        reply = _tokens(rng, p.output_tokens_mean, p.output_tokens_sigma, turns)
+        think = (
+            [float(x) for x in rng.exponential(p.think_time_mean, turns)] if p.think_time_mean > 0 else [0.0] * turns
+        )
+        calls = [Call("c0", (), user[0], reply[0])]
+        for t in range(1, turns):
+            prev = calls[-1]
+            if p.history:
+                prompt = prev.prompt_tokens + prev.output_tokens + user[t]
+                calls.append(Call(f"c{t}", (prev.id,), prompt, reply[t], think[t], prev.id))
+            else:
+                calls.append(Call(f"c{t}", (prev.id,), user[t], reply[t], think[t]))
+        out.append(tuple(calls))
+    return out
+
+
+def _bfcl(rng: np.random.Generator, n: int, p: BFCLParams) -> list[tuple[Call, ...]]:
+    pmf = count_pmf(p.calls_mean, p.calls_max, p.calls_sigma)
+    # Mean prompt per call = docs + query + E[t-1] * (output + observation).
+    history = calls_weighted_position(pmf) * (p.output_tokens_mean + p.observation_tokens_mean)
+    query_mean = p.prompt_tokens_mean - p.docs_tokens - history
+    if query_mean < 1:
+        raise ValueError(
+            f"bfcl: prompt_tokens_mean {p.prompt_tokens_mean} is too small for docs_tokens "
+            f"{p.docs_tokens} plus {history:.1f} tokens of average history; lower docs_tokens "
+            f"or observation_tokens_mean"
+        )
+    prefixes = [SharedPrefix(f"bfcl-tools-{i}", p.docs_tokens) for i in range(p.tool_sets)]
+    out = []
+    for length in _draw(rng, pmf, n):
+        prefix = prefixes[int(rng.integers(p.tool_sets))]
+        query = _tokens(rng, query_mean, p.query_tokens_sigma, 1)[0]
+        outs = _tokens(rng, p.output_tokens_mean, p.output_tokens_sigma, length)
+        obs = _tokens(rng, p.observation_tokens_mean, p.observation_tokens_sigma, length)
+        delays = _seconds(rng, p.tool_delay_mean, p.tool_delay_sigma, length)
+        calls = [Call("c0", (), p.docs_tokens + query, outs[0], shared_prefix=prefix)]
+        for t in range(1, length):
+            prev = calls[-1]
+            prompt = prev.prompt_tokens + prev.output_tokens + obs[t]
+            calls.append(Call(f"c{t}", (prev.id,), prompt, outs[t], delays[t], prev.id))
+        out.append(tuple(calls))
+    return out
+
+
+def _lats(rng: np.random.Generator, n: int, p: LATSParams) -> list[tuple[Call, ...]]:
+    w = p.width
+    per_step = w + 2
+    pmf = truncated_geometric_pmf((p.calls_mean - 1) / per_step, p.max_steps)
+    prefix = SharedPrefix("lats-hotpotqa", p.prefix_tokens)
+    out = []
+    for steps in _draw(rng, pmf, n):
+        root_out = _tokens(rng, p.output_tokens_mean, p.output_tokens_sigma, 1)[0]
+        exp_out = _tokens(rng, p.expansion_output_mean, p.output_tokens_sigma, steps * w)
+        eval_out = _tokens(rng, p.evaluation_output_mean, p.output_tokens_sigma, steps)
+        refl_out = _tokens(rng, p.reflection_output_mean, p.output_tokens_sigma, steps)
+        obs = _tokens(rng, p.observation_tokens_mean, p.tokens_sigma, steps * w)
+        instr = _tokens(rng, p.instruction_tokens_mean, p.tokens_sigma, 2 * steps)
+        delays = _seconds(rng, p.tool_delay_mean, p.tool_delay_sigma, steps)
+        question = _tokens(rng, p.question_tokens_mean, p.tokens_sigma, 1)[0]
+        picks = rng.random((steps, 3)).tolist()  # selection draws, up front
+
+        root = Call("c0", (), p.prefix_tokens + question, root_out, shared_prefix=prefix)
+        calls = [root]
+        ctx = [root.prompt_tokens + root_out]  # context tokens, by call index
+        depth = [0]
+        open_nodes = [0]  # indices of nodes shallower than p.depth
+        sel, last = 0, 0
+        for s in range(steps):
+            sel_id = calls[sel].id
+            parents = (sel_id,) if last == sel else (sel_id, calls[last].id)
+            base = ctx[sel]
+            first = len(calls)
+            new = 0
+            for j in range(w):
+                k = s * w + j
+                i = first + j
+                calls.append(Call(f"c{i}", parents, base + obs[k], exp_out[k], 0.0, sel_id))
+                ctx.append(base + obs[k] + exp_out[k])
+                depth.append(depth[sel] + 1)
+                if depth[sel] + 1 < p.depth:
+                    open_nodes.append(i)
+                new += obs[k] + exp_out[k]
+            i = first + w
+            children = tuple(f"c{first + j}" for j in range(w))
+            calls.append(Call(f"c{i}", children, base + new + instr[2 * s], eval_out[s], delays[s], sel_id))
+            ctx.append(base + new + instr[2 * s] + eval_out[s])
+            depth.append(-1)  # not a tree node
+            calls.append(Call(f"c{i + 1}", (f"c{i}",), base + eval_out[s] + instr[2 * s + 1], refl_out[s], 0.0, sel_id))
+            ctx.append(0)
+            depth.append(-1)
+            last = i + 1
+            u_best, u_greedy, u_open = picks[s]
+            best = first + int(u_best * w)
+            if u_greedy < p.greedy and depth[best] < p.depth:
+                sel = best
+            else:
+                sel = open_nodes[int(u_open * len(open_nodes))]
+        out.append(tuple(calls))
+    return out
+
+
+_BUILDERS = {
+    "sharegpt": (ShareGPTParams, _sharegpt),
+    "bfcl": (BFCLParams, _bfcl),
+    "lats": (LATSParams, _lats),
+}
+
+
+def _params(workload: str, params: dict[str, Any]):
+    cls = _BUILDERS[workload][0]
+    valid = [f.name for f in fields(cls)]
+    for key in params:
+        if key not in valid:
+            raise ValueError(f"unknown parameter {key!r} for workload {workload!r}; valid parameters: {', '.join(valid)}")
+    return cls(**params)
+
+
+def generate(
+    workload: str,
+    programs: int,
+    rate: float,
+    seed: int,
+    arrival: str = "poisson",
+    cv: float = 1.0,
+    **params: Any,
+) -> list[Program]:
+    """``programs`` programs of ``workload`` arriving at ``rate`` programs/s.
+
+    Program ids are ``p0, p1, ...`` in arrival order, call ids ``c0, c1, ...``
+    (parents always listed first). ``params`` override the workload's
+    parameter dataclass (:class:`ShareGPTParams`, :class:`BFCLParams`,
+    :class:`LATSParams`); ``mixed`` takes no parameters and interleaves an
+    equal number of each of the three (differing by at most one) in a random
+    order, each program keeping its own workload label. Raises ValueError
+    for an unknown workload, parameter or value.
+    """
+    if workload not in WORKLOADS:
+        raise ValueError(f"unknown workload {workload!r}; valid choices: {', '.join(WORKLOADS)}")
+    if isinstance(programs, bool) or not isinstance(programs, int) or programs < 0:
+        raise ValueError(f"programs must be an integer >= 0, got {programs!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+    check_arrival(rate, arrival, cv)
+    arrival_seq, program_seq = np.random.SeedSequence(seed).spawn(2)
+    times = arrival_times(programs, rate, np.random.Generator(np.random.PCG64(arrival_seq)), arrival, cv)
+
+    if workload == "mixed":
+        if params:
+            raise ValueError(
+                f"workload 'mixed' takes no parameters (got {', '.join(params)}); generate the three "
+                f"workloads separately to change theirs"
+            )
+        subs = ("sharegpt", "bfcl", "lats")
+        order_seq, *sub_seqs = program_seq.spawn(4)
+        labels = [subs[i % 3] for i in range(programs)]
+        np.random.Generator(np.random.PCG64(order_seq)).shuffle(labels)
+        made = {}
+        for name, ss in zip(subs, sub_seqs):
+            cls, build = _BUILDERS[name]
+            made[name] = iter(build(np.random.Generator(np.random.PCG64(ss)), labels.count(name), cls()))
+        bodies = [(name, next(made[name])) for name in labels]
+    else:
+        cls, build = _BUILDERS[workload]
+        p = _params(workload, params)
+        bodies = [(workload, calls) for calls in build(np.random.Generator(np.random.PCG64(program_seq)), programs, p)]
+    return [Program(f"p{i}", t, name, calls) for i, (t, (name, calls)) in enumerate(zip(times, bodies))]
