@@ -1,0 +1,515 @@
+"""``python -m engine gateway``: a program-aware, OpenAI-compatible HTTP gateway.
+
+It sits in front of one or more engines (vLLM servers running the
+program-aware scheduler plugin, or ``python -m sim serve``) and does what
+the paper's front end does:
+
+* keeps the global process table (`sim.core.ProcessTable`): one entry per
+  program with its attained service, engine affinity and live calls;
+* picks an engine per call with the core's balancer (`sim.core.make_balancer`,
+  locality by default), whose load signal is the gateway's count of
+  in-flight calls per engine;
+* forwards ``POST /v1/completions`` and ``/v1/chat/completions`` with
+  ``vllm_xargs = {program_id, thread_id, program_service}`` (see
+  `engine.protocol`), streaming responses through unchanged (SSE), passing
+  engine errors through (status and body), and closing the upstream
+  connection when the client goes away, which is how vLLM's server learns to
+  abort a request.
+
+Identity: clients send ``X-Program-Id`` and ``X-Thread-Id``. Without
+``X-Program-Id`` (and without ``vllm_xargs.program_id`` in the body) a call
+is a one-call program with a fresh id. A program call without a thread id
+gets a fresh thread (it may run in parallel with the program's other calls).
+A second live call on the same thread of a program is refused with 409.
+
+Service accounting. The engines' per-step service (`sim.core.attribute_service`)
+is not visible to the gateway, so each finished call's service is, in order
+of preference:
+
+1. the engine's own figure when the response carries one (``engine_stats.service``,
+   sent by ``sim serve``; exactly the simulator's definition);
+2. for a streamed response, the time from its first to its last token as
+   seen at the gateway: the decode phase; it leaves out the prefill (which
+   the gateway cannot tell apart from queueing) and includes any preemption
+   stall during decoding;
+3. for a whole (non-streamed) response, the time from sending the request
+   to receiving the response: it includes queueing, an over-estimate.
+
+The value is charged with the policy's own update rule (`Policy.on_finish`:
+PLAS adds it, ATLAS takes the critical-path maximum), on `ProgramState`
+entries of the process table, so the gateway's program priority is the one
+the simulator computes. Aborted or failed calls are not charged (as
+`SchedulerCore.abort_call`). We do not run a whole `SchedulerCore` here: the
+gateway has no queues, and the core's starvation heap would only grow.
+
+Ending programs: ``DELETE /v1/programs/{id}`` forgets a program (404 if
+unknown, 409 while it has live calls). Idle programs are also dropped after
+``--ttl`` seconds (`ProcessTable.expire`, on a timer).
+
+Errors use OpenAI's body ``{"error": {"message", "type", "param", "code"}}``:
+malformed JSON or bad ids 400, a body over ``--max-body`` 413, unknown route
+404, wrong method 405, busy thread 409, unreachable engine 502.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import sys
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from engine.protocol import (
+    ENGINE_STATS,
+    ERROR_TYPES,
+    GATEWAY_ENGINE_HEADER,
+    PROGRAM_HEADER,
+    THREAD_HEADER,
+    XARG_PROGRAM,
+    XARG_THREAD,
+    XARGS,
+    BadRequest,
+    check_id,
+    error_body,
+    with_xargs,
+    xargs_for,
+)
+from engine.sse import DONE, SSEParser, event_token_count
+from sim.core import ProcessTable, make_balancer, make_policy
+from sim.core.params import PolicyParams
+from sim.core.state import CallState, ProgramState
+
+BYTES_PER_TOKEN = 4  # prompt-length estimate for text prompts (the balancer's only need)
+
+
+def error_response(status: int, message: str, param: str | None = None, code: str | None = None,
+                   headers: dict[str, str] | None = None) -> web.Response:
+    kind = ERROR_TYPES.get(status, "invalid_request_error" if status < 500 else "internal_server_error")
+    return web.json_response(error_body(message, kind, param, code), status=status, headers=headers)
+
+
+def prompt_tokens_of(body: dict[str, Any]) -> int:
+    """Prompt length for the balancer: exact for token ids, about 4 bytes per token for text."""
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (list, str)):
+        prompt = prompt[0]
+    if isinstance(prompt, list):
+        return len(prompt)
+    if isinstance(prompt, str):
+        return math.ceil(len(prompt.encode("utf-8")) / BYTES_PER_TOKEN)
+    messages = body.get("messages")
+    if isinstance(messages, list):
+        size = sum(len(str(m.get("content", "")).encode("utf-8")) for m in messages if isinstance(m, dict))
+        return math.ceil(size / BYTES_PER_TOKEN)
+    return 0
+
+
+@dataclass
+class GatewayConfig:
+    engines: list[str]
+    balancer: str = "locality"
+    threshold: int = 2048
+    ttl: float = 600.0
+    policy: str = "atlas"
+    max_body: int = 32 * 1024 * 1024
+    expire_interval: float | None = None  # default: min(ttl / 4, 10) seconds
+    connect_timeout: float = 10.0
+
+    def __post_init__(self) -> None:
+        if not self.engines:
+            raise ValueError("at least one --engine URL is needed")
+        self.engines = [u.rstrip("/") for u in self.engines]
+        if self.ttl <= 0:
+            raise ValueError(f"--ttl must be > 0 seconds, got {self.ttl}")
+        if self.max_body < 1:
+            raise ValueError(f"--max-body must be >= 1 byte, got {self.max_body}")
+
+
+@dataclass(eq=False)
+class LiveCall:
+    state: CallState
+    engine: int
+    sent: float
+
+
+class Accounting:
+    """The process table plus the policy's update rules: what the gateway knows of programs."""
+
+    def __init__(self, policy: str, ttl: float, threshold: int):
+        params = PolicyParams(program_ttl=ttl, locality_threshold=threshold)
+        self.policy = make_policy(policy, params)
+        if self.policy.oracle:
+            raise ValueError(f"policy {policy!r} needs the trace's future; the gateway cannot run it")
+        self.table = ProcessTable(ttl)
+        self._seq = 0
+
+    def start(self, program_id: str, thread_id: str, prompt_tokens: int, now: float) -> CallState:
+        """Register a call; its ``priority`` is the service forwarded to the engine.
+
+        Raises BadRequest (409) if the thread already has a live call.
+        """
+        program = self.table.get_or_create(program_id, now)
+        if thread_id in program.live:
+            raise BadRequest(f"program {program_id!r} already has a live call on thread {thread_id!r}",
+                             param=THREAD_HEADER, code="thread_busy", status=409)
+        self._seq += 1
+        call = CallState(id=f"gw-{self._seq}", program_id=program_id, thread_id=thread_id, arrival=now,
+                         prompt_tokens=prompt_tokens, seq=self._seq, reset_time=now, waiting_since=now)
+        self.policy.on_arrival(call, program)
+        program.live[thread_id] = call
+        program.last_arrival = now
+        return call
+
+    def finish(self, call: CallState, service: float, now: float) -> ProgramState:
+        """Charge a completed call's service, as `SchedulerCore.finish_call` does."""
+        program = self.table.programs[call.program_id]
+        call.service = max(0.0, service)
+        call.finished = True
+        del program.live[call.thread_id]
+        program.total_service += call.service
+        program.total_waiting += max(0.0, (now - call.arrival) - call.service)
+        program.last_completion = now
+        self.policy.on_finish(call, program)
+        return program
+
+    def abort(self, call: CallState, now: float) -> None:
+        """Drop a call that did not complete; its service is not counted."""
+        program = self.table.programs.get(call.program_id)
+        call.finished = True
+        if program is not None:
+            program.live.pop(call.thread_id, None)
+            program.last_completion = now
+
+    def live_calls(self) -> int:
+        return sum(len(p.live) for p in self.table.programs.values())
+
+
+@dataclass
+class Outcome:
+    """What the gateway saw of one forwarded call."""
+
+    first_token: float | None = None
+    last_token: float | None = None
+    engine_service: float | None = None
+    tokens: int = 0
+
+
+class Gateway:
+    def __init__(self, cfg: GatewayConfig):
+        self.cfg = cfg
+        self.acct = Accounting(cfg.policy, cfg.ttl, cfg.threshold)
+        self.balancer = make_balancer(cfg.balancer, cfg.threshold)
+        self.loads = [0] * len(cfg.engines)
+        self.routed = [0] * len(cfg.engines)
+        self.recent: deque[dict[str, Any]] = deque(maxlen=1000)  # routing decisions, newest last
+        self._session: aiohttp.ClientSession | None = None
+        self._expiry: asyncio.Task | None = None
+        self._t0 = 0.0
+        self._anon = 0
+
+    # -- lifecycle -----------------------------------------------------------------
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=self.cfg.max_body, middlewares=[self._errors])
+        app.router.add_post("/v1/completions", self.completions)
+        app.router.add_post("/v1/chat/completions", self.chat_completions)
+        app.router.add_get("/v1/models", self.models)
+        app.router.add_delete("/v1/programs/{program_id}", self.end_program)
+        app.router.add_get("/programs", self.programs)
+        app.router.add_get("/health", self.health)
+        app.on_startup.append(self._startup)
+        app.on_cleanup.append(self._cleanup)
+        return app
+
+    async def _startup(self, app: web.Application) -> None:
+        self._t0 = asyncio.get_running_loop().time()
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.cfg.connect_timeout)
+        self._session = aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0))
+        self._expiry = asyncio.create_task(self._expire_loop())
+
+    async def _cleanup(self, app: web.Application) -> None:
+        if self._expiry is not None:
+            self._expiry.cancel()
+        if self._session is not None:
+            await self._session.close()
+
+    def now(self) -> float:
+        return asyncio.get_running_loop().time() - self._t0
+
+    async def _expire_loop(self) -> None:
+        interval = self.cfg.expire_interval or min(self.cfg.ttl / 4, 10.0)
+        while True:
+            await asyncio.sleep(interval)
+            self.acct.table.expire(self.now())
+
+    @web.middleware
+    async def _errors(self, request: web.Request, handler):
+        """Every error leaves as an OpenAI error body, including the router's own 404/405/413."""
+        try:
+            return await handler(request)
+        except BadRequest as exc:
+            return error_response(exc.status, exc.message, exc.param, exc.code)
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            message = {404: f"unknown route {request.method} {request.path}",
+                        405: f"method {request.method} is not allowed on {request.path}",
+                        413: f"request body exceeds {self.cfg.max_body} bytes"}.get(exc.status, exc.reason)
+            return error_response(exc.status, message, headers={"Allow": exc.headers["Allow"]}
+                                  if "Allow" in exc.headers else None)
+
+    # -- request identity ----------------------------------------------------------
+    def _ids(self, request: web.Request, body: dict[str, Any]) -> tuple[str, str]:
+        xargs = body.get(XARGS) if isinstance(body.get(XARGS), dict) else {}
+        pid = request.headers.get(PROGRAM_HEADER)
+        tid = request.headers.get(THREAD_HEADER)
+        if pid is None and xargs.get(XARG_PROGRAM) is not None:
+            pid = str(xargs[XARG_PROGRAM])
+            tid = tid if tid is not None else (None if xargs.get(XARG_THREAD) is None else str(xargs[XARG_THREAD]))
+        if pid is None:
+            if tid is not None:
+                raise BadRequest(f"{THREAD_HEADER} was given without {PROGRAM_HEADER}", param=THREAD_HEADER,
+                                 code="invalid_id")
+            self._anon += 1
+            return f"anon-{uuid.uuid4().hex[:12]}", "0"
+        check_id(pid, PROGRAM_HEADER)
+        if tid is None:
+            self._anon += 1
+            return pid, f"t-{self._anon}"
+        return pid, check_id(tid, THREAD_HEADER)
+
+    async def _body(self, request: web.Request) -> dict[str, Any]:
+        if request.content_length is not None and request.content_length > self.cfg.max_body:
+            raise BadRequest(f"request body of {request.content_length} bytes exceeds {self.cfg.max_body} bytes",
+                             code="request_too_large", status=413)
+        try:
+            raw = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raise BadRequest(f"request body exceeds {self.cfg.max_body} bytes", code="request_too_large",
+                             status=413) from None
+        try:
+            body = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise BadRequest(f"malformed JSON body: {exc}", code="invalid_json") from None
+        if not isinstance(body, dict):
+            raise BadRequest("the request body must be a JSON object", code="invalid_json")
+        return body
+
+    # -- forwarding ------------------------------------------------------------------
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._forward(request, "/v1/completions")
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._forward(request, "/v1/chat/completions")
+
+    async def _forward(self, request: web.Request, path: str) -> web.StreamResponse:
+        body = await self._body(request)
+        pid, tid = self._ids(request, body)
+        now = self.now()
+        prompt_tokens = prompt_tokens_of(body)
+        call = self.acct.start(pid, tid, prompt_tokens, now)
+        program = self.acct.table.programs[pid]
+        engine = self.balancer.choose(prompt_tokens, program, self.loads)
+        self.loads[engine] += 1
+        self.routed[engine] += 1
+        self.recent.append({"program_id": pid, "thread_id": tid, "engine": engine, "prompt_tokens": prompt_tokens,
+                            "program_service": call.priority, "time": now})
+        live = LiveCall(call, engine, now)
+        outgoing = with_xargs(body, xargs_for(pid, tid, call.priority))
+        headers = {GATEWAY_ENGINE_HEADER: str(engine), PROGRAM_HEADER: pid, THREAD_HEADER: tid}
+        completed = False
+        try:
+            response, outcome = await self._relay(request, path, outgoing, live, headers)
+            completed = outcome is not None
+            if completed:
+                self.acct.finish(call, self._service(outcome, live), self.now())
+            return response
+        finally:
+            self.loads[engine] -= 1
+            if not completed:
+                self.acct.abort(call, self.now())
+
+    def _service(self, outcome: Outcome, live: LiveCall) -> float:
+        """The call's service as the gateway accounts it (see the module docstring)."""
+        if outcome.engine_service is not None:
+            return outcome.engine_service
+        if outcome.first_token is not None and outcome.last_token is not None:
+            return outcome.last_token - outcome.first_token
+        return (outcome.last_token if outcome.last_token is not None else self.now()) - live.sent
+
+    async def _relay(self, request: web.Request, path: str, body: dict[str, Any], live: LiveCall,
+                     headers: dict[str, str]) -> tuple[web.StreamResponse, Outcome | None]:
+        """Send to the engine and relay its answer; the outcome is None unless the call completed."""
+        assert self._session is not None
+        url = self.cfg.engines[live.engine] + path
+        try:
+            upstream = await self._session.post(url, json=body)
+        except (aiohttp.ClientError, OSError) as exc:
+            return error_response(502, f"engine {live.engine} ({self.cfg.engines[live.engine]}) is unreachable: "
+                                  f"{exc}", code="engine_unreachable", headers=headers), None
+        try:
+            ctype = upstream.headers.get("Content-Type", "")
+            if upstream.status >= 400:
+                data = await upstream.read()
+                return web.Response(status=upstream.status, body=data, headers=headers,
+                                    content_type=ctype.split(";")[0] or "application/json"), None
+            if ctype.startswith("text/event-stream"):
+                return await self._relay_stream(request, upstream, headers)
+            data = await upstream.read()
+            outcome = Outcome(last_token=self.now())
+            try:
+                doc = json.loads(data)
+                stats = doc.get(ENGINE_STATS) if isinstance(doc, dict) else None
+                if isinstance(stats, dict) and isinstance(stats.get("service"), (int, float)):
+                    outcome.engine_service = float(stats["service"])
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                pass
+            return web.Response(status=upstream.status, body=data, headers=headers,
+                                content_type=ctype.split(";")[0] or "application/json"), outcome
+        finally:
+            # Not read to the end (client gone, error): close, do not pool. Closing the
+            # connection is what makes vLLM's server abort the request.
+            upstream.close()
+
+    async def _relay_stream(self, request: web.Request, upstream: aiohttp.ClientResponse,
+                            headers: dict[str, str]) -> tuple[web.StreamResponse, Outcome | None]:
+        resp = web.StreamResponse(status=upstream.status, headers={
+            **headers, "Content-Type": upstream.headers.get("Content-Type", "text/event-stream"),
+            "Cache-Control": "no-cache"})
+        await resp.prepare(request)
+        parser = SSEParser()
+        outcome = Outcome()
+        done = False
+        async for chunk in upstream.content.iter_any():
+            now = self.now()
+            for event in parser.feed(chunk):
+                if event == DONE:
+                    done = True
+                    continue
+                assert isinstance(event, dict)
+                n = event_token_count(event)
+                if n:
+                    outcome.tokens += n
+                    outcome.last_token = now
+                    if outcome.first_token is None:
+                        outcome.first_token = now
+                stats = event.get(ENGINE_STATS)
+                if isinstance(stats, dict) and isinstance(stats.get("service"), (int, float)):
+                    outcome.engine_service = float(stats["service"])
+            await resp.write(chunk)  # raises ConnectionResetError when the client is gone
+        await resp.write_eof()
+        return resp, outcome if done or outcome.tokens else None
+
+    # -- other endpoints -------------------------------------------------------------
+    async def models(self, request: web.Request) -> web.Response:
+        assert self._session is not None
+        errors = []
+        for i, base in enumerate(self.cfg.engines):
+            try:
+                async with self._session.get(base + "/v1/models") as up:
+                    data = await up.read()
+                    return web.Response(status=up.status, body=data,
+                                        content_type=up.headers.get("Content-Type", "application/json").split(";")[0])
+            except (aiohttp.ClientError, OSError) as exc:
+                errors.append(f"engine {i}: {exc}")
+        return error_response(502, "no engine answered /v1/models: " + "; ".join(errors), code="engine_unreachable")
+
+    async def health(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok", "engines": len(self.cfg.engines)})
+
+    async def end_program(self, request: web.Request) -> web.Response:
+        pid = check_id(request.match_info["program_id"], "program_id")
+        entry = self.acct.table.get(pid)
+        if entry is None:
+            raise BadRequest(f"unknown program {pid!r}", param="program_id", code="program_not_found", status=404)
+        if entry.live:
+            raise BadRequest(f"program {pid!r} still has live calls on threads {sorted(entry.live)}",
+                             param="program_id", code="program_busy", status=409)
+        self.acct.table.remove(pid)
+        return web.json_response({"id": pid, "object": "program.deleted", "deleted": True})
+
+    async def programs(self, request: web.Request) -> web.Response:
+        return web.json_response(self.snapshot())
+
+    def snapshot(self) -> dict[str, Any]:
+        """The debug view: process table, per-engine load, recent routing decisions."""
+        now = self.now()
+        programs = []
+        for p in self.acct.table.programs.values():
+            programs.append({
+                "id": p.id, "service": p.service, "total_service": p.total_service,
+                "total_waiting": p.total_waiting, "engine": p.engine, "first_arrival": p.first_arrival,
+                "last_arrival": p.last_arrival, "last_completion": p.last_completion,
+                "idle": now - self.acct.table.last_activity(p),
+                "live": {tid: {"call": c.id, "priority": c.priority, "arrival": c.arrival}
+                         for tid, c in p.live.items()},
+            })
+        return {
+            "now": now, "policy": self.acct.policy.name, "balancer": self.balancer.name, "ttl": self.cfg.ttl,
+            "engines": [{"url": u, "in_flight": self.loads[i], "routed": self.routed[i]}
+                        for i, u in enumerate(self.cfg.engines)],
+            "live_calls": self.acct.live_calls(),
+            "programs": programs,
+            "recent": list(self.recent),
+        }
+
+
+async def start_gateway(gateway: Gateway, host: str, port: int) -> web.AppRunner:
+    """Run ``gateway`` on host:port inside the current loop; ``await runner.cleanup()`` stops it."""
+    runner = web.AppRunner(gateway.app(), handler_cancellation=True, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, host, port).start()
+    return runner
+
+
+# -- CLI -------------------------------------------------------------------------------
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "gateway",
+        help="program-aware OpenAI-compatible gateway in front of engines",
+        description="Route OpenAI completions to engines with the process table and the locality balancer; "
+                    "clients tag calls with X-Program-Id / X-Thread-Id headers.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=("examples:\n"
+                "  python -m engine gateway --engine http://127.0.0.1:8001 --engine http://127.0.0.1:8002 --port 8000\n"
+                "  curl -s localhost:8000/v1/completions -H 'X-Program-Id: p1' -H 'X-Thread-Id: t1' \\\n"
+                "       -d '{\"model\": \"m\", \"prompt\": [1, 2, 3], \"max_tokens\": 8}'\n"
+                "  curl -s localhost:8000/programs"),
+    )
+    p.add_argument("--engine", action="append", required=True, metavar="URL",
+                   help="base URL of an engine (repeat for several; their order is the engine index)")
+    p.add_argument("--host", default="127.0.0.1", help="(default: %(default)s)")
+    p.add_argument("--port", type=int, default=8000, help="(default: %(default)s)")
+    p.add_argument("--balancer", default="locality", choices=("locality", "least_used", "round_robin"),
+                   help="(default: %(default)s)")
+    p.add_argument("--threshold", type=int, default=2048,
+                   help="locality: prompts longer than this stay on their program's engine (default: %(default)s)")
+    p.add_argument("--ttl", type=float, default=600.0, help="forget programs idle this many seconds (default: 600)")
+    p.add_argument("--policy", default="atlas", choices=("plas", "atlas", "fcfs", "mlfq"),
+                   help="whose update rule turns call service into program service (default: %(default)s)")
+    p.add_argument("--max-body", type=int, default=32 * 1024 * 1024, help="largest request body in bytes")
+    p.set_defaults(run=run)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        cfg = GatewayConfig(engines=args.engine, balancer=args.balancer, threshold=args.threshold, ttl=args.ttl,
+                            policy=args.policy, max_body=args.max_body)
+        gateway = Gateway(cfg)
+    except ValueError as exc:
+        print(f"python -m engine gateway: error: {exc}", file=sys.stderr)
+        return 1
+    print(f"gateway on http://{args.host}:{args.port} -> {', '.join(cfg.engines)} "
+          f"({cfg.balancer}, policy {cfg.policy})", file=sys.stderr)
+    web.run_app(gateway.app(), host=args.host, port=args.port, handler_cancellation=True, access_log=None,
+                print=None)
+    return 0

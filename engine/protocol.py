@@ -1,0 +1,104 @@
+"""The wire protocol shared by the gateway, the replayer and the engines behind them.
+
+Program identity travels two ways, because two kinds of server read it:
+
+* HTTP headers ``X-Program-Id`` and ``X-Thread-Id``, read by the gateway
+  (a client talking to the gateway need not touch the request body);
+* ``vllm_xargs`` in the JSON body, ``{"program_id", "thread_id",
+  "program_service"}``, read by the engines: vLLM's OpenAI server copies
+  ``vllm_xargs`` into ``sampling_params.extra_args``, where the scheduler
+  plugin finds them, and ``python -m sim serve`` reads the same keys. vLLM
+  0.26.0 accepts only str/int/float values there, so service is a float in
+  seconds.
+
+The gateway writes the xargs itself (its ids and the program's attained
+service win over anything the client put there). The replayer sends both,
+so it works against the gateway and against a bare vLLM server alike.
+
+Engines may add one extension object to their response (the last SSE chunk,
+or the JSON body): ``"engine_stats"`` with the call's engine-side timing
+(see ``sim.serve``). vLLM does not send it; readers treat it as optional.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+PROGRAM_HEADER = "X-Program-Id"
+THREAD_HEADER = "X-Thread-Id"
+ENGINE_HEADER = "X-Engine-Index"  # set by `sim serve` on its responses
+GATEWAY_ENGINE_HEADER = "X-Gateway-Engine"  # set by the gateway: index of the engine it chose
+XARGS = "vllm_xargs"
+XARG_PROGRAM = "program_id"
+XARG_THREAD = "thread_id"
+XARG_SERVICE = "program_service"
+ENGINE_STATS = "engine_stats"
+
+# Ids name table entries and appear in URLs (DELETE /v1/programs/{id}), so
+# they are short and URL-safe: no "/" (a path separator), no spaces.
+ID_MAX_LEN = 128
+ID_RE = re.compile(r"^[A-Za-z0-9._:-]+$")
+
+
+class BadRequest(ValueError):
+    """A client error, carried to an OpenAI-style error body."""
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None, status: int = 400):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code
+        self.status = status
+
+
+def error_body(message: str, type_: str = "invalid_request_error", param: str | None = None,
+               code: str | int | None = None) -> dict[str, Any]:
+    """OpenAI's error document: ``{"error": {"message", "type", "param", "code"}}``."""
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+ERROR_TYPES = {
+    400: "invalid_request_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    409: "conflict_error",
+    413: "invalid_request_error",
+    499: "client_closed_request",
+    500: "internal_server_error",
+    502: "bad_gateway",
+    503: "service_unavailable",
+}
+
+
+def check_id(value: str, what: str) -> str:
+    """Validate a program or thread id; raises BadRequest naming the header."""
+    if value == "":
+        raise BadRequest(f"{what} must not be empty", param=what, code="invalid_id")
+    if len(value) > ID_MAX_LEN:
+        raise BadRequest(f"{what} is {len(value)} characters long; the limit is {ID_MAX_LEN}",
+                         param=what, code="invalid_id")
+    if not ID_RE.match(value):
+        raise BadRequest(f"{what} {value[:40]!r} has characters outside [A-Za-z0-9._:-]",
+                         param=what, code="invalid_id")
+    return value
+
+
+@dataclass(frozen=True)
+class ProgramIds:
+    program_id: str
+    thread_id: str
+
+
+def xargs_for(program_id: str, thread_id: str, program_service: float) -> dict[str, Any]:
+    return {XARG_PROGRAM: program_id, XARG_THREAD: thread_id, XARG_SERVICE: float(program_service)}
+
+
+def with_xargs(body: dict[str, Any], xargs: dict[str, Any]) -> dict[str, Any]:
+    """A copy of ``body`` whose ``vllm_xargs`` holds ``xargs`` (which win over the client's)."""
+    out = dict(body)
+    merged = dict(body.get(XARGS) or {}) if isinstance(body.get(XARGS), dict) else {}
+    merged.update(xargs)
+    out[XARGS] = merged
+    return out

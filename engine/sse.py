@@ -1,0 +1,80 @@
+"""Incremental parsing of Server-Sent Events as OpenAI-compatible servers send them.
+
+The gateway passes a stream through byte for byte but must still see its
+events (first token, the final usage chunk, the engine's ``engine_stats``),
+and the replayer reads the same streams. Bytes arrive in arbitrary pieces,
+so the parser buffers until an event's blank-line terminator.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Iterator
+
+DONE = "[DONE]"
+
+
+class SSEParser:
+    """Feed bytes; get back the ``data:`` payload of each complete event.
+
+    Payloads are returned parsed as JSON when they are JSON objects, as the
+    string ``"[DONE]"`` for the terminator, and skipped otherwise (comments,
+    keep-alives, fields other than ``data``).
+    """
+
+    def __init__(self) -> None:
+        self._buf = b""
+
+    def feed(self, chunk: bytes) -> Iterator[dict[str, Any] | str]:
+        self._buf += chunk.replace(b"\r\n", b"\n")
+        while True:
+            end = self._buf.find(b"\n\n")
+            if end < 0:
+                return
+            raw, self._buf = self._buf[:end], self._buf[end + 2:]
+            data = [line[5:].lstrip() for line in raw.split(b"\n") if line.startswith(b"data:")]
+            if not data:
+                continue
+            text = b"\n".join(data).decode("utf-8", errors="replace")
+            if text.strip() == DONE:
+                yield DONE
+                continue
+            try:
+                event = json.loads(text)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(event, dict):
+                yield event
+
+
+def event_token_count(event: dict[str, Any]) -> int:
+    """Output tokens carried by one streamed completion/chat chunk.
+
+    Prefers the chunk's ``token_ids`` (vLLM with ``return_token_ids``, and
+    ``sim serve``); otherwise a chunk with non-empty text counts as one
+    token, which is exact for servers that send one token per chunk.
+    """
+    n = 0
+    for choice in event.get("choices") or ():
+        ids = choice.get("token_ids")
+        if isinstance(ids, list):
+            n += len(ids)
+            continue
+        text = choice.get("text")
+        if text is None:
+            text = (choice.get("delta") or {}).get("content")
+        if text:
+            n += 1
+    return n
+
+
+def event_token_ids(event: dict[str, Any]) -> list[int] | None:
+    """The output token ids in a chunk, or None when the server sent none."""
+    out: list[int] = []
+    seen = False
+    for choice in event.get("choices") or ():
+        ids = choice.get("token_ids")
+        if isinstance(ids, list):
+            seen = True
+            out.extend(int(i) for i in ids)
+    return out if seen else None

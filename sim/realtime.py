@@ -1,0 +1,296 @@
+"""One simulated engine replica, run in wall-clock time from an asyncio loop.
+
+``python -m sim serve`` answers real HTTP requests with the simulator's
+engine model, so the gateway and the replayer can be exercised end to end
+without a GPU, and a replay against it is timed like the simulation.
+
+How time is kept: the SimPy environment's clock is "seconds since the
+engine started". Whenever something happens in the asyncio world (a request
+arrives, is aborted, or the driver task wakes up) the environment is first
+run up to the current wall time, so a call is submitted at the simulated
+instant that matches its real arrival. A background task sleeps until the
+environment's next event (``env.peek()``) or until a new arrival, whichever
+is first, and runs the environment up to then. Each step's ``on_progress``
+callback pushes the sampled token to the call's asyncio queue, so a
+streaming response sees one token per simulated step, in real time.
+
+Aborts: the replica has no abort method (see the module docstring of
+`sim.serve` for the change we asked for). A waiting call is removed from the
+replica's waiting list and dropped from the scheduler core with
+``SchedulerCore.abort_call`` (what vLLM does with a waiting request). A
+running call cannot be removed between the start and end of its step
+without corrupting the step, so it is truncated instead: its target length
+becomes "one more token", it finishes silently at its next sampled token
+and frees its KV then, and its output is discarded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import simpy
+
+from sim.capacity import num_kv_blocks
+from sim.config import ExperimentConfig
+from sim.core import ProcessTable, SchedulerCore, make_policy
+from sim.hardware import load_gpu, load_model
+from sim.kvcache import KVCache
+from sim.latency import build as build_latency
+from sim.replica import Replica, SimCall
+
+# Filler output token ids live in [FILLER_BASE, FILLER_BASE + FILLER_VOCAB):
+# inside Llama-3's 128,256-token vocabulary and clear of its special tokens.
+FILLER_BASE = 1000
+FILLER_VOCAB = 100_000
+_MASK = (1 << 64) - 1
+
+
+def mix64(*parts: int) -> int:
+    """A fixed 64-bit mixing of integers (splitmix64 steps): process-independent."""
+    x = 0x9E3779B97F4A7C15
+    for p in parts:
+        x = (x ^ (p & _MASK)) & _MASK
+        x = (x + 0x9E3779B97F4A7C15) & _MASK
+        x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
+        x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK
+        x ^= x >> 31
+    return x
+
+
+def filler_ids(seed: int, request: int, n: int) -> list[int]:
+    """The ``n`` output token ids of one request: deterministic, distinct per request."""
+    return [FILLER_BASE + mix64(seed, request, i) % FILLER_VOCAB for i in range(n)]
+
+
+def block_keys(token_ids: list[int], block_size: int) -> tuple[int, ...]:
+    """Chain keys of the full blocks of a token sequence (as vLLM's prefix cache hashes them).
+
+    Key ``b`` covers every token of blocks ``0..b``, so two sequences share
+    their first ``n`` keys exactly when their first ``n`` blocks are equal.
+    Tuples of ints hash the same in every Python process.
+    """
+    keys = []
+    prev = 0x5EED
+    for start in range(0, len(token_ids) - block_size + 1, block_size):
+        prev = hash((prev, *token_ids[start:start + block_size]))
+        keys.append(prev)
+    return tuple(keys)
+
+
+class Conflict(ValueError):
+    """The program already has a live call on this thread."""
+
+
+class TooLarge(ValueError):
+    """The request does not fit in the engine's KV cache."""
+
+
+@dataclass(eq=False)
+class CallHandle:
+    """One live request: its simulated call and the queue its tokens arrive on."""
+
+    call: SimCall
+    output_ids: list[int]
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)  # 1 per sampled token, None at the end
+    program_service: float | None = None
+    finished: bool = False
+    aborted: bool = False
+
+    @property
+    def done(self) -> bool:
+        return self.finished or self.aborted
+
+    def stats(self, engine: int) -> dict[str, Any]:
+        """Engine-side timing of a finished call (seconds; relative times from its arrival)."""
+        c = self.call
+        return {
+            "engine": engine,
+            "service": c.service,
+            "waiting": (c.finish - c.arrival) - c.service,
+            "first_scheduled_after": c.first_scheduled - c.arrival,
+            "first_token_after": c.first_token - c.arrival,
+            "preemptions": c.preemptions,
+            "prefix_hit_tokens": c.prefix_hit_tokens,
+        }
+
+
+class RealtimeEngine:
+    """A `sim.replica.Replica` kept in step with the wall clock."""
+
+    def __init__(self, cfg: ExperimentConfig, policy: str, index: int = 0, history: int = 10_000):
+        eng = cfg.engine
+        if make_policy(policy, cfg.policy_params).oracle:
+            raise ValueError(f"policy {policy!r} needs the trace's future and cannot serve live requests")
+        model, gpu = load_model(eng.model), load_gpu(eng.gpu)
+        self.cfg = cfg
+        self.policy = policy
+        self.index = index
+        self.capacity_blocks = num_kv_blocks(eng, model, gpu)
+        self.max_tokens_per_call = self.capacity_blocks * eng.block_size
+        self.env = simpy.Environment()
+        self.table = ProcessTable(cfg.policy_params.program_ttl)
+        self.core = SchedulerCore(make_policy(policy, cfg.policy_params), self.table)
+        self.replica = Replica(
+            self.env, index, eng, build_latency(cfg.latency, model, gpu, eng.gpus_per_replica), self.core,
+            KVCache(self.capacity_blocks, eng.block_size, eng.enable_prefix_caching),
+            model.kv_bytes_per_token, gpu.pcie_bandwidth * eng.gpus_per_replica,
+            on_finish=self._on_finish, on_progress=self._on_progress,
+        )
+        self._handles: dict[SimCall, CallHandle] = {}
+        self._aborted_running: set[SimCall] = set()  # truncated, finishing at their next token
+        self._seq = 0
+        self.completed = 0
+        self.aborted = 0
+        # Recent requests' ids as the engine received them (a debug view; bounded).
+        self.received: deque[dict[str, Any]] = deque(maxlen=history)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._t0 = 0.0
+        self._wake: asyncio.Event | None = None
+        self._task: asyncio.Task | None = None
+
+    # -- lifecycle -----------------------------------------------------------------
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._t0 = self._loop.time()
+        self._wake = asyncio.Event()
+        self._task = asyncio.create_task(self._drive(), name=f"sim-engine-{self.index}")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+
+    def now(self) -> float:
+        assert self._loop is not None, "start() the engine first"
+        return self._loop.time() - self._t0
+
+    def advance(self) -> None:
+        """Run the model up to the current wall time, events due now included."""
+        env = self.env
+        target = self.now()
+        if target > env.now:
+            env.run(until=target)
+        while env.peek() <= env.now:
+            env.step()
+
+    async def _drive(self) -> None:
+        assert self._wake is not None
+        while True:
+            self.advance()
+            self._wake.clear()
+            due = self.env.peek()
+            if due == math.inf:
+                await self._wake.wait()
+                continue
+            delay = due - self.now()
+            if delay <= 0:
+                continue
+            try:
+                await asyncio.wait_for(self._wake.wait(), delay)
+            except asyncio.TimeoutError:
+                pass
+
+    # -- requests ------------------------------------------------------------------
+    @property
+    def in_flight(self) -> int:
+        return len(self._handles)
+
+    def submit(self, prompt_ids: list[int], max_tokens: int, program_id: str | None, thread_id: str | None,
+               program_service: float | None) -> CallHandle:
+        """Start a call now; its tokens arrive on the handle's queue.
+
+        Without a program id the request is a program of its own. A given
+        ``program_service`` (the gateway's global view, across engines)
+        replaces this engine's local value for the program before the call
+        is prioritised, as the vLLM plugin does with ``extra_args``.
+        """
+        if len(prompt_ids) + max_tokens > self.max_tokens_per_call:
+            raise TooLarge(
+                f"prompt ({len(prompt_ids)} tokens) plus max_tokens ({max_tokens}) exceeds this engine's "
+                f"KV cache of {self.max_tokens_per_call} tokens"
+            )
+        self.advance()
+        self._seq += 1
+        pid = program_id if program_id is not None else f"req-{self._seq}"
+        tid = thread_id if thread_id is not None else "0"
+        entry = self.table.get(pid)
+        if entry is not None and tid in entry.live:
+            raise Conflict(f"program {pid!r} already has a live call on thread {tid!r}")
+        if program_service is not None:
+            self.table.get_or_create(pid, self.env.now).service = float(program_service)
+        output_ids = filler_ids(self.index, self._seq, max_tokens)
+        keys = block_keys(list(prompt_ids) + output_ids, self.cfg.engine.block_size)
+        call = SimCall(pid, tid, len(prompt_ids), max_tokens, keys, self.env.event(), self.env.now)
+        handle = CallHandle(call, output_ids, program_service=program_service)
+        self._handles[call] = handle
+        self.replica.submit(call)
+        self.received.append({"program_id": pid, "thread_id": tid, "program_service": program_service,
+                              "prompt_tokens": len(prompt_ids), "max_tokens": max_tokens})
+        self._poke()
+        return handle
+
+    def abort(self, handle: CallHandle) -> None:
+        """The client went away: stop the call (see the module docstring for how)."""
+        if handle.done:
+            return
+        self.advance()
+        if handle.finished:
+            return
+        handle.aborted = True
+        self.aborted += 1
+        self._handles.pop(handle.call, None)
+        call = handle.call
+        if call in self.replica.waiting:
+            self.replica.waiting.remove(call)  # stays sorted
+            self.core.abort_call(call.core, self.env.now)
+        else:
+            # Running: finish at the next sampled token, silently (output discarded).
+            call.output_tokens = call.generated + 1
+            self._aborted_running.add(call)
+        handle.queue.put_nowait(None)
+        self._poke()
+
+    def expire(self) -> list[str]:
+        """Forget idle programs (the engine never learns when a program ends)."""
+        return self.table.expire(self.env.now)
+
+    # -- replica callbacks ---------------------------------------------------------------
+    def _on_progress(self, call: SimCall, new_tokens: int, sampled: bool) -> None:
+        handle = self._handles.get(call)
+        if handle is not None and sampled:
+            handle.queue.put_nowait(1)
+
+    def _on_finish(self, call: SimCall) -> None:
+        handle = self._handles.pop(call, None)
+        if handle is None:  # an aborted running call ending silently
+            self._aborted_running.discard(call)
+            return
+        handle.finished = True
+        self.completed += 1
+        handle.queue.put_nowait(None)
+
+    def _poke(self) -> None:
+        if self._wake is not None:
+            self._wake.set()
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "engine": self.index,
+            "policy": self.policy,
+            "now": self.env.now,
+            "in_flight": self.in_flight,
+            "model_load": self.replica.load,
+            "completed": self.completed,
+            "aborted": self.aborted,
+            "aborted_running_draining": len(self._aborted_running),
+            "programs": len(self.table),
+            "received": list(self.received),
+        }

@@ -1,0 +1,381 @@
+"""``python -m sim serve``: an OpenAI-compatible stand-in engine timed by the simulator.
+
+It speaks enough of vLLM's OpenAI server for the gateway and the replayer:
+``POST /v1/completions``, ``POST /v1/chat/completions`` (both with
+``stream``), ``GET /v1/models``, ``GET /health``, and a debug ``GET /stats``.
+Every response is timed in real time by one simulated replica
+(`sim.realtime.RealtimeEngine`: `sim.replica.Replica` + `sim.core.SchedulerCore`
++ `sim.kvcache.KVCache` + a latency model from `sim.latency.build`).
+
+What a request gets:
+
+* ``max_tokens`` filler tokens (default 16), always exactly that many: the
+  stand-in has no EOS, so ``ignore_eos`` changes nothing. Each token's text
+  is ``" tok"``; its id is deterministic per engine and request
+  (`sim.realtime.filler_ids`) and is returned as ``token_ids`` in each choice
+  when ``return_token_ids`` is true (as vLLM does), so a client can re-send
+  the exact context and hit the prefix cache;
+* ``usage`` with prompt, completion and total tokens and
+  ``prompt_tokens_details.cached_tokens`` (prefix-cache hit tokens); streams
+  send it in a final chunk when ``stream_options.include_usage`` is true;
+* an extension object ``engine_stats`` (engine index, service, waiting,
+  preemptions, prefix hits: see `CallHandle.stats`) in the JSON body or in a
+  final chunk before ``data: [DONE]``; clients that do not know it ignore it;
+* header ``X-Engine-Index``.
+
+Prompts: a list of token ids is used as is. Text is not tokenised (there is
+no tokenizer); it counts as one token per 4 UTF-8 bytes (rounded up, the
+usual rule of thumb for English BPE), with each 4-byte chunk mapped to a
+token id, so identical text prefixes still share cache blocks. Chat
+messages become the text ``"{role}: {content}\\n"`` per message.
+
+Program identity and priority come from ``vllm_xargs`` in the body
+(``program_id``, ``thread_id``, ``program_service``), exactly as vLLM's
+server passes them to the scheduler plugin, so the gateway works against
+this engine unchanged. A request without them is a one-call program.
+
+Client disconnect aborts the call (see `sim.realtime` for how a running
+call is aborted without a ``Replica.abort``; the change we asked for is in
+the README section "Real engine: gateway, serve, replay").
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+from sim.config import ExperimentConfig, LatencyConfig
+from sim.realtime import FILLER_BASE, FILLER_VOCAB, CallHandle, Conflict, RealtimeEngine, TooLarge
+
+TOKEN_TEXT = " tok"
+DEFAULT_MAX_TOKENS = 16
+BYTES_PER_TOKEN = 4
+MAX_BODY = 64 * 1024 * 1024
+XARGS = "vllm_xargs"
+
+
+class RequestError(ValueError):
+    def __init__(self, message: str, param: str | None = None, status: int = 400):
+        super().__init__(message)
+        self.message, self.param, self.status = message, param, status
+
+
+def error_response(status: int, message: str, param: str | None = None, code: str | None = None) -> web.Response:
+    kind = {404: "not_found_error", 409: "conflict_error"}.get(status, "invalid_request_error")
+    if status >= 500:
+        kind = "internal_server_error"
+    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
+    return web.json_response(body, status=status)
+
+
+def text_token_ids(text: str) -> list[int]:
+    """Pseudo-tokenisation of text: one id per 4-byte chunk (see the module docstring)."""
+    data = text.encode("utf-8")
+    ids = []
+    for i in range(0, len(data), BYTES_PER_TOKEN):
+        ids.append(FILLER_BASE + int.from_bytes(data[i:i + BYTES_PER_TOKEN], "little") % FILLER_VOCAB)
+    return ids or [FILLER_BASE]
+
+
+@dataclass
+class ParsedRequest:
+    """The parts of a completion request the stand-in acts on."""
+
+    chat: bool
+    prompt_ids: list[int]
+    max_tokens: int
+    stream: bool
+    include_usage: bool
+    return_token_ids: bool
+    model: str
+    program_id: str | None
+    thread_id: str | None
+    program_service: float | None
+
+
+def _int(body: dict, name: str, default: int, low: int) -> int:
+    value = body.get(name, default)
+    if value is None:
+        return default
+    if type(value) is not int or value < low:
+        raise RequestError(f"{name} must be an integer >= {low}, got {value!r}", name)
+    return value
+
+
+def parse_request(body: Any, chat: bool, served_model: str) -> ParsedRequest:
+    if not isinstance(body, dict):
+        raise RequestError("the request body must be a JSON object")
+    if chat:
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise RequestError("messages must be a non-empty list", "messages")
+        parts = []
+        for m in messages:
+            if not isinstance(m, dict) or not isinstance(m.get("content", ""), str):
+                raise RequestError("each message must be an object with a string content", "messages")
+            parts.append(f"{m.get('role', 'user')}: {m.get('content', '')}\n")
+        prompt_ids = text_token_ids("".join(parts))
+        max_tokens = _int(body, "max_completion_tokens", _int(body, "max_tokens", DEFAULT_MAX_TOKENS, 1), 1)
+    else:
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+            prompt = prompt[0]  # a batch of one
+        if isinstance(prompt, str):
+            prompt_ids = text_token_ids(prompt)
+        elif isinstance(prompt, list) and prompt and all(type(t) is int and t >= 0 for t in prompt):
+            prompt_ids = list(prompt)
+        else:
+            raise RequestError("prompt must be a string or a non-empty list of token ids (one prompt per request)",
+                               "prompt")
+        max_tokens = _int(body, "max_tokens", DEFAULT_MAX_TOKENS, 1)
+    if _int(body, "n", 1, 1) != 1:
+        raise RequestError("n must be 1", "n")
+    stream = bool(body.get("stream", False))
+    opts = body.get("stream_options") or {}
+    include_usage = bool(opts.get("include_usage", False)) if isinstance(opts, dict) else False
+    xargs = body.get(XARGS) or {}
+    if not isinstance(xargs, dict):
+        raise RequestError(f"{XARGS} must be an object", XARGS)
+    pid, tid, service = xargs.get("program_id"), xargs.get("thread_id"), xargs.get("program_service")
+    for name, value in (("program_id", pid), ("thread_id", tid)):
+        if value is not None and (not isinstance(value, (str, int)) or str(value) == ""):
+            raise RequestError(f"{XARGS}.{name} must be a non-empty string", f"{XARGS}.{name}")
+    if service is not None and (isinstance(service, bool) or not isinstance(service, (int, float)) or service < 0):
+        raise RequestError(f"{XARGS}.program_service must be a number >= 0", f"{XARGS}.program_service")
+    return ParsedRequest(
+        chat=chat, prompt_ids=prompt_ids, max_tokens=max_tokens, stream=stream, include_usage=include_usage,
+        return_token_ids=bool(body.get("return_token_ids", False)), model=str(body.get("model") or served_model),
+        program_id=None if pid is None else str(pid), thread_id=None if tid is None else str(tid),
+        program_service=None if service is None else float(service),
+    )
+
+
+class SimServer:
+    """The HTTP face of one `RealtimeEngine`."""
+
+    def __init__(self, engine: RealtimeEngine, served_model: str, expire_interval: float = 10.0):
+        self.engine = engine
+        self.served_model = served_model
+        self.expire_interval = expire_interval
+        self._expiry: asyncio.Task | None = None
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=MAX_BODY)
+        app.router.add_post("/v1/completions", self.completions)
+        app.router.add_post("/v1/chat/completions", self.chat_completions)
+        app.router.add_get("/v1/models", self.models)
+        app.router.add_get("/health", self.health)
+        app.router.add_get("/stats", self.stats)
+        app.on_startup.append(self._startup)
+        app.on_cleanup.append(self._cleanup)
+        return app
+
+    async def _startup(self, app: web.Application) -> None:
+        await self.engine.start()
+        self._expiry = asyncio.create_task(self._expire_loop())
+
+    async def _cleanup(self, app: web.Application) -> None:
+        if self._expiry is not None:
+            self._expiry.cancel()
+        await self.engine.stop()
+
+    async def _expire_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.expire_interval)
+            self.engine.advance()
+            self.engine.expire()
+
+    # -- endpoints -----------------------------------------------------------------
+    async def health(self, request: web.Request) -> web.Response:
+        return web.Response(status=200)
+
+    async def models(self, request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [
+            {"id": self.served_model, "object": "model", "created": 0, "owned_by": "sim",
+             "max_model_len": self.engine.max_tokens_per_call}]})
+
+    async def stats(self, request: web.Request) -> web.Response:
+        self.engine.advance()
+        return web.json_response(self.engine.snapshot())
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._handle(request, chat=False)
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._handle(request, chat=True)
+
+    async def _handle(self, request: web.Request, chat: bool) -> web.StreamResponse:
+        try:
+            body = json.loads(await request.read())
+        except web.HTTPRequestEntityTooLarge:
+            return error_response(413, f"request body exceeds {MAX_BODY} bytes")
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            return error_response(400, f"malformed JSON: {exc}")
+        try:
+            req = parse_request(body, chat, self.served_model)
+            handle = self.engine.submit(req.prompt_ids, req.max_tokens, req.program_id, req.thread_id,
+                                        req.program_service)
+        except RequestError as exc:
+            return error_response(exc.status, exc.message, exc.param)
+        except TooLarge as exc:
+            return error_response(400, str(exc), "max_tokens")
+        except Conflict as exc:
+            return error_response(409, str(exc), f"{XARGS}.thread_id")
+        try:
+            if req.stream:
+                return await self._stream(request, req, handle)
+            return await self._whole(req, handle)
+        finally:
+            if not handle.done:  # cancelled (client gone) or failed mid-way
+                self.engine.abort(handle)
+
+    def _headers(self) -> dict[str, str]:
+        return {"X-Engine-Index": str(self.engine.index)}
+
+    def _usage(self, req: ParsedRequest, handle: CallHandle) -> dict[str, Any]:
+        n_prompt, n_out = len(req.prompt_ids), req.max_tokens
+        return {"prompt_tokens": n_prompt, "completion_tokens": n_out, "total_tokens": n_prompt + n_out,
+                "prompt_tokens_details": {"cached_tokens": handle.call.prefix_hit_tokens}}
+
+    async def _whole(self, req: ParsedRequest, handle: CallHandle) -> web.Response:
+        while await handle.queue.get() is not None:
+            pass
+        if handle.aborted:
+            return error_response(499, "request aborted")
+        text = TOKEN_TEXT * req.max_tokens
+        if req.chat:
+            choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": text},
+                                      "finish_reason": "length"}
+        else:
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": "length"}
+        if req.return_token_ids:
+            choice["token_ids"] = list(handle.output_ids)
+            choice["prompt_token_ids"] = list(req.prompt_ids)
+        body = {
+            "id": _new_id(req.chat), "object": "chat.completion" if req.chat else "text_completion",
+            "created": int(time.time()), "model": req.model, "choices": [choice],
+            "usage": self._usage(req, handle), "engine_stats": handle.stats(self.engine.index),
+        }
+        return web.json_response(body, headers=self._headers())
+
+    async def _stream(self, request: web.Request, req: ParsedRequest, handle: CallHandle) -> web.StreamResponse:
+        resp = web.StreamResponse(status=200, headers={
+            "Content-Type": "text/event-stream", "Cache-Control": "no-cache", **self._headers()})
+        await resp.prepare(request)
+        cid, created = _new_id(req.chat), int(time.time())
+        obj = "chat.completion.chunk" if req.chat else "text_completion"
+
+        def chunk(choices: list[dict[str, Any]], **extra: Any) -> bytes:
+            doc = {"id": cid, "object": obj, "created": created, "model": req.model, "choices": choices, **extra}
+            return b"data: " + json.dumps(doc, separators=(",", ":")).encode() + b"\n\n"
+
+        sent = 0
+        while await handle.queue.get() is not None:
+            last = sent + 1 == req.max_tokens
+            if req.chat:
+                delta = {"content": TOKEN_TEXT} if sent else {"role": "assistant", "content": TOKEN_TEXT}
+                choice: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": "length" if last else None}
+            else:
+                choice = {"index": 0, "text": TOKEN_TEXT, "logprobs": None,
+                          "finish_reason": "length" if last else None}
+            if req.return_token_ids:
+                choice["token_ids"] = [handle.output_ids[sent]]
+                if sent == 0:
+                    choice["prompt_token_ids"] = list(req.prompt_ids)
+            await resp.write(chunk([choice]))
+            sent += 1
+        if handle.aborted:
+            return resp
+        extra: dict[str, Any] = {"engine_stats": handle.stats(self.engine.index)}
+        if req.include_usage:
+            extra["usage"] = self._usage(req, handle)
+        await resp.write(chunk([], **extra))
+        await resp.write(b"data: [DONE]\n\n")
+        await resp.write_eof()
+        return resp
+
+
+def _new_id(chat: bool) -> str:
+    return ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+
+
+# -- configuration and CLI ------------------------------------------------------------
+
+
+def build_config(args: argparse.Namespace) -> ExperimentConfig:
+    """The engine's configuration: an experiment (with --set) if named, then the flags on top."""
+    if args.experiment:
+        from sim.experiments import resolve
+
+        cfg = resolve(args.experiment, args.experiments, args.overrides)
+    else:
+        cfg = ExperimentConfig(name="serve")
+    eng = cfg.engine
+    changes = {k: v for k, v in (("model", args.model), ("gpu", args.gpu), ("num_gpu_blocks", args.num_gpu_blocks),
+                                  ("max_num_seqs", args.max_num_seqs),
+                                  ("max_num_batched_tokens", args.max_num_batched_tokens)) if v is not None}
+    eng = dataclasses.replace(eng, **changes)
+    lat = cfg.latency
+    if args.latency is not None:
+        lat = LatencyConfig(kind=args.latency, seconds=lat.seconds, name=lat.name)
+    if args.step_seconds is not None:
+        lat = dataclasses.replace(lat, seconds=args.step_seconds)
+    if args.latency_name is not None:
+        lat = dataclasses.replace(lat, name=args.latency_name)
+    return dataclasses.replace(cfg, engine=eng, latency=lat)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    p.add_argument("--port", type=int, default=8000, help="(default: %(default)s)")
+    p.add_argument("--index", type=int, default=0, help="engine index reported in X-Engine-Index (default: 0)")
+    p.add_argument("--served-model-name", default="sim", help="model id in /v1/models (default: %(default)s)")
+    p.add_argument("--experiment", help="take engine, latency and policy parameters from this experiment")
+    p.add_argument("-e", "--experiments", metavar="FILE", help="experiments file (default: experiments.yaml)")
+    p.add_argument("-s", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a dotted key of the experiment; repeatable")
+    p.add_argument("--policy", default="plas", help="scheduling policy: fcfs, mlfq, plas, atlas (default: plas)")
+    p.add_argument("--model", help="model spec name (e.g. llama-3.1-8b)")
+    p.add_argument("--gpu", help="GPU spec name (e.g. a100-80gb)")
+    p.add_argument("--latency", choices=("constant", "roofline", "fitted"), help="latency model kind")
+    p.add_argument("--step-seconds", type=float, help="step time of the constant latency model")
+    p.add_argument("--latency-name", help="fitted latency model name or path")
+    p.add_argument("--num-gpu-blocks", type=int, help="KV capacity in blocks (default: from the specs)")
+    p.add_argument("--max-num-seqs", type=int)
+    p.add_argument("--max-num-batched-tokens", type=int)
+
+
+async def serve(server: SimServer, host: str, port: int) -> web.AppRunner:
+    """Start ``server`` on host:port; returns the runner (``await runner.cleanup()`` to stop)."""
+    runner = web.AppRunner(server.app(), handler_cancellation=True, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, host, port).start()
+    return runner
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m sim serve",
+                                     description="Serve an OpenAI-compatible API timed by the simulated engine.")
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        cfg = build_config(args)
+        engine = RealtimeEngine(cfg, args.policy, args.index)
+    except (ValueError, OSError) as exc:
+        print(f"python -m sim serve: error: {exc}", file=sys.stderr)
+        return 1
+    server = SimServer(engine, args.served_model_name)
+    print(f"sim serve: engine {args.index} ({cfg.engine.model} on {cfg.engine.gpu}, latency {cfg.latency.kind}, "
+          f"policy {args.policy}) on http://{args.host}:{args.port}", file=sys.stderr)
+    web.run_app(server.app(), host=args.host, port=args.port, handler_cancellation=True, access_log=None,
+                print=None)
+    return 0
