@@ -1,4 +1,4 @@
-"""``python -m sim``: run and list experiments, fit latency models.
+"""``python -m sim``: run and list experiments; fit latency models and serve (delegated).
 
 Bad input (a wrong experiment, a missing trace, a model that does not fit)
 is reported as one line on stderr with exit status 1; a malformed command
@@ -8,6 +8,7 @@ line exits with status 2 (argparse's convention). A traceback means a bug.
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -24,6 +25,11 @@ LIST_EXAMPLES = """examples:
 """
 FIT_EXAMPLES = """examples:
   python -m sim fit-latency --help     (options are the latency tool's own)
+  python -m sim fit-latency a100.csv -o a100-measured.json
+"""
+SERVE_EXAMPLES = """examples:
+  python -m sim serve --help           (options are sim.serve's own)
+  python -m sim serve --experiment quickstart --policy plas --port 8000
 """
 
 
@@ -72,6 +78,14 @@ def _parser() -> argparse.ArgumentParser:
         help="fit a latency model to profiles (delegated to sim.latency.fitted)",
         description="Fit a latency model; every argument is passed to sim.latency.fitted.",
         epilog=FIT_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        add_help=False,
+    )
+    sub.add_parser(
+        "serve",
+        help="serve an OpenAI-compatible API timed by the simulated engine (delegated to sim.serve)",
+        description="Serve an OpenAI-compatible API; every argument is passed to sim.serve.",
+        epilog=SERVE_EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         add_help=False,
     )
@@ -155,19 +169,28 @@ def _list(args: argparse.Namespace) -> int:
     return 0
 
 
-def _fit_latency(argv: list[str]) -> int:
+# Subcommands owned by other modules: (module, function taking the remaining argv).
+# Imported only when used, so `run` does not pay for their dependencies.
+DELEGATED = {
+    "fit-latency": ("sim.latency.fitted", "fit_latency_main"),
+    "serve": ("sim.serve", "main"),
+}
+
+
+def _delegate(command: str, argv: list[str]) -> int:
+    module, func = DELEGATED[command]
     try:
-        from sim.latency.fitted import fit_latency_main
-    except ImportError as exc:
-        print(f"python -m sim fit-latency: not available: {exc}", file=sys.stderr)
+        entry = getattr(importlib.import_module(module), func)
+    except (ImportError, AttributeError) as exc:
+        print(f"python -m sim {command}: not available: {exc}", file=sys.stderr)
         return 1
-    return int(fit_latency_main(argv) or 0)
+    return int(entry(argv) or 0)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "fit-latency":  # its options belong to the latency tool
-        return _fit_latency(argv[1:])
+    if argv and argv[0] in DELEGATED:  # their options belong to their modules
+        return _delegate(argv[0], argv[1:])
     args = _parser().parse_args(argv)
     errors = _user_errors()
     try:

@@ -438,7 +438,7 @@ def _check_workload(ck: _Checker, raw: Any) -> tuple[str | None, dict[str, Any],
             ck.fail(p + ("trace",), f"no such file: {trace} (relative paths are from the working directory)")
         return None, {}, trace
     try:
-        from traces.generators import WORKLOADS
+        from traces.generators import WORKLOADS, generate
     except ImportError as exc:
         ck.fail(p + ("generator",), f"the workload generators are not available: {exc}")
     ck.choice(p + ("generator",), gen, sorted(WORKLOADS))
@@ -456,13 +456,24 @@ def _check_workload(ck: _Checker, raw: Any) -> tuple[str | None, dict[str, Any],
         ck.fail(pp + ("programs",), f"expected an integer >= 1, got {_show(programs)}")
     if not isinstance(rate, (int, float)) or isinstance(rate, bool) or not rate > 0:
         ck.fail(pp + ("rate",), f"expected a number > 0 (programs per second), got {_show(rate)}")
-    if "cv" in params:
-        cv = params["cv"]
-        if not isinstance(cv, (int, float)) or isinstance(cv, bool) or not cv > 0:
-            ck.fail(pp + ("cv",), f"expected a number > 0, got {_show(cv)}")
-    if "arrival" in params and not isinstance(params["arrival"], str):
-        ck.fail(pp + ("arrival",), f"expected a string, got {_show(params['arrival'])}")
+    # The generator checks the rest (arrival process, cv, its own parameters):
+    # asking it for zero programs runs every check and costs nothing.
+    try:
+        generate(gen, **{**params, "programs": 0}, seed=0)
+    except (ValueError, TypeError) as exc:
+        msg = str(exc)
+        key = _named_key(msg, [k for k in params if isinstance(k, str)])
+        ck.fail(pp + (key,) if key else pp, msg)
     return gen, dict(params), None
+
+
+def _named_key(message: str, keys: Sequence[str]) -> str | None:
+    """The key an error message is about, to point at its line: quoted, leading, or as a word."""
+    for test in (lambda k: f"'{k}'" in message, lambda k: message.startswith(f"{k} "), lambda k: f" {k} " in message):
+        for key in keys:
+            if test(key):
+                return key
+    return None
 
 
 def _build(name: str, layered: _Layered) -> ExperimentConfig:

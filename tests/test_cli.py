@@ -129,3 +129,9 @@ def test_bad_trace_is_one_line(workdir):
     res = sim("run", "tiny", "-e", "exp.yaml", "-s", "workload.trace=bad.jsonl", "-q", cwd=workdir)
     assert res.returncode == 1 and "Traceback" not in res.stderr
     assert len(res.stderr.splitlines()) == 1 and res.stderr.startswith("error: bad.jsonl:1: program 'x'")
+
+
+def test_serve_is_delegated(workdir):
+    res = sim("serve", "--help", cwd=workdir)
+    assert res.returncode == 0 and "Traceback" not in res.stderr
+    assert res.stdout.startswith("usage: python -m sim serve")

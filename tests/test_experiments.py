@@ -324,3 +324,63 @@ def test_run_replaces_stale_outputs(write, tmp_path):
     assert list(summary["policies"]) == ["plas"]
     assert "stale" not in (out / "summary.json").read_text()
     assert not any(p.name.endswith(".tmp") for p in out.iterdir())
+
+
+def test_shipped_experiments_all_resolve_with_every_part_explicit():
+    from sim.experiments import DEFAULT_FILE
+
+    ef = load_file(DEFAULT_FILE)
+    assert {"quickstart", "bfcl-high", "lats-high", "sharegpt-high", "mixed-high", "multi-engine-locality",
+            "constant-latency-check"} <= set(ef.names())
+    for name in ef.names():
+        assert ef.description(name), name
+        cfg = resolve(name, ef)
+        assert cfg.workload.generator in ("bfcl", "sharegpt", "lats", "mixed")
+        assert {"programs", "rate", "arrival"} <= set(cfg.workload.params)
+    # the issue asks for workload, engine, latency model, policies and seed to be explicit
+    for key in ("model", "gpu", "gpus_per_replica", "max_num_seqs", "max_num_batched_tokens", "preemption_mode",
+                "replicas", "balancer"):
+        assert key in ef.defaults["engine"], key
+    assert {"kind"} <= set(ef.defaults["latency"]) and "policies" in ef.defaults and "seed" in ef.defaults
+    assert set(resolve("quickstart", ef).policies) == set(POLICIES)
+    multi = resolve("multi-engine-locality", ef)
+    assert multi.engine.replicas == 4 and multi.engine.balancer == "locality"
+    assert resolve("constant-latency-check", ef).latency.kind == "constant"
+
+
+GEN = """\
+experiments:
+  gen:
+    workload:
+      generator: bfcl
+      params: {programs: 5, rate: 2.0}
+    latency: {kind: constant}
+"""
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("workload.generator=chat", "workload.generator: unknown value 'chat'; valid choices: bfcl, lats, mixed, sharegpt"),
+        ("workload.params.rate=0", "workload.params.rate: expected a number > 0 (programs per second), got 0"),
+        ("workload.params.programs=1.5", "workload.params.programs: expected an integer >= 1, got 1.5"),
+        ("workload.params.programs=null", "workload.params.programs: expected an integer >= 1, got null"),
+        ("workload.params.seed=3", "workload.params.seed: set the experiment's top-level seed instead"),
+        ("workload.params.arrival=burst", "workload.params.arrival: unknown arrival process 'burst'"),
+        ("workload.params.cv=2", "workload.params.cv: cv applies to arrival='gamma' only"),
+        ("workload.params.tools=3", "workload.params.tools: unknown parameter 'tools' for workload 'bfcl'; valid parameters: calls_mean,"),
+    ],
+)
+def test_generator_workload_errors(tmp_path, monkeypatch, override, expected):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "g.yaml").write_text(GEN)
+    assert resolve("gen", "g.yaml").workload.params == {"programs": 5, "rate": 2.0}
+    assert error("gen", "g.yaml", [override]).startswith(f"--set {override}: experiment 'gen': {expected}")
+
+
+def test_generator_errors_in_the_file_point_at_the_params_line(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "g.yaml").write_text(GEN.replace("rate: 2.0}", "rate: 2.0, arrival: gamma, cv: -1}"))
+    assert error("gen", "g.yaml").startswith("g.yaml:5: experiment 'gen': workload.params.cv: cv must be a finite number > 0")
+    (tmp_path / "g.yaml").write_text(GEN.replace("programs: 5, ", ""))
+    assert error("gen", "g.yaml") == "g.yaml:5: experiment 'gen': workload.params: missing programs"
