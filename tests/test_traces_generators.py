@@ -107,6 +107,8 @@ def test_count_distributions_have_the_requested_means():
     assert abs(count_pmf(6.66, 80, 1.0) @ k - 6.66) < 1e-9
     g = truncated_geometric_pmf(22.67, 50)
     assert abs(g @ np.arange(1, 51) - 22.67) < 1e-9 and (np.diff(g) < 0).all()
+    g = truncated_geometric_pmf(40.0, 50)  # above the midpoint: an increasing pmf
+    assert abs(g @ np.arange(1, 51) - 40.0) < 1e-9 and (np.diff(g) > 0).all()
 
 
 def test_lats_shape_parallel_expansions_then_evaluation_then_reflection():

@@ -139,7 +139,9 @@ class LATSParams:
     than ``depth`` (exploration). The number of steps is geometric (each
     step finds the answer with a fixed probability) truncated at
     ``max_steps``, its probability solved so calls per program average
-    ``calls_mean``.
+    ``calls_mean`` (a narrower ``width`` needs more steps for the same
+    calls; past half the budget the ratio exceeds 1, see
+    :func:`truncated_geometric_pmf`).
 
     Outputs differ by role: expansions write a short thought and action
     (``expansion_output_mean``), evaluations a short verdict
@@ -177,7 +179,7 @@ class LATSParams:
         _check_positive(self, "width", "depth", "max_steps", "prefix_tokens", integer=True)
         if not (isinstance(self.greedy, (int, float)) and 0 <= self.greedy <= 1):
             raise ValueError(f"lats parameter 'greedy' must be a probability in [0, 1], got {self.greedy!r}")
-        lo, hi = 1 + (self.width + 2), 1 + (self.max_steps + 1) / 2 * (self.width + 2)
+        lo, hi = 1 + (self.width + 2), 1 + self.max_steps * (self.width + 2)
         if not lo < self.calls_mean < hi:
             raise ValueError(
                 f"lats parameter 'calls_mean' must lie strictly between {lo} and {hi} for "
@@ -233,18 +235,24 @@ def count_pmf(mean: float, kmax: int, sigma: float) -> np.ndarray:
 
 
 def truncated_geometric_pmf(mean: float, kmax: int) -> np.ndarray:
-    """P(K = k) ∝ (1-p)^(k-1) for k = 1..kmax, with p solved for the mean."""
-    k = np.arange(1, kmax + 1, dtype=float)
-    if not 1 < mean < (kmax + 1) / 2:
-        # Means at or above the midpoint would need p <= 0 (an increasing pmf).
-        raise ValueError(f"a truncated geometric on 1..{kmax} needs a mean in (1, {(kmax + 1) / 2}), got {mean}")
+    """P(K = k) ∝ q^(k-1) for k = 1..kmax, with the ratio q solved for the mean.
 
-    def pmf(q: float) -> np.ndarray:  # q = 1 - p, the per-step failure probability
-        w = q ** (k - 1)
+    ``q = 1 - p`` < 1 is a geometric number of trials to the first success
+    (each step succeeds with probability ``p``), truncated at the budget
+    ``kmax``; means above ``(kmax + 1) / 2`` need ``q > 1``: most programs
+    use most of their budget. Any mean in (1, kmax) is reachable.
+    """
+    k = np.arange(1, kmax + 1, dtype=float)
+    if not 1 < mean < kmax:
+        raise ValueError(f"a mean of {mean} steps is impossible with at most {kmax} steps")
+
+    def pmf(log_q: float) -> np.ndarray:
+        e = log_q * (k - 1)
+        w = np.exp(e - e.max())
         return w / w.sum()
 
-    q = _bisect(lambda q: float(pmf(q) @ k), mean, 1e-12, 1 - 1e-12)
-    return pmf(q)
+    log_q = _bisect(lambda x: float(pmf(x) @ k), mean, -50.0, 50.0)
+    return pmf(log_q)
 
 
 def _tokens(rng: np.random.Generator, mean: float, sigma: float, size: int) -> list[int]:

@@ -1,0 +1,98 @@
+"""``python -m traces``: exit codes, messages, no tracebacks."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from traces.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+AZURE = REPO.parent / "shared" / "data" / "azure-llm-2023"
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "traces", *args], cwd=REPO, capture_output=True, text=True)
+
+
+def test_gen_then_validate_then_stats_via_subprocess(tmp_path):
+    out = tmp_path / "lats.jsonl"
+    r = run("gen", "lats", "--programs", "20", "--rate", "0.5", "--seed", "3", "--param", "width=3", "-o", str(out))
+    assert r.returncode == 0, r.stderr
+    r = run("validate", str(out))
+    assert r.returncode == 0 and r.stdout.startswith(f"{out}: OK, 20 programs, ")
+    r = run("stats", str(out), "--json")
+    s = json.loads(r.stdout)
+    for key in ("programs", "calls", "calls_per_program_mean", "calls_per_program_max", "prompt_tokens_mean",
+                "output_tokens_mean", "max_parallel_calls_mean", "duration_s"):
+        assert key in s
+    assert s["programs"] == 20 and s["max_parallel_calls_mean"] == 3
+
+
+def test_gen_is_byte_identical_for_the_same_seed(tmp_path):
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    for f in (a, b):
+        assert main(["gen", "mixed", "--programs", "30", "--rate", "2", "--seed", "9", "--arrival", "gamma",
+                     "--cv", "2", "-o", str(f)]) == 0
+    assert a.read_bytes() == b.read_bytes()
+
+
+def test_validate_prints_every_error_and_a_count(tmp_path, capsys):
+    f = tmp_path / "bad.jsonl"
+    good = '{"id":"p%d","arrival":0,"workload":"w","calls":[{"id":"c","parents":[],"prompt_tokens":1,"output_tokens":1,"delay":0}]}'
+    f.write_text("\n".join([good % 0, "oops"] + [good.replace('"prompt_tokens":1', '"prompt_tokens":0') % i for i in range(1, 5)]) + "\n")
+    assert main(["validate", str(f), "--limit", "3"]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith(f"{f}:2: malformed JSON")
+    assert err[1] == f"{f}:3: program 'p1' call 'c': field 'prompt_tokens': expected an integer > 0, got 0"
+    assert err[3] == "... and 2 more"
+    assert err[4] == f"{f}: 5 bad line(s)"
+
+
+@pytest.mark.parametrize(
+    "args,code,words",
+    [
+        (["gen", "chat", "--programs", "1", "--rate", "1", "--seed", "0", "-o", "x"], 2, "invalid choice"),
+        (["gen", "bfcl", "--programs", "1", "--rate", "0", "--seed", "0", "-o", "x"], 2, "finite number > 0"),
+        (["gen", "bfcl", "--programs", "1", "--rate", "1", "--seed", "0", "--param", "nope=1", "-o", "x"], 2,
+         "unknown parameter 'nope'"),
+        (["gen", "bfcl", "--programs", "1", "--rate", "1", "--seed", "0", "--cv", "2", "-o", "x"], 2, "--cv applies"),
+        (["gen", "bfcl", "--programs", "1", "--rate", "1", "--seed", "0", "--param", "width", "-o", "x"], 2,
+         "expected key=value"),
+        (["validate", "/nonexistent/file.jsonl"], 1, "No such file"),
+        (["stats", "/nonexistent/file.jsonl"], 1, "No such file"),
+        (["convert", "azure", "/nonexistent.csv", "-o", "x"], 1, "No such file"),
+        (["convert", "azure", str(AZURE / "code.csv"), "--group-by-prefix", "2", "-o", "x"], 2,
+         "--group-by-prefix does not apply to azure"),
+        ([], 2, "required"),
+    ],
+)
+def test_errors_exit_with_the_right_code_and_no_traceback(args, code, words):
+    r = run(*args)
+    assert r.returncode == code, r.stderr
+    assert words in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_stats_on_a_bad_file_reports_the_line(tmp_path):
+    f = tmp_path / "t.jsonl"
+    f.write_text('{"id":"p0"}\n')
+    r = run("stats", str(f))
+    assert r.returncode == 1 and f"{f}:1: program 'p0': field 'arrival': missing" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_convert_azure_real_file(tmp_path):
+    out = tmp_path / "code.jsonl"
+    assert main(["convert", "azure", str(AZURE / "code.csv"), "-o", str(out)]) == 0
+    assert main(["validate", str(out)]) == 0
+
+
+@pytest.mark.parametrize("cmd", ["gen", "convert", "validate", "stats"])
+def test_every_command_has_help_with_examples(cmd):
+    r = run(cmd, "--help")
+    assert r.returncode == 0 and "examples:" in r.stdout and "python -m traces" in r.stdout

@@ -1,0 +1,7 @@
+"""Entry point for ``python -m traces`` (see traces/cli.py)."""
+
+import sys
+
+from traces.cli import main
+
+sys.exit(main())

@@ -1,0 +1,241 @@
+"""``python -m traces``: generate, convert, validate and summarise traces.
+
+Exit codes: 0 success; 1 the data is bad (validation errors, unreadable or
+malformed input); 2 the command line is wrong (argparse's convention, also
+used for bad generator parameters). Errors are one message on stderr, never
+a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Sequence
+
+from traces import generators, importers
+from traces.io import load, save
+from traces.stats import trace_stats
+from traces.validate import TraceError, scan_file
+
+EXIT_BAD_DATA = 1
+EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    """A command-line mistake found after argparse (exit code 2)."""
+
+
+def _formatter(prog: str) -> argparse.HelpFormatter:
+    return argparse.RawDescriptionHelpFormatter(prog, max_help_position=32)
+
+
+def _param(text: str) -> tuple[str, object]:
+    """``key=value``; the value is read as JSON when it parses (numbers, true/false), else a string."""
+    key, eq, value = text.partition("=")
+    if not eq or not key:
+        raise argparse.ArgumentTypeError(f"expected key=value, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except ValueError:
+        return key, value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not v > 0 or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
+    return v
+
+
+def _nonneg_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return v
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m traces",
+        formatter_class=_formatter,
+        description="Program traces (JSON Lines, one program DAG per line): generate, convert, validate, stats.",
+        epilog=(
+            "examples:\n"
+            "  python -m traces gen bfcl --programs 1000 --rate 2 --seed 0 -o bfcl.jsonl\n"
+            "  python -m traces convert azure ../shared/data/azure-llm-2023/conv.csv -o conv.jsonl\n"
+            "  python -m traces validate bfcl.jsonl\n"
+            "  python -m traces stats bfcl.jsonl --json\n"
+            "\nexit codes: 0 ok, 1 bad data, 2 bad command line"
+        ),
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    gen = sub.add_parser(
+        "gen",
+        help="generate a synthetic workload",
+        formatter_class=_formatter,
+        description="Generate a seeded synthetic workload whose statistics match the Autellix paper.",
+        epilog=(
+            "examples:\n"
+            "  python -m traces gen sharegpt --programs 5000 --rate 1.5 --seed 1 -o chat.jsonl\n"
+            "  python -m traces gen lats --programs 200 --rate 0.1 --seed 0 --param width=3 --param depth=5 -o lats.jsonl\n"
+            "  python -m traces gen mixed --programs 3000 --rate 4 --seed 2 --arrival gamma --cv 2 -o mixed.jsonl\n"
+            "\nparameters (--param) per workload, with defaults: see traces/README.md or traces/generators.py"
+        ),
+    )
+    gen.add_argument("workload", choices=generators.WORKLOADS)
+    gen.add_argument("--programs", type=_nonneg_int, required=True, help="number of programs")
+    gen.add_argument("--rate", type=_positive_float, required=True, help="mean arrival rate, programs per second")
+    gen.add_argument("--seed", type=_nonneg_int, required=True)
+    gen.add_argument("--arrival", choices=("poisson", "gamma"), default="poisson")
+    gen.add_argument("--cv", type=_positive_float, default=None,
+                     help="coefficient of variation of inter-arrival times (gamma only; default 1)")
+    gen.add_argument("--param", type=_param, action="append", default=[], metavar="KEY=VALUE",
+                     help="override a workload parameter (repeatable)")
+    gen.add_argument("-o", "--output", required=True, help="trace file to write")
+
+    conv = sub.add_parser(
+        "convert",
+        help="import a real trace",
+        formatter_class=_formatter,
+        description="Convert an Azure CSV, a ShareGPT JSON or a Mooncake JSONL trace to the program format.",
+        epilog=(
+            "examples:\n"
+            "  python -m traces convert azure ../shared/data/azure-llm-2023/code.csv -o code.jsonl\n"
+            "  python -m traces convert azure trace.csv --min-tokens 1 -o out.jsonl\n"
+            "  python -m traces convert sharegpt sharegpt.json --rate 2 --seed 0 -o chat.jsonl\n"
+            "  python -m traces convert sharegpt sharegpt.json --tokenizer meta-llama/Llama-3.1-8B -o chat.jsonl\n"
+            "  python -m traces convert mooncake mooncake.jsonl --group-by-prefix 4 -o mc.jsonl"
+        ),
+    )
+    conv.add_argument("format", choices=importers.IMPORTERS)
+    conv.add_argument("source")
+    conv.add_argument("-o", "--output", required=True)
+    conv.add_argument("--min-tokens", type=int, default=None,
+                      help="azure: raise token counts below N to N (reported) instead of failing")
+    conv.add_argument("--rate", type=_positive_float, default=None, help="sharegpt: arrival rate (default 1)")
+    conv.add_argument("--seed", type=_nonneg_int, default=None, help="sharegpt: arrival seed (default 0)")
+    conv.add_argument("--tokenizer", default=None,
+                      help="sharegpt: Hugging Face tokenizer name (needs transformers); default chars/4")
+    conv.add_argument("--group-by-prefix", type=int, default=None, metavar="N",
+                      help="mooncake: rows sharing their first N hash ids form one chained program")
+
+    val = sub.add_parser(
+        "validate",
+        help="check a trace file",
+        formatter_class=_formatter,
+        description="Check every line of a trace; print every error (up to --limit) and exit 1, or one OK line.",
+        epilog="examples:\n  python -m traces validate bfcl.jsonl\n  python -m traces validate big.jsonl --limit 10",
+    )
+    val.add_argument("file")
+    val.add_argument("--limit", type=_nonneg_int, default=50, help="errors to print (default 50)")
+
+    st = sub.add_parser(
+        "stats",
+        help="summary statistics of a trace",
+        formatter_class=_formatter,
+        description="Calls per program, tokens per call, parallelism (exact DAG width) and duration.",
+        epilog="examples:\n  python -m traces stats bfcl.jsonl\n  python -m traces stats bfcl.jsonl --json",
+    )
+    st.add_argument("file")
+    st.add_argument("--json", action="store_true", help="print one JSON object")
+    return parser
+
+
+def _gen(args: argparse.Namespace) -> int:
+    if args.cv is not None and args.arrival != "gamma":
+        raise UsageError("--cv applies to --arrival gamma only")
+    try:
+        programs = generators.generate(
+            args.workload, args.programs, args.rate, args.seed, arrival=args.arrival,
+            cv=1.0 if args.cv is None else args.cv, **dict(args.param),
+        )
+    except (ValueError, TypeError) as exc:
+        raise UsageError(str(exc)) from None
+    n = save(programs, args.output)
+    print(f"wrote {n} programs ({sum(len(p.calls) for p in programs)} calls) to {args.output}", file=sys.stderr)
+    return 0
+
+
+def _convert(args: argparse.Namespace) -> int:
+    given = {k for k in ("min_tokens", "rate", "seed", "tokenizer", "group_by_prefix") if getattr(args, k) is not None}
+    allowed = {"azure": {"min_tokens"}, "sharegpt": {"rate", "seed", "tokenizer"}, "mooncake": {"group_by_prefix"}}
+    extra = given - allowed[args.format]
+    if extra:
+        opts = ", ".join("--" + k.replace("_", "-") for k in sorted(extra))
+        raise UsageError(f"{opts} does not apply to {args.format}")
+    try:
+        if args.format == "azure":
+            report = importers.import_azure(args.source, min_tokens=args.min_tokens)
+        elif args.format == "sharegpt":
+            counter = importers.load_tokenizer(args.tokenizer) if args.tokenizer else importers.approx_tokens
+            report = importers.import_sharegpt(
+                args.source, rate=args.rate or 1.0, seed=args.seed or 0, count_tokens=counter
+            )
+        else:
+            report = importers.import_mooncake(args.source, group_by_prefix=args.group_by_prefix)
+    except ValueError as exc:
+        if isinstance(exc, TraceError):
+            raise
+        raise UsageError(str(exc)) from None
+    n = save(report.programs, args.output)
+    for note in report.notes:
+        print(f"{args.format}: {note}", file=sys.stderr)
+    print(f"wrote {n} programs to {args.output}", file=sys.stderr)
+    return 0
+
+
+def _validate(args: argparse.Namespace) -> int:
+    result = scan_file(args.file, limit=args.limit)
+    if result.error_count:
+        for err in result.errors:
+            print(err, file=sys.stderr)
+        if result.error_count > len(result.errors):
+            print(f"... and {result.error_count - len(result.errors)} more", file=sys.stderr)
+        print(f"{args.file}: {result.error_count} bad line(s)", file=sys.stderr)
+        return EXIT_BAD_DATA
+    print(f"{args.file}: OK, {result.programs} programs, {result.calls} calls")
+    return 0
+
+
+def _stats(args: argparse.Namespace) -> int:
+    s = trace_stats(load(args.file))
+    if args.json:
+        print(json.dumps(s, sort_keys=False))
+    else:
+        width = max(len(k) for k in s)
+        for k, v in s.items():
+            shown = f"{v:.4f}" if isinstance(v, float) else str(v)
+            print(f"{k:<{width}}  {shown}")
+    return 0
+
+
+COMMANDS = {"gen": _gen, "convert": _convert, "validate": _validate, "stats": _stats}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the exit code (argparse usage errors exit 2 itself)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except UsageError as exc:
+        parser.print_usage(sys.stderr)
+        print(f"python -m traces {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except TraceError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_DATA
+    except (OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_DATA
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

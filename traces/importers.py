@@ -1,0 +1,314 @@
+"""Importers: real traces in other formats -> programs.
+
+Each importer reads a whole source file, checks every row, and either
+returns programs or raises :class:`~traces.validate.TraceError` naming the
+file, the line (or entry) and the field. Nothing is dropped or changed
+silently: where an importer has to change or skip something it counts it in
+the returned :class:`ImportReport`, and the CLI prints the report.
+
+* Azure LLM inference CSV (Splitwise, 2023): one call per row, real arrival
+  times and token counts.
+* ShareGPT JSON: each conversation becomes a multi-turn chat chain.
+* Mooncake JSONL: one call per row with prompt block hashes, optionally
+  grouped into chains by a shared hash prefix.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Callable
+
+import numpy as np
+
+from traces.arrivals import arrival_times
+from traces.format import Call, Program
+from traces.validate import TraceError, show
+
+IMPORTERS = ("azure", "sharegpt", "mooncake")
+
+
+@dataclass
+class ImportReport:
+    """What an importer changed or skipped, for the user to see."""
+
+    programs: list[Program]
+    notes: list[str] = field(default_factory=list)
+
+
+# -------------------------------------------------------------------- azure
+
+AZURE_COLUMNS = ("TIMESTAMP", "ContextTokens", "GeneratedTokens")
+
+
+def parse_azure_timestamp(text: str) -> int:
+    """``2023-11-16 18:17:03.9799600`` -> integer 100-nanosecond ticks since the epoch (UTC).
+
+    The trace has seven fraction digits; ``datetime`` keeps only six, so the
+    fraction is read as an integer and the whole time is kept exactly.
+    """
+    main, dot, frac = text.strip().partition(".")
+    if dot and (not frac.isdigit() or len(frac) > 7):
+        raise ValueError(f"bad fraction of a second {frac!r}")
+    base = datetime.strptime(main, "%Y-%m-%d %H:%M:%S").replace(tzinfo=timezone.utc)
+    seconds = int(base.timestamp())
+    return seconds * 10_000_000 + (int(frac.ljust(7, "0")) if dot else 0)
+
+
+def import_azure(path: str | os.PathLike, min_tokens: int | None = None) -> ImportReport:
+    """Azure LLM inference trace CSV: each row a one-call program.
+
+    ``arrival`` is the time since the first row in seconds, computed from
+    integer 100 ns ticks (exact to float precision). Rows must be in time
+    order. A token count of 0 is an error by default (a call must have at
+    least one prompt and one output token); with ``min_tokens=N`` counts
+    below N are raised to N and the number of rows changed is reported.
+    The workload label is ``azure-<file stem>``.
+    """
+    file = os.fspath(path)
+    label = "azure-" + os.path.splitext(os.path.basename(file))[0]
+    programs: list[Program] = []
+    changed = 0
+    if min_tokens is not None and (type(min_tokens) is not int or min_tokens < 1):
+        raise ValueError(f"min_tokens must be an integer >= 1, got {min_tokens!r}")
+    with open(file, newline="", encoding="utf-8") as fh:
+        reader = csv.reader(fh)
+        header = next(reader, None)
+        if header is None or tuple(h.strip() for h in header) != AZURE_COLUMNS:
+            raise TraceError(
+                f"expected the header {','.join(AZURE_COLUMNS)}, got {show(header)}", file=file, line=1
+            )
+        first = prev = None
+        for row in reader:
+            line = reader.line_num
+            if len(row) != 3:
+                raise TraceError(f"expected 3 columns, got {len(row)}", file=file, line=line)
+            try:
+                ticks = parse_azure_timestamp(row[0])
+            except ValueError as exc:
+                raise TraceError(f"expected a time like 2023-11-16 18:17:03.9799600, got {row[0]!r} ({exc})",
+                                 file=file, line=line, field="TIMESTAMP") from None
+            counts = []
+            for name, text in zip(AZURE_COLUMNS[1:], row[1:]):
+                try:
+                    value = int(text)
+                except ValueError:
+                    raise TraceError(f"expected an integer, got {text!r}", file=file, line=line, field=name) from None
+                if value < 0 or (value == 0 and min_tokens is None):
+                    hint = " (--min-tokens 1 imports it as 1 and reports it)" if value == 0 else ""
+                    raise TraceError(f"expected an integer > 0, got {value}{hint}", file=file, line=line, field=name)
+                if min_tokens is not None and value < min_tokens:
+                    value = min_tokens
+                    changed += 1
+                counts.append(value)
+            if first is None:
+                first = prev = ticks
+            if ticks < prev:
+                raise TraceError("rows must be in time order (this row is earlier than the previous one)",
+                                 file=file, line=line, field="TIMESTAMP")
+            prev = ticks
+            arrival = (ticks - first) / 10_000_000
+            pid = f"p{len(programs)}"
+            programs.append(Program(pid, arrival, label, (Call("c0", (), counts[0], counts[1]),)))
+    notes = []
+    if min_tokens is not None:
+        notes.append(f"{changed} token count(s) below {min_tokens} raised to {min_tokens}")
+    return ImportReport(programs, notes)
+
+
+# ----------------------------------------------------------------- sharegpt
+
+
+def approx_tokens(text: str) -> int:
+    """About four characters per token (English text under BPE tokenizers), at least 1."""
+    return max(1, math.ceil(len(text) / 4))
+
+
+def load_tokenizer(name: str) -> Callable[[str], int]:
+    """A token counter from a Hugging Face tokenizer (``transformers`` needed)."""
+    try:
+        from transformers import AutoTokenizer  # noqa: PLC0415 - optional, heavy
+    except ImportError:
+        raise ValueError(
+            f"--tokenizer {name} needs the 'transformers' package (pip install transformers); "
+            "without --tokenizer, tokens are approximated as characters / 4"
+        ) from None
+    tok = AutoTokenizer.from_pretrained(name)
+    return lambda text: max(1, len(tok.encode(text, add_special_tokens=False)))
+
+
+def import_sharegpt(
+    path: str | os.PathLike,
+    rate: float = 1.0,
+    seed: int = 0,
+    count_tokens: Callable[[str], int] = approx_tokens,
+) -> ImportReport:
+    """ShareGPT JSON: each conversation a chain of calls, one per ``gpt`` reply.
+
+    A reply's prompt re-sends the conversation so far (``context_of`` the
+    previous call) plus the messages since that call; its output is the
+    reply. Messages before the first reply (``system``, ``human``, or a
+    leading ``gpt`` greeting) form the first prompt. Consecutive ``gpt``
+    messages are one reply (the model continued). Messages after the last
+    reply have no answer to time and are not calls; conversations without
+    any reply become no program. Both are counted in the report. Arrivals
+    are Poisson at ``rate`` programs/s with ``seed``; program ids are
+    ``p0, p1, ...`` in file order (the ShareGPT id is not kept, since real
+    dumps repeat ids).
+    """
+    file = os.fspath(path)
+    try:
+        with open(file, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except ValueError as exc:
+        raise TraceError(f"malformed JSON: {exc}", file=file) from None
+    if not isinstance(data, list):
+        raise TraceError(f"expected a JSON array of conversations, got {show(data)}", file=file)
+    bodies: list[tuple[Call, ...]] = []
+    no_reply = trailing = 0
+    for n, conv in enumerate(data):
+        where = f"{file}: conversation [{n}]"
+
+        def bad(fieldname: str, reason: str) -> TraceError:
+            cid = conv.get("id") if isinstance(conv, dict) else None
+            return TraceError(reason, file=where, program_id=cid if isinstance(cid, str) else None, field=fieldname)
+
+        if not isinstance(conv, dict) or not isinstance(conv.get("conversations"), list):
+            raise bad("conversations", f"expected an object with a list 'conversations', got {show(conv)}")
+        calls: list[Call] = []
+        pending = 0  # prompt tokens since the last call
+        for m, msg in enumerate(conv["conversations"]):
+            if not isinstance(msg, dict):
+                raise bad(f"conversations[{m}]", f"expected an object {{from, value}}, got {show(msg)}")
+            role, text = msg.get("from"), msg.get("value")
+            if not isinstance(text, str):
+                raise bad(f"conversations[{m}].value", f"expected a string, got {show(text)}")
+            if role in ("human", "user", "system"):
+                pending += count_tokens(text)
+            elif role in ("gpt", "chatgpt", "assistant", "bard", "bing"):
+                out = count_tokens(text)
+                if not calls and pending == 0:
+                    pending += out  # a greeting before any user message: context, not a call
+                elif pending == 0:
+                    prev = calls[-1]  # the model continued its reply
+                    calls[-1] = Call(prev.id, prev.parents, prev.prompt_tokens, prev.output_tokens + out,
+                                     prev.delay, prev.context_of)
+                elif not calls:
+                    calls.append(Call("c0", (), pending, out))
+                    pending = 0
+                else:
+                    prev = calls[-1]
+                    calls.append(Call(f"c{len(calls)}", (prev.id,), prev.context_tokens + pending, out, 0.0, prev.id))
+                    pending = 0
+            else:
+                raise bad(f"conversations[{m}].from", f"expected 'human', 'gpt' or 'system', got {show(role)}")
+        if not calls:
+            no_reply += 1
+            continue
+        if pending:
+            trailing += 1
+        bodies.append(tuple(calls))
+    rng = np.random.Generator(np.random.PCG64(seed))
+    times = arrival_times(len(bodies), rate, rng)
+    programs = [Program(f"p{i}", t, "sharegpt", calls) for i, (t, calls) in enumerate(zip(times, bodies))]
+    notes = [
+        f"{no_reply} conversation(s) without a reply: no program",
+        f"{trailing} conversation(s) end with unanswered messages: not calls",
+    ]
+    return ImportReport(programs, notes)
+
+
+# ----------------------------------------------------------------- mooncake
+
+MOONCAKE_BLOCK = 512
+MOONCAKE_KEYS = frozenset({"timestamp", "input_length", "output_length", "hash_ids"})
+
+
+def _mooncake_rows(file: str) -> list[tuple[int, int, int, int, tuple[int, ...]]]:
+    """(timestamp ms, line, input, output, hash ids) of every row, checked."""
+    rows = []
+    with open(file, "rb") as fh:
+        for line, raw in enumerate(fh, 1):
+            if not raw.strip():
+                continue
+            try:
+                obj = json.loads(raw)
+            except ValueError as exc:
+                raise TraceError(f"malformed JSON: {exc}", file=file, line=line) from None
+            if not isinstance(obj, dict):
+                raise TraceError(f"expected a JSON object, got {show(obj)}", file=file, line=line)
+            for key in sorted(MOONCAKE_KEYS):
+                if key not in obj:
+                    raise TraceError("missing", file=file, line=line, field=key)
+            ts = obj["timestamp"]
+            if type(ts) not in (int, float) or not math.isfinite(ts) or ts < 0:
+                raise TraceError(f"expected a number of milliseconds >= 0, got {show(ts)}",
+                                 file=file, line=line, field="timestamp")
+            counts = []
+            for key in ("input_length", "output_length"):
+                v = obj[key]
+                if type(v) is not int or v <= 0:
+                    raise TraceError(f"expected an integer > 0, got {show(v)}", file=file, line=line, field=key)
+                counts.append(v)
+            hashes = obj["hash_ids"]
+            if type(hashes) is not list or any(type(h) is not int for h in hashes):
+                raise TraceError(f"expected a list of integers, got {show(hashes)}", file=file, line=line,
+                                 field="hash_ids")
+            want = -(-counts[0] // MOONCAKE_BLOCK)
+            if len(hashes) != want:
+                raise TraceError(
+                    f"expected ceil(input_length / {MOONCAKE_BLOCK}) = {want} hash ids, got {len(hashes)}",
+                    file=file, line=line, field="hash_ids",
+                )
+            rows.append((ts, line, counts[0], counts[1], tuple(hashes)))
+    return rows
+
+
+def import_mooncake(path: str | os.PathLike, group_by_prefix: int | None = None) -> ImportReport:
+    """Mooncake-style JSONL: block-hashed prompts, optionally grouped into programs.
+
+    Rows are taken in timestamp order (a stable sort, so equal times keep
+    file order); arrival = (timestamp - first timestamp) / 1000 s. Each call
+    carries ``block_hashes`` with ``hash_block_tokens=512``.
+
+    Without grouping, each row is a one-call program. With
+    ``group_by_prefix=N``, rows whose first N hash ids are equal (and that
+    have at least N) form one program: a chain in timestamp order, each call
+    the parent of the next, arriving at its first row's time. The chain
+    claims no ``context_of``: the block hashes already state exactly which
+    prompt blocks are shared. Every ``delay`` is 0: a row's own timestamp
+    says when it was *sent*, but the delay is measured from the parent's
+    *finish*, which depends on the serving system being simulated and is
+    unknown at import time; issuing the next call as soon as the previous
+    one finishes is the closed-loop reading. Rows with fewer than N hash
+    ids stay one-call programs.
+    """
+    file = os.fspath(path)
+    if group_by_prefix is not None and (type(group_by_prefix) is not int or group_by_prefix < 1):
+        raise ValueError(f"group_by_prefix must be an integer >= 1, got {group_by_prefix!r}")
+    rows = sorted(_mooncake_rows(file), key=lambda r: r[0])
+    if not rows:
+        return ImportReport([], ["no rows"])
+    t0 = rows[0][0]
+    groups: dict[Any, list] = {}
+    for row in rows:
+        hashes = row[4]
+        if group_by_prefix is not None and len(hashes) >= group_by_prefix:
+            key: Any = ("prefix", hashes[:group_by_prefix])
+        else:
+            key = ("row", row[1])
+        groups.setdefault(key, []).append(row)
+    programs = []
+    for i, members in enumerate(groups.values()):  # dicts keep first-arrival order
+        calls = []
+        for j, (_, _, prompt, output, hashes) in enumerate(members):
+            parents = (f"c{j - 1}",) if j else ()
+            calls.append(Call(f"c{j}", parents, prompt, output, 0.0, block_hashes=hashes,
+                              hash_block_tokens=MOONCAKE_BLOCK))
+        programs.append(Program(f"p{i}", (members[0][0] - t0) / 1000, "mooncake", tuple(calls)))
+    notes = [f"{len(rows)} row(s) -> {len(programs)} program(s)"]
+    return ImportReport(programs, notes)
