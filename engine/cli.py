@@ -13,7 +13,7 @@ import argparse
 import importlib
 import sys
 
-SUBCOMMANDS = ("engine.profile",)
+SUBCOMMANDS = ("engine.profile", "engine.gateway", "engine.replay", "engine.validate")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,495 @@
+"""``python -m engine replay TRACE --target URL|inprocess``: run a trace against a real engine.
+
+Every call is an asyncio task: it waits for its program's arrival, for its
+parents' completion, then for its ``delay`` (tool/think time), and sends one
+streamed completion request of token ids (`engine.tokens`: the trace's
+prefix sharing, and a continued call re-sends the ids its ancestor actually
+received) with ``max_tokens`` = the trace's output tokens and
+``ignore_eos: true``. Program and thread ids go both as headers (for the
+gateway) and as ``vllm_xargs`` (for a bare vLLM server or ``sim serve``).
+
+Results are written in the simulator's format (`sim.metrics`), so a replay
+and a simulation compare with the same tools: ``calls.csv``,
+``programs.csv``, ``summary.json``, plus ``replay.json`` (trace path, policy,
+target, latency model label, and which service definition was used) that
+``python -m engine validate`` reads.
+
+Times are seconds since the replay started (the trace's zero). What each
+column means for a replay:
+
+* ``arrival``: when the request was sent; ``first_token`` and ``finish``:
+  when the first token chunk and the end of the stream arrived (client clock);
+* ``service``, ``waiting``, ``first_scheduled``, ``preemptions``: engine-side
+  quantities the client cannot observe. When the engine reports them
+  (``engine_stats`` from ``sim serve``) they are taken from there
+  (``first_scheduled`` = arrival + the engine's arrival-to-schedule delay).
+  Otherwise service is the client-observed decode span ``finish -
+  first_token`` (it leaves out the prefill and includes preemption stalls
+  during decoding), waiting is ``(finish - arrival) - service``,
+  ``first_scheduled`` is -1 (unknown) and ``preemptions`` 0.
+  ``replay.json`` records which definition each call used;
+* ``prefix_hit_tokens``: ``engine_stats`` or the usage's
+  ``prompt_tokens_details.cached_tokens`` (vLLM with
+  ``--enable-prompt-tokens-details``), else 0;
+* ``engine``: the gateway's ``X-Gateway-Engine`` header, else the engine's
+  own index, else 0.
+
+``--policy`` labels the rows; against a URL it is whatever the server runs
+(start the engines with that policy). ``--target inprocess`` starts vLLM's
+``AsyncLLM`` in this process with the program-aware scheduler plugin and
+passes the policy in ``additional_config``; it needs a GPU and vLLM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, Sequence
+
+from engine.protocol import (
+    ENGINE_HEADER,
+    ENGINE_STATS,
+    GATEWAY_ENGINE_HEADER,
+    PROGRAM_HEADER,
+    THREAD_HEADER,
+    XARG_PROGRAM,
+    XARG_THREAD,
+    XARGS,
+)
+from engine.sse import DONE, SSEParser, event_token_count, event_token_ids
+from engine.tokens import fallback_output_ids, prompt_ids
+from sim.metrics import summarize_run, write_calls_csv, write_programs_csv
+from sim.records import CallRecord, ProgramRecord
+from traces.format import Call, Program
+
+REPLAY_JSON = "replay.json"
+OUTPUTS = ("calls.csv", "programs.csv", "summary.json", REPLAY_JSON)
+
+
+class ReplayError(RuntimeError):
+    """A call failed (engine error, connection lost); the message says which."""
+
+
+@dataclass
+class CallResult:
+    """What a target reports for one call, in seconds on the replay clock."""
+
+    first_token: float
+    finish: float
+    output_ids: list[int] | None  # None: the engine did not return ids
+    output_tokens: int
+    engine: int = 0
+    stats: dict[str, Any] | None = None  # engine_stats, when the engine sends them
+    cached_tokens: int | None = None
+
+
+class Target(Protocol):
+    async def send(self, prompt: list[int], max_tokens: int, program_id: str, thread_id: str,
+                   clock: "Clock") -> CallResult: ...
+
+
+@dataclass
+class Clock:
+    t0: float
+
+    def now(self) -> float:
+        return asyncio.get_running_loop().time() - self.t0
+
+    async def until(self, t: float) -> None:
+        delay = t - self.now()
+        if delay > 0:
+            await asyncio.sleep(delay)
+
+
+# -- targets -----------------------------------------------------------------------------
+
+
+class HTTPTarget:
+    """An OpenAI-compatible server: the gateway, vLLM, or ``sim serve``."""
+
+    def __init__(self, base_url: str, model: str | None = None, request_timeout: float | None = None):
+        self.base = base_url.rstrip("/")
+        self.model = model
+        self.request_timeout = request_timeout
+        self._session = None
+
+    async def __aenter__(self) -> "HTTPTarget":
+        import aiohttp
+
+        self._session = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=self.request_timeout, sock_connect=10),
+            connector=aiohttp.TCPConnector(limit=0))
+        if self.model is None:
+            self.model = await self._first_model()
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    async def _first_model(self) -> str:
+        import aiohttp
+
+        try:
+            async with self._session.get(self.base + "/v1/models") as r:
+                doc = await r.json(content_type=None)
+                return str(doc["data"][0]["id"])
+        except (aiohttp.ClientError, OSError, KeyError, IndexError, TypeError, ValueError) as exc:
+            raise ReplayError(f"{self.base}/v1/models: cannot learn the model name ({exc}); pass --model") from None
+
+    async def send(self, prompt, max_tokens, program_id, thread_id, clock) -> CallResult:
+        import aiohttp
+
+        body = {
+            "model": self.model, "prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True,
+            "temperature": 0.0, "stream": True, "stream_options": {"include_usage": True},
+            # No program_service: it is the gateway's to set; a bare engine keeps its own account.
+            "return_token_ids": True, XARGS: {XARG_PROGRAM: program_id, XARG_THREAD: thread_id},
+        }
+        headers = {PROGRAM_HEADER: program_id, THREAD_HEADER: thread_id}
+        first = None
+        ids: list[int] = []
+        got_ids = False
+        tokens = 0
+        stats = None
+        cached = None
+        done = False
+        try:
+            async with self._session.post(self.base + "/v1/completions", json=body, headers=headers) as r:
+                if r.status >= 400:
+                    text = (await r.text())[:500]
+                    raise ReplayError(f"program {program_id} call {thread_id}: HTTP {r.status}: {text}")
+                engine = _engine_index(r.headers)
+                parser = SSEParser()
+                async for chunk in r.content.iter_any():
+                    now = clock.now()
+                    for event in parser.feed(chunk):
+                        if event == DONE:
+                            done = True
+                            continue
+                        n = event_token_count(event)
+                        if n:
+                            tokens += n
+                            first = now if first is None else first
+                        got = event_token_ids(event)
+                        if got is not None:
+                            got_ids = True
+                            ids += got
+                        if isinstance(event.get(ENGINE_STATS), dict):
+                            stats = event[ENGINE_STATS]
+                        usage = event.get("usage")
+                        if isinstance(usage, dict):
+                            details = usage.get("prompt_tokens_details") or {}
+                            if isinstance(details, dict) and details.get("cached_tokens") is not None:
+                                cached = int(details["cached_tokens"])
+                            if usage.get("completion_tokens") is not None:
+                                tokens = max(tokens, int(usage["completion_tokens"]))
+        except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
+            raise ReplayError(f"program {program_id} call {thread_id}: {type(exc).__name__}: {exc}") from None
+        finish = clock.now()
+        if not done or first is None:
+            raise ReplayError(f"program {program_id} call {thread_id}: the stream ended early "
+                              f"({tokens} of {max_tokens} tokens)")
+        if stats is not None and isinstance(stats.get("engine"), int) and GATEWAY_ENGINE_HEADER not in r.headers:
+            engine = stats["engine"]
+        return CallResult(first, finish, ids if got_ids else None, tokens, engine, stats, cached)
+
+
+def _engine_index(headers) -> int:
+    for name in (GATEWAY_ENGINE_HEADER, ENGINE_HEADER):
+        value = headers.get(name)
+        if value is not None and value.lstrip("-").isdigit():
+            return int(value)
+    return 0
+
+
+def inprocess_problem() -> str | None:
+    """Why ``--target inprocess`` cannot run here, as one line; None if it can."""
+    from engine.profile import gpu_problem
+
+    return gpu_problem()
+
+
+class InprocessTarget:
+    """vLLM's ``AsyncLLM`` in this process, with the program-aware scheduler plugin.
+
+    Dummy weights from a local ``config.json`` (no hub access), no tokenizer,
+    token-id prompts; ``SamplingParams(max_tokens=N, ignore_eos=True,
+    extra_args={program_id, thread_id})`` as the OpenAI server would build
+    from ``vllm_xargs``. Output ids come back in each delta, so continued
+    calls re-send the exact context.
+    """
+
+    SCHEDULER = "engine.scheduler.ProgramAwareScheduler"
+
+    def __init__(self, policy: str, workdir: str | None = None, max_model_len: int = 32768,
+                 gpu_memory_utilization: float = 0.9):
+        self.policy = policy
+        self.workdir = workdir
+        self.max_model_len = max_model_len
+        self.gpu_memory_utilization = gpu_memory_utilization
+        self.model = "inprocess"
+        self._llm = None
+
+    async def __aenter__(self) -> "InprocessTarget":
+        from engine.profile import write_model_dir
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        model_dir = write_model_dir(Path(self.workdir or tempfile.mkdtemp(prefix="autellix-replay-")))
+        args = AsyncEngineArgs(
+            model=str(model_dir), load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16",
+            enable_prefix_caching=True, enable_chunked_prefill=True, max_model_len=self.max_model_len,
+            gpu_memory_utilization=self.gpu_memory_utilization, scheduler_cls=self.SCHEDULER,
+            additional_config={"autellix": {"policy": self.policy}},
+        )
+        self._llm = AsyncLLM.from_engine_args(args)
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        if self._llm is not None:
+            self._llm.shutdown()
+
+    async def send(self, prompt, max_tokens, program_id, thread_id, clock) -> CallResult:
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        params = SamplingParams(max_tokens=max_tokens, ignore_eos=True, detokenize=False, temperature=0.0,
+                                output_kind=RequestOutputKind.DELTA,
+                                extra_args={"program_id": program_id, "thread_id": thread_id})
+        first = None
+        ids: list[int] = []
+        cached = None
+        async for out in self._llm.generate({"prompt_token_ids": prompt}, params,
+                                            request_id=f"replay-{uuid.uuid4().hex}"):
+            got = list(out.outputs[0].token_ids) if out.outputs else []
+            if got and first is None:
+                first = clock.now()
+            ids += got
+            if getattr(out, "num_cached_tokens", None) is not None:
+                cached = int(out.num_cached_tokens)
+        finish = clock.now()
+        if first is None:
+            raise ReplayError(f"program {program_id} call {thread_id}: no tokens generated")
+        return CallResult(first, finish, ids, len(ids), 0, None, cached)
+
+
+# -- the replay -----------------------------------------------------------------------------
+
+
+@dataclass
+class Replayer:
+    programs: Sequence[Program]
+    target: Target
+    policy: str
+    records: list[CallRecord] = field(default_factory=list)
+    program_records: list[ProgramRecord] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    service_source: dict[str, int] = field(default_factory=lambda: {"engine": 0, "client_decode_span": 0})
+    token_mismatches: int = 0
+
+    async def run(self) -> float:
+        """Replay every program; returns the wall time taken."""
+        clock = Clock(asyncio.get_running_loop().time())
+        await asyncio.gather(*(self._program(p, clock) for p in self.programs))
+        return clock.now()
+
+    async def _program(self, program: Program, clock: Clock) -> None:
+        await clock.until(program.arrival)
+        done = {c.id: asyncio.Event() for c in program.calls}
+        ok: dict[str, bool] = {}
+        contexts: dict[str, list[int]] = {}
+        mine: list[CallRecord] = []
+        await asyncio.gather(*(self._call(program, c, clock, done, ok, contexts, mine) for c in program.calls))
+        if len(mine) == len(program.calls):
+            self.program_records.append(program_record(self.policy, program, mine))
+
+    async def _call(self, program: Program, call: Call, clock: Clock, done: dict[str, asyncio.Event],
+                    ok: dict[str, bool], contexts: dict[str, list[int]], mine: list[CallRecord]) -> None:
+        try:
+            for p in call.parents:
+                await done[p].wait()
+            if not all(ok.get(p, False) for p in call.parents):
+                ok[call.id] = False
+                return
+            if call.delay > 0:
+                await asyncio.sleep(call.delay)
+            prompt = prompt_ids(program, call, contexts)
+            arrival = clock.now()
+            try:
+                res = await self.target.send(prompt, call.output_tokens, program.id, call.id, clock)
+            except ReplayError as exc:
+                self.errors.append(str(exc))
+                ok[call.id] = False
+                return
+            if res.output_tokens != call.output_tokens:
+                self.token_mismatches += 1
+            outputs = res.output_ids if res.output_ids is not None else fallback_output_ids(program, call)
+            contexts[call.id] = prompt + outputs
+            record = self._record(program, call, arrival, res)
+            self.records.append(record)
+            mine.append(record)
+            ok[call.id] = True
+        finally:
+            done[call.id].set()
+
+    def _record(self, program: Program, call: Call, arrival: float, res: CallResult) -> CallRecord:
+        stats = res.stats or {}
+        if isinstance(stats.get("service"), (int, float)):
+            self.service_source["engine"] += 1
+            service = float(stats["service"])
+            waiting = float(stats.get("waiting", (res.finish - arrival) - service))
+            after = stats.get("first_scheduled_after")
+            first_scheduled = arrival + float(after) if isinstance(after, (int, float)) else -1.0
+        else:
+            self.service_source["client_decode_span"] += 1
+            service = res.finish - res.first_token
+            waiting = (res.finish - arrival) - service
+            first_scheduled = -1.0
+        hits = stats.get("prefix_hit_tokens")
+        if not isinstance(hits, int):
+            hits = res.cached_tokens or 0
+        return CallRecord(
+            policy=self.policy, program_id=program.id, call_id=call.id, engine=res.engine,
+            prompt_tokens=call.prompt_tokens, output_tokens=call.output_tokens, arrival=arrival,
+            first_scheduled=first_scheduled, first_token=res.first_token, finish=res.finish, waiting=waiting,
+            service=service, preemptions=int(stats.get("preemptions", 0) or 0), prefix_hit_tokens=hits,
+        )
+
+
+def program_record(policy: str, program: Program, calls: Sequence[CallRecord]) -> ProgramRecord:
+    """A program's row, computed exactly as the simulator's `Cluster._record_program`."""
+    finish = max(r.finish for r in calls)
+    out = sum(c.output_tokens for c in program.calls)
+    waiting = sum(r.waiting for r in calls)
+    service = sum(r.service for r in calls)
+    latency = finish - program.arrival
+    return ProgramRecord(
+        policy=policy, program_id=program.id, workload=program.workload, arrival=program.arrival, finish=finish,
+        calls=len(program.calls), output_tokens=out, latency=latency,
+        normalized_latency=latency / out if out else 0.0, waiting=waiting, service=service,
+        waiting_share=waiting / (waiting + service) if waiting + service > 0 else 0.0,
+    )
+
+
+@dataclass
+class ReplaySettings:
+    trace: str
+    target: str
+    policy: str
+    out: str
+    model: str | None = None
+    latency: str | None = None  # label of the engine's latency model, for validate
+    name: str | None = None
+    request_timeout: float | None = None
+
+
+async def replay(programs: Sequence[Program], target: Target, settings: ReplaySettings) -> dict[str, Any]:
+    """Replay ``programs`` on ``target`` and write the outputs; returns the summary document."""
+    r = Replayer(programs, target, settings.policy)
+    wall = await r.run()
+    return write_outputs(r, settings, wall)
+
+
+def write_outputs(r: Replayer, settings: ReplaySettings, wall: float) -> dict[str, Any]:
+    out = Path(settings.out)
+    out.mkdir(parents=True, exist_ok=True)
+    order = {p.id: i for i, p in enumerate(r.programs)}
+    calls = sorted(r.records, key=lambda c: (c.arrival, order[c.program_id], c.call_id))
+    programs = sorted(r.program_records, key=lambda p: order[p.program_id])
+    write_calls_csv(out / "calls.csv", calls)
+    write_programs_csv(out / "programs.csv", programs)
+    stats = {"wall_time": wall, "failed_calls": float(len(r.errors)), "token_mismatches": float(r.token_mismatches),
+             "unfinished_programs": float(len(r.programs) - len(programs))}
+    name = settings.name or Path(settings.trace).stem
+    summary = summarize_run(name, [(settings.policy, calls, programs, stats)])
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    meta = {
+        "trace": str(Path(settings.trace).resolve()), "policy": settings.policy, "target": settings.target,
+        "model": getattr(r.target, "model", settings.model), "latency": settings.latency, "name": name,
+        "programs": len(r.programs), "calls": sum(len(p.calls) for p in r.programs),
+        "service_source": r.service_source, "errors": r.errors[:100],
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    (out / REPLAY_JSON).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    return summary
+
+
+# -- CLI ----------------------------------------------------------------------------------------
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "replay",
+        help="replay a trace against an engine (gateway, vLLM, sim serve, or vLLM in-process)",
+        description="Replay TRACE honouring arrivals, the call DAG and delays; write calls.csv, programs.csv, "
+                    "summary.json (the simulator's format) and replay.json to --out.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=("examples:\n"
+                "  python -m engine replay trace.jsonl --target http://127.0.0.1:8000 --policy plas --out r/plas\n"
+                "  python -m engine replay trace.jsonl --target inprocess --policy atlas --out r/atlas\n"
+                "  python -m engine validate r/plas --experiment quickstart"),
+    )
+    p.add_argument("trace", metavar="TRACE", help="trace file (JSON Lines)")
+    p.add_argument("--target", required=True, help="base URL of an OpenAI-compatible server, or 'inprocess'")
+    p.add_argument("--policy", required=True, help="policy label of this run (inprocess: the policy to run)")
+    p.add_argument("--out", help="output directory (default: results/replay-POLICY)")
+    p.add_argument("--model", help="model name for requests (default: the server's first /v1/models entry)")
+    p.add_argument("--latency", help="label of the engine's latency model, recorded for validate "
+                                    "(e.g. constant:0.005, fitted:a100-llama-3.1-8b, real:a100)")
+    p.add_argument("--name", help="run name in summary.json (default: the trace's file name)")
+    p.add_argument("--request-timeout", type=float, help="seconds before one call is given up (default: none)")
+    p.add_argument("--workdir", help="inprocess: where to write the model config.json")
+    p.set_defaults(run=run)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    prog = "python -m engine replay"
+    if args.target == "inprocess":
+        problem = inprocess_problem()
+        if problem:
+            print(f"{prog}: --target inprocess: {problem}", file=sys.stderr)
+            return 1
+    from traces.io import load_all
+    from traces.validate import TraceError
+
+    try:
+        programs = sorted(load_all(args.trace), key=lambda p: p.arrival)
+    except (TraceError, OSError) as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 1
+    settings = ReplaySettings(trace=args.trace, target=args.target, policy=args.policy,
+                              out=args.out or os.path.join("results", f"replay-{args.policy}"), model=args.model,
+                              latency=args.latency, name=args.name, request_timeout=args.request_timeout)
+
+    async def go() -> dict[str, Any]:
+        if args.target == "inprocess":
+            target: Any = InprocessTarget(args.policy, args.workdir)
+        else:
+            target = HTTPTarget(args.target, args.model, args.request_timeout)
+        async with target:
+            return await replay(programs, target, settings)
+
+    try:
+        summary = asyncio.run(go())
+    except ReplayError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 1
+    pol = summary["policies"][args.policy]
+    failed = int(pol["stats"]["failed_calls"])
+    print(f"{pol['programs']} programs, {pol['calls']} calls; mean program latency "
+          f"{pol['program_latency_mean'] if pol['program_latency_mean'] is not None else '-'} s; "
+          f"results in {settings.out}")
+    if failed:
+        print(f"{prog}: {failed} calls failed; see {settings.out}/{REPLAY_JSON}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,163 @@
+"""``python -m engine validate REPLAY_DIR... --experiment NAME``: simulator vs real engine.
+
+For each replay directory (written by ``python -m engine replay``) it reads
+the trace path and the policy from ``replay.json`` and the measured program
+rows from ``programs.csv``, simulates the same trace under the same policy
+with the experiment's engine and latency model (`sim.simulate.simulate`),
+and prints, per policy, the mean, p50 and p95 program latency, simulated
+against measured, with the error ``(simulated - measured) / measured`` in
+percent. Only programs present in both (a replay may lose programs to
+failed calls) enter the comparison; the whole trace is simulated either way
+so the load is the same.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from sim.metrics import mean, percentile, read_programs_csv
+
+REPLAY_JSON = "replay.json"
+METRICS = (("mean", lambda v: mean(v)), ("p50", lambda v: percentile(v, 50)), ("p95", lambda v: percentile(v, 95)))
+
+
+class ValidationError(ValueError):
+    """A replay directory that cannot be validated (missing or inconsistent files)."""
+
+
+@dataclass
+class Replayed:
+    directory: Path
+    trace: str
+    policy: str
+    latency: str | None
+    latencies: dict[str, float]  # program id -> measured program latency
+
+
+def load_replay(directory: str | Path) -> Replayed:
+    d = Path(directory)
+    meta_path = d / REPLAY_JSON
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ValidationError(f"{meta_path}: not found; is {d} a replay directory?") from None
+    except json.JSONDecodeError as exc:
+        raise ValidationError(f"{meta_path}: invalid JSON: {exc}") from None
+    for key in ("trace", "policy"):
+        if not isinstance(meta.get(key), str):
+            raise ValidationError(f"{meta_path}: missing string field {key!r}")
+    rows = read_programs_csv(d / "programs.csv")
+    other = {r.policy for r in rows} - {meta["policy"]}
+    if other:
+        raise ValidationError(f"{d / 'programs.csv'}: rows of policies {sorted(other)}, but replay.json says "
+                              f"{meta['policy']!r}")
+    return Replayed(d, meta["trace"], meta["policy"], meta.get("latency"), {r.program_id: r.latency for r in rows})
+
+
+@dataclass
+class Comparison:
+    policy: str
+    programs: int
+    measured: dict[str, float | None]
+    simulated: dict[str, float | None]
+
+    def error_pct(self, metric: str) -> float | None:
+        m, s = self.measured[metric], self.simulated[metric]
+        if m is None or s is None or m == 0:
+            return None
+        return (s - m) / m * 100.0
+
+
+def compare(policy: str, measured: dict[str, float], simulated: dict[str, float]) -> Comparison:
+    """Compare the latencies of the programs both runs finished."""
+    common = [pid for pid in measured if pid in simulated]
+    m = [measured[p] for p in common]
+    s = [simulated[p] for p in common]
+    return Comparison(policy, len(common), {k: f(m) for k, f in METRICS}, {k: f(s) for k, f in METRICS})
+
+
+def error_table(rows: Sequence[Comparison]) -> str:
+    header = ("policy", "programs", "metric", "measured (s)", "simulated (s)", "error")
+    lines = [header]
+    for c in rows:
+        for metric, _ in METRICS:
+            m, s, e = c.measured[metric], c.simulated[metric], c.error_pct(metric)
+            lines.append((c.policy, str(c.programs), f"latency {metric}", "-" if m is None else f"{m:.4g}",
+                          "-" if s is None else f"{s:.4g}", "-" if e is None else f"{e:+.1f}%"))
+    widths = [max(len(r[i]) for r in lines) for i in range(len(header))]
+    return "\n".join("  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
+                     for r in lines)
+
+
+def simulated_latencies(trace: str, cfg, policy: str) -> dict[str, float]:
+    from sim.simulate import simulate
+    from traces.io import load_all
+
+    result = simulate(load_all(trace), cfg, policy)
+    return {p.program_id: p.latency for p in result.programs}
+
+
+def validate(dirs: Sequence[str | Path], cfg) -> list[Comparison]:
+    out = []
+    for d in dirs:
+        rep = load_replay(d)
+        out.append(compare(rep.policy, rep.latencies, simulated_latencies(rep.trace, cfg, rep.policy)))
+    return out
+
+
+def to_json(rows: Sequence[Comparison]) -> dict[str, Any]:
+    return {c.policy: {"programs": c.programs, "measured": c.measured, "simulated": c.simulated,
+                       "error_pct": {k: c.error_pct(k) for k, _ in METRICS}} for c in rows}
+
+
+# -- CLI --------------------------------------------------------------------------------------
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "validate",
+        help="compare replayed (real) program latencies with the simulator's on the same trace",
+        description="Simulate each replay's trace and policy with an experiment's engine and latency model and "
+                    "print mean/p50/p95 program latency, simulated vs measured, with the error in percent.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=("examples:\n"
+                "  python -m engine validate r/fcfs r/plas --experiment quickstart\n"
+                "  python -m engine validate r/plas --experiment quickstart --set latency.kind=fitted "
+                "--set latency.name=a100-llama-3.1-8b"),
+    )
+    p.add_argument("dirs", nargs="+", metavar="REPLAY_DIR", help="directories written by `python -m engine replay`")
+    p.add_argument("--experiment", required=True, help="experiment whose engine and latency model to simulate")
+    p.add_argument("-e", "--experiments", metavar="FILE", help="experiments file (default: experiments.yaml)")
+    p.add_argument("-s", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a dotted key of the experiment; repeatable")
+    p.add_argument("--json", metavar="FILE", help="also write the comparison as JSON")
+    p.set_defaults(run=run)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    from sim.capacity import CapacityError
+    from sim.experiments import ConfigError, resolve
+    from sim.hardware import SpecError
+    from sim.metrics import RecordFormatError
+    from sim.simulate import SimulationError
+    from traces.validate import TraceError
+
+    try:
+        cfg = resolve(args.experiment, args.experiments, args.overrides)
+        rows = validate(args.dirs, cfg)
+    except (ValidationError, ConfigError, CapacityError, SpecError, SimulationError, RecordFormatError,
+            TraceError, OSError) as exc:
+        print(f"python -m engine validate: error: {exc}", file=sys.stderr)
+        return 1
+    print(f"experiment {cfg.name}: latency model {cfg.latency.kind}, {cfg.engine.replicas} replica(s) of "
+          f"{cfg.engine.model} on {cfg.engine.gpu}")
+    print(error_table(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps(to_json(rows), indent=2) + "\n", encoding="utf-8")
+    return 0
