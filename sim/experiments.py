@@ -412,12 +412,19 @@ def _check_latency(ck: _Checker, lat: LatencyConfig, e: EngineConfig) -> None:
             ck.fail(p + (key,), f"expected a fraction in (0, 1], got {value}")
     _positive(ck, p + ("step_overhead",), lat.step_overhead, ">= 0 seconds", strict=False)
     if lat.kind == "fitted" and not lat.name:
-        ck.fail(p + ("name",), "the fitted latency kind needs the fitted model's name or path")
+        from sim.latency.fitted import available
+
+        # Point at kind: that is what was set; name was not set anywhere.
+        ck.fail(
+            p + ("kind",),
+            f"'fitted' needs latency.name: one of {', '.join(available())} or a path to a .json file",
+        )
     # Building it now turns a missing fitted model into an error before the run.
+    key = p + (("name",) if lat.kind == "fitted" else ("kind",))
     try:
         latency.build(lat, load_model(e.model), load_gpu(e.gpu), e.gpus_per_replica)
     except (ValueError, OSError, ImportError) as exc:
-        ck.fail(p + ("name",) if lat.kind == "fitted" else p + ("kind",), f"cannot build the latency model: {exc}")
+        ck.fail(key, f"cannot build the latency model: {str(exc).removeprefix(_dotted(key) + ': ')}")
 
 
 def _check_workload(ck: _Checker, raw: Any) -> tuple[str | None, dict[str, Any], str | None]:

@@ -144,7 +144,8 @@ def test_unknown_experiment_lists_names(write):
         ("engine.gpu=tpu", "engine.gpu: unknown value 'tpu'; valid choices: a100-80gb, h100"),
         ("latency.kind=magic", "latency.kind: unknown value 'magic'; valid choices: constant, roofline, fitted"),
         ("latency.seconds=-1", "latency.seconds: expected > 0 seconds, got -1.0"),
-        ("latency={kind: fitted}", "latency.name: the fitted latency kind needs"),
+        ("latency={kind: fitted}", "latency.kind: 'fitted' needs latency.name: one of a100-llama-3.1-8b,"),
+        ("latency={kind: fitted, name: nope}", "latency.name: cannot build the latency model: unknown fitted model 'nope'; valid choices: a100-llama-3.1-8b,"),
         ("policies=[]", "policies: expected at least one of fcfs, mlfq, plas, atlas, srpt"),
         ("policies=plas", "policies: expected a list, got 'plas'"),
         ("policy_params.beta=0", "policy_params.beta: expected > 0, got 0.0"),
@@ -384,3 +385,8 @@ def test_generator_errors_in_the_file_point_at_the_params_line(tmp_path, monkeyp
     assert error("gen", "g.yaml").startswith("g.yaml:5: experiment 'gen': workload.params.cv: cv must be a finite number > 0")
     (tmp_path / "g.yaml").write_text(GEN.replace("programs: 5, ", ""))
     assert error("gen", "g.yaml") == "g.yaml:5: experiment 'gen': workload.params: missing programs"
+
+
+def test_fitted_latency_by_name_resolves(write):
+    cfg = resolve("ok", write(), ["latency={kind: fitted, name: a100-llama-3.1-8b}"])
+    assert cfg.latency.kind == "fitted" and cfg.latency.name == "a100-llama-3.1-8b"
