@@ -303,7 +303,7 @@ class _Checker:
         if value not in valid:
             self.fail(path, f"unknown value {value!r}; valid choices: {', '.join(valid)}")
 
-    def dataclass(self, cls: type, data: Any, path: Path_) -> Any:
+    def build_dataclass(self, cls: type, data: Any, path: Path_) -> Any:
         names = [f.name for f in fields(cls)]
         data = self.keys({} if data is None else data, path, names)
         hints = typing.get_type_hints(cls)
@@ -355,7 +355,7 @@ class _Checker:
                 return tuple(self.typed(args[0], v, path + (i,)) for i, v in enumerate(value))
             self.fail(path, f"expected a list, got {_show(value)}")
         if dataclasses.is_dataclass(hint):
-            return self.dataclass(hint, value, path)
+            return self.build_dataclass(hint, value, path)
         raise TypeError(f"no type check for {hint!r} at {_dotted(path)}")  # a bug, not bad input
 
 
@@ -488,8 +488,8 @@ def _build(name: str, layered: _Layered) -> ExperimentConfig:
     raw = ck.keys(layered.data, (), EXPERIMENT_KEYS)
     description = ck.typed(str, raw.get("description", ""), ("description",))
     gen, params, trace = _check_workload(ck, raw.get("workload"))
-    engine = ck.dataclass(EngineConfig, raw.get("engine"), ("engine",))
-    lat = ck.dataclass(LatencyConfig, raw.get("latency"), ("latency",))
+    engine = ck.build_dataclass(EngineConfig, raw.get("engine"), ("engine",))
+    lat = ck.build_dataclass(LatencyConfig, raw.get("latency"), ("latency",))
     policies = ck.typed(tuple[str, ...], raw.get("policies", list(POLICIES)), ("policies",))
     if not policies:
         ck.fail(("policies",), f"expected at least one of {', '.join(POLICIES)}")
@@ -497,7 +497,7 @@ def _build(name: str, layered: _Layered) -> ExperimentConfig:
         ck.choice(("policies", i), pol, POLICIES)
         if pol in policies[:i]:
             ck.fail(("policies", i), f"{pol!r} is listed twice")
-    params_obj = ck.dataclass(PolicyParams, raw.get("policy_params"), ("policy_params",))
+    params_obj = ck.build_dataclass(PolicyParams, raw.get("policy_params"), ("policy_params",))
     seed = ck.typed(int, raw.get("seed", 0), ("seed",))
     if seed < 0:
         ck.fail(("seed",), f"expected an integer >= 0, got {seed}")
