@@ -23,7 +23,6 @@ or the JSON body): ``"engine_stats"`` with the call's engine-side timing
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from typing import Any
 
 PROGRAM_HEADER = "X-Program-Id"
@@ -83,12 +82,6 @@ def check_id(value: str, what: str) -> str:
         raise BadRequest(f"{what} {value[:40]!r} has characters outside [A-Za-z0-9._:-]",
                          param=what, code="invalid_id")
     return value
-
-
-@dataclass(frozen=True)
-class ProgramIds:
-    program_id: str
-    thread_id: str
 
 
 def xargs_for(program_id: str, thread_id: str, program_service: float) -> dict[str, Any]:

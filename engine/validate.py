@@ -88,7 +88,7 @@ def error_table(rows: Sequence[Comparison]) -> str:
         for metric, _ in METRICS:
             m, s, e = c.measured[metric], c.simulated[metric], c.error_pct(metric)
             lines.append((c.policy, str(c.programs), f"latency {metric}", "-" if m is None else f"{m:.4g}",
-                          "-" if s is None else f"{s:.4g}", "-" if e is None else f"{e:+.1f}%"))
+                          "-" if s is None else f"{s:.4g}", "-" if e is None else f"{round(e, 1) + 0.0:+.1f}%"))
     widths = [max(len(r[i]) for r in lines) for i in range(len(header))]
     return "\n".join("  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
                      for r in lines)

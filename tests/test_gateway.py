@@ -1,0 +1,211 @@
+"""Gateway: bad input gets the right status and an OpenAI error body, and leaves the table consistent."""
+
+from __future__ import annotations
+
+import json
+
+import aiohttp
+import pytest
+
+from engine.gateway import Accounting, GatewayConfig, prompt_tokens_of
+from engine.protocol import XARG_PROGRAM, XARG_SERVICE, XARG_THREAD, XARGS, BadRequest, check_id, with_xargs
+from sim.serve import XARGS as SERVE_XARGS
+from test_serve_helpers import run, start_engine, start_gw
+
+ERROR_KEYS = {"message", "type", "param", "code"}
+
+
+async def _request(s, method, url, data=None, headers=None):
+    async with s.request(method, url, data=data, headers=headers) as r:
+        text = await r.text()
+        return r.status, (json.loads(text) if text else None)
+
+
+def test_bad_requests_get_openai_errors_and_leave_no_live_calls():
+    cases = [
+        # (name, method, path, body, headers, status, code)
+        ("malformed json", "POST", "/v1/completions", b"{nope", {}, 400, "invalid_json"),
+        ("not an object", "POST", "/v1/completions", b"[1, 2]", {}, 400, "invalid_json"),
+        ("empty program id", "POST", "/v1/completions", b'{"prompt": [1]}', {"X-Program-Id": ""}, 400, "invalid_id"),
+        ("long program id", "POST", "/v1/completions", b'{"prompt": [1]}', {"X-Program-Id": "p" * 129}, 400,
+         "invalid_id"),
+        ("bad characters", "POST", "/v1/completions", b'{"prompt": [1]}', {"X-Program-Id": "a/b"}, 400,
+         "invalid_id"),
+        ("bad thread id", "POST", "/v1/completions", b'{"prompt": [1]}',
+         {"X-Program-Id": "p", "X-Thread-Id": "t t"}, 400, "invalid_id"),
+        ("thread without program", "POST", "/v1/completions", b'{"prompt": [1]}', {"X-Thread-Id": "t"}, 400,
+         "invalid_id"),
+        ("oversized", "POST", "/v1/completions", b'{"prompt": "' + b"x" * 5000 + b'"}', {}, 413,
+         "request_too_large"),
+        ("unknown program end", "DELETE", "/v1/programs/ghost", None, {}, 404, "program_not_found"),
+        ("bad program id to end", "DELETE", "/v1/programs/a%20b", None, {}, 400, "invalid_id"),
+        ("unknown route", "GET", "/v1/nothing", None, {}, 404, None),
+        ("wrong method", "GET", "/v1/completions", None, {}, 405, None),
+        ("wrong method on programs", "POST", "/programs", b"{}", {}, 405, None),
+    ]
+
+    async def go():
+        e0, eng0 = await start_engine()
+        gw, gateway = await start_gw([e0.url], max_body=4096)
+        results = []
+        try:
+            async with aiohttp.ClientSession() as s:
+                for name, method, path, body, headers, _, _ in cases:
+                    status, doc = await _request(s, method, gw.url + path, body,
+                                                 {"Content-Type": "application/json", **headers})
+                    results.append((name, status, doc, gateway.acct.live_calls(), len(gateway.acct.table),
+                                    list(gateway.loads)))
+            received = len(eng0.received)
+        finally:
+            await gw.stop()
+            await e0.stop()
+        return results, received
+
+    results, received = run(go())
+    for (name, status, doc, live, programs, loads), (_, _, _, _, _, want, code) in zip(results, cases):
+        assert status == want, (name, doc)
+        assert set(doc["error"]) == ERROR_KEYS, name
+        assert doc["error"]["message"], name
+        if code is not None:
+            assert doc["error"]["code"] == code, name
+        assert live == 0 and programs == 0 and loads == [0], name
+    assert received == 0  # nothing malformed reached the engine
+
+
+def test_engine_errors_pass_through_and_unreachable_engines_give_502():
+    async def go():
+        e0, eng0 = await start_engine()
+        # Engine 1 is a port nobody listens on: bind-and-close leaves it free.
+        import socket
+
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        sock.close()
+        gw, gateway = await start_gw([e0.url], balancer="round_robin")
+        gw_dead, gateway_dead = await start_gw([dead])
+        try:
+            async with aiohttp.ClientSession() as s:
+                hdr = {"X-Program-Id": "p1", "X-Thread-Id": "t1", "Content-Type": "application/json"}
+                bad = await _request(s, "POST", gw.url + "/v1/completions", b'{"prompt": 5}', hdr)
+                table_after_bad = (gateway.acct.live_calls(), gateway.acct.table.get("p1").total_service)
+                unreachable = await _request(s, "POST", gw_dead.url + "/v1/completions", b'{"prompt": [1]}', hdr)
+                dead_live = gateway_dead.acct.live_calls()
+                # A program with no live call can be ended; then it is unknown.
+                ended = await _request(s, "DELETE", gw.url + "/v1/programs/p1")
+                again = await _request(s, "DELETE", gw.url + "/v1/programs/p1")
+                models = await _request(s, "GET", gw.url + "/v1/models")
+                health = await _request(s, "GET", gw.url + "/health")
+        finally:
+            await gw.stop()
+            await gw_dead.stop()
+            await e0.stop()
+        return bad, table_after_bad, unreachable, dead_live, ended, again, models, health
+
+    bad, table_after_bad, unreachable, dead_live, ended, again, models, health = run(go())
+    assert bad[0] == 400 and bad[1]["error"]["param"] == "prompt"  # the engine's own error body
+    assert table_after_bad == (0, 0.0)
+    assert unreachable[0] == 502 and unreachable[1]["error"]["code"] == "engine_unreachable"
+    assert dead_live == 0
+    assert ended == (200, {"id": "p1", "object": "program.deleted", "deleted": True})
+    assert again[0] == 404
+    assert models[0] == 200 and models[1]["data"][0]["id"] == "sim"
+    assert health == (200, {"status": "ok", "engines": 1})
+
+
+def test_ending_a_program_with_a_live_call_is_refused():
+    async def go():
+        e0, _ = await start_engine(step=0.01)
+        gw, gateway = await start_gw([e0.url])
+        try:
+            async with aiohttp.ClientSession() as s:
+                import asyncio
+
+                call = asyncio.create_task(_request(s, "POST", gw.url + "/v1/completions",
+                                                    json.dumps({"prompt": [1], "max_tokens": 40}).encode(),
+                                                    {"X-Program-Id": "busy", "Content-Type": "application/json"}))
+                while gateway.acct.live_calls() == 0:
+                    await asyncio.sleep(0.005)
+                busy = await _request(s, "DELETE", gw.url + "/v1/programs/busy")
+                done = await call
+                after = await _request(s, "DELETE", gw.url + "/v1/programs/busy")
+        finally:
+            await gw.stop()
+            await e0.stop()
+        return busy, done, after
+
+    busy, done, after = run(go())
+    assert busy[0] == 409 and busy[1]["error"]["code"] == "program_busy"
+    assert done[0] == 200
+    assert after[0] == 200
+
+
+def test_untagged_calls_are_single_call_programs_and_idle_programs_expire():
+    async def go():
+        import asyncio
+
+        e0, _ = await start_engine()
+        gw, gateway = await start_gw([e0.url], ttl=0.2, expire_interval=0.05)
+        try:
+            async with aiohttp.ClientSession() as s:
+                for _ in range(3):
+                    status, _ = await _request(s, "POST", gw.url + "/v1/completions",
+                                               b'{"prompt": [1, 2], "max_tokens": 2}',
+                                               {"Content-Type": "application/json"})
+                    assert status == 200
+                ids = [p.id for p in gateway.acct.table.programs.values()]
+                await asyncio.sleep(0.5)
+                left = len(gateway.acct.table)
+        finally:
+            await gw.stop()
+            await e0.stop()
+        return ids, left
+
+    ids, left = run(go())
+    assert len(ids) == 3 and len(set(ids)) == 3 and all(i.startswith("anon-") for i in ids)
+    assert left == 0
+
+
+def test_accounting_uses_the_policy_update_rules():
+    plas = Accounting("plas", ttl=60, threshold=2048)
+    a = plas.start("p", "a", 10, now=0.0)
+    b = plas.start("p", "b", 10, now=0.0)
+    assert a.priority == b.priority == 0.0
+    plas.finish(a, 2.0, now=3.0)
+    plas.finish(b, 1.0, now=3.0)
+    assert plas.table.get("p").service == pytest.approx(3.0)  # PLAS: sum
+    assert plas.table.get("p").total_waiting == pytest.approx(1.0 + 2.0)
+
+    atlas = Accounting("atlas", ttl=60, threshold=2048)
+    a = atlas.start("p", "a", 10, now=0.0)
+    b = atlas.start("p", "b", 10, now=0.0)
+    atlas.finish(a, 2.0, now=2.0)
+    atlas.finish(b, 1.0, now=2.0)
+    assert atlas.table.get("p").service == pytest.approx(2.0)  # ATLAS: critical path of parallel calls
+    c = atlas.start("p", "c", 10, now=2.0)
+    assert c.priority == pytest.approx(2.0)
+    atlas.abort(c, now=2.5)
+    assert atlas.table.get("p").service == pytest.approx(2.0) and atlas.live_calls() == 0
+
+    with pytest.raises(BadRequest) as err:
+        atlas.start("q", "t", 1, now=0.0)
+        atlas.start("q", "t", 1, now=0.0)
+    assert err.value.status == 409
+    with pytest.raises(ValueError):
+        Accounting("srpt", ttl=60, threshold=2048)
+
+
+def test_helpers():
+    assert prompt_tokens_of({"prompt": [1, 2, 3]}) == 3
+    assert prompt_tokens_of({"prompt": [[1, 2]]}) == 2
+    assert prompt_tokens_of({"prompt": "abcdefgh!"}) == 3
+    assert prompt_tokens_of({"messages": [{"role": "user", "content": "abcd"}]}) == 1
+    assert check_id("p-1.x:y_z", "X") == "p-1.x:y_z"
+    with pytest.raises(BadRequest):
+        check_id("p" * 129, "X")
+    body = with_xargs({"prompt": [1], XARGS: {"program_id": "client", "other": 1}},
+                      {XARG_PROGRAM: "p", XARG_THREAD: "t", XARG_SERVICE: 1.5})
+    assert body[XARGS] == {"program_id": "p", "other": 1, "thread_id": "t", "program_service": 1.5}
+    assert XARGS == SERVE_XARGS  # the engine stand-in reads what the gateway writes
+    with pytest.raises(ValueError):
+        GatewayConfig(engines=[])

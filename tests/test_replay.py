@@ -1,0 +1,173 @@
+"""Replay: token-id prompts follow the trace's prefix identity; results files; the inprocess no-GPU path."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+
+import pytest
+
+from engine import replay as replay_mod
+from engine.replay import CallResult, Clock, Replayer, ReplaySettings, program_record, write_outputs
+from engine.tokens import fallback_output_ids, prompt_ids
+from sim.metrics import read_calls_csv, read_programs_csv
+from test_serve_helpers import run, start_engine
+from traces.format import Call, Program, SharedPrefix
+from traces.io import save
+
+
+def _chain() -> Program:
+    return Program("p", 0.0, "sharegpt", (
+        Call("a", (), 50, 7, shared_prefix=SharedPrefix("sys", 20)),
+        Call("b", ("a",), 80, 4, context_of="a"),
+    ))
+
+
+def test_prompt_ids_follow_the_trace_identity():
+    p = _chain()
+    a, b = p.calls
+    ids_a = prompt_ids(p, a, {})
+    assert len(ids_a) == 50
+    other = Program("q", 0.0, "sharegpt", (Call("z", (), 30, 1, shared_prefix=SharedPrefix("sys", 20)),))
+    ids_z = prompt_ids(other, other.calls[0], {})
+    assert ids_a[:20] == ids_z[:20]  # the shared system prompt is the same tokens
+    assert ids_a[20:30] != ids_z[20:30]  # the rest is each call's own
+    received = [9001, 9002, 9003, 9004, 9005, 9006, 9007]
+    ids_b = prompt_ids(p, b, {"a": ids_a + received})
+    assert len(ids_b) == 80
+    assert ids_b[:57] == ids_a + received  # the ancestor's prompt then the output it actually got
+    assert prompt_ids(p, a, {}) == ids_a  # deterministic
+    assert len(fallback_output_ids(p, a)) == 7
+
+    hashed = Program("m", 0.0, "mooncake", (
+        Call("h1", (), 40, 1, block_hashes=(5, 6, 7), hash_block_tokens=16),
+        Call("h2", (), 20, 1, block_hashes=(5, 8), hash_block_tokens=16),
+    ))
+    h1 = prompt_ids(hashed, hashed.calls[0], {})
+    h2 = prompt_ids(hashed, hashed.calls[1], {})
+    assert len(h1) == 40 and len(h2) == 20
+    assert h1[:16] == h2[:16] and h1[16:20] != h2[16:20]
+
+
+class FakeTarget:
+    """A target that answers at once with scripted timing; records what was sent."""
+
+    model = "fake"
+
+    def __init__(self):
+        self.sent = []
+
+    async def send(self, prompt, max_tokens, program_id, thread_id, clock):
+        self.sent.append((program_id, thread_id, list(prompt), max_tokens))
+        await asyncio.sleep(0.01)
+        first = clock.now()
+        await asyncio.sleep(0.01)
+        return CallResult(first, clock.now(), [7] * max_tokens, max_tokens, engine=1, stats=None, cached_tokens=3)
+
+
+def test_replayer_without_engine_stats_uses_the_client_decode_span(tmp_path):
+    p = _chain()
+    target = FakeTarget()
+
+    async def go():
+        r = Replayer([p], target, "fcfs")
+        wall = await r.run()
+        return r, wall
+
+    r, wall = run(go())
+    assert [s[1] for s in target.sent] == ["a", "b"]
+    assert target.sent[1][2][50:57] == [7] * 7  # b re-sends a's received output ids
+    rows = {c.call_id: c for c in r.records}
+    for c in rows.values():
+        assert c.service == pytest.approx(c.finish - c.first_token)
+        assert c.waiting == pytest.approx((c.finish - c.arrival) - c.service)
+        assert c.first_scheduled == -1.0 and c.engine == 1 and c.prefix_hit_tokens == 3
+    assert rows["b"].arrival >= rows["a"].finish
+    assert r.service_source == {"engine": 0, "client_decode_span": 2}
+
+    trace = tmp_path / "t.jsonl"
+    save([p], trace)
+    out = tmp_path / "out"
+    summary = write_outputs(r, ReplaySettings(trace=str(trace), target="fake", policy="fcfs", out=str(out)), wall)
+    assert len(read_calls_csv(out / "calls.csv")) == 2
+    progs = read_programs_csv(out / "programs.csv")
+    assert progs == [program_record("fcfs", p, [rows["a"], rows["b"]])]
+    meta = json.loads((out / "replay.json").read_text())
+    assert meta["trace"] == str(trace.resolve()) and meta["policy"] == "fcfs" and meta["target"] == "fake"
+    assert meta["service_source"] == {"engine": 0, "client_decode_span": 2}
+    assert summary["policies"]["fcfs"]["programs"] == 1
+
+
+def test_a_failed_call_skips_its_descendants_and_the_cli_exits_1(tmp_path):
+    trace = tmp_path / "t.jsonl"
+    # 10_000 + 10 tokens cannot fit the 100-block (1600-token) KV cache: the engine refuses with 400.
+    save([Program("big", 0.0, "x", (Call("a", (), 10_000, 10), Call("b", ("a",), 10_020, 2, context_of="a"))),
+          Program("ok", 0.0, "x", (Call("a", (), 10, 3),))], trace)
+
+    async def go():
+        server, engine = await start_engine(step=0.002, blocks=100)
+        try:
+            from engine.replay import HTTPTarget, replay
+
+            settings = ReplaySettings(trace=str(trace), target=server.url, policy="plas", out=str(tmp_path / "o"))
+            from traces.io import load_all
+
+            async with HTTPTarget(server.url) as target:
+                return await replay(load_all(trace), target, settings), len(engine.received)
+        finally:
+            await server.stop()
+
+    summary, received = run(go())
+    pol = summary["policies"]["plas"]
+    assert pol["programs"] == 1 and pol["calls"] == 1
+    assert pol["stats"]["failed_calls"] == 1.0 and pol["stats"]["unfinished_programs"] == 1.0
+    assert received == 1  # b never sent
+    meta = json.loads((tmp_path / "o" / "replay.json").read_text())
+    assert "HTTP 400" in meta["errors"][0]
+
+
+def test_inprocess_without_a_gpu_exits_1_with_one_line(tmp_path):
+    trace = tmp_path / "t.jsonl"
+    save([Program("p", 0.0, "x", (Call("a", (), 10, 3),))], trace)
+    # Make torch unimportable so the no-GPU path runs on any machine, GPU or not.
+    code = ("import sys; sys.modules['torch'] = None; from engine.cli import main; "
+            f"sys.exit(main(['replay', {str(trace)!r}, '--target', 'inprocess', '--policy', 'plas', "
+            f"'--out', {str(tmp_path / 'o')!r}]))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "inprocess" in lines[0] and "torch" in lines[0]
+    assert not (tmp_path / "o").exists()
+
+
+def test_inprocess_problem_is_the_profilers_gpu_check(monkeypatch):
+    import engine.profile
+
+    monkeypatch.setattr(engine.profile, "gpu_problem", lambda: "no CUDA GPU is visible")
+    assert replay_mod.inprocess_problem() == "no CUDA GPU is visible"
+
+
+def test_cli_reports_a_bad_trace_and_an_unreachable_target(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("{oops\n")
+    proc = subprocess.run([sys.executable, "-m", "engine", "replay", str(bad), "--target", "http://127.0.0.1:9",
+                           "--policy", "plas", "--out", str(tmp_path / "o")], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 1 and "bad.jsonl" in proc.stderr and "Traceback" not in proc.stderr
+    good = tmp_path / "good.jsonl"
+    save([Program("p", 0.0, "x", (Call("a", (), 10, 3),))], good)
+    proc = subprocess.run([sys.executable, "-m", "engine", "replay", str(good), "--target", "http://127.0.0.1:9",
+                           "--policy", "plas", "--out", str(tmp_path / "o")], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 1 and "/v1/models" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_clock_is_relative_to_its_zero():
+    async def go():
+        clock = Clock(asyncio.get_running_loop().time())
+        await clock.until(0.02)
+        return clock.now()
+
+    assert run(go()) >= 0.02

@@ -1,0 +1,115 @@
+"""validate: the simulated-vs-measured error table, on hand-made replay directories.
+
+With a constant 10 ms step and programs far apart, a one-call program of N
+output tokens takes exactly N steps in the simulator (the prefill step yields
+the first token, N-1 decodes the rest): 0.1, 0.2 and 0.3 s for 10, 20, 30
+tokens. The hand-made "measured" latencies are 25% higher, so every error is
+-20%.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from engine.validate import ValidationError, compare, error_table, load_replay, validate
+from sim.experiments import resolve
+from sim.metrics import write_programs_csv
+from sim.records import ProgramRecord
+from traces.format import Call, Program
+from traces.io import save
+
+EXPERIMENTS = """
+experiments:
+  tiny:
+    description: constant-latency engine for validate tests
+    workload: {trace: TRACE}
+    engine: {num_gpu_blocks: 1000}
+    latency: {kind: constant, seconds: 0.01}
+    policies: [fcfs, plas]
+"""
+
+
+def _trace(tmp_path):
+    programs = [Program(f"p{i}", 10.0 * i, "x", (Call("a", (), 16, n),)) for i, n in enumerate((10, 20, 30))]
+    path = tmp_path / "trace.jsonl"
+    save(programs, path)
+    return path, programs
+
+
+def _replay_dir(tmp_path, name, trace, policy, latencies):
+    d = tmp_path / name
+    d.mkdir()
+    rows = [ProgramRecord(policy, pid, "x", 0.0, lat, 1, 1, lat, lat, 0.0, lat, 0.0) for pid, lat in latencies.items()]
+    write_programs_csv(d / "programs.csv", rows)
+    (d / "replay.json").write_text(json.dumps({"trace": str(trace), "policy": policy, "target": "hand",
+                                               "latency": "constant:0.01"}))
+    return d
+
+
+def test_error_table_on_hand_made_replays(tmp_path):
+    trace, _ = _trace(tmp_path)
+    exp = tmp_path / "exp.yaml"
+    exp.write_text(EXPERIMENTS.replace("TRACE", json.dumps(str(trace))))
+    measured = {"p0": 0.125, "p1": 0.25, "p2": 0.375}
+    d_fcfs = _replay_dir(tmp_path, "fcfs", trace, "fcfs", measured)
+    d_plas = _replay_dir(tmp_path, "plas", trace, "plas", {"p0": 0.1, "p1": 0.2})  # p2 was lost in the replay
+    rows = validate([d_fcfs, d_plas], resolve("tiny", exp))
+    fcfs, plas = rows
+    assert fcfs.policy == "fcfs" and fcfs.programs == 3
+    assert fcfs.simulated == pytest.approx({"mean": 0.2, "p50": 0.2, "p95": 0.29})
+    assert fcfs.measured == pytest.approx({"mean": 0.25, "p50": 0.25, "p95": 0.3625})
+    for metric in ("mean", "p50", "p95"):
+        assert fcfs.error_pct(metric) == pytest.approx(-20.0)
+    assert plas.programs == 2 and plas.error_pct("mean") == pytest.approx(0.0, abs=1e-6)
+    table = error_table(rows)
+    assert "-20.0%" in table and "+0.0%" in table
+    assert table.splitlines()[0].split() == ["policy", "programs", "metric", "measured", "(s)", "simulated", "(s)",
+                                             "error"]
+
+    proc = subprocess.run([sys.executable, "-m", "engine", "validate", str(d_fcfs), str(d_plas), "--experiment",
+                           "tiny", "--experiments", str(exp), "--json", str(tmp_path / "v.json")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "latency mean" in proc.stdout and "-20.0%" in proc.stdout
+    doc = json.loads((tmp_path / "v.json").read_text())
+    assert doc["fcfs"]["error_pct"]["p95"] == pytest.approx(-20.0)
+
+
+def test_override_changes_the_simulation(tmp_path):
+    trace, _ = _trace(tmp_path)
+    exp = tmp_path / "exp.yaml"
+    exp.write_text(EXPERIMENTS.replace("TRACE", json.dumps(str(trace))))
+    d = _replay_dir(tmp_path, "r", trace, "fcfs", {"p0": 0.1, "p1": 0.2, "p2": 0.3})
+    (row,) = validate([d], resolve("tiny", exp, ["latency.seconds=0.02"]))
+    assert row.simulated["mean"] == pytest.approx(0.4) and row.error_pct("mean") == pytest.approx(100.0)
+
+
+def test_bad_replay_directories(tmp_path):
+    trace, _ = _trace(tmp_path)
+    with pytest.raises(ValidationError, match="replay.json"):
+        load_replay(tmp_path)
+    d = _replay_dir(tmp_path, "mixed", trace, "fcfs", {"p0": 0.1})
+    (d / "replay.json").write_text(json.dumps({"trace": str(trace), "policy": "plas"}))
+    with pytest.raises(ValidationError, match="fcfs"):
+        load_replay(d)
+    (d / "replay.json").write_text("{")
+    with pytest.raises(ValidationError, match="invalid JSON"):
+        load_replay(d)
+    exp = tmp_path / "exp.yaml"
+    exp.write_text(EXPERIMENTS.replace("TRACE", json.dumps(str(trace))))
+    proc = subprocess.run([sys.executable, "-m", "engine", "validate", str(d), "--experiment", "tiny",
+                           "--experiments", str(exp)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "invalid JSON" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_compare_uses_only_common_programs_and_handles_zero():
+    c = compare("x", {"a": 1.0, "b": 3.0, "gone": 100.0}, {"a": 2.0, "b": 2.0})
+    assert c.programs == 2 and c.measured["mean"] == 2.0 and c.simulated["mean"] == 2.0
+    z = compare("x", {"a": 0.0}, {"a": 1.0})
+    assert z.error_pct("mean") is None
+    empty = compare("x", {}, {"a": 1.0})
+    assert empty.programs == 0 and empty.error_pct("p95") is None
