@@ -106,6 +106,10 @@ def test_atlas_parallel_siblings_share_the_critical_path_priority():
     # ATLAS keeps the critical path (2 + 1.5); PLAS sums the work (2 + 3 x 1.5).
     assert atlas.table.programs["P"].service == pytest.approx(3.5)
     assert plas.table.programs["P"].service == pytest.approx(6.5)
+    # So a late sibling stays in the gang's queue under ATLAS (bounds 1, 2, 4,
+    # 8, ...: 3.5 -> Q3) but drops a queue under PLAS (6.5 -> Q4).
+    assert atlas.add_call("P/d", "P", "d", 10, 4.0).queue == 2
+    assert plas.add_call("P/d", "P", "d", 10, 4.0).queue == 3
 
 
 def test_mlfq_skip_join_enters_by_prompt_length():
