@@ -135,3 +135,12 @@ def test_trace_error_pickles_with_attributes():
     e = TraceError("bad", file="f", line=3, program_id="p", call_id="c", field="x")
     e2 = pickle.loads(pickle.dumps(e))
     assert (e2.file, e2.line, e2.program_id, e2.call_id, e2.field, str(e2)) == ("f", 3, "p", "c", "x", str(e))
+
+
+def test_fast_call_constructor_builds_equal_calls():
+    from traces.format import Call, SharedPrefix
+    from traces.validate import make_call
+
+    args = ("c1", ("c0",), 100, 20, 0.5, None, SharedPrefix("k", 3), None, None)
+    made = make_call(*args)
+    assert made == Call(*args) and hash(made) == hash(Call(*args)) and repr(made) == repr(Call(*args))

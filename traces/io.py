@@ -12,6 +12,7 @@ with ``repr`` (the shortest string that reads back as the same float), so
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 from typing import Iterable, Iterator
@@ -135,5 +136,18 @@ def load(path: str | os.PathLike) -> Iterator[Program]:
 
 
 def load_all(path: str | os.PathLike) -> list[Program]:
-    """All programs of a trace file as a list (see :func:`load`)."""
-    return list(load(path))
+    """All programs of a trace file as a list (see :func:`load`).
+
+    The cyclic garbage collector is paused while the list is built: a
+    million new Calls would otherwise trigger repeated full collections that
+    rescan everything loaded so far, doubling the load time, and loading
+    creates no reference cycles for it to find. It is re-enabled (if it was
+    enabled) even when loading fails.
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return list(load(path))
+    finally:
+        if was_enabled:
+            gc.enable()
