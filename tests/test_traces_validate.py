@@ -139,7 +139,7 @@ def test_trace_error_pickles_with_attributes():
 
 def test_fast_call_constructor_builds_equal_calls():
     from traces.format import Call, SharedPrefix
-    from traces.validate import make_call
+    from traces.format import make_call
 
     args = ("c1", ("c0",), 100, 20, 0.5, None, SharedPrefix("k", 3), None, None)
     made = make_call(*args)

@@ -30,7 +30,7 @@ from typing import Any, Callable
 import numpy as np
 
 from traces.arrivals import arrival_times, check_arrival
-from traces.format import Call, Program, SharedPrefix
+from traces.format import Call, Program, SharedPrefix, make_call
 
 WORKLOADS = ("sharegpt", "bfcl", "lats", "mixed")
 
@@ -298,9 +298,9 @@ def _sharegpt(rng: np.random.Generator, n: int, p: ShareGPTParams) -> list[tuple
             prev = calls[-1]
             if p.history:
                 prompt = prev.prompt_tokens + prev.output_tokens + user[t]
-                calls.append(Call(f"c{t}", (prev.id,), prompt, reply[t], think[t], prev.id))
+                calls.append(make_call(f"c{t}", (prev.id,), prompt, reply[t], think[t], prev.id, None, None, None))
             else:
-                calls.append(Call(f"c{t}", (prev.id,), user[t], reply[t], think[t]))
+                calls.append(make_call(f"c{t}", (prev.id,), user[t], reply[t], think[t], None, None, None, None))
         out.append(tuple(calls))
     return out
 
@@ -328,7 +328,7 @@ def _bfcl(rng: np.random.Generator, n: int, p: BFCLParams) -> list[tuple[Call, .
         for t in range(1, length):
             prev = calls[-1]
             prompt = prev.prompt_tokens + prev.output_tokens + obs[t]
-            calls.append(Call(f"c{t}", (prev.id,), prompt, outs[t], delays[t], prev.id))
+            calls.append(make_call(f"c{t}", (prev.id,), prompt, outs[t], delays[t], prev.id, None, None, None))
         out.append(tuple(calls))
     return out
 
@@ -365,7 +365,7 @@ def _lats(rng: np.random.Generator, n: int, p: LATSParams) -> list[tuple[Call, .
             for j in range(w):
                 k = s * w + j
                 i = first + j
-                calls.append(Call(f"c{i}", parents, base + obs[k], exp_out[k], 0.0, sel_id))
+                calls.append(make_call(f"c{i}", parents, base + obs[k], exp_out[k], 0.0, sel_id, None, None, None))
                 ctx.append(base + obs[k] + exp_out[k])
                 depth.append(depth[sel] + 1)
                 if depth[sel] + 1 < p.depth:
@@ -373,10 +373,11 @@ def _lats(rng: np.random.Generator, n: int, p: LATSParams) -> list[tuple[Call, .
                 new += obs[k] + exp_out[k]
             i = first + w
             children = tuple(f"c{first + j}" for j in range(w))
-            calls.append(Call(f"c{i}", children, base + new + instr[2 * s], eval_out[s], delays[s], sel_id))
+            calls.append(make_call(f"c{i}", children, base + new + instr[2 * s], eval_out[s], delays[s], sel_id, None, None, None))
             ctx.append(base + new + instr[2 * s] + eval_out[s])
             depth.append(-1)  # not a tree node
-            calls.append(Call(f"c{i + 1}", (f"c{i}",), base + eval_out[s] + instr[2 * s + 1], refl_out[s], 0.0, sel_id))
+            calls.append(make_call(f"c{i + 1}", (f"c{i}",), base + eval_out[s] + instr[2 * s + 1], refl_out[s], 0.0,
+                                    sel_id, None, None, None))
             ctx.append(0)
             depth.append(-1)
             last = i + 1

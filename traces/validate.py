@@ -28,7 +28,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from traces.format import Call, Program, SharedPrefix
+from traces.format import Call, Program, SharedPrefix, make_call
 
 PROGRAM_KEYS = frozenset({"id", "arrival", "workload", "calls"})
 CALL_REQUIRED = ("id", "parents", "prompt_tokens", "output_tokens", "delay")
@@ -169,38 +169,6 @@ def _parse_prefix(ctx: _Ctx, value: Any) -> SharedPrefix:
     return SharedPrefix(key, tokens)
 
 
-def _fast_call_constructor():
-    """``Call(*all nine fields)`` without the frozen dataclass ``__init__``.
-
-    A frozen dataclass sets each field through ``object.__setattr__``, about
-    3.4 us per Call; writing the slots directly takes about 1 us. Loading a
-    million calls is the hot path this module exists for, and the result is
-    an ordinary, equal ``Call`` (tests check ``==`` against ``Call(...)``).
-    """
-    (s_id, s_par, s_pt, s_ot, s_d, s_co, s_sp, s_bh, s_hb) = (
-        getattr(Call, name).__set__
-        for name in ("id", "parents", "prompt_tokens", "output_tokens", "delay",
-                     "context_of", "shared_prefix", "block_hashes", "hash_block_tokens")
-    )
-    new = object.__new__
-
-    def make(cid, parents, prompt, output, delay, context_of, prefix, hashes, hbt):
-        c = new(Call)
-        s_id(c, cid)
-        s_par(c, parents)
-        s_pt(c, prompt)
-        s_ot(c, output)
-        s_d(c, delay)
-        s_co(c, context_of)
-        s_sp(c, prefix)
-        s_bh(c, hashes)
-        s_hb(c, hbt)
-        return c
-
-    return make
-
-
-make_call = _fast_call_constructor()
 _INF = math.inf
 
 
