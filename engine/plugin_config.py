@@ -1,0 +1,163 @@
+"""How the vLLM scheduler plugin is configured, and how a request is tagged.
+
+Kept apart from ``engine/scheduler.py`` (which imports vLLM) so the parsing
+and its error messages can be used and tested without vLLM installed.
+
+Engine configuration: vLLM 0.26.0's ``VllmConfig.additional_config`` is a
+free-form dict passed to every engine component (``--additional-config``
+on the CLI, ``additional_config=`` in ``LLM(...)``/``EngineArgs``). The
+plugin reads its own key from it::
+
+    --scheduler-cls engine.scheduler.ProgramAwareScheduler \
+    --additional-config '{"autellix": {"policy": "plas", "params": {"beta": 8}}}'
+
+``policy`` is one of fcfs, mlfq, plas, atlas (default plas); ``params`` are
+`sim.core.PolicyParams` fields, the same keys as ``policy_params`` in
+``experiments.yaml``, so one set of numbers drives both engines. SRPT is
+refused: it needs each program's remaining work, which only the simulator
+(reading the trace's future) knows.
+
+Request tags: ``SamplingParams.extra_args`` (the OpenAI server fills it from
+``vllm_xargs`` in the request body). Ids never go into ``request_id``,
+because vLLM rewrites it.
+
+* ``program_id``: the program the call belongs to. Untagged requests are
+  single-call programs keyed by their request id.
+* ``thread_id``: the call's thread inside its program (one live call per
+  thread). Missing: the request id, so every call is its own thread.
+* ``program_service``: the program's attained service in seconds as the
+  gateway knows it. The gateway holds the global process table across
+  engines; an engine only sees the calls routed to it, so when a program
+  moves between engines its local entry would start from zero. The plugin
+  raises the local entry's priority to this value when it is higher.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from sim.core import POLICY_CLASSES, PolicyParams
+
+CONFIG_KEY = "autellix"
+DEFAULT_POLICY = "plas"
+
+
+class PluginConfigError(ValueError):
+    """The plugin's configuration is unusable; the message says which key and why."""
+
+
+@dataclass(frozen=True)
+class PluginConfig:
+    policy: str = DEFAULT_POLICY
+    params: PolicyParams = dataclasses.field(default_factory=PolicyParams)
+
+
+def engine_policies() -> list[str]:
+    """Policies a real engine can run: every core policy that is not an oracle."""
+    return [name for name, cls in POLICY_CLASSES.items() if not cls.oracle]
+
+
+def parse_plugin_config(additional_config: Any) -> PluginConfig:
+    """Read ``additional_config["autellix"]``; a missing key means the defaults."""
+    if additional_config is None:
+        return PluginConfig()
+    if not isinstance(additional_config, Mapping):
+        raise PluginConfigError(
+            f"additional_config must be a dict to carry the {CONFIG_KEY!r} key, "
+            f"got {type(additional_config).__name__}"
+        )
+    section = additional_config.get(CONFIG_KEY)
+    if section is None:
+        return PluginConfig()
+    if isinstance(section, str):  # a JSON string, as a shell may pass it
+        try:
+            section = json.loads(section)
+        except json.JSONDecodeError as e:
+            raise PluginConfigError(f"additional_config.{CONFIG_KEY}: not valid JSON ({e})") from None
+    if not isinstance(section, Mapping):
+        raise PluginConfigError(f"additional_config.{CONFIG_KEY}: expected an object, got {section!r}")
+    unknown = sorted(set(section) - {"policy", "params"})
+    if unknown:
+        raise PluginConfigError(
+            f"additional_config.{CONFIG_KEY}: unknown keys {unknown}; valid keys: policy, params"
+        )
+    return PluginConfig(_policy_name(section.get("policy", DEFAULT_POLICY)), _params(section.get("params")))
+
+
+def _policy_name(name: Any) -> str:
+    valid = engine_policies()
+    if not isinstance(name, str):
+        raise PluginConfigError(f"additional_config.{CONFIG_KEY}.policy: expected a string, got {name!r}")
+    cls = POLICY_CLASSES.get(name)
+    if cls is not None and cls.oracle:
+        raise PluginConfigError(
+            f"additional_config.{CONFIG_KEY}.policy: {name!r} is an oracle that needs each program's "
+            f"future work, which a real engine does not know; it runs only in the simulator. "
+            f"Valid choices here: {', '.join(valid)}"
+        )
+    if cls is None:
+        raise PluginConfigError(
+            f"additional_config.{CONFIG_KEY}.policy: unknown policy {name!r}; valid choices: {', '.join(valid)}"
+        )
+    return name
+
+
+def _params(raw: Any) -> PolicyParams:
+    if raw is None:
+        return PolicyParams()
+    if not isinstance(raw, Mapping):
+        raise PluginConfigError(f"additional_config.{CONFIG_KEY}.params: expected an object, got {raw!r}")
+    fields = [f.name for f in dataclasses.fields(PolicyParams)]
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise PluginConfigError(
+            f"additional_config.{CONFIG_KEY}.params: unknown keys {unknown}; valid keys: {', '.join(fields)}"
+        )
+    try:
+        return PolicyParams(**raw)
+    except (TypeError, ValueError) as e:
+        raise PluginConfigError(f"additional_config.{CONFIG_KEY}.params: {e}") from None
+
+
+@dataclass(frozen=True, slots=True)
+class CallTags:
+    """A request's identity in the core, read from its ``extra_args``."""
+
+    program_id: str
+    thread_id: str
+    program_service: float | None  # the gateway's view; None when not sent
+
+
+def read_tags(request_id: str, extra_args: Mapping[str, Any] | None) -> CallTags:
+    """Program/thread ids and the gateway's service, with the documented defaults.
+
+    Raises `PluginConfigError` for malformed tags: a gateway that sends a
+    program id must send a usable one, and guessing would merge programs.
+    """
+    extra = extra_args or {}
+    program = extra.get("program_id")
+    thread = extra.get("thread_id")
+    service = extra.get("program_service")
+    if program is None:
+        program_id = request_id
+    elif isinstance(program, (str, int)) and not isinstance(program, bool):
+        program_id = str(program)
+    else:
+        raise PluginConfigError(f"request {request_id!r}: extra_args.program_id must be a string, got {program!r}")
+    if thread is None:
+        thread_id = request_id
+    elif isinstance(thread, (str, int)) and not isinstance(thread, bool):
+        thread_id = str(thread)
+    else:
+        raise PluginConfigError(f"request {request_id!r}: extra_args.thread_id must be a string, got {thread!r}")
+    if service is not None:
+        if isinstance(service, bool) or not isinstance(service, (int, float)) or not math.isfinite(service) or service < 0:
+            raise PluginConfigError(
+                f"request {request_id!r}: extra_args.program_service must be seconds >= 0, got {service!r}"
+            )
+        service = float(service)
+    return CallTags(program_id, thread_id, service)

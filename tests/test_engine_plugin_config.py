@@ -1,0 +1,76 @@
+"""The scheduler plugin's configuration and request tags (no vLLM needed)."""
+
+import subprocess
+import sys
+
+import pytest
+
+from engine.plugin_config import PluginConfigError, engine_policies, parse_plugin_config, read_tags
+from sim.core import PolicyParams
+
+
+def test_missing_section_means_plas_with_default_params():
+    for raw in (None, {}, {"other": 1}):
+        cfg = parse_plugin_config(raw)
+        assert cfg.policy == "plas" and cfg.params == PolicyParams()
+
+
+def test_policy_and_params_are_read():
+    cfg = parse_plugin_config({"autellix": {"policy": "atlas", "params": {"beta": 4, "num_queues": 3}}})
+    assert cfg.policy == "atlas"
+    assert cfg.params == PolicyParams(beta=4, num_queues=3)
+    # A JSON string, as a shell may pass it, is accepted too.
+    assert parse_plugin_config({"autellix": '{"policy": "mlfq"}'}).policy == "mlfq"
+
+
+def test_engine_policies_exclude_the_oracle():
+    assert engine_policies() == ["fcfs", "mlfq", "plas", "atlas"]
+
+
+def test_srpt_is_refused_as_an_oracle():
+    with pytest.raises(PluginConfigError, match=r"'srpt' is an oracle.*only in the simulator.*fcfs, mlfq, plas, atlas"):
+        parse_plugin_config({"autellix": {"policy": "srpt"}})
+
+
+def test_unknown_policy_names_valid_choices():
+    with pytest.raises(PluginConfigError, match=r"unknown policy 'lifo'; valid choices: fcfs, mlfq, plas, atlas$"):
+        parse_plugin_config({"autellix": {"policy": "lifo"}})
+
+
+def test_bad_params_name_the_key():
+    with pytest.raises(PluginConfigError, match=r"unknown keys \['betta'\]; valid keys: num_queues"):
+        parse_plugin_config({"autellix": {"params": {"betta": 2}}})
+    with pytest.raises(PluginConfigError, match=r"params: policy_params.beta: expected > 0, got -1"):
+        parse_plugin_config({"autellix": {"params": {"beta": -1}}})
+    with pytest.raises(PluginConfigError, match=r"unknown keys \['polcy'\]"):
+        parse_plugin_config({"autellix": {"polcy": "plas"}})
+
+
+def test_tags_default_to_a_single_call_program():
+    t = read_tags("req-7", None)
+    assert (t.program_id, t.thread_id, t.program_service) == ("req-7", "req-7", None)
+    t = read_tags("req-8", {"program_id": "P", "program_service": 2})
+    assert (t.program_id, t.thread_id, t.program_service) == ("P", "req-8", 2.0)
+    t = read_tags("req-9", {"program_id": 5, "thread_id": "t1"})
+    assert (t.program_id, t.thread_id) == ("5", "t1")
+
+
+@pytest.mark.parametrize(
+    "extra, msg",
+    [
+        ({"program_id": ["x"]}, "program_id must be a string"),
+        ({"thread_id": 1.5}, "thread_id must be a string"),
+        ({"program_service": -1}, "program_service must be seconds >= 0"),
+        ({"program_service": "3"}, "program_service must be seconds >= 0"),
+        ({"program_service": float("nan")}, "program_service must be seconds >= 0"),
+    ],
+)
+def test_malformed_tags_are_named(extra, msg):
+    with pytest.raises(PluginConfigError, match=msg):
+        read_tags("r", extra)
+
+
+def test_plugin_config_does_not_import_vllm():
+    code = "import sys, engine.plugin_config\nprint(sorted(m for m in sys.modules if m.split('.')[0] in {'vllm', 'torch'}))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
