@@ -198,3 +198,18 @@ def read_calls_csv(path: str | Path) -> list[CallRecord]:
 
 def read_programs_csv(path: str | Path) -> list[ProgramRecord]:
     return _read(path, ProgramRecord)
+
+
+def summarize_records(
+    experiment: str, calls: Sequence[CallRecord], programs: Sequence[ProgramRecord]
+) -> dict[str, Any]:
+    """`summarize_run` from rows of several policies (as read back from the CSVs).
+
+    For outputs that have rows but no simulator stats, such as a replay on
+    the real engine; policies keep the order in which they first appear.
+    """
+    order = list(dict.fromkeys([p.policy for p in programs] + [c.policy for c in calls]))
+    return summarize_run(
+        experiment,
+        [(pol, [c for c in calls if c.policy == pol], [p for p in programs if p.policy == pol], {}) for pol in order],
+    )

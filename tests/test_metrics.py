@@ -124,3 +124,18 @@ def test_read_rejects_wrong_header_and_values(tmp_path):
     (tmp_path / "bad.csv").write_text("\n".join(lines) + "\n")
     with pytest.raises(RecordFormatError, match=r"bad.csv:2: column calls: expected int, got 'two'"):
         read_programs_csv(tmp_path / "bad.csv")
+
+
+def test_summarize_records_groups_by_policy_in_first_seen_order(tmp_path):
+    progs = [program(policy="plas", latency=5.0), program(policy="fcfs", latency=10.0), program(policy="plas", pid="q", latency=15.0)]
+    calls = [call(policy="fcfs"), call(policy="plas", prompt=10, hit=5)]
+    write_programs_csv(tmp_path / "p.csv", progs)
+    write_calls_csv(tmp_path / "c.csv", calls)
+    from sim.metrics import summarize_records
+
+    doc = summarize_records("replay", read_calls_csv(tmp_path / "c.csv"), read_programs_csv(tmp_path / "p.csv"))
+    assert list(doc["policies"]) == ["plas", "fcfs"]
+    plas = doc["policies"]["plas"]
+    assert plas["programs"] == 2 and plas["calls"] == 1 and plas["program_latency_mean"] == 10.0
+    assert plas["prefix_hit_rate"] == 0.5 and plas["stats"] == {}
+    assert plas["program_latency_mean_vs_fcfs"] == 1.0
