@@ -87,6 +87,8 @@ from sim.core.params import PolicyParams
 from sim.core.state import CallState, ProgramState
 
 BYTES_PER_TOKEN = 4  # prompt-length estimate for text prompts (the balancer's only need)
+# Client headers the engines may need (vLLM's --api-key checks Authorization); the rest stay here.
+FORWARDED_HEADERS = ("Authorization",)
 
 
 def error_response(status: int, message: str, param: str | None = None, code: str | None = None,
@@ -323,9 +325,11 @@ class Gateway:
         live = LiveCall(call, engine, now)
         outgoing = with_xargs(body, xargs_for(pid, tid, call.priority))
         headers = {GATEWAY_ENGINE_HEADER: str(engine), PROGRAM_HEADER: pid, THREAD_HEADER: tid}
+        upstream_headers = {k: request.headers[k] for k in FORWARDED_HEADERS if k in request.headers}
+        upstream_headers.update({PROGRAM_HEADER: pid, THREAD_HEADER: tid})  # the ids the gateway settled on
         completed = False
         try:
-            response, outcome = await self._relay(request, path, outgoing, live, headers)
+            response, outcome = await self._relay(request, path, outgoing, live, headers, upstream_headers)
             completed = outcome is not None
             if completed:
                 self.acct.finish(call, self._service(outcome, live), self.now())
@@ -344,12 +348,13 @@ class Gateway:
         return (outcome.last_token if outcome.last_token is not None else self.now()) - live.sent
 
     async def _relay(self, request: web.Request, path: str, body: dict[str, Any], live: LiveCall,
-                     headers: dict[str, str]) -> tuple[web.StreamResponse, Outcome | None]:
+                     headers: dict[str, str], upstream_headers: dict[str, str]
+                     ) -> tuple[web.StreamResponse, Outcome | None]:
         """Send to the engine and relay its answer; the outcome is None unless the call completed."""
         assert self._session is not None
         url = self.cfg.engines[live.engine] + path
         try:
-            upstream = await self._session.post(url, json=body)
+            upstream = await self._session.post(url, json=body, headers=upstream_headers)
         except (aiohttp.ClientError, OSError) as exc:
             return error_response(502, f"engine {live.engine} ({self.cfg.engines[live.engine]}) is unreachable: "
                                   f"{exc}", code="engine_unreachable", headers=headers), None

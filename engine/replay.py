@@ -27,7 +27,9 @@ column means for a replay:
   first_token`` (it leaves out the prefill and includes preemption stalls
   during decoding), waiting is ``(finish - arrival) - service``,
   ``first_scheduled`` is -1 (unknown) and ``preemptions`` 0.
-  ``replay.json`` records which definition each call used;
+  With ``--target inprocess`` they come from vLLM's per-request stats
+  (`vllm_stats`: service is vLLM's "inference time", last token minus first
+  scheduled). ``replay.json`` records which definition each call used;
 * ``prefix_hit_tokens``: ``engine_stats`` or the usage's
   ``prompt_tokens_details.cached_tokens`` (vLLM with
   ``--enable-prompt-tokens-details``), else 0;
@@ -268,6 +270,7 @@ class InprocessTarget:
         first = None
         ids: list[int] = []
         cached = None
+        metrics = None
         async for out in self._llm.generate({"prompt_token_ids": prompt}, params,
                                             request_id=f"replay-{uuid.uuid4().hex}"):
             got = list(out.outputs[0].token_ids) if out.outputs else []
@@ -276,10 +279,28 @@ class InprocessTarget:
             ids += got
             if getattr(out, "num_cached_tokens", None) is not None:
                 cached = int(out.num_cached_tokens)
+            metrics = getattr(out, "metrics", None) or metrics
         finish = clock.now()
         if first is None:
             raise ReplayError(f"program {program_id} call {thread_id}: no tokens generated")
-        return CallResult(first, finish, ids, len(ids), 0, None, cached)
+        return CallResult(first, finish, ids, len(ids), 0, vllm_stats(metrics), cached)
+
+
+def vllm_stats(metrics: Any) -> dict[str, Any] | None:
+    """Engine-side timing from vLLM's ``RequestStateStats`` (engine-core monotonic timestamps).
+
+    Service is vLLM's own "inference time", last token minus first
+    scheduled: it includes any time the request spent preempted after it was
+    first scheduled, which vLLM does not expose per request. None when the
+    engine keeps no stats (``disable_log_stats``).
+    """
+    if metrics is None:
+        return None
+    queued, scheduled, last = (getattr(metrics, k, 0.0) for k in ("queued_ts", "scheduled_ts", "last_token_ts"))
+    if not (queued > 0 and scheduled >= queued and last >= scheduled):
+        return None
+    return {"service": last - scheduled, "first_scheduled_after": scheduled - queued,
+            "source": "vllm_inference_time"}
 
 
 # -- the replay -----------------------------------------------------------------------------
@@ -344,7 +365,8 @@ class Replayer:
     def _record(self, program: Program, call: Call, arrival: float, res: CallResult) -> CallRecord:
         stats = res.stats or {}
         if isinstance(stats.get("service"), (int, float)):
-            self.service_source["engine"] += 1
+            source = str(stats.get("source", "engine"))
+            self.service_source[source] = self.service_source.get(source, 0) + 1
             service = float(stats["service"])
             waiting = float(stats.get("waiting", (res.finish - arrival) - service))
             after = stats.get("first_scheduled_after")

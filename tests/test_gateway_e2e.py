@@ -188,3 +188,88 @@ def test_same_thread_twice_is_a_conflict_and_parallel_threads_are_fine():
     dup, other, ok, live = run(go())
     assert dup[0] == 409 and dup[1]["error"]["code"] == "thread_busy"
     assert other == 200 and ok == 200 and live == 0
+
+
+def test_whole_and_chat_responses_through_the_gateway_charge_the_engines_service():
+    async def go():
+        e0, eng0 = await start_engine(0, step=0.005)
+        gw, gateway = await start_gw([e0.url], policy="plas")
+        try:
+            async with aiohttp.ClientSession() as s:
+                hdr = {"X-Program-Id": "p", "X-Thread-Id": "t", "Authorization": "Bearer k"}
+                async with s.post(gw.url + "/v1/completions", json={"prompt": [1, 2, 3], "max_tokens": 6},
+                                  headers=hdr) as r:
+                    whole = (r.status, r.headers.get("X-Gateway-Engine"), await r.json())
+                async with s.post(gw.url + "/v1/chat/completions",
+                                  json={"messages": [{"role": "user", "content": "hello"}], "max_tokens": 4,
+                                        "stream": True}, headers=hdr) as r:
+                    chat = (r.status, (await r.read()).decode())
+                entry = gateway.acct.table.get("p")
+                received = list(eng0.received)
+        finally:
+            await gw.stop()
+            await e0.stop()
+        return whole, chat, entry.service, received
+
+    whole, chat, service, received = run(go())
+    assert whole[0] == 200 and whole[1] == "0"
+    assert whole[2]["choices"][0]["text"] == " tok" * 6
+    assert chat[0] == 200 and chat[1].count('"content":" tok"') == 4 and chat[1].endswith("data: [DONE]\n\n")
+    # PLAS at the gateway: the engine-reported service of both calls, 6 + 4 steps of 5 ms.
+    assert service == pytest.approx(10 * 0.005)
+    assert [r["program_service"] for r in received] == [0.0, pytest.approx(6 * 0.005)]
+
+
+def test_against_an_engine_without_engine_stats_the_gateway_measures_service_itself():
+    """A vLLM-like engine (no engine_stats): service = first-to-last token of a stream, or send-to-answer."""
+    from aiohttp import web
+
+    seen = []
+
+    async def completions(request):
+        body = await request.json()
+        seen.append((dict(request.headers), body))
+        if not body.get("stream"):
+            await asyncio.sleep(0.05)
+            return web.json_response({"choices": [{"index": 0, "text": "x"}]})
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        for i in range(3):
+            if i:
+                await asyncio.sleep(0.03)
+            await resp.write(b'data: {"choices": [{"index": 0, "text": "x"}]}\n\n')
+        await resp.write(b"data: [DONE]\n\n")
+        return resp
+
+    async def go():
+        app = web.Application()
+        app.router.add_post("/v1/completions", completions)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        host, port = runner.addresses[0][:2]
+        gw, gateway = await start_gw([f"http://{host}:{port}"], policy="plas")
+        try:
+            async with aiohttp.ClientSession() as s:
+                hdr = {"X-Program-Id": "p", "X-Thread-Id": "t", "Authorization": "Bearer secret"}
+                async with s.post(gw.url + "/v1/completions", json={"prompt": [1]}, headers=hdr) as r:
+                    assert r.status == 200
+                whole = gateway.acct.table.get("p").service
+                async with s.post(gw.url + "/v1/completions", json={"prompt": [1], "stream": True},
+                                  headers=hdr) as r:
+                    text = await r.text()
+                streamed = gateway.acct.table.get("p").service - whole
+        finally:
+            await gw.stop()
+            await runner.cleanup()
+        return whole, streamed, text
+
+    whole, streamed, text = run(go())
+    assert 0.05 <= whole < 1.0  # send to answer
+    assert 0.06 <= streamed < 1.0  # first to last of three tokens 30 ms apart
+    assert text.count("data:") == 4  # passed through unchanged
+    headers, body = seen[0]
+    assert headers["Authorization"] == "Bearer secret"
+    assert headers["X-Program-Id"] == "p" and headers["X-Thread-Id"] == "t"
+    assert body["vllm_xargs"] == {"program_id": "p", "thread_id": "t", "program_service": 0.0}
+    assert seen[1][1]["vllm_xargs"]["program_service"] == pytest.approx(whole)

@@ -171,3 +171,14 @@ def test_clock_is_relative_to_its_zero():
         return clock.now()
 
     assert run(go()) >= 0.02
+
+
+def test_vllm_stats_take_vllms_inference_time():
+    from types import SimpleNamespace
+
+    from engine.replay import vllm_stats
+
+    m = SimpleNamespace(queued_ts=100.0, scheduled_ts=100.5, first_token_ts=100.7, last_token_ts=102.0)
+    assert vllm_stats(m) == {"service": 1.5, "first_scheduled_after": 0.5, "source": "vllm_inference_time"}
+    assert vllm_stats(None) is None
+    assert vllm_stats(SimpleNamespace(queued_ts=0.0, scheduled_ts=0.0, last_token_ts=0.0)) is None  # no stats kept
