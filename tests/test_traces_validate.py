@@ -43,6 +43,7 @@ CASES = [
     # (description, bad line, expected field, call id, words in the message)
     ("malformed json", '{"id": "p1", ', None, None, "malformed JSON"),
     ("not an object", "[1, 2]", None, None, "expected a JSON object"),
+    ("deeply nested", "[" * 100000 + "]" * 100000, None, None, "nested too deeply"),
     ("missing field", {"id": "p1", "arrival": 0, "workload": "w"}, "calls", None, "missing"),
     ("unknown program key", prog("p1", extra=1), "extra", None, "unknown key"),
     ("unknown call key", prog("p1", [call(colour="red")]), "colour", "c0", "unknown key"),
@@ -144,3 +145,10 @@ def test_fast_call_constructor_builds_equal_calls():
     args = ("c1", ("c0",), 100, 20, 0.5, None, SharedPrefix("k", 3), None, None)
     made = make_call(*args)
     assert made == Call(*args) and hash(made) == hash(Call(*args)) and repr(made) == repr(Call(*args))
+
+
+def test_invalid_utf8_is_malformed_json_not_a_crash(tmp_path):
+    path = tmp_path / "t.jsonl"
+    path.write_bytes(b'{"id":"p\xff"}\n')
+    (err,) = validate_file(path)
+    assert err.line == 1 and "malformed JSON" in str(err)

@@ -409,6 +409,8 @@ def decode_line(text: str) -> Any:
         return json.loads(text)
     except ValueError as exc:  # JSONDecodeError, or UnicodeDecodeError from bytes
         raise TraceError(f"malformed JSON: {exc}") from None
+    except RecursionError:
+        raise TraceError("malformed JSON: nested too deeply") from None
 
 
 def validate_file(path: str | os.PathLike, limit: int | None = 50) -> list[TraceError]:
