@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
 import sys
@@ -247,12 +248,15 @@ class InprocessTarget:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         model_dir = write_model_dir(Path(self.workdir or tempfile.mkdtemp(prefix="autellix-replay-")))
-        args = AsyncEngineArgs(
+        kwargs: dict[str, Any] = dict(
             model=str(model_dir), load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16",
             enable_prefix_caching=True, enable_chunked_prefill=True, max_model_len=self.max_model_len,
             gpu_memory_utilization=self.gpu_memory_utilization, scheduler_cls=self.SCHEDULER,
             additional_config={"autellix": {"policy": self.policy}},
         )
+        if "async_scheduling" in {f.name for f in dataclasses.fields(AsyncEngineArgs)}:
+            kwargs["async_scheduling"] = False  # ProgramAwareScheduler is the synchronous variant
+        args = AsyncEngineArgs(**kwargs)
         self._llm = AsyncLLM.from_engine_args(args)
         return self
 

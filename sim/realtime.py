@@ -209,8 +209,9 @@ class RealtimeEngine:
 
         Without a program id the request is a program of its own. A given
         ``program_service`` (the gateway's global view, across engines)
-        replaces this engine's local value for the program before the call
-        is prioritised, as the vLLM plugin does with ``extra_args``.
+        raises this engine's local value for the program to at least that
+        before the call is prioritised, as the vLLM plugin does with
+        ``extra_args`` (``max(local, forwarded)``).
         """
         if len(prompt_ids) + max_tokens > self.max_tokens_per_call:
             raise TooLarge(
@@ -225,7 +226,8 @@ class RealtimeEngine:
         if entry is not None and tid in entry.live:
             raise Conflict(f"program {pid!r} already has a live call on thread {tid!r}")
         if program_service is not None:
-            self.table.get_or_create(pid, self.env.now).service = float(program_service)
+            entry = self.table.get_or_create(pid, self.env.now)
+            entry.service = max(entry.service, float(program_service))
         output_ids = filler_ids(self.index, self._seq, max_tokens)
         keys = block_keys(list(prompt_ids) + output_ids, self.cfg.engine.block_size)
         call = SimCall(pid, tid, len(prompt_ids), max_tokens, keys, self.env.event(), self.env.now)
