@@ -5,7 +5,6 @@ from __future__ import annotations
 from itertools import combinations
 
 from hypothesis import given, settings
-from hypothesis import strategies as st
 from test_traces_io import valid_programs
 
 from traces.dag import max_parallel_calls, topological_order

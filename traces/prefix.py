@@ -39,7 +39,7 @@ from __future__ import annotations
 import hashlib
 
 from traces.dag import topological_order
-from traces.format import Call, Program
+from traces.format import Program
 
 _ROOT_KEY = 0x5EED  # the "previous key" of block 0
 
