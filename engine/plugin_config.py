@@ -29,7 +29,9 @@ because vLLM rewrites it.
   gateway knows it. The gateway holds the global process table across
   engines; an engine only sees the calls routed to it, so when a program
   moves between engines its local entry would start from zero. The plugin
-  raises the local entry's priority to this value when it is higher.
+  raises the local entry's priority (``ProgramState.service``) and its
+  T_program for anti-starvation (``total_service``) to this value when it
+  is higher; W_program stays local.
 """
 
 from __future__ import annotations

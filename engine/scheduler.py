@@ -1,0 +1,371 @@
+"""The program-aware vLLM v1 scheduler plugin (Autellix PLAS/ATLAS, MLFQ, FCFS).
+
+Load it in the engine-core process with vLLM's ``scheduler_cls``::
+
+    vllm serve MODEL --scheduler-cls engine.scheduler.ProgramAwareScheduler \
+        --additional-config '{"autellix": {"policy": "plas", "params": {"beta": 8}}}'
+
+Use ``engine.scheduler.ProgramAwareAsyncScheduler`` when async scheduling is
+on (vLLM's ``AsyncScheduler`` adds the output placeholders that mode needs).
+Configuration and request tags (``extra_args``: ``program_id``,
+``thread_id``, ``program_service``) are described in `engine.plugin_config`.
+
+Why a subclass and not vLLM's own priority mode: that mode orders the
+waiting queue by ``request.priority`` but only preempts when the KV cache is
+full, never to let a better waiting request in at ``max_num_seqs``
+(DESIGN.md section 6). The decisions themselves come from
+`sim.core.SchedulerCore`, imported verbatim, so the simulator and the real
+engine run the same policy code. The plugin only translates vLLM events
+into the core's calls, once per engine step and in the core's order:
+
+1. ``schedule()``: ``promote_starving(now)``; then ``choose_victims`` with
+   free seqs ``max_num_seqs - len(running)`` and the block pool's free
+   blocks, and each victim is preempted exactly as vLLM preempts
+   (`Scheduler._preempt_request`: free KV, ``num_computed_tokens = 0``,
+   status PREEMPTED, back into the waiting heap); then vLLM's own
+   ``schedule()`` runs the running requests in key order and admits waiting
+   ones in heap order. Every preemption (ours or vLLM's own when the KV cache
+   runs out) reaches ``on_preempted`` through the `_preempt_request`
+   override; every admission reaches ``on_admitted``.
+2. ``update_from_output()``: ``on_step(attribute_service(step_seconds,
+   scheduled ids), now)``, then vLLM's processing, during which finished
+   requests reach ``finish_call`` (or ``abort_call`` if aborted/errored)
+   through the `_free_request` override.
+
+Ordering: the waiting queues are forced to vLLM's PRIORITY heap and each
+request's ``priority`` is set to `encode_key` of the core's key, so the
+heap pops in exactly the core's order (keys are unique, so vLLM's
+``arrival_time`` tie-break never decides). A client's own ``priority`` is
+overwritten. Keys change only on arrival, on demotion (a served call, which
+is running, so not in the heap) and on starvation promotion (waiting); the
+heap is re-heapified, O(n), only in the steps where a queued request's key
+changed. vLLM's memory victim in PRIORITY mode is the running request of
+largest ``(priority, arrival_time)``, which is the core's `memory_victim`.
+
+Service and time: ``step_seconds`` is the wall-clock time from a
+``schedule()`` to its matching ``update_from_output()``, measured by the
+``clock`` attribute (default `time.monotonic`; tests inject a fake). Under
+async scheduling two steps overlap, so a step's interval starts at the later
+of its ``schedule()`` and the previous ``update_from_output()``: the GPU runs
+one batch at a time, and the intervals then tile the busy time exactly once.
+All times handed to the core come from the same clock.
+
+Per-step cost: O(promoted + admitted + scheduled) bookkeeping, an O(running)
+sort of an almost-sorted list, and a victim search that returns at once
+unless the best waiting request outranks the worst running one
+(``benchmarks/bench_core_decision.py`` measures it).
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass
+from operator import attrgetter
+from typing import Callable
+
+from vllm.v1.core.sched.async_scheduler import AsyncScheduler
+from vllm.v1.core.sched.request_queue import SchedulingPolicy, create_request_queue
+from vllm.v1.core.sched.scheduler import Scheduler
+from vllm.v1.request import Request, RequestStatus
+
+from engine.plugin_config import PluginConfig, PluginConfigError, parse_plugin_config, read_tags
+from sim.core import ProcessTable, SchedulerCore, attribute_service, make_policy
+from sim.core.state import CallState
+
+logger = logging.getLogger(__name__)
+
+# Room for 2**62 entries per queue: keys are (queue, sequence number).
+KEY_STRIDE = 1 << 62
+# How often idle programs are dropped from the process table (clock seconds).
+EXPIRE_EVERY = 1.0
+# Finished statuses that count as a completed call; the others (aborted,
+# ignored, error) are dropped without charging the program.
+_COMPLETED = frozenset(
+    {RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH_CAPPED, RequestStatus.FINISHED_REPETITION}
+)
+_PRIORITY = attrgetter("priority")
+
+
+def encode_key(key: tuple) -> int:
+    """The core's ``(queue, sequence)`` key as one integer with the same order."""
+    queue, seq = key
+    if not (0 <= seq < KEY_STRIDE):
+        raise OverflowError(f"key sequence {seq} out of range")
+    return queue * KEY_STRIDE + seq
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@dataclass(slots=True)
+class _InFlight:
+    """A scheduled step awaiting its output."""
+
+    output: object  # the SchedulerOutput, matched by identity
+    start: float
+    call_ids: list[str]
+
+
+class ProgramAwareMixin:
+    """The plugin's behaviour; combined with `Scheduler` or `AsyncScheduler` below.
+
+    ``core_log``: set to a list to record every core call the plugin makes,
+    with its inputs and results (tests replay it into a fresh core).
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.plugin_config: PluginConfig = parse_plugin_config(self.vllm_config.additional_config)
+        cfg = self.plugin_config
+        self.core = SchedulerCore(make_policy(cfg.policy, cfg.params), ProcessTable(cfg.params.program_ttl))
+        self.clock: Callable[[], float] = time.monotonic
+        self.core_log: list | None = None
+        # The core's order is enforced through the PRIORITY heap whatever
+        # --scheduling-policy says; the queues are still empty here.
+        self.policy = SchedulingPolicy.PRIORITY
+        self.waiting = create_request_queue(self.policy)
+        self.skipped_waiting = create_request_queue(self.policy)
+        self._in_flight: deque[_InFlight] = deque()
+        self._last_update = float("-inf")
+        self._next_expiry = float("-inf")
+        self._now: float | None = None  # the step's time while schedule()/update runs
+        self._heap_dirty = False
+        if self.scheduler_config.async_scheduling and not isinstance(self, AsyncScheduler):
+            logger.warning(
+                "async scheduling is on: use engine.scheduler.ProgramAwareAsyncScheduler, "
+                "this synchronous variant loses the overlap"
+            )
+
+    # -- helpers -------------------------------------------------------------------------
+    def _time(self) -> float:
+        return self._now if self._now is not None else self.clock()
+
+    def _log(self, *event) -> None:
+        if self.core_log is not None:
+            self.core_log.append(event)
+
+    def _set_priority(self, request: Request, call: CallState) -> None:
+        p = encode_key(call.key)
+        if request.priority != p:
+            request.priority = p
+            if request.status != RequestStatus.RUNNING:
+                self._heap_dirty = True
+
+    def _reheap(self) -> None:
+        for queue in (self.waiting, self.skipped_waiting):
+            heapq.heapify(queue._heap)
+        self._heap_dirty = False
+
+    # -- arrivals ------------------------------------------------------------------------
+    def add_request(self, request: Request) -> None:
+        if request.request_id not in self.requests:
+            self._add_to_core(request, self.clock())
+        super().add_request(request)
+
+    def _add_to_core(self, request: Request, now: float) -> None:
+        rid = request.request_id
+        extra = request.sampling_params.extra_args if request.sampling_params is not None else None
+        try:
+            tags = read_tags(rid, extra)
+        except PluginConfigError as e:
+            # Refusing would kill the engine core for one bad client request.
+            logger.warning("%s; scheduling it as a single-call program", e)
+            tags = read_tags(rid, None)
+        program_id, thread_id = tags.program_id, tags.thread_id
+        table = self.core.table
+        entry = table.get(program_id)
+        if entry is not None and thread_id in entry.live:
+            logger.warning(
+                "request %r: program %r already has a live call on thread %r; using the request id as its thread",
+                rid, program_id, thread_id,
+            )
+            thread_id = rid
+        if tags.program_service is not None:
+            # The gateway's global view seeds both the program's priority and
+            # T_program of the starvation ratio: with T_program = 0 a call of a
+            # seeded program would count as starving the moment it arrived.
+            entry = table.get_or_create(program_id, now)
+            entry.service = max(entry.service, tags.program_service)
+            entry.total_service = max(entry.total_service, tags.program_service)
+        call = self.core.add_call(rid, program_id, thread_id, request.num_prompt_tokens, now)
+        request.priority = encode_key(call.key)
+        self._log("add", rid, program_id, thread_id, request.num_prompt_tokens, now, tags.program_service)
+
+    # -- scheduling ----------------------------------------------------------------------
+    def schedule(self, *args, **kwargs):
+        now = self.clock()
+        self._now = now
+        try:
+            self._before_schedule(now)
+            output = super().schedule(*args, **kwargs)
+            self._after_schedule(output, now)
+        finally:
+            self._now = None
+        return output
+
+    def _before_schedule(self, now: float) -> None:
+        core = self.core
+        record = self.core_log is not None
+        if now >= self._next_expiry:
+            gone = core.table.expire(now)
+            self._next_expiry = now + EXPIRE_EVERY
+            if record:
+                self._log("expire", now, gone)
+        promoted = core.promote_starving(now)
+        if promoted:
+            requests = self.requests
+            for call in promoted:
+                self._set_priority(requests[call.id], call)
+        if record:
+            self._log("promote", now, [c.id for c in promoted])
+        if self._heap_dirty:
+            self._reheap()
+        self.running.sort(key=_PRIORITY)
+        victims = self._choose_victims()
+        for call in victims:
+            request = self.requests[call.id]
+            self.running.remove(request)
+            self._preempt_request(request, time.monotonic())
+
+    def _choose_victims(self) -> list[CallState]:
+        core = self.core
+        calls = core.calls
+        running, heap = self.running, self.waiting._heap
+        record = self.core_log is not None
+        if not running or not heap or not core.policy.preemptive:
+            if record:
+                self._record_decision([], [])
+            return []
+        rank = core.rank
+        worst = rank(calls[running[-1].request_id])  # running is sorted by key
+        # A victim must rank strictly worse than the waiting call it lets in,
+        # so only waiting calls ranked better than the worst running call can
+        # take one. choose_victims walks waiting best-first and, past the
+        # first of rank >= worst, can only hand out free slots, never
+        # victims: cutting the list there gives the same victims.
+        if rank(calls[heap[0].request_id]) >= worst:
+            if record:
+                self._record_decision([], [])
+            return []
+        better = sorted((r for r in heap if rank(calls[r.request_id]) < worst), key=_PRIORITY)
+        waiting = [calls[r.request_id] for r in better[: self.max_num_running_reqs]]
+        victims = core.choose_victims(
+            [calls[r.request_id] for r in running],
+            waiting,
+            self._free_seqs(),
+            self.kv_cache_manager.block_pool.get_num_free_blocks(),
+            self._blocks_needed,
+            self._blocks_freed,
+        )
+        if record:
+            self._record_decision(waiting, victims)
+        return victims
+
+    def _free_seqs(self) -> int:
+        return self.max_num_running_reqs - len(self.running) - self.num_waiting_for_streaming_input
+
+    def _blocks_needed(self, call: CallState) -> int:
+        """KV blocks vLLM's admission check asks for, ignoring prefix hits.
+
+        With ``scheduler_reserve_full_isl`` (vLLM's default) admission needs the
+        whole sequence to fit, else the first chunk; plus the watermark.
+        Prefix hits are ignored: a hit on a free cached block still consumes
+        a free block, so only hits on blocks that running requests share
+        would lower the need, and overestimating it can only cost a victim
+        the simulator would also have taken (it estimates the same way).
+        """
+        request = self.requests[call.id]
+        tokens = request.num_tokens
+        if not self.scheduler_config.scheduler_reserve_full_isl:
+            tokens = min(tokens, self.max_num_scheduled_tokens)
+        tokens = min(tokens, self.max_model_len)
+        groups = self.kv_cache_config.kv_cache_groups
+        blocks = sum(_cdiv(tokens, g.kv_cache_spec.block_size) for g in groups)
+        return blocks + self.kv_cache_manager.watermark_blocks
+
+    def _blocks_freed(self, call: CallState) -> int:
+        """Blocks that return to the free pool if ``call`` is preempted (not shared)."""
+        per_group = self.kv_cache_manager.coordinator.get_blocks(call.id)
+        return sum(1 for blocks in per_group for b in blocks if b.ref_cnt == 1 and not b.is_null)
+
+    def _record_decision(self, waiting: list[CallState], victims: list[CallState]) -> None:
+        """Everything the replay needs to recompute this step's decision."""
+        calls = self.core.calls
+        heap_order = [r.request_id for r in self.waiting]  # pops in priority order
+        top = heap_order[: self.max_num_running_reqs]
+        running = [r.request_id for r in self.running]
+        self._log(
+            "decide", self._time(), heap_order, running, self._free_seqs(),
+            self.kv_cache_manager.block_pool.get_num_free_blocks(),
+            {cid: self._blocks_needed(calls[cid]) for cid in top},
+            {cid: self._blocks_freed(calls[cid]) for cid in running},
+            [v.id for v in victims],
+        )
+
+    def _preempt_request(self, request: Request, timestamp: float) -> None:
+        super()._preempt_request(request, timestamp)
+        call = self.core.calls.get(request.request_id)
+        if call is not None:
+            now = self._time()
+            self.core.on_preempted(call, now)
+            self._log("preempt", call.id, now)
+
+    def _after_schedule(self, output, now: float) -> None:
+        core = self.core
+        calls = core.calls
+        admitted = [d.req_id for d in output.scheduled_new_reqs]
+        admitted.extend(output.scheduled_cached_reqs.resumed_req_ids)
+        for rid in admitted:
+            call = calls.get(rid)
+            if call is not None and not call.running:
+                core.on_admitted(call)
+                self._log("admit", rid)
+        self._in_flight.append(_InFlight(output, now, list(output.num_scheduled_tokens)))
+
+    # -- step completion -----------------------------------------------------------------
+    def update_from_output(self, scheduler_output, model_runner_output):
+        now = self.clock()
+        step = self._in_flight.popleft()
+        while step.output is not scheduler_output:  # a step whose output never came back
+            step = self._in_flight.popleft()
+        seconds = max(0.0, now - max(step.start, self._last_update))
+        self._last_update = now
+        core = self.core
+        if step.call_ids:
+            services = attribute_service(seconds, step.call_ids)
+            core.on_step(services, now)
+            self._log("step", services, now)
+            calls, requests = core.calls, self.requests
+            for cid in step.call_ids:
+                call = calls.get(cid)
+                if call is not None:
+                    self._set_priority(requests[cid], call)
+        self._now = now
+        try:
+            return super().update_from_output(scheduler_output, model_runner_output)
+        finally:
+            self._now = None
+
+    def _free_request(self, request: Request, *args, **kwargs):
+        call = self.core.calls.get(request.request_id)
+        if call is not None:
+            now = self._time()
+            if request.status in _COMPLETED:
+                self.core.finish_call(call, now)
+                self._log("finish", call.id, now)
+            else:
+                self.core.abort_call(call, now)
+                self._log("abort", call.id, now)
+        return super()._free_request(request, *args, **kwargs)
+
+
+class ProgramAwareScheduler(ProgramAwareMixin, Scheduler):
+    """``--scheduler-cls engine.scheduler.ProgramAwareScheduler`` (synchronous scheduling)."""
+
+
+class ProgramAwareAsyncScheduler(ProgramAwareMixin, AsyncScheduler):
+    """``--scheduler-cls engine.scheduler.ProgramAwareAsyncScheduler`` (async scheduling)."""

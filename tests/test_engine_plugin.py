@@ -1,0 +1,363 @@
+"""The program-aware scheduler plugin inside vLLM's real v1 Scheduler, on a CPU.
+
+No mocks of vLLM: `engine.testing` builds vLLM 0.26.0's own scheduler from
+configs (tiny local Llama config, CPU device, a KV cache config) and fakes
+only the model runner's output. Times come from an injected fake clock.
+"""
+
+import random
+from collections import defaultdict
+
+import pytest
+from vllm.v1.core.sched.scheduler import Scheduler
+from vllm.v1.request import RequestStatus
+
+from engine.plugin_config import PluginConfigError
+from engine.scheduler import ProgramAwareAsyncScheduler, ProgramAwareScheduler, encode_key
+from engine.testing import FakeClock, fake_output, make_request, make_scheduler, step, write_tiny_model
+from sim.core import PolicyParams, ProcessTable, SchedulerCore, attribute_service, make_policy
+
+QUEUES = {"queue_base": 1.0, "num_queues": 4}  # bounds 1, 2, 4, inf seconds
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return write_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
+
+
+def plugin(model_dir, clock, **kw):
+    s = make_scheduler(model_dir, **kw)
+    s.clock = clock
+    return s
+
+
+_next_token = [1000]
+
+
+def req(rid, program=None, tokens=20, max_tokens=4, service=None, thread=None, **kw):
+    """A request with a prompt of fresh token ids (no accidental prefix sharing)."""
+    extra = {}
+    if program is not None:
+        extra["program_id"] = program
+    if service is not None:
+        extra["program_service"] = service
+    if thread is not None:
+        extra["thread_id"] = thread
+    start = _next_token[0]
+    _next_token[0] += tokens
+    prompt = [start + i for i in range(tokens)]
+    return make_request(rid, prompt, max_tokens, extra_args=extra, **kw)
+
+
+def scheduled(out):
+    return list(out.num_scheduled_tokens)
+
+
+def run_until_done(s, clock, rid, seconds):
+    while rid in s.requests:
+        step(s, clock, seconds)
+
+
+# -- ordering ------------------------------------------------------------------------------
+@pytest.mark.parametrize("policy, first", [("plas", "b0"), ("atlas", "b0"), ("fcfs", "a1")])
+def test_program_with_less_attained_service_is_scheduled_first(model_dir, policy, first):
+    clock = FakeClock()
+    s = plugin(model_dir, clock, policy=policy, params=QUEUES, max_num_seqs=1)
+    s.add_request(req("a0", "A", max_tokens=2))
+    run_until_done(s, clock, "a0", 1.5)  # prefill+first token, one decode: 3 s of service
+    assert s.core.table.programs["A"].total_service == pytest.approx(3.0)
+    s.add_request(req("a1", "A"))  # A's next call: program priority 3 s -> queue 2
+    clock.advance(0.1)
+    s.add_request(req("b0", "B"))  # a new program, later: queue 0
+    assert scheduled(step(s, clock, 0.1)) == [first]
+
+
+def test_untagged_requests_are_single_call_programs(model_dir):
+    clock = FakeClock()
+    s = plugin(model_dir, clock, policy="plas")
+    s.add_request(req("x"))
+    call = s.core.calls["x"]
+    assert (call.program_id, call.thread_id) == ("x", "x")
+    assert s.requests["x"].priority == encode_key(call.key)
+
+
+def test_gateway_service_seeds_the_program_entry(model_dir):
+    clock = FakeClock()
+    s = plugin(model_dir, clock, policy="plas", params=QUEUES, max_num_seqs=1)
+    s.add_request(req("a", "A", service=3.0))
+    s.add_request(req("b", "B", service=0.5))
+    entry = s.core.table.programs["A"]
+    assert (entry.service, entry.total_service) == (3.0, 3.0)
+    assert (s.core.calls["a"].queue, s.core.calls["b"].queue) == (2, 0)
+    assert scheduled(step(s, clock, 0.1)) == ["b"]
+    # A lower gateway value never lowers what the engine already knows.
+    s.add_request(req("a2", "A", service=1.0, thread="t2"))
+    assert s.core.table.programs["A"].service == 3.0
+
+
+# -- preemption ----------------------------------------------------------------------------
+def test_better_waiting_call_displaces_running_one_at_max_num_seqs(model_dir):
+    clock = FakeClock()
+    s = plugin(model_dir, clock, policy="plas", params=QUEUES, max_num_seqs=1)
+    s.add_request(req("a", "A", service=10.0, max_tokens=50))
+    assert scheduled(step(s, clock, 0.1)) == ["a"]
+    s.add_request(req("b", "B", max_tokens=5))
+    out = step(s, clock, 0.1)
+    assert scheduled(out) == ["b"]
+    assert out.preempted_req_ids == {"a"}
+    a = s.requests["a"]
+    assert a.status == RequestStatus.PREEMPTED and a.num_computed_tokens == 0
+    assert [r.request_id for r in s.waiting] == ["a"] and [r.request_id for r in s.running] == ["b"]
+    assert not s.core.calls["a"].running and s.core.calls["b"].running
+
+    # vLLM's own priority mode, same priorities: the better request waits.
+    v = make_scheduler(model_dir, scheduler_cls=Scheduler, scheduling_policy="priority", max_num_seqs=1)
+    v.add_request(req("a", max_tokens=50, priority=5))
+    step(v)
+    v.add_request(req("b", max_tokens=5, priority=0))
+    out = step(v)
+    assert scheduled(out) == ["a"] and not out.preempted_req_ids
+    assert [r.request_id for r in v.waiting] == ["b"]
+
+
+def test_better_waiting_call_displaces_running_one_when_kv_is_short(model_dir):
+    # 8 blocks of 16 tokens, one reserved by vLLM as the null block: 7 usable.
+    clock = FakeClock()
+    s = plugin(model_dir, clock, policy="plas", params=QUEUES, max_num_seqs=4, num_blocks=8)
+    s.add_request(req("a", "A", tokens=64, service=10.0, max_tokens=40))
+    step(s, clock, 0.1)
+    step(s, clock, 0.1)  # a holds 5 blocks (65 tokens): 2 free
+    assert s.kv_cache_manager.block_pool.get_num_free_blocks() == 2
+    s.add_request(req("b", "B", tokens=48, max_tokens=5))  # needs 3 blocks
+    out = step(s, clock, 0.1)
+    assert scheduled(out) == ["b"] and out.preempted_req_ids == {"a"}
+
+    v = make_scheduler(model_dir, scheduler_cls=Scheduler, scheduling_policy="priority", max_num_seqs=4, num_blocks=8)
+    v.add_request(req("a", tokens=64, max_tokens=40, priority=5))
+    step(v)
+    step(v)
+    v.add_request(req("b", tokens=48, max_tokens=5, priority=0))
+    out = step(v)
+    assert scheduled(out) == ["a"] and not out.preempted_req_ids
+
+
+def test_fcfs_never_preempts_for_priority(model_dir):
+    clock = FakeClock()
+    s = plugin(model_dir, clock, policy="fcfs", max_num_seqs=1)
+    s.add_request(req("a", "A", service=10.0, max_tokens=10))
+    step(s, clock, 0.1)
+    s.add_request(req("b", "B"))
+    out = step(s, clock, 0.1)
+    assert scheduled(out) == ["a"] and not out.preempted_req_ids
+
+
+# -- service accounting --------------------------------------------------------------------
+def test_service_is_the_sum_of_the_steps_a_call_was_scheduled_in(model_dir):
+    clock = FakeClock()
+    s = plugin(model_dir, clock, policy="plas", params=QUEUES, max_num_seqs=2, max_num_batched_tokens=32)
+    for rid in "abc":
+        s.add_request(req(rid, rid.upper(), tokens=40, max_tokens=6))
+    durations = [0.3, 0.05, 1.2, 0.7, 0.01, 0.4, 2.0, 0.15, 0.9, 0.6, 0.2, 0.35, 0.5, 0.25, 0.8]
+    expected = defaultdict(float)
+    for d in durations:
+        clock.advance(0.5)  # idle time between steps is not service
+        out = step(s, clock, d)
+        for cid, seconds in attribute_service(d, scheduled(out)).items():
+            expected[cid] += seconds
+    assert len(expected) == 3  # everyone ran at some point
+    for cid, total in expected.items():
+        if cid in s.core.calls:
+            assert s.core.calls[cid].service == pytest.approx(total)
+        else:  # finished: its program holds the service
+            assert s.core.table.programs[cid.upper()].total_service == pytest.approx(total)
+    assert any(cid not in s.core.calls for cid in expected), "no call finished"
+
+
+def test_async_steps_that_overlap_are_charged_once(model_dir):
+    clock = FakeClock()
+    s = plugin(model_dir, clock, policy="plas", async_scheduling=True, max_num_seqs=2)
+    assert isinstance(s, ProgramAwareAsyncScheduler)
+    s.add_request(req("a", "A", max_tokens=10))
+    first = s.schedule()  # t = 0
+    clock.advance(0.1)
+    second = s.schedule()  # t = 0.1, while the first step executes
+    clock.advance(0.9)
+    s.update_from_output(first, fake_output(s, first))  # t = 1.0: first step took 1.0
+    clock.advance(0.5)
+    s.update_from_output(second, fake_output(s, second))  # t = 1.5: second ran from 1.0
+    assert scheduled(first) == scheduled(second) == ["a"]
+    assert s.core.calls["a"].service == pytest.approx(1.5)
+
+
+# -- anti-starvation -----------------------------------------------------------------------
+@pytest.mark.parametrize("beta, promoted", [(2.0, True), (100.0, False)])
+def test_starving_call_is_promoted_at_its_deadline_and_scheduled(model_dir, beta, promoted):
+    clock = FakeClock()
+    s = plugin(model_dir, clock, policy="plas", params={**QUEUES, "beta": beta}, max_num_seqs=1)
+    s.core_log = []
+    s.add_request(req("b", "B", max_tokens=40))  # fresh: Q1, demoted as it is served, to Q4 at 4 s
+    s.add_request(req("a", "A", service=4.0, max_tokens=2))  # Q4; (W_p + W_c) / (T_p + T_c) >= 2 at t = 8
+    deadline = 2.0 * 4.0
+    while clock.now < deadline:
+        assert scheduled(step(s, clock, 0.5)) == ["b"]
+    out = step(s, clock, 0.5)  # schedules at t = 8
+    promotions = [e for e in s.core_log if e[0] == "promote" and e[2]]
+    if promoted:
+        assert scheduled(out) == ["a"] and out.preempted_req_ids == {"b"}
+        assert promotions == [("promote", deadline, ["a"])]
+    else:
+        assert scheduled(out) == ["b"] and promotions == []
+
+
+# -- lifecycle -----------------------------------------------------------------------------
+def test_abort_drops_the_call_without_charging_the_program(model_dir):
+    clock = FakeClock()
+    s = plugin(model_dir, clock, policy="plas", max_num_seqs=1)
+    s.add_request(req("a", "A", max_tokens=10))
+    s.add_request(req("w", "A", thread="t2"))
+    step(s, clock, 0.4)
+    s.finish_requests(["a", "w"], RequestStatus.FINISHED_ABORTED)
+    assert s.core.calls == {}
+    assert s.core.table.programs["A"].total_service == 0.0 and not s.core.table.programs["A"].live
+
+
+def test_duplicate_thread_falls_back_to_the_request_id(model_dir):
+    clock = FakeClock()
+    s = plugin(model_dir, clock, policy="atlas")
+    s.add_request(req("a", "A", thread="t"))
+    s.add_request(req("b", "A", thread="t"))
+    assert s.core.calls["b"].thread_id == "b"
+
+
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        ({"autellix": {"policy": "srpt"}}, r"'srpt' is an oracle .* Valid choices here: fcfs, mlfq, plas, atlas"),
+        ({"autellix": {"policy": "lifo"}}, r"unknown policy 'lifo'; valid choices: fcfs, mlfq, plas, atlas"),
+        ({"autellix": {"params": {"beta": 0}}}, r"policy_params.beta: expected > 0"),
+    ],
+)
+def test_bad_configuration_is_refused_when_the_engine_starts(model_dir, config, message):
+    with pytest.raises(PluginConfigError, match=message):
+        make_scheduler(model_dir, additional_config=config)
+
+
+def test_policy_and_params_come_from_additional_config(model_dir):
+    s = make_scheduler(model_dir, policy="mlfq", params={"mlfq_starve_after": 3.0})
+    assert s.core.policy.name == "mlfq" and s.core.policy.params == PolicyParams(mlfq_starve_after=3.0)
+    assert type(s) is ProgramAwareScheduler
+
+
+# -- the simulator's core, fed the same events, decides the same ---------------------------
+def run_workload(s, clock, seed, parallel):
+    """Programs of chained (or pairwise-parallel) calls with tool time in between."""
+    rng = random.Random(seed)
+    pending = []  # (arrival time, request id, program, thread, calls left after this one)
+    for p in range(8):
+        for t in range(2 if parallel else 1):
+            pending.append((rng.uniform(0, 3), f"p{p}t{t}c0", f"p{p}", f"t{t}", rng.randint(1, 3)))
+    live = {}
+    steps = 0
+    while pending or s.requests:
+        for item in sorted(pending):
+            if item[0] <= clock.now:
+                pending.remove(item)
+                _, rid, program, thread, left = item
+                s.add_request(req(rid, program, tokens=rng.randint(8, 60), max_tokens=rng.randint(2, 30), thread=thread))
+                live[rid] = (program, thread, left)
+        if not s.requests:
+            clock.advance(0.1)
+            continue
+        step(s, clock, rng.choice([0.05, 0.1, 0.2, 0.4]))
+        steps += 1
+        for rid in [r for r in live if r not in s.requests]:  # finished
+            program, thread, left = live.pop(rid)
+            if left:
+                n = int(rid.rsplit("c", 1)[1]) + 1
+                nxt = f"{program}{thread}c{n}"
+                pending.append((clock.now + rng.uniform(0, 1), nxt, program, thread, left - 1))
+        assert steps < 5000
+    return steps
+
+
+def replay(log, policy, params, max_num_seqs):
+    """Feed the plugin's recorded events to a fresh core as the simulator's replica does."""
+    p = PolicyParams(**params)
+    core = SchedulerCore(make_policy(policy, p), ProcessTable(p.program_ttl))
+    running, waiting = {}, {}
+    ids = lambda calls: [c.id for c in calls]  # noqa: E731
+    for event in log:
+        kind = event[0]
+        if kind == "add":
+            _, cid, program, thread, prompt, now, seed = event
+            if seed is not None:
+                entry = core.table.get_or_create(program, now)
+                entry.service = max(entry.service, seed)
+                entry.total_service = max(entry.total_service, seed)
+            waiting[cid] = core.add_call(cid, program, thread, prompt, now)
+        elif kind == "expire":
+            assert core.table.expire(event[1]) == event[2]
+        elif kind == "promote":
+            assert ids(core.promote_starving(event[1])) == event[2]
+        elif kind == "decide":
+            _, now, heap_order, running_order, free_seqs, free_blocks, need, freed, victims = event
+            order_w, order_r = core.order(waiting.values()), core.order(running.values())
+            assert ids(order_w) == heap_order, "vLLM's waiting heap is out of the core's order"
+            assert ids(order_r) == running_order
+            got = core.choose_victims(
+                order_r, order_w[:max_num_seqs], free_seqs, free_blocks,
+                lambda c: need[c.id], lambda c: freed[c.id],
+            )
+            assert ids(got) == victims
+        elif kind == "preempt":
+            call = running.pop(event[1])
+            core.on_preempted(call, event[2])
+            waiting[call.id] = call
+        elif kind == "admit":
+            call = waiting.pop(event[1])
+            core.on_admitted(call)
+            running[call.id] = call
+        elif kind == "step":
+            core.on_step(event[1], event[2])
+        elif kind == "finish":
+            core.finish_call(running.pop(event[1]), event[2])
+        elif kind == "abort":
+            call = running.pop(event[1], None) or waiting.pop(event[1])
+            core.abort_call(call, event[2])
+        else:
+            raise AssertionError(f"unknown event {kind}")
+    return core
+
+
+@pytest.mark.parametrize(
+    "policy, params, parallel",
+    [
+        ("plas", {**QUEUES, "beta": 2.0}, False),
+        ("atlas", {**QUEUES, "beta": 2.0}, True),
+        ("mlfq", {"mlfq_base_quantum": 0.1, "mlfq_starve_after": 1.5, "num_queues": 4}, False),
+        ("fcfs", {}, True),
+    ],
+)
+def test_core_replay_of_the_plugins_events_makes_identical_decisions(model_dir, policy, params, parallel):
+    clock = FakeClock()
+    max_num_seqs = 3
+    s = plugin(
+        model_dir, clock, policy=policy, params=params, max_num_seqs=max_num_seqs,
+        max_num_batched_tokens=48, num_blocks=12,
+    )
+    s.core_log = log = []
+    run_workload(s, clock, seed=7, parallel=parallel)
+    core = replay(log, policy, params, max_num_seqs)
+    assert core.calls == s.core.calls == {}
+    assert {pid: (e.service, e.total_service, e.total_waiting) for pid, e in core.table.programs.items()} == {
+        pid: (e.service, e.total_service, e.total_waiting) for pid, e in s.core.table.programs.items()
+    }
+    # The workload must exercise what the replay checks.
+    kinds = defaultdict(int)
+    for e in log:
+        kinds[e[0]] += 1
+    victims = sum(len(e[8]) for e in log if e[0] == "decide")
+    assert kinds["preempt"] > victims, "no preemption for memory"
+    if policy != "fcfs":
+        assert victims > 0, "no priority preemption"
+        assert any(e[2] for e in log if e[0] == "promote"), "no starvation promotion"
