@@ -378,9 +378,12 @@ class Gateway:
             return web.Response(status=upstream.status, body=data, headers=headers,
                                 content_type=ctype.split(";")[0] or "application/json"), outcome
         finally:
-            # Not read to the end (client gone, error): close, do not pool. Closing the
-            # connection is what makes vLLM's server abort the request.
-            upstream.close()
+            if upstream.content.at_eof():
+                upstream.release()  # read to the end: the connection may be reused
+            else:
+                # Client gone or relay failed mid-way: close the connection (not pooled);
+                # that is what makes vLLM's server abort the request.
+                upstream.close()
 
     async def _relay_stream(self, request: web.Request, upstream: aiohttp.ClientResponse,
                             headers: dict[str, str]) -> tuple[web.StreamResponse, Outcome | None]:

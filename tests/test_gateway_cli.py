@@ -1,0 +1,82 @@
+"""The command lines, as separate processes: sim serve, engine gateway, engine replay, engine validate."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+from sim.metrics import read_calls_csv
+from traces.format import Call, Program
+from traces.io import save
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"{proc.args} exited with {proc.returncode}: {proc.stderr.read()}")
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=1) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.1)
+    raise AssertionError(f"{url} did not become healthy in {timeout} s")
+
+
+def test_serve_gateway_replay_validate_commands(tmp_path):
+    trace = tmp_path / "t.jsonl"
+    save([Program(f"p{i}", 0.05 * i, "x", (Call("a", (), 20, 5), Call("b", ("a",), 40, 5, context_of="a")))
+          for i in range(3)], trace)
+    e_port, g_port = _free_port(), _free_port()
+    engine = subprocess.Popen([sys.executable, "-m", "sim", "serve", "--port", str(e_port), "--latency", "constant",
+                               "--step-seconds", "0.005", "--num-gpu-blocks", "1000", "--policy", "fcfs"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    gateway = subprocess.Popen([sys.executable, "-m", "engine", "gateway", "--engine", f"http://127.0.0.1:{e_port}",
+                                "--port", str(g_port)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_healthy(f"http://127.0.0.1:{e_port}", engine)
+        _wait_healthy(f"http://127.0.0.1:{g_port}", gateway)
+        out = tmp_path / "r"
+        proc = subprocess.run([sys.executable, "-m", "engine", "replay", str(trace), "--target",
+                               f"http://127.0.0.1:{g_port}", "--policy", "fcfs", "--out", str(out),
+                               "--latency", "constant:0.005"], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        assert "3 programs, 6 calls" in proc.stdout
+        with urllib.request.urlopen(f"http://127.0.0.1:{g_port}/programs", timeout=5) as r:
+            view = json.load(r)
+    finally:
+        for p in (gateway, engine):
+            p.terminate()
+            p.wait(timeout=30)
+    assert sorted(p["id"] for p in view["programs"]) == ["p0", "p1", "p2"] and view["live_calls"] == 0
+    assert len(read_calls_csv(out / "calls.csv")) == 6
+    exp = tmp_path / "exp.yaml"
+    exp.write_text("experiments:\n  t:\n    workload: {trace: %s}\n    engine: {num_gpu_blocks: 1000}\n"
+                   "    latency: {kind: constant, seconds: 0.005}\n    policies: [fcfs]\n" % json.dumps(str(trace)))
+    proc = subprocess.run([sys.executable, "-m", "engine", "validate", str(out), "--experiment", "t",
+                           "--experiments", str(exp)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    rows = [line.split() for line in proc.stdout.splitlines() if line.startswith("fcfs")]
+    assert [r[3] for r in rows] == ["mean", "p50", "p95"]
+    # Each program is 10 steps of 5 ms in the simulator; the replay adds HTTP round trips only.
+    for r in rows:
+        assert abs(float(r[-1].rstrip("%"))) < 50
+
+
+def test_gateway_cli_rejects_bad_settings():
+    proc = subprocess.run([sys.executable, "-m", "engine", "gateway", "--engine", "http://x", "--ttl", "0"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1 and "--ttl" in proc.stderr and "Traceback" not in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "engine", "gateway"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "--engine" in proc.stderr
