@@ -88,14 +88,7 @@ class TraceError(ValueError):
 
     def located(self, file: str | None, line: int | None) -> "TraceError":
         """The same error with the file and line filled in (used by loaders)."""
-        return TraceError(
-            self.reason,
-            file=file,
-            line=line,
-            program_id=self.program_id,
-            call_id=self.call_id,
-            field=self.field,
-        )
+        return _rebuild(self.reason, file, line, self.program_id, self.call_id, self.field)
 
     def __reduce__(self):  # keep attributes across pickling (multiprocessing)
         return (_rebuild, (self.reason, self.file, self.line, self.program_id, self.call_id, self.field))
