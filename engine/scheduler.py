@@ -72,7 +72,7 @@ from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.request import Request, RequestStatus
 
 from engine.plugin_config import PluginConfig, PluginConfigError, parse_plugin_config, read_tags
-from sim.core import ProcessTable, SchedulerCore, attribute_service, make_policy
+from sim.core import Policy, ProcessTable, SchedulerCore, attribute_service, make_policy
 from sim.core.state import CallState
 
 logger = logging.getLogger(__name__)
@@ -122,6 +122,9 @@ class ProgramAwareMixin:
         self.plugin_config: PluginConfig = parse_plugin_config(self.vllm_config.additional_config)
         cfg = self.plugin_config
         self.core = SchedulerCore(make_policy(cfg.policy, cfg.params), ProcessTable(cfg.params.program_ttl))
+        if type(self.core.policy).rank is not Policy.rank:
+            # The victim search filters the heap by priority < rank * KEY_STRIDE.
+            raise PluginConfigError(f"policy {cfg.policy!r} ranks calls by more than their queue index")
         self.clock: Callable[[], float] = time.monotonic
         self.core_log: list | None = None
         # The core's order is enforced through the PRIORITY heap whatever
@@ -251,7 +254,9 @@ class ProgramAwareMixin:
             if record:
                 self._record_decision([], [])
             return []
-        better = sorted((r for r in heap if rank(calls[r.request_id]) < worst), key=_PRIORITY)
+        # rank is the queue index, the high part of the encoded priority.
+        bound = worst * KEY_STRIDE
+        better = sorted([r for r in heap if r.priority < bound], key=_PRIORITY)
         waiting = [calls[r.request_id] for r in better[: self.max_num_running_reqs]]
         victims = core.choose_victims(
             [calls[r.request_id] for r in running],
