@@ -249,7 +249,23 @@ def test_policy_and_params_come_from_additional_config(model_dir):
 
 
 # -- the simulator's core, fed the same events, decides the same ---------------------------
-def run_workload(s, clock, seed, parallel):
+class Pipelined:
+    """Async scheduling as vLLM's batch queue runs it: step N+1 is scheduled before N's update."""
+
+    def __init__(self):
+        self.in_flight = None
+
+    def __call__(self, s, clock, seconds):
+        out = s.schedule()
+        output = (out, fake_output(s, out))  # the runner's answer depends on the state at schedule time
+        if self.in_flight is not None:
+            clock.advance(seconds)
+            s.update_from_output(*self.in_flight)
+        self.in_flight = output
+        return out
+
+
+def run_workload(s, clock, seed, parallel, step_fn=step):
     """Programs of chained (or pairwise-parallel) calls with tool time in between."""
     rng = random.Random(seed)
     pending = []  # (arrival time, request id, program, thread, calls left after this one)
@@ -268,7 +284,7 @@ def run_workload(s, clock, seed, parallel):
         if not s.requests:
             clock.advance(0.1)
             continue
-        step(s, clock, rng.choice([0.05, 0.1, 0.2, 0.4]))
+        step_fn(s, clock, rng.choice([0.05, 0.1, 0.2, 0.4]))
         steps += 1
         for rid in [r for r in live if r not in s.requests]:  # finished
             program, thread, left = live.pop(rid)
@@ -319,8 +335,9 @@ def replay(log, policy, params, max_num_seqs):
             running[call.id] = call
         elif kind == "step":
             core.on_step(event[1], event[2])
-        elif kind == "finish":
-            core.finish_call(running.pop(event[1]), event[2])
+        elif kind == "finish":  # async: a step's output may finish a call preempted since
+            call = running.pop(event[1], None) or waiting.pop(event[1])
+            core.finish_call(call, event[2])
         elif kind == "abort":
             call = running.pop(event[1], None) or waiting.pop(event[1])
             core.abort_call(call, event[2])
@@ -329,6 +346,7 @@ def replay(log, policy, params, max_num_seqs):
     return core
 
 
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
 @pytest.mark.parametrize(
     "policy, params, parallel",
     [
@@ -338,15 +356,17 @@ def replay(log, policy, params, max_num_seqs):
         ("fcfs", {}, True),
     ],
 )
-def test_core_replay_of_the_plugins_events_makes_identical_decisions(model_dir, policy, params, parallel):
+def test_core_replay_of_the_plugins_events_makes_identical_decisions(
+    model_dir, policy, params, parallel, async_scheduling
+):
     clock = FakeClock()
     max_num_seqs = 3
     s = plugin(
         model_dir, clock, policy=policy, params=params, max_num_seqs=max_num_seqs,
-        max_num_batched_tokens=48, num_blocks=12,
+        max_num_batched_tokens=48, num_blocks=12, async_scheduling=async_scheduling,
     )
     s.core_log = log = []
-    run_workload(s, clock, seed=7, parallel=parallel)
+    run_workload(s, clock, seed=7, parallel=parallel, step_fn=Pipelined() if async_scheduling else step)
     core = replay(log, policy, params, max_num_seqs)
     assert core.calls == s.core.calls == {}
     assert {pid: (e.service, e.total_service, e.total_waiting) for pid, e in core.table.programs.items()} == {
@@ -361,3 +381,12 @@ def test_core_replay_of_the_plugins_events_makes_identical_decisions(model_dir, 
     if policy != "fcfs":
         assert victims > 0, "no priority preemption"
         assert any(e[2] for e in log if e[0] == "promote"), "no starvation promotion"
+
+
+@pytest.mark.parametrize("name, cls", [("ProgramAwareScheduler", ProgramAwareScheduler),
+                                       ("ProgramAwareAsyncScheduler", ProgramAwareAsyncScheduler)])
+def test_scheduler_cls_path_resolves_to_the_plugin(name, cls):
+    from vllm.config import SchedulerConfig
+
+    config = SchedulerConfig.default_factory(scheduler_cls=f"engine.scheduler.{name}")
+    assert config.get_scheduler_cls() is cls
