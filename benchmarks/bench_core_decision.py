@@ -49,7 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sim.core import PolicyParams, ProcessTable, SchedulerCore, attribute_service, make_policy  # noqa: E402
 
-KEY_STRIDE = 1 << 62  # as engine.scheduler.encode_key, without importing vLLM
+KEY_STRIDE = 1 << 48  # as engine.scheduler.encode_key, without importing vLLM
 _PRIORITY = attrgetter("priority")
 
 

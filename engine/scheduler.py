@@ -77,8 +77,10 @@ from sim.core.state import CallState
 
 logger = logging.getLogger(__name__)
 
-# Room for 2**62 entries per queue: keys are (queue, sequence number).
-KEY_STRIDE = 1 << 62
+# Keys are (queue, sequence number). 2**48 sequence numbers outlast any
+# run (a century at 10**5 queue entries per second), and the encoded value
+# stays within int64 for up to 2**15 queues, should anything ever export it.
+KEY_STRIDE = 1 << 48
 # How often idle programs are dropped from the process table (clock seconds).
 EXPIRE_EVERY = 1.0
 # Finished statuses that count as a completed call; the others (aborted,

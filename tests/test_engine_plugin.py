@@ -390,3 +390,11 @@ def test_scheduler_cls_path_resolves_to_the_plugin(name, cls):
 
     config = SchedulerConfig.default_factory(scheduler_cls=f"engine.scheduler.{name}")
     assert config.get_scheduler_cls() is cls
+
+
+def test_encoded_keys_keep_the_core_order():
+    keys = [(0, 5), (0, 7), (1, 1), (1, 2), (3, 0), (7, 2**40)]
+    assert sorted(keys, key=encode_key) == sorted(keys)
+    assert encode_key((7, 2**40)) < 2**63
+    with pytest.raises(OverflowError):
+        encode_key((0, 2**48))

@@ -70,7 +70,7 @@ def test_malformed_tags_are_named(extra, msg):
         read_tags("r", extra)
 
 
-def test_plugin_config_does_not_import_vllm():
-    code = "import sys, engine.plugin_config\nprint(sorted(m for m in sys.modules if m.split('.')[0] in {'vllm', 'torch'}))"
+def test_engine_package_and_plugin_config_do_not_import_vllm():
+    code = "import sys, engine, engine.plugin_config\nprint(sorted(m for m in sys.modules if m.split('.')[0] in {'vllm', 'torch'}))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
