@@ -122,7 +122,7 @@ def test_ending_a_program_with_a_live_call_is_refused():
                 import asyncio
 
                 call = asyncio.create_task(_request(s, "POST", gw.url + "/v1/completions",
-                                                    json.dumps({"prompt": [1], "max_tokens": 40}).encode(),
+                                                    json.dumps({"prompt": [1], "max_tokens": 200}).encode(),
                                                     {"X-Program-Id": "busy", "Content-Type": "application/json"}))
                 while gateway.acct.live_calls() == 0:
                     await asyncio.sleep(0.005)

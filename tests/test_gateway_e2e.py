@@ -168,7 +168,7 @@ def test_same_thread_twice_is_a_conflict_and_parallel_threads_are_fine():
         gw, gateway = await start_gw([e0.url])
         try:
             async with aiohttp.ClientSession() as s:
-                body = {"prompt": [1, 2, 3], "max_tokens": 30}
+                body = {"prompt": [1, 2, 3], "max_tokens": 200}
                 hdr = {"X-Program-Id": "p", "X-Thread-Id": "t"}
                 first = asyncio.create_task(s.post(gw.url + "/v1/completions", json=body, headers=hdr))
                 await wait_for(lambda: gateway.acct.live_calls() == 1, timeout=3)
