@@ -182,3 +182,18 @@ def test_vllm_stats_take_vllms_inference_time():
     assert vllm_stats(m) == {"service": 1.5, "first_scheduled_after": 0.5, "source": "vllm_inference_time"}
     assert vllm_stats(None) is None
     assert vllm_stats(SimpleNamespace(queued_ts=0.0, scheduled_ts=0.0, last_token_ts=0.0)) is None  # no stats kept
+
+
+def test_program_arrivals_and_delays_are_honoured():
+    programs = [Program("early", 0.0, "x", (Call("a", (), 5, 1), Call("b", ("a",), 5, 1, delay=0.1))),
+                Program("late", 0.15, "x", (Call("a", (), 5, 1),))]
+
+    async def go():
+        r = Replayer(programs, FakeTarget(), "fcfs")
+        await r.run()
+        return {(c.program_id, c.call_id): c for c in r.records}
+
+    rows = run(go())
+    assert 0.15 <= rows[("late", "a")].arrival < 0.15 + 0.1
+    assert rows[("early", "b")].arrival >= rows[("early", "a")].finish + 0.1
+    assert rows[("early", "a")].arrival < 0.05

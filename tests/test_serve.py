@@ -223,3 +223,18 @@ def test_cli_rejects_an_oracle_policy():
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1
     assert "srpt" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_config_from_an_experiment_with_overrides_and_flags():
+    import argparse
+
+    from sim.serve import add_arguments, build_config
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    cfg = build_config(p.parse_args(["--experiment", "quickstart", "--set", "engine.max_num_seqs=7",
+                                     "--latency", "constant", "--step-seconds", "0.02", "--num-gpu-blocks", "50"]))
+    assert cfg.engine.max_num_seqs == 7 and cfg.engine.num_gpu_blocks == 50
+    assert cfg.latency.kind == "constant" and cfg.latency.seconds == 0.02
+    plain = build_config(p.parse_args([]))
+    assert plain.latency.kind == "roofline" and plain.engine.model == "llama-3.1-8b"
