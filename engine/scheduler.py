@@ -58,6 +58,8 @@ unless the best waiting request outranks the worst running one
 
 from __future__ import annotations
 
+import math
+
 import heapq
 import logging
 import time
@@ -241,23 +243,25 @@ class ProgramAwareMixin:
         calls = core.calls
         running, heap = self.running, self.waiting._heap
         record = self.core_log is not None
-        if not running or not heap or not core.policy.preemptive:
+        policy = core.policy
+        if not running or not heap or not (policy.preemptive and policy.params.preemption):
             if record:
                 self._record_decision([], [])
             return []
-        rank = core.rank
-        worst = rank(calls[running[-1].request_id])  # running is sorted by key
-        # A victim must rank strictly worse than the waiting call it lets in,
-        # so only waiting calls ranked better than the worst running call can
-        # take one. choose_victims walks waiting best-first and, past the
-        # first of rank >= worst, can only hand out free slots, never
-        # victims: cutting the list there gives the same victims.
-        if rank(calls[heap[0].request_id]) >= worst:
+        worst_call = calls[running[-1].request_id]  # running is sorted by key
+        # A victim must be outranked (Policy.outranks: preempt_margin queues
+        # worse) by the waiting call it lets in, so only waiting calls that
+        # outrank the worst running call can take one. choose_victims walks
+        # waiting best-first and, past the first that does not, can only
+        # hand out free slots, never victims: cutting the list there gives
+        # the same victims.
+        if not policy.outranks(calls[heap[0].request_id], worst_call):
             if record:
                 self._record_decision([], [])
             return []
-        # rank is the queue index, the high part of the encoded priority.
-        bound = worst * KEY_STRIDE
+        # rank is the queue index, the high part of the encoded priority;
+        # outranking the worst means rank <= worst - margin.
+        bound = (math.floor(core.rank(worst_call) - policy.params.preempt_margin) + 1) * KEY_STRIDE
         better = sorted([r for r in heap if r.priority < bound], key=_PRIORITY)
         waiting = [calls[r.request_id] for r in better[: self.max_num_running_reqs]]
         victims = core.choose_victims(

@@ -207,24 +207,31 @@ class Replica:
         budget = cfg.max_num_batched_tokens
         batch: list[tuple[SimCall, int]] = []
         preempted_for_memory = False
-        pending = list(self.running)  # best first
-        while pending:
-            call = pending.pop(0)
-            new = call.num_tokens - call.num_computed
+        chunked = cfg.enable_chunked_prefill
+        block = self.block
+        pending = self.running[:]  # best first; the tail is the worst unscheduled call
+        i = 0
+        while i < len(pending):
+            call = pending[i]
+            i += 1
+            computed = call.num_computed
+            new = call.num_tokens - computed
             if new > budget:
-                if not cfg.enable_chunked_prefill or budget == 0:
+                if not chunked or budget == 0:
                     continue
                 new = budget
-            need = cdiv(call.num_computed + new, self.block) - call.blocks.num_blocks
-            while not kv.can_allocate(need):
-                victim = pending.pop() if pending else call
-                transfer += self._preempt(victim, now)
-                preempted_for_memory = True
-                if victim is call:
-                    break
-            if call.core.running is False:
-                continue
-            kv.allocate(call.blocks, need)
+            blocks = call.blocks
+            need = -(-(computed + new) // block) - len(blocks.keys) - blocks.private
+            if need > 0:
+                while need > kv.capacity - kv.in_use:
+                    victim = pending.pop() if len(pending) > i else call
+                    transfer += self._preempt(victim, now)
+                    preempted_for_memory = True
+                    if victim is call:
+                        break
+                if not call.core.running:
+                    continue
+                kv.allocate(blocks, need)
             batch.append((call, new))
             budget -= new
 
@@ -321,22 +328,26 @@ class Replica:
     def _complete(self, batch: list[tuple[SimCall, int]], dt: float, start: float) -> None:
         now = self.env.now
         core, kv = self.core, self.kv
+        block = self.block
         core.on_step(attribute_service(dt, [c.core.id for c, _ in batch]), now)
+        on_progress = self.on_progress
         finished = []
         for call, new in batch:
             call.service += dt
             if call.first_scheduled < 0:
                 call.first_scheduled = start
-            call.num_computed += new
-            sampled = call.num_computed == call.num_tokens
+            computed = call.num_computed = call.num_computed + new
+            sampled = computed == call.num_tokens
             if sampled:
                 call.generated += 1
                 call.num_tokens += 1
                 if call.generated == 1:
                     call.first_token = now
-            kv.register_full(call.blocks, call.keys, call.num_computed)
-            if self.on_progress is not None:
-                self.on_progress(call, new, sampled)
+            blocks = call.blocks
+            if blocks.private and computed // block > len(blocks.keys):
+                kv.register_full(blocks, call.keys, computed)
+            if on_progress is not None:
+                on_progress(call, new, sampled)
             if call.generated == call.output_tokens:
                 finished.append(call)
         for call in finished:

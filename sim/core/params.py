@@ -22,15 +22,24 @@ class PolicyParams:
     num_queues: int = 8
     queue_base: float = 1.0  # seconds of attained service, Q1's upper bound
     # Service a call may receive in a queue before it is demoted one queue.
-    # None means "the queue's width", so a call is demoted exactly when its
-    # program's attained service plus its own crosses the queue's upper
-    # bound: least-attained-service order, discretised.
+    # None means "the queue's width" (1, 1, 2, 4, ... s), a fresh quantum on
+    # every entry; see policies._ProgramLevel for why not the remainder.
     quantum: float | None = None
     # Anti-starvation: a waiting call jumps to Q1 when
     # (W_program + W_call) / (T_program + T_call) >= beta. 8 means a program
     # may wait eight times its service before it is rescued, which bounds
     # its slowdown without letting long programs jump the queue often.
     beta: float = 8.0
+    # Whether a better-ranked waiting call may displace a running one (the
+    # paper's design). With recompute preemption (vLLM v1) each displacement
+    # costs the victim's prefill again unless its prefix is still cached;
+    # turning this off keeps the policy's order for admission only, which is
+    # what vLLM's built-in priority mode does.
+    preemption: bool = True
+    # A waiting call displaces a running one only if it is this many queues
+    # (rank classes) better. 1 is "strictly better", the paper's rule;
+    # larger margins trade priority fidelity for fewer recomputations.
+    preempt_margin: float = 1
 
     # --- MLFQ (FastServe skip-join) ------------------------------------------
     # Quanta double from `mlfq_base_quantum`, about two decode steps of an 8B
@@ -59,6 +68,8 @@ class PolicyParams:
             ("queue_base", self.queue_base > 0, "> 0 seconds"),
             ("quantum", self.quantum is None or self.quantum > 0, "null or > 0 seconds"),
             ("beta", self.beta > 0, "> 0"),
+            ("preemption", isinstance(self.preemption, bool), "true or false"),
+            ("preempt_margin", self.preempt_margin > 0, "> 0"),
             ("mlfq_base_quantum", self.mlfq_base_quantum > 0, "> 0 seconds"),
             ("mlfq_prefill_s_per_token", self.mlfq_prefill_s_per_token >= 0, ">= 0"),
             ("mlfq_starve_after", self.mlfq_starve_after > 0, "> 0 seconds"),

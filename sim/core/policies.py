@@ -56,6 +56,10 @@ class Policy:
     def rank(self, call: CallState):
         return call.key[0]
 
+    def outranks(self, waiting: CallState, running: CallState) -> bool:
+        """May ``waiting`` displace ``running``? Needs ``preempt_margin`` classes of difference."""
+        return self.rank(running) - self.rank(waiting) >= self.params.preempt_margin
+
     # -- shared queue mechanics ------------------------------------------------
     def queue_quantum(self, queue: int) -> float:
         return INF
@@ -130,8 +134,13 @@ class _ProgramLevel(Policy):
     """Shared machinery of PLAS and ATLAS: program priority -> discretised queue.
 
     A new call enters the queue that bins its program's priority (not Q1, as
-    MLFQ would). With ``quantum=None`` a call is demoted exactly when its
-    program priority plus its own service crosses the queue's upper bound.
+    MLFQ would) with a fresh quantum: the queue's width when ``quantum`` is
+    None. A call entering just below a bound therefore still gets a full
+    quantum before demotion. Measured on BFCL at 80% load, the alternative
+    (demote as soon as program plus call service crosses the bound) demotes
+    calls after a step or two; each demotion puts the call at the tail of a
+    lower queue, first in line to be preempted, and with recompute
+    preemption the engine spirals into re-prefilling evicted prompts.
     """
 
     def __init__(self, params):
@@ -158,11 +167,7 @@ class _ProgramLevel(Policy):
     def on_arrival(self, call, program):
         call.priority = self.program_priority(program)
         q = self.queue_of(call.priority)
-        if self.params.quantum is None and q < self.params.num_queues - 1:
-            quantum = self.bounds[q] - call.priority
-        else:
-            quantum = self.queue_quantum(q)
-        self._enter_queue(call, q, quantum)
+        self._enter_queue(call, q, self.queue_quantum(q))
 
     def on_service(self, call, seconds):
         self._charge_quantum(call, seconds)

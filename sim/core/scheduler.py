@@ -127,9 +127,9 @@ class SchedulerCore:
         worst first, but only if that makes it fit. Stops at the first
         waiting call that cannot be made to fit, preserving order.
         """
-        if not self.policy.preemptive or not waiting or not running:
+        if not (self.policy.preemptive and self.policy.params.preemption) or not waiting or not running:
             return []
-        rank = self.policy.rank
+        outranks = self.policy.outranks
         candidates = sorted(running, key=_KEY, reverse=True)
         victims: list[CallState] = []
         used = 0
@@ -138,7 +138,7 @@ class SchedulerCore:
             taken: list[CallState] = []
             seqs, blocks = free_seqs, free_blocks
             i = used
-            while (seqs < 1 or blocks < need) and i < len(candidates) and rank(candidates[i]) > rank(w):
+            while (seqs < 1 or blocks < need) and i < len(candidates) and outranks(w, candidates[i]):
                 taken.append(candidates[i])
                 seqs += 1
                 blocks += blocks_freed(candidates[i])
