@@ -14,14 +14,9 @@ is first, and runs the environment up to then. Each step's ``on_progress``
 callback pushes the sampled token to the call's asyncio queue, so a
 streaming response sees one token per simulated step, in real time.
 
-Aborts: the replica has no abort method (see the module docstring of
-`sim.serve` for the change we asked for). A waiting call is removed from the
-replica's waiting list and dropped from the scheduler core with
-``SchedulerCore.abort_call`` (what vLLM does with a waiting request). A
-running call cannot be removed between the start and end of its step
-without corrupting the step, so it is truncated instead: its target length
-becomes "one more token", it finishes silently at its next sampled token
-and frees its KV then, and its output is discarded.
+Aborts: `Replica.abort` drops the call as vLLM's abort does (KV freed at
+once, no service charged); a running call in the step in flight is skipped
+when that step completes.
 """
 
 from __future__ import annotations
@@ -141,7 +136,6 @@ class RealtimeEngine:
             on_finish=self._on_finish, on_progress=self._on_progress,
         )
         self._handles: dict[SimCall, CallHandle] = {}
-        self._aborted_running: set[SimCall] = set()  # truncated, finishing at their next token
         self._seq = 0
         self.completed = 0
         self.aborted = 0
@@ -249,14 +243,7 @@ class RealtimeEngine:
         handle.aborted = True
         self.aborted += 1
         self._handles.pop(handle.call, None)
-        call = handle.call
-        if call in self.replica.waiting:
-            self.replica.waiting.remove(call)  # stays sorted
-            self.core.abort_call(call.core, self.env.now)
-        else:
-            # Running: finish at the next sampled token, silently (output discarded).
-            call.output_tokens = call.generated + 1
-            self._aborted_running.add(call)
+        self.replica.abort(handle.call)
         handle.queue.put_nowait(None)
         self._poke()
 
@@ -272,8 +259,7 @@ class RealtimeEngine:
 
     def _on_finish(self, call: SimCall) -> None:
         handle = self._handles.pop(call, None)
-        if handle is None:  # an aborted running call ending silently
-            self._aborted_running.discard(call)
+        if handle is None:
             return
         handle.finished = True
         self.completed += 1
@@ -292,7 +278,6 @@ class RealtimeEngine:
             "model_load": self.replica.load,
             "completed": self.completed,
             "aborted": self.aborted,
-            "aborted_running_draining": len(self._aborted_running),
             "programs": len(self.table),
             "received": list(self.received),
         }

@@ -116,6 +116,7 @@ class Replica:
         self.waiting: list[SimCall] = []  # kept sorted by key
         self.running: list[SimCall] = []
         self._wake: simpy.Event | None = None
+        self._aborted: set[SimCall] = set()  # aborted while their step is in flight
         self.steps = 0
         self.preemptions = 0
         self.busy_time = 0.0
@@ -134,6 +135,25 @@ class Replica:
         insort(self.waiting, call, key=_KEY)
         if self._wake is not None and not self._wake.triggered:
             self._wake.succeed()
+
+    def abort(self, call: SimCall) -> bool:
+        """Drop a call whose client went away, as vLLM's abort does.
+
+        Its KV is freed at once and ``on_finish`` is never called; its
+        service is not charged to its program. A running call may be in the
+        step in flight: that step's completion skips it. Returns False if
+        the call already finished or was aborted.
+        """
+        if call.finish >= 0 or call.core is None or call.core.finished:
+            return False
+        if call in self.waiting:
+            self.waiting.remove(call)  # stays sorted
+        else:
+            self.running.remove(call)
+            self.kv.release(call.blocks)
+            self._aborted.add(call)
+        self.core.abort_call(call.core, self.env.now)
+        return True
 
     def refresh_order(self) -> None:
         """Re-sort waiting calls after keys changed outside a step (SRPT refresh)."""
@@ -329,6 +349,9 @@ class Replica:
         now = self.env.now
         core, kv = self.core, self.kv
         block = self.block
+        if self._aborted:
+            batch = [(c, n) for c, n in batch if c not in self._aborted]
+            self._aborted.clear()
         core.on_step(attribute_service(dt, [c.core.id for c, _ in batch]), now)
         on_progress = self.on_progress
         finished = []
