@@ -542,12 +542,25 @@ def to_dict(cfg: ExperimentConfig) -> dict[str, Any]:
     return {
         "description": cfg.description,
         "workload": workload,
-        "engine": dataclasses.asdict(cfg.engine),
-        "latency": dataclasses.asdict(cfg.latency),
+        "engine": _fields_dict(cfg.engine),
+        "latency": _fields_dict(cfg.latency),
         "policies": list(cfg.policies),
-        "policy_params": dataclasses.asdict(cfg.policy_params),
+        "policy_params": _fields_dict(cfg.policy_params),
         "seed": cfg.seed,
     }
+
+
+def _fields_dict(obj: Any) -> dict[str, Any]:
+    """Fields in order, a float field always as a float (a default of ``1`` would
+    otherwise be written as ``1`` and read back as ``1.0``, changing config.yaml)."""
+    hints = typing.get_type_hints(type(obj))
+    out = {}
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        hint = hints[f.name]
+        floaty = hint is float or (typing.get_origin(hint) in (typing.Union, types.UnionType) and float in typing.get_args(hint))
+        out[f.name] = float(value) if floaty and isinstance(value, int) and not isinstance(value, bool) else value
+    return out
 
 
 def to_file_dict(cfg: ExperimentConfig) -> dict[str, Any]:
