@@ -27,6 +27,16 @@ FIT_EXAMPLES = """examples:
   python -m sim fit-latency --help     (options are the latency tool's own)
   python -m sim fit-latency a100.csv -o a100-measured.json
 """
+SWEEP_EXAMPLES = """examples:
+  python -m sim sweep paper-single                      # -> results/sweeps/paper-single/
+  python -m sim sweep paper-single --set workload.params.programs=100 --workers 2
+  python -m sim sweep paper-multi --backend ray --out results/multi
+"""
+PLOT_EXAMPLES = """examples:
+  python -m sim plot results/sweeps/paper-single            # table + figures in RESULTS/plots
+  python -m sim plot results/sweeps/paper-single --target 0.05
+  python -m sim plot results/sweeps/paper-single --target 3x --out figs
+"""
 SERVE_EXAMPLES = """examples:
   python -m sim serve --help           (options are sim.serve's own)
   python -m sim serve --experiment quickstart --policy plas --port 8000
@@ -72,6 +82,50 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _experiments_arg(lst)
+
+    sw = sub.add_parser(
+        "sweep",
+        help="run a sweep (a grid of experiment variations) in parallel",
+        description="Run sweep NAME from the experiments file: every grid point under every policy, "
+        "in parallel; writes sweep.csv (one row per point and policy), points/*/summary.json and sweep.json. "
+        "Exit status 1 if any point failed (the others still run).",
+        epilog=SWEEP_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sw.add_argument("name", metavar="NAME", help="sweep name (under sweeps: in the experiments file)")
+    _experiments_arg(sw)
+    sw.add_argument(
+        "-s",
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a dotted key at every point (below the grid), e.g. workload.params.programs=100; repeatable",
+    )
+    sw.add_argument("-o", "--out", metavar="DIR", help="output directory (default: results/sweeps/NAME)")
+    sw.add_argument("-w", "--workers", type=int, metavar="N", help="parallel jobs (default: the number of CPUs)")
+    sw.add_argument("--backend", choices=("local", "ray"), default="local", help="local processes (default) or Ray tasks")
+    sw.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no result table")
+
+    pl = sub.add_parser(
+        "plot",
+        help="throughput at a latency target and the figures, from a sweep's results",
+        description="Print throughput at a target mean normalised latency per policy (and its ratio to "
+        "FCFS and MLFQ) and redraw the figures from RESULTS (a sweep directory or its sweep.csv).",
+        epilog=PLOT_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    pl.add_argument("results", metavar="RESULTS", help="a sweep's output directory or its sweep.csv")
+    pl.add_argument(
+        "-t",
+        "--target",
+        default="2x",
+        metavar="L",
+        help="target mean normalised latency: seconds per token (0.05) or a multiple of the "
+        "best light-load latency of each workload (2x, the default)",
+    )
+    pl.add_argument("-o", "--out", metavar="DIR", help="figure directory (default: RESULTS/plots)")
 
     sub.add_parser(
         "fit-latency",
@@ -159,6 +213,48 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sweep(args: argparse.Namespace) -> int:
+    from sim.derived import format_table, throughput_table
+    from sim.sweep import jobs, load_sweep
+    from sim.sweep_run import run_sweep
+
+    if args.workers is not None and args.workers < 1:
+        from sim.experiments import ConfigError
+
+        raise ConfigError(f"--workers {args.workers}: expected an integer >= 1")
+    sweep = load_sweep(args.name, args.experiments, args.overrides)
+    todo = jobs(sweep, args.experiments, args.overrides)
+    out = Path(args.out) if args.out else Path("results") / "sweeps" / sweep.name
+    outcome = run_sweep(sweep, todo, out, workers=args.workers, backend=args.backend, quiet=args.quiet)
+    if not args.quiet:
+        print(format_table(throughput_table(outcome.rows)))
+        print(f"{len(outcome.rows)} jobs in {outcome.wall_s:.1f} s; results in {out}")
+    if outcome.failed:
+        print(f"error: {len(outcome.failed)} of {len(outcome.rows)} jobs failed (status and error in {out / 'sweep.csv'})", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _plot(args: argparse.Namespace) -> int:
+    from sim.derived import format_table, load_rows, parse_target, throughput_table
+    from sim.experiments import ConfigError
+    from sim.sweep_plots import draw_all
+
+    try:
+        parse_target(args.target)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    rows = load_rows(args.results)
+    if not rows:
+        raise ConfigError(f"{args.results}: no rows to plot")
+    results = Path(args.results)
+    out = Path(args.out) if args.out else (results if results.is_dir() else results.parent) / "plots"
+    print(format_table(throughput_table(rows, args.target)))
+    for path in draw_all(rows, out, args.target):
+        print(f"wrote {path}")
+    return 0
+
+
 def _list(args: argparse.Namespace) -> int:
     from sim.experiments import list_experiments
 
@@ -194,7 +290,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     errors = _user_errors()
     try:
-        return _run(args) if args.command == "run" else _list(args)
+        handler = {"run": _run, "sweep": _sweep, "plot": _plot}.get(args.command, _list)
+        return handler(args)
     except errors as exc:
         text = str(exc)
         if isinstance(exc, OSError) and exc.filename is not None:

@@ -53,7 +53,7 @@ from sim.config import (
 from sim.core.params import PolicyParams
 
 DEFAULT_FILE = Path(__file__).resolve().parent.parent / "experiments.yaml"
-TOP_KEYS = ("defaults", "experiments")
+TOP_KEYS = ("defaults", "experiments", "sweeps")  # sweeps: read by sim.sweep
 EXPERIMENT_KEYS = ("description", "workload", "engine", "latency", "policies", "policy_params", "seed")
 WORKLOAD_KEYS = ("generator", "params", "trace")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -73,6 +73,8 @@ class ExperimentsFile:
     defaults: dict[str, Any]
     experiments: dict[str, dict[str, Any]]
     lines: dict[Path_, int]
+    # Raw ``sweeps:`` entries, checked by `sim.sweep` (which shares this file's line marks).
+    sweeps: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def names(self) -> list[str]:
         return list(self.experiments)
@@ -163,7 +165,10 @@ def load_file(path: str | Path | None = None) -> ExperimentsFile:
             )
         if not isinstance(body, dict):
             raise ConfigError(f"{where}:{line}: experiments.{name}: expected a mapping")
-    return ExperimentsFile(where, defaults, experiments, lines)
+    sweeps = data.get("sweeps") or {}
+    if not isinstance(sweeps, dict):
+        raise ConfigError(f"{where}:{lines.get(('sweeps',), 1)}: sweeps: expected a mapping of sweep names")
+    return ExperimentsFile(where, defaults, experiments, lines, sweeps)
 
 
 def list_experiments(path: str | Path | None = None) -> list[tuple[str, str]]:

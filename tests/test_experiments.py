@@ -90,7 +90,7 @@ def test_unknown_key_in_defaults_points_at_defaults(write):
 
 def test_unknown_top_level_key(write):
     path = write(base=BASE + "experimentz: {}\n")
-    with pytest.raises(ConfigError, match=r"^exp.yaml:12: experimentz: unknown key; valid keys: defaults, experiments$"):
+    with pytest.raises(ConfigError, match=r"^exp.yaml:12: experimentz: unknown key; valid keys: defaults, experiments, sweeps$"):
         load_file(path)
 
 

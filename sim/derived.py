@@ -1,0 +1,271 @@
+"""Metrics derived from a sweep's table: throughput at a latency target, its ratios, tails.
+
+The paper's headline numbers are "throughput at equal latency" (DESIGN.md
+section 2): for each policy, the highest arrival rate whose mean normalised
+latency stays at or below a target L, interpolated over the swept rates.
+Comparing policies at equal latency, rather than latency at one rate, is
+what turns a latency curve into "PLAS serves 2x the load of FCFS".
+
+Definition used here (`throughput_at`), over the rates of one curve sorted
+ascending, ignoring failed points:
+
+* walk up the rates until the first one whose latency exceeds L ("stays at
+  or below": a later dip under L does not count, since the policy already
+  failed the target at a lower load);
+* interpolate linearly between that rate and the one before it;
+* never above L: the highest swept rate, flagged as a lower bound (the sweep
+  did not reach the policy's limit);
+* above L already at the lowest rate: None (no sustainable rate was swept).
+
+A curve is one (workload, other swept keys but the rate) group and one
+policy label. The default target is relative: ``2x`` the lowest mean
+normalised latency any policy reaches at the group's lowest rate, because
+absolute s/token targets differ by workload (a 60-call LATS tree waits on
+its critical path, a chat turn does not).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+LATENCY = "normalized_latency_mean"
+BASELINES = ("fcfs", "mlfq", "fcfs-unopt")
+# Columns that identify a row but do not define its curve.
+NOT_GROUP = {"sweep", "point", "rate", "variant", "policy", "scheduler", "status", "error", "wall_s"}
+TEXT_COLUMNS = {"sweep", "workload", "balancer", "variant", "policy", "scheduler", "status", "error"}
+
+
+@dataclass(frozen=True)
+class Throughput:
+    """Throughput at a latency target; ``bound`` is ``exact``, ``lower`` or ``none``."""
+
+    value: float | None
+    bound: str
+
+    def text(self) -> str:
+        if self.value is None:
+            return "-"
+        return (">=" if self.bound == "lower" else "") + f"{self.value:.3g}"
+
+
+@dataclass(frozen=True)
+class Ratio:
+    """A throughput ratio; ``bound`` is ``exact``, ``lower``, ``upper`` or ``unknown``."""
+
+    value: float | None
+    bound: str
+
+    def text(self) -> str:
+        if self.value is None:
+            return "-"
+        prefix = {"lower": ">=", "upper": "<=", "unknown": "~"}.get(self.bound, "")
+        return f"{prefix}{self.value:.2f}x"
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def throughput_at(rates: Sequence[float], latencies: Sequence[float | None], target: float) -> Throughput:
+    """The highest rate whose latency stays <= ``target`` (module docstring for the edge cases)."""
+    pts = sorted((r, lat) for r, lat in zip(rates, latencies) if _finite(r) and _finite(lat))
+    if not pts:
+        return Throughput(None, "none")
+    prev = None
+    for rate, lat in pts:
+        if lat > target:
+            if prev is None:
+                return Throughput(None, "none")
+            r0, l0 = prev
+            return Throughput(r0 + (target - l0) * (rate - r0) / (lat - l0), "exact")
+        prev = (rate, lat)
+    return Throughput(pts[-1][0], "lower")
+
+
+def ratio(num: Throughput, den: Throughput) -> Ratio:
+    """``num / den``; a lower-bound numerator over an exact denominator is itself a lower bound."""
+    if num.value is None or den.value is None or den.value <= 0:
+        return Ratio(None, "none")
+    bound = {
+        ("exact", "exact"): "exact",
+        ("lower", "exact"): "lower",
+        ("exact", "lower"): "upper",
+    }.get((num.bound, den.bound), "unknown")
+    return Ratio(num.value / den.value, bound)
+
+
+# --- reading a table ---------------------------------------------------------------------
+
+
+def _parse(col: str, text: str) -> Any:
+    if text == "":
+        return None
+    if col in TEXT_COLUMNS:
+        return text
+    for conv in (int, float):
+        try:
+            return conv(text)
+        except ValueError:
+            pass
+    return text
+
+
+def load_rows(results: str | Path) -> list[dict[str, Any]]:
+    """The rows of ``sweep.csv`` (a directory or the file), typed: numbers as numbers, empty as None."""
+    path = Path(results)
+    if path.is_dir():
+        path = path / "sweep.csv"
+    with open(path, newline="", encoding="utf-8") as fh:
+        return [{k: _parse(k, v) for k, v in r.items()} for r in csv.DictReader(fh)]
+
+
+def group_key(row: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
+    """What a curve is over: every descriptive column but the rate and the policy label."""
+    metrics = set(_metric_columns(row))
+    return tuple((k, v) for k, v in row.items() if k not in NOT_GROUP and k not in metrics)
+
+
+def _metric_columns(row: dict[str, Any]) -> list[str]:
+    from sim.sweep_run import METRICS, STATS
+
+    return [*METRICS, *(f"stats_{k}" for k in STATS)]
+
+
+def group_label(key: Sequence[tuple[str, Any]]) -> str:
+    """Short text for a group: its values that vary are what a reader needs."""
+    parts = []
+    for k, v in key:
+        if v is None:
+            continue
+        if k == "workload":
+            parts.insert(0, str(v))
+        elif k == "replicas" and v == 1:
+            continue
+        elif k == "balancer":
+            continue  # shown only when it varies (see curves())
+        else:
+            parts.append(f"{k.split('.')[-1]}={v}")
+    return " ".join(parts) or "all"
+
+
+@dataclass
+class Curve:
+    """One policy's rows within a group, sorted by rate."""
+
+    group: tuple[tuple[str, Any], ...]
+    policy: str
+    rates: list[float] = field(default_factory=list)
+    rows: list[dict[str, Any]] = field(default_factory=list)
+
+    def metric(self, name: str) -> list[float | None]:
+        return [r.get(name) if r.get("status") == "ok" else None for r in self.rows]
+
+
+def curves(rows: Iterable[dict[str, Any]]) -> dict[tuple, dict[str, Curve]]:
+    """group -> policy label -> curve, both in first-appearance order."""
+    out: dict[tuple, dict[str, Curve]] = {}
+    for r in rows:
+        if not _finite(r.get("rate")):
+            continue
+        g = group_key(r)
+        c = out.setdefault(g, {}).setdefault(r["policy"], Curve(g, r["policy"]))
+        c.rows.append(r)
+    for by_policy in out.values():
+        for c in by_policy.values():
+            c.rows.sort(key=lambda r: r["rate"])
+            c.rates = [r["rate"] for r in c.rows]
+    return out
+
+
+# --- targets and the table -----------------------------------------------------------------
+
+
+def parse_target(text: str | float | None) -> tuple[float, bool]:
+    """``0.05`` (s/token, absolute) or ``2x`` (relative to light load): (value, relative)."""
+    if text is None:
+        return 2.0, True
+    if isinstance(text, (int, float)):
+        value, relative = float(text), False
+    else:
+        s = text.strip().lower()
+        relative = s.endswith("x")
+        try:
+            value = float(s[:-1] if relative else s)
+        except ValueError:
+            raise ValueError(f"--target {text}: expected seconds per token (0.05) or a multiple of light-load latency (2x)") from None
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"--target {text}: must be > 0")
+    return value, relative
+
+
+def group_target(by_policy: dict[str, Curve], value: float, relative: bool) -> float | None:
+    """The target L of a group: absolute, or ``value`` x the best latency at the lowest rate."""
+    if not relative:
+        return value
+    lowest = min((c.rates[0] for c in by_policy.values() if c.rates), default=None)
+    base = [
+        lat
+        for c in by_policy.values()
+        for rate, lat in zip(c.rates, c.metric(LATENCY))
+        if rate == lowest and _finite(lat)
+    ]
+    return value * min(base) if base else None
+
+
+@dataclass
+class ThroughputRow:
+    group: tuple[tuple[str, Any], ...]
+    policy: str
+    target: float | None
+    throughput: Throughput
+    ratios: dict[str, Ratio]
+
+
+def throughput_table(rows: Iterable[dict[str, Any]], target: str | float | None = None) -> list[ThroughputRow]:
+    """Throughput at the target per (group, policy) with its ratio to each baseline present."""
+    value, relative = parse_target(target)
+    out = []
+    for group, by_policy in curves(rows).items():
+        L = group_target(by_policy, value, relative)
+        tp = {
+            p: throughput_at(c.rates, c.metric(LATENCY), L) if L is not None else Throughput(None, "none")
+            for p, c in by_policy.items()
+        }
+        for p in by_policy:
+            ratios = {b: ratio(tp[p], tp[b]) for b in BASELINES if b in tp}
+            out.append(ThroughputRow(group, p, L, tp[p], ratios))
+    return out
+
+
+def tail_table(rows: Iterable[dict[str, Any]]) -> list[tuple[str, str, float, float | None, float | None]]:
+    """(group, policy, rate, p95, p99 of normalised latency) per swept rate."""
+    out = []
+    for group, by_policy in curves(rows).items():
+        for p, c in by_policy.items():
+            for rate, p95, p99 in zip(c.rates, c.metric("normalized_latency_p95"), c.metric("normalized_latency_p99")):
+                out.append((group_label(group), p, rate, p95, p99))
+    return out
+
+
+def format_table(table: Sequence[ThroughputRow]) -> str:
+    """The text `python -m sim plot` prints: one line per (group, policy)."""
+    baselines = [b for b in BASELINES if any(b in t.ratios for t in table)]
+    header = ["group", "policy", "target L", "throughput", *(f"vs {b}" for b in baselines)]
+    lines = [header, ["", "", "(s/tok)", "(prog/s)", *([""] * len(baselines))]]
+    for t in table:
+        lines.append(
+            [
+                group_label(t.group),
+                t.policy,
+                "-" if t.target is None else f"{t.target:.4g}",
+                t.throughput.text(),
+                *(t.ratios[b].text() if b in t.ratios else "" for b in baselines),
+            ]
+        )
+    widths = [max(len(r[i]) for r in lines) for i in range(len(header))]
+    text = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip() for r in lines]
+    return "\n".join(text) + "\n(>= : the policy met the target at every swept rate; - : at none)"

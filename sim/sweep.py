@@ -1,0 +1,394 @@
+"""Sweeps: a grid of experiment variations, expanded into jobs before anything runs.
+
+The paper's results are curves (latency against arrival rate, throughput
+against replicas), not single runs, so a sweep names a base experiment from
+the same file and the values to vary. Each point of the grid becomes a list
+of ``--set`` overrides passed to `sim.experiments.resolve`, so a sweep point
+is validated exactly like ``python -m sim run NAME --set ...`` and can be
+rerun alone that way.
+
+Format (under a top-level ``sweeps:`` in the experiments file)::
+
+    sweeps:
+      NAME:
+        description: one line
+        experiment: BASE                  # an experiment of the same file
+        set: {engine.replicas: 4}         # optional: fixed overrides for every point
+        grid:                             # dotted key -> values; cartesian product
+          workload.generator: [bfcl, lats]
+          workload.params.rate: {start: 4, stop: 18, num: 8}     # linear, stop included
+          engine.replicas: {start: 1, stop: 8, step: 1}          # stepped, stop included
+        # or a list of such mappings ("cases"), concatenated in order: one
+        # rate range per workload.
+        policies: [fcfs, plas]            # optional: default the experiment's
+        variants:                         # optional: engine variants as policy labels
+          default: {}                     # rows labelled with the bare policy
+          unopt:                          # rows labelled POLICY-unopt
+            policies: [fcfs]
+            set: {engine.enable_prefix_caching: false}
+
+A range may carry ``times: KEY`` (another grid key with numbers): each value
+is multiplied by that key's value at the point, so a rate range can scale
+with ``engine.replicas``. Rows are ordered by grid order (first key slowest),
+then variant, then policy; that order is the row order of ``sweep.csv``.
+
+Layers, lowest first: the experiment's file entry, the sweep's ``set``, the
+command line's ``--set``, the grid point, the variant's ``set``. Keys are
+checked before anything runs (unknown keys name the file line and the valid
+keys); a point whose values make an invalid experiment (e.g. a model that
+does not fit its GPUs) becomes a failed row instead, so the rest still runs.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import typing
+from dataclasses import dataclass, fields
+from typing import Any, Sequence
+
+from sim.config import POLICIES, EngineConfig, ExperimentConfig, LatencyConfig
+from sim.core.params import PolicyParams
+from sim.experiments import (
+    EXPERIMENT_KEYS,
+    WORKLOAD_KEYS,
+    ConfigError,
+    ExperimentsFile,
+    _dotted,
+    load_file,
+    resolve,
+)
+
+SWEEP_KEYS = ("description", "experiment", "set", "grid", "policies", "variants")
+VARIANT_KEYS = ("policies", "set")
+RANGE_KEYS = ("start", "stop", "num", "step", "times")
+DEFAULT_VARIANT = "default"
+# Keys a grid may not vary: policies are per job (the sweep's `policies`), a
+# description is not a parameter.
+NOT_SWEPT = ("description", "policies")
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    policies: tuple[str, ...]
+    overrides: tuple[str, ...]
+
+    def label(self, policy: str) -> str:
+        return policy if self.name == DEFAULT_VARIANT else f"{policy}-{self.name}"
+
+
+@dataclass(frozen=True)
+class Point:
+    """One grid point: its position and the value of each swept key."""
+
+    index: int
+    params: tuple[tuple[str, Any], ...]
+
+    def overrides(self) -> list[str]:
+        return [override_text(k, v) for k, v in self.params]
+
+    def describe(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in self.params)
+
+
+@dataclass(frozen=True)
+class Job:
+    """One simulation: a point under one variant and policy (``cfg`` None when the point is invalid)."""
+
+    index: int
+    point: Point
+    variant: str
+    policy: str
+    label: str
+    cfg: ExperimentConfig | None
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class Sweep:
+    name: str
+    description: str
+    experiment: str
+    keys: tuple[str, ...]  # swept keys, in first-appearance order
+    points: tuple[Point, ...]
+    variants: tuple[Variant, ...]
+    base: ExperimentConfig  # the experiment with the sweep's and the command line's set
+
+    def labels(self) -> list[str]:
+        return [v.label(p) for v in self.variants for p in v.policies]
+
+
+# --- values -------------------------------------------------------------------------
+
+
+def override_text(key: str, value: Any) -> str:
+    """``key=value`` that `sim.experiments.parse_override` reads back to ``value``.
+
+    JSON is YAML, except that YAML 1.1 reads ``1e-05`` (no dot) as a string,
+    so a float's mantissa always gets a dot.
+    """
+    if isinstance(value, float):
+        text = repr(value)
+        if "e" in text and "." not in text.split("e")[0]:
+            mantissa, exp = text.split("e")
+            text = f"{mantissa}.0e{exp}"
+        return f"{key}={text}"
+    return f"{key}={json.dumps(value)}"
+
+
+def _clean(x: float, integral: bool) -> int | float:
+    """Round away float noise (0.30000000000000004) so CSV values read as typed."""
+    x = round(x, 12)
+    return int(round(x)) if integral and float(x).is_integer() else x
+
+
+# --- the schema of dotted keys ----------------------------------------------------------
+
+
+def _fields_of(cls: type) -> tuple[str, ...]:
+    return tuple(f.name for f in fields(cls))
+
+
+SECTIONS: dict[str, tuple[str, ...]] = {
+    "engine": _fields_of(EngineConfig),
+    "latency": _fields_of(LatencyConfig),
+    "policy_params": _fields_of(PolicyParams),
+    "workload": WORKLOAD_KEYS,
+}
+
+
+def check_key(key: str) -> str | None:
+    """Why ``key`` cannot be swept, or None. ``workload.params.*`` is the generator's to check."""
+    parts = key.split(".")
+    if not all(parts):
+        return "expected a dotted key such as workload.params.rate"
+    top = parts[0]
+    if top in NOT_SWEPT:
+        return "not a sweep parameter (set the sweep's policies, or a variant's, instead)" if top == "policies" else "not a sweep parameter"
+    if top not in EXPERIMENT_KEYS:
+        return f"unknown key; valid keys: {', '.join(k for k in EXPERIMENT_KEYS if k not in NOT_SWEPT)}"
+    if top == "seed":
+        return None if len(parts) == 1 else "seed has no sub-keys"
+    valid = SECTIONS[top]
+    if len(parts) == 1:
+        return f"give a key inside {top}: one of {', '.join(valid)}"
+    if parts[1] not in valid:
+        return f"unknown key {parts[1]!r} in {top}; valid keys: {', '.join(valid)}"
+    if top == "workload" and parts[1] == "params":
+        return None if len(parts) == 3 else "expected workload.params.NAME"
+    if len(parts) > 2:
+        return f"{top}.{parts[1]} has no sub-keys"
+    return None
+
+
+# --- parsing ----------------------------------------------------------------------------
+
+
+@dataclass
+class _Where:
+    """Located errors for one sweep: file line of the nearest key, sweep name, dotted key."""
+
+    ef: ExperimentsFile
+    name: str
+
+    def fail(self, path: tuple[Any, ...], problem: str) -> typing.NoReturn:
+        full = ("sweeps", self.name) + path
+        line = next((self.ef.lines[full[:n]] for n in range(len(full), 0, -1) if full[:n] in self.ef.lines), 1)
+        key = f"{_dotted(path)}: " if path else ""
+        raise ConfigError(f"{self.ef.path}:{line}: sweep {self.name!r}: {key}{problem}")
+
+
+def _mapping(where: _Where, value: Any, path: tuple[Any, ...], valid: Sequence[str] | None = None) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        where.fail(path, "expected a mapping")
+    for key in value:
+        if not isinstance(key, str):
+            where.fail(path, f"key {key!r}: expected a string")
+        if valid is not None and key not in valid:
+            where.fail(path + (key,), f"unknown key; valid keys: {', '.join(valid)}")
+    return value
+
+
+def _set_overrides(where: _Where, raw: Any, path: tuple[Any, ...]) -> tuple[str, ...]:
+    if raw is None:
+        return ()
+    out = []
+    for key, value in _mapping(where, raw, path).items():
+        problem = check_key(key)
+        if problem:
+            where.fail(path + (key,), problem)
+        out.append(override_text(key, value))
+    return tuple(out)
+
+
+def _policies(where: _Where, raw: Any, path: tuple[Any, ...]) -> tuple[str, ...]:
+    if not isinstance(raw, list) or not raw:
+        where.fail(path, f"expected a non-empty list from {', '.join(POLICIES)}")
+    for i, pol in enumerate(raw):
+        if pol not in POLICIES:
+            where.fail(path + (i,), f"unknown value {pol!r}; valid choices: {', '.join(POLICIES)}")
+        if pol in raw[:i]:
+            where.fail(path + (i,), f"{pol!r} is listed twice")
+    return tuple(raw)
+
+
+def _number(where: _Where, value: Any, path: tuple[Any, ...]) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        where.fail(path, f"expected a number, got {value!r}")
+    return value
+
+
+def expand_range(where: _Where, spec: dict[str, Any], path: tuple[Any, ...]) -> list[int | float]:
+    """``{start, stop, num}`` (numpy.linspace) or ``{start, stop, step}``, stop included."""
+    _mapping(where, spec, path, RANGE_KEYS)
+    for key in ("start", "stop"):
+        if key not in spec:
+            where.fail(path, f"a range needs start and stop (and num or step); missing {key}")
+    if ("num" in spec) == ("step" in spec):
+        where.fail(path, "a range needs exactly one of num (how many values) or step")
+    start, stop = _number(where, spec["start"], path + ("start",)), _number(where, spec["stop"], path + ("stop",))
+    if "num" in spec:
+        num = spec["num"]
+        if isinstance(num, bool) or not isinstance(num, int) or num < 1:
+            where.fail(path + ("num",), f"expected an integer >= 1, got {num!r}")
+        if num == 1 and start != stop:
+            where.fail(path + ("num",), "num: 1 needs start == stop (one value)")
+        integral = isinstance(start, int) and isinstance(stop, int)
+        values = [start + (stop - start) * i / (num - 1) if num > 1 else start for i in range(num)]
+        return [_clean(v, integral) for v in values]
+    step = _number(where, spec["step"], path + ("step",))
+    if step <= 0:
+        where.fail(path + ("step",), f"expected a number > 0, got {step!r}")
+    if stop < start:
+        where.fail(path, f"stop ({stop}) is below start ({start}); a range counts up")
+    count = math.floor((stop - start) / step + 1e-9) + 1
+    if count > 10_000:
+        where.fail(path + ("step",), f"{count} values; a sweep of that many points is surely a mistake")
+    integral = all(isinstance(x, int) for x in (start, stop, step))
+    return [_clean(start + i * step, integral) for i in range(count)]
+
+
+def _axis(where: _Where, key: str, raw: Any, path: tuple[Any, ...]) -> tuple[list[Any], str | None]:
+    """The values of one grid key, and the key it is multiplied by (``times``), if any."""
+    problem = check_key(key)
+    if problem:
+        where.fail(path, problem)
+    if isinstance(raw, list):
+        if not raw:
+            where.fail(path, "expected at least one value")
+        return list(raw), None
+    if isinstance(raw, dict):
+        times = raw.get("times")
+        if times is not None and not isinstance(times, str):
+            where.fail(path + ("times",), f"expected a grid key, got {times!r}")
+        return expand_range(where, raw, path), times
+    where.fail(path, f"expected a list of values or a range {{start, stop, num|step}}, got {raw!r}")
+
+
+def _case(where: _Where, raw: Any, path: tuple[Any, ...]) -> list[dict[str, Any]]:
+    """One cartesian product: a list of points (key -> value), first key slowest."""
+    axes = _mapping(where, raw, path)
+    if not axes:
+        where.fail(path, "expected at least one key to vary")
+    values, scale = {}, {}
+    for key, spec in axes.items():
+        values[key], times = _axis(where, key, spec, path + (key,))
+        if times is not None:
+            scale[key] = times
+    for key, times in scale.items():
+        if times not in values or times == key:
+            where.fail(path + (key, "times"), f"{times!r} is not another key of this grid; valid: {', '.join(k for k in values if k != key)}")
+        for v in values[times]:
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                where.fail(path + (times,), f"{key} is multiplied by it, so its values must be numbers, got {v!r}")
+    points = []
+    for combo in itertools.product(*values.values()):
+        point = dict(zip(values, combo))
+        for key, times in scale.items():
+            point[key] = _clean(point[key] * point[times], isinstance(point[key], int) and isinstance(point[times], int))
+        points.append(point)
+    return points
+
+
+def _variants(where: _Where, raw: Any, policies: tuple[str, ...]) -> tuple[Variant, ...]:
+    if raw is None:
+        return (Variant(DEFAULT_VARIANT, policies, ()),)
+    out = []
+    for name, body in _mapping(where, raw, ("variants",)).items():
+        path = ("variants", name)
+        if not name.replace("_", "").replace(".", "").isalnum():
+            where.fail(path, "a variant name is a word (letters, digits, '_'): it suffixes policy labels")
+        body = _mapping(where, {} if body is None else body, path, VARIANT_KEYS)
+        pols = _policies(where, body["policies"], path + ("policies",)) if "policies" in body else policies
+        out.append(Variant(name, pols, _set_overrides(where, body.get("set"), path + ("set",))))
+    if not out:
+        where.fail(("variants",), "expected at least one variant")
+    return tuple(out)
+
+
+def load_sweep(name: str, file: Any = None, overrides: Sequence[str] = ()) -> Sweep:
+    """Parse and expand sweep ``name``; raises ConfigError, located, on a malformed sweep."""
+    ef = file if isinstance(file, ExperimentsFile) else load_file(file)
+    if name not in ef.sweeps:
+        known = ", ".join(ef.sweeps) or "none in this file"
+        raise ConfigError(f"{ef.path}: unknown sweep {name!r}; sweeps: {known}")
+    where = _Where(ef, name)
+    body = _mapping(where, ef.sweeps[name], (), SWEEP_KEYS)
+    base_name = body.get("experiment")
+    if not isinstance(base_name, str):
+        where.fail(("experiment",) if "experiment" in body else (), "name the base experiment (experiment: NAME)")
+    if base_name not in ef.experiments:
+        where.fail(("experiment",), f"unknown experiment {base_name!r}; experiments: {', '.join(ef.names())}")
+    fixed = _set_overrides(where, body.get("set"), ("set",))
+    base = resolve(base_name, ef, [*fixed, *overrides])  # --set mistakes fail here, before any point
+    policies = _policies(where, body["policies"], ("policies",)) if "policies" in body else base.policies
+    grid = body.get("grid")
+    if grid is None:
+        where.fail((), "missing grid: the keys to vary and their values")
+    cases = grid if isinstance(grid, list) else [grid]
+    raw_points: list[dict[str, Any]] = []
+    for i, case in enumerate(cases):
+        raw_points += _case(where, case, ("grid", i) if isinstance(grid, list) else ("grid",))
+    keys = tuple(dict.fromkeys(k for p in raw_points for k in p))
+    points = tuple(Point(i, tuple(p.items())) for i, p in enumerate(raw_points))
+    description = body.get("description", "")
+    return Sweep(
+        name=name,
+        description=description if isinstance(description, str) else str(description),
+        experiment=base_name,
+        keys=keys,
+        points=points,
+        variants=_variants(where, body.get("variants"), policies),
+        base=base,
+    )
+
+
+def list_sweeps(file: Any = None) -> list[tuple[str, str]]:
+    ef = load_file(file)
+    return [(n, str((b or {}).get("description", "")) if isinstance(b, dict) else "") for n, b in ef.sweeps.items()]
+
+
+def jobs(sweep: Sweep, file: Any = None, overrides: Sequence[str] = ()) -> list[Job]:
+    """Every (point, variant, policy) in row order, each with its resolved config or its error.
+
+    ``overrides`` are the command line's ``--set`` (already in ``sweep.base``).
+    """
+    ef = file if isinstance(file, ExperimentsFile) else load_file(file)
+    fixed = [o for o in _fixed(ef, sweep.name)]
+    out: list[Job] = []
+    for point in sweep.points:
+        for variant in sweep.variants:
+            layers = [*fixed, *overrides, *point.overrides(), *variant.overrides, override_text("policies", list(variant.policies))]
+            try:
+                cfg, error = resolve(sweep.experiment, ef, layers), None
+            except ConfigError as exc:
+                cfg, error = None, str(exc)
+            for policy in variant.policies:
+                out.append(Job(len(out), point, variant.name, policy, variant.label(policy), cfg, error))
+    return out
+
+
+def _fixed(ef: ExperimentsFile, name: str) -> tuple[str, ...]:
+    return _set_overrides(_Where(ef, name), ef.sweeps[name].get("set"), ("set",))

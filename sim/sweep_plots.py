@@ -1,0 +1,234 @@
+"""The paper's figures from a sweep's table: latency curves, throughput ratios, scaling, waiting.
+
+Each figure is a function of the rows of ``sweep.csv`` (`sim.derived.load_rows`)
+so it can be redrawn from saved results without rerunning anything
+(``python -m sim plot RESULTS``). Files are written as PNG and SVG with the
+metadata that would vary between machines dropped (matplotlib version, date)
+and a fixed SVG hash salt, so the same table gives the same files.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
+import numpy as np  # noqa: E402
+
+from sim.derived import (  # noqa: E402
+    LATENCY,
+    Curve,
+    Throughput,
+    curves,
+    group_label,
+    group_target,
+    parse_target,
+    throughput_at,
+    throughput_table,
+)
+
+PNG_METADATA = {"Software": None}
+SVG_METADATA = {"Date": None, "Creator": None}
+RC = {"svg.hashsalt": "autellix", "path.simplify": True}
+DPI = 100
+
+
+def save(fig: Any, stem: Path) -> list[Path]:
+    """Write ``stem``.png and ``stem``.svg and close the figure."""
+    paths = [stem.with_suffix(".png"), stem.with_suffix(".svg")]
+    try:
+        with plt.rc_context(RC):
+            fig.savefig(paths[0], format="png", dpi=DPI, metadata=PNG_METADATA)
+            fig.savefig(paths[1], format="svg", metadata=SVG_METADATA)
+    finally:
+        plt.close(fig)
+    return paths
+
+
+def _panels(n: int, rows: int = 1, width: float = 4.2, height: float = 3.4) -> tuple[Any, np.ndarray]:
+    fig, axes = plt.subplots(rows, max(n, 1), figsize=(width * max(n, 1), height * rows), dpi=DPI, squeeze=False)
+    return fig, axes
+
+
+def _single_engine_groups(rows: Sequence[dict[str, Any]]) -> dict[tuple, dict[str, Curve]]:
+    return curves(rows)
+
+
+def latency_vs_rate(rows: Sequence[dict[str, Any]], target: str | float | None = None) -> Any:
+    """Mean (top) and p99 (bottom) normalised latency against arrival rate, a panel per group."""
+    value, relative = parse_target(target)
+    groups = _single_engine_groups(rows)
+    with plt.rc_context(RC):
+        fig, axes = _panels(len(groups), rows=2)
+        for col, (group, by_policy) in enumerate(groups.items()):
+            L = group_target(by_policy, value, relative)
+            for row, (metric, what) in enumerate(((LATENCY, "mean"), ("normalized_latency_p99", "p99"))):
+                ax = axes[row][col]
+                for policy, c in by_policy.items():
+                    ys = [np.nan if v is None else v for v in c.metric(metric)]
+                    ax.plot(c.rates, ys, marker="o", ms=3, label=policy)
+                if row == 0 and L is not None:
+                    ax.axhline(L, color="grey", ls="--", lw=1, label=f"target L={L:.3g}")
+                if any(v is not None and v > 0 for c in by_policy.values() for v in c.metric(metric)):
+                    ax.set_yscale("log")
+                ax.set_title(group_label(group) if row == 0 else "")
+                ax.set_xlabel("arrival rate (programs/s)")
+                ax.set_ylabel(f"{what} normalised latency (s/token)")
+                ax.grid(True, alpha=0.3)
+            axes[0][col].legend(fontsize="small")
+        fig.suptitle("Normalised program latency against load")
+        fig.tight_layout()
+    return fig
+
+
+def throughput_ratio_bars(rows: Sequence[dict[str, Any]], target: str | float | None = None, baseline: str = "fcfs") -> Any:
+    """Throughput at the target relative to ``baseline``, a bar per policy, a cluster per group.
+
+    Hatched bars are lower bounds (the policy met the target at every swept rate).
+    """
+    table = [t for t in throughput_table(rows, target) if baseline in t.ratios]
+    groups = list(dict.fromkeys(t.group for t in table))
+    policies = list(dict.fromkeys(t.policy for t in table))
+    with plt.rc_context(RC):
+        fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(groups) * max(len(policies), 1) * 0.5 + 3), 4), dpi=DPI)
+        width = 0.8 / max(len(policies), 1)
+        pos = np.arange(len(groups))
+        for i, policy in enumerate(policies):
+            heights, hatches = [], []
+            for g in groups:
+                r = next((t.ratios[baseline] for t in table if t.group == g and t.policy == policy), None)
+                heights.append(0.0 if r is None or r.value is None else r.value)
+                hatches.append("//" if r is not None and r.bound in ("lower", "unknown") else "")
+            bars = ax.bar(pos + (i - (len(policies) - 1) / 2) * width, heights, width, label=policy)
+            for bar, hatch, h in zip(bars, hatches, heights):
+                bar.set_hatch(hatch)
+                if h > 0:
+                    ax.annotate(f"{h:.2f}", (bar.get_x() + bar.get_width() / 2, h), ha="center", va="bottom", fontsize="x-small")
+        ax.axhline(1.0, color="grey", lw=1)
+        ax.set_xticks(pos, [group_label(g) for g in groups])
+        ax.set_ylabel(f"throughput at target latency / {baseline}'s")
+        ax.set_title("Throughput at equal latency (hatched: lower bound)")
+        ax.grid(True, axis="y", alpha=0.3)
+        ax.legend(fontsize="small", ncols=min(len(policies), 6) or 1)
+        fig.tight_layout()
+    return fig
+
+
+def _scaling_series(rows: Sequence[dict[str, Any]], target: str | float | None) -> dict[tuple[str, str, str], list[tuple[int, Throughput]]]:
+    """(workload, balancer, policy) -> [(replicas, throughput at the target)], replicas ascending."""
+    value, relative = parse_target(target)
+    out: dict[tuple[str, str, str], list[tuple[int, Throughput]]] = {}
+    for group, by_policy in curves(rows).items():
+        g = dict(group)
+        L = group_target(by_policy, value, relative)
+        for policy, c in by_policy.items():
+            tp = throughput_at(c.rates, c.metric(LATENCY), L) if L is not None else Throughput(None, "none")
+            key = (str(g.get("workload")), str(g.get("balancer")), policy)
+            out.setdefault(key, []).append((int(g.get("replicas") or 1), tp))
+    # A single replica has no balancer to choose: its point belongs on every balancer's line.
+    for (w, b, p), pts in out.items():
+        for (w1, b1, p1), pts1 in out.items():
+            if (w1, p1) == (w, p) and b1 != b:
+                have = {n for n, _ in pts}
+                pts += [(n, t) for n, t in pts1 if n == 1 and n not in have]
+    return {k: sorted(v, key=lambda x: x[0]) for k, v in out.items()}
+
+
+def has_scaling(rows: Sequence[dict[str, Any]]) -> bool:
+    """Whether the rows vary the replica count or the balancer of a multi-replica engine."""
+    replicas = {r.get("replicas") for r in rows if r.get("replicas") is not None}
+    balancers = {r.get("balancer") for r in rows if (r.get("replicas") or 1) > 1}
+    return len(replicas) > 1 or len(balancers) > 1
+
+
+def balancers_vs_replicas(rows: Sequence[dict[str, Any]], target: str | float | None = None) -> Any:
+    """Throughput at the target against replica count, a line per (balancer, policy), a panel per workload.
+
+    The dotted line is linear scaling from the smallest count's best throughput.
+    """
+    series = _scaling_series(rows, target)
+    workloads = list(dict.fromkeys(k[0] for k in series))
+    with plt.rc_context(RC):
+        fig, axes = _panels(len(workloads), width=5.0, height=3.8)
+        for col, w in enumerate(workloads):
+            ax = axes[0][col]
+            firsts = []
+            for (wl, balancer, policy), pts in series.items():
+                if wl != w:
+                    continue
+                xs = [n for n, _ in pts]
+                ys = [np.nan if t.value is None else t.value for _, t in pts]
+                ax.plot(xs, ys, marker="o", ms=4, label=f"{balancer} / {policy}")
+                if pts and pts[0][1].value is not None:
+                    firsts.append((pts[0][0], pts[0][1].value))
+            if firsts:
+                n0, best = max(firsts, key=lambda x: (-x[0], x[1]))
+                xs = sorted({n for (wl, _, _), pts in series.items() if wl == w for n, _ in pts})
+                ax.plot(xs, [best * n / n0 for n in xs], ls=":", color="grey", label="linear")
+            ax.set_title(w)
+            ax.set_xlabel("replicas")
+            ax.set_ylabel("throughput at target latency (programs/s)")
+            ax.grid(True, alpha=0.3)
+            ax.legend(fontsize="x-small")
+        fig.suptitle("Multi-engine: balancers against replica count")
+        fig.tight_layout()
+    return fig
+
+
+def breakdown_loads(c_fcfs: Curve, L: float | None) -> tuple[float, float]:
+    """Light load (the lowest rate) and heavy load (the highest rate FCFS sustains at L, else the median)."""
+    rates = c_fcfs.rates
+    tp = throughput_at(rates, c_fcfs.metric(LATENCY), L) if L is not None else Throughput(None, "none")
+    under = [r for r in rates if tp.value is not None and r <= tp.value]
+    heavy = under[-1] if under and under[-1] != rates[0] else rates[len(rates) // 2]
+    return rates[0], heavy
+
+
+def wait_breakdown(rows: Sequence[dict[str, Any]], target: str | float | None = None) -> Any:
+    """Mean share of time waiting vs executing per policy at a light and a heavy load, a panel per group.
+
+    The paper's motivation: near capacity FCFS programs spend most of their
+    time waiting for the engine, not in it.
+    """
+    value, relative = parse_target(target)
+    groups = curves(rows)
+    with plt.rc_context(RC):
+        fig, axes = _panels(len(groups), width=5.0, height=3.8)
+        for col, (group, by_policy) in enumerate(groups.items()):
+            ax = axes[0][col]
+            ref = by_policy.get("fcfs") or next(iter(by_policy.values()))
+            loads = breakdown_loads(ref, group_target(by_policy, value, relative))
+            labels, wait, run = [], [], []
+            for load_name, rate in zip(("light", "heavy"), loads):
+                for policy, c in by_policy.items():
+                    share = next((r.get("waiting_share_mean") for r in c.rows if r["rate"] == rate and r.get("status") == "ok"), None)
+                    labels.append(f"{policy}\n{load_name} {rate:g}/s")
+                    wait.append(np.nan if share is None else share)
+                    run.append(np.nan if share is None else 1.0 - share)
+            x = np.arange(len(labels))
+            ax.bar(x, wait, color="tab:red", label="waiting")
+            ax.bar(x, run, bottom=wait, color="tab:blue", label="executing")
+            ax.set_xticks(x, labels, fontsize="x-small", rotation=90)
+            ax.set_ylim(0, 1)
+            ax.set_ylabel("share of engine time (mean over programs)")
+            ax.set_title(group_label(group))
+            ax.legend(fontsize="x-small", loc="upper left")
+        fig.suptitle("Where programs spend their time: waiting vs executing")
+        fig.tight_layout()
+    return fig
+
+
+def draw_all(rows: Sequence[dict[str, Any]], out_dir: str | Path, target: str | float | None = None) -> list[Path]:
+    """Every figure the rows support, as PNG and SVG in ``out_dir``; returns the files written."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = save(latency_vs_rate(rows, target), out / "latency_vs_rate")
+    if any(r.get("policy") == "fcfs" for r in rows):
+        written += save(throughput_ratio_bars(rows, target), out / "throughput_ratio")
+    written += save(wait_breakdown(rows, target), out / "wait_breakdown")
+    if has_scaling(rows):
+        written += save(balancers_vs_replicas(rows, target), out / "balancers_vs_replicas")
+    return written

@@ -1,0 +1,365 @@
+"""Run a sweep's jobs in parallel and write its tidy results table as they finish.
+
+Each job (one grid point under one policy label) is independent, so jobs
+run in a process pool (spawn: no state inherited from the parent, the same
+on every platform) or as Ray tasks. Workers return a small summary, never
+the per-call rows, so the parent's memory stays flat however long the
+sweep.
+
+Outputs in the sweep's directory:
+
+* ``sweep.csv``: one row per job (`columns`), appended as jobs finish so an
+  interrupted sweep keeps its finished rows, then rewritten in grid order at
+  the end. Every column but ``wall_s`` is identical across runs;
+* ``sweep.parquet``: the same table, when pyarrow is installed;
+* ``sweep.json``: what was swept (name, base experiment, keys, labels);
+* ``points/NNN/summary.json`` (`sim.metrics.summarize_run` of the point's
+  finished labels) and ``config.yaml`` / ``config-VARIANT.yaml``, with which
+  ``python -m sim run`` reruns the point.
+
+A job that raises is a row with ``status`` ``failed`` and its ``error``; an
+invalid point (its config does not resolve) is ``invalid``. Neither stops
+the others.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import multiprocessing
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+from sim.experiments import ConfigError, dump_yaml, to_file_dict
+from sim.metrics import add_ratios, summarize_policy
+from sim.sweep import DEFAULT_VARIANT, Job, Sweep
+
+# Simulator counters kept in the table (from SimResult.stats).
+STATS = ("sim_time", "steps", "busy_fraction", "kv_evictions")
+METRICS = tuple(summarize_policy([], []))
+# Swept keys shown under a short column name; always present, from the resolved config.
+DESCRIPTORS = {
+    "workload.generator": "workload",
+    "workload.params.rate": "rate",
+    "engine.replicas": "replicas",
+    "engine.balancer": "balancer",
+}
+# Mean calls per program (DESIGN.md section 2): the relative cost of a
+# workload's job, to start the longest jobs first.
+CALLS_PER_PROGRAM = {"sharegpt": 6.66, "bfcl": 10.75, "lats": 159.71, "mixed": 59.0}
+
+
+@dataclass
+class JobResult:
+    index: int
+    status: str  # ok | failed | invalid
+    error: str = ""
+    wall_s: float | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+def run_job(job: Job) -> JobResult:
+    """Simulate one job; any exception becomes a failed result (module-level: picklable)."""
+    if job.cfg is None:
+        return JobResult(job.index, "invalid", job.error or "invalid configuration")
+    from sim.run import load_workload
+    from sim.simulate import simulate
+
+    start = time.perf_counter()
+    try:
+        programs = load_workload(job.cfg)
+        res = simulate(programs, job.cfg, job.policy)
+        metrics = summarize_policy(res.calls, res.programs)
+        metrics["stats"] = {k: float(v) for k, v in sorted(res.stats.items())}
+    except Exception as exc:  # noqa: BLE001  isolation is the point: report it as a row
+        return JobResult(job.index, "failed", f"{type(exc).__name__}: {exc}", time.perf_counter() - start)
+    return JobResult(job.index, "ok", "", time.perf_counter() - start, metrics)
+
+
+def job_cost(job: Job) -> float:
+    if job.cfg is None or job.cfg.workload.generator is None:
+        return 0.0
+    w = job.cfg.workload
+    return float(w.params.get("programs", 1)) * CALLS_PER_PROGRAM.get(w.generator, 10.0)
+
+
+# --- backends -----------------------------------------------------------------------
+
+
+class BackendError(ConfigError):
+    """The chosen backend cannot run (e.g. Ray not installed); the message is for the user."""
+
+
+def import_ray() -> Any:
+    """Ray, imported only for ``--backend ray``: it is an optional extra and slow to import."""
+    try:
+        import ray
+    except ImportError:
+        raise BackendError("--backend ray: Ray is not installed; install the ray extra: pip install -e '.[ray]'") from None
+    return ray
+
+
+def run_local(jobs: Sequence[Job], workers: int) -> Iterator[JobResult]:
+    """Results in completion order; ``workers == 1`` runs in this process (no pool start-up)."""
+    todo = sorted(jobs, key=lambda j: (-job_cost(j), j.index))  # longest first: less idle tail
+    if workers <= 1:
+        for job in todo:
+            yield run_job(job)
+        return
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+        futures = {pool.submit(run_job, job): job for job in todo}
+        for fut in as_completed(futures):
+            exc = fut.exception()
+            if exc is not None:  # the worker died (killed, out of memory): not the job's own error
+                yield JobResult(futures[fut].index, "failed", f"{type(exc).__name__}: {exc}")
+            else:
+                yield fut.result()
+
+
+def run_ray(jobs: Sequence[Job], workers: int) -> Iterator[JobResult]:
+    """The same jobs as Ray tasks on the cluster `ray.init` finds (or a local one)."""
+    ray = import_ray()
+    ray.init(ignore_reinit_error=True, include_dashboard=False, log_to_driver=False)
+    remote = ray.remote(num_cpus=1)(run_job)
+    todo = sorted(jobs, key=lambda j: (-job_cost(j), j.index))
+    pending = {remote.remote(job): job for job in todo}
+    while pending:
+        done, _ = ray.wait(list(pending), num_returns=1)
+        for ref in done:
+            job = pending.pop(ref)
+            try:
+                yield ray.get(ref)
+            except Exception as exc:  # noqa: BLE001  a lost worker or node
+                yield JobResult(job.index, "failed", f"{type(exc).__name__}: {exc}")
+
+
+BACKENDS = {"local": run_local, "ray": run_ray}
+
+
+# --- the table ----------------------------------------------------------------------
+
+
+def columns(sweep: Sweep) -> list[str]:
+    extra = [k for k in sweep.keys if k not in DESCRIPTORS]
+    return [
+        "sweep",
+        "point",
+        *DESCRIPTORS.values(),
+        *extra,
+        "variant",
+        "policy",
+        "scheduler",
+        "status",
+        *METRICS,
+        *(f"stats_{k}" for k in STATS),
+        "error",
+        "wall_s",
+    ]
+
+
+def row(sweep: Sweep, job: Job, result: JobResult) -> dict[str, Any]:
+    params = dict(job.point.params)
+    out: dict[str, Any] = {"sweep": sweep.name, "point": job.point.index}
+    cfg = job.cfg or sweep.base  # an invalid point: what it did not change is the base's
+    known = {
+        "workload": cfg.workload.generator or Path(cfg.workload.trace or "").name,
+        "rate": cfg.workload.params.get("rate"),
+        "replicas": cfg.engine.replicas,
+        "balancer": cfg.engine.balancer,
+    }
+    for key, col in DESCRIPTORS.items():
+        out[col] = params.get(key, known[col])
+    for key in sweep.keys:
+        if key not in DESCRIPTORS:
+            out[key] = params.get(key)
+    out.update(variant=job.variant, policy=job.label, scheduler=job.policy, status=result.status)
+    for m in METRICS:
+        out[m] = result.metrics.get(m)
+    stats = result.metrics.get("stats", {})
+    for k in STATS:
+        out[f"stats_{k}"] = stats.get(k)
+    out["error"] = " ".join(result.error.split())
+    out["wall_s"] = None if result.wall_s is None else round(result.wall_s, 3)
+    return out
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return repr(value)
+    if isinstance(value, (list, dict)):
+        return json.dumps(value)
+    return str(value)
+
+
+def csv_text(cols: Sequence[str], rows: Iterable[dict[str, Any]], header: bool = True) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    if header:
+        w.writerow(cols)
+    for r in rows:
+        w.writerow([_cell(r.get(c)) for c in cols])
+    return buf.getvalue()
+
+
+def _atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8", newline="\n")
+    os.replace(tmp, path)
+
+
+def write_parquet(path: Path, cols: Sequence[str], rows: Sequence[dict[str, Any]]) -> bool:
+    """Write the table as Parquet if pyarrow is installed; returns whether it did."""
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        return False
+    # Swept columns may mix types across cases (e.g. ints and floats): one type per column.
+    data = {c: [r.get(c) for r in rows] for c in cols}
+    for c, values in data.items():
+        kinds = {type(v) for v in values if v is not None}
+        if kinds == {int, float}:
+            data[c] = [None if v is None else float(v) for v in values]
+        elif len(kinds) > 1:
+            data[c] = [None if v is None else _cell(v) for v in values]
+    tmp = path.with_name(path.name + ".tmp")
+    pq.write_table(pa.table(data), tmp)
+    os.replace(tmp, path)
+    return True
+
+
+@dataclass
+class SweepWriter:
+    """Owns the output directory: rows appended as they come, a sorted rewrite at the end."""
+
+    sweep: Sweep
+    jobs: Sequence[Job]
+    out: Path
+    rows: dict[int, dict[str, Any]] = field(default_factory=dict)
+    point_metrics: dict[int, dict[int, dict[str, Any]]] = field(default_factory=dict)
+
+    def start(self) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        for name in ("sweep.csv", "sweep.parquet", "sweep.json"):
+            (self.out / name).unlink(missing_ok=True)
+        points = self.out / "points"
+        if points.is_dir():  # a previous run's points must not mix with this one's
+            for sub in points.iterdir():
+                for f in sub.iterdir():
+                    f.unlink()
+                sub.rmdir()
+        meta = {
+            "sweep": self.sweep.name,
+            "description": self.sweep.description,
+            "experiment": self.sweep.experiment,
+            "keys": list(self.sweep.keys),
+            "labels": self.sweep.labels(),
+            "points": len(self.sweep.points),
+            "jobs": len(self.jobs),
+        }
+        _atomic(self.out / "sweep.json", json.dumps(meta, indent=2) + "\n")
+        seen: set[tuple[int, str]] = set()
+        for job in self.jobs:
+            if job.cfg is None or (job.point.index, job.variant) in seen:
+                continue
+            seen.add((job.point.index, job.variant))
+            d = self.point_dir(job.point.index)
+            d.mkdir(parents=True, exist_ok=True)
+            name = "config.yaml" if job.variant == DEFAULT_VARIANT else f"config-{job.variant}.yaml"
+            cfg = job.cfg
+            _atomic(d / name, dump_yaml(to_file_dict(cfg)))
+        _atomic(self.out / "sweep.csv", csv_text(columns(self.sweep), []))
+
+    def point_dir(self, point: int) -> Path:
+        return self.out / "points" / f"{point:03d}"
+
+    def add(self, job: Job, result: JobResult) -> dict[str, Any]:
+        r = row(self.sweep, job, result)
+        self.rows[job.index] = r
+        with open(self.out / "sweep.csv", "a", encoding="utf-8", newline="") as fh:
+            fh.write(csv_text(columns(self.sweep), [r], header=False))
+        if result.status == "ok":
+            self.point_metrics.setdefault(job.point.index, {})[job.index] = result.metrics
+            self._write_point(job.point.index)
+        return r
+
+    def _write_point(self, point: int) -> None:
+        done = self.point_metrics[point]
+        policies = {self.jobs[i].label: dict(done[i]) for i in sorted(done)}
+        add_ratios(policies)
+        doc = {
+            "experiment": self.sweep.experiment,
+            "sweep": self.sweep.name,
+            "point": point,
+            "params": dict(self.jobs[min(done)].point.params),
+            "policies": policies,
+        }
+        d = self.point_dir(point)
+        d.mkdir(parents=True, exist_ok=True)
+        _atomic(d / "summary.json", json.dumps(doc, indent=2, allow_nan=False) + "\n")
+
+    def finish(self) -> list[dict[str, Any]]:
+        ordered = [self.rows[i] for i in sorted(self.rows)]
+        cols = columns(self.sweep)
+        _atomic(self.out / "sweep.csv", csv_text(cols, ordered))
+        write_parquet(self.out / "sweep.parquet", cols, ordered)
+        return ordered
+
+
+# --- the whole sweep --------------------------------------------------------------------
+
+
+@dataclass
+class SweepOutcome:
+    rows: list[dict[str, Any]]
+    failed: list[dict[str, Any]]
+    wall_s: float
+
+
+def run_sweep(
+    sweep: Sweep,
+    jobs: Sequence[Job],
+    out: str | Path,
+    workers: int | None = None,
+    backend: str = "local",
+    quiet: bool = False,
+) -> SweepOutcome:
+    """Run every job and write the outputs; failures are rows (and a line on stderr), not exceptions."""
+    from tqdm import tqdm
+
+    if backend not in BACKENDS:
+        raise BackendError(f"--backend {backend}: unknown backend; valid: {', '.join(BACKENDS)}")
+    if backend == "ray":
+        import_ray()  # fail before touching the output directory
+    workers = max(1, min(workers or os.cpu_count() or 1, len(jobs) or 1))
+    writer = SweepWriter(sweep, jobs, Path(out))
+    writer.start()
+    start = time.perf_counter()
+    failed: list[dict[str, Any]] = []
+    by_index = {j.index: j for j in jobs}
+    with tqdm(total=len(jobs), unit="job", disable=quiet, dynamic_ncols=True, mininterval=0.5, desc=sweep.name) as bar:
+        for result in BACKENDS[backend](jobs, workers):
+            job = by_index[result.index]
+            r = writer.add(job, result)
+            if result.status != "ok":
+                failed.append(r)
+                tqdm.write(
+                    f"sweep {sweep.name}: point {job.point.index} ({job.point.describe()}) {job.label}: "
+                    f"{result.status}: {r['error']}",
+                    file=sys.stderr,
+                )
+                bar.set_postfix_str(f"{len(failed)} failed", refresh=False)
+            bar.update(1)
+    rows = writer.finish()
+    return SweepOutcome(rows, sorted(failed, key=lambda r: (r["point"], r["policy"])), time.perf_counter() - start)

@@ -1,0 +1,126 @@
+"""Throughput at a latency target: interpolation and edge cases against hand-computed values."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from sim.derived import (
+    Ratio,
+    Throughput,
+    format_table,
+    parse_target,
+    ratio,
+    tail_table,
+    throughput_at,
+    throughput_table,
+)
+
+
+def test_interpolates_between_the_bracketing_rates():
+    # L = 0.05 lies between 0.04 at rate 2 and 0.10 at rate 3: 2 + (0.01 / 0.06) * 1
+    t = throughput_at([1, 2, 3, 4], [0.02, 0.04, 0.10, 0.5], 0.05)
+    assert t.bound == "exact"
+    assert t.value == pytest.approx(2 + 1 / 6)
+
+
+def test_unsorted_input_and_exact_hit():
+    t = throughput_at([4, 1, 3, 2], [0.5, 0.02, 0.10, 0.05], 0.05)
+    assert t.value == pytest.approx(2.0) and t.bound == "exact"  # 0.05 at rate 2 is within L
+
+
+def test_stays_below_means_first_crossing():
+    # Above L at rate 2, back under at 3 (noise): the policy already failed at 2.
+    t = throughput_at([1, 2, 3], [0.01, 0.09, 0.03], 0.05)
+    assert t.value == pytest.approx(1 + (0.04 / 0.08))
+
+
+def test_never_above_is_a_lower_bound_at_the_highest_rate():
+    assert throughput_at([1, 2, 3], [0.01, 0.02, 0.03], 0.05) == Throughput(3, "lower")
+
+
+def test_always_above_is_none():
+    t = throughput_at([1, 2, 3], [0.06, 0.07, 0.08], 0.05)
+    assert t.value is None and t.bound == "none"
+
+
+def test_failed_points_are_skipped():
+    # rate 2 failed (None) and rate 3 is NaN: interpolate between 1 and 4.
+    t = throughput_at([1, 2, 3, 4], [0.02, None, math.nan, 0.08], 0.05)
+    assert t.value == pytest.approx(1 + 3 * 0.5)
+    assert throughput_at([1, 2], [None, None], 0.05).bound == "none"
+
+
+def test_single_rate():
+    assert throughput_at([2], [0.01], 0.05) == Throughput(2, "lower")
+    assert throughput_at([2], [0.09], 0.05).value is None
+
+
+def test_ratio_bounds():
+    assert ratio(Throughput(4, "exact"), Throughput(2, "exact")) == Ratio(2.0, "exact")
+    assert ratio(Throughput(4, "lower"), Throughput(2, "exact")) == Ratio(2.0, "lower")
+    assert ratio(Throughput(4, "exact"), Throughput(2, "lower")) == Ratio(2.0, "upper")
+    assert ratio(Throughput(4, "lower"), Throughput(2, "lower")) == Ratio(2.0, "unknown")
+    assert ratio(Throughput(4, "exact"), Throughput(None, "none")).value is None
+    assert ratio(Throughput(None, "none"), Throughput(2, "exact")).value is None
+
+
+@pytest.mark.parametrize("text, expected", [(None, (2.0, True)), ("3x", (3.0, True)), ("0.05", (0.05, False)), (0.1, (0.1, False))])
+def test_parse_target(text, expected):
+    assert parse_target(text) == expected
+
+
+@pytest.mark.parametrize("text", ["abc", "0", "-1x", "nan"])
+def test_parse_target_rejects(text):
+    with pytest.raises(ValueError, match="--target"):
+        parse_target(text)
+
+
+def rows(workload, policy, rates, lats, status="ok"):
+    return [
+        {
+            "sweep": "s", "point": i, "workload": workload, "rate": r, "replicas": 1, "balancer": "locality",
+            "variant": "default", "policy": policy, "scheduler": policy.split("-")[0], "status": status,
+            "normalized_latency_mean": lat, "normalized_latency_p95": 2 * lat, "normalized_latency_p99": 3 * lat,
+        }
+        for i, (r, lat) in enumerate(zip(rates, lats))
+    ]
+
+
+def test_table_ratios_per_workload_with_absolute_and_relative_targets():
+    data = (
+        rows("bfcl", "fcfs", [2, 4, 6], [0.02, 0.06, 0.2])
+        + rows("bfcl", "plas", [2, 4, 6], [0.02, 0.03, 0.06])
+        + rows("bfcl", "mlfq", [2, 4, 6], [0.02, 0.04, 0.1])
+        + rows("lats", "fcfs", [1, 2], [0.5, 2.0])
+        + rows("lats", "plas", [1, 2], [0.5, 0.6])
+    )
+    table = {(dict(t.group)["workload"], t.policy): t for t in throughput_table(data, "0.04")}
+    # bfcl: fcfs 2 + 0.02/0.04*2 = 3; plas 4 + 0.01/0.03*2 = 4.667; mlfq exactly 4
+    assert table["bfcl", "fcfs"].throughput.value == pytest.approx(3.0)
+    assert table["bfcl", "plas"].throughput.value == pytest.approx(4 + 2 / 3)
+    assert table["bfcl", "mlfq"].throughput.value == pytest.approx(4.0)
+    assert table["bfcl", "plas"].ratios["fcfs"].value == pytest.approx((4 + 2 / 3) / 3)
+    assert table["bfcl", "plas"].ratios["mlfq"].value == pytest.approx((4 + 2 / 3) / 4)
+    assert table["lats", "fcfs"].throughput.value is None  # 0.5 > 0.04 at the lowest rate
+    assert "mlfq" not in table["lats", "plas"].ratios
+    # Relative 2x: lats L = 1.0 -> fcfs 1 + 0.5/1.5 = 1.333, plas >= 2
+    rel = {(dict(t.group)["workload"], t.policy): t for t in throughput_table(data, "2x")}
+    assert rel["lats", "fcfs"].target == pytest.approx(1.0)
+    assert rel["lats", "fcfs"].throughput.value == pytest.approx(1 + 1 / 3)
+    assert rel["lats", "plas"].throughput == Throughput(2, "lower")
+    assert rel["lats", "plas"].ratios["fcfs"] == Ratio(pytest.approx(1.5), "lower")
+    text = format_table(throughput_table(data, "2x"))
+    assert ">=1.50x" in text and "vs fcfs" in text and "vs mlfq" in text
+
+
+def test_failed_rows_do_not_count():
+    data = rows("bfcl", "fcfs", [2, 4], [0.02, 0.03]) + rows("bfcl", "fcfs", [6], [0.01], status="failed")
+    [t] = throughput_table(data, "0.05")
+    assert t.throughput == Throughput(4, "lower")
+
+
+def test_tail_table_against_rate():
+    data = rows("bfcl", "fcfs", [4, 2], [0.03, 0.02])
+    assert tail_table(data) == [("bfcl", "fcfs", 2, 0.04, pytest.approx(0.06)), ("bfcl", "fcfs", 4, 0.06, pytest.approx(0.09))]

@@ -1,0 +1,193 @@
+"""Sweep format: expansion of lists and ranges into points and jobs, and located errors."""
+
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+
+from sim.experiments import ConfigError, parse_override
+from sim.sweep import check_key, jobs, load_sweep, override_text
+
+BASE = """\
+experiments:
+  tiny:
+    workload:
+      generator: bfcl
+      params: {programs: 10, rate: 2.0}
+    latency: {kind: constant, seconds: 0.01}
+    policies: [fcfs, plas]
+sweeps:
+"""
+
+
+def write(tmp_path, sweeps: str):
+    path = tmp_path / "exp.yaml"
+    path.write_text(BASE + textwrap.indent(textwrap.dedent(sweeps), "  "))
+    return path
+
+
+def params(sweep):
+    return [dict(p.params) for p in sweep.points]
+
+
+def test_linear_range_includes_stop_and_keeps_ints(tmp_path):
+    f = write(tmp_path, """\
+        s:
+          experiment: tiny
+          grid:
+            workload.params.rate: {start: 0.4, stop: 2.4, num: 6}
+            engine.replicas: {start: 1, stop: 4, num: 4}
+        """)
+    s = load_sweep("s", f)
+    rates = sorted({p["workload.params.rate"] for p in params(s)})
+    assert rates == [0.4, 0.8, 1.2, 1.6, 2.0, 2.4]  # no 1.2000000000000002
+    assert sorted({p["engine.replicas"] for p in params(s)}) == [1, 2, 3, 4]
+    assert all(type(p["engine.replicas"]) is int for p in params(s))
+    # first key slowest
+    assert [p["workload.params.rate"] for p in params(s)[:5]] == [0.4, 0.4, 0.4, 0.4, 0.8]
+
+
+def test_step_range_and_times_and_cases(tmp_path):
+    f = write(tmp_path, """\
+        s:
+          experiment: tiny
+          grid:
+            - workload.generator: [sharegpt]
+              workload.params.rate: {start: 0.5, stop: 1.6, step: 0.5}
+            - engine.replicas: [1, 2]
+              workload.params.rate: {start: 1, stop: 2, step: 1, times: engine.replicas}
+        """)
+    s = load_sweep("s", f)
+    assert params(s) == [
+        {"workload.generator": "sharegpt", "workload.params.rate": 0.5},
+        {"workload.generator": "sharegpt", "workload.params.rate": 1.0},
+        {"workload.generator": "sharegpt", "workload.params.rate": 1.5},
+        {"engine.replicas": 1, "workload.params.rate": 1},
+        {"engine.replicas": 1, "workload.params.rate": 2},
+        {"engine.replicas": 2, "workload.params.rate": 2},
+        {"engine.replicas": 2, "workload.params.rate": 4},
+    ]
+    assert s.keys == ("workload.generator", "workload.params.rate", "engine.replicas")
+
+
+def test_jobs_cover_points_variants_policies_in_order(tmp_path):
+    f = write(tmp_path, """\
+        s:
+          experiment: tiny
+          grid: {workload.params.rate: [1, 2]}
+          policies: [fcfs, mlfq]
+          variants:
+            default: {}
+            unopt: {policies: [fcfs], set: {engine.enable_prefix_caching: false}}
+        """)
+    s = load_sweep("s", f)
+    js = jobs(s, f)
+    assert [(j.point.index, j.label) for j in js] == [
+        (0, "fcfs"), (0, "mlfq"), (0, "fcfs-unopt"), (1, "fcfs"), (1, "mlfq"), (1, "fcfs-unopt"),
+    ]
+    assert [j.index for j in js] == list(range(6))
+    assert js[2].cfg.engine.enable_prefix_caching is False
+    assert js[0].cfg.engine.enable_prefix_caching is True
+    assert js[3].cfg.workload.params["rate"] == 2
+    assert js[0].cfg.policies == ("fcfs", "mlfq")
+
+
+def test_command_line_set_applies_below_the_grid(tmp_path):
+    f = write(tmp_path, """\
+        s:
+          experiment: tiny
+          set: {workload.params.programs: 7}
+          grid: {workload.params.rate: [1, 3]}
+        """)
+    s = load_sweep("s", f, ["workload.params.rate=9", "seed=3"])
+    js = jobs(s, f, ["workload.params.rate=9", "seed=3"])
+    assert [j.cfg.workload.params["rate"] for j in js] == [1, 1, 3, 3]
+    assert {j.cfg.seed for j in js} == {3}
+    assert {j.cfg.workload.params["programs"] for j in js} == {7}
+
+
+@pytest.mark.parametrize(
+    "grid, message",
+    [
+        ("{workload.params.rate: {start: 2, stop: 1, step: 0.5}}", r"exp.yaml:11: sweep 's': grid.workload.params.rate: stop \(1\) is below start \(2\)"),
+        ("{workload.params.rate: {start: 1, stop: 2, step: 0}}", r"grid.workload.params.rate.step: expected a number > 0, got 0"),
+        ("{workload.params.rate: {start: 1, stop: 2}}", r"exactly one of num \(how many values\) or step"),
+        ("{workload.params.rate: {start: 1, stop: 2, num: 2, step: 1}}", r"exactly one of num"),
+        ("{workload.params.rate: {start: 1, stop: 2, num: 0}}", r"\.num: expected an integer >= 1, got 0"),
+        ("{workload.params.rate: {start: 1, stop: 2, num: 1}}", r"num: 1 needs start == stop"),
+        ("{workload.params.rate: {stop: 2, num: 3}}", r"missing start"),
+        ("{workload.params.rate: {start: a, stop: 2, num: 3}}", r"\.start: expected a number, got 'a'"),
+        ("{workload.params.rate: {start: 1, stop: 2, num: 3, by: 2}}", r"\.by: unknown key; valid keys: start, stop, num, step, times"),
+        ("{workload.params.rate: 3}", r"expected a list of values or a range"),
+        ("{workload.params.rate: []}", r"expected at least one value"),
+        ("{engine.replica: [1, 2]}", r"grid.engine.replica: unknown key 'replica' in engine; valid keys: model, gpu"),
+        ("{engin.replicas: [1]}", r"unknown key; valid keys: workload, engine, latency, policy_params, seed"),
+        ("{policies: [[fcfs]]}", r"grid.policies: not a sweep parameter \(set the sweep's policies"),
+        ("{workload.params.rate: {start: 1, stop: 2, num: 2, times: engine.replicas}}", r"'engine.replicas' is not another key of this grid"),
+    ],
+)
+def test_bad_grids_are_located_errors(tmp_path, grid, message):
+    f = write(tmp_path, f"""\
+        s:
+          experiment: tiny
+          grid: {grid}
+        """)
+    with pytest.raises(ConfigError, match=message):
+        load_sweep("s", f)
+
+
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        ("experiment: nope\ngrid: {seed: [1]}", r"exp.yaml:10: sweep 's': experiment: unknown experiment 'nope'; experiments: tiny"),
+        ("experiment: tiny\ngrid: {seed: [1]}\npolicies: [fcfs, lifo]", r"exp.yaml:12: sweep 's': policies\[1\]: unknown value 'lifo'"),
+        ("experiment: tiny", r"sweep 's': missing grid"),
+        ("experiment: tiny\ngrid: {seed: [1]}\ngird: 1", r"exp.yaml:12: sweep 's': gird: unknown key; valid keys: description, experiment"),
+        ("experiment: tiny\ngrid: {seed: [1]}\nvariants: {u: {set: {engine.prefix: true}}}", r"variants.u.set.engine.prefix: unknown key 'prefix'"),
+        ("experiment: tiny\ngrid: {seed: [1]}\nset: {engine.model: gpt}", r"engine.model: unknown value 'gpt'"),
+    ],
+)
+def test_bad_sweeps_are_located_errors(tmp_path, body, message):
+    f = write(tmp_path, "s:\n" + textwrap.indent(body, "  ") + "\n")
+    with pytest.raises(ConfigError, match=message):
+        load_sweep("s", f)
+
+
+def test_unknown_sweep_and_bad_command_line_set(tmp_path):
+    f = write(tmp_path, "s: {experiment: tiny, grid: {seed: [1, 2]}}\n")
+    with pytest.raises(ConfigError, match=r"unknown sweep 'x'; sweeps: s"):
+        load_sweep("x", f)
+    with pytest.raises(ConfigError, match=r"^--set engine.replica=2: experiment 'tiny': engine.replica: unknown key"):
+        load_sweep("s", f, ["engine.replica=2"])
+
+
+def test_invalid_point_is_a_job_error_not_a_sweep_error(tmp_path):
+    f = write(tmp_path, "s: {experiment: tiny, grid: {engine.model: [llama-3.1-8b, llama-3.1-70b]}}\n")
+    js = jobs(load_sweep("s", f), f)
+    assert [j.cfg is None for j in js] == [False, False, True, True]
+    assert "llama-3.1-70b does not fit" in js[2].error
+
+
+@pytest.mark.parametrize("value", [0.4, 1e-05, 1e20, 3, "bfcl", True, None, [1, 2], "1.0"])
+def test_override_text_round_trips(value):
+    key, parsed = parse_override(override_text("a.b", value))
+    assert key == ("a", "b") and parsed == value and type(parsed) is type(value)
+
+
+def test_check_key():
+    assert check_key("workload.params.anything") is None
+    assert check_key("policy_params.beta") is None
+    assert check_key("seed") is None
+    assert "has no sub-keys" in check_key("engine.replicas.x")
+    assert "give a key inside engine" in check_key("engine")
+
+
+def test_repository_paper_sweeps_expand():
+    counts = {}
+    for name in ("paper-single", "paper-multi", "paper-scaling"):
+        s = load_sweep(name)
+        counts[name] = (len(s.points), len(jobs(s)))
+    # 4 workloads x 8 rates x (5 policies + fcfs-unopt); 3 balancers x 8 rates x 3 policies;
+    # 8 rates at 1 replica + 3 counts x 3 balancers x 8 rates.
+    assert counts == {"paper-single": (32, 192), "paper-multi": (24, 72), "paper-scaling": (80, 80)}

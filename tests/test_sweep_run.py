@@ -1,0 +1,167 @@
+"""Running sweeps: failure isolation, deterministic tables, incremental writes, the CLI."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sim.experiments import ConfigError
+from sim.sweep import jobs, load_sweep
+from sim.sweep_run import JobResult, SweepWriter, run_sweep
+
+ROOT = Path(__file__).resolve().parent.parent
+
+EXPERIMENTS = """\
+experiments:
+  tiny:
+    workload:
+      generator: bfcl
+      params: {programs: 12, rate: 2.0}
+    latency: {kind: constant, seconds: 0.01}
+    policies: [fcfs, plas]
+sweeps:
+  s:
+    experiment: tiny
+    grid:
+      engine.model: [llama-3.1-8b, llama-3.1-70b]
+      workload.params.rate: [1.0, 4.0]
+  ok:
+    experiment: tiny
+    grid: {workload.params.rate: {start: 1, stop: 3, num: 2}}
+    policies: [fcfs, mlfq]
+    variants:
+      default: {}
+      unopt: {policies: [fcfs], set: {engine.enable_prefix_caching: false, engine.enable_chunked_prefill: false}}
+"""
+
+
+@pytest.fixture
+def exp(tmp_path):
+    path = tmp_path / "exp.yaml"
+    path.write_text(EXPERIMENTS)
+    return path
+
+
+def read(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_failed_point_is_reported_and_the_rest_completes(exp, tmp_path, capsys):
+    sweep = load_sweep("s", exp)
+    outcome = run_sweep(sweep, jobs(sweep, exp), tmp_path / "out", workers=1, quiet=True)
+    table = read(tmp_path / "out" / "sweep.csv")
+    assert [(r["engine.model"], r["rate"], r["policy"], r["status"]) for r in table] == [
+        ("llama-3.1-8b", "1.0", "fcfs", "ok"),
+        ("llama-3.1-8b", "1.0", "plas", "ok"),
+        ("llama-3.1-8b", "4.0", "fcfs", "ok"),
+        ("llama-3.1-8b", "4.0", "plas", "ok"),
+        ("llama-3.1-70b", "1.0", "fcfs", "invalid"),
+        ("llama-3.1-70b", "1.0", "plas", "invalid"),
+        ("llama-3.1-70b", "4.0", "fcfs", "invalid"),
+        ("llama-3.1-70b", "4.0", "plas", "invalid"),
+    ]
+    assert all(r["programs"] == "12" and float(r["normalized_latency_mean"]) > 0 for r in table[:4])
+    assert all("llama-3.1-70b does not fit" in r["error"] and r["programs"] == "" for r in table[4:])
+    assert len(outcome.failed) == 4
+    err = capsys.readouterr().err
+    assert "point 2 (engine.model=llama-3.1-70b, workload.params.rate=1.0) fcfs: invalid:" in err
+    # the valid points' summaries and configs, the invalid ones' nothing
+    summary = json.loads((tmp_path / "out" / "points" / "001" / "summary.json").read_text())
+    assert list(summary["policies"]) == ["fcfs", "plas"]
+    assert summary["params"] == {"engine.model": "llama-3.1-8b", "workload.params.rate": 4.0}
+    assert (tmp_path / "out" / "points" / "001" / "config.yaml").is_file()
+    assert not (tmp_path / "out" / "points" / "002").exists()
+
+
+def test_exception_in_simulate_is_a_failed_row(exp, tmp_path, capsys):
+    # The unopt variant has no chunked prefill, so a BFCL prompt (~700 tokens) exceeds a 64-token budget:
+    # simulate raises SimulationError for that point only.
+    sweep = load_sweep("ok", exp, ["engine.max_num_batched_tokens=64"])
+    todo = jobs(sweep, exp, ["engine.max_num_batched_tokens=64"])
+    outcome = run_sweep(sweep, todo, tmp_path / "out", workers=1, quiet=True)
+    status = {(r["point"], r["policy"]): (r["status"], r["error"]) for r in outcome.rows}
+    assert status[0, "fcfs"][0] == "ok" and status[1, "mlfq"][0] == "ok"
+    assert status[0, "fcfs-unopt"][0] == "failed"
+    assert status[0, "fcfs-unopt"][1].startswith("SimulationError: ")
+    assert "max_num_batched_tokens=64" in status[0, "fcfs-unopt"][1]
+    assert "fcfs-unopt: failed: SimulationError" in capsys.readouterr().err
+
+
+def strip_wall(text: str) -> list[list[str]]:
+    lines = list(csv.reader(text.splitlines()))
+    col = lines[0].index("wall_s")
+    return [line[:col] + line[col + 1:] for line in lines]
+
+
+def test_sweep_csv_is_deterministic_across_workers(exp, tmp_path):
+    sweep = load_sweep("ok", exp)
+    run_sweep(sweep, jobs(sweep, exp), tmp_path / "a", workers=1, quiet=True)
+    run_sweep(sweep, jobs(sweep, exp), tmp_path / "b", workers=2, quiet=True)  # spawn pool, other completion order
+    a, b = (tmp_path / d / "sweep.csv" for d in "ab")
+    assert strip_wall(a.read_text()) == strip_wall(b.read_text())
+    assert [r["policy"] for r in read(a)] == ["fcfs", "mlfq", "fcfs-unopt"] * 2
+    for d in "ab":  # every column but wall_s: the point summaries are identical too
+        pts = sorted((tmp_path / d / "points").rglob("*.*"))
+        assert [p.relative_to(tmp_path / d) for p in pts] == [p.relative_to(tmp_path / "a") for p in sorted((tmp_path / "a" / "points").rglob("*.*"))]
+    for p in sorted((tmp_path / "a" / "points").rglob("*.*")):
+        assert p.read_bytes() == (tmp_path / "b" / p.relative_to(tmp_path / "a")).read_bytes()
+
+
+def test_rows_are_written_as_they_complete(exp, tmp_path):
+    sweep = load_sweep("ok", exp)
+    todo = jobs(sweep, exp)
+    writer = SweepWriter(sweep, todo, tmp_path / "out")
+    writer.start()
+    writer.add(todo[4], JobResult(4, "failed", "Boom: x", 0.5))
+    rows = read(tmp_path / "out" / "sweep.csv")
+    assert [(r["point"], r["policy"], r["status"], r["error"]) for r in rows] == [("1", "mlfq", "failed", "Boom: x")]
+    writer.add(todo[0], JobResult(0, "failed", "Boom: y", 0.5))
+    writer.finish()
+    assert [r["error"] for r in read(tmp_path / "out" / "sweep.csv")] == ["Boom: y", "Boom: x"]  # grid order
+
+
+def test_parquet_only_with_pyarrow(exp, tmp_path, monkeypatch):
+    sweep = load_sweep("ok", exp)
+    todo = jobs(sweep, exp)[:1]
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # import fails as if not installed
+    run_sweep(sweep, todo, tmp_path / "out", workers=1, quiet=True)
+    assert (tmp_path / "out" / "sweep.csv").is_file()
+    assert not (tmp_path / "out" / "sweep.parquet").exists()
+
+
+def test_ray_backend_without_ray_is_a_clear_error(exp, tmp_path, monkeypatch):
+    sweep = load_sweep("ok", exp)
+    monkeypatch.setitem(sys.modules, "ray", None)
+    with pytest.raises(ConfigError, match=r"install the ray extra"):
+        run_sweep(sweep, jobs(sweep, exp), tmp_path / "out", backend="ray", quiet=True)
+    assert not (tmp_path / "out").exists()
+
+
+def sim(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "sim", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_cli_sweep_then_plot(exp, tmp_path):
+    res = sim("sweep", "s", "-e", "exp.yaml", "--set", "workload.params.programs=8", "-w", "1", "--out", "out", cwd=tmp_path)
+    assert res.returncode == 1, res.stderr  # the 70B points fail
+    assert "error: 4 of 8 jobs failed" in res.stderr
+    assert "results in out" in res.stdout and "vs fcfs" in res.stdout
+    res = sim("plot", "out", "--target", "3x", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert "throughput" in res.stdout
+    for name in ("latency_vs_rate", "throughput_ratio", "wait_breakdown"):
+        assert (tmp_path / "out" / "plots" / f"{name}.png").stat().st_size > 1000
+        assert (tmp_path / "out" / "plots" / f"{name}.svg").is_file()
+    bad = sim("plot", "out", "--target", "fast", cwd=tmp_path)
+    assert bad.returncode == 1 and bad.stderr.startswith("error: --target fast")
+    bad = sim("sweep", "s", "-e", "exp.yaml", "--backend", "ray", cwd=tmp_path)
+    if bad.returncode == 1:  # Ray is an optional extra; without it, one line
+        assert "install the ray extra" in bad.stderr
