@@ -137,6 +137,7 @@ def _metric_columns(row: dict[str, Any]) -> list[str]:
 
 def group_label(key: Sequence[tuple[str, Any]]) -> str:
     """Short text for a group: its values that vary are what a reader needs."""
+    d = dict(key)
     parts = []
     for k, v in key:
         if v is None:
@@ -146,7 +147,12 @@ def group_label(key: Sequence[tuple[str, Any]]) -> str:
         elif k == "replicas" and v == 1:
             continue
         elif k == "balancer":
-            continue  # shown only when it varies (see curves())
+            if (d.get("replicas") or 1) > 1:  # one replica has nothing to balance
+                parts.append(str(v))
+        elif k == "replicas":
+            parts.append(f"x{v}")
+        elif k == "workload.params.programs":
+            continue  # a scale, not a condition: follows the replicas in the paper's sweeps
         else:
             parts.append(f"{k.split('.')[-1]}={v}")
     return " ".join(parts) or "all"

@@ -247,9 +247,11 @@ class SweepWriter:
     jobs: Sequence[Job]
     out: Path
     rows: dict[int, dict[str, Any]] = field(default_factory=dict)
+    by_index: dict[int, Job] = field(default_factory=dict)  # jobs may be a subset of a sweep's
     point_metrics: dict[int, dict[int, dict[str, Any]]] = field(default_factory=dict)
 
     def start(self) -> None:
+        self.by_index = {j.index: j for j in self.jobs}
         self.out.mkdir(parents=True, exist_ok=True)
         for name in ("sweep.csv", "sweep.parquet", "sweep.json"):
             (self.out / name).unlink(missing_ok=True)
@@ -296,13 +298,13 @@ class SweepWriter:
 
     def _write_point(self, point: int) -> None:
         done = self.point_metrics[point]
-        policies = {self.jobs[i].label: dict(done[i]) for i in sorted(done)}
+        policies = {self.by_index[i].label: dict(done[i]) for i in sorted(done)}
         add_ratios(policies)
         doc = {
             "experiment": self.sweep.experiment,
             "sweep": self.sweep.name,
             "point": point,
-            "params": dict(self.jobs[min(done)].point.params),
+            "params": dict(self.by_index[min(done)].point.params),
             "policies": policies,
         }
         d = self.point_dir(point)

@@ -165,3 +165,13 @@ def test_cli_sweep_then_plot(exp, tmp_path):
     bad = sim("sweep", "s", "-e", "exp.yaml", "--backend", "ray", cwd=tmp_path)
     if bad.returncode == 1:  # Ray is an optional extra; without it, one line
         assert "install the ray extra" in bad.stderr
+
+
+def test_a_subset_of_jobs_runs(exp, tmp_path):
+    sweep = load_sweep("ok", exp)
+    subset = [j for j in jobs(sweep, exp) if j.point.index == 1 and j.variant == "default"]
+    outcome = run_sweep(sweep, subset, tmp_path / "out", workers=1, quiet=True)
+    assert [(r["point"], r["policy"], r["status"]) for r in outcome.rows] == [(1, "fcfs", "ok"), (1, "mlfq", "ok")]
+    summary = json.loads((tmp_path / "out" / "points" / "001" / "summary.json").read_text())
+    assert list(summary["policies"]) == ["fcfs", "mlfq"]
+    assert summary["policies"]["mlfq"]["normalized_latency_mean_vs_fcfs"] is not None
