@@ -222,3 +222,35 @@ def test_duplicate_live_call_is_rejected():
 def test_bad_params_name_the_key():
     with pytest.raises(ValueError, match=r"policy_params.beta: expected > 0"):
         PolicyParams(beta=0)
+
+
+def test_a_call_is_a_policy_victim_at_most_preempt_limit_times():
+    c = core("plas", queue_base=1.0, num_queues=4)  # preempt_limit defaults to 1
+    old = c.add_call("A/0", "A", "0", 10, 0.0)
+    c.on_admitted(old)
+    c.on_step({"A/0": 5.0}, 5.0)
+    new = c.add_call("B/0", "B", "0", 10, 5.0)
+    assert c.choose_victims([old], [new], 0, 100, lambda _: 1, lambda _: 1) == [old]
+    c.on_preempted(old, 5.0)
+    c.on_admitted(old)  # readmitted; now protected from further policy preemption
+    assert old.preemptions == 1
+    assert c.choose_victims([old], [new], 0, 100, lambda _: 1, lambda _: 1) == []
+    unlimited = core("plas", queue_base=1.0, num_queues=4, preempt_limit=None)
+    o = unlimited.add_call("A/0", "A", "0", 10, 0.0)
+    unlimited.on_admitted(o)
+    unlimited.on_step({"A/0": 5.0}, 5.0)
+    unlimited.on_preempted(o, 5.0)
+    unlimited.on_admitted(o)
+    n = unlimited.add_call("B/0", "B", "0", 10, 5.0)
+    assert unlimited.choose_victims([o], [n], 0, 100, lambda _: 1, lambda _: 1) == [o]
+
+
+def test_preempt_margin_requires_that_many_queues_of_difference():
+    c = core("plas", queue_base=1.0, num_queues=4, preempt_margin=2)
+    old = c.add_call("A/0", "A", "0", 10, 0.0)
+    c.on_admitted(old)
+    c.on_step({"A/0": 1.5}, 1.5)  # Q2: one queue below a fresh call
+    new = c.add_call("B/0", "B", "0", 10, 1.5)
+    assert c.choose_victims([old], [new], 0, 100, lambda _: 1, lambda _: 1) == []
+    c.on_step({"A/0": 1.0}, 2.5)  # Q3: two below
+    assert c.choose_victims([old], [new], 0, 100, lambda _: 1, lambda _: 1) == [old]

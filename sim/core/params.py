@@ -40,6 +40,15 @@ class PolicyParams:
     # (rank classes) better. 1 is "strictly better", the paper's rule;
     # larger margins trade priority fidelity for fewer recomputations.
     preempt_margin: float = 1
+    # A call already preempted this many times (for any reason) is not a
+    # policy victim again; None means no limit. With recompute preemption a
+    # victim loses its progress and, once LRU has evicted its prefix, must
+    # re-prefill its whole history. Measured on BFCL at 80% load (100,000
+    # calls, one A100), an unlimited rule let a stream of new programs evict
+    # the calls of the longest programs again and again (287 calls preempted
+    # 5+ times) until re-prefill swamped the engine and throughput collapsed.
+    # One policy preemption per call bounds that waste to one recompute.
+    preempt_limit: int | None = 1
 
     # --- MLFQ (FastServe skip-join) ------------------------------------------
     # Quanta double from `mlfq_base_quantum`, about two decode steps of an 8B
@@ -70,6 +79,7 @@ class PolicyParams:
             ("beta", self.beta > 0, "> 0"),
             ("preemption", isinstance(self.preemption, bool), "true or false"),
             ("preempt_margin", self.preempt_margin > 0, "> 0"),
+            ("preempt_limit", self.preempt_limit is None or (isinstance(self.preempt_limit, int) and self.preempt_limit >= 0), "null or an integer >= 0"),
             ("mlfq_base_quantum", self.mlfq_base_quantum > 0, "> 0 seconds"),
             ("mlfq_prefill_s_per_token", self.mlfq_prefill_s_per_token >= 0, ">= 0"),
             ("mlfq_starve_after", self.mlfq_starve_after > 0, "> 0 seconds"),

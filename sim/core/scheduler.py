@@ -130,7 +130,10 @@ class SchedulerCore:
         if not (self.policy.preemptive and self.policy.params.preemption) or not waiting or not running:
             return []
         outranks = self.policy.outranks
-        candidates = sorted(running, key=_KEY, reverse=True)
+        limit = self.policy.params.preempt_limit
+        candidates = sorted(
+            (c for c in running if limit is None or c.preemptions < limit), key=_KEY, reverse=True
+        )
         victims: list[CallState] = []
         used = 0
         for w in waiting:
@@ -156,6 +159,7 @@ class SchedulerCore:
 
     def on_preempted(self, call: CallState, now: float) -> None:
         call.running = False
+        call.preemptions += 1
         call.waiting_since = now
         self._push_deadline(call, self.table.programs[call.program_id])
 

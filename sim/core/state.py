@@ -31,6 +31,7 @@ class CallState:
     waiting_since: float = 0.0  # when it last became waiting
     key: tuple = ()  # ordering key, lower runs first; kept by the policy
     finished: bool = False
+    preemptions: int = 0  # times moved from running back to waiting
 
     def waited(self, now: float) -> float:
         """W_call: time since reset not spent being served."""
