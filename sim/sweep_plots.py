@@ -17,6 +17,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 import numpy as np  # noqa: E402
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: E402
 
 from sim.derived import (  # noqa: E402
     LATENCY,
@@ -57,6 +58,17 @@ def _single_engine_groups(rows: Sequence[dict[str, Any]]) -> dict[tuple, dict[st
     return curves(rows)
 
 
+def _yscale(ax: Any, values: Sequence[float | None]) -> None:
+    """Log scale when the values span more than 4x (latency explodes past saturation), in plain numbers."""
+    pos = [v for v in values if v is not None and v > 0]
+    if not pos or max(pos) / min(pos) <= 4:
+        return
+    ax.set_yscale("log")
+    ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.yaxis.set_minor_formatter(NullFormatter())
+
+
 def latency_vs_rate(rows: Sequence[dict[str, Any]], target: str | float | None = None) -> Any:
     """Mean (top) and p99 (bottom) normalised latency against arrival rate, a panel per group."""
     value, relative = parse_target(target)
@@ -72,8 +84,7 @@ def latency_vs_rate(rows: Sequence[dict[str, Any]], target: str | float | None =
                     ax.plot(c.rates, ys, marker="o", ms=3, label=policy)
                 if row == 0 and L is not None:
                     ax.axhline(L, color="grey", ls="--", lw=1, label=f"target L={L:.3g}")
-                if any(v is not None and v > 0 for c in by_policy.values() for v in c.metric(metric)):
-                    ax.set_yscale("log")
+                _yscale(ax, [v for c in by_policy.values() for v in c.metric(metric)])
                 ax.set_title(group_label(group) if row == 0 else "")
                 ax.set_xlabel("arrival rate (programs/s)")
                 ax.set_ylabel(f"{what} normalised latency (s/token)")
@@ -212,10 +223,11 @@ def wait_breakdown(rows: Sequence[dict[str, Any]], target: str | float | None = 
             ax.bar(x, wait, color="tab:red", label="waiting")
             ax.bar(x, run, bottom=wait, color="tab:blue", label="executing")
             ax.set_xticks(x, labels, fontsize="x-small", rotation=90)
-            ax.set_ylim(0, 1)
+            ax.set_ylim(0, 1.15)  # room for the legend above the bars
+            ax.set_yticks([0, 0.25, 0.5, 0.75, 1.0])
             ax.set_ylabel("share of engine time (mean over programs)")
             ax.set_title(group_label(group))
-            ax.legend(fontsize="x-small", loc="upper left")
+            ax.legend(fontsize="x-small", loc="upper center", ncols=2)
         fig.suptitle("Where programs spend their time: waiting vs executing")
         fig.tight_layout()
     return fig
