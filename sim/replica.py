@@ -117,6 +117,7 @@ class Replica:
         self.running: list[SimCall] = []
         self._wake: simpy.Event | None = None
         self._aborted: set[SimCall] = set()  # aborted while their step is in flight
+        self._live: dict[str, SimCall] = {}  # core call id -> call, for victim lookups
         self.steps = 0
         self.preemptions = 0
         self.busy_time = 0.0
@@ -132,6 +133,7 @@ class Replica:
         call.core = self.core.add_call(
             f"{call.program_id}/{call.call_id}", call.program_id, call.call_id, call.prompt_tokens, self.env.now
         )
+        self._live[call.core.id] = call
         insort(self.waiting, call, key=_KEY)
         if self._wake is not None and not self._wake.triggered:
             self._wake.succeed()
@@ -153,6 +155,7 @@ class Replica:
             self.kv.release(call.blocks)
             self._aborted.add(call)
         self.core.abort_call(call.core, self.env.now)
+        del self._live[call.core.id]
         return True
 
     def refresh_order(self) -> None:
@@ -210,7 +213,15 @@ class Replica:
         self.running.sort(key=_KEY)
         transfer = 0.0
 
-        if core.policy.preemptive and self.waiting and self.running:
+        policy = core.policy
+        if (
+            policy.preemptive
+            and policy.params.preemption
+            and self.waiting
+            and self.running
+            # Fast exit: the best waiting call outranks nobody if not the worst running one.
+            and policy.outranks(self.waiting[0].core, self.running[-1].core)
+        ):
             victims = core.choose_victims(
                 [c.core for c in self.running],
                 [c.core for c in self.waiting[: cfg.max_num_seqs]],
@@ -321,14 +332,7 @@ class Replica:
         return self.kv.freed_by_release(self._by_core(core_call).blocks)
 
     def _by_core(self, core_call: CallState) -> SimCall:
-        # Reverse lookup is only needed on the rare preemption path.
-        for c in self.running:
-            if c.core is core_call:
-                return c
-        for c in self.waiting:
-            if c.core is core_call:
-                return c
-        raise KeyError(core_call.id)
+        return self._live[core_call.id]
 
     def _shape(self, batch: list[tuple[SimCall, int]]) -> StepShape:
         n = len(batch)
@@ -378,5 +382,6 @@ class Replica:
             kv.release(call.blocks)
             self.running.remove(call)
             core.finish_call(call.core, now)
+            del self._live[call.core.id]
             self.on_finish(call)
             call.done.succeed()
