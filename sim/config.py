@@ -29,7 +29,9 @@ class EngineConfig:
     activation_reserve_bytes: int = 2 * 1024**3
     block_size: int = 16  # vLLM's default KV block
     max_num_seqs: int = 256  # vLLM v1 default
-    max_num_batched_tokens: int = 8192  # vLLM v1 token budget with chunked prefill
+    # `vllm serve` defaults on an A100 (vLLM 0.26.0, engine/arg_utils.py): 256
+    # sequences and a 2048-token budget; H100-class GPUs get 1024 and 8192.
+    max_num_batched_tokens: int = 2048
     enable_chunked_prefill: bool = True
     enable_prefix_caching: bool = True
     preemption_mode: str = "recompute"  # vLLM v1 preempts by recompute only

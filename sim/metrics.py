@@ -71,8 +71,8 @@ def summarize_policy(
     ``preemptions`` and ``prefix_hit_rate`` come from the call rows rather
     than simulator counters so that a replay on the real engine, which has
     only rows, is summarised identically. ``prefix_hit_rate`` is
-    sum(prefix_hit_tokens) / sum(prompt_tokens); it exceeds 1 when a row's
-    hits include those of re-prefills after recompute preemptions.
+    sum(prefix_hit_tokens) / sum(prompt_tokens), where a call's hit is the
+    one at its first admission (re-hits after a preemption are not counted).
     """
     lat = [p.latency for p in programs]
     norm = [p.normalized_latency for p in programs]

@@ -24,7 +24,7 @@ class CallRecord:
     waiting: float  # time live on an engine but not in a step
     service: float  # time in engine steps (sim.core.attribute_service)
     preemptions: int
-    prefix_hit_tokens: int
+    prefix_hit_tokens: int  # prompt tokens served from the prefix cache at first admission
 
 
 @dataclass

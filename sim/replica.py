@@ -282,7 +282,8 @@ class Replica:
                     call.swapped = False
                 else:
                     call.num_computed = hits * self.block
-                    call.prefix_hit_tokens += hits * self.block
+                    if call.preemptions == 0:  # the prompt's hit, not re-hits after preemption
+                        call.prefix_hit_tokens = hits * self.block
                 self.running.append(call)
                 core.on_admitted(call.core)
                 batch.append((call, new))
