@@ -150,7 +150,7 @@ def sim(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 
 def test_cli_sweep_then_plot(exp, tmp_path):
-    res = sim("sweep", "s", "-e", "exp.yaml", "--set", "workload.params.programs=8", "-w", "1", "--out", "out", cwd=tmp_path)
+    res = sim("sweep", "s", "-e", "exp.yaml", "--set", "workload.params.programs=8", "-w", "2", "--out", "out", cwd=tmp_path)
     assert res.returncode == 1, res.stderr  # the 70B points fail
     assert "error: 4 of 8 jobs failed" in res.stderr
     assert "results in out" in res.stdout and "vs fcfs" in res.stdout
