@@ -34,8 +34,7 @@ from typing import Any, Iterable, Sequence
 
 LATENCY = "normalized_latency_mean"
 BASELINES = ("fcfs", "mlfq", "fcfs-unopt")
-# Columns that identify a row but do not define its curve.
-NOT_GROUP = {"sweep", "point", "rate", "variant", "policy", "scheduler", "status", "error", "wall_s"}
+GROUP = ("workload", "replicas", "balancer")  # always part of a curve's identity
 TEXT_COLUMNS = {"sweep", "workload", "balancer", "variant", "policy", "scheduler", "status", "error"}
 
 
@@ -124,15 +123,14 @@ def load_rows(results: str | Path) -> list[dict[str, Any]]:
 
 
 def group_key(row: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
-    """What a curve is over: every descriptive column but the rate and the policy label."""
-    metrics = set(_metric_columns(row))
-    return tuple((k, v) for k, v in row.items() if k not in NOT_GROUP and k not in metrics)
+    """What a curve is over: the descriptive columns and every other swept key, not the rate.
 
-
-def _metric_columns(row: dict[str, Any]) -> list[str]:
-    from sim.sweep_run import METRICS, STATS
-
-    return [*METRICS, *(f"stats_{k}" for k in STATS)]
+    `sim.sweep_run.columns` puts the other swept keys between ``balancer``
+    and ``variant``, so new metric columns never split a curve.
+    """
+    keys = list(row)
+    extra = keys[keys.index("balancer") + 1 : keys.index("variant")] if "balancer" in keys and "variant" in keys else []
+    return tuple((k, row.get(k)) for k in (*GROUP, *extra))
 
 
 def group_label(key: Sequence[tuple[str, Any]]) -> str:

@@ -318,7 +318,7 @@ def _variants(where: _Where, raw: Any, policies: tuple[str, ...]) -> tuple[Varia
     out = []
     for name, body in _mapping(where, raw, ("variants",)).items():
         path = ("variants", name)
-        if not name.replace("_", "").replace(".", "").isalnum():
+        if not name.replace("_", "").isalnum():
             where.fail(path, "a variant name is a word (letters, digits, '_'): it suffixes policy labels")
         body = _mapping(where, {} if body is None else body, path, VARIANT_KEYS)
         pols = _policies(where, body["policies"], path + ("policies",)) if "policies" in body else policies
@@ -365,18 +365,13 @@ def load_sweep(name: str, file: Any = None, overrides: Sequence[str] = ()) -> Sw
     )
 
 
-def list_sweeps(file: Any = None) -> list[tuple[str, str]]:
-    ef = load_file(file)
-    return [(n, str((b or {}).get("description", "")) if isinstance(b, dict) else "") for n, b in ef.sweeps.items()]
-
-
 def jobs(sweep: Sweep, file: Any = None, overrides: Sequence[str] = ()) -> list[Job]:
     """Every (point, variant, policy) in row order, each with its resolved config or its error.
 
     ``overrides`` are the command line's ``--set`` (already in ``sweep.base``).
     """
     ef = file if isinstance(file, ExperimentsFile) else load_file(file)
-    fixed = [o for o in _fixed(ef, sweep.name)]
+    fixed = _fixed(ef, sweep.name)
     out: list[Job] = []
     for point in sweep.points:
         for variant in sweep.variants:

@@ -124,3 +124,18 @@ def test_failed_rows_do_not_count():
 def test_tail_table_against_rate():
     data = rows("bfcl", "fcfs", [4, 2], [0.03, 0.02])
     assert tail_table(data) == [("bfcl", "fcfs", 2, 0.04, pytest.approx(0.06)), ("bfcl", "fcfs", 4, 0.06, pytest.approx(0.09))]
+
+
+def test_other_swept_keys_split_curves_when_read_back(tmp_path):
+    from sim.derived import load_rows
+
+    header = "sweep,point,workload,rate,replicas,balancer,engine.max_num_seqs,variant,policy,scheduler,status,normalized_latency_mean,new_metric\n"
+    body = "".join(
+        f"s,{i},bfcl,{rate},1,locality,{seqs},default,fcfs,fcfs,ok,{lat},{i * 7}\n"
+        for i, (rate, seqs, lat) in enumerate([(1, 64, 0.02), (2, 64, 0.06), (1, 256, 0.02), (2, 256, 0.03)])
+    )
+    (tmp_path / "sweep.csv").write_text(header + body)
+    rows = load_rows(tmp_path)
+    assert rows[0]["rate"] == 1 and rows[0]["workload"] == "bfcl" and rows[0]["normalized_latency_mean"] == 0.02
+    table = throughput_table(rows, "0.04")
+    assert [(dict(t.group)["engine.max_num_seqs"], t.throughput.text()) for t in table] == [(64, "1.5"), (256, ">=2")]
