@@ -39,6 +39,9 @@ class EngineConfig:
     balancer: str = "locality"
     # Explicit KV capacity in blocks; None derives it from the specs.
     num_gpu_blocks: int | None = None
+    # Advance runs of pure-decode steps in one go while the batch cannot
+    # change (sim.replica); results are bit-identical either way.
+    fast_forward: bool = True
 
 
 @dataclass(frozen=True)

@@ -87,6 +87,17 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+# Step durations are kept on a 2**-30 s (~1 ns) grid. Sums of such values
+# are exact in float64 (below 2**22 s), so service added per step or per
+# run of steps is bit-identical, which lets decode runs be fast-forwarded.
+_GRID = float(2**30)
+_MAX_RUN = 4096  # steps planned at once
+
+
+def quantize(seconds: float) -> float:
+    return round(seconds * _GRID) / _GRID
+
+
 class Replica:
     def __init__(
         self,
@@ -119,6 +130,7 @@ class Replica:
         self._aborted: set[SimCall] = set()  # aborted while their step is in flight
         self._live: dict[str, SimCall] = {}  # core call id -> call, for victim lookups
         self.steps = 0
+        self.fast_forward_steps = 0  # steps advanced inside decode runs
         self.preemptions = 0
         self.busy_time = 0.0
         self.process = env.process(self.run(env))
@@ -178,11 +190,94 @@ class Replica:
                 # Everything was preempted this step; readmit next iteration.
                 continue
             shape = self._shape(batch)
-            dt = self.latency.step_time(shape) + transfer
+            dt = quantize(self.latency.step_time(shape) + transfer)
+            if transfer == 0.0 and self._fast_forward_ok(batch):
+                yield from self._decode_run(env, batch, shape, dt, start)
+                continue
             self.steps += 1
             self.busy_time += dt
             yield env.timeout(dt)
             self._complete(batch, dt, start)
+
+    # -- fast-forward of decode runs ---------------------------------------------------
+    def _fast_forward_ok(self, batch: list[tuple[SimCall, int]]) -> bool:
+        """A run of decode steps may be taken in one go only while nothing can change it:
+        no waiting call, every running call decoding, and no per-step observer."""
+        return (
+            self.cfg.fast_forward
+            and self.on_progress is None
+            and self.observer is None
+            and not self.waiting
+            and len(batch) == len(self.running)
+            # Decoding proper: a 1-token step of a call that has not sampled
+            # yet is its prefill, which also sets its first-token time.
+            and all(new == 1 and call.generated > 0 for call, new in batch)
+        )
+
+    def _plan_run(self, batch, shape: StepShape, dt: float) -> list[float]:
+        """Durations of the decode steps that may run back to back from now.
+
+        The run ends at the step where the first call finishes or a call's
+        quantum runs out (both change the batch's order or membership), or
+        before the step whose KV growth would not fit (vLLM would preempt).
+        """
+        calls = [c for c, _ in batch]
+        left = min(c.output_tokens - c.generated for c in calls)
+        quantum = min(c.core.quantum_left for c in calls)
+        block = self.block
+        free = self.kv.capacity - self.kv.in_use  # step 1's blocks are already allocated
+        dts = [dt]
+        spent = dt
+        n = shape.num_seqs
+        kv_tokens = shape.decode_kv_tokens
+        grown = 0  # blocks needed beyond step 1
+        # A call needs a fresh block at the step computing token position
+        # num_computed + j when that position starts a block: count calls by
+        # num_computed mod block so each step's need is one lookup.
+        by_residue = [0] * block
+        for c in calls:
+            by_residue[c.num_computed % block] += 1
+        while len(dts) < min(left, _MAX_RUN) and quantum - spent > 1e-12:
+            j = len(dts)  # steps done; the next step computes token num_computed + j
+            need = by_residue[-j % block]
+            if grown + need > free:
+                break
+            grown += need
+            kv_tokens += n
+            nxt = quantize(self.latency.step_time(StepShape(n, n, n, kv_tokens, 0, 0)))
+            dts.append(nxt)
+            spent += nxt
+        return dts
+
+    def _decode_run(self, env: simpy.Environment, batch, shape: StepShape, dt: float, start: float):
+        """Run the planned decode steps, stopping early if a call arrives, then apply them at once.
+
+        Step durations lie on a 2**-30 s grid, so adding a run's total to a
+        call's service equals adding each step's duration in turn: the result
+        is bit-identical to stepping one at a time.
+        """
+        dts = self._plan_run(batch, shape, dt)
+        done = 0
+        total = 0.0
+        step_start = start
+        for d in dts:
+            step_start = env.now
+            yield env.timeout(d)
+            done += 1
+            total += d
+            if self.waiting:  # an arrival: the next step must schedule normally
+                break
+        self.steps += done
+        self.busy_time += total
+        self.fast_forward_steps += done - 1
+        if done > 1:
+            kv, block = self.kv, self.block
+            for call, _ in batch:
+                blocks = call.blocks
+                need = -(-(call.num_computed + done) // block) - len(blocks.keys) - blocks.private
+                if need > 0:
+                    kv.allocate(blocks, need)
+        self._complete(batch, total, start if done == 1 else step_start, steps=done)
 
     # -- scheduling --------------------------------------------------------------------
     def _preempt(self, call: SimCall, now: float) -> float:
@@ -350,7 +445,8 @@ class Replica:
         return StepShape(n, tokens, nd, dkv, pt, pairs)
 
     # -- step completion ---------------------------------------------------------------
-    def _complete(self, batch: list[tuple[SimCall, int]], dt: float, start: float) -> None:
+    def _complete(self, batch: list[tuple[SimCall, int]], dt: float, start: float, steps: int = 1) -> None:
+        """Apply ``steps`` steps (more than one only for a decode run) lasting ``dt`` in all."""
         now = self.env.now
         core, kv = self.core, self.kv
         block = self.block
@@ -364,13 +460,19 @@ class Replica:
             call.service += dt
             if call.first_scheduled < 0:
                 call.first_scheduled = start
-            computed = call.num_computed = call.num_computed + new
-            sampled = computed == call.num_tokens
-            if sampled:
-                call.generated += 1
-                call.num_tokens += 1
-                if call.generated == 1:
-                    call.first_token = now
+            if steps == 1:
+                computed = call.num_computed = call.num_computed + new
+                sampled = computed == call.num_tokens
+                if sampled:
+                    call.generated += 1
+                    call.num_tokens += 1
+                    if call.generated == 1:
+                        call.first_token = now
+            else:  # a decode run: one token per step
+                computed = call.num_computed = call.num_computed + steps
+                call.generated += steps
+                call.num_tokens += steps
+                sampled = True
             blocks = call.blocks
             if blocks.private and computed // block > len(blocks.keys):
                 kv.register_full(blocks, call.keys, computed)

@@ -232,6 +232,7 @@ def simulate(
         "sim_time": env.now,
         "steps": float(sum(r.steps for r in reps)),
         "preemptions": float(sum(r.preemptions for r in reps)),
+        "fast_forward_steps": float(sum(r.fast_forward_steps for r in reps)),
         "kv_evictions": float(sum(r.kv.evictions for r in reps)),
         "kv_capacity_blocks": float(cluster.capacity_blocks),
         "busy_fraction": sum(r.busy_time for r in reps) / (env.now * len(reps)) if env.now > 0 else 0.0,

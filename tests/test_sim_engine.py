@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from sim.config import EngineConfig, ExperimentConfig, LatencyConfig
 from sim.core.params import PolicyParams
+from sim.replica import quantize
 from sim.simulate import SimulationError, simulate
 from traces.format import Call, Program, SharedPrefix
 
@@ -165,8 +166,8 @@ def test_invariants_hold_for_random_traces_and_configs(programs, setup):
         # Released exactly when its parents are done plus its delay; runs after that.
         assert rec.arrival == pytest.approx(start + c.delay)
         assert rec.arrival <= rec.first_scheduled <= rec.first_token <= rec.finish
-        # Each output token needs a step; steps take 0.1 s here.
-        assert rec.service >= c.output_tokens * 0.1 - 1e-9
+        # Each output token needs a step; steps take 0.1 s here (on the 2**-30 s grid).
+        assert rec.service >= c.output_tokens * quantize(0.1) - 1e-9
         assert rec.waiting >= -1e-9
     for info in steps:
         assert info.kv_in_use <= info.kv_capacity  # KV never over capacity
@@ -266,3 +267,30 @@ def test_locality_pins_long_calls_and_spreads_short_ones():
         engines.setdefault(rec.program_id, set()).add(rec.engine)
     assert all(len(engines[f"L{i}"]) == 1 for i in range(6))  # pinned
     assert {next(iter(engines[f"S{i}"])) for i in range(12)} == {0, 1}  # spread
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(programs=workloads(), setup=configs(), latency=st.sampled_from(["constant", "roofline"]))
+def test_fast_forward_of_decode_runs_is_identical_to_stepping(programs, setup, latency):
+    policy, config = setup
+    lat = LatencyConfig(kind="constant", seconds=0.1) if latency == "constant" else LatencyConfig()
+    runs = {}
+    for ff in (True, False):
+        c = dataclasses.replace(config, latency=lat, engine=dataclasses.replace(config.engine, fast_forward=ff))
+        runs[ff] = simulate(programs, c, policy)
+    fast, slow = runs[True], runs[False]
+    assert [dataclasses.astuple(r) for r in fast.calls] == [dataclasses.astuple(r) for r in slow.calls]
+    assert [dataclasses.astuple(r) for r in fast.programs] == [dataclasses.astuple(r) for r in slow.programs]
+    assert slow.stats["fast_forward_steps"] == 0
+    assert {k: v for k, v in fast.stats.items() if k != "fast_forward_steps"} == {
+        k: v for k, v in slow.stats.items() if k != "fast_forward_steps"
+    }
+
+
+def test_fast_forward_takes_long_decode_runs():
+    programs = [prog(f"p{i}", 0.0, call("a", 50, 200)) for i in range(4)]
+    config = cfg(max_num_seqs=8, latency=0.01)
+    r = simulate(programs, config, "plas")
+    assert r.stats["fast_forward_steps"] > 150  # 200 steps, almost all in one run
+    slow = simulate(programs, dataclasses.replace(config, engine=dataclasses.replace(config.engine, fast_forward=False)), "plas")
+    assert [dataclasses.astuple(x) for x in r.calls] == [dataclasses.astuple(x) for x in slow.calls]
