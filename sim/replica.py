@@ -34,7 +34,7 @@ from sim.config import EngineConfig
 from sim.core import SchedulerCore, attribute_service
 from sim.core.state import CallState
 from sim.kvcache import BlockTable, KVCache
-from sim.latency.base import LatencyModel, StepShape, attn_pairs
+from sim.latency.base import LatencyModel, StepShape
 
 _KEY = attrgetter("core.key")
 
@@ -430,19 +430,9 @@ class Replica:
     def _by_core(self, core_call: CallState) -> SimCall:
         return self._live[core_call.id]
 
-    def _shape(self, batch: list[tuple[SimCall, int]]) -> StepShape:
-        n = len(batch)
-        tokens = nd = dkv = pt = pairs = 0
-        for call, new in batch:
-            tokens += new
-            ctx = call.num_computed
-            if new == 1:
-                nd += 1
-                dkv += ctx + 1
-            else:
-                pt += new
-                pairs += attn_pairs(new, ctx)
-        return StepShape(n, tokens, nd, dkv, pt, pairs)
+    @staticmethod
+    def _shape(batch: list[tuple[SimCall, int]]) -> StepShape:
+        return StepShape.from_batch((new, call.num_computed) for call, new in batch)
 
     # -- step completion ---------------------------------------------------------------
     def _complete(self, batch: list[tuple[SimCall, int]], dt: float, start: float, steps: int = 1) -> None:

@@ -38,7 +38,11 @@ class Policy:
         raise NotImplementedError
 
     def on_service(self, call: CallState, seconds: float) -> None:
-        """The call attained ``seconds`` of service in a step."""
+        """The call attained ``seconds`` of service in a step: spend its quantum.
+
+        Policies without queues leave the quantum infinite, so this is a no-op for them.
+        """
+        self._charge_quantum(call, seconds)
 
     def on_finish(self, call: CallState, program: ProgramState) -> None:
         """Update the program's priority when one of its calls completes."""
@@ -121,9 +125,6 @@ class MLFQ(Policy):
         q = self.entry_queue(call.prompt_tokens)
         self._enter_queue(call, q, self.queue_quantum(q))
 
-    def on_service(self, call, seconds):
-        self._charge_quantum(call, seconds)
-
     def starve_deadline(self, call, program):
         if call.queue == 0:
             return INF
@@ -168,9 +169,6 @@ class _ProgramLevel(Policy):
         call.priority = self.program_priority(program)
         q = self.queue_of(call.priority)
         self._enter_queue(call, q, self.queue_quantum(q))
-
-    def on_service(self, call, seconds):
-        self._charge_quantum(call, seconds)
 
     def starve_deadline(self, call, program):
         """Solve (W_p + W_c(t)) / (T_p + T_c) >= beta for t, W_c growing at rate 1."""

@@ -70,14 +70,9 @@ class SchedulerCore:
 
     def finish_call(self, call: CallState, now: float) -> ProgramState:
         """Account a completed call to its program; returns the program entry."""
-        program = self.table.programs[call.program_id]
-        call.finished = True
-        call.running = False
-        del self.calls[call.id]
-        del program.live[call.thread_id]
+        program = self._drop(call, now)
         program.total_service += call.service
         program.total_waiting += max(0.0, (now - call.arrival) - call.service)
-        program.last_completion = now
         self.policy.on_finish(call, program)
         # W_program grew: siblings that wait may now be starving earlier.
         for sibling in program.live.values():
@@ -87,12 +82,17 @@ class SchedulerCore:
 
     def abort_call(self, call: CallState, now: float) -> None:
         """Drop a call that will not complete (client gone); its service is not counted."""
+        self._drop(call, now)
+
+    def _drop(self, call: CallState, now: float) -> ProgramState:
+        """Remove a call from this engine and its program's live set."""
         program = self.table.programs[call.program_id]
         call.finished = True
         call.running = False
         self.calls.pop(call.id, None)
         program.live.pop(call.thread_id, None)
         program.last_completion = now
+        return program
 
     # -- ordering ----------------------------------------------------------------------
     @staticmethod
