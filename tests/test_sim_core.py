@@ -254,3 +254,29 @@ def test_preempt_margin_requires_that_many_queues_of_difference():
     assert c.choose_victims([old], [new], 0, 100, lambda _: 1, lambda _: 1) == []
     c.on_step({"A/0": 1.0}, 2.5)  # Q3: two below
     assert c.choose_victims([old], [new], 0, 100, lambda _: 1, lambda _: 1) == [old]
+
+
+def test_imports_flow_one_way():
+    """DESIGN.md section 3: traces <- sim.core <- sim, and sim.core <- engine; never back."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    forbidden = {"traces": ("sim", "engine"), "sim": ("engine",), "sim/core": ("traces", "engine", "sim.")}
+    bad = []
+    for package, banned in forbidden.items():
+        for path in (root / package).rglob("*.py"):
+            if package == "sim" and "core" in path.relative_to(root / "sim").parts[:1]:
+                continue  # checked with its own, stricter rule
+            for node in ast.walk(ast.parse(path.read_text())):
+                names = []
+                if isinstance(node, ast.Import):
+                    names = [a.name for a in node.names]
+                elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                    names = [node.module]
+                for name in names:
+                    if package == "sim/core" and name.startswith("sim.core"):
+                        continue
+                    if any(name == b.rstrip(".") or name.startswith(b.rstrip(".") + ".") for b in banned):
+                        bad.append(f"{path.relative_to(root)}:{node.lineno} imports {name}")
+    assert bad == []
