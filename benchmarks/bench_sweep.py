@@ -1,8 +1,8 @@
 """Sweep wall time: the paper-reproduction sweep (4 workloads x 5 policies x 8 rates, 1,000 programs each).
 
 Target (issue #6): the full sweep under 10 minutes on a 2-core machine.
-It runs the default variant of ``paper-single`` from experiments.yaml (the
-fcfs-unopt rows are not part of the target) through the same code as
+It runs ``paper-single`` from experiments.yaml (the unoptimised FCFS is
+the separate ``paper-single-unopt`` sweep, not part of the target) through the same code as
 ``python -m sim sweep``. A subset (``--workloads``, ``--every``, ``--programs``)
 runs fewer jobs and extrapolates the full sweep from the measured job
 times, labelled as an extrapolation:

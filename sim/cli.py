@@ -36,6 +36,7 @@ PLOT_EXAMPLES = """examples:
   python -m sim plot results/sweeps/paper-single            # table + figures in RESULTS/plots
   python -m sim plot results/sweeps/paper-single --target 0.05
   python -m sim plot results/sweeps/paper-single --target 3x --out figs
+  python -m sim plot results/sweeps/paper-single results/sweeps/paper-single-unopt --target 10x
 """
 SERVE_EXAMPLES = """examples:
   python -m sim serve --help           (options are sim.serve's own)
@@ -116,7 +117,7 @@ def _parser() -> argparse.ArgumentParser:
         epilog=PLOT_EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    pl.add_argument("results", metavar="RESULTS", help="a sweep's output directory or its sweep.csv")
+    pl.add_argument("results", metavar="RESULTS", nargs="+", help="a sweep's output directory or its sweep.csv; several are compared as one table")
     pl.add_argument(
         "-t",
         "--target",
@@ -246,8 +247,8 @@ def _plot(args: argparse.Namespace) -> int:
         raise ConfigError(str(exc)) from None
     rows = load_rows(args.results)
     if not rows:
-        raise ConfigError(f"{args.results}: no rows to plot")
-    results = Path(args.results)
+        raise ConfigError(f"{' '.join(args.results)}: no rows to plot")
+    results = Path(args.results[0])
     out = Path(args.out) if args.out else (results if results.is_dir() else results.parent) / "plots"
     print(format_table(throughput_table(rows, args.target)))
     for path in draw_all(rows, out, args.target):

@@ -113,8 +113,12 @@ def _parse(col: str, text: str) -> Any:
     return text
 
 
-def load_rows(results: str | Path) -> list[dict[str, Any]]:
-    """The rows of ``sweep.csv`` (a directory or the file), typed: numbers as numbers, empty as None."""
+def load_rows(results: str | Path | Sequence[str | Path]) -> list[dict[str, Any]]:
+    """The rows of ``sweep.csv`` (a directory or the file; or several, concatenated), typed:
+    numbers as numbers, empty as None. Several let one table compare sweeps run
+    at different rates (``paper-single`` and ``paper-single-unopt``)."""
+    if not isinstance(results, (str, Path)):
+        return [r for one in results for r in load_rows(one)]
     path = Path(results)
     if path.is_dir():
         path = path / "sweep.csv"
@@ -207,16 +211,16 @@ def parse_target(text: str | float | None) -> tuple[float, bool]:
 
 
 def group_target(by_policy: dict[str, Curve], value: float, relative: bool) -> float | None:
-    """The target L of a group: absolute, or ``value`` x the best latency at the lowest rate."""
+    """The target L of a group: absolute, or ``value`` x the best latency any curve has at its lowest rate."""
     if not relative:
         return value
-    lowest = min((c.rates[0] for c in by_policy.values() if c.rates), default=None)
-    base = [
-        lat
-        for c in by_policy.values()
-        for rate, lat in zip(c.rates, c.metric(LATENCY))
-        if rate == lowest and _finite(lat)
-    ]
+    # Each curve's latency at its own lowest (finished) rate: curves from
+    # separate sweeps (fcfs-unopt at lower rates) need not share rates.
+    base = []
+    for c in by_policy.values():
+        first = next((lat for lat in c.metric(LATENCY) if _finite(lat)), None)
+        if first is not None:
+            base.append(first)
     return value * min(base) if base else None
 
 

@@ -139,3 +139,26 @@ def test_other_swept_keys_split_curves_when_read_back(tmp_path):
     assert rows[0]["rate"] == 1 and rows[0]["workload"] == "bfcl" and rows[0]["normalized_latency_mean"] == 0.02
     table = throughput_table(rows, "0.04")
     assert [(dict(t.group)["engine.max_num_seqs"], t.throughput.text()) for t in table] == [(64, "1.5"), (256, ">=2")]
+
+
+def test_curves_from_two_sweeps_at_different_rates(tmp_path):
+    from sim.derived import load_rows
+    from sim.sweep_run import csv_text
+
+    cols = ["sweep", "point", "workload", "rate", "replicas", "balancer", "variant", "policy", "scheduler", "status", "normalized_latency_mean"]
+    opt = rows("bfcl", "fcfs", [4, 8, 12], [0.02, 0.03, 0.2])
+    unopt = rows("bfcl", "fcfs-unopt", [0.5, 1, 2], [0.1, 0.15, 0.4])
+    for name, data in (("a", opt), ("b", unopt)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "sweep.csv").write_text(csv_text(cols, data))
+    both = load_rows([tmp_path / "a", tmp_path / "b"])
+    assert len(both) == 6
+    # 2x: L = 2 x 0.02 (FCFS at its own lowest rate 4/s), which unopt never reaches
+    table = {t.policy: t for t in throughput_table(both, "2x")}
+    assert table["fcfs"].target == pytest.approx(0.04)
+    assert table["fcfs-unopt"].throughput.value is None
+    # 0.2: fcfs exactly 12; unopt 1 + (0.05 / 0.25) * 1 = 1.2; ratio 10
+    table = {t.policy: t for t in throughput_table(both, "0.2")}
+    assert table["fcfs"].throughput.value == pytest.approx(12.0)
+    assert table["fcfs-unopt"].throughput.value == pytest.approx(1.2)
+    assert table["fcfs"].ratios["fcfs-unopt"].value == pytest.approx(10.0)

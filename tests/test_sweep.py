@@ -185,9 +185,16 @@ def test_check_key():
 
 def test_repository_paper_sweeps_expand():
     counts = {}
-    for name in ("paper-single", "paper-multi", "paper-scaling"):
+    for name in ("paper-single", "paper-single-unopt", "paper-multi", "paper-scaling"):
         s = load_sweep(name)
-        counts[name] = (len(s.points), len(jobs(s)))
-    # 4 workloads x 8 rates x (5 policies + fcfs-unopt); 3 balancers x 8 rates x 3 policies;
+        js = jobs(s)
+        assert all(j.cfg is not None for j in js)
+        counts[name] = (len(s.points), len(js), sorted({j.label for j in js}))
+    # 4 workloads x 8 rates x 5 policies, and x fcfs-unopt; 3 balancers x 8 rates x 3 policies;
     # 8 rates at 1 replica + 3 counts x 3 balancers x 8 rates.
-    assert counts == {"paper-single": (32, 192), "paper-multi": (24, 72), "paper-scaling": (80, 80)}
+    assert counts == {
+        "paper-single": (32, 160, ["atlas", "fcfs", "mlfq", "plas", "srpt"]),
+        "paper-single-unopt": (32, 32, ["fcfs-unopt"]),
+        "paper-multi": (24, 72, ["atlas", "fcfs", "plas"]),
+        "paper-scaling": (80, 80, ["atlas"]),
+    }
