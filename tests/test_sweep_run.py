@@ -175,3 +175,59 @@ def test_a_subset_of_jobs_runs(exp, tmp_path):
     summary = json.loads((tmp_path / "out" / "points" / "001" / "summary.json").read_text())
     assert list(summary["policies"]) == ["fcfs", "mlfq"]
     assert summary["policies"]["mlfq"]["normalized_latency_mean_vs_fcfs"] is not None
+
+
+class FakeRay:
+    """The slice of Ray's API the backend uses, run in this process: tests the control flow
+    (task per job, results as they complete, a lost task as a failed row) without Ray."""
+
+    def __init__(self, lose: int):
+        self.lose = lose  # the job index whose task is lost
+        self.inits = 0
+
+    def init(self, **kwargs):
+        self.inits += 1
+
+    def remote(self, num_cpus):
+        ray = self
+
+        def wrap(fn):
+            class Remote:
+                @staticmethod
+                def remote(job):  # an object ref: hashable by identity, like Ray's
+                    return Ref("lost", job) if job.index == ray.lose else Ref("ok", fn(job))
+
+            return Remote
+
+        return wrap
+
+    def wait(self, refs, num_returns):
+        return list(reversed(refs))[:num_returns], list(reversed(refs))[num_returns:]  # another order
+
+    def get(self, ref):
+        if ref.kind == "lost":
+            raise RuntimeError("worker node died")
+        return ref.value
+
+
+class Ref:
+    def __init__(self, kind, value):
+        self.kind, self.value = kind, value
+
+
+def test_ray_backend_runs_jobs_as_tasks(exp, tmp_path, monkeypatch):
+    fake = FakeRay(lose=1)
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    sweep = load_sweep("ok", exp)
+    outcome = run_sweep(sweep, jobs(sweep, exp), tmp_path / "ray", backend="ray", quiet=True)
+    assert fake.inits >= 1
+    assert [(r["point"], r["policy"], r["status"]) for r in outcome.rows] == [
+        (0, "fcfs", "ok"), (0, "mlfq", "failed"), (0, "fcfs-unopt", "ok"),
+        (1, "fcfs", "ok"), (1, "mlfq", "ok"), (1, "fcfs-unopt", "ok"),
+    ]
+    assert outcome.rows[1]["error"] == "RuntimeError: worker node died"
+    local = run_sweep(sweep, jobs(sweep, exp), tmp_path / "local", workers=1, quiet=True)
+    same = [k for k in local.rows[0] if k not in ("wall_s",)]
+    assert [[r[k] for k in same] for i, r in enumerate(outcome.rows) if i != 1] == [
+        [r[k] for k in same] for i, r in enumerate(local.rows) if i != 1
+    ]
