@@ -210,18 +210,26 @@ def parse_target(text: str | float | None) -> tuple[float, bool]:
     return value, relative
 
 
-def group_target(by_policy: dict[str, Curve], value: float, relative: bool) -> float | None:
-    """The target L of a group: absolute, or ``value`` x the best latency any curve has at its lowest rate."""
+def _light_latency(c: Curve) -> float | None:
+    """A curve's latency at its own lowest finished rate (curves from separate
+    sweeps, e.g. fcfs-unopt at lower rates, need not share rates)."""
+    return next((lat for lat in c.metric(LATENCY) if _finite(lat)), None)
+
+
+def targets(groups: dict[tuple, dict[str, Curve]], value: float, relative: bool) -> dict[tuple, float | None]:
+    """The target L of each group: absolute, or ``value`` x the best light-load
+    latency of any curve of the same workload. Per workload, not per group, so
+    that balancers and replica counts (separate groups) are compared at one L."""
     if not relative:
-        return value
-    # Each curve's latency at its own lowest (finished) rate: curves from
-    # separate sweeps (fcfs-unopt at lower rates) need not share rates.
-    base = []
-    for c in by_policy.values():
-        first = next((lat for lat in c.metric(LATENCY) if _finite(lat)), None)
-        if first is not None:
-            base.append(first)
-    return value * min(base) if base else None
+        return {g: value for g in groups}
+    best: dict[Any, float] = {}
+    for g, by_policy in groups.items():
+        w = dict(g).get("workload")
+        for c in by_policy.values():
+            lat = _light_latency(c)
+            if lat is not None:
+                best[w] = min(lat, best.get(w, lat))
+    return {g: (value * best[w] if (w := dict(g).get("workload")) in best else None) for g in groups}
 
 
 @dataclass
@@ -236,9 +244,11 @@ class ThroughputRow:
 def throughput_table(rows: Iterable[dict[str, Any]], target: str | float | None = None) -> list[ThroughputRow]:
     """Throughput at the target per (group, policy) with its ratio to each baseline present."""
     value, relative = parse_target(target)
+    groups = curves(rows)
+    Ls = targets(groups, value, relative)
     out = []
-    for group, by_policy in curves(rows).items():
-        L = group_target(by_policy, value, relative)
+    for group, by_policy in groups.items():
+        L = Ls[group]
         tp = {
             p: throughput_at(c.rates, c.metric(LATENCY), L) if L is not None else Throughput(None, "none")
             for p, c in by_policy.items()

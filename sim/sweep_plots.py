@@ -25,7 +25,7 @@ from sim.derived import (  # noqa: E402
     Throughput,
     curves,
     group_label,
-    group_target,
+    targets,
     parse_target,
     throughput_at,
     throughput_table,
@@ -54,10 +54,6 @@ def _panels(n: int, rows: int = 1, width: float = 4.2, height: float = 3.4) -> t
     return fig, axes
 
 
-def _single_engine_groups(rows: Sequence[dict[str, Any]]) -> dict[tuple, dict[str, Curve]]:
-    return curves(rows)
-
-
 def _yscale(ax: Any, values: Sequence[float | None]) -> None:
     """Log scale when the values span more than 4x (latency explodes past saturation), in plain numbers."""
     pos = [v for v in values if v is not None and v > 0]
@@ -72,11 +68,12 @@ def _yscale(ax: Any, values: Sequence[float | None]) -> None:
 def latency_vs_rate(rows: Sequence[dict[str, Any]], target: str | float | None = None) -> Any:
     """Mean (top) and p99 (bottom) normalised latency against arrival rate, a panel per group."""
     value, relative = parse_target(target)
-    groups = _single_engine_groups(rows)
+    groups = curves(rows)
+    Ls = targets(groups, value, relative)
     with plt.rc_context(RC):
         fig, axes = _panels(len(groups), rows=2)
         for col, (group, by_policy) in enumerate(groups.items()):
-            L = group_target(by_policy, value, relative)
+            L = Ls[group]
             for row, (metric, what) in enumerate(((LATENCY, "mean"), ("normalized_latency_p99", "p99"))):
                 ax = axes[row][col]
                 for policy, c in by_policy.items():
@@ -132,9 +129,11 @@ def _scaling_series(rows: Sequence[dict[str, Any]], target: str | float | None) 
     """(workload, balancer, policy) -> [(replicas, throughput at the target)], replicas ascending."""
     value, relative = parse_target(target)
     out: dict[tuple[str, str, str], list[tuple[int, Throughput]]] = {}
-    for group, by_policy in curves(rows).items():
+    groups = curves(rows)
+    Ls = targets(groups, value, relative)
+    for group, by_policy in groups.items():
         g = dict(group)
-        L = group_target(by_policy, value, relative)
+        L = Ls[group]
         for policy, c in by_policy.items():
             tp = throughput_at(c.rates, c.metric(LATENCY), L) if L is not None else Throughput(None, "none")
             key = (str(g.get("workload")), str(g.get("balancer")), policy)
@@ -206,12 +205,13 @@ def wait_breakdown(rows: Sequence[dict[str, Any]], target: str | float | None = 
     """
     value, relative = parse_target(target)
     groups = curves(rows)
+    Ls = targets(groups, value, relative)
     with plt.rc_context(RC):
         fig, axes = _panels(len(groups), width=5.0, height=3.8)
         for col, (group, by_policy) in enumerate(groups.items()):
             ax = axes[0][col]
             ref = by_policy.get("fcfs") or next(iter(by_policy.values()))
-            loads = breakdown_loads(ref, group_target(by_policy, value, relative))
+            loads = breakdown_loads(ref, Ls[group])
             labels, wait, run = [], [], []
             for load_name, rate in zip(("light", "heavy"), loads):
                 for policy, c in by_policy.items():

@@ -162,3 +162,13 @@ def test_curves_from_two_sweeps_at_different_rates(tmp_path):
     assert table["fcfs"].throughput.value == pytest.approx(12.0)
     assert table["fcfs-unopt"].throughput.value == pytest.approx(1.2)
     assert table["fcfs"].ratios["fcfs-unopt"].value == pytest.approx(10.0)
+
+
+def test_relative_target_is_shared_by_a_workloads_groups():
+    rr = [dict(r, replicas=4, balancer="round_robin") for r in rows("mixed", "atlas", [2, 4, 6], [0.034, 0.058, 0.071])]
+    loc = [dict(r, replicas=4, balancer="locality") for r in rows("mixed", "atlas", [2, 4, 6], [0.030, 0.045, 0.054])]
+    table = {dict(t.group)["balancer"]: t for t in throughput_table(rr + loc, "2x")}
+    assert table["round_robin"].target == table["locality"].target == pytest.approx(0.06)
+    # round robin: 4 + (0.002 / 0.013) * 2; locality never above 0.06
+    assert table["round_robin"].throughput.value == pytest.approx(4 + 2 * 0.002 / 0.013)
+    assert table["locality"].throughput == Throughput(6, "lower")
