@@ -6,9 +6,12 @@ between queues as they attain service, and says when a waiting call is
 starving. Admission, KV and preemption mechanics stay in the scheduler
 (`sim.core.scheduler`) so every policy shares them.
 
-``rank`` is the coarse class a key belongs to (the queue index for queued
-policies). A waiting call preempts a running one only if its rank is
-strictly better: displacing a call of the same class would trade one
+``rank`` is the coarse class a key belongs to: the queue index for queued
+policies, the remaining work (decode-step equivalents) for SRPT. A waiting
+call preempts a running one only if it `outranks` it by at least
+``preempt_margin`` (default 1: a strictly better queue), and only a running
+call under ``preempt_limit`` preemptions may be displaced (see
+`sim.core.params`). Displacing a call of the same class would trade one
 equally-entitled call for another and thrash the KV cache.
 """
 

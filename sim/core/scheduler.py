@@ -123,8 +123,9 @@ class SchedulerCore:
         """Running calls to preempt so better-ranked waiting calls fit.
 
         ``waiting`` must be in key order. Walks it best-first; a waiting call
-        that does not fit may displace running calls of strictly worse rank,
-        worst first, but only if that makes it fit. Stops at the first
+        that does not fit may displace running calls it outranks
+        (`Policy.outranks`) and that are under ``preempt_limit``, worst
+        first, but only if that makes it fit. Stops at the first
         waiting call that cannot be made to fit, preserving order.
         """
         if not (self.policy.preemptive and self.policy.params.preemption) or not waiting or not running:
@@ -174,11 +175,6 @@ class SchedulerCore:
             call.service += seconds
             call.service_since_reset += seconds
             policy.on_service(call, seconds)
-
-    def charge_finished(self, call: CallState, seconds: float) -> None:
-        """Service of the step in which ``call`` finished, before `finish_call`."""
-        call.service += seconds
-        call.service_since_reset += seconds
 
     # -- anti-starvation ---------------------------------------------------------------
     def _push_deadline(self, call: CallState, program: ProgramState) -> None:
