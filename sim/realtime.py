@@ -108,7 +108,7 @@ class CallHandle:
             "waiting": (c.finish - c.arrival) - c.service,
             "first_scheduled_after": c.first_scheduled - c.arrival,
             "first_token_after": c.first_token - c.arrival,
-            "preemptions": c.preemptions,
+            "preemptions": c.core.preemptions,
             "prefix_hit_tokens": c.prefix_hit_tokens,
         }
 

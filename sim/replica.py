@@ -61,7 +61,6 @@ class SimCall:
     first_token: float = -1.0
     finish: float = -1.0
     service: float = 0.0
-    preemptions: int = 0
     prefix_hit_tokens: int = 0
 
     def __post_init__(self) -> None:
@@ -283,7 +282,6 @@ class Replica:
     def _preempt(self, call: SimCall, now: float) -> float:
         """Move a running call back to waiting; returns swap-out seconds."""
         self.running.remove(call)
-        call.preemptions += 1
         self.preemptions += 1
         transfer = 0.0
         if self.cfg.preemption_mode == "swap":
@@ -377,7 +375,7 @@ class Replica:
                     call.swapped = False
                 else:
                     call.num_computed = hits * self.block
-                    if call.preemptions == 0:  # the prompt's hit, not re-hits after preemption
+                    if call.core.preemptions == 0:  # the prompt's hit, not re-hits after preemption
                         call.prefix_hit_tokens = hits * self.block
                 self.running.append(call)
                 core.on_admitted(call.core)

@@ -154,7 +154,7 @@ class Cluster:
                 finish=call.finish,
                 waiting=(call.finish - call.arrival) - call.service,
                 service=call.service,
-                preemptions=call.preemptions,
+                preemptions=call.core.preemptions,
                 prefix_hit_tokens=call.prefix_hit_tokens,
         )
         self.call_records.append(record)
