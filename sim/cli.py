@@ -63,15 +63,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument("name", metavar="NAME", help="experiment name (see `python -m sim list`)")
     _experiments_arg(run)
-    run.add_argument(
-        "-s",
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a dotted key; VALUE is YAML (e.g. engine.replicas=4, policies=[plas,fcfs]); repeatable",
-    )
+    _set_arg(run, "override a dotted key; VALUE is YAML (e.g. engine.replicas=4, policies=[plas,fcfs]); repeatable")
     run.add_argument("-o", "--out", metavar="DIR", help="output directory (default: results/NAME)")
     run.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no result table")
 
@@ -95,15 +87,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     sw.add_argument("name", metavar="NAME", help="sweep name (under sweeps: in the experiments file)")
     _experiments_arg(sw)
-    sw.add_argument(
-        "-s",
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a dotted key at every point (below the grid), e.g. workload.params.programs=100; repeatable",
-    )
+    _set_arg(sw, "override a dotted key at every point (below the grid), e.g. workload.params.programs=100; repeatable")
     sw.add_argument("-o", "--out", metavar="DIR", help="output directory (default: results/sweeps/NAME)")
     sw.add_argument("-w", "--workers", type=int, metavar="N", help="parallel jobs (default: the number of CPUs)")
     sw.add_argument("--backend", choices=("local", "ray"), default="local", help="local processes (default) or Ray tasks")
@@ -145,6 +129,10 @@ def _parser() -> argparse.ArgumentParser:
         add_help=False,
     )
     return parser
+
+
+def _set_arg(p: argparse.ArgumentParser, help: str) -> None:
+    p.add_argument("-s", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=help)
 
 
 def _experiments_arg(p: argparse.ArgumentParser) -> None:
