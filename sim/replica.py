@@ -24,6 +24,7 @@ tokens on readmission (vLLM v1); by swap it moves the KV over PCIe and back.
 from __future__ import annotations
 
 from bisect import insort
+from heapq import heappop, heappush
 from dataclasses import dataclass, field
 from operator import attrgetter
 from typing import Callable
@@ -37,6 +38,7 @@ from sim.kvcache import BlockTable, KVCache
 from sim.latency.base import LatencyModel, StepShape
 
 _KEY = attrgetter("core.key")
+INF = float("inf")
 
 
 @dataclass(eq=False, slots=True)
@@ -48,7 +50,7 @@ class SimCall:
     prompt_tokens: int
     output_tokens: int
     keys: tuple[int, ...]  # content keys of the full blocks of prompt+output
-    done: simpy.Event
+    done: simpy.Event | None  # succeeded at finish, for callers that wait on it
     arrival: float
     core: CallState | None = None
     engine: int = -1
@@ -62,6 +64,14 @@ class SimCall:
     finish: float = -1.0
     service: float = 0.0
     prefix_hit_tokens: int = 0
+    # Lazy decode accounting (see Replica, "steady decodes"): while ``steady``
+    # the token and service fields above are as of cohort step ``j_steps``
+    # and cohort service ``j_service``; ``q_due`` is the cohort service at
+    # which the call's quantum runs out.
+    steady: bool = False
+    j_steps: int = 0
+    j_service: float = 0.0
+    q_due: float = 0.0
 
     def __post_init__(self) -> None:
         self.num_tokens = self.prompt_tokens
@@ -82,15 +92,28 @@ class StepInfo:
     head_waiting_fits: bool  # the best waiting call would have fit as scheduled
 
 
+@dataclass(eq=False, slots=True)
+class _LazyStep:
+    """One step as the lazy path scheduled it."""
+
+    batch: list[tuple["SimCall", int]] = field(default_factory=list)  # calls outside the cohort
+    running_part: int = 0  # batch[:running_part] were running before the step's admissions
+    skipped: list["SimCall"] = field(default_factory=list)  # members left out (budget spent)
+    finishing: list["SimCall"] = field(default_factory=list)  # members sampling their last token
+    members: int = 0  # members scheduled (one decode token each)
+    member_kv: int = 0  # their decode KV tokens (context + 1)
+    skipped_kv: int = 0  # what the skipped members would have added to member_kv
+    transfer: float = 0.0
+
+
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
 # Step durations are kept on a 2**-30 s (~1 ns) grid. Sums of such values
-# are exact in float64 (below 2**22 s), so service added per step or per
-# run of steps is bit-identical, which lets decode runs be fast-forwarded.
+# are exact in float64 (below 2**22 s), so service added per step or as one
+# lump is bit-identical, which lets steady decodes be accounted lazily.
 _GRID = float(2**30)
-_MAX_RUN = 4096  # steps planned at once
 
 
 def quantize(seconds: float) -> float:
@@ -129,7 +152,17 @@ class Replica:
         self._aborted: set[SimCall] = set()  # aborted while their step is in flight
         self._live: dict[str, SimCall] = {}  # core call id -> call, for victim lookups
         self.steps = 0
-        self.fast_forward_steps = 0  # steps advanced inside decode runs
+        self.lazy_decode_steps = 0  # decode call-steps accounted lazily (cohort members)
+        self._c_steps = 0  # steps in which the decode cohort was scheduled
+        self._c_service = 0.0  # their summed durations
+        self._q_heap: list[tuple[float, int, SimCall]] = []  # members' quantum expiries, lazily invalidated
+        self._q_seq = 0
+        self._members = 0
+        self._member_kv_base = 0  # sum over members of num_computed - j_steps + 1
+        # Members by phase (num_computed - j_steps) mod block: at cohort step
+        # S those in bucket -S mod block start a new KV block.
+        self._by_phase: list[dict[SimCall, None]] = [{} for _ in range(cfg.block_size)]
+        self._by_finish: dict[int, dict[SimCall, None]] = {}  # cohort step of the last token -> members
         self.preemptions = 0
         self.busy_time = 0.0
         self.process = env.process(self.run(env))
@@ -162,6 +195,7 @@ class Replica:
         if call in self.waiting:
             self.waiting.remove(call)  # stays sorted
         else:
+            self._leave(call, self.env.now)
             self.running.remove(call)
             self.kv.release(call.blocks)
             self._aborted.add(call)
@@ -175,6 +209,7 @@ class Replica:
 
     # -- the step loop ---------------------------------------------------------------
     def run(self, env: simpy.Environment):
+        lazy = self.cfg.fast_forward and self.on_progress is None and self.observer is None
         while True:
             if not self.running and not self.waiting:
                 self._wake = env.event()
@@ -182,101 +217,326 @@ class Replica:
                 self._wake = None
                 continue
             start = env.now
-            batch, transfer = self._schedule(start)
-            if not batch:
+            if lazy:
+                step = self._schedule_lazy(start)
+                batch, transfer, members = step.batch, step.transfer, step.members
+            else:
+                batch, transfer = self._schedule(start)
+                members = 0
+            if not batch and not members:
                 if self.running or not self.waiting:
                     raise RuntimeError(f"engine {self.index} stalled at t={start} with runnable calls")
                 # Everything was preempted this step; readmit next iteration.
                 continue
             shape = self._shape(batch)
+            if members:
+                shape = StepShape(
+                    shape.num_seqs + members, shape.num_tokens + members, shape.num_decode + members,
+                    shape.decode_kv_tokens + step.member_kv, shape.prefill_tokens, shape.prefill_attn_pairs,
+                )
             dt = quantize(self.latency.step_time(shape) + transfer)
-            if transfer == 0.0 and self._fast_forward_ok(batch):
-                yield from self._decode_run(env, batch, shape, dt, start)
-                continue
             self.steps += 1
             self.busy_time += dt
             yield env.timeout(dt)
-            self._complete(batch, dt, start)
+            if lazy:
+                self._complete_lazy(step, dt, start)
+            else:
+                self._complete(batch, dt, start)
 
-    # -- fast-forward of decode runs ---------------------------------------------------
-    def _fast_forward_ok(self, batch: list[tuple[SimCall, int]]) -> bool:
-        """A run of decode steps may be taken in one go only while nothing can change it:
-        no waiting call, every running call decoding, and no per-step observer."""
-        return (
-            self.cfg.fast_forward
-            and self.on_progress is None
-            and self.observer is None
-            and not self.waiting
-            and len(batch) == len(self.running)
-            # Decoding proper: a 1-token step of a call that has not sampled
-            # yet is its prefill, which also sets its first-token time.
-            and all(new == 1 and call.generated > 0 for call, new in batch)
-        )
+    # -- steady decodes, accounted lazily ----------------------------------------------
+    # Most of a simulation's work is decode steps: each running call computes
+    # one token and attains the step's duration. Doing that per call per step
+    # costs ~8 us per call-step in Python, and a 1,000-program LATS run has
+    # ~12 million of them. Instead a call that has sampled its first token
+    # joins the replica's decode cohort: the replica counts cohort steps and
+    # cohort service once per step, and a member's token and service fields
+    # are brought up to date (``_settle``) only when something needs them:
+    # it finishes, its quantum runs out, it is preempted or aborted. Per step
+    # a member costs one budget check and one block-boundary check; KV blocks
+    # are still allocated per call at the step that needs them, so memory
+    # pressure and preemption happen at exactly the same step.
+    #
+    # Results are bit-identical to the per-step path (``fast_forward: false``,
+    # checked by a hypothesis test): step durations lie on a 2**-30 s grid,
+    # so a lump of service equals the sum of its steps; charges and finishes
+    # are applied in the order the per-step path applies them (the batch
+    # order: running calls by key, then admitted ones).
 
-    def _plan_run(self, batch, shape: StepShape, dt: float) -> list[float]:
-        """Durations of the decode steps that may run back to back from now.
+    def _settle(self, call: SimCall) -> float:
+        """Bring a member's fields up to date; returns service not yet charged to the core.
 
-        The run ends at the step where the first call finishes or a call's
-        quantum runs out (both change the batch's order or membership), or
-        before the step whose KV growth would not fit (vLLM would preempt).
+        The member's phase ``num_computed - j_steps`` and finish step are
+        unchanged by settling, so its buckets stay valid.
         """
-        calls = [c for c, _ in batch]
-        left = min(c.output_tokens - c.generated for c in calls)
-        quantum = min(c.core.quantum_left for c in calls)
+        steps = self._c_steps - call.j_steps
+        lump = self._c_service - call.j_service
+        if steps:
+            call.num_computed += steps
+            call.generated += steps
+            call.num_tokens += steps
+            call.service += lump
+            blocks = call.blocks
+            if blocks.private and call.num_computed // self.block > len(blocks.keys):
+                self.kv.register_full(blocks, call.keys, call.num_computed)
+        call.j_steps = self._c_steps
+        call.j_service = self._c_service
+        return lump
+
+    def _finish_step(self, call: SimCall) -> int:
+        """The cohort step in which a member computes its last token."""
+        return call.j_steps + call.output_tokens - 1 - call.generated
+
+    def _join(self, call: SimCall) -> None:
+        """A running call that has sampled a token and decodes from now on joins the cohort."""
+        call.steady = True
+        call.j_steps = self._c_steps
+        call.j_service = self._c_service
+        self._members += 1
+        self._member_kv_base += call.num_computed - call.j_steps + 1
+        self._by_phase[(call.num_computed - call.j_steps) % self.block][call] = None
+        self._by_finish.setdefault(self._finish_step(call), {})[call] = None
+        self._push_quantum(call)
+
+    def _push_quantum(self, call: SimCall) -> None:
+        q = call.core.quantum_left
+        if q != INF:
+            call.q_due = call.j_service + q
+            self._q_seq += 1
+            heappush(self._q_heap, (call.q_due, self._q_seq, call))
+
+    def _unbucket(self, call: SimCall) -> None:
+        del self._by_phase[(call.num_computed - call.j_steps) % self.block][call]
+        step = self._finish_step(call)
+        bucket = self._by_finish[step]
+        del bucket[call]
+        if not bucket:
+            del self._by_finish[step]
+
+    def _leave(self, call: SimCall, now: float) -> None:
+        """Settle a member and charge its service before it leaves the running set."""
+        if call.steady:
+            lump = self._settle(call)
+            self._unbucket(call)
+            self._members -= 1
+            self._member_kv_base -= call.num_computed - call.j_steps + 1
+            call.steady = False
+            if lump:
+                self.core.on_step({call.core.id: lump}, now)
+
+    def _skip(self, call: SimCall) -> None:
+        """A member left out of a step (budget spent): it neither generates nor is served."""
+        self._unbucket(call)
+        call.j_steps += 1
+        self._member_kv_base -= 1
+        self._by_phase[(call.num_computed - call.j_steps) % self.block][call] = None
+        self._by_finish.setdefault(self._finish_step(call), {})[call] = None
+
+    def _schedule_lazy(self, now: float) -> "_LazyStep":
+        cfg, kv, core = self.cfg, self.kv, self.core
+        if core.promote_starving(now):
+            self.waiting.sort(key=_KEY)
+        self.running.sort(key=_KEY)
+        transfer = 0.0
+        policy = core.policy
+        if (
+            policy.preemptive
+            and policy.params.preemption
+            and self.waiting
+            and self.running
+            and policy.outranks(self.waiting[0].core, self.running[-1].core)
+        ):
+            victims = core.choose_victims(
+                [c.core for c in self.running],
+                [c.core for c in self.waiting[: cfg.max_num_seqs]],
+                cfg.max_num_seqs - len(self.running),
+                kv.free,
+                self._need_of,
+                self._freed_of,
+            )
+            if victims:
+                ids = {v.id for v in victims}
+                for call in [c for c in self.running if c.core.id in ids]:
+                    self._leave(call, now)
+                    transfer += self._preempt(call, now)
+
+        step = _LazyStep()
+        budget = cfg.max_num_batched_tokens
         block = self.block
-        free = self.kv.capacity - self.kv.in_use  # step 1's blocks are already allocated
-        dts = [dt]
-        spent = dt
-        n = shape.num_seqs
-        kv_tokens = shape.decode_kv_tokens
-        grown = 0  # blocks needed beyond step 1
-        # A call needs a fresh block at the step computing token position
-        # num_computed + j when that position starts a block: count calls by
-        # num_computed mod block so each step's need is one lookup.
-        by_residue = [0] * block
-        for c in calls:
-            by_residue[c.num_computed % block] += 1
-        while len(dts) < min(left, _MAX_RUN) and quantum - spent > 1e-12:
-            j = len(dts)  # steps done; the next step computes token num_computed + j
-            need = by_residue[-j % block]
-            if grown + need > free:
-                break
-            grown += need
-            kv_tokens += n
-            nxt = quantize(self.latency.step_time(StepShape(n, n, n, kv_tokens, 0, 0)))
-            dts.append(nxt)
-            spent += nxt
-        return dts
+        c_steps = self._c_steps
+        crossing = self._by_phase[-c_steps % block]  # members whose next token starts a block
+        for call in crossing:  # the block just filled gets its content key (as at step end)
+            blocks = call.blocks
+            computed = call.num_computed + c_steps - call.j_steps
+            if blocks.private and computed // block > len(blocks.keys):
+                kv.register_full(blocks, call.keys, computed)
 
-    def _decode_run(self, env: simpy.Environment, batch, shape: StepShape, dt: float, start: float):
-        """Run the planned decode steps, stopping early if a call arrives, then apply them at once.
-
-        Step durations lie on a 2**-30 s grid, so adding a run's total to a
-        call's service equals adding each step's duration in turn: the result
-        is bit-identical to stepping one at a time.
-        """
-        dts = self._plan_run(batch, shape, dt)
-        done = 0
-        total = 0.0
-        step_start = start
-        for d in dts:
-            step_start = env.now
-            yield env.timeout(d)
-            done += 1
-            total += d
-            if self.waiting:  # an arrival: the next step must schedule normally
-                break
-        self.steps += done
-        self.busy_time += total
-        self.fast_forward_steps += done - 1
-        if done > 1:
-            kv, block = self.kv, self.block
-            for call, _ in batch:
-                blocks = call.blocks
-                need = -(-(call.num_computed + done) // block) - len(blocks.keys) - blocks.private
+        # Fast case: the running calls' whole demand fits the budget and the
+        # KV cache, so every running call is scheduled and order cannot matter.
+        others = [c for c in self.running if not c.steady] if self._members != len(self.running) else []
+        demand = self._members
+        blocks_needed = len(crossing)
+        for call in others:
+            new = call.num_tokens - call.num_computed
+            demand += new
+            b = call.blocks
+            blocks_needed += max(0, -(-call.num_tokens // block) - len(b.keys) - b.private)
+        batch = step.batch
+        preempted_for_memory = False
+        if demand <= budget and blocks_needed <= kv.capacity - kv.in_use:
+            for call in crossing:
+                kv.allocate(call.blocks, 1)
+            for call in others:
+                new = call.num_tokens - call.num_computed
+                b = call.blocks
+                need = -(-call.num_tokens // block) - len(b.keys) - b.private
                 if need > 0:
-                    kv.allocate(blocks, need)
-        self._complete(batch, total, start if done == 1 else step_start, steps=done)
+                    kv.allocate(b, need)
+                batch.append((call, new))
+            budget -= demand
+        else:
+            budget, preempted_for_memory, transfer = self._schedule_running_exactly(step, budget, now, transfer)
+        step.running_part = len(batch)
+        step.members = self._members - len(step.skipped)
+        step.member_kv = self._member_kv_base + self._members * c_steps - step.skipped_kv
+        step.finishing = list(self._by_finish.get(c_steps, ()))
+        if not preempted_for_memory:
+            transfer += self._admit(batch, budget)[1]
+        step.transfer = transfer
+        self.lazy_decode_steps += step.members
+        return step
+
+    def _schedule_running_exactly(self, step: "_LazyStep", budget: int, now: float, transfer: float):
+        """The running calls in key order, as the per-step path does, when the budget or KV binds.
+
+        Members left out because the budget ran out are skipped; a call that
+        cannot grow its KV evicts the worst unscheduled running call.
+        """
+        kv, block = self.kv, self.block
+        chunked = self.cfg.enable_chunked_prefill
+        c_steps = self._c_steps
+        batch = step.batch
+        preempted_for_memory = False
+        pending = self.running[:]
+        i = 0
+        while i < len(pending):
+            call = pending[i]
+            i += 1
+            if call.steady:
+                if budget == 0:
+                    step.skipped.append(call)
+                    continue
+                computed = call.num_computed + c_steps - call.j_steps
+                need = 1 if computed % block == 0 else 0
+                new = 1
+            else:
+                computed = call.num_computed
+                new = call.num_tokens - computed
+                if new > budget:
+                    if not chunked or budget == 0:
+                        continue
+                    new = budget
+                blocks = call.blocks
+                need = -(-(computed + new) // block) - len(blocks.keys) - blocks.private
+            if need > 0:
+                while need > kv.capacity - kv.in_use:
+                    victim = pending.pop() if len(pending) > i else call
+                    self._leave(victim, now)
+                    transfer += self._preempt(victim, now)
+                    preempted_for_memory = True
+                    if victim is call:
+                        break
+                if not call.core.running:
+                    continue
+                kv.allocate(call.blocks, need)
+            if not call.steady:
+                batch.append((call, new))
+            budget -= new
+        for call in step.skipped:
+            step.skipped_kv += call.num_computed + c_steps - call.j_steps  # (context + 1) after the skip
+            self._skip(call)
+        return budget, preempted_for_memory, transfer
+
+    def _complete_lazy(self, step: "_LazyStep", dt: float, start: float) -> None:
+        now = self.env.now
+        core, kv, block = self.core, self.kv, self.block
+        self._c_steps += 1
+        self._c_service = c_service = self._c_service + dt
+        aborted = self._aborted
+        run_batch = step.batch[: step.running_part]
+        adm_batch = step.batch[step.running_part :]
+        if aborted:
+            run_batch = [(c, n) for c, n in run_batch if c not in aborted]
+            adm_batch = [(c, n) for c, n in adm_batch if c not in aborted]
+            aborted.clear()
+        q_heap = self._q_heap
+        for call in step.skipped:  # a skipped step neither serves (j_steps moved in _skip)
+            call.j_service += dt
+            if call.core.quantum_left != INF:
+                call.q_due += dt
+                self._q_seq += 1
+                heappush(q_heap, (call.q_due, self._q_seq, call))
+        events: dict[SimCall, None] = dict.fromkeys(c for c in step.finishing if c.steady)
+        later = []
+        while q_heap and q_heap[0][0] <= c_service + 1e-9:
+            entry = heappop(q_heap)
+            call = entry[2]
+            if not call.steady or entry[0] != call.q_due or call in events:
+                continue  # stale: left, re-joined or skipped since
+            if call.core.quantum_left - (c_service - call.j_service) <= 1e-12:
+                events[call] = None
+            else:
+                later.append(entry)
+        for entry in later:
+            heappush(q_heap, entry)
+
+        # Charge service in batch order: running calls by key, then admitted ones.
+        order = [c for c, _ in run_batch]
+        if events:
+            order.extend(events)
+            order.sort(key=_KEY)
+        admitted = [c for c, _ in adm_batch]
+        charges = attribute_service(dt, [c.core.id for c, _ in run_batch + adm_batch])
+        services = {}
+        for call in order:
+            cid = call.core.id
+            services[cid] = c_service - call.j_service if call in events else charges[cid]
+        for call in admitted:
+            services[call.core.id] = charges[call.core.id]
+        core.on_step(services, now)
+
+        new_of = dict(run_batch)
+        new_of.update(adm_batch)
+        finished = []
+        for call in order + admitted:
+            if call in events:
+                self._settle(call)
+                if call.generated == call.output_tokens:
+                    self._unbucket(call)
+                    self._members -= 1
+                    self._member_kv_base -= call.num_computed - call.j_steps + 1
+                    call.steady = False
+                    finished.append(call)
+                else:  # its quantum ran out: demoted, with a fresh quantum
+                    self._push_quantum(call)
+                continue
+            new = new_of[call]
+            call.service += dt
+            if call.first_scheduled < 0:
+                call.first_scheduled = start
+            computed = call.num_computed = call.num_computed + new
+            if computed == call.num_tokens:
+                call.generated += 1
+                call.num_tokens += 1
+                if call.generated == 1:
+                    call.first_token = now
+            blocks = call.blocks
+            if blocks.private and computed // block > len(blocks.keys):
+                kv.register_full(blocks, call.keys, computed)
+            if call.generated == call.output_tokens:
+                finished.append(call)
+            elif call.generated > 0 and call.num_computed == call.num_tokens - 1:
+                self._join(call)
+        self._finish(finished, now)
 
     # -- scheduling --------------------------------------------------------------------
     def _preempt(self, call: SimCall, now: float) -> float:
@@ -361,28 +621,8 @@ class Replica:
 
         head_fits = True
         if not preempted_for_memory:
-            admitted = 0
-            for call in self.waiting:
-                if len(self.running) >= cfg.max_num_seqs or budget == 0:
-                    break
-                new, hits, fresh, swap_in = self._admission(call, budget)
-                if new == 0 or not kv.can_allocate(fresh + kv.hit_cost(call.keys, hits)):
-                    break
-                kv.acquire_hits(call.blocks, call.keys, hits)
-                kv.allocate(call.blocks, fresh)
-                if call.swapped:
-                    transfer += swap_in * self.swap_seconds_per_block
-                    call.swapped = False
-                else:
-                    call.num_computed = hits * self.block
-                    if call.core.preemptions == 0:  # the prompt's hit, not re-hits after preemption
-                        call.prefix_hit_tokens = hits * self.block
-                self.running.append(call)
-                core.on_admitted(call.core)
-                batch.append((call, new))
-                budget -= new
-                admitted += 1
-            del self.waiting[:admitted]
+            budget, swap_in = self._admit(batch, budget)
+            transfer += swap_in
             if self.observer is not None and self.waiting:
                 head_fits = self._would_fit(self.waiting[0], budget)
         if self.observer is not None:
@@ -395,6 +635,37 @@ class Replica:
                 )
             )
         return batch, transfer
+
+    def _admit(self, batch: list[tuple[SimCall, int]], budget: int) -> tuple[int, float]:
+        """Admit waiting calls in order while they fit; returns (budget left, swap-in seconds).
+
+        vLLM stops at the first call that does not fit, and so do we.
+        """
+        cfg, kv = self.cfg, self.kv
+        transfer = 0.0
+        admitted = 0
+        for call in self.waiting:
+            if len(self.running) >= cfg.max_num_seqs or budget == 0:
+                break
+            new, hits, fresh, swap_in = self._admission(call, budget)
+            if new == 0 or not kv.can_allocate(fresh + kv.hit_cost(call.keys, hits)):
+                break
+            kv.acquire_hits(call.blocks, call.keys, hits)
+            kv.allocate(call.blocks, fresh)
+            if call.swapped:
+                transfer += swap_in * self.swap_seconds_per_block
+                call.swapped = False
+            else:
+                call.num_computed = hits * self.block
+                if call.core.preemptions == 0:  # the prompt's hit, not re-hits after preemption
+                    call.prefix_hit_tokens = hits * self.block
+            self.running.append(call)
+            self.core.on_admitted(call.core)
+            batch.append((call, new))
+            budget -= new
+            admitted += 1
+        del self.waiting[:admitted]
+        return budget, transfer
 
     def _admission(self, call: SimCall, budget: int) -> tuple[int, int, int, int]:
         """(new tokens, prefix-hit blocks, fresh blocks, blocks to swap in) to admit ``call``."""
@@ -433,8 +704,8 @@ class Replica:
         return StepShape.from_batch((new, call.num_computed) for call, new in batch)
 
     # -- step completion ---------------------------------------------------------------
-    def _complete(self, batch: list[tuple[SimCall, int]], dt: float, start: float, steps: int = 1) -> None:
-        """Apply ``steps`` steps (more than one only for a decode run) lasting ``dt`` in all."""
+    def _complete(self, batch: list[tuple[SimCall, int]], dt: float, start: float) -> None:
+        """Apply one step of ``dt`` seconds to every call in it (the per-step reference path)."""
         now = self.env.now
         core, kv = self.core, self.kv
         block = self.block
@@ -448,19 +719,13 @@ class Replica:
             call.service += dt
             if call.first_scheduled < 0:
                 call.first_scheduled = start
-            if steps == 1:
-                computed = call.num_computed = call.num_computed + new
-                sampled = computed == call.num_tokens
-                if sampled:
-                    call.generated += 1
-                    call.num_tokens += 1
-                    if call.generated == 1:
-                        call.first_token = now
-            else:  # a decode run: one token per step
-                computed = call.num_computed = call.num_computed + steps
-                call.generated += steps
-                call.num_tokens += steps
-                sampled = True
+            computed = call.num_computed = call.num_computed + new
+            sampled = computed == call.num_tokens
+            if sampled:
+                call.generated += 1
+                call.num_tokens += 1
+                if call.generated == 1:
+                    call.first_token = now
             blocks = call.blocks
             if blocks.private and computed // block > len(blocks.keys):
                 kv.register_full(blocks, call.keys, computed)
@@ -468,6 +733,10 @@ class Replica:
                 on_progress(call, new, sampled)
             if call.generated == call.output_tokens:
                 finished.append(call)
+        self._finish(finished, now)
+
+    def _finish(self, finished: list[SimCall], now: float) -> None:
+        kv, core = self.kv, self.core
         for call in finished:
             call.finish = now
             kv.release(call.blocks)
@@ -475,4 +744,5 @@ class Replica:
             core.finish_call(call.core, now)
             del self._live[call.core.id]
             self.on_finish(call)
-            call.done.succeed()
+            if call.done is not None:
+                call.done.succeed()
