@@ -90,7 +90,6 @@ class Cluster:
                 KVCache(self.capacity_blocks, eng.block_size, eng.enable_prefix_caching),
                 model.kv_bytes_per_token * 1, gpu.pcie_bandwidth * eng.gpus_per_replica,
                 on_finish=self._on_finish,
-                on_progress=self._on_progress if self.oracle else None,
                 observer=observer,
             )
             for i in range(eng.replicas)
@@ -173,17 +172,6 @@ class Cluster:
             self.progress(1)
 
     # -- accounting ----------------------------------------------------------------------
-    def _on_progress(self, call: SimCall, new_tokens: int, sampled: bool) -> None:
-        """SRPT only: keep the program's remaining work exact as tokens are computed."""
-        pid = call.program_id
-        done = (1 if sampled else 0)
-        if call.generated == 1 and sampled:
-            done += call.prompt_tokens / PREFILL_TOKENS_PER_STEP
-        if done:
-            self._remaining[pid] -= done
-            entry: ProgramState = self.table.programs[pid]
-            self.replicas[call.engine].core.set_remaining(entry, self._remaining[pid])
-
     def _on_finish(self, call: SimCall) -> None:
         record = CallRecord(
                 policy=self.policy,
@@ -203,6 +191,14 @@ class Cluster:
         )
         self.call_records.append(record)
         self._by_program.setdefault(call.program_id, []).append(record)
+        if self.oracle:
+            # SRPT's remaining work drops when a call finishes, by the call's
+            # whole work: the oracle ranks programs at call granularity.
+            pid = call.program_id
+            self._remaining[pid] -= _work(call)
+            self.replicas[call.engine].core.set_remaining(self.table.programs[pid], self._remaining[pid])
+            for replica in self.replicas:
+                replica.refresh_order()
         self._call_done(call)
 
     def _record_program(self, program: Program) -> None:

