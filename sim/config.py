@@ -39,8 +39,8 @@ class EngineConfig:
     balancer: str = "locality"
     # Explicit KV capacity in blocks; None derives it from the specs.
     num_gpu_blocks: int | None = None
-    # Advance runs of pure-decode steps in one go while the batch cannot
-    # change (sim.replica); results are bit-identical either way.
+    # Account steady decodes lazily (sim.replica, "steady decodes"); results
+    # are bit-identical either way, false runs the per-step reference path.
     fast_forward: bool = True
 
 
