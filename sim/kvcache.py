@@ -81,14 +81,18 @@ class KVCache:
     def acquire_hits(self, table: BlockTable, keys, n: int) -> None:
         """Reference the first ``n`` keys (all present) for a call with no blocks."""
         refs, cached = self._refs, self._cached
-        for key in keys[:n]:
-            if key in cached:
+        hit = keys[:n]
+        revived = 0
+        for key in hit:
+            r = refs.get(key)
+            if r is None:
                 del cached[key]
                 refs[key] = 1
-                self.in_use += 1
+                revived += 1
             else:
-                refs[key] += 1
-            table.keys.append(key)
+                refs[key] = r + 1
+        self.in_use += revived
+        table.keys.extend(hit)
 
     # -- allocation ------------------------------------------------------------------
     def can_allocate(self, n: int) -> bool:
@@ -129,16 +133,17 @@ class KVCache:
     def release(self, table: BlockTable) -> None:
         """Free a call's blocks; its keyed blocks stay cached for later hits."""
         refs, cached = self._refs, self._cached
+        freed = table.private
         # Release the tail first so the LRU evicts a prefix's end before its start.
         for key in reversed(table.keys):
-            r = refs[key] - 1
-            if r:
-                refs[key] = r
+            r = refs[key]
+            if r > 1:
+                refs[key] = r - 1
             else:
                 del refs[key]
                 cached[key] = None
-                self.in_use -= 1
-        self.in_use -= table.private
+                freed += 1
+        self.in_use -= freed
         table.keys.clear()
         table.private = 0
 

@@ -228,8 +228,12 @@ class Replica:
                     raise RuntimeError(f"engine {self.index} stalled at t={start} with runnable calls")
                 # Everything was preempted this step; readmit next iteration.
                 continue
-            shape = self._shape(batch)
-            if members:
+            if not members:
+                shape = self._shape(batch)
+            elif not batch:
+                shape = StepShape(members, members, members, step.member_kv, 0, 0)
+            else:
+                shape = self._shape(batch)
                 shape = StepShape(
                     shape.num_seqs + members, shape.num_tokens + members, shape.num_decode + members,
                     shape.decode_kv_tokens + step.member_kv, shape.prefill_tokens, shape.prefill_attn_pairs,
@@ -469,6 +473,8 @@ class Replica:
             adm_batch = [(c, n) for c, n in adm_batch if c not in aborted]
             aborted.clear()
         q_heap = self._q_heap
+        if not (run_batch or adm_batch or step.skipped or step.finishing) and not (q_heap and q_heap[0][0] <= c_service + 1e-9):
+            return  # members only, none finishing or out of quantum: nothing to apply
         for call in step.skipped:  # a skipped step neither serves (j_steps moved in _skip)
             call.j_service += dt
             if call.core.quantum_left != INF:
