@@ -158,6 +158,7 @@ class Replica:
         self._q_heap: list[tuple[float, int, SimCall]] = []  # members' quantum expiries, lazily invalidated
         self._q_seq = 0
         self._members = 0
+        self._unsorted = False  # running may be out of key order (lazy path)
         self._member_kv_base = 0  # sum over members of num_computed - j_steps + 1
         # Members by phase (num_computed - j_steps) mod block: at cohort step
         # S those in bucket -S mod block start a new KV block.
@@ -206,6 +207,7 @@ class Replica:
     def refresh_order(self) -> None:
         """Re-sort waiting calls after keys changed outside a step (SRPT refresh)."""
         self.waiting.sort(key=_KEY)
+        self._unsorted = True
 
     # -- the step loop ---------------------------------------------------------------
     def run(self, env: simpy.Environment):
@@ -339,7 +341,9 @@ class Replica:
         cfg, kv, core = self.cfg, self.kv, self.core
         if core.promote_starving(now):
             self.waiting.sort(key=_KEY)
-        self.running.sort(key=_KEY)
+        if self._unsorted:  # running keys change only on admission, charges and refreshes
+            self.running.sort(key=_KEY)
+            self._unsorted = False
         transfer = 0.0
         policy = core.policy
         if (
@@ -475,6 +479,7 @@ class Replica:
         q_heap = self._q_heap
         if not (run_batch or adm_batch or step.skipped or step.finishing) and not (q_heap and q_heap[0][0] <= c_service + 1e-9):
             return  # members only, none finishing or out of quantum: nothing to apply
+        self._unsorted = True  # service charged below may demote a call
         for call in step.skipped:  # a skipped step neither serves (j_steps moved in _skip)
             call.j_service += dt
             if call.core.quantum_left != INF:
@@ -671,6 +676,8 @@ class Replica:
             budget -= new
             admitted += 1
         del self.waiting[:admitted]
+        if admitted:
+            self._unsorted = True
         return budget, transfer
 
     def _admission(self, call: SimCall, budget: int) -> tuple[int, int, int, int]:
