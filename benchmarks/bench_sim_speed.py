@@ -1,11 +1,15 @@
 """Simulator speed: a 100,000-call BFCL-like trace at about 80% load.
 
 Target (issue: simulator): under 30 s on a 2-core machine. Load: on one
-A100-80GB with Llama-3.1-8B (fitted latency model) FCFS saturates near 15
-BFCL programs/s (its queue grows without bound above that), so 12
-programs/s is about 80% of capacity. Prints wall and CPU seconds per policy.
+A100-80GB with Llama-3.1-8B (fitted latency model), FCFS on this 9,302-program
+trace keeps up at 10 programs/s (last program done 43 s after the last
+arrival) and barely at 11/s (55 s), and collapses at 12/s: the queue grows,
+LRU evicts the waiting calls' histories, re-prefill eats the engine, and the
+run ends 1,022 s after the last arrival. So capacity is about 11.3/s and
+9 programs/s is 80% load, the default. ``--rate 12`` is the overload case.
+Prints wall and CPU seconds per policy.
 
-    python benchmarks/bench_sim_speed.py [--calls 100000] [--rate 12] [--policies fcfs,plas]
+    python benchmarks/bench_sim_speed.py [--calls 100000] [--rate 9] [--policies fcfs,plas]
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from traces.generators import generate
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--calls", type=int, default=100_000)
-    ap.add_argument("--rate", type=float, default=12.0)
+    ap.add_argument("--rate", type=float, default=9.0)
     ap.add_argument("--policies", default="fcfs,plas,atlas")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
