@@ -43,7 +43,7 @@ class PolicyParams:
     # A call already preempted this many times (for any reason) is not a
     # policy victim again; None means no limit. With recompute preemption a
     # victim loses its progress and, once LRU has evicted its prefix, must
-    # re-prefill its whole history. Measured on BFCL at 80% load (100,000
+    # re-prefill its whole history. Measured on BFCL at 12 programs/s, just past capacity (100,000
     # calls, one A100), an unlimited rule let a stream of new programs evict
     # the calls of the longest programs again and again (287 calls preempted
     # 5+ times) until re-prefill swamped the engine and throughput collapsed.

@@ -140,7 +140,7 @@ class _ProgramLevel(Policy):
     A new call enters the queue that bins its program's priority (not Q1, as
     MLFQ would) with a fresh quantum: the queue's width when ``quantum`` is
     None. A call entering just below a bound therefore still gets a full
-    quantum before demotion. Measured on BFCL at 80% load, the alternative
+    quantum before demotion. Measured on BFCL at 12 programs/s, the alternative
     (demote as soon as program plus call service crosses the bound) demotes
     calls after a step or two; each demotion puts the call at the tail of a
     lower queue, first in line to be preempted, and with recompute
