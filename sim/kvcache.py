@@ -130,6 +130,33 @@ class KVCache:
             table.private -= 1
             table.keys.append(key)
 
+    def register_filled(self, table: BlockTable, keys, computed_tokens: int) -> None:
+        """`register_full` for a decode that just filled one block: the common case inline."""
+        if not table.private or not self.prefix_caching:
+            return
+        n = len(table.keys)
+        if computed_tokens // self.block_size != n + 1 or n >= len(keys):
+            self.register_full(table, keys, computed_tokens)
+            return
+        key = keys[n]
+        refs = self._refs
+        if key in refs or key in self._cached:
+            self.register_full(table, keys, computed_tokens)
+            return
+        refs[key] = 1
+        table.private -= 1
+        table.keys.append(key)
+
+    def allocate_one(self, table: BlockTable) -> None:
+        """`allocate` of one block (a decode crossing into a new block)."""
+        if self.in_use >= self.capacity:
+            raise RuntimeError(f"KV allocation of 1 block with {self.free} free")
+        if self.in_use + len(self._cached) >= self.capacity:
+            self._cached.popitem(last=False)
+            self.evictions += 1
+        self.in_use += 1
+        table.private += 1
+
     def release(self, table: BlockTable) -> None:
         """Free a call's blocks; its keyed blocks stay cached for later hits."""
         refs, cached = self._refs, self._cached

@@ -372,11 +372,10 @@ class Replica:
         block = self.block
         c_steps = self._c_steps
         crossing = self._by_phase[-c_steps % block]  # members whose next token starts a block
-        for call in crossing:  # the block just filled gets its content key (as at step end)
-            blocks = call.blocks
-            computed = call.num_computed + c_steps - call.j_steps
-            if blocks.private and computed // block > len(blocks.keys):
-                kv.register_full(blocks, call.keys, computed)
+        if crossing and kv.prefix_caching:
+            register = kv.register_filled
+            for call in crossing:  # the block just filled gets its content key (as at step end)
+                register(call.blocks, call.keys, call.num_computed + c_steps - call.j_steps)
 
         # Fast case: the running calls' whole demand fits the budget and the
         # KV cache, so every running call is scheduled and order cannot matter.
@@ -391,8 +390,9 @@ class Replica:
         batch = step.batch
         preempted_for_memory = False
         if demand <= budget and blocks_needed <= kv.capacity - kv.in_use:
+            allocate_one = kv.allocate_one
             for call in crossing:
-                kv.allocate(call.blocks, 1)
+                allocate_one(call.blocks)
             for call in others:
                 new = call.num_tokens - call.num_computed
                 b = call.blocks

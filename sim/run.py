@@ -65,7 +65,7 @@ def summary_text(summary: dict[str, Any]) -> str:
 
 def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, quiet: bool = False) -> dict[str, Any]:
     """Simulate ``cfg`` under each of its policies and write the outputs; returns the summary."""
-    from sim.simulate import simulate
+    from sim.simulate import BlockKeys, simulate
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -83,9 +83,10 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, quiet: bool = Fal
     ):
         write_header(calls_fh, CallRecord)
         write_header(programs_fh, ProgramRecord)
+        block_keys = BlockKeys(cfg.engine.block_size)  # shared by the policies' runs
         for i, policy in enumerate(cfg.policies):
             bar.describe(policy)
-            res = simulate(programs, cfg, policy, progress=bar.advance)
+            res = simulate(programs, cfg, policy, progress=bar.advance, block_keys=block_keys)
             bar.finish_to(len(programs) * (i + 1))
             results.append(PolicyResult(policy, list(res.calls), list(res.programs), dict(res.stats)))
             write_rows(calls_fh, res.calls)
