@@ -295,3 +295,21 @@ def test_lazy_path_accounts_steady_decodes_in_the_cohort():
     assert r.stats["lazy_decode_steps"] == 4 * 199
     slow = simulate(programs, dataclasses.replace(config, engine=dataclasses.replace(config.engine, fast_forward=False)), "plas")
     assert [dataclasses.astuple(x) for x in r.calls] == [dataclasses.astuple(x) for x in slow.calls]
+
+
+def test_shared_block_keys_give_the_same_results_and_check_the_block_size():
+    from sim.simulate import BlockKeys
+
+    programs = [
+        prog("A", 0.0, call("c0", 40, 5), call("c1", 60, 5, parents=["c0"], context_of="c0")),
+        prog("B", 0.2, call("c0", 40, 5)),
+    ]
+    config = cfg(max_num_seqs=4, enable_prefix_caching=True)
+    shared = BlockKeys(config.engine.block_size)
+    first = simulate(programs, config, "plas", block_keys=shared)
+    again = simulate(programs, config, "fcfs", block_keys=shared)
+    fresh = simulate(programs, config, "fcfs")
+    assert [dataclasses.astuple(r) for r in again.calls] == [dataclasses.astuple(r) for r in fresh.calls]
+    assert first.calls and any(r.prefix_hit_tokens for r in first.calls)
+    with pytest.raises(ValueError, match="blocks of 32, not 16"):
+        simulate(programs, config, "fcfs", block_keys=BlockKeys(32))
