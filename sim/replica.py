@@ -153,6 +153,7 @@ class Replica:
         self._live: dict[str, SimCall] = {}  # core call id -> call, for victim lookups
         self.steps = 0
         self.lazy_decode_steps = 0  # decode call-steps accounted lazily (cohort members)
+        self.coasted_steps = 0  # steps taken inside another step's timeout (`_coast`)
         self._c_steps = 0  # steps in which the decode cohort was scheduled
         self._c_service = 0.0  # their summed durations
         self._q_heap: list[tuple[float, int, SimCall]] = []  # members' quantum expiries, lazily invalidated
@@ -243,7 +244,10 @@ class Replica:
             dt = quantize(self.latency.step_time(shape) + transfer)
             self.steps += 1
             self.busy_time += dt
-            yield env.timeout(dt)
+            delay = dt
+            if lazy and not batch and not self.waiting and not step.skipped and not step.finishing and not transfer:
+                delay, dt, start = self._coast(start, dt)
+            yield env.timeout(delay)
             if lazy:
                 self._complete_lazy(step, dt, start)
             else:
@@ -267,6 +271,65 @@ class Replica:
     # so a lump of service equals the sum of its steps; charges and finishes
     # are applied in the order the per-step path applies them (the batch
     # order: running calls by key, then admitted ones).
+
+    def _coast(self, start: float, dt: float) -> tuple[float, float, float]:
+        """Take the pure decode steps that follow this one, with nothing to decide, in one timeout.
+
+        A step of cohort members only, with nothing waiting, is followed by
+        more such steps until a member finishes, a quantum runs out, the KV
+        cache cannot give a crossing member its block, or another event in
+        the environment may submit a call. Those steps change nothing but
+        counters and KV blocks, so they are applied here, in the order the
+        step loop would apply them, and the replica sleeps once until the
+        last one ends (its completion is left to the caller, as for any
+        step). A SimPy event per step is most of a light-load step's cost.
+        Returns (delay from ``start``, the last step's duration, its start).
+        """
+        env, kv, block = self.env, self.kv, self.block
+        horizon = env.peek()  # no call can arrive before this event is processed
+        m = self._members
+        q_heap = self._q_heap
+        q_next = q_heap[0][0] if q_heap else INF  # may be stale: only ever stops a run early
+        c = self._c_steps
+        service = self._c_service + dt
+        end = start + dt
+        if (
+            end >= horizon
+            or q_next <= service + 1e-9
+            or m > self.cfg.max_num_batched_tokens
+            or m != len(self.running)
+        ):
+            return dt, dt, start
+        by_finish, by_phase = self._by_finish, self._by_phase
+        step_time, base = self.latency.step_time, self._member_kv_base
+        last_start, last_dt = start, dt
+        while True:
+            c += 1  # the candidate step's cohort index
+            if c in by_finish:
+                break
+            crossing = by_phase[-c % block]
+            if len(crossing) > kv.capacity - kv.in_use:
+                break
+            d = quantize(step_time(StepShape(m, m, m, base + m * c, 0, 0)) + 0.0)
+            t = end + d
+            if t > horizon or q_next <= service + d + 1e-9 or start + (t - start) != t:
+                break
+            # The previous step completes (members only: counters), this one is scheduled.
+            self._c_steps = c
+            self._c_service = service
+            if crossing:
+                if kv.prefix_caching:
+                    for call in crossing:
+                        kv.register_filled(call.blocks, call.keys, call.num_computed + c - call.j_steps)
+                for call in crossing:
+                    kv.allocate_one(call.blocks)
+            self.steps += 1
+            self.busy_time += d
+            self.lazy_decode_steps += m
+            self.coasted_steps += 1
+            service += d
+            last_start, last_dt, end = end, d, t
+        return end - start, last_dt, last_start
 
     def _settle(self, call: SimCall) -> float:
         """Bring a member's fields up to date; returns service not yet charged to the core.

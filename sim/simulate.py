@@ -297,6 +297,7 @@ def simulate(
         "steps": float(sum(r.steps for r in reps)),
         "preemptions": float(sum(r.preemptions for r in reps)),
         "lazy_decode_steps": float(sum(r.lazy_decode_steps for r in reps)),
+        "coasted_steps": float(sum(r.coasted_steps for r in reps)),
         "kv_evictions": float(sum(r.kv.evictions for r in reps)),
         "kv_capacity_blocks": float(cluster.capacity_blocks),
         "busy_fraction": sum(r.busy_time for r in reps) / (env.now * len(reps)) if env.now > 0 else 0.0,

@@ -281,9 +281,10 @@ def test_lazy_decode_accounting_is_identical_to_stepping(programs, setup, latenc
     fast, slow = runs[True], runs[False]
     assert [dataclasses.astuple(r) for r in fast.calls] == [dataclasses.astuple(r) for r in slow.calls]
     assert [dataclasses.astuple(r) for r in fast.programs] == [dataclasses.astuple(r) for r in slow.programs]
-    assert slow.stats["lazy_decode_steps"] == 0
-    assert {k: v for k, v in fast.stats.items() if k != "lazy_decode_steps"} == {
-        k: v for k, v in slow.stats.items() if k != "lazy_decode_steps"
+    assert slow.stats["lazy_decode_steps"] == slow.stats["coasted_steps"] == 0
+    lazy_only = ("lazy_decode_steps", "coasted_steps")
+    assert {k: v for k, v in fast.stats.items() if k not in lazy_only} == {
+        k: v for k, v in slow.stats.items() if k not in lazy_only
     }
 
 
@@ -295,6 +296,30 @@ def test_lazy_path_accounts_steady_decodes_in_the_cohort():
     assert r.stats["lazy_decode_steps"] == 4 * 199
     slow = simulate(programs, dataclasses.replace(config, engine=dataclasses.replace(config.engine, fast_forward=False)), "plas")
     assert [dataclasses.astuple(x) for x in r.calls] == [dataclasses.astuple(x) for x in slow.calls]
+    assert slow.stats["coasted_steps"] == 0
+    # PLAS: quantum expiries end a coast, so fewer steps coast than under FCFS.
+    assert 0 < r.stats["coasted_steps"] < 197
+
+
+def test_pure_decode_steps_coast_in_one_timeout_until_a_call_finishes():
+    # 4 calls arrive together: step 0 prefills all (token 1), cohort steps
+    # 0..198 decode tokens 2..200. Step 0 of the cohort is scheduled as usual
+    # and coasts through cohort steps 1..197; step 198 samples every last
+    # token, so it is scheduled on its own (FCFS has no quantum to end a coast).
+    programs = [prog(f"p{i}", 0.0, call("a", 50, 200)) for i in range(4)]
+    config = cfg(max_num_seqs=8, latency=0.01)
+    r = simulate(programs, config, "fcfs")
+    assert r.stats["steps"] == 200
+    assert r.stats["coasted_steps"] == 197
+    assert all(rec.finish == pytest.approx(2.0) for rec in r.calls)
+    # A program arriving mid-coast bounds it: its call joins the next step, as stepping does.
+    late = programs + [prog("late", 0.505, call("a", 50, 10))]
+    fast = simulate(late, config, "fcfs")
+    slow = simulate(late, dataclasses.replace(config, engine=dataclasses.replace(config.engine, fast_forward=False)), "fcfs")
+    assert [dataclasses.astuple(x) for x in fast.calls] == [dataclasses.astuple(x) for x in slow.calls]
+    assert fast.stats["coasted_steps"] < 197
+    rec = {x.program_id: x for x in fast.calls}["late"]
+    assert rec.first_scheduled == pytest.approx(0.51)
 
 
 def test_shared_block_keys_give_the_same_results_and_check_the_block_size():
