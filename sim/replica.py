@@ -563,11 +563,16 @@ class Replica:
         for entry in later:
             heappush(q_heap, entry)
 
-        # Charge service in batch order: running calls by key, then admitted ones.
-        order = [c for c, _ in run_batch]
+        # Charge service in batch order: running calls by key as they were
+        # sorted when the step was scheduled (``self.running`` keeps that
+        # order until the next schedule; keys may have changed since, e.g. an
+        # SRPT refresh from another replica's finish), then admitted ones.
         if events:
-            order.extend(events)
-            order.sort(key=_KEY)
+            wanted = set(events)
+            wanted.update(c for c, _ in run_batch)
+            order = [c for c in self.running if c in wanted]
+        else:
+            order = [c for c, _ in run_batch]
         admitted = [c for c, _ in adm_batch]
         charges = attribute_service(dt, [c.core.id for c, _ in run_batch + adm_batch])
         services = {}

@@ -338,3 +338,23 @@ def test_shared_block_keys_give_the_same_results_and_check_the_block_size():
     assert first.calls and any(r.prefix_hit_tokens for r in first.calls)
     with pytest.raises(ValueError, match="blocks of 32, not 16"):
         simulate(programs, config, "fcfs", block_keys=BlockKeys(32))
+
+
+def test_srpt_refresh_from_another_replica_keeps_the_steps_charge_order():
+    # Found by the equivalence test. Two replicas, round robin, 0.1 s steps:
+    # at t=4.1 replica 1 finishes p4/c0, and the SRPT refresh re-ranks p4/c1
+    # on replica 0 while that replica's step is in flight. The step's calls
+    # must still finish in the order the step was scheduled, as stepping does.
+    programs = [
+        prog("p0", 3.0, call("c0", 17, 1), call("c1", 1, 1), call("c2", 1, 6)),
+        prog("p2", 3.0, call("c0", 65, 7)),
+        prog("p4", 3.0, call("c0", 46, 6), call("c1", 76, 1), call("c2", 1, 1)),
+    ]
+    config = cfg(
+        PolicyParams(queue_base=0.05, beta=0.5), latency=0.1, replicas=2, balancer="round_robin",
+        max_num_seqs=2, max_num_batched_tokens=16, enable_chunked_prefill=True, num_gpu_blocks=20,
+    )
+    lazy = simulate(programs, config, "srpt")
+    slow = simulate(programs, dataclasses.replace(config, engine=dataclasses.replace(config.engine, fast_forward=False)), "srpt")
+    assert [dataclasses.astuple(r) for r in lazy.calls] == [dataclasses.astuple(r) for r in slow.calls]
+    assert [(r.program_id, r.call_id) for r in slow.calls if r.finish == slow.calls[-1].finish][-2:] == [("p2", "c0"), ("p4", "c1")]
