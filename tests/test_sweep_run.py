@@ -162,9 +162,27 @@ def test_cli_sweep_then_plot(exp, tmp_path):
         assert (tmp_path / "out" / "plots" / f"{name}.svg").is_file()
     bad = sim("plot", "out", "--target", "fast", cwd=tmp_path)
     assert bad.returncode == 1 and bad.stderr.startswith("error: --target fast")
-    bad = sim("sweep", "s", "-e", "exp.yaml", "--backend", "ray", cwd=tmp_path)
-    if bad.returncode == 1:  # Ray is an optional extra; without it, one line
-        assert "install the ray extra" in bad.stderr
+
+
+def test_ray_backend_on_a_local_ray_cluster_gives_the_process_pools_table(exp, tmp_path):
+    # Real Ray (the test extra installs it): `ray.init` starts a local cluster.
+    res = sim("sweep", "ok", "-e", "exp.yaml", "--backend", "ray", "-w", "2", "--out", "ray", "--quiet", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    res = sim("sweep", "ok", "-e", "exp.yaml", "-w", "1", "--out", "local", "--quiet", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+
+    def table(name):
+        return [{k: v for k, v in r.items() if k != "wall_s"} for r in read(tmp_path / name / "sweep.csv")]
+
+    assert table("ray") == table("local")
+    assert [(r["point"], r["policy"], r["status"]) for r in table("ray")] == [
+        ("0", "fcfs", "ok"), ("0", "mlfq", "ok"), ("0", "fcfs-unopt", "ok"),
+        ("1", "fcfs", "ok"), ("1", "mlfq", "ok"), ("1", "fcfs-unopt", "ok"),
+    ]
+    for point in ("000", "001"):
+        assert (tmp_path / "ray" / "points" / point / "summary.json").read_bytes() == (
+            tmp_path / "local" / "points" / point / "summary.json"
+        ).read_bytes()
 
 
 def test_a_subset_of_jobs_runs(exp, tmp_path):
