@@ -136,6 +136,28 @@ def test_parquet_only_with_pyarrow(exp, tmp_path, monkeypatch):
     assert not (tmp_path / "out" / "sweep.parquet").exists()
 
 
+def test_parquet_table_holds_the_csv_rows(exp, tmp_path):
+    import pyarrow.parquet as pq  # the test extra installs pyarrow
+
+    sweep = load_sweep("s", exp)  # failed points: empty metrics; an int and a str swept column
+    run_sweep(sweep, jobs(sweep, exp), tmp_path / "out", workers=1, quiet=True)
+    rows = read(tmp_path / "out" / "sweep.csv")
+    table = pq.read_table(tmp_path / "out" / "sweep.parquet").to_pylist()
+    assert len(table) == len(rows) == 8 and all(list(t) == list(r) for t, r in zip(table, rows))
+    for t, r in zip(table, rows):
+        for col, text in r.items():
+            value = t[col]
+            if value is None:
+                assert text == "", col
+            elif isinstance(value, bool):
+                assert text == str(value).lower(), col
+            elif isinstance(value, (int, float)):
+                assert float(text) == value, col
+            else:
+                assert text == value, col
+    assert {t["status"] for t in table} == {"ok", "invalid"}
+
+
 def test_ray_backend_without_ray_is_a_clear_error(exp, tmp_path, monkeypatch):
     sweep = load_sweep("ok", exp)
     monkeypatch.setitem(sys.modules, "ray", None)
