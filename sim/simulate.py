@@ -210,6 +210,11 @@ class Cluster:
         )
         self.call_records.append(record)
         self._by_program.setdefault(call.program_id, []).append(record)
+        program = self.table.programs.get(call.program_id)
+        if len(self.replicas) > 1 and program is not None and program.live:
+            for replica in self.replicas:  # siblings waiting elsewhere may starve earlier
+                if replica.index != call.engine:
+                    replica.core.recheck_starvation(program)
         if self.oracle:
             # SRPT's remaining work drops when a call finishes, by the call's
             # whole work: the oracle ranks programs at call granularity.

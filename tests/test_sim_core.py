@@ -177,6 +177,34 @@ def test_starvation_deadline_moves_earlier_when_a_sibling_finishes():
     assert c.promote_starving(9.0) == [s2]
 
 
+def test_engines_sharing_a_table_each_promote_only_their_own_calls():
+    # The simulator's replicas share one process table. A's finish must not
+    # leave B's waiting call in A's deadline heap (A would promote it without
+    # B re-sorting its queue); B rechecks its own calls of the program.
+    def engines():
+        p = PolicyParams(queue_base=1.0, num_queues=4, beta=2.0)
+        table = ProcessTable(p.program_ttl)
+        a, b = (SchedulerCore(make_policy("plas", p), table) for _ in range(2))
+        r = a.add_call("A/r", "A", "r", 10, 0.0)
+        a.on_admitted(r)
+        a.on_step({"A/r": 3.0}, 3.0)
+        a.finish_call(r, 3.0)  # T_p = 3, W_p = 0: a new sibling starves after 6 s
+        s1 = a.add_call("A/1", "A", "1", 10, 3.0)
+        s2 = b.add_call("A/2", "A", "2", 10, 3.0)  # deadline 9
+        a.on_admitted(s1)  # waits 4 s, runs 1 s
+        a.on_step({"A/1": 1.0}, 8.0)
+        a.finish_call(s1, 8.0)  # T_p = 4, W_p = 4: s2 starves once W_c >= 4, at t = 7
+        return a, b, s2
+
+    a, b, s2 = engines()
+    assert a.promote_starving(100.0) == []
+    assert b.promote_starving(8.0) == []  # still the deadline pushed at arrival
+    assert b.promote_starving(9.0) == [s2]
+    a, b, s2 = engines()
+    b.recheck_starvation(b.table.programs["A"])
+    assert b.promote_starving(8.0) == [s2]
+
+
 def test_mlfq_promotes_after_waiting_threshold():
     c = core("mlfq", mlfq_starve_after=4.0, mlfq_prefill_s_per_token=1.0)
     a = c.add_call("A/0", "A", "0", 100, 0.0)  # long prompt: a low queue

@@ -358,3 +358,34 @@ def test_srpt_refresh_from_another_replica_keeps_the_steps_charge_order():
     slow = simulate(programs, dataclasses.replace(config, engine=dataclasses.replace(config.engine, fast_forward=False)), "srpt")
     assert [dataclasses.astuple(r) for r in lazy.calls] == [dataclasses.astuple(r) for r in slow.calls]
     assert [(r.program_id, r.call_id) for r in slow.calls if r.finish == slow.calls[-1].finish][-2:] == [("p2", "c0"), ("p4", "c1")]
+
+
+def test_starvation_across_replicas_is_promoted_by_the_replica_holding_the_call():
+    # Found in review: replica 0 coasts while a program's call waits on
+    # replica 1; a finish on replica 0 used to put that call's starvation
+    # deadline in replica 0's heap, so the promotion time depended on
+    # replica 0's step boundaries (and replica 1 did not re-sort). Now each
+    # replica promotes its own calls and the lazy path equals stepping.
+    programs = [  # round robin: engine 0, 1, 0, 1, ...
+        prog("Q", 0.0, call("q", 10, 400)),
+        prog("Y1", 0.0, call("y1", 10, 3000)),
+        prog("D", 0.0, call("d", 10, 2)),
+        prog("Y2", 0.0, call("y2", 10, 3000)),
+        prog("P", 0.0, call("a", 10, 4), call("r", 10, 3, ["a"]), call("w", 10, 3, ["a"])),
+        prog("X", 0.0, call("x", 30000, 5)),
+        prog("Z", 0.9153665890917182, call("z0", 10, 3), call("z1", 10, 3)),
+    ]
+    runs = {}
+    for ff in (True, False):
+        config = ExperimentConfig(
+            "t",
+            engine=EngineConfig(
+                num_gpu_blocks=20000, max_num_seqs=3, max_num_batched_tokens=512, enable_chunked_prefill=True,
+                enable_prefix_caching=False, replicas=2, balancer="round_robin", fast_forward=ff,
+            ),
+            latency=LatencyConfig(),
+            policy_params=PolicyParams(queue_base=0.05, beta=8.0, preemption=False),
+        )
+        runs[ff] = simulate(programs, config, "plas")
+    assert [dataclasses.astuple(r) for r in runs[True].calls] == [dataclasses.astuple(r) for r in runs[False].calls]
+    assert runs[True].stats["coasted_steps"] > 0

@@ -74,11 +74,23 @@ class SchedulerCore:
         program.total_service += call.service
         program.total_waiting += max(0.0, (now - call.arrival) - call.service)
         self.policy.on_finish(call, program)
-        # W_program grew: siblings that wait may now be starving earlier.
-        for sibling in program.live.values():
-            if not sibling.running:
-                self._push_deadline(sibling, program)
+        self.recheck_starvation(program)
         return program
+
+    def recheck_starvation(self, program: ProgramState) -> None:
+        """Re-push the deadlines of this engine's waiting calls of ``program``.
+
+        A finished call grows the program's W and T, so its waiting siblings
+        may starve earlier. Only this engine's calls: engines that share one
+        process table (the simulator's cluster) each promote their own
+        calls, so that the engine whose queue holds a promoted call re-sorts
+        it. Such a cluster calls this on the other engines when a call
+        finishes.
+        """
+        calls = self.calls
+        for sibling in program.live.values():
+            if not sibling.running and calls.get(sibling.id) is sibling:
+                self._push_deadline(sibling, program)
 
     def abort_call(self, call: CallState, now: float) -> None:
         """Drop a call that will not complete (client gone); its service is not counted."""
