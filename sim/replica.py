@@ -34,11 +34,20 @@ import simpy
 from sim.config import EngineConfig
 from sim.core import SchedulerCore, attribute_service
 from sim.core.state import CallState
+from sim.errors import SimulationError
 from sim.kvcache import BlockTable, KVCache
 from sim.latency.base import LatencyModel, StepShape
 
 _KEY = attrgetter("core.key")
 INF = float("inf")
+
+# A replica that computes this many times its live calls' tokens of prefill
+# without any call sampling a token is livelocked: calls are preempted and
+# recomputed before they finish prefill, over and over. Output tokens are
+# never lost (a recomputed call keeps what it generated), so a run that
+# samples tokens always ends; one that does not never would. A finite run
+# needs at most about one recompute per policy preemption, far below this.
+LIVELOCK_RECOMPUTES = 100
 
 
 @dataclass(eq=False, slots=True)
@@ -167,6 +176,8 @@ class Replica:
         self._by_finish: dict[int, dict[SimCall, None]] = {}  # cohort step of the last token -> members
         self.preemptions = 0
         self.busy_time = 0.0
+        self._stalled_tokens = 0  # prefill tokens computed since a call last sampled a token
+        self._stall_check = LIVELOCK_RECOMPUTES * cfg.max_num_batched_tokens
         self.process = env.process(self.run(env))
 
     # -- interface ---------------------------------------------------------------------
@@ -241,6 +252,12 @@ class Replica:
                     shape.num_seqs + members, shape.num_tokens + members, shape.num_decode + members,
                     shape.decode_kv_tokens + step.member_kv, shape.prefill_tokens, shape.prefill_attn_pairs,
                 )
+            if members or any(c.num_computed + n == c.num_tokens for c, n in batch):
+                self._stalled_tokens = 0
+            else:
+                self._stalled_tokens += shape.num_tokens
+                if self._stalled_tokens > self._stall_check:
+                    self._check_progress(start)
             dt = quantize(self.latency.step_time(shape) + transfer)
             self.steps += 1
             self.busy_time += dt
@@ -252,6 +269,27 @@ class Replica:
                 self._complete_lazy(step, dt, start)
             else:
                 self._complete(batch, dt, start)
+
+    def _check_progress(self, now: float) -> None:
+        """Raise if the prefill since the last sampled token is a livelock (`LIVELOCK_RECOMPUTES`)."""
+        work = sum(c.num_tokens for c in self._live.values())
+        limit = LIVELOCK_RECOMPUTES * max(work, self.cfg.max_num_batched_tokens)
+        if self._stalled_tokens <= limit:
+            self._stall_check = limit
+            return
+        params = self.core.policy.params
+        hint = (
+            "set policy_params.preempt_limit to an integer (default 1)"
+            if params.preempt_limit is None
+            else "lower policy_params.preempt_limit"
+        )
+        raise SimulationError(
+            f"engine {self.index} livelocked at t={now:.3f} s: it computed {self._stalled_tokens} prompt "
+            f"tokens, more than {LIVELOCK_RECOMPUTES}x its {len(self._live)} live calls' {work} tokens, without any "
+            f"call sampling a token, because policy {self.core.policy.name!r} preempts calls before they "
+            f"finish prefill and recompute throws the work away; {hint}, use "
+            f"engine.preemption_mode=swap, or give calls a longer quantum (policy_params.queue_base)"
+        )
 
     # -- steady decodes, accounted lazily ----------------------------------------------
     # Most of a simulation's work is decode steps: each running call computes

@@ -19,6 +19,7 @@ from sim.capacity import num_kv_blocks
 from sim.config import ExperimentConfig
 from sim.core import ProcessTable, SchedulerCore, make_balancer, make_policy
 from sim.core.state import ProgramState
+from sim.errors import SimulationError
 from sim.hardware import load_gpu, load_model
 from sim.kvcache import KVCache
 from sim.latency import build as build_latency
@@ -30,10 +31,6 @@ from traces.prefix import context_block_keys
 # SRPT's remaining work is counted in decode-step equivalents: each output
 # token is one step, and this many prompt tokens of prefill cost about one.
 PREFILL_TOKENS_PER_STEP = 512
-
-
-class SimulationError(ValueError):
-    """The trace cannot run on this engine configuration (e.g. a call larger than the KV cache)."""
 
 
 @dataclass

@@ -146,8 +146,19 @@ def configs(draw):
         beta=draw(st.sampled_from([0.5, 8.0])),
         locality_threshold=64,
         mlfq_starve_after=2.0,
+        preempt_limit=draw(st.sampled_from([1, 1, None])),
     )
     return policy, cfg(params, latency=0.1, **engine)
+
+
+def simulate_or_livelock(programs, config, policy, **kw):
+    """Run; None if the run is a livelock, which only unlimited recompute preemption may cause."""
+    try:
+        return simulate(programs, config, policy, **kw)
+    except SimulationError as e:
+        assert "livelocked" in str(e), e
+        assert config.policy_params.preempt_limit is None and config.engine.preemption_mode == "recompute"
+        return None
 
 
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -155,7 +166,9 @@ def configs(draw):
 def test_invariants_hold_for_random_traces_and_configs(programs, setup):
     policy, config = setup
     steps = []
-    result = simulate(programs, config, policy, observer=steps.append)
+    result = simulate_or_livelock(programs, config, policy, observer=steps.append)
+    if result is None:
+        return
     records = by_id(result)
     calls = {(p.id, c.id): (p, c) for p in programs for c in p.calls}
     # Every call finishes exactly once.
@@ -277,8 +290,15 @@ def test_lazy_decode_accounting_is_identical_to_stepping(programs, setup, latenc
     runs = {}
     for ff in (True, False):
         c = dataclasses.replace(config, latency=lat, engine=dataclasses.replace(config.engine, fast_forward=ff))
-        runs[ff] = simulate(programs, c, policy)
+        try:
+            runs[ff] = simulate(programs, c, policy)
+        except SimulationError as e:
+            assert "livelocked" in str(e), e
+            runs[ff] = str(e)
     fast, slow = runs[True], runs[False]
+    if isinstance(fast, str) or isinstance(slow, str):
+        assert fast == slow  # the same livelock, at the same step, with and without lazy accounting
+        return
     assert [dataclasses.astuple(r) for r in fast.calls] == [dataclasses.astuple(r) for r in slow.calls]
     assert [dataclasses.astuple(r) for r in fast.programs] == [dataclasses.astuple(r) for r in slow.programs]
     assert slow.stats["lazy_decode_steps"] == slow.stats["coasted_steps"] == 0
@@ -389,3 +409,22 @@ def test_starvation_across_replicas_is_promoted_by_the_replica_holding_the_call(
         runs[ff] = simulate(programs, config, "plas")
     assert [dataclasses.astuple(r) for r in runs[True].calls] == [dataclasses.astuple(r) for r in runs[False].calls]
     assert runs[True].stats["coasted_steps"] > 0
+
+
+def test_preemption_that_recomputes_calls_before_their_first_token_is_reported_as_a_livelock():
+    # One sequence slot, 16-token chunks, 0.1 s steps and a 0.05 s quantum:
+    # each call is demoted after one chunk and the other (promoted at once
+    # with beta=0.5) displaces it, and recompute discards the chunk. With no
+    # preemption limit neither ever finishes its prefill.
+    programs = [prog("A", 0.0, call("a", 118, 5)), prog("B", 0.0, call("b", 54, 7))]
+    loose = PolicyParams(queue_base=0.05, beta=0.5, preempt_limit=None)
+    chunked = dict(latency=0.1, max_num_batched_tokens=16, enable_chunked_prefill=True)
+    # 100 x 172 live tokens, in 16-token steps: the 1,076th step, which starts at 107.5 s.
+    with pytest.raises(SimulationError, match=r"engine 0 livelocked at t=107\.500 s: it computed 17216 prompt tokens.*"
+                       r"2 live calls' 172 tokens.*set policy_params\.preempt_limit to an integer"):
+        simulate(programs, cfg(loose, **chunked), "plas")
+    # The same case finishes with the default limit, or with swap, which keeps the chunks.
+    limited = simulate(programs, cfg(PolicyParams(queue_base=0.05, beta=0.5), **chunked), "plas")
+    assert {(r.call_id, r.preemptions) for r in limited.calls} == {("a", 1), ("b", 1)}
+    swapped = simulate(programs, cfg(loose, preemption_mode="swap", **chunked), "plas")
+    assert len(swapped.calls) == 2 and all(r.preemptions > 1 for r in swapped.calls)
