@@ -294,6 +294,7 @@ def test_lazy_decode_accounting_is_identical_to_stepping(programs, setup, latenc
             runs[ff] = simulate(programs, c, policy)
         except SimulationError as e:
             assert "livelocked" in str(e), e
+            assert config.policy_params.preempt_limit is None and config.engine.preemption_mode == "recompute"
             runs[ff] = str(e)
     fast, slow = runs[True], runs[False]
     if isinstance(fast, str) or isinstance(slow, str):
