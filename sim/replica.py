@@ -277,17 +277,14 @@ class Replica:
         if self._stalled_tokens <= limit:
             self._stall_check = limit
             return
-        params = self.core.policy.params
-        hint = (
-            "set policy_params.preempt_limit to an integer (default 1)"
-            if params.preempt_limit is None
-            else "lower policy_params.preempt_limit"
-        )
+        # Only policy preemption without a limit can do this: memory
+        # preemption always lets the best-ranked call progress.
         raise SimulationError(
             f"engine {self.index} livelocked at t={now:.3f} s: it computed {self._stalled_tokens} prompt "
             f"tokens, more than {LIVELOCK_RECOMPUTES}x its {len(self._live)} live calls' {work} tokens, without any "
             f"call sampling a token, because policy {self.core.policy.name!r} preempts calls before they "
-            f"finish prefill and recompute throws the work away; {hint}, use "
+            f"finish prefill and recompute throws the work away; set policy_params.preempt_limit to an "
+            f"integer (default 1), use "
             f"engine.preemption_mode=swap, or give calls a longer quantum (policy_params.queue_base)"
         )
 
@@ -355,7 +352,7 @@ class Replica:
             crossing = by_phase[-c % block]
             if len(crossing) > kv.capacity - kv.in_use:
                 break
-            d = quantize(step_time(StepShape(m, m, m, base + m * c, 0, 0)) + 0.0)
+            d = quantize(step_time(StepShape(m, m, m, base + m * c, 0, 0)))
             t = end + d
             if t > horizon or q_next <= service + d + 1e-9 or start + (t - start) != t:
                 break
