@@ -176,6 +176,8 @@ class Replica:
         self._by_finish: dict[int, dict[SimCall, None]] = {}  # cohort step of the last token -> members
         self.preemptions = 0
         self.busy_time = 0.0
+        self.prefill_tokens = 0  # tokens computed in chunks of more than one (prompts and recomputes)
+        self.swap_seconds = 0.0  # step time spent moving swapped KV over PCIe
         self._stalled_tokens = 0  # prefill tokens computed since a call last sampled a token
         self._stall_check = LIVELOCK_RECOMPUTES * cfg.max_num_batched_tokens
         self.process = env.process(self.run(env))
@@ -261,6 +263,8 @@ class Replica:
             dt = quantize(self.latency.step_time(shape) + transfer)
             self.steps += 1
             self.busy_time += dt
+            self.prefill_tokens += shape.prefill_tokens
+            self.swap_seconds += transfer
             delay = dt
             if lazy and not batch and not self.waiting and not step.skipped and not step.finishing and not transfer:
                 delay, dt, start = self._coast(start, dt)

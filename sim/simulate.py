@@ -301,6 +301,8 @@ def simulate(
         "lazy_decode_steps": float(sum(r.lazy_decode_steps for r in reps)),
         "coasted_steps": float(sum(r.coasted_steps for r in reps)),
         "kv_evictions": float(sum(r.kv.evictions for r in reps)),
+        "prefill_tokens": float(sum(r.prefill_tokens for r in reps)),
+        "swap_seconds": sum(r.swap_seconds for r in reps),
         "kv_capacity_blocks": float(cluster.capacity_blocks),
         "busy_fraction": sum(r.busy_time for r in reps) / (env.now * len(reps)) if env.now > 0 else 0.0,
     }

@@ -90,6 +90,28 @@ def test_prefix_cache_hits_the_parent_context_on_the_same_engine():
     assert rec["A", "c0"].prefix_hit_tokens == 0
 
 
+def test_swap_keeps_computed_kv_and_charges_its_pcie_transfer_to_the_steps():
+    # PLAS, one slot, 1 s steps, a 2 s quantum. A's call runs t=0-3 (its
+    # prompt, then two decodes: 102 tokens computed, 103 in its sequence);
+    # B arrives at 2.5 in Q1 and displaces the demoted A at t=3.
+    programs = [prog("A", 0.0, call("a", 100, 10)), prog("B", 2.5, call("b", 50, 2))]
+    params = PolicyParams(queue_base=2.0, beta=1e9)
+    swap = simulate(programs, cfg(params, preemption_mode="swap"), "plas")
+    recompute = simulate(programs, cfg(params, preemption_mode="recompute"), "plas")
+    # Llama-3.1-8B: 131,072 KV bytes per token, 16-token blocks, A100 PCIe at
+    # 25 GB/s. A's 7 blocks go out in B's first step and back in A's next one.
+    per_block = 16 * 131072 / 25e9
+    assert swap.stats["swap_seconds"] == pytest.approx(2 * 7 * per_block)
+    assert recompute.stats["swap_seconds"] == 0.0
+    # Swap computes each prompt once; recompute re-prefills A's 103 tokens.
+    assert swap.stats["prefill_tokens"] == 100 + 50
+    assert recompute.stats["prefill_tokens"] == 100 + 50 + 103
+    rs, rr = by_id(swap), by_id(recompute)
+    assert (rr["B", "b"].first_scheduled, rr["B", "b"].finish, rr["A", "a"].finish) == (3.0, 5.0, 12.0)
+    assert rs["B", "b"].finish == pytest.approx(5.0 + 7 * per_block)
+    assert rs["A", "a"].finish == pytest.approx(12.0 + 2 * 7 * per_block)
+    assert rs["A", "a"].preemptions == rr["A", "a"].preemptions == 1
+
 def test_call_larger_than_kv_cache_is_a_clear_error():
     with pytest.raises(SimulationError, match=r"program 'A' call 'a'.*exceeds the KV cache"):
         simulate([prog("A", 0.0, call("a", 2000, 100))], cfg(num_gpu_blocks=10), "fcfs")
