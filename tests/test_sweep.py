@@ -185,16 +185,20 @@ def test_check_key():
 
 def test_repository_paper_sweeps_expand():
     counts = {}
-    for name in ("paper-single", "paper-single-unopt", "paper-multi", "paper-scaling"):
+    for name in ("paper-single", "paper-single-unopt", "paper-multi", "paper-scaling", "policy-params"):
         s = load_sweep(name)
         js = jobs(s)
         assert all(j.cfg is not None for j in js)
         counts[name] = (len(s.points), len(js), sorted({j.label for j in js}))
     # 4 workloads x 8 rates x 5 policies, and x fcfs-unopt; 3 balancers x 8 rates x 3 policies;
-    # 8 rates at 1 replica + 3 counts x 3 balancers x 8 rates.
+    # 8 rates at 1 replica + 3 counts x 3 balancers x 8 rates; 2 workloads x 4 bounds x 4 betas.
     assert counts == {
         "paper-single": (32, 160, ["atlas", "fcfs", "mlfq", "plas", "srpt"]),
         "paper-single-unopt": (32, 32, ["fcfs-unopt"]),
         "paper-multi": (24, 72, ["atlas", "fcfs", "plas"]),
         "paper-scaling": (80, 80, ["atlas"]),
+        "policy-params": (32, 32, ["atlas"]),
     }
+    params = {(j.cfg.workload.generator, j.cfg.policy_params.queue_base, j.cfg.policy_params.beta)
+              for j in jobs(load_sweep("policy-params"))}
+    assert len(params) == 32 and ("lats", 16.0, 1e9) in params
