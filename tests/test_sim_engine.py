@@ -112,6 +112,7 @@ def test_swap_keeps_computed_kv_and_charges_its_pcie_transfer_to_the_steps():
     assert rs["A", "a"].finish == pytest.approx(12.0 + 2 * 7 * per_block)
     assert rs["A", "a"].preemptions == rr["A", "a"].preemptions == 1
 
+
 def test_call_larger_than_kv_cache_is_a_clear_error():
     with pytest.raises(SimulationError, match=r"program 'A' call 'a'.*exceeds the KV cache"):
         simulate([prog("A", 0.0, call("a", 2000, 100))], cfg(num_gpu_blocks=10), "fcfs")
