@@ -288,8 +288,8 @@ class Replica:
             f"tokens, more than {LIVELOCK_RECOMPUTES}x its {len(self._live)} live calls' {work} tokens, without any "
             f"call sampling a token, because policy {self.core.policy.name!r} preempts calls before they "
             f"finish prefill and recompute throws the work away; set policy_params.preempt_limit to an "
-            f"integer (default 1), use "
-            f"engine.preemption_mode=swap, or give calls a longer quantum (policy_params.queue_base)"
+            f"integer (default 1), use engine.preemption_mode=swap, or give calls a longer quantum "
+            f"(policy_params.queue_base)"
         )
 
     # -- steady decodes, accounted lazily ----------------------------------------------
