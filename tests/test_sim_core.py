@@ -227,6 +227,15 @@ def test_locality_pins_long_calls_and_spreads_short_ones():
         make_balancer("random")
 
 
+def test_locality_threshold_zero_pins_every_call_to_its_program_engine():
+    table = ProcessTable(60.0)
+    sticky = make_balancer("locality", 0)
+    p, q = table.get_or_create("P", 0.0), table.get_or_create("Q", 0.0)
+    assert sticky.choose(10, p, [4, 2, 3]) == 1  # the first call pins, however short
+    assert sticky.choose(1, p, [4, 9, 0]) == 1
+    assert sticky.choose(10, q, [4, 9, 0]) == 2  # another program pins where load is least
+
+
 def test_process_table_expires_idle_programs_only():
     t = ProcessTable(ttl=10.0)
     c = SchedulerCore(make_policy("plas"), t)

@@ -185,20 +185,25 @@ def test_check_key():
 
 def test_repository_paper_sweeps_expand():
     counts = {}
-    for name in ("paper-single", "paper-single-unopt", "paper-multi", "paper-scaling", "policy-params"):
+    names = ("paper-single", "paper-single-unopt", "paper-multi", "paper-scaling", "policy-params", "locality-threshold")
+    for name in names:
         s = load_sweep(name)
         js = jobs(s)
         assert all(j.cfg is not None for j in js)
         counts[name] = (len(s.points), len(js), sorted({j.label for j in js}))
     # 4 workloads x 8 rates x 5 policies, and x fcfs-unopt; 3 balancers x 8 rates x 3 policies;
-    # 8 rates at 1 replica + 3 counts x 3 balancers x 8 rates; 2 workloads x 4 bounds x 4 betas.
+    # 8 rates at 1 replica + 3 counts x 3 balancers x 8 rates; 2 workloads x 4 bounds x 4 betas;
+    # (8 rates at 1 replica + 3 counts x 8 rates) x 3 thresholds.
     assert counts == {
         "paper-single": (32, 160, ["atlas", "fcfs", "mlfq", "plas", "srpt"]),
         "paper-single-unopt": (32, 32, ["fcfs-unopt"]),
         "paper-multi": (24, 72, ["atlas", "fcfs", "plas"]),
         "paper-scaling": (80, 80, ["atlas"]),
         "policy-params": (32, 32, ["atlas"]),
+        "locality-threshold": (32, 96, ["atlas-t0", "atlas-t2048", "atlas-t512"]),
     }
     params = {(j.cfg.workload.generator, j.cfg.policy_params.queue_base, j.cfg.policy_params.beta)
               for j in jobs(load_sweep("policy-params"))}
     assert len(params) == 32 and ("lats", 16.0, 1e9) in params
+    thresholds = {(j.label, j.cfg.policy_params.locality_threshold) for j in jobs(load_sweep("locality-threshold"))}
+    assert thresholds == {("atlas-t2048", 2048), ("atlas-t512", 512), ("atlas-t0", 0)}

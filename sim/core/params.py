@@ -65,7 +65,10 @@ class PolicyParams:
 
     # --- Load balancing --------------------------------------------------------
     # Calls with at most this many prompt tokens go to the least-used engine;
-    # longer ones stay on their program's engine (the paper's rule).
+    # longer ones stay on their program's engine (the paper's rule, which
+    # assumes a short prompt is mostly a shared system prompt). Where short
+    # calls re-send their program's history, 0 (every call follows its
+    # program) scales better: sweep locality-threshold, README.
     locality_threshold: int = 2048
 
     # --- Process table -------------------------------------------------------
