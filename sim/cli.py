@@ -18,6 +18,7 @@ RUN_EXAMPLES = """examples:
   python -m sim run bfcl-high --set workload.params.rate=2.5 --set policies=[fcfs,plas]
   python -m sim run multi-engine-locality --set engine.balancer=round_robin --out results/rr
   python -m sim run my-exp --experiments my.yaml --quiet
+  python -m sim run bfcl-high --seeds 5 --workers 2     # confidence intervals over 5 seeds
 """
 LIST_EXAMPLES = """examples:
   python -m sim list
@@ -65,6 +66,14 @@ def _parser() -> argparse.ArgumentParser:
     _experiments_arg(run)
     _set_arg(run, "override a dotted key; VALUE is YAML (e.g. engine.replicas=4, policies=[plas,fcfs]); repeatable")
     run.add_argument("-o", "--out", metavar="DIR", help="output directory (default: results/NAME)")
+    run.add_argument(
+        "--seeds",
+        type=int,
+        metavar="N",
+        help="replicate under N seeds (the experiment's seed and the next N-1): each in DIR/seed-S/, "
+        "means and 95%% confidence intervals in DIR/replications.json",
+    )
+    run.add_argument("-w", "--workers", type=int, metavar="N", help="with --seeds: seeds run in parallel (default: the number of CPUs)")
     run.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no result table")
 
     lst = sub.add_parser(
@@ -162,9 +171,39 @@ def result_table(summary: dict[str, Any]) -> str:
                 _fmt(s.get("normalized_latency_mean_vs_fcfs"), ".3f"),
             )
         )
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    return "\n".join(_aligned(rows))
+
+
+def _aligned(rows: Sequence[Sequence[str]]) -> list[str]:
+    """Rows as lines: the first column left-aligned, the others right-aligned."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
-    return "\n".join(line.rstrip() for line in lines)
+    return [line.rstrip() for line in lines]
+
+
+def _interval(entry: dict[str, Any] | None, spec: str) -> str:
+    if entry is None:
+        return "-"
+    return f"{entry['mean']:{spec}} [{entry['ci_low']:{spec}}, {entry['ci_high']:{spec}}]"
+
+
+def replication_table(doc: dict[str, Any]) -> str:
+    """The per-policy table printed after ``run --seeds``: means over seeds with their intervals."""
+    header = ("policy", "norm mean (s/tok)", "norm mean vs fcfs", "norm p95 vs fcfs", "waiting share")
+    rows = [header]
+    for policy, m in doc["policies"].items():
+        rows.append(
+            (
+                policy,
+                _interval(m["normalized_latency_mean"], ".4g"),
+                _interval(m["normalized_latency_mean_vs_fcfs"], ".3f"),
+                _interval(m["normalized_latency_p95_vs_fcfs"], ".3f"),
+                _interval(m["waiting_share_mean"], ".3f"),
+            )
+        )
+    seeds = doc["seeds"]
+    note = f"mean [{round(doc['confidence'] * 100)}% t-interval] over seeds {seeds[0]}..{seeds[-1]}; ratios paired per seed"
+    return "\n".join([*_aligned(rows), note])
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -195,6 +234,18 @@ def _run(args: argparse.Namespace) -> int:
 
     cfg = resolve(args.name, args.experiments, args.overrides)
     out = Path(args.out) if args.out else Path("results") / cfg.name
+    if args.seeds is not None:
+        from sim.replications import run_replications
+
+        doc = run_replications(cfg, args.seeds, out, workers=args.workers, quiet=args.quiet)
+        if not args.quiet:
+            print(replication_table(doc))
+            print(f"results in {out}")
+        return 0
+    if args.workers is not None:
+        from sim.experiments import ConfigError
+
+        raise ConfigError(f"--workers {args.workers}: only with --seeds (a plain run simulates its policies in turn)")
     summary = run_experiment(cfg, out, quiet=args.quiet)
     if not args.quiet:
         print(result_table(summary))
@@ -203,7 +254,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from sim.derived import format_table, throughput_table
+    from sim.derived import format_seed_table, format_table, seed_table, throughput_table
     from sim.sweep import jobs, load_sweep
     from sim.sweep_run import run_sweep
 
@@ -216,7 +267,10 @@ def _sweep(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path("results") / "sweeps" / sweep.name
     outcome = run_sweep(sweep, todo, out, workers=args.workers, backend=args.backend, quiet=args.quiet)
     if not args.quiet:
-        print(format_table(throughput_table(outcome.rows)))
+        table = throughput_table(outcome.rows)
+        print(format_table(table))
+        if over_seeds := seed_table(table):
+            print(format_seed_table(over_seeds))
         print(f"{len(outcome.rows)} jobs in {outcome.wall_s:.1f} s; results in {out}")
     if outcome.failed:
         print(f"error: {len(outcome.failed)} of {len(outcome.rows)} jobs failed (status and error in {out / 'sweep.csv'})", file=sys.stderr)
@@ -225,7 +279,7 @@ def _sweep(args: argparse.Namespace) -> int:
 
 
 def _plot(args: argparse.Namespace) -> int:
-    from sim.derived import format_table, load_rows, parse_target, throughput_table
+    from sim.derived import format_seed_table, format_table, load_rows, parse_target, seed_table, throughput_table
     from sim.experiments import ConfigError
     from sim.sweep_plots import draw_all
 
@@ -238,7 +292,10 @@ def _plot(args: argparse.Namespace) -> int:
         raise ConfigError(f"{' '.join(args.results)}: no rows to plot")
     results = Path(args.results[0])
     out = Path(args.out) if args.out else (results if results.is_dir() else results.parent) / "plots"
-    print(format_table(throughput_table(rows, args.target)))
+    table = throughput_table(rows, args.target)
+    print(format_table(table))
+    if over_seeds := seed_table(table):
+        print(format_seed_table(over_seeds))
     for path in draw_all(rows, out, args.target):
         print(f"wrote {path}")
     return 0

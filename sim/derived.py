@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from sim.confidence import CONFIDENCE, Interval, t_interval
+
 LATENCY = "normalized_latency_mean"
 BASELINES = ("fcfs", "mlfq", "fcfs-unopt")
 GROUP = ("workload", "replicas", "balancer")  # always part of a curve's identity
@@ -287,3 +289,89 @@ def format_table(table: Sequence[ThroughputRow]) -> str:
     widths = [max(len(r[i]) for r in lines) for i in range(len(header))]
     text = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip() for r in lines]
     return "\n".join(text) + "\n(>= : the policy met the target at every swept rate; - : at none)"
+
+
+# --- over seeds ----------------------------------------------------------------------------
+
+SEED = "seed"
+
+
+@dataclass
+class SeedRow:
+    """A curve's throughput and ratios over the seeds a sweep ran it under.
+
+    An interval needs every seed's value exact: a seed where the policy met
+    the target at every swept rate (``>=``) or at none (``-``) gives a bound
+    or nothing, and an interval over the other seeds would not be the same
+    quantity; ``per_seed`` keeps what each seed gave.
+    """
+
+    group: tuple[tuple[str, Any], ...]  # the curve's group without the seed
+    policy: str
+    seeds: tuple[Any, ...]
+    per_seed: tuple[Throughput, ...]
+    throughput: Interval | None
+    ratios: dict[str, Interval | None]
+
+    def inexact(self) -> str:
+        """``>= in 2/5, - in 1/5``: how many seeds gave a bound or nothing."""
+        n = len(self.per_seed)
+        counts = ((">=", sum(t.bound == "lower" for t in self.per_seed)), ("-", sum(t.bound == "none" for t in self.per_seed)))
+        return ", ".join(f"{sym} in {k}/{n}" for sym, k in counts if k)
+
+
+def seed_table(table: Sequence[ThroughputRow], confidence: float = CONFIDENCE) -> list[SeedRow]:
+    """Per (group but the seed, policy): throughput at L and its ratios over the seeds.
+
+    Ratios are paired: each is taken within one seed (both policies on the
+    same trace), and the interval is over those ratios. Empty unless the
+    sweep varies ``seed`` with at least two values for some curve.
+    """
+    by_curve: dict[tuple, list[ThroughputRow]] = {}
+    for t in table:
+        d = dict(t.group)
+        if SEED not in d:
+            continue
+        rest = tuple((k, v) for k, v in t.group if k != SEED)
+        by_curve.setdefault((rest, t.policy), []).append(t)
+    out = []
+    for (rest, policy), rows in by_curve.items():
+        if len(rows) < 2:
+            continue
+        exact = all(t.throughput.bound == "exact" for t in rows)
+        tp = t_interval([t.throughput.value for t in rows], confidence) if exact else None
+        ratios: dict[str, Interval | None] = {}
+        for b in BASELINES:
+            if not all(b in t.ratios for t in rows):
+                continue
+            rs = [t.ratios[b] for t in rows]
+            ratios[b] = t_interval([r.value for r in rs], confidence) if all(r.bound == "exact" for r in rs) else None
+        seeds = tuple(dict(t.group)[SEED] for t in rows)
+        out.append(SeedRow(rest, policy, seeds, tuple(t.throughput for t in rows), tp, ratios))
+    return out
+
+
+def format_seed_table(table: Sequence[SeedRow], confidence: float = CONFIDENCE) -> str:
+    """The text `python -m sim plot` adds for a sweep over seeds: means with intervals."""
+    baselines = [b for b in BASELINES if any(b in t.ratios for t in table)]
+    header = ["group", "policy", "seeds", "throughput (prog/s)", *(f"vs {b}" for b in baselines)]
+    lines = [header]
+
+    def cell(iv: Interval | None, spec: str, suffix: str = "") -> str:
+        if iv is None:
+            return "n/a"
+        return f"{iv.mean:{spec}}{suffix} [{iv.low:{spec}}, {iv.high:{spec}}]"
+
+    for t in table:
+        tp = cell(t.throughput, ".3g") if t.throughput else t.inexact()
+        lines.append(
+            [group_label(t.group), t.policy, str(len(t.seeds)), tp, *(cell(t.ratios[b], ".2f", "x") if b in t.ratios else "" for b in baselines)]
+        )
+    widths = [max(len(r[i]) for r in lines) for i in range(len(header))]
+    text = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip() for r in lines]
+    pct = round(confidence * 100)
+    return "\n".join(text) + (
+        f"\n(mean [{pct}% t-interval] over seeds; ratios paired per seed; "
+        ">= in k/n, - in k/n: seeds that met the target at every swept rate, or at none, so no interval; "
+        "n/a: a ratio with such a seed)"
+    )

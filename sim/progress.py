@@ -35,8 +35,8 @@ class Progress:
 
 
 @contextmanager
-def progress_bar(total: int, quiet: bool = False) -> Iterator[Progress]:
-    bar = tqdm(total=total, unit="prog", disable=quiet, leave=False, dynamic_ncols=True, mininterval=0.5)
+def progress_bar(total: int, quiet: bool = False, unit: str = "prog") -> Iterator[Progress]:
+    bar = tqdm(total=total, unit=unit, disable=quiet, leave=False, dynamic_ncols=True, mininterval=0.5)
     try:
         yield Progress(bar)
     finally:

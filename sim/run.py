@@ -30,6 +30,9 @@ from sim.progress import progress_bar
 from sim.records import CallRecord, ProgramRecord
 
 OUTPUTS = ("config.yaml", "calls.csv", "programs.csv", "summary.json", "latency.png")
+# Written by `sim.replications` in the same directory; a plain run removes it
+# so that it is not read as this run's.
+REPLICATIONS_FILE = "replications.json"
 
 
 @dataclass
@@ -70,7 +73,7 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, quiet: bool = Fal
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     programs = load_workload(cfg)
-    for name in OUTPUTS:  # never leave a previous run's file next to this run's
+    for name in (*OUTPUTS, REPLICATIONS_FILE):  # never leave a previous run's file next to this run's
         (out / name).unlink(missing_ok=True)
     _write_atomic(out / "config.yaml", dump_yaml(to_file_dict(cfg)))
 

@@ -19,14 +19,17 @@ import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 import numpy as np  # noqa: E402
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: E402
 
+from sim.confidence import t_interval  # noqa: E402
 from sim.derived import (  # noqa: E402
     LATENCY,
+    SEED,
     Curve,
     Throughput,
     curves,
     group_label,
     targets,
     parse_target,
+    seed_table,
     throughput_at,
     throughput_table,
 )
@@ -65,24 +68,60 @@ def _yscale(ax: Any, values: Sequence[float | None]) -> None:
     ax.yaxis.set_minor_formatter(NullFormatter())
 
 
+def _without_seed(group: tuple[tuple[str, Any], ...]) -> tuple[tuple[str, Any], ...]:
+    return tuple((k, v) for k, v in group if k != SEED)
+
+
+def _over_seeds(curves_: Sequence[Curve], metric: str) -> tuple[list[float], list[float], list[float], list[float]]:
+    """Rates, mean over the curves (seeds) and its 95% t band at each rate with >= 2 finished seeds."""
+    by_rate: dict[float, list[float]] = {}
+    for c in curves_:
+        for rate, v in zip(c.rates, c.metric(metric)):
+            if v is not None and np.isfinite(v):
+                by_rate.setdefault(rate, []).append(v)
+    rates, mean, low, high = [], [], [], []
+    for rate in sorted(by_rate):
+        vs = by_rate[rate]
+        iv = t_interval(vs) if len(vs) >= 2 else None
+        rates.append(rate)
+        mean.append(iv.mean if iv else vs[0])
+        low.append(iv.low if iv else np.nan)
+        high.append(iv.high if iv else np.nan)
+    return rates, mean, low, high
+
+
 def latency_vs_rate(rows: Sequence[dict[str, Any]], target: str | float | None = None) -> Any:
-    """Mean (top) and p99 (bottom) normalised latency against arrival rate, a panel per group."""
+    """Mean (top) and p99 (bottom) normalised latency against arrival rate, a panel per group.
+
+    A sweep over ``seed`` gets one panel per group across its seeds: the
+    mean over seeds at each rate with its 95% interval shaded.
+    """
     value, relative = parse_target(target)
     groups = curves(rows)
     Ls = targets(groups, value, relative)
+    panels: dict[tuple, dict[str, list[Curve]]] = {}
+    for group, by_policy in groups.items():
+        for policy, c in by_policy.items():
+            panels.setdefault(_without_seed(group), {}).setdefault(policy, []).append(c)
     with plt.rc_context(RC):
-        fig, axes = _panels(len(groups), rows=2)
-        for col, (group, by_policy) in enumerate(groups.items()):
-            L = Ls[group]
+        fig, axes = _panels(len(panels), rows=2)
+        for col, (panel, by_policy) in enumerate(panels.items()):
+            L = next(Ls[c.group] for cs in by_policy.values() for c in cs)  # one L per workload
+            seeds = max(len(cs) for cs in by_policy.values())
             for row, (metric, what) in enumerate(((LATENCY, "mean"), ("normalized_latency_p99", "p99"))):
                 ax = axes[row][col]
-                for policy, c in by_policy.items():
-                    ys = [np.nan if v is None else v for v in c.metric(metric)]
-                    ax.plot(c.rates, ys, marker="o", ms=3, label=policy)
+                shown: list[float | None] = []
+                for policy, cs in by_policy.items():
+                    rates, mean, low, high = _over_seeds(cs, metric)
+                    line = ax.plot(rates, mean, marker="o", ms=3, label=policy)[0]
+                    if len(cs) > 1:
+                        ax.fill_between(rates, low, high, color=line.get_color(), alpha=0.2, lw=0)
+                    shown += mean + [v for v in low + high if np.isfinite(v)]
                 if row == 0 and L is not None:
                     ax.axhline(L, color="grey", ls="--", lw=1, label=f"target L={L:.3g}")
-                _yscale(ax, [v for c in by_policy.values() for v in c.metric(metric)])
-                ax.set_title(group_label(group) if row == 0 else "")
+                _yscale(ax, shown)
+                title = group_label(panel) + (f" ({seeds} seeds, 95% band)" if seeds > 1 else "")
+                ax.set_title(title if row == 0 else "")
                 ax.set_xlabel("arrival rate (programs/s)")
                 ax.set_ylabel(f"{what} normalised latency (s/token)")
                 ax.grid(True, alpha=0.3)
@@ -95,30 +134,50 @@ def latency_vs_rate(rows: Sequence[dict[str, Any]], target: str | float | None =
 def throughput_ratio_bars(rows: Sequence[dict[str, Any]], target: str | float | None = None, baseline: str = "fcfs") -> Any:
     """Throughput at the target relative to ``baseline``, a bar per policy, a cluster per group.
 
-    Hatched bars are lower bounds (the policy met the target at every swept rate).
+    Hatched bars are lower bounds (the policy met the target at every swept
+    rate). A sweep over ``seed`` gets a cluster per group across its seeds:
+    the mean of the per-seed (paired) ratios with its 95% interval as an
+    error bar; no bar where some seed gave only a bound (``seed_table``).
     """
-    table = [t for t in throughput_table(rows, target) if baseline in t.ratios]
-    groups = list(dict.fromkeys(t.group for t in table))
-    policies = list(dict.fromkeys(t.policy for t in table))
+    table = throughput_table(rows, target)
+    over_seeds = seed_table(table)
+    # (group, policy) -> (ratio, lower bound?, (low, high) or None)
+    bars_of: dict[tuple, tuple[float | None, bool, tuple[float, float] | None]] = {}
+    if over_seeds:
+        for t in over_seeds:
+            if baseline in t.ratios:
+                iv = t.ratios[baseline]
+                bars_of[t.group, t.policy] = (None, False, None) if iv is None else (iv.mean, False, (iv.low, iv.high))
+        title = "Throughput at equal latency: mean over seeds, 95% interval\n(n/a: some seed met the target at every swept rate or at none)"
+    else:
+        for t in table:
+            if baseline in t.ratios:
+                r = t.ratios[baseline]
+                bars_of[t.group, t.policy] = (r.value, r.bound in ("lower", "unknown"), None)
+        title = "Throughput at equal latency (hatched: lower bound)"
+    groups = list(dict.fromkeys(g for g, _ in bars_of))
+    policies = list(dict.fromkeys(p for _, p in bars_of))
     with plt.rc_context(RC):
         fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(groups) * max(len(policies), 1) * 0.5 + 3), 4), dpi=DPI)
         width = 0.8 / max(len(policies), 1)
         pos = np.arange(len(groups))
         for i, policy in enumerate(policies):
-            heights, hatches = [], []
-            for g in groups:
-                r = next((t.ratios[baseline] for t in table if t.group == g and t.policy == policy), None)
-                heights.append(0.0 if r is None or r.value is None else r.value)
-                hatches.append("//" if r is not None and r.bound in ("lower", "unknown") else "")
-            bars = ax.bar(pos + (i - (len(policies) - 1) / 2) * width, heights, width, label=policy)
-            for bar, hatch, h in zip(bars, hatches, heights):
-                bar.set_hatch(hatch)
+            cells = [bars_of.get((g, policy), (None, False, None)) for g in groups]
+            heights = [0.0 if v is None else v for v, _, _ in cells]
+            err = np.array([[v - ci[0], ci[1] - v] if ci is not None and v is not None else [0.0, 0.0] for v, _, ci in cells]).T
+            bars = ax.bar(pos + (i - (len(policies) - 1) / 2) * width, heights, width, label=policy,
+                          yerr=err if over_seeds else None, capsize=3 if over_seeds else 0)
+            for bar, (_, bound, _), h in zip(bars, cells, heights):
+                bar.set_hatch("//" if bound else "")
+                x = bar.get_x() + bar.get_width() / 2
                 if h > 0:
-                    ax.annotate(f"{h:.2f}", (bar.get_x() + bar.get_width() / 2, h), ha="center", va="bottom", fontsize="x-small")
+                    ax.annotate(f"{h:.2f}", (x, h), ha="center", va="bottom", fontsize="x-small")
+                elif over_seeds:
+                    ax.annotate("n/a", (x, 0), ha="center", va="bottom", fontsize="x-small")
         ax.axhline(1.0, color="grey", lw=1)
         ax.set_xticks(pos, [group_label(g) for g in groups])
         ax.set_ylabel(f"throughput at target latency / {baseline}'s")
-        ax.set_title("Throughput at equal latency (hatched: lower bound)")
+        ax.set_title(title)
         ax.grid(True, axis="y", alpha=0.3)
         ax.legend(fontsize="small", ncols=min(len(policies), 6) or 1)
         fig.tight_layout()

@@ -172,3 +172,54 @@ def test_relative_target_is_shared_by_a_workloads_groups():
     # round robin: 4 + (0.002 / 0.013) * 2; locality never above 0.06
     assert table["round_robin"].throughput.value == pytest.approx(4 + 2 * 0.002 / 0.013)
     assert table["locality"].throughput == Throughput(6, "lower")
+
+
+def seeded(seed, policy, lats, workload="bfcl"):
+    """Rows of a sweep over ``seed``, which sits with the other swept keys before ``variant``."""
+    return [
+        {
+            "sweep": "s", "point": i, "workload": workload, "rate": r, "replicas": 1, "balancer": "locality",
+            "seed": seed, "variant": "default", "policy": policy, "scheduler": policy, "status": "ok",
+            "normalized_latency_mean": lat,
+        }
+        for i, (r, lat) in enumerate(zip([2, 4, 6], lats))
+    ]
+
+
+def test_seed_table_pairs_ratios_within_seeds():
+    from sim.derived import format_seed_table, seed_table
+
+    data = (
+        seeded(0, "fcfs", [0.02, 0.06, 0.2]) + seeded(0, "plas", [0.02, 0.03, 0.06])
+        + seeded(1, "fcfs", [0.02, 0.04, 0.2]) + seeded(1, "plas", [0.02, 0.03, 0.05])
+        + seeded(2, "fcfs", [0.02, 0.05, 0.2]) + seeded(2, "plas", [0.02, 0.035, 0.045])
+    )
+    # By hand at L = 0.04: FCFS 3, 4 and 2 + (0.02 / 0.03) * 2 = 3.333; PLAS 4 + (0.01 / 0.03) * 2 = 4.667,
+    # 4 + (0.01 / 0.02) * 2 = 5 and 4 + (0.005 / 0.01) * 2 = 5; ratios per seed 1.556, 1.25, 1.5.
+    table = throughput_table(data, "0.04")
+    assert len(table) == 6  # one curve per seed and policy
+    over = {t.policy: t for t in seed_table(table)}
+    assert dict(over["plas"].group) == {"workload": "bfcl", "replicas": 1, "balancer": "locality"}
+    assert over["plas"].seeds == (0, 1, 2) and over["plas"].inexact() == ""
+    assert over["fcfs"].throughput.values == pytest.approx((3.0, 4.0, 10 / 3))
+    assert over["plas"].throughput.mean == pytest.approx((14 / 3 + 5 + 5) / 3)
+    r = over["plas"].ratios["fcfs"]
+    assert r.values == pytest.approx((14 / 9, 1.25, 1.5))
+    assert r.mean == pytest.approx((14 / 9 + 1.25 + 1.5) / 3) and r.low < r.mean < r.high
+    text = format_seed_table(list(over.values()))
+    assert "1.44x [" in text and "ratios paired per seed" in text
+
+    # A seed where PLAS meets L at every rate gives a bound: no interval, and the count says so.
+    data[-3:] = seeded(2, "plas", [0.02, 0.03, 0.03])
+    over = {t.policy: t for t in seed_table(throughput_table(data, "0.04"))}
+    assert over["plas"].throughput is None and over["plas"].inexact() == ">= in 1/3"
+    assert over["plas"].ratios["fcfs"] is None and over["fcfs"].ratios["fcfs"] is not None
+    text = format_seed_table(list(over.values()))
+    assert ">= in 1/3" in text and "n/a" in text
+
+
+def test_seed_table_needs_a_swept_seed_with_two_values():
+    from sim.derived import seed_table
+
+    assert seed_table(throughput_table(rows("bfcl", "fcfs", [2, 4], [0.02, 0.06]), "0.04")) == []
+    assert seed_table(throughput_table(seeded(0, "fcfs", [0.02, 0.06, 0.2]), "0.04")) == []

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import textwrap
 
 import pytest
@@ -185,7 +187,8 @@ def test_check_key():
 
 def test_repository_paper_sweeps_expand():
     counts = {}
-    names = ("paper-single", "paper-single-unopt", "paper-multi", "paper-scaling", "policy-params", "locality-threshold")
+    names = ("paper-single", "paper-single-unopt", "paper-single-seeds", "paper-multi", "paper-scaling", "policy-params",
+             "locality-threshold")
     for name in names:
         s = load_sweep(name)
         js = jobs(s)
@@ -193,10 +196,11 @@ def test_repository_paper_sweeps_expand():
         counts[name] = (len(s.points), len(js), sorted({j.label for j in js}))
     # 4 workloads x 8 rates x 5 policies, and x fcfs-unopt; 3 balancers x 8 rates x 3 policies;
     # 8 rates at 1 replica + 3 counts x 3 balancers x 8 rates; 2 workloads x 4 bounds x 4 betas;
-    # (8 rates at 1 replica + 3 counts x 8 rates) x 3 thresholds.
+    # (8 rates at 1 replica + 3 counts x 8 rates) x 3 thresholds; paper-single's points x 5 seeds x 3 policies.
     assert counts == {
         "paper-single": (32, 160, ["atlas", "fcfs", "mlfq", "plas", "srpt"]),
         "paper-single-unopt": (32, 32, ["fcfs-unopt"]),
+        "paper-single-seeds": (160, 480, ["atlas", "fcfs", "srpt"]),
         "paper-multi": (24, 72, ["atlas", "fcfs", "plas"]),
         "paper-scaling": (80, 80, ["atlas"]),
         "policy-params": (32, 32, ["atlas"]),
@@ -207,3 +211,13 @@ def test_repository_paper_sweeps_expand():
     assert len(params) == 32 and ("lats", 16.0, 1e9) in params
     thresholds = {(j.label, j.cfg.policy_params.locality_threshold) for j in jobs(load_sweep("locality-threshold"))}
     assert thresholds == {("atlas-t2048", 2048), ("atlas-t512", 512), ("atlas-t0", 0)}
+    # each of paper-single's (workload, rate) points under seeds 0-4, the rest of the config equal
+    single = {(j.cfg.workload.generator, j.cfg.workload.params["rate"], j.policy) for j in jobs(load_sweep("paper-single"))}
+    seeded = [j.cfg for j in jobs(load_sweep("paper-single-seeds"))]
+    by_point: dict = {}
+    for cfg in seeded:
+        by_point.setdefault((cfg.workload.generator, cfg.workload.params["rate"]), set()).add(cfg.seed)
+    assert {(g, r) for g, r, _ in single} == set(by_point) and all(v == {0, 1, 2, 3, 4} for v in by_point.values())
+    base = [j.cfg for j in jobs(load_sweep("paper-single")) if j.cfg.workload.params["rate"] == 6 and j.policy == "atlas"]
+    at_6 = [c for c in seeded if c.workload.generator == "bfcl" and c.workload.params["rate"] == 6]
+    assert len(at_6) == 15 and all(replace(c, seed=0, policies=base[0].policies) == base[0] for c in at_6)

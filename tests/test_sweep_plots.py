@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import matplotlib
+import pytest
 
 from sim.sweep_plots import breakdown_loads, draw_all, has_scaling
 from sim.derived import curves
@@ -52,3 +53,50 @@ def test_breakdown_loads_light_and_heavy():
     assert breakdown_loads(fcfs, 0.04) == (2, 4)
     assert breakdown_loads(fcfs, 0.2) == (2, 4)  # sustains up to 5.2/s: 4 is the highest rate under it
     assert breakdown_loads(fcfs, 1.0) == (2, 6)  # never above L
+
+
+def seeded_rows():
+    """Three seeds of the same curves, latencies scaled by 0.9, 1.0 and 1.1; ``seed`` swept."""
+    out = []
+    for seed, scale in ((0, 0.9), (1, 1.0), (2, 1.1)):
+        for r in rows():
+            if r["policy"] == "fcfs-unopt":
+                continue
+            lat = r["normalized_latency_mean"] * scale
+            keys = list(r)
+            r = {**{k: r[k] for k in keys[: keys.index("variant")]}, "seed": seed, **{k: r[k] for k in keys[keys.index("variant"):]}}
+            out.append({**r, "normalized_latency_mean": lat, "normalized_latency_p99": 3 * lat})
+    return out
+
+
+def test_latency_figure_over_seeds_is_one_panel_with_a_band():
+    from sim.sweep_plots import latency_vs_rate
+
+    fig = latency_vs_rate(seeded_rows(), 0.06)
+    top = fig.axes[0]
+    assert len(fig.axes) == 2  # one panel (mean and p99), not one per seed
+    assert top.get_title() == "bfcl (3 seeds, 95% band)"
+    fcfs = next(line for line in top.get_lines() if line.get_label() == "fcfs")
+    assert list(fcfs.get_ydata()) == [pytest.approx(0.02), pytest.approx(0.05), pytest.approx(0.3)]  # the mean of 0.9, 1, 1.1 x
+    assert len(top.collections) == 2  # a shaded interval per policy
+
+
+def test_ratio_figure_over_seeds_has_error_bars(tmp_path):
+    from sim.sweep_plots import throughput_ratio_bars
+
+    # L = 0.06: FCFS 4 + 2 x (0.06 - 0.05 s) / (0.3 s - 0.05 s) per scale; PLAS 4 + 2 x (0.06 - 0.03 s) / (0.05 s)
+    fig = throughput_ratio_bars(seeded_rows(), 0.06)
+    ax = fig.axes[0]
+    heights = [round(b.get_height(), 3) for b in ax.patches]
+    expected = []
+    for policy in ("fcfs", "plas"):
+        ratios = []
+        for scale in (0.9, 1.0, 1.1):
+            f5, f3, p3, p8 = 0.05 * scale, 0.3 * scale, 0.03 * scale, 0.08 * scale
+            fcfs = 4 + 2 * (0.06 - f5) / (f3 - f5)
+            plas = 4 + 2 * (0.06 - p3) / (p8 - p3)
+            ratios.append((plas if policy == "plas" else fcfs) / fcfs)
+        expected.append(round(sum(ratios) / 3, 3))
+    assert heights == expected
+    assert len(ax.containers[1].errorbar.lines[2][0].get_segments()) == 1  # plas's interval
+    assert "mean over seeds" in ax.get_title()

@@ -38,6 +38,9 @@ sweeps:
     variants:
       default: {}
       unopt: {policies: [fcfs], set: {engine.enable_prefix_caching: false, engine.enable_chunked_prefill: false}}
+  seeds:
+    experiment: tiny
+    grid: {workload.params.rate: [2.0, 40.0], seed: [0, 1, 2]}
 """
 
 
@@ -184,6 +187,21 @@ def test_cli_sweep_then_plot(exp, tmp_path):
         assert (tmp_path / "out" / "plots" / f"{name}.svg").is_file()
     bad = sim("plot", "out", "--target", "fast", cwd=tmp_path)
     assert bad.returncode == 1 and bad.stderr.startswith("error: --target fast")
+
+
+def test_cli_sweep_over_seeds_reports_intervals(exp, tmp_path):
+    res = sim("sweep", "seeds", "-e", "exp.yaml", "-w", "2", "--out", "out", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    rows = read(tmp_path / "out" / "sweep.csv")
+    assert [(r["rate"], r["seed"], r["policy"]) for r in rows[:4]] == [("2.0", "0", "fcfs"), ("2.0", "0", "plas"), ("2.0", "1", "fcfs"), ("2.0", "1", "plas")]
+    # tiny programs never fill the batch: every seed meets a 2x target at both rates, and none meets 1 ms
+    for out, text in ((res.stdout, ">= in 3/3"), (sim("plot", "out", "--target", "0.001", cwd=tmp_path).stdout, "- in 3/3")):
+        lines = out.splitlines()
+        start = next(i for i, line in enumerate(lines) if line.split()[:3] == ["group", "policy", "seeds"])
+        assert [line.split() for line in lines[start + 1 : start + 3]] == [
+            ["bfcl", "fcfs", "3", *text.split(), "n/a"], ["bfcl", "plas", "3", *text.split(), "n/a"]
+        ]
+        assert "ratios paired per seed" in lines[start + 3]
 
 
 def test_ray_backend_on_a_local_ray_cluster_gives_the_process_pools_table(exp, tmp_path):

@@ -1,0 +1,128 @@
+"""Replications: one experiment under several seeds, with confidence intervals.
+
+One run answers "PLAS gives 0.94x FCFS's mean normalised latency on this
+trace". Whether that holds for the workload, rather than for one draw of
+it, needs independent replications: the generator reseeded, the same
+policies on each draw. ``python -m sim run NAME --seeds N`` runs seeds
+SEED..SEED+N-1 (SEED is the experiment's) and reports, per policy and
+metric, the mean over seeds and a Student-t confidence interval.
+
+Ratios to FCFS are paired: each seed's ratio compares the policies on the
+same trace (`sim.metrics.add_ratios`), and the interval is over those
+per-seed ratios. Pairing removes the trace-to-trace variation that both
+policies share, so a small gain can be told from noise with few seeds; an
+interval that excludes 1 is a difference the replications support.
+
+Outputs in the run's directory: ``seed-S/`` per seed (a complete run,
+rerunnable from its ``config.yaml``) and ``replications.json``. The file is
+byte-identical for the same experiment and seeds.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Sequence
+
+from sim.confidence import CONFIDENCE, t_interval
+from sim.config import ExperimentConfig
+from sim.experiments import ConfigError
+from sim.metrics import BASELINE, RATIO_METRICS
+
+# The metrics given an interval: the paper's (normalised latency, its tail,
+# program latency), the waiting share that explains them, and every ratio.
+METRICS = (
+    "normalized_latency_mean",
+    "normalized_latency_p50",
+    "normalized_latency_p95",
+    "normalized_latency_p99",
+    "program_latency_mean",
+    "program_latency_p95",
+    "waiting_share_mean",
+    "prefix_hit_rate",
+) + tuple(f"{m}_vs_{BASELINE}" for m in RATIO_METRICS)
+
+
+def summarize_replications(
+    experiment: str, seeds: Sequence[int], summaries: Sequence[dict[str, Any]], confidence: float = CONFIDENCE
+) -> dict[str, Any]:
+    """The ``replications.json`` document from each seed's ``summary.json``.
+
+    A metric that is missing or null in any seed (a policy that finished no
+    programs, a ratio without FCFS in the run) gets null rather than an
+    interval over fewer seeds, which would not be the same quantity.
+    """
+    if len(seeds) != len(summaries):
+        raise ValueError(f"{len(seeds)} seeds but {len(summaries)} summaries")
+    policies = list(summaries[0]["policies"])
+    doc: dict[str, Any] = {"experiment": experiment, "seeds": list(seeds), "confidence": confidence, "policies": {}}
+    for policy in policies:
+        per_metric: dict[str, Any] = {}
+        for metric in METRICS:
+            values = [s["policies"].get(policy, {}).get(metric) for s in summaries]
+            per_metric[metric] = None if any(v is None for v in values) else t_interval(values, confidence).to_json()
+        doc["policies"][policy] = per_metric
+    return doc
+
+
+def seeds_of(cfg: ExperimentConfig, count: int) -> list[int]:
+    """The seeds of ``count`` replications of ``cfg``: its own seed and the next ones."""
+    if count < 2:
+        raise ConfigError(f"--seeds {count}: expected an integer >= 2 (one seed is a plain run)")
+    if cfg.workload.trace is not None:
+        raise ConfigError(
+            f"--seeds: experiment '{cfg.name}' replays the trace file {cfg.workload.trace}, which the "
+            "seed does not change; replications need a generated workload (workload.generator)"
+        )
+    return [cfg.seed + i for i in range(count)]
+
+
+def _run_seed(cfg: ExperimentConfig, out_dir: str, quiet: bool) -> dict[str, Any]:
+    from sim.run import run_experiment
+
+    return run_experiment(cfg, out_dir, quiet=quiet)
+
+
+def run_replications(
+    cfg: ExperimentConfig, count: int, out_dir: str | Path, workers: int | None = None, quiet: bool = False
+) -> dict[str, Any]:
+    """Run ``cfg`` under ``count`` seeds into ``out_dir/seed-S/`` and write ``replications.json``.
+
+    Seeds run in a spawn process pool of ``workers`` (default: one per CPU,
+    at most one per seed); with one worker they run here, each with its
+    progress bar. Results do not depend on the number of workers.
+    """
+    from sim.progress import progress_bar
+    from sim.run import OUTPUTS, REPLICATIONS_FILE
+
+    seeds = seeds_of(cfg, count)
+    if workers is not None and workers < 1:
+        raise ConfigError(f"--workers {workers}: expected an integer >= 1")
+    workers = min(count, workers or os.cpu_count() or 1)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in (*OUTPUTS, REPLICATIONS_FILE):  # a plain run's files would read as this run's
+        (out / name).unlink(missing_ok=True)
+    configs = {s: replace(cfg, seed=s) for s in seeds}
+    summaries: dict[int, dict[str, Any]] = {}
+    if workers == 1:
+        for s in seeds:
+            summaries[s] = _run_seed(configs[s], str(out / f"seed-{s}"), quiet)
+    else:
+        ctx = multiprocessing.get_context("spawn")
+        with progress_bar(count, quiet, unit="seed") as bar, ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+            bar.describe("seeds")
+            futures = {pool.submit(_run_seed, configs[s], str(out / f"seed-{s}"), True): s for s in seeds}
+            for fut in as_completed(futures):
+                summaries[futures[fut]] = fut.result()
+                bar.advance(1)
+    doc = summarize_replications(cfg.name, seeds, [summaries[s] for s in seeds])
+    tmp = out / (REPLICATIONS_FILE + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=2, allow_nan=False) + "\n", encoding="utf-8", newline="\n")
+    os.replace(tmp, out / REPLICATIONS_FILE)
+    return doc
+
