@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from sim.metrics import mean, percentile, read_programs_csv
+from sim.textout import aligned
 
 REPLAY_JSON = "replay.json"
 METRICS = (("mean", lambda v: mean(v)), ("p50", lambda v: percentile(v, 50)), ("p95", lambda v: percentile(v, 95)))
@@ -89,9 +90,7 @@ def error_table(rows: Sequence[Comparison]) -> str:
             m, s, e = c.measured[metric], c.simulated[metric], c.error_pct(metric)
             lines.append((c.policy, str(c.programs), f"latency {metric}", "-" if m is None else f"{m:.4g}",
                           "-" if s is None else f"{s:.4g}", "-" if e is None else f"{round(e, 1) + 0.0:+.1f}%"))
-    widths = [max(len(r[i]) for r in lines) for i in range(len(header))]
-    return "\n".join("  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
-                     for r in lines)
+    return "\n".join(aligned(lines, left=3))
 
 
 def simulated_latencies(trace: str, cfg, policy: str) -> dict[str, float]:

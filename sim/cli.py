@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+from sim.textout import aligned
+
 RUN_EXAMPLES = """examples:
   python -m sim run quickstart
   python -m sim run bfcl-high --set workload.params.rate=2.5 --set policies=[fcfs,plas]
@@ -171,14 +173,7 @@ def result_table(summary: dict[str, Any]) -> str:
                 _fmt(s.get("normalized_latency_mean_vs_fcfs"), ".3f"),
             )
         )
-    return "\n".join(_aligned(rows))
-
-
-def _aligned(rows: Sequence[Sequence[str]]) -> list[str]:
-    """Rows as lines: the first column left-aligned, the others right-aligned."""
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
-    return [line.rstrip() for line in lines]
+    return "\n".join(aligned(rows))
 
 
 def _interval(entry: dict[str, Any] | None, spec: str) -> str:
@@ -203,7 +198,7 @@ def replication_table(doc: dict[str, Any]) -> str:
         )
     seeds = doc["seeds"]
     note = f"mean [{round(doc['confidence'] * 100)}% t-interval] over seeds {seeds[0]}..{seeds[-1]}; ratios paired per seed"
-    return "\n".join([*_aligned(rows), note])
+    return "\n".join([*aligned(rows), note])
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:

@@ -36,8 +36,11 @@ class Interval:
 def t_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> Interval:
     """Mean +- t(n-1) x s / sqrt(n), s the sample standard deviation.
 
-    The t interval assumes roughly normal per-seed values; a per-seed mean
-    over hundreds of programs is, by the central limit theorem.
+    The t interval assumes roughly normal per-seed values. A per-seed mean
+    over hundreds of programs is close to that by the central limit
+    theorem; for tails (p95, p99), ratios and throughput interpolated at a
+    target, near saturation above all, it is an approximation, and a
+    handful of seeds gives a rough interval.
     """
     from scipy.stats import t
 

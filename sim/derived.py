@@ -22,6 +22,10 @@ policy label. The default target is relative: ``2x`` the lowest mean
 normalised latency any policy reaches at the group's lowest rate, because
 absolute s/token targets differ by workload (a 60-call LATS tree waits on
 its critical path, a chat turn does not).
+
+A sweep that varies ``seed`` makes one curve per seed; `seed_table` then
+gives each curve's throughput and ratios across its seeds as a mean with a
+Student-t interval, the ratios paired within each seed.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from sim.confidence import CONFIDENCE, Interval, t_interval
+from sim.textout import aligned
 
 LATENCY = "normalized_latency_mean"
 BASELINES = ("fcfs", "mlfq", "fcfs-unopt")
@@ -286,9 +291,7 @@ def format_table(table: Sequence[ThroughputRow]) -> str:
                 *(t.ratios[b].text() if b in t.ratios else "" for b in baselines),
             ]
         )
-    widths = [max(len(r[i]) for r in lines) for i in range(len(header))]
-    text = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip() for r in lines]
-    return "\n".join(text) + "\n(>= : the policy met the target at every swept rate; - : at none)"
+    return "\n".join(aligned(lines, left=2)) + "\n(>= : the policy met the target at every swept rate; - : at none)"
 
 
 # --- over seeds ----------------------------------------------------------------------------
@@ -320,6 +323,54 @@ class SeedRow:
         return ", ".join(f"{sym} in {k}/{n}" for sym, k in counts if k)
 
 
+def without_seed(group: tuple[tuple[str, Any], ...]) -> tuple[tuple[str, Any], ...]:
+    """A group's key across its seeds; a group without a seed (None: a grid
+    case that does not set it) is kept as it is, apart from seeded ones."""
+    if dict(group).get(SEED) is None:
+        return group
+    return tuple((k, v) for k, v in group if k != SEED)
+
+
+def mean_over_seeds(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows of a sweep over ``seed`` collapsed to one per (point but the seed, label).
+
+    For the figures that show no interval (waiting, scaling): a number
+    column is the mean over the seeds, and the row is ``ok`` only if every
+    seed's is (an average over the seeds that finished would be another
+    quantity, so a number is None otherwise). Rows without a seed pass
+    through unchanged; order is first appearance.
+    """
+    merged: dict[tuple, list[dict[str, Any]]] = {}
+    for r in rows:
+        if r.get(SEED) is None:
+            merged[("row", len(merged))] = [r]
+            continue
+        key = (without_seed(group_key(r)), r.get("variant"), r.get("policy"), r.get("rate"))
+        merged.setdefault(key, []).append(r)
+    out = []
+    for group in merged.values():
+        if len(group) == 1 and group[0].get(SEED) is None:
+            out.append(group[0])
+            continue
+        ok = all(r.get("status") == "ok" for r in group)
+        identity = {k for k, _ in group_key(group[0])} | {"sweep", "point", "rate", "variant", "policy", "scheduler"}
+        row: dict[str, Any] = {}
+        for col, first in group[0].items():
+            values = [r.get(col) for r in group]
+            if col == SEED:
+                continue
+            if col in identity:  # the same in every seed (``point`` is the first seed's)
+                row[col] = first
+            elif col == "status":
+                row[col] = "ok" if ok else "failed"
+            elif ok and all(_finite(v) for v in values):
+                row[col] = math.fsum(values) / len(values)
+            else:  # text (an error), or a number some seed lacks
+                row[col] = first if len(set(map(repr, values))) == 1 else None
+        out.append(row)
+    return out
+
+
 def seed_table(table: Sequence[ThroughputRow], confidence: float = CONFIDENCE) -> list[SeedRow]:
     """Per (group but the seed, policy): throughput at L and its ratios over the seeds.
 
@@ -329,11 +380,9 @@ def seed_table(table: Sequence[ThroughputRow], confidence: float = CONFIDENCE) -
     """
     by_curve: dict[tuple, list[ThroughputRow]] = {}
     for t in table:
-        d = dict(t.group)
-        if SEED not in d:
+        if dict(t.group).get(SEED) is None:  # not swept, or a grid case that does not set it
             continue
-        rest = tuple((k, v) for k, v in t.group if k != SEED)
-        by_curve.setdefault((rest, t.policy), []).append(t)
+        by_curve.setdefault((without_seed(t.group), t.policy), []).append(t)
     out = []
     for (rest, policy), rows in by_curve.items():
         if len(rows) < 2:
@@ -352,7 +401,7 @@ def seed_table(table: Sequence[ThroughputRow], confidence: float = CONFIDENCE) -
 
 
 def format_seed_table(table: Sequence[SeedRow], confidence: float = CONFIDENCE) -> str:
-    """The text `python -m sim plot` adds for a sweep over seeds: means with intervals."""
+    """The text `python -m sim sweep` and `plot` add for a sweep over seeds: means with intervals."""
     baselines = [b for b in BASELINES if any(b in t.ratios for t in table)]
     header = ["group", "policy", "seeds", "throughput (prog/s)", *(f"vs {b}" for b in baselines)]
     lines = [header]
@@ -367,10 +416,8 @@ def format_seed_table(table: Sequence[SeedRow], confidence: float = CONFIDENCE) 
         lines.append(
             [group_label(t.group), t.policy, str(len(t.seeds)), tp, *(cell(t.ratios[b], ".2f", "x") if b in t.ratios else "" for b in baselines)]
         )
-    widths = [max(len(r[i]) for r in lines) for i in range(len(header))]
-    text = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip() for r in lines]
     pct = round(confidence * 100)
-    return "\n".join(text) + (
+    return "\n".join(aligned(lines, left=2)) + (
         f"\n(mean [{pct}% t-interval] over seeds; ratios paired per seed; "
         ">= in k/n, - in k/n: seeds that met the target at every swept rate, or at none, so no interval; "
         "n/a: a ratio with such a seed)"

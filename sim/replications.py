@@ -32,6 +32,7 @@ from sim.confidence import CONFIDENCE, t_interval
 from sim.config import ExperimentConfig
 from sim.experiments import ConfigError
 from sim.metrics import BASELINE, RATIO_METRICS
+from sim.textout import write_atomic
 
 # The metrics given an interval: the paper's (normalised latency, its tail,
 # program latency), the waiting share that explains them, and every ratio.
@@ -97,7 +98,7 @@ def run_replications(
     progress bar. Results do not depend on the number of workers.
     """
     from sim.progress import progress_bar
-    from sim.run import OUTPUTS, REPLICATIONS_FILE
+    from sim.run import OUTPUTS, REPLICATIONS_FILE, remove_seed_dirs
 
     seeds = seeds_of(cfg, count)
     if workers is not None and workers < 1:
@@ -105,8 +106,10 @@ def run_replications(
     workers = min(count, workers or os.cpu_count() or 1)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    for name in (*OUTPUTS, REPLICATIONS_FILE):  # a plain run's files would read as this run's
+    # A plain run's files, or a seed directory this run does not make, would read as this run's.
+    for name in (*OUTPUTS, REPLICATIONS_FILE):
         (out / name).unlink(missing_ok=True)
+    remove_seed_dirs(out, keep=seeds)
     configs = {s: replace(cfg, seed=s) for s in seeds}
     summaries: dict[int, dict[str, Any]] = {}
     if workers == 1:
@@ -117,12 +120,16 @@ def run_replications(
         with progress_bar(count, quiet, unit="seed") as bar, ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
             bar.describe("seeds")
             futures = {pool.submit(_run_seed, configs[s], str(out / f"seed-{s}"), True): s for s in seeds}
-            for fut in as_completed(futures):
-                summaries[futures[fut]] = fut.result()
-                bar.advance(1)
+            try:
+                for fut in as_completed(futures):
+                    summaries[futures[fut]] = fut.result()
+                    bar.advance(1)
+            except BaseException:
+                # A bad seed (a call that cannot fit, an interrupt) ends the run now,
+                # not after the queued seeds have run for minutes.
+                pool.shutdown(wait=False, cancel_futures=True)
+                raise
     doc = summarize_replications(cfg.name, seeds, [summaries[s] for s in seeds])
-    tmp = out / (REPLICATIONS_FILE + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=2, allow_nan=False) + "\n", encoding="utf-8", newline="\n")
-    os.replace(tmp, out / REPLICATIONS_FILE)
+    write_atomic(out / REPLICATIONS_FILE, json.dumps(doc, indent=2, allow_nan=False) + "\n")
     return doc
 

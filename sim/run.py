@@ -9,6 +9,10 @@ be diffed and cached):
 * ``summary.json``: `sim.metrics.summarize_run`;
 * ``latency.png``: `sim.plots.latency_plot`.
 
+A plain run removes what an earlier ``--seeds`` run left in the same
+directory (``replications.json`` and its ``seed-S/`` directories), so the
+directory holds one run's results.
+
 A long run must not lose finished work, so the CSVs are appended and
 flushed after each policy and ``summary.json`` is rewritten (atomically)
 after each policy; the plot comes last.
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -28,6 +33,7 @@ from sim.metrics import summarize_run, write_header, write_rows
 from sim.plots import latency_plot
 from sim.progress import progress_bar
 from sim.records import CallRecord, ProgramRecord
+from sim.textout import write_atomic
 
 OUTPUTS = ("config.yaml", "calls.csv", "programs.csv", "summary.json", "latency.png")
 # Written by `sim.replications` in the same directory; a plain run removes it
@@ -55,12 +61,6 @@ def load_workload(cfg: ExperimentConfig) -> list[Any]:
     return list(generate(w.generator, seed=cfg.seed, **w.params))
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8", newline="\n")
-    os.replace(tmp, path)
-
-
 def summary_text(summary: dict[str, Any]) -> str:
     # Key order is fixed by construction (policies in run order), so no sort_keys.
     return json.dumps(summary, indent=2, allow_nan=False) + "\n"
@@ -75,7 +75,8 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, quiet: bool = Fal
     programs = load_workload(cfg)
     for name in (*OUTPUTS, REPLICATIONS_FILE):  # never leave a previous run's file next to this run's
         (out / name).unlink(missing_ok=True)
-    _write_atomic(out / "config.yaml", dump_yaml(to_file_dict(cfg)))
+    remove_seed_dirs(out)  # nor a replicated run's seeds
+    write_atomic(out / "config.yaml", dump_yaml(to_file_dict(cfg)))
 
     results: list[PolicyResult] = []
     summary: dict[str, Any] = summarize_run(cfg.name, [])
@@ -97,7 +98,7 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, quiet: bool = Fal
             calls_fh.flush()
             programs_fh.flush()
             summary = summarize_run(cfg.name, [(r.policy, r.calls, r.programs, r.stats) for r in results])
-            _write_atomic(out / "summary.json", summary_text(summary))
+            write_atomic(out / "summary.json", summary_text(summary))
     write_plot(out / "latency.png", cfg.name, results, summary)
     return summary
 
@@ -107,3 +108,24 @@ def write_plot(path: Path, experiment: str, results: Sequence[PolicyResult], sum
     tmp = path.with_name(path.name + ".tmp")
     latency_plot(tmp, experiment, normalized, summary["policies"])
     os.replace(tmp, path)
+
+
+def remove_seed_dirs(out: Path, keep: Sequence[int] = ()) -> None:
+    """Delete ``out/seed-S/`` directories (S an integer) other than those of ``keep``.
+
+    Only directories named like ours, holding only the files a run writes,
+    are removed; anything else there is left alone.
+    """
+    if not out.is_dir():
+        return
+    names = {f"seed-{s}" for s in keep}
+    for d in sorted(out.iterdir()):
+        if not d.is_dir() or d.name in names or not re.fullmatch(r"seed-\d+", d.name):
+            continue
+        files = list(d.iterdir())
+        ours = {*OUTPUTS, *(name + ".tmp" for name in OUTPUTS)}
+        if all(f.is_file() and f.name in ours for f in files):
+            for f in files:
+                f.unlink()
+            d.rmdir()
+

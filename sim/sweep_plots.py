@@ -19,19 +19,20 @@ import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 import numpy as np  # noqa: E402
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: E402
 
-from sim.confidence import t_interval  # noqa: E402
+from sim.confidence import CONFIDENCE, t_interval  # noqa: E402
 from sim.derived import (  # noqa: E402
     LATENCY,
-    SEED,
     Curve,
     Throughput,
     curves,
     group_label,
+    mean_over_seeds,
     targets,
     parse_target,
     seed_table,
     throughput_at,
     throughput_table,
+    without_seed,
 )
 
 PNG_METADATA = {"Software": None}
@@ -68,23 +69,24 @@ def _yscale(ax: Any, values: Sequence[float | None]) -> None:
     ax.yaxis.set_minor_formatter(NullFormatter())
 
 
-def _without_seed(group: tuple[tuple[str, Any], ...]) -> tuple[tuple[str, Any], ...]:
-    return tuple((k, v) for k, v in group if k != SEED)
-
-
 def _over_seeds(curves_: Sequence[Curve], metric: str) -> tuple[list[float], list[float], list[float], list[float]]:
-    """Rates, mean over the curves (seeds) and its 95% t band at each rate with >= 2 finished seeds."""
+    """Rates, the mean over the curves (one per seed) and its t band at each rate.
+
+    NaN (a gap in the line) at a rate where some seed has no finished
+    value: a mean over the seeds that finished would be another quantity.
+    One curve is drawn as it is, with no band.
+    """
     by_rate: dict[float, list[float]] = {}
     for c in curves_:
         for rate, v in zip(c.rates, c.metric(metric)):
-            if v is not None and np.isfinite(v):
-                by_rate.setdefault(rate, []).append(v)
+            by_rate.setdefault(rate, []).append(np.nan if v is None else v)
     rates, mean, low, high = [], [], [], []
     for rate in sorted(by_rate):
         vs = by_rate[rate]
-        iv = t_interval(vs) if len(vs) >= 2 else None
+        complete = len(vs) == len(curves_) and all(np.isfinite(v) for v in vs)
+        iv = t_interval(vs) if complete and len(vs) >= 2 else None
         rates.append(rate)
-        mean.append(iv.mean if iv else vs[0])
+        mean.append(iv.mean if iv else (vs[0] if complete else np.nan))
         low.append(iv.low if iv else np.nan)
         high.append(iv.high if iv else np.nan)
     return rates, mean, low, high
@@ -102,7 +104,7 @@ def latency_vs_rate(rows: Sequence[dict[str, Any]], target: str | float | None =
     panels: dict[tuple, dict[str, list[Curve]]] = {}
     for group, by_policy in groups.items():
         for policy, c in by_policy.items():
-            panels.setdefault(_without_seed(group), {}).setdefault(policy, []).append(c)
+            panels.setdefault(without_seed(group), {}).setdefault(policy, []).append(c)
     with plt.rc_context(RC):
         fig, axes = _panels(len(panels), rows=2)
         for col, (panel, by_policy) in enumerate(panels.items()):
@@ -120,7 +122,7 @@ def latency_vs_rate(rows: Sequence[dict[str, Any]], target: str | float | None =
                 if row == 0 and L is not None:
                     ax.axhline(L, color="grey", ls="--", lw=1, label=f"target L={L:.3g}")
                 _yscale(ax, shown)
-                title = group_label(panel) + (f" ({seeds} seeds, 95% band)" if seeds > 1 else "")
+                title = group_label(panel) + (f" ({seeds} seeds, {round(CONFIDENCE * 100)}% band)" if seeds > 1 else "")
                 ax.set_title(title if row == 0 else "")
                 ax.set_xlabel("arrival rate (programs/s)")
                 ax.set_ylabel(f"{what} normalised latency (s/token)")
@@ -148,7 +150,7 @@ def throughput_ratio_bars(rows: Sequence[dict[str, Any]], target: str | float | 
             if baseline in t.ratios:
                 iv = t.ratios[baseline]
                 bars_of[t.group, t.policy] = (None, False, None) if iv is None else (iv.mean, False, (iv.low, iv.high))
-        title = "Throughput at equal latency: mean over seeds, 95% interval\n(n/a: some seed met the target at every swept rate or at none)"
+        title = f"Throughput at equal latency: mean over seeds, {round(CONFIDENCE * 100)}% interval\n(n/a: some seed met the target at every swept rate or at none)"
     else:
         for t in table:
             if baseline in t.ratios:
@@ -185,10 +187,14 @@ def throughput_ratio_bars(rows: Sequence[dict[str, Any]], target: str | float | 
 
 
 def _scaling_series(rows: Sequence[dict[str, Any]], target: str | float | None) -> dict[tuple[str, str, str], list[tuple[int, Throughput]]]:
-    """(workload, balancer, policy) -> [(replicas, throughput at the target)], replicas ascending."""
+    """(workload, balancer, policy) -> [(replicas, throughput at the target)], replicas ascending.
+
+    A sweep over ``seed`` is drawn from its mean curve over the seeds
+    (`mean_over_seeds`), one point per replica count.
+    """
     value, relative = parse_target(target)
     out: dict[tuple[str, str, str], list[tuple[int, Throughput]]] = {}
-    groups = curves(rows)
+    groups = curves(mean_over_seeds(rows))
     Ls = targets(groups, value, relative)
     for group, by_policy in groups.items():
         g = dict(group)
@@ -260,10 +266,12 @@ def wait_breakdown(rows: Sequence[dict[str, Any]], target: str | float | None = 
     """Mean share of time waiting vs executing per policy at a light and a heavy load, a panel per group.
 
     The paper's motivation: near capacity FCFS programs spend most of their
-    time waiting for the engine, not in it.
+    time waiting for the engine, not in it. A sweep over ``seed`` is drawn
+    from its mean over the seeds (`mean_over_seeds`), a panel per group.
     """
     value, relative = parse_target(target)
-    groups = curves(rows)
+    seeded = any(r.get("seed") is not None for r in rows)
+    groups = curves(mean_over_seeds(rows))
     Ls = targets(groups, value, relative)
     with plt.rc_context(RC):
         fig, axes = _panels(len(groups), width=5.0, height=3.8)
@@ -287,7 +295,7 @@ def wait_breakdown(rows: Sequence[dict[str, Any]], target: str | float | None = 
             ax.set_ylabel("share of engine time (mean over programs)")
             ax.set_title(group_label(group))
             ax.legend(fontsize="x-small", loc="upper center", ncols=2)
-        fig.suptitle("Where programs spend their time: waiting vs executing")
+        fig.suptitle("Where programs spend their time: waiting vs executing" + (" (mean over seeds)" if seeded else ""))
         fig.tight_layout()
     return fig
 

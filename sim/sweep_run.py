@@ -40,6 +40,7 @@ from typing import Any, Iterable, Iterator, Sequence
 from sim.experiments import ConfigError, dump_yaml, to_file_dict
 from sim.metrics import add_ratios, summarize_policy
 from sim.sweep import DEFAULT_VARIANT, Job, Sweep
+from sim.textout import write_atomic
 
 # Simulator counters kept in the table (from SimResult.stats).
 STATS = ("sim_time", "steps", "busy_fraction", "kv_evictions")
@@ -244,12 +245,6 @@ def csv_text(cols: Sequence[str], rows: Iterable[dict[str, Any]], header: bool =
     return buf.getvalue()
 
 
-def _atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8", newline="\n")
-    os.replace(tmp, path)
-
-
 def write_parquet(path: Path, cols: Sequence[str], rows: Sequence[dict[str, Any]]) -> bool:
     """Write the table as Parquet if pyarrow is installed; returns whether it did."""
     try:
@@ -302,7 +297,7 @@ class SweepWriter:
             "points": len(self.sweep.points),
             "jobs": len(self.jobs),
         }
-        _atomic(self.out / "sweep.json", json.dumps(meta, indent=2) + "\n")
+        write_atomic(self.out / "sweep.json", json.dumps(meta, indent=2) + "\n")
         seen: set[tuple[int, str]] = set()
         for job in self.jobs:
             if job.cfg is None or (job.point.index, job.variant) in seen:
@@ -312,8 +307,8 @@ class SweepWriter:
             d.mkdir(parents=True, exist_ok=True)
             name = "config.yaml" if job.variant == DEFAULT_VARIANT else f"config-{job.variant}.yaml"
             cfg = job.cfg
-            _atomic(d / name, dump_yaml(to_file_dict(cfg)))
-        _atomic(self.out / "sweep.csv", csv_text(columns(self.sweep), []))
+            write_atomic(d / name, dump_yaml(to_file_dict(cfg)))
+        write_atomic(self.out / "sweep.csv", csv_text(columns(self.sweep), []))
 
     def point_dir(self, point: int) -> Path:
         return self.out / "points" / f"{point:03d}"
@@ -341,12 +336,12 @@ class SweepWriter:
         }
         d = self.point_dir(point)
         d.mkdir(parents=True, exist_ok=True)
-        _atomic(d / "summary.json", json.dumps(doc, indent=2, allow_nan=False) + "\n")
+        write_atomic(d / "summary.json", json.dumps(doc, indent=2, allow_nan=False) + "\n")
 
     def finish(self) -> list[dict[str, Any]]:
         ordered = [self.rows[i] for i in sorted(self.rows)]
         cols = columns(self.sweep)
-        _atomic(self.out / "sweep.csv", csv_text(cols, ordered))
+        write_atomic(self.out / "sweep.csv", csv_text(cols, ordered))
         write_parquet(self.out / "sweep.parquet", cols, ordered)
         return ordered
 

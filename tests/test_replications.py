@@ -11,12 +11,13 @@ from hypothesis import strategies as st
 from test_cli import sim
 
 from sim.cli import replication_table
+from sim.confidence import Interval, t_interval
 from sim.config import ExperimentConfig, WorkloadConfig
 from sim.experiments import ConfigError
-from sim.confidence import Interval, t_interval
 from sim.replications import seeds_of, summarize_replications
 
-# Student t quantiles from printed tables (two-sided 95%): df 2 and df 4.
+# Student t quantiles, two-sided 95% (tables give 4.303 and 2.776; these are
+# scipy.stats.t.ppf(0.975, df) to 16 digits): df 2 and df 4.
 T_975_DF2 = 4.302652729749464
 T_975_DF4 = 2.7764451051977987
 
@@ -170,9 +171,20 @@ def test_seeds_end_to_end(workdir):
     assert par.returncode == 0 and par.stdout == "" and par.stderr == "", par.stderr
     assert (workdir / "r2" / "replications.json").read_bytes() == (out / "replications.json").read_bytes()
 
-    # a plain run into the same directory removes the replications file it would be mistaken for
+    # fewer seeds into the same directory: the seed it no longer makes is removed, other files are not
+    (out / "notes.txt").write_text("mine")
+    (out / "seed-7" / "notes.txt").write_text("mine")
+    fewer = sim("run", "small", "-e", "exp.yaml", "--seeds", "2", "-w", "1", "-q", "--set", "seed=8", "--out", "r1", cwd=workdir)
+    assert fewer.returncode == 0, fewer.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "replications.json", "seed-7", "seed-8", "seed-9"]
+    (out / "seed-7" / "notes.txt").unlink()
+    fewer = sim("run", "small", "-e", "exp.yaml", "--seeds", "2", "-w", "1", "-q", "--set", "seed=8", "--out", "r1", cwd=workdir)
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "replications.json", "seed-8", "seed-9"]
+
+    # a plain run into the same directory removes the replicated run it would be mistaken for
     again = sim("run", "small", "-e", "exp.yaml", "-q", "--out", "r1", cwd=workdir)
-    assert again.returncode == 0 and not (out / "replications.json").exists()
+    assert again.returncode == 0
+    assert sorted(p.name for p in out.iterdir()) == ["calls.csv", "config.yaml", "latency.png", "notes.txt", "programs.csv", "summary.json"]
 
 
 @pytest.mark.parametrize(

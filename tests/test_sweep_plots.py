@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import matplotlib
+import numpy as np
 import pytest
 
 from sim.sweep_plots import breakdown_loads, draw_all, has_scaling
@@ -70,6 +71,7 @@ def seeded_rows():
 
 
 def test_latency_figure_over_seeds_is_one_panel_with_a_band():
+    from sim.confidence import t_interval
     from sim.sweep_plots import latency_vs_rate
 
     fig = latency_vs_rate(seeded_rows(), 0.06)
@@ -79,24 +81,72 @@ def test_latency_figure_over_seeds_is_one_panel_with_a_band():
     fcfs = next(line for line in top.get_lines() if line.get_label() == "fcfs")
     assert list(fcfs.get_ydata()) == [pytest.approx(0.02), pytest.approx(0.05), pytest.approx(0.3)]  # the mean of 0.9, 1, 1.1 x
     assert len(top.collections) == 2  # a shaded interval per policy
+    band = top.collections[0].get_paths()[0].vertices[:, 1]
+    iv = t_interval([0.3 * 0.9, 0.3, 0.3 * 1.1])
+    assert max(band) == pytest.approx(iv.high) and min(band) == pytest.approx(t_interval([0.018, 0.02, 0.022]).low)
+
+
+def test_latency_figure_leaves_a_gap_where_a_point_failed():
+    from sim.sweep_plots import latency_vs_rate
+
+    def fcfs_line(data):
+        top = latency_vs_rate(data, 0.06).axes[0]
+        return next(line for line in top.get_lines() if line.get_label() == "fcfs")
+
+    plain = rows()
+    plain[1] = {**plain[1], "status": "failed"}  # fcfs at rate 4
+    line = fcfs_line(plain)
+    assert list(line.get_xdata()) == [2, 4, 6] and np.isnan(line.get_ydata()[1])
+    # over seeds: one seed failing at rate 4 leaves a gap too, not a mean of the other two
+    seeded = seeded_rows()
+    i = next(i for i, r in enumerate(seeded) if (r["seed"], r["policy"], r["rate"]) == (1, "fcfs", 4))
+    seeded[i] = {**seeded[i], "status": "failed"}
+    line = fcfs_line(seeded)
+    assert list(line.get_xdata()) == [2, 4, 6] and np.isnan(line.get_ydata()[1]) and line.get_ydata()[2] == pytest.approx(0.3)
 
 
 def test_ratio_figure_over_seeds_has_error_bars(tmp_path):
+    from sim.confidence import t_interval
     from sim.sweep_plots import throughput_ratio_bars
 
-    # L = 0.06: FCFS 4 + 2 x (0.06 - 0.05 s) / (0.3 s - 0.05 s) per scale; PLAS 4 + 2 x (0.06 - 0.03 s) / (0.05 s)
+    # L = 0.06: FCFS 4 + 2 x (0.06 - 0.05 s) / (0.3 s - 0.05 s) per scale s; PLAS 4 + 2 x (0.06 - 0.03 s) / (0.05 s)
     fig = throughput_ratio_bars(seeded_rows(), 0.06)
     ax = fig.axes[0]
     heights = [round(b.get_height(), 3) for b in ax.patches]
-    expected = []
-    for policy in ("fcfs", "plas"):
-        ratios = []
-        for scale in (0.9, 1.0, 1.1):
-            f5, f3, p3, p8 = 0.05 * scale, 0.3 * scale, 0.03 * scale, 0.08 * scale
-            fcfs = 4 + 2 * (0.06 - f5) / (f3 - f5)
-            plas = 4 + 2 * (0.06 - p3) / (p8 - p3)
-            ratios.append((plas if policy == "plas" else fcfs) / fcfs)
-        expected.append(round(sum(ratios) / 3, 3))
-    assert heights == expected
-    assert len(ax.containers[1].errorbar.lines[2][0].get_segments()) == 1  # plas's interval
+    ratios = []
+    for scale in (0.9, 1.0, 1.1):
+        fcfs = 4 + 2 * (0.06 - 0.05 * scale) / (0.25 * scale)
+        plas = 4 + 2 * (0.06 - 0.03 * scale) / (0.05 * scale)
+        ratios.append(plas / fcfs)
+    assert heights == [1.0, round(sum(ratios) / 3, 3)]
+    from matplotlib.container import BarContainer
+
+    fcfs_bars, plas_bars = [c for c in ax.containers if isinstance(c, BarContainer)]
+    [segment] = plas_bars.errorbar.lines[2][0].get_segments()
+    iv = t_interval(ratios)
+    assert segment[0][1] == pytest.approx(iv.low) and segment[1][1] == pytest.approx(iv.high)
     assert "mean over seeds" in ax.get_title()
+
+
+def test_mean_over_seeds_and_the_figures_that_use_it(tmp_path):
+    from sim.derived import mean_over_seeds
+    from sim.sweep_plots import wait_breakdown
+
+    seeded = seeded_rows()
+    merged = mean_over_seeds(seeded)
+    assert len(merged) == len(seeded) // 3 and all("seed" not in r for r in merged)
+    fcfs6 = next(r for r in merged if (r["policy"], r["rate"]) == ("fcfs", 6))
+    assert fcfs6["normalized_latency_mean"] == pytest.approx(0.3) and fcfs6["point"] == 2 and fcfs6["status"] == "ok"
+    seeded[0] = {**seeded[0], "status": "failed"}  # seed 0, fcfs, rate 2
+    fcfs2 = mean_over_seeds(seeded)[0]
+    assert fcfs2["status"] == "failed" and fcfs2["normalized_latency_mean"] is None
+    # rows without a seed pass through
+    assert mean_over_seeds(rows()) == rows()
+    fig = wait_breakdown(seeded_rows(), 0.06)
+    assert len(fig.axes) == 1 and fig._suptitle.get_text().endswith("(mean over seeds)")
+    # scaling: one point per replica count, not one per seed
+    from sim.sweep_plots import _scaling_series
+
+    data = [{**r, "replicas": n, "rate": r["rate"] * n} for n in (1, 2) for r in seeded_rows()]
+    series = _scaling_series(data, 0.06)
+    assert [n for n, _ in series["bfcl", "locality", "plas"]] == [1, 2]

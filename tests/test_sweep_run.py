@@ -194,6 +194,8 @@ def test_cli_sweep_over_seeds_reports_intervals(exp, tmp_path):
     assert res.returncode == 0, res.stderr
     rows = read(tmp_path / "out" / "sweep.csv")
     assert [(r["rate"], r["seed"], r["policy"]) for r in rows[:4]] == [("2.0", "0", "fcfs"), ("2.0", "0", "plas"), ("2.0", "1", "fcfs"), ("2.0", "1", "plas")]
+    # each seed draws its own trace
+    assert len({r["normalized_latency_mean"] for r in rows if r["rate"] == "2.0" and r["policy"] == "fcfs"}) == 3
     # tiny programs never fill the batch: every seed meets a 2x target at both rates, and none meets 1 ms
     for out, text in ((res.stdout, ">= in 3/3"), (sim("plot", "out", "--target", "0.001", cwd=tmp_path).stdout, "- in 3/3")):
         lines = out.splitlines()

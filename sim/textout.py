@@ -1,0 +1,28 @@
+"""Plain-text outputs: aligned tables for the terminal and atomic file writes.
+
+Several commands print a table (`run`, `sweep`, `plot`, `engine validate`)
+and several write result files that a reader may open while a long run is
+still going; one helper each keeps their formats and guarantees the same.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+
+def aligned(rows: Sequence[Sequence[str]], left: int = 1) -> list[str]:
+    """Rows as lines: the first ``left`` columns left-aligned, the rest right-aligned (numbers)."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return [
+        "  ".join(c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
+        for r in rows
+    ]
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` so that a reader sees the old file or the new one, never half of it."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8", newline="\n")
+    os.replace(tmp, path)
