@@ -207,7 +207,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from sim.experiments import ConfigError
     from sim.hardware import SpecError
 
-    errors: list[type[BaseException]] = [ConfigError, CapacityError, SpecError, OSError]
+    from sim.replications import WorkerDied
+
+    errors: list[type[BaseException]] = [ConfigError, CapacityError, SpecError, OSError, WorkerDied]
     try:
         from traces.validate import TraceError
 

@@ -24,6 +24,7 @@ import json
 import multiprocessing
 import os
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Sequence
@@ -46,6 +47,10 @@ METRICS = (
     "waiting_share_mean",
     "prefix_hit_rate",
 ) + tuple(f"{m}_vs_{BASELINE}" for m in RATIO_METRICS)
+
+
+class WorkerDied(RuntimeError):
+    """A seed's worker process ended without a result (killed by the OS)."""
 
 
 def summarize_replications(
@@ -124,10 +129,12 @@ def run_replications(
                 for fut in as_completed(futures):
                     summaries[futures[fut]] = fut.result()
                     bar.advance(1)
-            except BaseException:
+            except BaseException as exc:
                 # A bad seed (a call that cannot fit, an interrupt) ends the run now,
                 # not after the queued seeds have run for minutes.
                 pool.shutdown(wait=False, cancel_futures=True)
+                if isinstance(exc, BrokenProcessPool):  # killed, e.g. out of memory: not a bug here
+                    raise WorkerDied(f"--seeds: a worker process died ({exc}); if memory ran out, use fewer --workers") from None
                 raise
     doc = summarize_replications(cfg.name, seeds, [summaries[s] for s in seeds])
     write_atomic(out / REPLICATIONS_FILE, json.dumps(doc, indent=2, allow_nan=False) + "\n")

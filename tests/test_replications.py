@@ -201,3 +201,26 @@ def test_bad_seeds_are_one_line_and_exit_1(workdir, args, message):
     assert res.returncode == 1 and "Traceback" not in res.stderr
     assert len(res.stderr.splitlines()) == 1 and res.stderr.startswith(message), res.stderr
     assert not (workdir / "results").exists()
+
+
+def test_a_killed_worker_is_one_line_and_cancels_the_rest(tmp_path, monkeypatch, capsys):
+    """A seed whose worker the OS kills ends the run at once with one line, not a traceback."""
+    import sim.replications as replications
+    from sim.cli import main
+
+    (tmp_path / "exp.yaml").write_text(EXPERIMENTS)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(replications, "_run_seed", _killed_seed)
+    assert main(["run", "small", "-e", "exp.yaml", "--seeds", "4", "-w", "2", "-q", "--out", "k"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: --seeds: a worker process died") and "fewer --workers" in err
+    assert len(err.splitlines()) == 1
+    assert not (tmp_path / "k" / "replications.json").exists()
+
+
+def _killed_seed(cfg, out_dir, quiet):
+    """Stands in for a seed's run in a worker: the worker dies as under the OOM killer."""
+    import os
+    import signal
+
+    os.kill(os.getpid(), signal.SIGKILL)
