@@ -1,4 +1,4 @@
-"""notebooks/paper_figures.ipynb runs end to end on a tiny sweep and shows every figure."""
+"""notebooks/paper_figures.ipynb runs end to end on a tiny sweep over two seeds and shows every figure."""
 
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ sweeps:
     grid:
       engine.replicas: [1, 2]
       workload.params.rate: {start: 1, stop: 4, num: 2, times: engine.replicas}
+      seed: [0, 1]                # the seed paths: bands, error bars, means over seeds
     policies: [fcfs, plas]
 """
 
@@ -54,7 +55,7 @@ def test_notebook_executes_on_a_tiny_sweep(tmp_path, monkeypatch):
     assert not errors
     assert len(images) == 4  # latency, throughput ratio, wait breakdown, replicas
     text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
-    assert "8 rows from" in text and "vs fcfs" in text
+    assert "16 rows from" in text and "vs fcfs" in text and "ratios paired per seed" in text
     for name in ("latency_vs_rate", "throughput_ratio", "wait_breakdown", "balancers_vs_replicas"):
         assert (tmp_path / "figures" / f"{name}.png").stat().st_size > 1000
         assert (tmp_path / "figures" / f"{name}.svg").is_file()
