@@ -167,13 +167,15 @@ def throughput_ratio_bars(rows: Sequence[dict[str, Any]], target: str | float | 
             cells = [bars_of.get((g, policy), (None, False, None)) for g in groups]
             heights = [0.0 if v is None else v for v, _, _ in cells]
             err = np.array([[v - ci[0], ci[1] - v] if ci is not None and v is not None else [0.0, 0.0] for v, _, ci in cells]).T
-            bars = ax.bar(pos + (i - (len(policies) - 1) / 2) * width, heights, width, label=policy,
-                          yerr=err if over_seeds else None, capsize=3 if over_seeds else 0)
-            for bar, (_, bound, _), h in zip(bars, cells, heights):
+            xs = pos + (i - (len(policies) - 1) / 2) * width
+            bars = ax.bar(xs, heights, width, label=policy)
+            if over_seeds:  # drawn apart: bar()'s own yerr converts a (2, 1) array element by element
+                ax.errorbar(xs, heights, yerr=err, fmt="none", ecolor="black", capsize=3, lw=1)
+            for bar, (_, bound, ci), h in zip(bars, cells, heights):
                 bar.set_hatch("//" if bound else "")
                 x = bar.get_x() + bar.get_width() / 2
-                if h > 0:
-                    ax.annotate(f"{h:.2f}", (x, h), ha="center", va="bottom", fontsize="x-small")
+                if h > 0:  # above the error bar, if any
+                    ax.annotate(f"{h:.2f}", (x, max(h, ci[1]) if ci else h), ha="center", va="bottom", fontsize="x-small")
                 elif over_seeds:
                     ax.annotate("n/a", (x, 0), ha="center", va="bottom", fontsize="x-small")
         ax.axhline(1.0, color="grey", lw=1)

@@ -119,10 +119,10 @@ def test_ratio_figure_over_seeds_has_error_bars(tmp_path):
         plas = 4 + 2 * (0.06 - 0.03 * scale) / (0.05 * scale)
         ratios.append(plas / fcfs)
     assert heights == [1.0, round(sum(ratios) / 3, 3)]
-    from matplotlib.container import BarContainer
+    from matplotlib.container import ErrorbarContainer
 
-    fcfs_bars, plas_bars = [c for c in ax.containers if isinstance(c, BarContainer)]
-    [segment] = plas_bars.errorbar.lines[2][0].get_segments()
+    fcfs_err, plas_err = [c for c in ax.containers if isinstance(c, ErrorbarContainer)]
+    [segment] = plas_err.lines[2][0].get_segments()
     iv = t_interval(ratios)
     assert segment[0][1] == pytest.approx(iv.low) and segment[1][1] == pytest.approx(iv.high)
     assert "mean over seeds" in ax.get_title()
