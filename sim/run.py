@@ -128,4 +128,3 @@ def remove_seed_dirs(out: Path, keep: Sequence[int] = ()) -> None:
             for f in files:
                 f.unlink()
             d.rmdir()
-

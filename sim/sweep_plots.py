@@ -152,11 +152,12 @@ def throughput_ratio_bars(rows: Sequence[dict[str, Any]], target: str | float | 
                 bars_of[t.group, t.policy] = (None, False, None) if iv is None else (iv.mean, False, (iv.low, iv.high))
         title = f"Throughput at equal latency: mean over seeds, {round(CONFIDENCE * 100)}% interval\n(n/a: some seed met the target at every swept rate or at none)"
     else:
-        for t in table:
-            if baseline in t.ratios:
-                r = t.ratios[baseline]
-                bars_of[t.group, t.policy] = (r.value, r.bound in ("lower", "unknown"), None)
         title = "Throughput at equal latency (hatched: lower bound)"
+    covered = {(t.group, t.policy) for t in over_seeds}
+    for t in table:  # curves no seed table covers: every curve, or those of a grid case with one seed or none
+        if (without_seed(t.group), t.policy) not in covered and baseline in t.ratios:
+            r = t.ratios[baseline]
+            bars_of[t.group, t.policy] = (r.value, r.bound in ("lower", "unknown"), None)
     groups = list(dict.fromkeys(g for g, _ in bars_of))
     policies = list(dict.fromkeys(p for _, p in bars_of))
     with plt.rc_context(RC):

@@ -150,3 +150,14 @@ def test_mean_over_seeds_and_the_figures_that_use_it(tmp_path):
     data = [{**r, "replicas": n, "rate": r["rate"] * n} for n in (1, 2) for r in seeded_rows()]
     series = _scaling_series(data, 0.06)
     assert [n for n, _ in series["bfcl", "locality", "plas"]] == [1, 2]
+
+
+def test_ratio_figure_keeps_curves_without_seeds_next_to_seeded_ones():
+    from sim.sweep_plots import throughput_ratio_bars
+
+    # a grid case over seeds (bfcl) and one that sets none (lats): both get bars
+    plain = [{**r, "seed": None} for r in rows(workload="lats") if r["policy"] != "fcfs-unopt"]
+    ax = throughput_ratio_bars(seeded_rows() + plain, 0.06).axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["bfcl", "lats"]
+    # lats: FCFS 4 + 2 x 0.01 / 0.25 = 4.08; PLAS 4 + 2 x 0.03 / 0.05 = 5.2, a ratio of 1.275
+    assert [round(b.get_height(), 3) for b in ax.patches][3] == round(5.2 / 4.08, 3)
