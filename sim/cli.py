@@ -177,9 +177,9 @@ def result_table(summary: dict[str, Any]) -> str:
 
 
 def _interval(entry: dict[str, Any] | None, spec: str) -> str:
-    if entry is None:
-        return "-"
-    return f"{entry['mean']:{spec}} [{entry['ci_low']:{spec}}, {entry['ci_high']:{spec}}]"
+    from sim.confidence import interval_text
+
+    return "-" if entry is None else interval_text(entry["mean"], entry["ci_low"], entry["ci_high"], spec)
 
 
 def replication_table(doc: dict[str, Any]) -> str:

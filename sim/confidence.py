@@ -33,6 +33,11 @@ class Interval:
         return {"mean": self.mean, "ci_low": self.low, "ci_high": self.high, "values": list(self.values)}
 
 
+def interval_text(mean: float, low: float, high: float, spec: str, suffix: str = "") -> str:
+    """``0.934 [0.897, 0.972]``: how every table prints a mean with its interval."""
+    return f"{mean:{spec}}{suffix} [{low:{spec}}, {high:{spec}}]"
+
+
 def t_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> Interval:
     """Mean +- t(n-1) x s / sqrt(n), s the sample standard deviation.
 

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from sim.confidence import CONFIDENCE, Interval, t_interval
+from sim.confidence import CONFIDENCE, Interval, interval_text, t_interval
 from sim.textout import aligned
 
 LATENCY = "normalized_latency_mean"
@@ -407,9 +407,7 @@ def format_seed_table(table: Sequence[SeedRow], confidence: float = CONFIDENCE) 
     lines = [header]
 
     def cell(iv: Interval | None, spec: str, suffix: str = "") -> str:
-        if iv is None:
-            return "n/a"
-        return f"{iv.mean:{spec}}{suffix} [{iv.low:{spec}}, {iv.high:{spec}}]"
+        return "n/a" if iv is None else interval_text(iv.mean, iv.low, iv.high, spec, suffix)
 
     for t in table:
         tp = cell(t.throughput, ".3g") if t.throughput else t.inexact()

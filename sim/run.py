@@ -119,11 +119,11 @@ def remove_seed_dirs(out: Path, keep: Sequence[int] = ()) -> None:
     if not out.is_dir():
         return
     names = {f"seed-{s}" for s in keep}
+    ours = {*OUTPUTS, *(name + ".tmp" for name in OUTPUTS)}
     for d in sorted(out.iterdir()):
         if not d.is_dir() or d.name in names or not re.fullmatch(r"seed-\d+", d.name):
             continue
         files = list(d.iterdir())
-        ours = {*OUTPUTS, *(name + ".tmp" for name in OUTPUTS)}
         if all(f.is_file() and f.name in ours for f in files):
             for f in files:
                 f.unlink()
