@@ -11,7 +11,7 @@ plugin reads its own key from it::
     --scheduler-cls engine.scheduler.ProgramAwareScheduler \
     --additional-config '{"autellix": {"policy": "plas", "params": {"beta": 8}}}'
 
-``policy`` is one of fcfs, mlfq, plas, atlas (default plas); ``params`` are
+``policy`` is one of fcfs, mlfq, plas, atlas, program_fcfs (default plas); ``params`` are
 `sim.core.PolicyParams` fields, the same keys as ``policy_params`` in
 ``experiments.yaml``, so one set of numbers drives both engines. SRPT is
 refused: it needs each program's remaining work, which only the simulator

@@ -81,7 +81,9 @@ logger = logging.getLogger(__name__)
 
 # Keys are (queue, sequence number). 2**48 sequence numbers outlast any
 # run (a century at 10**5 queue entries per second), and the encoded value
-# stays within int64 for up to 2**15 queues, should anything ever export it.
+# stays within int64 for up to 2**15 queues. program_fcfs puts the program's
+# number in the queue's place, so its values pass int64 after 32,768
+# programs; vLLM compares priorities as Python ints, which have no bound.
 KEY_STRIDE = 1 << 48
 # How often idle programs are dropped from the process table (clock seconds).
 EXPIRE_EVERY = 1.0

@@ -12,8 +12,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sim.core.params import PolicyParams
+from sim.core.policies import POLICY_CLASSES
 
-POLICIES = ("fcfs", "mlfq", "plas", "atlas", "srpt")
+# Every policy an experiment may name.
+POLICIES = tuple(POLICY_CLASSES)
+# The ones an experiment compares when it names none: the five, the
+# paper's comparison. program_fcfs (Continuum's order) is opt-in.
+DEFAULT_POLICIES = ("fcfs", "mlfq", "plas", "atlas", "srpt")
 BALANCERS = ("round_robin", "least_used", "locality")
 PREEMPTION_MODES = ("recompute", "swap")
 
@@ -70,6 +75,6 @@ class ExperimentConfig:
     workload: WorkloadConfig = field(default_factory=WorkloadConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     latency: LatencyConfig = field(default_factory=LatencyConfig)
-    policies: tuple[str, ...] = POLICIES
+    policies: tuple[str, ...] = DEFAULT_POLICIES
     policy_params: PolicyParams = field(default_factory=PolicyParams)
     seed: int = 0

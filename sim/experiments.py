@@ -43,6 +43,7 @@ import yaml
 
 from sim.config import (
     BALANCERS,
+    DEFAULT_POLICIES,
     POLICIES,
     PREEMPTION_MODES,
     EngineConfig,
@@ -495,7 +496,7 @@ def _build(name: str, layered: _Layered) -> ExperimentConfig:
     gen, params, trace = _check_workload(ck, raw.get("workload"))
     engine = ck.build_dataclass(EngineConfig, raw.get("engine"), ("engine",))
     lat = ck.build_dataclass(LatencyConfig, raw.get("latency"), ("latency",))
-    policies = ck.typed(tuple[str, ...], raw.get("policies", list(POLICIES)), ("policies",))
+    policies = ck.typed(tuple[str, ...], raw.get("policies", list(DEFAULT_POLICIES)), ("policies",))
     if not policies:
         ck.fail(("policies",), f"expected at least one of {', '.join(POLICIES)}")
     for i, pol in enumerate(policies):

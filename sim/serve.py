@@ -343,7 +343,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-e", "--experiments", metavar="FILE", help="experiments file (default: experiments.yaml)")
     p.add_argument("-s", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a dotted key of the experiment; repeatable")
-    p.add_argument("--policy", default="plas", help="scheduling policy: fcfs, mlfq, plas, atlas (default: plas)")
+    p.add_argument("--policy", default="plas", help="scheduling policy: fcfs, mlfq, plas, atlas, program_fcfs (default: plas)")
     p.add_argument("--model", help="model spec name (e.g. llama-3.1-8b)")
     p.add_argument("--gpu", help="GPU spec name (e.g. a100-80gb)")
     p.add_argument("--latency", choices=("constant", "roofline", "fitted"), help="latency model kind")

@@ -72,6 +72,20 @@ def test_program_with_less_attained_service_is_scheduled_first(model_dir, policy
     assert scheduled(step(s, clock, 0.1)) == [first]
 
 
+@pytest.mark.parametrize("policy, first", [("fcfs", "b0"), ("program_fcfs", "a1")])
+def test_program_fcfs_lets_the_older_programs_later_call_go_first(model_dir, policy, first):
+    clock = FakeClock()
+    s = plugin(model_dir, clock, policy=policy, max_num_seqs=1)
+    s.add_request(req("a0", "A", max_tokens=2))
+    assert scheduled(step(s, clock, 0.1)) == ["a0"]
+    s.add_request(req("b0", "B"))  # waits: the one slot is A's
+    run_until_done(s, clock, "a0", 0.1)
+    clock.advance(0.5)  # A's tool time
+    s.add_request(req("a1", "A"))  # after B's call, but A is the older program
+    assert scheduled(step(s, clock, 0.1)) == [first]
+    assert s.requests[first].priority == encode_key(s.core.calls[first].key)
+
+
 def test_untagged_requests_are_single_call_programs(model_dir):
     clock = FakeClock()
     s = plugin(model_dir, clock, policy="plas")

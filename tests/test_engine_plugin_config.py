@@ -24,16 +24,16 @@ def test_policy_and_params_are_read():
 
 
 def test_engine_policies_exclude_the_oracle():
-    assert engine_policies() == ["fcfs", "mlfq", "plas", "atlas"]
+    assert engine_policies() == ["fcfs", "mlfq", "plas", "atlas", "program_fcfs"]
 
 
 def test_srpt_is_refused_as_an_oracle():
-    with pytest.raises(PluginConfigError, match=r"'srpt' is an oracle.*only in the simulator.*fcfs, mlfq, plas, atlas"):
+    with pytest.raises(PluginConfigError, match=r"'srpt' is an oracle.*only in the simulator.*fcfs, mlfq, plas, atlas, program_fcfs"):
         parse_plugin_config({"autellix": {"policy": "srpt"}})
 
 
 def test_unknown_policy_names_valid_choices():
-    with pytest.raises(PluginConfigError, match=r"unknown policy 'lifo'; valid choices: fcfs, mlfq, plas, atlas$"):
+    with pytest.raises(PluginConfigError, match=r"unknown policy 'lifo'; valid choices: fcfs, mlfq, plas, atlas, program_fcfs$"):
         parse_plugin_config({"autellix": {"policy": "lifo"}})
 
 

@@ -6,7 +6,7 @@ import textwrap
 
 import pytest
 
-from sim.config import POLICIES
+from sim.config import DEFAULT_POLICIES, POLICIES
 from sim.experiments import (
     ConfigError,
     dump_yaml,
@@ -343,7 +343,7 @@ def test_shipped_experiments_all_resolve_with_every_part_explicit():
                 "replicas", "balancer"):
         assert key in ef.defaults["engine"], key
     assert {"kind"} <= set(ef.defaults["latency"]) and "policies" in ef.defaults and "seed" in ef.defaults
-    assert set(resolve("quickstart", ef).policies) == set(POLICIES)
+    assert set(resolve("quickstart", ef).policies) == set(DEFAULT_POLICIES)
     multi = resolve("multi-engine-locality", ef)
     assert multi.engine.replicas == 4 and multi.engine.balancer == "locality"
     assert resolve("constant-latency-check", ef).latency.kind == "constant"

@@ -37,7 +37,7 @@ def test_attribute_service_gives_every_call_the_step():
 
 
 def test_unknown_policy_names_valid_choices():
-    with pytest.raises(ValueError, match="valid choices: fcfs, mlfq, plas, atlas, srpt"):
+    with pytest.raises(ValueError, match="valid choices: fcfs, mlfq, plas, atlas, srpt, program_fcfs$"):
         make_policy("lifo")
 
 
@@ -50,6 +50,23 @@ def test_fcfs_orders_by_arrival_and_never_preempts_for_priority():
     victims = c.choose_victims([a], [b], 0, 0, lambda _: 1, lambda _: 1)
     assert victims == []
     assert c.memory_victim([a, b]) is b  # latest arrival, as vLLM pops its running tail
+
+
+def test_program_fcfs_orders_by_program_arrival_and_never_preempts_for_priority():
+    c = core("program_fcfs")
+    a0 = c.add_call("A/0", "A", "0", 100, 0.0)
+    b0 = c.add_call("B/0", "B", "0", 100, 1.0)
+    c.on_admitted(a0)
+    c.on_step({"A/0": 2.0}, 2.0)
+    c.finish_call(a0, 2.0)
+    # A's second call arrives after B's first: A came first, so it goes first.
+    a1 = c.add_call("A/1", "A", "1", 100, 3.0)
+    c2 = c.add_call("C/0", "C", "0", 100, 3.5)
+    assert c.order([c2, b0, a1]) == [a1, b0, c2]
+    assert c.choose_victims([b0], [a1], 0, 0, lambda _: 1, lambda _: 1) == []
+    assert c.memory_victim([a1, b0, c2]) is c2  # the newest program's call
+    # Never promoted: arrival order needs no anti-starvation.
+    assert c.policy.starve_deadline(c2, c.table.programs["C"]) == float("inf")
 
 
 def test_plas_new_call_enters_queue_of_program_service():

@@ -9,6 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sim.config import EngineConfig, ExperimentConfig, LatencyConfig
+from sim.core import POLICY_CLASSES
 from sim.core.params import PolicyParams
 from sim.replica import quantize
 from sim.simulate import SimulationError, simulate
@@ -152,7 +153,7 @@ def workloads(draw):
 
 @st.composite
 def configs(draw):
-    policy = draw(st.sampled_from(["fcfs", "mlfq", "plas", "atlas", "srpt"]))
+    policy = draw(st.sampled_from(sorted(POLICY_CLASSES)))
     chunked = draw(st.booleans())
     engine = dict(
         num_gpu_blocks=draw(st.integers(20, 60)),
@@ -224,7 +225,7 @@ def test_same_config_and_trace_give_identical_records():
         for i in range(12)
     ]
     config = cfg(max_num_seqs=3, num_gpu_blocks=30, enable_prefix_caching=True)
-    for policy in ("fcfs", "plas", "atlas", "mlfq", "srpt"):
+    for policy in POLICY_CLASSES:
         a = simulate(programs, config, policy)
         b = simulate(programs, config, policy)
         assert [dataclasses.astuple(r) for r in a.calls] == [dataclasses.astuple(r) for r in b.calls]
@@ -252,6 +253,24 @@ def test_plas_serves_the_program_with_less_attained_service_first():
     assert r_plas["B", "b"].finish < r_plas["A", "c1"].first_scheduled
     r_same = by_id(simulate(_plas_vs_fcfs_trace(), cfg(never_starve), "plas"))
     assert r_same["A", "c1"].finish < r_same["B", "b"].finish  # same queue: FCFS inside it
+
+
+def test_program_fcfs_serves_the_earlier_program_first_where_fcfs_serves_the_earlier_call():
+    # A (arrived at 0) is in tool time from t=2 to t=3.5; B and C arrive
+    # meanwhile and queue behind X. When the slot frees at t=12, FCFS runs the
+    # calls in their own arrival order (B, C, then A's second call); program
+    # FCFS runs A's second call first, as A is the oldest program.
+    programs = [
+        prog("A", 0.0, call("a0", 10, 2), call("a1", 10, 2, parents=["a0"], delay=1.5)),
+        prog("X", 1.0, call("x", 10, 10)),
+        prog("B", 2.5, call("b", 10, 2)),
+        prog("C", 3.0, call("c", 10, 2)),
+    ]
+    fcfs = by_id(simulate(programs, cfg(), "fcfs"))
+    assert [fcfs[k].first_scheduled for k in (("B", "b"), ("C", "c"), ("A", "a1"))] == [12.0, 14.0, 16.0]
+    pf = by_id(simulate(programs, cfg(), "program_fcfs"))
+    assert [pf[k].first_scheduled for k in (("A", "a1"), ("B", "b"), ("C", "c"))] == [12.0, 14.0, 16.0]
+    assert {p.program_id: p.latency for p in simulate(programs, cfg(), "program_fcfs").programs}["A"] == 14.0
 
 
 def test_atlas_runs_parallel_siblings_as_a_gang():

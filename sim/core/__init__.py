@@ -8,7 +8,7 @@ current time and the service each call received.
 
 from sim.core.balancer import LeastUsed, Locality, RoundRobin, make_balancer
 from sim.core.params import PolicyParams
-from sim.core.policies import ATLAS, FCFS, MLFQ, PLAS, POLICY_CLASSES, SRPT, Policy, make_policy
+from sim.core.policies import ATLAS, FCFS, MLFQ, PLAS, POLICY_CLASSES, SRPT, Policy, ProgramFCFS, make_policy
 from sim.core.process_table import ProcessTable
 from sim.core.scheduler import SchedulerCore
 from sim.core.service import attribute_service
@@ -16,6 +16,6 @@ from sim.core.state import CallState, ProgramState
 
 __all__ = [
     "ATLAS", "FCFS", "MLFQ", "PLAS", "POLICY_CLASSES", "SRPT", "CallState", "LeastUsed", "Locality",
-    "Policy", "PolicyParams", "ProcessTable", "ProgramState", "RoundRobin", "SchedulerCore",
+    "Policy", "PolicyParams", "ProgramFCFS", "ProcessTable", "ProgramState", "RoundRobin", "SchedulerCore",
     "attribute_service", "make_balancer", "make_policy",
 ]

@@ -229,7 +229,36 @@ class SRPT(Policy):
         pass
 
 
-POLICY_CLASSES: dict[str, type[Policy]] = {p.name: p for p in (FCFS, MLFQ, PLAS, ATLAS, SRPT)}
+class ProgramFCFS(Policy):
+    """Program-level FCFS: the calls of the earliest-arrived program run first.
+
+    This is Continuum's ordering (DESIGN.md section 2, later work), without
+    its KV time-to-live. It is here because past capacity it is the one
+    non-oracle order that keeps the prefix cache working: serving the oldest
+    programs first bounds how many programs are in flight, so their histories
+    stay cached across tool calls. Call-level FCFS and PLAS start every new
+    program at once; their histories then evict each other, every call
+    re-prefills, and throughput collapses (README, "Past capacity in the
+    long run"). Like FCFS it never preempts for order, only when memory runs
+    out, and then it evicts the newest program's call.
+
+    The key is (program number, call number): the program's number stands
+    where other policies put a queue index, so the vLLM plugin's
+    ``(queue, sequence)`` encoding carries it unchanged. Programs are
+    numbered by their first call in the process table.
+    """
+
+    name = "program_fcfs"
+    preemptive = False
+
+    def on_arrival(self, call, program):
+        call.key = (program.seq, call.seq)
+
+    def promote(self, call, now):  # arrival order needs no anti-starvation
+        pass
+
+
+POLICY_CLASSES: dict[str, type[Policy]] = {p.name: p for p in (FCFS, MLFQ, PLAS, ATLAS, SRPT, ProgramFCFS)}
 
 
 def make_policy(name: str, params: PolicyParams | None = None) -> Policy:
