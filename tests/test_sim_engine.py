@@ -273,6 +273,31 @@ def test_program_fcfs_serves_the_earlier_program_first_where_fcfs_serves_the_ear
     assert {p.program_id: p.latency for p in simulate(programs, cfg(), "program_fcfs").programs}["A"] == 14.0
 
 
+def test_program_fcfs_keeps_histories_cached_where_call_level_orders_evict_them():
+    # Eight four-turn programs, each turn re-sending the history (up to ~700
+    # tokens) after 1 s of tool time, arrive within 2 s; the cache holds
+    # 1,280 tokens, under two programs' full histories. Call-level FCFS and
+    # PLAS admit every new program's first call ahead of older programs'
+    # later turns, so the cache cycles through all eight and the later turns
+    # re-prefill; program FCFS finishes the oldest programs first and their
+    # histories are still cached when their next turn comes.
+    programs = []
+    for i in range(8):
+        turns = [call("c0", 160, 16)]
+        for j in range(1, 4):
+            turns.append(call(f"c{j}", 176 * j + 160, 16, parents=[f"c{j - 1}"], delay=1.0, context_of=f"c{j - 1}"))
+        programs.append(prog(f"P{i}", 0.25 * i, *turns))
+    config = cfg(latency=0.05, num_gpu_blocks=80, max_num_seqs=4, enable_prefix_caching=True,
+                 max_num_batched_tokens=512)
+    hits, latency = {}, {}
+    for policy in ("fcfs", "plas", "program_fcfs"):
+        r = simulate(programs, config, policy)
+        hits[policy] = sum(c.prefix_hit_tokens for c in r.calls)
+        latency[policy] = sum(p.latency for p in r.programs) / len(r.programs)
+    assert hits["program_fcfs"] > 5 * max(hits["fcfs"], hits["plas"])
+    assert latency["program_fcfs"] < min(latency["fcfs"], latency["plas"])
+
+
 def test_atlas_runs_parallel_siblings_as_a_gang():
     # P's root finishes, then four siblings are released together. A rival
     # program R with more attained service has a call waiting. With room
