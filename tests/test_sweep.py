@@ -187,7 +187,7 @@ def test_check_key():
 def test_repository_paper_sweeps_expand():
     counts = {}
     names = ("paper-single", "paper-single-unopt", "paper-single-seeds", "paper-multi", "paper-scaling", "policy-params",
-             "locality-threshold")
+             "locality-threshold", "bfcl-long-rates")
     for name in names:
         s = load_sweep(name)
         js = jobs(s)
@@ -195,7 +195,8 @@ def test_repository_paper_sweeps_expand():
         counts[name] = (len(s.points), len(js), sorted({j.label for j in js}))
     # 4 workloads x 8 rates x 5 policies, and x fcfs-unopt; 3 balancers x 8 rates x 3 policies;
     # 8 rates at 1 replica + 3 counts x 3 balancers x 8 rates; 2 workloads x 4 bounds x 4 betas;
-    # (8 rates at 1 replica + 3 counts x 8 rates) x 3 thresholds; paper-single's points x 5 seeds x 3 policies.
+    # (8 rates at 1 replica + 3 counts x 8 rates) x 3 thresholds; paper-single's points x 5 seeds x 3 policies;
+    # bfcl-long at 7 rates x 5 seeds x 4 policies.
     assert counts == {
         "paper-single": (32, 160, ["atlas", "fcfs", "mlfq", "plas", "srpt"]),
         "paper-single-unopt": (32, 32, ["fcfs-unopt"]),
@@ -204,7 +205,11 @@ def test_repository_paper_sweeps_expand():
         "paper-scaling": (80, 80, ["atlas"]),
         "policy-params": (32, 32, ["atlas"]),
         "locality-threshold": (32, 96, ["atlas-t0", "atlas-t2048", "atlas-t512"]),
+        "bfcl-long-rates": (35, 140, ["fcfs", "plas", "program_fcfs", "srpt"]),
     }
+    long_runs = {(j.cfg.workload.params["rate"], j.cfg.seed, j.cfg.workload.params["programs"])
+                 for j in jobs(load_sweep("bfcl-long-rates"))}
+    assert long_runs == {(10 + 0.5 * i, s, 12000) for i in range(7) for s in range(5)}
     params = {(j.cfg.workload.generator, j.cfg.policy_params.queue_base, j.cfg.policy_params.beta)
               for j in jobs(load_sweep("policy-params"))}
     assert len(params) == 32 and ("lats", 16.0, 1e9) in params
