@@ -115,6 +115,9 @@ def test_block_hash_semantics():
     d = context_block_keys(prog("d", 48, (7, 8), h=24))["c"]
     e = context_block_keys(prog("e", 48, (7, 5), h=24))["c"]
     assert common_keys(d, e) == 1  # tokens 0..23 identical, block 1 spans 16..31
+    # Ids that Python's int hash maps together (mod 2**61 - 1; -1 and -2) are distinct blocks.
+    for x, y in ((0, 2**61 - 1), (-1, -2), (5, 5 + 2**61 - 1)):
+        assert common_keys(context_block_keys(prog("x", 32, (x,)))["c"], context_block_keys(prog("y", 32, (y,)))["c"]) == 0
 
 
 def test_long_chat_keys_are_built_incrementally_and_are_consistent():

@@ -50,7 +50,14 @@ def name_id(*parts: str) -> int:
     return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
 
 
-_HASH_BLOCK_TAG = name_id("block_hash")
+def hash_block_source(hid: int) -> int:
+    """The token source of a trace's hash block ``hid``.
+
+    Through BLAKE2b rather than Python's ``hash``: an int hashes to itself
+    modulo 2**61 - 1 (and ``hash(-1) == hash(-2)``), so ids 0 and 2**61 - 1
+    would share their tokens. Hypothesis found that case.
+    """
+    return name_id("block_hash", str(hid))
 
 
 def _append(runs: list[list[int]], source: int, start: int, length: int) -> None:
@@ -132,7 +139,7 @@ def context_block_keys(program: Program, block_size: int = 16) -> dict[str, tupl
                 h = call.hash_block_tokens
                 left = call.prompt_tokens
                 for hid in call.block_hashes:
-                    _append(runs, hash((_HASH_BLOCK_TAG, hid)), 0, min(h, left))
+                    _append(runs, hash_block_source(hid), 0, min(h, left))
                     left -= h
                 new_prompt = 0
         _append(runs, name_id("prompt", pid, call.id), 0, new_prompt)
