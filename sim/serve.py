@@ -54,6 +54,7 @@ from typing import Any
 from aiohttp import web
 
 from sim.config import ExperimentConfig, LatencyConfig
+from sim.core import POLICY_CLASSES
 from sim.realtime import FILLER_BASE, FILLER_VOCAB, CallHandle, Conflict, RealtimeEngine, TooLarge
 
 TOKEN_TEXT = " tok"
@@ -343,7 +344,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-e", "--experiments", metavar="FILE", help="experiments file (default: experiments.yaml)")
     p.add_argument("-s", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a dotted key of the experiment; repeatable")
-    p.add_argument("--policy", default="plas", help="scheduling policy: fcfs, mlfq, plas, atlas, program_fcfs (default: plas)")
+    real = ", ".join(name for name, cls in POLICY_CLASSES.items() if not cls.oracle)
+    p.add_argument("--policy", default="plas", help=f"scheduling policy: {real} (default: plas)")
     p.add_argument("--model", help="model spec name (e.g. llama-3.1-8b)")
     p.add_argument("--gpu", help="GPU spec name (e.g. a100-80gb)")
     p.add_argument("--latency", choices=("constant", "roofline", "fitted"), help="latency model kind")
