@@ -44,6 +44,14 @@ class EngineConfig:
     balancer: str = "locality"
     # Explicit KV capacity in blocks; None derives it from the specs.
     num_gpu_blocks: int | None = None
+    # Continuum's KV time-to-live, in seconds; 0 (vLLM) turns it off. A call
+    # whose program will send a follow-up (it has children in the DAG, as a
+    # tool-calling turn does) keeps its keyed KV blocks pinned on its replica
+    # for this long, or until a child is admitted there: new calls cannot
+    # evict them, so the follow-up hits its history. Pins give way to running
+    # calls that need blocks, and to an idle engine's waiting call (see
+    # sim.replica). Needs enable_prefix_caching.
+    kv_ttl: float = 0.0
     # Account steady decodes lazily (sim.replica, "steady decodes"); results
     # are bit-identical either way, false runs the per-step reference path.
     fast_forward: bool = True

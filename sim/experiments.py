@@ -399,6 +399,10 @@ def _check_engine(ck: _Checker, e: EngineConfig) -> None:
         ck.fail(p + ("gpu_memory_utilization",), f"expected a fraction in (0, 1], got {e.gpu_memory_utilization}")
     ck.choice(p + ("preemption_mode",), e.preemption_mode, PREEMPTION_MODES)
     ck.choice(p + ("balancer",), e.balancer, BALANCERS)
+    _positive(ck, p + ("kv_ttl",), e.kv_ttl, "seconds >= 0 (0 turns pinning off)", strict=False)
+    if e.kv_ttl > 0 and not e.enable_prefix_caching:
+        ck.fail(p + ("kv_ttl",), f"expected 0 when engine.enable_prefix_caching is false (pins keep "
+                f"prefix-cache blocks), got {e.kv_ttl!r}")
     try:
         num_kv_blocks(e)
     except CapacityError as exc:

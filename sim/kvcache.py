@@ -4,8 +4,9 @@ Blocks are counted, not placed: the simulator needs how many are in use,
 which prefixes are cached, and what is evicted, not addresses. Every block
 is in one of three states:
 
-* in use: referenced by at least one live call (shared prefix blocks are
-  counted once);
+* in use: referenced by at least one live call or pin (shared prefix blocks
+  are counted once; a pin is a finished call's blocks kept for its
+  program's follow-up, `KVCache.keep_keyed`);
 * cached: a full block with a content key and no reference, kept in LRU
   order and evicted only when a fresh block is needed;
 * empty.
@@ -172,6 +173,16 @@ class KVCache:
                 freed += 1
         self.in_use -= freed
         table.keys.clear()
+        table.private = 0
+
+    def keep_keyed(self, table: BlockTable) -> None:
+        """Free a finished call's private blocks but keep its keyed ones referenced.
+
+        The table then pins its prefix (Continuum's KV time-to-live): pinned
+        blocks count as in use, so no allocation can evict them, until
+        `release` returns them to the LRU order.
+        """
+        self.in_use -= table.private
         table.private = 0
 
     def freed_by_release(self, table: BlockTable) -> int:

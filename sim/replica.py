@@ -19,6 +19,14 @@ A token is sampled in the step that computes a call's last known token: the
 prefill's final chunk yields the first output token, each decode one more.
 Preemption by recompute frees the KV and recomputes prompt plus generated
 tokens on readmission (vLLM v1); by swap it moves the KV over PCIe and back.
+
+With ``engine.kv_ttl`` (Continuum's KV time-to-live) a finished call whose
+program will send a follow-up keeps its keyed blocks pinned for that long,
+or until one of its children is admitted here. Admission cannot evict a
+pin. A running call that cannot grow unpins the oldest pins before it
+preempts anyone, and an engine with nothing running unpins the oldest pins
+until its best waiting call fits, so pins never idle the engine or preempt
+work; they only hold back admissions while other calls run.
 """
 
 from __future__ import annotations
@@ -61,6 +69,10 @@ class SimCall:
     keys: tuple[int, ...]  # content keys of the full blocks of prompt+output
     done: simpy.Event | None  # succeeded at finish, for callers that wait on it
     arrival: float
+    # The call's parents in its program (whose pins its admission releases),
+    # and whether its program will send a follow-up (pin its KV at finish).
+    parents: tuple[str, ...] = ()
+    pin_after: bool = False
     core: CallState | None = None
     engine: int = -1
     num_tokens: int = 0  # prompt + generated
@@ -178,6 +190,9 @@ class Replica:
         self.busy_time = 0.0
         self.prefill_tokens = 0  # tokens computed in chunks of more than one (prompts and recomputes)
         self.swap_seconds = 0.0  # step time spent moving swapped KV over PCIe
+        self._pins: dict[tuple[str, str], BlockTable] = {}  # (program, call) -> pinned blocks, oldest first
+        self.pins = 0  # calls whose KV was pinned at finish
+        self.pins_dropped = 0  # pins released early for a running call or an idle engine
         self._stalled_tokens = 0  # prefill tokens computed since a call last sampled a token
         self._stall_check = LIVELOCK_RECOMPUTES * cfg.max_num_batched_tokens
         self.process = env.process(self.run(env))
@@ -226,6 +241,7 @@ class Replica:
     # -- the step loop ---------------------------------------------------------------
     def run(self, env: simpy.Environment):
         lazy = self.cfg.fast_forward and self.on_progress is None and self.observer is None
+        empty_at = -1.0  # start of the last step that scheduled nothing
         while True:
             if not self.running and not self.waiting:
                 self._wake = env.event()
@@ -240,9 +256,10 @@ class Replica:
                 batch, transfer = self._schedule(start)
                 members = 0
             if not batch and not members:
-                if self.running or not self.waiting:
+                if self.running or not self.waiting or empty_at == start:
                     raise RuntimeError(f"engine {self.index} stalled at t={start} with runnable calls")
                 # Everything was preempted this step; readmit next iteration.
+                empty_at = start
                 continue
             if not members:
                 shape = self._shape(batch)
@@ -555,6 +572,8 @@ class Replica:
                 blocks = call.blocks
                 need = -(-(computed + new) // block) - len(blocks.keys) - blocks.private
             if need > 0:
+                if need > kv.capacity - kv.in_use and self._pins:
+                    self._unpin_until(need)
                 while need > kv.capacity - kv.in_use:
                     victim = pending.pop() if len(pending) > i else call
                     self._leave(victim, now)
@@ -732,6 +751,8 @@ class Replica:
             blocks = call.blocks
             need = -(-(computed + new) // block) - len(blocks.keys) - blocks.private
             if need > 0:
+                if need > kv.capacity - kv.in_use and self._pins:
+                    self._unpin_until(need)
                 while need > kv.capacity - kv.in_use:
                     victim = pending.pop() if len(pending) > i else call
                     transfer += self._preempt(victim, now)
@@ -769,6 +790,8 @@ class Replica:
         cfg, kv = self.cfg, self.kv
         transfer = 0.0
         admitted = 0
+        if self._pins and not self.running and self.waiting:
+            self._unpin_for_head()
         for call in self.waiting:
             if len(self.running) >= cfg.max_num_seqs or budget == 0:
                 break
@@ -777,6 +800,9 @@ class Replica:
                 break
             kv.acquire_hits(call.blocks, call.keys, hits)
             kv.allocate(call.blocks, fresh)
+            if self._pins and call.parents:
+                for parent in call.parents:
+                    self._unpin((call.program_id, parent))
             if call.swapped:
                 transfer += swap_in * self.swap_seconds_per_block
                 call.swapped = False
@@ -864,12 +890,54 @@ class Replica:
 
     def _finish(self, finished: list[SimCall], now: float) -> None:
         kv, core = self.kv, self.core
+        ttl = self.cfg.kv_ttl
         for call in finished:
             call.finish = now
-            kv.release(call.blocks)
+            if ttl > 0 and call.pin_after and call.blocks.keys:
+                self._pin(call, ttl)
+            else:
+                kv.release(call.blocks)
             self.running.remove(call)
             core.finish_call(call.core, now)
             del self._live[call.core.id]
             self.on_finish(call)
             if call.done is not None:
                 call.done.succeed()
+
+    # -- KV pins (Continuum's time-to-live) ----------------------------------------------
+    def _pin(self, call: SimCall, ttl: float) -> None:
+        """Keep a finished call's keyed blocks for its program's follow-up, for ``ttl`` seconds."""
+        self.kv.keep_keyed(call.blocks)
+        key = (call.program_id, call.call_id)
+        self._pins[key] = call.blocks
+        self.pins += 1
+        self.env.timeout(ttl).callbacks.append(lambda _event: self._expire(key))
+
+    def _unpin(self, key: tuple[str, str]) -> bool:
+        table = self._pins.pop(key, None)
+        if table is None:
+            return False
+        self.kv.release(table)
+        return True
+
+    def _expire(self, key: tuple[str, str]) -> None:
+        # No wake-up: an engine sleeps only with no calls at all, as one
+        # with nothing running unpins until its best waiting call fits.
+        self._unpin(key)
+
+    def _unpin_until(self, need: int) -> None:
+        """Release the oldest pins until ``need`` blocks are free or none is left."""
+        kv = self.kv
+        while self._pins and need > kv.capacity - kv.in_use:
+            self.kv.release(self._pins.pop(next(iter(self._pins))))
+            self.pins_dropped += 1
+
+    def _unpin_for_head(self) -> None:
+        """With nothing running, release the oldest pins until the best waiting call fits.
+
+        It then fits, as any call fits an empty engine (`sim.simulate.check_fits`).
+        """
+        budget = self.cfg.max_num_batched_tokens
+        while self._pins and not self._would_fit(self.waiting[0], budget):
+            self.kv.release(self._pins.pop(next(iter(self._pins))))
+            self.pins_dropped += 1

@@ -157,7 +157,10 @@ class Cluster:
     def _submit(self, run: "_ProgramRun", call) -> None:
         program = run.program
         env = self.env
-        sim_call = SimCall(program.id, call.id, call.prompt_tokens, call.output_tokens, run.keys.get(call.id, ()), None, env.now)
+        sim_call = SimCall(
+            program.id, call.id, call.prompt_tokens, call.output_tokens, run.keys.get(call.id, ()), None, env.now,
+            parents=call.parents, pin_after=call.id in run.children,
+        )
         entry = self.table.get_or_create(program.id, env.now)
         loads = [r.load for r in self.replicas]
         replica = self.replicas[self.balancer.choose(call.prompt_tokens, entry, loads)]
@@ -301,6 +304,8 @@ def simulate(
         "lazy_decode_steps": float(sum(r.lazy_decode_steps for r in reps)),
         "coasted_steps": float(sum(r.coasted_steps for r in reps)),
         "kv_evictions": float(sum(r.kv.evictions for r in reps)),
+        "kv_pins": float(sum(r.pins for r in reps)),
+        "kv_pins_dropped": float(sum(r.pins_dropped for r in reps)),
         "prefill_tokens": float(sum(r.prefill_tokens for r in reps)),
         "swap_seconds": sum(r.swap_seconds for r in reps),
         "kv_capacity_blocks": float(cluster.capacity_blocks),

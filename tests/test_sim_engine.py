@@ -165,6 +165,8 @@ def configs(draw):
         replicas=draw(st.integers(1, 2)),
         balancer=draw(st.sampled_from(["round_robin", "least_used", "locality"])),
     )
+    if engine["enable_prefix_caching"]:  # Continuum's pins: off, shorter and longer than the tool delays
+        engine["kv_ttl"] = draw(st.sampled_from([0.0, 0.5, 5.0]))
     params = PolicyParams(
         queue_base=draw(st.sampled_from([0.05, 1.0])),
         beta=draw(st.sampled_from([0.5, 8.0])),
@@ -296,6 +298,69 @@ def test_program_fcfs_keeps_histories_cached_where_call_level_orders_evict_them(
         latency[policy] = sum(p.latency for p in r.programs) / len(r.programs)
     assert hits["program_fcfs"] > 5 * max(hits["fcfs"], hits["plas"])
     assert latency["program_fcfs"] < min(latency["fcfs"], latency["plas"])
+
+
+# Continuum's KV time-to-live (engine.kv_ttl): 1 s steps, a 10-block cache.
+def _pin_trace(b_prompt, with_x=True):
+    # A's first call leaves a 64-token history (4 full blocks) at t=2 and its
+    # follow-up re-sends it after 1.5 s of tool time; B, a new program,
+    # arrives during the tool time needing more blocks than are empty; X
+    # keeps the engine busy (2 blocks) throughout.
+    programs = [prog("A", 0.0, call("c0", 64, 2), call("c1", 80, 1, parents=["c0"], delay=1.5, context_of="c0"))]
+    if with_x:
+        programs.append(prog("X", 0.0, call("x", 16, 20)))
+    return programs + [prog("B", 2.5, call("b", b_prompt, 1))]
+
+
+def _pin_cfg(ttl, **engine):
+    return cfg(latency=1.0, num_gpu_blocks=10, max_num_seqs=2, enable_prefix_caching=True, kv_ttl=ttl, **engine)
+
+
+def test_kv_ttl_keeps_a_history_for_the_follow_up_under_program_fcfs():
+    # Without pins B is admitted at t=3 and evicts A's last two cached
+    # blocks, so c1 (t=4) hits 32 tokens. With a 10 s pin B (6 blocks)
+    # cannot have the 4 pinned ones while X runs; at t=4 program FCFS puts
+    # c1 (A is the older program) first: it hits all 64 tokens, takes one
+    # fresh block and releases the pin; B runs when c1 is done.
+    plain = by_id(simulate(_pin_trace(96), _pin_cfg(0.0), "program_fcfs"))
+    assert (plain["A", "c1"].prefix_hit_tokens, plain["B", "b"].first_scheduled) == (32, 3.0)
+    pinned = simulate(_pin_trace(96), _pin_cfg(10.0), "program_fcfs")
+    r = by_id(pinned)
+    assert (r["A", "c1"].first_scheduled, r["A", "c1"].prefix_hit_tokens, r["A", "c1"].finish) == (4.0, 64, 5.0)
+    assert (r["B", "b"].first_scheduled, r["B", "b"].finish) == (5.0, 6.0)
+    assert (pinned.stats["kv_pins"], pinned.stats["kv_pins_dropped"]) == (1.0, 0.0)
+
+
+def test_kv_ttl_under_call_level_fcfs_blocks_the_queue_until_the_pin_expires():
+    # FCFS queues B ahead of c1, and admission stops at the first call that
+    # does not fit: both wait for the pin to expire (t=2+10), and then B's
+    # blocks evict A's tail anyway. Pins need a program-level order.
+    r = by_id(simulate(_pin_trace(96), _pin_cfg(10.0), "fcfs"))
+    assert (r["B", "b"].first_scheduled, r["A", "c1"].first_scheduled) == (12.0, 13.0)
+    assert r["A", "c1"].prefix_hit_tokens == 32
+
+
+@pytest.mark.parametrize("fast_forward", [True, False])
+def test_kv_ttl_never_idles_the_engine_or_preempts_a_running_call(fast_forward):
+    # Idle engine: B (7 blocks) arrives with nothing running and 4 blocks
+    # pinned; the pin is dropped and B runs at once, as without pins.
+    idle = simulate(_pin_trace(112, with_x=False), _pin_cfg(10.0, fast_forward=fast_forward), "fcfs")
+    plain = simulate(_pin_trace(112, with_x=False), _pin_cfg(0.0, fast_forward=fast_forward), "fcfs")
+    assert by_id(idle)["B", "b"].first_scheduled == 2.5
+    assert [dataclasses.astuple(c) for c in idle.calls] == [dataclasses.astuple(c) for c in plain.calls]
+    assert idle.stats["kv_pins_dropped"] == 1.0
+    # Growth: A's 128-token history is pinned (8 blocks) through 100 s of
+    # tool time while X decodes 40 tokens; X's third block (t=17) needs the
+    # pinned memory, and takes it instead of preempting itself.
+    programs = [
+        prog("A", 0.0, call("c0", 128, 1), call("c1", 140, 1, parents=["c0"], delay=100.0, context_of="c0")),
+        prog("X", 0.0, call("x", 16, 40)),
+    ]
+    grown = simulate(programs, _pin_cfg(1000.0, fast_forward=fast_forward), "fcfs")
+    r = by_id(grown)
+    assert (r["X", "x"].preemptions, r["X", "x"].finish) == (0, 40.0)
+    assert (grown.stats["kv_pins_dropped"], grown.stats["preemptions"]) == (1.0, 0.0)
+    assert r["A", "c1"].prefix_hit_tokens == 96  # X's growth evicted two of the eight blocks
 
 
 def test_atlas_runs_parallel_siblings_as_a_gang():
