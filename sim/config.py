@@ -50,7 +50,8 @@ class EngineConfig:
     # for this long, or until a child is admitted there: new calls cannot
     # evict them, so the follow-up hits its history. Pins give way to running
     # calls that need blocks, and to an idle engine's waiting call (see
-    # sim.replica). Needs enable_prefix_caching.
+    # sim.replica). Needs enable_prefix_caching. Pinning needs the program's
+    # DAG, so `sim serve` (calls without one) and the vLLM plugin never pin.
     kv_ttl: float = 0.0
     # Account steady decodes lazily (sim.replica, "steady decodes"); results
     # are bit-identical either way, false runs the per-step reference path.

@@ -187,7 +187,7 @@ def test_check_key():
 def test_repository_paper_sweeps_expand():
     counts = {}
     names = ("paper-single", "paper-single-unopt", "paper-single-seeds", "paper-multi", "paper-scaling", "policy-params",
-             "locality-threshold", "bfcl-long-rates")
+             "locality-threshold", "bfcl-long-rates", "sharegpt-ttl-rates")
     for name in names:
         s = load_sweep(name)
         js = jobs(s)
@@ -196,7 +196,7 @@ def test_repository_paper_sweeps_expand():
     # 4 workloads x 8 rates x 5 policies, and x fcfs-unopt; 3 balancers x 8 rates x 3 policies;
     # 8 rates at 1 replica + 3 counts x 3 balancers x 8 rates; 2 workloads x 4 bounds x 4 betas;
     # (8 rates at 1 replica + 3 counts x 8 rates) x 3 thresholds; paper-single's points x 5 seeds x 3 policies;
-    # bfcl-long at 7 rates x 5 seeds x 4 policies.
+    # bfcl-long at 7 rates x 5 seeds x 4 policies; sharegpt-long at 5 rates x 5 seeds x (4 + 3 pinned).
     assert counts == {
         "paper-single": (32, 160, ["atlas", "fcfs", "mlfq", "plas", "srpt"]),
         "paper-single-unopt": (32, 32, ["fcfs-unopt"]),
@@ -206,7 +206,11 @@ def test_repository_paper_sweeps_expand():
         "policy-params": (32, 32, ["atlas"]),
         "locality-threshold": (32, 96, ["atlas-t0", "atlas-t2048", "atlas-t512"]),
         "bfcl-long-rates": (35, 140, ["fcfs", "plas", "program_fcfs", "srpt"]),
+        "sharegpt-ttl-rates": (25, 175, ["fcfs", "fcfs-ttl", "plas", "plas-ttl", "program_fcfs", "program_fcfs-ttl", "srpt"]),
     }
+    ttl = {(j.label, j.cfg.engine.kv_ttl) for j in jobs(load_sweep("sharegpt-ttl-rates"))}
+    assert ttl == {("fcfs", 0.0), ("plas", 0.0), ("program_fcfs", 0.0), ("srpt", 0.0),
+                   ("fcfs-ttl", 2.0), ("plas-ttl", 2.0), ("program_fcfs-ttl", 2.0)}
     long_runs = {(j.cfg.workload.params["rate"], j.cfg.seed, j.cfg.workload.params["programs"])
                  for j in jobs(load_sweep("bfcl-long-rates"))}
     assert long_runs == {(10 + 0.5 * i, s, 12000) for i in range(7) for s in range(5)}
