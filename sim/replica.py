@@ -23,10 +23,11 @@ tokens on readmission (vLLM v1); by swap it moves the KV over PCIe and back.
 With ``engine.kv_ttl`` (Continuum's KV time-to-live) a finished call whose
 program will send a follow-up keeps its keyed blocks pinned for that long,
 or until one of its children is admitted here. Admission cannot evict a
-pin. A running call that cannot grow unpins the oldest pins before it
-preempts anyone, and an engine with nothing running unpins the oldest pins
-until its best waiting call fits, so pins never idle the engine or preempt
-work; they only hold back admissions while other calls run.
+pin. The oldest pins are released instead of preempting: before a running
+call that cannot grow evicts anyone, and before a preemptive policy picks
+victims for waiting calls that outrank running ones. An engine with nothing
+running releases them until its best waiting call fits. So pins never idle
+the engine; they hold back admissions while other calls run.
 """
 
 from __future__ import annotations
@@ -479,6 +480,8 @@ class Replica:
             and self.running
             and policy.outranks(self.waiting[0].core, self.running[-1].core)
         ):
+            if self._pins:
+                self._unpin_for_better_waiting()
             victims = core.choose_victims(
                 [c.core for c in self.running],
                 [c.core for c in self.waiting[: cfg.max_num_seqs]],
@@ -719,6 +722,8 @@ class Replica:
             # Fast exit: the best waiting call outranks nobody if not the worst running one.
             and policy.outranks(self.waiting[0].core, self.running[-1].core)
         ):
+            if self._pins:
+                self._unpin_for_better_waiting()
             victims = core.choose_victims(
                 [c.core for c in self.running],
                 [c.core for c in self.waiting[: cfg.max_num_seqs]],
@@ -931,6 +936,21 @@ class Replica:
         while self._pins and need > kv.capacity - kv.in_use:
             self.kv.release(self._pins.pop(next(iter(self._pins))))
             self.pins_dropped += 1
+
+    def _unpin_for_better_waiting(self) -> None:
+        """Before a preemptive policy picks victims, release the oldest pins for the calls it would preempt for.
+
+        Those are the waiting calls (best first, as many as may run) that
+        outrank the worst running call; each may need the blocks to admit it.
+        """
+        worst = self.running[-1].core
+        outranks = self.core.policy.outranks
+        need = 0
+        for call in self.waiting[: self.cfg.max_num_seqs]:
+            if not outranks(call.core, worst):
+                break
+            need += self._blocks_to_admit(call)
+        self._unpin_until(need)
 
     def _unpin_for_head(self) -> None:
         """With nothing running, release the oldest pins until the best waiting call fits.

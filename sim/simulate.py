@@ -297,8 +297,11 @@ def simulate(
     if unfinished:
         raise RuntimeError(f"{unfinished} programs did not finish: the simulation stalled")
     reps = cluster.replicas
+    # The run ends with its last program; pins may still expire after it,
+    # idly (env.now), and must not stretch the run.
+    end = max((p.finish for p in cluster.program_records), default=env.now)
     stats = {
-        "sim_time": env.now,
+        "sim_time": end,
         "steps": float(sum(r.steps for r in reps)),
         "preemptions": float(sum(r.preemptions for r in reps)),
         "lazy_decode_steps": float(sum(r.lazy_decode_steps for r in reps)),
@@ -309,6 +312,6 @@ def simulate(
         "prefill_tokens": float(sum(r.prefill_tokens for r in reps)),
         "swap_seconds": sum(r.swap_seconds for r in reps),
         "kv_capacity_blocks": float(cluster.capacity_blocks),
-        "busy_fraction": sum(r.busy_time for r in reps) / (env.now * len(reps)) if env.now > 0 else 0.0,
+        "busy_fraction": sum(r.busy_time for r in reps) / (end * len(reps)) if end > 0 else 0.0,
     }
     return SimResult(policy, cluster.call_records, cluster.program_records, stats)

@@ -312,8 +312,9 @@ def _pin_trace(b_prompt, with_x=True):
     return programs + [prog("B", 2.5, call("b", b_prompt, 1))]
 
 
-def _pin_cfg(ttl, **engine):
-    return cfg(latency=1.0, num_gpu_blocks=10, max_num_seqs=2, enable_prefix_caching=True, kv_ttl=ttl, **engine)
+def _pin_cfg(ttl, policy_params=None, **engine):
+    return cfg(policy_params, latency=1.0, num_gpu_blocks=10, max_num_seqs=2, enable_prefix_caching=True, kv_ttl=ttl,
+               **engine)
 
 
 def test_kv_ttl_keeps_a_history_for_the_follow_up_under_program_fcfs():
@@ -361,6 +362,20 @@ def test_kv_ttl_never_idles_the_engine_or_preempts_a_running_call(fast_forward):
     assert (r["X", "x"].preemptions, r["X", "x"].finish) == (0, 40.0)
     assert (grown.stats["kv_pins_dropped"], grown.stats["preemptions"]) == (1.0, 0.0)
     assert r["A", "c1"].prefix_hit_tokens == 96  # X's growth evicted two of the eight blocks
+    assert grown.stats["sim_time"] == 102.0  # the run ends with c1, not when the dropped pin's TTL would (1001)
+    # Policy preemption: under PLAS, B (a new program, t=5.5) outranks X
+    # (4 s of service past a 1 s bound) and needs 6 blocks while A's pin
+    # holds 4 and X 2; the pin is released instead of X being preempted.
+    programs = [
+        prog("A", 0.0, call("c0", 64, 2), call("c1", 80, 1, parents=["c0"], delay=100.0, context_of="c0")),
+        prog("X", 0.0, call("x", 16, 40)),
+        prog("B", 5.5, call("b", 96, 1)),
+    ]
+    plas = PolicyParams(queue_base=1.0, beta=1e9)
+    ranked = simulate(programs, _pin_cfg(1000.0, fast_forward=fast_forward, policy_params=plas), "plas")
+    r = by_id(ranked)
+    assert (r["B", "b"].first_scheduled, r["X", "x"].preemptions, r["X", "x"].finish) == (6.0, 0, 40.0)
+    assert (ranked.stats["kv_pins_dropped"], ranked.stats["preemptions"]) == (1.0, 0.0)
 
 
 def test_atlas_runs_parallel_siblings_as_a_gang():
