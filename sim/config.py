@@ -48,9 +48,10 @@ class EngineConfig:
     # whose program will send a follow-up (it has children in the DAG, as a
     # tool-calling turn does) keeps its keyed KV blocks pinned on its replica
     # for this long, or until a child is admitted there: new calls cannot
-    # evict them, so the follow-up hits its history. Pins give way to running
-    # calls that need blocks, and to an idle engine's waiting call (see
-    # sim.replica). Needs enable_prefix_caching. Pinning needs the program's
+    # evict them, so the follow-up hits its history. Pins give way instead of
+    # a preemption (for a running call that needs blocks, or for waiting
+    # calls a preemptive policy ranks first) and to an idle engine's best
+    # waiting call (see sim.replica). Needs enable_prefix_caching. Pinning needs the program's
     # DAG, so `sim serve` (calls without one) and the vLLM plugin never pin.
     kv_ttl: float = 0.0
     # Account steady decodes lazily (sim.replica, "steady decodes"); results
