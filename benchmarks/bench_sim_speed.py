@@ -9,7 +9,7 @@ run ends 1,022 s after the last arrival. So capacity is about 11.3/s and
 9 programs/s is 80% load, the default. ``--rate 12`` is the overload case.
 Prints wall and CPU seconds per policy.
 
-    python benchmarks/bench_sim_speed.py [--calls 100000] [--rate 9] [--policies fcfs,plas]
+    python benchmarks/bench_sim_speed.py [--calls 100000] [--rate 9] [--policies fcfs,plas] [--kv-ttl 2]
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from sim.config import ExperimentConfig, LatencyConfig
+from sim.config import EngineConfig, ExperimentConfig, LatencyConfig
 from sim.simulate import simulate
 from traces.generators import generate
 
@@ -28,11 +28,14 @@ def main() -> None:
     ap.add_argument("--rate", type=float, default=9.0)
     ap.add_argument("--policies", default="fcfs,plas,atlas")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--kv-ttl", type=float, default=0.0, help="engine.kv_ttl in seconds (Continuum's pins; 0: off)")
     args = ap.parse_args()
 
     programs = generate("bfcl", programs=max(1, round(args.calls / 10.75)), rate=args.rate, seed=args.seed)
     calls = sum(len(p.calls) for p in programs)
-    cfg = ExperimentConfig("bench", latency=LatencyConfig(kind="fitted", name="a100-llama-3.1-8b"))
+    cfg = ExperimentConfig(
+        "bench", engine=EngineConfig(kv_ttl=args.kv_ttl), latency=LatencyConfig(kind="fitted", name="a100-llama-3.1-8b")
+    )
     print(f"bfcl: {len(programs)} programs, {calls} calls, rate {args.rate}/s")
     for policy in args.policies.split(","):
         wall, cpu = time.perf_counter(), time.process_time()
