@@ -24,7 +24,7 @@ With ``engine.kv_ttl`` (Continuum's KV time-to-live) a finished call whose
 program will send a follow-up keeps its keyed blocks pinned for that long,
 or until one of its children is admitted here. Admission cannot evict a
 pin. The oldest pins are released instead of preempting: before a running
-call that cannot grow evicts anyone, and before a preemptive policy picks
+call that cannot grow preempts anyone, and before a preemptive policy picks
 victims for waiting calls that outrank running ones. An engine with nothing
 running releases them until its best waiting call fits. So pins never idle
 the engine; they hold back admissions while other calls run.
@@ -193,7 +193,7 @@ class Replica:
         self.swap_seconds = 0.0  # step time spent moving swapped KV over PCIe
         self._pins: dict[tuple[str, str], BlockTable] = {}  # (program, call) -> pinned blocks, oldest first
         self.pins = 0  # calls whose KV was pinned at finish
-        self.pins_dropped = 0  # pins released early for a running call or an idle engine
+        self.pins_dropped = 0  # pins released early: for a running call, a better-ranked waiting one, an idle engine
         self._stalled_tokens = 0  # prefill tokens computed since a call last sampled a token
         self._stall_check = LIVELOCK_RECOMPUTES * cfg.max_num_batched_tokens
         self.process = env.process(self.run(env))
