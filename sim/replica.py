@@ -916,26 +916,25 @@ class Replica:
         key = (call.program_id, call.call_id)
         self._pins[key] = call.blocks
         self.pins += 1
-        self.env.timeout(ttl).callbacks.append(lambda _event: self._expire(key))
+        # Expiry needs no wake-up: an engine sleeps only with no calls at
+        # all, as one with nothing running unpins until its best waiting call fits.
+        self.env.timeout(ttl).callbacks.append(lambda _event: self._unpin(key))
 
-    def _unpin(self, key: tuple[str, str]) -> bool:
+    def _unpin(self, key: tuple[str, str]) -> None:
+        """Release a pin if it is still held (a child's admission or its expiry, whichever comes first)."""
         table = self._pins.pop(key, None)
-        if table is None:
-            return False
-        self.kv.release(table)
-        return True
+        if table is not None:
+            self.kv.release(table)
 
-    def _expire(self, key: tuple[str, str]) -> None:
-        # No wake-up: an engine sleeps only with no calls at all, as one
-        # with nothing running unpins until its best waiting call fits.
-        self._unpin(key)
+    def _drop_oldest_pin(self) -> None:
+        self.kv.release(self._pins.pop(next(iter(self._pins))))
+        self.pins_dropped += 1
 
     def _unpin_until(self, need: int) -> None:
         """Release the oldest pins until ``need`` blocks are free or none is left."""
         kv = self.kv
         while self._pins and need > kv.capacity - kv.in_use:
-            self.kv.release(self._pins.pop(next(iter(self._pins))))
-            self.pins_dropped += 1
+            self._drop_oldest_pin()
 
     def _unpin_for_better_waiting(self) -> None:
         """Before a preemptive policy picks victims, release the oldest pins for the calls it would preempt for.
@@ -959,5 +958,4 @@ class Replica:
         """
         budget = self.cfg.max_num_batched_tokens
         while self._pins and not self._would_fit(self.waiting[0], budget):
-            self.kv.release(self._pins.pop(next(iter(self._pins))))
-            self.pins_dropped += 1
+            self._drop_oldest_pin()
