@@ -32,6 +32,11 @@ because vLLM rewrites it.
   raises the local entry's priority (``ProgramState.service``) and its
   T_program for anti-starvation (``total_service``) to this value when it
   is higher; W_program stays local.
+* ``kv_ttl``: seconds to keep the call's KV cached after it finishes,
+  because its program will send a follow-up (Continuum's time-to-live;
+  `engine.kv_pins`). Missing or 0: vLLM's behaviour, the blocks go back to
+  the LRU free queue at once. Only cached blocks can be kept, so it does
+  nothing with prefix caching off.
 """
 
 from __future__ import annotations
@@ -132,6 +137,7 @@ class CallTags:
     program_id: str
     thread_id: str
     program_service: float | None  # the gateway's view; None when not sent
+    kv_ttl: float = 0.0  # seconds to pin the call's KV after it finishes
 
 
 def read_tags(request_id: str, extra_args: Mapping[str, Any] | None) -> CallTags:
@@ -144,6 +150,7 @@ def read_tags(request_id: str, extra_args: Mapping[str, Any] | None) -> CallTags
     program = extra.get("program_id")
     thread = extra.get("thread_id")
     service = extra.get("program_service")
+    kv_ttl = extra.get("kv_ttl")
     if program is None:
         program_id = request_id
     elif isinstance(program, (str, int)) and not isinstance(program, bool):
@@ -162,4 +169,8 @@ def read_tags(request_id: str, extra_args: Mapping[str, Any] | None) -> CallTags
                 f"request {request_id!r}: extra_args.program_service must be seconds >= 0, got {service!r}"
             )
         service = float(service)
-    return CallTags(program_id, thread_id, service)
+    if kv_ttl is None:
+        kv_ttl = 0.0
+    elif isinstance(kv_ttl, bool) or not isinstance(kv_ttl, (int, float)) or not math.isfinite(kv_ttl) or kv_ttl < 0:
+        raise PluginConfigError(f"request {request_id!r}: extra_args.kv_ttl must be seconds >= 0, got {kv_ttl!r}")
+    return CallTags(program_id, thread_id, service, float(kv_ttl))

@@ -50,6 +50,23 @@ of its ``schedule()`` and the previous ``update_from_output()``: the GPU runs
 one batch at a time, and the intervals then tile the busy time exactly once.
 All times handed to the core come from the same clock.
 
+KV pins (``kv_ttl`` tag, Continuum's time-to-live; `engine.kv_pins`): a
+completed call tagged with ``kv_ttl`` keeps its cached blocks referenced,
+so admissions cannot evict them, until a call of its program is admitted
+holding them, or the TTL passes. Pins give way to work by the simulator's
+rules (`sim.replica`):
+
+* a running request that cannot grow releases the oldest pins before vLLM
+  preempts anyone: the plugin wraps the ``allocate_slots`` of this
+  scheduler's own `KVCacheManager` (vLLM's loop calls it, then preempts on
+  None, with no hook in between);
+* with nothing running, the waiting request being admitted releases the
+  oldest pins until it fits (the same wrapper), so pins never idle the GPU;
+* before a preemptive policy picks victims, the oldest pins are released
+  until the waiting calls that outrank the worst running one would fit.
+
+Otherwise pins hold back admissions while other requests run.
+
 Per-step cost: O(promoted + admitted + scheduled) bookkeeping, an O(running)
 sort of an almost-sorted list, and a victim search that returns at once
 unless the best waiting request outranks the worst running one
@@ -73,6 +90,7 @@ from vllm.v1.core.sched.request_queue import SchedulingPolicy, create_request_qu
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.request import Request, RequestStatus
 
+from engine.kv_pins import KVPins
 from engine.plugin_config import PluginConfig, PluginConfigError, parse_plugin_config, read_tags
 from sim.core import Policy, ProcessTable, SchedulerCore, attribute_service, make_policy
 from sim.core.state import CallState
@@ -143,6 +161,11 @@ class ProgramAwareMixin:
         self._next_expiry = float("-inf")
         self._now: float | None = None  # the step's time while schedule()/update runs
         self._heap_dirty = False
+        self._kv_ttl: dict[str, float] = {}  # request id -> pin seconds, for tagged live requests
+        self.kv_pins = KVPins(self.kv_cache_manager.block_pool)
+        manager = self.kv_cache_manager
+        self._allocate_slots = manager.allocate_slots
+        manager.allocate_slots = self._allocate_slots_giving_way
         if self.scheduler_config.async_scheduling and not isinstance(self, AsyncScheduler):
             logger.warning(
                 "async scheduling is on: use engine.scheduler.ProgramAwareAsyncScheduler, "
@@ -201,6 +224,8 @@ class ProgramAwareMixin:
             entry.service = max(entry.service, tags.program_service)
             entry.total_service = max(entry.total_service, tags.program_service)
         call = self.core.add_call(rid, program_id, thread_id, request.num_prompt_tokens, now)
+        if tags.kv_ttl > 0:
+            self._kv_ttl[rid] = tags.kv_ttl
         request.priority = encode_key(call.key)
         self._log("add", rid, program_id, thread_id, request.num_prompt_tokens, now, tags.program_service)
 
@@ -219,6 +244,8 @@ class ProgramAwareMixin:
     def _before_schedule(self, now: float) -> None:
         core = self.core
         record = self.core_log is not None
+        if self.kv_pins:
+            self.kv_pins.expire(now)
         if now >= self._next_expiry:
             gone = core.table.expire(now)
             self._next_expiry = now + EXPIRE_EVERY
@@ -266,6 +293,8 @@ class ProgramAwareMixin:
         bound = (math.floor(core.rank(worst_call) - policy.params.preempt_margin) + 1) * KEY_STRIDE
         better = sorted([r for r in heap if r.priority < bound], key=_PRIORITY)
         waiting = [calls[r.request_id] for r in better[: self.max_num_running_reqs]]
+        if self.kv_pins:
+            self.kv_pins.drop_until_free(sum(self._blocks_needed(c) for c in waiting))
         victims = core.choose_victims(
             [calls[r.request_id] for r in running],
             waiting,
@@ -332,11 +361,14 @@ class ProgramAwareMixin:
         calls = core.calls
         admitted = [d.req_id for d in output.scheduled_new_reqs]
         admitted.extend(output.scheduled_cached_reqs.resumed_req_ids)
+        pins = self.kv_pins
         for rid in admitted:
             call = calls.get(rid)
             if call is not None and not call.running:
                 core.on_admitted(call)
                 self._log("admit", rid)
+            if pins and call is not None:
+                pins.release_taken_up(call.program_id, self.kv_cache_manager.coordinator.get_blocks(rid))
         self._in_flight.append(_InFlight(output, now, list(output.num_scheduled_tokens)))
 
     # -- step completion -----------------------------------------------------------------
@@ -364,16 +396,41 @@ class ProgramAwareMixin:
             self._now = None
 
     def _free_request(self, request: Request, *args, **kwargs):
-        call = self.core.calls.get(request.request_id)
+        rid = request.request_id
+        call = self.core.calls.get(rid)
+        ttl = self._kv_ttl.pop(rid, 0.0)
         if call is not None:
             now = self._time()
             if request.status in _COMPLETED:
+                if ttl > 0:  # before vLLM frees the blocks, while the request still owns them
+                    self.kv_pins.pin(call.program_id, self.kv_cache_manager.coordinator.get_blocks(rid), now + ttl)
                 self.core.finish_call(call, now)
                 self._log("finish", call.id, now)
             else:
                 self.core.abort_call(call, now)
                 self._log("abort", call.id, now)
         return super()._free_request(request, *args, **kwargs)
+
+
+    # -- KV pins giving way --------------------------------------------------------------
+    def _allocate_slots_giving_way(self, request: Request, *args, **kwargs):
+        """`KVCacheManager.allocate_slots`, releasing the oldest pins where the simulator would.
+
+        A failed allocation changes nothing, so it is retried after each
+        release: for a running request (else vLLM preempts one), or for a
+        waiting one when nothing runs (else the engine idles).
+        """
+        blocks = self._allocate_slots(request, *args, **kwargs)
+        pins = self.kv_pins
+        while blocks is None and pins and (request.status == RequestStatus.RUNNING or not self.running):
+            pins.drop_oldest()
+            blocks = self._allocate_slots(request, *args, **kwargs)
+        return blocks
+
+    def reset_prefix_cache(self, *args, **kwargs) -> bool:
+        """vLLM resets only when no block is in use, so pins are released first."""
+        self.kv_pins.release_all()
+        return super().reset_prefix_cache(*args, **kwargs)
 
 
 class ProgramAwareScheduler(ProgramAwareMixin, Scheduler):

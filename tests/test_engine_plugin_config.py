@@ -52,7 +52,9 @@ def test_tags_default_to_a_single_call_program():
     t = read_tags("req-8", {"program_id": "P", "program_service": 2})
     assert (t.program_id, t.thread_id, t.program_service) == ("P", "req-8", 2.0)
     t = read_tags("req-9", {"program_id": 5, "thread_id": "t1"})
-    assert (t.program_id, t.thread_id) == ("5", "t1")
+    assert (t.program_id, t.thread_id, t.kv_ttl) == ("5", "t1", 0.0)
+    assert read_tags("req-10", {"kv_ttl": 2}).kv_ttl == 2.0
+    assert read_tags("req-11", {"kv_ttl": None}).kv_ttl == 0.0
 
 
 @pytest.mark.parametrize(
@@ -63,6 +65,10 @@ def test_tags_default_to_a_single_call_program():
         ({"program_service": -1}, "program_service must be seconds >= 0"),
         ({"program_service": "3"}, "program_service must be seconds >= 0"),
         ({"program_service": float("nan")}, "program_service must be seconds >= 0"),
+        ({"kv_ttl": -0.5}, r"request 'r': extra_args.kv_ttl must be seconds >= 0, got -0.5$"),
+        ({"kv_ttl": "2"}, "kv_ttl must be seconds >= 0, got '2'"),
+        ({"kv_ttl": True}, "kv_ttl must be seconds >= 0, got True"),
+        ({"kv_ttl": float("inf")}, "kv_ttl must be seconds >= 0, got inf"),
     ],
 )
 def test_malformed_tags_are_named(extra, msg):
