@@ -5,14 +5,15 @@ Program identity travels two ways, because two kinds of server read it:
 * HTTP headers ``X-Program-Id`` and ``X-Thread-Id``, read by the gateway
   (a client talking to the gateway need not touch the request body);
 * ``vllm_xargs`` in the JSON body, ``{"program_id", "thread_id",
-  "program_service"}``, read by the engines: vLLM's OpenAI server copies
+  "program_service", "kv_ttl"}``, read by the engines: vLLM's OpenAI server copies
   ``vllm_xargs`` into ``sampling_params.extra_args``, where the scheduler
   plugin finds them, and ``python -m sim serve`` reads the same keys. vLLM
   0.26.0 accepts only str/int/float values there, so service is a float in
   seconds.
 
 The gateway writes the xargs itself (its ids and the program's attained
-service win over anything the client put there). The replayer sends both,
+service win over anything the client put there; a client's ``kv_ttl``
+passes through). The replayer sends both,
 so it works against the gateway and against a bare vLLM server alike.
 
 Engines may add one extension object to their response (the last SSE chunk,
@@ -33,6 +34,7 @@ XARGS = "vllm_xargs"
 XARG_PROGRAM = "program_id"
 XARG_THREAD = "thread_id"
 XARG_SERVICE = "program_service"
+XARG_KV_TTL = "kv_ttl"  # seconds to keep the call's KV cached for its program's next call
 ENGINE_STATS = "engine_stats"
 
 # Ids name table entries and appear in URLs (DELETE /v1/programs/{id}), so

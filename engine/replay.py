@@ -7,6 +7,11 @@ prefix sharing, and a continued call re-sends the ids its ancestor actually
 received) with ``max_tokens`` = the trace's output tokens and
 ``ignore_eos: true``. Program and thread ids go both as headers (for the
 gateway) and as ``vllm_xargs`` (for a bare vLLM server or ``sim serve``).
+With ``--kv-ttl SECONDS`` every call that has children in its program's DAG
+also carries ``kv_ttl`` there: the engine keeps its KV cached for that long
+or until the program's next call takes it up (Continuum's time-to-live; the
+vLLM plugin's `engine.kv_pins`, ``sim serve``'s replica). A replay cannot
+know whether a chat user will reply, but a trace does.
 
 Results are written in the simulator's format (`sim.metrics`), so a replay
 and a simulation compare with the same tools: ``calls.csv``,
@@ -48,6 +53,7 @@ import argparse
 import asyncio
 import dataclasses
 import json
+import math
 import os
 import sys
 import tempfile
@@ -64,6 +70,7 @@ from engine.protocol import (
     PROGRAM_HEADER,
     THREAD_HEADER,
     XARG_PROGRAM,
+    XARG_KV_TTL,
     XARG_THREAD,
     XARGS,
 )
@@ -96,7 +103,7 @@ class CallResult:
 
 class Target(Protocol):
     async def send(self, prompt: list[int], max_tokens: int, program_id: str, thread_id: str,
-                   clock: "Clock") -> CallResult: ...
+                   clock: "Clock", kv_ttl: float = 0.0) -> CallResult: ...
 
 
 @dataclass
@@ -148,14 +155,14 @@ class HTTPTarget:
         except (aiohttp.ClientError, OSError, KeyError, IndexError, TypeError, ValueError) as exc:
             raise ReplayError(f"{self.base}/v1/models: cannot learn the model name ({exc}); pass --model") from None
 
-    async def send(self, prompt, max_tokens, program_id, thread_id, clock) -> CallResult:
+    async def send(self, prompt, max_tokens, program_id, thread_id, clock, kv_ttl=0.0) -> CallResult:
         import aiohttp
 
         body = {
             "model": self.model, "prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True,
             "temperature": 0.0, "stream": True, "stream_options": {"include_usage": True},
             # No program_service: it is the gateway's to set; a bare engine keeps its own account.
-            "return_token_ids": True, XARGS: {XARG_PROGRAM: program_id, XARG_THREAD: thread_id},
+            "return_token_ids": True, XARGS: xargs(program_id, thread_id, kv_ttl),
         }
         headers = {PROGRAM_HEADER: program_id, THREAD_HEADER: thread_id}
         first = None
@@ -206,6 +213,14 @@ class HTTPTarget:
         return CallResult(first, finish, ids if got_ids else None, tokens, engine, stats, cached)
 
 
+def xargs(program_id: str, thread_id: str, kv_ttl: float) -> dict[str, Any]:
+    """The call's ``vllm_xargs``/``extra_args``; ``kv_ttl`` only when pinning, so plain replays send what they did."""
+    tags: dict[str, Any] = {XARG_PROGRAM: program_id, XARG_THREAD: thread_id}
+    if kv_ttl > 0:
+        tags[XARG_KV_TTL] = float(kv_ttl)
+    return tags
+
+
 def _engine_index(headers) -> int:
     for name in (GATEWAY_ENGINE_HEADER, ENGINE_HEADER):
         value = headers.get(name)
@@ -226,7 +241,7 @@ class InprocessTarget:
 
     Dummy weights from a local ``config.json`` (no hub access), no tokenizer,
     token-id prompts; ``SamplingParams(max_tokens=N, ignore_eos=True,
-    extra_args={program_id, thread_id})`` as the OpenAI server would build
+    extra_args={program_id, thread_id[, kv_ttl]})`` as the OpenAI server would build
     from ``vllm_xargs``. Output ids come back in each delta, so continued
     calls re-send the exact context.
     """
@@ -264,13 +279,13 @@ class InprocessTarget:
         if self._llm is not None:
             self._llm.shutdown()
 
-    async def send(self, prompt, max_tokens, program_id, thread_id, clock) -> CallResult:
+    async def send(self, prompt, max_tokens, program_id, thread_id, clock, kv_ttl=0.0) -> CallResult:
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
         params = SamplingParams(max_tokens=max_tokens, ignore_eos=True, detokenize=False, temperature=0.0,
                                 output_kind=RequestOutputKind.DELTA,
-                                extra_args={"program_id": program_id, "thread_id": thread_id})
+                                extra_args=xargs(program_id, thread_id, kv_ttl))
         first = None
         ids: list[int] = []
         cached = None
@@ -315,6 +330,7 @@ class Replayer:
     programs: Sequence[Program]
     target: Target
     policy: str
+    kv_ttl: float = 0.0  # pin seconds sent with every call that has children
     records: list[CallRecord] = field(default_factory=list)
     program_records: list[ProgramRecord] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
@@ -333,12 +349,14 @@ class Replayer:
         ok: dict[str, bool] = {}
         contexts: dict[str, list[int]] = {}
         mine: list[CallRecord] = []
-        await asyncio.gather(*(self._call(program, c, clock, done, ok, contexts, mine) for c in program.calls))
+        pinned = {p for c in program.calls for p in c.parents} if self.kv_ttl > 0 else set()
+        await asyncio.gather(*(self._call(program, c, clock, done, ok, contexts, mine, pinned) for c in program.calls))
         if len(mine) == len(program.calls):
             self.program_records.append(program_record(self.policy, program, mine))
 
     async def _call(self, program: Program, call: Call, clock: Clock, done: dict[str, asyncio.Event],
-                    ok: dict[str, bool], contexts: dict[str, list[int]], mine: list[CallRecord]) -> None:
+                    ok: dict[str, bool], contexts: dict[str, list[int]], mine: list[CallRecord],
+                    pinned: set[str]) -> None:
         try:
             for p in call.parents:
                 await done[p].wait()
@@ -350,7 +368,8 @@ class Replayer:
             prompt = prompt_ids(program, call, contexts)
             arrival = clock.now()
             try:
-                res = await self.target.send(prompt, call.output_tokens, program.id, call.id, clock)
+                res = await self.target.send(prompt, call.output_tokens, program.id, call.id, clock,
+                                             self.kv_ttl if call.id in pinned else 0.0)
             except ReplayError as exc:
                 self.errors.append(str(exc))
                 ok[call.id] = False
@@ -416,11 +435,12 @@ class ReplaySettings:
     latency: str | None = None  # label of the engine's latency model, for validate
     name: str | None = None
     request_timeout: float | None = None
+    kv_ttl: float = 0.0
 
 
 async def replay(programs: Sequence[Program], target: Target, settings: ReplaySettings) -> dict[str, Any]:
     """Replay ``programs`` on ``target`` and write the outputs; returns the summary document."""
-    r = Replayer(programs, target, settings.policy)
+    r = Replayer(programs, target, settings.policy, settings.kv_ttl)
     wall = await r.run()
     return write_outputs(r, settings, wall)
 
@@ -441,7 +461,7 @@ def write_outputs(r: Replayer, settings: ReplaySettings, wall: float) -> dict[st
     meta = {
         "trace": str(Path(settings.trace).resolve()), "policy": settings.policy, "target": settings.target,
         "model": getattr(r.target, "model", settings.model), "latency": settings.latency, "name": name,
-        "programs": len(r.programs), "calls": sum(len(p.calls) for p in r.programs),
+        "kv_ttl": settings.kv_ttl, "programs": len(r.programs), "calls": sum(len(p.calls) for p in r.programs),
         "service_source": r.service_source, "errors": r.errors[:100],
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
@@ -474,6 +494,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--name", help="run name in summary.json (default: the trace's file name)")
     p.add_argument("--request-timeout", type=float, help="seconds before one call is given up (default: none)")
     p.add_argument("--workdir", help="inprocess: where to write the model config.json")
+    p.add_argument("--kv-ttl", type=float, default=0.0, metavar="SECONDS",
+                   help="tag each call that has children with kv_ttl=SECONDS: the engine keeps its KV cached "
+                        "for the program's next call (default 0: no pins)")
     p.set_defaults(run=run)
     return p
 
@@ -493,7 +516,10 @@ def run(args: argparse.Namespace) -> int:
     except (TraceError, OSError) as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 1
-    settings = ReplaySettings(trace=args.trace, target=args.target, policy=args.policy,
+    if not (math.isfinite(args.kv_ttl) and args.kv_ttl >= 0):
+        print(f"{prog}: error: --kv-ttl: expected seconds >= 0, got {args.kv_ttl}", file=sys.stderr)
+        return 2
+    settings = ReplaySettings(trace=args.trace, target=args.target, policy=args.policy, kv_ttl=args.kv_ttl,
                               out=args.out or os.path.join("results", f"replay-{args.policy}"), model=args.model,
                               latency=args.latency, name=args.name, request_timeout=args.request_timeout)
 

@@ -51,8 +51,10 @@ class EngineConfig:
     # evict them, so the follow-up hits its history. Pins give way instead of
     # a preemption (for a running call that needs blocks, or for waiting
     # calls a preemptive policy ranks first) and to an idle engine's best
-    # waiting call (see sim.replica). Needs enable_prefix_caching. Pinning needs the program's
-    # DAG, so `sim serve` (calls without one) and the vLLM plugin never pin.
+    # waiting call (see sim.replica). Needs enable_prefix_caching. Live
+    # engines (sim serve, the vLLM plugin) do not know the DAG, so there a
+    # client tags each call to pin instead (vllm_xargs.kv_ttl; python -m
+    # engine replay --kv-ttl), and sim serve refuses this key.
     kv_ttl: float = 0.0
     # Account steady decodes lazily (sim.replica, "steady decodes"); results
     # are bit-identical either way, false runs the per-step reference path.

@@ -120,6 +120,12 @@ class RealtimeEngine:
         eng = cfg.engine
         if make_policy(policy, cfg.policy_params).oracle:
             raise ValueError(f"policy {policy!r} needs the trace's future and cannot serve live requests")
+        if eng.kv_ttl > 0:
+            raise ValueError(
+                f"engine.kv_ttl: expected 0 for sim serve, got {eng.kv_ttl!r}. A live engine does not know which "
+                "calls have follow-ups; it pins the calls whose request carries vllm_xargs.kv_ttl "
+                "(python -m engine replay --kv-ttl SECONDS)"
+            )
         model, gpu = load_model(eng.model), load_gpu(eng.gpu)
         self.cfg = cfg
         self.policy = policy
@@ -198,14 +204,16 @@ class RealtimeEngine:
         return len(self._handles)
 
     def submit(self, prompt_ids: list[int], max_tokens: int, program_id: str | None, thread_id: str | None,
-               program_service: float | None) -> CallHandle:
+               program_service: float | None, kv_ttl: float = 0.0) -> CallHandle:
         """Start a call now; its tokens arrive on the handle's queue.
 
         Without a program id the request is a program of its own. A given
         ``program_service`` (the gateway's global view, across engines)
         raises this engine's local value for the program to at least that
         before the call is prioritised, as the vLLM plugin does with
-        ``extra_args`` (``max(local, forwarded)``).
+        ``extra_args`` (``max(local, forwarded)``). A ``kv_ttl`` (seconds)
+        pins the call's cached blocks at finish for its program's next call
+        (`sim.replica`; with prefix caching off there is nothing to pin).
         """
         if len(prompt_ids) + max_tokens > self.max_tokens_per_call:
             raise TooLarge(
@@ -224,7 +232,7 @@ class RealtimeEngine:
             entry.service = max(entry.service, float(program_service))
         output_ids = filler_ids(self.index, self._seq, max_tokens)
         keys = block_keys(list(prompt_ids) + output_ids, self.cfg.engine.block_size)
-        call = SimCall(pid, tid, len(prompt_ids), max_tokens, keys, self.env.event(), self.env.now)
+        call = SimCall(pid, tid, len(prompt_ids), max_tokens, keys, self.env.event(), self.env.now, pin_ttl=kv_ttl)
         handle = CallHandle(call, output_ids, program_service=program_service)
         self._handles[call] = handle
         self.replica.submit(call)
@@ -279,5 +287,8 @@ class RealtimeEngine:
             "completed": self.completed,
             "aborted": self.aborted,
             "programs": len(self.table),
+            "kv_pins": self.replica.pins,
+            "kv_pins_held": self.replica.pins_held,
+            "kv_pins_dropped": self.replica.pins_dropped,
             "received": list(self.received),
         }

@@ -22,7 +22,10 @@ tokens on readmission (vLLM v1); by swap it moves the KV over PCIe and back.
 
 With ``engine.kv_ttl`` (Continuum's KV time-to-live) a finished call whose
 program will send a follow-up keeps its keyed blocks pinned for that long,
-or until one of its children is admitted here. Admission cannot evict a
+or until one of its children is admitted here. (``sim serve`` does not know
+the DAG: there a call tagged ``kv_ttl`` is pinned, and the pin ends when a
+call of its program that re-sends the pinned history is admitted, as in the
+vLLM plugin, `engine.kv_pins`.) Admission cannot evict a
 pin. The oldest pins are released instead of preempting: before a running
 call that cannot grow preempts anyone, and before a preemptive policy picks
 victims for waiting calls that outrank running ones. An engine with nothing
@@ -70,10 +73,12 @@ class SimCall:
     keys: tuple[int, ...]  # content keys of the full blocks of prompt+output
     done: simpy.Event | None  # succeeded at finish, for callers that wait on it
     arrival: float
-    # The call's parents in its program (whose pins its admission releases),
-    # and whether its program will send a follow-up (pin its KV at finish).
-    parents: tuple[str, ...] = ()
-    pin_after: bool = False
+    # The call's parents in its program, whose pins its admission releases;
+    # None when unknown (sim serve), and then it releases the pins of its
+    # program whose history it re-sends. Seconds to pin its KV at finish
+    # (0: none), for its program's follow-up.
+    parents: tuple[str, ...] | None = None
+    pin_ttl: float = 0.0
     core: CallState | None = None
     engine: int = -1
     num_tokens: int = 0  # prompt + generated
@@ -805,9 +810,12 @@ class Replica:
                 break
             kv.acquire_hits(call.blocks, call.keys, hits)
             kv.allocate(call.blocks, fresh)
-            if self._pins and call.parents:
-                for parent in call.parents:
-                    self._unpin((call.program_id, parent))
+            if self._pins:
+                if call.parents is None:
+                    self._unpin_taken_up(call)
+                else:
+                    for parent in call.parents:
+                        self._unpin((call.program_id, parent))
             if call.swapped:
                 transfer += swap_in * self.swap_seconds_per_block
                 call.swapped = False
@@ -895,11 +903,10 @@ class Replica:
 
     def _finish(self, finished: list[SimCall], now: float) -> None:
         kv, core = self.kv, self.core
-        ttl = self.cfg.kv_ttl
         for call in finished:
             call.finish = now
-            if ttl > 0 and call.pin_after and call.blocks.keys:
-                self._pin(call, ttl)
+            if call.pin_ttl > 0 and call.blocks.keys:
+                self._pin(call, call.pin_ttl)
             else:
                 kv.release(call.blocks)
             self.running.remove(call)
@@ -912,19 +919,40 @@ class Replica:
     # -- KV pins (Continuum's time-to-live) ----------------------------------------------
     def _pin(self, call: SimCall, ttl: float) -> None:
         """Keep a finished call's keyed blocks for its program's follow-up, for ``ttl`` seconds."""
-        self.kv.keep_keyed(call.blocks)
         key = (call.program_id, call.call_id)
-        self._pins[key] = call.blocks
+        if key in self._pins:  # sim serve: an earlier call on the same thread, never taken up
+            self._unpin(key)
+        self.kv.keep_keyed(call.blocks)
+        table = self._pins[key] = call.blocks
         self.pins += 1
         # Expiry needs no wake-up: an engine sleeps only with no calls at
         # all, as one with nothing running unpins until its best waiting call fits.
-        self.env.timeout(ttl).callbacks.append(lambda _event: self._unpin(key))
+        self.env.timeout(ttl).callbacks.append(lambda _event: self._unpin(key, table))
 
-    def _unpin(self, key: tuple[str, str]) -> None:
-        """Release a pin if it is still held (a child's admission or its expiry, whichever comes first)."""
-        table = self._pins.pop(key, None)
-        if table is not None:
-            self.kv.release(table)
+    def _unpin(self, key: tuple[str, str], table: BlockTable | None = None) -> None:
+        """Release a pin if it is still held (a child's admission or its expiry, whichever comes first).
+
+        An expiry names its ``table``, so it cannot release a later pin under the same key.
+        """
+        held = self._pins.get(key)
+        if held is not None and (table is None or held is table):
+            del self._pins[key]
+            self.kv.release(held)
+
+    def _unpin_taken_up(self, call: SimCall) -> None:
+        """Release the pins of ``call``'s program whose whole history ``call`` re-sends.
+
+        Keys chain over every earlier block, so one equal key at the pin's last position means the whole pinned prefix is equal.
+        """
+        keys = call.keys
+        for key, table in list(self._pins.items()):
+            n = len(table.keys)
+            if key[0] == call.program_id and len(keys) >= n and keys[n - 1] == table.keys[-1]:
+                self._unpin(key)
+
+    @property
+    def pins_held(self) -> int:
+        return len(self._pins)
 
     def _drop_oldest_pin(self) -> None:
         self.kv.release(self._pins.pop(next(iter(self._pins))))

@@ -30,7 +30,8 @@ token id, so identical text prefixes still share cache blocks. Chat
 messages become the text ``"{role}: {content}\\n"`` per message.
 
 Program identity and priority come from ``vllm_xargs`` in the body
-(``program_id``, ``thread_id``, ``program_service``), exactly as vLLM's
+(``program_id``, ``thread_id``, ``program_service``, and ``kv_ttl`` to pin
+the call's KV for its program's next call), exactly as vLLM's
 server passes them to the scheduler plugin, so the gateway works against
 this engine unchanged. A request without them is a one-call program.
 
@@ -45,6 +46,7 @@ import argparse
 import asyncio
 import dataclasses
 import json
+import math
 import sys
 import time
 import uuid
@@ -101,6 +103,7 @@ class ParsedRequest:
     program_id: str | None
     thread_id: str | None
     program_service: float | None
+    kv_ttl: float = 0.0
 
 
 def _int(body: dict, name: str, default: int, low: int) -> int:
@@ -152,11 +155,16 @@ def parse_request(body: Any, chat: bool, served_model: str) -> ParsedRequest:
             raise RequestError(f"{XARGS}.{name} must be a non-empty string", f"{XARGS}.{name}")
     if service is not None and (isinstance(service, bool) or not isinstance(service, (int, float)) or service < 0):
         raise RequestError(f"{XARGS}.program_service must be a number >= 0", f"{XARGS}.program_service")
+    kv_ttl = xargs.get("kv_ttl")
+    if kv_ttl is not None and (isinstance(kv_ttl, bool) or not isinstance(kv_ttl, (int, float))
+                               or not math.isfinite(kv_ttl) or kv_ttl < 0):
+        raise RequestError(f"{XARGS}.kv_ttl must be seconds >= 0, got {kv_ttl!r}", f"{XARGS}.kv_ttl")
     return ParsedRequest(
         chat=chat, prompt_ids=prompt_ids, max_tokens=max_tokens, stream=stream, include_usage=include_usage,
         return_token_ids=bool(body.get("return_token_ids", False)), model=str(body.get("model") or served_model),
         program_id=None if pid is None else str(pid), thread_id=None if tid is None else str(tid),
         program_service=None if service is None else float(service),
+        kv_ttl=0.0 if kv_ttl is None else float(kv_ttl),
     )
 
 
@@ -224,7 +232,7 @@ class SimServer:
         try:
             req = parse_request(body, chat, self.served_model)
             handle = self.engine.submit(req.prompt_ids, req.max_tokens, req.program_id, req.thread_id,
-                                        req.program_service)
+                                        req.program_service, req.kv_ttl)
         except RequestError as exc:
             return error_response(exc.status, exc.message, exc.param)
         except TooLarge as exc:

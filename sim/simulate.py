@@ -159,7 +159,7 @@ class Cluster:
         env = self.env
         sim_call = SimCall(
             program.id, call.id, call.prompt_tokens, call.output_tokens, run.keys.get(call.id, ()), None, env.now,
-            parents=call.parents, pin_after=call.id in run.children,
+            parents=call.parents, pin_ttl=self.cfg.engine.kv_ttl if call.id in run.children else 0.0,
         )
         entry = self.table.get_or_create(program.id, env.now)
         loads = [r.load for r in self.replicas]

@@ -58,9 +58,11 @@ class FakeTarget:
 
     def __init__(self):
         self.sent = []
+        self.kv_ttl = {}
 
-    async def send(self, prompt, max_tokens, program_id, thread_id, clock):
+    async def send(self, prompt, max_tokens, program_id, thread_id, clock, kv_ttl=0.0):
         self.sent.append((program_id, thread_id, list(prompt), max_tokens))
+        self.kv_ttl[(program_id, thread_id)] = kv_ttl
         await asyncio.sleep(0.01)
         first = clock.now()
         await asyncio.sleep(0.01)
@@ -162,6 +164,10 @@ def test_cli_reports_a_bad_trace_and_an_unreachable_target(tmp_path):
                            "--policy", "plas", "--out", str(tmp_path / "o")], capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 1 and "/v1/models" in proc.stderr and "Traceback" not in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "engine", "replay", str(good), "--target", "http://127.0.0.1:9",
+                           "--policy", "plas", "--kv-ttl", "-1"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip() == (
+        "python -m engine replay: error: --kv-ttl: expected seconds >= 0, got -1.0")
 
 
 def test_clock_is_relative_to_its_zero():
@@ -182,6 +188,61 @@ def test_vllm_stats_take_vllms_inference_time():
     assert vllm_stats(m) == {"service": 1.5, "first_scheduled_after": 0.5, "source": "vllm_inference_time"}
     assert vllm_stats(None) is None
     assert vllm_stats(SimpleNamespace(queued_ts=0.0, scheduled_ts=0.0, last_token_ts=0.0)) is None  # no stats kept
+
+
+def _tree() -> Program:
+    """a -> (b, c), b -> d: a and b have children."""
+    return Program("t", 0.0, "lats", (
+        Call("a", (), 40, 8), Call("b", ("a",), 60, 8, context_of="a"), Call("c", ("a",), 60, 8, context_of="a"),
+        Call("d", ("b",), 90, 4, context_of="b"),
+    ))
+
+
+@pytest.mark.parametrize("kv_ttl, tagged", [(0.0, {}), (3.0, {"a": 3.0, "b": 3.0})])
+def test_kv_ttl_is_sent_with_the_calls_that_have_children(kv_ttl, tagged):
+    target = FakeTarget()
+    run(Replayer([_tree()], target, "fcfs", kv_ttl).run())
+    assert {tid: t for (_, tid), t in target.kv_ttl.items() if t} == tagged
+    assert set(target.kv_ttl) == {("t", c) for c in "abcd"}
+    assert replay_mod.xargs("t", "a", 0.0) == {"program_id": "t", "thread_id": "a"}  # plain replays send what they did
+    assert replay_mod.xargs("t", "a", 3.0)["kv_ttl"] == 3.0
+
+
+def test_replay_with_kv_ttl_pins_on_sim_serve_and_the_next_calls_take_the_pins_up(tmp_path):
+    trace = tmp_path / "t.jsonl"
+    # Two chains with 0.05 s of tool time between calls.
+    def chain(pid: str) -> Program:
+        return Program(pid, 0.0, "bfcl", (
+            Call("a", (), 64, 16), Call("b", ("a",), 120, 16, context_of="a", delay=0.05),
+            Call("c", ("b",), 160, 8, context_of="b", delay=0.05),
+        ))
+
+    save([chain("p"), chain("q")], trace)
+
+    async def go(kv_ttl):
+        server, engine = await start_engine(step=0.002, blocks=200)
+        try:
+            from engine.replay import HTTPTarget, replay
+            from traces.io import load_all
+
+            settings = ReplaySettings(trace=str(trace), target=server.url, policy="fcfs",
+                                      out=str(tmp_path / f"o{kv_ttl}"), kv_ttl=kv_ttl)
+            async with HTTPTarget(server.url) as target:
+                await replay(load_all(trace), target, settings)
+            return engine.snapshot()
+        finally:
+            await server.stop()
+
+    snap = run(go(60.0))
+    # Each chain pins a and b; each pin is taken up by the next call, none expires (60 s) or is dropped.
+    assert (snap["kv_pins"], snap["kv_pins_held"], snap["kv_pins_dropped"]) == (4, 0, 0)
+    calls = {(c.program_id, c.call_id): c for c in read_calls_csv(tmp_path / "o60.0" / "calls.csv")}
+    # b re-sends a's 64 + 16 tokens, of which the KV of 79 was computed (the
+    # last sampled token's never is): 4 full blocks. c re-sends b's 136: 8.
+    assert [calls[(p, "b")].prefix_hit_tokens for p in "pq"] == [64, 64]
+    assert [calls[(p, "c")].prefix_hit_tokens for p in "pq"] == [128, 128]
+    assert json.loads((tmp_path / "o60.0" / "replay.json").read_text())["kv_ttl"] == 60.0
+    assert run(go(0.0))["kv_pins"] == 0
 
 
 def test_program_arrivals_and_delays_are_honoured():

@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import subprocess
 import sys
 import time
+from typing import Callable
 
 import aiohttp
 import pytest
 
 from engine.sse import DONE, SSEParser
-from sim.realtime import block_keys, filler_ids
+from sim.realtime import RealtimeEngine, block_keys, filler_ids
 from sim.serve import parse_request, RequestError, text_token_ids
-from test_serve_helpers import run, start_engine, wait_for
+from test_serve_helpers import engine_config, run, start_engine, wait_for
 
 
 async def _stream(session, url, body):
@@ -204,6 +206,71 @@ def test_aborting_a_waiting_call_removes_it_from_the_model():
     assert ok and aborted == 2 and completed == 0
 
 
+def virtual_time_engine(policy: str, blocks: int) -> tuple[RealtimeEngine, Callable[[float], None]]:
+    """A RealtimeEngine on a settable clock (1 s steps), driven without an event loop."""
+    engine = RealtimeEngine(engine_config(step=1.0, blocks=blocks, max_num_seqs=4), policy)
+    now = [0.0]
+    engine.now = lambda: now[0]
+
+    def at(t: float) -> None:
+        now[0] = t
+        engine.advance()
+
+    return engine, at
+
+
+@pytest.mark.parametrize(
+    "policy, kv_ttl, a2_hit, a2_first, b_first",
+    [
+        # 12 blocks. r (2 blocks) runs throughout; a1 (64 + 1 tokens) finishes
+        # at 3 s. b (112 tokens, 7 blocks) arrives at 3.5 s, a2 (a1's history
+        # plus 15 tokens) at 4.5 s. Without a pin b evicts a1's tail.
+        ("program_fcfs", 0.0, 32, 6.0, 4.0),
+        # With the pin b cannot fit while r runs. Program A is older, so a2
+        # goes first, hits all 64 pinned tokens and takes the pin up.
+        ("program_fcfs", 10.0, 64, 5.0, 7.0),
+        # Call-level FCFS: b heads the queue, so both wait for the expiry (13 s).
+        ("fcfs", 10.0, 32, 15.0, 13.0),
+    ],
+)
+def test_a_kv_ttl_tag_pins_the_calls_kv_for_its_programs_next_call(policy, kv_ttl, a2_hit, a2_first, b_first):
+    engine, at = virtual_time_engine(policy, blocks=12)
+    engine.submit(list(range(500, 516)), 60, "R", "r", None)
+    at(1.0)
+    a1_prompt = list(range(100, 164))
+    a1 = engine.submit(a1_prompt, 1, "A", "a1", None, kv_ttl)
+    at(3.5)
+    assert a1.finished and engine.replica.pins_held == (1 if kv_ttl else 0)
+    b = engine.submit(list(range(300, 412)), 2, "B", "b", None)
+    at(4.5)
+    a2 = engine.submit(a1_prompt + list(a1.output_ids) + list(range(200, 215)), 2, "A", "a2", None)
+    at(30.0)
+    assert (a2.call.prefix_hit_tokens, a2.call.first_scheduled, b.call.first_scheduled) == (a2_hit, a2_first, b_first)
+    snap = engine.snapshot()
+    assert (snap["kv_pins"], snap["kv_pins_held"], snap["kv_pins_dropped"]) == (1 if kv_ttl else 0, 0, 0)
+
+
+def test_a_later_pin_on_the_same_thread_replaces_the_first_and_outlives_its_expiry():
+    engine, at = virtual_time_engine("fcfs", blocks=40)
+    engine.submit(list(range(100, 164)), 1, "A", "0", None, 10.0)
+    at(2.0)
+    engine.submit(list(range(300, 332)), 1, "A", "0", None, 100.0)  # unrelated content: no take-up
+    at(4.0)
+    assert (engine.replica.pins, engine.replica.pins_held) == (2, 1)
+    assert engine.replica.kv.in_use == 2  # the second call's 2 blocks; the first pin's 4 were released
+    at(20.0)  # past the first pin's expiry
+    assert engine.replica.pins_held == 1
+    at(110.0)
+    assert engine.replica.pins_held == 0 and engine.replica.kv.in_use == 0
+
+
+def test_sim_serve_refuses_an_engine_kv_ttl():
+    cfg = engine_config()
+    cfg = dataclasses.replace(cfg, engine=dataclasses.replace(cfg.engine, kv_ttl=2.0))
+    with pytest.raises(ValueError, match=r"engine.kv_ttl: expected 0 for sim serve, got 2.0.*vllm_xargs.kv_ttl"):
+        RealtimeEngine(cfg, "fcfs")
+
+
 def test_parse_request_rules():
     req = parse_request({"prompt": [[5, 6, 7]], "max_tokens": 4, "stream": True,
                          "stream_options": {"include_usage": True}}, chat=False, served_model="m")
@@ -213,6 +280,12 @@ def test_parse_request_rules():
         parse_request({"prompt": [1], "n": 2}, chat=False, served_model="m")
     with pytest.raises(RequestError):
         parse_request({"messages": []}, chat=True, served_model="m")
+    assert req.kv_ttl == 0.0
+    assert parse_request({"prompt": [1], "vllm_xargs": {"kv_ttl": 2}}, chat=False, served_model="m").kv_ttl == 2.0
+    for bad in (-1, "2", True, float("nan")):
+        with pytest.raises(RequestError, match=r"vllm_xargs.kv_ttl must be seconds >= 0") as err:
+            parse_request({"prompt": [1], "vllm_xargs": {"kv_ttl": bad}}, chat=False, served_model="m")
+        assert err.value.param == "vllm_xargs.kv_ttl"
     assert len(text_token_ids("abcdefghi")) == 3  # ceil(9 / 4)
     assert block_keys(list(range(40)), 16)[:2] == block_keys(list(range(32)) + [99] * 8, 16)
     assert block_keys(list(range(40)), 16)[0] != block_keys([7] + list(range(1, 40)), 16)[0]
