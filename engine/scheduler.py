@@ -417,7 +417,6 @@ class ProgramAwareMixin:
                 self._log("abort", call.id, now)
         return super()._free_request(request, *args, **kwargs)
 
-
     # -- KV pins giving way --------------------------------------------------------------
     def _allocate_slots_giving_way(self, request: Request, *args, **kwargs):
         """`KVCacheManager.allocate_slots`, releasing the oldest pins where the simulator would.

@@ -16,6 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from engine.testing import SAMPLED_TOKEN, FakeClock, make_request, make_scheduler, step, write_tiny_model
+from test_engine_plugin import Pipelined
 
 A1 = list(range(100, 164))
 A2 = A1 + [SAMPLED_TOKEN] + list(range(200, 215))
@@ -209,6 +210,7 @@ def pinned_workloads(draw):
         # make pins compete with running calls for memory.
         "num_blocks": draw(st.integers(13, 24)),
         "max_num_seqs": draw(st.integers(1, 4)),
+        "async_scheduling": draw(st.booleans()),
     }
 
 
@@ -219,8 +221,9 @@ def test_pins_never_leak_double_count_or_idle_the_engine(model_dir, w):
     clock = FakeClock()
     s = make_scheduler(
         model_dir, policy=w["policy"], params={"queue_base": 0.5, "num_queues": 4}, max_num_seqs=w["max_num_seqs"],
-        max_num_batched_tokens=32, num_blocks=w["num_blocks"],
+        max_num_batched_tokens=32, num_blocks=w["num_blocks"], async_scheduling=w["async_scheduling"],
     )
+    step_fn = Pipelined() if w["async_scheduling"] else step
     s.clock = clock
     pool = s.kv_cache_manager.block_pool
     usable = w["num_blocks"] - 1
@@ -247,7 +250,7 @@ def test_pins_never_leak_double_count_or_idle_the_engine(model_dir, w):
             clock.advance(0.1)
             continue
         idle_before = not s.running and bool(s.waiting)
-        out = step(s, clock, rng.choice([0.05, 0.2, 0.5]))
+        out = step_fn(s, clock, rng.choice([0.05, 0.2, 0.5]))
         steps += 1
         if idle_before:
             assert out.num_scheduled_tokens, "the engine idled with work waiting"
