@@ -8,13 +8,18 @@ and prints, per policy, the mean, p50 and p95 program latency, simulated
 against measured, with the error ``(simulated - measured) / measured`` in
 percent. Only programs present in both (a replay may lose programs to
 failed calls) enter the comparison; the whole trace is simulated either way
-so the load is the same.
+so the load is the same. A replay made with ``--kv-ttl S`` is simulated with
+``engine.kv_ttl = S`` (and one without, with 0), whatever the experiment
+says, so pins are compared with pins; its rows are labelled
+``POLICY (kv_ttl S s)``.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +43,11 @@ class Replayed:
     policy: str
     latency: str | None
     latencies: dict[str, float]  # program id -> measured program latency
+    kv_ttl: float = 0.0  # the replay's --kv-ttl
+
+    @property
+    def label(self) -> str:
+        return f"{self.policy} (kv_ttl {self.kv_ttl:g} s)" if self.kv_ttl > 0 else self.policy
 
 
 def load_replay(directory: str | Path) -> Replayed:
@@ -52,12 +62,16 @@ def load_replay(directory: str | Path) -> Replayed:
     for key in ("trace", "policy"):
         if not isinstance(meta.get(key), str):
             raise ValidationError(f"{meta_path}: missing string field {key!r}")
+    kv_ttl = meta.get("kv_ttl", 0.0)
+    if isinstance(kv_ttl, bool) or not isinstance(kv_ttl, (int, float)) or not math.isfinite(kv_ttl) or kv_ttl < 0:
+        raise ValidationError(f"{meta_path}: field 'kv_ttl' must be seconds >= 0, got {kv_ttl!r}")
     rows = read_programs_csv(d / "programs.csv")
     other = {r.policy for r in rows} - {meta["policy"]}
     if other:
         raise ValidationError(f"{d / 'programs.csv'}: rows of policies {sorted(other)}, but replay.json says "
                               f"{meta['policy']!r}")
-    return Replayed(d, meta["trace"], meta["policy"], meta.get("latency"), {r.program_id: r.latency for r in rows})
+    return Replayed(d, meta["trace"], meta["policy"], meta.get("latency"), {r.program_id: r.latency for r in rows},
+                    float(kv_ttl))
 
 
 @dataclass
@@ -105,7 +119,8 @@ def validate(dirs: Sequence[str | Path], cfg) -> list[Comparison]:
     out = []
     for d in dirs:
         rep = load_replay(d)
-        out.append(compare(rep.policy, rep.latencies, simulated_latencies(rep.trace, cfg, rep.policy)))
+        run_cfg = dataclasses.replace(cfg, engine=dataclasses.replace(cfg.engine, kv_ttl=rep.kv_ttl))
+        out.append(compare(rep.label, rep.latencies, simulated_latencies(rep.trace, run_cfg, rep.policy)))
     return out
 
 

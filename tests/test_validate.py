@@ -15,6 +15,7 @@ import sys
 
 import pytest
 
+from engine import validate as validate_mod
 from engine.validate import ValidationError, compare, error_table, load_replay, validate
 from sim.experiments import resolve
 from sim.metrics import write_programs_csv
@@ -115,3 +116,29 @@ def test_compare_uses_only_common_programs_and_handles_zero():
     assert z.error_pct("mean") is None
     empty = compare("x", {}, {"a": 1.0})
     assert empty.programs == 0 and empty.error_pct("p95") is None
+
+
+@pytest.mark.parametrize("replayed, experiment, label", [(2.0, 0.0, "fcfs (kv_ttl 2 s)"), (None, 5.0, "fcfs")])
+def test_a_replays_kv_ttl_decides_the_simulated_one(tmp_path, monkeypatch, replayed, experiment, label):
+    trace, _ = _trace(tmp_path)
+    exp = tmp_path / "exp.yaml"
+    exp.write_text(EXPERIMENTS.replace("TRACE", json.dumps(str(trace))))
+    d = _replay_dir(tmp_path, "r", trace, "fcfs", {"p0": 0.1, "p1": 0.2, "p2": 0.3})
+    if replayed is not None:
+        meta = json.loads((d / "replay.json").read_text())
+        (d / "replay.json").write_text(json.dumps({**meta, "kv_ttl": replayed}))
+    seen = []
+    real = validate_mod.simulated_latencies
+    monkeypatch.setattr(validate_mod, "simulated_latencies",
+                        lambda t, cfg, policy: seen.append(cfg.engine.kv_ttl) or real(t, cfg, policy))
+    (row,) = validate([d], resolve("tiny", exp, [f"engine.kv_ttl={experiment}"]))
+    assert seen == [replayed or 0.0] and row.policy == label
+    assert row.error_pct("mean") == pytest.approx(0.0, abs=1e-4)  # one-call programs: nothing to pin
+
+
+def test_a_malformed_kv_ttl_in_replay_json_is_named(tmp_path):
+    trace, _ = _trace(tmp_path)
+    d = _replay_dir(tmp_path, "r", trace, "fcfs", {"p0": 0.1})
+    (d / "replay.json").write_text(json.dumps({"trace": str(trace), "policy": "fcfs", "kv_ttl": "2"}))
+    with pytest.raises(ValidationError, match=r"replay.json: field 'kv_ttl' must be seconds >= 0, got '2'"):
+        load_replay(d)
