@@ -57,12 +57,13 @@ holding them, or the TTL passes. Pins give way to work by the simulator's
 rules (`sim.replica`):
 
 * a running request that cannot grow releases the oldest pins before vLLM
-  preempts anyone: while pins are held, the plugin wraps the
-  ``allocate_slots`` of this scheduler's own `KVCacheManager` (vLLM's loop
-  calls it, then preempts on None, with no hook in between). The wrapper
-  costs about 0.5 us per call, 130 us per step with 256 running decodes
-  (``benchmarks/bench_core_decision.py``), so it is installed only while a
-  pin exists;
+  preempts anyone: the plugin wraps the ``allocate_slots`` of this
+  scheduler's own `KVCacheManager` (vLLM's loop calls it, then preempts on
+  None, with no hook in between). The wrapper costs about 0.5 us per call,
+  about 130 us per step with 256 running decodes
+  (``benchmarks/bench_core_decision.py``). So it is installed only for a
+  step that holds pins and could run short of free blocks
+  (`_sync_giving_way`);
 * with nothing running, the waiting request being admitted releases the
   oldest pins until it fits (the same wrapper), so pins never idle the GPU;
 * before a preemptive policy picks victims, the oldest pins are released
@@ -248,7 +249,6 @@ class ProgramAwareMixin:
         record = self.core_log is not None
         if self.kv_pins:
             self.kv_pins.expire(now)
-            self._sync_giving_way()
         if now >= self._next_expiry:
             gone = core.table.expire(now)
             self._next_expiry = now + EXPIRE_EVERY
@@ -269,6 +269,7 @@ class ProgramAwareMixin:
             request = self.requests[call.id]
             self.running.remove(request)
             self._preempt_request(request, time.monotonic())
+        self._sync_giving_way()
 
     def _choose_victims(self) -> list[CallState]:
         core = self.core
@@ -298,7 +299,6 @@ class ProgramAwareMixin:
         waiting = [calls[r.request_id] for r in better[: self.max_num_running_reqs]]
         if self.kv_pins:
             self.kv_pins.drop_until_free(sum(self._blocks_needed(c) for c in waiting))
-            self._sync_giving_way()
         victims = core.choose_victims(
             [calls[r.request_id] for r in running],
             waiting,
@@ -373,7 +373,6 @@ class ProgramAwareMixin:
                 self._log("admit", rid)
             if pins and call is not None:
                 pins.release_taken_up(call.program_id, self.kv_cache_manager.coordinator.get_blocks(rid))
-        self._sync_giving_way()
         self._in_flight.append(_InFlight(output, now, list(output.num_scheduled_tokens)))
 
     # -- step completion -----------------------------------------------------------------
@@ -409,7 +408,6 @@ class ProgramAwareMixin:
             if request.status in _COMPLETED:
                 if ttl > 0:  # before vLLM frees the blocks, while the request still owns them
                     self.kv_pins.pin(call.program_id, self.kv_cache_manager.coordinator.get_blocks(rid), now + ttl)
-                    self._sync_giving_way()
                 self.core.finish_call(call, now)
                 self._log("finish", call.id, now)
             else:
@@ -430,19 +428,38 @@ class ProgramAwareMixin:
         while blocks is None and pins and (request.status == RequestStatus.RUNNING or not self.running):
             pins.drop_oldest()
             blocks = self._allocate_slots(request, *args, **kwargs)
-        self._sync_giving_way()
         return blocks
 
     def _sync_giving_way(self) -> None:
-        """Shadow the manager's ``allocate_slots`` with the wrapper exactly while pins are held."""
-        held = bool(self.kv_pins)
-        if held != self._giving_way:
+        """Shadow the manager's ``allocate_slots`` with the wrapper for this step if a pin may have to give way in it.
+
+        That is while pins are held and either nothing runs (the idle rule)
+        or the running requests could run out of free blocks. A running
+        request given n new tokens needs at most n / block_size + 2 new
+        blocks per KV cache group (plus its lookahead), and the n add up to
+        at most the step's token budget. With more free blocks than that no
+        running allocation can fail, and the running list cannot empty in
+        this step, so the wrapper would only cost time. Called once per
+        step, after the victims are preempted, when the running list is final.
+        """
+        want = False
+        if self.kv_pins:
+            running = len(self.running)
+            if not running:
+                want = True
+            else:
+                groups = self.kv_cache_config.kv_cache_groups
+                block = min(g.kv_cache_spec.block_size for g in groups)
+                per_request = 2 + _cdiv(self.num_lookahead_tokens, block)
+                worst = (self.max_num_scheduled_tokens // block + running * per_request) * len(groups)
+                want = self.kv_cache_manager.block_pool.get_num_free_blocks() < worst
+        if want != self._giving_way:
             manager = self.kv_cache_manager
-            if held:
+            if want:
                 manager.allocate_slots = self._allocate_slots_giving_way
             else:
                 del manager.allocate_slots  # the class's own method again
-            self._giving_way = held
+            self._giving_way = want
 
     def reset_prefix_cache(self, *args, **kwargs) -> bool:
         """vLLM resets only when no block is in use, so pins are released first."""
