@@ -305,3 +305,25 @@ def test_pins_never_leak_double_count_or_idle_the_engine(model_dir, w):
     s.schedule()  # expires what is left
     assert len(s.kv_pins) == 0 and free(s) == usable
     assert s.kv_pins.pinned == s.kv_pins.taken_up + s.kv_pins.expired + s.kv_pins.dropped
+
+
+def test_many_decodes_crossing_a_block_boundary_at_once_take_pinned_memory_too(model_dir):
+    # The wrapper's bound must count a block per running request, not only
+    # the token budget: four decodes need four new blocks in one step while
+    # a 32-token budget covers two. 10 blocks: the null block, a pin of 2,
+    # one per running request, 3 free.
+    s, clock = engine(model_dir, "fcfs", num_blocks=10, max_num_batched_tokens=32)
+    s.add_request(call("p", "P", list(range(900, 932)), 1, kv_ttl=100.0))
+    step(s, clock, 1.0)
+    assert len(s.kv_pins) == 1 and free(s) == 7
+    for rid, start in (("a", 100), ("b", 200)):
+        s.add_request(call(rid, rid.upper(), list(range(start, start + 14)), 8))
+    step(s, clock, 1.0)  # a, b prefill 14 tokens
+    for rid, start in (("c", 300), ("d", 400)):
+        s.add_request(call(rid, rid.upper(), list(range(start, start + 15)), 8))
+    step(s, clock, 1.0)  # a, b decode; c, d prefill 15: all four are at 16 tokens
+    step(s, clock, 1.0)  # all four compute token 16, the last slot of their first block
+    assert free(s) == 3
+    out = step(s, clock, 1.0)  # all four need a second block
+    assert set(out.num_scheduled_tokens) == {"a", "b", "c", "d"} and not out.preempted_req_ids
+    assert (s.kv_pins.dropped, len(s.kv_pins)) == (1, 0)
