@@ -34,9 +34,9 @@ def plugin(model_dir, clock, **kw):
 _next_token = [1000]
 
 
-def req(rid, program=None, tokens=20, max_tokens=4, service=None, thread=None, **kw):
+def req(rid, program=None, tokens=20, max_tokens=4, service=None, thread=None, kv_ttl=None, **kw):
     """A request with a prompt of fresh token ids (no accidental prefix sharing)."""
-    extra = {}
+    extra = {} if kv_ttl is None else {"kv_ttl": kv_ttl}
     if program is not None:
         extra["program_id"] = program
     if service is not None:
@@ -279,8 +279,11 @@ class Pipelined:
         return out
 
 
-def run_workload(s, clock, seed, parallel, step_fn=step):
-    """Programs of chained (or pairwise-parallel) calls with tool time in between."""
+def run_workload(s, clock, seed, parallel, step_fn=step, kv_ttl=None):
+    """Programs of chained (or pairwise-parallel) calls with tool time in between.
+
+    With ``kv_ttl`` every call with a follow-up is tagged to pin its KV.
+    """
     rng = random.Random(seed)
     pending = []  # (arrival time, request id, program, thread, calls left after this one)
     for p in range(8):
@@ -293,7 +296,9 @@ def run_workload(s, clock, seed, parallel, step_fn=step):
             if item[0] <= clock.now:
                 pending.remove(item)
                 _, rid, program, thread, left = item
-                s.add_request(req(rid, program, tokens=rng.randint(8, 60), max_tokens=rng.randint(2, 30), thread=thread))
+                pin = {"kv_ttl": kv_ttl} if kv_ttl and left else {}
+                s.add_request(req(rid, program, tokens=rng.randint(8, 60), max_tokens=rng.randint(2, 30), thread=thread,
+                                  **pin))
                 live[rid] = (program, thread, left)
         if not s.requests:
             clock.advance(0.1)
@@ -362,16 +367,19 @@ def replay(log, policy, params, max_num_seqs):
 
 @pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
 @pytest.mark.parametrize(
-    "policy, params, parallel",
+    "policy, params, parallel, kv_ttl",
     [
-        ("plas", {**QUEUES, "beta": 2.0}, False),
-        ("atlas", {**QUEUES, "beta": 2.0}, True),
-        ("mlfq", {"mlfq_base_quantum": 0.1, "mlfq_starve_after": 1.5, "num_queues": 4}, False),
-        ("fcfs", {}, True),
+        ("plas", {**QUEUES, "beta": 2.0}, False, None),
+        ("atlas", {**QUEUES, "beta": 2.0}, True, None),
+        ("mlfq", {"mlfq_base_quantum": 0.1, "mlfq_starve_after": 1.5, "num_queues": 4}, False, None),
+        ("fcfs", {}, True, None),
+        # Pins hold blocks and give way (here before policy victims, too):
+        # the core still decides from the free blocks the plugin reports.
+        ("plas", {**QUEUES, "beta": 2.0}, False, 0.5),
     ],
 )
 def test_core_replay_of_the_plugins_events_makes_identical_decisions(
-    model_dir, policy, params, parallel, async_scheduling
+    model_dir, policy, params, parallel, kv_ttl, async_scheduling
 ):
     clock = FakeClock()
     max_num_seqs = 3
@@ -380,7 +388,7 @@ def test_core_replay_of_the_plugins_events_makes_identical_decisions(
         max_num_batched_tokens=48, num_blocks=12, async_scheduling=async_scheduling,
     )
     s.core_log = log = []
-    run_workload(s, clock, seed=7, parallel=parallel, step_fn=Pipelined() if async_scheduling else step)
+    run_workload(s, clock, seed=7, parallel=parallel, step_fn=Pipelined() if async_scheduling else step, kv_ttl=kv_ttl)
     core = replay(log, policy, params, max_num_seqs)
     assert core.calls == s.core.calls == {}
     assert {pid: (e.service, e.total_service, e.total_waiting) for pid, e in core.table.programs.items()} == {
@@ -391,10 +399,13 @@ def test_core_replay_of_the_plugins_events_makes_identical_decisions(
     for e in log:
         kinds[e[0]] += 1
     victims = sum(len(e[8]) for e in log if e[0] == "decide")
-    assert kinds["preempt"] > victims, "no preemption for memory"
+    if not kv_ttl:  # with pins, dropping them takes the place of these
+        assert kinds["preempt"] > victims, "no preemption for memory"
     if policy != "fcfs":
         assert victims > 0, "no priority preemption"
         assert any(e[2] for e in log if e[0] == "promote"), "no starvation promotion"
+    if kv_ttl:
+        assert s.kv_pins.pinned > 0 and s.kv_pins.dropped > 0, "no pin gave way"
 
 
 @pytest.mark.parametrize("name, cls", [("ProgramAwareScheduler", ProgramAwareScheduler),
