@@ -119,7 +119,10 @@ def validate(dirs: Sequence[str | Path], cfg) -> list[Comparison]:
     out = []
     for d in dirs:
         rep = load_replay(d)
-        run_cfg = dataclasses.replace(cfg, engine=dataclasses.replace(cfg.engine, kv_ttl=rep.kv_ttl))
+        # vLLM pins nothing without prefix caching (only hashed blocks), and
+        # the simulator refuses kv_ttl there.
+        ttl = rep.kv_ttl if cfg.engine.enable_prefix_caching else 0.0
+        run_cfg = dataclasses.replace(cfg, engine=dataclasses.replace(cfg.engine, kv_ttl=ttl))
         out.append(compare(rep.label, rep.latencies, simulated_latencies(rep.trace, run_cfg, rep.policy)))
     return out
 
