@@ -118,8 +118,17 @@ def test_compare_uses_only_common_programs_and_handles_zero():
     assert empty.programs == 0 and empty.error_pct("p95") is None
 
 
-@pytest.mark.parametrize("replayed, experiment, label", [(2.0, 0.0, "fcfs (kv_ttl 2 s)"), (None, 5.0, "fcfs")])
-def test_a_replays_kv_ttl_decides_the_simulated_one(tmp_path, monkeypatch, replayed, experiment, label):
+@pytest.mark.parametrize(
+    "replayed, experiment, caching, simulated, label",
+    [
+        (2.0, 0.0, True, 2.0, "fcfs (kv_ttl 2 s)"),
+        (None, 5.0, True, 0.0, "fcfs"),
+        (2.0, 0.0, False, 0.0, "fcfs (kv_ttl 2 s)"),  # vLLM pins only hashed blocks
+    ],
+)
+def test_a_replays_kv_ttl_decides_the_simulated_one(
+    tmp_path, monkeypatch, replayed, experiment, caching, simulated, label
+):
     trace, _ = _trace(tmp_path)
     exp = tmp_path / "exp.yaml"
     exp.write_text(EXPERIMENTS.replace("TRACE", json.dumps(str(trace))))
@@ -131,8 +140,9 @@ def test_a_replays_kv_ttl_decides_the_simulated_one(tmp_path, monkeypatch, repla
     real = validate_mod.simulated_latencies
     monkeypatch.setattr(validate_mod, "simulated_latencies",
                         lambda t, cfg, policy: seen.append(cfg.engine.kv_ttl) or real(t, cfg, policy))
-    (row,) = validate([d], resolve("tiny", exp, [f"engine.kv_ttl={experiment}"]))
-    assert seen == [replayed or 0.0] and row.policy == label
+    sets = [f"engine.kv_ttl={experiment}", f"engine.enable_prefix_caching={str(caching).lower()}"]
+    (row,) = validate([d], resolve("tiny", exp, sets))
+    assert seen == [simulated] and row.policy == label
     assert row.error_pct("mean") == pytest.approx(0.0, abs=1e-4)  # one-call programs: nothing to pin
 
 
