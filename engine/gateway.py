@@ -21,6 +21,9 @@ Identity: clients send ``X-Program-Id`` and ``X-Thread-Id``. Without
 is a one-call program with a fresh id. A program call without a thread id
 gets a fresh thread (it may run in parallel with the program's other calls).
 A second live call on the same thread of a program is refused with 409.
+``X-KV-TTL: SECONDS`` asks the engine to pin the call's KV for its
+program's next call (``vllm_xargs.kv_ttl``; `engine.kv_pins`); a value
+that is not seconds >= 0 is refused with 400.
 
 Service accounting. The engines' per-step service (`sim.core.attribute_service`)
 is not visible to the gateway, so each finished call's service is, in order
@@ -70,13 +73,16 @@ from engine.protocol import (
     ENGINE_STATS,
     ERROR_TYPES,
     GATEWAY_ENGINE_HEADER,
+    KV_TTL_HEADER,
     PROGRAM_HEADER,
     THREAD_HEADER,
+    XARG_KV_TTL,
     XARG_PROGRAM,
     XARG_THREAD,
     XARGS,
     BadRequest,
     check_id,
+    check_kv_ttl,
     error_body,
     with_xargs,
     xargs_for,
@@ -313,6 +319,8 @@ class Gateway:
     async def _forward(self, request: web.Request, path: str) -> web.StreamResponse:
         body = await self._body(request)
         pid, tid = self._ids(request, body)
+        ttl_header = request.headers.get(KV_TTL_HEADER)
+        kv_ttl = None if ttl_header is None else check_kv_ttl(ttl_header)
         now = self.now()
         prompt_tokens = prompt_tokens_of(body)
         call = self.acct.start(pid, tid, prompt_tokens, now)
@@ -323,7 +331,10 @@ class Gateway:
         self.recent.append({"program_id": pid, "thread_id": tid, "engine": engine, "prompt_tokens": prompt_tokens,
                             "program_service": call.priority, "time": now})
         live = LiveCall(call, engine, now)
-        outgoing = with_xargs(body, xargs_for(pid, tid, call.priority))
+        xargs = xargs_for(pid, tid, call.priority)
+        if kv_ttl is not None:
+            xargs[XARG_KV_TTL] = kv_ttl
+        outgoing = with_xargs(body, xargs)
         headers = {GATEWAY_ENGINE_HEADER: str(engine), PROGRAM_HEADER: pid, THREAD_HEADER: tid}
         upstream_headers = {k: request.headers[k] for k in FORWARDED_HEADERS if k in request.headers}
         upstream_headers.update({PROGRAM_HEADER: pid, THREAD_HEADER: tid})  # the ids the gateway settled on

@@ -12,8 +12,9 @@ Program identity travels two ways, because two kinds of server read it:
   seconds.
 
 The gateway writes the xargs itself (its ids and the program's attained
-service win over anything the client put there; a client's ``kv_ttl``
-passes through). The replayer sends both,
+service win over anything the client put there). A client's ``kv_ttl``
+passes through; a header ``X-KV-TTL: SECONDS`` sets it, so a client of the
+gateway need not touch the body to ask for a pin either. The replayer sends both,
 so it works against the gateway and against a bare vLLM server alike.
 
 Engines may add one extension object to their response (the last SSE chunk,
@@ -23,11 +24,13 @@ or the JSON body): ``"engine_stats"`` with the call's engine-side timing
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any
 
 PROGRAM_HEADER = "X-Program-Id"
 THREAD_HEADER = "X-Thread-Id"
+KV_TTL_HEADER = "X-KV-TTL"  # seconds to pin the call's KV for its program's next call (gateway -> xargs kv_ttl)
 ENGINE_HEADER = "X-Engine-Index"  # set by `sim serve` on its responses
 GATEWAY_ENGINE_HEADER = "X-Gateway-Engine"  # set by the gateway: index of the engine it chose
 XARGS = "vllm_xargs"
@@ -88,6 +91,18 @@ def check_id(value: str, what: str) -> str:
 
 def xargs_for(program_id: str, thread_id: str, program_service: float) -> dict[str, Any]:
     return {XARG_PROGRAM: program_id, XARG_THREAD: thread_id, XARG_SERVICE: float(program_service)}
+
+
+def check_kv_ttl(value: str) -> float:
+    """The ``X-KV-TTL`` header as seconds >= 0; raises BadRequest naming the header."""
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds >= 0):
+        raise BadRequest(f"{KV_TTL_HEADER} must be seconds >= 0, got {value[:40]!r}", param=KV_TTL_HEADER,
+                         code="invalid_kv_ttl")
+    return seconds
 
 
 def with_xargs(body: dict[str, Any], xargs: dict[str, Any]) -> dict[str, Any]:

@@ -274,3 +274,32 @@ def test_against_an_engine_without_engine_stats_the_gateway_measures_service_its
     assert headers["X-Program-Id"] == "p" and headers["X-Thread-Id"] == "t"
     assert body["vllm_xargs"] == {"program_id": "p", "thread_id": "t", "program_service": 0.0}
     assert seen[1][1]["vllm_xargs"]["program_service"] == pytest.approx(whole)
+
+
+def test_an_x_kv_ttl_header_pins_the_calls_kv_on_its_engine_until_the_next_call_takes_it_up():
+    async def go():
+        e0, eng0 = await start_engine(0, step=0.002)
+        gw, gateway = await start_gw([e0.url])
+        try:
+            async with aiohttp.ClientSession() as s:
+                hdr = {"X-Program-Id": "p", "X-Thread-Id": "t1", "X-KV-TTL": "30"}
+                prompt = list(range(100, 164))
+                async with s.post(gw.url + "/v1/completions",
+                                  json={"prompt": prompt, "max_tokens": 16, "return_token_ids": True},
+                                  headers=hdr) as r:
+                    first = await r.json()
+                held_after_first = eng0.replica.pins_held
+                again = prompt + first["choices"][0]["token_ids"] + list(range(500, 510))
+                async with s.post(gw.url + "/v1/completions", json={"prompt": again, "max_tokens": 2},
+                                  headers={"X-Program-Id": "p", "X-Thread-Id": "t2"}) as r:
+                    second = await r.json()
+            return held_after_first, eng0.snapshot(), second
+        finally:
+            await gw.stop()
+            await e0.stop()
+
+    held_after_first, snap, second = run(go())
+    assert held_after_first == 1
+    assert (snap["kv_pins"], snap["kv_pins_held"]) == (1, 0)  # the second call took the pin up
+    # 64 + 16 tokens re-sent, the KV of 79 computed: 4 full blocks hit.
+    assert second["usage"]["prompt_tokens_details"]["cached_tokens"] == 64
