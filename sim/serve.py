@@ -35,9 +35,8 @@ the call's KV for its program's next call), exactly as vLLM's
 server passes them to the scheduler plugin, so the gateway works against
 this engine unchanged. A request without them is a one-call program.
 
-Client disconnect aborts the call (see `sim.realtime` for how a running
-call is aborted without a ``Replica.abort``; the change we asked for is in
-the README section "Real engine: gateway, serve, replay").
+Client disconnect aborts the call (`Replica.abort`, as vLLM's abort: KV
+freed at once, no service charged; see `sim.realtime`).
 """
 
 from __future__ import annotations

@@ -311,3 +311,14 @@ def test_config_from_an_experiment_with_overrides_and_flags():
     assert cfg.latency.kind == "constant" and cfg.latency.seconds == 0.02
     plain = build_config(p.parse_args([]))
     assert plain.latency.kind == "roofline" and plain.engine.model == "llama-3.1-8b"
+
+
+def test_an_aborted_call_frees_its_kv_and_is_never_pinned():
+    engine, at = virtual_time_engine("fcfs", blocks=40)
+    handle = engine.submit(list(range(100, 164)), 50, "A", "a1", None, 30.0)
+    at(3.5)  # running: prefilled, decoding
+    assert handle.call in engine.replica.running
+    engine.abort(handle)
+    at(60.0)
+    assert (engine.replica.pins, engine.replica.pins_held, engine.replica.kv.in_use) == (0, 0, 0)
+    assert engine.snapshot()["aborted"] == 1
