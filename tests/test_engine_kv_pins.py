@@ -1,7 +1,8 @@
 """KV pins (the ``kv_ttl`` tag) in the plugin, inside vLLM's real v1 Scheduler on a CPU.
 
-The hand cases use 8 blocks of 16 tokens (7 usable: vLLM keeps one as the
-null block) and mirror the simulator's pin cases in `test_sim_engine.py`.
+The hand cases use blocks of 16 tokens, 8 of them unless a case says
+otherwise (7 usable: vLLM keeps one as the null block), and mirror the
+simulator's pin cases in `test_sim_engine.py`.
 Each clock step is 1 s. Request ``r`` (16-token prompt, long decode) keeps
 the engine busy holding 2 blocks. Program A's first call ``a1`` has a
 64-token prompt and one output token: at finish it owns 4 full, hashed
