@@ -68,18 +68,18 @@ class KVPins:
         """References the pins hold, over all groups."""
         return sum(len(g) for pin in self._pins.values() for g in pin.blocks)
 
-    def pin(self, program_id: str, request_blocks: Sequence[Sequence[KVCacheBlock]], expiry: float) -> bool:
-        """Reference a finished call's cached blocks until ``expiry``; False if it has none.
+    def pin(self, program_id: str, request_blocks: Sequence[Sequence[KVCacheBlock]], expiry: float) -> None:
+        """Reference a finished call's cached blocks until ``expiry`` (nothing if it has none).
 
         Call before vLLM frees the request, while it still owns its blocks.
         Only hashed blocks are pinned: the partial tail block can never be hit.
         """
         if not request_blocks:
-            return False
+            return
         first = request_blocks[0]
         last_index = max((i for i, b in enumerate(first) if b.block_hash is not None and not b.is_null), default=-1)
         if last_index < 0:
-            return False
+            return
         groups = tuple([b for b in blocks if b.block_hash is not None and not b.is_null] for blocks in request_blocks)
         for blocks in groups:
             self._pool.touch(blocks)
@@ -88,13 +88,12 @@ class KVPins:
         self._by_program.setdefault(program_id, []).append(pin_id)
         heapq.heappush(self._expiries, (expiry, pin_id))
         self.pinned += 1
-        return True
 
-    def release_taken_up(self, program_id: str, request_blocks: Sequence[Sequence[KVCacheBlock]]) -> int:
-        """Release the program's pins whose history an admitted call now holds; returns how many."""
+    def release_taken_up(self, program_id: str, request_blocks: Sequence[Sequence[KVCacheBlock]]) -> None:
+        """Release the program's pins whose history an admitted call now holds."""
         ids = self._by_program.get(program_id)
         if not ids or not request_blocks:
-            return 0
+            return
         held = request_blocks[0]
         taken = [
             pin_id for pin_id in ids
@@ -103,18 +102,15 @@ class KVPins:
         for pin_id in taken:
             self._release(pin_id)
         self.taken_up += len(taken)
-        return len(taken)
 
-    def expire(self, now: float) -> int:
-        """Release every pin whose time-to-live has passed; returns how many."""
-        heap, n = self._expiries, 0
+    def expire(self, now: float) -> None:
+        """Release every pin whose time-to-live has passed."""
+        heap = self._expiries
         while heap and heap[0][0] <= now:
             _, pin_id = heapq.heappop(heap)
-            if pin_id in self._pins:
+            if pin_id in self._pins:  # else taken up or dropped already
                 self._release(pin_id)
-                n += 1
-        self.expired += n
-        return n
+                self.expired += 1
 
     def drop_oldest(self) -> None:
         """Release the oldest pin early, to make room for work."""
