@@ -240,6 +240,15 @@ def test_locality_pins_long_calls_and_spreads_short_ones():
     rr = make_balancer("round_robin")
     assert [rr.choose(10, p, [0, 0, 0]) for _ in range(4)] == [0, 1, 2, 0]
     assert make_balancer("least_used").choose(10, p, [2, 1, 1]) == 1
+    # A program whose short calls ran elsewhere pins its first long call
+    # where its previous call ran (its history is cached there), not where load is least.
+    q = table.get_or_create("Q", 0.0)
+    assert bal.choose(700, q, [3, 0, 2]) == 1
+    assert bal.choose(1500, q, [3, 4, 0]) == 2  # short: least used again
+    assert bal.choose(2100, q, [0, 4, 5]) == 2  # first long call: the previous call's engine
+    assert bal.choose(2200, q, [0, 4, 5]) == 2
+    assert bal.choose(100, q, [0, 4, 5]) == 0
+    assert bal.choose(2300, q, [1, 4, 5]) == 2  # pinned: later short calls do not move the pin
     with pytest.raises(ValueError, match="valid choices"):
         make_balancer("random")
 

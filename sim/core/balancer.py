@@ -44,8 +44,12 @@ class Locality:
 
     A call of at most ``threshold`` prompt tokens goes to the least-used
     engine: its prefix is mostly a shared system prompt that every engine
-    has cached. A longer call goes to the engine its program is pinned to
-    (pinned on its first long call), where the program's history is cached.
+    has cached. A longer call goes to the engine its program is pinned to,
+    where the program's history is cached. The pin is set on the first long
+    call: to the engine of the program's previous call, which holds the
+    history that call re-sent, or to the least-used engine for a program's
+    first call. (Pinning to the least-used engine instead would re-prefill
+    the whole history on the program's first long call.)
     """
 
     name = "locality"
@@ -55,10 +59,14 @@ class Locality:
 
     def choose(self, prompt_tokens: int, program: ProgramState, loads: Sequence[float]) -> int:
         if prompt_tokens <= self.threshold:
-            return least_loaded(loads)
-        if program.engine is None or program.engine >= len(loads):
-            program.engine = least_loaded(loads)
-        return program.engine
+            engine = least_loaded(loads)
+        else:
+            if program.engine is None or program.engine >= len(loads):
+                last = program.last_engine
+                program.engine = last if last is not None and last < len(loads) else least_loaded(loads)
+            engine = program.engine
+        program.last_engine = engine
+        return engine
 
 
 def make_balancer(name: str, locality_threshold: int = 2048):

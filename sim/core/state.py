@@ -49,6 +49,7 @@ class ProgramState:
     total_service: float = 0.0  # T_program: service of completed calls
     total_waiting: float = 0.0  # W_program: waiting of completed calls
     engine: int | None = None  # locality affinity
+    last_engine: int | None = None  # where the locality balancer sent the program's latest call
     live: dict[str, CallState] = field(default_factory=dict)  # thread id -> call
     last_arrival: float = 0.0
     last_completion: float = 0.0
