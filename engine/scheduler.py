@@ -322,7 +322,9 @@ class ProgramAwareMixin:
         Prefix hits are ignored: a hit on a free cached block still consumes
         a free block, so only hits on blocks that running requests share
         would lower the need, and overestimating it can only cost a victim
-        the simulator would also have taken (it estimates the same way).
+        the simulator would also have taken (`sim.replica`'s
+        ``_blocks_to_admit`` estimates the same way, under its
+        ``engine.scheduler_reserve_full_isl``).
         """
         request = self.requests[call.id]
         tokens = request.num_tokens

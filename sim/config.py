@@ -39,6 +39,12 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048
     enable_chunked_prefill: bool = True
     enable_prefix_caching: bool = True
+    # vLLM's scheduler_reserve_full_isl (default true in 0.26.0): a waiting
+    # call is admitted only if its whole sequence fits in the free KV blocks,
+    # prefix hits counted, not just its first prefill chunk. false checks the
+    # first chunk only, as earlier releases did: a long prompt then gets in
+    # on its first chunk and its later chunks preempt for memory.
+    scheduler_reserve_full_isl: bool = True
     preemption_mode: str = "recompute"  # vLLM v1 preempts by recompute only
     replicas: int = 1
     balancer: str = "locality"

@@ -707,6 +707,14 @@ class Replica:
         return transfer
 
     def _blocks_to_admit(self, call: SimCall) -> int:
+        """Blocks a waiting call needs, prefix hits ignored (the plugin's `_blocks_needed` too).
+
+        The whole sequence under reserve_full_isl, else the first chunk, as
+        the admission gate (`_fits`) counts them. Ignoring hits may
+        overestimate; sharing the estimate keeps the two engines' victims alike.
+        """
+        if self.cfg.scheduler_reserve_full_isl:
+            return cdiv(call.num_tokens, self.block)
         base = call.num_computed if call.swapped else 0
         first = min(call.num_tokens - base, self.cfg.max_num_batched_tokens)
         return cdiv(base + first, self.block)
@@ -806,7 +814,7 @@ class Replica:
             if len(self.running) >= cfg.max_num_seqs or budget == 0:
                 break
             new, hits, fresh, swap_in = self._admission(call, budget)
-            if new == 0 or not kv.can_allocate(fresh + kv.hit_cost(call.keys, hits)):
+            if new == 0 or not self._fits(call, hits, fresh):
                 break
             kv.acquire_hits(call.blocks, call.keys, hits)
             kv.allocate(call.blocks, fresh)
@@ -852,9 +860,15 @@ class Replica:
         fresh = cdiv(base + new, self.block) - hits
         return new, hits, fresh, held - hits
 
+    def _fits(self, call: SimCall, hits: int, fresh: int) -> bool:
+        """vLLM's admission gate: the first chunk's blocks, or (reserve_full_isl) the whole sequence's."""
+        if self.cfg.scheduler_reserve_full_isl:
+            fresh = cdiv(call.num_tokens, self.block) - hits
+        return self.kv.can_allocate(fresh + self.kv.hit_cost(call.keys, hits))
+
     def _would_fit(self, call: SimCall, budget: int) -> bool:
         new, hits, fresh, _ = self._admission(call, budget)
-        return new > 0 and self.kv.can_allocate(fresh + self.kv.hit_cost(call.keys, hits))
+        return new > 0 and self._fits(call, hits, fresh)
 
     def _need_of(self, core_call: CallState) -> int:
         return self._blocks_to_admit(self._by_core(core_call))

@@ -114,6 +114,27 @@ def test_swap_keeps_computed_kv_and_charges_its_pcie_transfer_to_the_steps():
     assert rs["A", "a"].preemptions == rr["A", "a"].preemptions == 1
 
 
+def test_admission_waits_until_the_whole_prompt_fits_as_vllm_does():
+    # 16 blocks of 16 tokens, 64-token budget, 1 s steps. A (64 + 40 tokens)
+    # holds 5 blocks from t=1 and 7 at its end (t=40). B's 192-token prompt
+    # needs 12 blocks: vLLM 0.26 (scheduler_reserve_full_isl) keeps it
+    # waiting until A has finished, then prefills it in three chunks.
+    programs = [prog("A", 0.0, call("a", 64, 40)), prog("B", 0.5, call("b", 192, 1))]
+    config = cfg(num_gpu_blocks=16, max_num_seqs=2, max_num_batched_tokens=64)
+    r = simulate(programs, config, "fcfs")
+    rec = by_id(r)
+    assert rec["A", "a"].finish == 40.0
+    assert (rec["B", "b"].first_scheduled, rec["B", "b"].finish) == (40.0, 43.0)
+    assert r.stats["preemptions"] == 0 and r.stats["prefill_tokens"] == 64 + 192
+    # Checking the first chunk only (earlier vLLM) lets B in at t=1 on 63
+    # tokens; at t=3 its third chunk no longer fits beside A, and B, the
+    # latest arrival, preempts itself, again and again until A is done.
+    first_chunk = dataclasses.replace(config, engine=dataclasses.replace(config.engine, scheduler_reserve_full_isl=False))
+    r = simulate(programs, first_chunk, "fcfs")
+    b = by_id(r)["B", "b"]
+    assert b.first_scheduled == 1.0 and b.preemptions > 1 and r.stats["prefill_tokens"] > 64 + 192 * 2
+
+
 def test_call_larger_than_kv_cache_is_a_clear_error():
     with pytest.raises(SimulationError, match=r"program 'A' call 'a'.*exceeds the KV cache"):
         simulate([prog("A", 0.0, call("a", 2000, 100))], cfg(num_gpu_blocks=10), "fcfs")
@@ -161,6 +182,7 @@ def configs(draw):
         max_num_batched_tokens=draw(st.sampled_from([16, 64, 512])) if chunked else 1000,
         enable_chunked_prefill=chunked,
         enable_prefix_caching=draw(st.booleans()),
+        scheduler_reserve_full_isl=draw(st.booleans()),
         preemption_mode=draw(st.sampled_from(["recompute", "swap"])),
         replicas=draw(st.integers(1, 2)),
         balancer=draw(st.sampled_from(["round_robin", "least_used", "locality"])),
