@@ -31,6 +31,7 @@ their ``trace``.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import types
@@ -51,7 +52,7 @@ from sim.config import (
     LatencyConfig,
     WorkloadConfig,
 )
-from sim.core.params import PolicyParams
+from sim.core.params import MAX_SECONDS, PolicyParams
 
 DEFAULT_FILE = Path(__file__).resolve().parent.parent / "experiments.yaml"
 TOP_KEYS = ("defaults", "experiments", "sweeps")  # sweeps: read by sim.sweep
@@ -339,15 +340,25 @@ class _Checker:
                 return value
             self.fail(path, f"expected an integer, got {_show(value)}")
         if hint is float:
+            number = None
             if isinstance(value, (int, float)) and not isinstance(value, bool):
-                return float(value)
-            # PyYAML (YAML 1.1) reads 1e-5 without a dot as a string.
-            if isinstance(value, str):
+                number = value
+            elif isinstance(value, str):  # PyYAML (YAML 1.1) reads 1e-5 without a dot as a string.
                 try:
-                    return float(value)
+                    number = float(value)
                 except ValueError:
                     pass
-            self.fail(path, f"expected a number, got {_show(value)}")
+            if number is None:
+                self.fail(path, f"expected a number, got {_show(value)}")
+            # No field means anything at nan or infinity; caught here, they
+            # would pass every range check below (nan compares false).
+            try:
+                number = float(number)
+            except OverflowError:  # an integer past float range
+                number = math.inf
+            if not math.isfinite(number):
+                self.fail(path, f"expected a finite number, got {_show(value)}")
+            return number
         if hint is str:
             if isinstance(value, str):
                 return value
@@ -378,6 +389,14 @@ def _positive(ck: _Checker, path: Path_, value: float | None, what: str, strict:
         ck.fail(path, f"expected {what}, got {value!r}")
 
 
+def _seconds(ck: _Checker, path: Path_, value: float, what: str, strict: bool = True) -> None:
+    """A duration: positive as `_positive`, and at most MAX_SECONDS, past which
+    simulated clocks overflow instead of meaning anything."""
+    _positive(ck, path, value, what, strict)
+    if value > MAX_SECONDS:
+        ck.fail(path, f"expected at most {MAX_SECONDS:g} seconds, got {value!r}")
+
+
 def _check_engine(ck: _Checker, e: EngineConfig) -> None:
     from sim.capacity import CapacityError, num_kv_blocks
     from sim.hardware import SpecError, available, load_gpu, load_model
@@ -399,7 +418,7 @@ def _check_engine(ck: _Checker, e: EngineConfig) -> None:
         ck.fail(p + ("gpu_memory_utilization",), f"expected a fraction in (0, 1], got {e.gpu_memory_utilization}")
     ck.choice(p + ("preemption_mode",), e.preemption_mode, PREEMPTION_MODES)
     ck.choice(p + ("balancer",), e.balancer, BALANCERS)
-    _positive(ck, p + ("kv_ttl",), e.kv_ttl, "seconds >= 0 (0 turns pinning off)", strict=False)
+    _seconds(ck, p + ("kv_ttl",), e.kv_ttl, "seconds >= 0 (0 turns pinning off)", strict=False)
     if e.kv_ttl > 0 and not e.enable_prefix_caching:
         ck.fail(p + ("kv_ttl",), f"expected 0 when engine.enable_prefix_caching is false (pins keep "
                 f"prefix-cache blocks), got {e.kv_ttl!r}")
@@ -415,12 +434,12 @@ def _check_latency(ck: _Checker, lat: LatencyConfig, e: EngineConfig) -> None:
 
     p = ("latency",)
     ck.choice(p + ("kind",), lat.kind, latency.KINDS)
-    _positive(ck, p + ("seconds",), lat.seconds, "> 0 seconds")
+    _seconds(ck, p + ("seconds",), lat.seconds, "> 0 seconds")
     for key in ("flops_efficiency", "bandwidth_efficiency"):
         value = getattr(lat, key)
         if not 0 < value <= 1:
             ck.fail(p + (key,), f"expected a fraction in (0, 1], got {value}")
-    _positive(ck, p + ("step_overhead",), lat.step_overhead, ">= 0 seconds", strict=False)
+    _seconds(ck, p + ("step_overhead",), lat.step_overhead, ">= 0 seconds", strict=False)
     if lat.kind == "fitted" and not lat.name:
         from sim.latency.fitted import available
 

@@ -67,6 +67,8 @@ def test_list_default_file_is_the_shipped_one(tmp_path):
         (["run", "tiny", "-e", "exp.yaml", "--set", "policies=[fcfs,lifo]"], "error: --set policies=[fcfs,lifo]: experiment 'tiny': policies[1]: unknown value 'lifo'"),
         (["run", "tiny", "-e", "exp.yaml", "-s", "engine.model=llama-3.1-70b"], "error: --set engine.model=llama-3.1-70b: experiment 'tiny': engine.model: llama-3.1-70b does not fit"),
         (["run", "tiny", "-e", "exp.yaml", "-s", "replicas"], "error: --set replicas: expected KEY=VALUE"),
+        (["run", "tiny", "-e", "exp.yaml", "-s", "latency.seconds=.inf"],
+         "error: --set latency.seconds=.inf: experiment 'tiny': latency.seconds: expected a finite number, got inf"),
         (["list", "-e", "missing.yaml"], "error: missing.yaml: experiments file not found"),
     ],
 )

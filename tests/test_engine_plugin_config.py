@@ -40,7 +40,7 @@ def test_unknown_policy_names_valid_choices():
 def test_bad_params_name_the_key():
     with pytest.raises(PluginConfigError, match=r"unknown keys \['betta'\]; valid keys: num_queues"):
         parse_plugin_config({"autellix": {"params": {"betta": 2}}})
-    with pytest.raises(PluginConfigError, match=r"params: policy_params.beta: expected > 0, got -1"):
+    with pytest.raises(PluginConfigError, match=r"params: policy_params.beta: expected > 0 and finite, got -1"):
         parse_plugin_config({"autellix": {"params": {"beta": -1}}})
     with pytest.raises(PluginConfigError, match=r"unknown keys \['polcy'\]"):
         parse_plugin_config({"autellix": {"polcy": "plas"}})

@@ -10,7 +10,16 @@ LATS (README, "What the simulator finds").
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+
+# Upper bounds, so that a typo (1e308, .inf) is an error naming the field
+# rather than an overflow deep inside a run. No time here is meaningful past
+# 1e9 s (about 32 years), and queue bounds double from queue_base, so 64
+# queues already span queue_base * 2**62: past any program's service at any
+# base, while thousands would overflow a float.
+MAX_SECONDS = 1e9
+MAX_QUEUES = 64
 
 
 @dataclass(frozen=True)
@@ -78,19 +87,27 @@ class PolicyParams:
     program_ttl: float = 600.0
 
     def __post_init__(self) -> None:
+        def seconds(v: float | None, optional: bool = False) -> bool:
+            return (optional and v is None) or (v is not None and 0 < v <= MAX_SECONDS)
+
+        def positive(v: float) -> bool:
+            return math.isfinite(v) and v > 0
+
+        secs = f"> 0 and <= {MAX_SECONDS:g} seconds"
         checks = [
-            ("num_queues", self.num_queues >= 1, "an integer >= 1"),
-            ("queue_base", self.queue_base > 0, "> 0 seconds"),
-            ("quantum", self.quantum is None or self.quantum > 0, "null or > 0 seconds"),
-            ("beta", self.beta > 0, "> 0"),
+            ("num_queues", isinstance(self.num_queues, int) and 1 <= self.num_queues <= MAX_QUEUES,
+             f"an integer from 1 to {MAX_QUEUES}"),
+            ("queue_base", seconds(self.queue_base), secs),
+            ("quantum", seconds(self.quantum, optional=True), f"null or {secs}"),
+            ("beta", positive(self.beta), "> 0 and finite"),
             ("preemption", isinstance(self.preemption, bool), "true or false"),
-            ("preempt_margin", self.preempt_margin > 0, "> 0"),
+            ("preempt_margin", positive(self.preempt_margin), "> 0 and finite"),
             ("preempt_limit", self.preempt_limit is None or (isinstance(self.preempt_limit, int) and self.preempt_limit >= 0), "null or an integer >= 0"),
-            ("mlfq_base_quantum", self.mlfq_base_quantum > 0, "> 0 seconds"),
-            ("mlfq_prefill_s_per_token", self.mlfq_prefill_s_per_token >= 0, ">= 0"),
-            ("mlfq_starve_after", self.mlfq_starve_after > 0, "> 0 seconds"),
+            ("mlfq_base_quantum", seconds(self.mlfq_base_quantum), secs),
+            ("mlfq_prefill_s_per_token", 0 <= self.mlfq_prefill_s_per_token <= MAX_SECONDS, f">= 0 and <= {MAX_SECONDS:g}"),
+            ("mlfq_starve_after", seconds(self.mlfq_starve_after), secs),
             ("locality_threshold", self.locality_threshold >= 0, ">= 0 tokens"),
-            ("program_ttl", self.program_ttl > 0, "> 0 seconds"),
+            ("program_ttl", seconds(self.program_ttl), secs),
         ]
         for name, ok, expected in checks:
             if not ok:
