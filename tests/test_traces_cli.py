@@ -63,6 +63,9 @@ def test_validate_prints_every_error_and_a_count(tmp_path, capsys):
         (["gen", "bfcl", "--programs", "1", "--rate", "1", "--seed", "0", "--cv", "2", "-o", "x"], 2, "--cv applies"),
         (["gen", "bfcl", "--programs", "1", "--rate", "1", "--seed", "0", "--param", "width", "-o", "x"], 2,
          "expected key=value"),
+        (["gen", "bfcl", "--programs", "1", "--rate", "1", "--seed", "0", "--param", "output_tokens_sigma=100", "-o", "x"],
+         2, "bfcl parameter 'output_tokens_sigma' must be at most 4"),
+        (["gen", "bfcl", "--programs", "1", "--rate", "1e-320", "--seed", "0", "-o", "x"], 2, "rate must be at least 1e-09"),
         (["validate", "/nonexistent/file.jsonl"], 1, "No such file"),
         (["stats", "/nonexistent/file.jsonl"], 1, "No such file"),
         (["convert", "azure", "/nonexistent.csv", "-o", "x"], 1, "No such file"),
@@ -84,6 +87,22 @@ def test_stats_on_a_bad_file_reports_the_line(tmp_path):
     r = run("stats", str(f))
     assert r.returncode == 1 and f"{f}:1: program 'p0': field 'arrival': missing" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_out_of_range_numbers_and_deep_json_are_one_line_errors(tmp_path):
+    """Values that used to overflow float() (or recurse) deep in stats and convert."""
+    f = tmp_path / "t.jsonl"
+    f.write_text('{"id":"p0","arrival":0,"workload":"w","calls":[{"id":"c0","parents":[],"prompt_tokens":1'
+                 + "0" * 400 + ',"output_tokens":1,"delay":0}]}\n')
+    for cmd in ("stats", "validate"):
+        r = run(cmd, str(f))
+        assert r.returncode == 1 and "Traceback" not in r.stderr
+        assert f"{f}:1: program 'p0' call 'c0': field 'prompt_tokens': expected at most 1,000,000,000 tokens" in r.stderr
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+    r = run("convert", "sharegpt", str(deep), "-o", str(tmp_path / "x.jsonl"))
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr == f"error: {deep}: malformed JSON: nested too deeply\n"
 
 
 def test_convert_azure_real_file(tmp_path):

@@ -93,6 +93,10 @@ def test_poisson_and_gamma_arrivals_have_the_requested_rate_and_burstiness():
         (dict(calls_max=3), "impossible"),
         (dict(docs_tokens=900), "too small"),
         (dict(tool_sets=0), "'tool_sets' must be an integer > 0"),
+        (dict(output_tokens_sigma=100), "bfcl parameter 'output_tokens_sigma' must be at most 4"),
+        (dict(programs=100_000_000_000), "programs must be an integer from 0 to 10,000,000"),
+        (dict(rate=1e-320), "rate must be at least 1e-09 programs per second"),
+        (dict(rate=1e-8, programs=600), "rate 1e-08 is too low for 600 programs: the last would arrive at"),
     ],
 )
 def test_bad_arguments_raise_value_error_naming_the_choices(kwargs, words):

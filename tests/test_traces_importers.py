@@ -85,6 +85,22 @@ def test_azure_bad_rows_name_line_and_field(tmp_path, row, field, words):
     assert words in str(info.value) and str(info.value).startswith(f"{p}:3:")
 
 
+def test_azure_non_utf8_names_the_line(tmp_path):
+    p = tmp_path / "t.csv"
+    p.write_bytes(b"TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:17:03.9799600,10,3\n2023-11-16 18:17:04.0,1\xff,3\n")
+    with pytest.raises(TraceError) as info:
+        import_azure(p)
+    assert info.value.line == 3 and str(info.value).startswith(f"{p}:3: not UTF-8 text")
+
+
+def test_sharegpt_nested_too_deeply_is_a_trace_error(tmp_path):
+    p = tmp_path / "deep.json"
+    p.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(TraceError, match="malformed JSON: nested too deeply") as info:
+        import_sharegpt(p)
+    assert info.value.file == str(p)
+
+
 def test_azure_wrong_header(tmp_path):
     p = tmp_path / "t.csv"
     p.write_text("time,in,out\n")

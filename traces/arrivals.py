@@ -21,7 +21,13 @@ import math
 
 import numpy as np
 
+from traces.format import MAX_SECONDS
+
 ARRIVALS = ("poisson", "gamma")
+# The lowest rate: one program per MAX_SECONDS on average. Below it even the
+# first arrival is expected past the trace format's limit on times (and at
+# 1e-320 the gaps overflow to infinity).
+MIN_RATE = 1 / MAX_SECONDS
 
 
 def check_arrival(rate: float, arrival: str, cv: float) -> None:
@@ -30,6 +36,9 @@ def check_arrival(rate: float, arrival: str, cv: float) -> None:
         raise ValueError(f"unknown arrival process {arrival!r}; valid choices: {', '.join(ARRIVALS)}")
     if not (isinstance(rate, (int, float)) and not isinstance(rate, bool) and math.isfinite(rate) and rate > 0):
         raise ValueError(f"rate must be a finite number > 0 (programs per second), got {rate!r}")
+    if rate < MIN_RATE:
+        raise ValueError(f"rate must be at least {MIN_RATE:g} programs per second (a mean gap of at most "
+                         f"{MAX_SECONDS:g} s, the trace format's limit on times), got {rate!r}")
     if not (isinstance(cv, (int, float)) and not isinstance(cv, bool) and math.isfinite(cv) and cv > 0):
         raise ValueError(f"cv must be a finite number > 0, got {cv!r}")
     if arrival == "poisson" and cv != 1.0:
@@ -44,4 +53,8 @@ def arrival_times(n: int, rate: float, rng: np.random.Generator, arrival: str = 
     else:
         k = 1.0 / (cv * cv)
         unit = rng.standard_gamma(k, n) / k
-    return [float(t) for t in np.cumsum(unit / rate)]
+    times = [float(t) for t in np.cumsum(unit / rate)]
+    if times and times[-1] > MAX_SECONDS:
+        raise ValueError(f"rate {rate!r} is too low for {n} programs: the last would arrive at {times[-1]:.3g} s, "
+                         f"past the trace format's limit of {MAX_SECONDS:g} s")
+    return times

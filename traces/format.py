@@ -23,6 +23,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+# Upper bounds on a trace's numbers. Past them a value is a typo or a corrupt
+# file, not a workload: 1e9 s is about 32 years, and 10**9 tokens is a
+# thousand times the longest context of any model served today. Within them
+# every value is an exact float and sums of them stay finite, which the
+# simulator's clock and token arithmetic assume.
+MAX_SECONDS = 1e9  # arrival, delay
+MAX_TOKENS = 10**9  # prompt_tokens, output_tokens, shared_prefix.tokens, hash_block_tokens
+
 # ``slots=True``: a trace of a million calls is held in memory by the
 # simulator; slots cut each Call's footprint roughly in half and make field
 # access faster. Field names and meanings are unchanged.

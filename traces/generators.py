@@ -33,9 +33,20 @@ from traces.arrivals import arrival_times, check_arrival
 from traces.format import Call, Program, SharedPrefix, make_call
 
 WORKLOADS = ("sharegpt", "bfcl", "lats", "mixed")
+# The most programs one call generates: ten million is about 10**8 calls, far
+# past what a simulation holds in memory (a million calls take ~0.5 GiB), so
+# a larger count is a typo that would only end in a MemoryError.
+MAX_PROGRAMS = 10_000_000
 
 
 # ---------------------------------------------------------------- parameters
+
+
+# The largest log-space spread of a lognormal parameter (``*_sigma``). The
+# location is log(mean) - sigma**2 / 2 so that the mean holds; at sigma = 4 the
+# median is already mean / 3000, and past it nearly every draw rounds to the
+# minimum (or underflows to 0 tokens) while a rare one is astronomically large.
+MAX_SIGMA = 4.0
 
 
 def _check_positive(obj: Any, *names: str, integer: bool = False) -> None:
@@ -44,9 +55,12 @@ def _check_positive(obj: Any, *names: str, integer: bool = False) -> None:
         ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
         if integer:
             ok = ok and isinstance(v, int)
+        what = f"{type(obj).__name__[:-6].lower()} parameter {name!r}"
         if not ok:
             kind = "an integer" if integer else "a finite number"
-            raise ValueError(f"{type(obj).__name__[:-6].lower()} parameter {name!r} must be {kind} > 0, got {v!r}")
+            raise ValueError(f"{what} must be {kind} > 0, got {v!r}")
+        if name.endswith("_sigma") and v > MAX_SIGMA:
+            raise ValueError(f"{what} must be at most {MAX_SIGMA:g} (a wider lognormal degenerates), got {v!r}")
 
 
 @dataclass(frozen=True)
@@ -428,8 +442,8 @@ def generate(
     """
     if workload not in WORKLOADS:
         raise ValueError(f"unknown workload {workload!r}; valid choices: {', '.join(WORKLOADS)}")
-    if isinstance(programs, bool) or not isinstance(programs, int) or programs < 0:
-        raise ValueError(f"programs must be an integer >= 0, got {programs!r}")
+    if isinstance(programs, bool) or not isinstance(programs, int) or not 0 <= programs <= MAX_PROGRAMS:
+        raise ValueError(f"programs must be an integer from 0 to {MAX_PROGRAMS:,}, got {programs!r}")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
     check_arrival(rate, arrival, cv)

@@ -21,7 +21,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -59,6 +59,17 @@ def parse_azure_timestamp(text: str) -> int:
     return seconds * 10_000_000 + (int(frac.ljust(7, "0")) if dot else 0)
 
 
+def _utf8_lines(fh: Iterable[bytes], file: str) -> Iterator[str]:
+    """The lines of a binary file as text. Decoding line by line names the line
+    that is not UTF-8; a text-mode file fails a whole read buffer early."""
+    for line, raw in enumerate(fh, 1):
+        try:
+            yield raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise TraceError(f"not UTF-8 text (byte {exc.start + 1} of the line: {exc.reason})",
+                             file=file, line=line) from None
+
+
 def import_azure(path: str | os.PathLike, min_tokens: int | None = None) -> ImportReport:
     """Azure LLM inference trace CSV: each row a one-call program.
 
@@ -75,8 +86,8 @@ def import_azure(path: str | os.PathLike, min_tokens: int | None = None) -> Impo
     changed = 0
     if min_tokens is not None and (type(min_tokens) is not int or min_tokens < 1):
         raise ValueError(f"min_tokens must be an integer >= 1, got {min_tokens!r}")
-    with open(file, newline="", encoding="utf-8") as fh:
-        reader = csv.reader(fh)
+    with open(file, "rb") as fh:
+        reader = csv.reader(_utf8_lines(fh, file))
         header = next(reader, None)
         if header is None or tuple(h.strip() for h in header) != AZURE_COLUMNS:
             raise TraceError(
@@ -166,6 +177,8 @@ def import_sharegpt(
             data = json.load(fh)
     except ValueError as exc:
         raise TraceError(f"malformed JSON: {exc}", file=file) from None
+    except RecursionError:
+        raise TraceError("malformed JSON: nested too deeply", file=file) from None
     if not isinstance(data, list):
         raise TraceError(f"expected a JSON array of conversations, got {show(data)}", file=file)
     bodies: list[tuple[Call, ...]] = []
@@ -239,6 +252,8 @@ def _mooncake_rows(file: str) -> list[tuple[int, int, int, int, tuple[int, ...]]
                 obj = json.loads(raw)
             except ValueError as exc:
                 raise TraceError(f"malformed JSON: {exc}", file=file, line=line) from None
+            except RecursionError:
+                raise TraceError("malformed JSON: nested too deeply", file=file, line=line) from None
             if not isinstance(obj, dict):
                 raise TraceError(f"expected a JSON object, got {show(obj)}", file=file, line=line)
             for key in sorted(MOONCAKE_KEYS):

@@ -28,7 +28,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from traces.format import Call, Program, SharedPrefix, make_call
+from traces.format import MAX_SECONDS, MAX_TOKENS, Call, Program, SharedPrefix, make_call
 
 PROGRAM_KEYS = frozenset({"id", "arrival", "workload", "calls"})
 CALL_REQUIRED = ("id", "parents", "prompt_tokens", "output_tokens", "delay")
@@ -121,6 +121,8 @@ class _Ctx:
 def _pos_int(ctx: _Ctx, field: str, value: Any) -> int:
     if type(value) is not int or value <= 0:
         raise ctx.error(field, f"expected an integer > 0, got {show(value)}")
+    if value > MAX_TOKENS:
+        raise ctx.error(field, f"expected at most {MAX_TOKENS:,} tokens, got {show(value)}")
     return value
 
 
@@ -133,6 +135,8 @@ def _nonneg_number(ctx: _Ctx, field: str, value: Any) -> float:
         raise ctx.error(field, f"expected a number >= 0, got {show(value)}")
     if value < 0:
         raise ctx.error(field, f"expected a number >= 0, got {show(value)}")
+    if value > MAX_SECONDS:  # also before float(): an integer of 400 digits overflows it
+        raise ctx.error(field, f"expected at most {MAX_SECONDS:g} seconds, got {show(value)}")
     return float(value)
 
 
@@ -162,9 +166,6 @@ def _parse_prefix(ctx: _Ctx, value: Any) -> SharedPrefix:
     return SharedPrefix(key, tokens)
 
 
-_INF = math.inf
-
-
 def _parse_call(ctx: _Ctx, obj: Any) -> Call:
     """Fast path for the common shapes (no prefix information, or ``context_of``).
 
@@ -189,10 +190,11 @@ def _parse_call(ctx: _Ctx, obj: Any) -> Call:
                 and cid
                 and type(parents) is list
                 and type(prompt) is int
-                and prompt > 0
+                and 0 < prompt <= MAX_TOKENS
                 and type(output) is int
-                and output > 0
-                and ((td is float and 0.0 <= delay < _INF) or (td is int and delay >= 0))
+                and 0 < output <= MAX_TOKENS
+                and (td is float or td is int)
+                and 0 <= delay <= MAX_SECONDS
                 and (context_of is None or (type(context_of) is str and context_of))
             ):
                 for p in parents:
@@ -396,10 +398,32 @@ def _is_ancestor(target: str, call: Call, calls: list[Call], index: dict[str, in
     return False
 
 
-def decode_line(text: str) -> Any:
-    """``json.loads`` with the decoder's complaint turned into a TraceError."""
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object as a dict, refusing a key given twice: json would keep the
+    last value silently, and which one the author meant is unknowable."""
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise TraceError("duplicate key in one JSON object", field=key)
+            seen.add(key)
+    return obj
+
+
+_decode = json.JSONDecoder(object_pairs_hook=_unique_keys).decode
+
+
+def decode_line(text: str | bytes) -> Any:
+    """``json.loads`` with the decoder's complaint turned into a TraceError.
+
+    One decoder is built once, not per line (``json.loads`` with a hook would
+    build one per call): loading a million-call trace stays fast.
+    """
     try:
-        return json.loads(text)
+        return _decode(text.decode("utf-8-sig") if isinstance(text, bytes) else text)
+    except TraceError:
+        raise
     except ValueError as exc:  # JSONDecodeError, or UnicodeDecodeError from bytes
         raise TraceError(f"malformed JSON: {exc}") from None
     except RecursionError:
