@@ -474,7 +474,7 @@ def _check_workload(ck: _Checker, raw: Any) -> tuple[str | None, dict[str, Any],
             ck.fail(p + ("trace",), f"no such file: {trace} (relative paths are from the working directory)")
         return None, {}, trace
     try:
-        from traces.generators import WORKLOADS, generate
+        from traces.generators import MAX_PROGRAMS, WORKLOADS, generate
     except ImportError as exc:
         ck.fail(p + ("generator",), f"the workload generators are not available: {exc}")
     ck.choice(p + ("generator",), gen, sorted(WORKLOADS))
@@ -490,6 +490,8 @@ def _check_workload(ck: _Checker, raw: Any) -> tuple[str | None, dict[str, Any],
     programs, rate = params["programs"], params["rate"]
     if not isinstance(programs, int) or isinstance(programs, bool) or programs < 1:
         ck.fail(pp + ("programs",), f"expected an integer >= 1, got {_show(programs)}")
+    if programs > MAX_PROGRAMS:
+        ck.fail(pp + ("programs",), f"expected at most {MAX_PROGRAMS:,} programs, got {programs}")
     if not isinstance(rate, (int, float)) or isinstance(rate, bool) or not rate > 0:
         ck.fail(pp + ("rate",), f"expected a number > 0 (programs per second), got {_show(rate)}")
     # The generator checks the rest (arrival process, cv, its own parameters):

@@ -75,10 +75,15 @@ def summarize_replications(
     return doc
 
 
+# Each seed is a whole run; an interval over more than this many is far
+# tighter than any difference the runs show, so a larger --seeds is a typo.
+MAX_SEEDS = 1000
+
+
 def seeds_of(cfg: ExperimentConfig, count: int) -> list[int]:
     """The seeds of ``count`` replications of ``cfg``: its own seed and the next ones."""
-    if count < 2:
-        raise ConfigError(f"--seeds {count}: expected an integer >= 2 (one seed is a plain run)")
+    if not 2 <= count <= MAX_SEEDS:
+        raise ConfigError(f"--seeds {count}: expected an integer from 2 to {MAX_SEEDS} (one seed is a plain run)")
     if cfg.workload.trace is not None:
         raise ConfigError(
             f"--seeds: experiment '{cfg.name}' replays the trace file {cfg.workload.trace}, which the "

@@ -54,11 +54,20 @@ def load_workload(cfg: ExperimentConfig) -> list[Any]:
     w = cfg.workload
     if w.trace is not None:
         from traces.io import load_all
+        from traces.validate import TraceError
 
-        return list(load_all(w.trace))
+        programs = list(load_all(w.trace))
+        if not programs:  # results over no programs would look like a run that measured nothing
+            raise TraceError("no programs to simulate (the trace is empty)", file=w.trace)
+        return programs
     from traces.generators import generate
 
-    return list(generate(w.generator, seed=cfg.seed, **w.params))
+    try:
+        return list(generate(w.generator, seed=cfg.seed, **w.params))
+    except ValueError as exc:  # what only the draw shows: e.g. arrivals past the trace format's limit
+        from sim.experiments import ConfigError
+
+        raise ConfigError(f"experiment {cfg.name!r}: workload.params: {exc}") from None
 
 
 def summary_text(summary: dict[str, Any]) -> str:

@@ -240,6 +240,12 @@ def _number(where: _Where, value: Any, path: tuple[Any, ...]) -> float:
     return value
 
 
+# The most points a sweep may have, in one range or the whole grid. Each point
+# is a full simulation per policy, so past this a sweep is surely a mistake
+# (a missing decimal point), and expanding it would hang before anything runs.
+MAX_POINTS = 10_000
+
+
 def expand_range(where: _Where, spec: dict[str, Any], path: tuple[Any, ...]) -> list[int | float]:
     """``{start, stop, num}`` (numpy.linspace) or ``{start, stop, step}``, stop included."""
     _mapping(where, spec, path, RANGE_KEYS)
@@ -253,6 +259,8 @@ def expand_range(where: _Where, spec: dict[str, Any], path: tuple[Any, ...]) -> 
         num = spec["num"]
         if isinstance(num, bool) or not isinstance(num, int) or num < 1:
             where.fail(path + ("num",), f"expected an integer >= 1, got {num!r}")
+        if num > MAX_POINTS:
+            where.fail(path + ("num",), f"{num} values; at most {MAX_POINTS:,} (a sweep of that many points is surely a mistake)")
         if num == 1 and start != stop:
             where.fail(path + ("num",), "num: 1 needs start == stop (one value)")
         integral = isinstance(start, int) and isinstance(stop, int)
@@ -264,8 +272,8 @@ def expand_range(where: _Where, spec: dict[str, Any], path: tuple[Any, ...]) -> 
     if stop < start:
         where.fail(path, f"stop ({stop}) is below start ({start}); a range counts up")
     count = math.floor((stop - start) / step + 1e-9) + 1
-    if count > 10_000:
-        where.fail(path + ("step",), f"{count} values; a sweep of that many points is surely a mistake")
+    if count > MAX_POINTS:
+        where.fail(path + ("step",), f"{count} values; at most {MAX_POINTS:,} (a sweep of that many points is surely a mistake)")
     integral = all(isinstance(x, int) for x in (start, stop, step))
     return [_clean(start + i * step, integral) for i in range(count)]
 
@@ -303,6 +311,9 @@ def _case(where: _Where, raw: Any, path: tuple[Any, ...]) -> list[dict[str, Any]
         for v in values[times]:
             if isinstance(v, bool) or not isinstance(v, (int, float)):
                 where.fail(path + (times,), f"{key} is multiplied by it, so its values must be numbers, got {v!r}")
+    count = math.prod(len(v) for v in values.values())
+    if count > MAX_POINTS:
+        where.fail(path, f"{count:,} points; at most {MAX_POINTS:,} (a sweep of that many points is surely a mistake)")
     points = []
     for combo in itertools.product(*values.values()):
         point = dict(zip(values, combo))
@@ -348,9 +359,13 @@ def load_sweep(name: str, file: Any = None, overrides: Sequence[str] = ()) -> Sw
     if grid is None:
         where.fail((), "missing grid: the keys to vary and their values")
     cases = grid if isinstance(grid, list) else [grid]
+    if not cases:
+        where.fail(("grid",), "expected at least one case (a mapping of keys to vary)")
     raw_points: list[dict[str, Any]] = []
     for i, case in enumerate(cases):
         raw_points += _case(where, case, ("grid", i) if isinstance(grid, list) else ("grid",))
+        if len(raw_points) > MAX_POINTS:
+            where.fail(("grid",), f"{len(raw_points):,} points; at most {MAX_POINTS:,} (a sweep of that many points is surely a mistake)")
     keys = tuple(dict.fromkeys(k for p in raw_points for k in p))
     points = tuple(Point(i, tuple(p.items())) for i, p in enumerate(raw_points))
     description = body.get("description", "")

@@ -70,6 +70,12 @@ def test_list_default_file_is_the_shipped_one(tmp_path):
         (["run", "tiny", "-e", "exp.yaml", "-s", "latency.seconds=.inf"],
          "error: --set latency.seconds=.inf: experiment 'tiny': latency.seconds: expected a finite number, got inf"),
         (["list", "-e", "missing.yaml"], "error: missing.yaml: experiments file not found"),
+        (["run", "tiny", "-e", "exp.yaml", "-q"], "error: t.jsonl: no programs to simulate (the trace is empty)"),
+        (["run", "tiny", "-e", "exp.yaml", "-q", "-s", "workload.generator=bfcl", "-s", "workload.params={programs: 600, rate: 1.0e-8}"],
+         "error: experiment 'tiny': workload.params: rate 1e-08 is too low for 600 programs: the last would arrive at"),
+        (["run", "tiny", "-e", "exp.yaml", "-s", "workload.generator=bfcl", "-s", "workload.params={programs: 100000000000, rate: 1}"],
+         "error: --set workload.params={programs: 100000000000, rate: 1}: experiment 'tiny': workload.params.programs: "
+         "expected at most 10,000,000 programs"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_1(workdir, args, message):

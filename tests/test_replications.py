@@ -117,7 +117,7 @@ def test_a_metric_missing_in_one_seed_is_null():
 def test_seeds_of():
     cfg = ExperimentConfig(name="x", seed=3)
     assert seeds_of(cfg, 4) == [3, 4, 5, 6]
-    with pytest.raises(ConfigError, match=r"--seeds 1: expected an integer >= 2 \(one seed is a plain run\)"):
+    with pytest.raises(ConfigError, match=r"--seeds 1: expected an integer from 2 to 1000 \(one seed is a plain run\)"):
         seeds_of(cfg, 1)
     traced = ExperimentConfig(name="x", workload=WorkloadConfig(generator=None, trace="t.jsonl"))
     with pytest.raises(ConfigError, match="replays the trace file t.jsonl, which the seed does not change"):
@@ -190,7 +190,9 @@ def test_seeds_end_to_end(workdir):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["run", "small", "--seeds", "1"], "error: --seeds 1: expected an integer >= 2 (one seed is a plain run)"),
+        (["run", "small", "--seeds", "1"], "error: --seeds 1: expected an integer from 2 to 1000 (one seed is a plain run)"),
+        (["run", "small", "--seeds", "100000000000"],
+         "error: --seeds 100000000000: expected an integer from 2 to 1000 (one seed is a plain run)"),
         (["run", "small", "--seeds", "2", "--workers", "0"], "error: --workers 0: expected an integer >= 1"),
         (["run", "small", "--workers", "2"], "error: --workers 2: only with --seeds"),
         (["run", "replay", "--seeds", "2"], "error: --seeds: experiment 'replay' replays the trace file t.jsonl"),
