@@ -119,32 +119,51 @@ def _walk(node: yaml.Node, path: Path_, lines: dict[Path_, int], where: str) -> 
             _walk(item, path + (i,), lines, where)
 
 
+def _parse(text: str, where: str) -> tuple[yaml.Node | None, Any, dict[Path_, int]]:
+    """The document's node, its data and the line of every key path; every
+    way PyYAML can refuse a text becomes a ConfigError with the line it gives."""
+    loader = None
+    try:
+        loader = yaml.SafeLoader(text)  # rejects control characters already
+        node = loader.get_single_node()
+        data = loader.construct_document(node) if node is not None else None
+        lines: dict[Path_, int] = {}
+        if node is not None:
+            _walk(node, (), lines, where)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = f":{mark.line + 1}" if mark else ""
+        raise ConfigError(f"{where}{line}: invalid YAML: {exc.problem or exc.context}") from None
+    except yaml.reader.ReaderError as exc:  # a character YAML does not allow; it gives a position, not a line
+        line = text.count("\n", 0, exc.position) + 1
+        raise ConfigError(f"{where}:{line}: invalid YAML: unacceptable character #x{exc.character:04x}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{where}: invalid YAML: {str(exc).splitlines()[0]}") from None
+    except RecursionError:
+        raise ConfigError(f"{where}: invalid YAML: nested too deeply") from None
+    finally:
+        if loader is not None:
+            loader.dispose()
+    return node, data, lines
+
+
 def load_file(path: str | Path | None = None) -> ExperimentsFile:
     """Parse and shape-check an experiments file; experiments are validated by `resolve`."""
     path = Path(path) if path is not None else DEFAULT_FILE
     where = _display(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        raw = path.read_bytes()
     except FileNotFoundError:
         hint = "; pass --experiments FILE" if path == DEFAULT_FILE else ""
         raise ConfigError(f"{where}: experiments file not found{hint}") from None
     except OSError as exc:
         raise ConfigError(f"{where}: cannot read: {exc.strerror}") from None
-    loader = yaml.SafeLoader(text)
     try:
-        node = loader.get_single_node()
-        data = loader.construct_document(node) if node is not None else None
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        line = f":{mark.line + 1}" if mark else ""
-        raise ConfigError(f"{where}{line}: invalid YAML: {exc.problem or exc.context}") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{where}: invalid YAML: {exc}") from None
-    finally:
-        loader.dispose()
-    lines: dict[Path_, int] = {}
-    if node is not None:
-        _walk(node, (), lines, where)
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise ConfigError(f"{where}:{line}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    node, data, lines = _parse(text, where)
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a mapping with keys {', '.join(TOP_KEYS)}")
     for key in data:

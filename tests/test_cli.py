@@ -91,6 +91,14 @@ def test_usage_errors_exit_2(workdir, args):
     assert res.returncode == 2 and "Traceback" not in res.stderr and "usage:" in res.stderr
 
 
+@pytest.mark.parametrize("command", [["list"], ["run", "tiny"]])
+def test_unreadable_experiments_file_is_one_line(workdir, command):
+    (workdir / "bad.yaml").write_bytes(b"experiments:\n  tiny:\n    description: \"x\x07\"\n")
+    res = sim(*command, "-e", "bad.yaml", cwd=workdir)
+    assert res.returncode == 1 and "Traceback" not in res.stderr
+    assert res.stderr == "error: bad.yaml:3: invalid YAML: unacceptable character #x0007\n"
+
+
 def test_fit_latency_is_delegated(workdir):
     res = sim("fit-latency", "--help", cwd=workdir)
     assert res.returncode == 0 and "Traceback" not in res.stderr

@@ -202,6 +202,23 @@ def test_invalid_yaml_and_duplicate_keys_give_lines(write):
         load_file(path)
 
 
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"experiments:\n  a:\n    description: \"\xff\"\n", "x.yaml:3: not UTF-8 text (invalid start byte at byte 36)"),
+        (b"experiments:\n  a:\n    description: \"x\x07\"\n", "x.yaml:3: invalid YAML: unacceptable character #x0007"),
+        (b"experiments:\n  a:\n    description: " + b"[" * 5000 + b"]" * 5000 + b"\n", "x.yaml: invalid YAML: nested too deeply"),
+    ],
+    ids=["not-utf8", "control-character", "nested"],
+)
+def test_unreadable_yaml_is_a_located_error(tmp_path, monkeypatch, content, message):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "x.yaml").write_bytes(content)
+    with pytest.raises(ConfigError) as info:
+        load_file("x.yaml")
+    assert str(info.value) == message
+
+
 def test_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="experiments file not found"):
         load_file(tmp_path / "none.yaml")
