@@ -204,12 +204,13 @@ def replication_table(doc: dict[str, Any]) -> str:
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Exception types that mean bad input, not a bug."""
     from sim.capacity import CapacityError
+    from sim.derived import TableError
     from sim.experiments import ConfigError
     from sim.hardware import SpecError
 
     from sim.replications import WorkerDied
 
-    errors: list[type[BaseException]] = [ConfigError, CapacityError, SpecError, OSError, WorkerDied]
+    errors: list[type[BaseException]] = [ConfigError, CapacityError, SpecError, OSError, WorkerDied, TableError]
     try:
         from traces.validate import TraceError
 

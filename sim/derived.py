@@ -31,6 +31,7 @@ Student-t interval, the ratios paired within each seed.
 from __future__ import annotations
 
 import csv
+import io
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -120,17 +121,64 @@ def _parse(col: str, text: str) -> Any:
     return text
 
 
+class TableError(ValueError):
+    """A file that is not a sweep's table (truncated, edited, another CSV); the message names the file and line."""
+
+
+# What the table and the figures read; a CSV without them is not a sweep's.
+REQUIRED_COLUMNS = ("workload", "rate", "policy", "status", "normalized_latency_mean")
+
+
+def _numeric_columns(header: Sequence[str]) -> set[str]:
+    """Columns that must hold numbers: the point, rate and replicas, and every
+    metric (after ``status``) but ``error``. Other swept keys may be text."""
+    after = header[header.index("status") + 1 :]
+    return {"point", "rate", "replicas", *after} - {"error"}
+
+
 def load_rows(results: str | Path | Sequence[str | Path]) -> list[dict[str, Any]]:
     """The rows of ``sweep.csv`` (a directory or the file; or several, concatenated), typed:
     numbers as numbers, empty as None. Several let one table compare sweeps run
-    at different rates (``paper-single`` and ``paper-single-unopt``)."""
+    at different rates (``paper-single`` and ``paper-single-unopt``).
+
+    Raises TableError, located, for anything but a whole sweep table: a row cut
+    short or a non-number where a metric belongs would otherwise surface as a
+    TypeError deep in the plotting, or as an empty table.
+    """
     if not isinstance(results, (str, Path)):
         return [r for one in results for r in load_rows(one)]
     path = Path(results)
     if path.is_dir():
         path = path / "sweep.csv"
-    with open(path, newline="", encoding="utf-8") as fh:
-        return [{k: _parse(k, v) for k, v in r.items()} for r in csv.DictReader(fh)]
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise TableError(f"{path}:{line}: not UTF-8 text ({exc.reason})") from None
+    reader = csv.reader(io.StringIO(text, newline=""))
+    header = next(reader, None)
+    if header is None:
+        return []
+    missing = [c for c in REQUIRED_COLUMNS if c not in header]
+    if missing:
+        raise TableError(f"{path}:1: not a sweep table (python -m sim sweep writes one): missing column(s) {', '.join(missing)}")
+    numeric = _numeric_columns(header)
+    rows = []
+    for fields in reader:
+        if not fields:
+            continue
+        where = f"{path}:{reader.line_num}"
+        if len(fields) != len(header):
+            raise TableError(f"{where}: expected {len(header)} columns as in the header, got {len(fields)} (a truncated file?)")
+        row = {}
+        for col, cell in zip(header, fields):
+            value = _parse(col, cell)
+            if col in numeric and isinstance(value, str):
+                raise TableError(f"{where}: column {col!r}: expected a number, got {cell!r}")
+            row[col] = value
+        rows.append(row)
+    return rows
 
 
 def group_key(row: dict[str, Any]) -> tuple[tuple[str, Any], ...]:

@@ -223,3 +223,35 @@ def test_seed_table_needs_a_swept_seed_with_two_values():
 
     assert seed_table(throughput_table(rows("bfcl", "fcfs", [2, 4], [0.02, 0.06]), "0.04")) == []
     assert seed_table(throughput_table(seeded(0, "fcfs", [0.02, 0.06, 0.2]), "0.04")) == []
+
+
+HEADER = "sweep,point,workload,rate,replicas,balancer,variant,policy,scheduler,status,normalized_latency_mean,error\n"
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (HEADER.encode() + b"s,0,bfcl,1,1,locality,default,fcfs,fcfs,ok,0.02,\ns,1,bfcl,2,1,loc", ":3: expected 12 columns as in the header, got 6"),
+        (HEADER.encode() + b"s,0,bfcl,abc,1,locality,default,fcfs,fcfs,ok,0.02,\n", ":2: column 'rate': expected a number, got 'abc'"),
+        (HEADER.encode() + b"s,0,bfcl,1,1,locality,default,fcfs,fcfs,ok,zz,\n", ":2: column 'normalized_latency_mean': expected a number, got 'zz'"),
+        (HEADER.encode() + b"s,0,bfcl\xff,1,1,locality,default,fcfs,fcfs,ok,0.02,\n", ":2: not UTF-8 text (invalid start byte)"),
+        (b"a,b\n1,2\n", ":1: not a sweep table (python -m sim sweep writes one): missing column(s) workload, rate, policy"),
+    ],
+    ids=["truncated", "text-rate", "text-metric", "not-utf8", "other-csv"],
+)
+def test_a_table_that_is_not_a_sweeps_is_a_located_error(tmp_path, content, message):
+    from sim.derived import TableError, load_rows
+
+    (tmp_path / "sweep.csv").write_bytes(content)
+    with pytest.raises(TableError) as info:
+        load_rows(tmp_path)
+    assert str(info.value).startswith(f"{tmp_path / 'sweep.csv'}{message}")
+
+
+def test_text_in_other_swept_keys_and_error_is_kept(tmp_path):
+    from sim.derived import load_rows
+
+    header = "sweep,point,workload,rate,replicas,balancer,engine.model,variant,policy,scheduler,status,normalized_latency_mean,error\n"
+    (tmp_path / "sweep.csv").write_text(header + "s,0,bfcl,1,1,locality,llama-3.1-8b,default,fcfs,fcfs,failed,,boom\n")
+    (row,) = load_rows(tmp_path)
+    assert row["engine.model"] == "llama-3.1-8b" and row["error"] == "boom" and row["normalized_latency_mean"] is None

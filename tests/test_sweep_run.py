@@ -189,6 +189,13 @@ def test_cli_sweep_then_plot(exp, tmp_path):
     assert bad.returncode == 1 and bad.stderr.startswith("error: --target fast")
 
 
+def test_cli_plot_of_a_bad_table_is_one_line(tmp_path):
+    (tmp_path / "sweep.csv").write_bytes(b"sweep,point,workload,rate,policy,status,normalized_latency_mean\ns,0,bfcl,abc,fcfs,ok,zz\n")
+    res = sim("plot", "sweep.csv", cwd=tmp_path)
+    assert res.returncode == 1 and "Traceback" not in res.stderr
+    assert res.stderr == "error: sweep.csv:2: column 'rate': expected a number, got 'abc'\n"
+
+
 def test_cli_sweep_over_seeds_reports_intervals(exp, tmp_path):
     res = sim("sweep", "seeds", "-e", "exp.yaml", "-w", "2", "--out", "out", cwd=tmp_path)
     assert res.returncode == 0, res.stderr
