@@ -226,12 +226,24 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
+def _out(args: argparse.Namespace, default: Path) -> Path:
+    """The --out directory, or ``default``. An empty one is refused: Path('') is the
+    working directory, so it would not mean what was typed (or what a script left empty)."""
+    if args.out is None:
+        return default
+    if not args.out.strip():
+        from sim.experiments import ConfigError
+
+        raise ConfigError(f"--out {args.out!r}: expected a directory path")
+    return Path(args.out)
+
+
 def _run(args: argparse.Namespace) -> int:
     from sim.experiments import resolve
     from sim.run import run_experiment
 
     cfg = resolve(args.name, args.experiments, args.overrides)
-    out = Path(args.out) if args.out else Path("results") / cfg.name
+    out = _out(args, Path("results") / cfg.name)
     if args.seeds is not None:
         from sim.replications import run_replications
 
@@ -262,7 +274,7 @@ def _sweep(args: argparse.Namespace) -> int:
         raise ConfigError(f"--workers {args.workers}: expected an integer >= 1")
     sweep = load_sweep(args.name, args.experiments, args.overrides)
     todo = jobs(sweep, args.experiments, args.overrides)
-    out = Path(args.out) if args.out else Path("results") / "sweeps" / sweep.name
+    out = _out(args, Path("results") / "sweeps" / sweep.name)
     outcome = run_sweep(sweep, todo, out, workers=args.workers, backend=args.backend, quiet=args.quiet)
     if not args.quiet:
         table = throughput_table(outcome.rows)
@@ -289,7 +301,7 @@ def _plot(args: argparse.Namespace) -> int:
     if not rows:
         raise ConfigError(f"{' '.join(args.results)}: no rows to plot")
     results = Path(args.results[0])
-    out = Path(args.out) if args.out else (results if results.is_dir() else results.parent) / "plots"
+    out = _out(args, (results if results.is_dir() else results.parent) / "plots")
     table = throughput_table(rows, args.target)
     print(format_table(table))
     if over_seeds := seed_table(table):

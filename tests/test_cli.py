@@ -70,6 +70,7 @@ def test_list_default_file_is_the_shipped_one(tmp_path):
         (["run", "tiny", "-e", "exp.yaml", "-s", "latency.seconds=.inf"],
          "error: --set latency.seconds=.inf: experiment 'tiny': latency.seconds: expected a finite number, got inf"),
         (["list", "-e", "missing.yaml"], "error: missing.yaml: experiments file not found"),
+        (["run", "tiny", "-e", "exp.yaml", "--out", ""], "error: --out '': expected a directory path"),
         (["run", "tiny", "-e", "exp.yaml", "-q"], "error: t.jsonl: no programs to simulate (the trace is empty)"),
         (["run", "tiny", "-e", "exp.yaml", "-q", "-s", "workload.generator=bfcl", "-s", "workload.params={programs: 600, rate: 1.0e-8}"],
          "error: experiment 'tiny': workload.params: rate 1e-08 is too low for 600 programs: the last would arrive at"),
