@@ -138,7 +138,11 @@ class HTTPTarget:
             timeout=aiohttp.ClientTimeout(total=self.request_timeout, sock_connect=10),
             connector=aiohttp.TCPConnector(limit=0))
         if self.model is None:
-            self.model = await self._first_model()
+            try:
+                self.model = await self._first_model()
+            except BaseException:  # __aexit__ does not run when __aenter__ fails: close it here
+                await self._session.close()
+                raise
         return self
 
     async def __aexit__(self, *exc) -> None:
@@ -501,8 +505,32 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
+def option_problem(args: argparse.Namespace, out: str) -> str | None:
+    """What is wrong with the options, found before a replay that may take hours
+    (an --out that is a file used to fail only when the results were written)."""
+    from sim.core.policies import POLICY_CLASSES
+
+    if args.policy not in POLICY_CLASSES:
+        return f"--policy {args.policy}: unknown policy; valid choices: {', '.join(POLICY_CLASSES)}"
+    if not (math.isfinite(args.kv_ttl) and args.kv_ttl >= 0):
+        return f"--kv-ttl: expected seconds >= 0, got {args.kv_ttl}"
+    timeout = args.request_timeout
+    if timeout is not None and not (math.isfinite(timeout) and timeout > 0):
+        return f"--request-timeout: expected seconds > 0, got {timeout}"
+    if not out.strip():
+        return f"--out {out!r}: expected a directory path"
+    if os.path.exists(out) and not os.path.isdir(out):
+        return f"--out {out}: exists and is not a directory"
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
     prog = "python -m engine replay"
+    out = os.path.join("results", f"replay-{args.policy}") if args.out is None else args.out
+    problem = option_problem(args, out)
+    if problem:
+        print(f"{prog}: error: {problem}", file=sys.stderr)
+        return 2
     if args.target == "inprocess":
         problem = inprocess_problem()
         if problem:
@@ -516,11 +544,8 @@ def run(args: argparse.Namespace) -> int:
     except (TraceError, OSError) as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 1
-    if not (math.isfinite(args.kv_ttl) and args.kv_ttl >= 0):
-        print(f"{prog}: error: --kv-ttl: expected seconds >= 0, got {args.kv_ttl}", file=sys.stderr)
-        return 2
     settings = ReplaySettings(trace=args.trace, target=args.target, policy=args.policy, kv_ttl=args.kv_ttl,
-                              out=args.out or os.path.join("results", f"replay-{args.policy}"), model=args.model,
+                              out=out, model=args.model,
                               latency=args.latency, name=args.name, request_timeout=args.request_timeout)
 
     async def go() -> dict[str, Any]:

@@ -59,6 +59,9 @@ def load_replay(directory: str | Path) -> Replayed:
         raise ValidationError(f"{meta_path}: not found; is {d} a replay directory?") from None
     except json.JSONDecodeError as exc:
         raise ValidationError(f"{meta_path}: invalid JSON: {exc}") from None
+    if not isinstance(meta, dict):
+        raise ValidationError(f"{meta_path}: expected a JSON object (as python -m engine replay writes), "
+                              f"got {type(meta).__name__}")
     for key in ("trace", "policy"):
         if not isinstance(meta.get(key), str):
             raise ValidationError(f"{meta_path}: missing string field {key!r}")
@@ -168,13 +171,15 @@ def run(args: argparse.Namespace) -> int:
     try:
         cfg = resolve(args.experiment, args.experiments, args.overrides)
         rows = validate(args.dirs, cfg)
+        print(f"experiment {cfg.name}: latency model {cfg.latency.kind}, {cfg.engine.replicas} replica(s) of "
+              f"{cfg.engine.model} on {cfg.engine.gpu}")
+        print(error_table(rows))
+        if args.json:
+            Path(args.json).write_text(json.dumps(to_json(rows), indent=2) + "\n", encoding="utf-8")
     except (ValidationError, ConfigError, CapacityError, SpecError, SimulationError, RecordFormatError,
             TraceError, OSError) as exc:
+        if isinstance(exc, OSError) and exc.filename is not None:  # e.g. --json in a missing directory
+            exc = f"{exc.filename}: {exc.strerror}"
         print(f"python -m engine validate: error: {exc}", file=sys.stderr)
         return 1
-    print(f"experiment {cfg.name}: latency model {cfg.latency.kind}, {cfg.engine.replicas} replica(s) of "
-          f"{cfg.engine.model} on {cfg.engine.gpu}")
-    print(error_table(rows))
-    if args.json:
-        Path(args.json).write_text(json.dumps(to_json(rows), indent=2) + "\n", encoding="utf-8")
     return 0

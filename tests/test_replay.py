@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -16,6 +18,8 @@ from sim.metrics import read_calls_csv, read_programs_csv
 from test_serve_helpers import run, start_engine
 from traces.format import Call, Program, SharedPrefix
 from traces.io import save
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def _chain() -> Program:
@@ -168,6 +172,38 @@ def test_cli_reports_a_bad_trace_and_an_unreachable_target(tmp_path):
                            "--policy", "plas", "--kv-ttl", "-1"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr.strip() == (
         "python -m engine replay: error: --kv-ttl: expected seconds >= 0, got -1.0")
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["--policy", "lifo"], "--policy lifo: unknown policy; valid choices: fcfs, mlfq, plas, atlas, srpt, program_fcfs"),
+        (["--policy", "plas", "--request-timeout", "-1"], "--request-timeout: expected seconds > 0, got -1.0"),
+        (["--policy", "plas", "--request-timeout", "nan"], "--request-timeout: expected seconds > 0, got nan"),
+        (["--policy", "plas", "--out", ""], "--out '': expected a directory path"),
+        (["--policy", "plas", "--out", "afile"], "--out afile: exists and is not a directory"),
+    ],
+)
+def test_cli_refuses_bad_options_before_replaying(tmp_path, options, message):
+    """Found up front: an --out that is a file used to fail only after the whole replay."""
+    (tmp_path / "afile").write_text("")
+    good = tmp_path / "good.jsonl"
+    save([Program("p", 0.0, "x", (Call("a", (), 10, 3),))], good)
+    proc = subprocess.run([sys.executable, "-m", "engine", "replay", str(good), "--target", "http://127.0.0.1:9",
+                           *options], capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr == f"python -m engine replay: error: {message}\n"
+
+
+def test_cli_failed_replay_leaves_no_unclosed_session_warning(tmp_path):
+    good = tmp_path / "good.jsonl"
+    save([Program("p", 0.0, "x", (Call("a", (), 10, 3),))], good)
+    proc = subprocess.run([sys.executable, "-m", "engine", "replay", str(good), "--target", "http://127.0.0.1:9",
+                           "--policy", "plas", "--out", str(tmp_path / "o")], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 1 and "/v1/models" in proc.stderr
+    assert "Unclosed" not in proc.stderr and len(proc.stderr.splitlines()) == 1, proc.stderr
 
 
 def test_clock_is_relative_to_its_zero():

@@ -81,6 +81,13 @@ def test_error_table_on_hand_made_replays(tmp_path):
     doc = json.loads((tmp_path / "v.json").read_text())
     assert doc["fcfs"]["error_pct"]["p95"] == pytest.approx(-20.0)
 
+    (tmp_path / "afile").write_text("")
+    proc = subprocess.run([sys.executable, "-m", "engine", "validate", str(d_fcfs), "--experiment", "tiny",
+                           "--experiments", str(exp), "--json", str(tmp_path / "afile" / "v.json")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr == f"python -m engine validate: error: {tmp_path / 'afile' / 'v.json'}: Not a directory\n"
+
 
 def test_override_changes_the_simulation(tmp_path):
     trace, _ = _trace(tmp_path)
@@ -98,6 +105,9 @@ def test_bad_replay_directories(tmp_path):
     d = _replay_dir(tmp_path, "mixed", trace, "fcfs", {"p0": 0.1})
     (d / "replay.json").write_text(json.dumps({"trace": str(trace), "policy": "plas"}))
     with pytest.raises(ValidationError, match="fcfs"):
+        load_replay(d)
+    (d / "replay.json").write_text("[1]")
+    with pytest.raises(ValidationError, match=r"replay.json: expected a JSON object \(as python -m engine replay writes\), got list"):
         load_replay(d)
     (d / "replay.json").write_text("{")
     with pytest.raises(ValidationError, match="invalid JSON"):
