@@ -65,6 +65,7 @@ import uuid
 from collections import deque
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 from aiohttp import web
@@ -91,6 +92,7 @@ from engine.sse import DONE, SSEParser, event_token_count
 from sim.core import ProcessTable, make_balancer, make_policy
 from sim.core.params import PolicyParams
 from sim.core.state import CallState, ProgramState
+from sim.serve import port_number, run_site
 
 BYTES_PER_TOKEN = 4  # prompt-length estimate for text prompts (the balancer's only need)
 # Client headers the engines may need (vLLM's --api-key checks Authorization); the rest stay here.
@@ -134,6 +136,10 @@ class GatewayConfig:
         if not self.engines:
             raise ValueError("at least one --engine URL is needed")
         self.engines = [u.rstrip("/") for u in self.engines]
+        for url in self.engines:  # checked now: a typo would otherwise fail only on the first request
+            parts = urlsplit(url)
+            if parts.scheme not in ("http", "https") or not parts.netloc:
+                raise ValueError(f"--engine {url}: expected an http:// or https:// URL, e.g. http://127.0.0.1:8001")
         if self.ttl <= 0:
             raise ValueError(f"--ttl must be > 0 seconds, got {self.ttl}")
         if self.max_body < 1:
@@ -506,7 +512,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--engine", action="append", required=True, metavar="URL",
                    help="base URL of an engine (repeat for several; their order is the engine index)")
     p.add_argument("--host", default="127.0.0.1", help="(default: %(default)s)")
-    p.add_argument("--port", type=int, default=8000, help="(default: %(default)s)")
+    p.add_argument("--port", type=port_number, default=8000, help="(default: %(default)s)")
     p.add_argument("--balancer", default="locality", choices=("locality", "least_used", "round_robin"),
                    help="(default: %(default)s)")
     p.add_argument("--threshold", type=int, default=2048,
@@ -529,6 +535,4 @@ def run(args: argparse.Namespace) -> int:
         return 1
     print(f"gateway on http://{args.host}:{args.port} -> {', '.join(cfg.engines)} "
           f"({cfg.balancer}, policy {cfg.policy})", file=sys.stderr)
-    web.run_app(gateway.app(), host=args.host, port=args.port, handler_cancellation=True, access_log=None,
-                print=None)
-    return 0
+    return run_site(gateway.app(), args.host, args.port, "python -m engine gateway")

@@ -342,9 +342,43 @@ def build_config(args: argparse.Namespace) -> ExperimentConfig:
     return dataclasses.replace(cfg, engine=eng, latency=lat)
 
 
+def port_number(text: str) -> int:
+    """argparse type for --port: a TCP port (0: any free one), so a typo is a usage
+    error, not a traceback from the socket."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port from 0 to 65535, got {port}")
+    return port
+
+
+def positive_int(text: str) -> int:
+    """argparse type for engine limits: an integer >= 1 (0 or -1 would start an engine that never schedules)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
+def run_site(app: web.Application, host: str, port: int, prog: str) -> int:
+    """Serve ``app`` until interrupted; an address that cannot be bound (in use, not
+    an address of this machine) is one line and exit status 1."""
+    try:
+        web.run_app(app, host=host, port=port, handler_cancellation=True, access_log=None, print=None)
+    except OSError as exc:
+        print(f"{prog}: error: cannot listen on {host}:{port}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
-    p.add_argument("--port", type=int, default=8000, help="(default: %(default)s)")
+    p.add_argument("--port", type=port_number, default=8000, help="(default: %(default)s)")
     p.add_argument("--index", type=int, default=0, help="engine index reported in X-Engine-Index (default: 0)")
     p.add_argument("--served-model-name", default="sim", help="model id in /v1/models (default: %(default)s)")
     p.add_argument("--experiment", help="take engine, latency and policy parameters from this experiment")
@@ -358,9 +392,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--latency", choices=("constant", "roofline", "fitted"), help="latency model kind")
     p.add_argument("--step-seconds", type=float, help="step time of the constant latency model")
     p.add_argument("--latency-name", help="fitted latency model name or path")
-    p.add_argument("--num-gpu-blocks", type=int, help="KV capacity in blocks (default: from the specs)")
-    p.add_argument("--max-num-seqs", type=int)
-    p.add_argument("--max-num-batched-tokens", type=int)
+    p.add_argument("--num-gpu-blocks", type=positive_int, help="KV capacity in blocks (default: from the specs)")
+    p.add_argument("--max-num-seqs", type=positive_int)
+    p.add_argument("--max-num-batched-tokens", type=positive_int)
 
 
 async def serve(server: SimServer, host: str, port: int) -> web.AppRunner:
@@ -385,6 +419,4 @@ def main(argv: list[str]) -> int:
     server = SimServer(engine, args.served_model_name)
     print(f"sim serve: engine {args.index} ({cfg.engine.model} on {cfg.engine.gpu}, latency {cfg.latency.kind}, "
           f"policy {args.policy}) on http://{args.host}:{args.port}", file=sys.stderr)
-    web.run_app(server.app(), host=args.host, port=args.port, handler_cancellation=True, access_log=None,
-                print=None)
-    return 0
+    return run_site(server.app(), args.host, args.port, "python -m sim serve")

@@ -85,3 +85,26 @@ def test_gateway_cli_rejects_bad_settings():
     assert proc.returncode == 1 and "--ttl" in proc.stderr and "Traceback" not in proc.stderr
     proc = subprocess.run([sys.executable, "-m", "engine", "gateway"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "--engine" in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "engine", "gateway", "--engine", "notaurl"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr == ("python -m engine gateway: error: --engine notaurl: expected an http:// or https:// URL, "
+                           "e.g. http://127.0.0.1:8001\n")
+    for port in ("70000", "-1"):
+        proc = subprocess.run([sys.executable, "-m", "engine", "gateway", "--engine", "http://x", "--port", port],
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr
+        assert f"argument --port: expected a port from 0 to 65535, got {port}" in proc.stderr
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "999.1.1.1"])
+def test_gateway_cli_reports_an_address_it_cannot_listen_on(host):
+    """A port already taken, or a host that is no address: one line, no traceback."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = subprocess.run([sys.executable, "-m", "engine", "gateway", "--engine", "http://x", "--host", host,
+                               "--port", str(port)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert f"python -m engine gateway: error: cannot listen on {host}:{port}: " in proc.stderr

@@ -298,6 +298,33 @@ def test_cli_rejects_an_oracle_policy():
     assert "srpt" in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--port", "70000"], "argument --port: expected a port from 0 to 65535, got 70000"),
+        (["--max-num-seqs", "-1"], "argument --max-num-seqs: expected an integer >= 1, got -1"),
+        (["--num-gpu-blocks", "0"], "argument --num-gpu-blocks: expected an integer >= 1, got 0"),
+    ],
+)
+def test_cli_rejects_bad_numbers_as_usage_errors(args, message):
+    proc = subprocess.run([sys.executable, "-m", "sim", "serve", *args], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.splitlines()[-1] == f"python -m sim serve: error: {message}"
+
+
+def test_cli_reports_a_port_in_use():
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = subprocess.run([sys.executable, "-m", "sim", "serve", "--latency", "constant", "--port", str(port)],
+                              capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert f"python -m sim serve: error: cannot listen on 127.0.0.1:{port}: " in proc.stderr
+
+
 def test_config_from_an_experiment_with_overrides_and_flags():
     import argparse
 
