@@ -38,7 +38,7 @@ import types
 import typing
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import yaml
 
@@ -269,7 +269,8 @@ def _merge(layers: Iterable[tuple[dict[str, Any], dict[Path_, str]]]) -> _Layere
     return _Layered(data, origins)
 
 
-def _override_layer(overrides: Sequence[str]) -> tuple[dict[str, Any], dict[Path_, str]]:
+def _override_layer(overrides: Sequence[str], labels: Mapping[str, str]) -> tuple[dict[str, Any], dict[Path_, str]]:
+    """The overrides as one layer; each key's origin is its label in ``labels``, else ``--set TEXT``."""
     data: dict[str, Any] = {}
     origins: dict[Path_, str] = {}
     for text in overrides:
@@ -280,9 +281,10 @@ def _override_layer(overrides: Sequence[str]) -> tuple[dict[str, Any], dict[Path
                 node[p] = {}
             node = node[p]
         node[parts[-1]] = value
-        origins[parts] = f"--set {text}"
+        label = labels.get(text, f"--set {text}")
+        origins[parts] = label
         for sub in _subpaths(value):
-            origins[parts + sub] = f"--set {text}"
+            origins[parts + sub] = label
     return data, origins
 
 
@@ -565,8 +567,17 @@ def _build(name: str, layered: _Layered) -> ExperimentConfig:
     )
 
 
-def resolve(name: str, file: str | Path | ExperimentsFile | None = None, overrides: Sequence[str] = ()) -> ExperimentConfig:
-    """The validated configuration of experiment ``name`` with ``--set`` overrides applied."""
+def resolve(
+    name: str,
+    file: str | Path | ExperimentsFile | None = None,
+    overrides: Sequence[str] = (),
+    labels: Mapping[str, str] | None = None,
+) -> ExperimentConfig:
+    """The validated configuration of experiment ``name`` with ``--set`` overrides applied.
+
+    ``labels`` names where an override came from when not the command line
+    (a sweep's ``set:`` in the file), so an error points there.
+    """
     ef = file if isinstance(file, ExperimentsFile) else load_file(file)
     if name not in ef.experiments:
         raise ConfigError(f"{ef.path}: unknown experiment {name!r}; experiments: {', '.join(ef.names())}")
@@ -574,7 +585,7 @@ def resolve(name: str, file: str | Path | ExperimentsFile | None = None, overrid
         [
             (ef.defaults, _origins_from_file(ef, ("defaults",))),
             (ef.experiments[name], _origins_from_file(ef, ("experiments", name))),
-            _override_layer(overrides),
+            _override_layer(overrides, labels or {}),
         ]
     )
     return _build(name, layered)

@@ -193,11 +193,15 @@ class _Where:
     ef: ExperimentsFile
     name: str
 
-    def fail(self, path: tuple[Any, ...], problem: str) -> typing.NoReturn:
+    def located(self, path: tuple[Any, ...]) -> str:
+        """``FILE:LINE: sweep 'NAME'`` and the dotted key, if any."""
         full = ("sweeps", self.name) + path
         line = next((self.ef.lines[full[:n]] for n in range(len(full), 0, -1) if full[:n] in self.ef.lines), 1)
-        key = f"{_dotted(path)}: " if path else ""
-        raise ConfigError(f"{self.ef.path}:{line}: sweep {self.name!r}: {key}{problem}")
+        key = f": {_dotted(path)}" if path else ""
+        return f"{self.ef.path}:{line}: sweep {self.name!r}{key}"
+
+    def fail(self, path: tuple[Any, ...], problem: str) -> typing.NoReturn:
+        raise ConfigError(f"{self.located(path)}: {problem}")
 
 
 def _mapping(where: _Where, value: Any, path: tuple[Any, ...], valid: Sequence[str] | None = None) -> dict[str, Any]:
@@ -211,7 +215,10 @@ def _mapping(where: _Where, value: Any, path: tuple[Any, ...], valid: Sequence[s
     return value
 
 
-def _set_overrides(where: _Where, raw: Any, path: tuple[Any, ...]) -> tuple[str, ...]:
+def _set_overrides(
+    where: _Where, raw: Any, path: tuple[Any, ...], labels: dict[str, str] | None = None
+) -> tuple[str, ...]:
+    """A ``set:`` mapping as override texts; ``labels`` gets each text's place in the file."""
     if raw is None:
         return ()
     out = []
@@ -219,7 +226,10 @@ def _set_overrides(where: _Where, raw: Any, path: tuple[Any, ...]) -> tuple[str,
         problem = check_key(key)
         if problem:
             where.fail(path + (key,), problem)
-        out.append(override_text(key, value))
+        text = override_text(key, value)
+        out.append(text)
+        if labels is not None:
+            labels[text] = where.located(path + (key,))
     return tuple(out)
 
 
@@ -352,8 +362,10 @@ def load_sweep(name: str, file: Any = None, overrides: Sequence[str] = ()) -> Sw
         where.fail(("experiment",) if "experiment" in body else (), "name the base experiment (experiment: NAME)")
     if base_name not in ef.experiments:
         where.fail(("experiment",), f"unknown experiment {base_name!r}; experiments: {', '.join(ef.names())}")
-    fixed = _set_overrides(where, body.get("set"), ("set",))
-    base = resolve(base_name, ef, [*fixed, *overrides])  # --set mistakes fail here, before any point
+    labels: dict[str, str] = {}
+    fixed = _set_overrides(where, body.get("set"), ("set",), labels)
+    # --set and set: mistakes fail here, before any point; a text also on the command line is blamed there.
+    base = resolve(base_name, ef, [*fixed, *overrides], _file_labels(labels, overrides))
     policies = _policies(where, body["policies"], ("policies",)) if "policies" in body else base.policies
     grid = body.get("grid")
     if grid is None:
@@ -386,13 +398,14 @@ def jobs(sweep: Sweep, file: Any = None, overrides: Sequence[str] = ()) -> list[
     ``overrides`` are the command line's ``--set`` (already in ``sweep.base``).
     """
     ef = file if isinstance(file, ExperimentsFile) else load_file(file)
-    fixed = _fixed(ef, sweep.name)
+    fixed, labels = _fixed(ef, sweep.name)
+    labels = _file_labels(labels, overrides)
     out: list[Job] = []
     for point in sweep.points:
         for variant in sweep.variants:
             layers = [*fixed, *overrides, *point.overrides(), *variant.overrides, override_text("policies", list(variant.policies))]
             try:
-                cfg, error = resolve(sweep.experiment, ef, layers), None
+                cfg, error = resolve(sweep.experiment, ef, layers, labels), None
             except ConfigError as exc:
                 cfg, error = None, str(exc)
             for policy in variant.policies:
@@ -400,5 +413,14 @@ def jobs(sweep: Sweep, file: Any = None, overrides: Sequence[str] = ()) -> list[
     return out
 
 
-def _fixed(ef: ExperimentsFile, name: str) -> tuple[str, ...]:
-    return _set_overrides(_Where(ef, name), ef.sweeps[name].get("set"), ("set",))
+def _fixed(ef: ExperimentsFile, name: str) -> tuple[tuple[str, ...], dict[str, str]]:
+    """The sweep's own ``set:`` overrides, and where each of them and each variant's is in the file."""
+    where, body, labels = _Where(ef, name), ef.sweeps[name], {}
+    fixed = _set_overrides(where, body.get("set"), ("set",), labels)
+    for vname, vbody in (body.get("variants") or {}).items():
+        _set_overrides(where, (vbody or {}).get("set"), ("variants", vname, "set"), labels)
+    return fixed, labels
+
+
+def _file_labels(labels: dict[str, str], overrides: Sequence[str]) -> dict[str, str]:
+    return {text: where for text, where in labels.items() if text not in overrides}

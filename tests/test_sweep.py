@@ -170,6 +170,34 @@ def test_unknown_sweep_and_bad_command_line_set(tmp_path):
         load_sweep("s", f, ["engine.replica=2"])
 
 
+def test_bad_values_in_a_sweeps_set_are_blamed_on_its_line_in_the_file(tmp_path):
+    f = write(tmp_path, """\
+        s:
+          experiment: tiny
+          set:
+            workload.params.rate: -1
+          grid: {seed: [1]}
+        v:
+          experiment: tiny
+          grid: {seed: [1]}
+          variants:
+            ok: {}
+            slow:
+              set: {workload.params.rate: -2}
+        """)
+    # The sweep's own set: fails when the sweep loads, at its line (12 = 9 lines of BASE + 3).
+    with pytest.raises(ConfigError, match=rf"^{f}:12: sweep 's': set.workload.params.rate: experiment 'tiny': "
+                       r"workload.params.rate: expected a number > 0"):
+        load_sweep("s", f)
+    # The same text on the command line is the command line's.
+    with pytest.raises(ConfigError, match=r"^--set workload.params.rate=-1: "):
+        load_sweep("s", f, ["workload.params.rate=-1"])
+    # A variant's set: fails its jobs only, at its line.
+    js = jobs(load_sweep("v", f), f)
+    assert [j.error is None for j in js] == [True, True, False, False]
+    assert js[2].error.startswith(f"{f}:20: sweep 'v': variants.slow.set.workload.params.rate: experiment 'tiny': ")
+
+
 def test_invalid_point_is_a_job_error_not_a_sweep_error(tmp_path):
     f = write(tmp_path, "s: {experiment: tiny, grid: {engine.model: [llama-3.1-8b, llama-3.1-70b]}}\n")
     js = jobs(load_sweep("s", f), f)
