@@ -178,7 +178,9 @@ def load_file(path: str | Path | None = None) -> ExperimentsFile:
     if not isinstance(experiments, dict) or not experiments:
         raise ConfigError(f"{where}:{lines.get(('experiments',), 1)}: experiments: expected a non-empty mapping")
     for name, body in experiments.items():
-        line = lines.get(("experiments", name), 1)
+        # A key YAML reads as a number or a boolean is recorded under its text.
+        line = next((lines[k] for k in (("experiments", name), ("experiments", str(name)), ("experiments", str(name).lower()))
+                     if k in lines), 1)
         if not isinstance(name, str) or not NAME_RE.match(name):
             raise ConfigError(
                 f"{where}:{line}: experiment name {name!r}: use letters, digits, '.', '_' and '-' "

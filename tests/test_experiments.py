@@ -229,6 +229,14 @@ def test_bad_experiment_name(write):
         load_file(write("a b: {workload: {trace: t.jsonl}}\n"))
 
 
+@pytest.mark.parametrize("key", ["12", "true"])
+def test_a_name_yaml_reads_as_a_number_or_boolean_is_located_at_its_line(tmp_path, key):
+    path = tmp_path / "exp.yaml"
+    path.write_text(f"experiments:\n  ok: {{seed: 0}}\n\n  {key}:\n    seed: 0\n")
+    with pytest.raises(ConfigError, match=r":4: experiment name (12|True): use letters"):
+        load_file(path)
+
+
 def test_parse_override():
     assert parse_override("engine.replicas=4") == (("engine", "replicas"), 4)
     assert parse_override("workload.params.rate=2.5") == (("workload", "params", "rate"), 2.5)
