@@ -95,6 +95,16 @@ def _display(path: str | Path) -> str:
     return str(path) if rel.startswith("..") else rel
 
 
+def _key(node: yaml.Node) -> Any:
+    """A mapping key as the loaded data holds it (``12:`` is the int 12), so a
+    path into the data finds its line whatever type YAML gave the key."""
+    if not isinstance(node, yaml.ScalarNode):
+        return repr(node.value)
+    if node.tag == "tag:yaml.org,2002:str":
+        return node.value
+    return yaml.constructor.SafeConstructor().construct_object(node)
+
+
 def _walk(node: yaml.Node, path: Path_, lines: dict[Path_, int], where: str) -> None:
     if isinstance(node, yaml.MappingNode):
         seen: set[Any] = set()
@@ -107,7 +117,7 @@ def _walk(node: yaml.Node, path: Path_, lines: dict[Path_, int], where: str) -> 
                     for k, v in sub_lines.items():
                         lines.setdefault(k, v)
                 continue
-            name = key.value if isinstance(key, yaml.ScalarNode) else repr(key.value)
+            name = _key(key)
             if name in seen:
                 raise ConfigError(f"{where}:{key.start_mark.line + 1}: {_dotted(path + (name,))}: duplicate key")
             seen.add(name)
@@ -178,9 +188,7 @@ def load_file(path: str | Path | None = None) -> ExperimentsFile:
     if not isinstance(experiments, dict) or not experiments:
         raise ConfigError(f"{where}:{lines.get(('experiments',), 1)}: experiments: expected a non-empty mapping")
     for name, body in experiments.items():
-        # A key YAML reads as a number or a boolean is recorded under its text.
-        line = next((lines[k] for k in (("experiments", name), ("experiments", str(name)), ("experiments", str(name).lower()))
-                     if k in lines), 1)
+        line = lines.get(("experiments", name), 1)
         if not isinstance(name, str) or not NAME_RE.match(name):
             raise ConfigError(
                 f"{where}:{line}: experiment name {name!r}: use letters, digits, '.', '_' and '-' "
