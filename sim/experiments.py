@@ -38,7 +38,7 @@ import types
 import typing
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import yaml
 
@@ -270,11 +270,33 @@ def _origins_from_file(ef: ExperimentsFile, prefix: Path_) -> dict[Path_, str]:
     return {p[n:]: f"{ef.path}:{line}" for p, line in ef.lines.items() if p[:n] == prefix and len(p) > n}
 
 
+def _replaced(base: Any, top: dict[str, Any], path: Path_) -> Iterator[Path_]:
+    """The paths at which ``top`` replaces ``base`` whole rather than merging into it."""
+    for k, v in top.items():
+        here = path + (k,)
+        if isinstance(base, dict) and k in base and isinstance(base[k], dict) and isinstance(v, dict):
+            yield from _replaced(base[k], v, here)
+        else:
+            yield here
+
+
 def _merge(layers: Iterable[tuple[dict[str, Any], dict[Path_, str]]]) -> _Layered:
+    """Merges the layers, each key path blamed on the layer that last set its value.
+
+    A layer that replaces a value with a mapping it made on the way to a
+    deeper key (``--set engine.replicas.x=1`` over ``replicas: 2``) owns the
+    mapping too, though it has no origin of its own, so a complaint about the
+    mapping names that layer and not the line it replaced.
+    """
     data: dict[str, Any] = {}
     origins: dict[Path_, str] = {}
     for top, top_origins in layers:
-        data = _deep_merge(_prune_workload(data, top), top)
+        base = _prune_workload(data, top)
+        for path in _replaced(base, top, ()):
+            owner = top_origins.get(path) or next((o for p, o in top_origins.items() if p[: len(path)] == path), None)
+            if owner is not None:
+                origins[path] = owner
+        data = _deep_merge(base, top)
         origins.update(top_origins)
     return _Layered(data, origins)
 

@@ -430,3 +430,24 @@ def test_generator_errors_in_the_file_point_at_the_params_line(tmp_path, monkeyp
 def test_fitted_latency_by_name_resolves(write):
     cfg = resolve("ok", write(), ["latency={kind: fitted, name: a100-llama-3.1-8b}"])
     assert cfg.latency.kind == "fitted" and cfg.latency.name == "a100-llama-3.1-8b"
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        # the override turns the file's integer into a mapping on its way to .x
+        ("workload.params.programs.x=1", "workload.params.programs: expected an integer >= 1, got a mapping"),
+        # a mapping the override made for a key the file never had
+        ("latency.extra.x=1", "latency.extra: unknown key"),
+    ],
+)
+def test_a_mapping_an_override_makes_on_its_way_is_blamed_on_the_override(tmp_path, monkeypatch, override, expected):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "g.yaml").write_text(GEN)
+    assert error("gen", "g.yaml", [override]).startswith(f"--set {override}: experiment 'gen': {expected}")
+
+
+def test_a_file_value_an_override_merges_into_keeps_its_line(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "g.yaml").write_text(GEN.replace("{kind: constant}", "{kind: constant, seconds: -1}"))
+    assert error("gen", "g.yaml", ["latency.kind=constant"]).startswith("g.yaml:6: experiment 'gen': latency.seconds")
