@@ -15,10 +15,14 @@ is in one of three states:
 cached blocks count as free for allocation. A call's registered blocks are
 always a prefix of its blocks, so a later call's prompt can hit them.
 
+Blocks are keyed when the replica schedules the chunk that fills them, as
+vLLM does, so a call admitted later in the same step hits them.
+
 One departure from vLLM, chosen for simplicity: when a call fills a block
-whose key is already cached (a sibling computed the same content
-concurrently), it adopts the cached block and frees its own copy, as
-SGLang's radix cache does; vLLM would keep both until one is freed.
+whose key is already held (a running call computing content that another
+call keyed since this one was admitted, which same-step keying makes rare),
+it adopts the held block and frees its own copy, as SGLang's radix cache
+does; vLLM would keep both until one is freed.
 """
 
 from __future__ import annotations

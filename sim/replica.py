@@ -533,6 +533,7 @@ class Replica:
                 need = -(-call.num_tokens // block) - len(b.keys) - b.private
                 if need > 0:
                     kv.allocate(b, need)
+                self._cache_scheduled(call, call.num_computed + new)
                 batch.append((call, new))
             budget -= demand
         else:
@@ -593,6 +594,7 @@ class Replica:
                     continue
                 kv.allocate(call.blocks, need)
             if not call.steady:
+                self._cache_scheduled(call, computed + new)
                 batch.append((call, new))
             budget -= new
         for call in step.skipped:
@@ -602,7 +604,7 @@ class Replica:
 
     def _complete_lazy(self, step: "_LazyStep", dt: float, start: float) -> None:
         now = self.env.now
-        core, kv, block = self.core, self.kv, self.block
+        core = self.core
         self._c_steps += 1
         self._c_service = c_service = self._c_service + dt
         aborted = self._aborted
@@ -681,9 +683,6 @@ class Replica:
                 call.num_tokens += 1
                 if call.generated == 1:
                     call.first_token = now
-            blocks = call.blocks
-            if blocks.private and computed // block > len(blocks.keys):
-                kv.register_full(blocks, call.keys, computed)
             if call.generated == call.output_tokens:
                 finished.append(call)
             elif call.generated > 0 and call.num_computed == call.num_tokens - 1:
@@ -691,6 +690,22 @@ class Replica:
         self._finish(finished, now)
 
     # -- scheduling --------------------------------------------------------------------
+    def _cache_scheduled(self, call: SimCall, computed: int) -> None:
+        """Key the blocks this step's chunk of ``call`` fills, as it is scheduled.
+
+        vLLM caches a request's blocks when it schedules them
+        (``KVCacheManager.allocate_slots``), not when they are computed, so
+        a call admitted later in the same step hits blocks a running call or
+        an earlier admission fills in this step: LATS siblings that arrive
+        together compute their parent's evicted context once, not once
+        each. Cohort members' decode blocks are keyed at step end instead;
+        only their own follow-ups could hit them, and those cannot arrive
+        before the member finishes.
+        """
+        blocks = call.blocks
+        if blocks.private and computed // self.block > len(blocks.keys):
+            self.kv.register_full(blocks, call.keys, computed)
+
     def _preempt(self, call: SimCall, now: float) -> float:
         """Move a running call back to waiting; returns swap-out seconds."""
         self.running.remove(call)
@@ -780,6 +795,7 @@ class Replica:
                 if not call.core.running:
                     continue
                 kv.allocate(blocks, need)
+            self._cache_scheduled(call, computed + new)
             batch.append((call, new))
             budget -= new
 
@@ -831,6 +847,7 @@ class Replica:
                 call.num_computed = hits * self.block
                 if call.core.preemptions == 0:  # the prompt's hit, not re-hits after preemption
                     call.prefix_hit_tokens = hits * self.block
+            self._cache_scheduled(call, call.num_computed + new)
             self.running.append(call)
             self.core.on_admitted(call.core)
             batch.append((call, new))
@@ -887,8 +904,7 @@ class Replica:
     def _complete(self, batch: list[tuple[SimCall, int]], dt: float, start: float) -> None:
         """Apply one step of ``dt`` seconds to every call in it (the per-step reference path)."""
         now = self.env.now
-        core, kv = self.core, self.kv
-        block = self.block
+        core = self.core
         if self._aborted:
             batch = [(c, n) for c, n in batch if c not in self._aborted]
             self._aborted.clear()
@@ -906,9 +922,6 @@ class Replica:
                 call.num_tokens += 1
                 if call.generated == 1:
                     call.first_token = now
-            blocks = call.blocks
-            if blocks.private and computed // block > len(blocks.keys):
-                kv.register_full(blocks, call.keys, computed)
             if on_progress is not None:
                 on_progress(call, new, sampled)
             if call.generated == call.output_tokens:

@@ -91,6 +91,45 @@ def test_prefix_cache_hits_the_parent_context_on_the_same_engine():
     assert rec["A", "c0"].prefix_hit_tokens == 0
 
 
+@pytest.mark.parametrize("fast_forward", [True, False])
+def test_a_call_admitted_in_the_same_step_hits_the_blocks_scheduled_before_it(fast_forward):
+    # vLLM keys blocks when it schedules them. A and B (272 tokens, the first
+    # 256 shared) arrive together: A is admitted first and its 17 blocks are
+    # keyed at once, so B hits 16 of them ((272 - 1) // 16, the last token is
+    # always computed) and prefills 16 tokens, in the same 1 s step.
+    shared = SharedPrefix("sys", 256)
+    programs = [prog("A", 0.0, call("a", 272, 2, shared_prefix=shared)), prog("B", 0.0, call("b", 272, 2, shared_prefix=shared))]
+    config = cfg(enable_prefix_caching=True, max_num_seqs=2, fast_forward=fast_forward)
+    r = simulate(programs, config, "fcfs")
+    rec = by_id(r)
+    assert rec["A", "a"].prefix_hit_tokens == 0 and rec["B", "b"].prefix_hit_tokens == 256
+    assert r.stats["prefill_tokens"] == 272 + 16
+    assert rec["B", "b"].first_token == rec["A", "a"].first_token == 1.0
+    # In 30 blocks B fits beside A only through those hits (17 + 1 blocks,
+    # not 17 + 17), so it is still admitted at t=0.
+    r = simulate(programs, dataclasses.replace(config, engine=dataclasses.replace(config.engine, num_gpu_blocks=30)), "fcfs")
+    assert by_id(r)["B", "b"].first_token == 1.0 and r.stats["prefill_tokens"] == 272 + 16
+
+
+@pytest.mark.parametrize("fast_forward", [True, False])
+def test_a_call_admitted_beside_a_running_prefill_hits_the_chunk_it_computes_in_that_step(fast_forward):
+    # 1,024-token budget. A (3,000 tokens, the first 2,900 shared with B)
+    # prefills in chunks at t=0, 1 and 2. B arrives at 0.5; at t=1 A's chunk
+    # takes the whole budget. At t=2 A's last 952 tokens are scheduled first,
+    # which keys A's blocks up to token 2,992, so B hits 181 blocks (2,896
+    # tokens) and takes the 72 tokens left in the budget, then its last 32 at
+    # t=3: first token at 4, finish at 5. Keying at step end would give B
+    # 2,048 hits and 952 tokens more to prefill.
+    shared = SharedPrefix("doc", 2900)
+    programs = [prog("A", 0.0, call("a", 3000, 2, shared_prefix=shared)), prog("B", 0.5, call("b", 3000, 2, shared_prefix=shared))]
+    config = cfg(enable_prefix_caching=True, max_num_seqs=2, max_num_batched_tokens=1024, fast_forward=fast_forward)
+    r = simulate(programs, config, "fcfs")
+    a, b = by_id(r)["A", "a"], by_id(r)["B", "b"]
+    assert (a.first_token, a.finish) == (3.0, 4.0)
+    assert (b.prefix_hit_tokens, b.first_scheduled, b.first_token, b.finish) == (2896, 2.0, 4.0, 5.0)
+    assert r.stats["prefill_tokens"] == 3000 + 104
+
+
 def test_swap_keeps_computed_kv_and_charges_its_pcie_transfer_to_the_steps():
     # PLAS, one slot, 1 s steps, a 2 s quantum. A's call runs t=0-3 (its
     # prompt, then two decodes: 102 tokens computed, 103 in its sequence);
