@@ -264,6 +264,7 @@ class InprocessTarget:
     async def __aenter__(self) -> "InprocessTarget":
         from engine.profile import write_model_dir
         from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.usage.usage_lib import UsageContext
         from vllm.v1.engine.async_llm import AsyncLLM
 
         model_dir = write_model_dir(Path(self.workdir or tempfile.mkdtemp(prefix="autellix-replay-")))
@@ -276,7 +277,9 @@ class InprocessTarget:
         if "async_scheduling" in {f.name for f in dataclasses.fields(AsyncEngineArgs)}:
             kwargs["async_scheduling"] = False  # ProgramAwareScheduler is the synchronous variant
         args = AsyncEngineArgs(**kwargs)
-        self._llm = AsyncLLM.from_engine_args(args)
+        # As `vllm serve` builds it: the default context would give 128
+        # sequences where `vllm serve` and the simulator's engine have 256.
+        self._llm = AsyncLLM.from_engine_args(args, usage_context=UsageContext.OPENAI_API_SERVER)
         return self
 
     async def __aexit__(self, *exc) -> None:

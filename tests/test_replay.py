@@ -294,3 +294,32 @@ def test_program_arrivals_and_delays_are_honoured():
     assert 0.15 <= rows[("late", "a")].arrival < 0.15 + 0.1
     assert rows[("early", "b")].arrival >= rows[("early", "a")].finish + 0.1
     assert rows[("early", "a")].arrival < 0.05
+
+
+def test_inprocess_engine_gets_the_sequence_and_token_limits_vllm_serve_gets(tmp_path, monkeypatch):
+    # AsyncLLM's default usage context falls back to 128 sequences; `vllm
+    # serve` (and the simulator's engine defaults) have 256 on an A100.
+    import asyncio
+
+    from vllm.config import SchedulerConfig
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    from sim.config import EngineConfig
+
+    seen = {}
+
+    def fake_from_engine_args(args, usage_context=None, **_):
+        seen["args"], seen["context"] = args, usage_context
+        return None
+
+    monkeypatch.setattr(AsyncLLM, "from_engine_args", staticmethod(fake_from_engine_args))
+    asyncio.run(replay_mod.InprocessTarget("plas", str(tmp_path)).__aenter__())
+    assert seen["args"].max_num_seqs is None and seen["args"].max_num_batched_tokens is None  # left to vLLM
+    # vLLM's own rule (`_set_default_max_num_seqs_and_batched_tokens_args`);
+    # this machine is no H100, so it gets an A100's values.
+    batched, seqs = AsyncEngineArgs.get_batch_defaults(1)
+    context = seen["context"]
+    got = (seqs.get(context, SchedulerConfig.DEFAULT_MAX_NUM_SEQS),
+           batched.get(context, SchedulerConfig.DEFAULT_MAX_NUM_BATCHED_TOKENS))
+    assert got == (EngineConfig().max_num_seqs, EngineConfig().max_num_batched_tokens) == (256, 2048)
