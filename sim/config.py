@@ -51,7 +51,9 @@ class EngineConfig:
     preemption_mode: str = "recompute"  # vLLM v1 preempts by recompute only
     replicas: int = 1
     balancer: str = "locality"
-    # Explicit KV capacity in blocks; None derives it from the specs.
+    # Explicit KV capacity in blocks; None derives it from the specs. All are
+    # usable: from a vLLM log's "GPU KV cache size" or num_gpu_blocks, take
+    # one off for the null block vLLM reserves (v1/core/block_pool.py).
     num_gpu_blocks: int | None = None
     # Continuum's KV time-to-live, in seconds; 0 (vLLM) turns it off. A call
     # whose program will send a follow-up (it has children in the DAG, as a
