@@ -92,7 +92,8 @@ from engine.sse import DONE, SSEParser, event_token_count
 from sim.core import ProcessTable, make_balancer, make_policy
 from sim.core.params import PolicyParams
 from sim.core.state import CallState, ProgramState
-from sim.serve import port_number, run_site
+from sim.serve import run_site
+from traces.argtypes import port_number
 
 BYTES_PER_TOKEN = 4  # prompt-length estimate for text prompts (the balancer's only need)
 # Client headers the engines may need (vLLM's --api-key checks Authorization); the rest stay here.

@@ -57,11 +57,13 @@ from aiohttp import web
 from sim.config import ExperimentConfig, LatencyConfig
 from sim.core import POLICY_CLASSES
 from sim.realtime import FILLER_BASE, FILLER_VOCAB, CallHandle, Conflict, RealtimeEngine, TooLarge
+from traces.argtypes import int_at_least, port_number
 
 TOKEN_TEXT = " tok"
 DEFAULT_MAX_TOKENS = 16
 BYTES_PER_TOKEN = 4
 MAX_BODY = 64 * 1024 * 1024
+POSITIVE_INT = int_at_least(1)  # engine limits: 0 would start an engine that never schedules
 XARGS = "vllm_xargs"
 
 
@@ -342,29 +344,6 @@ def build_config(args: argparse.Namespace) -> ExperimentConfig:
     return dataclasses.replace(cfg, engine=eng, latency=lat)
 
 
-def port_number(text: str) -> int:
-    """argparse type for --port: a TCP port (0: any free one), so a typo is a usage
-    error, not a traceback from the socket."""
-    try:
-        port = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
-    if not 0 <= port <= 65535:
-        raise argparse.ArgumentTypeError(f"expected a port from 0 to 65535, got {port}")
-    return port
-
-
-def positive_int(text: str) -> int:
-    """argparse type for engine limits: an integer >= 1 (0 or -1 would start an engine that never schedules)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
-    return value
-
-
 def run_site(app: web.Application, host: str, port: int, prog: str) -> int:
     """Serve ``app`` until interrupted; an address that cannot be bound (in use, not
     an address of this machine) is one line and exit status 1."""
@@ -392,9 +371,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--latency", choices=("constant", "roofline", "fitted"), help="latency model kind")
     p.add_argument("--step-seconds", type=float, help="step time of the constant latency model")
     p.add_argument("--latency-name", help="fitted latency model name or path")
-    p.add_argument("--num-gpu-blocks", type=positive_int, help="KV capacity in blocks (default: from the specs)")
-    p.add_argument("--max-num-seqs", type=positive_int)
-    p.add_argument("--max-num-batched-tokens", type=positive_int)
+    p.add_argument("--num-gpu-blocks", type=POSITIVE_INT, help="KV capacity in blocks (default: from the specs)")
+    p.add_argument("--max-num-seqs", type=POSITIVE_INT)
+    p.add_argument("--max-num-batched-tokens", type=POSITIVE_INT)
 
 
 async def serve(server: SimServer, host: str, port: int) -> web.AppRunner:

@@ -256,6 +256,11 @@ def _number(where: _Where, value: Any, path: tuple[Any, ...]) -> float:
 MAX_POINTS = 10_000
 
 
+def _at_most_max_points(where: _Where, path: tuple[Any, ...], count: int, counted: str) -> None:
+    if count > MAX_POINTS:
+        where.fail(path, f"{counted}; at most {MAX_POINTS:,} (a sweep of that many points is surely a mistake)")
+
+
 def expand_range(where: _Where, spec: dict[str, Any], path: tuple[Any, ...]) -> list[int | float]:
     """``{start, stop, num}`` (numpy.linspace) or ``{start, stop, step}``, stop included."""
     _mapping(where, spec, path, RANGE_KEYS)
@@ -269,8 +274,7 @@ def expand_range(where: _Where, spec: dict[str, Any], path: tuple[Any, ...]) -> 
         num = spec["num"]
         if isinstance(num, bool) or not isinstance(num, int) or num < 1:
             where.fail(path + ("num",), f"expected an integer >= 1, got {num!r}")
-        if num > MAX_POINTS:
-            where.fail(path + ("num",), f"{num} values; at most {MAX_POINTS:,} (a sweep of that many points is surely a mistake)")
+        _at_most_max_points(where, path + ("num",), num, f"{num} values")
         if num == 1 and start != stop:
             where.fail(path + ("num",), "num: 1 needs start == stop (one value)")
         integral = isinstance(start, int) and isinstance(stop, int)
@@ -282,8 +286,7 @@ def expand_range(where: _Where, spec: dict[str, Any], path: tuple[Any, ...]) -> 
     if stop < start:
         where.fail(path, f"stop ({stop}) is below start ({start}); a range counts up")
     count = math.floor((stop - start) / step + 1e-9) + 1
-    if count > MAX_POINTS:
-        where.fail(path + ("step",), f"{count} values; at most {MAX_POINTS:,} (a sweep of that many points is surely a mistake)")
+    _at_most_max_points(where, path + ("step",), count, f"{count} values")
     integral = all(isinstance(x, int) for x in (start, stop, step))
     return [_clean(start + i * step, integral) for i in range(count)]
 
@@ -322,8 +325,7 @@ def _case(where: _Where, raw: Any, path: tuple[Any, ...]) -> list[dict[str, Any]
             if isinstance(v, bool) or not isinstance(v, (int, float)):
                 where.fail(path + (times,), f"{key} is multiplied by it, so its values must be numbers, got {v!r}")
     count = math.prod(len(v) for v in values.values())
-    if count > MAX_POINTS:
-        where.fail(path, f"{count:,} points; at most {MAX_POINTS:,} (a sweep of that many points is surely a mistake)")
+    _at_most_max_points(where, path, count, f"{count:,} points")
     points = []
     for combo in itertools.product(*values.values()):
         point = dict(zip(values, combo))
@@ -376,8 +378,7 @@ def load_sweep(name: str, file: Any = None, overrides: Sequence[str] = ()) -> Sw
     raw_points: list[dict[str, Any]] = []
     for i, case in enumerate(cases):
         raw_points += _case(where, case, ("grid", i) if isinstance(grid, list) else ("grid",))
-        if len(raw_points) > MAX_POINTS:
-            where.fail(("grid",), f"{len(raw_points):,} points; at most {MAX_POINTS:,} (a sweep of that many points is surely a mistake)")
+        _at_most_max_points(where, ("grid",), len(raw_points), f"{len(raw_points):,} points")
     keys = tuple(dict.fromkeys(k for p in raw_points for k in p))
     points = tuple(Point(i, tuple(p.items())) for i, p in enumerate(raw_points))
     description = body.get("description", "")

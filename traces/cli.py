@@ -14,12 +14,14 @@ import sys
 from typing import Sequence
 
 from traces import generators, importers
+from traces.argtypes import int_at_least, positive_float
 from traces.io import load, save
 from traces.stats import trace_stats
 from traces.validate import TraceError, scan_file
 
 EXIT_BAD_DATA = 1
 EXIT_USAGE = 2
+NONNEGATIVE_INT = int_at_least(0)
 
 
 class UsageError(Exception):
@@ -39,26 +41,6 @@ def _param(text: str) -> tuple[str, object]:
         return key, json.loads(value)
     except ValueError:
         return key, value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not v > 0 or v == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
-    return v
-
-
-def _nonneg_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return v
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -91,11 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     gen.add_argument("workload", choices=generators.WORKLOADS)
-    gen.add_argument("--programs", type=_nonneg_int, required=True, help="number of programs")
-    gen.add_argument("--rate", type=_positive_float, required=True, help="mean arrival rate, programs per second")
-    gen.add_argument("--seed", type=_nonneg_int, required=True)
+    gen.add_argument("--programs", type=NONNEGATIVE_INT, required=True, help="number of programs")
+    gen.add_argument("--rate", type=positive_float, required=True, help="mean arrival rate, programs per second")
+    gen.add_argument("--seed", type=NONNEGATIVE_INT, required=True)
     gen.add_argument("--arrival", choices=("poisson", "gamma"), default="poisson")
-    gen.add_argument("--cv", type=_positive_float, default=None,
+    gen.add_argument("--cv", type=positive_float, default=None,
                      help="coefficient of variation of inter-arrival times (gamma only; default 1)")
     gen.add_argument("--param", type=_param, action="append", default=[], metavar="KEY=VALUE",
                      help="override a workload parameter (repeatable)")
@@ -120,8 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("-o", "--output", required=True)
     conv.add_argument("--min-tokens", type=int, default=None,
                       help="azure: raise token counts below N to N (reported) instead of failing")
-    conv.add_argument("--rate", type=_positive_float, default=None, help="sharegpt: arrival rate (default 1)")
-    conv.add_argument("--seed", type=_nonneg_int, default=None, help="sharegpt: arrival seed (default 0)")
+    conv.add_argument("--rate", type=positive_float, default=None, help="sharegpt: arrival rate (default 1)")
+    conv.add_argument("--seed", type=NONNEGATIVE_INT, default=None, help="sharegpt: arrival seed (default 0)")
     conv.add_argument("--tokenizer", default=None,
                       help="sharegpt: Hugging Face tokenizer name (needs transformers); default chars/4")
     conv.add_argument("--group-by-prefix", type=int, default=None, metavar="N",
@@ -135,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="examples:\n  python -m traces validate bfcl.jsonl\n  python -m traces validate big.jsonl --limit 10",
     )
     val.add_argument("file")
-    val.add_argument("--limit", type=_nonneg_int, default=50, help="errors to print (default 50)")
+    val.add_argument("--limit", type=NONNEGATIVE_INT, default=50, help="errors to print (default 50)")
 
     st = sub.add_parser(
         "stats",
