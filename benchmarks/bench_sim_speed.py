@@ -2,11 +2,12 @@
 
 Target (issue: simulator): under 30 s on a 2-core machine. Load: on one
 A100-80GB with Llama-3.1-8B (fitted latency model), FCFS on this 9,302-program
-trace keeps up at 10 programs/s (last program done 43 s after the last
-arrival) and barely at 11/s (55 s), and collapses at 12/s: the queue grows,
-LRU evicts the waiting calls' histories, re-prefill eats the engine, and the
-run ends 1,022 s after the last arrival. So capacity is about 11.3/s and
-9 programs/s is 80% load, the default. ``--rate 12`` is the overload case.
+trace keeps up at 9 and 10 programs/s (last program done 58 and 59 s after the
+last arrival, about one long program's own length) and at 11/s (70 s), and
+collapses at 12/s: the queue grows, LRU evicts the waiting calls' histories,
+re-prefill eats the engine, and the run ends 1,035 s after the last arrival.
+So capacity is about 11.3/s and 9 programs/s is 80% load, the default.
+``--rate 12`` is the overload case.
 Prints wall and CPU seconds per policy.
 
     python benchmarks/bench_sim_speed.py [--calls 100000] [--rate 9] [--policies fcfs,plas] [--kv-ttl 2]

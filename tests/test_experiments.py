@@ -369,7 +369,7 @@ def test_shipped_experiments_all_resolve_with_every_part_explicit():
 
     ef = load_file(DEFAULT_FILE)
     assert {"quickstart", "bfcl-high", "lats-high", "sharegpt-high", "mixed-high", "multi-engine-locality",
-            "constant-latency-check"} <= set(ef.names())
+            "constant-latency-check", "bfcl-90", "lats-90"} <= set(ef.names())
     for name in ef.names():
         assert ef.description(name), name
         cfg = resolve(name, ef)
@@ -381,6 +381,11 @@ def test_shipped_experiments_all_resolve_with_every_part_explicit():
         assert key in ef.defaults["engine"], key
     assert {"kind"} <= set(ef.defaults["latency"]) and "policies" in ef.defaults and "seed" in ef.defaults
     assert set(resolve("quickstart", ef).policies) == set(DEFAULT_POLICIES)
+    # the result check's two experiments: BFCL and LATS at about 90% of one A100's capacity, all five policies
+    for name, generator in (("bfcl-90", "bfcl"), ("lats-90", "lats")):
+        check = resolve(name, ef)
+        assert check.workload.generator == generator and check.engine.replicas == 1
+        assert set(check.policies) == set(DEFAULT_POLICIES)
     multi = resolve("multi-engine-locality", ef)
     assert multi.engine.replicas == 4 and multi.engine.balancer == "locality"
     assert resolve("constant-latency-check", ef).latency.kind == "constant"
