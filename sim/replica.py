@@ -413,9 +413,7 @@ class Replica:
             call.generated += steps
             call.num_tokens += steps
             call.service += lump
-            blocks = call.blocks
-            if blocks.private and call.num_computed // self.block > len(blocks.keys):
-                self.kv.register_full(blocks, call.keys, call.num_computed)
+            self._key_full_blocks(call, call.num_computed)
         call.j_steps = self._c_steps
         call.j_service = self._c_service
         return lump
@@ -533,7 +531,7 @@ class Replica:
                 need = -(-call.num_tokens // block) - len(b.keys) - b.private
                 if need > 0:
                     kv.allocate(b, need)
-                self._cache_scheduled(call, call.num_computed + new)
+                self._key_full_blocks(call, call.num_computed + new)
                 batch.append((call, new))
             budget -= demand
         else:
@@ -594,7 +592,7 @@ class Replica:
                     continue
                 kv.allocate(call.blocks, need)
             if not call.steady:
-                self._cache_scheduled(call, computed + new)
+                self._key_full_blocks(call, computed + new)
                 batch.append((call, new))
             budget -= new
         for call in step.skipped:
@@ -690,17 +688,18 @@ class Replica:
         self._finish(finished, now)
 
     # -- scheduling --------------------------------------------------------------------
-    def _cache_scheduled(self, call: SimCall, computed: int) -> None:
-        """Key the blocks this step's chunk of ``call`` fills, as it is scheduled.
+    def _key_full_blocks(self, call: SimCall, computed: int) -> None:
+        """Key ``call``'s full blocks up to ``computed`` tokens for the prefix cache.
 
+        The scheduling paths call it with the end of the chunk they schedule:
         vLLM caches a request's blocks when it schedules them
         (``KVCacheManager.allocate_slots``), not when they are computed, so
         a call admitted later in the same step hits blocks a running call or
         an earlier admission fills in this step: LATS siblings that arrive
         together compute their parent's evicted context once, not once
-        each. Cohort members' decode blocks are keyed at step end instead;
-        only their own follow-ups could hit them, and those cannot arrive
-        before the member finishes.
+        each. Cohort members' decode blocks are keyed when the member is
+        settled instead; only their own follow-ups could hit them, and those
+        cannot arrive before the member finishes.
         """
         blocks = call.blocks
         if blocks.private and computed // self.block > len(blocks.keys):
@@ -795,7 +794,7 @@ class Replica:
                 if not call.core.running:
                     continue
                 kv.allocate(blocks, need)
-            self._cache_scheduled(call, computed + new)
+            self._key_full_blocks(call, computed + new)
             batch.append((call, new))
             budget -= new
 
@@ -847,7 +846,7 @@ class Replica:
                 call.num_computed = hits * self.block
                 if call.core.preemptions == 0:  # the prompt's hit, not re-hits after preemption
                     call.prefix_hit_tokens = hits * self.block
-            self._cache_scheduled(call, call.num_computed + new)
+            self._key_full_blocks(call, call.num_computed + new)
             self.running.append(call)
             self.core.on_admitted(call.core)
             batch.append((call, new))
