@@ -67,6 +67,15 @@ class EngineConfig:
     # client tags each call to pin instead (vllm_xargs.kv_ttl; python -m
     # engine replay --kv-ttl), and sim serve refuses this key.
     kv_ttl: float = 0.0
+    # vLLM's async scheduling, the default of `vllm serve` 0.26.0 on one
+    # GPU: step N+1 is scheduled when step N starts, before N's outputs are
+    # known. So a call that arrives during step N is first computed in step
+    # N+2, and the KV blocks and sequence slot of a call that finishes in
+    # step N are free only from step N+2 (sim.replica, "async scheduling").
+    # false (the default) schedules each step after the previous one ends,
+    # as the in-process replay (python -m engine replay --target inprocess) does,
+    # and as every figure in the README was measured.
+    async_scheduling: bool = False
     # Account steady decodes lazily (sim.replica, "steady decodes"); results
     # are bit-identical either way, false runs the per-step reference path.
     fast_forward: bool = True

@@ -201,12 +201,21 @@ class Replica:
         self.pins_dropped = 0  # pins released early: for a running call, a better-ranked waiting one, an idle engine
         self._stalled_tokens = 0  # prefill tokens computed since a call last sampled a token
         self._stall_check = LIVELOCK_RECOMPUTES * cfg.max_num_batched_tokens
+        # Async scheduling (see "async scheduling" below): calls submitted
+        # while a step is in flight, with their submit times, and finished
+        # calls still holding a sequence slot (and their KV blocks, or None
+        # if pinned) until the next step has been scheduled.
+        self._async = cfg.async_scheduling
+        self._staged: list[tuple[float, SimCall]] = []
+        self._draining: list[BlockTable | None] = []
+        self._last_start = -INF  # start of the step that completed last
+        self._info: StepInfo | None = None  # the observer's view of the step being scheduled
         self.process = env.process(self.run(env))
 
     # -- interface ---------------------------------------------------------------------
     @property
     def load(self) -> int:
-        return len(self.waiting) + len(self.running)
+        return len(self.waiting) + len(self.running) + len(self._staged)
 
     def submit(self, call: SimCall) -> None:
         call.engine = self.index
@@ -214,6 +223,9 @@ class Replica:
             f"{call.program_id}/{call.call_id}", call.program_id, call.call_id, call.prompt_tokens, self.env.now
         )
         self._live[call.core.id] = call
+        if self._async and self._wake is None:  # a step is in flight: its successor is already scheduled
+            self._staged.append((self.env.now, call))
+            return
         insort(self.waiting, call, key=_KEY)
         if self._wake is not None and not self._wake.triggered:
             self._wake.succeed()
@@ -230,6 +242,8 @@ class Replica:
             return False
         if call in self.waiting:
             self.waiting.remove(call)  # stays sorted
+        elif any(c is call for _, c in self._staged):
+            self._staged = [(t, c) for t, c in self._staged if c is not call]
         else:
             self._leave(call, self.env.now)
             self.running.remove(call)
@@ -249,7 +263,13 @@ class Replica:
         lazy = self.cfg.fast_forward and self.on_progress is None and self.observer is None
         empty_at = -1.0  # start of the last step that scheduled nothing
         while True:
+            if self._staged:
+                self._reveal(self._last_start)
             if not self.running and not self.waiting:
+                if self._staged or self._draining:  # nothing in flight: vLLM schedules them at once
+                    self._release_draining()
+                    self._reveal(INF)
+                    continue
                 self._wake = env.event()
                 yield self._wake
                 self._wake = None
@@ -261,6 +281,14 @@ class Replica:
             else:
                 batch, transfer = self._schedule(start)
                 members = 0
+            freed = self._release_draining()
+            if not batch and not members and (freed or self._staged):
+                # Async: the step scheduled before the last one's outputs is
+                # empty, so vLLM schedules again at once with them applied.
+                self._reveal(INF)
+                continue
+            if self.observer is not None:
+                self.observer(self._info)
             if not batch and not members:
                 if self.running or not self.waiting or empty_at == start:
                     raise RuntimeError(f"engine {self.index} stalled at t={start} with runnable calls")
@@ -289,8 +317,12 @@ class Replica:
             self.prefill_tokens += shape.prefill_tokens
             self.swap_seconds += transfer
             delay = dt
-            if lazy and not batch and not self.waiting and not step.skipped and not step.finishing and not transfer:
+            if (
+                lazy and not batch and not self.waiting and not self._staged
+                and not step.skipped and not step.finishing and not transfer
+            ):
                 delay, dt, start = self._coast(start, dt)
+            self._last_start = start
             yield env.timeout(delay)
             if lazy:
                 self._complete_lazy(step, dt, start)
@@ -488,7 +520,7 @@ class Replica:
             victims = core.choose_victims(
                 [c.core for c in self.running],
                 [c.core for c in self.waiting[: cfg.max_num_seqs]],
-                cfg.max_num_seqs - len(self.running),
+                cfg.max_num_seqs - self._seats_taken(),
                 kv.free,
                 self._need_of,
                 self._freed_of,
@@ -754,7 +786,7 @@ class Replica:
             victims = core.choose_victims(
                 [c.core for c in self.running],
                 [c.core for c in self.waiting[: cfg.max_num_seqs]],
-                cfg.max_num_seqs - len(self.running),
+                cfg.max_num_seqs - self._seats_taken(),
                 kv.free,
                 self._need_of,
                 self._freed_of,
@@ -805,13 +837,11 @@ class Replica:
             if self.observer is not None and self.waiting:
                 head_fits = self._would_fit(self.waiting[0], budget)
         if self.observer is not None:
-            self.observer(
-                StepInfo(
-                    self.index, now, tuple((c.core.id, n) for c, n in batch), kv.in_use, kv.capacity,
-                    len(self.running), len(self.waiting), budget,
-                    head_fits and not preempted_for_memory and bool(self.waiting)
-                    and len(self.running) < cfg.max_num_seqs and budget > 0,
-                )
+            self._info = StepInfo(
+                self.index, now, tuple((c.core.id, n) for c, n in batch), kv.in_use, kv.capacity,
+                len(self.running), len(self.waiting), budget,
+                head_fits and not preempted_for_memory and bool(self.waiting)
+                and self._seats_taken() < cfg.max_num_seqs and budget > 0,
             )
         return batch, transfer
 
@@ -823,10 +853,11 @@ class Replica:
         cfg, kv = self.cfg, self.kv
         transfer = 0.0
         admitted = 0
-        if self._pins and not self.running and self.waiting:
+        if self._pins and not self.running and not self._draining and self.waiting:
             self._unpin_for_head()
+        seats = cfg.max_num_seqs - len(self._draining)
         for call in self.waiting:
-            if len(self.running) >= cfg.max_num_seqs or budget == 0:
+            if len(self.running) >= seats or budget == 0:
                 break
             new, hits, fresh, swap_in = self._admission(call, budget)
             if new == 0 or not self._fits(call, hits, fresh):
@@ -895,6 +926,43 @@ class Replica:
     def _by_core(self, core_call: CallState) -> SimCall:
         return self._live[core_call.id]
 
+    # -- async scheduling ----------------------------------------------------------------
+    # With vLLM's async scheduling the engine schedules step N+1 as soon as
+    # step N is launched, and processes N's outputs while N+1 runs. The step
+    # loop here still decides each step when the previous one ends, so it
+    # reproduces what that earlier decision could see: calls submitted while
+    # step N ran are held back (``_staged``) and join the waiting queue one
+    # step later; a call that finished in step N keeps its sequence slot and
+    # KV blocks (``_draining``) until step N+1 has been scheduled, as vLLM
+    # only frees them when it processes N's outputs. Step times are the
+    # latency model's either way: the CPU work that async scheduling hides
+    # behind the GPU is part of the fitted per-step cost and is not removed.
+    # Policy state (service, quanta, starvation) is as of the step that just
+    # ended, one step fresher than vLLM's.
+
+    def _seats_taken(self) -> int:
+        return len(self.running) + len(self._draining)
+
+    def _reveal(self, cut: float) -> None:
+        """Move staged calls submitted at or before ``cut`` to the waiting queue."""
+        keep = []
+        for t, call in self._staged:
+            if t <= cut:
+                insort(self.waiting, call, key=_KEY)
+            else:
+                keep.append((t, call))
+        self._staged = keep
+
+    def _release_draining(self) -> bool:
+        """Free the slots and KV of calls that finished before the step just scheduled; True if any."""
+        if not self._draining:
+            return False
+        for blocks in self._draining:
+            if blocks is not None:
+                self.kv.release(blocks)
+        self._draining.clear()
+        return True
+
     @staticmethod
     def _shape(batch: list[tuple[SimCall, int]]) -> StepShape:
         return StepShape.from_batch((new, call.num_computed) for call, new in batch)
@@ -933,6 +1001,10 @@ class Replica:
             call.finish = now
             if call.pin_ttl > 0 and call.blocks.keys:
                 self._pin(call, call.pin_ttl)
+                if self._async:
+                    self._draining.append(None)
+            elif self._async:
+                self._draining.append(call.blocks)
             else:
                 kv.release(call.blocks)
             self.running.remove(call)

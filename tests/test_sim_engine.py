@@ -63,6 +63,78 @@ def test_fcfs_one_seq_constant_latency_matches_hand_timeline():
     assert progs["B"].waiting_share == pytest.approx(2.5 / 4.5)
 
 
+# Async scheduling (vLLM's default under `vllm serve`): step N+1 is scheduled
+# when step N starts. The timelines below are worked out from vLLM 0.26.0's
+# EngineCore.step_with_batch_queue and AsyncScheduler, 1 s per step.
+def _async(**engine):
+    return cfg(**engine, async_scheduling=True)
+
+
+def test_async_a_call_arriving_during_a_step_is_first_computed_two_steps_later():
+    # A runs steps [0,1) .. [3,4). B arrives at 1.5, during step [1,2): the
+    # step [2,3) was scheduled at t=1, before B arrived, so B starts at 3
+    # (synchronously at 2). C arrives at an idle engine and starts at once.
+    programs = [
+        prog("A", 0.0, call("a", 100, 4)),
+        prog("B", 1.5, call("b", 50, 2)),
+        prog("C", 10.0, call("c", 50, 1)),
+    ]
+    sync = by_id(simulate(programs, cfg(max_num_seqs=2), "fcfs"))
+    both = by_id(simulate(programs, _async(max_num_seqs=2), "fcfs"))
+    assert (sync["B", "b"].first_scheduled, sync["B", "b"].finish) == (2.0, 4.0)
+    assert (both["B", "b"].first_scheduled, both["B", "b"].first_token, both["B", "b"].finish) == (3.0, 4.0, 5.0)
+    for r in (sync, both):
+        assert r["A", "a"].finish == 4.0
+        assert (r["C", "c"].first_scheduled, r["C", "c"].finish) == (10.0, 11.0)
+
+
+@pytest.mark.parametrize("binding", ["seats", "kv"])
+def test_async_a_finished_call_holds_its_slot_and_kv_for_one_more_step(binding):
+    # A and C run from t=0; A's last token comes in step [1,2). B (arrived at
+    # 0.5) fits only once A is gone: synchronously it starts at 2. Async,
+    # step [2,3) was scheduled at t=1 while A still held its seat (or its 7
+    # KV blocks: with 10 blocks, A's 7 and C's 2 leave B's 4 no room), so B
+    # starts at 3. C keeps running throughout.
+    limits = dict(max_num_seqs=2) if binding == "seats" else dict(max_num_seqs=4, num_gpu_blocks=10)
+    programs = [
+        prog("A", 0.0, call("a", 100, 2)),
+        prog("C", 0.0, call("c", 20, 6)),
+        prog("B", 0.5, call("b", 50, 1)),
+    ]
+    sync = by_id(simulate(programs, cfg(**limits), "fcfs"))
+    both = by_id(simulate(programs, _async(**limits), "fcfs"))
+    assert (sync["B", "b"].first_scheduled, sync["B", "b"].finish) == (2.0, 3.0)
+    assert (both["B", "b"].first_scheduled, both["B", "b"].finish) == (3.0, 4.0)
+    for r in (sync, both):
+        assert r["A", "a"].finish == 2.0 and r["C", "c"].finish == 6.0
+
+
+def test_async_an_engine_whose_calls_all_finished_schedules_the_next_at_once():
+    # One seat. A finishes in step [1,2); B waits for the seat (arrived at
+    # 0.5) and D arrives during step [1,2). The step scheduled at t=1 is empty
+    # (A ends in step [1,2) and holds the seat), so vLLM schedules again at
+    # t=2 with A's outputs applied: B starts at 2, as it does synchronously.
+    programs = [
+        prog("A", 0.0, call("a", 100, 2)),
+        prog("B", 0.5, call("b", 50, 1)),
+        prog("D", 1.5, call("d", 50, 1)),
+    ]
+    for config in (cfg(), _async()):
+        r = by_id(simulate(programs, config, "fcfs"))
+        assert (r["B", "b"].first_scheduled, r["D", "d"].first_scheduled) == (2.0, 3.0)
+    # Four seats, 10 KV blocks: B (4 blocks) waits for A's 7. The step
+    # scheduled at t=1 is again empty, so the one scheduled at t=2 sees D
+    # too, although D arrived after t=1: B and D both start at 2.
+    r = by_id(simulate(programs, _async(max_num_seqs=4, num_gpu_blocks=10), "fcfs"))
+    assert (r["B", "b"].first_scheduled, r["D", "d"].first_scheduled) == (2.0, 2.0)
+    # Two seats: the step scheduled at t=1 holds B (arrived during step
+    # [0,1), so at 2 where synchronously at 1) and D, arrived during [1,2),
+    # waits for the step scheduled at t=2.
+    for config, starts in ((cfg(max_num_seqs=2), (1.0, 2.0)), (_async(max_num_seqs=2), (2.0, 3.0))):
+        r = by_id(simulate(programs, config, "fcfs"))
+        assert (r["B", "b"].first_scheduled, r["D", "d"].first_scheduled) == starts
+
+
 def test_chunked_prefill_splits_prompt_over_the_budget():
     # Budget 64: a 100-token prompt takes chunks of 64 and 36, then decodes.
     r = simulate([prog("A", 0.0, call("a", 100, 3))], cfg(max_num_batched_tokens=64), "fcfs")
@@ -225,6 +297,7 @@ def configs(draw):
         preemption_mode=draw(st.sampled_from(["recompute", "swap"])),
         replicas=draw(st.integers(1, 2)),
         balancer=draw(st.sampled_from(["round_robin", "least_used", "locality"])),
+        async_scheduling=draw(st.booleans()),
     )
     if engine["enable_prefix_caching"]:  # Continuum's pins: off, shorter and longer than the tool delays
         engine["kv_ttl"] = draw(st.sampled_from([0.0, 0.5, 5.0]))
