@@ -340,6 +340,39 @@ def test_config_from_an_experiment_with_overrides_and_flags():
     assert plain.latency.kind == "roofline" and plain.engine.model == "llama-3.1-8b"
 
 
+def test_async_a_call_submitted_mid_step_waits_a_step_and_can_be_aborted_there():
+    # Async scheduling, 1 s steps: A runs from 0. B is submitted at 1.5,
+    # while step [1,2) runs: step [2,3) was already scheduled, so B is held
+    # back for the step that vLLM schedules at 2 and the simulator decides
+    # at 3, when it starts. C, submitted at 1.5 too, is aborted while held
+    # back and never runs.
+    config = engine_config(step=1.0, max_num_seqs=4)
+    engine = RealtimeEngine(dataclasses.replace(config, engine=dataclasses.replace(config.engine, async_scheduling=True)), "fcfs")
+    now = [0.0]
+    engine.now = lambda: now[0]
+
+    def at(t: float) -> None:
+        now[0] = t
+        engine.advance()
+
+    engine.submit(list(range(100, 116)), 10, "A", "a", None)
+    at(1.5)
+    b = engine.submit(list(range(200, 216)), 3, "B", "b", None)
+    c = engine.submit(list(range(300, 316)), 3, "C", "c", None)
+    assert engine.replica.load == 3 and b.call not in engine.replica.waiting  # held back, still counted
+    engine.abort(c)
+    assert engine.replica.load == 2
+    at(2.5)  # the step [2,3) runs without B
+    assert b.call not in engine.replica.waiting and b.call.first_scheduled < 0
+    at(3.5)
+    assert b.call in engine.replica.running
+    at(4.5)
+    assert b.call.first_scheduled == 3.0 and c.call.first_scheduled < 0
+    at(20.0)
+    assert engine.replica.load == 0 and engine.replica.kv.in_use == 0
+    assert engine.snapshot()["aborted"] == 1
+
+
 def test_an_aborted_call_frees_its_kv_and_is_never_pinned():
     engine, at = virtual_time_engine("fcfs", blocks=40)
     handle = engine.submit(list(range(100, 164)), 50, "A", "a1", None, 30.0)
