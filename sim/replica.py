@@ -20,6 +20,12 @@ prefill's final chunk yields the first output token, each decode one more.
 Preemption by recompute frees the KV and recomputes prompt plus generated
 tokens on readmission (vLLM v1); by swap it moves the KV over PCIe and back.
 
+Steps are scheduled when the previous one ends. With
+``engine.async_scheduling`` (``vllm serve``'s default) the replica shows each
+decision what vLLM, scheduling one step ahead, could see then: calls
+submitted during the step in flight, and finished calls' slots and KV, wait
+one step longer (section "async scheduling").
+
 With ``engine.kv_ttl`` (Continuum's KV time-to-live) a finished call whose
 program will send a follow-up keeps its keyed blocks pinned for that long,
 or until one of its children is admitted here. (``sim serve`` does not know
