@@ -222,7 +222,7 @@ def test_check_key():
 def test_repository_paper_sweeps_expand():
     counts = {}
     names = ("paper-single", "paper-single-unopt", "paper-single-seeds", "paper-multi", "paper-scaling", "policy-params",
-             "locality-threshold", "bfcl-long-rates", "sharegpt-ttl-rates")
+             "locality-threshold", "bfcl-long-rates", "sharegpt-ttl-rates", "bfcl-unopt-caps")
     for name in names:
         s = load_sweep(name)
         js = jobs(s)
@@ -231,7 +231,8 @@ def test_repository_paper_sweeps_expand():
     # 4 workloads x 8 rates x 5 policies, and x fcfs-unopt; 3 balancers x 8 rates x 3 policies;
     # 8 rates at 1 replica + 3 counts x 3 balancers x 8 rates; 2 workloads x 4 bounds x 4 betas;
     # (8 rates at 1 replica + 3 counts x 8 rates) x 3 thresholds; paper-single's points x 5 seeds x 3 policies;
-    # bfcl-long at 7 rates x 5 seeds x 4 policies; sharegpt-long at 5 rates x 5 seeds x (4 + 3 pinned).
+    # bfcl-long at 7 rates x 5 seeds x 4 policies; sharegpt-long at 5 rates x 5 seeds x (4 + 3 pinned);
+    # bfcl-90 unoptimised at 5 rates x 5 seeds x (3 policies x 3 batch caps + PLAS preempting on 64).
     assert counts == {
         "paper-single": (32, 160, ["atlas", "fcfs", "mlfq", "plas", "srpt"]),
         "paper-single-unopt": (32, 32, ["fcfs-unopt"]),
@@ -242,7 +243,16 @@ def test_repository_paper_sweeps_expand():
         "locality-threshold": (32, 96, ["atlas-t0", "atlas-t2048", "atlas-t512"]),
         "bfcl-long-rates": (35, 140, ["fcfs", "plas", "program_fcfs", "srpt"]),
         "sharegpt-ttl-rates": (25, 175, ["fcfs", "fcfs-ttl", "plas", "plas-ttl", "program_fcfs", "program_fcfs-ttl", "srpt"]),
+        "bfcl-unopt-caps": (25, 250, ["fcfs", "fcfs-cap128", "fcfs-cap64", "plas", "plas-cap128", "plas-cap64",
+                                      "plas-cap64pre", "srpt", "srpt-cap128", "srpt-cap64"]),
     }
+    # bfcl-unopt-caps: the unoptimised engine everywhere; each variant's batch cap and whether PLAS may preempt
+    caps = {(j.label, j.cfg.engine.max_num_seqs, j.cfg.policy_params.preemption) for j in jobs(load_sweep("bfcl-unopt-caps"))}
+    assert {(label, n, pre) for label, n, pre in caps if label.startswith("plas")} == {
+        ("plas", 256, True), ("plas-cap128", 128, False), ("plas-cap64", 64, False), ("plas-cap64pre", 64, True)}
+    assert all(not j.cfg.engine.enable_prefix_caching and not j.cfg.engine.enable_chunked_prefill
+               and j.cfg.engine.max_num_batched_tokens == 8192 and j.cfg.workload.params["programs"] == 3000
+               for j in jobs(load_sweep("bfcl-unopt-caps")))
     ttl = {(j.label, j.cfg.engine.kv_ttl) for j in jobs(load_sweep("sharegpt-ttl-rates"))}
     assert ttl == {("fcfs", 0.0), ("plas", 0.0), ("program_fcfs", 0.0), ("srpt", 0.0),
                    ("fcfs-ttl", 2.0), ("plas-ttl", 2.0), ("program_fcfs-ttl", 2.0)}
