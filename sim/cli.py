@@ -264,7 +264,14 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from sim.derived import format_seed_table, format_table, seed_table, throughput_table
+    from sim.derived import (
+        format_rate_ratio_table,
+        format_seed_table,
+        format_table,
+        rate_ratio_table,
+        seed_table,
+        throughput_table,
+    )
     from sim.sweep import jobs, load_sweep
     from sim.sweep_run import run_sweep
 
@@ -281,6 +288,8 @@ def _sweep(args: argparse.Namespace) -> int:
         print(format_table(table))
         if over_seeds := seed_table(table):
             print(format_seed_table(over_seeds))
+        if (at_rates := rate_ratio_table(outcome.rows))[1]:
+            print(format_rate_ratio_table(*at_rates))
         print(f"{len(outcome.rows)} jobs in {outcome.wall_s:.1f} s; results in {out}")
     if outcome.failed:
         print(f"error: {len(outcome.failed)} of {len(outcome.rows)} jobs failed (status and error in {out / 'sweep.csv'})", file=sys.stderr)
@@ -289,7 +298,16 @@ def _sweep(args: argparse.Namespace) -> int:
 
 
 def _plot(args: argparse.Namespace) -> int:
-    from sim.derived import format_seed_table, format_table, load_rows, parse_target, seed_table, throughput_table
+    from sim.derived import (
+        format_rate_ratio_table,
+        format_seed_table,
+        format_table,
+        load_rows,
+        parse_target,
+        rate_ratio_table,
+        seed_table,
+        throughput_table,
+    )
     from sim.experiments import ConfigError
     from sim.sweep_plots import draw_all
 
@@ -306,6 +324,8 @@ def _plot(args: argparse.Namespace) -> int:
     print(format_table(table))
     if over_seeds := seed_table(table):
         print(format_seed_table(over_seeds))
+    if (at_rates := rate_ratio_table(rows))[1]:
+        print(format_rate_ratio_table(*at_rates))
     for path in draw_all(rows, out, args.target):
         print(f"wrote {path}")
     return 0

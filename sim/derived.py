@@ -25,7 +25,9 @@ its critical path, a chat turn does not).
 
 A sweep that varies ``seed`` makes one curve per seed; `seed_table` then
 gives each curve's throughput and ratios across its seeds as a mean with a
-Student-t interval, the ratios paired within each seed.
+Student-t interval, the ratios paired within each seed. `rate_ratio_table`
+does the same for the latency at each swept rate, which a steep curve
+near capacity can hide from throughput at a target.
 """
 
 from __future__ import annotations
@@ -467,4 +469,82 @@ def format_seed_table(table: Sequence[SeedRow], confidence: float = CONFIDENCE) 
         f"\n(mean [{pct}% t-interval] over seeds; ratios paired per seed; "
         ">= in k/n, - in k/n: seeds that met the target at every swept rate, or at none, so no interval; "
         "n/a: a ratio with such a seed)"
+    )
+
+
+# --- latency at each rate over seeds -------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RateRatioRow:
+    """A curve's mean normalised latency at one swept rate, over its seeds.
+
+    Throughput at a target compresses a steep curve into one rate, so a 30%
+    latency cut near capacity can show as a 1.07x throughput gain; this row
+    keeps the latency itself. ``ratio`` is paired per seed against the
+    baseline at the same point; None for the baseline itself, or where some
+    seed's run of either failed (an interval over the other seeds would be
+    another quantity).
+    """
+
+    group: tuple[tuple[str, Any], ...]  # without the seed
+    rate: float
+    policy: str
+    seeds: tuple[Any, ...]
+    latency: Interval | None
+    ratio: Interval | None
+
+
+def rate_ratio_table(rows: Iterable[dict[str, Any]], confidence: float = CONFIDENCE) -> tuple[str | None, list[RateRatioRow]]:
+    """The baseline label and, per (group but the seed, rate, policy) swept under >= 2 seeds, one row.
+
+    The baseline is the first of `BASELINES` the rows have. Rows are in the
+    groups' first-appearance order, then by rate, then by first appearance
+    of the policy. Rows without a seed are left out.
+    """
+    points: dict[tuple, dict[tuple, dict[str, dict[Any, float | None]]]] = {}
+    labels: dict[str, None] = {}
+    for r in rows:
+        if r.get(SEED) is None or not _finite(r.get("rate")):
+            continue
+        value = r.get(LATENCY) if r.get("status") == "ok" and _finite(r.get(LATENCY)) else None
+        labels.setdefault(r["policy"], None)
+        by_rate = points.setdefault(without_seed(group_key(r)), {})
+        by_rate.setdefault(r["rate"], {}).setdefault(r["policy"], {})[r[SEED]] = value
+    baseline = next((b for b in BASELINES if b in labels), None)
+    out = []
+    for group, by_rate in points.items():
+        for rate in sorted(by_rate):
+            by_policy = by_rate[rate]
+            base = by_policy.get(baseline, {}) if baseline else {}
+            for policy in (p for p in labels if p in by_policy):
+                values = by_policy[policy]
+                if len(values) < 2:
+                    continue
+                seeds = tuple(sorted(values, key=repr))
+                exact = [values[s] for s in seeds]
+                latency = t_interval(exact, confidence) if all(v is not None for v in exact) else None
+                ratio_iv = None
+                paired = [(values[s], base.get(s)) for s in seeds]
+                if policy != baseline and set(base) == set(values) and all(v is not None and b for v, b in paired):
+                    ratio_iv = t_interval([v / b for v, b in paired], confidence)
+                out.append(RateRatioRow(group, rate, policy, seeds, latency, ratio_iv))
+    return baseline, out
+
+
+def format_rate_ratio_table(baseline: str | None, table: Sequence[RateRatioRow], confidence: float = CONFIDENCE) -> str:
+    """The text `python -m sim sweep` and `plot` add for a sweep over seeds: latency at each rate."""
+    header = ["group", "rate", "policy", "seeds", "norm latency (s/tok)", f"vs {baseline}" if baseline else ""]
+    lines = [header]
+    for t in table:
+        lat = "n/a" if t.latency is None else interval_text(t.latency.mean, t.latency.low, t.latency.high, ".4g")
+        if t.policy == baseline:
+            rat = "baseline"
+        else:
+            rat = "n/a" if t.ratio is None else interval_text(t.ratio.mean, t.ratio.low, t.ratio.high, ".3f", "x")
+        lines.append([group_label(t.group), f"{t.rate:g}", t.policy, str(len(t.seeds)), lat, rat])
+    pct = round(confidence * 100)
+    return "\n".join(aligned(lines, left=3)) + (
+        f"\n(mean normalised latency at each rate: mean [{pct}% t-interval] over seeds; ratios paired per seed; "
+        "n/a: some seed's run failed)"
     )

@@ -225,6 +225,54 @@ def test_seed_table_needs_a_swept_seed_with_two_values():
     assert seed_table(throughput_table(seeded(0, "fcfs", [0.02, 0.06, 0.2]), "0.04")) == []
 
 
+def test_rate_ratio_table_pairs_latency_within_seeds_at_each_rate():
+    from sim.derived import format_rate_ratio_table, rate_ratio_table
+
+    data = (
+        seeded(0, "fcfs", [0.02, 0.06, 0.2]) + seeded(0, "plas", [0.02, 0.03, 0.06])
+        + seeded(1, "fcfs", [0.02, 0.04, 0.2]) + seeded(1, "plas", [0.02, 0.03, 0.05])
+        + seeded(2, "fcfs", [0.02, 0.05, 0.2]) + seeded(2, "plas", [0.02, 0.035, 0.045])
+    )
+    baseline, table = rate_ratio_table(data)
+    assert baseline == "fcfs"
+    assert [(t.rate, t.policy, t.seeds) for t in table] == [
+        (r, p, (0, 1, 2)) for r in (2, 4, 6) for p in ("fcfs", "plas")
+    ]
+    at = {(t.rate, t.policy): t for t in table}
+    assert dict(at[4, "plas"].group) == {"workload": "bfcl", "replicas": 1, "balancer": "locality"}
+    # By hand at rate 4: PLAS 0.03, 0.03, 0.035 against FCFS 0.06, 0.04, 0.05, so ratios 0.5, 0.75, 0.7.
+    assert at[4, "plas"].latency.mean == pytest.approx(0.095 / 3)
+    assert at[4, "plas"].ratio.values == pytest.approx((0.5, 0.75, 0.7))
+    assert at[4, "plas"].ratio.mean == pytest.approx(0.65) and at[4, "plas"].ratio.low < 0.65 < at[4, "plas"].ratio.high
+    # At rate 2 both give 0.02 on every seed: exactly 1 with no width.
+    assert (at[2, "plas"].ratio.mean, at[2, "plas"].ratio.low, at[2, "plas"].ratio.high) == (1, 1, 1)
+    assert at[4, "fcfs"].ratio is None and at[4, "fcfs"].latency.values == pytest.approx((0.06, 0.04, 0.05))
+    text = format_rate_ratio_table(baseline, table)
+    assert "0.650x [" in text and "baseline" in text and "ratios paired per seed" in text
+
+    # A failed run leaves its own latency and every ratio that needs it without an interval, nothing else.
+    data[2]["status"] = "failed"  # seed 0, FCFS, rate 6
+    at = {(t.rate, t.policy): t for t in rate_ratio_table(data)[1]}
+    assert at[6, "fcfs"].latency is None and at[6, "plas"].ratio is None
+    assert at[6, "plas"].latency.values == pytest.approx((0.06, 0.05, 0.045))
+    data[11]["status"] = "failed"  # seed 1, PLAS, rate 6
+    at = {(t.rate, t.policy): t for t in rate_ratio_table(data)[1]}
+    assert at[6, "plas"].latency is None and at[6, "plas"].ratio is None
+    assert at[4, "plas"].ratio.mean == pytest.approx(0.65)
+    assert "n/a" in format_rate_ratio_table("fcfs", list(at.values()))
+
+
+def test_rate_ratio_table_needs_seeds_and_falls_back_to_the_next_baseline():
+    from sim.derived import rate_ratio_table
+
+    assert rate_ratio_table(rows("bfcl", "fcfs", [2, 4], [0.02, 0.06])) == (None, [])
+    assert rate_ratio_table(seeded(0, "fcfs", [0.02, 0.06, 0.2])) == ("fcfs", [])  # one seed: no interval
+    baseline, table = rate_ratio_table(seeded(0, "mlfq", [0.02, 0.06, 0.2]) + seeded(1, "mlfq", [0.02, 0.04, 0.1])
+                                       + seeded(0, "plas", [0.02, 0.03, 0.1]) + seeded(1, "plas", [0.02, 0.04, 0.1]))
+    assert baseline == "mlfq"
+    assert {t.rate: t.ratio.values for t in table if t.policy == "plas"} == pytest.approx({2: (1, 1), 4: (0.5, 1), 6: (0.5, 1)})
+
+
 HEADER = "sweep,point,workload,rate,replicas,balancer,variant,policy,scheduler,status,normalized_latency_mean,error\n"
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -211,6 +212,18 @@ def test_cli_sweep_over_seeds_reports_intervals(exp, tmp_path):
             ["bfcl", "fcfs", "3", *text.split(), "n/a"], ["bfcl", "plas", "3", *text.split(), "n/a"]
         ]
         assert "ratios paired per seed" in lines[start + 3]
+    # and latency at each rate over the seeds, PLAS paired against FCFS on each seed's trace
+    by = {(r["rate"], r["policy"], r["seed"]): float(r["normalized_latency_mean"]) for r in rows}
+    for out in (res.stdout, sim("plot", "out", cwd=tmp_path).stdout):
+        lines = out.splitlines()
+        start = next(i for i, line in enumerate(lines) if line.split()[:4] == ["group", "rate", "policy", "seeds"])
+        body = [line.split() for line in lines[start + 1 : start + 5]]
+        assert [b[:4] for b in body] == [["bfcl", r, p, "3"] for r in ("2", "40") for p in ("fcfs", "plas")]
+        assert body[0][-1] == body[2][-1] == "baseline"
+        for line, rate in ((body[1], "2.0"), (body[3], "40.0")):
+            ratio = statistics.mean(by[rate, "plas", s] / by[rate, "fcfs", s] for s in "012")
+            assert line[-3] == f"{ratio:.3f}x"
+        assert lines[start + 5].startswith("(mean normalised latency at each rate")
 
 
 def test_ray_backend_on_a_local_ray_cluster_gives_the_process_pools_table(exp, tmp_path):
