@@ -479,8 +479,8 @@ def format_seed_table(table: Sequence[SeedRow], confidence: float = CONFIDENCE) 
 class RateRatioRow:
     """A curve's mean normalised latency at one swept rate, over its seeds.
 
-    Throughput at a target compresses a steep curve into one rate, so a 30%
-    latency cut near capacity can show as a 1.07x throughput gain; this row
+    Throughput at a target compresses a steep curve into one rate, so an 18%
+    latency cut near capacity can show as a 1.01x throughput gain; this row
     keeps the latency itself. ``ratio`` is paired per seed against the
     baseline at the same point; None for the baseline itself, or where some
     seed's run of either failed (an interval over the other seeds would be

@@ -251,7 +251,7 @@ def test_repository_paper_sweeps_expand():
     assert {(label, n, pre) for label, n, pre in caps if label.startswith("plas")} == {
         ("plas", 256, True), ("plas-cap128", 128, False), ("plas-cap64", 64, False), ("plas-cap64pre", 64, True)}
     assert all(not j.cfg.engine.enable_prefix_caching and not j.cfg.engine.enable_chunked_prefill
-               and j.cfg.engine.max_num_batched_tokens == 8192 and j.cfg.workload.params["programs"] == 3000
+               and j.cfg.engine.max_num_batched_tokens == 8192 and j.cfg.workload.params["programs"] == 9302
                for j in jobs(load_sweep("bfcl-unopt-caps")))
     ttl = {(j.label, j.cfg.engine.kv_ttl) for j in jobs(load_sweep("sharegpt-ttl-rates"))}
     assert ttl == {("fcfs", 0.0), ("plas", 0.0), ("program_fcfs", 0.0), ("srpt", 0.0),
