@@ -521,7 +521,7 @@ def rate_ratio_table(rows: Iterable[dict[str, Any]], confidence: float = CONFIDE
                 values = by_policy[policy]
                 if len(values) < 2:
                     continue
-                seeds = tuple(sorted(values, key=repr))
+                seeds = tuple(sorted(values))  # a numeric column
                 exact = [values[s] for s in seeds]
                 latency = t_interval(exact, confidence) if all(v is not None for v in exact) else None
                 ratio_iv = None
@@ -538,7 +538,9 @@ def format_rate_ratio_table(baseline: str | None, table: Sequence[RateRatioRow],
     lines = [header]
     for t in table:
         lat = "n/a" if t.latency is None else interval_text(t.latency.mean, t.latency.low, t.latency.high, ".4g")
-        if t.policy == baseline:
+        if baseline is None:
+            rat = ""
+        elif t.policy == baseline:
             rat = "baseline"
         else:
             rat = "n/a" if t.ratio is None else interval_text(t.ratio.mean, t.ratio.low, t.ratio.high, ".3f", "x")

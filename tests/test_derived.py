@@ -263,7 +263,7 @@ def test_rate_ratio_table_pairs_latency_within_seeds_at_each_rate():
 
 
 def test_rate_ratio_table_needs_seeds_and_falls_back_to_the_next_baseline():
-    from sim.derived import rate_ratio_table
+    from sim.derived import format_rate_ratio_table, rate_ratio_table
 
     assert rate_ratio_table(rows("bfcl", "fcfs", [2, 4], [0.02, 0.06])) == (None, [])
     assert rate_ratio_table(seeded(0, "fcfs", [0.02, 0.06, 0.2])) == ("fcfs", [])  # one seed: no interval
@@ -273,6 +273,10 @@ def test_rate_ratio_table_needs_seeds_and_falls_back_to_the_next_baseline():
     plas = [(t.rate, *t.ratio.values) for t in table if t.policy == "plas"]
     assert [r for r, *_ in plas] == [2, 4, 6]
     assert [v for _, *vs in plas for v in vs] == pytest.approx([1, 1, 0.5, 1, 0.5, 1])
+    # Without a baseline the rows keep their latency and give no ratio at all.
+    baseline, table = rate_ratio_table(seeded(10, "plas", [0.02, 0.03, 0.1]) + seeded(2, "plas", [0.02, 0.04, 0.1]))
+    assert baseline is None and [t.seeds for t in table] == [(2, 10)] * 3 and all(t.ratio is None for t in table)
+    assert "n/a" not in format_rate_ratio_table(baseline, table).splitlines()[1]
 
 
 HEADER = "sweep,point,workload,rate,replicas,balancer,variant,policy,scheduler,status,normalized_latency_mean,error\n"
