@@ -264,14 +264,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from sim.derived import (
-        format_rate_ratio_table,
-        format_seed_table,
-        format_table,
-        rate_ratio_table,
-        seed_table,
-        throughput_table,
-    )
+    from sim.derived import report
     from sim.sweep import jobs, load_sweep
     from sim.sweep_run import run_sweep
 
@@ -284,12 +277,7 @@ def _sweep(args: argparse.Namespace) -> int:
     out = _out(args, Path("results") / "sweeps" / sweep.name)
     outcome = run_sweep(sweep, todo, out, workers=args.workers, backend=args.backend, quiet=args.quiet)
     if not args.quiet:
-        table = throughput_table(outcome.rows)
-        print(format_table(table))
-        if over_seeds := seed_table(table):
-            print(format_seed_table(over_seeds))
-        if (at_rates := rate_ratio_table(outcome.rows))[1]:
-            print(format_rate_ratio_table(*at_rates))
+        print(report(outcome.rows))
         print(f"{len(outcome.rows)} jobs in {outcome.wall_s:.1f} s; results in {out}")
     if outcome.failed:
         print(f"error: {len(outcome.failed)} of {len(outcome.rows)} jobs failed (status and error in {out / 'sweep.csv'})", file=sys.stderr)
@@ -298,16 +286,7 @@ def _sweep(args: argparse.Namespace) -> int:
 
 
 def _plot(args: argparse.Namespace) -> int:
-    from sim.derived import (
-        format_rate_ratio_table,
-        format_seed_table,
-        format_table,
-        load_rows,
-        parse_target,
-        rate_ratio_table,
-        seed_table,
-        throughput_table,
-    )
+    from sim.derived import load_rows, parse_target, report
     from sim.experiments import ConfigError
     from sim.sweep_plots import draw_all
 
@@ -320,12 +299,7 @@ def _plot(args: argparse.Namespace) -> int:
         raise ConfigError(f"{' '.join(args.results)}: no rows to plot")
     results = Path(args.results[0])
     out = _out(args, (results if results.is_dir() else results.parent) / "plots")
-    table = throughput_table(rows, args.target)
-    print(format_table(table))
-    if over_seeds := seed_table(table):
-        print(format_seed_table(over_seeds))
-    if (at_rates := rate_ratio_table(rows))[1]:
-        print(format_rate_ratio_table(*at_rates))
+    print(report(rows, args.target))
     for path in draw_all(rows, out, args.target):
         print(f"wrote {path}")
     return 0

@@ -550,3 +550,15 @@ def format_rate_ratio_table(baseline: str | None, table: Sequence[RateRatioRow],
         f"\n(mean normalised latency at each rate: mean [{pct}% t-interval] over seeds; ratios paired per seed; "
         "n/a: some seed's run failed)"
     )
+
+
+def report(rows: Sequence[dict[str, Any]], target: str | float | None = None) -> str:
+    """The tables `python -m sim sweep` and `plot` print: throughput at L, and over seeds its intervals and the latency at each rate."""
+    table = throughput_table(rows, target)
+    parts = [format_table(table)]
+    if over_seeds := seed_table(table):
+        parts.append(format_seed_table(over_seeds))
+    baseline, at_rates = rate_ratio_table(rows)
+    if at_rates:
+        parts.append(format_rate_ratio_table(baseline, at_rates))
+    return "\n".join(parts)
