@@ -179,6 +179,29 @@ def test_anti_starvation_promotes_at_the_solved_deadline():
     assert c.table.programs["A"].total_service == 3.0  # only the call's W and T reset
 
 
+@pytest.mark.parametrize("policy, params, deadline", [
+    # PLAS: T_c = 1.2, W_p = T_p = 0; (t - 1.2) / 1.2 >= 2  <=>  t >= 3.6
+    ("plas", dict(queue_base=1.0, num_queues=4, beta=2.0), 3.6),
+    # MLFQ: promoted 10 s after it last started waiting (at 0.6)
+    ("mlfq", dict(mlfq_base_quantum=1.0, mlfq_starve_after=10.0, num_queues=4), 10.6),
+])
+def test_a_call_demoted_while_waiting_still_starves_into_the_top_queue(policy, params, deadline):
+    # Async scheduling charges step N after step N+1 was scheduled; if N+1
+    # preempted the call, the charge demotes a waiting call. It waited in
+    # the top queue with no deadline, so the demotion must give it one.
+    c = core(policy, **params)
+    a = c.add_call("A/0", "A", "0", 10, 0.0)
+    assert a.queue == 0
+    c.on_admitted(a)
+    c.on_step({"A/0": 0.6}, 0.6)
+    c.on_preempted(a, 0.6)  # step N+1 scheduled without it
+    c.on_step({"A/0": 0.6}, 1.2)  # step N's output arrives: 1.2 s > the top queue's 1 s quantum
+    assert a.queue == 1 and not a.running
+    assert c.promote_starving(deadline - 0.01) == []
+    assert c.promote_starving(deadline + 1e-9) == [a]
+    assert a.queue == 0
+
+
 def test_starvation_deadline_moves_earlier_when_a_sibling_finishes():
     c = core("plas", queue_base=1.0, num_queues=4, beta=2.0)
     r = c.add_call("A/r", "A", "r", 10, 0.0)

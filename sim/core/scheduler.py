@@ -184,7 +184,14 @@ class SchedulerCore:
         self._push_deadline(call, self.table.programs[call.program_id])
 
     def on_step(self, services: dict[str, float], now: float) -> None:
-        """Charge each call its service (from `attribute_service`)."""
+        """Charge each call its service (from `attribute_service`).
+
+        A charged call may already be waiting again: under vLLM's async
+        scheduling the plugin charges step N after step N+1 was scheduled,
+        and that may have preempted the call. If the charge demotes such a
+        call out of the top queue, it needs a starvation deadline, which it
+        had none of while it waited in the top queue.
+        """
         policy = self.policy
         calls = self.calls
         for cid, seconds in services.items():
@@ -193,7 +200,10 @@ class SchedulerCore:
                 continue  # finished in this step; finish_call already ran
             call.service += seconds
             call.service_since_reset += seconds
+            queue = call.queue
             policy.on_service(call, seconds)
+            if not call.running and call.queue != queue:
+                self._push_deadline(call, self.table.programs[call.program_id])
 
     # -- anti-starvation ---------------------------------------------------------------
     def _push_deadline(self, call: CallState, program: ProgramState) -> None:
