@@ -29,8 +29,8 @@ into the core's calls, once per engine step and in the core's order:
    override; every admission reaches ``on_admitted``.
 2. ``update_from_output()``: ``on_step(attribute_service(step_seconds,
    scheduled ids), now)``, then vLLM's processing, during which finished
-   requests reach ``finish_call`` (or ``abort_call`` if aborted/errored)
-   through the `_free_request` override.
+   requests reach ``finish_call`` (or ``abort_call`` if errored, or
+   aborted before any service) through the `_free_request` override.
 
 Ordering: the waiting queues are forced to vLLM's PRIORITY heap and each
 request's ``priority`` is set to `encode_key` of the core's key, so the
@@ -90,6 +90,7 @@ from operator import attrgetter
 from typing import Callable
 
 from vllm.v1.core.sched.async_scheduler import AsyncScheduler
+from vllm.v1.core.sched.interface import PauseState
 from vllm.v1.core.sched.request_queue import SchedulingPolicy, create_request_queue
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.request import Request, RequestStatus
@@ -109,8 +110,9 @@ logger = logging.getLogger(__name__)
 KEY_STRIDE = 1 << 48
 # How often idle programs are dropped from the process table (clock seconds).
 EXPIRE_EVERY = 1.0
-# Finished statuses that count as a completed call; the others (aborted,
-# ignored, error) are dropped without charging the program.
+# Finished statuses that count as a completed call. An aborted call that
+# received service is charged too (`_free_request`); the others (ignored,
+# error, aborted before any service) are dropped without charging the program.
 _COMPLETED = frozenset(
     {RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH_CAPPED, RequestStatus.FINISHED_REPETITION}
 )
@@ -237,14 +239,26 @@ class ProgramAwareMixin:
         now = self.clock()
         self._now = now
         try:
-            self._before_schedule(now)
-            output = super().schedule(*args, **kwargs)
+            victims = self._before_schedule(now)
+            # A victim sits out the step that preempted it. Its waiting
+            # beneficiary may need fewer blocks than estimated (prefix hits),
+            # and vLLM's waiting pass would then readmit the victim at once:
+            # a wasted re-prefill, and under async scheduling a duplicated
+            # in-flight token (vLLM never preempts and readmits in one step).
+            if victims:
+                self.waiting.remove_requests(victims)
+            try:
+                output = super().schedule(*args, **kwargs)
+            finally:
+                for request in victims:
+                    self.waiting.add_request(request)
             self._after_schedule(output, now)
         finally:
             self._now = None
         return output
 
-    def _before_schedule(self, now: float) -> None:
+    def _before_schedule(self, now: float) -> list[Request]:
+        """The core's per-step bookkeeping, then its victims preempted; returns their requests."""
         core = self.core
         record = self.core_log is not None
         if self.kv_pins:
@@ -264,12 +278,14 @@ class ProgramAwareMixin:
         if self._heap_dirty:
             self._reheap()
         self.running.sort(key=_PRIORITY)
-        victims = self._choose_victims()
-        for call in victims:
+        preempted = []
+        for call in self._choose_victims():
             request = self.requests[call.id]
             self.running.remove(request)
             self._preempt_request(request, time.monotonic())
+            preempted.append(request)
         self._sync_giving_way()
+        return preempted
 
     def _choose_victims(self) -> list[CallState]:
         core = self.core
@@ -277,6 +293,11 @@ class ProgramAwareMixin:
         running, heap = self.running, self.waiting._heap
         record = self.core_log is not None
         policy = core.policy
+        if self._pause_state != PauseState.UNPAUSED:
+            # Paused (pause_generation), vLLM admits no waiting request: a
+            # victim would only be evicted, and a drain would report done
+            # without it. No decision is made, so none is logged.
+            return []
         if not running or not heap or not (policy.preemptive and policy.params.preemption):
             if record:
                 self._record_decision([], [])
@@ -407,8 +428,12 @@ class ProgramAwareMixin:
         ttl = self._kv_ttl.pop(rid, 0.0)
         if call is not None:
             now = self._time()
-            if request.status in _COMPLETED:
-                if ttl > 0:  # before vLLM frees the blocks, while the request still owns them
+            if request.status in _COMPLETED or (request.status == RequestStatus.FINISHED_ABORTED and call.service > 0):
+                # An abort after service is charged like a completion: the
+                # engine core cannot tell a client's disconnect from a stop
+                # string, which the frontend detects and ends with an abort,
+                # and the program did receive that service either way.
+                if ttl > 0 and request.status in _COMPLETED:  # while the request still owns its blocks
                     self.kv_pins.pin(call.program_id, self.kv_cache_manager.coordinator.get_blocks(rid), now + ttl)
                 self.core.finish_call(call, now)
                 self._log("finish", call.id, now)

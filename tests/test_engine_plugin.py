@@ -9,6 +9,7 @@ import random
 from collections import defaultdict
 
 import pytest
+from vllm.v1.core.sched.interface import PauseState
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.request import RequestStatus
 
@@ -224,15 +225,65 @@ def test_starving_call_is_promoted_at_its_deadline_and_scheduled(model_dir, beta
 
 
 # -- lifecycle -----------------------------------------------------------------------------
-def test_abort_drops_the_call_without_charging_the_program(model_dir):
+def test_abort_charges_the_service_received_and_drops_a_call_that_got_none(model_dir):
+    # vLLM's frontend ends a call on a stop string by aborting it in the
+    # engine core, so an abort after service is charged like a completion.
     clock = FakeClock()
-    s = plugin(model_dir, clock, policy="plas", max_num_seqs=1)
+    s = plugin(model_dir, clock, policy="plas", params=QUEUES, max_num_seqs=1)
     s.add_request(req("a", "A", max_tokens=10))
     s.add_request(req("w", "A", thread="t2"))
-    step(s, clock, 0.4)
+    step(s, clock, 1.5)
     s.finish_requests(["a", "w"], RequestStatus.FINISHED_ABORTED)
-    assert s.core.calls == {}
-    assert s.core.table.programs["A"].total_service == 0.0 and not s.core.table.programs["A"].live
+    entry = s.core.table.programs["A"]
+    assert s.core.calls == {} and not entry.live
+    assert entry.service == entry.total_service == pytest.approx(1.5)  # a's step; w never ran
+    assert entry.total_waiting == 0.0
+    s.add_request(req("b", "A"))
+    assert s.core.calls["b"].queue == 1  # 1.5 s of service: between the 1 s and 2 s bounds
+
+
+def test_a_policy_victim_sits_out_the_step_that_preempted_it(model_dir):
+    # The waiting call shares a's 96-token prefix, so it needs far fewer new
+    # blocks than the victim search assumes; the victim's freed blocks and
+    # seat must still not readmit it in the same step. Under async
+    # scheduling that readmission duplicated its in-flight token.
+    for async_scheduling, step_fn in ((False, step), (True, Pipelined())):
+        clock = FakeClock()
+        s = plugin(model_dir, clock, policy="plas", params=QUEUES, max_num_seqs=4, num_blocks=16,
+                   async_scheduling=async_scheduling)
+        prefix = list(range(500, 596))
+        s.add_request(make_request("a", prefix + [1, 2, 3, 4], 60, extra_args={"program_id": "A"}))
+        s.add_request(make_request("v", list(range(700, 740)), 60,
+                                   extra_args={"program_id": "V", "program_service": 10.0}))
+        for _ in range(3):
+            step_fn(s, clock, 0.05)
+        s.add_request(make_request("w", prefix + [9] * 8, 5, extra_args={"program_id": "W"}))
+        out = step_fn(s, clock, 0.05)
+        assert out.preempted_req_ids == {"v"}
+        assert "v" not in out.num_scheduled_tokens and [d.req_id for d in out.scheduled_new_reqs] == ["w"]
+        assert s.requests["v"].status == RequestStatus.PREEMPTED and s.core.calls["v"].preemptions == 1
+        for _ in range(200):  # everything then runs to completion, v's tokens once each
+            if not s.requests:
+                break
+            step_fn(s, clock, 0.05)
+        assert not s.requests and s.core.calls == {}
+
+
+def test_no_policy_victim_while_vllm_is_paused(model_dir):
+    # pause_generation(mode="wait") drains the running requests and admits
+    # none: a victim would be evicted for nothing and the drain cut short.
+    clock = FakeClock()
+    s = plugin(model_dir, clock, policy="plas", params=QUEUES, max_num_seqs=1)
+    s.add_request(req("a", "A", max_tokens=50, service=10.0))
+    step(s, clock, 0.1)
+    s.set_pause_state(PauseState.PAUSED_NEW)
+    s.add_request(req("b", "B"))
+    out = step(s, clock, 0.1)
+    assert scheduled(out) == ["a"] and not out.preempted_req_ids
+    assert s.get_num_unfinished_requests() == 1
+    s.set_pause_state(PauseState.UNPAUSED)
+    out = step(s, clock, 0.1)
+    assert out.preempted_req_ids == {"a"} and scheduled(out) == ["b"]
 
 
 def test_duplicate_thread_falls_back_to_the_request_id(model_dir):
