@@ -422,6 +422,28 @@ class ProgramAwareMixin:
         finally:
             self._now = None
 
+    # -- streaming-input sessions ------------------------------------------------------------
+    # A resumable request takes its input in chunks: each chunk is generated
+    # for, stops, and waits (out of ``running``) for the client's next chunk.
+    # Each chunk is one call of the program: it completes when it stops, and
+    # the next one arrives with the client's next chunk, so the time between
+    # is the client's, not waiting.
+
+    def _handle_stopped_request(self, request: Request) -> bool:
+        if request.resumable:
+            call = self.core.calls.get(request.request_id)
+            if call is not None:
+                now = self._time()
+                self.core.finish_call(call, now)
+                self._log("finish", call.id, now)
+        return super()._handle_stopped_request(request)
+
+    def _update_request_as_session(self, session: Request, update) -> None:
+        super()._update_request_as_session(session, update)
+        if session.request_id not in self.core.calls:
+            self._add_to_core(session, self._time())
+            self._heap_dirty = True  # it may be queued already, under its last chunk's priority
+
     def _free_request(self, request: Request, *args, **kwargs):
         rid = request.request_id
         call = self.core.calls.get(rid)

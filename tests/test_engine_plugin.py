@@ -11,7 +11,10 @@ from collections import defaultdict
 import pytest
 from vllm.v1.core.sched.interface import PauseState
 from vllm.v1.core.sched.scheduler import Scheduler
-from vllm.v1.request import RequestStatus
+from vllm.sampling_params import SamplingParams
+from vllm.utils.hashing import sha256
+from vllm.v1.core.kv_cache_utils import get_request_block_hasher
+from vllm.v1.request import Request, RequestStatus
 
 from engine.plugin_config import PluginConfigError
 from engine.scheduler import ProgramAwareAsyncScheduler, ProgramAwareScheduler, encode_key
@@ -284,6 +287,36 @@ def test_no_policy_victim_while_vllm_is_paused(model_dir):
     s.set_pause_state(PauseState.UNPAUSED)
     out = step(s, clock, 0.1)
     assert out.preempted_req_ids == {"a"} and scheduled(out) == ["b"]
+
+
+def test_each_chunk_of_a_streaming_input_session_is_one_call(model_dir):
+    # A resumable request generates for a chunk, stops, and waits out of
+    # vLLM's running list for the client's next chunk. The chunk's call
+    # completes there and is charged; the next chunk is a new call.
+    clock = FakeClock()
+    s = plugin(model_dir, clock, policy="plas", params=QUEUES, max_num_seqs=4)
+
+    def chunk(prompt, resumable=True):
+        return Request("sess", prompt, SamplingParams(max_tokens=3, ignore_eos=True, extra_args={"program_id": "S"}),
+                       None, resumable=resumable, block_hasher=get_request_block_hasher(16, sha256))
+
+    s.add_request(chunk(list(range(100, 120))))
+    for _ in range(3):
+        step(s, clock, 0.5)
+    session, entry = s.requests["sess"], s.core.table.programs["S"]
+    assert session.status == RequestStatus.WAITING_FOR_STREAMING_REQ and session not in s.running
+    assert s.core.calls == {} and entry.total_service == pytest.approx(1.5)
+    clock.advance(10.0)  # the client's own time: not waiting, no starvation
+    s.add_request(chunk(list(range(300, 310))))
+    second = s.core.calls["sess"]
+    assert second.queue == 1 and not second.running  # 1.5 s attained: between the 1 s and 2 s bounds
+    step(s, clock, 0.5)
+    assert second.running
+    for _ in range(2):
+        step(s, clock, 0.5)
+    s.add_request(chunk([], resumable=False))  # the client closes the session
+    assert "sess" not in s.requests and s.core.calls == {}
+    assert entry.total_service == pytest.approx(3.0) and entry.total_waiting == pytest.approx(0.0)
 
 
 def test_duplicate_thread_falls_back_to_the_request_id(model_dir):
