@@ -513,6 +513,7 @@ class Replica:
             self.running.sort(key=_KEY)
             self._unsorted = False
         transfer = 0.0
+        held: set[SimCall] = set()  # this step's policy victims sit it out (see _admit)
         policy = core.policy
         if (
             policy.preemptive
@@ -536,6 +537,7 @@ class Replica:
                 for call in [c for c in self.running if c.core.id in ids]:
                     self._leave(call, now)
                     transfer += self._preempt(call, now)
+                    held.add(call)
 
         step = _LazyStep()
         budget = cfg.max_num_batched_tokens
@@ -579,7 +581,7 @@ class Replica:
         step.member_kv = self._member_kv_base + self._members * c_steps - step.skipped_kv
         step.finishing = list(self._by_finish.get(c_steps, ()))
         if not preempted_for_memory:
-            transfer += self._admit(batch, budget)[1]
+            transfer += self._admit(batch, budget, held)[1]
         step.transfer = transfer
         self.lazy_decode_steps += step.members
         return step
@@ -777,6 +779,7 @@ class Replica:
             self.waiting.sort(key=_KEY)
         self.running.sort(key=_KEY)
         transfer = 0.0
+        held: set[SimCall] = set()  # this step's policy victims sit it out (see _admit)
 
         policy = core.policy
         if (
@@ -801,6 +804,7 @@ class Replica:
                 ids = {v.id for v in victims}
                 for call in [c for c in self.running if c.core.id in ids]:
                     transfer += self._preempt(call, now)
+                    held.add(call)
 
         budget = cfg.max_num_batched_tokens
         batch: list[tuple[SimCall, int]] = []
@@ -838,23 +842,30 @@ class Replica:
 
         head_fits = True
         if not preempted_for_memory:
-            budget, swap_in = self._admit(batch, budget)
+            budget, swap_in = self._admit(batch, budget, held)
             transfer += swap_in
-            if self.observer is not None and self.waiting:
-                head_fits = self._would_fit(self.waiting[0], budget)
+            head = next((c for c in self.waiting if c not in held), None)
+            if self.observer is not None and head is not None:
+                head_fits = self._would_fit(head, budget)
         if self.observer is not None:
             self._info = StepInfo(
                 self.index, now, tuple((c.core.id, n) for c, n in batch), kv.in_use, kv.capacity,
                 len(self.running), len(self.waiting), budget,
-                head_fits and not preempted_for_memory and bool(self.waiting)
+                head_fits and not preempted_for_memory and any(c not in held for c in self.waiting)
                 and self._seats_taken() < cfg.max_num_seqs and budget > 0,
             )
         return batch, transfer
 
-    def _admit(self, batch: list[tuple[SimCall, int]], budget: int) -> tuple[int, float]:
+    def _admit(self, batch: list[tuple[SimCall, int]], budget: int, held: set[SimCall]) -> tuple[int, float]:
         """Admit waiting calls in order while they fit; returns (budget left, swap-in seconds).
 
-        vLLM stops at the first call that does not fit, and so do we.
+        vLLM stops at the first call that does not fit, and so do we. The
+        ``held`` calls, this step's policy victims, are passed over: the
+        calls they made room for may need fewer blocks than the victim
+        search assumed (prefix hits), and the victim must not be readmitted
+        into the step that preempted it. The vLLM plugin holds them out of
+        the waiting queue the same way (under async scheduling vLLM would
+        duplicate their in-flight token).
         """
         cfg, kv = self.cfg, self.kv
         transfer = 0.0
@@ -865,6 +876,8 @@ class Replica:
         for call in self.waiting:
             if len(self.running) >= seats or budget == 0:
                 break
+            if call in held:
+                continue
             new, hits, fresh, swap_in = self._admission(call, budget)
             if new == 0 or not self._fits(call, hits, fresh):
                 break
@@ -889,8 +902,11 @@ class Replica:
             batch.append((call, new))
             budget -= new
             admitted += 1
-        del self.waiting[:admitted]
         if admitted:
+            if held:  # the admitted calls are the first non-held ones, now running
+                self.waiting[:] = [c for c in self.waiting if not c.core.running]
+            else:
+                del self.waiting[:admitted]
             self._unsorted = True
         return budget, transfer
 

@@ -547,6 +547,25 @@ def test_kv_ttl_never_idles_the_engine_or_preempts_a_running_call(fast_forward):
     assert (ranked.stats["kv_pins_dropped"], ranked.stats["preemptions"]) == (1.0, 0.0)
 
 
+def test_a_policy_victim_sits_out_the_step_that_preempted_it():
+    # At t=3 W (little work left) outranks A under SRPT, and the victim
+    # search, which ignores prefix hits, preempts A to fit W's 7 blocks.
+    # W hits 96 shared tokens and takes 1 block, so A would fit again at
+    # once; like the vLLM plugin, the engine readmits it only next step.
+    sys_prompt = SharedPrefix("sys", 96)
+    programs = [
+        prog("A", 0.0, call("a", 100, 60, shared_prefix=sys_prompt)),
+        prog("V", 0.0, call("v", 40, 60)),
+        prog("W", 3.0, call("w", 104, 5, shared_prefix=sys_prompt)),
+    ]
+    steps = []
+    simulate(programs, cfg(num_gpu_blocks=16, max_num_seqs=4, enable_prefix_caching=True), "srpt",
+             observer=steps.append)
+    batches = {info.start: dict(info.scheduled) for info in steps}
+    assert batches[3.0] == {"V/v": 1, "W/w": 8}  # W's 104 tokens less its 96 hit
+    assert batches[4.0] == {"W/w": 1, "V/v": 1, "A/a": 7}  # A back: it recomputes the 7 tokens past the cached 96
+
+
 def test_atlas_runs_parallel_siblings_as_a_gang():
     # P's root finishes, then four siblings are released together. A rival
     # program R with more attained service has a call waiting. With room
