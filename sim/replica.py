@@ -213,7 +213,7 @@ class Replica:
         # if pinned) until the next step has been scheduled.
         self._async = cfg.async_scheduling
         self._staged: list[tuple[float, SimCall]] = []
-        self._draining: list[BlockTable | None] = []
+        self._draining: list[tuple[tuple, BlockTable | None]] = []  # (key, blocks) of finished calls (async)
         self._last_start = -INF  # start of the step that completed last
         self._info: StepInfo | None = None  # the observer's view of the step being scheduled
         self.process = env.process(self.run(env))
@@ -622,10 +622,14 @@ class Replica:
                 if need > kv.capacity - kv.in_use and self._pins:
                     self._unpin_until(need)
                 while need > kv.capacity - kv.in_use:
-                    victim = pending.pop() if len(pending) > i else call
+                    preempted_for_memory = True
+                    victim = pending[-1] if len(pending) > i else call
+                    if self._preempt_draining(victim):
+                        continue
+                    if victim is not call:
+                        pending.pop()
                     self._leave(victim, now)
                     transfer += self._preempt(victim, now)
-                    preempted_for_memory = True
                     if victim is call:
                         break
                 if not call.core.running:
@@ -828,9 +832,13 @@ class Replica:
                 if need > kv.capacity - kv.in_use and self._pins:
                     self._unpin_until(need)
                 while need > kv.capacity - kv.in_use:
-                    victim = pending.pop() if len(pending) > i else call
-                    transfer += self._preempt(victim, now)
                     preempted_for_memory = True
+                    victim = pending[-1] if len(pending) > i else call
+                    if self._preempt_draining(victim):
+                        continue
+                    if victim is not call:
+                        pending.pop()
+                    transfer += self._preempt(victim, now)
                     if victim is call:
                         break
                 if not call.core.running:
@@ -975,11 +983,31 @@ class Replica:
                 keep.append((t, call))
         self._staged = keep
 
+    def _preempt_draining(self, victim: SimCall) -> bool:
+        """Evict a finished call whose last token is in flight, if it ranks below ``victim``.
+
+        vLLM still holds such a call in its running list, and its memory
+        victim is the worst there (``running.pop()``, or the largest
+        priority), so it may be this call. Preempting it frees its KV a
+        step early and costs nothing: its last token arrives anyway. It is
+        not counted as a preemption, since no work is redone.
+        """
+        draining = self._draining
+        if not draining:
+            return False
+        worst = max(range(len(draining)), key=lambda j: draining[j][0])
+        if draining[worst][0] < victim.core.key:
+            return False
+        _, blocks = draining.pop(worst)
+        if blocks is not None:
+            self.kv.release(blocks)
+        return True
+
     def _release_draining(self) -> bool:
         """Free the slots and KV of calls that finished before the step just scheduled; True if any."""
         if not self._draining:
             return False
-        for blocks in self._draining:
+        for _, blocks in self._draining:
             if blocks is not None:
                 self.kv.release(blocks)
         self._draining.clear()
@@ -1024,9 +1052,9 @@ class Replica:
             if call.pin_ttl > 0 and call.blocks.keys:
                 self._pin(call, call.pin_ttl)
                 if self._async:
-                    self._draining.append(None)
+                    self._draining.append((call.core.key, None))
             elif self._async:
-                self._draining.append(call.blocks)
+                self._draining.append((call.core.key, call.blocks))
             else:
                 kv.release(call.blocks)
             self.running.remove(call)

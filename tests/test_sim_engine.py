@@ -135,6 +135,22 @@ def test_async_an_engine_whose_calls_all_finished_schedules_the_next_at_once():
         assert (r["B", "b"].first_scheduled, r["D", "d"].first_scheduled) == starts
 
 
+def test_async_a_call_whose_last_token_is_in_flight_is_the_memory_victim():
+    # 4 blocks of 16. A (31 + 6 tokens) and B (16 + 2) start together. B
+    # samples its last token in step [1,2); scheduling step [2,3), A needs
+    # a third block while B still holds its two. vLLM's memory victim is the
+    # worst running request, B, whose last token is in flight: evicting it
+    # costs nothing. A must not be preempted and recomputed. (Checked
+    # against vLLM 0.26.0's AsyncScheduler driven on CPU.)
+    programs = [prog("A", 0.0, call("a", 31, 6)), prog("B", 0.0, call("b", 16, 2))]
+    for config in (cfg(num_gpu_blocks=4, max_num_seqs=2), _async(num_gpu_blocks=4, max_num_seqs=2)):
+        r = simulate(programs, config, "fcfs")
+        rec = by_id(r)
+        assert (rec["A", "a"].finish, rec["A", "a"].preemptions) == (6.0, 0)
+        assert (rec["B", "b"].finish, rec["B", "b"].preemptions) == (2.0, 0)
+        assert r.stats["prefill_tokens"] == 47 and r.stats["preemptions"] == 0
+
+
 def test_chunked_prefill_splits_prompt_over_the_budget():
     # Budget 64: a 100-token prompt takes chunks of 64 and 36, then decodes.
     r = simulate([prog("A", 0.0, call("a", 100, 3))], cfg(max_num_batched_tokens=64), "fcfs")
