@@ -852,9 +852,10 @@ class Replica:
         if not preempted_for_memory:
             budget, swap_in = self._admit(batch, budget, held)
             transfer += swap_in
-            head = next((c for c in self.waiting if c not in held), None)
-            if self.observer is not None and head is not None:
-                head_fits = self._would_fit(head, budget)
+            if self.observer is not None:
+                head = next((c for c in self.waiting if c not in held), None)
+                if head is not None:
+                    head_fits = self._would_fit(head, budget)
         if self.observer is not None:
             self._info = StepInfo(
                 self.index, now, tuple((c.core.id, n) for c, n in batch), kv.in_use, kv.capacity,
