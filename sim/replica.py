@@ -619,19 +619,10 @@ class Replica:
                 blocks = call.blocks
                 need = -(-(computed + new) // block) - len(blocks.keys) - blocks.private
             if need > 0:
-                if need > kv.capacity - kv.in_use and self._pins:
-                    self._unpin_until(need)
-                while need > kv.capacity - kv.in_use:
-                    preempted_for_memory = True
-                    victim = pending[-1] if len(pending) > i else call
-                    if self._preempt_draining(victim):
-                        continue
-                    if victim is not call:
-                        pending.pop()
-                    self._leave(victim, now)
-                    transfer += self._preempt(victim, now)
-                    if victim is call:
-                        break
+                if need > kv.capacity - kv.in_use:
+                    swap_out, preempted = self._make_room(call, need, pending, i, now)
+                    transfer += swap_out
+                    preempted_for_memory = preempted_for_memory or preempted
                 if not call.core.running:
                     continue
                 kv.allocate(call.blocks, need)
@@ -829,18 +820,10 @@ class Replica:
             blocks = call.blocks
             need = -(-(computed + new) // block) - len(blocks.keys) - blocks.private
             if need > 0:
-                if need > kv.capacity - kv.in_use and self._pins:
-                    self._unpin_until(need)
-                while need > kv.capacity - kv.in_use:
-                    preempted_for_memory = True
-                    victim = pending[-1] if len(pending) > i else call
-                    if self._preempt_draining(victim):
-                        continue
-                    if victim is not call:
-                        pending.pop()
-                    transfer += self._preempt(victim, now)
-                    if victim is call:
-                        break
+                if need > kv.capacity - kv.in_use:
+                    swap_out, preempted = self._make_room(call, need, pending, i, now)
+                    transfer += swap_out
+                    preempted_for_memory = preempted_for_memory or preempted
                 if not call.core.running:
                     continue
                 kv.allocate(blocks, need)
@@ -983,6 +966,31 @@ class Replica:
             else:
                 keep.append((t, call))
         self._staged = keep
+
+    def _make_room(self, call: SimCall, need: int, pending: list[SimCall], i: int, now: float) -> tuple[float, bool]:
+        """Free ``need`` blocks for running ``call`` as vLLM's running pass does.
+
+        Pins give way first; then the worst running call not yet scheduled
+        in this step (``pending[i:]``) is preempted, or a finished call whose
+        last token is in flight if it ranks lower, or else ``call`` itself.
+        Returns (swap-out seconds, whether anything was preempted).
+        """
+        kv = self.kv
+        if self._pins:
+            self._unpin_until(need)
+        transfer, preempted = 0.0, False
+        while need > kv.capacity - kv.in_use:
+            preempted = True
+            victim = pending[-1] if len(pending) > i else call
+            if self._preempt_draining(victim):
+                continue
+            if victim is not call:
+                pending.pop()
+            self._leave(victim, now)  # settles a lazily accounted member; nothing for the others
+            transfer += self._preempt(victim, now)
+            if victim is call:
+                break
+        return transfer, preempted
 
     def _preempt_draining(self, victim: SimCall) -> bool:
         """Evict a finished call whose last token is in flight, if it ranks below ``victim``.
