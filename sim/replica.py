@@ -105,6 +105,7 @@ class SimCall:
     j_steps: int = 0
     j_service: float = 0.0
     q_due: float = 0.0
+    sampled_in: int = -1  # the schedule (`Replica._sched_seq`) whose step sampled the last token
 
     def __post_init__(self) -> None:
         self.num_tokens = self.prompt_tokens
@@ -215,6 +216,12 @@ class Replica:
         self._staged: list[tuple[float, SimCall]] = []
         self._draining: list[tuple[tuple, BlockTable | None]] = []  # (key, blocks) of finished calls (async)
         self._last_start = -INF  # start of the step that completed last
+        # Async with prefix caching: blocks whose last token was in flight
+        # when scheduled, keyed one schedule late (see "async scheduling").
+        self._sched_seq = 0  # schedules so far, empty ones included
+        self._key_due: list[tuple[SimCall, int]] = []  # (call, tokens) to key after this schedule
+        self._key_next: list[tuple[SimCall, int]] = []  # ... after the next one
+        self._lag_keys = self._async and kv.prefix_caching
         self._info: StepInfo | None = None  # the observer's view of the step being scheduled
         self.process = env.process(self.run(env))
 
@@ -273,6 +280,8 @@ class Replica:
                 self._reveal(self._last_start)
             if not self.running and not self.waiting:
                 if self._staged or self._draining:  # nothing in flight: vLLM schedules them at once
+                    if self._lag_keys:
+                        self._key_late()
                     self._release_draining()
                     self._reveal(INF)
                     continue
@@ -287,6 +296,8 @@ class Replica:
             else:
                 batch, transfer = self._schedule(start)
                 members = 0
+            if self._lag_keys:
+                self._key_late()
             freed = self._release_draining()
             if not batch and not members and (freed or self._staged):
                 # Async: the step scheduled before the last one's outputs is
@@ -451,7 +462,8 @@ class Replica:
             call.generated += steps
             call.num_tokens += steps
             call.service += lump
-            self._key_full_blocks(call, call.num_computed)
+            if not self._async:  # async: the schedules key members' blocks (`_key_late`)
+                self._key_full_blocks(call, call.num_computed)
         call.j_steps = self._c_steps
         call.j_service = self._c_service
         return lump
@@ -507,6 +519,7 @@ class Replica:
 
     def _schedule_lazy(self, now: float) -> "_LazyStep":
         cfg, kv, core = self.cfg, self.kv, self.core
+        self._sched_seq += 1
         if core.promote_starving(now):
             self.waiting.sort(key=_KEY)
         if self._unsorted:  # running keys change only on admission, charges and refreshes
@@ -545,9 +558,12 @@ class Replica:
         c_steps = self._c_steps
         crossing = self._by_phase[-c_steps % block]  # members whose next token starts a block
         if crossing and kv.prefix_caching:
-            register = kv.register_filled
-            for call in crossing:  # the block just filled gets its content key (as at step end)
-                register(call.blocks, call.keys, call.num_computed + c_steps - call.j_steps)
+            if self._lag_keys:  # its last token was in flight: keyed after scheduling, if not preempted
+                self._key_due.extend((call, call.num_computed + c_steps - call.j_steps) for call in crossing)
+            else:
+                register = kv.register_filled
+                for call in crossing:  # the block just filled gets its content key (as at step end)
+                    register(call.blocks, call.keys, call.num_computed + c_steps - call.j_steps)
 
         # Fast case: the running calls' whole demand fits the budget and the
         # KV cache, so every running call is scheduled and order cannot matter.
@@ -703,6 +719,8 @@ class Replica:
                     self._member_kv_base -= call.num_computed - call.j_steps + 1
                     call.steady = False
                     finished.append(call)
+                    if self._lag_keys:
+                        self._key_due.append((call, call.num_computed))
                 else:  # its quantum ran out: demoted, with a fresh quantum
                     self._push_quantum(call)
                 continue
@@ -714,6 +732,7 @@ class Replica:
             if computed == call.num_tokens:
                 call.generated += 1
                 call.num_tokens += 1
+                call.sampled_in = self._sched_seq
                 if call.generated == 1:
                     call.first_token = now
             if call.generated == call.output_tokens:
@@ -735,10 +754,40 @@ class Replica:
         each. Cohort members' decode blocks are keyed when the member is
         settled instead; only their own follow-ups could hit them, and those
         cannot arrive before the member finishes.
+
+        Under async scheduling a decode's input token, sampled by the step
+        just ended, is still in flight when vLLM schedules the next step, so
+        vLLM cannot key a block that token fills until it processes that
+        output, after scheduling once more, and skips a call preempted by
+        then (`AsyncScheduler._update_request_with_output`). Such a block
+        waits in ``_key_next`` (`_key_late`); a call preempted in between
+        recomputes it.
         """
         blocks = call.blocks
+        if self._lag_keys and computed == call.num_tokens and call.sampled_in == self._sched_seq - 1:
+            computed -= 1
+            if (computed + 1) % self.block == 0:
+                self._key_next.append((call, computed + 1))
         if blocks.private and computed // self.block > len(blocks.keys):
             self.kv.register_full(blocks, call.keys, computed)
+
+    def _key_late(self) -> None:
+        """Async: key the blocks held back one schedule ago, for the calls that still hold them.
+
+        Called once per schedule, after it. Cohort members' blocks filled by
+        the last step join ``_key_due`` when that schedule starts, and those
+        of a member that finished in it when it completes: with coasting
+        steps, which key as they go, that is every block vLLM keys, at the
+        same schedule. A call preempted or aborted meanwhile has released its
+        blocks and is skipped, as vLLM skips it.
+        """
+        block, kv = self.block, self.kv
+        for call, tokens in self._key_due:
+            blocks = call.blocks
+            if blocks.private and tokens // block > len(blocks.keys):
+                kv.register_full(blocks, call.keys, tokens)
+        self._key_due = self._key_next
+        self._key_next = []
 
     def _preempt(self, call: SimCall, now: float) -> float:
         """Move a running call back to waiting; returns swap-out seconds."""
@@ -770,6 +819,7 @@ class Replica:
 
     def _schedule(self, now: float):
         cfg, kv, core = self.cfg, self.kv, self.core
+        self._sched_seq += 1
         if core.promote_starving(now):
             self.waiting.sort(key=_KEY)
         self.running.sort(key=_KEY)
@@ -1046,6 +1096,7 @@ class Replica:
             if sampled:
                 call.generated += 1
                 call.num_tokens += 1
+                call.sampled_in = self._sched_seq
                 if call.generated == 1:
                     call.first_token = now
             if on_progress is not None:
@@ -1058,6 +1109,8 @@ class Replica:
         kv, core = self.kv, self.core
         for call in finished:
             call.finish = now
+            if self._lag_keys and call.pin_ttl > 0:  # vLLM keys the last blocks before the finish pins them
+                kv.register_full(call.blocks, call.keys, call.num_computed)
             if call.pin_ttl > 0 and call.blocks.keys:
                 self._pin(call, call.pin_ttl)
                 if self._async:

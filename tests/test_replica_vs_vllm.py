@@ -7,9 +7,9 @@ simulator with a constant 1 s step, and through vLLM's real v1 `Scheduler`
 `engine.testing`'s fake model runner. Every call's first-scheduled,
 first-token and finish time must agree.
 
-Async cases run without prefix caching: there vLLM keys a block that an
-output token fills one step later than the simulator does (README, async
-scheduling), which can change a preempted call's recompute.
+Under async scheduling vLLM keys a block filled by a token still in flight
+one schedule late, so a call preempted in between recomputes it; the async
+cases with prefix caching check that the replica does the same.
 """
 
 from __future__ import annotations
@@ -128,7 +128,7 @@ def test_the_replica_matches_vllms_scheduler_step_for_step(model_dir, async_sche
     preempted = 0
     for seed in range(600):  # under async the in-flight memory victim first mattered at seeds 219, 327, 382, 512
         rng = random.Random(seed)
-        engine, programs, requests = random_case(rng, prefix_caching=not async_scheduling and rng.random() < 0.5)
+        engine, programs, requests = random_case(rng, prefix_caching=rng.random() < 0.5)
         sim = simulated(engine, programs, async_scheduling)
         vllm_times, preemptions = through_vllm(model_dir, engine, requests, async_scheduling)
         assert sim == vllm_times, (seed, engine)
