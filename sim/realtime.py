@@ -225,7 +225,7 @@ class RealtimeEngine:
         pid = program_id if program_id is not None else f"req-{self._seq}"
         tid = thread_id if thread_id is not None else "0"
         entry = self.table.get(pid)
-        if entry is not None and tid in entry.live:
+        if (entry is not None and tid in entry.live) or self.replica.is_arriving(pid, tid):
             raise Conflict(f"program {pid!r} already has a live call on thread {tid!r}")
         if program_service is not None:
             entry = self.table.get_or_create(pid, self.env.now)

@@ -214,6 +214,8 @@ class Replica:
         # if pinned) until the next step has been scheduled.
         self._async = cfg.async_scheduling
         self._staged: list[tuple[float, SimCall]] = []
+        self._arriving: list[tuple[float, SimCall]] = []  # submitted during the step in flight (`submit`)
+        self._in_step = False  # a step's timeout is running
         self._draining: list[tuple[tuple, BlockTable | None]] = []  # (key, blocks) of finished calls (async)
         self._last_start = -INF  # start of the step that completed last
         # Async with prefix caching: blocks whose last token was in flight
@@ -228,20 +230,52 @@ class Replica:
     # -- interface ---------------------------------------------------------------------
     @property
     def load(self) -> int:
-        return len(self.waiting) + len(self.running) + len(self._staged)
+        return len(self.waiting) + len(self.running) + len(self._staged) + len(self._arriving)
 
     def submit(self, call: SimCall) -> None:
+        """A call reaches this engine now.
+
+        While a step is in flight the scheduler learns of it only when the
+        step ends, after the step's service is charged, as vLLM's engine
+        core adds requests between steps: the plugin's core sees the
+        arrival then, so both rank it against the same queue state.
+        """
         call.engine = self.index
-        call.core = self.core.add_call(
-            f"{call.program_id}/{call.call_id}", call.program_id, call.call_id, call.prompt_tokens, self.env.now
-        )
-        self._live[call.core.id] = call
-        if self._async and self._wake is None:  # a step is in flight: its successor is already scheduled
+        if self._in_step:
+            self._arriving.append((self.env.now, call))
+            return
+        self._register(call, self.env.now)
+        if self._async and self._wake is None:  # scheduled at this instant: its successor already is
             self._staged.append((self.env.now, call))
             return
         insort(self.waiting, call, key=_KEY)
         if self._wake is not None and not self._wake.triggered:
             self._wake.succeed()
+
+    def is_arriving(self, program_id: str, thread_id: str) -> bool:
+        """Whether a call of this program thread was submitted during the step in flight (not yet registered)."""
+        return any(c.program_id == program_id and c.call_id == thread_id for _, c in self._arriving)
+
+    def _register(self, call: SimCall, now: float) -> None:
+        call.core = self.core.add_call(
+            f"{call.program_id}/{call.call_id}", call.program_id, call.call_id, call.prompt_tokens, now
+        )
+        self._live[call.core.id] = call
+
+    def _register_arriving(self) -> None:
+        """At a step's end: the calls submitted during it join the scheduler, in submission order.
+
+        Under async scheduling they wait in ``_staged`` one step more, as
+        the step after this one was scheduled before they arrived.
+        """
+        now = self.env.now
+        for t, call in self._arriving:
+            self._register(call, now)
+            if self._async:
+                self._staged.append((t, call))
+            else:
+                insort(self.waiting, call, key=_KEY)
+        self._arriving.clear()
 
     def abort(self, call: SimCall) -> bool:
         """Drop a call whose client went away, as vLLM's abort does.
@@ -251,6 +285,9 @@ class Replica:
         step in flight: that step's completion skips it. Returns False if
         the call already finished or was aborted.
         """
+        if any(c is call for _, c in self._arriving):
+            self._arriving = [(t, c) for t, c in self._arriving if c is not call]
+            return True  # the scheduler never saw it
         if call.finish >= 0 or call.core is None or call.core.finished:
             return False
         if call in self.waiting:
@@ -340,11 +377,15 @@ class Replica:
             ):
                 delay, dt, start = self._coast(start, dt)
             self._last_start = start
+            self._in_step = True
             yield env.timeout(delay)
+            self._in_step = False
             if lazy:
                 self._complete_lazy(step, dt, start)
             else:
                 self._complete(batch, dt, start)
+            if self._arriving:
+                self._register_arriving()
 
     def _check_progress(self, now: float) -> None:
         """Raise if the prefill since the last sampled token is a livelock (`LIVELOCK_RECOMPUTES`)."""
@@ -546,8 +587,7 @@ class Replica:
                 self._freed_of,
             )
             if victims:
-                ids = {v.id for v in victims}
-                for call in [c for c in self.running if c.core.id in ids]:
+                for call in map(self._by_core, victims):  # worst first, as the plugin preempts them
                     self._leave(call, now)
                     transfer += self._preempt(call, now)
                     held.add(call)
@@ -846,8 +886,7 @@ class Replica:
                 self._freed_of,
             )
             if victims:
-                ids = {v.id for v in victims}
-                for call in [c for c in self.running if c.core.id in ids]:
+                for call in map(self._by_core, victims):  # worst first, as the plugin preempts them
                     transfer += self._preempt(call, now)
                     held.add(call)
 

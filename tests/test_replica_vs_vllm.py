@@ -15,14 +15,17 @@ cases with prefix caching check that the replica does the same.
 from __future__ import annotations
 
 import collections
+import heapq
 import random
 
 import pytest
 from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.core.sched.scheduler import Scheduler
 
-from engine.testing import fake_output, make_request, make_scheduler, write_tiny_model
+from engine.scheduler import ProgramAwareAsyncScheduler, ProgramAwareScheduler
+from engine.testing import FakeClock, fake_output, make_request, make_scheduler, write_tiny_model
 from sim.config import EngineConfig, ExperimentConfig, LatencyConfig
+from sim.core.params import PolicyParams
 from sim.simulate import simulate
 from traces.format import Call, Program, SharedPrefix
 
@@ -57,42 +60,107 @@ def random_case(rng: random.Random, prefix_caching: bool):
         ids += range(fresh, fresh + prompt - len(ids))
         fresh += prompt
         extra = {"shared_prefix": shared} if shared else {}
-        programs.append(Program(f"P{k}", arrival, "diff", (Call("c", (), prompt, out, 0.0, **extra),)))
-        requests.append((f"P{k}", arrival, ids, out))
+        programs.append(Program(f"P{k}", arrival, "diff", (Call("c0", (), prompt, out, 0.0, **extra),)))
+        requests.append((f"P{k}", arrival, [(ids, out, 0.0)]))
+    return engine, programs, requests
+
+
+def random_chain_case(rng: random.Random, prefix_caching: bool):
+    """Chained programs: each call re-sends its parent's prompt and output, then new tokens.
+
+    In vLLM a child's token ids are its parent's prompt and output ids
+    followed by fresh ones, so it hits the parent's blocks exactly where
+    the simulator's ``context_of`` keys say it does. Each program's tool
+    delays have their own odd multiple of 1/32 s, so no release ties with
+    another release, an arrival or a step boundary.
+    """
+    engine = dict(num_gpu_blocks=rng.randint(10, 30), max_num_seqs=rng.randint(1, 4),
+                  max_num_batched_tokens=rng.choice([16, 32, 64, 100, 512]),
+                  enable_prefix_caching=prefix_caching, scheduler_reserve_full_isl=rng.random() < 0.7)
+    programs, requests = [], []
+    fresh = 1000
+    for k in range(rng.randint(1, 6)):
+        arrival = rng.choice(ARRIVALS)
+        n = rng.randint(1, 3)
+        while True:
+            news = [rng.randint(1, 100)] + [rng.randint(1, 60) for _ in range(n - 1)]
+            outs = [rng.randint(1, 20) for _ in range(n)]
+            if sum(news) + sum(outs) <= engine["num_gpu_blocks"] * 16:
+                break
+        delays = [0.0] + [rng.randint(0, 3) + (2 * k + 1) / 32 for _ in range(n - 1)]
+        shared, ids = None, []
+        if prefix_caching and news[0] > 2 and rng.random() < 0.5:
+            shared = SharedPrefix("sys", rng.randint(1, news[0] - 1))
+            ids = [10 + j for j in range(shared.tokens)]
+        calls, chain, prompt = [], [], 0
+        for i in range(n):
+            prompt += news[i]
+            first = i == 0
+            extra = ({"shared_prefix": shared} if shared else {}) if first else {"context_of": f"c{i - 1}"}
+            calls.append(Call(f"c{i}", () if first else (f"c{i - 1}",), prompt, outs[i], delays[i], **extra))
+            new_ids = (ids if first else []) + list(range(fresh, fresh + news[i] - (len(ids) if first else 0)))
+            fresh += news[i]
+            chain.append((new_ids, outs[i], delays[i]))
+            prompt += outs[i]
+        programs.append(Program(f"P{k}", arrival, "diff", tuple(calls)))
+        requests.append((f"P{k}", arrival, chain))
     return engine, programs, requests
 
 
 def simulated(engine, programs, async_scheduling):
     config = ExperimentConfig("diff", engine=EngineConfig(**engine, async_scheduling=async_scheduling),
                               latency=LatencyConfig(kind="constant", seconds=STEP))
-    return {r.program_id: (r.first_scheduled, r.first_token, r.finish) for r in simulate(programs, config, "fcfs").calls}
+    result = simulate(programs, config, "fcfs")
+    return {f"{r.program_id}/{r.call_id}": (r.first_scheduled, r.first_token, r.finish) for r in result.calls}
 
 
-def through_vllm(model_dir, engine, requests, async_scheduling):
+def through_vllm(model_dir, engine, requests, async_scheduling, plugin=None):
     """Drive vLLM's scheduler: each scheduled step runs STEP seconds on one GPU, in order.
 
     Async: step N+1 is scheduled before step N's output is processed, as
     vLLM's batch queue does; an empty schedule still waits for the step in flight.
+    ``requests`` holds each program's calls as (new token ids, output
+    tokens, delay): a call after the first is sent ``delay`` seconds after
+    its parent finishes, with the parent's prompt and output ids first.
+
+    ``plugin``: (policy, params) to run our `ProgramAwareScheduler` instead,
+    with each call tagged with its program and a clock that reads the
+    step's start at ``schedule`` and its end at ``update_from_output`` and
+    at ``add_request`` (requests that arrive during a step are added after
+    it), as the simulator's core sees them.
     """
-    s = make_scheduler(model_dir, scheduler_cls=AsyncScheduler if async_scheduling else Scheduler,
+    if plugin is None:
+        cls, extra = (AsyncScheduler if async_scheduling else Scheduler), None
+    else:
+        cls = ProgramAwareAsyncScheduler if async_scheduling else ProgramAwareScheduler
+        extra = {"autellix": {"policy": plugin[0], "params": plugin[1]}}
+    s = make_scheduler(model_dir, scheduler_cls=cls, additional_config=extra,
                        max_num_seqs=engine["max_num_seqs"], max_num_batched_tokens=engine["max_num_batched_tokens"],
                        num_blocks=engine["num_gpu_blocks"] + 1,  # vLLM's null block
                        enable_prefix_caching=engine["enable_prefix_caching"], max_model_len=8192,
                        async_scheduling=async_scheduling)
     s.scheduler_reserve_full_isl = engine["scheduler_reserve_full_isl"]
-    pending = sorted(requests, key=lambda r: r[1])
+    s.scheduler_config.scheduler_reserve_full_isl = engine["scheduler_reserve_full_isl"]  # the plugin's victim estimate
+    clock = FakeClock()
+    s.clock = clock
+    pending = [(arrival, k, pid, 0, chain[0][0]) for k, (pid, arrival, chain) in enumerate(requests)]
+    heapq.heapify(pending)
+    chains = {pid: chain for pid, _, chain in requests}
     live, times = {}, {}
-    now, gpu_free, nxt = 0.0, 0.0, 0
+    now, gpu_free, order = 0.0, 0.0, len(pending)
     in_flight = collections.deque()
     depth = 2 if async_scheduling else 1
     for _ in range(100_000):
-        while nxt < len(pending) and pending[nxt][1] <= now:
-            rid, arrival, ids, out = pending[nxt]
-            live[rid] = make_request(rid, ids, out, arrival_time=arrival)
+        while pending and pending[0][0] <= now:
+            arrival, _, pid, i, ids = heapq.heappop(pending)
+            rid = f"{pid}/c{i}"
+            tags = {"program_id": pid, "thread_id": "main"} if plugin else None
+            live[rid] = make_request(rid, ids, chains[pid][i][1], arrival_time=arrival, extra_args=tags)
             times[rid] = [None, None, None]
+            clock.now = now  # vLLM's engine core adds requests between steps
             s.add_request(live[rid])
-            nxt += 1
         if s.has_requests():
+            clock.now = max(now, gpu_free)
             out = s.schedule()
             answer = fake_output(s, out)  # the runner's answer depends on the state at schedule time
             if out.num_scheduled_tokens:
@@ -107,12 +175,12 @@ def through_vllm(model_dir, engine, requests, async_scheduling):
             if len(in_flight) < depth and s.has_requests():
                 continue
         elif not in_flight:
-            if nxt >= len(pending):
+            if not pending:
                 return {rid: tuple(t) for rid, t in times.items()}, sum(r.num_preemptions for r in live.values())
-            now = pending[nxt][1]
+            now = pending[0][0]
             continue
         out, answer, end = in_flight.pop()
-        now = max(now, end)
+        now = clock.now = max(now, end)
         before = {rid: len(r.output_token_ids) for rid, r in live.items()}
         s.update_from_output(out, answer)
         for rid, r in live.items():
@@ -120,6 +188,13 @@ def through_vllm(model_dir, engine, requests, async_scheduling):
                 times[rid][1] = now
             if r.is_finished() and times[rid][2] is None:
                 times[rid][2] = now
+                pid, i = rid.rsplit("/c", 1)
+                i = int(i) + 1
+                if i < len(chains[pid]):
+                    new_ids, _, delay = chains[pid][i]
+                    ids = list(r.prompt_token_ids) + list(r.output_token_ids) + new_ids
+                    heapq.heappush(pending, (now + delay, order, pid, i, ids))
+                    order += 1
     raise AssertionError("vLLM's scheduler did not finish the case")
 
 
@@ -134,3 +209,47 @@ def test_the_replica_matches_vllms_scheduler_step_for_step(model_dir, async_sche
         assert sim == vllm_times, (seed, engine)
         preempted += preemptions
     assert preempted > 50  # the cases must exercise preemption, not only queueing
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_chained_calls_hit_their_parents_blocks_as_in_vllm(model_dir, async_scheduling):
+    """A program's later calls reuse its history through the prefix cache (BFCL, ShareGPT)."""
+    hits = 0
+    for seed in range(300):
+        rng = random.Random(seed)
+        engine, programs, requests = random_chain_case(rng, prefix_caching=rng.random() < 0.7)
+        config = ExperimentConfig("diff", engine=EngineConfig(**engine, async_scheduling=async_scheduling),
+                                  latency=LatencyConfig(kind="constant", seconds=STEP))
+        result = simulate(programs, config, "fcfs")
+        sim = {f"{r.program_id}/{r.call_id}": (r.first_scheduled, r.first_token, r.finish) for r in result.calls}
+        vllm_times, _ = through_vllm(model_dir, engine, requests, async_scheduling)
+        assert sim == vllm_times, (seed, engine)
+        hits += sum(r.prefix_hit_tokens for r in result.calls if r.call_id != "c0")
+    assert hits > 0  # the children must reuse their parents' blocks
+
+
+@pytest.mark.parametrize("policy", ["plas", "atlas", "mlfq", "program_fcfs"])
+def test_the_plugin_in_vllm_and_the_replica_make_the_same_decisions(model_dir, policy):
+    """One scheduler core, two engines: our vLLM plugin and the simulated replica, step for step.
+
+    Chained programs under each program-aware policy, with policy
+    preemption, starvation promotion and quantum demotion (1 s steps
+    against a 2 s first queue and beta 4). Synchronous scheduling only:
+    under async scheduling the plugin charges a step after vLLM has
+    scheduled the next one, and the simulator before (README, async
+    scheduling), so state-dependent orders may differ by a step.
+    """
+    params = {"queue_base": 2.0, "beta": 4.0}
+    preempted = 0
+    for seed in range(200):
+        rng = random.Random(seed)
+        engine, programs, requests = random_chain_case(rng, prefix_caching=rng.random() < 0.7)
+        config = ExperimentConfig("diff", engine=EngineConfig(**engine),
+                                  latency=LatencyConfig(kind="constant", seconds=STEP),
+                                  policy_params=PolicyParams(**params))
+        result = simulate(programs, config, policy)
+        sim = {f"{r.program_id}/{r.call_id}": (r.first_scheduled, r.first_token, r.finish) for r in result.calls}
+        vllm_times, preemptions = through_vllm(model_dir, engine, requests, False, plugin=(policy, params))
+        assert sim == vllm_times, (seed, engine)
+        preempted += preemptions
+    assert preempted > 30  # policy and memory preemptions both occur

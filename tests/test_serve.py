@@ -382,3 +382,17 @@ def test_an_aborted_call_frees_its_kv_and_is_never_pinned():
     at(60.0)
     assert (engine.replica.pins, engine.replica.pins_held, engine.replica.kv.in_use) == (0, 0, 0)
     assert engine.snapshot()["aborted"] == 1
+
+
+def test_a_second_call_on_a_busy_thread_is_refused_even_before_the_scheduler_sees_the_first():
+    from sim.realtime import Conflict
+
+    engine, at = virtual_time_engine("plas", blocks=40)
+    engine.submit(list(range(100, 116)), 5, "R", "r", None)  # a step is in flight from t = 0
+    at(0.5)
+    engine.submit(list(range(200, 216)), 2, "A", "0", None)  # joins the scheduler when the step ends
+    assert engine.replica.is_arriving("A", "0")
+    with pytest.raises(Conflict, match="already has a live call on thread '0'"):
+        engine.submit(list(range(300, 316)), 2, "A", "0", None)
+    at(1.0)
+    assert not engine.replica.is_arriving("A", "0") and "0" in engine.table.get("A").live
