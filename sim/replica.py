@@ -23,8 +23,8 @@ tokens on readmission (vLLM v1); by swap it moves the KV over PCIe and back.
 Steps are scheduled when the previous one ends. With
 ``engine.async_scheduling`` (``vllm serve``'s default) the replica shows each
 decision what vLLM, scheduling one step ahead, could see then: calls
-submitted during the step in flight, and finished calls' slots and KV, wait
-one step longer (section "async scheduling").
+submitted during the step in flight, finished calls' slots and KV, and the
+step's service charges wait one step longer (section "async scheduling").
 
 With ``engine.kv_ttl`` (Continuum's KV time-to-live) a finished call whose
 program will send a follow-up keeps its keyed blocks pinned for that long,
@@ -216,7 +216,7 @@ class Replica:
         self._staged: list[tuple[float, SimCall]] = []
         self._arriving: list[tuple[float, SimCall]] = []  # submitted during the step in flight (`submit`)
         self._in_step = False  # a step's timeout is running
-        self._draining: list[tuple[tuple, BlockTable | None]] = []  # (key, blocks) of finished calls (async)
+        self._draining: list[tuple[SimCall, BlockTable | None]] = []  # finished calls and their blocks (async)
         self._last_start = -INF  # start of the step that completed last
         # Async with prefix caching: blocks whose last token was in flight
         # when scheduled, keyed one schedule late (see "async scheduling").
@@ -224,6 +224,18 @@ class Replica:
         self._key_due: list[tuple[SimCall, int]] = []  # (call, tokens) to key after this schedule
         self._key_next: list[tuple[SimCall, int]] = []  # ... after the next one
         self._lag_keys = self._async and kv.prefix_caching
+        # Async: what the last step's output tells the scheduler core,
+        # applied after the next schedule (`_apply_outputs`): its service
+        # charges, the members whose quantum expiry is due once charged, and
+        # the calls it finished.
+        self._outputs_due = False
+        self._charges: dict[str, float] = {}
+        self._charged_at = 0.0
+        self._requantum: list[SimCall] = []
+        self._finished: list[SimCall] = []
+        self._preemptions_charged = 0  # self.preemptions when charges were last applied
+        self._last_dt = 0.0  # lazy path: the last step's duration, and the members it skipped
+        self._last_skipped: list[SimCall] = []
         self._info: StepInfo | None = None  # the observer's view of the step being scheduled
         self.process = env.process(self.run(env))
 
@@ -262,20 +274,24 @@ class Replica:
         )
         self._live[call.core.id] = call
 
-    def _register_arriving(self) -> None:
-        """At a step's end: the calls submitted during it join the scheduler, in submission order.
+    def _register_arriving(self, until: float = INF) -> None:
+        """At a step's end: the calls submitted during it (up to time ``until``) join the scheduler, in submission order.
 
         Under async scheduling they wait in ``_staged`` one step more, as
         the step after this one was scheduled before they arrived.
         """
         now = self.env.now
+        n = 0
         for t, call in self._arriving:
+            if t > until:
+                break
+            n += 1
             self._register(call, now)
             if self._async:
                 self._staged.append((t, call))
             else:
                 insort(self.waiting, call, key=_KEY)
-        self._arriving.clear()
+        del self._arriving[:n]
 
     def abort(self, call: SimCall) -> bool:
         """Drop a call whose client went away, as vLLM's abort does.
@@ -316,10 +332,11 @@ class Replica:
             if self._staged:
                 self._reveal(self._last_start)
             if not self.running and not self.waiting:
-                if self._staged or self._draining:  # nothing in flight: vLLM schedules them at once
+                if self._staged or self._draining or self._outputs_due:  # nothing in flight: vLLM schedules them at once
                     if self._lag_keys:
                         self._key_late()
                     self._release_draining()
+                    self._apply_outputs()
                     self._reveal(INF)
                     continue
                 self._wake = env.event()
@@ -336,6 +353,8 @@ class Replica:
             if self._lag_keys:
                 self._key_late()
             freed = self._release_draining()
+            if self._outputs_due:
+                self._apply_outputs()
             if not batch and not members and (freed or self._staged):
                 # Async: the step scheduled before the last one's outputs is
                 # empty, so vLLM schedules again at once with them applied.
@@ -384,7 +403,15 @@ class Replica:
                 self._complete_lazy(step, dt, start)
             else:
                 self._complete(batch, dt, start)
-            if self._arriving:
+            if self._async:
+                # Calls submitted during the step join after its output is
+                # applied (`_apply_outputs`), except those submitted as it
+                # started (after it was scheduled): vLLM added them before
+                # scheduling the next step, with the previous output applied.
+                self._outputs_due = True
+                if self._arriving and self._arriving[0][0] <= start:
+                    self._register_arriving(start)
+            elif self._arriving:
                 self._register_arriving()
 
     def _check_progress(self, now: float) -> None:
@@ -522,7 +549,14 @@ class Replica:
         self._member_kv_base += call.num_computed - call.j_steps + 1
         self._by_phase[(call.num_computed - call.j_steps) % self.block][call] = None
         self._by_finish.setdefault(self._finish_step(call), {})[call] = None
-        self._push_quantum(call)
+        self._requantum_after_charges(call)
+
+    def _requantum_after_charges(self, call: SimCall) -> None:
+        """Push a member's quantum expiry once the core has its charges (under async, after the next schedule)."""
+        if self._async:
+            self._requantum.append(call)
+        else:
+            self._push_quantum(call)
 
     def _push_quantum(self, call: SimCall) -> None:
         q = call.core.quantum_left
@@ -547,6 +581,11 @@ class Replica:
             self._members -= 1
             self._member_kv_base -= call.num_computed - call.j_steps + 1
             call.steady = False
+            if lump and self._outputs_due and call not in self._last_skipped:
+                # Async: the core learns of the last step's service only
+                # with its output, after this schedule (`_apply_outputs`).
+                self._charges[call.core.id] = self._last_dt
+                lump -= self._last_dt
             if lump:
                 self.core.on_step({call.core.id: lump}, now)
 
@@ -568,29 +607,14 @@ class Replica:
             self._unsorted = False
         transfer = 0.0
         held: set[SimCall] = set()  # this step's policy victims sit it out (see _admit)
-        policy = core.policy
-        if (
-            policy.preemptive
-            and policy.params.preemption
-            and self.waiting
-            and self.running
-            and policy.outranks(self.waiting[0].core, self.running[-1].core)
-        ):
-            if self._pins:
-                self._unpin_for_better_waiting()
-            victims = core.choose_victims(
-                [c.core for c in self.running],
-                [c.core for c in self.waiting[: cfg.max_num_seqs]],
-                cfg.max_num_seqs - self._seats_taken(),
-                kv.free,
-                self._need_of,
-                self._freed_of,
-            )
-            if victims:
-                for call in map(self._by_core, victims):  # worst first, as the plugin preempts them
-                    self._leave(call, now)
-                    transfer += self._preempt(call, now)
-                    held.add(call)
+        if core.policy.preemptive and core.policy.params.preemption and self.waiting:
+            for call in self._policy_victims():  # worst first, as the plugin preempts them
+                if call.finish >= 0:
+                    self._drop_draining(call)
+                    continue
+                self._leave(call, now)
+                transfer += self._preempt(call, now)
+                held.add(call)
 
         step = _LazyStep()
         budget = cfg.max_num_batched_tokens
@@ -632,6 +656,8 @@ class Replica:
             budget -= demand
         else:
             budget, preempted_for_memory, transfer = self._schedule_running_exactly(step, budget, now, transfer)
+        if self._lag_keys and self._last_skipped:
+            self._key_after_skip(step.skipped, c_steps)
         step.running_part = len(batch)
         step.members = self._members - len(step.skipped)
         step.member_kv = self._member_kv_base + self._members * c_steps - step.skipped_kv
@@ -691,6 +717,20 @@ class Replica:
             self._skip(call)
         return budget, preempted_for_memory, transfer
 
+    def _key_after_skip(self, skipped: list[SimCall], c_steps: int) -> None:
+        """Async: key the block that a member left out of the last step fills in this one.
+
+        Its input token is no longer in flight, so vLLM keys the block as it
+        schedules the decode (`_key_full_blocks`), not one schedule late as
+        the cohort's crossing blocks are; a preemption at the next schedule
+        must find it keyed.
+        """
+        for call in self._last_skipped:
+            if call.steady and call not in skipped:
+                tokens = call.num_computed + c_steps - call.j_steps + 1
+                if tokens % self.block == 0:
+                    self.kv.register_full(call.blocks, call.keys, tokens)
+
     def _complete_lazy(self, step: "_LazyStep", dt: float, start: float) -> None:
         now = self.env.now
         core = self.core
@@ -704,6 +744,8 @@ class Replica:
             adm_batch = [(c, n) for c, n in adm_batch if c not in aborted]
             aborted.clear()
         q_heap = self._q_heap
+        self._last_dt = dt
+        self._last_skipped = step.skipped
         if not (run_batch or adm_batch or step.skipped or step.finishing) and not (q_heap and q_heap[0][0] <= c_service + 1e-9):
             return  # members only, none finishing or out of quantum: nothing to apply
         self._unsorted = True  # service charged below may demote a call
@@ -745,7 +787,7 @@ class Replica:
             services[cid] = c_service - call.j_service if call in events else charges[cid]
         for call in admitted:
             services[call.core.id] = charges[call.core.id]
-        core.on_step(services, now)
+        self._charge(services, now)
 
         new_of = dict(run_batch)
         new_of.update(adm_batch)
@@ -762,7 +804,7 @@ class Replica:
                     if self._lag_keys:
                         self._key_due.append((call, call.num_computed))
                 else:  # its quantum ran out: demoted, with a fresh quantum
-                    self._push_quantum(call)
+                    self._requantum_after_charges(call)
                 continue
             new = new_of[call]
             call.service += dt
@@ -844,6 +886,37 @@ class Replica:
         insort(self.waiting, call, key=_KEY)
         return transfer
 
+    def _policy_victims(self) -> list[SimCall]:
+        """The running calls the policy preempts this step for better-ranked waiting ones, worst first.
+
+        Under async scheduling a call that finished in the step just ended
+        is still running for vLLM (its last token is in flight), so it is a
+        candidate too, as in the plugin. Such a victim (``finish >= 0``) is
+        only dropped (`_drop_draining`): its slot and KV are freed a step
+        early, as `_preempt_draining` does for memory.
+        """
+        running, policy = self.running, self.core.policy
+        worst = running[-1].core if running else None
+        draining = [c.core for c, blocks in self._draining if blocks is not None]
+        if draining:
+            last = max(draining, key=attrgetter("key"))
+            if worst is None or worst.key < last.key:
+                worst = last
+        # Fast exit: the best waiting call outranks nobody if not the worst running one.
+        if worst is None or not policy.outranks(self.waiting[0].core, worst):
+            return []
+        if self._pins:
+            self._unpin_for_better_waiting(worst)
+        victims = self.core.choose_victims(
+            [c.core for c in running] + draining,
+            [c.core for c in self.waiting[: self.cfg.max_num_seqs]],
+            self.cfg.max_num_seqs - self._seats_taken(),
+            self.kv.free,
+            self._need_of,
+            self._freed_of,
+        )
+        return list(map(self._by_core, victims))
+
     def _blocks_to_admit(self, call: SimCall) -> int:
         """Blocks a waiting call needs, prefix hits ignored (the plugin's `_blocks_needed` too).
 
@@ -866,29 +939,13 @@ class Replica:
         transfer = 0.0
         held: set[SimCall] = set()  # this step's policy victims sit it out (see _admit)
 
-        policy = core.policy
-        if (
-            policy.preemptive
-            and policy.params.preemption
-            and self.waiting
-            and self.running
-            # Fast exit: the best waiting call outranks nobody if not the worst running one.
-            and policy.outranks(self.waiting[0].core, self.running[-1].core)
-        ):
-            if self._pins:
-                self._unpin_for_better_waiting()
-            victims = core.choose_victims(
-                [c.core for c in self.running],
-                [c.core for c in self.waiting[: cfg.max_num_seqs]],
-                cfg.max_num_seqs - self._seats_taken(),
-                kv.free,
-                self._need_of,
-                self._freed_of,
-            )
-            if victims:
-                for call in map(self._by_core, victims):  # worst first, as the plugin preempts them
-                    transfer += self._preempt(call, now)
-                    held.add(call)
+        if core.policy.preemptive and core.policy.params.preemption and self.waiting:
+            for call in self._policy_victims():  # worst first, as the plugin preempts them
+                if call.finish >= 0:
+                    self._drop_draining(call)
+                    continue
+                transfer += self._preempt(call, now)
+                held.add(call)
 
         budget = cfg.max_num_batched_tokens
         batch: list[tuple[SimCall, int]] = []
@@ -1037,11 +1094,14 @@ class Replica:
     # step N ran are held back (``_staged``) and join the waiting queue one
     # step later; a call that finished in step N keeps its sequence slot and
     # KV blocks (``_draining``) until step N+1 has been scheduled, as vLLM
-    # only frees them when it processes N's outputs. Step times are the
-    # latency model's either way: the CPU work that async scheduling hides
-    # behind the GPU is part of the fitted per-step cost and is not removed.
-    # Policy state (service, quanta, starvation) is as of the step that just
-    # ended, one step fresher than vLLM's.
+    # only frees them when it processes N's outputs; until then it may still
+    # be a memory or policy victim, which frees them early. The scheduler
+    # core, too, learns of step N (its service charges, demotions and
+    # finished calls, then the calls that arrived during it) only after step
+    # N+1 has been scheduled (`_apply_outputs`), as our vLLM plugin does in
+    # `update_from_output`. Step times are the latency model's either way:
+    # the CPU work that async scheduling hides behind the GPU is part of the
+    # fitted per-step cost and is not removed.
 
     def _seats_taken(self) -> int:
         return len(self.running) + len(self._draining)
@@ -1093,13 +1153,22 @@ class Replica:
         draining = self._draining
         if not draining:
             return False
-        worst = max(range(len(draining)), key=lambda j: draining[j][0])
-        if draining[worst][0] < victim.core.key:
+        worst = max(range(len(draining)), key=lambda j: draining[j][0].core.key)
+        if draining[worst][0].core.key < victim.core.key:
             return False
         _, blocks = draining.pop(worst)
         if blocks is not None:
             self.kv.release(blocks)
         return True
+
+    def _drop_draining(self, call: SimCall) -> None:
+        """Free a finished call's slot and KV before its output is processed (a policy victim)."""
+        for j, (c, blocks) in enumerate(self._draining):
+            if c is call:
+                del self._draining[j]
+                if blocks is not None:
+                    self.kv.release(blocks)
+                return
 
     def _release_draining(self) -> bool:
         """Free the slots and KV of calls that finished before the step just scheduled; True if any."""
@@ -1123,7 +1192,7 @@ class Replica:
         if self._aborted:
             batch = [(c, n) for c, n in batch if c not in self._aborted]
             self._aborted.clear()
-        core.on_step(attribute_service(dt, [c.core.id for c, _ in batch]), now)
+        self._charge(attribute_service(dt, [c.core.id for c, _ in batch]), now)
         on_progress = self.on_progress
         finished = []
         for call, new in batch:
@@ -1144,8 +1213,15 @@ class Replica:
                 finished.append(call)
         self._finish(finished, now)
 
+    def _charge(self, services: dict[str, float], now: float) -> None:
+        """Hand a step's service to the core: at once, or under async with its output (`_apply_outputs`)."""
+        if self._async:
+            self._charges = services
+        else:
+            self.core.on_step(services, now)
+
     def _finish(self, finished: list[SimCall], now: float) -> None:
-        kv, core = self.kv, self.core
+        kv = self.kv
         for call in finished:
             call.finish = now
             if self._lag_keys and call.pin_ttl > 0:  # vLLM keys the last blocks before the finish pins them
@@ -1153,17 +1229,57 @@ class Replica:
             if call.pin_ttl > 0 and call.blocks.keys:
                 self._pin(call, call.pin_ttl)
                 if self._async:
-                    self._draining.append((call.core.key, None))
+                    self._draining.append((call, None))
             elif self._async:
-                self._draining.append((call.core.key, call.blocks))
+                self._draining.append((call, call.blocks))
             else:
                 kv.release(call.blocks)
             self.running.remove(call)
-            core.finish_call(call.core, now)
-            del self._live[call.core.id]
-            self.on_finish(call)
-            if call.done is not None:
-                call.done.succeed()
+            if self._async:
+                self._finished.append(call)
+            else:
+                self._close(call, now)
+
+    def _close(self, call: SimCall, now: float) -> None:
+        """The core and the caller learn that ``call`` finished."""
+        self.core.finish_call(call.core, now)
+        del self._live[call.core.id]
+        self.on_finish(call)
+        if call.done is not None:
+            call.done.succeed()
+
+    def _apply_outputs(self) -> None:
+        """Async: the last step's output reaches the scheduler core, after the next step was scheduled.
+
+        vLLM's engine core schedules step N+1 before it processes step N's
+        output (`update_from_output`), so the plugin charges step N's
+        service, demotes calls and completes finished ones only then, and
+        adds the requests that arrived during step N after that. The
+        replica does the same at the same instant: decisions for step N+1
+        see the core as of step N-1, one step stale, as in vLLM.
+        """
+        self._outputs_due = False
+        now = self.env.now
+        if self._charges:
+            self.core.on_step(self._charges, now)
+            self._charges = {}
+            self._unsorted = True  # a demoted running call moves back in the order
+            if self.preemptions != self._preemptions_charged:
+                # A call preempted by the schedule in between was charged
+                # while waiting and may have been demoted there.
+                self._preemptions_charged = self.preemptions
+                self.waiting.sort(key=_KEY)
+        if self._requantum:
+            for call in self._requantum:
+                if call.steady:  # not preempted by the schedule in between
+                    self._push_quantum(call)
+            self._requantum.clear()
+        if self._finished:
+            for call in self._finished:
+                self._close(call, now)
+            self._finished.clear()
+        if self._arriving:
+            self._register_arriving()
 
     # -- KV pins (Continuum's time-to-live) ----------------------------------------------
     def _pin(self, call: SimCall, ttl: float) -> None:
@@ -1213,13 +1329,12 @@ class Replica:
         while self._pins and need > kv.capacity - kv.in_use:
             self._drop_oldest_pin()
 
-    def _unpin_for_better_waiting(self) -> None:
+    def _unpin_for_better_waiting(self, worst: CallState) -> None:
         """Before a preemptive policy picks victims, release the oldest pins for the calls it would preempt for.
 
         Those are the waiting calls (best first, as many as may run) that
-        outrank the worst running call; each may need the blocks to admit it.
+        outrank the ``worst`` running call; each may need the blocks to admit it.
         """
-        worst = self.running[-1].core
         outranks = self.core.policy.outranks
         need = 0
         for call in self.waiting[: self.cfg.max_num_seqs]:

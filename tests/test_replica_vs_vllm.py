@@ -228,28 +228,29 @@ def test_chained_calls_hit_their_parents_blocks_as_in_vllm(model_dir, async_sche
     assert hits > 0  # the children must reuse their parents' blocks
 
 
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
 @pytest.mark.parametrize("policy", ["plas", "atlas", "mlfq", "program_fcfs"])
-def test_the_plugin_in_vllm_and_the_replica_make_the_same_decisions(model_dir, policy):
+def test_the_plugin_in_vllm_and_the_replica_make_the_same_decisions(model_dir, policy, async_scheduling):
     """One scheduler core, two engines: our vLLM plugin and the simulated replica, step for step.
 
     Chained programs under each program-aware policy, with policy
     preemption, starvation promotion and quantum demotion (1 s steps
-    against a 2 s first queue and beta 4). Synchronous scheduling only:
-    under async scheduling the plugin charges a step after vLLM has
-    scheduled the next one, and the simulator before (README, async
-    scheduling), so state-dependent orders may differ by a step.
+    against a 2 s first queue and beta 4). Under async scheduling the
+    plugin charges a step, demotes and completes calls only after vLLM
+    has scheduled the next one, and may preempt a call whose last token
+    is in flight; the replica must do the same (`Replica._apply_outputs`).
     """
     params = {"queue_base": 2.0, "beta": 4.0}
     preempted = 0
     for seed in range(200):
         rng = random.Random(seed)
         engine, programs, requests = random_chain_case(rng, prefix_caching=rng.random() < 0.7)
-        config = ExperimentConfig("diff", engine=EngineConfig(**engine),
+        config = ExperimentConfig("diff", engine=EngineConfig(**engine, async_scheduling=async_scheduling),
                                   latency=LatencyConfig(kind="constant", seconds=STEP),
                                   policy_params=PolicyParams(**params))
         result = simulate(programs, config, policy)
         sim = {f"{r.program_id}/{r.call_id}": (r.first_scheduled, r.first_token, r.finish) for r in result.calls}
-        vllm_times, preemptions = through_vllm(model_dir, engine, requests, False, plugin=(policy, params))
+        vllm_times, preemptions = through_vllm(model_dir, engine, requests, async_scheduling, plugin=(policy, params))
         assert sim == vllm_times, (seed, engine)
         preempted += preemptions
     assert preempted > 30  # policy and memory preemptions both occur

@@ -135,6 +135,23 @@ def test_async_an_engine_whose_calls_all_finished_schedules_the_next_at_once():
         assert (r["B", "b"].first_scheduled, r["D", "d"].first_scheduled) == starts
 
 
+@pytest.mark.parametrize("fast_forward", [True, False])
+def test_async_the_core_sees_a_steps_service_only_after_the_next_schedule(fast_forward):
+    # PLAS, a 2 s first quantum, one sequence. A runs from t=0; B arrives
+    # at 0.5. Sync: A's second step (ending t=2) uses up its quantum, so
+    # the schedule at t=2 finds A demoted and lets B in. Async: vLLM
+    # schedules the step at t=2 before it processes the output of the step
+    # ending then, and our plugin charges that step only then; so A is
+    # demoted one schedule later and B starts at t=3, as in vLLM.
+    programs = [prog("A", 0.0, call("a", 10, 10)), prog("B", 0.5, call("b", 10, 2))]
+    params = PolicyParams(beta=1e9, queue_base=2.0)
+    for config, b_start in ((cfg(params, fast_forward=fast_forward), 2.0),
+                            (cfg(params, fast_forward=fast_forward, async_scheduling=True), 3.0)):
+        rec = by_id(simulate(programs, config, "plas"))
+        assert (rec["B", "b"].first_scheduled, rec["B", "b"].finish) == (b_start, b_start + 2.0)
+        assert rec["A", "a"].preemptions == 1
+
+
 def test_async_a_call_whose_last_token_is_in_flight_is_the_memory_victim():
     # 4 blocks of 16. A (31 + 6 tokens) and B (16 + 2) start together. B
     # samples its last token in step [1,2); scheduling step [2,3), A needs

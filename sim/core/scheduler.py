@@ -187,8 +187,9 @@ class SchedulerCore:
         """Charge each call its service (from `attribute_service`).
 
         A charged call may already be waiting again: under vLLM's async
-        scheduling the plugin charges step N after step N+1 was scheduled,
-        and that may have preempted the call. If the charge demotes such a
+        scheduling the plugin (and the simulated replica, which follows it)
+        charges step N after step N+1 was scheduled, and that may have
+        preempted the call. If the charge demotes such a
         call out of the top queue, it needs a starvation deadline, which it
         had none of while it waited in the top queue.
         """
