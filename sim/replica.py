@@ -204,6 +204,7 @@ class Replica:
         self.prefill_tokens = 0  # tokens computed in chunks of more than one (prompts and recomputes)
         self.swap_seconds = 0.0  # step time spent moving swapped KV over PCIe
         self._pins: dict[tuple[str, str], BlockTable] = {}  # (program, call) -> pinned blocks, oldest first
+        self._pin_expiries: list[tuple[float, int, tuple[str, str], BlockTable]] = []  # heap, lazily invalidated
         self.pins = 0  # calls whose KV was pinned at finish
         self.pins_dropped = 0  # pins released early: for a running call, a better-ranked waiting one, an idle engine
         self._stalled_tokens = 0  # prefill tokens computed since a call last sampled a token
@@ -216,7 +217,7 @@ class Replica:
         self._staged: list[tuple[float, SimCall]] = []
         self._arriving: list[tuple[float, SimCall]] = []  # submitted during the step in flight (`submit`)
         self._in_step = False  # a step's timeout is running
-        self._draining: list[tuple[SimCall, BlockTable | None]] = []  # finished calls and their blocks (async)
+        self._draining: list[SimCall] = []  # finished calls still holding their slot and KV (async)
         self._last_start = -INF  # start of the step that completed last
         # Async with prefix caching: blocks whose last token was in flight
         # when scheduled, keyed one schedule late (see "async scheduling").
@@ -230,12 +231,12 @@ class Replica:
         # the calls it finished.
         self._outputs_due = False
         self._charges: dict[str, float] = {}
-        self._charged_at = 0.0
         self._requantum: list[SimCall] = []
         self._finished: list[SimCall] = []
         self._preemptions_charged = 0  # self.preemptions when charges were last applied
         self._last_dt = 0.0  # lazy path: the last step's duration, and the members it skipped
         self._last_skipped: list[SimCall] = []
+        self._joined_unsampled: list[SimCall] = []  # members that joined last step without sampling (async keys)
         self._info: StepInfo | None = None  # the observer's view of the step being scheduled
         self.process = env.process(self.run(env))
 
@@ -333,6 +334,8 @@ class Replica:
                 self._reveal(self._last_start)
             if not self.running and not self.waiting:
                 if self._staged or self._draining or self._outputs_due:  # nothing in flight: vLLM schedules them at once
+                    if self._pin_expiries:  # vLLM's empty schedule before it processes the last output
+                        self._expire_pins(env.now)
                     if self._lag_keys:
                         self._key_late()
                     self._release_draining()
@@ -456,8 +459,8 @@ class Replica:
 
         A step of cohort members only, with nothing waiting, is followed by
         more such steps until a member finishes, a quantum runs out, the KV
-        cache cannot give a crossing member its block, or another event in
-        the environment may submit a call. Those steps change nothing but
+        cache cannot give a crossing member its block, a KV pin expires, or
+        another event in the environment may submit a call. Those steps change nothing but
         counters and KV blocks: with nothing waiting, the step starts'
         ``promote_starving`` finds only stale entries, as a core's deadline
         heap holds only its own calls (`SchedulerCore.recheck_starvation`).
@@ -473,6 +476,7 @@ class Replica:
         """
         env, kv, block = self.env, self.kv, self.block
         horizon = env.peek()  # no call can arrive before this event is processed
+        expiry = self._pin_expiries[0][0] if self._pin_expiries else INF  # may be stale, as q_next
         m = self._members
         q_heap = self._q_heap
         q_next = q_heap[0][0] if q_heap else INF  # may be stale: only ever stops a run early
@@ -481,6 +485,7 @@ class Replica:
         end = start + dt
         if (
             end >= horizon
+            or end >= expiry  # the next step's schedule releases a pin
             or q_next <= service + 1e-9
             or m > self.cfg.max_num_batched_tokens
             or m != len(self.running)
@@ -490,8 +495,8 @@ class Replica:
         step_time, base = self.latency.step_time, self._member_kv_base
         last_start, last_dt = start, dt
         while True:
-            c += 1  # the candidate step's cohort index
-            if c in by_finish:
+            c += 1  # the candidate step's cohort index, starting at ``end``
+            if c in by_finish or end >= expiry:
                 break
             crossing = by_phase[-c % block]
             if len(crossing) > kv.capacity - kv.in_use:
@@ -600,6 +605,8 @@ class Replica:
     def _schedule_lazy(self, now: float) -> "_LazyStep":
         cfg, kv, core = self.cfg, self.kv, self.core
         self._sched_seq += 1
+        if self._pin_expiries:
+            self._expire_pins(now)
         if core.promote_starving(now):
             self.waiting.sort(key=_KEY)
         if self._unsorted:  # running keys change only on admission, charges and refreshes
@@ -656,8 +663,8 @@ class Replica:
             budget -= demand
         else:
             budget, preempted_for_memory, transfer = self._schedule_running_exactly(step, budget, now, transfer)
-        if self._lag_keys and self._last_skipped:
-            self._key_after_skip(step.skipped, c_steps)
+        if self._lag_keys and (self._last_skipped or self._joined_unsampled):
+            self._key_known_inputs(step.skipped, c_steps)
         step.running_part = len(batch)
         step.members = self._members - len(step.skipped)
         step.member_kv = self._member_kv_base + self._members * c_steps - step.skipped_kv
@@ -717,15 +724,17 @@ class Replica:
             self._skip(call)
         return budget, preempted_for_memory, transfer
 
-    def _key_after_skip(self, skipped: list[SimCall], c_steps: int) -> None:
-        """Async: key the block that a member left out of the last step fills in this one.
+    def _key_known_inputs(self, skipped: list[SimCall], c_steps: int) -> None:
+        """Async: key the block filled by a member whose input token is not in flight.
 
-        Its input token is no longer in flight, so vLLM keys the block as it
-        schedules the decode (`_key_full_blocks`), not one schedule late as
-        the cohort's crossing blocks are; a preemption at the next schedule
-        must find it keyed.
+        That is a member left out of the last step (token budget), or one
+        that joined the cohort after a recomputed prefill without sampling.
+        vLLM keys the block as it schedules the decode (`_key_full_blocks`),
+        not one schedule late as the cohort's crossing blocks are; a
+        preemption at the next schedule must find it keyed.
         """
-        for call in self._last_skipped:
+        joined, self._joined_unsampled = self._joined_unsampled, []
+        for call in self._last_skipped + joined:
             if call.steady and call not in skipped:
                 tokens = call.num_computed + c_steps - call.j_steps + 1
                 if tokens % self.block == 0:
@@ -821,6 +830,8 @@ class Replica:
                 finished.append(call)
             elif call.generated > 0 and call.num_computed == call.num_tokens - 1:
                 self._join(call)
+                if self._lag_keys and call.sampled_in != self._sched_seq:  # a recompute's last chunk
+                    self._joined_unsampled.append(call)
         self._finish(finished, now)
 
     # -- scheduling --------------------------------------------------------------------
@@ -893,11 +904,13 @@ class Replica:
         is still running for vLLM (its last token is in flight), so it is a
         candidate too, as in the plugin. Such a victim (``finish >= 0``) is
         only dropped (`_drop_draining`): its slot and KV are freed a step
-        early, as `_preempt_draining` does for memory.
+        early, as `_preempt_draining` does for memory, and it pins nothing.
+        Like that memory victim it is not counted as a preemption (vLLM
+        counts one), since no work is redone.
         """
         running, policy = self.running, self.core.policy
         worst = running[-1].core if running else None
-        draining = [c.core for c, blocks in self._draining if blocks is not None]
+        draining = [c.core for c in self._draining]
         if draining:
             last = max(draining, key=attrgetter("key"))
             if worst is None or worst.key < last.key:
@@ -933,6 +946,8 @@ class Replica:
     def _schedule(self, now: float):
         cfg, kv, core = self.cfg, self.kv, self.core
         self._sched_seq += 1
+        if self._pin_expiries:
+            self._expire_pins(now)
         if core.promote_starving(now):
             self.waiting.sort(key=_KEY)
         self.running.sort(key=_KEY)
@@ -1153,30 +1168,33 @@ class Replica:
         draining = self._draining
         if not draining:
             return False
-        worst = max(range(len(draining)), key=lambda j: draining[j][0].core.key)
-        if draining[worst][0].core.key < victim.core.key:
+        worst = max(range(len(draining)), key=lambda j: draining[j].core.key)
+        if draining[worst].core.key < victim.core.key:
             return False
-        _, blocks = draining.pop(worst)
-        if blocks is not None:
-            self.kv.release(blocks)
+        self.kv.release(draining.pop(worst).blocks)
         return True
 
     def _drop_draining(self, call: SimCall) -> None:
         """Free a finished call's slot and KV before its output is processed (a policy victim)."""
-        for j, (c, blocks) in enumerate(self._draining):
-            if c is call:
-                del self._draining[j]
-                if blocks is not None:
-                    self.kv.release(blocks)
-                return
+        self._draining.remove(call)
+        self.kv.release(call.blocks)
 
     def _release_draining(self) -> bool:
-        """Free the slots and KV of calls that finished before the step just scheduled; True if any."""
+        """Free the slots and KV of calls that finished before the step just scheduled; True if any.
+
+        A call that pins its KV for a follow-up (``pin_ttl``) is pinned now,
+        as the plugin pins it when vLLM processes its last output.
+        """
         if not self._draining:
             return False
-        for _, blocks in self._draining:
-            if blocks is not None:
-                self.kv.release(blocks)
+        for call in self._draining:
+            blocks = call.blocks
+            if call.pin_ttl > 0:
+                self.kv.register_full(blocks, call.keys, call.num_computed)  # vLLM keys the last blocks first
+                if blocks.keys:
+                    self._pin(call, call.pin_ttl)
+                    continue
+            self.kv.release(blocks)
         self._draining.clear()
         return True
 
@@ -1224,14 +1242,10 @@ class Replica:
         kv = self.kv
         for call in finished:
             call.finish = now
-            if self._lag_keys and call.pin_ttl > 0:  # vLLM keys the last blocks before the finish pins them
-                kv.register_full(call.blocks, call.keys, call.num_computed)
-            if call.pin_ttl > 0 and call.blocks.keys:
+            if self._async:  # its last token is in flight: slot and KV held (pinned) later
+                self._draining.append(call)
+            elif call.pin_ttl > 0 and call.blocks.keys:
                 self._pin(call, call.pin_ttl)
-                if self._async:
-                    self._draining.append((call, None))
-            elif self._async:
-                self._draining.append((call, call.blocks))
             else:
                 kv.release(call.blocks)
             self.running.remove(call)
@@ -1290,9 +1304,21 @@ class Replica:
         self.kv.keep_keyed(call.blocks)
         table = self._pins[key] = call.blocks
         self.pins += 1
-        # Expiry needs no wake-up: an engine sleeps only with no calls at
-        # all, as one with nothing running unpins until its best waiting call fits.
-        self.env.timeout(ttl).callbacks.append(lambda _event: self._unpin(key, table))
+        heappush(self._pin_expiries, (self.env.now + ttl, self.pins, key, table))
+
+    def _expire_pins(self, now: float) -> None:
+        """Release the pins whose time-to-live has passed; called as each step is scheduled.
+
+        As in the plugin (`engine.kv_pins.KVPins.expire`), expiry happens
+        when the engine schedules, so expired blocks rejoin the LRU order
+        after the blocks freed by the step that just ended. It needs no
+        wake-up: an engine sleeps only with no calls at all, and one with
+        nothing running unpins until its best waiting call fits.
+        """
+        heap = self._pin_expiries
+        while heap and heap[0][0] <= now:
+            _, _, key, table = heappop(heap)
+            self._unpin(key, table)
 
     def _unpin(self, key: tuple[str, str], table: BlockTable | None = None) -> None:
         """Release a pin if it is still held (a child's admission or its expiry, whichever comes first).

@@ -114,7 +114,7 @@ def simulated(engine, programs, async_scheduling):
     return {f"{r.program_id}/{r.call_id}": (r.first_scheduled, r.first_token, r.finish) for r in result.calls}
 
 
-def through_vllm(model_dir, engine, requests, async_scheduling, plugin=None):
+def through_vllm(model_dir, engine, requests, async_scheduling, plugin=None, kv_ttl=0.0):
     """Drive vLLM's scheduler: each scheduled step runs STEP seconds on one GPU, in order.
 
     Async: step N+1 is scheduled before step N's output is processed, as
@@ -127,7 +127,8 @@ def through_vllm(model_dir, engine, requests, async_scheduling, plugin=None):
     with each call tagged with its program and a clock that reads the
     step's start at ``schedule`` and its end at ``update_from_output`` and
     at ``add_request`` (requests that arrive during a step are added after
-    it), as the simulator's core sees them.
+    it), as the simulator's core sees them. ``kv_ttl``: tag each call that
+    has a follow-up with it, so the plugin pins its KV (`engine.kv_pins`).
     """
     if plugin is None:
         cls, extra = (AsyncScheduler if async_scheduling else Scheduler), None
@@ -155,6 +156,8 @@ def through_vllm(model_dir, engine, requests, async_scheduling, plugin=None):
             arrival, _, pid, i, ids = heapq.heappop(pending)
             rid = f"{pid}/c{i}"
             tags = {"program_id": pid, "thread_id": "main"} if plugin else None
+            if plugin and kv_ttl and i + 1 < len(chains[pid]):
+                tags["kv_ttl"] = kv_ttl
             live[rid] = make_request(rid, ids, chains[pid][i][1], arrival_time=arrival, extra_args=tags)
             times[rid] = [None, None, None]
             clock.now = now  # vLLM's engine core adds requests between steps
@@ -254,3 +257,30 @@ def test_the_plugin_in_vllm_and_the_replica_make_the_same_decisions(model_dir, p
         assert sim == vllm_times, (seed, engine)
         preempted += preemptions
     assert preempted > 30  # policy and memory preemptions both occur
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+@pytest.mark.parametrize("policy", ["fcfs", "plas", "program_fcfs"])
+def test_kv_pins_in_the_plugin_and_the_replica_match(model_dir, policy, async_scheduling):
+    """Continuum's KV time-to-live (``engine.kv_ttl`` / the ``kv_ttl`` tag) in both engines, step for step.
+
+    A 2 s pin against tool delays of 0 to 3 s: some pins are taken up by
+    the follow-up, some expire first and rejoin the LRU order at the next
+    schedule, some give way to running calls. Under async scheduling the
+    pin is taken when vLLM processes the call's last output, after the
+    next schedule, and until then the call may still be a victim.
+    """
+    params = {"queue_base": 2.0, "beta": 4.0}
+    hits = 0
+    for seed in range(150):
+        rng = random.Random(seed)
+        engine, programs, requests = random_chain_case(rng, prefix_caching=True)
+        config = ExperimentConfig("diff", engine=EngineConfig(**engine, async_scheduling=async_scheduling, kv_ttl=2.0),
+                                  latency=LatencyConfig(kind="constant", seconds=STEP),
+                                  policy_params=PolicyParams(**params))
+        result = simulate(programs, config, policy)
+        sim = {f"{r.program_id}/{r.call_id}": (r.first_scheduled, r.first_token, r.finish) for r in result.calls}
+        vllm_times, _ = through_vllm(model_dir, engine, requests, async_scheduling, plugin=(policy, params), kv_ttl=2.0)
+        assert sim == vllm_times, (seed, engine)
+        hits += sum(r.prefix_hit_tokens for r in result.calls if r.call_id != "c0")
+    assert hits > 0

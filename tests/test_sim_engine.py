@@ -323,7 +323,7 @@ def configs(draw):
     engine = dict(
         num_gpu_blocks=draw(st.integers(20, 60)),
         max_num_seqs=draw(st.integers(1, 4)),
-        max_num_batched_tokens=draw(st.sampled_from([16, 64, 512])) if chunked else 1000,
+        max_num_batched_tokens=draw(st.sampled_from([4, 16, 64, 512])) if chunked else 1000,
         enable_chunked_prefill=chunked,
         enable_prefix_caching=draw(st.booleans()),
         scheduler_reserve_full_isl=draw(st.booleans()),
@@ -674,6 +674,26 @@ def check_lazy_identity(programs, config, policy):
     assert {k: v for k, v in fast.stats.items() if k not in lazy_only} == {
         k: v for k, v in slow.stats.items() if k not in lazy_only
     }
+
+
+def test_async_lazy_path_keys_the_block_of_a_recompute_that_ends_one_token_short():
+    # p1/c2, preempted after generating, recomputes in 4-token chunks; the
+    # chunk ending at its last known token joins it to the decode cohort
+    # without sampling, so its next decode's input is not in flight and
+    # vLLM keys the block that decode fills at once. When p1/c2 is preempted
+    # again at the next schedule, the block must be cached as the per-step
+    # path has it, or later prefix hits differ.
+    sys_prompt = SharedPrefix("sys", 32)
+    programs = [
+        prog("p0", 3.0, call("c0", 148, 10, delay=1.7)),
+        prog("p1", 0.2, call("c0", 150, 1, shared_prefix=sys_prompt), call("c1", 138, 10, shared_prefix=sys_prompt),
+             call("c2", 188, 10, parents=["c1"], context_of="c1")),
+        prog("p2", 0.2, call("c0", 21, 60, shared_prefix=SharedPrefix("sys", 21))),
+    ]
+    params = PolicyParams(queue_base=0.3, beta=0.5, preempt_limit=None)
+    config = cfg(params, latency=0.1, num_gpu_blocks=30, max_num_seqs=2, max_num_batched_tokens=4,
+                 enable_prefix_caching=True, async_scheduling=True)
+    check_lazy_identity(programs, config, "plas")
 
 
 def test_lazy_path_accounts_steady_decodes_in_the_cohort():
