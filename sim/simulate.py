@@ -297,8 +297,8 @@ def simulate(
     if unfinished:
         raise RuntimeError(f"{unfinished} programs did not finish: the simulation stalled")
     reps = cluster.replicas
-    # The run ends with its last program; pins may still expire after it,
-    # idly (env.now), and must not stretch the run.
+    # The run ends with its last program. KV pins still held then are never
+    # released: as in vLLM, pins expire when an engine next schedules.
     end = max((p.finish for p in cluster.program_records), default=env.now)
     stats = {
         "sim_time": end,
