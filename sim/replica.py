@@ -460,12 +460,12 @@ class Replica:
         A step of cohort members only, with nothing waiting, is followed by
         more such steps until a member finishes, a quantum runs out, the KV
         cache cannot give a crossing member its block, a KV pin expires, or
-        another event in the environment may submit a call. Those steps change nothing but
-        counters and KV blocks: with nothing waiting, the step starts'
-        ``promote_starving`` finds only stale entries, as a core's deadline
-        heap holds only its own calls (`SchedulerCore.recheck_starvation`).
-        So they are applied here, in the order the
-        step loop would apply them, and the replica sleeps once until the
+        another event in the environment may submit a call. Those steps
+        change nothing but counters and KV blocks: with nothing waiting, the
+        step starts' ``promote_starving`` finds only stale entries, as a
+        core's deadline heap holds only its own calls
+        (`SchedulerCore.recheck_starvation`). So they are applied here, in
+        the order the step loop would apply them, and the replica sleeps once until the
         last one ends (its completion is left to the caller, as for any
         step). This saves the event, scheduling and completion of each step
         (half of LATS's light-load steps coast, ~5% of its run time: most of
