@@ -203,8 +203,11 @@ class Replica:
         self.busy_time = 0.0
         self.prefill_tokens = 0  # tokens computed in chunks of more than one (prompts and recomputes)
         self.swap_seconds = 0.0  # step time spent moving swapped KV over PCIe
-        self._pins: dict[tuple[str, str], BlockTable] = {}  # (program, call) -> pinned blocks, oldest first
-        self._pin_expiries: list[tuple[float, int, tuple[str, str], BlockTable]] = []  # heap, lazily invalidated
+        # Pins by serial number, oldest first, as (program, call) and the pinned blocks. A live
+        # engine (sim serve) may hold several pins of one thread, as the plugin does.
+        self._pins: dict[int, tuple[tuple[str, str], BlockTable]] = {}
+        self._pins_of_call: dict[tuple[str, str], list[int]] = {}
+        self._pin_expiries: list[tuple[float, int]] = []  # heap of (expiry, serial), lazily invalidated
         self.pins = 0  # calls whose KV was pinned at finish
         self.pins_dropped = 0  # pins released early: for a running call, a better-ranked waiting one, an idle engine
         self._stalled_tokens = 0  # prefill tokens computed since a call last sampled a token
@@ -1299,12 +1302,12 @@ class Replica:
     def _pin(self, call: SimCall, ttl: float) -> None:
         """Keep a finished call's keyed blocks for its program's follow-up, for ``ttl`` seconds."""
         key = (call.program_id, call.call_id)
-        if key in self._pins:  # sim serve: an earlier call on the same thread, never taken up
-            self._unpin(key)
         self.kv.keep_keyed(call.blocks)
-        table = self._pins[key] = call.blocks
         self.pins += 1
-        heappush(self._pin_expiries, (self.env.now + ttl, self.pins, key, table))
+        serial = self.pins
+        self._pins[serial] = (key, call.blocks)
+        self._pins_of_call.setdefault(key, []).append(serial)
+        heappush(self._pin_expiries, (self.env.now + ttl, serial))
 
     def _expire_pins(self, now: float) -> None:
         """Release the pins whose time-to-live has passed; called as each step is scheduled.
@@ -1317,18 +1320,22 @@ class Replica:
         """
         heap = self._pin_expiries
         while heap and heap[0][0] <= now:
-            _, _, key, table = heappop(heap)
-            self._unpin(key, table)
+            _, serial = heappop(heap)
+            if serial in self._pins:  # else taken up or dropped already
+                self._release_pin(serial)
 
-    def _unpin(self, key: tuple[str, str], table: BlockTable | None = None) -> None:
-        """Release a pin if it is still held (a child's admission or its expiry, whichever comes first).
+    def _unpin(self, key: tuple[str, str]) -> None:
+        """Release the pins of call ``key`` (program, call) still held: a DAG child of it was admitted."""
+        for serial in list(self._pins_of_call.get(key, ())):
+            self._release_pin(serial)
 
-        An expiry names its ``table``, so it cannot release a later pin under the same key.
-        """
-        held = self._pins.get(key)
-        if held is not None and (table is None or held is table):
-            del self._pins[key]
-            self.kv.release(held)
+    def _release_pin(self, serial: int) -> None:
+        key, table = self._pins.pop(serial)
+        serials = self._pins_of_call[key]
+        serials.remove(serial)
+        if not serials:
+            del self._pins_of_call[key]
+        self.kv.release(table)
 
     def _unpin_taken_up(self, call: SimCall) -> None:
         """Release the pins of ``call``'s program whose whole history ``call`` re-sends.
@@ -1336,17 +1343,17 @@ class Replica:
         Keys chain over every earlier block, so one equal key at the pin's last position means the whole pinned prefix is equal.
         """
         keys = call.keys
-        for key, table in list(self._pins.items()):
+        for serial, (key, table) in list(self._pins.items()):
             n = len(table.keys)
             if key[0] == call.program_id and len(keys) >= n and keys[n - 1] == table.keys[-1]:
-                self._unpin(key)
+                self._release_pin(serial)
 
     @property
     def pins_held(self) -> int:
         return len(self._pins)
 
     def _drop_oldest_pin(self) -> None:
-        self.kv.release(self._pins.pop(next(iter(self._pins))))
+        self._release_pin(next(iter(self._pins)))
         self.pins_dropped += 1
 
     def _unpin_until(self, need: int) -> None:

@@ -117,6 +117,20 @@ def test_a_sibling_sharing_only_the_common_prefix_does_not_take_the_pin_up(model
     assert len(s.kv_pins) == 0 and s.kv_pins.taken_up == 1
 
 
+def test_a_second_pin_of_one_thread_leaves_the_first_in_place(model_dir):
+    # Mirrors test_serve's two-pin case: a later call on the same thread that
+    # does not re-send the history takes nothing up, so both pins stay.
+    s, clock = engine(model_dir, "fcfs", num_blocks=16)
+    start_busy_engine_with_pinned_a1(s, clock, 10.0)
+    s.add_request(call("a-next", "A", list(range(300, 332)), 1, kv_ttl=100.0, thread_id="a1"))  # a1's thread
+    step(s, clock, 1.0)
+    assert "a-next" not in s.requests
+    assert (len(s.kv_pins), s.kv_pins.pinned, s.kv_pins.taken_up, s.kv_pins.blocks_held()) == (2, 2, 0, 6)
+    clock.now = 12.0
+    step(s, clock, 1.0)  # the first pin's expiry passed: released at this schedule
+    assert (len(s.kv_pins), s.kv_pins.expired, s.kv_pins.blocks_held()) == (1, 1, 2)
+
+
 def test_a_running_request_that_must_grow_takes_pinned_memory_instead_of_preempting(model_dir):
     s, clock = engine(model_dir, "fcfs")
     s.add_request(call("r", "R", list(range(500, 530)), 12))  # 30 tokens: 2 blocks, a third at token 33

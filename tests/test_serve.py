@@ -250,19 +250,23 @@ def test_a_kv_ttl_tag_pins_the_calls_kv_for_its_programs_next_call(policy, kv_tt
     assert (snap["kv_pins"], snap["kv_pins_held"], snap["kv_pins_dropped"]) == (1 if kv_ttl else 0, 0, 0)
 
 
-def test_a_later_pin_on_the_same_thread_replaces_the_first_and_outlives_its_expiry():
+def test_two_pins_on_one_thread_are_both_held_until_each_expires_as_in_the_plugin():
+    # The second call does not re-send the first's history, so it takes up
+    # no pin; like engine.kv_pins.KVPins, the engine then holds both.
     engine, at = virtual_time_engine("fcfs", blocks=40)
     engine.submit(list(range(100, 164)), 1, "A", "0", None, 10.0)
     at(2.0)
     engine.submit(list(range(300, 332)), 1, "A", "0", None, 100.0)  # unrelated content: no take-up
     at(4.0)
-    assert (engine.replica.pins, engine.replica.pins_held) == (2, 1)
-    assert engine.replica.kv.in_use == 2  # the second call's 2 blocks; the first pin's 4 were released
-    at(20.0)  # past the first pin's expiry
-    assert engine.replica.pins_held == 1
-    at(110.0)  # past the second's too, but an idle engine, like vLLM's, expires pins only when it next schedules
-    assert engine.replica.pins_held == 1
+    assert (engine.replica.pins, engine.replica.pins_held) == (2, 2)
+    assert engine.replica.kv.in_use == 6  # the first call's 4 blocks and the second's 2
+    at(20.0)  # past the first pin's expiry, but an idle engine, like vLLM's, expires pins only when it next schedules
+    assert engine.replica.pins_held == 2
     engine.submit(list(range(500, 516)), 1, "B", "0", None, 0.0)
+    at(21.0)
+    assert engine.replica.pins_held == 1 and engine.replica.kv.in_use == 2  # the second pin
+    at(110.0)  # past the second's expiry
+    engine.submit(list(range(600, 616)), 1, "C", "0", None, 0.0)
     at(111.0)
     assert engine.replica.pins_held == 0 and engine.replica.kv.in_use == 0
 
