@@ -134,6 +134,8 @@ def parse_request(body: Any, chat: bool, served_model: str) -> ParsedRequest:
         prompt = body.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
             prompt = prompt[0]  # a batch of one
+        if prompt == "":
+            raise RequestError("prompt must not be empty", "prompt")
         if isinstance(prompt, str):
             prompt_ids = text_token_ids(prompt)
         elif isinstance(prompt, list) and prompt and all(type(t) is int and t >= 0 for t in prompt):
@@ -142,6 +144,10 @@ def parse_request(body: Any, chat: bool, served_model: str) -> ParsedRequest:
             raise RequestError("prompt must be a string or a non-empty list of token ids (one prompt per request)",
                                "prompt")
         max_tokens = _int(body, "max_tokens", DEFAULT_MAX_TOKENS, 1)
+    model = body.get("model")
+    if model is not None and model != served_model:
+        # As vLLM's OpenAI server: a request for another model is a 404, not served by this one.
+        raise RequestError(f"the model {model!r} does not exist; this engine serves {served_model!r}", "model", 404)
     if _int(body, "n", 1, 1) != 1:
         raise RequestError("n must be 1", "n")
     stream = bool(body.get("stream", False))
@@ -162,7 +168,7 @@ def parse_request(body: Any, chat: bool, served_model: str) -> ParsedRequest:
         raise RequestError(f"{XARGS}.kv_ttl must be seconds >= 0, got {kv_ttl!r}", f"{XARGS}.kv_ttl")
     return ParsedRequest(
         chat=chat, prompt_ids=prompt_ids, max_tokens=max_tokens, stream=stream, include_usage=include_usage,
-        return_token_ids=bool(body.get("return_token_ids", False)), model=str(body.get("model") or served_model),
+        return_token_ids=bool(body.get("return_token_ids", False)), model=served_model,
         program_id=None if pid is None else str(pid), thread_id=None if tid is None else str(tid),
         program_service=None if service is None else float(service),
         kv_ttl=0.0 if kv_ttl is None else float(kv_ttl),
@@ -323,6 +329,8 @@ def _new_id(chat: bool) -> str:
 
 def build_config(args: argparse.Namespace) -> ExperimentConfig:
     """The engine's configuration: an experiment (with --set) if named, then the flags on top."""
+    if not args.experiment and (args.overrides or args.experiments):
+        raise ValueError("--set and --experiments apply to an experiment: name it with --experiment")
     if args.experiment:
         from sim.experiments import resolve
 
@@ -344,6 +352,22 @@ def build_config(args: argparse.Namespace) -> ExperimentConfig:
     return dataclasses.replace(cfg, engine=eng, latency=lat)
 
 
+def serve_policy(args: argparse.Namespace, cfg: ExperimentConfig) -> str:
+    """--policy, else the experiment's only policy, else plas.
+
+    An experiment that compares several policies cannot pick one engine's
+    policy, so it needs --policy rather than a silent default.
+    """
+    if args.policy is not None:
+        return args.policy
+    if not args.experiment:
+        return "plas"
+    if len(cfg.policies) == 1:
+        return cfg.policies[0]
+    raise ValueError(f"experiment {args.experiment!r} compares {', '.join(cfg.policies)}: "
+                     "choose this engine's with --policy")
+
+
 def run_site(app: web.Application, host: str, port: int, prog: str) -> int:
     """Serve ``app`` until interrupted; an address that cannot be bound (in use, not
     an address of this machine) is one line and exit status 1."""
@@ -358,14 +382,16 @@ def run_site(app: web.Application, host: str, port: int, prog: str) -> int:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     p.add_argument("--port", type=port_number, default=8000, help="(default: %(default)s)")
-    p.add_argument("--index", type=int, default=0, help="engine index reported in X-Engine-Index (default: 0)")
+    p.add_argument("--index", type=int_at_least(0), default=0,
+                   help="engine index reported in X-Engine-Index (default: 0)")
     p.add_argument("--served-model-name", default="sim", help="model id in /v1/models (default: %(default)s)")
     p.add_argument("--experiment", help="take engine, latency and policy parameters from this experiment")
     p.add_argument("-e", "--experiments", metavar="FILE", help="experiments file (default: experiments.yaml)")
     p.add_argument("-s", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a dotted key of the experiment; repeatable")
     real = ", ".join(name for name, cls in POLICY_CLASSES.items() if not cls.oracle)
-    p.add_argument("--policy", default="plas", help=f"scheduling policy: {real} (default: plas)")
+    p.add_argument("--policy", help=f"scheduling policy: {real} (default: the --experiment's policy if it "
+                                    "names one, else plas)")
     p.add_argument("--model", help="model spec name (e.g. llama-3.1-8b)")
     p.add_argument("--gpu", help="GPU spec name (e.g. a100-80gb)")
     p.add_argument("--latency", choices=("constant", "roofline", "fitted"), help="latency model kind")
@@ -391,11 +417,16 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     try:
         cfg = build_config(args)
-        engine = RealtimeEngine(cfg, args.policy, args.index)
+        policy = serve_policy(args, cfg)
+        engine = RealtimeEngine(cfg, policy, args.index)
     except (ValueError, OSError) as exc:
         print(f"python -m sim serve: error: {exc}", file=sys.stderr)
         return 1
+    if cfg.engine.replicas > 1:
+        print(f"sim serve: note: this is one engine; the experiment's {cfg.engine.replicas} replicas and its "
+              f"{cfg.engine.balancer} balancer are the gateway's part (python -m engine gateway), not this "
+              "process's", file=sys.stderr)
     server = SimServer(engine, args.served_model_name)
     print(f"sim serve: engine {args.index} ({cfg.engine.model} on {cfg.engine.gpu}, latency {cfg.latency.kind}, "
-          f"policy {args.policy}) on http://{args.host}:{args.port}", file=sys.stderr)
+          f"policy {policy}) on http://{args.host}:{args.port}", file=sys.stderr)
     return run_site(server.app(), args.host, args.port, "python -m sim serve")

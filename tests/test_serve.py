@@ -403,3 +403,44 @@ def test_a_second_call_on_a_busy_thread_is_refused_even_before_the_scheduler_see
         engine.submit(list(range(300, 316)), 2, "A", "0", None)
     at(1.0)
     assert not engine.replica.is_arriving("A", "0") and "0" in engine.table.get("A").live
+
+
+def test_parse_request_refuses_another_model_and_an_empty_prompt_as_vllm_does():
+    with pytest.raises(RequestError, match=r"the model 'gpt-4' does not exist; this engine serves 'm'") as err:
+        parse_request({"model": "gpt-4", "prompt": [1]}, chat=False, served_model="m")
+    assert (err.value.status, err.value.param) == (404, "model")
+    assert parse_request({"model": "m", "prompt": [1]}, chat=False, served_model="m").model == "m"
+    with pytest.raises(RequestError, match=r"prompt must not be empty") as err:
+        parse_request({"prompt": ""}, chat=False, served_model="m")
+    assert err.value.status == 400
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--set", "engine.max_num_seqs=4"], "--set and --experiments apply to an experiment: name it with --experiment"),
+        (["-e", "experiments.yaml"], "--set and --experiments apply to an experiment: name it with --experiment"),
+        (["--experiment", "quickstart"], "experiment 'quickstart' compares fcfs, mlfq, plas, atlas, srpt: "
+                                         "choose this engine's with --policy"),
+    ],
+)
+def test_sim_serve_refuses_settings_it_would_ignore(argv, message, capsys):
+    from sim.serve import main
+
+    assert main(argv) == 1
+    assert capsys.readouterr().err == f"python -m sim serve: error: {message}\n"
+
+
+def test_sim_serve_takes_the_experiments_only_policy_and_refuses_a_negative_index(capsys):
+    import argparse
+
+    from sim.serve import add_arguments, build_config, serve_policy
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--experiment", "quickstart", "--set", "policies=[program_fcfs]"])
+    assert serve_policy(args, build_config(args)) == "program_fcfs"
+    assert serve_policy(parser.parse_args([]), build_config(parser.parse_args([]))) == "plas"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--index", "-5"])
+    assert "argument --index: expected an integer >= 0, got -5" in capsys.readouterr().err
