@@ -58,6 +58,7 @@ import os
 import sys
 import tempfile
 import time
+import urllib.parse
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -343,6 +344,7 @@ class Replayer:
     errors: list[str] = field(default_factory=list)
     service_source: dict[str, int] = field(default_factory=lambda: {"engine": 0, "client_decode_span": 0})
     token_mismatches: int = 0
+    skipped: int = 0  # calls never sent because a parent failed
 
     async def run(self) -> float:
         """Replay every program; returns the wall time taken."""
@@ -369,6 +371,7 @@ class Replayer:
                 await done[p].wait()
             if not all(ok.get(p, False) for p in call.parents):
                 ok[call.id] = False
+                self.skipped += 1
                 return
             if call.delay > 0:
                 await asyncio.sleep(call.delay)
@@ -460,7 +463,8 @@ def write_outputs(r: Replayer, settings: ReplaySettings, wall: float) -> dict[st
     programs = sorted(r.program_records, key=lambda p: order[p.program_id])
     write_calls_csv(out / "calls.csv", calls)
     write_programs_csv(out / "programs.csv", programs)
-    stats = {"wall_time": wall, "failed_calls": float(len(r.errors)), "token_mismatches": float(r.token_mismatches),
+    stats = {"wall_time": wall, "failed_calls": float(len(r.errors)), "skipped_calls": float(r.skipped),
+             "token_mismatches": float(r.token_mismatches),
              "unfinished_programs": float(len(r.programs) - len(programs))}
     name = settings.name or Path(settings.trace).stem
     summary = summarize_run(name, [(settings.policy, calls, programs, stats)])
@@ -515,6 +519,10 @@ def option_problem(args: argparse.Namespace, out: str) -> str | None:
 
     if args.policy not in POLICY_CLASSES:
         return f"--policy {args.policy}: unknown policy; valid choices: {', '.join(POLICY_CLASSES)}"
+    if args.target != "inprocess":
+        url = urllib.parse.urlsplit(args.target)
+        if url.scheme not in ("http", "https") or not url.hostname:
+            return f"--target {args.target}: expected a base URL such as http://HOST:PORT, or 'inprocess'"
     if not (math.isfinite(args.kv_ttl) and args.kv_ttl >= 0):
         return f"--kv-ttl: expected seconds >= 0, got {args.kv_ttl}"
     timeout = args.request_timeout
@@ -565,11 +573,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 1
     pol = summary["policies"][args.policy]
-    failed = int(pol["stats"]["failed_calls"])
+    failed, skipped = int(pol["stats"]["failed_calls"]), int(pol["stats"]["skipped_calls"])
     print(f"{pol['programs']} programs, {pol['calls']} calls; mean program latency "
           f"{pol['program_latency_mean'] if pol['program_latency_mean'] is not None else '-'} s; "
           f"results in {settings.out}")
     if failed:
-        print(f"{prog}: {failed} calls failed; see {settings.out}/{REPLAY_JSON}", file=sys.stderr)
+        print(f"{prog}: {failed} calls failed and {skipped} more were not sent (a parent had failed); "
+              f"see {settings.out}/{REPLAY_JSON}", file=sys.stderr)
         return 1
     return 0

@@ -129,6 +129,7 @@ def test_a_failed_call_skips_its_descendants_and_the_cli_exits_1(tmp_path):
     pol = summary["policies"]["plas"]
     assert pol["programs"] == 1 and pol["calls"] == 1
     assert pol["stats"]["failed_calls"] == 1.0 and pol["stats"]["unfinished_programs"] == 1.0
+    assert pol["stats"]["skipped_calls"] == 1.0
     assert received == 1  # b never sent
     meta = json.loads((tmp_path / "o" / "replay.json").read_text())
     assert "HTTP 400" in meta["errors"][0]
@@ -194,6 +195,18 @@ def test_cli_refuses_bad_options_before_replaying(tmp_path, options, message):
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr == f"python -m engine replay: error: {message}\n"
+
+
+@pytest.mark.parametrize("target", ["notaurl", "127.0.0.1:8000", "ftp://host:21", "http://"])
+def test_cli_refuses_a_target_that_is_not_a_base_url(tmp_path, target):
+    good = tmp_path / "good.jsonl"
+    save([Program("p", 0.0, "x", (Call("a", (), 10, 3),))], good)
+    proc = subprocess.run([sys.executable, "-m", "engine", "replay", str(good), "--target", target, "--policy", "plas",
+                           "--model", "sim", "--out", str(tmp_path / "o")], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 2
+    assert proc.stderr == (f"python -m engine replay: error: --target {target}: expected a base URL such as "
+                           "http://HOST:PORT, or 'inprocess'\n")
 
 
 def test_cli_failed_replay_leaves_no_unclosed_session_warning(tmp_path):
