@@ -178,6 +178,10 @@ def load_rows(results: str | Path | Sequence[str | Path]) -> list[dict[str, Any]
             value = _parse(col, cell)
             if col in numeric and isinstance(value, str):
                 raise TableError(f"{where}: column {col!r}: expected a number, got {cell!r}")
+            if col in numeric and value is not None and not (math.isfinite(value) and value >= 0):
+                # Every metric, rate and count is finite and >= 0 (a failed metric is an empty cell);
+                # a nan would silently drop the point, a negative latency move the target.
+                raise TableError(f"{where}: column {col!r}: expected a finite number >= 0, got {cell!r}")
             row[col] = value
         rows.append(row)
     return rows

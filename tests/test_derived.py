@@ -290,8 +290,11 @@ HEADER = "sweep,point,workload,rate,replicas,balancer,variant,policy,scheduler,s
         (HEADER.encode() + b"s,0,bfcl,1,1,locality,default,fcfs,fcfs,ok,zz,\n", ":2: column 'normalized_latency_mean': expected a number, got 'zz'"),
         (HEADER.encode() + b"s,0,bfcl\xff,1,1,locality,default,fcfs,fcfs,ok,0.02,\n", ":2: not UTF-8 text (invalid start byte)"),
         (b"a,b\n1,2\n", ":1: not a sweep table (python -m sim sweep writes one): missing column(s) workload, rate, policy"),
+        (HEADER.encode() + b"s,0,bfcl,1,1,locality,default,fcfs,fcfs,ok,nan,\n", ":2: column 'normalized_latency_mean': expected a finite number >= 0, got 'nan'"),
+        (HEADER.encode() + b"s,0,bfcl,1,1,locality,default,fcfs,fcfs,ok,-1,\n", ":2: column 'normalized_latency_mean': expected a finite number >= 0, got '-1'"),
+        (HEADER.encode() + b"s,0,bfcl,inf,1,locality,default,fcfs,fcfs,ok,0.02,\n", ":2: column 'rate': expected a finite number >= 0, got 'inf'"),
     ],
-    ids=["truncated", "text-rate", "text-metric", "not-utf8", "other-csv"],
+    ids=["truncated", "text-rate", "text-metric", "not-utf8", "other-csv", "nan-metric", "negative-metric", "inf-rate"],
 )
 def test_a_table_that_is_not_a_sweeps_is_a_located_error(tmp_path, content, message):
     from sim.derived import TableError, load_rows
