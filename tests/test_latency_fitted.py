@@ -138,7 +138,19 @@ def test_cli_fits_and_reports(tmp_path, capsys):
     assert "held-out MAPE" in printed and "R²" in printed
     model = load_fitted(str(out))
     assert model.name == "fit" and model.provenance["gpu"] == "test"
-    assert fit_latency_main([str(prof), "-o", str(out), "--max-mape", "-1"]) == 1
+    noisy = tmp_path / "noisy.csv"
+    write_profile(noisy, Profile(synthetic_rows(TRUE, n=60, noise=0.1), {"gpu": "test", "model": "m", "date": "d"}))
+    assert fit_latency_main([str(noisy), "-o", str(out), "--max-mape", "0.001"]) == 1
+    assert "exceeds --max-mape 0.001" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bad", ["-1", "0", "nan", "x"])
+def test_cli_refuses_a_max_mape_that_no_fit_could_meet_before_fitting(tmp_path, capsys, bad):
+    out = tmp_path / "fit.json"
+    with pytest.raises(SystemExit) as exit_:
+        fit_latency_main([str(tmp_path / "p.csv"), "-o", str(out), "--max-mape", bad])
+    assert exit_.value.code == 2 and "argument --max-mape: expected a" in capsys.readouterr().err
+    assert not out.exists()
 
 
 def test_cli_bad_input_exits_1_with_message(tmp_path, capsys):

@@ -46,6 +46,7 @@ from typing import Any, Sequence
 
 from sim.latency.base import StepShape
 from sim.latency.profile import ProfileError, ProfileRow, read_profile
+from traces.argtypes import positive_float
 
 MODELS_DIR = Path(__file__).parent / "models"
 FORMAT = "autellix-fitted-latency v1"
@@ -264,7 +265,7 @@ def fit_latency_main(argv: list[str]) -> int:
     p.add_argument("--name", help="model name stored in the JSON (default: the output file's stem)")
     p.add_argument("--test-fraction", type=float, default=0.2, help="held-out share of steps (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of the train/test split (default: %(default)s)")
-    p.add_argument("--max-mape", type=float, help="exit 1 if the held-out MAPE (%%) exceeds this")
+    p.add_argument("--max-mape", type=positive_float, help="exit 1 if the held-out MAPE (%%) exceeds this")
     args = p.parse_args(argv)
     try:
         model, report = fit_command(args.profile, args.output, args.name, args.test_fraction, args.seed)
