@@ -235,7 +235,12 @@ def _out(args: argparse.Namespace, default: Path) -> Path:
         from sim.experiments import ConfigError
 
         raise ConfigError(f"--out {args.out!r}: expected a directory path")
-    return Path(args.out)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        from sim.experiments import ConfigError
+
+        raise ConfigError(f"--out {args.out}: exists and is not a directory")
+    return out
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -71,6 +71,7 @@ def test_list_default_file_is_the_shipped_one(tmp_path):
          "error: --set latency.seconds=.inf: experiment 'tiny': latency.seconds: expected a finite number, got inf"),
         (["list", "-e", "missing.yaml"], "error: missing.yaml: experiments file not found"),
         (["run", "tiny", "-e", "exp.yaml", "--out", ""], "error: --out '': expected a directory path"),
+        (["run", "tiny", "-e", "exp.yaml", "--out", "exp.yaml"], "error: --out exp.yaml: exists and is not a directory"),
         (["run", "tiny", "-e", "exp.yaml", "-q"], "error: t.jsonl: no programs to simulate (the trace is empty)"),
         (["run", "tiny", "-e", "exp.yaml", "-q", "-s", "workload.generator=bfcl", "-s", "workload.params={programs: 600, rate: 1.0e-8}"],
          "error: experiment 'tiny': workload.params: rate 1e-08 is too low for 600 programs: the last would arrive at"),
@@ -84,6 +85,17 @@ def test_bad_input_is_one_line_and_exit_1(workdir, args, message):
     assert res.returncode == 1
     assert "Traceback" not in res.stderr
     assert len(res.stderr.splitlines()) == 1 and res.stderr.startswith(message), res.stderr
+
+
+def test_a_fitted_latency_file_that_is_not_text_or_a_directory_is_one_line(workdir):
+    (workdir / "bin.json").write_bytes(b"\xff\xfe{}")
+    res = sim("run", "tiny", "-e", "exp.yaml", "-s", "latency.kind=fitted", "-s", "latency.name=bin.json", cwd=workdir)
+    assert res.returncode == 1 and "Traceback" not in res.stderr
+    assert res.stderr.endswith("latency.name: cannot build the latency model: bin.json: not UTF-8 text (invalid start "
+                               "byte at byte 0); expected a fitted model JSON (python -m sim fit-latency writes one)\n")
+    (workdir / "d.json").mkdir()
+    res = sim("run", "tiny", "-e", "exp.yaml", "-s", "latency.kind=fitted", "-s", "latency.name=d.json", cwd=workdir)
+    assert res.returncode == 1 and res.stderr.endswith("'d.json' is a directory, expected a fitted model .json file\n")
 
 
 @pytest.mark.parametrize("args", [[], ["run"], ["frobnicate"], ["run", "tiny", "--bogus"]])

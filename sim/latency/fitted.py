@@ -123,10 +123,15 @@ def load_fitted(name: str | None) -> FittedLatency:
             raise ValueError(f"latency.name: unknown fitted model {name!r}; valid choices: {', '.join(available())} "
                              f"(or a path to a .json file)")
     try:
-        raw = json.loads(path.read_text())
+        raw = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ValueError(f"latency.name: no such fitted model file {str(path)!r}; shipped: "
                          f"{', '.join(available())}") from None
+    except IsADirectoryError:
+        raise ValueError(f"latency.name: {str(path)!r} is a directory, expected a fitted model .json file") from None
+    except UnicodeDecodeError as exc:
+        raise FitError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); expected a fitted model JSON "
+                       "(python -m sim fit-latency writes one)") from None
     except json.JSONDecodeError as exc:
         raise FitError(f"{path}:{exc.lineno}: malformed JSON: {exc.msg}") from None
     return FittedLatency.from_json(raw, str(path))
