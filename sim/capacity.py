@@ -14,7 +14,13 @@ from sim.hardware import GPUSpec, ModelSpec, load_gpu, load_model
 
 
 class CapacityError(ValueError):
-    """The engine configuration leaves no room for the KV cache."""
+    """The engine configuration leaves no room for the KV cache; ``key`` is the
+    engine field to blame (``model`` when the memory as a whole is short)."""
+
+    def __init__(self, key: str, problem: str):
+        super().__init__(f"engine.{key}: {problem}")
+        self.key = key
+        self.problem = problem
 
 
 def kv_cache_bytes(cfg: EngineConfig, model: ModelSpec, gpu: GPUSpec) -> int:
@@ -26,20 +32,37 @@ def num_kv_blocks(cfg: EngineConfig, model: ModelSpec | None = None, gpu: GPUSpe
     """Blocks of ``cfg.block_size`` tokens per replica; raises CapacityError if < 1 request fits."""
     if cfg.num_gpu_blocks is not None:
         if cfg.num_gpu_blocks < 1:
-            raise CapacityError(f"engine.num_gpu_blocks: expected an integer >= 1, got {cfg.num_gpu_blocks}")
+            raise CapacityError("num_gpu_blocks", f"expected an integer >= 1, got {cfg.num_gpu_blocks}")
         return cfg.num_gpu_blocks
     model = model or load_model(cfg.model)
     gpu = gpu or load_gpu(cfg.gpu)
     free = kv_cache_bytes(cfg, model, gpu)
     bytes_per_block = model.kv_bytes_per_token * cfg.block_size
-    blocks = free // bytes_per_block if free > 0 else 0
-    if blocks < 1:
-        need = (model.weight_bytes + cfg.activation_reserve_bytes * cfg.gpus_per_replica) / 1e9
-        have = gpu.memory_bytes * cfg.gpus_per_replica * cfg.gpu_memory_utilization / 1e9
+    if free <= 0:
+        raise CapacityError("model", _does_not_fit(cfg, model, gpu))
+    if free < bytes_per_block:
+        # The weights fit; one block is what does not.
         raise CapacityError(
-            f"engine.model: {model.name} does not fit on engine.gpus_per_replica="
-            f"{cfg.gpus_per_replica} x {gpu.name}: weights and activations need {need:.1f} GB, "
-            f"the usable memory is {have:.1f} GB (gpu_memory_utilization={cfg.gpu_memory_utilization}); "
-            f"raise engine.gpus_per_replica (the paper serves 70B on 4 GPUs)"
+            "block_size",
+            f"a block of {cfg.block_size} tokens needs {bytes_per_block / 1e9:.3g} GB of KV cache "
+            f"({model.kv_bytes_per_token} bytes per token for {model.name}), more than the "
+            f"{free / 1e9:.3g} GB left for the KV cache; use a smaller engine.block_size (vLLM's default is 16)",
         )
-    return int(blocks)
+    return int(free // bytes_per_block)
+
+
+def _does_not_fit(cfg: EngineConfig, model: ModelSpec, gpu: GPUSpec) -> str:
+    """Every term of the memory arithmetic with its key, since any of them may be the one set wrong."""
+    n = cfg.gpus_per_replica
+    weights = model.weight_bytes / 1e9
+    reserve = cfg.activation_reserve_bytes * n / 1e9
+    have = gpu.memory_bytes * n * cfg.gpu_memory_utilization / 1e9
+    return (
+        f"{model.name} does not fit on engine.gpus_per_replica={n} x {gpu.name}: "
+        f"the weights (engine.model) need {weights:.1f} GB and the activation reserve "
+        f"(engine.activation_reserve_bytes={cfg.activation_reserve_bytes} per GPU) {reserve:.1f} GB, "
+        f"{weights + reserve:.1f} GB in all, but the usable memory is {have:.1f} GB "
+        f"({n} x {gpu.memory_bytes / 1e9:.1f} GB x engine.gpu_memory_utilization={cfg.gpu_memory_utilization}); "
+        f"raise engine.gpus_per_replica (the paper serves 70B on 4 GPUs) or engine.gpu_memory_utilization, "
+        f"or lower engine.activation_reserve_bytes"
+    )

@@ -21,6 +21,12 @@ POLICIES = tuple(POLICY_CLASSES)
 DEFAULT_POLICIES = ("fcfs", "mlfq", "plas", "atlas", "srpt")
 BALANCERS = ("round_robin", "least_used", "locality")
 PREEMPTION_MODES = ("recompute", "swap")
+# The most engine replicas one experiment may have. Each is a simulated engine
+# with its own KV-cache pool and scheduler, built before the first arrival,
+# so 10**8 (a typo) runs for minutes and gigabytes before failing; the
+# paper's clusters have at most 8, and 4096 is past any real vLLM deployment
+# behind one balancer.
+MAX_REPLICAS = 4096
 
 
 @dataclass(frozen=True)

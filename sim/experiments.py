@@ -45,6 +45,7 @@ import yaml
 from sim.config import (
     BALANCERS,
     DEFAULT_POLICIES,
+    MAX_REPLICAS,
     POLICIES,
     PREEMPTION_MODES,
     EngineConfig,
@@ -95,6 +96,67 @@ def _display(path: str | Path) -> str:
     return str(path) if rel.startswith("..") else rel
 
 
+_INT_TAG, _FLOAT_TAG = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
+# YAML 1.2 core schema numbers. PyYAML implements YAML 1.1, which reads
+# ``1e3`` as a string, ``010`` as octal 8 and ``1:00`` as sexagesimal 60: a
+# rate or a count silently different from what was written.
+_INT_RE = re.compile(r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$")
+_FLOAT_RE = re.compile(
+    r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
+)
+
+
+class _Constructor(yaml.constructor.SafeConstructor):
+    """SafeConstructor with YAML 1.2 integers: ``010`` is ten, not octal eight."""
+
+    def construct_yaml_int(self, node: yaml.ScalarNode) -> int:
+        value = self.construct_scalar(node)
+        if value.startswith(("0o", "0x")):
+            return int(value[2:], 8 if value[1] == "o" else 16)
+        return int(value, 10)
+
+
+_Constructor.add_constructor(_INT_TAG, _Constructor.construct_yaml_int)
+
+
+class _Resolver(yaml.resolver.Resolver):
+    """YAML 1.1's implicit types, but numbers by the YAML 1.2 core schema.
+
+    A copy of the resolver table, so yaml.SafeLoader itself is not changed.
+    """
+
+    yaml_implicit_resolvers = {
+        first: [(tag, rx) for tag, rx in rules if tag not in (_INT_TAG, _FLOAT_TAG)]
+        for first, rules in yaml.resolver.Resolver.yaml_implicit_resolvers.items()
+    }
+
+
+# An int before a float: ``10`` matches both, and the first rule wins.
+_Resolver.add_implicit_resolver(_INT_TAG, _INT_RE, list("-+0123456789"))
+_Resolver.add_implicit_resolver(_FLOAT_TAG, _FLOAT_RE, list("-+.0123456789"))
+
+
+class _Loader(
+    yaml.reader.Reader, yaml.scanner.Scanner, yaml.parser.Parser, yaml.composer.Composer, _Constructor, _Resolver
+):
+    """The one loader of experiment files and ``--set`` values, so both read a value alike."""
+
+    def __init__(self, stream: str) -> None:
+        yaml.reader.Reader.__init__(self, stream)
+        yaml.scanner.Scanner.__init__(self)
+        yaml.parser.Parser.__init__(self)
+        yaml.composer.Composer.__init__(self)
+        _Constructor.__init__(self)
+        _Resolver.__init__(self)
+
+
+# The most nodes a file may have with its aliases expanded. The repository's
+# experiments.yaml has about 600; aliases may share a node many times over
+# (nine aliases of nine aliases ... is a few lines and billions of nodes),
+# and every key path is walked for its line, so past this the file is refused.
+MAX_NODES = 100_000
+
+
 def _key(node: yaml.Node) -> Any:
     """A mapping key as the loaded data holds it (``12:`` is the int 12), so a
     path into the data finds its line whatever type YAML gave the key."""
@@ -102,7 +164,33 @@ def _key(node: yaml.Node) -> Any:
         return repr(node.value)
     if node.tag == "tag:yaml.org,2002:str":
         return node.value
-    return yaml.constructor.SafeConstructor().construct_object(node)
+    return _Constructor().construct_object(node)
+
+
+def _past_max_nodes(node: yaml.Node) -> yaml.Node | None:
+    """The node at which ``node``'s tree, aliases expanded, passes MAX_NODES, or None.
+
+    Counted before anything expands the tree (`_walk`, the checks of the
+    data), without recursion, so an alias bomb or a recursive alias fails at once.
+    """
+    stack, count = [node], 0
+    while stack:
+        here = stack.pop()
+        count += 1
+        if count > MAX_NODES:
+            return here
+        if isinstance(here, yaml.MappingNode):
+            stack.extend(n for pair in here.value for n in pair)
+        elif isinstance(here, yaml.SequenceNode):
+            stack.extend(here.value)
+    return None
+
+
+def _too_many_nodes(where: str) -> str:
+    return (
+        f"{where}: more than {MAX_NODES:,} values with its aliases (*name) expanded; "
+        "an experiment is far smaller, so this is refused before expanding them"
+    )
 
 
 def _walk(node: yaml.Node, path: Path_, lines: dict[Path_, int], where: str) -> None:
@@ -134,12 +222,15 @@ def _parse(text: str, where: str) -> tuple[yaml.Node | None, Any, dict[Path_, in
     way PyYAML can refuse a text becomes a ConfigError with the line it gives."""
     loader = None
     try:
-        loader = yaml.SafeLoader(text)  # rejects control characters already
+        loader = _Loader(text)  # rejects control characters already
         node = loader.get_single_node()
-        data = loader.construct_document(node) if node is not None else None
         lines: dict[Path_, int] = {}
+        bad = _past_max_nodes(node) if node is not None else None
+        if bad is not None:
+            raise ConfigError(_too_many_nodes(f"{where}:{bad.start_mark.line + 1}"))
         if node is not None:
             _walk(node, (), lines, where)
+        data = loader.construct_document(node) if node is not None else None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = f":{mark.line + 1}" if mark else ""
@@ -211,6 +302,21 @@ def list_experiments(path: str | Path | None = None) -> list[tuple[str, str]]:
 # --- overrides ----------------------------------------------------------------------
 
 
+def load_value(text: str, where: str) -> Any:
+    """One YAML value, read as experiment files are (YAML 1.2 numbers, at
+    most MAX_NODES); raises yaml.YAMLError, or ConfigError naming ``where``."""
+    loader = _Loader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        if _past_max_nodes(node) is not None:
+            raise ConfigError(_too_many_nodes(where))
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
 def parse_override(text: str) -> tuple[tuple[str, ...], Any]:
     """``a.b.c=value`` to (('a', 'b', 'c'), value); the value is parsed as YAML (``[a,b]`` is a list)."""
     key, sep, raw = text.partition("=")
@@ -218,7 +324,7 @@ def parse_override(text: str) -> tuple[tuple[str, ...], Any]:
     if not sep or not all(parts):
         raise ConfigError(f"--set {text}: expected KEY=VALUE with a dotted KEY, e.g. engine.replicas=4")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = load_value(raw, f"--set {text}") if raw.strip() else ""
     except yaml.YAMLError as exc:
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ConfigError(f"--set {text}: cannot parse the value as YAML: {problem}") from None
@@ -230,16 +336,31 @@ def parse_override(text: str) -> tuple[tuple[str, ...], Any]:
 
 @dataclass
 class _Layered:
-    """Merged experiment data and, per key path, where it was last set."""
+    """Merged experiment data and, per key path, where it was last set and in which layer."""
 
     data: dict[str, Any]
     origins: dict[Path_, str]
+    ranks: dict[Path_, int] = dataclasses.field(default_factory=dict)  # layer index, lowest first
 
     def origin(self, path: Path_) -> str | None:
         for n in range(len(path), 0, -1):
             if path[:n] in self.origins:
                 return self.origins[path[:n]]
         return None
+
+    def rank(self, path: Path_) -> tuple[int, int]:
+        """The layer that set ``path`` (-1: a dataclass default), and how much of
+        the path it named: a ``--set engine.x=1`` that made ``engine`` set
+        ``engine.x`` itself, not every key of ``engine`` it left at its default."""
+        for n in range(len(path), 0, -1):
+            if path[:n] in self.ranks:
+                return self.ranks[path[:n]], n
+        return -1, 0
+
+    def latest(self, paths: Sequence[Path_]) -> Path_:
+        """Of keys that together make a value wrong, the one set in the highest
+        layer (a ``--set`` over a file line), the first on a tie."""
+        return max(paths, key=self.rank)
 
 
 def _prune_workload(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
@@ -290,15 +411,18 @@ def _merge(layers: Iterable[tuple[dict[str, Any], dict[Path_, str]]]) -> _Layere
     """
     data: dict[str, Any] = {}
     origins: dict[Path_, str] = {}
-    for top, top_origins in layers:
+    ranks: dict[Path_, int] = {}
+    for rank, (top, top_origins) in enumerate(layers):
         base = _prune_workload(data, top)
         for path in _replaced(base, top, ()):
             owner = top_origins.get(path) or next((o for p, o in top_origins.items() if p[: len(path)] == path), None)
             if owner is not None:
                 origins[path] = owner
+                ranks[path] = rank
         data = _deep_merge(base, top)
         origins.update(top_origins)
-    return _Layered(data, origins)
+        ranks.update(dict.fromkeys(top_origins, rank))
+    return _Layered(data, origins, ranks)
 
 
 def _override_layer(overrides: Sequence[str], labels: Mapping[str, str]) -> tuple[dict[str, Any], dict[Path_, str]]:
@@ -465,6 +589,8 @@ def _check_engine(ck: _Checker, e: EngineConfig) -> None:
             ck.fail(p + (key,), str(exc))
     for key in ("gpus_per_replica", "block_size", "max_num_seqs", "max_num_batched_tokens", "replicas"):
         _positive(ck, p + (key,), getattr(e, key), "an integer >= 1")
+    if e.replicas > MAX_REPLICAS:
+        ck.fail(p + ("replicas",), f"expected at most {MAX_REPLICAS:,} replicas, got {e.replicas}")
     _positive(ck, p + ("num_gpu_blocks",), e.num_gpu_blocks, "null or an integer >= 1")
     _positive(ck, p + ("activation_reserve_bytes",), e.activation_reserve_bytes, ">= 0 bytes", strict=False)
     if not 0 < e.gpu_memory_utilization <= 1:
@@ -475,10 +601,38 @@ def _check_engine(ck: _Checker, e: EngineConfig) -> None:
     if e.kv_ttl > 0 and not e.enable_prefix_caching:
         ck.fail(p + ("kv_ttl",), f"expected 0 when engine.enable_prefix_caching is false (pins keep "
                 f"prefix-cache blocks), got {e.kv_ttl!r}")
+    if e.max_num_batched_tokens < e.max_num_seqs:
+        # vLLM 0.26.0 (config/scheduler.py, verify_max_model_len) refuses this, chunked prefill or not.
+        culprit = ck.layered.latest([p + ("max_num_batched_tokens",), p + ("max_num_seqs",)])
+        ck.fail(culprit, f"engine.max_num_batched_tokens ({e.max_num_batched_tokens}) must be >= "
+                f"engine.max_num_seqs ({e.max_num_seqs}), as vLLM requires")
+    _check_tensor_parallel(ck, e, load_model(e.model))
     try:
         num_kv_blocks(e)
     except CapacityError as exc:
-        ck.fail(p + ("model",), str(exc).removeprefix("engine.model: "))
+        key = p + (exc.key,)
+        if exc.key == "model":  # the memory as a whole is short: blame the term set last
+            memory = ("model", "gpus_per_replica", "gpu_memory_utilization", "activation_reserve_bytes", "gpu")
+            key = ck.layered.latest([p + (k,) for k in memory])
+        ck.fail(key, exc.problem)
+
+
+def _check_tensor_parallel(ck: _Checker, e: EngineConfig, model: Any) -> None:
+    """vLLM's rules for tensor parallelism: the GPUs of a replica split the
+    attention heads evenly (config/model.py, verify_with_parallel_config), and
+    the KV heads too, or replicate them when fewer (QKVParallelLinear)."""
+    def ok(n: int) -> bool:
+        kv = model.num_kv_heads
+        return model.num_heads % n == 0 and (n % kv == 0 if n >= kv else kv % n == 0)
+
+    n = e.gpus_per_replica
+    if ok(n):
+        return
+    valid = [d for d in range(1, model.num_heads + 1) if ok(d)]
+    culprit = ck.layered.latest([("engine", "gpus_per_replica"), ("engine", "model")])
+    ck.fail(culprit, f"engine.gpus_per_replica={n} does not split the {model.num_heads} attention heads and "
+            f"{model.num_kv_heads} KV heads of engine.model={e.model} evenly, as vLLM's tensor parallelism "
+            f"requires; valid: {', '.join(map(str, valid))}")
 
 
 def _check_latency(ck: _Checker, lat: LatencyConfig, e: EngineConfig) -> None:
@@ -515,9 +669,13 @@ def _check_workload(ck: _Checker, raw: Any) -> tuple[str | None, dict[str, Any],
         ck.fail(p, "missing; give either generator (with params) or trace")
     ck.keys(raw, p, WORKLOAD_KEYS)
     gen, params, trace = raw.get("generator"), raw.get("params"), raw.get("trace")
-    if (gen is None) == (trace is None):
-        which = "both" if gen is not None else "neither"
-        ck.fail(p, f"give exactly one of generator (with params) or trace, got {which}")
+    if gen is None and trace is None:
+        # A key set to null is what left the workload without a source: blame its line or --set.
+        nulled = [k for k in ("trace", "generator") if k in raw]
+        key = ck.layered.latest([p + (k,) for k in nulled]) if nulled else p
+        ck.fail(key, f"{'got null; ' if nulled else ''}give exactly one of generator (with params) or trace, got neither")
+    if gen is not None and trace is not None:
+        ck.fail(p, "give exactly one of generator (with params) or trace, got both")
     if trace is not None:
         if not isinstance(trace, str):
             ck.fail(p + ("trace",), f"expected a file path, got {_show(trace)}")

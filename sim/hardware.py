@@ -9,6 +9,8 @@ source. A user adds a model or GPU by dropping a ``NAME.model.json`` or
 from __future__ import annotations
 
 import json
+import math
+import re
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -61,9 +63,18 @@ def _load(kind: str, cls, name: str):
     if not path.exists():
         raise SpecError(f"unknown {kind} {name!r}; valid choices: {', '.join(available(kind))}")
     try:
-        raw = json.loads(path.read_text())
+        text = path.read_text(encoding="utf-8")
+        raw = json.loads(text, object_pairs_hook=_no_duplicates)
     except json.JSONDecodeError as exc:
         raise SpecError(f"{path}:{exc.lineno}: malformed JSON: {exc.msg}") from None
+    except _DuplicateKey as exc:
+        raise SpecError(f"{_at(path, text, exc.key)}: field {exc.key!r}: duplicate key") from None
+    except UnicodeDecodeError as exc:
+        raise SpecError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except OSError as exc:
+        raise SpecError(f"{path}: cannot read: {exc.strerror}") from None
+    if not isinstance(raw, dict):
+        raise SpecError(f"{path}: expected a JSON object with the {kind} spec fields")
     expected = {f.name for f in fields(cls)}
     missing = expected - raw.keys()
     unknown = raw.keys() - expected
@@ -71,7 +82,64 @@ def _load(kind: str, cls, name: str):
         raise SpecError(
             f"{path}: {kind} spec fields wrong: missing {sorted(missing)}, unknown {sorted(unknown)}"
         )
-    return cls(**raw)
+    for f in fields(cls):
+        problem = _field_problem(f.type, raw[f.name])
+        if problem:
+            raise SpecError(f"{_at(path, text, f.name)}: field {f.name!r}: {problem}, got {raw[f.name]!r}")
+    spec = cls(**raw)
+    problem = _consistency_problem(spec)
+    if problem:
+        raise SpecError(f"{_at(path, text, problem[0])}: field {problem[0]!r}: {problem[1]}")
+    return spec
+
+
+class _DuplicateKey(ValueError):
+    def __init__(self, key: str):
+        super().__init__(key)
+        self.key = key
+
+
+def _no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    """json.loads keeps the last of two equal keys; a spec with both is a mistake."""
+    out: dict[str, object] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
+
+
+def _at(path: Path, text: str, key: str) -> str:
+    """``path:LINE`` of the key's first ``"key":`` in the text (cheap, and right
+    for any file json.loads accepted), or just the path if it is not found."""
+    match = re.search(rf'"{re.escape(key)}"\s*:', text)
+    return f"{path}:{text.count(chr(10), 0, match.start()) + 1}" if match else str(path)
+
+
+def _field_problem(hint: str, value: object) -> str | None:
+    """What a field's value should be, if it is not. Every count and size is
+    divided by or multiplied into the KV-cache and roofline arithmetic, so
+    zero or a negative would crash the run or size the cache wrong."""
+    if hint == "str":
+        return None if isinstance(value, str) and value.strip() else "expected a non-empty string"
+    if isinstance(value, bool):
+        return "expected an integer >= 1" if hint == "int" else "expected a finite number > 0"
+    if hint == "int":
+        return None if isinstance(value, int) and value >= 1 else "expected an integer >= 1"
+    if isinstance(value, (int, float)) and math.isfinite(value) and value > 0:
+        return None
+    return "expected a finite number > 0"
+
+
+def _consistency_problem(spec: object) -> tuple[str, str] | None:
+    """(field, problem) for a model whose attention heads cannot be grouped:
+    grouped-query attention shares each KV head among num_heads / num_kv_heads
+    query heads, so the count must divide, as in every Hugging Face config."""
+    if isinstance(spec, ModelSpec) and spec.num_heads % spec.num_kv_heads:
+        return "num_kv_heads", (
+            f"expected a divisor of num_heads ({spec.num_heads}), got {spec.num_kv_heads}"
+        )
+    return None
 
 
 def available(kind: str) -> list[str]:

@@ -264,8 +264,7 @@ def check_fits(programs: Sequence[Program], capacity_blocks: int, engine) -> Non
             if size > limit:
                 raise SimulationError(
                     f"program {program.id!r} call {call.id!r}: prompt_tokens + output_tokens = "
-                    f"{size} exceeds the KV cache of one replica ({limit} tokens); "
-                    f"use a larger GPU or engine.gpus_per_replica"
+                    f"{size} exceeds the KV cache of one replica ({limit} tokens); {_kv_remedy(engine)}"
                 )
             if not engine.enable_chunked_prefill and size > engine.max_num_batched_tokens:
                 raise SimulationError(
@@ -273,6 +272,16 @@ def check_fits(programs: Sequence[Program], capacity_blocks: int, engine) -> Non
                     f"{size} exceeds engine.max_num_batched_tokens={engine.max_num_batched_tokens}, "
                     f"which must cover a whole prompt when engine.enable_chunked_prefill is false"
                 )
+
+
+def _kv_remedy(engine) -> str:
+    """What sets the KV cache's size: an explicit engine.num_gpu_blocks overrides the GPU arithmetic."""
+    if engine.num_gpu_blocks is not None:
+        return (
+            f"it is engine.num_gpu_blocks={engine.num_gpu_blocks} x engine.block_size={engine.block_size}: "
+            f"raise engine.num_gpu_blocks, or drop it to size the cache from the GPUs"
+        )
+    return "use a larger GPU or engine.gpus_per_replica"
 
 
 def simulate(

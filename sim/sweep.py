@@ -320,7 +320,9 @@ def _case(where: _Where, raw: Any, path: tuple[Any, ...]) -> list[dict[str, Any]
             scale[key] = times
     for key, times in scale.items():
         if times not in values or times == key:
-            where.fail(path + (key, "times"), f"{times!r} is not another key of this grid; valid: {', '.join(k for k in values if k != key)}")
+            others = [k for k in values if k != key]
+            valid = f"valid: {', '.join(others)}" if others else f"this grid varies no other key; add {times} to it or drop times"
+            where.fail(path + (key, "times"), f"{times!r} is not another key of this grid; {valid}")
         for v in values[times]:
             if isinstance(v, bool) or not isinstance(v, (int, float)):
                 where.fail(path + (times,), f"{key} is multiplied by it, so its values must be numbers, got {v!r}")
@@ -376,9 +378,14 @@ def load_sweep(name: str, file: Any = None, overrides: Sequence[str] = ()) -> Sw
     if not cases:
         where.fail(("grid",), "expected at least one case (a mapping of keys to vary)")
     raw_points: list[dict[str, Any]] = []
+    seen: dict[tuple[str, ...], tuple[Any, ...]] = {}  # a point's overrides -> the case that first gave it
     for i, case in enumerate(cases):
-        raw_points += _case(where, case, ("grid", i) if isinstance(grid, list) else ("grid",))
+        path = ("grid", i) if isinstance(grid, list) else ("grid",)
+        points = _case(where, case, path)
+        raw_points += points
         _at_most_max_points(where, ("grid",), len(raw_points), f"{len(raw_points):,} points")
+        for point in points:
+            _once(where, seen, point, path)
     keys = tuple(dict.fromkeys(k for p in raw_points for k in p))
     points = tuple(Point(i, tuple(p.items())) for i, p in enumerate(raw_points))
     description = body.get("description", "")
@@ -391,6 +398,18 @@ def load_sweep(name: str, file: Any = None, overrides: Sequence[str] = ()) -> Sw
         variants=_variants(where, body.get("variants"), policies),
         base=base,
     )
+
+
+def _once(where: _Where, seen: dict[tuple[str, ...], tuple[Any, ...]], point: dict[str, Any], path: tuple[Any, ...]) -> None:
+    """Refuse a point the grid already has: it would run again and add a
+    duplicate row to sweep.csv. Key order does not make another experiment."""
+    ident = tuple(sorted(override_text(k, v) for k, v in point.items()))
+    if ident in seen:
+        first = _dotted(seen[ident])
+        described = ", ".join(f"{k}={v}" for k, v in point.items())
+        here = "this case gives it twice" if seen[ident] == path else f"{first} gives it too"
+        where.fail(path, f"the point {described} is in the grid twice ({here}); each point runs once, remove one")
+    seen[ident] = path
 
 
 def jobs(sweep: Sweep, file: Any = None, overrides: Sequence[str] = ()) -> list[Job]:

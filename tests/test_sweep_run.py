@@ -87,8 +87,8 @@ def test_failed_point_is_reported_and_the_rest_completes(exp, tmp_path, capsys):
 def test_exception_in_simulate_is_a_failed_row(exp, tmp_path, capsys):
     # The unopt variant has no chunked prefill, so a BFCL prompt (~700 tokens) exceeds a 64-token budget:
     # simulate raises SimulationError for that point only.
-    sweep = load_sweep("ok", exp, ["engine.max_num_batched_tokens=64"])
-    todo = jobs(sweep, exp, ["engine.max_num_batched_tokens=64"])
+    sweep = load_sweep("ok", exp, ["engine.max_num_batched_tokens=64", "engine.max_num_seqs=64"])
+    todo = jobs(sweep, exp, ["engine.max_num_batched_tokens=64", "engine.max_num_seqs=64"])
     outcome = run_sweep(sweep, todo, tmp_path / "out", workers=1, quiet=True)
     status = {(r["point"], r["policy"]): (r["status"], r["error"]) for r in outcome.rows}
     assert status[0, "fcfs"][0] == "ok" and status[1, "mlfq"][0] == "ok"

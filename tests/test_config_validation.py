@@ -1,0 +1,316 @@
+"""Input validation of experiment configs: spec files, YAML numbers and aliases,
+engine bounds mirrored from vLLM, and errors blamed on the key that was set."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+import time
+from types import SimpleNamespace
+
+import pytest
+
+from sim.config import EngineConfig
+from sim.experiments import MAX_NODES, ConfigError, load_file, parse_override, resolve
+from sim.hardware import SPEC_DIR, SpecError, available, load_gpu, load_model
+from sim.simulate import SimulationError, check_fits
+from sim.sweep import load_sweep
+
+BASE = """\
+experiments:
+  t:
+    workload: {generator: bfcl, params: {programs: 5, rate: 5.0}}
+    latency: {kind: constant, seconds: 0.01}
+    policies: [fcfs]
+"""
+
+
+@pytest.fixture
+def exp(tmp_path, monkeypatch):
+    """Writes an experiments file (BASE plus ``extra`` at the top level) and returns its name."""
+    monkeypatch.chdir(tmp_path)
+
+    def _write(extra: str = "", base: str = BASE) -> str:
+        (tmp_path / "exp.yaml").write_text(base + textwrap.dedent(extra))
+        return "exp.yaml"
+
+    return _write
+
+
+def error(name, path, overrides=()) -> str:
+    with pytest.raises(ConfigError) as info:
+        resolve(name, path, overrides)
+    return str(info.value)
+
+
+# --- 1: model and GPU spec files -------------------------------------------------------
+
+
+def spec_file(tmp_path, kind: str, **changes) -> str:
+    """A copy of a shipped spec, pretty-printed (one field per line), with ``changes``."""
+    base = "llama-3.1-8b.model.json" if kind == "model" else "a100-80gb.gpu.json"
+    raw = {**json.loads((SPEC_DIR / base).read_text()), **changes}
+    path = tmp_path / f"x.{kind}.json"
+    path.write_text(json.dumps(raw, indent=2))
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "kind, field, value, expected",
+    [
+        ("model", "num_layers", 0, "expected an integer >= 1, got 0"),
+        ("model", "dtype_bytes", 0, "expected an integer >= 1, got 0"),
+        ("model", "dtype_bytes", -1, "expected an integer >= 1, got -1"),
+        ("model", "head_dim", 0, "expected an integer >= 1, got 0"),
+        ("model", "num_kv_heads", 0, "expected an integer >= 1, got 0"),
+        ("model", "hidden_size", -4096, "expected an integer >= 1, got -4096"),
+        ("model", "num_heads", -32, "expected an integer >= 1, got -32"),
+        ("model", "num_params", 0, "expected an integer >= 1, got 0"),
+        ("model", "tensor_parallel", -1, "expected an integer >= 1, got -1"),
+        ("model", "num_layers", "32", "expected an integer >= 1, got '32'"),
+        ("model", "num_layers", 32.5, "expected an integer >= 1, got 32.5"),
+        ("model", "num_layers", True, "expected an integer >= 1, got True"),
+        ("model", "name", "", "expected a non-empty string, got ''"),
+        ("model", "num_kv_heads", 5, "expected a divisor of num_heads (32), got 5"),
+        ("gpu", "pcie_bandwidth", 0, "expected a finite number > 0, got 0"),
+        ("gpu", "peak_flops", "312e12", "expected a finite number > 0, got '312e12'"),
+        ("gpu", "memory_bytes", "85899345920", "expected an integer >= 1, got '85899345920'"),
+        ("gpu", "hbm_bandwidth", -1.0, "expected a finite number > 0, got -1.0"),
+    ],
+)
+def test_spec_file_fields_are_checked_at_load(tmp_path, kind, field, value, expected):
+    path = spec_file(tmp_path, kind, **{field: value})
+    line = next(i for i, text in enumerate(open(path), 1) if f'"{field}"' in text)
+    with pytest.raises(SpecError) as info:
+        (load_model if kind == "model" else load_gpu)(path)
+    assert str(info.value) == f"{path}:{line}: field {field!r}: {expected}"
+
+
+def test_spec_file_errors_name_the_set_key(exp, tmp_path):
+    path = spec_file(tmp_path, "model", num_layers=0)
+    assert error("t", exp(), [f"engine.model={path}"]) == (
+        f"--set engine.model={path}: experiment 't': engine.model: {path}:4: field 'num_layers': "
+        "expected an integer >= 1, got 0"
+    )
+
+
+def test_spec_file_shape_errors(tmp_path):
+    path = tmp_path / "x.model.json"
+    path.write_text("[1, 2]")
+    with pytest.raises(SpecError, match=r"x.model.json: expected a JSON object"):
+        load_model(str(path))
+    path.write_text('{"num_layers": 1, "num_layers": 2}')
+    with pytest.raises(SpecError, match=r"x.model.json:1: field 'num_layers': duplicate key"):
+        load_model(str(path))
+
+
+def test_shipped_specs_load():
+    assert available("model") and available("gpu")
+    for name in available("model"):
+        assert load_model(name).num_layers >= 1
+    for name in available("gpu"):
+        assert load_gpu(name).memory_bytes >= 1
+
+
+# --- 2: replicas --------------------------------------------------------------------------
+
+
+def test_replicas_have_a_cap(exp):
+    assert resolve("t", exp(), ["engine.replicas=4096"]).engine.replicas == 4096
+    assert error("t", exp(), ["engine.replicas=100000000"]) == (
+        "--set engine.replicas=100000000: experiment 't': engine.replicas: "
+        "expected at most 4,096 replicas, got 100000000"
+    )
+
+
+# --- 3: alias bombs ------------------------------------------------------------------------
+
+
+BOMB = """\
+a: &a [x, x, x, x, x, x, x, x, x]
+b: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]
+c: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b]
+d: &d [*c, *c, *c, *c, *c, *c, *c, *c, *c]
+e: &e [*d, *d, *d, *d, *d, *d, *d, *d, *d]
+f: &f [*e, *e, *e, *e, *e, *e, *e, *e, *e]
+g: &g [*f, *f, *f, *f, *f, *f, *f, *f, *f]
+h: &h [*g, *g, *g, *g, *g, *g, *g, *g, *g]
+"""
+
+
+def test_alias_bomb_fails_fast(exp):
+    path = exp(base=BOMB + BASE)
+    start = time.perf_counter()
+    with pytest.raises(ConfigError, match=rf"^exp.yaml:\d+: more than {MAX_NODES:,} values with its aliases"):
+        load_file(path)
+    assert time.perf_counter() - start < 1.0
+
+
+def test_alias_bomb_in_a_set_value_fails_fast():
+    levels = ["&a [x, x, x, x, x, x, x, x, x]"]
+    levels += [f"&{new} [{', '.join([f'*{old}'] * 9)}]" for old, new in zip("abcdefg", "bcdefgh")]
+    start = time.perf_counter()
+    with pytest.raises(ConfigError, match=r"^--set description=\[.*\]: more than 100,000 values"):
+        parse_override(f"description=[{', '.join(levels)}]")
+    assert time.perf_counter() - start < 1.0
+
+
+def test_small_aliases_still_work(exp):
+    base = "defaults:\n  engine: &e {replicas: 2}\n" + BASE.replace("policies: [fcfs]", "policies: [fcfs]\n    engine: *e")
+    assert resolve("t", exp(base=base)).engine.replicas == 2
+
+
+# --- 4: YAML 1.2 numbers ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text, value",
+    [("1e3", 1000.0), ("5e0", 5.0), ("-1.5E-2", -0.015), ("010", 10), ("0o10", 8), ("0x10", 16),
+     ("1:00", "1:00"), ("1_000", "1_000"), ("12", 12), (".5", 0.5)],
+)
+def test_set_values_use_yaml_1_2_numbers(text, value):
+    assert parse_override(f"k={text}") == (("k",), value)
+
+
+def test_file_and_set_read_numbers_alike(exp):
+    path = exp(base=BASE.replace("rate: 5.0", "rate: 5e0").replace("programs: 5", "programs: 010"))
+    cfg = resolve("t", path)
+    assert cfg.workload.params == {"programs": 10, "rate": 5.0}
+    assert resolve("t", path, ["workload.params.rate=1e3"]).workload.params["rate"] == 1000.0
+    assert error("t", path, ["workload.params.programs=1:00"]) == (
+        "--set workload.params.programs=1:00: experiment 't': workload.params.programs: "
+        "expected an integer >= 1, got '1:00'"
+    )
+
+
+def test_sweep_grid_reads_scientific_numbers(exp):
+    path = exp("""\
+        sweeps:
+          s: {experiment: t, grid: {workload.params.rate: [1e1, 2e1]}}
+          r: {experiment: t, grid: {workload.params.rate: {start: 1e0, stop: 2e0, num: 2}}}
+        """)
+    assert [p.params for p in load_sweep("s", path).points] == [
+        (("workload.params.rate", 10.0),), (("workload.params.rate", 20.0),)
+    ]
+    assert [p.params for p in load_sweep("r", path).points] == [
+        (("workload.params.rate", 1.0),), (("workload.params.rate", 2.0),)
+    ]
+
+
+# --- 5, 6: KV capacity blamed on the key that was set ------------------------------------------
+
+
+def test_huge_block_size_is_blamed_on_block_size(exp):
+    msg = error("t", exp(), ["engine.block_size=100000000"])
+    assert msg.startswith(
+        "--set engine.block_size=100000000: experiment 't': engine.block_size: a block of 100000000 tokens "
+        "needs 1.31e+04 GB of KV cache (131072 bytes per token for llama-3.1-8b), more than the 59.1 GB"
+    )
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [("engine.activation_reserve_bytes=70000000000", "engine.activation_reserve_bytes"),
+     ("engine.gpu_memory_utilization=0.21", "engine.gpu_memory_utilization")],
+)
+def test_memory_shortage_is_blamed_on_the_set_key(exp, override, key):
+    msg = error("t", exp(), [override])
+    assert msg.startswith(f"--set {override}: experiment 't': {key}: llama-3.1-8b does not fit")
+    for term in ("engine.model", "engine.activation_reserve_bytes=", "engine.gpu_memory_utilization="):
+        assert term in msg
+
+
+def test_model_set_in_the_file_is_still_blamed_there(exp):
+    path = exp(base=BASE.replace("policies: [fcfs]", "policies: [fcfs]\n    engine: {model: llama-3.1-70b}"))
+    assert error("t", path).startswith("exp.yaml:6: experiment 't': engine.model: llama-3.1-70b does not fit")
+
+
+def test_null_trace_is_blamed_on_the_set(exp):
+    assert error("t", exp(), ["workload.trace=null"]) == (
+        "--set workload.trace=null: experiment 't': workload.trace: got null; "
+        "give exactly one of generator (with params) or trace, got neither"
+    )
+
+
+# --- 7: a call past an explicit num_gpu_blocks ----------------------------------------------------
+
+
+def test_call_past_num_gpu_blocks_names_it():
+    call = SimpleNamespace(id="c", prompt_tokens=20, output_tokens=5)
+    programs = [SimpleNamespace(id="p", calls=[call])]
+    engine = EngineConfig(num_gpu_blocks=1, gpus_per_replica=8)
+    with pytest.raises(SimulationError) as info:
+        check_fits(programs, 1, engine)
+    assert str(info.value) == (
+        "program 'p' call 'c': prompt_tokens + output_tokens = 25 exceeds the KV cache of one replica "
+        "(16 tokens); it is engine.num_gpu_blocks=1 x engine.block_size=16: raise engine.num_gpu_blocks, "
+        "or drop it to size the cache from the GPUs"
+    )
+
+
+# --- 8, 9: sweeps ----------------------------------------------------------------------------------
+
+
+def test_times_with_no_other_grid_key(exp):
+    path = exp("""\
+        sweeps:
+          s: {experiment: t, grid: {workload.params.rate: {start: 1, stop: 2, num: 2, times: engine.replicas}}}
+        """)
+    with pytest.raises(ConfigError) as info:
+        load_sweep("s", path)
+    assert str(info.value) == (
+        "exp.yaml:7: sweep 's': grid.workload.params.rate.times: 'engine.replicas' is not another key of "
+        "this grid; this grid varies no other key; add engine.replicas to it or drop times"
+    )
+
+
+def test_duplicate_grid_points_are_refused(exp):
+    path = exp("""\
+        sweeps:
+          s:
+            experiment: t
+            grid:
+              - {workload.params.rate: [1], seed: [0]}
+              - {seed: [0], workload.params.rate: [1]}
+          one: {experiment: t, grid: {seed: [1, 2, 1]}}
+        """)
+    with pytest.raises(ConfigError) as info:
+        load_sweep("s", path)
+    assert str(info.value) == (
+        "exp.yaml:11: sweep 's': grid[1]: the point seed=0, workload.params.rate=1 is in the grid twice "
+        "(grid[0] gives it too); each point runs once, remove one"
+    )
+    with pytest.raises(ConfigError, match=r"sweep 'one': grid: the point seed=1 is in the grid twice \(this case gives it twice\)"):
+        load_sweep("one", path)
+
+
+# --- 10, 11: vLLM's scheduler and tensor-parallel rules ----------------------------------------------
+
+
+def test_token_budget_below_max_num_seqs(exp):
+    assert error("t", exp(), ["engine.max_num_batched_tokens=1"]) == (
+        "--set engine.max_num_batched_tokens=1: experiment 't': engine.max_num_batched_tokens: "
+        "engine.max_num_batched_tokens (1) must be >= engine.max_num_seqs (256), as vLLM requires"
+    )
+    assert error("t", exp(), ["engine.max_num_seqs=4096"]).startswith(
+        "--set engine.max_num_seqs=4096: experiment 't': engine.max_num_seqs: engine.max_num_batched_tokens (2048)"
+    )
+    cfg = resolve("t", exp(), ["engine.max_num_batched_tokens=8", "engine.max_num_seqs=8"])
+    assert cfg.engine.max_num_batched_tokens == 8
+
+
+@pytest.mark.parametrize("gpus", [3, 100000])
+def test_tensor_parallel_must_split_the_heads(exp, gpus):
+    assert error("t", exp(), [f"engine.gpus_per_replica={gpus}"]) == (
+        f"--set engine.gpus_per_replica={gpus}: experiment 't': engine.gpus_per_replica: "
+        f"engine.gpus_per_replica={gpus} does not split the 32 attention heads and 8 KV heads of "
+        "engine.model=llama-3.1-8b evenly, as vLLM's tensor parallelism requires; valid: 1, 2, 4, 8, 16, 32"
+    )
+
+
+def test_tensor_parallel_kv_head_rule(exp, tmp_path):
+    # 12 heads, 4 KV heads: 6 divides the heads but neither divides nor is divided by the KV heads.
+    path = spec_file(tmp_path, "model", num_heads=12, num_kv_heads=4)
+    msg = error("t", exp(), [f"engine.model={path}", "engine.gpus_per_replica=6"])
+    assert msg.endswith("12 attention heads and 4 KV heads of engine.model=" + path
+                        + " evenly, as vLLM's tensor parallelism requires; valid: 1, 2, 4, 12")
