@@ -66,9 +66,19 @@ def test_validate_prints_every_error_and_a_count(tmp_path, capsys):
         (["gen", "bfcl", "--programs", "1", "--rate", "1", "--seed", "0", "--param", "output_tokens_sigma=100", "-o", "x"],
          2, "bfcl parameter 'output_tokens_sigma' must be at most 4"),
         (["gen", "bfcl", "--programs", "1", "--rate", "1e-320", "--seed", "0", "-o", "x"], 2, "rate must be at least 1e-09"),
-        (["validate", "/nonexistent/file.jsonl"], 1, "No such file"),
-        (["stats", "/nonexistent/file.jsonl"], 1, "No such file"),
-        (["convert", "azure", "/nonexistent.csv", "-o", "x"], 1, "No such file"),
+        (["validate", "/nonexistent/file.jsonl"], 1, "error: /nonexistent/file.jsonl: no such file\n"),
+        (["stats", "/nonexistent/file.jsonl"], 1, "error: /nonexistent/file.jsonl: no such file\n"),
+        (["convert", "azure", "/nonexistent.csv", "-o", "x"], 1, "error: /nonexistent.csv: no such file\n"),
+        (["validate", "/"], 1, "error: /: is a directory, expected a trace file\n"),
+        (["stats", "/"], 1, "error: /: is a directory, expected a trace file\n"),
+        (["convert", "mooncake", "/", "-o", "x"], 1, "error: /: is a directory, expected a trace file\n"),
+        (["gen", "bfcl", "--programs", "1", "--rate", "1", "--seed", "0", "-o", "/"], 2,
+         "error: -o: is a directory, expected a trace file\n"),
+        (["gen", "bfcl", "--programs", "1", "--rate", "1", "--seed", "0", "-o", "/nonexistent/x.jsonl"], 2,
+         "error: -o: no such directory '/nonexistent'\n"),
+        (["gen", "bfcl", "--programs", "5", "--rate", "1", "--seed", "0", "--arrival", "gamma", "--cv", "1e-300",
+          "-o", "x"], 2, "cv must be a finite number > 0 from 0.01 to 10 (outside it gamma arrivals are degenerate), "
+                         "got 1e-300\n"),
         (["convert", "azure", str(AZURE / "code.csv"), "--group-by-prefix", "2", "-o", "x"], 2,
          "--group-by-prefix does not apply to azure"),
         ([], 2, "required"),
@@ -79,6 +89,37 @@ def test_errors_exit_with_the_right_code_and_no_traceback(args, code, words):
     assert r.returncode == code, r.stderr
     assert words in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_convert_refuses_to_overwrite_its_input(tmp_path):
+    src = tmp_path / "t.csv"
+    src.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:17:03.9799600,10,3\n")
+    before = src.read_bytes()
+    for out in (src, tmp_path / "." / "t.csv"):
+        r = run("convert", "azure", str(src), "-o", str(out))
+        assert r.returncode == 2 and r.stderr.endswith("error: -o: is the input file\n"), r.stderr
+    assert src.read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    "fmt,text,message",
+    [
+        ("azure", "TIMESTAMP,ContextTokens,GeneratedTokens\n1990-01-01 00:00:00.0,10,10\n2023-11-16 18:17:03.97,10,10\n",
+         "{src}:3: field 'TIMESTAMP': expected at most 1e+09 s after the first row"),
+        ("azure", "TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:17:03.97,1000000000000,10\n",
+         "{src}:2: field 'ContextTokens': expected at most 1,000,000,000 tokens, got 1000000000000"),
+        ("mooncake", '{"timestamp": 1e13, "input_length": 1, "output_length": 1, "hash_ids": [1]}\n'
+                     '{"timestamp": 0, "input_length": 1, "output_length": 1, "hash_ids": [1]}\n',
+         "{src}:1: field 'timestamp': expected at most 1e+09 s (1e+12 ms) after the earliest timestamp 0"),
+    ],
+)
+def test_import_range_errors_name_the_input_row_not_the_output(tmp_path, fmt, text, message):
+    src = tmp_path / "in.txt"
+    src.write_text(text)
+    out = tmp_path / "out.jsonl"
+    r = run("convert", fmt, str(src), "-o", str(out))
+    assert r.returncode == 1 and r.stderr.startswith("error: " + message.format(src=src)), r.stderr
+    assert "out.jsonl" not in r.stderr and not out.exists()
 
 
 def test_stats_on_a_bad_file_reports_the_line(tmp_path):

@@ -97,6 +97,11 @@ def test_poisson_and_gamma_arrivals_have_the_requested_rate_and_burstiness():
         (dict(programs=100_000_000_000), "programs must be an integer from 0 to 10,000,000"),
         (dict(rate=1e-320), "rate must be at least 1e-09 programs per second"),
         (dict(rate=1e-8, programs=600), "rate 1e-08 is too low for 600 programs: the last would arrive at"),
+        (dict(arrival="gamma", cv=1e-300), r"cv must be a finite number > 0 from 0\.01 to 10 .*, got 1e-300$"),
+        (dict(arrival="gamma", cv=1e-160), r"from 0\.01 to 10 .*, got 1e-160$"),
+        (dict(arrival="gamma", cv=1e10), r"from 0\.01 to 10 .*, got 10000000000\.0$"),
+        (dict(arrival="gamma", cv=0.0099), r"from 0\.01 to 10 .*, got 0\.0099$"),
+        (dict(arrival="gamma", cv=10.01), r"from 0\.01 to 10 .*, got 10\.01$"),
     ],
 )
 def test_bad_arguments_raise_value_error_naming_the_choices(kwargs, words):
@@ -104,6 +109,12 @@ def test_bad_arguments_raise_value_error_naming_the_choices(kwargs, words):
     args.update(kwargs)
     with pytest.raises(ValueError, match=words):
         generate(**args)
+
+
+@pytest.mark.parametrize("cv", [0.01, 10])
+def test_gamma_cv_bounds_are_accepted_and_give_finite_increasing_arrivals(cv):
+    times = [p.arrival for p in generate("bfcl", 200, 1.0, 0, arrival="gamma", cv=cv)]
+    assert all(np.isfinite(times)) and all(a <= b for a, b in zip(times, times[1:])) and times[-1] > 0
 
 
 def test_count_distributions_have_the_requested_means():

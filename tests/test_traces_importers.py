@@ -75,6 +75,14 @@ def test_azure_zero_tokens_is_an_error_unless_min_tokens_given(tmp_path):
         ("16/11/2023,5,3", "TIMESTAMP", "expected a time"),
         ("2023-11-16 18:17:02.0,5,3", "TIMESTAMP", "time order"),
         ("2023-11-16 18:17:04.0,5", None, "3 columns"),
+        # int() would take these three; a trace writer never writes them.
+        ("2023-11-16 18:17:04.0,1_000,3", "ContextTokens", "expected an integer (ASCII digits 0-9 only), got '1_000'"),
+        ("2023-11-16 18:17:04.0, 12 ,3", "ContextTokens", "expected an integer (ASCII digits 0-9 only), got ' 12 '"),
+        ("2023-11-16 18:17:04.0,5,\u0661\u0662", "GeneratedTokens", "(ASCII digits 0-9 only), got '\u0661\u0662'"),
+        ("2023-11-16 18:17:04.\u0669,5,3", "TIMESTAMP", "expected a time"),
+        ("2023-11-16 18:17:04.0,1000000001,3", "ContextTokens", "expected at most 1,000,000,000 tokens, got 1000000001"),
+        ("2023-11-16 18:17:04.0,5," + "9" * 5000, "GeneratedTokens", "at most 1,000,000,000 tokens, got a 5000-digit"),
+        ("2055-11-16 18:17:04.0,5,3", "TIMESTAMP", "expected at most 1e+09 s after the first row"),
     ],
 )
 def test_azure_bad_rows_name_line_and_field(tmp_path, row, field, words):
@@ -99,6 +107,13 @@ def test_sharegpt_nested_too_deeply_is_a_trace_error(tmp_path):
     with pytest.raises(TraceError, match="malformed JSON: nested too deeply") as info:
         import_sharegpt(p)
     assert info.value.file == str(p)
+
+
+def test_azure_accepts_a_byte_order_mark(tmp_path):
+    p = tmp_path / "t.csv"
+    p.write_bytes(b"\xef\xbb\xbfTIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:17:03.9799600,10,3\n")
+    (prog,) = import_azure(p).programs
+    assert (prog.calls[0].prompt_tokens, prog.calls[0].output_tokens) == (10, 3)
 
 
 def test_azure_wrong_header(tmp_path):
@@ -137,6 +152,7 @@ def test_sharegpt_conversations_become_chains(tmp_path):
     assert report.notes == [
         "1 conversation(s) without a reply: no program",
         "1 conversation(s) end with unanswered messages: not calls",
+        "0 empty message(s) counted as 1 token each",
     ]
     assert 0 < a.arrival < c.arrival
     out = tmp_path / "o.jsonl"
@@ -154,6 +170,43 @@ def test_sharegpt_errors_name_the_conversation_and_field(tmp_path):
     src.write_text("{not json")
     with pytest.raises(TraceError, match="malformed JSON"):
         import_sharegpt(src)
+
+
+def sharegpt_file(tmp_path, messages, prefix=b""):
+    src = tmp_path / "sg.json"
+    src.write_bytes(prefix + json.dumps([{"id": "a", "conversations": messages}]).encode())
+    return src
+
+
+def test_sharegpt_empty_messages_are_counted_in_the_report(tmp_path):
+    src = sharegpt_file(tmp_path, [{"from": "human", "value": ""}, {"from": "gpt", "value": ""}])
+    report = import_sharegpt(src)
+    (prog,) = report.programs
+    assert [(c.prompt_tokens, c.output_tokens) for c in prog.calls] == [(1, 1)]
+    assert "2 empty message(s) counted as 1 token each" in report.notes
+
+
+def test_sharegpt_consecutive_leading_gpt_messages_are_one_greeting(tmp_path):
+    greeting = [{"from": "gpt", "value": "g" * 8}, {"from": "gpt", "value": "a" * 4}]
+    report = import_sharegpt(sharegpt_file(tmp_path, greeting))
+    assert report.programs == [] and report.notes[0] == "1 conversation(s) without a reply: no program"
+    asked = greeting + [{"from": "human", "value": "q" * 4}, {"from": "gpt", "value": "r" * 40}]
+    (prog,) = import_sharegpt(sharegpt_file(tmp_path, asked)).programs
+    assert [(c.prompt_tokens, c.output_tokens) for c in prog.calls] == [(2 + 1 + 1, 10)]
+
+
+def test_sharegpt_role_error_lists_every_accepted_role(tmp_path):
+    with pytest.raises(TraceError) as info:
+        import_sharegpt(sharegpt_file(tmp_path, [{"from": "Human", "value": "hi"}]))
+    assert str(info.value).endswith(
+        "field 'conversations[0].from': expected one of 'human', 'user', 'system', 'gpt', 'chatgpt', "
+        "'assistant', 'bard', 'bing', got \"Human\"")
+
+
+def test_sharegpt_accepts_a_byte_order_mark(tmp_path):
+    msgs = [{"from": "human", "value": "q" * 4}, {"from": "gpt", "value": "r" * 4}]
+    (prog,) = import_sharegpt(sharegpt_file(tmp_path, msgs, prefix=b"\xef\xbb\xbf")).programs
+    assert [(c.prompt_tokens, c.output_tokens) for c in prog.calls] == [(1, 1)]
 
 
 def test_token_approximation_and_missing_tokenizer():
@@ -207,3 +260,33 @@ def test_mooncake_bad_rows(tmp_path, row, field):
     with pytest.raises(TraceError) as info:
         import_mooncake(p)
     assert (info.value.line, info.value.field) == (2, field)
+
+
+@pytest.mark.parametrize(
+    "line,message",
+    [
+        # The trace format's own JSONL rules (traces.validate.decode_jsonl_line).
+        ('{"timestamp":0,"timestamp":5,"input_length":1,"output_length":1,"hash_ids":[1]}',
+         "2: field 'timestamp': duplicate key in one JSON object"),
+        ('{"timestamp":0,"input_length":1,"output_length":1,"hash_ids":[1],"foo":1}',
+         "2: field 'foo': unknown key in a row (allowed: hash_ids, input_length, output_length, timestamp)"),
+        ("", "2: empty line (one row per line, no blank lines)"),
+        ('{"timestamp":0,"input_length":1000000001,"output_length":1,"hash_ids":[]}',
+         "2: field 'input_length': expected at most 1,000,000,000 tokens, got 1000000001"),
+        ('{"timestamp":1' + "0" * 400 + ',"input_length":1,"output_length":1,"hash_ids":[1]}',
+         "2: field 'timestamp': expected at most 1e+09 s (1e+12 ms) after the earliest timestamp 0"),
+        ('{"timestamp":1000000000001,"input_length":1,"output_length":1,"hash_ids":[1]}',
+         "2: field 'timestamp': expected at most 1e+09 s (1e+12 ms) after the earliest timestamp 0"),
+    ],
+)
+def test_mooncake_follows_the_trace_jsonl_rules_and_limits(tmp_path, line, message):
+    p = tmp_path / "mc.jsonl"
+    p.write_text('{"timestamp":0,"input_length":1,"output_length":1,"hash_ids":[1]}\n' + line + "\n")
+    with pytest.raises(TraceError) as info:
+        import_mooncake(p)
+    assert str(info.value).startswith(f"{p}:{message}")
+
+
+def test_mooncake_span_limit_is_inclusive(tmp_path):
+    p = mooncake_file(tmp_path, [dict(MC_ROWS[0], timestamp=5), dict(MC_ROWS[1], timestamp=5 + 10**12)])
+    assert [x.arrival for x in import_mooncake(p).programs] == [0.0, 1e9]

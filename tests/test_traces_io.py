@@ -112,3 +112,14 @@ def test_load_is_lazy(tmp_path):
     path.write_text(good + "\nnot json\n")
     it = load(path)
     assert next(it).id == "p0"  # the bad second line is not read yet
+
+
+def test_save_errors_name_the_target_not_the_temporary_file(tmp_path):
+    program = Program("p0", 0.0, "w", (Call("c0", (), 1, 1),))
+    try:
+        save([program], tmp_path)  # a directory
+    except OSError as exc:
+        assert exc.filename == str(tmp_path) and ".tmp" not in str(exc)
+    else:
+        raise AssertionError("saving onto a directory must fail")
+    assert list(tmp_path.iterdir()) == []  # no temporary file left behind

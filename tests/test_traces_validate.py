@@ -85,6 +85,29 @@ CASES = [
     ("hash with prefix", prog("p1", [call(prompt=5, block_hashes=[1], hash_block_tokens=16, shared_prefix={"key": "s", "tokens": 1})]), "block_hashes", "c0", "not allowed together"),
     ("hash with context", prog("p1", [call("a"), call("b", ["a"], prompt=16, context_of="a", block_hashes=[1], hash_block_tokens=16)]), "block_hashes", "b", "not allowed together"),
     ("duplicate program", prog("ok"), "id", None, "duplicate program id (first on line 1)"),
+    # A lone surrogate decodes to a str that no UTF-8 encoder takes: it used to
+    # pass validation and crash the simulator when the id was hashed.
+    ("surrogate program id", prog("p\ud800"), "id", None, "field 'id': not valid Unicode (lone surrogate)"),
+    ("surrogate workload", prog("p1", workload="w\udfff"), "workload", None, "not valid Unicode (lone surrogate)"),
+    ("surrogate call id", prog("p1", [call("c\ud800")]), "id", None, "program 'p1': field 'id': not valid Unicode"),
+    ("surrogate parent", prog("p1", [call("a"), call("b", ["a\ud800"])]), "parents", "b", "not valid Unicode"),
+    ("surrogate context_of", prog("p1", [call("a"), call("b", ["a"], prompt=100, context_of="\ud800")]), "context_of",
+     "b", "not valid Unicode"),
+    ("surrogate prefix key", prog("p1", [call(shared_prefix={"key": "\ud800", "tokens": 1})]), "shared_prefix.key",
+     "c0", "not valid Unicode"),
+    # Integers longer than int() reads (4300 digits) used to give Python's advice
+    # to call sys.set_int_max_str_digits().
+    ("5000-digit prompt", '{"id":"p1","arrival":0,"workload":"w","calls":[{"id":"c0","parents":[],"prompt_tokens":' + "9" * 5000
+     + ',"output_tokens":1,"delay":0}]}', "prompt_tokens", "c0",
+     "expected at most 1,000,000,000 tokens, got a 5000-digit integer"),
+    ("5000-digit arrival", '{"id":"p1","arrival":' + "9" * 5000 + ',"workload":"w","calls":[]}', "arrival", None,
+     "expected at most 1e+09 seconds, got a 5000-digit integer"),
+    ("negative 5000-digit delay", '{"id":"p1","arrival":0,"workload":"w","calls":[{"id":"c0","parents":[],'
+     '"prompt_tokens":1,"output_tokens":1,"delay":-' + "9" * 5000 + '}]}', "delay", "c0",
+     "expected a number >= 0, got a 5000-digit negative integer"),
+    ("5000-digit block hash", '{"id":"p1","arrival":0,"workload":"w","calls":[{"id":"c0","parents":[],'
+     '"prompt_tokens":1,"output_tokens":1,"delay":0,"block_hashes":[' + "9" * 5000 + '],"hash_block_tokens":1}]}',
+     "block_hashes", "c0", "expected integers of at most 4300 digits, got a 5000-digit integer"),
 ]
 
 
@@ -156,6 +179,21 @@ def test_fast_call_constructor_builds_equal_calls():
     args = ("c1", ("c0",), 100, 20, 0.5, None, SharedPrefix("k", 3), None, None)
     made = make_call(*args)
     assert made == Call(*args) and hash(made) == hash(Call(*args)) and repr(made) == repr(Call(*args))
+
+
+def test_surrogate_message_is_exactly_located(tmp_path):
+    path = tmp_path / "surrogate.jsonl"
+    path.write_text('{"id":"p\\ud800","arrival":0,"workload":"w","calls":[{"id":"c","parents":[],'
+                    '"prompt_tokens":1,"output_tokens":1,"delay":0}]}\n')
+    (err,) = validate_file(path)
+    assert str(err) == f"{path}:1: field 'id': not valid Unicode (lone surrogate)"
+
+
+def test_non_ascii_ids_are_still_valid(tmp_path):
+    """The surrogate check sends non-ASCII ids off the fast path; they must still load."""
+    p = prog("p\u00e9", [call("a\u4e2d"), call("b", ["a\u4e2d"], prompt=100, context_of="a\u4e2d")], workload="w\u00e9")
+    (loaded,) = load_all(write(tmp_path, p))
+    assert loaded.id == "p\u00e9" and loaded.calls[1].parents == ("a\u4e2d",) and loaded.calls[1].context_of == "a\u4e2d"
 
 
 def test_invalid_utf8_is_malformed_json_not_a_crash(tmp_path):

@@ -9,7 +9,9 @@ a traceback.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import os
 import sys
 from typing import Sequence
 
@@ -131,7 +133,38 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_output(output: str, source: str | None = None) -> None:
+    """Refuse an -o that cannot work before any work is done.
+
+    A directory, or a file in a missing directory, would fail only at the
+    end (after generating or importing everything); the input file itself
+    would be overwritten by its own conversion.
+    """
+    if os.path.isdir(output):
+        raise UsageError("-o: is a directory, expected a trace file")
+    parent = os.path.dirname(output) or "."
+    if not os.path.isdir(parent):
+        raise UsageError(f"-o: no such directory {parent!r}")
+    if source is not None and os.path.exists(output) and os.path.exists(source) and os.path.samefile(output, source):
+        raise UsageError("-o: is the input file")
+
+
+_OS_REASONS = {
+    errno.ENOENT: "no such file",
+    errno.EISDIR: "is a directory, expected a trace file",
+    errno.ENOTDIR: "a component of the path is not a directory",
+    errno.EACCES: "permission denied",
+}
+
+
+def os_error_message(exc: OSError) -> str:
+    """``FILE: reason`` for an OSError, without Python's ``[Errno N]`` wording."""
+    reason = _OS_REASONS.get(exc.errno) or (exc.strerror or str(exc)).lower()
+    return f"{exc.filename}: {reason}" if exc.filename is not None else reason
+
+
 def _gen(args: argparse.Namespace) -> int:
+    _check_output(args.output)
     if args.cv is not None and args.arrival != "gamma":
         raise UsageError("--cv applies to --arrival gamma only")
     try:
@@ -153,6 +186,7 @@ def _convert(args: argparse.Namespace) -> int:
     if extra:
         opts = ", ".join("--" + k.replace("_", "-") for k in sorted(extra))
         raise UsageError(f"{opts} does not apply to {args.format}")
+    _check_output(args.output, args.source)
     try:
         if args.format == "azure":
             report = importers.import_azure(args.source, min_tokens=args.min_tokens)
@@ -215,7 +249,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TraceError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_DATA
-    except (OSError, ValueError) as exc:
+    except OSError as exc:
+        print(f"error: {os_error_message(exc)}", file=sys.stderr)
+        return EXIT_BAD_DATA
+    except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_DATA
     except KeyboardInterrupt:

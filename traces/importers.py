@@ -19,6 +19,7 @@ import csv
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Callable, Iterable, Iterator
@@ -26,8 +27,8 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 
 from traces.arrivals import arrival_times
-from traces.format import Call, Program
-from traces.validate import TraceError, show
+from traces.format import MAX_SECONDS, MAX_TOKENS, Call, Program
+from traces.validate import TraceError, decode_jsonl_line, show
 
 IMPORTERS = ("azure", "sharegpt", "mooncake")
 
@@ -49,8 +50,12 @@ def parse_azure_timestamp(text: str) -> int:
     """``2023-11-16 18:17:03.9799600`` -> integer 100-nanosecond ticks since the epoch (UTC).
 
     The trace has seven fraction digits; ``datetime`` keeps only six, so the
-    fraction is read as an integer and the whole time is kept exactly.
+    fraction is read as an integer and the whole time is kept exactly. Only
+    ASCII digits are accepted: ``strptime`` and ``int`` would also read
+    other scripts' digits, which no trace writer produces.
     """
+    if not text.isascii():
+        raise ValueError("not ASCII")
     main, dot, frac = text.strip().partition(".")
     if dot and (not frac.isdigit() or len(frac) > 7):
         raise ValueError(f"bad fraction of a second {frac!r}")
@@ -61,13 +66,33 @@ def parse_azure_timestamp(text: str) -> int:
 
 def _utf8_lines(fh: Iterable[bytes], file: str) -> Iterator[str]:
     """The lines of a binary file as text. Decoding line by line names the line
-    that is not UTF-8; a text-mode file fails a whole read buffer early."""
+    that is not UTF-8; a text-mode file fails a whole read buffer early. A
+    byte order mark starting the file is dropped (``utf-8-sig``), as trace
+    files and the other importers do: spreadsheet programs write one."""
     for line, raw in enumerate(fh, 1):
         try:
-            yield raw.decode("utf-8")
+            yield raw.decode("utf-8-sig" if line == 1 else "utf-8")
         except UnicodeDecodeError as exc:
             raise TraceError(f"not UTF-8 text (byte {exc.start + 1} of the line: {exc.reason})",
                              file=file, line=line) from None
+
+
+_DECIMAL = re.compile(r"-?[0-9]+")  # not int(): it also takes "1_000", " 12 " and non-ASCII digits
+
+
+def _azure_count(text: str, file: str, line: int, column: str) -> int:
+    """A token count cell: an optional minus and ASCII digits, nothing else.
+
+    A count too long for a token count is refused before ``int()``, which
+    would refuse 4300 digits with advice about interpreter limits.
+    """
+    if not _DECIMAL.fullmatch(text):
+        raise TraceError(f"expected an integer (ASCII digits 0-9 only), got {text!r}", file=file, line=line,
+                         field=column)
+    if len(text.lstrip("-").lstrip("0")) > len(str(MAX_TOKENS)) or int(text) > MAX_TOKENS:
+        shown = text if len(text) <= 20 else f"a {len(text)}-digit integer"
+        raise TraceError(f"expected at most {MAX_TOKENS:,} tokens, got {shown}", file=file, line=line, field=column)
+    return int(text)
 
 
 def import_azure(path: str | os.PathLike, min_tokens: int | None = None) -> ImportReport:
@@ -105,10 +130,7 @@ def import_azure(path: str | os.PathLike, min_tokens: int | None = None) -> Impo
                                  file=file, line=line, field="TIMESTAMP") from None
             counts = []
             for name, text in zip(AZURE_COLUMNS[1:], row[1:]):
-                try:
-                    value = int(text)
-                except ValueError:
-                    raise TraceError(f"expected an integer, got {text!r}", file=file, line=line, field=name) from None
+                value = _azure_count(text, file, line, name)
                 if value < 0 or (value == 0 and min_tokens is None):
                     hint = " (--min-tokens 1 imports it as 1 and reports it)" if value == 0 else ""
                     raise TraceError(f"expected an integer > 0, got {value}{hint}", file=file, line=line, field=name)
@@ -123,6 +145,9 @@ def import_azure(path: str | os.PathLike, min_tokens: int | None = None) -> Impo
                                  file=file, line=line, field="TIMESTAMP")
             prev = ticks
             arrival = (ticks - first) / 10_000_000
+            if arrival > MAX_SECONDS:
+                raise TraceError(f"expected at most {MAX_SECONDS:g} s after the first row (the trace format's limit "
+                                 f"on arrival times), got {arrival:.6g} s", file=file, line=line, field="TIMESTAMP")
             pid = f"p{len(programs)}"
             programs.append(Program(pid, arrival, label, (Call("c0", (), counts[0], counts[1]),)))
     notes = []
@@ -152,6 +177,42 @@ def load_tokenizer(name: str) -> Callable[[str], int]:
     return lambda text: max(1, len(tok.encode(text, add_special_tokens=False)))
 
 
+USER_ROLES = ("human", "user", "system")
+REPLY_ROLES = ("gpt", "chatgpt", "assistant", "bard", "bing")
+
+
+@dataclass
+class _Chat:
+    """The calls of one conversation being built, message by message."""
+
+    calls: list[Call] = field(default_factory=list)
+    pending: int = 0  # prompt tokens since the last call
+    asked: bool = False  # a user or system message seen: a reply now answers it
+    replying: bool = False  # the last message was a reply
+
+    def user(self, tokens: int) -> None:
+        self.pending += tokens
+        self.asked = True
+        self.replying = False
+
+    def reply(self, tokens: int) -> None:
+        calls = self.calls
+        if not self.asked:
+            self.pending += tokens  # a greeting before any user message: context, not a call
+        elif self.replying:
+            prev = calls[-1]  # the model continued its reply
+            calls[-1] = Call(prev.id, prev.parents, prev.prompt_tokens, prev.output_tokens + tokens,
+                             prev.delay, prev.context_of)
+        elif not calls:
+            calls.append(Call("c0", (), self.pending, tokens))
+            self.pending = 0
+        else:
+            prev = calls[-1]
+            calls.append(Call(f"c{len(calls)}", (prev.id,), prev.context_tokens + self.pending, tokens, 0.0, prev.id))
+            self.pending = 0
+        self.replying = True
+
+
 def import_sharegpt(
     path: str | os.PathLike,
     rate: float = 1.0,
@@ -163,17 +224,21 @@ def import_sharegpt(
     A reply's prompt re-sends the conversation so far (``context_of`` the
     previous call) plus the messages since that call; its output is the
     reply. Messages before the first reply (``system``, ``human``, or a
-    leading ``gpt`` greeting) form the first prompt. Consecutive ``gpt``
-    messages are one reply (the model continued). Messages after the last
-    reply have no answer to time and are not calls; conversations without
-    any reply become no program. Both are counted in the report. Arrivals
-    are Poisson at ``rate`` programs/s with ``seed``; program ids are
-    ``p0, p1, ...`` in file order (the ShareGPT id is not kept, since real
-    dumps repeat ids).
+    leading ``gpt`` greeting, however many messages long) form the first
+    prompt. Consecutive ``gpt`` messages are one reply (the model
+    continued). Messages after the last reply have no answer to time and are
+    not calls; conversations without any reply become no program. An empty
+    message counts as one token (a call needs at least one prompt and one
+    output token). All three are counted in the report. Roles: ``human``,
+    ``user``, ``system`` ask; ``gpt``, ``chatgpt``, ``assistant``, ``bard``,
+    ``bing`` reply. Arrivals are Poisson at ``rate`` programs/s with
+    ``seed``; program ids are ``p0, p1, ...`` in file order (the ShareGPT id
+    is not kept, since real dumps repeat ids). A leading byte order mark is
+    ignored.
     """
     file = os.fspath(path)
     try:
-        with open(file, encoding="utf-8") as fh:
+        with open(file, encoding="utf-8-sig") as fh:
             data = json.load(fh)
     except ValueError as exc:
         raise TraceError(f"malformed JSON: {exc}", file=file) from None
@@ -182,7 +247,8 @@ def import_sharegpt(
     if not isinstance(data, list):
         raise TraceError(f"expected a JSON array of conversations, got {show(data)}", file=file)
     bodies: list[tuple[Call, ...]] = []
-    no_reply = trailing = 0
+    no_reply = trailing = empty = 0
+    roles = ", ".join(repr(r) for r in USER_ROLES + REPLY_ROLES)
     for n, conv in enumerate(data):
         where = f"{file}: conversation [{n}]"
 
@@ -192,45 +258,35 @@ def import_sharegpt(
 
         if not isinstance(conv, dict) or not isinstance(conv.get("conversations"), list):
             raise bad("conversations", f"expected an object with a list 'conversations', got {show(conv)}")
-        calls: list[Call] = []
-        pending = 0  # prompt tokens since the last call
+        chat = _Chat()
         for m, msg in enumerate(conv["conversations"]):
             if not isinstance(msg, dict):
                 raise bad(f"conversations[{m}]", f"expected an object {{from, value}}, got {show(msg)}")
             role, text = msg.get("from"), msg.get("value")
             if not isinstance(text, str):
                 raise bad(f"conversations[{m}].value", f"expected a string, got {show(text)}")
-            if role in ("human", "user", "system"):
-                pending += count_tokens(text)
-            elif role in ("gpt", "chatgpt", "assistant", "bard", "bing"):
-                out = count_tokens(text)
-                if not calls and pending == 0:
-                    pending += out  # a greeting before any user message: context, not a call
-                elif pending == 0:
-                    prev = calls[-1]  # the model continued its reply
-                    calls[-1] = Call(prev.id, prev.parents, prev.prompt_tokens, prev.output_tokens + out,
-                                     prev.delay, prev.context_of)
-                elif not calls:
-                    calls.append(Call("c0", (), pending, out))
-                    pending = 0
-                else:
-                    prev = calls[-1]
-                    calls.append(Call(f"c{len(calls)}", (prev.id,), prev.context_tokens + pending, out, 0.0, prev.id))
-                    pending = 0
-            else:
-                raise bad(f"conversations[{m}].from", f"expected 'human', 'gpt' or 'system', got {show(role)}")
-        if not calls:
+            if role not in USER_ROLES and role not in REPLY_ROLES:
+                raise bad(f"conversations[{m}].from", f"expected one of {roles}, got {show(role)}")
+            empty += text == ""
+            (chat.user if role in USER_ROLES else chat.reply)(count_tokens(text))
+            last = chat.calls[-1] if chat.calls else None
+            if last is not None and max(last.prompt_tokens, last.output_tokens) > MAX_TOKENS:
+                raise bad(f"conversations[{m}]", f"makes a call of {last.prompt_tokens:,} prompt and "
+                                                 f"{last.output_tokens:,} output tokens, more than a call may "
+                                                 f"have ({MAX_TOKENS:,})")
+        if not chat.calls:
             no_reply += 1
             continue
-        if pending:
+        if chat.pending:
             trailing += 1
-        bodies.append(tuple(calls))
+        bodies.append(tuple(chat.calls))
     rng = np.random.Generator(np.random.PCG64(seed))
     times = arrival_times(len(bodies), rate, rng)
     programs = [Program(f"p{i}", t, "sharegpt", calls) for i, (t, calls) in enumerate(zip(times, bodies))]
     notes = [
         f"{no_reply} conversation(s) without a reply: no program",
         f"{trailing} conversation(s) end with unanswered messages: not calls",
+        f"{empty} empty message(s) counted as 1 token each",
     ]
     return ImportReport(programs, notes)
 
@@ -241,46 +297,72 @@ MOONCAKE_BLOCK = 512
 MOONCAKE_KEYS = frozenset({"timestamp", "input_length", "output_length", "hash_ids"})
 
 
-def _mooncake_rows(file: str) -> list[tuple[int, int, int, int, tuple[int, ...]]]:
-    """(timestamp ms, line, input, output, hash ids) of every row, checked."""
+def _mooncake_row(obj: Any) -> tuple[Any, int, int, tuple[int, ...]]:
+    """(timestamp ms, input, output, hash ids) of one decoded row, checked.
+
+    Raises TraceError without file and line (the caller adds them). Unknown
+    keys are refused, as in a trace: a misspelt key would otherwise vanish.
+    """
+    if not isinstance(obj, dict):
+        raise TraceError(f"expected a JSON object, got {show(obj)}")
+    for key in sorted(MOONCAKE_KEYS):
+        if key not in obj:
+            raise TraceError("missing", field=key)
+    unknown = sorted(k for k in obj if k not in MOONCAKE_KEYS)
+    if unknown:
+        raise TraceError(f"unknown key in a row (allowed: {', '.join(sorted(MOONCAKE_KEYS))})", field=unknown[0])
+    ts = obj["timestamp"]
+    if type(ts) not in (int, float) or (type(ts) is float and not math.isfinite(ts)) or ts < 0:
+        raise TraceError(f"expected a number of milliseconds >= 0, got {show(ts)}", field="timestamp")
+    counts = []
+    for key in ("input_length", "output_length"):
+        v = obj[key]
+        if type(v) is not int or v <= 0:
+            raise TraceError(f"expected an integer > 0, got {show(v)}", field=key)
+        if v > MAX_TOKENS:
+            raise TraceError(f"expected at most {MAX_TOKENS:,} tokens, got {show(v)}", field=key)
+        counts.append(v)
+    hashes = obj["hash_ids"]
+    if type(hashes) is not list or any(type(h) is not int for h in hashes):
+        raise TraceError(f"expected a list of integers, got {show(hashes)}", field="hash_ids")
+    want = -(-counts[0] // MOONCAKE_BLOCK)
+    if len(hashes) != want:
+        raise TraceError(f"expected ceil(input_length / {MOONCAKE_BLOCK}) = {want} hash ids, got {len(hashes)}",
+                         field="hash_ids")
+    return ts, counts[0], counts[1], tuple(hashes)
+
+
+def _mooncake_rows(file: str) -> list[tuple[Any, int, int, int, tuple[int, ...]]]:
+    """(timestamp ms, line, input, output, hash ids) of every row, checked.
+
+    Lines are read by the trace format's own JSONL rules
+    (:func:`~traces.validate.decode_jsonl_line`): no blank lines, no
+    duplicate keys.
+    """
     rows = []
     with open(file, "rb") as fh:
         for line, raw in enumerate(fh, 1):
-            if not raw.strip():
-                continue
             try:
-                obj = json.loads(raw)
-            except ValueError as exc:
-                raise TraceError(f"malformed JSON: {exc}", file=file, line=line) from None
-            except RecursionError:
-                raise TraceError("malformed JSON: nested too deeply", file=file, line=line) from None
-            if not isinstance(obj, dict):
-                raise TraceError(f"expected a JSON object, got {show(obj)}", file=file, line=line)
-            for key in sorted(MOONCAKE_KEYS):
-                if key not in obj:
-                    raise TraceError("missing", file=file, line=line, field=key)
-            ts = obj["timestamp"]
-            if type(ts) not in (int, float) or not math.isfinite(ts) or ts < 0:
-                raise TraceError(f"expected a number of milliseconds >= 0, got {show(ts)}",
-                                 file=file, line=line, field="timestamp")
-            counts = []
-            for key in ("input_length", "output_length"):
-                v = obj[key]
-                if type(v) is not int or v <= 0:
-                    raise TraceError(f"expected an integer > 0, got {show(v)}", file=file, line=line, field=key)
-                counts.append(v)
-            hashes = obj["hash_ids"]
-            if type(hashes) is not list or any(type(h) is not int for h in hashes):
-                raise TraceError(f"expected a list of integers, got {show(hashes)}", file=file, line=line,
-                                 field="hash_ids")
-            want = -(-counts[0] // MOONCAKE_BLOCK)
-            if len(hashes) != want:
-                raise TraceError(
-                    f"expected ceil(input_length / {MOONCAKE_BLOCK}) = {want} hash ids, got {len(hashes)}",
-                    file=file, line=line, field="hash_ids",
-                )
-            rows.append((ts, line, counts[0], counts[1], tuple(hashes)))
+                ts, prompt, output, hashes = _mooncake_row(decode_jsonl_line(raw, "one row per line"))
+            except TraceError as exc:
+                raise exc.located(file, line) from None
+            rows.append((ts, line, prompt, output, hashes))
     return rows
+
+
+def _check_mooncake_span(rows: list, file: str) -> None:
+    """Refuse a row arriving more than MAX_SECONDS after the first, naming its line.
+
+    Compared without converting to float: a huge integer timestamp would
+    overflow it, and int/float comparisons in Python are exact.
+    """
+    t0 = rows[0][0]
+    limit = t0 + (int(MAX_SECONDS) * 1000 if type(t0) is int else MAX_SECONDS * 1000)
+    for ts, line, *_ in rows:
+        if ts > limit:
+            raise TraceError(f"expected at most {MAX_SECONDS:g} s ({MAX_SECONDS * 1000:g} ms) after the earliest "
+                             f"timestamp {show(t0)} (the trace format's limit on arrival times), got {show(ts)}",
+                             file=file, line=line, field="timestamp")
 
 
 def import_mooncake(path: str | os.PathLike, group_by_prefix: int | None = None) -> ImportReport:
@@ -308,6 +390,7 @@ def import_mooncake(path: str | os.PathLike, group_by_prefix: int | None = None)
     rows = sorted(_mooncake_rows(file), key=lambda r: r[0])
     if not rows:
         return ImportReport([], ["no rows"])
+    _check_mooncake_span(rows, file)
     t0 = rows[0][0]
     groups: dict[Any, list] = {}
     for row in rows:

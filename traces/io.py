@@ -18,7 +18,7 @@ import os
 from typing import Iterable, Iterator
 
 from traces.format import Call, Program
-from traces.validate import TraceError, decode_line, parse_program
+from traces.validate import TraceError, decode_jsonl_line, parse_program
 
 # json.dumps would also give repr-exact floats; a hand-built encoder avoids
 # building an intermediate dict per call and keeps the key order explicit.
@@ -78,7 +78,9 @@ def save(programs: Iterable[Program], path: str | os.PathLike) -> int:
     failure (or a bad program) never leaves a half-written trace under the
     final name. Each program is validated by round-tripping its JSON through
     the parser: a generator or importer bug is caught here, not in a
-    simulation hours later. Duplicate program ids are rejected too.
+    simulation hours later. Duplicate program ids are rejected too. An
+    OSError names ``path``, never the temporary file, which the user has not
+    heard of.
     """
     target = os.fspath(path)
     tmp = f"{target}.tmp{os.getpid()}"
@@ -100,6 +102,8 @@ def save(programs: Iterable[Program], path: str | os.PathLike) -> int:
                 fh.write(line)
                 fh.write("\n")
         os.replace(tmp, target)
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror, target) from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -118,9 +122,7 @@ def load(path: str | os.PathLike) -> Iterator[Program]:
     with open(file, "rb") as fh:
         for lineno, raw in enumerate(fh, 1):
             try:
-                if not raw.strip():
-                    raise TraceError("empty line (one program per line, no blank lines)")
-                program = parse_program(decode_line(raw))
+                program = parse_program(decode_jsonl_line(raw))
             except TraceError as exc:
                 raise exc.located(file, lineno) from None
             first = seen.setdefault(program.id, lineno)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -118,8 +119,41 @@ class _Ctx:
         return TraceError(reason, program_id=self.program_id, call_id=self.call_id, field=field)
 
 
+class LongInt:
+    """Stands in for a JSON integer too long for ``int()``.
+
+    Python refuses to convert more than ``sys.get_int_max_str_digits()``
+    digits (4300 by default) and its error advises changing that limit, which
+    means nothing to a person fixing a trace. :func:`decode_line` puts this
+    in the integer's place instead, so the validator can name the field.
+    """
+
+    __slots__ = ("digits", "negative")
+
+    def __init__(self, text: str) -> None:
+        self.negative = text.startswith("-")
+        self.digits = len(text) - self.negative
+
+    def __repr__(self) -> str:
+        return f"a {self.digits}-digit {'negative ' if self.negative else ''}integer"
+
+
+def _parse_int(text: str) -> int | LongInt:
+    try:
+        return int(text)
+    except ValueError:
+        return LongInt(text)
+
+
+def _too_big(value: Any) -> bool:
+    """Whether ``value`` is a positive integer too long to read (hence out of any range)."""
+    return type(value) is LongInt and not value.negative
+
+
 def _pos_int(ctx: _Ctx, field: str, value: Any) -> int:
     if type(value) is not int or value <= 0:
+        if _too_big(value):
+            raise ctx.error(field, f"expected at most {MAX_TOKENS:,} tokens, got {value!r}")
         raise ctx.error(field, f"expected an integer > 0, got {show(value)}")
     if value > MAX_TOKENS:
         raise ctx.error(field, f"expected at most {MAX_TOKENS:,} tokens, got {show(value)}")
@@ -132,6 +166,8 @@ def _nonneg_number(ctx: _Ctx, field: str, value: Any) -> float:
         if not math.isfinite(value):
             raise ctx.error(field, f"expected a finite number >= 0, got {show(value)}")
     elif t is not int:
+        if _too_big(value):
+            raise ctx.error(field, f"expected at most {MAX_SECONDS:g} seconds, got {value!r}")
         raise ctx.error(field, f"expected a number >= 0, got {show(value)}")
     if value < 0:
         raise ctx.error(field, f"expected a number >= 0, got {show(value)}")
@@ -140,10 +176,37 @@ def _nonneg_number(ctx: _Ctx, field: str, value: Any) -> float:
     return float(value)
 
 
+def is_unicode(text: str) -> bool:
+    """Whether ``text`` can be written as UTF-8.
+
+    JSON escapes can spell a lone surrogate (``"\\ud800"``), which Python
+    decodes into a ``str`` that no UTF-8 encoder accepts: the trace would
+    pass validation and crash later, where an id is hashed or written out.
+    ``isascii`` is O(1), so the common all-ASCII id costs nothing more.
+    """
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _is_id(value: Any) -> bool:
+    return type(value) is str and value != "" and is_unicode(value)
+
+
+def _text(ctx: _Ctx, field: str, value: str) -> str:
+    if not is_unicode(value):
+        raise ctx.error(field, "not valid Unicode (lone surrogate)")
+    return value
+
+
 def _id(ctx: _Ctx, field: str, value: Any) -> str:
     if type(value) is not str or not value:
         raise ctx.error(field, f"expected a non-empty string, got {show(value)}")
-    return value
+    return _text(ctx, field, value)
 
 
 def _check_keys(ctx: _Ctx, obj: dict, allowed: frozenset, required, what: str) -> None:
@@ -188,6 +251,7 @@ def _parse_call(ctx: _Ctx, obj: Any) -> Call:
             if (
                 type(cid) is str
                 and cid
+                and cid.isascii()
                 and type(parents) is list
                 and type(prompt) is int
                 and 0 < prompt <= MAX_TOKENS
@@ -195,10 +259,10 @@ def _parse_call(ctx: _Ctx, obj: Any) -> Call:
                 and 0 < output <= MAX_TOKENS
                 and (td is float or td is int)
                 and 0 <= delay <= MAX_SECONDS
-                and (context_of is None or (type(context_of) is str and context_of))
+                and (context_of is None or (type(context_of) is str and context_of and context_of.isascii()))
             ):
                 for p in parents:
-                    if type(p) is not str or not p:
+                    if type(p) is not str or not p or not p.isascii():
                         break
                 else:
                     if len(parents) < 2 or len(set(parents)) == len(parents):
@@ -211,7 +275,7 @@ def _check_call(ctx: _Ctx, obj: Any) -> Call:
     if type(obj) is not dict:
         raise ctx.error("calls", f"expected each call to be an object, got {show(obj)}")
     cid = obj.get("id")
-    if type(cid) is str and cid:
+    if _is_id(cid):
         ctx.call_id = cid
     _check_keys(ctx, obj, CALL_KEYS, CALL_REQUIRED, "a call")
     _id(ctx, "id", cid)
@@ -221,6 +285,7 @@ def _check_call(ctx: _Ctx, obj: Any) -> Call:
     for p in parents:
         if type(p) is not str or not p:
             raise ctx.error("parents", f"expected call ids (non-empty strings), got {show(p)}")
+        _text(ctx, "parents", p)
     if len(parents) > 1 and len(set(parents)) != len(parents):
         raise ctx.error("parents", f"lists a parent twice: {show(parents)}")
     prompt = _pos_int(ctx, "prompt_tokens", obj["prompt_tokens"])
@@ -256,6 +321,9 @@ def _check_call(ctx: _Ctx, obj: Any) -> Call:
         if type(hashes) is not list:
             raise ctx.error("block_hashes", f"expected a list of integers, got {show(hashes)}")
         for h in hashes:
+            if type(h) is LongInt:
+                raise ctx.error("block_hashes", f"expected integers of at most {sys.get_int_max_str_digits()} "
+                                                f"digits, got {h!r}")
             if type(h) is not int:
                 raise ctx.error("block_hashes", f"expected integers, got {show(h)}")
         want = -(-prompt // hbt)
@@ -285,7 +353,7 @@ def parse_program(obj: Any) -> Program:
     if type(obj) is not dict:
         raise ctx.error(None, f"expected a JSON object (one program per line), got {show(obj)}")
     pid = obj.get("id")
-    if type(pid) is str and pid:
+    if _is_id(pid):
         ctx.program_id = pid
     _check_keys(ctx, obj, PROGRAM_KEYS, ("id", "arrival", "workload", "calls"), "a program")
     _id(ctx, "id", pid)
@@ -293,6 +361,7 @@ def parse_program(obj: Any) -> Program:
     workload = obj["workload"]
     if type(workload) is not str:
         raise ctx.error("workload", f"expected a string, got {show(workload)}")
+    _text(ctx, "workload", workload)
     raw_calls = obj["calls"]
     if type(raw_calls) is not list or not raw_calls:
         raise ctx.error("calls", f"expected a non-empty list of calls, got {show(raw_calls)}")
@@ -412,22 +481,44 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 
 _decode = json.JSONDecoder(object_pairs_hook=_unique_keys).decode
+# Only for a line that holds an integer too long for int(): a parse_int hook
+# is a Python call per integer, too slow for every line of a large trace.
+_decode_long = json.JSONDecoder(object_pairs_hook=_unique_keys, parse_int=_parse_int).decode
 
 
 def decode_line(text: str | bytes) -> Any:
     """``json.loads`` with the decoder's complaint turned into a TraceError.
 
     One decoder is built once, not per line (``json.loads`` with a hook would
-    build one per call): loading a million-call trace stays fast.
+    build one per call): loading a million-call trace stays fast. An integer
+    too long for ``int()`` becomes a :class:`LongInt`, which the validator
+    rejects naming its field.
     """
     try:
-        return _decode(text.decode("utf-8-sig") if isinstance(text, bytes) else text)
+        line = text.decode("utf-8-sig") if isinstance(text, bytes) else text
+        try:
+            return _decode(line)
+        except (TraceError, json.JSONDecodeError):
+            raise
+        except ValueError:  # int() refused a very long integer
+            return _decode_long(line)
     except TraceError:
         raise
     except ValueError as exc:  # JSONDecodeError, or UnicodeDecodeError from bytes
         raise TraceError(f"malformed JSON: {exc}") from None
     except RecursionError:
         raise TraceError("malformed JSON: nested too deeply") from None
+
+
+def decode_jsonl_line(raw: bytes, what: str = "one program per line") -> Any:
+    """One line of a JSON Lines file, decoded by the trace format's rules.
+
+    Shared by the trace loaders and the JSONL importers so that they agree:
+    blank lines, duplicate keys and malformed JSON are errors everywhere.
+    """
+    if not raw.strip():
+        raise TraceError(f"empty line ({what}, no blank lines)")
+    return decode_line(raw)
 
 
 def validate_file(path: str | os.PathLike, limit: int | None = 50) -> list[TraceError]:
@@ -459,25 +550,22 @@ def scan_file(path: str | os.PathLike, limit: int | None = 50) -> ScanResult:
     seen: dict[str, int] = {}
     with open(file, "rb") as fh:
         for lineno, raw in enumerate(fh, 1):
-            if not raw.strip():
-                err = TraceError("empty line (one program per line, no blank lines)")
+            try:
+                prog = parse_program(decode_jsonl_line(raw))
+            except TraceError as exc:
+                err = exc
             else:
-                try:
-                    prog = parse_program(decode_line(raw))
-                except TraceError as exc:
-                    err = exc
-                else:
-                    first = seen.get(prog.id)
-                    if first is None:
-                        seen[prog.id] = lineno
-                        programs += 1
-                        calls += len(prog.calls)
-                        continue
-                    err = TraceError(
-                        f"duplicate program id (first on line {first})",
-                        program_id=prog.id,
-                        field="id",
-                    )
+                first = seen.get(prog.id)
+                if first is None:
+                    seen[prog.id] = lineno
+                    programs += 1
+                    calls += len(prog.calls)
+                    continue
+                err = TraceError(
+                    f"duplicate program id (first on line {first})",
+                    program_id=prog.id,
+                    field="id",
+                )
             count += 1
             if limit is None or len(errors) < limit:
                 errors.append(err.located(file, lineno))
