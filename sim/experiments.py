@@ -518,13 +518,10 @@ class _Checker:
             self.fail(path, f"expected an integer, got {_show(value)}")
         if hint is float:
             number = None
+            # A string is not a number even when float() would take it ('1_000', ' 2'):
+            # the loader reads every YAML 1.2 number, so a quoted one was quoted on purpose.
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 number = value
-            elif isinstance(value, str):  # PyYAML (YAML 1.1) reads 1e-5 without a dot as a string.
-                try:
-                    number = float(value)
-                except ValueError:
-                    pass
             if number is None:
                 self.fail(path, f"expected a number, got {_show(value)}")
             # No field means anything at nan or infinity; caught here, they
@@ -681,6 +678,8 @@ def _check_workload(ck: _Checker, raw: Any) -> tuple[str | None, dict[str, Any],
             ck.fail(p + ("trace",), f"expected a file path, got {_show(trace)}")
         if params:
             ck.fail(p + ("params",), "params apply to a generator, not to a trace file")
+        if os.path.isdir(trace):
+            ck.fail(p + ("trace",), f"{trace} is a directory, expected a trace file (JSON Lines)")
         if not os.path.isfile(trace):
             ck.fail(p + ("trace",), f"no such file: {trace} (relative paths are from the working directory)")
         return None, {}, trace
