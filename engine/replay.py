@@ -520,8 +520,13 @@ def option_problem(args: argparse.Namespace, out: str) -> str | None:
     if args.policy not in POLICY_CLASSES:
         return f"--policy {args.policy}: unknown policy; valid choices: {', '.join(POLICY_CLASSES)}"
     if args.target != "inprocess":
-        url = urllib.parse.urlsplit(args.target)
-        if url.scheme not in ("http", "https") or not url.hostname:
+        try:
+            url = urllib.parse.urlsplit(args.target)
+            ok = url.scheme in ("http", "https") and bool(url.hostname)
+            url.port  # raises on a port that is not a number
+        except ValueError:  # e.g. an unclosed IPv6 bracket
+            ok = False
+        if not ok:
             return f"--target {args.target}: expected a base URL such as http://HOST:PORT, or 'inprocess'"
     if not (math.isfinite(args.kv_ttl) and args.kv_ttl >= 0):
         return f"--kv-ttl: expected seconds >= 0, got {args.kv_ttl}"

@@ -348,14 +348,14 @@ class _Layered:
                 return self.origins[path[:n]]
         return None
 
-    def rank(self, path: Path_) -> tuple[int, int]:
-        """The layer that set ``path`` (-1: a dataclass default), and how much of
-        the path it named: a ``--set engine.x=1`` that made ``engine`` set
-        ``engine.x`` itself, not every key of ``engine`` it left at its default."""
-        for n in range(len(path), 0, -1):
-            if path[:n] in self.ranks:
-                return self.ranks[path[:n]], n
-        return -1, 0
+    def rank(self, path: Path_) -> int:
+        """The layer that set ``path`` itself, or -1 for a key left at its default.
+
+        Only the path itself counts: every key a layer sets, however deep, is
+        in ``ranks``, so an enclosing mapping (an experiment's ``engine:``, a
+        ``--set engine={...}``) does not stand in for keys it left alone.
+        """
+        return self.ranks.get(path, -1)
 
     def latest(self, paths: Sequence[Path_]) -> Path_:
         """Of keys that together make a value wrong, the one set in the highest
@@ -817,11 +817,17 @@ def to_file_dict(cfg: ExperimentConfig) -> dict[str, Any]:
     return {"experiments": {cfg.name: to_dict(cfg)}}
 
 
+class _Dumper(yaml.SafeDumper):
+    """SafeDumper that quotes by the loader's rules, so `_Loader` reads back what
+    it wrote: a string such as ``'09'`` or ``'1e3'`` is plain text to YAML 1.1
+    but a number to YAML 1.2. No aliases: every value is written out."""
+
+    yaml_implicit_resolvers = _Resolver.yaml_implicit_resolvers
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
 def dump_yaml(data: Any) -> str:
     """Deterministic YAML text: fixed key order (as given), block style, no aliases."""
-
-    class _NoAlias(yaml.SafeDumper):
-        def ignore_aliases(self, data: Any) -> bool:
-            return True
-
-    return yaml.dump(data, Dumper=_NoAlias, sort_keys=False, default_flow_style=False, allow_unicode=True, width=100)
+    return yaml.dump(data, Dumper=_Dumper, sort_keys=False, default_flow_style=False, allow_unicode=True, width=100)

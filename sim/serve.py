@@ -145,8 +145,8 @@ def parse_request(body: Any, chat: bool, served_model: str) -> ParsedRequest:
                                "prompt")
         max_tokens = _int(body, "max_tokens", DEFAULT_MAX_TOKENS, 1)
     model = body.get("model")
-    if model is not None and model != served_model:
-        # As vLLM's OpenAI server: a request for another model is a 404, not served by this one.
+    if model and model != served_model:
+        # As vLLM's OpenAI server: a request for another model is a 404 (an empty name means this one).
         raise RequestError(f"the model {model!r} does not exist; this engine serves {served_model!r}", "model", 404)
     if _int(body, "n", 1, 1) != 1:
         raise RequestError("n must be 1", "n")

@@ -314,3 +314,29 @@ def test_tensor_parallel_kv_head_rule(exp, tmp_path):
     msg = error("t", exp(), [f"engine.model={path}", "engine.gpus_per_replica=6"])
     assert msg.endswith("12 attention heads and 4 KV heads of engine.model=" + path
                         + " evenly, as vLLM's tensor parallelism requires; valid: 1, 2, 4, 12")
+
+
+# --- review: a key left at its default is never blamed over one that was set ---------------------
+
+
+def test_a_defaulted_key_is_not_blamed_over_a_key_set_lower_down(exp):
+    # The defaults set gpus_per_replica; the experiment's engine: line sets only replicas.
+    path = exp("defaults:\n  engine: {gpus_per_replica: 3}\n",
+               base=BASE.replace("policies: [fcfs]", "policies: [fcfs]\n    engine: {replicas: 2}"))
+    msg = error("t", path)
+    assert msg.startswith("exp.yaml:8: experiment 't': engine.gpus_per_replica: engine.gpus_per_replica=3 "), msg
+
+
+def test_a_set_mapping_is_not_blamed_for_the_keys_it_left_alone(exp):
+    path = exp("defaults:\n  engine: {max_num_batched_tokens: 8}\n")
+    msg = error("t", path, ["engine={replicas: 2}"])
+    assert msg.startswith("exp.yaml:7: experiment 't': engine.max_num_batched_tokens: "
+                          "engine.max_num_batched_tokens (8) must be >= engine.max_num_seqs (256)"), msg
+
+
+def test_saved_config_reads_back_strings_that_look_like_yaml_1_2_numbers(exp, tmp_path):
+    # '09' and '1e3' are text to YAML 1.1 (PyYAML's dumper) but numbers to the YAML 1.2 loader.
+    from sim.experiments import dump_yaml, load_value
+
+    data = {"name": "09", "description": "1e3", "x": "-.5", "y": "0o7", "z": "1:00", "n": 1e-5, "i": 10}
+    assert load_value(dump_yaml(data), "config.yaml") == data

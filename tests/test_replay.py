@@ -197,7 +197,8 @@ def test_cli_refuses_bad_options_before_replaying(tmp_path, options, message):
     assert proc.stderr == f"python -m engine replay: error: {message}\n"
 
 
-@pytest.mark.parametrize("target", ["notaurl", "127.0.0.1:8000", "ftp://host:21", "http://"])
+@pytest.mark.parametrize("target", ["notaurl", "127.0.0.1:8000", "ftp://host:21", "http://", "http://[::1",
+                                    "http://host:port"])
 def test_cli_refuses_a_target_that_is_not_a_base_url(tmp_path, target):
     good = tmp_path / "good.jsonl"
     save([Program("p", 0.0, "x", (Call("a", (), 10, 3),))], good)

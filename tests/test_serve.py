@@ -410,6 +410,7 @@ def test_parse_request_refuses_another_model_and_an_empty_prompt_as_vllm_does():
         parse_request({"model": "gpt-4", "prompt": [1]}, chat=False, served_model="m")
     assert (err.value.status, err.value.param) == (404, "model")
     assert parse_request({"model": "m", "prompt": [1]}, chat=False, served_model="m").model == "m"
+    assert parse_request({"model": "", "prompt": [1]}, chat=False, served_model="m").model == "m"  # as vLLM
     with pytest.raises(RequestError, match=r"prompt must not be empty") as err:
         parse_request({"prompt": ""}, chat=False, served_model="m")
     assert err.value.status == 400

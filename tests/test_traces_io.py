@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+import pytest
+
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -123,3 +125,10 @@ def test_save_errors_name_the_target_not_the_temporary_file(tmp_path):
     else:
         raise AssertionError("saving onto a directory must fail")
     assert list(tmp_path.iterdir()) == []  # no temporary file left behind
+
+
+def test_save_leaves_an_inputs_own_error_naming_the_input(tmp_path):
+    with pytest.raises(FileNotFoundError) as info:
+        save(load(tmp_path / "missing.jsonl"), tmp_path / "out.jsonl")  # load is lazy: it fails inside save
+    assert info.value.filename == str(tmp_path / "missing.jsonl")
+    assert list(tmp_path.iterdir()) == []

@@ -103,6 +103,8 @@ def save(programs: Iterable[Program], path: str | os.PathLike) -> int:
                 fh.write("\n")
         os.replace(tmp, target)
     except OSError as exc:
+        if tmp not in (exc.filename, exc.filename2):
+            raise  # not ours: e.g. a lazily loaded input that is missing names its own file
         raise OSError(exc.errno, exc.strerror, target) from None
     finally:
         if os.path.exists(tmp):
