@@ -520,11 +520,10 @@ def option_problem(args: argparse.Namespace, out: str) -> str | None:
     if args.policy not in POLICY_CLASSES:
         return f"--policy {args.policy}: unknown policy; valid choices: {', '.join(POLICY_CLASSES)}"
     if args.target != "inprocess":
-        try:
+        try:  # urlsplit and .port raise ValueError on an unclosed IPv6 bracket or a non-numeric port
             url = urllib.parse.urlsplit(args.target)
-            ok = url.scheme in ("http", "https") and bool(url.hostname)
-            url.port  # raises on a port that is not a number
-        except ValueError:  # e.g. an unclosed IPv6 bracket
+            ok = url.scheme in ("http", "https") and bool(url.hostname) and (url.port is None or url.port > 0)
+        except ValueError:
             ok = False
         if not ok:
             return f"--target {args.target}: expected a base URL such as http://HOST:PORT, or 'inprocess'"

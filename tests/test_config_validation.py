@@ -15,6 +15,7 @@ from sim.experiments import MAX_NODES, ConfigError, load_file, parse_override, r
 from sim.hardware import SPEC_DIR, SpecError, available, load_gpu, load_model
 from sim.simulate import SimulationError, check_fits
 from sim.sweep import load_sweep
+from test_experiments import error
 
 BASE = """\
 experiments:
@@ -35,12 +36,6 @@ def exp(tmp_path, monkeypatch):
         return "exp.yaml"
 
     return _write
-
-
-def error(name, path, overrides=()) -> str:
-    with pytest.raises(ConfigError) as info:
-        resolve(name, path, overrides)
-    return str(info.value)
 
 
 # --- 1: model and GPU spec files -------------------------------------------------------
