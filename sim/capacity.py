@@ -37,15 +37,17 @@ def num_kv_blocks(cfg: EngineConfig, model: ModelSpec | None = None, gpu: GPUSpe
     model = model or load_model(cfg.model)
     gpu = gpu or load_gpu(cfg.gpu)
     free = kv_cache_bytes(cfg, model, gpu)
-    bytes_per_block = model.kv_bytes_per_token * cfg.block_size
+    per_token = model.kv_bytes_per_token_on(cfg.gpus_per_replica)
+    bytes_per_block = per_token * cfg.block_size
     if free <= 0:
         raise CapacityError("model", _does_not_fit(cfg, model, gpu))
     if free < bytes_per_block:
         # The weights fit; one block is what does not.
+        group = f" on {cfg.gpus_per_replica} GPUs" if cfg.gpus_per_replica > 1 else ""
         raise CapacityError(
             "block_size",
             f"a block of {cfg.block_size} tokens needs {bytes_per_block / 1e9:.3g} GB of KV cache "
-            f"({model.kv_bytes_per_token} bytes per token for {model.name}), more than the "
+            f"({per_token} bytes per token for {model.name}{group}), more than the "
             f"{free / 1e9:.3g} GB left for the KV cache; use a smaller engine.block_size (vLLM's default is 16)",
         )
     return int(free // bytes_per_block)

@@ -38,8 +38,15 @@ class ModelSpec:
 
     @property
     def kv_bytes_per_token(self) -> int:
-        """K and V, every layer, all KV heads (summed over the TP group)."""
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.dtype_bytes
+        """K and V, every layer, all KV heads, on one GPU or a TP group no larger than the KV heads."""
+        return self.kv_bytes_per_token_on(1)
+
+    def kv_bytes_per_token_on(self, gpus: int) -> int:
+        """Summed over a tensor-parallel group of ``gpus``. vLLM gives each GPU
+        num_kv_heads / gpus heads, but at least one: with more GPUs than KV
+        heads each head is replicated (QKVParallelLinear), so the group stores
+        ``gpus`` heads, not ``num_kv_heads``, and fewer tokens fit."""
+        return 2 * self.num_layers * max(self.num_kv_heads, gpus) * self.head_dim * self.dtype_bytes
 
     @property
     def weight_bytes(self) -> int:

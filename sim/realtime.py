@@ -138,7 +138,7 @@ class RealtimeEngine:
         self.replica = Replica(
             self.env, index, eng, build_latency(cfg.latency, model, gpu, eng.gpus_per_replica), self.core,
             KVCache(self.capacity_blocks, eng.block_size, eng.enable_prefix_caching),
-            model.kv_bytes_per_token, gpu.pcie_bandwidth * eng.gpus_per_replica,
+            model.kv_bytes_per_token_on(eng.gpus_per_replica), gpu.pcie_bandwidth * eng.gpus_per_replica,
             on_finish=self._on_finish, on_progress=self._on_progress,
         )
         self._handles: dict[SimCall, CallHandle] = {}

@@ -105,7 +105,7 @@ class Cluster:
                 env, i, eng, latency,
                 SchedulerCore(make_policy(policy, cfg.policy_params), self.table),
                 KVCache(self.capacity_blocks, eng.block_size, eng.enable_prefix_caching),
-                model.kv_bytes_per_token * 1, gpu.pcie_bandwidth * eng.gpus_per_replica,
+                model.kv_bytes_per_token_on(eng.gpus_per_replica), gpu.pcie_bandwidth * eng.gpus_per_replica,
                 on_finish=self._on_finish,
                 observer=observer,
             )

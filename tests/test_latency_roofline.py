@@ -39,6 +39,9 @@ def test_hand_computed_tensor_parallel():
     s = StepShape.from_batch([(200, 0)])
     expect = 200 * 0.002 + 20100 * 0.64e-4 + 4 * 3.2 + 4 * 1e-3 + 0.01
     assert m.step_time(s) == pytest.approx(expect)
+    # TINY's one KV head is replicated on both GPUs, so each reads the full 32 B per token of
+    # context at its own B = 5e3 B/s: 0.0064 s, as on one GPU, not half of it.
+    assert m.seconds_per_decode_kv_token == pytest.approx(0.0064)
 
 
 def test_real_specs_plausible():

@@ -94,7 +94,7 @@ class RooflineLatency:
             gemm_seconds_per_token=2 * model.num_params / flops,
             weights_read_seconds=model.weight_bytes / bw,
             seconds_per_attn_pair=4 * model.num_layers * model.num_heads * model.head_dim / flops,
-            seconds_per_decode_kv_token=model.kv_bytes_per_token / bw,
+            seconds_per_decode_kv_token=model.kv_bytes_per_token_on(gpus) / bw,
             allreduce_seconds_per_token=ar_per_token,
             allreduce_fixed_seconds=ar_fixed,
             step_overhead=cfg.step_overhead,
