@@ -96,11 +96,14 @@ def _display(path: str | Path) -> str:
     return str(path) if rel.startswith("..") else rel
 
 
-_INT_TAG, _FLOAT_TAG = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
+_INT_TAG, _FLOAT_TAG, _BOOL_TAG = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float", "tag:yaml.org,2002:bool"
 # YAML 1.2 core schema numbers. PyYAML implements YAML 1.1, which reads
 # ``1e3`` as a string, ``010`` as octal 8 and ``1:00`` as sexagesimal 60: a
 # rate or a count silently different from what was written.
 _INT_RE = re.compile(r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$")
+# Booleans too: YAML 1.1 also reads yes/no/on/off/y/n as booleans (a value
+# ``no`` or ``off`` silently false); YAML 1.2 reads them as strings.
+_BOOL_RE = re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$")
 _FLOAT_RE = re.compile(
     r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
 )
@@ -120,13 +123,13 @@ _Constructor.add_constructor(_INT_TAG, _Constructor.construct_yaml_int)
 
 
 class _Resolver(yaml.resolver.Resolver):
-    """YAML 1.1's implicit types, but numbers by the YAML 1.2 core schema.
+    """YAML 1.1's implicit types (null, timestamps), but numbers and booleans by the YAML 1.2 core schema.
 
     A copy of the resolver table, so yaml.SafeLoader itself is not changed.
     """
 
     yaml_implicit_resolvers = {
-        first: [(tag, rx) for tag, rx in rules if tag not in (_INT_TAG, _FLOAT_TAG)]
+        first: [(tag, rx) for tag, rx in rules if tag not in (_INT_TAG, _FLOAT_TAG, _BOOL_TAG)]
         for first, rules in yaml.resolver.Resolver.yaml_implicit_resolvers.items()
     }
 
@@ -134,6 +137,7 @@ class _Resolver(yaml.resolver.Resolver):
 # An int before a float: ``10`` matches both, and the first rule wins.
 _Resolver.add_implicit_resolver(_INT_TAG, _INT_RE, list("-+0123456789"))
 _Resolver.add_implicit_resolver(_FLOAT_TAG, _FLOAT_RE, list("-+.0123456789"))
+_Resolver.add_implicit_resolver(_BOOL_TAG, _BOOL_RE, list("tTfF"))
 
 
 class _Loader(
@@ -511,7 +515,9 @@ class _Checker:
         if hint is bool:
             if isinstance(value, bool):
                 return value
-            self.fail(path, f"expected true or false, got {_show(value)}")
+            hint_11 = " (YAML 1.2 reads it as a string, not a boolean)" if (
+                isinstance(value, str) and value.lower() in ("yes", "no", "on", "off", "y", "n")) else ""
+            self.fail(path, f"expected true or false, got {_show(value)}{hint_11}")
         if hint is int:
             if isinstance(value, int) and not isinstance(value, bool):
                 return value
@@ -818,11 +824,16 @@ def to_file_dict(cfg: ExperimentConfig) -> dict[str, Any]:
 
 
 class _Dumper(yaml.SafeDumper):
-    """SafeDumper that quotes by the loader's rules, so `_Loader` reads back what
-    it wrote: a string such as ``'09'`` or ``'1e3'`` is plain text to YAML 1.1
-    but a number to YAML 1.2. No aliases: every value is written out."""
+    """SafeDumper that quotes a string that either YAML 1.1 or our YAML 1.2
+    loader would read as something else, so `_Loader` reads back what it
+    wrote (``'09'`` and ``'1e3'`` are numbers to 1.2) and so does a plain
+    PyYAML reader (``'yes'`` and ``'off'`` are booleans to 1.1). No aliases:
+    every value is written out."""
 
-    yaml_implicit_resolvers = _Resolver.yaml_implicit_resolvers
+    yaml_implicit_resolvers = {
+        first: _Resolver.yaml_implicit_resolvers.get(first, []) + yaml.resolver.Resolver.yaml_implicit_resolvers.get(first, [])
+        for first in set(_Resolver.yaml_implicit_resolvers) | set(yaml.resolver.Resolver.yaml_implicit_resolvers)
+    }
 
     def ignore_aliases(self, data: Any) -> bool:
         return True

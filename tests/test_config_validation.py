@@ -9,6 +9,7 @@ import time
 from types import SimpleNamespace
 
 import pytest
+import yaml
 
 from sim.config import EngineConfig
 from sim.experiments import MAX_NODES, ConfigError, load_file, parse_override, resolve
@@ -165,6 +166,23 @@ def test_small_aliases_still_work(exp):
 )
 def test_set_values_use_yaml_1_2_numbers(text, value):
     assert parse_override(f"k={text}") == (("k",), value)
+
+
+@pytest.mark.parametrize(
+    "text, value",
+    [("true", True), ("False", False), ("TRUE", True), ("yes", "yes"), ("no", "no"), ("on", "on"),
+     ("Off", "Off"), ("y", "y"), ("null", None), ("~", None)],
+)
+def test_set_values_use_yaml_1_2_booleans(text, value):
+    assert parse_override(f"k={text}") == (("k",), value)
+
+
+def test_a_yaml_1_1_boolean_word_is_refused_where_a_boolean_belongs(exp):
+    path = exp(base=BASE.replace("policies: [fcfs]", "policies: [fcfs]\n    engine: {enable_prefix_caching: off}"))
+    assert error("t", path) == (
+        "exp.yaml:6: experiment 't': engine.enable_prefix_caching: expected true or false, got 'off' "
+        "(YAML 1.2 reads it as a string, not a boolean)"
+    )
 
 
 def test_file_and_set_read_numbers_alike(exp):
@@ -333,5 +351,9 @@ def test_saved_config_reads_back_strings_that_look_like_yaml_1_2_numbers(exp, tm
     # '09' and '1e3' are text to YAML 1.1 (PyYAML's dumper) but numbers to the YAML 1.2 loader.
     from sim.experiments import dump_yaml, load_value
 
-    data = {"name": "09", "description": "1e3", "x": "-.5", "y": "0o7", "z": "1:00", "n": 1e-5, "i": 10}
-    assert load_value(dump_yaml(data), "config.yaml") == data
+    data = {"name": "09", "description": "1e3", "x": "-.5", "y": "0o7", "z": "1:00", "n": 1e-5, "i": 10,
+            "b": "yes", "c": "off", "t": True}
+    text = dump_yaml(data)
+    assert load_value(text, "config.yaml") == data
+    # and a plain YAML 1.1 reader (yaml.safe_load) too: 'yes' and 'off' are booleans there.
+    assert yaml.safe_load(text) == data
