@@ -312,6 +312,9 @@ class Gateway:
             body = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise BadRequest(f"malformed JSON body: {exc}", code="invalid_json") from None
+        except ValueError:  # the body is forwarded as is, so no stand-in for an integer Python refuses to read
+            raise BadRequest(f"malformed JSON body: an integer longer than {sys.get_int_max_str_digits()} digits",
+                             code="invalid_json") from None
         if not isinstance(body, dict):
             raise BadRequest("the request body must be a JSON object", code="invalid_json")
         return body

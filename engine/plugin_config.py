@@ -48,6 +48,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from sim.core import POLICY_CLASSES, PolicyParams
+from traces.validate import parse_json_int
 
 CONFIG_KEY = "autellix"
 DEFAULT_POLICY = "plas"
@@ -82,7 +83,7 @@ def parse_plugin_config(additional_config: Any) -> PluginConfig:
         return PluginConfig()
     if isinstance(section, str):  # a JSON string, as a shell may pass it
         try:
-            section = json.loads(section)
+            section = json.loads(section, parse_int=parse_json_int)
         except json.JSONDecodeError as e:
             raise PluginConfigError(f"additional_config.{CONFIG_KEY}: not valid JSON ({e})") from None
     if not isinstance(section, Mapping):

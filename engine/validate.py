@@ -59,6 +59,13 @@ def load_replay(directory: str | Path) -> Replayed:
         raise ValidationError(f"{meta_path}: not found; is {d} a replay directory?") from None
     except json.JSONDecodeError as exc:
         raise ValidationError(f"{meta_path}: invalid JSON: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ValidationError(f"{meta_path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except ValueError:  # json's only other complaint: an integer past Python's digit limit
+        raise ValidationError(f"{meta_path}: invalid JSON: an integer longer than {sys.get_int_max_str_digits()} "
+                              "digits") from None
+    except IsADirectoryError:
+        raise ValidationError(f"{meta_path}: is a directory, expected the replay's JSON file") from None
     if not isinstance(meta, dict):
         raise ValidationError(f"{meta_path}: expected a JSON object (as python -m engine replay writes), "
                               f"got {type(meta).__name__}")

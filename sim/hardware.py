@@ -14,6 +14,8 @@ import re
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from traces.validate import parse_json_int
+
 SPEC_DIR = Path(__file__).parent / "specs"
 
 
@@ -71,7 +73,7 @@ def _load(kind: str, cls, name: str):
         raise SpecError(f"unknown {kind} {name!r}; valid choices: {', '.join(available(kind))}")
     try:
         text = path.read_text(encoding="utf-8")
-        raw = json.loads(text, object_pairs_hook=_no_duplicates)
+        raw = json.loads(text, object_pairs_hook=_no_duplicates, parse_int=parse_json_int)
     except json.JSONDecodeError as exc:
         raise SpecError(f"{path}:{exc.lineno}: malformed JSON: {exc.msg}") from None
     except _DuplicateKey as exc:

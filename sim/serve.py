@@ -58,6 +58,7 @@ from sim.config import ExperimentConfig, LatencyConfig
 from sim.core import POLICY_CLASSES
 from sim.realtime import FILLER_BASE, FILLER_VOCAB, CallHandle, Conflict, RealtimeEngine, TooLarge
 from traces.argtypes import int_at_least, port_number
+from traces.validate import parse_json_int
 
 TOKEN_TEXT = " tok"
 DEFAULT_MAX_TOKENS = 16
@@ -231,7 +232,7 @@ class SimServer:
 
     async def _handle(self, request: web.Request, chat: bool) -> web.StreamResponse:
         try:
-            body = json.loads(await request.read())
+            body = json.loads(await request.read(), parse_int=parse_json_int)
         except web.HTTPRequestEntityTooLarge:
             return error_response(413, f"request body exceeds {MAX_BODY} bytes")
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:

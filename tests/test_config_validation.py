@@ -82,6 +82,18 @@ def test_spec_file_fields_are_checked_at_load(tmp_path, kind, field, value, expe
     assert str(info.value) == f"{path}:{line}: field {field!r}: {expected}"
 
 
+def test_spec_integer_too_long_for_python_names_the_field(tmp_path):
+    path = spec_file(tmp_path, "model", num_params=-1)
+    with open(path) as fh:
+        text = fh.read()
+    with open(path, "w") as fh:  # past the 4300 digits Python reads; json.dumps cannot write it
+        fh.write(text.replace('"num_params": -1', '"num_params": ' + "9" * 5000))
+    line = next(i for i, text in enumerate(open(path), 1) if '"num_params"' in text)
+    with pytest.raises(SpecError) as info:
+        load_model(path)
+    assert str(info.value) == f"{path}:{line}: field 'num_params': expected an integer >= 1, got a 5000-digit integer"
+
+
 def test_spec_file_errors_name_the_set_key(exp, tmp_path):
     path = spec_file(tmp_path, "model", num_layers=0)
     assert error("t", exp(), [f"engine.model={path}"]) == (

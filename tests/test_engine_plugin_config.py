@@ -1,5 +1,6 @@
 """The scheduler plugin's configuration and request tags (no vLLM needed)."""
 
+import re
 import subprocess
 import sys
 
@@ -44,6 +45,19 @@ def test_bad_params_name_the_key():
         parse_plugin_config({"autellix": {"params": {"beta": -1}}})
     with pytest.raises(PluginConfigError, match=r"unknown keys \['polcy'\]"):
         parse_plugin_config({"autellix": {"polcy": "plas"}})
+
+
+@pytest.mark.parametrize(
+    "key, text, got",
+    [("quantum", "true", "True"), ("beta", '"2"', "'2'"), ("queue_base", "[1]", "[1]"),
+     ("num_queues", "4.0", "4.0"), ("locality_threshold", "false", "False"), ("preempt_limit", "true", "True"),
+     ("program_ttl", "9" * 5000, "a 5000-digit integer")],
+    ids=lambda v: v if len(v) < 20 else f"{len(v)} chars",
+)
+def test_params_of_the_wrong_type_are_refused_not_coerced(key, text, got):
+    # JSON from a shell: true would pass a range check as the number 1, a string would fail a comparison.
+    with pytest.raises(PluginConfigError, match=rf"params: policy_params.{key}: expected .*, got {re.escape(got)}$"):
+        parse_plugin_config({"autellix": '{"params": {"%s": %s}}' % (key, text)})
 
 
 def test_tags_default_to_a_single_call_program():

@@ -26,6 +26,8 @@ def test_bad_requests_get_openai_errors_and_leave_no_live_calls():
         # (name, method, path, body, headers, status, code)
         ("malformed json", "POST", "/v1/completions", b"{nope", {}, 400, "invalid_json"),
         ("not an object", "POST", "/v1/completions", b"[1, 2]", {}, 400, "invalid_json"),
+        ("integer too long to read", "POST", "/v1/completions", b'{"max_tokens": ' + b"9" * 5000 + b"}", {}, 400,
+         "invalid_json"),
         ("empty program id", "POST", "/v1/completions", b'{"prompt": [1]}', {"X-Program-Id": ""}, 400, "invalid_id"),
         ("long program id", "POST", "/v1/completions", b'{"prompt": [1]}', {"X-Program-Id": "p" * 129}, 400,
          "invalid_id"),
@@ -41,7 +43,7 @@ def test_bad_requests_get_openai_errors_and_leave_no_live_calls():
          "invalid_kv_ttl"),
         ("infinite kv ttl", "POST", "/v1/completions", b'{"prompt": [1]}', {"X-KV-TTL": "inf"}, 400,
          "invalid_kv_ttl"),
-        ("oversized", "POST", "/v1/completions", b'{"prompt": "' + b"x" * 5000 + b'"}', {}, 413,
+        ("oversized", "POST", "/v1/completions", b'{"prompt": "' + b"x" * 9000 + b'"}', {}, 413,
          "request_too_large"),
         ("unknown program end", "DELETE", "/v1/programs/ghost", None, {}, 404, "program_not_found"),
         ("bad program id to end", "DELETE", "/v1/programs/a%20b", None, {}, 400, "invalid_id"),
@@ -52,7 +54,7 @@ def test_bad_requests_get_openai_errors_and_leave_no_live_calls():
 
     async def go():
         e0, eng0 = await start_engine()
-        gw, gateway = await start_gw([e0.url], max_body=4096)
+        gw, gateway = await start_gw([e0.url], max_body=8192)
         results = []
         try:
             async with aiohttp.ClientSession() as s:

@@ -120,6 +120,11 @@ def test_load_by_path_and_errors(tmp_path):
     neg.write_text(json.dumps({**TRUE.to_json(), "coefficients": {**TRUE.coefficients(), "per_step": -1}}))
     with pytest.raises(FitError, match="per_step"):
         load_fitted(str(neg))
+    huge = tmp_path / "huge.json"  # past Python's 4300-digit limit for reading an integer
+    huge.write_text(json.dumps({**TRUE.to_json(), "coefficients": {**TRUE.coefficients(), "per_step": -1}})
+                    .replace('"per_step": -1', '"per_step": ' + "9" * 5000))
+    with pytest.raises(FitError, match="coefficient per_step must be a finite number >= 0, got a 5000-digit integer$"):
+        load_fitted(str(huge))
 
 
 def test_build_dispatch():

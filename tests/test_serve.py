@@ -142,7 +142,8 @@ def test_bad_requests_get_openai_errors():
                 for body in (b"{not json", b"[1]", json.dumps({"prompt": 5}).encode(),
                              json.dumps({"prompt": [1], "max_tokens": 0}).encode(),
                              json.dumps({"prompt": [1], "max_tokens": 10 ** 9}).encode(),
-                             json.dumps({"prompt": [1], "vllm_xargs": {"program_service": -1}}).encode()):
+                             json.dumps({"prompt": [1], "vllm_xargs": {"program_service": -1}}).encode(),
+                             b'{"prompt": [1], "max_tokens": ' + b"9" * 5000 + b"}"):
                     async with s.post(server.url + "/v1/completions", data=body,
                                       headers={"Content-Type": "application/json"}) as r:
                         out.append((r.status, await r.json()))
@@ -152,10 +153,12 @@ def test_bad_requests_get_openai_errors():
         return out, in_flight
 
     out, in_flight = run(go())
-    assert [status for status, _ in out] == [400] * 6
+    assert [status for status, _ in out] == [400] * 7
     for _, body in out:
         assert set(body["error"]) == {"message", "type", "param", "code"}
     assert out[4][1]["error"]["param"] == "max_tokens"
+    # Python refuses to read an integer of over 4300 digits; the field is still named.
+    assert out[6][1]["error"]["message"] == "max_tokens must be an integer >= 1, got a 5000-digit integer"
     assert in_flight == 0
 
 

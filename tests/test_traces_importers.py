@@ -109,6 +109,15 @@ def test_sharegpt_nested_too_deeply_is_a_trace_error(tmp_path):
     assert info.value.file == str(p)
 
 
+def test_sharegpt_integer_too_long_for_python_names_the_field(tmp_path):
+    p = tmp_path / "sg.json"
+    p.write_text('[{"id": "b", "conversations": [{"from": "human", "value": ' + "9" * 5000 + "}]}]")
+    with pytest.raises(TraceError) as info:
+        import_sharegpt(p)
+    assert str(info.value) == (f"{p}: conversation [0]: program 'b': field 'conversations[0].value': "
+                               "expected a string, got a 5000-digit integer")
+
+
 def test_azure_accepts_a_byte_order_mark(tmp_path):
     p = tmp_path / "t.csv"
     p.write_bytes(b"\xef\xbb\xbfTIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:17:03.9799600,10,3\n")

@@ -112,6 +112,13 @@ def test_bad_replay_directories(tmp_path):
     (d / "replay.json").write_text("{")
     with pytest.raises(ValidationError, match="invalid JSON"):
         load_replay(d)
+    (d / "replay.json").write_text('{"kv_ttl": ' + "9" * 5000 + "}")
+    with pytest.raises(ValidationError, match=r"replay.json: invalid JSON: an integer longer than 4300 digits$"):
+        load_replay(d)
+    (d / "replay.json").write_bytes(b'{"trace": "\xff"}')
+    with pytest.raises(ValidationError, match=r"replay.json: not UTF-8 text \(invalid start byte at byte 11\)$"):
+        load_replay(d)
+    (d / "replay.json").write_text("{")
     exp = tmp_path / "exp.yaml"
     exp.write_text(EXPERIMENTS.replace("TRACE", json.dumps(str(trace))))
     proc = subprocess.run([sys.executable, "-m", "engine", "validate", str(d), "--experiment", "tiny",

@@ -28,7 +28,7 @@ import numpy as np
 
 from traces.arrivals import arrival_times
 from traces.format import MAX_SECONDS, MAX_TOKENS, Call, Program
-from traces.validate import TraceError, decode_jsonl_line, show
+from traces.validate import TraceError, decode_jsonl_line, parse_json_int, show
 
 IMPORTERS = ("azure", "sharegpt", "mooncake")
 
@@ -239,7 +239,7 @@ def import_sharegpt(
     file = os.fspath(path)
     try:
         with open(file, encoding="utf-8-sig") as fh:
-            data = json.load(fh)
+            data = json.load(fh, parse_int=parse_json_int)
     except ValueError as exc:
         raise TraceError(f"malformed JSON: {exc}", file=file) from None
     except RecursionError:

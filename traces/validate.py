@@ -138,7 +138,8 @@ class LongInt:
         return f"a {self.digits}-digit {'negative ' if self.negative else ''}integer"
 
 
-def _parse_int(text: str) -> int | LongInt:
+def parse_json_int(text: str) -> int | LongInt:
+    """``json``'s parse_int: an integer, or a LongInt that names its length."""
     try:
         return int(text)
     except ValueError:
@@ -483,7 +484,7 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 _decode = json.JSONDecoder(object_pairs_hook=_unique_keys).decode
 # Only for a line that holds an integer too long for int(): a parse_int hook
 # is a Python call per integer, too slow for every line of a large trace.
-_decode_long = json.JSONDecoder(object_pairs_hook=_unique_keys, parse_int=_parse_int).decode
+_decode_long = json.JSONDecoder(object_pairs_hook=_unique_keys, parse_int=parse_json_int).decode
 
 
 def decode_line(text: str | bytes) -> Any:

@@ -87,26 +87,34 @@ class PolicyParams:
     program_ttl: float = 600.0
 
     def __post_init__(self) -> None:
+        # Type first: the real engine builds these from JSON, where ``true`` would
+        # otherwise pass as the number 1 and a string would fail a comparison.
+        def number(v: object) -> bool:
+            return isinstance(v, (int, float)) and not isinstance(v, bool)
+
         def seconds(v: float | None, optional: bool = False) -> bool:
-            return (optional and v is None) or (v is not None and 0 < v <= MAX_SECONDS)
+            return (optional and v is None) or (number(v) and 0 < v <= MAX_SECONDS)
 
         def positive(v: float) -> bool:
-            return math.isfinite(v) and v > 0
+            return number(v) and math.isfinite(v) and v > 0
+
+        def integer(v: object) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
 
         secs = f"> 0 and <= {MAX_SECONDS:g} seconds"
         checks = [
-            ("num_queues", isinstance(self.num_queues, int) and 1 <= self.num_queues <= MAX_QUEUES,
+            ("num_queues", integer(self.num_queues) and 1 <= self.num_queues <= MAX_QUEUES,
              f"an integer from 1 to {MAX_QUEUES}"),
             ("queue_base", seconds(self.queue_base), secs),
             ("quantum", seconds(self.quantum, optional=True), f"null or {secs}"),
             ("beta", positive(self.beta), "> 0 and finite"),
             ("preemption", isinstance(self.preemption, bool), "true or false"),
             ("preempt_margin", positive(self.preempt_margin), "> 0 and finite"),
-            ("preempt_limit", self.preempt_limit is None or (isinstance(self.preempt_limit, int) and self.preempt_limit >= 0), "null or an integer >= 0"),
+            ("preempt_limit", self.preempt_limit is None or (integer(self.preempt_limit) and self.preempt_limit >= 0), "null or an integer >= 0"),
             ("mlfq_base_quantum", seconds(self.mlfq_base_quantum), secs),
-            ("mlfq_prefill_s_per_token", 0 <= self.mlfq_prefill_s_per_token <= MAX_SECONDS, f">= 0 and <= {MAX_SECONDS:g}"),
+            ("mlfq_prefill_s_per_token", number(self.mlfq_prefill_s_per_token) and 0 <= self.mlfq_prefill_s_per_token <= MAX_SECONDS, f">= 0 and <= {MAX_SECONDS:g}"),
             ("mlfq_starve_after", seconds(self.mlfq_starve_after), secs),
-            ("locality_threshold", self.locality_threshold >= 0, ">= 0 tokens"),
+            ("locality_threshold", integer(self.locality_threshold) and self.locality_threshold >= 0, "an integer >= 0 (tokens)"),
             ("program_ttl", seconds(self.program_ttl), secs),
         ]
         for name, ok, expected in checks:

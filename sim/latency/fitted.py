@@ -47,6 +47,7 @@ from typing import Any, Sequence
 from sim.latency.base import StepShape
 from sim.latency.profile import ProfileError, ProfileRow, read_profile
 from traces.argtypes import positive_float
+from traces.validate import parse_json_int
 
 MODELS_DIR = Path(__file__).parent / "models"
 FORMAT = "autellix-fitted-latency v1"
@@ -123,7 +124,7 @@ def load_fitted(name: str | None) -> FittedLatency:
             raise ValueError(f"latency.name: unknown fitted model {name!r}; valid choices: {', '.join(available())} "
                              f"(or a path to a .json file)")
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
+        raw = json.loads(path.read_text(encoding="utf-8"), parse_int=parse_json_int)
     except FileNotFoundError:
         raise ValueError(f"latency.name: no such fitted model file {str(path)!r}; shipped: "
                          f"{', '.join(available())}") from None
