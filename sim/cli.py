@@ -1,8 +1,11 @@
 """``python -m sim``: run and list experiments; fit latency models and serve (delegated).
 
 Bad input (a wrong experiment, a missing trace, a model that does not fit)
-is reported as one line on stderr with exit status 1; a malformed command
-line exits with status 2 (argparse's convention). A traceback means a bug.
+is reported as one line on stderr with exit status 1, and so is an option
+value that parses but does not fit (``--seeds 1``, ``--workers`` without
+``--seeds``, an empty ``--out``). What argparse itself refuses (an unknown
+option, a missing argument, a word where a number belongs) exits with
+status 2, argparse's convention. A traceback means a bug.
 """
 
 from __future__ import annotations
