@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from traces.validate import parse_json_int
+from traces.validate import TraceError, parse_json_int, unique_keys
 
 SPEC_DIR = Path(__file__).parent / "specs"
 
@@ -73,11 +73,11 @@ def _load(kind: str, cls, name: str):
         raise SpecError(f"unknown {kind} {name!r}; valid choices: {', '.join(available(kind))}")
     try:
         text = path.read_text(encoding="utf-8")
-        raw = json.loads(text, object_pairs_hook=_no_duplicates, parse_int=parse_json_int)
+        raw = json.loads(text, object_pairs_hook=unique_keys, parse_int=parse_json_int)
     except json.JSONDecodeError as exc:
         raise SpecError(f"{path}:{exc.lineno}: malformed JSON: {exc.msg}") from None
-    except _DuplicateKey as exc:
-        raise SpecError(f"{_at(path, text, exc.key)}: field {exc.key!r}: duplicate key") from None
+    except TraceError as exc:  # unique_keys: a key given twice
+        raise SpecError(f"{_at(path, text, exc.field)}: field {exc.field!r}: duplicate key") from None
     except UnicodeDecodeError as exc:
         raise SpecError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     except OSError as exc:
@@ -100,22 +100,6 @@ def _load(kind: str, cls, name: str):
     if problem:
         raise SpecError(f"{_at(path, text, problem[0])}: field {problem[0]!r}: {problem[1]}")
     return spec
-
-
-class _DuplicateKey(ValueError):
-    def __init__(self, key: str):
-        super().__init__(key)
-        self.key = key
-
-
-def _no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
-    """json.loads keeps the last of two equal keys; a spec with both is a mistake."""
-    out: dict[str, object] = {}
-    for key, value in pairs:
-        if key in out:
-            raise _DuplicateKey(key)
-        out[key] = value
-    return out
 
 
 def _at(path: Path, text: str, key: str) -> str:

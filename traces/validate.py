@@ -468,7 +468,7 @@ def _is_ancestor(target: str, call: Call, calls: list[Call], index: dict[str, in
     return False
 
 
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     """A JSON object as a dict, refusing a key given twice: json would keep the
     last value silently, and which one the author meant is unknowable."""
     obj = dict(pairs)
@@ -481,10 +481,10 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return obj
 
 
-_decode = json.JSONDecoder(object_pairs_hook=_unique_keys).decode
+_decode = json.JSONDecoder(object_pairs_hook=unique_keys).decode
 # Only for a line that holds an integer too long for int(): a parse_int hook
 # is a Python call per integer, too slow for every line of a large trace.
-_decode_long = json.JSONDecoder(object_pairs_hook=_unique_keys, parse_int=parse_json_int).decode
+_decode_long = json.JSONDecoder(object_pairs_hook=unique_keys, parse_int=parse_json_int).decode
 
 
 def decode_line(text: str | bytes) -> Any:
