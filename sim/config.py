@@ -95,7 +95,7 @@ class LatencyConfig:
     # Roofline: fraction of peak FLOP/s and bandwidth actually reached.
     flops_efficiency: float = 0.6
     bandwidth_efficiency: float = 0.7
-    step_overhead: float = 0.004  # seconds per step: scheduling, sampling, launches
+    step_overhead: float = 0.004  # seconds per step: scheduling, sampling, launches (host time: async overlaps it)
 
 
 @dataclass(frozen=True)

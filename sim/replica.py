@@ -24,7 +24,10 @@ Steps are scheduled when the previous one ends. With
 ``engine.async_scheduling`` (``vllm serve``'s default) the replica shows each
 decision what vLLM, scheduling one step ahead, could see then: calls
 submitted during the step in flight, finished calls' slots and KV, and the
-step's service charges wait one step longer (section "async scheduling").
+step's service charges wait one step longer. In exchange a step that
+follows another back to back hides its CPU work (the latency model's
+``host_time``) behind the GPU work of the one before (section "async
+scheduling").
 
 With ``engine.kv_ttl`` (Continuum's KV time-to-live) a finished call whose
 program will send a follow-up keeps its keyed blocks pinned for that long,
@@ -222,6 +225,9 @@ class Replica:
         self._in_step = False  # a step's timeout is running
         self._draining: list[SimCall] = []  # finished calls still holding their slot and KV (async)
         self._last_start = -INF  # start of the step that completed last
+        self._overlap = False  # async: this step was scheduled while the last one ran (`_overlapped_seconds`)
+        # A step's duration when it follows the last one back to back.
+        self._steady_seconds = self._overlapped_seconds if self._async else latency.step_time
         # Async with prefix caching: blocks whose last token was in flight
         # when scheduled, keyed one schedule late (see "async scheduling").
         self._sched_seq = 0  # schedules so far, empty ones included
@@ -344,7 +350,9 @@ class Replica:
                     self._release_draining()
                     self._apply_outputs()
                     self._reveal(INF)
+                    self._overlap = False
                     continue
+                self._overlap = False
                 self._wake = env.event()
                 yield self._wake
                 self._wake = None
@@ -365,6 +373,7 @@ class Replica:
                 # Async: the step scheduled before the last one's outputs is
                 # empty, so vLLM schedules again at once with them applied.
                 self._reveal(INF)
+                self._overlap = False
                 continue
             if self.observer is not None:
                 self.observer(self._info)
@@ -373,6 +382,7 @@ class Replica:
                     raise RuntimeError(f"engine {self.index} stalled at t={start} with runnable calls")
                 # Everything was preempted this step; readmit next iteration.
                 empty_at = start
+                self._overlap = False
                 continue
             if not members:
                 shape = self._shape(batch)
@@ -390,7 +400,8 @@ class Replica:
                 self._stalled_tokens += shape.num_tokens
                 if self._stalled_tokens > self._stall_check:
                     self._check_progress(start)
-            dt = quantize(self.latency.step_time(shape) + transfer)
+            seconds = self._steady_seconds if self._overlap else self.latency.step_time
+            dt = quantize(seconds(shape) + transfer)
             self.steps += 1
             self.busy_time += dt
             self.prefill_tokens += shape.prefill_tokens
@@ -405,6 +416,7 @@ class Replica:
             self._in_step = True
             yield env.timeout(delay)
             self._in_step = False
+            self._overlap = self._async
             if lazy:
                 self._complete_lazy(step, dt, start)
             else:
@@ -495,7 +507,7 @@ class Replica:
         ):
             return dt, dt, start
         by_finish, by_phase = self._by_finish, self._by_phase
-        step_time, base = self.latency.step_time, self._member_kv_base
+        step_time, base = self._steady_seconds, self._member_kv_base
         last_start, last_dt = start, dt
         while True:
             c += 1  # the candidate step's cohort index, starting at ``end``
@@ -1117,9 +1129,19 @@ class Replica:
     # core, too, learns of step N (its service charges, demotions and
     # finished calls, then the calls that arrived during it) only after step
     # N+1 has been scheduled (`_apply_outputs`), as our vLLM plugin does in
-    # `update_from_output`. Step times are the latency model's either way:
-    # the CPU work that async scheduling hides behind the GPU is part of the
-    # fitted per-step cost and is not removed.
+    # `update_from_output`. A step scheduled while the previous one ran
+    # overlaps its CPU work (`LatencyModel.host_time`) with that step's GPU
+    # work, so back to back it takes max(step - host, host); the first step
+    # after an idle engine or a schedule that had to wait for outputs pays
+    # its host time in full, as every synchronous step does.
+
+    def _overlapped_seconds(self, shape: StepShape) -> float:
+        """An async step's duration when it follows the previous one back to back: host time overlapped."""
+        t = self.latency.step_time(shape)
+        host = self.latency.host_time(shape)
+        if host > 0.0:
+            t = max(t - host, host)
+        return t
 
     def _seats_taken(self) -> int:
         return len(self.running) + len(self._draining)

@@ -127,6 +127,42 @@ def test_load_by_path_and_errors(tmp_path):
         load_fitted(str(huge))
 
 
+def test_host_time_is_carried_from_the_profile_and_capped_by_the_step(tmp_path):
+    prof = tmp_path / "p.csv"
+    write_profile(prof, Profile(synthetic_rows(TRUE), {"gpu": "g", "host_per_step": "0.002",
+                                                        "host_per_seq": "1e-05"}))
+    out = tmp_path / "m.json"
+    assert fit_latency_main([str(prof), "-o", str(out)]) == 0
+    raw = json.loads(out.read_text())
+    assert raw["host"] == {"per_step": 0.002, "per_seq": 1e-05}
+    model = load_fitted(str(out))
+    s = StepShape.from_batch([(1, 99)] * 100)
+    assert model.host_time(s) == pytest.approx(0.002 + 100 * 1e-05)
+    assert model.host_time(StepShape()) == 0.0
+    # Never more than the whole step; none at all for a model without a host part.
+    greedy = FittedLatency(0, 0, 0, 0, 0, 0.003, host_per_step=0.005)
+    assert greedy.host_time(s) == greedy.step_time(s) == 0.003
+    assert TRUE.host_time(s) == 0.0 and "host" not in TRUE.to_json()
+    for name in SHIPPED:  # Vidur-derived: 2 ms + 10 us per sequence of assumed CPU overhead
+        shipped = load_fitted(name)
+        assert (shipped.host_per_step, shipped.host_per_seq) == (0.002, 1e-05)
+
+
+@pytest.mark.parametrize("host, match", [
+    ({"per_step": 0.002, "per_sequence": 1e-5}, r'"host" must be an object with keys among per_step, per_seq'),
+    ([0.002], r'"host" must be an object'),
+    ({"per_step": -0.002}, "host per_step must be a finite number >= 0, got -0.002"),
+    ({"per_seq": "1e-5"}, "host per_seq must be a finite number >= 0, got '1e-5'"),
+    ({"per_step": True}, "host per_step must be a finite number >= 0, got True"),
+])
+def test_a_bad_host_object_is_a_clear_error_naming_the_file(tmp_path, host, match):
+    path = tmp_path / "m.json"
+    path.write_text(json.dumps({**TRUE.to_json(), "host": host}))
+    with pytest.raises(FitError, match=match) as err:
+        load_fitted(str(path))
+    assert str(err.value).startswith(str(path))
+
+
 def test_build_dispatch():
     m = build(LatencyConfig(kind="fitted", name="a100-llama-3.1-8b"), load_model("llama-3.1-8b"),
               load_gpu("a100-80gb"), 1)

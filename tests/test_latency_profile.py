@@ -16,8 +16,8 @@ GOOD = [
 ]
 
 
-def text(*rows: str, header: str = HEADER) -> str:
-    return "# autellix-latency-profile v1\n# gpu: test-gpu\n" + header + "\n" + "\n".join(rows) + "\n"
+def text(*rows: str, header: str = HEADER, extra: str = "") -> str:
+    return "# autellix-latency-profile v1\n# gpu: test-gpu\n" + extra + header + "\n" + "\n".join(rows) + "\n"
 
 
 def test_round_trip(tmp_path):
@@ -57,6 +57,14 @@ def test_columns_in_any_order():
         (text(), ": no data rows"),
         ("# only comments\n", ": empty profile"),
         (text(GOOD[0], header=HEADER + ",extra"), ":3: unexpected or repeated column(s) extra"),
+        (text(*GOOD, extra="# host_per_step: 2 ms\n"), ":3: host_per_step: expected a number of seconds >= 0, "
+                                                        "got '2 ms'"),
+        (text(*GOOD, extra="# host_per_seq: -1e-5\n"), ":3: host_per_seq: expected a number of seconds >= 0"),
+        (text(*GOOD, extra="# host_per_seq: inf\n"), ":3: host_per_seq: expected a number of seconds >= 0"),
+        # 0.01 + 64 x 0.0002 = 0.0228 s of host time in a step measured at 0.021 s
+        (text(*GOOD, extra="# host_per_step: 0.01\n# host_per_seq: 0.0002\n"),
+         ":4: host_per_seq: the host time it gives a step of 64 sequences, 0.0228 s, exceeds that step's "
+         "measured 0.021 s"),
     ],
 )
 def test_errors_name_file_line_and_column(tmp_path, content, where):
@@ -76,3 +84,10 @@ def test_missing_file(tmp_path):
 def test_blank_lines_ignored():
     prof = parse_profile(text(GOOD[0], "", GOOD[1]))
     assert [r.seconds for r in prof.rows] == [0.15, 0.021]
+
+
+def test_host_time_keys_are_read_as_seconds_and_default_to_none():
+    prof = parse_profile(text(*GOOD, extra="# host_per_step: 0.002\n# host_per_seq: 1e-05\n"))
+    assert prof.host() == {"host_per_step": 0.002, "host_per_seq": 1e-05}
+    assert parse_profile(text(*GOOD, extra="# host_per_seq: 0.0001\n")).host() == {"host_per_seq": 0.0001}
+    assert parse_profile(text(*GOOD)).host() == {}

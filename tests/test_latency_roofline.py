@@ -30,6 +30,8 @@ def test_hand_computed_single_gpu():
     prefill = StepShape.from_batch([(200, 0)])  # 200 tokens > knee, pairs 200 * 201 / 2 = 20100
     assert m.step_time(prefill) == pytest.approx(200 * 0.004 + 20100 * 1.28e-4 + 0.01)
     assert m.step_time(StepShape()) == 0.0
+    # step_overhead is the roofline's only CPU term: async scheduling overlaps it.
+    assert m.host_time(decode) == m.host_time(prefill) == 0.01 and m.host_time(StepShape()) == 0.0
 
 
 def test_hand_computed_tensor_parallel():

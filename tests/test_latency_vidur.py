@@ -63,6 +63,7 @@ def test_profile_shapes_are_valid_and_times_grow(tmp_path):
     assert main([str(A100), "--model", "llama-3.1-8b", "--gpu", "a100-80gb", "-o", str(out)]) == 0
     prof = read_profile(out)  # the reader validates every row
     assert len(prof.rows) > 150 and prof.provenance["gpu"] == "a100-80gb"
+    assert prof.host() == {"host_per_step": 0.002, "host_per_seq": 1e-05}  # the assumed CPU overhead
     assert all(r.shape.num_tokens <= 8192 and r.shape.num_seqs <= 256 for r in prof.rows)
     kinds = {(r.shape.num_decode > 0, r.shape.prefill_tokens > 0) for r in prof.rows}
     assert kinds == {(True, False), (False, True), (True, True)}  # decode, prefill, mixed

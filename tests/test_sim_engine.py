@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -11,6 +12,7 @@ from hypothesis import strategies as st
 from sim.config import EngineConfig, ExperimentConfig, LatencyConfig
 from sim.core import POLICY_CLASSES
 from sim.core.params import PolicyParams
+from sim.latency.fitted import FittedLatency
 from sim.replica import quantize
 from sim.simulate import SimulationError, simulate
 from traces.format import Call, Program, SharedPrefix
@@ -166,6 +168,51 @@ def test_async_a_call_whose_last_token_is_in_flight_is_the_memory_victim():
         assert (rec["A", "a"].finish, rec["A", "a"].preemptions) == (6.0, 0)
         assert (rec["B", "b"].finish, rec["B", "b"].preemptions) == (2.0, 0)
         assert r.stats["prefill_tokens"] == 47 and r.stats["preemptions"] == 0
+
+
+# Host time under async scheduling: a fitted model whose every step takes 1 s,
+# of which ``host`` seconds are CPU work. vLLM schedules step N+1 while step
+# N runs on the GPU, so a step that follows another back to back takes
+# max(1 - host, host); the first step after an idle engine, or after a
+# schedule that had to wait for the last outputs, pays its host time in full.
+def _host_cfg(tmp_path, host, **engine):
+    path = tmp_path / "host.json"
+    model = FittedLatency(0.0, 0.0, 0.0, 0.0, 0.0, 1.0, name="host", host_per_step=host)
+    path.write_text(json.dumps(model.to_json()))
+    config = cfg(**engine)
+    return dataclasses.replace(config, latency=LatencyConfig(kind="fitted", name=str(path)))
+
+
+@pytest.mark.parametrize("fast_forward", [True, False])
+@pytest.mark.parametrize(("host", "steady"), [(0.25, 0.75), (0.5, 0.5), (0.75, 0.75)])
+def test_async_overlaps_host_time_of_back_to_back_steps(tmp_path, host, steady, fast_forward):
+    # A: one full step [0,1) from an idle engine, then three back to back.
+    # C arrives at an idle engine at 10: full again, then one overlapped.
+    programs = [prog("A", 0.0, call("a", 100, 4)), prog("C", 10.0, call("c", 50, 2))]
+    both = by_id(simulate(programs, _host_cfg(tmp_path, host, async_scheduling=True, fast_forward=fast_forward),
+                          "fcfs"))
+    assert (both["A", "a"].first_token, both["A", "a"].finish) == (1.0, 1.0 + 3 * steady)
+    assert both["A", "a"].service == 1.0 + 3 * steady
+    assert (both["C", "c"].first_token, both["C", "c"].finish) == (11.0, 11.0 + steady)
+    sync = by_id(simulate(programs, _host_cfg(tmp_path, host, fast_forward=fast_forward), "fcfs"))
+    assert (sync["A", "a"].finish, sync["C", "c"].finish) == (4.0, 12.0)  # sync pays host time every step
+
+
+def test_async_a_step_scheduled_after_waiting_for_outputs_pays_its_host_time(tmp_path):
+    # One seat, 0.25 s of host time. A: [0,1) full, [1,1.75) overlapped;
+    # A holds the seat until its output is processed, so the step scheduled
+    # during [1,1.75) is empty and vLLM schedules again at 1.75 with A's
+    # output applied: B's step [1.75,2.75) had nothing to overlap with. So
+    # does D's [2.75,3.75) after B, for the same reason.
+    programs = [
+        prog("A", 0.0, call("a", 100, 2)),
+        prog("B", 0.5, call("b", 50, 1)),
+        prog("D", 1.5, call("d", 50, 2)),
+    ]
+    r = by_id(simulate(programs, _host_cfg(tmp_path, 0.25, async_scheduling=True), "fcfs"))
+    assert r["A", "a"].finish == 1.75
+    assert (r["B", "b"].first_scheduled, r["B", "b"].finish) == (1.75, 2.75)
+    assert (r["D", "d"].first_scheduled, r["D", "d"].first_token, r["D", "d"].finish) == (2.75, 3.75, 4.5)
 
 
 def test_chunked_prefill_splits_prompt_over_the_budget():

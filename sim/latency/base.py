@@ -10,6 +10,13 @@ is. The sums are exactly the quantities whose cost differs:
 * prefill attention scales with query x key pairs (``prefill_attn_pairs``);
 * decode attention scales with the KV tokens read (``decode_kv_tokens``);
 * a fixed per-step overhead (scheduling, sampling, kernel launches).
+
+``host_time`` is the part of ``step_time`` spent on the CPU (scheduling,
+input preparation, output processing). A synchronous engine pays it between
+GPU passes; under async scheduling vLLM does it for step N+1 while step N
+runs on the GPU, so back-to-back steps take ``max(step - host, host)``
+(`sim/replica.py`, "async scheduling"). A model that cannot tell the two
+apart reports 0, which leaves async steps as long as synchronous ones.
 """
 
 from __future__ import annotations
@@ -64,6 +71,10 @@ class LatencyModel(Protocol):
 
     def step_time(self, shape: StepShape) -> float: ...
 
+    def host_time(self, shape: StepShape) -> float:
+        """The CPU part of ``step_time(shape)``, at most the whole of it."""
+        ...
+
 
 @dataclass(frozen=True)
 class ConstantLatency:
@@ -78,3 +89,6 @@ class ConstantLatency:
 
     def step_time(self, shape: StepShape) -> float:
         return self.seconds if shape.num_seqs else 0.0
+
+    def host_time(self, shape: StepShape) -> float:
+        return 0.0  # a constant step has no parts: async steps stay as long

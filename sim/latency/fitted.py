@@ -31,6 +31,12 @@ coefficients are exactly those, so the reported MAPE and R² describe them.
 A fitted model is a JSON file (``sim/latency/models/NAME.json`` for shipped
 ones) with ``coefficients``, ``provenance`` (gpu, model, engine, source,
 date, how derived) and ``fit`` (seed, split sizes, held-out MAPE and R²).
+An optional ``host`` object, ``{"per_step": s, "per_seq": s}``, says how much
+of a step is CPU work (``host_time``); it is copied from the profile's
+``host_per_step``/``host_per_seq`` lines, not fitted, because a step's total
+time cannot tell CPU from GPU. Async scheduling overlaps that part with the
+GPU (`sim/latency/base.py`); without it async steps are as long as
+synchronous ones.
 """
 
 from __future__ import annotations
@@ -52,6 +58,7 @@ from traces.validate import parse_json_int
 MODELS_DIR = Path(__file__).parent / "models"
 FORMAT = "autellix-fitted-latency v1"
 COEFFICIENTS = ("per_token", "weights_floor", "per_attn_pair", "per_decode_kv_token", "per_seq", "per_step")
+HOST = ("per_step", "per_seq")  # keys of the optional "host" object
 FORM = ("max(per_token*num_tokens, weights_floor) + per_attn_pair*prefill_attn_pairs "
         "+ per_decode_kv_token*decode_kv_tokens + per_seq*num_seqs + per_step")
 
@@ -71,12 +78,16 @@ class FittedLatency:
     name: str = "fitted"
     provenance: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
     fit: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+    host_per_step: float = 0.0  # CPU seconds per step (see the module docstring)
+    host_per_seq: float = 0.0  # CPU seconds per sequence in the step
 
     def __post_init__(self) -> None:
-        for key in COEFFICIENTS:
+        for key in (*COEFFICIENTS, "host_per_step", "host_per_seq"):
             value = getattr(self, key)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-                raise FitError(f"fitted latency {self.name!r}: coefficient {key} must be a finite number >= 0, "
+            if isinstance(value, bool) or not (isinstance(value, (int, float)) and math.isfinite(value)
+                                               and value >= 0):
+                what = f"host {key[5:]}" if key.startswith("host_") else f"coefficient {key}"
+                raise FitError(f"fitted latency {self.name!r}: {what} must be a finite number >= 0, "
                                f"got {value!r}")
 
     def step_time(self, shape: StepShape) -> float:
@@ -89,12 +100,24 @@ class FittedLatency:
                 + self.per_decode_kv_token * shape.decode_kv_tokens
                 + self.per_seq * shape.num_seqs + self.per_step)
 
+    def host_time(self, shape: StepShape) -> float:
+        if not shape.num_seqs:
+            return 0.0
+        host = self.host_per_step + self.host_per_seq * shape.num_seqs
+        if host <= 0.0:
+            return 0.0
+        return min(host, self.step_time(shape))
+
     def coefficients(self) -> dict[str, float]:
         return {k: float(getattr(self, k)) for k in COEFFICIENTS}
 
     def to_json(self) -> dict[str, Any]:
-        return {"format": FORMAT, "name": self.name, "form": FORM, "units": "seconds; per_X is seconds per unit of X",
-                "coefficients": self.coefficients(), "provenance": self.provenance, "fit": self.fit}
+        out = {"format": FORMAT, "name": self.name, "form": FORM, "units": "seconds; per_X is seconds per unit of X",
+               "coefficients": self.coefficients()}
+        if self.host_per_step or self.host_per_seq:
+            out["host"] = {"per_step": float(self.host_per_step), "per_seq": float(self.host_per_seq)}
+        out.update(provenance=self.provenance, fit=self.fit)
+        return out
 
     @classmethod
     def from_json(cls, raw: Any, origin: str = "<json>") -> "FittedLatency":
@@ -104,8 +127,17 @@ class FittedLatency:
         if not isinstance(coef, dict) or set(coef) != set(COEFFICIENTS):
             got = sorted(coef) if isinstance(coef, dict) else coef
             raise FitError(f"{origin}: \"coefficients\" must have exactly {', '.join(COEFFICIENTS)}; got {got}")
-        return cls(**coef, name=str(raw.get("name", Path(origin).stem)),
-                   provenance=dict(raw.get("provenance", {})), fit=dict(raw.get("fit", {})))
+        host = raw.get("host", {})
+        if not isinstance(host, dict) or not set(host) <= set(HOST):
+            got = sorted(host) if isinstance(host, dict) else host
+            raise FitError(f"{origin}: \"host\" must be an object with keys among {', '.join(HOST)} "
+                           f"(CPU seconds per step and per sequence); got {got}")
+        try:
+            return cls(**coef, name=str(raw.get("name", Path(origin).stem)),
+                       provenance=dict(raw.get("provenance", {})), fit=dict(raw.get("fit", {})),
+                       host_per_step=host.get("per_step", 0.0), host_per_seq=host.get("per_seq", 0.0))
+        except FitError as exc:
+            raise FitError(f"{origin}: {exc}") from None
 
 
 def available() -> list[str]:
@@ -213,8 +245,13 @@ def split(rows: Sequence[ProfileRow], test_fraction: float, seed: int) -> tuple[
 
 
 def fit_profile(rows: Sequence[ProfileRow], name: str = "fitted", provenance: dict[str, Any] | None = None,
-                test_fraction: float = 0.2, seed: int = 0) -> tuple[FittedLatency, dict[str, Any]]:
-    """Fit on a seeded train split; the report holds train and held-out quality."""
+                test_fraction: float = 0.2, seed: int = 0,
+                host: dict[str, float] | None = None) -> tuple[FittedLatency, dict[str, Any]]:
+    """Fit on a seeded train split; the report holds train and held-out quality.
+
+    ``host`` (``host_per_step``/``host_per_seq`` seconds) is carried into the
+    model as given, not fitted.
+    """
     min_train = 2 * len(COEFFICIENTS)
     if len(rows) < min_train + 2:
         raise FitError(f"profile has {len(rows)} steps; fitting {len(COEFFICIENTS)} coefficients with a held-out "
@@ -231,7 +268,7 @@ def fit_profile(rows: Sequence[ProfileRow], name: str = "fitted", provenance: di
         "train": quality(draft, train),
         "heldout": quality(draft, test),
     }
-    model = FittedLatency(*coef, name=name, provenance=dict(provenance or {}), fit=report)
+    model = FittedLatency(*coef, name=name, provenance=dict(provenance or {}), fit=report, **(host or {}))
     return model, report
 
 
@@ -244,7 +281,7 @@ def fit_command(profile_path: str | Path, out_path: str | Path, name: str | None
             if k in profile.provenance}
     prov["profile"] = Path(profile_path).name
     prov["fitted"] = f"{_dt.date.today().isoformat()} by python -m sim fit-latency (sim.latency.fitted)"
-    model, report = fit_profile(profile.rows, name, prov, test_fraction, seed)
+    model, report = fit_profile(profile.rows, name, prov, test_fraction, seed, profile.host())
     Path(out_path).write_text(json.dumps(model.to_json(), indent=2) + "\n")
     return model, report
 

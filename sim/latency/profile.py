@@ -26,6 +26,12 @@ Format (UTF-8 text)::
   then one row per step. The six shape columns are non-negative integers with
   the meaning of :class:`sim.latency.base.StepShape`; ``seconds`` is the step's
   wall time, a positive finite number.
+* Two provenance keys are numbers the fitter uses: ``host_per_step`` and
+  ``host_per_seq`` (seconds, each optional, 0 when absent) say how much of
+  each step's time is CPU work, ``host_per_step + host_per_seq * num_seqs``.
+  The fitted model keeps them so async scheduling can overlap that part with
+  the GPU (`sim/latency/base.py`). Vidur-derived profiles write the CPU
+  overhead they assume; a measured profile has none unless it is added.
 * Blank lines are ignored; ``#`` lines after the header are not allowed (a
   comment in the middle of the data is more likely a damaged file).
 
@@ -53,6 +59,7 @@ SHAPE_COLUMNS = (
     "prefill_attn_pairs",
 )
 COLUMNS = SHAPE_COLUMNS + ("seconds",)
+HOST_KEYS = ("host_per_step", "host_per_seq")  # provenance keys read as numbers
 
 
 class ProfileError(ValueError):
@@ -69,6 +76,10 @@ class ProfileRow:
 class Profile:
     rows: list[ProfileRow]
     provenance: dict[str, str] = field(default_factory=dict)
+
+    def host(self) -> dict[str, float]:
+        """The ``HOST_KEYS`` given in the provenance, as seconds (validated by ``parse_profile``)."""
+        return {k: float(self.provenance[k]) for k in HOST_KEYS if k in self.provenance}
 
 
 def shape_problem(s: StepShape) -> str | None:
@@ -99,12 +110,16 @@ def parse_profile(text: str, origin: str = "<profile>") -> Profile:
     """Parse profile text; ``origin`` names the file in error messages."""
     lines = text.splitlines()
     provenance: dict[str, str] = {}
+    host: dict[str, tuple[float, int]] = {}  # key -> (seconds, line)
     i = 0
     while i < len(lines) and (not lines[i].strip() or lines[i].lstrip().startswith("#")):
         line = lines[i].strip().lstrip("#").strip()
         if ":" in line:
             key, value = line.split(":", 1)
-            provenance[key.strip()] = value.strip()
+            key, value = key.strip(), value.strip()
+            provenance[key] = value
+            if key in HOST_KEYS:
+                host[key] = (_host_seconds(value, f"{origin}:{i + 1}: {key}"), i + 1)
         i += 1
     if i == len(lines):
         raise ProfileError(f"{origin}: empty profile: no header line with columns {','.join(COLUMNS)}")
@@ -151,7 +166,26 @@ def parse_profile(text: str, origin: str = "<profile>") -> Profile:
         rows.append(ProfileRow(shape, seconds))
     if not rows:
         raise ProfileError(f"{origin}: no data rows after the header (truncated file?)")
+    if host:
+        per_step, per_seq = (host.get(k, (0.0, 0))[0] for k in HOST_KEYS)
+        for row in rows:
+            cpu = per_step + per_seq * row.shape.num_seqs
+            if cpu > row.seconds:
+                key, (_, lineno) = max(host.items(), key=lambda kv: kv[1][1])
+                raise ProfileError(f"{origin}:{lineno}: {key}: the host time it gives a step of "
+                                   f"{row.shape.num_seqs} sequences, {cpu:g} s, exceeds that step's measured "
+                                   f"{row.seconds:g} s; host time is a part of the step")
     return Profile(rows, provenance)
+
+
+def _host_seconds(text: str, where: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ProfileError(f"{where}: expected a number of seconds >= 0, got {text!r}") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise ProfileError(f"{where}: expected a number of seconds >= 0, got {text!r}")
+    return value
 
 
 def read_profile(path: str | Path) -> Profile:

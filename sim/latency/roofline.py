@@ -13,7 +13,9 @@ Per step, on each of the ``gpus`` tensor-parallel GPUs (work split evenly)::
     step      = gemm + prefill + decode + allreduce + step_overhead
 
 with ``F = peak_flops * flops_efficiency * gpus`` and
-``B = hbm_bandwidth * bandwidth_efficiency * gpus``.
+``B = hbm_bandwidth * bandwidth_efficiency * gpus``. ``step_overhead`` is
+the roofline's only term not spent on a GPU kernel, so it is the step's host
+time (``host_time``), the part async scheduling overlaps with the GPU.
 
 Simplifications (deliberate; the fitted model corrects them from data):
 
@@ -116,3 +118,6 @@ class RooflineLatency:
             + self.allreduce_fixed_seconds
             + self.step_overhead
         )
+
+    def host_time(self, shape: StepShape) -> float:
+        return self.step_overhead if shape.num_seqs else 0.0

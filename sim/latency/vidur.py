@@ -41,7 +41,9 @@ How a step's time is built (all choices are constants below):
   forward passes and are not in any operator timing. The values are our
   assumption (a few ms per step is the usual order for an 8B model without
   async scheduling), not a measurement; they enter the fitted ``per_step`` and
-  ``per_seq`` almost one to one. Our own profiler (``python -m engine
+  ``per_seq`` almost one to one. The profile also names them as its host
+  time (``host_per_step``, ``host_per_seq``), which the fitted model keeps so
+  that async scheduling can hide them behind the GPU. Our own profiler (``python -m engine
   profile``) measures the real overhead and should replace them.
 
 Estimating a model Vidur did not profile (``h100-llama-3.1-8b-est``): the
@@ -301,6 +303,10 @@ def build_profile(src: str | Path, model: ModelSpec, gpu: GPUSpec, tp: int = 1, 
                     f"interpolation in num_tokens; roofline attention (prefill eff {ATTN_PREFILL_EFFICIENCY}, "
                     f"decode eff {ATTN_DECODE_EFFICIENCY}) and LM head; overhead {STEP_OVERHEAD_S * 1e3:g} ms/step "
                     f"+ {PER_SEQ_OVERHEAD_S * 1e6:g} us/seq; {note}"),
+        # The overhead is the step's CPU work: the fitted model keeps it as
+        # host time, which async scheduling overlaps with the GPU.
+        "host_per_step": repr(STEP_OVERHEAD_S),
+        "host_per_seq": repr(PER_SEQ_OVERHEAD_S),
     }
     return Profile(rows, provenance)
 
