@@ -171,12 +171,16 @@ def run(args: argparse.Namespace) -> int:
     from sim.capacity import CapacityError
     from sim.experiments import ConfigError, resolve
     from sim.hardware import SpecError
+    from sim.latency import async_without_host_note
     from sim.metrics import RecordFormatError
     from sim.simulate import SimulationError
     from traces.validate import TraceError
 
     try:
         cfg = resolve(args.experiment, args.experiments, args.overrides)
+        note = async_without_host_note(cfg)
+        if note:
+            print(f"python -m engine validate: {note}", file=sys.stderr)
         rows = validate(args.dirs, cfg)
         print(f"experiment {cfg.name}: latency model {cfg.latency.kind}, {cfg.engine.replicas} replica(s) of "
               f"{cfg.engine.model} on {cfg.engine.gpu}")

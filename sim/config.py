@@ -80,7 +80,7 @@ class EngineConfig:
     # step N are free only from step N+2 (sim.replica, "async scheduling").
     # false (the default) schedules each step after the previous one ends,
     # as the in-process replay (python -m engine replay --target inprocess) does,
-    # and as every figure in the README was measured.
+    # and as every README figure but the few marked async was measured.
     async_scheduling: bool = False
     # Account steady decodes lazily (sim.replica, "steady decodes"); results
     # are bit-identical either way, false runs the per-step reference path.
@@ -95,7 +95,7 @@ class LatencyConfig:
     # Roofline: fraction of peak FLOP/s and bandwidth actually reached.
     flops_efficiency: float = 0.6
     bandwidth_efficiency: float = 0.7
-    step_overhead: float = 0.004  # seconds per step: scheduling, sampling, launches (host time: async overlaps it)
+    step_overhead: float = 0.004  # CPU seconds per step: scheduling, input preparation, launches (async overlaps it)
 
 
 @dataclass(frozen=True)

@@ -1140,7 +1140,7 @@ class Replica:
         t = self.latency.step_time(shape)
         host = self.latency.host_time(shape)
         if host > 0.0:
-            t = max(t - host, host)
+            t = max(t - host, host) if host < t else t
         return t
 
     def _seats_taken(self) -> int:

@@ -56,6 +56,7 @@ from aiohttp import web
 
 from sim.config import ExperimentConfig, LatencyConfig
 from sim.core import POLICY_CLASSES
+from sim.latency import async_without_host_note
 from sim.realtime import FILLER_BASE, FILLER_VOCAB, CallHandle, Conflict, RealtimeEngine, TooLarge
 from traces.argtypes import int_at_least, port_number
 from traces.validate import parse_json_int
@@ -423,6 +424,9 @@ def main(argv: list[str]) -> int:
     except (ValueError, OSError) as exc:
         print(f"python -m sim serve: error: {exc}", file=sys.stderr)
         return 1
+    note = async_without_host_note(cfg)
+    if note:
+        print(f"sim serve: {note}", file=sys.stderr)
     if cfg.engine.replicas > 1:
         print(f"sim serve: note: this is one engine; the experiment's {cfg.engine.replicas} replicas and its "
               f"{cfg.engine.balancer} balancer are the gateway's part (python -m engine gateway), not this "

@@ -168,3 +168,19 @@ def test_serve_is_delegated(workdir):
     res = sim("serve", "--help", cwd=workdir)
     assert res.returncode == 0 and "Traceback" not in res.stderr
     assert res.stdout.startswith("usage: python -m sim serve")
+
+
+def test_an_async_run_whose_latency_model_has_no_host_time_says_so(workdir):
+    """Async hides only host time; a model without any would silently make async look no faster than sync."""
+    from test_experiments import tiny_trace
+
+    tiny_trace(workdir / "t.jsonl", programs=2)
+    res = sim("run", "tiny", "-e", "exp.yaml", "-q", "-s", "engine.async_scheduling=true", cwd=workdir)
+    assert res.returncode == 0
+    assert res.stderr == ("note: engine.async_scheduling is on, but latency model 'constant' has no host time, so "
+                          "async steps are as long as synchronous ones (README: Design decisions, async scheduling)\n")
+    sync = sim("run", "tiny", "-e", "exp.yaml", "-q", cwd=workdir)
+    with_host = sim("run", "tiny", "-e", "exp.yaml", "-q", "-s", "engine.async_scheduling=true",
+                    "-s", "latency.kind=fitted", "-s", "latency.name=a100-llama-3.1-8b", cwd=workdir)
+    for res in (sync, with_host):
+        assert res.returncode == 0 and res.stderr == "", res.stderr

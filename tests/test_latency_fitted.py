@@ -139,9 +139,7 @@ def test_host_time_is_carried_from_the_profile_and_capped_by_the_step(tmp_path):
     s = StepShape.from_batch([(1, 99)] * 100)
     assert model.host_time(s) == pytest.approx(0.002 + 100 * 1e-05)
     assert model.host_time(StepShape()) == 0.0
-    # Never more than the whole step; none at all for a model without a host part.
-    greedy = FittedLatency(0, 0, 0, 0, 0, 0.003, host_per_step=0.005)
-    assert greedy.host_time(s) == greedy.step_time(s) == 0.003
+    # None at all for a model without a host part.
     assert TRUE.host_time(s) == 0.0 and "host" not in TRUE.to_json()
     for name in SHIPPED:  # Vidur-derived: 2 ms + 10 us per sequence of assumed CPU overhead
         shipped = load_fitted(name)
@@ -154,6 +152,9 @@ def test_host_time_is_carried_from_the_profile_and_capped_by_the_step(tmp_path):
     ({"per_step": -0.002}, "host per_step must be a finite number >= 0, got -0.002"),
     ({"per_seq": "1e-5"}, "host per_seq must be a finite number >= 0, got '1e-5'"),
     ({"per_step": True}, "host per_step must be a finite number >= 0, got True"),
+    # milliseconds where seconds were meant: more than the whole shortest step, 0.009 + 9e-8 + 7e-6 + 0.003
+    ({"per_step": 2, "per_seq": 0.01}, r"host per_step \+ per_seq = 2.01 s exceeds the whole 0.0120071 s of a "
+                                       r"one-sequence decode step"),
 ])
 def test_a_bad_host_object_is_a_clear_error_naming_the_file(tmp_path, host, match):
     path = tmp_path / "m.json"

@@ -61,10 +61,16 @@ def test_columns_in_any_order():
                                                         "got '2 ms'"),
         (text(*GOOD, extra="# host_per_seq: -1e-5\n"), ":3: host_per_seq: expected a number of seconds >= 0"),
         (text(*GOOD, extra="# host_per_seq: inf\n"), ":3: host_per_seq: expected a number of seconds >= 0"),
-        # 0.01 + 64 x 0.0002 = 0.0228 s of host time in a step measured at 0.021 s
+        # 0.01 + 64 x 0.0002 = 0.0228 s of host time in the step of line 7, measured at 0.021 s
         (text(*GOOD, extra="# host_per_step: 0.01\n# host_per_seq: 0.0002\n"),
-         ":4: host_per_seq: the host time it gives a step of 64 sequences, 0.0228 s, exceeds that step's "
-         "measured 0.021 s"),
+         ":7: column seconds: the step's host time, host_per_step 0.01 s (line 3) + host_per_seq 0.0002 s x 64 "
+         "sequences (line 4) = 0.0228 s, exceeds its measured 0.021 s"),
+        (text(*GOOD, extra="# host_per_step: 0.2\n"),
+         ":5: column seconds: the step's host time, host_per_step 0.2 s (line 3) = 0.2 s, exceeds its measured 0.15 s"),
+        (text(*GOOD, extra="# host_per_seq: 1e-05\n# host_per_seq: 2e-05\n"),
+         ":4: host_per_seq: repeated (first on line 3); give each host key once"),
+        (text(*GOOD, extra="# host-per-step: 0.002\n"),
+         ":3: host-per-step: unknown host key; expected host_per_step or host_per_seq"),
     ],
 )
 def test_errors_name_file_line_and_column(tmp_path, content, where):

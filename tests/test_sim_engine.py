@@ -198,7 +198,8 @@ def test_async_overlaps_host_time_of_back_to_back_steps(tmp_path, host, steady, 
     assert (sync["A", "a"].finish, sync["C", "c"].finish) == (4.0, 12.0)  # sync pays host time every step
 
 
-def test_async_a_step_scheduled_after_waiting_for_outputs_pays_its_host_time(tmp_path):
+@pytest.mark.parametrize("fast_forward", [True, False])
+def test_async_a_step_scheduled_after_waiting_for_outputs_pays_its_host_time(tmp_path, fast_forward):
     # One seat, 0.25 s of host time. A: [0,1) full, [1,1.75) overlapped;
     # A holds the seat until its output is processed, so the step scheduled
     # during [1,1.75) is empty and vLLM schedules again at 1.75 with A's
@@ -209,7 +210,7 @@ def test_async_a_step_scheduled_after_waiting_for_outputs_pays_its_host_time(tmp
         prog("B", 0.5, call("b", 50, 1)),
         prog("D", 1.5, call("d", 50, 2)),
     ]
-    r = by_id(simulate(programs, _host_cfg(tmp_path, 0.25, async_scheduling=True), "fcfs"))
+    r = by_id(simulate(programs, _host_cfg(tmp_path, 0.25, async_scheduling=True, fast_forward=fast_forward), "fcfs"))
     assert r["A", "a"].finish == 1.75
     assert (r["B", "b"].first_scheduled, r["B", "b"].finish) == (1.75, 2.75)
     assert (r["D", "d"].first_scheduled, r["D", "d"].first_token, r["D", "d"].finish) == (2.75, 3.75, 4.5)
@@ -439,7 +440,7 @@ def test_invariants_and_lazy_identity_hold_while_pins_compete_for_memory(setup):
     check_lazy_identity(programs, config, policy)
 
 
-def check_invariants(programs, config, policy):
+def check_invariants(programs, config, policy, min_step=quantize(0.1)):
     steps = []
     result = simulate_or_livelock(programs, config, policy, observer=steps.append)
     if isinstance(result, str):
@@ -454,8 +455,8 @@ def check_invariants(programs, config, policy):
         # Released exactly when its parents are done plus its delay; runs after that.
         assert rec.arrival == pytest.approx(start + c.delay)
         assert rec.arrival <= rec.first_scheduled <= rec.first_token <= rec.finish
-        # Each output token needs a step; steps take 0.1 s here (on the 2**-30 s grid).
-        assert rec.service >= c.output_tokens * quantize(0.1) - 1e-9
+        # Each output token needs a step; steps take at least min_step (0.1 s on the 2**-30 s grid by default).
+        assert rec.service >= c.output_tokens * min_step - 1e-9
         assert rec.waiting >= -1e-9
     for info in steps:
         assert info.kv_in_use <= info.kv_capacity  # KV never over capacity
@@ -703,6 +704,27 @@ def test_lazy_decode_accounting_is_identical_to_stepping(programs, setup, latenc
     policy, config = setup
     lat = LatencyConfig(kind="constant", seconds=0.1) if latency == "constant" else LatencyConfig()
     check_lazy_identity(programs, dataclasses.replace(config, latency=lat), policy)
+
+
+@pytest.fixture(scope="module")
+def cpu_bound_latency(tmp_path_factory):
+    """A fitted model whose small steps are CPU-bound under async (host 0.04 of a 0.071 s step), big ones not."""
+    model = FittedLatency(0.002, 0.03, 0.0, 1e-5, 0.001, 0.04, name="cpu-bound", host_per_step=0.03,
+                          host_per_seq=0.01)
+    path = tmp_path_factory.mktemp("latency") / "cpu-bound.json"
+    path.write_text(json.dumps(model.to_json()))
+    return LatencyConfig(kind="fitted", name=str(path))
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(programs=workloads(), setup=configs())
+def test_async_host_overlap_keeps_the_invariants_and_the_lazy_identity(cpu_bound_latency, programs, setup):
+    # Every step takes at least the host time of a one-sequence step, 0.04 s.
+    policy, config = setup
+    config = dataclasses.replace(config, latency=cpu_bound_latency,
+                                 engine=dataclasses.replace(config.engine, async_scheduling=True))
+    check_invariants(programs, config, policy, min_step=0.04 - 1e-9)
+    check_lazy_identity(programs, config, policy)
 
 
 def check_lazy_identity(programs, config, policy):

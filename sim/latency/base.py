@@ -72,7 +72,7 @@ class LatencyModel(Protocol):
     def step_time(self, shape: StepShape) -> float: ...
 
     def host_time(self, shape: StepShape) -> float:
-        """The CPU part of ``step_time(shape)``, at most the whole of it."""
+        """The CPU part of ``step_time(shape)``; callers cap it at the whole step."""
         ...
 
 

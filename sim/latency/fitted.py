@@ -89,6 +89,12 @@ class FittedLatency:
                 what = f"host {key[5:]}" if key.startswith("host_") else f"coefficient {key}"
                 raise FitError(f"fitted latency {self.name!r}: {what} must be a finite number >= 0, "
                                f"got {value!r}")
+        smallest = StepShape(1, 1, 1, 1, 0, 0)  # one decode at context 0: the shortest step there is
+        host, whole = self.host_per_step + self.host_per_seq, self.step_time(smallest)
+        if host > whole:
+            raise FitError(f"fitted latency {self.name!r}: host per_step + per_seq = {host:g} s exceeds the whole "
+                           f"{whole:g} s of a one-sequence decode step; host time is the CPU part of a step "
+                           f"(in seconds, not milliseconds)")
 
     def step_time(self, shape: StepShape) -> float:
         if not shape.num_seqs:
@@ -103,10 +109,7 @@ class FittedLatency:
     def host_time(self, shape: StepShape) -> float:
         if not shape.num_seqs:
             return 0.0
-        host = self.host_per_step + self.host_per_seq * shape.num_seqs
-        if host <= 0.0:
-            return 0.0
-        return min(host, self.step_time(shape))
+        return self.host_per_step + self.host_per_seq * shape.num_seqs
 
     def coefficients(self) -> dict[str, float]:
         return {k: float(getattr(self, k)) for k in COEFFICIENTS}

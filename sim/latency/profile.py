@@ -117,9 +117,14 @@ def parse_profile(text: str, origin: str = "<profile>") -> Profile:
         if ":" in line:
             key, value = line.split(":", 1)
             key, value = key.strip(), value.strip()
-            provenance[key] = value
+            where = f"{origin}:{i + 1}: {key}"
             if key in HOST_KEYS:
-                host[key] = (_host_seconds(value, f"{origin}:{i + 1}: {key}"), i + 1)
+                if key in host:
+                    raise ProfileError(f"{where}: repeated (first on line {host[key][1]}); give each host key once")
+                host[key] = (_host_seconds(value, where), i + 1)
+            elif key.lower().startswith("host"):
+                raise ProfileError(f"{where}: unknown host key; expected {' or '.join(HOST_KEYS)}")
+            provenance[key] = value
         i += 1
     if i == len(lines):
         raise ProfileError(f"{origin}: empty profile: no header line with columns {','.join(COLUMNS)}")
@@ -134,6 +139,7 @@ def parse_profile(text: str, origin: str = "<profile>") -> Profile:
         raise ProfileError(f"{origin}:{header_lineno}: unexpected or repeated column(s) "
                            f"{', '.join(unknown) or 'duplicates'}; expected {','.join(COLUMNS)}")
     rows: list[ProfileRow] = []
+    row_lines: list[int] = []
     for lineno, line in enumerate(lines[i + 1 :], start=header_lineno + 1):
         if not line.strip():
             continue
@@ -164,17 +170,18 @@ def parse_profile(text: str, origin: str = "<profile>") -> Profile:
             col, msg = problem.split(": ", 1)
             raise ProfileError(f"{origin}:{lineno}: column {col}: {msg}")
         rows.append(ProfileRow(shape, seconds))
+        row_lines.append(lineno)
     if not rows:
         raise ProfileError(f"{origin}: no data rows after the header (truncated file?)")
     if host:
         per_step, per_seq = (host.get(k, (0.0, 0))[0] for k in HOST_KEYS)
-        for row in rows:
+        for row, lineno in zip(rows, row_lines):
             cpu = per_step + per_seq * row.shape.num_seqs
             if cpu > row.seconds:
-                key, (_, lineno) = max(host.items(), key=lambda kv: kv[1][1])
-                raise ProfileError(f"{origin}:{lineno}: {key}: the host time it gives a step of "
-                                   f"{row.shape.num_seqs} sequences, {cpu:g} s, exceeds that step's measured "
-                                   f"{row.seconds:g} s; host time is a part of the step")
+                terms = {"host_per_step": "{v:g} s", "host_per_seq": f"{{v:g}} s x {row.shape.num_seqs} sequences"}
+                given = " + ".join(f"{k} {terms[k].format(v=v)} (line {line})" for k, (v, line) in host.items())
+                raise ProfileError(f"{origin}:{lineno}: column seconds: the step's host time, {given} = {cpu:g} s, "
+                                   f"exceeds its measured {row.seconds:g} s; host time is the CPU part of a step")
     return Profile(rows, provenance)
 
 
