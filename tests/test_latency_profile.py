@@ -70,7 +70,8 @@ def test_columns_in_any_order():
         (text(*GOOD, extra="# host_per_seq: 1e-05\n# host_per_seq: 2e-05\n"),
          ":4: host_per_seq: repeated (first on line 3); give each host key once"),
         (text(*GOOD, extra="# host-per-step: 0.002\n"),
-         ":3: host-per-step: unknown host key; expected host_per_step or host_per_seq"),
+         ":3: host-per-step: misspelt host key; expected host_per_step or host_per_seq"),
+        (text(*GOOD, extra="# Host Per Seq: 1e-05\n"), ":3: Host Per Seq: misspelt host key"),
     ],
 )
 def test_errors_name_file_line_and_column(tmp_path, content, where):
@@ -97,3 +98,5 @@ def test_host_time_keys_are_read_as_seconds_and_default_to_none():
     assert prof.host() == {"host_per_step": 0.002, "host_per_seq": 1e-05}
     assert parse_profile(text(*GOOD, extra="# host_per_seq: 0.0001\n")).host() == {"host_per_seq": 0.0001}
     assert parse_profile(text(*GOOD)).host() == {}
+    # Other keys stay free-form, even one about the machine that took the profile.
+    assert parse_profile(text(*GOOD, extra="# host: gpu-node-3\n")).provenance["host"] == "gpu-node-3"

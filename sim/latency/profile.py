@@ -122,8 +122,8 @@ def parse_profile(text: str, origin: str = "<profile>") -> Profile:
                 if key in host:
                     raise ProfileError(f"{where}: repeated (first on line {host[key][1]}); give each host key once")
                 host[key] = (_host_seconds(value, where), i + 1)
-            elif key.lower().startswith("host"):
-                raise ProfileError(f"{where}: unknown host key; expected {' or '.join(HOST_KEYS)}")
+            elif key.lower().replace("-", "_").replace(" ", "_") in HOST_KEYS:  # a near miss would be ignored
+                raise ProfileError(f"{where}: misspelt host key; expected {' or '.join(HOST_KEYS)}")
             provenance[key] = value
         i += 1
     if i == len(lines):
