@@ -34,8 +34,9 @@ the step's time including its CPU overhead, as the simulator's step is.
 Async scheduling is turned off for the same reason. A whole step's time
 does not say how much of it was CPU work, so the profile has no
 ``host_per_step``/``host_per_seq`` lines (`sim/latency/profile.py`) and
-async runs on the fitted model keep whole step times unless they are added. CUDA graphs stay on
-(vLLM's default) so decode steps are timed as served.
+async runs on the fitted model keep whole step times unless they are
+added. CUDA graphs stay on (vLLM's default) so decode steps are timed as
+served.
 
 Weights are random (``load_format="dummy"``) from a ``config.json`` this
 command writes for Llama-3.1-8B (no hub access needed); step time does not

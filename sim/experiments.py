@@ -122,6 +122,9 @@ class _Constructor(yaml.constructor.SafeConstructor):
 _Constructor.add_constructor(_INT_TAG, _Constructor.construct_yaml_int)
 
 
+_YAML11_RULES = yaml.resolver.Resolver.yaml_implicit_resolvers  # PyYAML's own table, left unchanged
+
+
 class _Resolver(yaml.resolver.Resolver):
     """YAML 1.1's implicit types (null, timestamps), but numbers and booleans by the YAML 1.2 core schema.
 
@@ -130,7 +133,7 @@ class _Resolver(yaml.resolver.Resolver):
 
     yaml_implicit_resolvers = {
         first: [(tag, rx) for tag, rx in rules if tag not in (_INT_TAG, _FLOAT_TAG, _BOOL_TAG)]
-        for first, rules in yaml.resolver.Resolver.yaml_implicit_resolvers.items()
+        for first, rules in _YAML11_RULES.items()
     }
 
 
@@ -831,8 +834,8 @@ class _Dumper(yaml.SafeDumper):
     every value is written out."""
 
     yaml_implicit_resolvers = {
-        first: _Resolver.yaml_implicit_resolvers.get(first, []) + yaml.resolver.Resolver.yaml_implicit_resolvers.get(first, [])
-        for first in set(_Resolver.yaml_implicit_resolvers) | set(yaml.resolver.Resolver.yaml_implicit_resolvers)
+        first: _Resolver.yaml_implicit_resolvers.get(first, []) + _YAML11_RULES.get(first, [])
+        for first in set(_Resolver.yaml_implicit_resolvers) | set(_YAML11_RULES)
     }
 
     def ignore_aliases(self, data: Any) -> bool:

@@ -110,11 +110,15 @@ class PolicyParams:
             ("beta", positive(self.beta), "> 0 and finite"),
             ("preemption", isinstance(self.preemption, bool), "true or false"),
             ("preempt_margin", positive(self.preempt_margin), "> 0 and finite"),
-            ("preempt_limit", self.preempt_limit is None or (integer(self.preempt_limit) and self.preempt_limit >= 0), "null or an integer >= 0"),
+            ("preempt_limit", self.preempt_limit is None or (integer(self.preempt_limit) and self.preempt_limit >= 0),
+             "null or an integer >= 0"),
             ("mlfq_base_quantum", seconds(self.mlfq_base_quantum), secs),
-            ("mlfq_prefill_s_per_token", number(self.mlfq_prefill_s_per_token) and 0 <= self.mlfq_prefill_s_per_token <= MAX_SECONDS, f">= 0 and <= {MAX_SECONDS:g}"),
+            ("mlfq_prefill_s_per_token",
+             number(self.mlfq_prefill_s_per_token) and 0 <= self.mlfq_prefill_s_per_token <= MAX_SECONDS,
+             f">= 0 and <= {MAX_SECONDS:g}"),
             ("mlfq_starve_after", seconds(self.mlfq_starve_after), secs),
-            ("locality_threshold", integer(self.locality_threshold) and self.locality_threshold >= 0, "an integer >= 0 (tokens)"),
+            ("locality_threshold", integer(self.locality_threshold) and self.locality_threshold >= 0,
+             "an integer >= 0 (tokens)"),
             ("program_ttl", seconds(self.program_ttl), secs),
         ]
         for name, ok, expected in checks:

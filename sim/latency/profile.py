@@ -178,8 +178,8 @@ def parse_profile(text: str, origin: str = "<profile>") -> Profile:
         for row, lineno in zip(rows, row_lines):
             cpu = per_step + per_seq * row.shape.num_seqs
             if cpu > row.seconds:
-                terms = {"host_per_step": "{v:g} s", "host_per_seq": f"{{v:g}} s x {row.shape.num_seqs} sequences"}
-                given = " + ".join(f"{k} {terms[k].format(v=v)} (line {line})" for k, (v, line) in host.items())
+                times = {"host_per_step": "", "host_per_seq": f" x {row.shape.num_seqs} sequences"}
+                given = " + ".join(f"{k} {v:g} s{times[k]} (line {line})" for k, (v, line) in host.items())
                 raise ProfileError(f"{origin}:{lineno}: column seconds: the step's host time, {given} = {cpu:g} s, "
                                    f"exceeds its measured {row.seconds:g} s; host time is the CPU part of a step")
     return Profile(rows, provenance)
