@@ -48,6 +48,27 @@ GROUP = ("workload", "replicas", "balancer")  # always part of a curve's identit
 TEXT_COLUMNS = {"sweep", "workload", "balancer", "variant", "policy", "scheduler", "status", "error"}
 
 
+def baselines_of(labels: Iterable[str]) -> tuple[str, ...]:
+    """The policy labels that ratios are taken against: those of `BASELINES` present, in that order.
+
+    A sweep whose every row carries the same variant (labels ``POLICY-VARIANT``,
+    as `sim.sweep` writes them, e.g. ``fcfs-async``) has none of them, yet
+    its policies still compare with its own FCFS and MLFQ: then those are
+    ``fcfs-VARIANT`` and ``mlfq-VARIANT``. Where plain baselines are present
+    they stay the reference, so other variants compare with them (a cap on
+    sequences is judged against vLLM's own FCFS).
+    """
+    labels = list(dict.fromkeys(labels))
+    present = tuple(b for b in BASELINES if b in labels)
+    if present:
+        return present
+    suffixes = {label.partition("-")[2] for label in labels}
+    if len(suffixes) != 1 or "" in suffixes:
+        return ()
+    (variant,) = suffixes
+    return tuple(f"{b}-{variant}" for b in ("fcfs", "mlfq") if f"{b}-{variant}" in labels)
+
+
 @dataclass(frozen=True)
 class Throughput:
     """Throughput at a latency target; ``bound`` is ``exact``, ``lower`` or ``none``."""
@@ -307,6 +328,7 @@ def throughput_table(rows: Iterable[dict[str, Any]], target: str | float | None 
     value, relative = parse_target(target)
     groups = curves(rows)
     Ls = targets(groups, value, relative)
+    bases = baselines_of(p for by_policy in groups.values() for p in by_policy)
     out = []
     for group, by_policy in groups.items():
         L = Ls[group]
@@ -315,7 +337,7 @@ def throughput_table(rows: Iterable[dict[str, Any]], target: str | float | None 
             for p, c in by_policy.items()
         }
         for p in by_policy:
-            ratios = {b: ratio(tp[p], tp[b]) for b in BASELINES if b in tp}
+            ratios = {b: ratio(tp[p], tp[b]) for b in bases if b in tp}
             out.append(ThroughputRow(group, p, L, tp[p], ratios))
     return out
 
@@ -332,7 +354,7 @@ def tail_table(rows: Iterable[dict[str, Any]]) -> list[tuple[str, str, float, fl
 
 def format_table(table: Sequence[ThroughputRow]) -> str:
     """The text `python -m sim plot` prints: one line per (group, policy)."""
-    baselines = [b for b in BASELINES if any(b in t.ratios for t in table)]
+    baselines = baselines_of(b for t in table for b in t.ratios)
     header = ["group", "policy", "target L", "throughput", *(f"vs {b}" for b in baselines)]
     lines = [header, ["", "", "(s/tok)", "(prog/s)", *([""] * len(baselines))]]
     for t in table:
@@ -444,7 +466,7 @@ def seed_table(table: Sequence[ThroughputRow], confidence: float = CONFIDENCE) -
         exact = all(t.throughput.bound == "exact" for t in rows)
         tp = t_interval([t.throughput.value for t in rows], confidence) if exact else None
         ratios: dict[str, Interval | None] = {}
-        for b in BASELINES:
+        for b in rows[0].ratios:
             if not all(b in t.ratios for t in rows):
                 continue
             rs = [t.ratios[b] for t in rows]
@@ -456,7 +478,7 @@ def seed_table(table: Sequence[ThroughputRow], confidence: float = CONFIDENCE) -
 
 def format_seed_table(table: Sequence[SeedRow], confidence: float = CONFIDENCE) -> str:
     """The text `python -m sim sweep` and `plot` add for a sweep over seeds: means with intervals."""
-    baselines = [b for b in BASELINES if any(b in t.ratios for t in table)]
+    baselines = baselines_of(b for t in table for b in t.ratios)
     header = ["group", "policy", "seeds", "throughput (prog/s)", *(f"vs {b}" for b in baselines)]
     lines = [header]
 
@@ -502,7 +524,7 @@ class RateRatioRow:
 def rate_ratio_table(rows: Iterable[dict[str, Any]], confidence: float = CONFIDENCE) -> tuple[str | None, list[RateRatioRow]]:
     """The baseline label and, per (group but the seed, rate, policy) swept under >= 2 seeds, one row.
 
-    The baseline is the first of `BASELINES` the rows have. Rows are in the
+    The baseline is the first of `baselines_of` the rows' labels. Rows are in the
     groups' first-appearance order, then by rate, then by first appearance
     of the policy. Rows without a seed are left out.
     """
@@ -515,7 +537,7 @@ def rate_ratio_table(rows: Iterable[dict[str, Any]], confidence: float = CONFIDE
         labels.setdefault(r["policy"], None)
         by_rate = points.setdefault(without_seed(group_key(r)), {})
         by_rate.setdefault(r["rate"], {}).setdefault(r["policy"], {})[r[SEED]] = value
-    baseline = next((b for b in BASELINES if b in labels), None)
+    baseline = next(iter(baselines_of(labels)), None)
     out = []
     for group, by_rate in points.items():
         for rate in sorted(by_rate):

@@ -218,6 +218,40 @@ def test_seed_table_pairs_ratios_within_seeds():
     assert ">= in 1/3" in text and "n/a" in text
 
 
+def test_a_sweep_of_one_variant_compares_with_that_variants_fcfs():
+    from sim.derived import baselines_of, format_seed_table, format_rate_ratio_table, rate_ratio_table, seed_table
+
+    def relabel(data, variant):
+        return [{**r, "variant": variant, "policy": f"{r['policy']}-{variant}"} for r in data]
+
+    plain = (
+        seeded(0, "fcfs", [0.02, 0.06, 0.2]) + seeded(0, "plas", [0.02, 0.03, 0.06])
+        + seeded(1, "fcfs", [0.02, 0.04, 0.2]) + seeded(1, "plas", [0.02, 0.03, 0.05])
+    )
+    only_async = relabel(plain, "async")
+    # Every ratio, interval and table equals the plain sweep's, labels apart.
+    plain_tp, async_tp = throughput_table(plain, "0.04"), throughput_table(only_async, "0.04")
+    assert [sorted(t.ratios) for t in async_tp] == [["fcfs-async"]] * 4
+    assert [t.ratios["fcfs-async"] for t in async_tp] == [t.ratios["fcfs"] for t in plain_tp]
+    over = {t.policy: t for t in seed_table(async_tp)}
+    assert over["plas-async"].ratios["fcfs-async"].values == pytest.approx((14 / 9, 1.25))
+    assert "vs fcfs-async" in format_seed_table(list(over.values())).splitlines()[0]
+    baseline, table = rate_ratio_table(only_async)
+    assert baseline == "fcfs-async"
+    assert [t.ratio.values for t in table if t.policy == "plas-async"] == [
+        t.ratio.values for t in rate_ratio_table(plain)[1] if t.policy == "plas"
+    ]
+    assert "vs fcfs-async" in format_rate_ratio_table(baseline, table).splitlines()[0]
+    # Beside plain rows the plain baselines stay the reference (a variant is judged against vLLM's own FCFS).
+    both = throughput_table(plain + only_async, "0.04")
+    assert {b for t in both for b in t.ratios} == {"fcfs"}
+    assert rate_ratio_table(plain + only_async)[0] == "fcfs"
+    # Two variants and no plain rows: no common reference, so no ratio rather than a guess.
+    assert baselines_of(["fcfs-a", "plas-a", "fcfs-b"]) == ()
+    assert baselines_of(["plas-x", "mlfq-x", "fcfs-x"]) == ("fcfs-x", "mlfq-x")
+    assert baselines_of(["plas", "srpt"]) == () and baselines_of(["fcfs-unopt", "plas"]) == ("fcfs-unopt",)
+
+
 def test_seed_table_needs_a_swept_seed_with_two_values():
     from sim.derived import seed_table
 

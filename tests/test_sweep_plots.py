@@ -39,6 +39,15 @@ def test_figures_are_byte_identical_and_carry_no_version(tmp_path):
     assert matplotlib.__version__ not in svg and "<dc:date>" not in svg
 
 
+def test_a_sweep_of_one_variant_gets_its_throughput_bars_against_its_own_fcfs(tmp_path):
+    data = [{**r, "variant": "async", "policy": f"{r['policy']}-async"} for r in rows() if r["policy"] != "fcfs-unopt"]
+    names = [p.name for p in draw_all(data, tmp_path, "2x")]
+    assert "throughput_ratio.png" in names
+    # Unoptimised vLLM alone is a baseline for the others, never a figure of ratios to itself.
+    alone = [r for r in rows() if r["policy"] == "fcfs-unopt"]
+    assert "throughput_ratio.png" not in [p.name for p in draw_all(alone, tmp_path / "u", "2x")]
+
+
 def test_scaling_figure_only_when_replicas_or_balancers_vary(tmp_path):
     assert not has_scaling(rows())
     data = rows(1) + rows(2, "round_robin") + rows(2, "locality") + rows(4, "locality")
