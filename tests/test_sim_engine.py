@@ -440,11 +440,55 @@ def test_invariants_and_lazy_identity_hold_while_pins_compete_for_memory(setup):
     check_lazy_identity(programs, config, policy)
 
 
+@st.composite
+def tight_setups(draw):
+    """Traces on a KV cache a few blocks larger than their largest call, with 2-8 seats.
+
+    The general strategies rarely fill the cache (median peak ~30%), so
+    they almost never preempt for memory; here most examples do, so the
+    invariants and the lazy identity are checked under memory preemption,
+    recompute and swap.
+    """
+    programs = [  # longer outputs than `workloads`: decodes that grow by blocks
+        dataclasses.replace(p, calls=tuple(dataclasses.replace(c, output_tokens=draw(st.integers(1, 64)))
+                                           for c in p.calls))
+        for p in draw(workloads())
+    ]
+    policy, config = draw(configs())
+    largest = max(-(-(c.prompt_tokens + c.output_tokens) // 16) for p in programs for c in p.calls)
+    engine = dataclasses.replace(
+        config.engine, num_gpu_blocks=largest + draw(st.integers(0, 4)), max_num_seqs=draw(st.integers(2, 8)),
+    )
+    return programs, policy, dataclasses.replace(config, engine=engine)
+
+
+def test_invariants_and_lazy_identity_hold_under_memory_preemption():
+    seen = {"memory preemption": 0, "swap": 0, "policy preemption": 0}
+
+    @settings(max_examples=200, deadline=None, derandomize=True, database=None,
+              suppress_health_check=[HealthCheck.too_slow])
+    @given(setup=tight_setups())
+    def check(setup):
+        programs, policy, config = setup
+        result = check_invariants(programs, config, policy)
+        check_lazy_identity(programs, config, policy)
+        if isinstance(result, str) or not result.stats["preemptions"]:
+            return
+        # FCFS and program-level FCFS preempt only for memory.
+        seen["memory preemption" if not POLICY_CLASSES[policy].preemptive else "policy preemption"] += 1
+        seen["swap"] += result.stats["swap_seconds"] > 0
+
+    check()
+    # The examples must exercise what this test is for (derandomized: the same examples every run).
+    assert seen["memory preemption"] >= 10 and seen["swap"] >= 15 and seen["policy preemption"] >= 40, seen
+
+
 def check_invariants(programs, config, policy, min_step=quantize(0.1)):
+    """Check the invariants on one run; returns the result (or the livelock's message)."""
     steps = []
     result = simulate_or_livelock(programs, config, policy, observer=steps.append)
     if isinstance(result, str):
-        return
+        return result
     records = by_id(result)
     calls = {(p.id, c.id): (p, c) for p in programs for c in p.calls}
     # Every call finishes exactly once.
@@ -458,6 +502,12 @@ def check_invariants(programs, config, policy, min_step=quantize(0.1)):
         # Each output token needs a step; steps take at least min_step (0.1 s on the 2**-30 s grid by default).
         assert rec.service >= c.output_tokens * min_step - 1e-9
         assert rec.waiting >= -1e-9
+        # Prefix hits are whole blocks of the prompt, short of its last token (vLLM recomputes that one).
+        hits = rec.prefix_hit_tokens
+        assert hits % config.engine.block_size == 0 and 0 <= hits <= c.prompt_tokens - 1
+        assert hits == 0 or config.engine.enable_prefix_caching
+    # Every preemption is some call's: the engine's count is the calls' sum.
+    assert sum(r.preemptions for r in result.calls) == result.stats["preemptions"]
     for info in steps:
         assert info.kv_in_use <= info.kv_capacity  # KV never over capacity
         assert info.scheduled  # no empty step while work exists
@@ -469,6 +519,9 @@ def check_invariants(programs, config, policy, min_step=quantize(0.1)):
             path[c.id] = records[p.id, c.id].service + c.delay + max((path[q] for q in c.parents), default=0.0)
         prec = next(r for r in result.programs if r.program_id == p.id)
         assert prec.latency >= max(path.values()) - 1e-9
+        # A program ends with its last call.
+        assert prec.finish == max(records[p.id, c.id].finish for c in p.calls)
+    return result
 
 
 def test_same_config_and_trace_give_identical_records():
