@@ -330,10 +330,21 @@ def test_inprocess_engine_gets_the_sequence_and_token_limits_vllm_serve_gets(tmp
     monkeypatch.setattr(AsyncLLM, "from_engine_args", staticmethod(fake_from_engine_args))
     asyncio.run(replay_mod.InprocessTarget("plas", str(tmp_path)).__aenter__())
     assert seen["args"].max_num_seqs is None and seen["args"].max_num_batched_tokens is None  # left to vLLM
-    # vLLM's own rule (`_set_default_max_num_seqs_and_batched_tokens_args`);
-    # this machine is no H100, so it gets an A100's values.
-    batched, seqs = AsyncEngineArgs.get_batch_defaults(1)
+    # vLLM's own rule (`_set_default_max_num_seqs_and_batched_tokens_args`)
+    # depends on the GPU it finds, so each GPU is stood in for here: the
+    # usage context must give `vllm serve`'s values on both.
+    from vllm.engine import arg_utils
+
+    platform = arg_utils.current_platform
+    monkeypatch.setattr(platform, "is_cpu", lambda: False)
+    monkeypatch.setattr(platform, "is_tpu", lambda: False)
     context = seen["context"]
-    got = (seqs.get(context, SchedulerConfig.DEFAULT_MAX_NUM_SEQS),
-           batched.get(context, SchedulerConfig.DEFAULT_MAX_NUM_BATCHED_TOKENS))
-    assert got == (EngineConfig().max_num_seqs, EngineConfig().max_num_batched_tokens) == (256, 2048)
+    for name, gib, expected in (("NVIDIA A100-SXM4-80GB", 80, (256, 2048)), ("NVIDIA H100 80GB HBM3", 80, (1024, 8192))):
+        monkeypatch.setattr(platform, "get_device_name", lambda device_id=0, name=name: name)
+        monkeypatch.setattr(platform, "get_device_total_memory", lambda device_id=0, gib=gib: gib << 30)
+        batched, seqs = AsyncEngineArgs.get_batch_defaults(1)
+        got = (seqs.get(context, SchedulerConfig.DEFAULT_MAX_NUM_SEQS),
+               batched.get(context, SchedulerConfig.DEFAULT_MAX_NUM_BATCHED_TOKENS))
+        assert got == expected, name
+    # The simulator's engine defaults are the A100's (`experiments.yaml`).
+    assert (EngineConfig().max_num_seqs, EngineConfig().max_num_batched_tokens) == (256, 2048)
