@@ -222,11 +222,15 @@ def test_cli_failed_replay_leaves_no_unclosed_session_warning(tmp_path):
 
 def test_clock_is_relative_to_its_zero():
     async def go():
-        clock = Clock(asyncio.get_running_loop().time())
-        await clock.until(0.02)
-        return clock.now()
+        loop = asyncio.get_running_loop()
+        clock = Clock(loop.time() - 5.0)  # its zero 5 s ago
+        before = clock.now()
+        await clock.until(5.02)  # 20 ms from now
+        await clock.until(1.0)  # in the past: returns at once
+        return before, clock.now()
 
-    assert run(go()) >= 0.02
+    before, after = run(go())
+    assert 5.0 <= before < 5.02 and 5.02 <= after < 5.5  # relative to its zero, not the loop's
 
 
 def test_vllm_stats_take_vllms_inference_time():

@@ -271,7 +271,7 @@ def test_kv_pins_in_the_plugin_and_the_replica_match(model_dir, policy, async_sc
     next schedule, and until then the call may still be a victim.
     """
     params = {"queue_base": 2.0, "beta": 4.0}
-    hits = 0
+    hits = dropped = 0
     for seed in range(150):
         rng = random.Random(seed)
         engine, programs, requests = random_chain_case(rng, prefix_caching=True)
@@ -283,4 +283,6 @@ def test_kv_pins_in_the_plugin_and_the_replica_match(model_dir, policy, async_sc
         vllm_times, _ = through_vllm(model_dir, engine, requests, async_scheduling, plugin=(policy, params), kv_ttl=2.0)
         assert sim == vllm_times, (seed, engine)
         hits += sum(r.prefix_hit_tokens for r in result.calls if r.call_id != "c0")
+        dropped += result.stats["kv_pins_dropped"] > 0
     assert hits > 0
+    assert dropped >= 5  # pins gave way to running calls in some cases (10-24 of the 150)
