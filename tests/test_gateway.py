@@ -23,33 +23,41 @@ async def _request(s, method, url, data=None, headers=None):
 
 def test_bad_requests_get_openai_errors_and_leave_no_live_calls():
     cases = [
-        # (name, method, path, body, headers, status, code)
-        ("malformed json", "POST", "/v1/completions", b"{nope", {}, 400, "invalid_json"),
-        ("not an object", "POST", "/v1/completions", b"[1, 2]", {}, 400, "invalid_json"),
+        # (name, method, path, body, headers, status, code, param, message)
+        ("malformed json", "POST", "/v1/completions", b"{nope", {}, 400, "invalid_json", None,
+         "malformed JSON body: Expecting property name enclosed in double quotes: line 1 column 2 (char 1)"),
+        ("not an object", "POST", "/v1/completions", b"[1, 2]", {}, 400, "invalid_json", None,
+         "the request body must be a JSON object"),
         ("integer too long to read", "POST", "/v1/completions", b'{"max_tokens": ' + b"9" * 5000 + b"}", {}, 400,
-         "invalid_json"),
-        ("empty program id", "POST", "/v1/completions", b'{"prompt": [1]}', {"X-Program-Id": ""}, 400, "invalid_id"),
+         "invalid_json", None, "malformed JSON body: an integer longer than 4300 digits"),
+        ("empty program id", "POST", "/v1/completions", b'{"prompt": [1]}', {"X-Program-Id": ""}, 400, "invalid_id",
+         "X-Program-Id", "X-Program-Id must not be empty"),
         ("long program id", "POST", "/v1/completions", b'{"prompt": [1]}', {"X-Program-Id": "p" * 129}, 400,
-         "invalid_id"),
+         "invalid_id", "X-Program-Id", "X-Program-Id is 129 characters long; the limit is 128"),
         ("bad characters", "POST", "/v1/completions", b'{"prompt": [1]}', {"X-Program-Id": "a/b"}, 400,
-         "invalid_id"),
+         "invalid_id", "X-Program-Id", "X-Program-Id 'a/b' has characters outside [A-Za-z0-9._:-]"),
         ("bad thread id", "POST", "/v1/completions", b'{"prompt": [1]}',
-         {"X-Program-Id": "p", "X-Thread-Id": "t t"}, 400, "invalid_id"),
+         {"X-Program-Id": "p", "X-Thread-Id": "t t"}, 400, "invalid_id", "X-Thread-Id",
+         "X-Thread-Id 't t' has characters outside [A-Za-z0-9._:-]"),
         ("thread without program", "POST", "/v1/completions", b'{"prompt": [1]}', {"X-Thread-Id": "t"}, 400,
-         "invalid_id"),
+         "invalid_id", "X-Thread-Id", "X-Thread-Id was given without X-Program-Id"),
         ("negative kv ttl", "POST", "/v1/completions", b'{"prompt": [1]}', {"X-Program-Id": "p", "X-KV-TTL": "-1"},
-         400, "invalid_kv_ttl"),
+         400, "invalid_kv_ttl", "X-KV-TTL", "X-KV-TTL must be seconds >= 0, got '-1'"),
         ("kv ttl not a number", "POST", "/v1/completions", b'{"prompt": [1]}', {"X-KV-TTL": "soon"}, 400,
-         "invalid_kv_ttl"),
+         "invalid_kv_ttl", "X-KV-TTL", "X-KV-TTL must be seconds >= 0, got 'soon'"),
         ("infinite kv ttl", "POST", "/v1/completions", b'{"prompt": [1]}', {"X-KV-TTL": "inf"}, 400,
-         "invalid_kv_ttl"),
+         "invalid_kv_ttl", "X-KV-TTL", "X-KV-TTL must be seconds >= 0, got 'inf'"),
         ("oversized", "POST", "/v1/completions", b'{"prompt": "' + b"x" * 9000 + b'"}', {}, 413,
-         "request_too_large"),
-        ("unknown program end", "DELETE", "/v1/programs/ghost", None, {}, 404, "program_not_found"),
-        ("bad program id to end", "DELETE", "/v1/programs/a%20b", None, {}, 400, "invalid_id"),
-        ("unknown route", "GET", "/v1/nothing", None, {}, 404, None),
-        ("wrong method", "GET", "/v1/completions", None, {}, 405, None),
-        ("wrong method on programs", "POST", "/programs", b"{}", {}, 405, None),
+         "request_too_large", None, "request body of 9014 bytes exceeds 8192 bytes"),
+        ("unknown program end", "DELETE", "/v1/programs/ghost", None, {}, 404, "program_not_found", "program_id",
+         "unknown program 'ghost'"),
+        ("bad program id to end", "DELETE", "/v1/programs/a%20b", None, {}, 400, "invalid_id", "program_id",
+         "program_id 'a b' has characters outside [A-Za-z0-9._:-]"),
+        ("unknown route", "GET", "/v1/nothing", None, {}, 404, None, None, "unknown route GET /v1/nothing"),
+        ("wrong method", "GET", "/v1/completions", None, {}, 405, None, None,
+         "method GET is not allowed on /v1/completions"),
+        ("wrong method on programs", "POST", "/programs", b"{}", {}, 405, None, None,
+         "method POST is not allowed on /programs"),
     ]
 
     async def go():
@@ -58,7 +66,7 @@ def test_bad_requests_get_openai_errors_and_leave_no_live_calls():
         results = []
         try:
             async with aiohttp.ClientSession() as s:
-                for name, method, path, body, headers, _, _ in cases:
+                for name, method, path, body, headers, *_ in cases:
                     status, doc = await _request(s, method, gw.url + path, body,
                                                  {"Content-Type": "application/json", **headers})
                     results.append((name, status, doc, gateway.acct.live_calls(), len(gateway.acct.table),
@@ -70,10 +78,10 @@ def test_bad_requests_get_openai_errors_and_leave_no_live_calls():
         return results, received
 
     results, received = run(go())
-    for (name, status, doc, live, programs, loads), (_, _, _, _, _, want, code) in zip(results, cases):
+    for (name, status, doc, live, programs, loads), (*_, want, code, param, message) in zip(results, cases):
         assert status == want, (name, doc)
         assert set(doc["error"]) == ERROR_KEYS, name
-        assert doc["error"]["message"], name
+        assert (doc["error"]["param"], doc["error"]["message"]) == (param, message), name
         if code is not None:
             assert doc["error"]["code"] == code, name
         assert live == 0 and programs == 0 and loads == [0], name
@@ -195,11 +203,11 @@ def test_accounting_uses_the_policy_update_rules():
     atlas.abort(c, now=2.5)
     assert atlas.table.get("p").service == pytest.approx(2.0) and atlas.live_calls() == 0
 
-    with pytest.raises(BadRequest) as err:
+    atlas.start("q", "t", 1, now=0.0)
+    with pytest.raises(BadRequest, match=r"^program 'q' already has a live call on thread 't'$") as err:
         atlas.start("q", "t", 1, now=0.0)
-        atlas.start("q", "t", 1, now=0.0)
-    assert err.value.status == 409
-    with pytest.raises(ValueError):
+    assert (err.value.status, err.value.param) == (409, "X-Thread-Id")
+    with pytest.raises(ValueError, match=r"^policy 'srpt' needs the trace's future; the gateway cannot run it$"):
         Accounting("srpt", ttl=60, threshold=2048)
 
 
@@ -209,11 +217,12 @@ def test_helpers():
     assert prompt_tokens_of({"prompt": "abcdefgh!"}) == 3
     assert prompt_tokens_of({"messages": [{"role": "user", "content": "abcd"}]}) == 1
     assert check_id("p-1.x:y_z", "X") == "p-1.x:y_z"
-    with pytest.raises(BadRequest):
+    with pytest.raises(BadRequest, match=r"^X is 129 characters long; the limit is 128$") as err:
         check_id("p" * 129, "X")
+    assert err.value.param == "X"
     body = with_xargs({"prompt": [1], XARGS: {"program_id": "client", "other": 1}},
                       {XARG_PROGRAM: "p", XARG_THREAD: "t", XARG_SERVICE: 1.5})
     assert body[XARGS] == {"program_id": "p", "other": 1, "thread_id": "t", "program_service": 1.5}
     assert XARGS == SERVE_XARGS  # the engine stand-in reads what the gateway writes
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"^at least one --engine URL is needed$"):
         GatewayConfig(engines=[])

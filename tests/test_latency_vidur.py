@@ -85,9 +85,16 @@ def test_grid_respects_limits():
 def test_errors(tmp_path, capsys):
     bad = tmp_path / "mlp.csv"
     bad.write_text("num_tokens,num_tensor_parallel_workers\n1,1\n")
-    with pytest.raises(VidurError, match="missing column"):
+    ops = ("input_layernorm", "attn_pre_proj", "attn_rope", "attn_post_proj", "post_attention_layernorm",
+           "mlp_up_proj", "mlp_act", "mlp_down_proj", "add", "emb")
+    missing = ", ".join([f"time_stats.{op}.median" for op in ops]
+                        + ["n_head", "n_kv_head", "n_embd", "n_expanded_embd", "vocab_size", "use_gated_mlp"])
+    message = f"{bad}: not a Vidur mlp.csv: missing column(s) {missing}"
+    with pytest.raises(VidurError) as err:
         read_vidur_mlp(bad)
+    assert str(err.value) == message
     assert main([str(bad), "-o", str(tmp_path / "o.csv")]) == 1
-    assert "error:" in capsys.readouterr().err
-    with pytest.raises(VidurError, match="num_tensor_parallel_workers == 3"):
+    assert capsys.readouterr().err == f"error: {message}\n"
+    with pytest.raises(VidurError) as err:
         read_vidur_mlp(A100, tp=3)
+    assert str(err.value) == f"{A100}: no rows with num_tensor_parallel_workers == 3"
