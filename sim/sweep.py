@@ -45,7 +45,7 @@ import itertools
 import json
 import math
 import typing
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, Sequence
 
 from sim.config import POLICIES, EngineConfig, ExperimentConfig, LatencyConfig
@@ -85,9 +85,16 @@ class Point:
 
     index: int
     params: tuple[tuple[str, Any], ...]
+    # Where each value is in the experiments file (``FILE:LINE: sweep 'NAME': grid.KEY``), so that a
+    # point the experiment refuses is blamed on its grid entry, not on a --set never given.
+    origins: tuple[str, ...] = field(default=(), compare=False)
 
     def overrides(self) -> list[str]:
         return [override_text(k, v) for k, v in self.params]
+
+    def labels(self) -> dict[str, str]:
+        """Each override's place in the file (`sim.experiments.resolve`'s ``labels``)."""
+        return dict(zip(self.overrides(), self.origins))
 
     def describe(self) -> str:
         return ", ".join(f"{k}={v}" for k, v in self.params)
@@ -378,16 +385,18 @@ def load_sweep(name: str, file: Any = None, overrides: Sequence[str] = ()) -> Sw
     if not cases:
         where.fail(("grid",), "expected at least one case (a mapping of keys to vary)")
     raw_points: list[dict[str, Any]] = []
+    origins: list[tuple[str, ...]] = []
     seen: dict[tuple[str, ...], tuple[Any, ...]] = {}  # a point's overrides -> the case that first gave it
     for i, case in enumerate(cases):
         path = ("grid", i) if isinstance(grid, list) else ("grid",)
         points = _case(where, case, path)
         raw_points += points
+        origins += [tuple(where.located(path + (key,)) for key in point) for point in points]
         _at_most_max_points(where, ("grid",), len(raw_points), f"{len(raw_points):,} points")
         for point in points:
             _once(where, seen, point, path)
     keys = tuple(dict.fromkeys(k for p in raw_points for k in p))
-    points = tuple(Point(i, tuple(p.items())) for i, p in enumerate(raw_points))
+    points = tuple(Point(i, tuple(p.items()), o) for i, (p, o) in enumerate(zip(raw_points, origins)))
     description = body.get("description", "")
     return Sweep(
         name=name,
@@ -425,7 +434,7 @@ def jobs(sweep: Sweep, file: Any = None, overrides: Sequence[str] = ()) -> list[
         for variant in sweep.variants:
             layers = [*fixed, *overrides, *point.overrides(), *variant.overrides, override_text("policies", list(variant.policies))]
             try:
-                cfg, error = resolve(sweep.experiment, ef, layers, labels), None
+                cfg, error = resolve(sweep.experiment, ef, layers, {**labels, **point.labels()}), None
             except ConfigError as exc:
                 cfg, error = None, str(exc)
             for policy in variant.policies:

@@ -224,7 +224,22 @@ def test_invalid_point_is_a_job_error_not_a_sweep_error(tmp_path):
     f = write(tmp_path, "s: {experiment: tiny, grid: {engine.model: [llama-3.1-8b, llama-3.1-70b]}}\n")
     js = jobs(load_sweep("s", f), f)
     assert [j.cfg is None for j in js] == [False, False, True, True]
-    assert "llama-3.1-70b does not fit" in js[2].error
+    # Blamed on the grid entry that gave the value (not on a --set never given).
+    assert js[2].error.startswith(
+        f"{f}:9: sweep 's': grid.engine.model: experiment 'tiny': engine.model: llama-3.1-70b does not fit on "
+        "engine.gpus_per_replica=1 x a100-80gb"
+    ), js[2].error
+    # In a grid of cases, the case's entry.
+    f = write(tmp_path, """\
+        s:
+          experiment: tiny
+          grid:
+            - {seed: [1]}
+            - {engine.model: [llama-3.1-70b]}
+        """)
+    first, second = ([j.error for j in jobs(load_sweep("s", f), f) if j.point.index == i] for i in (0, 1))
+    assert set(first) == {None}
+    assert second[0].startswith(f"{f}:13: sweep 's': grid[1].engine.model: experiment 'tiny': engine.model: "), second
 
 
 @pytest.mark.parametrize("value", [0.4, 1e-05, 1e20, 3, "bfcl", True, None, [1, 2], "1.0"])
