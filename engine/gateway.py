@@ -316,7 +316,9 @@ class Gateway:
             raise BadRequest(f"malformed JSON body: an integer longer than {sys.get_int_max_str_digits()} digits",
                              code="invalid_json") from None
         if not isinstance(body, dict):
-            raise BadRequest("the request body must be a JSON object", code="invalid_json")
+            kind = ("an array" if isinstance(body, list) else "a string" if isinstance(body, str)
+                    else "null" if body is None else "a number or boolean")
+            raise BadRequest(f"the request body must be a JSON object, got {kind}", code="invalid_json")
         return body
 
     # -- forwarding ------------------------------------------------------------------

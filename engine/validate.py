@@ -74,7 +74,7 @@ def load_replay(directory: str | Path) -> Replayed:
             raise ValidationError(f"{meta_path}: missing string field {key!r}")
     kv_ttl = meta.get("kv_ttl", 0.0)
     if isinstance(kv_ttl, bool) or not isinstance(kv_ttl, (int, float)) or not math.isfinite(kv_ttl) or kv_ttl < 0:
-        raise ValidationError(f"{meta_path}: field 'kv_ttl' must be seconds >= 0, got {kv_ttl!r}")
+        raise ValidationError(f"{meta_path}: field 'kv_ttl' must be a finite number of seconds >= 0, got {kv_ttl!r}")
     rows = read_programs_csv(d / "programs.csv")
     other = {r.policy for r in rows} - {meta["policy"]}
     if other:

@@ -118,9 +118,21 @@ def _int(body: dict, name: str, default: int, low: int) -> int:
     return value
 
 
+def _json_type(value: Any) -> str:
+    """The JSON name of a parsed value's type, for errors."""
+    names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", type(None): "null"}
+    return names.get(type(value), "a number")
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    """A value as JSON-ish text, cut to ``limit`` characters, for errors."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def parse_request(body: Any, chat: bool, served_model: str) -> ParsedRequest:
     if not isinstance(body, dict):
-        raise RequestError("the request body must be a JSON object")
+        raise RequestError(f"the request body must be a JSON object, got {_json_type(body)}")
     if chat:
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
@@ -143,15 +155,16 @@ def parse_request(body: Any, chat: bool, served_model: str) -> ParsedRequest:
         elif isinstance(prompt, list) and prompt and all(type(t) is int and t >= 0 for t in prompt):
             prompt_ids = list(prompt)
         else:
-            raise RequestError("prompt must be a string or a non-empty list of token ids (one prompt per request)",
-                               "prompt")
+            raise RequestError("prompt must be a string or a non-empty list of token ids >= 0 (one prompt per "
+                               f"request), got {_short(prompt)}", "prompt")
         max_tokens = _int(body, "max_tokens", DEFAULT_MAX_TOKENS, 1)
     model = body.get("model")
     if model and model != served_model:
         # As vLLM's OpenAI server: a request for another model is a 404 (an empty name means this one).
         raise RequestError(f"the model {model!r} does not exist; this engine serves {served_model!r}", "model", 404)
-    if _int(body, "n", 1, 1) != 1:
-        raise RequestError("n must be 1", "n")
+    n = _int(body, "n", 1, 1)
+    if n != 1:
+        raise RequestError(f"n must be 1 (one completion per request), got {n}", "n")
     stream = bool(body.get("stream", False))
     opts = body.get("stream_options") or {}
     include_usage = bool(opts.get("include_usage", False)) if isinstance(opts, dict) else False
@@ -163,11 +176,13 @@ def parse_request(body: Any, chat: bool, served_model: str) -> ParsedRequest:
         if value is not None and (not isinstance(value, (str, int)) or str(value) == ""):
             raise RequestError(f"{XARGS}.{name} must be a non-empty string", f"{XARGS}.{name}")
     if service is not None and (isinstance(service, bool) or not isinstance(service, (int, float)) or service < 0):
-        raise RequestError(f"{XARGS}.program_service must be a number >= 0", f"{XARGS}.program_service")
+        raise RequestError(f"{XARGS}.program_service must be a number >= 0, got {_short(service)}",
+                           f"{XARGS}.program_service")
     kv_ttl = xargs.get("kv_ttl")
     if kv_ttl is not None and (isinstance(kv_ttl, bool) or not isinstance(kv_ttl, (int, float))
                                or not math.isfinite(kv_ttl) or kv_ttl < 0):
-        raise RequestError(f"{XARGS}.kv_ttl must be seconds >= 0, got {kv_ttl!r}", f"{XARGS}.kv_ttl")
+        raise RequestError(f"{XARGS}.kv_ttl must be a finite number of seconds >= 0, got {kv_ttl!r}",
+                           f"{XARGS}.kv_ttl")
     return ParsedRequest(
         chat=chat, prompt_ids=prompt_ids, max_tokens=max_tokens, stream=stream, include_usage=include_usage,
         return_token_ids=bool(body.get("return_token_ids", False)), model=served_model,

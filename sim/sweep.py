@@ -275,7 +275,8 @@ def expand_range(where: _Where, spec: dict[str, Any], path: tuple[Any, ...]) -> 
         if key not in spec:
             where.fail(path, f"a range needs start and stop (and num or step); missing {key}")
     if ("num" in spec) == ("step" in spec):
-        where.fail(path, "a range needs exactly one of num (how many values) or step")
+        given = "both" if "num" in spec else "neither"
+        where.fail(path, f"a range needs exactly one of num (how many values) or step, got {given}")
     start, stop = _number(where, spec["start"], path + ("start",)), _number(where, spec["stop"], path + ("stop",))
     if "num" in spec:
         num = spec["num"]
@@ -283,7 +284,7 @@ def expand_range(where: _Where, spec: dict[str, Any], path: tuple[Any, ...]) -> 
             where.fail(path + ("num",), f"expected an integer >= 1, got {num!r}")
         _at_most_max_points(where, path + ("num",), num, f"{num} values")
         if num == 1 and start != stop:
-            where.fail(path + ("num",), "num: 1 needs start == stop (one value)")
+            where.fail(path + ("num",), f"1 value needs start == stop, got start {start} and stop {stop}")
         integral = isinstance(start, int) and isinstance(stop, int)
         values = [start + (stop - start) * i / (num - 1) if num > 1 else start for i in range(num)]
         return [_clean(v, integral) for v in values]

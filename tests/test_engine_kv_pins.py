@@ -221,7 +221,7 @@ def test_the_give_way_wrapper_is_installed_only_for_steps_that_may_need_it(model
 def test_a_malformed_kv_ttl_is_refused_with_the_requests_own_tags(model_dir, caplog):
     s, clock = engine(model_dir, "fcfs")
     s.add_request(call("a1", "A", A1, 1, kv_ttl=-1))
-    assert "extra_args.kv_ttl must be seconds >= 0, got -1" in caplog.text
+    assert "extra_args.kv_ttl must be a finite number of seconds >= 0, got -1" in caplog.text
     step(s, clock, 1.0)
     assert s.kv_pins.pinned == 0
 

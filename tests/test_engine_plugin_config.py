@@ -76,13 +76,13 @@ def test_tags_default_to_a_single_call_program():
     [
         ({"program_id": ["x"]}, "program_id must be a string"),
         ({"thread_id": 1.5}, "thread_id must be a string"),
-        ({"program_service": -1}, "program_service must be seconds >= 0"),
-        ({"program_service": "3"}, "program_service must be seconds >= 0"),
-        ({"program_service": float("nan")}, "program_service must be seconds >= 0"),
-        ({"kv_ttl": -0.5}, r"request 'r': extra_args.kv_ttl must be seconds >= 0, got -0.5$"),
-        ({"kv_ttl": "2"}, "kv_ttl must be seconds >= 0, got '2'"),
-        ({"kv_ttl": True}, "kv_ttl must be seconds >= 0, got True"),
-        ({"kv_ttl": float("inf")}, "kv_ttl must be seconds >= 0, got inf"),
+        ({"program_service": -1}, "program_service must be a finite number of seconds >= 0"),
+        ({"program_service": "3"}, "program_service must be a finite number of seconds >= 0"),
+        ({"program_service": float("nan")}, "program_service must be a finite number of seconds >= 0"),
+        ({"kv_ttl": -0.5}, r"request 'r': extra_args.kv_ttl must be a finite number of seconds >= 0, got -0.5$"),
+        ({"kv_ttl": "2"}, "kv_ttl must be a finite number of seconds >= 0, got '2'"),
+        ({"kv_ttl": True}, "kv_ttl must be a finite number of seconds >= 0, got True"),
+        ({"kv_ttl": float("inf")}, "kv_ttl must be a finite number of seconds >= 0, got inf"),
     ],
 )
 def test_malformed_tags_are_named(extra, msg):

@@ -158,11 +158,11 @@ def test_bad_requests_get_openai_errors():
         assert set(body["error"]) == {"message", "type", "param", "code"}
     assert [(body["error"]["param"], body["error"]["message"]) for _, body in out] == [
         (None, "malformed JSON: Expecting property name enclosed in double quotes: line 1 column 2 (char 1)"),
-        (None, "the request body must be a JSON object"),
-        ("prompt", "prompt must be a string or a non-empty list of token ids (one prompt per request)"),
+        (None, "the request body must be a JSON object, got an array"),
+        ("prompt", "prompt must be a string or a non-empty list of token ids >= 0 (one prompt per request), got 5"),
         ("max_tokens", "max_tokens must be an integer >= 1, got 0"),
         ("max_tokens", "prompt (1 tokens) plus max_tokens (1000000000) exceeds this engine's KV cache of 64000 tokens"),
-        ("vllm_xargs.program_service", "vllm_xargs.program_service must be a number >= 0"),
+        ("vllm_xargs.program_service", "vllm_xargs.program_service must be a number >= 0, got -1"),
         # Python refuses to read an integer of over 4300 digits; the field is still named.
         ("max_tokens", "max_tokens must be an integer >= 1, got a 5000-digit integer"),
     ]
@@ -296,7 +296,7 @@ def test_parse_request_rules():
                          "stream_options": {"include_usage": True}}, chat=False, served_model="m")
     assert req.prompt_ids == [5, 6, 7] and req.max_tokens == 4 and req.stream and req.include_usage
     assert req.program_id is None and req.model == "m"
-    with pytest.raises(RequestError, match=r"^n must be 1$") as err:
+    with pytest.raises(RequestError, match=r"^n must be 1 \(one completion per request\), got 2$") as err:
         parse_request({"prompt": [1], "n": 2}, chat=False, served_model="m")
     assert err.value.param == "n"
     with pytest.raises(RequestError, match=r"^messages must be a non-empty list$") as err:
@@ -307,7 +307,7 @@ def test_parse_request_rules():
     for bad, got in ((-1, "-1"), ("2", "'2'"), (True, "True"), (float("nan"), "nan")):
         with pytest.raises(RequestError) as err:
             parse_request({"prompt": [1], "vllm_xargs": {"kv_ttl": bad}}, chat=False, served_model="m")
-        assert str(err.value) == f"vllm_xargs.kv_ttl must be seconds >= 0, got {got}"
+        assert str(err.value) == f"vllm_xargs.kv_ttl must be a finite number of seconds >= 0, got {got}"
         assert err.value.param == "vllm_xargs.kv_ttl"
     assert len(text_token_ids("abcdefghi")) == 3  # ceil(9 / 4)
     assert block_keys(list(range(40)), 16)[:2] == block_keys(list(range(32)) + [99] * 8, 16)

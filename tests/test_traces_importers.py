@@ -80,7 +80,8 @@ def test_azure_zero_tokens_is_an_error_unless_min_tokens_given(tmp_path):
          "field 'TIMESTAMP': expected a time like 2023-11-16 18:17:03.9799600, got '16/11/2023' "
          "(time data '16/11/2023' does not match format '%Y-%m-%d %H:%M:%S')"),
         ("2023-11-16 18:17:02.0,5,3", "TIMESTAMP",
-         "field 'TIMESTAMP': rows must be in time order (this row is earlier than the previous one)"),
+         "field 'TIMESTAMP': rows must be in time order: expected a time at or after the previous row's "
+         "'2023-11-16 18:17:03.9799600', got '2023-11-16 18:17:02.0'"),
         ("2023-11-16 18:17:04.0,5", None, "expected 3 columns, got 2"),
         # int() would take these three; a trace writer never writes them.
         ("2023-11-16 18:17:04.0,1_000,3", "ContextTokens",

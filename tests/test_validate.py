@@ -178,4 +178,4 @@ def test_a_malformed_kv_ttl_in_replay_json_is_named(tmp_path):
     (d / "replay.json").write_text(json.dumps({"trace": str(trace), "policy": "fcfs", "kv_ttl": "2"}))
     with pytest.raises(ValidationError) as err:
         load_replay(d)
-    assert str(err.value) == f"{d / 'replay.json'}: field 'kv_ttl' must be seconds >= 0, got '2'"
+    assert str(err.value) == f"{d / 'replay.json'}: field 'kv_ttl' must be a finite number of seconds >= 0, got '2'"

@@ -119,6 +119,7 @@ def import_azure(path: str | os.PathLike, min_tokens: int | None = None) -> Impo
                 f"expected the header {','.join(AZURE_COLUMNS)}, got {show(header)}", file=file, line=1
             )
         first = prev = None
+        prev_time = ""
         for row in reader:
             line = reader.line_num
             if len(row) != 3:
@@ -141,9 +142,9 @@ def import_azure(path: str | os.PathLike, min_tokens: int | None = None) -> Impo
             if first is None:
                 first = prev = ticks
             if ticks < prev:
-                raise TraceError("rows must be in time order (this row is earlier than the previous one)",
-                                 file=file, line=line, field="TIMESTAMP")
-            prev = ticks
+                raise TraceError(f"rows must be in time order: expected a time at or after the previous row's "
+                                 f"{prev_time!r}, got {row[0]!r}", file=file, line=line, field="TIMESTAMP")
+            prev, prev_time = ticks, row[0]
             arrival = (ticks - first) / 10_000_000
             if arrival > MAX_SECONDS:
                 raise TraceError(f"expected at most {MAX_SECONDS:g} s after the first row (the trace format's limit "
