@@ -31,7 +31,7 @@ import simpy
 
 from sim.capacity import num_kv_blocks
 from sim.config import ExperimentConfig
-from sim.core import ProcessTable, SchedulerCore, make_policy
+from sim.core import POLICY_CLASSES, ProcessTable, SchedulerCore, make_policy
 from sim.hardware import load_gpu, load_model
 from sim.kvcache import KVCache
 from sim.latency import build as build_latency
@@ -119,7 +119,9 @@ class RealtimeEngine:
     def __init__(self, cfg: ExperimentConfig, policy: str, index: int = 0, history: int = 10_000):
         eng = cfg.engine
         if make_policy(policy, cfg.policy_params).oracle:
-            raise ValueError(f"policy {policy!r} needs the trace's future and cannot serve live requests")
+            live = ", ".join(name for name, cls in POLICY_CLASSES.items() if not cls.oracle)
+            raise ValueError(f"policy {policy!r} needs the trace's future and cannot serve live requests; "
+                             f"valid choices: {live}")
         if eng.kv_ttl > 0:
             raise ValueError(
                 f"engine.kv_ttl: expected 0 for sim serve, got {eng.kv_ttl!r}. A live engine does not know which "

@@ -117,7 +117,7 @@ def test_load_by_path_and_errors(tmp_path):
                               "(or a path to a .json file)")
     with pytest.raises(ValueError) as err:
         load_fitted(None)
-    assert str(err.value) == f"latency.name: the fitted kind needs a model name or .json path; shipped: {shipped}"
+    assert str(err.value) == f"latency.name: the fitted kind needs a model name or .json path, got None; shipped: {shipped}"
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({**TRUE.to_json(), "coefficients": {"per_token": 1}}))
     with pytest.raises(FitError) as err:

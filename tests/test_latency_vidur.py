@@ -97,4 +97,4 @@ def test_errors(tmp_path, capsys):
     assert capsys.readouterr().err == f"error: {message}\n"
     with pytest.raises(VidurError) as err:
         read_vidur_mlp(A100, tp=3)
-    assert str(err.value) == f"{A100}: no rows with num_tensor_parallel_workers == 3"
+    assert str(err.value) == f"{A100}: no rows with num_tensor_parallel_workers == 3; the file has 1, 2, 4, 8"

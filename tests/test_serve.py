@@ -319,7 +319,7 @@ def test_cli_rejects_an_oracle_policy():
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1
     assert proc.stderr == ("python -m sim serve: error: policy 'srpt' needs the trace's future "
-                           "and cannot serve live requests\n")
+                           "and cannot serve live requests; valid choices: fcfs, mlfq, plas, atlas, program_fcfs\n")
 
 
 @pytest.mark.parametrize(

@@ -54,7 +54,7 @@ def check_arrival(rate: float, arrival: str, cv: float) -> None:
         raise ValueError(f"cv must be a finite number > 0 from {MIN_CV:g} to {MAX_CV:g} (outside it gamma "
                          f"arrivals are degenerate), got {cv!r}")
     if arrival == "poisson" and cv != 1.0:
-        raise ValueError("cv applies to arrival='gamma' only (a Poisson process has cv = 1)")
+        raise ValueError(f"cv applies to arrival='gamma' only (a Poisson process has cv = 1), got cv={cv!r}")
 
 
 def arrival_times(n: int, rate: float, rng: np.random.Generator, arrival: str = "poisson", cv: float = 1.0) -> list[float]:

@@ -49,6 +49,13 @@ MAX_PROGRAMS = 10_000_000
 MAX_SIGMA = 4.0
 
 
+def _check_mean_below_max(obj: Any) -> None:
+    """A chain's mean length must lie strictly between 1 call and ``calls_max`` (`count_pmf`)."""
+    if not 1 < obj.calls_mean < obj.calls_max:
+        raise ValueError(f"{type(obj).__name__[:-6].lower()} parameter 'calls_mean' must lie strictly between 1 and "
+                         f"calls_max={obj.calls_max}, got {obj.calls_mean!r}")
+
+
 def _check_positive(obj: Any, *names: str, integer: bool = False) -> None:
     for name in names:
         v = getattr(obj, name)
@@ -92,6 +99,7 @@ class ShareGPTParams:
         _check_positive(self, "calls_mean", "turns_sigma", "user_tokens_mean", "user_tokens_sigma",
                         "output_tokens_mean", "output_tokens_sigma")
         _check_positive(self, "calls_max", integer=True)
+        _check_mean_below_max(self)
         if not (isinstance(self.think_time_mean, (int, float)) and self.think_time_mean >= 0):
             raise ValueError(f"sharegpt parameter 'think_time_mean' must be >= 0, got {self.think_time_mean!r}")
         if not isinstance(self.history, bool):
@@ -131,6 +139,7 @@ class BFCLParams:
                         "output_tokens_sigma", "observation_tokens_mean", "observation_tokens_sigma",
                         "query_tokens_sigma", "tool_delay_mean", "tool_delay_sigma")
         _check_positive(self, "calls_max", "docs_tokens", "tool_sets", integer=True)
+        _check_mean_below_max(self)
 
 
 @dataclass(frozen=True)

@@ -150,7 +150,7 @@ def available() -> list[str]:
 def load_fitted(name: str | None) -> FittedLatency:
     """A shipped model by name (``sim/latency/models/NAME.json``) or a JSON file by path."""
     if not name:
-        raise ValueError(f"latency.name: the fitted kind needs a model name or .json path; "
+        raise ValueError(f"latency.name: the fitted kind needs a model name or .json path, got {name!r}; "
                          f"shipped: {', '.join(available())}")
     path = Path(name)
     if path.suffix != ".json" and len(path.parts) == 1:

@@ -184,8 +184,10 @@ def read_vidur_mlp(path: str | Path, tp: int = 1, stat: str = "median") -> Vidur
                 raise VidurError(f"{path}: not a Vidur mlp.csv: missing column(s) {', '.join(missing)}")
             acc: dict[int, list[dict[str, float]]] = {}
             arch = None
+            tps: set[int] = set()
             for lineno, rec in enumerate(reader, start=2):
                 try:
+                    tps.add(int(rec["num_tensor_parallel_workers"]))
                     if int(rec["num_tensor_parallel_workers"]) != tp:
                         continue
                     n = int(rec["num_tokens"])
@@ -202,7 +204,8 @@ def read_vidur_mlp(path: str | Path, tp: int = 1, stat: str = "median") -> Vidur
     except FileNotFoundError:
         raise VidurError(f"{path}: no such file") from None
     if not acc:
-        raise VidurError(f"{path}: no rows with num_tensor_parallel_workers == {tp}")
+        present = ", ".join(map(str, sorted(tps))) or "none"
+        raise VidurError(f"{path}: no rows with num_tensor_parallel_workers == {tp}; the file has {present}")
     tokens = tuple(sorted(acc))
     ops = {op: tuple(sum(r[op] for r in acc[n]) / len(acc[n]) for n in tokens) for op in (*LAYER_OPS, *STEP_OPS)}
     return VidurOps(str(path), arch, tp, stat, tokens, ops)
