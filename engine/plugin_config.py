@@ -167,11 +167,14 @@ def read_tags(request_id: str, extra_args: Mapping[str, Any] | None) -> CallTags
     if service is not None:
         if isinstance(service, bool) or not isinstance(service, (int, float)) or not math.isfinite(service) or service < 0:
             raise PluginConfigError(
-                f"request {request_id!r}: extra_args.program_service must be a finite number of seconds >= 0, got {service!r}"
+                f"request {request_id!r}: extra_args.program_service must be a finite number of seconds >= 0, "
+                f"got {service!r}"
             )
         service = float(service)
     if kv_ttl is None:
         kv_ttl = 0.0
     elif isinstance(kv_ttl, bool) or not isinstance(kv_ttl, (int, float)) or not math.isfinite(kv_ttl) or kv_ttl < 0:
-        raise PluginConfigError(f"request {request_id!r}: extra_args.kv_ttl must be a finite number of seconds >= 0, got {kv_ttl!r}")
+        raise PluginConfigError(
+            f"request {request_id!r}: extra_args.kv_ttl must be a finite number of seconds >= 0, got {kv_ttl!r}"
+        )
     return CallTags(program_id, thread_id, service, float(kv_ttl))

@@ -100,8 +100,8 @@ def check_kv_ttl(value: str) -> float:
     except ValueError:
         seconds = math.nan
     if not (math.isfinite(seconds) and seconds >= 0):
-        raise BadRequest(f"{KV_TTL_HEADER} must be a finite number of seconds >= 0, got {value[:40]!r}", param=KV_TTL_HEADER,
-                         code="invalid_kv_ttl")
+        raise BadRequest(f"{KV_TTL_HEADER} must be a finite number of seconds >= 0, got {value[:40]!r}",
+                         param=KV_TTL_HEADER, code="invalid_kv_ttl")
     return seconds
 
 

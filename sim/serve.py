@@ -175,8 +175,10 @@ def parse_request(body: Any, chat: bool, served_model: str) -> ParsedRequest:
     for name, value in (("program_id", pid), ("thread_id", tid)):
         if value is not None and (not isinstance(value, (str, int)) or str(value) == ""):
             raise RequestError(f"{XARGS}.{name} must be a non-empty string", f"{XARGS}.{name}")
-    if service is not None and (isinstance(service, bool) or not isinstance(service, (int, float)) or service < 0):
-        raise RequestError(f"{XARGS}.program_service must be a number >= 0, got {_short(service)}",
+    if service is not None and (isinstance(service, bool) or not isinstance(service, (int, float))
+                                or not math.isfinite(service) or service < 0):
+        # As the vLLM plugin (`engine.plugin_config.read_tags`): a non-finite service would rank nothing.
+        raise RequestError(f"{XARGS}.program_service must be a finite number of seconds >= 0, got {_short(service)}",
                            f"{XARGS}.program_service")
     kv_ttl = xargs.get("kv_ttl")
     if kv_ttl is not None and (isinstance(kv_ttl, bool) or not isinstance(kv_ttl, (int, float))

@@ -162,7 +162,7 @@ def test_bad_requests_get_openai_errors():
         ("prompt", "prompt must be a string or a non-empty list of token ids >= 0 (one prompt per request), got 5"),
         ("max_tokens", "max_tokens must be an integer >= 1, got 0"),
         ("max_tokens", "prompt (1 tokens) plus max_tokens (1000000000) exceeds this engine's KV cache of 64000 tokens"),
-        ("vllm_xargs.program_service", "vllm_xargs.program_service must be a number >= 0, got -1"),
+        ("vllm_xargs.program_service", "vllm_xargs.program_service must be a finite number of seconds >= 0, got -1"),
         # Python refuses to read an integer of over 4300 digits; the field is still named.
         ("max_tokens", "max_tokens must be an integer >= 1, got a 5000-digit integer"),
     ]
@@ -309,6 +309,11 @@ def test_parse_request_rules():
             parse_request({"prompt": [1], "vllm_xargs": {"kv_ttl": bad}}, chat=False, served_model="m")
         assert str(err.value) == f"vllm_xargs.kv_ttl must be a finite number of seconds >= 0, got {got}"
         assert err.value.param == "vllm_xargs.kv_ttl"
+    for bad, got in ((float("inf"), "inf"), (float("nan"), "nan"), ("3", "'3'")):  # refused as the plugin does
+        with pytest.raises(RequestError) as err:
+            parse_request({"prompt": [1], "vllm_xargs": {"program_service": bad}}, chat=False, served_model="m")
+        assert str(err.value) == f"vllm_xargs.program_service must be a finite number of seconds >= 0, got {got}"
+        assert err.value.param == "vllm_xargs.program_service"
     assert len(text_token_ids("abcdefghi")) == 3  # ceil(9 / 4)
     assert block_keys(list(range(40)), 16)[:2] == block_keys(list(range(32)) + [99] * 8, 16)
     assert block_keys(list(range(40)), 16)[0] != block_keys([7] + list(range(1, 40)), 16)[0]
