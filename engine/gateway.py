@@ -512,7 +512,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         epilog=("examples:\n"
                 "  python -m engine gateway --engine http://127.0.0.1:8001 --engine http://127.0.0.1:8002 --port 8000\n"
                 "  curl -s localhost:8000/v1/completions -H 'X-Program-Id: p1' -H 'X-Thread-Id: t1' \\\n"
-                "       -d '{\"model\": \"m\", \"prompt\": [1, 2, 3], \"max_tokens\": 8}'\n"
+                "       -d '{\"prompt\": [1, 2, 3], \"max_tokens\": 8}'   # no model: the engine's own\n"
                 "  curl -s localhost:8000/programs"),
     )
     p.add_argument("--engine", action="append", required=True, metavar="URL",
