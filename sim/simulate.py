@@ -252,14 +252,23 @@ class Cluster:
 
 
 def check_fits(programs: Sequence[Program], capacity_blocks: int, engine) -> None:
-    """Every call must fit in an empty engine, or the simulation would stall.
+    """Every call must fit in an empty engine, or the simulation would stall; a context must fit its prompt.
 
     As vLLM requires ``max_model_len`` to fit the KV cache, and, without
     chunked prefill, the token budget to cover a whole (re)computed prompt.
     """
     limit = capacity_blocks * engine.block_size
     for program in programs:
+        by_id = {c.id: c for c in program.calls}
         for call in program.calls:
+            # As `traces.validate` refuses in a file: a prompt shorter than the context it re-sends
+            # would key blocks it never computes (programs built in memory skip that check).
+            source = by_id.get(call.context_of) if call.context_of is not None else None
+            if source is not None and source.context_tokens > call.prompt_tokens:
+                raise SimulationError(
+                    f"program {program.id!r} call {call.id!r}: context_of {call.context_of!r} re-sends "
+                    f"{source.context_tokens} tokens, more than this call's prompt_tokens {call.prompt_tokens}"
+                )
             size = call.prompt_tokens + call.output_tokens
             if size > limit:
                 raise SimulationError(

@@ -261,7 +261,7 @@ def test_null_trace_is_blamed_on_the_set(exp):
 
 
 def test_call_past_num_gpu_blocks_names_it():
-    call = SimpleNamespace(id="c", prompt_tokens=20, output_tokens=5)
+    call = SimpleNamespace(id="c", prompt_tokens=20, output_tokens=5, context_of=None)
     programs = [SimpleNamespace(id="p", calls=[call])]
     engine = EngineConfig(num_gpu_blocks=1, gpus_per_replica=8)
     with pytest.raises(SimulationError) as info:

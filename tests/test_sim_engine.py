@@ -332,6 +332,16 @@ def test_call_larger_than_kv_cache_is_a_clear_error():
         simulate([prog("A", 0.0, call("a", 2000, 100))], cfg(num_gpu_blocks=10), "fcfs")
 
 
+def test_a_prompt_shorter_than_the_context_it_resends_is_a_clear_error():
+    # A file with this is refused by `traces.validate`; a trace built in memory is checked here.
+    programs = [prog("A", 0.0, call("a", 10, 20), call("b", 12, 2, parents=["a"], context_of="a"))]
+    with pytest.raises(SimulationError) as err:
+        simulate(programs, cfg(), "fcfs")
+    assert str(err.value) == (
+        "program 'A' call 'b': context_of 'a' re-sends 30 tokens, more than this call's prompt_tokens 12"
+    )
+
+
 def test_prompt_over_budget_without_chunking_is_a_clear_error():
     with pytest.raises(SimulationError, match="enable_chunked_prefill is false"):
         simulate(
@@ -449,11 +459,17 @@ def tight_setups(draw):
     invariants and the lazy identity are checked under memory preemption,
     recompute and swap.
     """
-    programs = [  # longer outputs than `workloads`: decodes that grow by blocks
-        dataclasses.replace(p, calls=tuple(dataclasses.replace(c, output_tokens=draw(st.integers(1, 64)))
-                                           for c in p.calls))
-        for p in draw(workloads())
-    ]
+    programs = []
+    for p in draw(workloads()):  # longer outputs than `workloads`: decodes that grow by blocks
+        old = {c.id: c for c in p.calls}
+        new: dict[str, Call] = {}
+        for c in p.calls:  # parents first: a call that re-sends a context keeps its extra prompt tokens
+            c = dataclasses.replace(c, output_tokens=draw(st.integers(1, 64)))
+            if c.context_of is not None:
+                extra = c.prompt_tokens - old[c.context_of].context_tokens
+                c = dataclasses.replace(c, prompt_tokens=new[c.context_of].context_tokens + extra)
+            new[c.id] = c
+        programs.append(dataclasses.replace(p, calls=tuple(new.values())))
     policy, config = draw(configs())
     largest = max(-(-(c.prompt_tokens + c.output_tokens) // 16) for p in programs for c in p.calls)
     engine = dataclasses.replace(
