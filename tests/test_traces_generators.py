@@ -95,9 +95,9 @@ CV_RANGE = "cv must be a finite number > 0 from 0.01 to 10 (outside it gamma arr
         (dict(rate=0), "rate must be a finite number > 0 (programs per second), got 0"),
         (dict(arrival="uniform"), "unknown arrival process 'uniform'; valid choices: poisson, gamma"),
         (dict(cv=2.0), "cv applies to arrival='gamma' only (a Poisson process has cv = 1), got cv=2.0"),
-        (dict(calls_max=3), "bfcl parameter 'calls_mean' must lie strictly between 1 and calls_max=3, got 10.75"),
+        (dict(calls_max=3), "bfcl parameters: calls_mean=10.75 must lie strictly between 1 and calls_max=3"),
         (dict(workload="sharegpt", calls_mean=1.0),
-         "sharegpt parameter 'calls_mean' must lie strictly between 1 and calls_max=80, got 1.0"),
+         "sharegpt parameters: calls_mean=1.0 must lie strictly between 1 and calls_max=80"),
         (dict(docs_tokens=900), "bfcl: prompt_tokens_mean 735.06 is too small for docs_tokens 900 plus 410.8 tokens "
          "of average history; lower docs_tokens or observation_tokens_mean"),
         (dict(tool_sets=0), "bfcl parameter 'tool_sets' must be an integer > 0, got 0"),

@@ -52,8 +52,9 @@ MAX_SIGMA = 4.0
 def _check_mean_below_max(obj: Any) -> None:
     """A chain's mean length must lie strictly between 1 call and ``calls_max`` (`count_pmf`)."""
     if not 1 < obj.calls_mean < obj.calls_max:
-        raise ValueError(f"{type(obj).__name__[:-6].lower()} parameter 'calls_mean' must lie strictly between 1 and "
-                         f"calls_max={obj.calls_max}, got {obj.calls_mean!r}")
+        # Both keys are named unquoted, so a located error points at the parameters, not at one of them.
+        raise ValueError(f"{type(obj).__name__[:-6].lower()} parameters: calls_mean={obj.calls_mean!r} must lie "
+                         f"strictly between 1 and calls_max={obj.calls_max!r}")
 
 
 def _check_positive(obj: Any, *names: str, integer: bool = False) -> None:
