@@ -428,14 +428,16 @@ def jobs(sweep: Sweep, file: Any = None, overrides: Sequence[str] = ()) -> list[
     ``overrides`` are the command line's ``--set`` (already in ``sweep.base``).
     """
     ef = file if isinstance(file, ExperimentsFile) else load_file(file)
-    fixed, labels = _fixed(ef, sweep.name)
+    fixed, labels, by_variant = _fixed(ef, sweep.name)
     labels = _file_labels(labels, overrides)
     out: list[Job] = []
     for point in sweep.points:
         for variant in sweep.variants:
             layers = [*fixed, *overrides, *point.overrides(), *variant.overrides, override_text("policies", list(variant.policies))]
+            # A text given by several layers is blamed on the last, the one that takes effect.
+            where = {**labels, **point.labels(), **by_variant.get(variant.name, {})}
             try:
-                cfg, error = resolve(sweep.experiment, ef, layers, {**labels, **point.labels()}), None
+                cfg, error = resolve(sweep.experiment, ef, layers, where), None
             except ConfigError as exc:
                 cfg, error = None, str(exc)
             for policy in variant.policies:
@@ -443,13 +445,14 @@ def jobs(sweep: Sweep, file: Any = None, overrides: Sequence[str] = ()) -> list[
     return out
 
 
-def _fixed(ef: ExperimentsFile, name: str) -> tuple[tuple[str, ...], dict[str, str]]:
-    """The sweep's own ``set:`` overrides, and where each of them and each variant's is in the file."""
+def _fixed(ef: ExperimentsFile, name: str) -> tuple[tuple[str, ...], dict[str, str], dict[str, dict[str, str]]]:
+    """The sweep's own ``set:`` overrides, where each is in the file, and where each variant's are."""
     where, body, labels = _Where(ef, name), ef.sweeps[name], {}
     fixed = _set_overrides(where, body.get("set"), ("set",), labels)
+    by_variant: dict[str, dict[str, str]] = {}
     for vname, vbody in (body.get("variants") or {}).items():
-        _set_overrides(where, (vbody or {}).get("set"), ("variants", vname, "set"), labels)
-    return fixed, labels
+        _set_overrides(where, (vbody or {}).get("set"), ("variants", vname, "set"), by_variant.setdefault(vname, {}))
+    return fixed, labels, by_variant
 
 
 def _file_labels(labels: dict[str, str], overrides: Sequence[str]) -> dict[str, str]:

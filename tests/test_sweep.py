@@ -230,6 +230,16 @@ def test_invalid_point_is_a_job_error_not_a_sweep_error(tmp_path):
         f"{f}:9: sweep 's': grid.engine.model: experiment 'tiny': engine.model: llama-3.1-70b does not fit on "
         "engine.gpus_per_replica=1 x a100-80gb"
     ), js[2].error
+    # A value the grid and a variant both give is blamed on the variant, whose setting is applied.
+    f = write(tmp_path, """\
+        s:
+          experiment: tiny
+          grid: {engine.model: [llama-3.1-8b, llama-3.1-70b]}
+          variants:
+            big: {set: {engine.model: llama-3.1-70b}}
+        """)
+    errors = [j.error for j in jobs(load_sweep("s", f), f)]
+    assert all(e.startswith(f"{f}:13: sweep 's': variants.big.set.engine.model: experiment 'tiny': ") for e in errors), errors
     # In a grid of cases, the case's entry.
     f = write(tmp_path, """\
         s:
