@@ -92,7 +92,7 @@ from engine.sse import DONE, SSEParser, event_token_count
 from sim.core import ProcessTable, make_balancer, make_policy
 from sim.core.params import PolicyParams
 from sim.core.state import CallState, ProgramState
-from sim.serve import run_site
+from sim.serve import json_type, run_site
 from traces.argtypes import port_number
 
 BYTES_PER_TOKEN = 4  # prompt-length estimate for text prompts (the balancer's only need)
@@ -316,9 +316,7 @@ class Gateway:
             raise BadRequest(f"malformed JSON body: an integer longer than {sys.get_int_max_str_digits()} digits",
                              code="invalid_json") from None
         if not isinstance(body, dict):
-            kind = ("an array" if isinstance(body, list) else "a string" if isinstance(body, str)
-                    else "null" if body is None else "a number or boolean")
-            raise BadRequest(f"the request body must be a JSON object, got {kind}", code="invalid_json")
+            raise BadRequest(f"the request body must be a JSON object, got {json_type(body)}", code="invalid_json")
         return body
 
     # -- forwarding ------------------------------------------------------------------

@@ -1138,10 +1138,8 @@ class Replica:
     def _overlapped_seconds(self, shape: StepShape) -> float:
         """An async step's duration when it follows the previous one back to back: host time overlapped."""
         t = self.latency.step_time(shape)
-        host = self.latency.host_time(shape)
-        if host > 0.0:
-            t = max(t - host, host) if host < t else t
-        return t
+        host = min(self.latency.host_time(shape), t)  # capped at the whole step
+        return max(t - host, host)
 
     def _seats_taken(self) -> int:
         return len(self.running) + len(self._draining)

@@ -118,7 +118,7 @@ def _int(body: dict, name: str, default: int, low: int) -> int:
     return value
 
 
-def _json_type(value: Any) -> str:
+def json_type(value: Any) -> str:
     """The JSON name of a parsed value's type, for errors."""
     names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", type(None): "null"}
     return names.get(type(value), "a number")
@@ -132,7 +132,7 @@ def _short(value: Any, limit: int = 60) -> str:
 
 def parse_request(body: Any, chat: bool, served_model: str) -> ParsedRequest:
     if not isinstance(body, dict):
-        raise RequestError(f"the request body must be a JSON object, got {_json_type(body)}")
+        raise RequestError(f"the request body must be a JSON object, got {json_type(body)}")
     if chat:
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:

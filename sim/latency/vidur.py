@@ -187,8 +187,9 @@ def read_vidur_mlp(path: str | Path, tp: int = 1, stat: str = "median") -> Vidur
             tps: set[int] = set()
             for lineno, rec in enumerate(reader, start=2):
                 try:
-                    tps.add(int(rec["num_tensor_parallel_workers"]))
-                    if int(rec["num_tensor_parallel_workers"]) != tp:
+                    this_tp = int(rec["num_tensor_parallel_workers"])
+                    tps.add(this_tp)
+                    if this_tp != tp:
                         continue
                     n = int(rec["num_tokens"])
                     row = {op: float(rec[f"time_stats.{op}.{stat}"]) for op in (*LAYER_OPS, *STEP_OPS)}
