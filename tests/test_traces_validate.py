@@ -85,11 +85,28 @@ CASES = [
      "program 'p1' call 'c0': field 'output_tokens': expected at most 1,000,000,000 tokens, got 1000000001"),
     ("huge prefix", prog("p1", [call(shared_prefix={"key": "s", "tokens": 10**10})]), "shared_prefix.tokens", "c0",
      "program 'p1' call 'c0': field 'shared_prefix.tokens': expected at most 1,000,000,000 tokens, got 10000000000"),
+    # A key given twice is refused while the decoder reads the object, before
+    # its program and call are known; a second decode on that error names them.
     ("duplicate program key", '{"id":"p1","arrival":0,"arrival":5,"workload":"w","calls":[]}', "arrival", None,
-     "field 'arrival': duplicate key in one JSON object"),
+     "program 'p1': field 'arrival': duplicate key in one JSON object"),
     ("duplicate call key", '{"id":"p1","arrival":0,"workload":"w","calls":[{"id":"c0","parents":[],"prompt_tokens":1,'
-     '"prompt_tokens":9,"output_tokens":1,"delay":0}]}', "prompt_tokens", None,
-     "field 'prompt_tokens': duplicate key in one JSON object"),
+     '"prompt_tokens":9,"output_tokens":1,"delay":0}]}', "prompt_tokens", "c0",
+     "program 'p1' call 'c0': field 'prompt_tokens': duplicate key in one JSON object"),
+    ("duplicate prefix key", '{"id":"p1","arrival":0,"workload":"w","calls":[{"id":"c0","parents":[],"prompt_tokens":1,'
+     '"output_tokens":1,"delay":0},{"id":"c1","parents":[],"prompt_tokens":4,"output_tokens":1,"delay":0,'
+     '"shared_prefix":{"key":"s","tokens":1,"tokens":2}}]}', "shared_prefix.tokens", "c1",
+     "program 'p1' call 'c1': field 'shared_prefix.tokens': duplicate key in one JSON object"),
+    # the inner object is finished, so refused, first: the call's key is blamed
+    # and the program named by neither of its two ids
+    ("duplicate keys at two levels", '{"id":"p1","id":"p2","arrival":0,"workload":"w","calls":[{"id":"c0","parents":[],'
+     '"delay":0,"delay":1,"prompt_tokens":1,"output_tokens":1}]}', "delay", "c0",
+     "call 'c0': field 'delay': duplicate key in one JSON object"),
+    ("duplicate call id key", '{"id":"p1","arrival":0,"workload":"w","calls":[{"id":"a","parents":[],"prompt_tokens":1,'
+     '"output_tokens":1,"delay":0},{"id":"b","id":"c","parents":[],"prompt_tokens":1,"output_tokens":1,"delay":0}]}',
+     "calls[1].id", None, "program 'p1': field 'calls[1].id': duplicate key in one JSON object"),
+    ("duplicate key beside a long integer", '{"id":"p1","arrival":1' + "0" * 5000 + ',"workload":"w","calls":'
+     '[{"id":"c0","parents":[],"prompt_tokens":1,"output_tokens":1,"output_tokens":2,"delay":0}]}', "output_tokens",
+     "c0", "program 'p1' call 'c0': field 'output_tokens': duplicate key in one JSON object"),
     ("missing parent", prog("p1", [call("a"), call("b", ["zz"])]), "parents", "b",
      "program 'p1' call 'b': field 'parents': names call 'zz', which is not in this program"),
     ("duplicate parent", prog("p1", [call("a"), call("b", ["a", "a"])]), "parents", "b",

@@ -468,17 +468,82 @@ def _is_ancestor(target: str, call: Call, calls: list[Call], index: dict[str, in
     return False
 
 
+DUPLICATE_KEY = "duplicate key in one JSON object"
+
+
 def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     """A JSON object as a dict, refusing a key given twice: json would keep the
     last value silently, and which one the author meant is unknowable."""
     obj = dict(pairs)
     if len(obj) != len(pairs):
-        seen = set()
-        for key, _ in pairs:
-            if key in seen:
-                raise TraceError("duplicate key in one JSON object", field=key)
-            seen.add(key)
+        raise TraceError(DUPLICATE_KEY, field=_first_repeat(pairs))
     return obj
+
+
+def _first_repeat(pairs: list[tuple[str, Any]]) -> str:
+    seen = set()
+    for key, _ in pairs:
+        if key in seen:
+            return key
+        seen.add(key)
+    raise AssertionError("no repeated key")  # only called when dict() lost a pair
+
+
+class _KeyClash(dict):
+    """A JSON object that gave ``key`` twice, kept so :func:`_locate_repeat`
+    can say which program and call it belongs to."""
+
+    key: str | None = None
+
+
+def _keep_clash(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = _KeyClash(pairs)
+    if len(obj) != len(pairs):
+        obj.key = _first_repeat(pairs)
+    return obj
+
+
+def _locate_repeat(line: str) -> TraceError:
+    """The duplicate-key error of ``line`` with its program, call and field path.
+
+    The strict decoder refuses a repeated key while the enclosing objects are
+    still being read, so it cannot know them; this second, lenient decode runs
+    on that error only, and so costs the hot path nothing.
+    """
+    top = json.JSONDecoder(object_pairs_hook=_keep_clash, parse_int=parse_json_int).decode(line)
+    is_program = isinstance(top, dict) and isinstance(top.get("calls"), list)
+    program_id = _own_id(top) if is_program else None
+
+    def first_closed(value: Any, path: str, call_id: str | None) -> TraceError | None:
+        # children before their parent, in document order: the order in which
+        # the strict decoder finishes objects, so both blame the same one
+        if isinstance(value, list):
+            items = [(v, f"{path[:-1]}[{i}].") for i, v in enumerate(value)]
+        elif isinstance(value, dict):
+            items = [(v, f"{path}{k}.") for k, v in value.items()]
+        else:
+            return None
+        for child, child_path in items:
+            if is_program and value is top["calls"] and isinstance(child, dict) and _own_id(child) is not None:
+                found = first_closed(child, "", _own_id(child))
+            else:
+                found = first_closed(child, child_path, call_id)
+            if found is not None:
+                return found
+        if isinstance(value, _KeyClash) and value.key is not None:
+            return TraceError(DUPLICATE_KEY, program_id=program_id, call_id=call_id, field=path + value.key)
+        return None
+
+    found = first_closed(top, "", None)
+    if found is None:
+        raise AssertionError("the strict decoder found a repeat the lenient one did not")
+    return found
+
+
+def _own_id(obj: dict[str, Any]) -> str | None:
+    """The object's id, unless the id is the key given twice (then which one?)."""
+    value = obj.get("id")
+    return value if isinstance(value, str) and getattr(obj, "key", None) != "id" else None
 
 
 _decode = json.JSONDecoder(object_pairs_hook=unique_keys).decode
@@ -503,8 +568,14 @@ def decode_line(text: str | bytes) -> Any:
             raise
         except ValueError:  # int() refused a very long integer
             return _decode_long(line)
-    except TraceError:
-        raise
+    except TraceError as exc:
+        if exc.reason != DUPLICATE_KEY:
+            raise
+        try:
+            located = _locate_repeat(line)
+        except RecursionError:  # too deep to walk: the key alone must do
+            raise exc from None
+        raise located from None
     except ValueError as exc:  # JSONDecodeError, or UnicodeDecodeError from bytes
         raise TraceError(f"malformed JSON: {exc}") from None
     except RecursionError:
