@@ -386,6 +386,12 @@ def test_shipped_experiments_all_resolve_with_every_part_explicit():
         check = resolve(name, ef)
         assert check.workload.generator == generator and check.engine.replicas == 1
         assert set(check.policies) == set(DEFAULT_POLICIES)
+        # ... and on the paper's 70B setup, four A100s with tensor parallelism
+        big = resolve(f"{name}-70b", ef)
+        assert big.workload.generator == generator and set(big.policies) == set(DEFAULT_POLICIES)
+        assert (big.engine.model, big.engine.gpu, big.engine.gpus_per_replica, big.engine.replicas) == (
+            "llama-3.1-70b", "a100-80gb", 4, 1)
+        assert big.latency.kind == "roofline"
     multi = resolve("multi-engine-locality", ef)
     assert multi.engine.replicas == 4 and multi.engine.balancer == "locality"
     assert resolve("constant-latency-check", ef).latency.kind == "constant"
