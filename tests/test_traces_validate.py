@@ -104,6 +104,9 @@ CASES = [
     ("duplicate call id key", '{"id":"p1","arrival":0,"workload":"w","calls":[{"id":"a","parents":[],"prompt_tokens":1,'
      '"output_tokens":1,"delay":0},{"id":"b","id":"c","parents":[],"prompt_tokens":1,"output_tokens":1,"delay":0}]}',
      "calls[1].id", None, "program 'p1': field 'calls[1].id': duplicate key in one JSON object"),
+    # malformed after the repeat: the line is not JSON, which comes first
+    ("duplicate key then malformed", '{"id":"p1","arrival":0,"workload":"w","calls":[{"id":"c0","delay":0,"delay":1}], x',
+     None, None, "malformed JSON: Expecting property name enclosed in double quotes: line 1 column 82 (char 81)"),
     ("duplicate key beside a long integer", '{"id":"p1","arrival":1' + "0" * 5000 + ',"workload":"w","calls":'
      '[{"id":"c0","parents":[],"prompt_tokens":1,"output_tokens":1,"output_tokens":2,"delay":0}]}', "output_tokens",
      "c0", "program 'p1' call 'c0': field 'output_tokens': duplicate key in one JSON object"),

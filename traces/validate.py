@@ -575,6 +575,8 @@ def decode_line(text: str | bytes) -> Any:
             located = _locate_repeat(line)
         except RecursionError:  # too deep to walk: the key alone must do
             raise exc from None
+        except ValueError as bad:  # malformed past the repeat: not JSON at all, so say that
+            raise TraceError(f"malformed JSON: {bad}") from None
         raise located from None
     except ValueError as exc:  # JSONDecodeError, or UnicodeDecodeError from bytes
         raise TraceError(f"malformed JSON: {exc}") from None
