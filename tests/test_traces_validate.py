@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from traces.io import load_all
-from traces.validate import TraceError, validate_file
+from traces.validate import DUPLICATE_KEY, TraceError, decode_line, validate_file
 
 
 def call(cid="c0", parents=(), prompt=10, output=5, delay=0.0, **extra):
@@ -277,3 +279,53 @@ def test_invalid_utf8_is_malformed_json_not_a_crash(tmp_path):
     (err,) = validate_file(path)
     assert err.line == 1
     assert str(err) == f"{path}:1: malformed JSON: 'utf-8' codec can't decode byte 0xff in position 8: invalid start byte"
+
+
+# --- decode_line on arbitrary JSON-like text (hypothesis) ---------------------
+
+_KEYS = st.sampled_from(["id", "a", "calls", "delay"])  # few names, so repeats are common
+_SCALARS = st.one_of(st.integers(-5, 5), st.sampled_from(["p", "c", "id"]), st.none())
+
+
+def _json_text(leaves: st.SearchStrategy) -> st.SearchStrategy:
+    """JSON text whose objects may give a key twice (json.dumps never does)."""
+    def extend(inner):
+        obj = st.lists(st.tuples(_KEYS, inner), max_size=4).map(
+            lambda pairs: "{" + ",".join(f"{json.dumps(k)}:{v}" for k, v in pairs) + "}")
+        arr = st.lists(inner, max_size=3).map(lambda items: "[" + ",".join(items) + "]")
+        return obj | arr
+    return st.recursive(leaves.map(json.dumps), extend, max_leaves=12)
+
+
+def _repeats(value_text: str) -> bool:
+    found = []
+
+    def hook(pairs):
+        if len({k for k, _ in pairs}) != len(pairs):
+            found.append(True)
+        return dict(pairs)
+    json.loads(value_text, object_pairs_hook=hook)
+    return bool(found)
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(_json_text(_SCALARS), st.sampled_from(["", " x", "]", "}", ","]), st.integers(0, 3))
+def test_decode_line_gives_a_value_or_a_trace_error_never_a_traceback(text, tail, cut):
+    """Whatever the line, the loader gets a value or a TraceError; a repeated
+    key in valid JSON is always reported as one, naming the repeated key."""
+    line = (text + tail)[: len(text + tail) - cut] if cut else text + tail
+    try:
+        json.loads(line)
+        valid = True
+    except ValueError:
+        valid = False
+    try:
+        value = decode_line(line)
+    except TraceError as exc:
+        if valid and _repeats(line):
+            assert exc.reason == DUPLICATE_KEY, str(exc)
+            assert exc.field is not None and exc.field.rsplit(".", 1)[-1] in {"id", "a", "calls", "delay"}
+        else:
+            assert not valid and exc.reason.startswith("malformed JSON: "), str(exc)
+    else:
+        assert valid and not _repeats(line) and value == json.loads(line)
