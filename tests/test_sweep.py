@@ -270,7 +270,8 @@ def test_check_key():
 def test_repository_paper_sweeps_expand():
     counts = {}
     names = ("paper-single", "paper-single-unopt", "paper-single-seeds", "paper-multi", "paper-scaling", "policy-params",
-             "locality-threshold", "bfcl-long-rates", "sharegpt-ttl-rates", "bfcl-unopt-caps")
+             "locality-threshold", "bfcl-long-rates", "sharegpt-ttl-rates", "bfcl-unopt-caps", "paper-single-async",
+             "paper-single-70b")
     for name in names:
         s = load_sweep(name)
         js = jobs(s)
@@ -293,7 +294,14 @@ def test_repository_paper_sweeps_expand():
         "sharegpt-ttl-rates": (25, 175, ["fcfs", "fcfs-ttl", "plas", "plas-ttl", "program_fcfs", "program_fcfs-ttl", "srpt"]),
         "bfcl-unopt-caps": (25, 250, ["fcfs", "fcfs-cap128", "fcfs-cap64", "plas", "plas-cap128", "plas-cap64",
                                       "plas-cap64pre", "srpt", "srpt-cap128", "srpt-cap64"]),
+        "paper-single-async": (160, 480, ["atlas-async", "fcfs-async", "srpt-async"]),
+        "paper-single-70b": (160, 480, ["atlas", "fcfs", "srpt"]),
     }
+    assert all(j.cfg.engine.async_scheduling for j in jobs(load_sweep("paper-single-async")))
+    # the paper's 70B setup at every point: four A100s, tensor parallel, roofline steps
+    assert {(j.cfg.engine.model, j.cfg.engine.gpu, j.cfg.engine.gpus_per_replica, j.cfg.latency.kind,
+             j.cfg.workload.params["programs"]) for j in jobs(load_sweep("paper-single-70b"))} == {
+        ("llama-3.1-70b", "a100-80gb", 4, "roofline", 1000)}
     # bfcl-unopt-caps: the unoptimised engine everywhere; each variant's batch cap and whether PLAS may preempt
     caps = {(j.label, j.cfg.engine.max_num_seqs, j.cfg.policy_params.preemption) for j in jobs(load_sweep("bfcl-unopt-caps"))}
     assert {(label, n, pre) for label, n, pre in caps if label.startswith("plas")} == {
