@@ -391,7 +391,7 @@ def test_shipped_experiments_all_resolve_with_every_part_explicit():
         assert big.workload.generator == generator and set(big.policies) == set(DEFAULT_POLICIES)
         assert (big.engine.model, big.engine.gpu, big.engine.gpus_per_replica, big.engine.replicas) == (
             "llama-3.1-70b", "a100-80gb", 4, 1)
-        assert big.latency.kind == "roofline"
+        assert big.latency.kind == "roofline" and big.latency.name is None
     multi = resolve("multi-engine-locality", ef)
     assert multi.engine.replicas == 4 and multi.engine.balancer == "locality"
     assert resolve("constant-latency-check", ef).latency.kind == "constant"
