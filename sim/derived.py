@@ -69,6 +69,11 @@ def baselines_of(labels: Iterable[str]) -> tuple[str, ...]:
     return tuple(f"{b}-{variant}" for b in ("fcfs", "mlfq") if f"{b}-{variant}" in labels)
 
 
+def fcfs_baseline(labels: Iterable[str]) -> str | None:
+    """The FCFS-family label of `baselines_of` (``fcfs``, ``fcfs-VARIANT`` or ``fcfs-unopt``), if any."""
+    return next((b for b in baselines_of(labels) if b.partition("-")[0] == "fcfs"), None)
+
+
 @dataclass(frozen=True)
 class Throughput:
     """Throughput at a latency target; ``bound`` is ``exact``, ``lower`` or ``none``."""

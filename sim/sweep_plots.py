@@ -24,8 +24,8 @@ from sim.derived import (  # noqa: E402
     LATENCY,
     Curve,
     Throughput,
-    baselines_of,
     curves,
+    fcfs_baseline,
     group_label,
     mean_over_seeds,
     targets,
@@ -281,7 +281,7 @@ def wait_breakdown(rows: Sequence[dict[str, Any]], target: str | float | None = 
         fig, axes = _panels(len(groups), width=5.0, height=3.8)
         for col, (group, by_policy) in enumerate(groups.items()):
             ax = axes[0][col]
-            fcfs = next((b for b in baselines_of(by_policy) if b.partition("-")[0] == "fcfs"), None)
+            fcfs = fcfs_baseline(by_policy)
             ref = by_policy[fcfs] if fcfs else next(iter(by_policy.values()))
             loads = breakdown_loads(ref, Ls[group])
             labels, wait, run = [], [], []
@@ -310,7 +310,7 @@ def draw_all(rows: Sequence[dict[str, Any]], out_dir: str | Path, target: str | 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = save(latency_vs_rate(rows, target), out / "latency_vs_rate")
-    fcfs = next((b for b in baselines_of(r["policy"] for r in rows) if b.partition("-")[0] == "fcfs"), None)
+    fcfs = fcfs_baseline(r["policy"] for r in rows)
     if fcfs is not None and fcfs != "fcfs-unopt":  # unoptimised vLLM is a baseline for others, not for FCFS
         written += save(throughput_ratio_bars(rows, target, fcfs), out / "throughput_ratio")
     written += save(wait_breakdown(rows, target), out / "wait_breakdown")

@@ -49,11 +49,16 @@ MAX_PROGRAMS = 10_000_000
 MAX_SIGMA = 4.0
 
 
+def _workload_of(params: Any) -> str:
+    """``sharegpt`` for ShareGPTParams, ``bfcl`` for BFCLParams: the name errors use."""
+    return type(params).__name__.removesuffix("Params").lower()
+
+
 def _check_mean_below_max(obj: Any) -> None:
     """A chain's mean length must lie strictly between 1 call and ``calls_max`` (`count_pmf`)."""
     if not 1 < obj.calls_mean < obj.calls_max:
         # Both keys are named unquoted, so a located error points at the parameters, not at one of them.
-        raise ValueError(f"{type(obj).__name__[:-6].lower()} parameters: calls_mean={obj.calls_mean!r} must lie "
+        raise ValueError(f"{_workload_of(obj)} parameters: calls_mean={obj.calls_mean!r} must lie "
                          f"strictly between 1 and calls_max={obj.calls_max!r}")
 
 
@@ -63,7 +68,7 @@ def _check_positive(obj: Any, *names: str, integer: bool = False) -> None:
         ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
         if integer:
             ok = ok and isinstance(v, int)
-        what = f"{type(obj).__name__[:-6].lower()} parameter {name!r}"
+        what = f"{_workload_of(obj)} parameter {name!r}"
         if not ok:
             kind = "an integer" if integer else "a finite number"
             raise ValueError(f"{what} must be {kind} > 0, got {v!r}")

@@ -523,11 +523,10 @@ def _locate_repeat(line: str) -> TraceError:
             items = [(v, f"{path}{k}.") for k, v in value.items()]
         else:
             return None
+        in_calls = is_program and value is top["calls"]
         for child, child_path in items:
-            if is_program and value is top["calls"] and isinstance(child, dict) and _own_id(child) is not None:
-                found = first_closed(child, "", _own_id(child))
-            else:
-                found = first_closed(child, child_path, call_id)
+            cid = _own_id(child) if in_calls and isinstance(child, dict) else None
+            found = first_closed(child, "", cid) if cid is not None else first_closed(child, child_path, call_id)
             if found is not None:
                 return found
         if isinstance(value, _KeyClash) and value.key is not None:
