@@ -14,7 +14,7 @@ A pin ends at the first of:
   block, so it hit the whole pinned history and holds its own references;
 * **expiry**: ``kv_ttl`` seconds after the finish (checked once per step);
 * **giving way**: the scheduler drops the oldest pins rather than preempt or
-  idle, by the simulator's rules (`sim.replica`, README "Continuum's KV
+  idle, by the simulator's rules (`sim.replica`, docs/findings.md "Continuum's KV
   time-to-live"). See `engine.scheduler` for where each rule hooks in.
 
 The simulator releases a pin when one of the call's DAG children is

@@ -36,7 +36,7 @@ class EngineConfig:
     # GPUs per replica; the replica's memory is gpu memory x this.
     gpus_per_replica: int = 1
     # vLLM 0.26.0's default is 0.92 (config/cache.py); we keep 0.9, the
-    # default for most of vLLM's history, which every figure in the README
+    # default for most of vLLM's history, which every figure in docs/
     # and the in-process replay use. 0.92 gives 2.9% more KV blocks.
     gpu_memory_utilization: float = 0.9
     # Memory kept for activations and CUDA graphs, on top of the weights.
@@ -80,7 +80,7 @@ class EngineConfig:
     # step N are free only from step N+2 (sim.replica, "async scheduling").
     # false (the default) schedules each step after the previous one ends,
     # as the in-process replay (python -m engine replay --target inprocess) does,
-    # and as every README figure but the few marked async was measured.
+    # and as every figure in docs/ but the few marked async was measured.
     async_scheduling: bool = False
     # Account steady decodes lazily (sim.replica, "steady decodes"); results
     # are bit-identical either way, false runs the per-step reference path.

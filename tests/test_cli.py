@@ -178,7 +178,7 @@ def test_an_async_run_whose_latency_model_has_no_host_time_says_so(workdir):
     res = sim("run", "tiny", "-e", "exp.yaml", "-q", "-s", "engine.async_scheduling=true", cwd=workdir)
     assert res.returncode == 0
     assert res.stderr == ("note: engine.async_scheduling is on, but latency model 'constant' has no host time, so "
-                          "async steps are as long as synchronous ones (README: Design decisions, async scheduling)\n")
+                          "async steps are as long as synchronous ones (docs/design-decisions.md, async scheduling)\n")
     sync = sim("run", "tiny", "-e", "exp.yaml", "-q", cwd=workdir)
     with_host = sim("run", "tiny", "-e", "exp.yaml", "-q", "-s", "engine.async_scheduling=true",
                     "-s", "latency.kind=fitted", "-s", "latency.name=a100-llama-3.1-8b", cwd=workdir)

@@ -13,7 +13,7 @@ must reproduce both:
   time of a call of work ``x`` is ``x / (1 - rho)`` whatever the size
   distribution, and almost none of it is waiting to be scheduled.
 
-The second limit is why the README's 90%-load checks show every policy at
+The second limit is why the 90%-load checks in docs/findings.md show every policy at
 1.000 of FCFS: when the batch never fills, nothing waits for admission, the
 slowdown is inside the batch, and no admission order can change who is
 served when. `test_without_a_queue_every_policy_gives_the_same_timeline`

@@ -30,7 +30,7 @@ def test_statistics_match_the_papers_table(workload):
     assert close(s["output_tokens_mean"], output_mean), s
     if workload == "sharegpt":
         # The table's prompt mean is matched on new tokens per turn; with the
-        # history re-sent the mean is necessarily far larger (README).
+        # history re-sent the mean is necessarily far larger (traces/README.md).
         assert close(s["new_prompt_tokens_mean"], prompt_mean), s
         assert s["prompt_tokens_mean"] > 5 * prompt_mean
     else:

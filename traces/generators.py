@@ -178,7 +178,7 @@ class LATSParams:
     reflections take the rest so the mean over all calls is exactly
     ``output_tokens_mean``. ``prefix_tokens`` defaults to the value that
     makes the mean prompt (history included) 467.24 tokens at the other
-    defaults (calibrated with ``python -m traces stats``; see README).
+    defaults (calibrated with ``python -m traces stats``; see traces/README.md).
     Tool time (the Wikipedia search behind each action) delays the
     evaluation by a lognormal of mean ``tool_delay_mean`` seconds.
     """

@@ -5,7 +5,7 @@ value here is ours, chosen from the workloads' scale and set in
 `experiments.yaml` (key ``policy_params``) so it can be swept. The sweep
 ``policy-params`` there runs queue_base against beta on BFCL and LATS at high
 load; the defaults below are the best of its grid on BFCL and within 0.3% on
-LATS (README, "What the simulator finds").
+LATS (docs/findings.md).
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ class PolicyParams:
     # longer ones stay on their program's engine (the paper's rule, which
     # assumes a short prompt is mostly a shared system prompt). Where short
     # calls re-send their program's history, 0 (every call follows its
-    # program) scales better: sweep locality-threshold, README.
+    # program) scales better: sweep locality-threshold, docs/paper-figures.md.
     locality_threshold: int = 2048
 
     # --- Process table -------------------------------------------------------

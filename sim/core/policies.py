@@ -238,8 +238,8 @@ class ProgramFCFS(Policy):
     programs first bounds how many programs are in flight, so their histories
     stay cached across tool calls. Call-level FCFS and PLAS start every new
     program at once; their histories then evict each other, every call
-    re-prefills, and throughput collapses (README, "Past capacity in the
-    long run"). Like FCFS it never preempts for order, only when memory runs
+    re-prefills, and throughput collapses (docs/findings.md, "Past capacity in
+    the long run"). Like FCFS it never preempts for order, only when memory runs
     out, and then it evicts the newest program's call.
 
     The key is (program number, call number): the program's number stands

@@ -37,7 +37,7 @@ def async_without_host_note(cfg: ExperimentConfig) -> str | None:
     if model.host_time(StepShape(1, 1, 1, 1, 0, 0)) > 0:
         return None
     return (f"note: engine.async_scheduling is on, but latency model {model.name!r} has no host time, so async "
-            "steps are as long as synchronous ones (README: Design decisions, async scheduling)")
+            "steps are as long as synchronous ones (docs/design-decisions.md, async scheduling)")
 
 
 __all__ = ["KINDS", "ConstantLatency", "LatencyModel", "StepShape", "async_without_host_note", "attn_pairs", "build"]
