@@ -368,3 +368,21 @@ def test_imports_flow_one_way():
                     if any(name == b.rstrip(".") or name.startswith(b.rstrip(".") + ".") for b in banned):
                         bad.append(f"{path.relative_to(root)}:{node.lineno} imports {name}")
     assert bad == []
+
+
+def test_finishing_or_aborting_a_call_that_is_not_live_is_refused():
+    """A second finish would charge the call's service to its program twice."""
+    c = core("plas")
+    a = c.add_call("p/0", "p", "0", 10, 0.0)
+    c.on_admitted(a)
+    c.on_step({"p/0": 1.0}, 1.0)
+    c.finish_call(a, 1.0)
+    with pytest.raises(ValueError, match="'p/0' is not live on this engine"):
+        c.finish_call(a, 2.0)
+    assert c.table.programs["p"].total_service == 1.0
+    # A stale handle on the same thread must not drop the thread's new call.
+    b = c.add_call("p/0b", "p", "0", 10, 2.0)
+    with pytest.raises(ValueError, match="not live"):
+        c.abort_call(a, 3.0)
+    assert c.table.programs["p"].live == {"0": b}
+    assert c.table.expire(1e9) == []  # the program still has a live call

@@ -97,12 +97,21 @@ class SchedulerCore:
         self._drop(call, now)
 
     def _drop(self, call: CallState, now: float) -> ProgramState:
-        """Remove a call from this engine and its program's live set."""
+        """Remove a call from this engine and its program's live set.
+
+        Refuses a call that is not live here: finishing one twice would
+        charge its service to the program twice, and dropping a stale handle
+        would take its thread's newer call out of the live set, after which
+        the process table could expire a program with a call still queued.
+        """
+        if self.calls.get(call.id) is not call:
+            raise ValueError(f"call {call.id!r} is not live on this engine (already finished or aborted?)")
         program = self.table.programs[call.program_id]
         call.finished = True
         call.running = False
-        self.calls.pop(call.id, None)
-        program.live.pop(call.thread_id, None)
+        del self.calls[call.id]
+        if program.live.get(call.thread_id) is call:
+            del program.live[call.thread_id]
         program.last_completion = now
         return program
 
