@@ -156,3 +156,23 @@ def test_convert_azure_real_file(tmp_path):
 def test_every_command_has_help_with_examples(cmd):
     r = run(cmd, "--help")
     assert r.returncode == 0 and "examples:" in r.stdout and "python -m traces" in r.stdout
+
+
+@pytest.mark.parametrize(
+    "params,message",
+    [
+        (["seed=3"], "--param seed=...: seed is an option of its own (--seed), not a workload parameter"),
+        (["calls_max=50", "calls_max=60"], "--param calls_max is given twice (50 and 60)"),
+        (["tool_delay_mean=1e300"], "bfcl parameters draw delay=6.4e+299 for program 'p0' call 'c1', past the "
+         "trace format's limit of 1e+09 seconds; lower the means that set it"),
+    ],
+)
+def test_gen_parameter_mistakes_are_usage_errors_not_bad_data(tmp_path, params, message):
+    """Exit 2 naming the parameter, not exit 1 blaming line 1 of the output file."""
+    out = tmp_path / "o.jsonl"
+    args = ["gen", "bfcl", "--programs", "3", "--rate", "1", "--seed", "0", "-o", str(out)]
+    for p in params:
+        args += ["--param", p]
+    r = run(*args)
+    assert r.returncode == 2 and r.stderr.endswith(f"error: {message}\n"), r.stderr
+    assert not out.exists()

@@ -113,6 +113,20 @@ CV_RANGE = "cv must be a finite number > 0 from 0.01 to 10 (outside it gamma arr
         (dict(arrival="gamma", cv=1e10), f"{CV_RANGE} 10000000000.0"),
         (dict(arrival="gamma", cv=0.0099), f"{CV_RANGE} 0.0099"),
         (dict(arrival="gamma", cv=10.01), f"{CV_RANGE} 10.01"),
+        (dict(workload="sharegpt", think_time_mean=float("inf")),
+         "sharegpt parameter 'think_time_mean' must be a finite number >= 0, got inf"),
+        (dict(workload="sharegpt", think_time_mean=True),
+         "sharegpt parameter 'think_time_mean' must be a finite number >= 0, got True"),
+        (dict(workload="lats", greedy=True), "lats parameter 'greedy' must be a probability in [0, 1], got True"),
+        (dict(calls_max=100_000_000), "bfcl parameter 'calls_max' must be at most 10,000 calls per program, "
+         "got 100000000"),
+        (dict(workload="lats", max_steps=100_000), "lats parameters: width=5 and max_steps=100000 allow "
+         "1+max_steps*(width+2) = 700,001 calls per program; at most 10,000"),
+        # finite, positive means whose draws the trace format cannot hold
+        (dict(tool_delay_mean=1e300), "bfcl parameters draw delay=6.4e+299 for program 'p0' call 'c1', past the "
+         "trace format's limit of 1e+09 seconds; lower the means that set it"),
+        (dict(workload="sharegpt", output_tokens_mean=1e12), "sharegpt parameters draw output_tokens=1.570e+12 for "
+         "program 'p0' call 'c0', past the trace format's limit of 1e+09 tokens; lower the means that set it"),
     ],
 )
 def test_bad_arguments_raise_value_error_naming_the_choices(kwargs, message):

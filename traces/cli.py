@@ -19,7 +19,7 @@ from traces import generators, importers
 from traces.argtypes import int_at_least, positive_float
 from traces.io import load, save
 from traces.stats import trace_stats
-from traces.validate import TraceError, scan_file
+from traces.validate import TraceError, scan_file, show
 
 EXIT_BAD_DATA = 1
 EXIT_USAGE = 2
@@ -149,6 +149,10 @@ def _check_output(output: str, source: str | None = None) -> None:
         raise UsageError("-o: is the input file")
 
 
+# `generate`'s own arguments, which `gen` takes as options: as a --param they
+# would reach it twice, or override the option without a word.
+_GEN_OPTIONS = ("programs", "rate", "seed", "arrival", "cv")
+
 _OS_REASONS = {
     errno.ENOENT: "no such file",
     errno.EISDIR: "is a directory, expected a trace file",
@@ -167,10 +171,17 @@ def _gen(args: argparse.Namespace) -> int:
     _check_output(args.output)
     if args.cv is not None and args.arrival != "gamma":
         raise UsageError("--cv applies to --arrival gamma only")
+    params: dict[str, object] = {}
+    for key, value in args.param:
+        if key in _GEN_OPTIONS:
+            raise UsageError(f"--param {key}=...: {key} is an option of its own (--{key}), not a workload parameter")
+        if key in params:
+            raise UsageError(f"--param {key} is given twice ({show(params[key])} and {show(value)})")
+        params[key] = value
     try:
         programs = generators.generate(
             args.workload, args.programs, args.rate, args.seed, arrival=args.arrival,
-            cv=1.0 if args.cv is None else args.cv, **dict(args.param),
+            cv=1.0 if args.cv is None else args.cv, **params,
         )
     except (ValueError, TypeError) as exc:
         raise UsageError(str(exc)) from None

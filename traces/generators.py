@@ -1,8 +1,11 @@
 """Seeded synthetic workloads that reproduce the paper's trace statistics.
 
 ``generate(workload, programs, rate, seed)`` returns programs whose means
-match DESIGN.md section 2 (calls per program, prompt tokens per call counting
-re-sent history, output tokens per call). Each workload's parameters are a
+match DESIGN.md section 2: calls per program, output tokens per call, and
+prompt tokens per call, which for BFCL and LATS count the re-sent history
+and for ShareGPT count only each turn's new tokens (the table's 255.65
+cannot include a chat's history; traces/README.md, "ShareGPT prompt
+lengths"). Each workload's parameters are a
 dataclass below; their defaults are the paper's numbers, and the internal
 distributions are *derived* from those targets (closed-form or by bisection
 on exact expectations), so a changed target moves the distribution instead of
@@ -30,13 +33,19 @@ from typing import Any, Callable
 import numpy as np
 
 from traces.arrivals import arrival_times, check_arrival
-from traces.format import Call, Program, SharedPrefix, make_call
+from traces.format import MAX_SECONDS, MAX_TOKENS, Call, Program, SharedPrefix, make_call
 
 WORKLOADS = ("sharegpt", "bfcl", "lats", "mixed")
 # The most programs one call generates: ten million is about 10**8 calls, far
 # past what a simulation holds in memory (a million calls take ~0.5 GiB), so
 # a larger count is a typo that would only end in a MemoryError.
 MAX_PROGRAMS = 10_000_000
+# The most calls one program may have (``calls_max``; for LATS, the calls of
+# ``max_steps`` steps). The tables have at most 351; the count distribution
+# is evaluated at every count up to the cap (0.05 s at 10,000, but minutes
+# for a mistyped 10**8), and a chain that long re-sends a history far past
+# any context window.
+MAX_CALLS_PER_PROGRAM = 10_000
 
 
 # ---------------------------------------------------------------- parameters
@@ -56,6 +65,9 @@ def _workload_of(params: Any) -> str:
 
 def _check_mean_below_max(obj: Any) -> None:
     """A chain's mean length must lie strictly between 1 call and ``calls_max`` (`count_pmf`)."""
+    if obj.calls_max > MAX_CALLS_PER_PROGRAM:
+        raise ValueError(f"{_workload_of(obj)} parameter 'calls_max' must be at most "
+                         f"{MAX_CALLS_PER_PROGRAM:,} calls per program, got {obj.calls_max!r}")
     if not 1 < obj.calls_mean < obj.calls_max:
         # Both keys are named unquoted, so a located error points at the parameters, not at one of them.
         raise ValueError(f"{_workload_of(obj)} parameters: calls_mean={obj.calls_mean!r} must lie "
@@ -106,8 +118,9 @@ class ShareGPTParams:
                         "output_tokens_mean", "output_tokens_sigma")
         _check_positive(self, "calls_max", integer=True)
         _check_mean_below_max(self)
-        if not (isinstance(self.think_time_mean, (int, float)) and self.think_time_mean >= 0):
-            raise ValueError(f"sharegpt parameter 'think_time_mean' must be >= 0, got {self.think_time_mean!r}")
+        t = self.think_time_mean
+        if not (isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t) and t >= 0):
+            raise ValueError(f"sharegpt parameter 'think_time_mean' must be a finite number >= 0, got {t!r}")
         if not isinstance(self.history, bool):
             raise ValueError(f"sharegpt parameter 'history' must be true or false, got {self.history!r}")
 
@@ -206,9 +219,15 @@ class LATSParams:
                         "observation_tokens_mean", "instruction_tokens_mean", "tokens_sigma",
                         "tool_delay_mean", "tool_delay_sigma")
         _check_positive(self, "width", "depth", "max_steps", "prefix_tokens", integer=True)
-        if not (isinstance(self.greedy, (int, float)) and 0 <= self.greedy <= 1):
+        if not (isinstance(self.greedy, (int, float)) and not isinstance(self.greedy, bool) and 0 <= self.greedy <= 1):
             raise ValueError(f"lats parameter 'greedy' must be a probability in [0, 1], got {self.greedy!r}")
         lo, hi = 1 + (self.width + 2), 1 + self.max_steps * (self.width + 2)
+        if hi > MAX_CALLS_PER_PROGRAM:
+            raise ValueError(
+                # Both keys unquoted, as in the calls_mean check below: the error is about the pair.
+                f"lats parameters: width={self.width!r} and max_steps={self.max_steps!r} allow "
+                f"1+max_steps*(width+2) = {hi:,} calls per program; at most {MAX_CALLS_PER_PROGRAM:,}"
+            )
         if not lo < self.calls_mean < hi:
             raise ValueError(
                 f"lats parameter 'calls_mean' must lie strictly between {lo} and {hi} for "
@@ -484,4 +503,30 @@ def generate(
         cls, build = _BUILDERS[workload]
         p = _params(workload, params)
         bodies = [(workload, calls) for calls in build(np.random.Generator(np.random.PCG64(program_seq)), programs, p)]
-    return [Program(f"p{i}", t, name, calls) for i, (t, (name, calls)) in enumerate(zip(times, bodies))]
+    made_programs = [Program(f"p{i}", t, name, calls) for i, (t, (name, calls)) in enumerate(zip(times, bodies))]
+    _check_format_limits(made_programs)
+    return made_programs
+
+
+def _check_format_limits(programs: list[Program]) -> None:
+    """Refuse parameters whose draws the trace format cannot hold.
+
+    A huge mean (``tool_delay_mean=1e300``) is finite and positive, so the
+    parameter checks pass it, but its draws are not a workload: saved, the
+    file would be refused on its first line as if the data were bad; simulated,
+    times of 1e300 s lose every step to rounding and give negative waiting.
+    """
+    for program in programs:
+        for call in program.calls:
+            for field, value, limit, unit in (
+                ("prompt_tokens", call.prompt_tokens, MAX_TOKENS, "tokens"),
+                ("output_tokens", call.output_tokens, MAX_TOKENS, "tokens"),
+                ("delay", call.delay, MAX_SECONDS, "seconds"),
+            ):
+                if not value <= limit:
+                    shown = f"{value:.3g}" if isinstance(value, float) else f"{value:.3e}"
+                    raise ValueError(
+                        f"{program.workload} parameters draw {field}={shown} for program {program.id!r} "
+                        f"call {call.id!r}, past the trace format's limit of {limit:.0e} {unit}; "
+                        f"lower the means that set it"
+                    )

@@ -5,7 +5,9 @@ a generated or imported trace can be checked against the paper's table:
 calls per program, prompt tokens per call (history included, as the engine
 sees them), output tokens per call. ``new_prompt_tokens_mean`` counts only
 the prompt tokens that are not the re-sent context of an ancestor
-(``context_of``), i.e. what a user or tool added. ``max_parallel_calls`` is
+(``context_of``), i.e. what a user or tool added; it is the one to compare
+with the table's ShareGPT prompt mean, which cannot include a chat's
+history (traces/README.md, "ShareGPT prompt lengths"). ``max_parallel_calls`` is
 the exact width of each program's DAG (traces.dag).
 
 Computed in one streaming pass, so a trace larger than memory works.

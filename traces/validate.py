@@ -33,12 +33,8 @@ from traces.format import MAX_SECONDS, MAX_TOKENS, Call, Program, SharedPrefix, 
 
 PROGRAM_KEYS = frozenset({"id", "arrival", "workload", "calls"})
 CALL_REQUIRED = ("id", "parents", "prompt_tokens", "output_tokens", "delay")
-CALL_KEYS = frozenset(CALL_REQUIRED) | {
-    "context_of",
-    "shared_prefix",
-    "block_hashes",
-    "hash_block_tokens",
-}
+OPTIONAL_CALL_KEYS = ("context_of", "shared_prefix", "block_hashes", "hash_block_tokens")
+CALL_KEYS = frozenset(CALL_REQUIRED) | frozenset(OPTIONAL_CALL_KEYS)
 PREFIX_KEYS = frozenset({"key", "tokens"})
 
 
@@ -260,7 +256,7 @@ def _parse_call(ctx: _Ctx, obj: Any) -> Call:
                 and 0 < output <= MAX_TOKENS
                 and (td is float or td is int)
                 and 0 <= delay <= MAX_SECONDS
-                and (context_of is None or (type(context_of) is str and context_of and context_of.isascii()))
+                and (n == 5 or (type(context_of) is str and context_of and context_of.isascii()))
             ):
                 for p in parents:
                     if type(p) is not str or not p or not p.isascii():
@@ -295,6 +291,11 @@ def _check_call(ctx: _Ctx, obj: Any) -> Call:
     if len(obj) == 5:  # the common case: no prefix information
         return make_call(cid, tuple(parents), prompt, output, delay, None, None, None, None)
 
+    for key in OPTIONAL_CALL_KEYS:
+        if key in obj and obj[key] is None:
+            # Accepting null would read as absent and `save` would drop the
+            # key: a file that does not round-trip, and perhaps a typo'd value.
+            raise ctx.error(key, "expected a value, got null (omit the key when the call has none)")
     context_of = obj.get("context_of")
     if context_of is not None:
         _id(ctx, "context_of", context_of)
@@ -551,6 +552,19 @@ _decode = json.JSONDecoder(object_pairs_hook=unique_keys).decode
 _decode_long = json.JSONDecoder(object_pairs_hook=unique_keys, parse_int=parse_json_int).decode
 
 
+def _json_complaint(exc: ValueError) -> str:
+    """The decoder's complaint, placed by column on the trace's own line.
+
+    json counts lines inside the text it was given, and a JSON Lines record
+    ends in its newline, so a line cut short read "line 2 column 1".
+    """
+    if not isinstance(exc, json.JSONDecodeError):
+        return str(exc)
+    if exc.pos >= len(exc.doc.rstrip("\r\n")):
+        return f"{exc.msg} at the end of the line (is it cut short?)"
+    return f"{exc.msg} at column {exc.pos + 1}"
+
+
 def decode_line(text: str | bytes) -> Any:
     """``json.loads`` with the decoder's complaint turned into a TraceError.
 
@@ -575,10 +589,10 @@ def decode_line(text: str | bytes) -> Any:
         except RecursionError:  # too deep to walk: the key alone must do
             raise exc from None
         except ValueError as bad:  # malformed past the repeat: not JSON at all, so say that
-            raise TraceError(f"malformed JSON: {bad}") from None
+            raise TraceError(f"malformed JSON: {_json_complaint(bad)}") from None
         raise located from None
     except ValueError as exc:  # JSONDecodeError, or UnicodeDecodeError from bytes
-        raise TraceError(f"malformed JSON: {exc}") from None
+        raise TraceError(f"malformed JSON: {_json_complaint(exc)}") from None
     except RecursionError:
         raise TraceError("malformed JSON: nested too deeply") from None
 
