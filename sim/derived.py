@@ -7,7 +7,7 @@ Comparing policies at equal latency, rather than latency at one rate, is
 what turns a latency curve into "PLAS serves 2x the load of FCFS".
 
 Definition used here (`throughput_at`), over the rates of one curve sorted
-ascending, ignoring failed points:
+ascending:
 
 * walk up the rates until the first one whose latency exceeds L ("stays at
   or below": a later dip under L does not count, since the policy already
@@ -15,13 +15,22 @@ ascending, ignoring failed points:
 * interpolate linearly between that rate and the one before it;
 * never above L: the highest swept rate, flagged as a lower bound (the sweep
   did not reach the policy's limit);
-* above L already at the lowest rate: None (no sustainable rate was swept).
+* a failed point (no latency) before the first rate above L ends the walk
+  too: the last rate below it, flagged as a lower bound, since the failed
+  rate may have been over L. Interpolating across it would claim a value
+  the table does not hold, and a run that fails from overload would raise
+  the policy's throughput;
+* above L already at the lowest rate, or failed there: None (no
+  sustainable rate was measured).
 
 A curve is one (workload, other swept keys but the rate) group and one
 policy label. The default target is relative: ``2x`` the lowest mean
-normalised latency any policy reaches at the group's lowest rate, because
-absolute s/token targets differ by workload (a 60-call LATS tree waits on
-its critical path, a chat turn does not).
+normalised latency that any curve of the workload (any policy, group and
+seed) reaches at its lowest finished rate, because absolute s/token targets
+differ by workload (a 60-call LATS tree waits on its critical path, a chat
+turn does not). One L per workload keeps balancers, replica counts and
+seeds comparable; it also means L, and so every throughput, depends on
+which curves the table holds: adding seeds can only lower it.
 
 A sweep that varies ``seed`` makes one curve per seed; `seed_table` then
 gives each curve's throughput and ratios across its seeds as a mean with a
@@ -107,18 +116,21 @@ def _finite(x: Any) -> bool:
 
 def throughput_at(rates: Sequence[float], latencies: Sequence[float | None], target: float) -> Throughput:
     """The highest rate whose latency stays <= ``target`` (module docstring for the edge cases)."""
-    pts = sorted((r, lat) for r, lat in zip(rates, latencies) if _finite(r) and _finite(lat))
-    if not pts:
-        return Throughput(None, "none")
+    pts = sorted(((r, lat if _finite(lat) else None) for r, lat in zip(rates, latencies) if _finite(r)),
+                 key=lambda p: p[0])
     prev = None
     for rate, lat in pts:
+        if lat is None:  # failed: it may have been over the target
+            return Throughput(None, "none") if prev is None else Throughput(prev[0], "lower")
         if lat > target:
             if prev is None:
                 return Throughput(None, "none")
             r0, l0 = prev
             return Throughput(r0 + (target - l0) * (rate - r0) / (lat - l0), "exact")
         prev = (rate, lat)
-    return Throughput(pts[-1][0], "lower")
+    if prev is None:
+        return Throughput(None, "none")
+    return Throughput(prev[0], "lower")
 
 
 def ratio(num: Throughput, den: Throughput) -> Ratio:

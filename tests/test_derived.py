@@ -45,10 +45,18 @@ def test_always_above_is_none():
     assert t.value is None and t.bound == "none"
 
 
-def test_failed_points_are_skipped():
-    # rate 2 failed (None) and rate 3 is NaN: interpolate between 1 and 4.
-    t = throughput_at([1, 2, 3, 4], [0.02, None, math.nan, 0.08], 0.05)
-    assert t.value == pytest.approx(1 + 3 * 0.5)
+def test_a_failed_point_before_the_crossing_ends_the_walk_as_a_lower_bound():
+    # rate 2 failed (None) and rate 3 is NaN: the latency there is unknown,
+    # perhaps over the target, so interpolating 1..4 (2.5) would overstate.
+    assert throughput_at([1, 2, 3, 4], [0.02, None, math.nan, 0.08], 0.05) == Throughput(1, "lower")
+    assert throughput_at([4, 2, 1], [0.08, math.nan, 0.02], 0.05) == Throughput(1, "lower")  # any order
+    # past the crossing a failure changes nothing
+    t = throughput_at([1, 2, 3, 4], [0.02, 0.08, None, 0.09], 0.05)
+    assert t.bound == "exact" and t.value == pytest.approx(1.5)
+    # at the top: the last finished rate is still only a lower bound
+    assert throughput_at([1, 2, 3], [0.01, 0.02, None], 0.05) == Throughput(2, "lower")
+    # at the bottom, or everywhere: nothing was measured as sustainable
+    assert throughput_at([1, 2], [None, 0.01], 0.05) == Throughput(None, "none")
     assert throughput_at([1, 2], [None, None], 0.05).bound == "none"
 
 
