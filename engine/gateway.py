@@ -59,6 +59,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import math
 import sys
 import uuid
@@ -94,6 +95,8 @@ from sim.core.params import PolicyParams
 from sim.core.state import CallState, ProgramState
 from sim.serve import json_type, run_site
 from traces.argtypes import port_number
+
+log = logging.getLogger(__name__)
 
 BYTES_PER_TOKEN = 4  # prompt-length estimate for text prompts (the balancer's only need)
 # Client headers the engines may need (vLLM's --api-key checks Authorization); the rest stay here.
@@ -138,9 +141,14 @@ class GatewayConfig:
             raise ValueError("at least one --engine URL is needed")
         self.engines = [u.rstrip("/") for u in self.engines]
         for url in self.engines:  # checked now: a typo would otherwise fail only on the first request
-            parts = urlsplit(url)
-            if parts.scheme not in ("http", "https") or not parts.netloc:
-                raise ValueError(f"--engine {url}: expected an http:// or https:// URL, e.g. http://127.0.0.1:8001")
+            example = "expected an http:// or https:// URL, e.g. http://127.0.0.1:8001"
+            try:
+                parts = urlsplit(url)
+                _ = parts.port  # raises ValueError for a port that is not a number in 0-65535
+            except ValueError as exc:
+                raise ValueError(f"--engine {url}: {exc} ({example})") from None
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ValueError(f"--engine {url}: {example}")
         if self.ttl <= 0:
             raise ValueError(f"--ttl must be > 0 seconds, got {self.ttl}")
         if self.max_body < 1:
@@ -284,20 +292,22 @@ class Gateway:
         xargs = body.get(XARGS) if isinstance(body.get(XARGS), dict) else {}
         pid = request.headers.get(PROGRAM_HEADER)
         tid = request.headers.get(THREAD_HEADER)
+        pid_field, tid_field = PROGRAM_HEADER, THREAD_HEADER  # where each id came from, for errors
         if pid is None and xargs.get(XARG_PROGRAM) is not None:
-            pid = str(xargs[XARG_PROGRAM])
-            tid = tid if tid is not None else (None if xargs.get(XARG_THREAD) is None else str(xargs[XARG_THREAD]))
+            pid, pid_field = str(xargs[XARG_PROGRAM]), f"{XARGS}.{XARG_PROGRAM}"
+            if tid is None and xargs.get(XARG_THREAD) is not None:
+                tid, tid_field = str(xargs[XARG_THREAD]), f"{XARGS}.{XARG_THREAD}"
         if pid is None:
             if tid is not None:
                 raise BadRequest(f"{THREAD_HEADER} was given without {PROGRAM_HEADER}", param=THREAD_HEADER,
                                  code="invalid_id")
             self._anon += 1
             return f"anon-{uuid.uuid4().hex[:12]}", "0"
-        check_id(pid, PROGRAM_HEADER)
+        check_id(pid, pid_field)
         if tid is None:
             self._anon += 1
             return pid, f"t-{self._anon}"
-        return pid, check_id(tid, THREAD_HEADER)
+        return pid, check_id(tid, tid_field)
 
     async def _body(self, request: web.Request) -> dict[str, Any]:
         if request.content_length is not None and request.content_length > self.cfg.max_body:
@@ -312,6 +322,8 @@ class Gateway:
             body = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise BadRequest(f"malformed JSON body: {exc}", code="invalid_json") from None
+        except RecursionError:
+            raise BadRequest("malformed JSON body: nested too deeply", code="invalid_json") from None
         except ValueError:  # the body is forwarded as is, so no stand-in for an integer Python refuses to read
             raise BadRequest(f"malformed JSON body: an integer longer than {sys.get_int_max_str_digits()} digits",
                              code="invalid_json") from None
@@ -381,13 +393,18 @@ class Gateway:
                                   f"{exc}", code="engine_unreachable", headers=headers), None
         try:
             ctype = upstream.headers.get("Content-Type", "")
-            if upstream.status >= 400:
+            if ctype.startswith("text/event-stream") and upstream.status < 400:
+                return await self._relay_stream(request, upstream, headers, live.engine)
+            try:
                 data = await upstream.read()
+            except (aiohttp.ClientError, OSError) as exc:  # the engine died before its answer was whole
+                message = (f"engine {live.engine} ({self.cfg.engines[live.engine]}) failed before its answer was "
+                           f"complete: {type(exc).__name__}: {exc}")
+                log.warning("%s", message)
+                return error_response(502, message, code="engine_failed", headers=headers), None
+            if upstream.status >= 400:
                 return web.Response(status=upstream.status, body=data, headers=headers,
                                     content_type=ctype.split(";")[0] or "application/json"), None
-            if ctype.startswith("text/event-stream"):
-                return await self._relay_stream(request, upstream, headers)
-            data = await upstream.read()
             outcome = Outcome(last_token=self.now())
             try:
                 doc = json.loads(data)
@@ -407,7 +424,7 @@ class Gateway:
                 upstream.close()
 
     async def _relay_stream(self, request: web.Request, upstream: aiohttp.ClientResponse,
-                            headers: dict[str, str]) -> tuple[web.StreamResponse, Outcome | None]:
+                            headers: dict[str, str], engine: int) -> tuple[web.StreamResponse, Outcome | None]:
         resp = web.StreamResponse(status=upstream.status, headers={
             **headers, "Content-Type": upstream.headers.get("Content-Type", "text/event-stream"),
             "Cache-Control": "no-cache"})
@@ -415,13 +432,33 @@ class Gateway:
         parser = SSEParser()
         outcome = Outcome()
         done = False
-        async for chunk in upstream.content.iter_any():
+        failed = False
+        chunks = upstream.content.iter_any()
+        while True:
+            try:
+                chunk = await chunks.__anext__()
+            except StopAsyncIteration:
+                break
+            except (aiohttp.ClientError, OSError) as exc:
+                # The engine died or cut the stream: tell the client the way
+                # vLLM reports a failure mid-stream, and charge nothing.
+                message = f"engine {engine} ({self.cfg.engines[engine]}) failed mid-stream: {type(exc).__name__}: {exc}"
+                log.warning("%s", message)
+                event = json.dumps(error_body(message, "internal_server_error", None, "engine_failed"))
+                try:
+                    await resp.write(f"data: {event}\n\ndata: [DONE]\n\n".encode())
+                    await resp.write_eof()
+                except ConnectionResetError:
+                    pass
+                return resp, None
             now = self.now()
             for event in parser.feed(chunk):
                 if event == DONE:
                     done = True
                     continue
                 assert isinstance(event, dict)
+                if "error" in event:  # vLLM's failure mid-stream: an error event, then [DONE]
+                    failed = True
                 n = event_token_count(event)
                 if n:
                     outcome.tokens += n
@@ -431,9 +468,15 @@ class Gateway:
                 stats = event.get(ENGINE_STATS)
                 if isinstance(stats, dict) and isinstance(stats.get("service"), (int, float)):
                     outcome.engine_service = float(stats["service"])
-            await resp.write(chunk)  # raises ConnectionResetError when the client is gone
-        await resp.write_eof()
-        return resp, outcome if done or outcome.tokens else None
+            try:
+                await resp.write(chunk)
+            except ConnectionResetError:  # the client is gone: an abort, which _relay passes on to the engine
+                return resp, None
+        try:
+            await resp.write_eof()
+        except ConnectionResetError:
+            return resp, None
+        return resp, outcome if not failed and (done or outcome.tokens) else None
 
     # -- other endpoints -------------------------------------------------------------
     async def models(self, request: web.Request) -> web.Response:

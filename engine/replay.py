@@ -190,6 +190,9 @@ class HTTPTarget:
                         if event == DONE:
                             done = True
                             continue
+                        if "error" in event:  # vLLM's failure mid-stream: an error event, then [DONE]
+                            raise ReplayError(f"program {program_id} call {thread_id}: the engine failed "
+                                              f"mid-stream: {_error_text(event['error'])}")
                         n = event_token_count(event)
                         if n:
                             tokens += n
@@ -208,7 +211,12 @@ class HTTPTarget:
                             if usage.get("completion_tokens") is not None:
                                 tokens = max(tokens, int(usage["completion_tokens"]))
         except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
-            raise ReplayError(f"program {program_id} call {thread_id}: {type(exc).__name__}: {exc}") from None
+            if isinstance(exc, asyncio.TimeoutError) and not isinstance(exc, aiohttp.ClientError) \
+                    and self.request_timeout is not None:  # the total timeout, which says nothing itself
+                why = f"no whole answer within --request-timeout {self.request_timeout:g} s"
+            else:
+                why = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            raise ReplayError(f"program {program_id} call {thread_id}: {why}") from None
         finish = clock.now()
         if not done or first is None:
             raise ReplayError(f"program {program_id} call {thread_id}: the stream ended early "
@@ -216,6 +224,14 @@ class HTTPTarget:
         if stats is not None and isinstance(stats.get("engine"), int) and GATEWAY_ENGINE_HEADER not in r.headers:
             engine = stats["engine"]
         return CallResult(first, finish, ids if got_ids else None, tokens, engine, stats, cached)
+
+
+def _error_text(error: Any) -> str:
+    """An OpenAI error object's message (vLLM: ``{"message", "type", "code", ...}``), or the value as sent."""
+    if isinstance(error, dict) and isinstance(error.get("message"), str):
+        kind = error.get("type")
+        return f"{error['message']} ({kind})" if isinstance(kind, str) and kind else error["message"]
+    return json.dumps(error)[:500]
 
 
 def xargs(program_id: str, thread_id: str, kv_ttl: float) -> dict[str, Any]:
@@ -345,12 +361,13 @@ class Replayer:
     service_source: dict[str, int] = field(default_factory=lambda: {"engine": 0, "client_decode_span": 0})
     token_mismatches: int = 0
     skipped: int = 0  # calls never sent because a parent failed
+    clock: Clock | None = None  # set when the replay starts
 
     async def run(self) -> float:
         """Replay every program; returns the wall time taken."""
-        clock = Clock(asyncio.get_running_loop().time())
-        await asyncio.gather(*(self._program(p, clock) for p in self.programs))
-        return clock.now()
+        self.clock = Clock(asyncio.get_running_loop().time())
+        await asyncio.gather(*(self._program(p, self.clock) for p in self.programs))
+        return self.clock.now()
 
     async def _program(self, program: Program, clock: Clock) -> None:
         await clock.until(program.arrival)
@@ -451,11 +468,17 @@ class ReplaySettings:
 async def replay(programs: Sequence[Program], target: Target, settings: ReplaySettings) -> dict[str, Any]:
     """Replay ``programs`` on ``target`` and write the outputs; returns the summary document."""
     r = Replayer(programs, target, settings.policy, settings.kv_ttl)
-    wall = await r.run()
+    try:
+        wall = await r.run()
+    except asyncio.CancelledError:
+        # Ctrl-C: keep what finished. Those programs saw the same arrivals up to
+        # the stop as in a whole replay, so `engine validate` can still compare them.
+        write_outputs(r, settings, r.clock.now() if r.clock is not None else 0.0, interrupted=True)
+        raise
     return write_outputs(r, settings, wall)
 
 
-def write_outputs(r: Replayer, settings: ReplaySettings, wall: float) -> dict[str, Any]:
+def write_outputs(r: Replayer, settings: ReplaySettings, wall: float, interrupted: bool = False) -> dict[str, Any]:
     out = Path(settings.out)
     out.mkdir(parents=True, exist_ok=True)
     order = {p.id: i for i, p in enumerate(r.programs)}
@@ -473,7 +496,7 @@ def write_outputs(r: Replayer, settings: ReplaySettings, wall: float) -> dict[st
         "trace": str(Path(settings.trace).resolve()), "policy": settings.policy, "target": settings.target,
         "model": getattr(r.target, "model", settings.model), "latency": settings.latency, "name": name,
         "kv_ttl": settings.kv_ttl, "programs": len(r.programs), "calls": sum(len(p.calls) for p in r.programs),
-        "service_source": r.service_source, "errors": r.errors[:100],
+        "service_source": r.service_source, "errors": r.errors[:100], "interrupted": interrupted,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     (out / REPLAY_JSON).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
@@ -571,11 +594,18 @@ def run(args: argparse.Namespace) -> int:
         async with target:
             return await replay(programs, target, settings)
 
+    started = time.time()
     try:
         summary = asyncio.run(go())
     except ReplayError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        meta = Path(settings.out) / REPLAY_JSON
+        written = meta.exists() and meta.stat().st_mtime >= started  # not an earlier replay's
+        where = f"the programs that finished are in {settings.out}" if written else "nothing was written"
+        print(f"{prog}: interrupted; {where}", file=sys.stderr)
+        return 130
     pol = summary["policies"][args.policy]
     failed, skipped = int(pol["stats"]["failed_calls"]), int(pol["stats"]["skipped_calls"])
     print(f"{pol['programs']} programs, {pol['calls']} calls; mean program latency "

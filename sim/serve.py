@@ -50,7 +50,7 @@ import sys
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from aiohttp import web
 
@@ -118,6 +118,17 @@ def _int(body: dict, name: str, default: int, low: int) -> int:
     return value
 
 
+def _flag(body: dict, name: str, where: str | None = None) -> bool:
+    """A JSON boolean (null or absent: false); a string such as "false" is refused, not read as true."""
+    value = body.get(name)
+    if value is None:
+        return False
+    if type(value) is not bool:
+        field = where or name
+        raise RequestError(f"{field} must be true or false, got {json_type(value)}", field)
+    return value
+
+
 def json_type(value: Any) -> str:
     """The JSON name of a parsed value's type, for errors."""
     names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", type(None): "null"}
@@ -165,9 +176,11 @@ def parse_request(body: Any, chat: bool, served_model: str) -> ParsedRequest:
     n = _int(body, "n", 1, 1)
     if n != 1:
         raise RequestError(f"n must be 1 (one completion per request), got {n}", "n")
-    stream = bool(body.get("stream", False))
+    stream = _flag(body, "stream")
     opts = body.get("stream_options") or {}
-    include_usage = bool(opts.get("include_usage", False)) if isinstance(opts, dict) else False
+    if not isinstance(opts, dict):
+        raise RequestError(f"stream_options must be an object, got {json_type(opts)}", "stream_options")
+    include_usage = _flag(opts, "include_usage", "stream_options.include_usage")
     xargs = body.get(XARGS) or {}
     if not isinstance(xargs, dict):
         raise RequestError(f"{XARGS} must be an object", XARGS)
@@ -187,7 +200,7 @@ def parse_request(body: Any, chat: bool, served_model: str) -> ParsedRequest:
                            f"{XARGS}.kv_ttl")
     return ParsedRequest(
         chat=chat, prompt_ids=prompt_ids, max_tokens=max_tokens, stream=stream, include_usage=include_usage,
-        return_token_ids=bool(body.get("return_token_ids", False)), model=served_model,
+        return_token_ids=_flag(body, "return_token_ids"), model=served_model,
         program_id=None if pid is None else str(pid), thread_id=None if tid is None else str(tid),
         program_service=None if service is None else float(service),
         kv_ttl=0.0 if kv_ttl is None else float(kv_ttl),
@@ -255,6 +268,8 @@ class SimServer:
             return error_response(413, f"request body exceeds {MAX_BODY} bytes")
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             return error_response(400, f"malformed JSON: {exc}")
+        except RecursionError:
+            return error_response(400, "malformed JSON: nested too deeply")
         try:
             req = parse_request(body, chat, self.served_model)
             handle = self.engine.submit(req.prompt_ids, req.max_tokens, req.program_id, req.thread_id,
@@ -313,6 +328,14 @@ class SimServer:
             doc = {"id": cid, "object": obj, "created": created, "model": req.model, "choices": choices, **extra}
             return b"data: " + json.dumps(doc, separators=(",", ":")).encode() + b"\n\n"
 
+        try:
+            await self._stream_tokens(resp, req, handle, chunk)
+        except ConnectionResetError:  # the client is gone: _handle aborts the call
+            pass
+        return resp
+
+    async def _stream_tokens(self, resp: web.StreamResponse, req: ParsedRequest, handle: CallHandle,
+                             chunk: Callable[..., bytes]) -> None:
         sent = 0
         while await handle.queue.get() is not None:
             last = sent + 1 == req.max_tokens
@@ -329,14 +352,13 @@ class SimServer:
             await resp.write(chunk([choice]))
             sent += 1
         if handle.aborted:
-            return resp
+            return
         extra: dict[str, Any] = {"engine_stats": handle.stats(self.engine.index)}
         if req.include_usage:
             extra["usage"] = self._usage(req, handle)
         await resp.write(chunk([], **extra))
         await resp.write(b"data: [DONE]\n\n")
         await resp.write_eof()
-        return resp
 
 
 def _new_id(chat: bool) -> str:

@@ -28,6 +28,14 @@ def test_bad_requests_get_openai_errors_and_leave_no_live_calls():
          "malformed JSON body: Expecting property name enclosed in double quotes: line 1 column 2 (char 1)"),
         ("not an object", "POST", "/v1/completions", b"[1, 2]", {}, 400, "invalid_json", None,
          "the request body must be a JSON object, got an array"),
+        ("nested too deeply", "POST", "/v1/completions", b"[" * 4000 + b"]" * 4000, {}, 400, "invalid_json", None,
+         "malformed JSON body: nested too deeply"),
+        ("bad program id in vllm_xargs", "POST", "/v1/completions", b'{"prompt": [1], "vllm_xargs": '
+         b'{"program_id": "a/b", "thread_id": "t"}}', {}, 400, "invalid_id", "vllm_xargs.program_id",
+         "vllm_xargs.program_id 'a/b' has characters outside [A-Za-z0-9._:-]"),
+        ("bad thread id in vllm_xargs", "POST", "/v1/completions", b'{"prompt": [1], "vllm_xargs": '
+         b'{"program_id": "p", "thread_id": ""}}', {}, 400, "invalid_id", "vllm_xargs.thread_id",
+         "vllm_xargs.thread_id must not be empty"),
         ("integer too long to read", "POST", "/v1/completions", b'{"max_tokens": ' + b"9" * 5000 + b"}", {}, 400,
          "invalid_json", None, "malformed JSON body: an integer longer than 4300 digits"),
         ("empty program id", "POST", "/v1/completions", b'{"prompt": [1]}', {"X-Program-Id": ""}, 400, "invalid_id",

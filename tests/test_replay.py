@@ -352,3 +352,54 @@ def test_inprocess_engine_gets_the_sequence_and_token_limits_vllm_serve_gets(tmp
         assert got == expected, name
     # The simulator's engine defaults are the A100's (`experiments.yaml`).
     assert (EngineConfig().max_num_seqs, EngineConfig().max_num_batched_tokens) == (256, 2048)
+
+
+def test_an_interrupted_replay_keeps_the_programs_that_finished(tmp_path):
+    """Ctrl-C cancels the replay: the finished programs are written, marked interrupted, not lost."""
+    early, late = _chain(), Program("q", 3600.0, "sharegpt", (Call("z", (), 30, 2),))
+    trace = tmp_path / "t.jsonl"
+    save([early, late], trace)
+    out = tmp_path / "out"
+    settings = ReplaySettings(trace=str(trace), target="fake", policy="fcfs", out=str(out))
+
+    async def go():
+        task = asyncio.ensure_future(replay_mod.replay([early, late], FakeTarget(), settings))
+        await asyncio.sleep(0.3)  # p's two calls take ~0.04 s; q arrives in an hour
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    run(go())
+    assert [p.program_id for p in read_programs_csv(out / "programs.csv")] == ["p"]
+    assert len(read_calls_csv(out / "calls.csv")) == 2
+    meta = json.loads((out / "replay.json").read_text())
+    assert meta["interrupted"] is True
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["policies"]["fcfs"]["stats"]["unfinished_programs"] == 1.0
+
+
+def test_a_request_timeout_says_which_limit_was_hit():
+    from aiohttp import web
+
+    from engine.replay import HTTPTarget, ReplayError
+
+    async def stall(request):
+        await asyncio.sleep(1)  # past the 0.2 s limit; cleanup waits for it
+        return web.Response()
+
+    async def go():
+        app = web.Application()
+        app.router.add_post("/v1/completions", stall)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        host, port = runner.addresses[0][:2]
+        try:
+            async with HTTPTarget(f"http://{host}:{port}", model="m", request_timeout=0.2) as target:
+                with pytest.raises(ReplayError) as info:
+                    await target.send([1], 1, "p", "c0", Clock(asyncio.get_running_loop().time()))
+                return str(info.value)
+        finally:
+            await runner.cleanup()
+
+    assert run(go()) == "program p call c0: no whole answer within --request-timeout 0.2 s"

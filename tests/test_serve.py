@@ -143,7 +143,11 @@ def test_bad_requests_get_openai_errors():
                              json.dumps({"prompt": [1], "max_tokens": 0}).encode(),
                              json.dumps({"prompt": [1], "max_tokens": 10 ** 9}).encode(),
                              json.dumps({"prompt": [1], "vllm_xargs": {"program_service": -1}}).encode(),
-                             b'{"prompt": [1], "max_tokens": ' + b"9" * 5000 + b"}"):
+                             b'{"prompt": [1], "max_tokens": ' + b"9" * 5000 + b"}",
+                             b"[" * 100_000 + b"]" * 100_000,
+                             json.dumps({"prompt": [1], "stream": "false"}).encode(),
+                             json.dumps({"prompt": [1], "stream": True, "stream_options": {"include_usage": 1}}).encode(),
+                             json.dumps({"prompt": [1], "stream_options": [1]}).encode()):
                     async with s.post(server.url + "/v1/completions", data=body,
                                       headers={"Content-Type": "application/json"}) as r:
                         out.append((r.status, await r.json()))
@@ -153,7 +157,7 @@ def test_bad_requests_get_openai_errors():
         return out, in_flight
 
     out, in_flight = run(go())
-    assert [status for status, _ in out] == [400] * 7
+    assert [status for status, _ in out] == [400] * 11
     for _, body in out:
         assert set(body["error"]) == {"message", "type", "param", "code"}
     assert [(body["error"]["param"], body["error"]["message"]) for _, body in out] == [
@@ -165,6 +169,11 @@ def test_bad_requests_get_openai_errors():
         ("vllm_xargs.program_service", "vllm_xargs.program_service must be a finite number of seconds >= 0, got -1"),
         # Python refuses to read an integer of over 4300 digits; the field is still named.
         ("max_tokens", "max_tokens must be an integer >= 1, got a 5000-digit integer"),
+        (None, "malformed JSON: nested too deeply"),
+        # a string is refused rather than read as true (bool("false") is True)
+        ("stream", "stream must be true or false, got a string"),
+        ("stream_options.include_usage", "stream_options.include_usage must be true or false, got a number"),
+        ("stream_options", "stream_options must be an object, got an array"),
     ]
     assert in_flight == 0
 
