@@ -148,33 +148,43 @@ def read_tags(request_id: str, extra_args: Mapping[str, Any] | None) -> CallTags
     program id must send a usable one, and guessing would merge programs.
     """
     extra = extra_args or {}
-    program = extra.get("program_id")
-    thread = extra.get("thread_id")
-    service = extra.get("program_service")
-    kv_ttl = extra.get("kv_ttl")
-    if program is None:
-        program_id = request_id
-    elif isinstance(program, (str, int)) and not isinstance(program, bool):
-        program_id = str(program)
-    else:
-        raise PluginConfigError(f"request {request_id!r}: extra_args.program_id must be a string, got {program!r}")
-    if thread is None:
-        thread_id = request_id
-    elif isinstance(thread, (str, int)) and not isinstance(thread, bool):
-        thread_id = str(thread)
-    else:
-        raise PluginConfigError(f"request {request_id!r}: extra_args.thread_id must be a string, got {thread!r}")
-    if service is not None:
-        if isinstance(service, bool) or not isinstance(service, (int, float)) or not math.isfinite(service) or service < 0:
-            raise PluginConfigError(
-                f"request {request_id!r}: extra_args.program_service must be a finite number of seconds >= 0, "
-                f"got {service!r}"
-            )
-        service = float(service)
-    if kv_ttl is None:
-        kv_ttl = 0.0
-    elif isinstance(kv_ttl, bool) or not isinstance(kv_ttl, (int, float)) or not math.isfinite(kv_ttl) or kv_ttl < 0:
+    program_id = _tag_id(request_id, "program_id", extra.get("program_id"))
+    thread_id = _tag_id(request_id, "thread_id", extra.get("thread_id"))
+    service = _tag_seconds(request_id, "program_service", extra.get("program_service"))
+    kv_ttl = _tag_seconds(request_id, "kv_ttl", extra.get("kv_ttl"))
+    return CallTags(program_id, thread_id, service, 0.0 if kv_ttl is None else kv_ttl)
+
+
+def _tag_id(request_id: str, name: str, value: Any) -> str:
+    """A program or thread id: a string, or an integer sent as one; absent means the request id."""
+    if value is None:
+        return request_id
+    if isinstance(value, (str, int)) and not isinstance(value, bool):
+        try:
+            return str(value)
+        except ValueError:  # an integer past Python's digit limit for str()
+            pass
+    raise PluginConfigError(f"request {request_id!r}: extra_args.{name} must be a string, got {_shown(value)}")
+
+
+def _tag_seconds(request_id: str, name: str, value: Any) -> float | None:
+    """A finite number of seconds >= 0, or None when absent."""
+    if value is None:
+        return None
+    try:
+        seconds = float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+    except OverflowError:  # an integer too large for a float (10**400)
+        seconds = None
+    if seconds is None or not math.isfinite(seconds) or seconds < 0:
         raise PluginConfigError(
-            f"request {request_id!r}: extra_args.kv_ttl must be a finite number of seconds >= 0, got {kv_ttl!r}"
+            f"request {request_id!r}: extra_args.{name} must be a finite number of seconds >= 0, got {_shown(value)}"
         )
-    return CallTags(program_id, thread_id, service, float(kv_ttl))
+    return seconds
+
+
+def _shown(value: Any) -> str:
+    """The value for an error message, short: a huge integer or string is cut, not printed whole."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 200:
+        return f"an integer of {value.bit_length()} bits"
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."

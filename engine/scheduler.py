@@ -171,6 +171,13 @@ class ProgramAwareMixin:
         self.kv_pins = KVPins(self.kv_cache_manager.block_pool)
         self._allocate_slots = self.kv_cache_manager.allocate_slots
         self._giving_way = False  # whether the wrapper shadows allocate_slots
+        if self.core.policy.preemptive and cfg.params.preemption and cfg.params.preempt_limit is None:
+            # The simulator stops such a run with an error (sim.replica,
+            # LIVELOCK_RECOMPUTES); a live engine has no run to stop.
+            logger.warning(
+                "preempt_limit is null: under recompute preemption calls can keep displacing each other before "
+                "their prefill ends, and the engine then makes no progress (docs/design-decisions.md)"
+            )
         if self.scheduler_config.async_scheduling and not isinstance(self, AsyncScheduler):
             logger.warning(
                 "async scheduling is on: use engine.scheduler.ProgramAwareAsyncScheduler, "
@@ -216,11 +223,17 @@ class ProgramAwareMixin:
         table = self.core.table
         entry = table.get(program_id)
         if entry is not None and thread_id in entry.live:
+            # The request id is unique among live requests but may itself be a
+            # live thread's name; raising here would kill the engine core.
+            fallback, n = rid, 0
+            while fallback in entry.live:
+                n += 1
+                fallback = f"{rid}#{n}"
             logger.warning(
-                "request %r: program %r already has a live call on thread %r; using the request id as its thread",
-                rid, program_id, thread_id,
+                "request %r: program %r already has a live call on thread %r; using %r as its thread",
+                rid, program_id, thread_id, fallback,
             )
-            thread_id = rid
+            thread_id = fallback
         if tags.program_service is not None:
             # The gateway's global view seeds both the program's priority and
             # T_program of the starvation ratio: with T_program = 0 a call of a
@@ -321,7 +334,11 @@ class ProgramAwareMixin:
         if self.kv_pins:
             self.kv_pins.drop_until_free(sum(self._blocks_needed(c) for c in waiting))
         victims = core.choose_victims(
-            [calls[r.request_id] for r in running],
+            # A streaming-input session with a token in flight (async
+            # scheduling) is no victim: if that token stops the chunk, vLLM
+            # 0.26.0 re-queues the preempted session in _handle_stopped_request
+            # and update_from_output then drops it from waiting, so it is lost.
+            [calls[r.request_id] for r in running if not (r.resumable and r.num_output_placeholders)],
             waiting,
             self._free_seqs(),
             self.kv_cache_manager.block_pool.get_num_free_blocks(),
@@ -396,6 +413,13 @@ class ProgramAwareMixin:
                 self._log("admit", rid)
             if pins and call is not None:
                 pins.release_taken_up(call.program_id, self.kv_cache_manager.coordinator.get_blocks(rid))
+        if pins:
+            # vLLM counts a block as common to every running request when its
+            # ref_cnt equals their number (get_num_common_prefix_blocks); a
+            # pin's reference breaks that count, and cascade attention (off by
+            # default) would then share a prefix some requests do not have.
+            # No common prefix is the safe answer while pins are held.
+            output.num_common_prefix_blocks = [0] * len(output.num_common_prefix_blocks)
         self._in_flight.append(_InFlight(output, now, list(output.num_scheduled_tokens)))
 
     # -- step completion -----------------------------------------------------------------

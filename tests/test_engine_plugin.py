@@ -325,6 +325,67 @@ def test_duplicate_thread_falls_back_to_the_request_id(model_dir):
     s.add_request(req("a", "A", thread="t"))
     s.add_request(req("b", "A", thread="t"))
     assert s.core.calls["b"].thread_id == "b"
+    # The request id may itself name a live thread: the fallback must not
+    # collide (add_request raising would kill vLLM's engine core).
+    s.add_request(req("c", "A", thread="d"))
+    s.add_request(req("d", "A", thread="t"))
+    assert s.core.calls["d"].thread_id == "d#1" and s.core.calls["c"].thread_id == "d"
+
+
+def test_a_streaming_session_with_its_token_in_flight_is_no_policy_victim(model_dir):
+    """Under async scheduling, evicting a session whose stopping token is in flight loses it in vLLM 0.26.0.
+
+    When the token lands the session stops while preempted: vLLM re-queues
+    it in _handle_stopped_request, then update_from_output takes it out of
+    waiting again, and it is in no queue at all.
+    """
+    clock = FakeClock()
+    s = plugin(model_dir, clock, policy="plas", params=QUEUES, max_num_seqs=1, async_scheduling=True)
+
+    def chunk(rid, prompt, extra, resumable=True):
+        return Request(rid, prompt, SamplingParams(max_tokens=1, ignore_eos=True, extra_args=extra), None,
+                       resumable=resumable, block_hasher=get_request_block_hasher(16, sha256))
+
+    s.add_request(chunk("S", list(range(100, 120)), {"program_id": "S", "program_service": 10.0}))
+    first = s.schedule()  # S prefills; its only token is in flight
+    first_out = fake_output(s, first)
+    s.add_request(chunk("S", list(range(200, 210)), {"program_id": "S"}))  # the client's next chunk
+    s.add_request(req("b", "B", tokens=20, max_tokens=3))  # outranks S (10 s attained)
+    second = s.schedule()
+    assert not second.preempted_req_ids
+    clock.advance(0.1)
+    s.update_from_output(first, first_out)
+    session = s.requests["S"]
+    queued = list(s.running) + list(s.waiting) + list(s.skipped_waiting)
+    assert queued.count(session) == 1  # in exactly one queue, not lost
+    in_flight = second
+    for _ in range(40):  # drain: b and S's second chunk both finish
+        out = s.schedule()
+        clock.advance(0.1)
+        s.update_from_output(in_flight, fake_output(s, in_flight))
+        in_flight = out
+    s.update_from_output(in_flight, fake_output(s, in_flight))
+    assert "b" not in s.requests
+    assert session.status == RequestStatus.WAITING_FOR_STREAMING_REQ and s.core.calls == {}
+    assert s.core.table.programs["S"].total_service > 10.0  # both chunks were charged
+
+
+def test_pins_do_not_make_vllm_report_a_prefix_common_to_every_running_request(model_dir):
+    """A pin's block reference would make ref_cnt == running requests for a block only some of them hold."""
+    results = {}
+    for ttl in (None, 60.0):
+        clock = FakeClock()
+        s = plugin(model_dir, clock, policy="plas", max_num_seqs=4)
+        shared = list(range(100, 148))  # 3 full blocks
+        extra = {"program_id": "A"} | ({"kv_ttl": ttl} if ttl else {})
+        s.add_request(make_request("a0", shared + [1], 1, extra_args=extra))
+        while s.requests:
+            step(s, clock, 0.1)
+        s.add_request(make_request("b0", shared + [2, 3], 5, extra_args={"program_id": "B"}))  # a0's prefix
+        s.add_request(make_request("c0", list(range(500, 540)), 5, extra_args={"program_id": "C"}))  # unrelated
+        results[ttl] = (len(s.kv_pins), s.schedule().num_common_prefix_blocks)
+    assert results[None] == (0, [0])
+    assert results[60.0] == (1, [0])  # b0 and c0 share nothing, pin or not
 
 
 @pytest.mark.parametrize(

@@ -83,6 +83,12 @@ def test_tags_default_to_a_single_call_program():
         ({"kv_ttl": "2"}, "kv_ttl must be a finite number of seconds >= 0, got '2'"),
         ({"kv_ttl": True}, "kv_ttl must be a finite number of seconds >= 0, got True"),
         ({"kv_ttl": float("inf")}, "kv_ttl must be a finite number of seconds >= 0, got inf"),
+        # integers too large for a float or for str(): a clear error, not OverflowError/ValueError
+        ({"program_service": 10**400}, "program_service must be a finite number of seconds >= 0, got an integer "
+                                       "of 1329 bits"),
+        ({"kv_ttl": -(10**400)}, "kv_ttl must be a finite number of seconds >= 0, got an integer of 1329 bits"),
+        ({"program_id": 10**5000}, "program_id must be a string, got an integer of 16610 bits"),
+        ({"thread_id": ["x" * 200]}, r"thread_id must be a string, got \['xxxx[x]*\.\.\.$"),
     ],
 )
 def test_malformed_tags_are_named(extra, msg):
