@@ -84,6 +84,10 @@ class TooLarge(ValueError):
     """The request does not fit in the engine's KV cache."""
 
 
+class EngineFailed(RuntimeError):
+    """The engine model raised (e.g. its livelock check); it serves nothing more."""
+
+
 @dataclass(eq=False)
 class CallHandle:
     """One live request: its simulated call and the queue its tokens arrive on."""
@@ -94,10 +98,11 @@ class CallHandle:
     program_service: float | None = None
     finished: bool = False
     aborted: bool = False
+    failure: str | None = None  # why the engine stopped before this call finished
 
     @property
     def done(self) -> bool:
-        return self.finished or self.aborted
+        return self.finished or self.aborted or self.failure is not None
 
     def stats(self, engine: int) -> dict[str, Any]:
         """Engine-side timing of a finished call (seconds; relative times from its arrival)."""
@@ -153,6 +158,7 @@ class RealtimeEngine:
         self._t0 = 0.0
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
+        self.failure: str | None = None  # set once, when the model raises; then every request fails
 
     # -- lifecycle -----------------------------------------------------------------
     async def start(self) -> None:
@@ -175,18 +181,36 @@ class RealtimeEngine:
         return self._loop.time() - self._t0
 
     def advance(self) -> None:
-        """Run the model up to the current wall time, events due now included."""
+        """Run the model up to the current wall time, events due now included.
+
+        Raises EngineFailed once the model has raised: the replica's state is
+        then unknown, so the live calls fail with the reason instead of
+        waiting forever for tokens, and later requests are refused.
+        """
+        if self.failure is not None:
+            raise EngineFailed(self.failure)
         env = self.env
         target = self.now()
-        if target > env.now:
-            env.run(until=target)
-        while env.peek() <= env.now:
-            env.step()
+        try:
+            if target > env.now:
+                env.run(until=target)
+            while env.peek() <= env.now:
+                env.step()
+        except Exception as exc:  # noqa: BLE001 -- any model error ends this engine, reported to every client
+            self.failure = f"engine {self.index} stopped at t={env.now:.6g} s: {exc}"
+            for handle in self._handles.values():
+                handle.failure = self.failure
+                handle.queue.put_nowait(None)
+            self._handles.clear()
+            raise EngineFailed(self.failure) from exc
 
     async def _drive(self) -> None:
         assert self._wake is not None
         while True:
-            self.advance()
+            try:
+                self.advance()
+            except EngineFailed:
+                return  # the failure is on every handle and refuses new requests
             self._wake.clear()
             due = self.env.peek()
             if due == math.inf:
@@ -222,9 +246,22 @@ class RealtimeEngine:
                 f"prompt ({len(prompt_ids)} tokens) plus max_tokens ({max_tokens}) exceeds this engine's "
                 f"KV cache of {self.max_tokens_per_call} tokens"
             )
+        eng = self.cfg.engine
+        if not eng.enable_chunked_prefill and len(prompt_ids) + max_tokens > eng.max_num_batched_tokens:
+            # As `sim.simulate.check_fits`: a (re)computed prompt must fit one step, or the call never runs.
+            raise TooLarge(
+                f"prompt ({len(prompt_ids)} tokens) plus max_tokens ({max_tokens}) exceeds this engine's token "
+                f"budget of {eng.max_num_batched_tokens} (engine.max_num_batched_tokens), which must cover a "
+                f"whole prompt when chunked prefill is off"
+            )
         self.advance()
         self._seq += 1
-        pid = program_id if program_id is not None else f"req-{self._seq}"
+        pid = program_id
+        if pid is None:  # a program of its own, under a name no live or remembered client program has
+            pid, n = f"req-{self._seq}", 0
+            while self.table.get(pid) is not None or self.replica.is_arriving(pid, "0"):
+                n += 1
+                pid = f"req-{self._seq}.{n}"
         tid = thread_id if thread_id is not None else "0"
         entry = self.table.get(pid)
         if (entry is not None and tid in entry.live) or self.replica.is_arriving(pid, tid):
@@ -247,7 +284,10 @@ class RealtimeEngine:
         """The client went away: stop the call (see the module docstring for how)."""
         if handle.done:
             return
-        self.advance()
+        try:
+            self.advance()
+        except EngineFailed:
+            return  # the handle already carries the failure
         if handle.finished:
             return
         handle.aborted = True
@@ -288,6 +328,7 @@ class RealtimeEngine:
             "model_load": self.replica.load,
             "completed": self.completed,
             "aborted": self.aborted,
+            "failure": self.failure,
             "programs": len(self.table),
             "kv_pins": self.replica.pins,
             "kv_pins_held": self.replica.pins_held,

@@ -143,6 +143,19 @@ class _LazyStep:
     transfer: float = 0.0
 
 
+def core_call_id(program_id: str, call_id: str) -> str:
+    """The scheduler core's id of a call: ``PROGRAM/CALL``, unambiguous whatever the ids hold.
+
+    Trace ids may contain ``/``: program ``a/b`` call ``c`` and program ``a``
+    call ``b/c`` would both read ``a/b/c`` and clash in the core. A ``/`` or
+    ``\\`` in the program id is escaped with ``\\``, so the first unescaped
+    ``/`` ends it; ids without either, as every generator writes, are unchanged.
+    """
+    if "/" in program_id or "\\" in program_id:
+        program_id = program_id.replace("\\", "\\\\").replace("/", "\\/")
+    return f"{program_id}/{call_id}"
+
+
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -280,7 +293,7 @@ class Replica:
 
     def _register(self, call: SimCall, now: float) -> None:
         call.core = self.core.add_call(
-            f"{call.program_id}/{call.call_id}", call.program_id, call.call_id, call.prompt_tokens, now
+            core_call_id(call.program_id, call.call_id), call.program_id, call.call_id, call.prompt_tokens, now
         )
         self._live[call.core.id] = call
 

@@ -57,7 +57,7 @@ from aiohttp import web
 from sim.config import ExperimentConfig, LatencyConfig
 from sim.core import POLICY_CLASSES
 from sim.latency import async_without_host_note
-from sim.realtime import FILLER_BASE, FILLER_VOCAB, CallHandle, Conflict, RealtimeEngine, TooLarge
+from sim.realtime import FILLER_BASE, FILLER_VOCAB, CallHandle, Conflict, EngineFailed, RealtimeEngine, TooLarge
 from traces.argtypes import int_at_least, port_number
 from traces.validate import parse_json_int
 
@@ -239,7 +239,10 @@ class SimServer:
     async def _expire_loop(self) -> None:
         while True:
             await asyncio.sleep(self.expire_interval)
-            self.engine.advance()
+            try:
+                self.engine.advance()
+            except EngineFailed:
+                return
             self.engine.expire()
 
     # -- endpoints -----------------------------------------------------------------
@@ -252,7 +255,10 @@ class SimServer:
              "max_model_len": self.engine.max_tokens_per_call}]})
 
     async def stats(self, request: web.Request) -> web.Response:
-        self.engine.advance()
+        try:
+            self.engine.advance()
+        except EngineFailed:
+            pass  # the snapshot says so
         return web.json_response(self.engine.snapshot())
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
@@ -280,6 +286,8 @@ class SimServer:
             return error_response(400, str(exc), "max_tokens")
         except Conflict as exc:
             return error_response(409, str(exc), f"{XARGS}.thread_id")
+        except EngineFailed as exc:
+            return error_response(503, str(exc))
         try:
             if req.stream:
                 return await self._stream(request, req, handle)
@@ -301,6 +309,8 @@ class SimServer:
             pass
         if handle.aborted:
             return error_response(499, "request aborted")
+        if handle.failure is not None:
+            return error_response(500, handle.failure)
         text = TOKEN_TEXT * req.max_tokens
         if req.chat:
             choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": text},
@@ -352,6 +362,11 @@ class SimServer:
             await resp.write(chunk([choice]))
             sent += 1
         if handle.aborted:
+            return
+        if handle.failure is not None:  # as vLLM reports a failure mid-stream: an error event, then [DONE]
+            error = {"error": {"message": handle.failure, "type": "InternalServerError", "param": None, "code": 500}}
+            await resp.write(b"data: " + json.dumps(error).encode() + b"\n\ndata: [DONE]\n\n")
+            await resp.write_eof()
             return
         extra: dict[str, Any] = {"engine_stats": handle.stats(self.engine.index)}
         if req.include_usage:

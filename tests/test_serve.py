@@ -477,3 +477,76 @@ def test_sim_serve_takes_the_experiments_only_policy_and_refuses_a_negative_inde
         parser.parse_args(["--index", "-5"])
     last = capsys.readouterr().err.splitlines()[-1]  # "PROG: error: ...", PROG being argparse's default
     assert last.endswith(": error: argument --index: expected an integer >= 0, got -5")
+
+
+def test_without_chunked_prefill_a_prompt_past_the_token_budget_is_refused_not_left_to_stall():
+    config = engine_config(step=0.01)
+    eng = dataclasses.replace(config.engine, enable_chunked_prefill=False, max_num_batched_tokens=512)
+    engine = RealtimeEngine(dataclasses.replace(config, engine=eng), "fcfs")
+    engine.now = lambda: 0.0
+    from sim.realtime import TooLarge
+
+    with pytest.raises(TooLarge, match=r"prompt \(600 tokens\) plus max_tokens \(4\) exceeds this engine's token "
+                                       r"budget of 512 \(engine.max_num_batched_tokens\)"):
+        engine.submit(list(range(600)), 4, "A", "a", None)
+    assert engine.in_flight == 0 and engine.replica.load == 0
+    engine.submit(list(range(500)), 4, "B", "b", None)  # fits: served as usual
+
+
+def test_an_engine_model_error_fails_every_live_call_and_refuses_new_ones():
+    """A model error (e.g. the livelock check) used to kill the drive task silently: clients waited forever."""
+    from sim.realtime import EngineFailed
+
+    engine = RealtimeEngine(engine_config(step=1.0, max_num_seqs=4), "fcfs")
+    now = [0.0]
+    engine.now = lambda: now[0]
+    a = engine.submit(list(range(100, 116)), 10, "A", "a", None)
+    b = engine.submit(list(range(200, 216)), 10, "B", "b", None)
+
+    def boom(call, new_tokens, sampled):
+        raise RuntimeError("boom")
+
+    engine.replica.on_progress = boom
+    now[0] = 2.5
+    with pytest.raises(EngineFailed, match=r"engine 0 stopped at t=\S+ s: boom"):
+        engine.advance()
+    for handle in (a, b):
+        assert handle.done and handle.failure == engine.failure and handle.queue.get_nowait() is None
+    with pytest.raises(EngineFailed):
+        engine.submit(list(range(300, 316)), 3, "C", "c", None)
+    engine.abort(a)  # nothing to do, and no error
+    assert engine.snapshot()["failure"] == engine.failure
+
+
+def test_sim_serve_reports_an_engine_failure_in_the_stream_as_vllm_does():
+    async def go():
+        server, engine = await start_engine(step=0.01)
+        try:
+            async with aiohttp.ClientSession() as s:
+                r = await s.post(server.url + "/v1/completions",
+                                 json={"prompt": [1, 2, 3], "max_tokens": 50, "stream": True})
+                await r.content.readline()  # the first token arrived
+
+                def boom(call, new_tokens, sampled):
+                    raise RuntimeError("boom")
+
+                engine.replica.on_progress = boom
+                parser, events = SSEParser(), []
+                async for chunk in r.content.iter_any():
+                    events += parser.feed(chunk)
+                async with s.post(server.url + "/v1/completions", json={"prompt": [1], "max_tokens": 2}) as later:
+                    return events, later.status, await later.json()
+        finally:
+            await server.stop()
+
+    events, status, body = run(go())
+    assert events[-1] == DONE and "boom" in events[-2]["error"]["message"]
+    assert status == 503 and "engine 0 stopped" in body["error"]["message"]
+
+
+def test_an_anonymous_request_never_joins_a_client_program_of_the_same_name():
+    engine = RealtimeEngine(engine_config(step=1.0, max_num_seqs=4), "fcfs")
+    engine.now = lambda: 0.0
+    engine.submit(list(range(100, 116)), 10, "req-2", "0", None)  # a client's own program id
+    anon = engine.submit(list(range(200, 216)), 10, None, None, None)  # the engine's 2nd request
+    assert anon.call.program_id == "req-2.1"

@@ -997,3 +997,15 @@ def test_preemption_that_recomputes_calls_before_their_first_token_is_reported_a
     assert {(r.call_id, r.preemptions) for r in limited.calls} == {("a", 1), ("b", 1)}
     swapped = simulate(programs, cfg(loose, preemption_mode="swap", **chunked), "plas")
     assert len(swapped.calls) == 2 and all(r.preemptions > 1 for r in swapped.calls)
+
+
+def test_ids_with_slashes_do_not_collide_in_the_scheduler_core():
+    """Program 'a/b' call 'c' and program 'a' call 'b/c' both read 'a/b/c' when joined with '/'."""
+    from sim.replica import core_call_id
+
+    progs = [Program("a/b", 0.0, "w", (Call("c", (), 10, 5),)), Program("a", 0.0, "w", (Call("b/c", (), 10, 5),)),
+             Program("a\\", 0.0, "w", (Call("/c", (), 10, 5),))]
+    result = simulate(progs, cfg(), "fcfs")
+    assert sorted((r.program_id, r.call_id) for r in result.calls) == [("a", "b/c"), ("a/b", "c"), ("a\\", "/c")]
+    ids = {core_call_id(p.id, p.calls[0].id) for p in progs}
+    assert len(ids) == 3 and core_call_id("p0", "c1") == "p0/c1"  # generated ids unchanged
