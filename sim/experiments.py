@@ -114,9 +114,14 @@ class _Constructor(yaml.constructor.SafeConstructor):
 
     def construct_yaml_int(self, node: yaml.ScalarNode) -> int:
         value = self.construct_scalar(node)
-        if value.startswith(("0o", "0x")):
-            return int(value[2:], 8 if value[1] == "o" else 16)
-        return int(value, 10)
+        try:
+            if value.startswith(("0o", "0x")):
+                return int(value[2:], 8 if value[1] == "o" else 16)
+            return int(value, 10)
+        except ValueError:  # past Python's digit limit for int(): no setting needs such a number
+            raise yaml.constructor.ConstructorError(
+                None, None, f"an integer of {len(value)} digits is too long", node.start_mark
+            ) from None
 
 
 _Constructor.add_constructor(_INT_TAG, _Constructor.construct_yaml_int)
@@ -334,7 +339,9 @@ def parse_override(text: str) -> tuple[tuple[str, ...], Any]:
         value = load_value(raw, f"--set {text}") if raw.strip() else ""
     except yaml.YAMLError as exc:
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ConfigError(f"--set {text}: cannot parse the value as YAML: {problem}") from None
+        raise ConfigError(f"--set {text:.200}: cannot parse the value as YAML: {problem}") from None
+    except RecursionError:
+        raise ConfigError(f"--set {text:.200}: the value is nested too deeply") from None
     return parts, value
 
 

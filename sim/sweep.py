@@ -233,6 +233,7 @@ def _set_overrides(
         problem = check_key(key)
         if problem:
             where.fail(path + (key,), problem)
+        _plain(where, value, path + (key,))
         text = override_text(key, value)
         out.append(text)
         if labels is not None:
@@ -299,6 +300,22 @@ def expand_range(where: _Where, spec: dict[str, Any], path: tuple[Any, ...]) -> 
     return [_clean(start + i * step, integral) for i in range(count)]
 
 
+def _plain(where: _Where, value: Any, path: tuple[Any, ...]) -> None:
+    """Refuse what a point's ``--set`` text cannot carry: YAML dates, binary, sets (tags JSON has no form for)."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return
+    if isinstance(value, list):
+        for i, item in enumerate(value):
+            _plain(where, item, path + (i,))
+        return
+    if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+        for k, item in value.items():
+            _plain(where, item, path + (k,))
+        return
+    where.fail(path, f"expected a number, string, boolean, list or mapping, got a YAML {type(value).__name__} "
+                     f"({value!r:.60}); quote it to pass it as a string")
+
+
 def _axis(where: _Where, key: str, raw: Any, path: tuple[Any, ...]) -> tuple[list[Any], str | None]:
     """The values of one grid key, and the key it is multiplied by (``times``), if any."""
     problem = check_key(key)
@@ -307,6 +324,8 @@ def _axis(where: _Where, key: str, raw: Any, path: tuple[Any, ...]) -> tuple[lis
     if isinstance(raw, list):
         if not raw:
             where.fail(path, "expected at least one value")
+        for i, value in enumerate(raw):
+            _plain(where, value, path + (i,))
         return list(raw), None
     if isinstance(raw, dict):
         times = raw.get("times")

@@ -120,6 +120,9 @@ def test_fit_latency_is_delegated(workdir):
     res = sim("fit-latency", "--help", cwd=workdir)
     assert res.returncode == 0 and "Traceback" not in res.stderr
     assert "usage:" in res.stdout and "profile" in res.stdout
+    res = sim("fit-latency", "profile.csv", "-o", "f.json", "--seed", "-1", cwd=workdir)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert res.stderr.endswith("error: argument --seed: expected an integer >= 0, got -1\n")
 
 
 def test_result_table():

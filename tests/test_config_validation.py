@@ -369,3 +369,17 @@ def test_saved_config_reads_back_strings_that_look_like_yaml_1_2_numbers(exp, tm
     assert load_value(text, "config.yaml") == data
     # and a plain YAML 1.1 reader (yaml.safe_load) too: 'yes' and 'off' are booleans there.
     assert yaml.safe_load(text) == data
+
+
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        ("9" * 5000, "cannot parse the value as YAML: an integer of 5000 digits is too long"),
+        ("[" * 500 + "]" * 500, "the value is nested too deeply"),
+    ],
+)
+def test_set_values_python_cannot_read_are_config_errors(value, message):
+    with pytest.raises(ConfigError) as info:
+        parse_override(f"seed={value}")
+    text = str(info.value)
+    assert text.startswith("--set seed=") and text.endswith(message) and len(text) < 300

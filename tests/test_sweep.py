@@ -137,6 +137,9 @@ RATE = "grid.workload.params.rate"
          f"{RATE}.by: unknown key; valid keys: start, stop, num, step, times"),
         ("{workload.params.rate: 3}", f"{RATE}: expected a list of values or a range {{start, stop, num|step}}, got 3"),
         ("{workload.params.rate: []}", f"{RATE}: expected at least one value"),
+        # a YAML date has no --set text: refused, located, not a TypeError when the point is built
+        ("{engine.model: [2001-12-14]}", "grid.engine.model[0]: expected a number, string, boolean, list or mapping, "
+         "got a YAML date (datetime.date(2001, 12, 14)); quote it to pass it as a string"),
         ("{engine.replica: [1, 2]}", f"grid.engine.replica: unknown key 'replica' in engine; valid keys: {ENGINE_KEYS}"),
         ("{engin.replicas: [1]}", "grid.engin.replicas: unknown key; valid keys: workload, engine, latency, policy_params, seed"),
         ("{policies: [[fcfs]]}",
@@ -168,6 +171,9 @@ def test_bad_grids_are_located_errors(tmp_path, grid, message):
          "12: sweep 's': gird: unknown key; valid keys: description, experiment, set, grid, policies, variants"),
         ("experiment: tiny\ngrid: {seed: [1]}\nvariants: {u: {set: {engine.prefix: true}}}",
          f"12: sweep 's': variants.u.set.engine.prefix: unknown key 'prefix' in engine; valid keys: {ENGINE_KEYS}"),
+        ("experiment: tiny\ngrid: {seed: [1]}\nset: {engine.model: !!binary aGVsbG8=}",
+         "12: sweep 's': set.engine.model: expected a number, string, boolean, list or mapping, got a YAML bytes "
+         "(b'hello'); quote it to pass it as a string"),
         ("experiment: tiny\ngrid: {seed: [1]}\nset: {engine.model: gpt}",
          "12: sweep 's': set.engine.model: experiment 'tiny': engine.model: unknown value 'gpt'; "
          "valid choices: llama-3.1-70b, llama-3.1-8b"),

@@ -51,6 +51,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from sim.latency.base import StepShape
+from traces.argtypes import int_at_least
 from sim.latency.profile import ProfileError, ProfileRow, read_profile
 from traces.argtypes import positive_float
 from traces.validate import parse_json_int
@@ -310,7 +311,8 @@ def fit_latency_main(argv: list[str]) -> int:
     p.add_argument("-o", "--output", required=True, help="fitted model JSON to write")
     p.add_argument("--name", help="model name stored in the JSON (default: the output file's stem)")
     p.add_argument("--test-fraction", type=float, default=0.2, help="held-out share of steps (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the train/test split (default: %(default)s)")
+    p.add_argument("--seed", type=int_at_least(0), default=0,
+                   help="seed of the train/test split (default: %(default)s)")
     p.add_argument("--max-mape", type=positive_float, help="exit 1 if the held-out MAPE (%%) exceeds this")
     args = p.parse_args(argv)
     try:
