@@ -93,7 +93,7 @@ from engine.sse import DONE, SSEParser, event_token_count
 from sim.core import ProcessTable, make_balancer, make_policy
 from sim.core.params import PolicyParams
 from sim.core.state import CallState, ProgramState
-from sim.serve import json_type, run_site
+from sim.serve import json_type, run_site, sse_error
 from traces.argtypes import port_number
 
 log = logging.getLogger(__name__)
@@ -444,9 +444,8 @@ class Gateway:
                 # vLLM reports a failure mid-stream, and charge nothing.
                 message = f"engine {engine} ({self.cfg.engines[engine]}) failed mid-stream: {type(exc).__name__}: {exc}"
                 log.warning("%s", message)
-                event = json.dumps(error_body(message, "internal_server_error", None, "engine_failed"))
                 try:
-                    await resp.write(f"data: {event}\n\ndata: [DONE]\n\n".encode())
+                    await resp.write(sse_error(error_body(message, "internal_server_error", None, "engine_failed")))
                     await resp.write_eof()
                 except ConnectionResetError:
                     pass

@@ -120,8 +120,8 @@ def throughput_at(rates: Sequence[float], latencies: Sequence[float | None], tar
                  key=lambda p: p[0])
     prev = None
     for rate, lat in pts:
-        if lat is None:  # failed: it may have been over the target
-            return Throughput(None, "none") if prev is None else Throughput(prev[0], "lower")
+        if lat is None:  # failed: it may have been over the target, so the rate below is only a bound
+            break
         if lat > target:
             if prev is None:
                 return Throughput(None, "none")

@@ -75,12 +75,21 @@ class RequestError(ValueError):
         self.message, self.param, self.status = message, param, status
 
 
-def error_response(status: int, message: str, param: str | None = None, code: str | None = None) -> web.Response:
+def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+    """OpenAI's error object, typed by the HTTP status."""
     kind = {404: "not_found_error", 409: "conflict_error"}.get(status, "invalid_request_error")
     if status >= 500:
         kind = "internal_server_error"
-    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
-    return web.json_response(body, status=status)
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def error_response(status: int, message: str, param: str | None = None, code: str | None = None) -> web.Response:
+    return web.json_response(error_body(status, message, param, code), status=status)
+
+
+def sse_error(body: dict[str, Any]) -> bytes:
+    """The end of a stream that failed, as vLLM's OpenAI server writes it: an error event, then ``[DONE]``."""
+    return b"data: " + json.dumps(body).encode() + b"\n\ndata: [DONE]\n\n"
 
 
 def text_token_ids(text: str) -> list[int]:
@@ -363,9 +372,8 @@ class SimServer:
             sent += 1
         if handle.aborted:
             return
-        if handle.failure is not None:  # as vLLM reports a failure mid-stream: an error event, then [DONE]
-            error = {"error": {"message": handle.failure, "type": "InternalServerError", "param": None, "code": 500}}
-            await resp.write(b"data: " + json.dumps(error).encode() + b"\n\ndata: [DONE]\n\n")
+        if handle.failure is not None:
+            await resp.write(sse_error(error_body(500, handle.failure)))
             await resp.write_eof()
             return
         extra: dict[str, Any] = {"engine_stats": handle.stats(self.engine.index)}

@@ -17,7 +17,7 @@ from engine.replay import HTTPTarget, ReplaySettings, replay
 from engine.validate import load_replay
 from sim.metrics import read_calls_csv, read_programs_csv
 from sim.replica import quantize
-from test_serve_helpers import run, start_engine, start_gw, wait_for
+from test_serve_helpers import run, start_app, start_engine, start_gw, wait_for
 from traces.format import Call, Program, SharedPrefix
 from traces.io import load_all, save
 
@@ -243,13 +243,8 @@ def test_against_an_engine_without_engine_stats_the_gateway_measures_service_its
         return resp
 
     async def go():
-        app = web.Application()
-        app.router.add_post("/v1/completions", completions)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", 0).start()
-        host, port = runner.addresses[0][:2]
-        gw, gateway = await start_gw([f"http://{host}:{port}"], policy="plas")
+        fake = await start_app({("POST", "/v1/completions"): completions})
+        gw, gateway = await start_gw([fake.url], policy="plas")
         try:
             async with aiohttp.ClientSession() as s:
                 hdr = {"X-Program-Id": "p", "X-Thread-Id": "t", "Authorization": "Bearer secret"}
@@ -262,7 +257,7 @@ def test_against_an_engine_without_engine_stats_the_gateway_measures_service_its
                 streamed = gateway.acct.table.get("p").service - whole
         finally:
             await gw.stop()
-            await runner.cleanup()
+            await fake.stop()
         return whole, streamed, text
 
     whole, streamed, text = run(go())

@@ -18,7 +18,7 @@ from aiohttp import web
 from engine.gateway import GatewayConfig
 from engine.replay import HTTPTarget, ReplayError
 from engine.sse import DONE, SSEParser
-from test_serve_helpers import Running, _url, run, start_gw, wait_for
+from test_serve_helpers import Running, run, start_app, start_gw, wait_for
 
 TOKEN = {"id": "c", "object": "text_completion", "created": 0, "model": "m",
          "choices": [{"index": 0, "text": "a", "logprobs": None, "finish_reason": None, "token_ids": [7]}],
@@ -46,13 +46,7 @@ async def start_failing_engine(mode: str) -> Running:
     async def models(request: web.Request) -> web.Response:
         return web.json_response({"object": "list", "data": [{"id": "m"}]})
 
-    app = web.Application()
-    app.router.add_post("/v1/completions", completions)
-    app.router.add_get("/v1/models", models)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    return Running(runner, _url(runner))
+    return await start_app({("POST", "/v1/completions"): completions, ("GET", "/v1/models"): models})
 
 
 async def _stream_events(session: aiohttp.ClientSession, url: str) -> list:

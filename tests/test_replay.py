@@ -15,7 +15,7 @@ from engine import replay as replay_mod
 from engine.replay import CallResult, Clock, Replayer, ReplaySettings, program_record, write_outputs
 from engine.tokens import fallback_output_ids, prompt_ids
 from sim.metrics import read_calls_csv, read_programs_csv
-from test_serve_helpers import run, start_engine
+from test_serve_helpers import run, start_app, start_engine
 from traces.format import Call, Program, SharedPrefix
 from traces.io import save
 
@@ -388,18 +388,13 @@ def test_a_request_timeout_says_which_limit_was_hit():
         return web.Response()
 
     async def go():
-        app = web.Application()
-        app.router.add_post("/v1/completions", stall)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", 0).start()
-        host, port = runner.addresses[0][:2]
+        server = await start_app({("POST", "/v1/completions"): stall})
         try:
-            async with HTTPTarget(f"http://{host}:{port}", model="m", request_timeout=0.2) as target:
+            async with HTTPTarget(server.url, model="m", request_timeout=0.2) as target:
                 with pytest.raises(ReplayError) as info:
                     await target.send([1], 1, "p", "c0", Clock(asyncio.get_running_loop().time()))
                 return str(info.value)
         finally:
-            await runner.cleanup()
+            await server.stop()
 
     assert run(go()) == "program p call c0: no whole answer within --request-timeout 0.2 s"

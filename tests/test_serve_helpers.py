@@ -45,6 +45,17 @@ async def start_engine(index: int = 0, step: float = 0.005, policy: str = "plas"
     return Running(runner, _url(runner)), engine
 
 
+async def start_app(routes: dict[tuple[str, str], Callable]) -> Running:
+    """A stand-in HTTP server on a free port: ``{(method, path): handler}``."""
+    app = web.Application()
+    for (method, path), handler in routes.items():
+        app.router.add_route(method, path, handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    return Running(runner, _url(runner))
+
+
 async def start_gw(engine_urls: list[str], **kw) -> tuple[Running, Gateway]:
     gw = Gateway(GatewayConfig(engines=engine_urls, **kw))
     runner = await start_gateway(gw, "127.0.0.1", 0)
