@@ -18,12 +18,13 @@ from tqdm import tqdm
 class Progress:
     """Counts finished programs; ``advance`` is what `simulate` calls."""
 
-    bar: tqdm
+    bar: tqdm | None  # None when quiet
     done: int = 0
 
     def advance(self, n: int) -> None:
         self.done += n
-        self.bar.update(n)
+        if self.bar is not None:
+            self.bar.update(n)
 
     def finish_to(self, target: int) -> None:
         """Catch up to ``target`` (a policy is done even if it reported fewer)."""
@@ -31,12 +32,22 @@ class Progress:
             self.advance(target - self.done)
 
     def describe(self, text: str) -> None:
-        self.bar.set_description_str(text, refresh=False)
+        if self.bar is not None:
+            self.bar.set_description_str(text, refresh=False)
 
 
 @contextmanager
 def progress_bar(total: int, quiet: bool = False, unit: str = "prog") -> Iterator[Progress]:
-    bar = tqdm(total=total, unit=unit, disable=quiet, leave=False, dynamic_ncols=True, mininterval=0.5)
+    """A bar on stderr, or none at all when ``quiet``.
+
+    Even a disabled tqdm takes tqdm's lock, a named semaphore shared across
+    processes; a seed worker that is terminated (an interrupted ``--seeds``
+    run) could not release it, and Python then warns of a leaked semaphore.
+    """
+    if quiet:
+        yield Progress(None)
+        return
+    bar = tqdm(total=total, unit=unit, leave=False, dynamic_ncols=True, mininterval=0.5)
     try:
         yield Progress(bar)
     finally:

@@ -33,6 +33,7 @@ from sim.confidence import CONFIDENCE, t_interval
 from sim.config import ExperimentConfig
 from sim.experiments import ConfigError
 from sim.metrics import BASELINE, RATIO_METRICS
+from sim.pool import stop_pool
 from sim.textout import write_atomic
 
 # The metrics given an interval: the paper's (normalised latency, its tail,
@@ -137,7 +138,7 @@ def run_replications(
             except BaseException as exc:
                 # A bad seed (a call that cannot fit, an interrupt) ends the run now,
                 # not after the queued seeds have run for minutes.
-                pool.shutdown(wait=False, cancel_futures=True)
+                stop_pool(pool)
                 if isinstance(exc, BrokenProcessPool):  # killed, e.g. out of memory: not a bug here
                     raise WorkerDied(f"--seeds: a worker process died ({exc}); if memory ran out, use fewer --workers") from None
                 raise

@@ -39,6 +39,7 @@ from typing import Any, Iterable, Iterator, Sequence
 
 from sim.experiments import ConfigError, dump_yaml, to_file_dict
 from sim.metrics import add_ratios, summarize_policy
+from sim.pool import stop_pool
 from sim.sweep import DEFAULT_VARIANT, Job, Sweep
 from sim.textout import write_atomic
 
@@ -148,12 +149,20 @@ def run_local(jobs: Sequence[Job], workers: int) -> Iterator[JobResult]:
     ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
         futures = {pool.submit(run_job, job): job for job in todo}
-        for fut in as_completed(futures):
-            exc = fut.exception()
-            if exc is not None:  # the worker died (killed, out of memory): not the job's own error
-                yield JobResult(futures[fut].index, "failed", f"{type(exc).__name__}: {exc}")
-            else:
-                yield fut.result()
+        try:
+            for fut in as_completed(futures):
+                exc = fut.exception()
+                if isinstance(exc, KeyboardInterrupt):  # Ctrl-C reached the worker before this process
+                    raise KeyboardInterrupt
+                if exc is not None:  # the worker died (killed, out of memory): not the job's own error
+                    yield JobResult(futures[fut].index, "failed", f"{type(exc).__name__}: {exc}")
+                else:
+                    yield fut.result()
+        finally:
+            # An interrupt here, or the consumer stopped early (it closed this generator).
+            if not all(f.done() for f in futures):
+                stop_pool(pool)
+
 
 
 def run_ray(jobs: Sequence[Job], workers: int) -> Iterator[JobResult]:
@@ -377,18 +386,24 @@ def run_sweep(
     start = time.perf_counter()
     failed: list[dict[str, Any]] = []
     by_index = {j.index: j for j in jobs}
+    results = BACKENDS[backend](jobs, workers)
     with tqdm(total=len(jobs), unit="job", disable=quiet, dynamic_ncols=True, mininterval=0.5, desc=sweep.name) as bar:
-        for result in BACKENDS[backend](jobs, workers):
-            job = by_index[result.index]
-            r = writer.add(job, result)
-            if result.status != "ok":
-                failed.append(r)
-                tqdm.write(
-                    f"sweep {sweep.name}: point {job.point.index} ({job.point.describe()}) {job.label}: "
-                    f"{result.status}: {r['error']}",
-                    file=sys.stderr,
-                )
-                bar.set_postfix_str(f"{len(failed)} failed", refresh=False)
-            bar.update(1)
+        try:
+            for result in results:
+                job = by_index[result.index]
+                r = writer.add(job, result)
+                if result.status != "ok":
+                    failed.append(r)
+                    tqdm.write(
+                        f"sweep {sweep.name}: point {job.point.index} ({job.point.describe()}) {job.label}: "
+                        f"{result.status}: {r['error']}",
+                        file=sys.stderr,
+                    )
+                    bar.set_postfix_str(f"{len(failed)} failed", refresh=False)
+                bar.update(1)
+        except KeyboardInterrupt:
+            results.close()  # stops the workers at once, wherever the interrupt landed
+            writer.finish()  # the finished rows in grid order, as at the end of a whole sweep
+            raise
     rows = writer.finish()
     return SweepOutcome(rows, sorted(failed, key=lambda r: (r["point"], r["policy"])), time.perf_counter() - start)

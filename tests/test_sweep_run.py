@@ -14,6 +14,7 @@ import pytest
 
 from sim.experiments import ConfigError
 from sim.sweep import jobs, load_sweep
+from sim import sweep_run
 from sim.sweep_run import JobResult, SweepWriter, run_sweep
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -311,3 +312,93 @@ def test_ray_backend_runs_jobs_as_tasks(exp, tmp_path, monkeypatch):
     assert [[r[k] for k in same] for i, r in enumerate(outcome.rows) if i != 1] == [
         [r[k] for k in same] for i, r in enumerate(local.rows) if i != 1
     ]
+
+
+
+def test_an_interrupted_sweep_writes_its_finished_rows_in_grid_order(exp, tmp_path, monkeypatch):
+    sweep = load_sweep("s", exp)
+    todo = jobs(sweep, exp)
+
+    def interrupted_backend(jobs_, workers):
+        for job in reversed(todo[:3]):  # completion order is not grid order
+            yield JobResult(job.index, "ok", "", 0.1, {"programs": 12})
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(sweep_run.BACKENDS, "local", interrupted_backend)
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(sweep, todo, tmp_path / "out", workers=2, quiet=True)
+    table = read(tmp_path / "out" / "sweep.csv")
+    assert [(r["point"], r["policy"], r["programs"]) for r in table] == [("0", "fcfs", "12"), ("0", "plas", "12"), ("1", "fcfs", "12")]
+
+
+SLOW = """\
+experiments:
+  tiny:
+    workload:
+      generator: bfcl
+      params: {programs: 12, rate: 2.0}
+    latency: {kind: constant, seconds: 0.01}
+    policies: [fcfs]
+sweeps:
+  slow:
+    experiment: tiny
+    grid: {workload.params.programs: [200000, 200001, 200002, 200003]}
+"""
+
+
+def _interrupt(cmd: list[str], started: Path, group_wide: bool) -> tuple[int, float, str]:
+    """Run ``cmd`` in its own process group and send it SIGINT once ``started`` exists and its workers are busy.
+
+    Returns the exit status, the seconds it took to exit, and stderr; fails
+    if any of its processes outlive it.
+    """
+    import signal
+    import time
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # as at a terminal, even under a runner that ignores it
+    )
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None and not started.exists():
+        time.sleep(0.2)
+    time.sleep(3)  # the workers are generating or simulating their first jobs
+    assert proc.poll() is None, f"ended before the interrupt: {proc.communicate()}"
+    if group_wide:
+        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C at a terminal: every process of the group
+    else:
+        os.kill(proc.pid, signal.SIGINT)  # only the command itself
+    sent = time.monotonic()
+    _, err = proc.communicate(timeout=900)
+    elapsed = time.monotonic() - sent
+    listing = subprocess.run(["ps", "-o", "stat=,pid=,args=", "-g", str(proc.pid)], capture_output=True, text=True).stdout
+    left = [line for line in listing.splitlines() if not line.startswith("Z")]  # a zombie has ended; init reaps it
+    assert left == [], f"processes outlived the interrupted command: {left}"
+    return proc.returncode, elapsed, err
+
+
+@pytest.mark.parametrize("group_wide", [True, False], ids=["ctrl-c", "main-only"])
+def test_an_interrupted_sweep_stops_its_workers_at_once(tmp_path, group_wide):
+    """Each job runs for minutes; an interrupt must not wait for the running or queued ones (it took 525 s on paper-single)."""
+    path = tmp_path / "exp.yaml"
+    path.write_text(SLOW)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "sim", "sweep", "slow", "--experiments", str(path), "--out", str(out), "--workers", "2", "--quiet"]
+    rc, elapsed, err = _interrupt(cmd, out / "sweep.csv", group_wide)
+    assert rc == 130 and err.strip().splitlines()[-1] == "interrupted", err
+    assert elapsed < 30, f"took {elapsed:.1f} s to stop"
+    assert read(out / "sweep.csv") == []
+
+
+def test_interrupted_replications_stop_their_workers_at_once(tmp_path):
+    """The running seeds are ended, not waited for; no replications.json is written."""
+    path = tmp_path / "exp.yaml"
+    path.write_text(SLOW.replace("programs: 12", "programs: 200000"))
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "sim", "run", "tiny", "--experiments", str(path), "--out", str(out),
+           "--seeds", "2", "--workers", "2", "--quiet"]
+    rc, elapsed, err = _interrupt(cmd, out / "seed-0" / "config.yaml", group_wide=False)
+    assert rc == 130 and err.strip().splitlines()[-1] == "interrupted", err
+    assert elapsed < 30, f"took {elapsed:.1f} s to stop"
+    assert not (out / "replications.json").exists()
