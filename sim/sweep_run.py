@@ -254,6 +254,28 @@ def csv_text(cols: Sequence[str], rows: Iterable[dict[str, Any]], header: bool =
     return buf.getvalue()
 
 
+INT64 = range(-(2**63), 2**63)
+EXACT_FLOAT_INT = range(-(2**53), 2**53 + 1)  # the ints a float holds exactly
+
+
+def parquet_column(values: list[Any]) -> list[Any]:
+    """One Arrow type per column, holding each value exactly; else the CSV's text.
+
+    Swept columns hold whatever the grid gave: ints and floats mixed, lists,
+    mappings, a seed past int64. Arrow refuses those (an OverflowError after
+    every job had run), so they are stored as their ``sweep.csv`` cells.
+    """
+    kinds = {type(v) for v in values if v is not None}
+    ints = [v for v in values if type(v) is int]
+    if kinds <= {bool} or kinds == {str} or kinds == {float}:
+        return values
+    if kinds == {int} and all(v in INT64 for v in ints):
+        return values
+    if kinds == {int, float} and all(v in EXACT_FLOAT_INT for v in ints):
+        return [None if v is None else float(v) for v in values]
+    return [None if v is None else _cell(v) for v in values]
+
+
 def write_parquet(path: Path, cols: Sequence[str], rows: Sequence[dict[str, Any]]) -> bool:
     """Write the table as Parquet if pyarrow is installed; returns whether it did."""
     try:
@@ -261,14 +283,7 @@ def write_parquet(path: Path, cols: Sequence[str], rows: Sequence[dict[str, Any]
         import pyarrow.parquet as pq
     except ImportError:
         return False
-    # Swept columns may mix types across cases (e.g. ints and floats): one type per column.
-    data = {c: [r.get(c) for r in rows] for c in cols}
-    for c, values in data.items():
-        kinds = {type(v) for v in values if v is not None}
-        if kinds == {int, float}:
-            data[c] = [None if v is None else float(v) for v in values]
-        elif len(kinds) > 1:
-            data[c] = [None if v is None else _cell(v) for v in values]
+    data = {c: parquet_column([r.get(c) for r in rows]) for c in cols}
     tmp = path.with_name(path.name + ".tmp")
     pq.write_table(pa.table(data), tmp)
     os.replace(tmp, path)

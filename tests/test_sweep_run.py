@@ -141,14 +141,12 @@ def test_parquet_only_with_pyarrow(exp, tmp_path, monkeypatch):
     assert not (tmp_path / "out" / "sweep.parquet").exists()
 
 
-def test_parquet_table_holds_the_csv_rows(exp, tmp_path):
+def assert_parquet_holds_the_csv(out: Path) -> list[dict]:
     import pyarrow.parquet as pq  # the test extra installs pyarrow
 
-    sweep = load_sweep("s", exp)  # failed points: empty metrics; an int and a str swept column
-    run_sweep(sweep, jobs(sweep, exp), tmp_path / "out", workers=1, quiet=True)
-    rows = read(tmp_path / "out" / "sweep.csv")
-    table = pq.read_table(tmp_path / "out" / "sweep.parquet").to_pylist()
-    assert len(table) == len(rows) == 8 and all(list(t) == list(r) for t, r in zip(table, rows))
+    rows = read(out / "sweep.csv")
+    table = pq.read_table(out / "sweep.parquet").to_pylist()
+    assert len(table) == len(rows) and all(list(t) == list(r) for t, r in zip(table, rows))
     for t, r in zip(table, rows):
         for col, text in r.items():
             value = t[col]
@@ -160,7 +158,52 @@ def test_parquet_table_holds_the_csv_rows(exp, tmp_path):
                 assert float(text) == value, col
             else:
                 assert text == value, col
-    assert {t["status"] for t in table} == {"ok", "invalid"}
+    return table
+
+
+def test_parquet_table_holds_the_csv_rows(exp, tmp_path):
+    sweep = load_sweep("s", exp)  # failed points: empty metrics; an int and a str swept column
+    run_sweep(sweep, jobs(sweep, exp), tmp_path / "out", workers=1, quiet=True)
+    table = assert_parquet_holds_the_csv(tmp_path / "out")
+    assert len(table) == 8 and {t["status"] for t in table} == {"ok", "invalid"}
+
+
+def test_parquet_takes_any_swept_value(tmp_path):
+    """A seed past int64, ints mixed with floats, lists and mappings: Arrow refused these after every job had run."""
+    path = tmp_path / "exp.yaml"
+    path.write_text(EXPERIMENTS + """\
+  odd:
+    experiment: tiny
+    policies: [fcfs]
+    grid:
+      seed: [0, 1180591620717411303424]
+      workload.params.rate: [1, 2.5]
+      engine.max_num_seqs: [64, 128.0]
+""")
+    sweep = load_sweep("odd", path)
+    run_sweep(sweep, jobs(sweep, path), tmp_path / "out", workers=1, quiet=True)
+    table = assert_parquet_holds_the_csv(tmp_path / "out")
+    assert [t["seed"] for t in table] == ["0"] * 4 + ["1180591620717411303424"] * 4  # as text: no Arrow integer holds it
+    assert [t["rate"] for t in table[:4]] == [1.0, 1.0, 2.5, 2.5]
+
+
+@pytest.mark.parametrize(
+    "values, stored",
+    [
+        ([1, None, 2], [1, None, 2]),
+        ([2**63 - 1, -(2**63)], [2**63 - 1, -(2**63)]),
+        ([2**63], ["9223372036854775808"]),
+        ([3, 0.5, None], [3.0, 0.5, None]),
+        ([2**53 + 1, 0.5], ["9007199254740993", "0.5"]),  # a float would round it
+        ([True, None], [True, None]),
+        ([True, 2], ["true", "2"]),
+        (["a", 1], ["a", "1"]),
+        ([[1, 2], {"k": "v"}], ["[1, 2]", '{"k": "v"}']),
+        ([None, None], [None, None]),
+    ],
+)
+def test_parquet_column_keeps_each_value_exactly(values, stored):
+    assert sweep_run.parquet_column(values) == stored
 
 
 def test_ray_backend_without_ray_is_a_clear_error(exp, tmp_path, monkeypatch):
