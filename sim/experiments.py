@@ -22,7 +22,8 @@ File format::
         seed: 0
 
 Layers are merged in order defaults < experiment < ``--set``. Mappings merge
-key by key, anything else is replaced. One exception keeps a workload
+key by key, anything else is replaced; ``--set`` values merge among
+themselves the same way, in order. One exception keeps a workload
 coherent: a layer that names ``workload.trace`` drops the lower layers'
 ``generator`` and ``params``, and one that names ``workload.generator`` drops
 their ``trace``.
@@ -450,7 +451,11 @@ def _override_layer(overrides: Sequence[str], labels: Mapping[str, str]) -> tupl
             if not isinstance(node.get(p), dict):
                 node[p] = {}
             node = node[p]
-        node[parts[-1]] = value
+        last = parts[-1]
+        if isinstance(node.get(last), dict) and isinstance(value, dict):
+            node[last] = _deep_merge(node[last], value)  # as over the file: keys set before stay
+        else:
+            node[last] = value
         label = labels.get(text, f"--set {text}")
         origins[parts] = label
         for sub in _subpaths(value):
@@ -783,6 +788,21 @@ def resolve(
     ``labels`` names where an override came from when not the command line
     (a sweep's ``set:`` in the file), so an error points there.
     """
+    return resolve_layers(name, file, [overrides], labels)
+
+
+def resolve_layers(
+    name: str,
+    file: str | Path | ExperimentsFile | None,
+    layers: Sequence[Sequence[str]],
+    labels: Mapping[str, str] | None = None,
+) -> ExperimentConfig:
+    """`resolve` with the overrides in several layers, lowest first.
+
+    A sweep's ``--set`` lies below its grid, so a point that names
+    ``workload.trace`` drops the ``workload.params`` a ``--set`` gave the
+    generator points, as a ``--set`` trace drops the file's.
+    """
     ef = file if isinstance(file, ExperimentsFile) else load_file(file)
     if name not in ef.experiments:
         raise ConfigError(f"{ef.path}: unknown experiment {name!r}; experiments: {', '.join(ef.names())}")
@@ -790,7 +810,7 @@ def resolve(
         [
             (ef.defaults, _origins_from_file(ef, ("defaults",))),
             (ef.experiments[name], _origins_from_file(ef, ("experiments", name))),
-            _override_layer(overrides, labels or {}),
+            *(_override_layer(layer, labels or {}) for layer in layers),
         ]
     )
     return _build(name, layered)

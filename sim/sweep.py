@@ -58,6 +58,7 @@ from sim.experiments import (
     _dotted,
     load_file,
     resolve,
+    resolve_layers,
 )
 
 SWEEP_KEYS = ("description", "experiment", "set", "grid", "policies", "variants")
@@ -452,11 +453,16 @@ def jobs(sweep: Sweep, file: Any = None, overrides: Sequence[str] = ()) -> list[
     out: list[Job] = []
     for point in sweep.points:
         for variant in sweep.variants:
-            layers = [*fixed, *overrides, *point.overrides(), *variant.overrides, override_text("policies", list(variant.policies))]
+            # The grid lies above the sweep's set: and --set, and a variant above the grid.
+            layers = [
+                [*fixed, *overrides],
+                point.overrides(),
+                [*variant.overrides, override_text("policies", list(variant.policies))],
+            ]
             # A text given by several layers is blamed on the last, the one that takes effect.
             where = {**labels, **point.labels(), **by_variant.get(variant.name, {})}
             try:
-                cfg, error = resolve(sweep.experiment, ef, layers, where), None
+                cfg, error = resolve_layers(sweep.experiment, ef, layers, where), None
             except ConfigError as exc:
                 cfg, error = None, str(exc)
             for policy in variant.policies:

@@ -265,6 +265,18 @@ def test_overrides_apply_in_order_and_merge(write):
     assert cfg.latency.seconds == 1e-3  # YAML 1.1 reads 1e-3 as a string; accepted as a number
 
 
+def test_a_mapping_set_merges_into_the_keys_set_before_it(write):
+    """Within the command line as over the file: `--set engine={...}` keeps the engine keys an earlier --set gave."""
+    cfg = resolve("ok", write(), ["engine.replicas=3", "engine={balancer: round_robin}", "policy_params={beta: 4}",
+                                  "policy_params={quantum: 0.5}"])
+    assert cfg.engine.replicas == 3 and cfg.engine.balancer == "round_robin"
+    assert cfg.policy_params.beta == 4.0 and cfg.policy_params.quantum == 0.5
+    # a value that is not a mapping still replaces: the last --set wins
+    assert resolve("ok", write(), ["engine={replicas: 3}", "engine.replicas=2"]).engine.replicas == 2
+    with pytest.raises(ConfigError, match=r"--set engine.replicas=0: .*engine.replicas"):
+        resolve("ok", write(), ["engine.replicas=0", "engine={balancer: round_robin}"])
+
+
 def test_workload_source_replaces_the_lower_layers(write, tmp_path):
     (tmp_path / "u.jsonl").write_text("")
     base = BASE.replace("  seed: 3\n", "  seed: 3\n  workload: {generator: bfcl, params: {programs: 5, rate: 1}}\n")

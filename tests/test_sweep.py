@@ -108,6 +108,27 @@ def test_command_line_set_applies_below_the_grid(tmp_path):
     assert {j.cfg.workload.params["programs"] for j in js} == {7}
 
 
+
+def test_a_grid_trace_drops_the_generator_params_of_the_layers_below(tmp_path):
+    """The grid lies above --set: a trace point drops what --set gave the generator, as a --set trace drops the file's."""
+    (tmp_path / "t.jsonl").write_text("")
+    f = write(tmp_path, f"""\
+        s:
+          experiment: tiny
+          set: {{workload.params.rate: 1.5}}
+          grid:
+            - workload.generator: [bfcl]
+            - workload.trace: [{tmp_path / "t.jsonl"}]
+        """)
+    js = jobs(load_sweep("s", f, ["workload.params.programs=5"]), f, ["workload.params.programs=5"])
+    assert [j.error for j in js] == [None] * 4
+    assert [(j.cfg.workload.generator, j.cfg.workload.params) for j in js[::2]] == [
+        ("bfcl", {"programs": 5, "rate": 1.5}),
+        (None, {}),
+    ]
+    assert js[2].cfg.workload.trace == str(tmp_path / "t.jsonl")
+
+
 ENGINE_KEYS = ", ".join(SECTIONS["engine"])
 TOO_MANY = "at most 10,000 (a sweep of that many points is surely a mistake)"
 RATE = "grid.workload.params.rate"
