@@ -147,9 +147,14 @@ def override_text(key: str, value: Any) -> str:
 
 
 def _clean(x: float, integral: bool) -> int | float:
-    """Round away float noise (0.30000000000000004) so CSV values read as typed."""
-    x = round(x, 12)
-    return int(round(x)) if integral and float(x).is_integer() else x
+    """Round away float noise (0.30000000000000004) so CSV values read as typed.
+
+    To 15 significant digits, the most a float always holds: noise is
+    relative, and a fixed count of decimals would turn a range of tiny
+    values (1e-13 s) into zeros.
+    """
+    x = float(f"{x:.15g}")
+    return int(round(x)) if integral and x.is_integer() else x
 
 
 # --- the schema of dotted keys ----------------------------------------------------------

@@ -49,6 +49,21 @@ def test_linear_range_includes_stop_and_keeps_ints(tmp_path):
     assert [p["workload.params.rate"] for p in params(s)[:5]] == [0.4, 0.4, 0.4, 0.4, 0.8]
 
 
+def test_ranges_of_tiny_and_huge_values_keep_their_values(tmp_path):
+    f = write(tmp_path, """\
+        s:
+          experiment: tiny
+          grid:
+            latency.seconds: {start: 1.0e-13, stop: 3.0e-13, num: 3}
+            policy_params.quantum: {start: 0.1, stop: 0.3, step: 0.1}
+            workload.params.programs: {start: 1000000000000, stop: 3000000000000, num: 3}
+        """)
+    ps = params(load_sweep("s", f))
+    assert sorted({p["latency.seconds"] for p in ps}) == [1e-13, 2e-13, 3e-13]  # were all 0.0
+    assert sorted({p["policy_params.quantum"] for p in ps}) == [0.1, 0.2, 0.3]  # not 0.30000000000000004
+    assert sorted({p["workload.params.programs"] for p in ps}) == [10**12, 2 * 10**12, 3 * 10**12]
+
+
 def test_step_range_and_times_and_cases(tmp_path):
     f = write(tmp_path, """\
         s:
