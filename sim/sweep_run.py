@@ -30,6 +30,7 @@ import io
 import json
 import multiprocessing
 import os
+import re
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -290,6 +291,26 @@ def write_parquet(path: Path, cols: Sequence[str], rows: Sequence[dict[str, Any]
     return True
 
 
+def remove_points(points: Path) -> None:
+    """Delete what a sweep wrote under ``points/``, and nothing else.
+
+    Only files a sweep writes (``config*.yaml``, ``summary.json``, their
+    ``.tmp``) in directories named like a point's (``NNN``) are removed, and a
+    directory only once it is empty: an output directory may hold a user's
+    own files, which a rerun must not delete.
+    """
+    if not points.is_dir():
+        return
+    for sub in sorted(points.iterdir()):
+        if not (sub.is_dir() and not sub.is_symlink() and re.fullmatch(r"\d{3,}", sub.name)):
+            continue
+        for f in sub.iterdir():
+            if f.is_file() and not f.is_symlink() and re.fullmatch(r"(config(-\w+)?\.yaml|summary\.json)(\.tmp)?", f.name):
+                f.unlink()
+        if not any(sub.iterdir()):
+            sub.rmdir()
+
+
 @dataclass
 class SweepWriter:
     """Owns the output directory: rows appended as they come, a sorted rewrite at the end."""
@@ -306,12 +327,7 @@ class SweepWriter:
         self.out.mkdir(parents=True, exist_ok=True)
         for name in ("sweep.csv", "sweep.parquet", "sweep.json"):
             (self.out / name).unlink(missing_ok=True)
-        points = self.out / "points"
-        if points.is_dir():  # a previous run's points must not mix with this one's
-            for sub in points.iterdir():
-                for f in sub.iterdir():
-                    f.unlink()
-                sub.rmdir()
+        remove_points(self.out / "points")  # a previous run's points must not mix with this one's
         meta = {
             "sweep": self.sweep.name,
             "description": self.sweep.description,

@@ -132,6 +132,24 @@ def test_rows_are_written_as_they_complete(exp, tmp_path):
     assert [r["error"] for r in read(tmp_path / "out" / "sweep.csv")] == ["Boom: y", "Boom: x"]  # grid order
 
 
+def test_a_rerun_replaces_the_previous_points_but_keeps_other_files(exp, tmp_path):
+    out = tmp_path / "out"
+    big = load_sweep("s", exp)  # 4 points
+    run_sweep(big, jobs(big, exp), out, workers=1, quiet=True)
+    assert (out / "points" / "001" / "summary.json").is_file()
+    (out / "points" / "001" / "notes.txt").write_text("mine")
+    (out / "points" / "analysis").mkdir()
+    (out / "points" / "analysis" / "summary.json").write_text("{}")
+    small = load_sweep("ok", exp)  # 2 points: 000 and 001
+    run_sweep(small, jobs(small, exp), out, workers=1, quiet=True)
+    assert sorted(p.name for p in (out / "points").iterdir()) == ["000", "001", "analysis"]  # 002, 003: gone
+    assert (out / "points" / "001" / "notes.txt").read_text() == "mine"
+    assert (out / "points" / "analysis" / "summary.json").read_text() == "{}"
+    assert json.loads((out / "points" / "001" / "summary.json").read_text())["sweep"] == "ok"
+    assert sorted(p.name for p in (out / "points" / "001").iterdir()) == [
+        "config-unopt.yaml", "config.yaml", "notes.txt", "summary.json"]
+
+
 def test_parquet_only_with_pyarrow(exp, tmp_path, monkeypatch):
     sweep = load_sweep("ok", exp)
     todo = jobs(sweep, exp)[:1]
