@@ -51,6 +51,16 @@ def test_columns_in_any_order():
         (text(GOOD[0], "64,64,64,64064,0,0,-0.1"), ":5: column seconds: must be a positive finite time"),
         (text(GOOD[0], "64,64,64,64064,0,0,nan"), ":5: column seconds: must be a positive finite time"),
         (text(GOOD[0], "64,64,64,-5,0,0,0.1"), ":5: column decode_kv_tokens: must be >= 0"),
+        # times near a float's limits overflowed the fit (a traceback); a microsecond-to-hour step is a real one
+        (text(GOOD[0], "64,64,64,64064,0,0,1e300"), ":5: column seconds: expected a step time from 1e-06 to 3600 s, "
+                                                   "got 1e300 (times are in seconds)"),
+        (text(GOOD[0], "64,64,64,64064,0,0,1e-300"), ":5: column seconds: expected a step time from 1e-06 to 3600 s"),
+        (text(GOOD[0], "64,64,64,64064,0,0,3601"), ":5: column seconds: expected a step time from 1e-06 to 3600 s"),
+        (text(GOOD[0], f"64,64,64,{10**200},0,0,0.1"), ":5: column decode_kv_tokens: must be at most 2**53, "
+                                                      "got '10000000000000000000'... (201 characters)"),
+        (text(GOOD[0], f"64,64,64,{2**53 + 1},0,0,0.1"), ":5: column decode_kv_tokens: must be at most 2**53, "
+                                                       "got '9007199254740993'"),
+        (text(GOOD[0], f"64,64,64,{'9' * 5000},0,0,0.1"), ":5: column decode_kv_tokens: must be at most 2**53"),
         (text(GOOD[0], "64,65,64,64064,0,0,0.1"), ":5: column num_tokens: must equal num_decode + prefill_tokens"),
         (text(GOOD[0], "0,0,0,0,0,0,0.1"), ":5: column num_seqs"),
         (text(GOOD[0], "# note", GOOD[1]), ":5: comment line inside the data"),

@@ -60,6 +60,14 @@ SHAPE_COLUMNS = (
 )
 COLUMNS = SHAPE_COLUMNS + ("seconds",)
 HOST_KEYS = ("host_per_step", "host_per_seq")  # provenance keys read as numbers
+# A measured step lies between a kernel launch and an hour; a time outside is
+# corrupt or in the wrong unit, and times near a float's limits overflow the
+# fit's sums of squares.
+MIN_STEP_SECONDS = 1e-6
+MAX_STEP_SECONDS = 3600.0
+# The fit works in floats: a count past 2**53 would be rounded, and one near
+# 10**154 overflows its sums of squares.
+MAX_COUNT = 2**53
 
 
 class ProfileError(ValueError):
@@ -80,6 +88,11 @@ class Profile:
     def host(self) -> dict[str, float]:
         """The ``HOST_KEYS`` given in the provenance, as seconds (validated by ``parse_profile``)."""
         return {k: float(self.provenance[k]) for k in HOST_KEYS if k in self.provenance}
+
+
+def _shown(text: str) -> str:
+    """A cell for an error message: whole when short, else its start and length."""
+    return repr(text) if len(text) <= 40 else f"{text[:20]!r}... ({len(text)} characters)"
 
 
 def shape_problem(s: StepShape) -> str | None:
@@ -152,18 +165,29 @@ def parse_profile(text: str, origin: str = "<profile>") -> Profile:
         rec = dict(zip(header, (v.strip() for v in values)))
         ints = {}
         for col in SHAPE_COLUMNS:
+            text = rec[col].strip()
+            digits = text.lstrip("+")
+            if digits.isdigit() and len(digits.lstrip("0")) > 20:  # past 2**53; int() refuses past 4300 digits
+                raise ProfileError(f"{origin}:{lineno}: column {col}: must be at most 2**53, got {_shown(text)}")
             try:
-                ints[col] = int(rec[col])
+                ints[col] = int(text)
             except ValueError:
-                raise ProfileError(f"{origin}:{lineno}: column {col}: expected an integer, got {rec[col]!r}") from None
+                raise ProfileError(f"{origin}:{lineno}: column {col}: expected an integer, got {_shown(text)}") from None
             if ints[col] < 0:
-                raise ProfileError(f"{origin}:{lineno}: column {col}: must be >= 0, got {ints[col]}")
+                raise ProfileError(f"{origin}:{lineno}: column {col}: must be >= 0, got {_shown(str(ints[col]))}")
+            if ints[col] > MAX_COUNT:
+                raise ProfileError(f"{origin}:{lineno}: column {col}: must be at most 2**53, got {_shown(text)}")
         try:
             seconds = float(rec["seconds"])
         except ValueError:
-            raise ProfileError(f"{origin}:{lineno}: column seconds: expected a number, got {rec['seconds']!r}") from None
+            raise ProfileError(f"{origin}:{lineno}: column seconds: expected a number, got {_shown(rec['seconds'])}") from None
         if not (math.isfinite(seconds) and seconds > 0):
             raise ProfileError(f"{origin}:{lineno}: column seconds: must be a positive finite time, got {rec['seconds']}")
+        if not MIN_STEP_SECONDS <= seconds <= MAX_STEP_SECONDS:
+            raise ProfileError(
+                f"{origin}:{lineno}: column seconds: expected a step time from {MIN_STEP_SECONDS:g} to "
+                f"{MAX_STEP_SECONDS:g} s, got {rec['seconds']} (times are in seconds)"
+            )
         shape = StepShape(**ints)
         problem = shape_problem(shape)
         if problem:
