@@ -77,11 +77,12 @@ def summary_text(summary: dict[str, Any]) -> str:
 
 def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, quiet: bool = False) -> dict[str, Any]:
     """Simulate ``cfg`` under each of its policies and write the outputs; returns the summary."""
-    from sim.simulate import BlockKeys, simulate
+    from sim.simulate import BlockKeys, check_workload, simulate
 
+    programs = load_workload(cfg)
+    check_workload(programs, cfg)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    programs = load_workload(cfg)
     for name in (*OUTPUTS, REPLICATIONS_FILE):  # never leave a previous run's file next to this run's
         (out / name).unlink(missing_ok=True)
     remove_seed_dirs(out)  # nor a replicated run's seeds

@@ -251,6 +251,13 @@ class Cluster:
         )
 
 
+def check_workload(programs: Sequence[Program], cfg: ExperimentConfig) -> None:
+    """`check_fits` on the experiment's engine: run before any output is written, so a
+    workload the engine cannot serve leaves no half-made results."""
+    eng = cfg.engine
+    check_fits(programs, num_kv_blocks(eng, load_model(eng.model), load_gpu(eng.gpu)), eng)
+
+
 def check_fits(programs: Sequence[Program], capacity_blocks: int, engine) -> None:
     """Every call must fit in an empty engine, or the simulation would stall; a context must fit its prompt.
 

@@ -160,6 +160,21 @@ def test_run_end_to_end(workdir):
     assert (workdir / "q" / "summary.json").read_bytes() != b""
 
 
+def test_a_call_the_engine_cannot_hold_fails_before_any_output_is_written(workdir):
+    """It left config.yaml and header-only CSVs, which read like a run that measured nothing; a previous run's stay."""
+    from test_experiments import tiny_trace
+
+    tiny_trace(workdir / "t.jsonl", programs=2)
+    assert sim("run", "tiny", "-e", "exp.yaml", "-q", "--out", "old", cwd=workdir).returncode == 0
+    before = {p.name: p.read_bytes() for p in (workdir / "old").iterdir()}
+    for out in ("old", "new"):
+        res = sim("run", "tiny", "-e", "exp.yaml", "-q", "--out", out, "-s", "engine.num_gpu_blocks=1", cwd=workdir)
+        assert res.returncode == 1 and len(res.stderr.splitlines()) == 1, res.stderr
+        assert "exceeds the KV cache of one replica (16 tokens)" in res.stderr
+    assert not (workdir / "new").exists()
+    assert {p.name: p.read_bytes() for p in (workdir / "old").iterdir()} == before
+
+
 def test_bad_trace_is_one_line(workdir):
     (workdir / "bad.jsonl").write_text('{"id": "x"}\n')
     res = sim("run", "tiny", "-e", "exp.yaml", "-s", "workload.trace=bad.jsonl", "-q", cwd=workdir)
