@@ -315,9 +315,10 @@ def list_experiments(path: str | Path | None = None) -> list[tuple[str, str]]:
 # --- overrides ----------------------------------------------------------------------
 
 
-def load_value(text: str, where: str) -> Any:
+def load_value(text: str, where: str, path: Path_ = ()) -> Any:
     """One YAML value, read as experiment files are (YAML 1.2 numbers, at
-    most MAX_NODES); raises yaml.YAMLError, or ConfigError naming ``where``."""
+    most MAX_NODES, no key twice); raises yaml.YAMLError, or ConfigError
+    naming ``where`` and the key ``path`` the value is for."""
     loader = _Loader(text)
     try:
         node = loader.get_single_node()
@@ -325,9 +326,33 @@ def load_value(text: str, where: str) -> Any:
             return None
         if _past_max_nodes(node) is not None:
             raise ConfigError(_too_many_nodes(where))
+        repeated = _repeated_key(node)
+        if repeated is not None:  # the constructor keeps the last silently
+            raise ConfigError(f"{where}: {_dotted(path + repeated)}: duplicate key")
         return loader.construct_document(node)
     finally:
         loader.dispose()
+
+
+def _repeated_key(node: yaml.Node) -> Path_ | None:
+    """The path of the first key given twice in one mapping of ``node``'s tree, or None."""
+    stack: list[tuple[yaml.Node, Path_]] = [(node, ())]
+    while stack:
+        here, path = stack.pop()
+        if isinstance(here, yaml.MappingNode):
+            seen: set[Any] = set()
+            for key, value in here.value:
+                if key.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`: its keys may be overridden here
+                    stack.append((value, path))
+                    continue
+                name = _key(key)
+                if name in seen:
+                    return path + (name,)
+                seen.add(name)
+                stack.append((value, path + (name,)))
+        elif isinstance(here, yaml.SequenceNode):
+            stack.extend((item, path + (i,)) for i, item in enumerate(here.value))
+    return None
 
 
 def parse_override(text: str) -> tuple[tuple[str, ...], Any]:
@@ -337,7 +362,7 @@ def parse_override(text: str) -> tuple[tuple[str, ...], Any]:
     if not sep or not all(parts):
         raise ConfigError(f"--set {text}: expected KEY=VALUE with a dotted KEY, e.g. engine.replicas=4")
     try:
-        value = load_value(raw, f"--set {text}") if raw.strip() else ""
+        value = load_value(raw, f"--set {text}", parts) if raw.strip() else ""
     except yaml.YAMLError as exc:
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ConfigError(f"--set {text:.200}: cannot parse the value as YAML: {problem}") from None

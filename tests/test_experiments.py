@@ -251,6 +251,26 @@ def test_parse_override():
         parse_override("policies=[a")
 
 
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("engine={replicas: 2, replicas: 3}", "--set engine={replicas: 2, replicas: 3}: engine.replicas: duplicate key"),
+        ("x.y=[{a: 1, b: {c: 1, c: 2}}]", "--set x.y=[{a: 1, b: {c: 1, c: 2}}]: x.y[0].b.c: duplicate key"),
+        ("engine={<<: {replicas: 2, replicas: 4}}", "engine.replicas: duplicate key"),
+    ],
+)
+def test_a_key_twice_in_a_set_value_is_refused(text, message):
+    """As in a file: YAML's loader would keep the last silently."""
+    with pytest.raises(ConfigError) as err:
+        parse_override(text)
+    assert str(err.value).endswith(message)
+
+
+def test_a_set_value_may_override_the_keys_it_merges():
+    assert parse_override("engine={<<: {replicas: 2, balancer: least_used}, replicas: 1}") == (
+        ("engine",), {"replicas": 1, "balancer": "least_used"})
+
+
 def test_overrides_apply_in_order_and_merge(write):
     cfg = resolve(
         "ok",
