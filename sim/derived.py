@@ -166,7 +166,9 @@ class TableError(ValueError):
 
 
 # What the table and the figures read; a CSV without them is not a sweep's.
-REQUIRED_COLUMNS = ("workload", "rate", "policy", "status", "normalized_latency_mean")
+# The swept keys that tell curves apart (a seed, a model) lie between
+# ``balancer`` and ``variant`` (`group_key`), so those two are needed too.
+REQUIRED_COLUMNS = ("workload", "rate", "balancer", "variant", "policy", "status", "normalized_latency_mean")
 
 
 def _numeric_columns(header: Sequence[str]) -> set[str]:
@@ -275,10 +277,17 @@ class Curve:
 def curves(rows: Iterable[dict[str, Any]]) -> dict[tuple, dict[str, Curve]]:
     """group -> policy label -> curve, both in first-appearance order."""
     out: dict[tuple, dict[str, Curve]] = {}
+    seen: dict[tuple, dict[str, Any]] = {}
     for r in rows:
         if not _finite(r.get("rate")):
             continue
         g = group_key(r)
+        first = seen.setdefault((g, r["policy"], r["rate"]), r)
+        if first is not r:  # a curve is a function of the rate; averaging or picking one would hide it
+            raise TableError(
+                f"{_row_name(first)} and {_row_name(r)} are both policy {r['policy']!r} at rate {r['rate']} of "
+                f"{group_label(g)}: a table given twice, or a swept key's column removed?"
+            )
         c = out.setdefault(g, {}).setdefault(r["policy"], Curve(g, r["policy"]))
         c.rows.append(r)
     for by_policy in out.values():
@@ -286,6 +295,10 @@ def curves(rows: Iterable[dict[str, Any]]) -> dict[tuple, dict[str, Curve]]:
             c.rows.sort(key=lambda r: r["rate"])
             c.rates = [r["rate"] for r in c.rows]
     return out
+
+
+def _row_name(row: dict[str, Any]) -> str:
+    return f"sweep {row.get('sweep')!r} point {row.get('point')}"
 
 
 # --- targets and the table -----------------------------------------------------------------

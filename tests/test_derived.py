@@ -9,6 +9,7 @@ import pytest
 from sim.derived import (
     Ratio,
     Throughput,
+    curves,
     format_table,
     parse_target,
     ratio,
@@ -331,12 +332,17 @@ HEADER = "sweep,point,workload,rate,replicas,balancer,variant,policy,scheduler,s
         (HEADER.encode() + b"s,0,bfcl,abc,1,locality,default,fcfs,fcfs,ok,0.02,\n", ":2: column 'rate': expected a number, got 'abc'"),
         (HEADER.encode() + b"s,0,bfcl,1,1,locality,default,fcfs,fcfs,ok,zz,\n", ":2: column 'normalized_latency_mean': expected a number, got 'zz'"),
         (HEADER.encode() + b"s,0,bfcl\xff,1,1,locality,default,fcfs,fcfs,ok,0.02,\n", ":2: not UTF-8 text (invalid start byte)"),
-        (b"a,b\n1,2\n", ":1: not a sweep table (python -m sim sweep writes one): missing column(s) workload, rate, policy"),
+        (b"a,b\n1,2\n", ":1: not a sweep table (python -m sim sweep writes one): missing column(s) workload, rate, balancer, "
+                        "variant, policy, status, normalized_latency_mean"),
+        # without balancer and variant the swept keys between them cannot be found: seeds' curves merged
+        (HEADER.replace("balancer,", "").encode() + b"s,0,bfcl,1,1,default,fcfs,fcfs,ok,0.02,\n",
+         ":1: not a sweep table (python -m sim sweep writes one): missing column(s) balancer"),
         (HEADER.encode() + b"s,0,bfcl,1,1,locality,default,fcfs,fcfs,ok,nan,\n", ":2: column 'normalized_latency_mean': expected a finite number >= 0, got 'nan'"),
         (HEADER.encode() + b"s,0,bfcl,1,1,locality,default,fcfs,fcfs,ok,-1,\n", ":2: column 'normalized_latency_mean': expected a finite number >= 0, got '-1'"),
         (HEADER.encode() + b"s,0,bfcl,inf,1,locality,default,fcfs,fcfs,ok,0.02,\n", ":2: column 'rate': expected a finite number >= 0, got 'inf'"),
     ],
-    ids=["truncated", "text-rate", "text-metric", "not-utf8", "other-csv", "nan-metric", "negative-metric", "inf-rate"],
+    ids=["truncated", "text-rate", "text-metric", "not-utf8", "other-csv", "no-balancer", "nan-metric", "negative-metric",
+         "inf-rate"],
 )
 def test_a_table_that_is_not_a_sweeps_is_a_located_error(tmp_path, content, message):
     from sim.derived import TableError, load_rows
@@ -345,6 +351,23 @@ def test_a_table_that_is_not_a_sweeps_is_a_located_error(tmp_path, content, mess
     with pytest.raises(TableError) as info:
         load_rows(tmp_path)
     assert str(info.value).startswith(f"{tmp_path / 'sweep.csv'}{message}")
+
+
+def test_two_rows_of_one_curve_at_one_rate_are_an_error(tmp_path):
+    """A table given twice, or one whose seed column was cut: the rows of several curves would be merged silently."""
+    from sim.derived import TableError, load_rows
+
+    header = HEADER.replace("balancer,", "balancer,seed,")
+    (tmp_path / "sweep.csv").write_text(header + "s,0,bfcl,1,1,locality,0,default,fcfs,fcfs,ok,0.02,\n"
+                                                  "s,1,bfcl,1,1,locality,1,default,fcfs,fcfs,ok,0.03,\n")
+    assert len(curves(load_rows(tmp_path))) == 2  # one curve per seed
+    (tmp_path / "cut.csv").write_text(HEADER + "s,0,bfcl,1,1,locality,default,fcfs,fcfs,ok,0.02,\n"
+                                               "s,1,bfcl,1,1,locality,default,fcfs,fcfs,ok,0.03,\n")
+    with pytest.raises(TableError, match=r"^sweep 's' point 0 and sweep 's' point 1 are both policy 'fcfs' at rate 1 of bfcl: "
+                                         r"a table given twice, or a swept key's column removed\?$"):
+        curves(load_rows(tmp_path / "cut.csv"))
+    with pytest.raises(TableError, match=r"^sweep 's' point 0 and sweep 's' point 0 are both"):
+        curves(load_rows([tmp_path / "sweep.csv", tmp_path / "sweep.csv"]))
 
 
 def test_text_in_other_swept_keys_and_error_is_kept(tmp_path):

@@ -253,7 +253,8 @@ def test_cli_sweep_then_plot(exp, tmp_path):
 
 
 def test_cli_plot_of_a_bad_table_is_one_line(tmp_path):
-    (tmp_path / "sweep.csv").write_bytes(b"sweep,point,workload,rate,policy,status,normalized_latency_mean\ns,0,bfcl,abc,fcfs,ok,zz\n")
+    (tmp_path / "sweep.csv").write_bytes(b"sweep,point,workload,rate,balancer,variant,policy,status,normalized_latency_mean\n"
+                                         b"s,0,bfcl,abc,locality,default,fcfs,ok,zz\n")
     res = sim("plot", "sweep.csv", cwd=tmp_path)
     assert res.returncode == 1 and "Traceback" not in res.stderr
     assert res.stderr == "error: sweep.csv:2: column 'rate': expected a number, got 'abc'\n"
