@@ -16,9 +16,10 @@ the paper's front end does:
   connection when the client goes away, which is how vLLM's server learns to
   abort a request.
 
-Identity: clients send ``X-Program-Id`` and ``X-Thread-Id``. Without
-``X-Program-Id`` (and without ``vllm_xargs.program_id`` in the body) a call
-is a one-call program with a fresh id. A program call without a thread id
+Identity: clients send ``X-Program-Id`` and ``X-Thread-Id``, or
+``vllm_xargs.program_id`` and ``vllm_xargs.thread_id`` in the body; a header
+wins over the body's field, each id on its own. Without a program id a call
+is a one-call program with a fresh id, and a thread id without one is refused. A program call without a thread id
 gets a fresh thread (it may run in parallel with the program's other calls).
 A second live call on the same thread of a program is refused with 409.
 ``X-KV-TTL: SECONDS`` asks the engine to pin the call's KV for its
@@ -293,14 +294,15 @@ class Gateway:
         pid = request.headers.get(PROGRAM_HEADER)
         tid = request.headers.get(THREAD_HEADER)
         pid_field, tid_field = PROGRAM_HEADER, THREAD_HEADER  # where each id came from, for errors
+        # A header wins over the body's field; each id is taken where it is given.
         if pid is None and xargs.get(XARG_PROGRAM) is not None:
             pid, pid_field = str(xargs[XARG_PROGRAM]), f"{XARGS}.{XARG_PROGRAM}"
-            if tid is None and xargs.get(XARG_THREAD) is not None:
-                tid, tid_field = str(xargs[XARG_THREAD]), f"{XARGS}.{XARG_THREAD}"
+        if tid is None and xargs.get(XARG_THREAD) is not None:
+            tid, tid_field = str(xargs[XARG_THREAD]), f"{XARGS}.{XARG_THREAD}"
         if pid is None:
             if tid is not None:
-                raise BadRequest(f"{THREAD_HEADER} was given without {PROGRAM_HEADER}", param=THREAD_HEADER,
-                                 code="invalid_id")
+                raise BadRequest(f"{tid_field} was given without {PROGRAM_HEADER} (or {XARGS}.{XARG_PROGRAM})",
+                                 param=tid_field, code="invalid_id")
             self._anon += 1
             return f"anon-{uuid.uuid4().hex[:12]}", "0"
         check_id(pid, pid_field)

@@ -191,6 +191,31 @@ def test_same_thread_twice_is_a_conflict_and_parallel_threads_are_fine():
     assert other == 200 and ok == 200 and live == 0
 
 
+def test_a_thread_id_in_the_body_counts_under_a_program_header():
+    """X-Program-Id with vllm_xargs.thread_id: the body's thread was ignored, so the same thread ran twice at once."""
+    async def go():
+        e0, _ = await start_engine(0, step=0.01)
+        gw, gateway = await start_gw([e0.url])
+        try:
+            async with aiohttp.ClientSession() as s:
+                body = {"prompt": [1, 2, 3], "max_tokens": 200, "vllm_xargs": {"thread_id": "t"}}
+                hdr = {"X-Program-Id": "p"}
+                first = asyncio.create_task(s.post(gw.url + "/v1/completions", json=body, headers=hdr))
+                await wait_for(lambda: gateway.acct.live_calls() == 1, timeout=3)
+                async with s.post(gw.url + "/v1/completions", json=body, headers=hdr) as r:
+                    dup = (r.status, await r.json())
+                resp = await first
+                resp.release()
+                return dup, [(c["program_id"], c["thread_id"]) for c in gateway.recent]
+        finally:
+            await gw.stop()
+            await e0.stop()
+
+    dup, recent = run(go())
+    assert dup[0] == 409 and dup[1]["error"]["code"] == "thread_busy", dup
+    assert recent == [("p", "t")]
+
+
 def test_whole_and_chat_responses_through_the_gateway_charge_the_engines_service():
     async def go():
         e0, eng0 = await start_engine(0, step=0.005)
