@@ -123,6 +123,20 @@ class KVPins:
         while self._pins and pool.get_num_free_blocks() < need:
             self.drop_oldest()
 
+    def hold_all_used_blocks(self) -> bool:
+        """Whether the pins are all that holds blocks: releasing them empties the pool.
+
+        vLLM resets its prefix cache only when no block is in use, so pins are
+        released for a reset only when that is what stands in the way; with a
+        request still holding blocks the reset fails, and the pins stay.
+        """
+        refs: dict[int, int] = {}
+        for pin in self._pins.values():
+            for blocks in pin.blocks:
+                for block in blocks:
+                    refs[block.block_id] = refs.get(block.block_id, 0) + 1
+        return all(b.is_null or b.ref_cnt <= refs.get(b.block_id, 0) for b in self._pool.blocks)
+
     def release_all(self) -> None:
         for pin_id in list(self._pins):
             self._release(pin_id)

@@ -535,9 +535,16 @@ class ProgramAwareMixin:
             self._giving_way = want
 
     def reset_prefix_cache(self, *args, **kwargs) -> bool:
-        """vLLM resets only when no block is in use, so pins are released first."""
-        self.kv_pins.release_all()
-        self._sync_giving_way()
+        """vLLM resets only when no block is in use, so pins are released first,
+        unless a request's blocks would make the reset fail anyway: then the pins stay.
+
+        With ``reset_running_requests`` vLLM preempts the running requests
+        first, so the reset then always releases the pins.
+        """
+        preempts_running = bool(args[0]) if args else bool(kwargs.get("reset_running_requests", False))
+        if preempts_running or self.kv_pins.hold_all_used_blocks():
+            self.kv_pins.release_all()
+            self._sync_giving_way()
         return super().reset_prefix_cache(*args, **kwargs)
 
 

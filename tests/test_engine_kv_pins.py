@@ -188,6 +188,17 @@ def test_nothing_is_pinned_without_prefix_caching_and_reset_releases_pins(model_
     assert len(s.kv_pins) == 0 and free(s) == 7
 
 
+def test_a_reset_that_a_running_request_blocks_keeps_the_pins(model_dir):
+    """vLLM refuses the reset while r holds blocks; releasing the pins then only lost them."""
+    s, clock = engine(model_dir, "fcfs")
+    start_busy_engine_with_pinned_a1(s, clock, kv_ttl=100.0)
+    assert len(s.kv_pins) == 1 and free(s) == 1  # r: 2 blocks, the pin: 4
+    assert not s.reset_prefix_cache()
+    assert len(s.kv_pins) == 1 and free(s) == 1
+    assert s.reset_prefix_cache(reset_running_requests=True)  # preempts r: then only the pin held blocks
+    assert len(s.kv_pins) == 0 and free(s) == 7 and [r.request_id for r in s.waiting] == ["r"]
+
+
 def test_the_give_way_wrapper_is_installed_only_for_steps_that_may_need_it(model_dir):
     # It costs ~0.5 us per allocation (bench_core_decision.py, plugin-plas-pins).
     s, clock = engine(model_dir, "fcfs", num_blocks=256)
