@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from traces.generators import WORKLOADS, count_pmf, generate, truncated_geometric_pmf
 from traces.io import save
@@ -101,6 +103,10 @@ CV_RANGE = "cv must be a finite number > 0 from 0.01 to 10 (outside it gamma arr
         (dict(docs_tokens=900), "bfcl: prompt_tokens_mean 735.06 is too small for docs_tokens 900 plus 410.8 tokens "
          "of average history; lower docs_tokens or observation_tokens_mean"),
         (dict(tool_sets=0), "bfcl parameter 'tool_sets' must be an integer > 0, got 0"),
+        (dict(tool_sets=10_000_001), "bfcl parameter 'tool_sets' must be at most 10,000,000 (the most programs a "
+         "trace may have), got 10000001"),
+        (dict(calls_mean=69.9999, calls_max=70, calls_sigma=4.0),
+         "a mean of 69.9999 calls is too close to the maximum of 70 for a spread of 4.0 (reachable: below 69.9"),
         (dict(output_tokens_sigma=100),
          "bfcl parameter 'output_tokens_sigma' must be at most 4 (a wider lognormal degenerates), got 100"),
         (dict(programs=100_000_000_000), "programs must be an integer from 0 to 10,000,000, got 100000000000"),
@@ -134,7 +140,7 @@ def test_bad_arguments_raise_value_error_naming_the_choices(kwargs, message):
     args.update(kwargs)
     with pytest.raises(ValueError) as info:
         generate(**args)
-    assert str(info.value) == message
+    assert str(info.value) == message or (message.endswith("below 69.9") and str(info.value).startswith(message))
 
 
 @pytest.mark.parametrize("cv", [0.01, 10])
@@ -146,10 +152,41 @@ def test_gamma_cv_bounds_are_accepted_and_give_finite_increasing_arrivals(cv):
 def test_count_distributions_have_the_requested_means():
     k = np.arange(1, 81)
     assert abs(count_pmf(6.66, 80, 1.0) @ k - 6.66) < 1e-9
+    # Near the maximum every CDF difference rounded to 0: the pmf was 0/0 and every program had 73 calls.
+    for mean in (74.0, 77.0, 79.5, 79.99):
+        p = count_pmf(mean, 80, 1.0)
+        assert np.isfinite(p).all() and abs(p @ k - mean) < 1e-9, mean
     g = truncated_geometric_pmf(22.67, 50)
     assert abs(g @ np.arange(1, 51) - 22.67) < 1e-9 and (np.diff(g) < 0).all()
     g = truncated_geometric_pmf(40.0, 50)  # above the midpoint: an increasing pmf
     assert abs(g @ np.arange(1, 51) - 40.0) < 1e-9 and (np.diff(g) > 0).all()
+
+
+@settings(max_examples=200, deadline=None)
+@given(kmax=st.integers(2, 300), sigma=st.floats(0.05, 4.0), where=st.floats(0.001, 0.999))
+def test_count_pmf_meets_any_reachable_mean_or_says_why(kmax, sigma, where):
+    mean = 1 + where * (kmax - 1)
+    k = np.arange(1, kmax + 1)
+    try:
+        p = count_pmf(mean, kmax, sigma)
+    except ValueError as exc:  # only a mean the spread cannot reach, said so
+        assert "too close to the maximum" in str(exc)
+        return
+    assert np.isfinite(p).all() and (p >= 0).all() and abs(p.sum() - 1) < 1e-9
+    assert abs(p @ k - mean) < 1e-6 * kmax
+
+
+def test_a_huge_tool_sets_draws_lazily():
+    """It listed every set up front: 10**12 exhausted memory, and the largest allowed took over a gigabyte."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        (p,) = generate("bfcl", 1, 1.0, 0, tool_sets=10_000_000)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert p.calls[0].shared_prefix.key.startswith("bfcl-tools-") and peak < 20 * 2**20
 
 
 def test_lats_shape_parallel_expansions_then_evaluation_then_reflection():

@@ -31,6 +31,7 @@ from dataclasses import dataclass, fields
 from typing import Any, Callable
 
 import numpy as np
+from scipy.special import log_ndtr
 
 from traces.arrivals import arrival_times, check_arrival
 from traces.format import MAX_SECONDS, MAX_TOKENS, Call, Program, SharedPrefix, make_call
@@ -158,6 +159,9 @@ class BFCLParams:
                         "output_tokens_sigma", "observation_tokens_mean", "observation_tokens_sigma",
                         "query_tokens_sigma", "tool_delay_mean", "tool_delay_sigma")
         _check_positive(self, "calls_max", "docs_tokens", "tool_sets", integer=True)
+        if self.tool_sets > MAX_PROGRAMS:  # a set per program is already the most that can differ
+            raise ValueError(f"bfcl parameter 'tool_sets' must be at most {MAX_PROGRAMS:,} (the most programs "
+                             f"a trace may have), got {self.tool_sets!r}")
         _check_mean_below_max(self)
 
 
@@ -250,7 +254,13 @@ class LATSParams:
 
 
 def _bisect(f: Callable[[float], float], target: float, lo: float, hi: float) -> float:
-    """x in [lo, hi] with f(x) = target for an increasing f (60 halvings)."""
+    """x in [lo, hi] with f(x) = target for an increasing f (60 halvings).
+
+    A target outside [f(lo), f(hi)] is an error: halving would return an
+    end of the interval, a parameter silently not met.
+    """
+    if not f(lo) <= target <= f(hi):
+        raise ValueError(f"no solution in [{lo:g}, {hi:g}] for the target {target!r}")
     for _ in range(60):
         mid = (lo + hi) / 2
         if f(mid) < target:
@@ -270,16 +280,36 @@ def count_pmf(mean: float, kmax: int, sigma: float) -> np.ndarray:
     if not 1 < mean < kmax:
         raise ValueError(f"a mean of {mean} calls is impossible with at most {kmax} calls")
     k = np.arange(1, kmax + 1, dtype=float)
-    logk = np.log(k)
-    erf = np.vectorize(math.erf)
+    upper = np.log(k)  # the bins' edges in log space: (log(k-1), log k]
+    lower = np.concatenate(([-np.inf], upper[:-1]))
 
     def pmf(mu: float) -> np.ndarray:
-        cdf = 0.5 * (1 + erf((logk - mu) / (sigma * math.sqrt(2))))
-        p = np.diff(np.concatenate(([0.0], cdf)))
+        # Each bin's log-probability from the tail it lies in: a difference of
+        # CDFs near 1 (a mean near kmax puts every bin far below the location)
+        # rounds to 0 for every bin, and the bisection then met 0/0.
+        z_lo, z_hi = (lower - mu) / sigma, (upper - mu) / sigma
+        in_upper_tail = z_lo > 0
+        log_big = np.where(in_upper_tail, log_ndtr(-z_lo), log_ndtr(z_hi))
+        log_small = np.where(in_upper_tail, log_ndtr(-z_hi), log_ndtr(z_lo))
+        with np.errstate(divide="ignore"):  # an empty bin (the edge of a far tail) has log-probability -inf
+            logp = log_big + np.log1p(-np.exp(log_small - log_big))
+        p = np.exp(logp - logp.max())
         return p / p.sum()
 
-    mu = _bisect(lambda m: float(pmf(m) @ k), mean, -20.0, math.log(kmax) + 20 * sigma)
-    return pmf(mu)
+    def mean_at(mu: float) -> float:
+        return float(pmf(mu) @ k)
+
+    # A mean near kmax needs a location far above it: widen the upper end by
+    # steps (the usual means keep the first, and so their exact draws).
+    hi = math.log(kmax) + 20 * sigma
+    for _ in range(100):
+        if mean_at(hi) >= mean:
+            break
+        hi += 20 * sigma
+    else:
+        raise ValueError(f"a mean of {mean} calls is too close to the maximum of {kmax} for a spread of "
+                         f"{sigma} (reachable: below {mean_at(hi):.6g}); lower the mean or the spread")
+    return pmf(_bisect(mean_at, mean, -20.0, hi))
 
 
 def truncated_geometric_pmf(mean: float, kmax: int) -> np.ndarray:
@@ -364,10 +394,10 @@ def _bfcl(rng: np.random.Generator, n: int, p: BFCLParams) -> list[tuple[Call, .
             f"{p.docs_tokens} plus {history:.1f} tokens of average history; lower docs_tokens "
             f"or observation_tokens_mean"
         )
-    prefixes = [SharedPrefix(f"bfcl-tools-{i}", p.docs_tokens) for i in range(p.tool_sets)]
     out = []
     for length in _draw(rng, pmf, n):
-        prefix = prefixes[int(rng.integers(p.tool_sets))]
+        # Made per program, not listed up front: tool_sets may be as large as the program count.
+        prefix = SharedPrefix(f"bfcl-tools-{int(rng.integers(p.tool_sets))}", p.docs_tokens)
         query = _tokens(rng, query_mean, p.query_tokens_sigma, 1)[0]
         outs = _tokens(rng, p.output_tokens_mean, p.output_tokens_sigma, length)
         obs = _tokens(rng, p.observation_tokens_mean, p.observation_tokens_sigma, length)
