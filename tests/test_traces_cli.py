@@ -176,3 +176,13 @@ def test_gen_parameter_mistakes_are_usage_errors_not_bad_data(tmp_path, params, 
     r = run(*args)
     assert r.returncode == 2 and r.stderr.endswith(f"error: {message}\n"), r.stderr
     assert not out.exists()
+
+
+@pytest.mark.parametrize("value", ["0", "2000000000"])
+def test_convert_min_tokens_outside_a_calls_range_is_a_usage_error(tmp_path, value):
+    """2e9 was accepted and then blamed on line 1 of the output file, which was never written."""
+    out = tmp_path / "o.jsonl"
+    r = run("convert", "azure", str(AZURE / "code.csv"), "--min-tokens", value, "-o", str(out))
+    assert r.returncode == 2 and r.stderr.endswith(
+        f"error: argument --min-tokens: expected an integer from 1 to 1,000,000,000, got {value}\n"), r.stderr
+    assert not out.exists()

@@ -332,3 +332,65 @@ def test_mooncake_follows_the_trace_jsonl_rules_and_limits(tmp_path, line, messa
 def test_mooncake_span_limit_is_inclusive(tmp_path):
     p = mooncake_file(tmp_path, [dict(MC_ROWS[0], timestamp=5), dict(MC_ROWS[1], timestamp=5 + 10**12)])
     assert [x.arrival for x in import_mooncake(p).programs] == [0.0, 1e9]
+
+
+def test_mooncake_float_timestamps_past_the_span_once_divided_name_the_input(tmp_path):
+    """Within 1e12 ms of the first, but (ts - t0) / 1000 rounds past 1e9 s: it was blamed on the output file."""
+    p = mooncake_file(tmp_path, [dict(MC_ROWS[0], timestamp=69836382286884.71),
+                                 dict(MC_ROWS[1], timestamp=70836382286884.72)])
+    with pytest.raises(TraceError) as info:
+        import_mooncake(p)
+    assert (info.value.file, info.value.line, info.value.field) == (str(p), 2, "timestamp")
+    assert "expected at most 1e+09 s after the earliest timestamp 69836382286884.71" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "body, line, message",
+    [
+        (b"2023-11-16 18:17:03,10,5\r\n2023-11-16 18:17:04,1\r0,5\n", 3,
+         "not a CSV row: a carriage return (\\r) inside a line: lines must end in \\n or \\r\\n"),
+        (b"2023-11-16 18:17:03,10,5\r2023-11-16 18:17:04,10,5\r", 2,  # old Mac line ends: one line
+         "not a CSV row: a carriage return (\\r) inside a line"),
+        (b"2023-11-16 18:17:03,10," + b"5" * 200_000 + b"\n", 2,
+         "not a CSV row: a field longer than 131,072 characters; no Azure trace cell is"),
+    ],
+    ids=["stray-cr", "cr-line-ends", "huge-field"],
+)
+def test_azure_rows_the_csv_module_refuses_are_located_errors(tmp_path, body, line, message):
+    """csv.Error is not a ValueError: these were tracebacks."""
+    p = tmp_path / "t.csv"
+    p.write_bytes(b"TIMESTAMP,ContextTokens,GeneratedTokens\n" + body)
+    with pytest.raises(TraceError) as info:
+        import_azure(p)
+    assert str(info.value).startswith(f"{p}:{line}: {message}")
+
+
+def test_azure_label_of_a_file_name_that_is_not_utf8(tmp_path):
+    """The label carried a lone surrogate, which the output then refused."""
+    import os
+
+    p = os.path.join(os.fsencode(tmp_path), b"bad\xff.csv")
+    with open(p, "wb") as fh:
+        fh.write(b"TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:17:03.9799600,10,3\n")
+    (prog,) = import_azure(os.fsdecode(p)).programs
+    assert prog.workload == "azure-bad\\xff"
+    save([prog], tmp_path / "out.jsonl")
+    assert load_all(tmp_path / "out.jsonl")[0].workload == "azure-bad\\xff"
+
+
+@pytest.mark.parametrize("text, key", [
+    ('[{"id": "a", "conversations": [{"from": "human", "value": "x"}], "conversations": []}]', "conversations"),
+    ('[{"id": "a", "conversations": [{"from": "gpt", "from": "human", "value": "x"}]}]', "from"),
+])
+def test_sharegpt_a_key_given_twice_is_refused(tmp_path, text, key):
+    """json kept the last value: a conversation vanished, or a reply became a question."""
+    p = tmp_path / "sg.json"
+    p.write_text(text)
+    with pytest.raises(TraceError) as info:
+        import_sharegpt(p)
+    assert str(info.value) == f"{p}: field {key!r}: duplicate key in one JSON object"
+
+
+def test_azure_min_tokens_past_the_token_limit_is_refused():
+    with pytest.raises(ValueError, match=r"min_tokens must be an integer from 1 to 1,000,000,000, got 2000000000"):
+        import_azure(AZURE / "code.csv", min_tokens=2_000_000_000)

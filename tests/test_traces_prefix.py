@@ -13,7 +13,7 @@ from test_traces_io import valid_programs
 
 from traces.dag import topological_order
 from traces.format import Call, Program, SharedPrefix
-from traces.prefix import context_block_keys
+from traces.prefix import context_block_keys, name_bytes, name_id
 
 
 def explicit_tokens(program: Program) -> dict[str, list[tuple]]:
@@ -145,3 +145,23 @@ def test_keys_are_identical_across_processes_with_different_hash_seeds():
         env = dict(os.environ, PYTHONHASHSEED=seed)
         outs.add(subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout)
     assert len(outs) == 1
+
+
+@given(a=st.lists(st.text(alphabet="\x00\x01ab", max_size=4), min_size=1, max_size=3),
+       b=st.lists(st.text(alphabet="\x00\x01ab", max_size=4), min_size=1, max_size=3))
+def test_name_bytes_differ_for_different_names(a, b):
+    """Joined with NUL and nothing escaped, ("x\\0y", "z") and ("x", "y\\0z") were one name."""
+    assert (name_bytes(tuple(a)) == name_bytes(tuple(b))) == (a == b)
+
+
+def test_ids_holding_a_nul_do_not_share_tokens():
+    one = Program("x\x00y", 0.0, "w", (Call("z", (), 64, 1),))
+    two = Program("x", 0.0, "w", (Call("y\x00z", (), 64, 1),))
+    (keys_one,), (keys_two,) = context_block_keys(one).values(), context_block_keys(two).values()
+    assert len(keys_one) == 4 and not set(keys_one) & set(keys_two)
+
+
+def test_names_without_nul_or_soh_keep_their_ids():
+    """Every generated trace's keys, and so every shipped result, are unchanged by the escaping."""
+    assert (name_id("bfcl-tools-3"), name_id("p12", "c4"), name_id("block_hash", "17")) == (
+        18172115384228482052, 12058534467069175061, 7507270054695074224)

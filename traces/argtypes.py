@@ -29,6 +29,19 @@ def int_at_least(minimum: int) -> Callable[[str], int]:
     return parse
 
 
+def int_between(minimum: int, maximum: int) -> Callable[[str], int]:
+    """An integer in [minimum, maximum] (a token count: at most the trace format's limit)."""
+
+    def parse(text: str) -> int:
+        value = _integer(text)
+        if not minimum <= value <= maximum:
+            raise argparse.ArgumentTypeError(f"expected an integer from {minimum} to {maximum:,}, got {value}")
+        return value
+
+    parse.__name__ = f"int_between_{minimum}_{maximum}"
+    return parse
+
+
 def port_number(text: str) -> int:
     """A TCP port (0: any free one)."""
     port = _integer(text, "a port number")

@@ -16,7 +16,8 @@ import sys
 from typing import Sequence
 
 from traces import generators, importers
-from traces.argtypes import int_at_least, positive_float
+from traces.argtypes import int_at_least, int_between, positive_float
+from traces.format import MAX_TOKENS
 from traces.io import load, save
 from traces.stats import trace_stats
 from traces.validate import TraceError, scan_file, show
@@ -102,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("format", choices=importers.IMPORTERS)
     conv.add_argument("source")
     conv.add_argument("-o", "--output", required=True)
-    conv.add_argument("--min-tokens", type=int, default=None,
+    conv.add_argument("--min-tokens", type=int_between(1, MAX_TOKENS), default=None,
                       help="azure: raise token counts below N to N (reported) instead of failing")
     conv.add_argument("--rate", type=positive_float, default=None, help="sharegpt: arrival rate (default 1)")
     conv.add_argument("--seed", type=NONNEGATIVE_INT, default=None, help="sharegpt: arrival seed (default 0)")

@@ -28,7 +28,7 @@ import numpy as np
 
 from traces.arrivals import arrival_times
 from traces.format import MAX_SECONDS, MAX_TOKENS, Call, Program
-from traces.validate import TraceError, decode_jsonl_line, parse_json_int, show
+from traces.validate import TraceError, decode_jsonl_line, parse_json_int, show, unique_keys
 
 IMPORTERS = ("azure", "sharegpt", "mooncake")
 
@@ -95,6 +95,26 @@ def _azure_count(text: str, file: str, line: int, column: str) -> int:
     return int(text)
 
 
+def _csv_rows(reader: Any, file: str) -> Iterator[list[str]]:
+    """The reader's rows; what the csv module refuses is a located TraceError.
+
+    ``csv.Error`` is not a ValueError, so it would escape the CLI as a traceback.
+    """
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            text = str(exc)
+            if "new-line character" in text:  # its advice (newline='') is for the code, not the file
+                text = "a carriage return (\\r) inside a line: lines must end in \\n or \\r\\n"
+            elif "field larger than field limit" in text:
+                text = f"a field longer than {csv.field_size_limit():,} characters; no Azure trace cell is"
+            raise TraceError(f"not a CSV row: {text}", file=file, line=reader.line_num) from None
+        yield row
+
+
 def import_azure(path: str | os.PathLike, min_tokens: int | None = None) -> ImportReport:
     """Azure LLM inference trace CSV: each row a one-call program.
 
@@ -106,21 +126,24 @@ def import_azure(path: str | os.PathLike, min_tokens: int | None = None) -> Impo
     The workload label is ``azure-<file stem>``.
     """
     file = os.fspath(path)
-    label = "azure-" + os.path.splitext(os.path.basename(file))[0]
+    # A file name's undecodable bytes (kept by Python as lone surrogates) as \xNN: a label is text.
+    stem = os.path.splitext(os.path.basename(file))[0]
+    label = "azure-" + stem.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
     programs: list[Program] = []
     changed = 0
-    if min_tokens is not None and (type(min_tokens) is not int or min_tokens < 1):
-        raise ValueError(f"min_tokens must be an integer >= 1, got {min_tokens!r}")
+    if min_tokens is not None and (type(min_tokens) is not int or not 1 <= min_tokens <= MAX_TOKENS):
+        raise ValueError(f"min_tokens must be an integer from 1 to {MAX_TOKENS:,}, got {min_tokens!r}")
     with open(file, "rb") as fh:
         reader = csv.reader(_utf8_lines(fh, file))
-        header = next(reader, None)
+        rows = _csv_rows(reader, file)
+        header = next(rows, None)
         if header is None or tuple(h.strip() for h in header) != AZURE_COLUMNS:
             raise TraceError(
                 f"expected the header {','.join(AZURE_COLUMNS)}, got {show(header)}", file=file, line=1
             )
         first = prev = None
         prev_time = ""
-        for row in reader:
+        for row in rows:
             line = reader.line_num
             if len(row) != 3:
                 raise TraceError(f"expected 3 columns, got {len(row)}", file=file, line=line)
@@ -240,7 +263,9 @@ def import_sharegpt(
     file = os.fspath(path)
     try:
         with open(file, encoding="utf-8-sig") as fh:
-            data = json.load(fh, parse_int=parse_json_int)
+            data = json.load(fh, parse_int=parse_json_int, object_pairs_hook=unique_keys)
+    except TraceError as exc:  # a key given twice: json would keep the last value silently
+        raise exc.located(file, None) from None
     except ValueError as exc:
         raise TraceError(f"malformed JSON: {exc}", file=file) from None
     except RecursionError:
@@ -408,6 +433,11 @@ def import_mooncake(path: str | os.PathLike, group_by_prefix: int | None = None)
             parents = (f"c{j - 1}",) if j else ()
             calls.append(Call(f"c{j}", parents, prompt, output, 0.0, block_hashes=hashes,
                               hash_block_tokens=MOONCAKE_BLOCK))
-        programs.append(Program(f"p{i}", (members[0][0] - t0) / 1000, "mooncake", tuple(calls)))
+        arrival = (members[0][0] - t0) / 1000
+        if arrival > MAX_SECONDS:  # within the span in milliseconds, past it once divided (float rounding)
+            raise TraceError(f"expected at most {MAX_SECONDS:g} s after the earliest timestamp {show(t0)} (the "
+                             f"trace format's limit on arrival times), got {arrival!r} s", file=file,
+                             line=members[0][1], field="timestamp")
+        programs.append(Program(f"p{i}", arrival, "mooncake", tuple(calls)))
     notes = [f"{len(rows)} row(s) -> {len(programs)} program(s)"]
     return ImportReport(programs, notes)

@@ -45,9 +45,21 @@ _ROOT_KEY = 0x5EED  # the "previous key" of block 0
 
 
 def name_id(*parts: str) -> int:
-    """A process-independent 64-bit integer for a tuple of names."""
-    data = "\x00".join(parts).encode("utf-8")
-    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
+    """A process-independent 64-bit integer for a tuple of names.
+
+    The parts are joined by NUL with NUL and SOH escaped inside them (SOH
+    first), so two tuples never give the same bytes: ids may hold a NUL, and
+    program ``"x\\0y"`` call ``"z"`` met program ``"x"`` call ``"y\\0z"``
+    (unrelated calls sharing cached tokens). Names without either character,
+    every generated one, keep the bytes, and so the keys, they had.
+    """
+    return int.from_bytes(hashlib.blake2b(name_bytes(parts), digest_size=8).digest(), "little")
+
+
+def name_bytes(parts: tuple[str, ...]) -> bytes:
+    """What `name_id` hashes: a different byte string for every tuple of names."""
+    escaped = (p.replace("\x01", "\x01\x01").replace("\x00", "\x01\x00") for p in parts)
+    return "\x00".join(escaped).encode("utf-8")
 
 
 def hash_block_source(hid: int) -> int:
