@@ -394,3 +394,11 @@ def test_sharegpt_a_key_given_twice_is_refused(tmp_path, text, key):
 def test_azure_min_tokens_past_the_token_limit_is_refused():
     with pytest.raises(ValueError, match=r"min_tokens must be an integer from 1 to 1,000,000,000, got 2000000000"):
         import_azure(AZURE / "code.csv", min_tokens=2_000_000_000)
+
+
+def test_azure_a_row_spanning_lines_is_named_by_its_first_line(tmp_path):
+    p = tmp_path / "t.csv"
+    p.write_text('TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:17:03,10,5\n2023-11-16 18:17:04,"1\n0",5\n')
+    with pytest.raises(TraceError) as info:
+        import_azure(p)
+    assert (info.value.line, info.value.field) == (3, "ContextTokens")  # was 4, where the row ends

@@ -95,12 +95,14 @@ def _azure_count(text: str, file: str, line: int, column: str) -> int:
     return int(text)
 
 
-def _csv_rows(reader: Any, file: str) -> Iterator[list[str]]:
-    """The reader's rows; what the csv module refuses is a located TraceError.
+def _csv_rows(reader: Any, file: str) -> Iterator[tuple[int, list[str]]]:
+    """The reader's rows with the line each starts on (a quoted field may span
+    lines); what the csv module refuses is a located TraceError.
 
     ``csv.Error`` is not a ValueError, so it would escape the CLI as a traceback.
     """
     while True:
+        start = reader.line_num + 1
         try:
             row = next(reader)
         except StopIteration:
@@ -112,7 +114,7 @@ def _csv_rows(reader: Any, file: str) -> Iterator[list[str]]:
             elif "field larger than field limit" in text:
                 text = f"a field longer than {csv.field_size_limit():,} characters; no Azure trace cell is"
             raise TraceError(f"not a CSV row: {text}", file=file, line=reader.line_num) from None
-        yield row
+        yield start, row
 
 
 def import_azure(path: str | os.PathLike, min_tokens: int | None = None) -> ImportReport:
@@ -136,15 +138,14 @@ def import_azure(path: str | os.PathLike, min_tokens: int | None = None) -> Impo
     with open(file, "rb") as fh:
         reader = csv.reader(_utf8_lines(fh, file))
         rows = _csv_rows(reader, file)
-        header = next(rows, None)
+        _, header = next(rows, (1, None))
         if header is None or tuple(h.strip() for h in header) != AZURE_COLUMNS:
             raise TraceError(
                 f"expected the header {','.join(AZURE_COLUMNS)}, got {show(header)}", file=file, line=1
             )
         first = prev = None
         prev_time = ""
-        for row in rows:
-            line = reader.line_num
+        for line, row in rows:
             if len(row) != 3:
                 raise TraceError(f"expected 3 columns, got {len(row)}", file=file, line=line)
             try:
