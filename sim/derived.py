@@ -403,6 +403,7 @@ def format_table(table: Sequence[ThroughputRow]) -> str:
 # --- over seeds ----------------------------------------------------------------------------
 
 SEED = "seed"
+SEEDS_MEAN = "mean"  # the seed of a mean row beside seedless ones: "seed=mean" in a group's label
 
 
 @dataclass
@@ -446,6 +447,10 @@ def mean_over_seeds(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     quantity, so a number is None otherwise). Rows without a seed pass
     through unchanged; order is first appearance.
     """
+    rows = list(rows)
+    # Beside seedless rows a mean row keeps a seed, "mean", to stay apart from
+    # them (same workload and rates); alone it needs none, and labels stay short.
+    mark = SEEDS_MEAN if any(r.get(SEED) is None for r in rows) else None
     merged: dict[tuple, list[dict[str, Any]]] = {}
     for r in rows:
         if r.get(SEED) is None:
@@ -464,8 +469,9 @@ def mean_over_seeds(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
         for col, first in group[0].items():
             values = [r.get(col) for r in group]
             if col == SEED:
-                continue
-            if col in identity:  # the same in every seed (``point`` is the first seed's)
+                if mark is not None:
+                    row[col] = mark
+            elif col in identity:  # the same in every seed (``point`` is the first seed's)
                 row[col] = first
             elif col == "status":
                 row[col] = "ok" if ok else "failed"

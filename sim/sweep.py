@@ -46,6 +46,7 @@ import json
 import math
 import typing
 from dataclasses import dataclass, field, fields
+from fractions import Fraction
 from typing import Any, Sequence
 
 from sim.config import POLICIES, EngineConfig, ExperimentConfig, LatencyConfig
@@ -146,13 +147,15 @@ def override_text(key: str, value: Any) -> str:
     return f"{key}={json.dumps(value)}"
 
 
-def _clean(x: float, integral: bool) -> int | float:
+def _clean(x: int | float, integral: bool) -> int | float:
     """Round away float noise (0.30000000000000004) so CSV values read as typed.
 
     To 15 significant digits, the most a float always holds: noise is
     relative, and a fixed count of decimals would turn a range of tiny
-    values (1e-13 s) into zeros.
+    values (1e-13 s) into zeros. An int is exact already and kept as it is.
     """
+    if isinstance(x, int):
+        return x
     x = float(f"{x:.15g}")
     return int(round(x)) if integral and x.is_integer() else x
 
@@ -292,9 +295,11 @@ def expand_range(where: _Where, spec: dict[str, Any], path: tuple[Any, ...]) -> 
         _at_most_max_points(where, path + ("num",), num, f"{num} values")
         if num == 1 and start != stop:
             where.fail(path + ("num",), f"1 value needs start == stop, got start {start} and stop {stop}")
-        integral = isinstance(start, int) and isinstance(stop, int)
+        if isinstance(start, int) and isinstance(stop, int):  # exact: a float would round a 16-digit seed
+            exact = [start + Fraction((stop - start) * i, max(num - 1, 1)) for i in range(num)]
+            return [int(v) if v.denominator == 1 else _clean(float(v), False) for v in exact]
         values = [start + (stop - start) * i / (num - 1) if num > 1 else start for i in range(num)]
-        return [_clean(v, integral) for v in values]
+        return [_clean(v, False) for v in values]
     step = _number(where, spec["step"], path + ("step",))
     if step <= 0:
         where.fail(path + ("step",), f"expected a number > 0, got {step!r}")

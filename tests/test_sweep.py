@@ -64,6 +64,24 @@ def test_ranges_of_tiny_and_huge_values_keep_their_values(tmp_path):
     assert sorted({p["workload.params.programs"] for p in ps}) == [10**12, 2 * 10**12, 3 * 10**12]
 
 
+@pytest.mark.parametrize("spec, values", [
+    ("{start: 1234567890123456, stop: 1234567890123459, step: 1}",
+     [1234567890123456, 1234567890123457, 1234567890123458, 1234567890123459]),
+    ("{start: 1234567890123456789, stop: 1234567890123656789, num: 3}",
+     [1234567890123456789, 1234567890123556789, 1234567890123656789]),
+    ("{start: 1, stop: 2, num: 3}", [1, 1.5, 2]),
+])
+def test_integer_ranges_are_exact(tmp_path, spec, values):
+    """Rounded to 15 digits, 16-digit seeds became other seeds (and a duplicate-point error)."""
+    f = write(tmp_path, f"""\
+        s:
+          experiment: tiny
+          grid: {{seed: {spec}}}
+        """)
+    got = [p["seed"] for p in params(load_sweep("s", f))]
+    assert got == values and [type(v) for v in got] == [type(v) for v in values]
+
+
 def test_step_range_and_times_and_cases(tmp_path):
     f = write(tmp_path, """\
         s:

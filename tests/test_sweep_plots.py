@@ -161,6 +161,19 @@ def test_mean_over_seeds_and_the_figures_that_use_it(tmp_path):
     assert [n for n, _ in series["bfcl", "locality", "plas"]] == [1, 2]
 
 
+def test_a_seedless_table_beside_a_seeded_one_keeps_its_own_curves():
+    """The seeds' mean rows lost their seed and met the seedless run's rows at the same rates (an error)."""
+    from sim.derived import curves, mean_over_seeds
+    from sim.sweep_plots import wait_breakdown
+
+    plain = [{k: v for k, v in r.items()} for r in rows() if r["policy"] != "fcfs-unopt"]
+    both = plain + seeded_rows()
+    groups = curves(mean_over_seeds(both))
+    assert [dict(g).get("seed") for g in groups] == [None, "mean"]
+    fig = wait_breakdown(both, 0.06)
+    assert [ax.get_title() for ax in fig.axes] == ["bfcl", "bfcl seed=mean"]
+
+
 def test_ratio_figure_keeps_curves_without_seeds_next_to_seeded_ones():
     from sim.sweep_plots import throughput_ratio_bars
 
