@@ -21,9 +21,8 @@ byte-identical for the same experiment and seeds.
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import as_completed
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import replace
 from pathlib import Path
@@ -33,7 +32,7 @@ from sim.confidence import CONFIDENCE, t_interval
 from sim.config import ExperimentConfig
 from sim.experiments import ConfigError
 from sim.metrics import BASELINE, RATIO_METRICS
-from sim.pool import stop_pool
+from sim.pool import spawn_pool, stop_pool
 from sim.textout import write_atomic
 
 # The metrics given an interval: the paper's (normalised latency, its tail,
@@ -127,8 +126,7 @@ def run_replications(
         for s in seeds:
             summaries[s] = _run_seed(configs[s], str(out / f"seed-{s}"), quiet)
     else:
-        ctx = multiprocessing.get_context("spawn")
-        with progress_bar(count, quiet, unit="seed") as bar, ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+        with progress_bar(count, quiet, unit="seed") as bar, spawn_pool(workers) as pool:
             bar.describe("seeds")
             futures = {pool.submit(_run_seed, configs[s], str(out / f"seed-{s}"), True): s for s in seeds}
             try:

@@ -28,19 +28,18 @@ import csv
 import functools
 import io
 import json
-import multiprocessing
 import os
 import re
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
 from sim.experiments import ConfigError, dump_yaml, to_file_dict
 from sim.metrics import add_ratios, summarize_policy
-from sim.pool import stop_pool
+from sim.pool import spawn_pool, stop_pool
 from sim.sweep import DEFAULT_VARIANT, Job, Sweep
 from sim.textout import write_atomic
 
@@ -147,14 +146,11 @@ def run_local(jobs: Sequence[Job], workers: int) -> Iterator[JobResult]:
         for job in todo:
             yield run_job(job)
         return
-    ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+    with spawn_pool(workers) as pool:
         futures = {pool.submit(run_job, job): job for job in todo}
         try:
             for fut in as_completed(futures):
                 exc = fut.exception()
-                if isinstance(exc, KeyboardInterrupt):  # Ctrl-C reached the worker before this process
-                    raise KeyboardInterrupt
                 if exc is not None:  # the worker died (killed, out of memory): not the job's own error
                     yield JobResult(futures[fut].index, "failed", f"{type(exc).__name__}: {exc}")
                 else:
