@@ -92,6 +92,23 @@ def seeds_of(cfg: ExperimentConfig, count: int) -> list[int]:
     return [cfg.seed + i for i in range(count)]
 
 
+def check_seeds(configs: dict[int, ExperimentConfig]) -> None:
+    """Every seed's workload drawn and checked against the engine, before any output is touched.
+
+    A seed whose draw the engine cannot hold would otherwise fail after the
+    earlier run's results were deleted, and end the other seeds mid-write.
+    Costs one extra draw per seed (seconds against a run's minutes).
+    """
+    from sim.run import load_workload
+    from sim.simulate import SimulationError, check_workload
+
+    for s, seed_cfg in configs.items():
+        try:
+            check_workload(load_workload(seed_cfg), seed_cfg)
+        except (ConfigError, SimulationError) as exc:
+            raise type(exc)(f"--seeds: seed {s}: {exc}") from None
+
+
 def _run_seed(cfg: ExperimentConfig, out_dir: str, quiet: bool) -> dict[str, Any]:
     from sim.run import run_experiment
 
@@ -114,13 +131,14 @@ def run_replications(
     if workers is not None and workers < 1:
         raise ConfigError(f"--workers {workers}: expected an integer >= 1")
     workers = min(count, workers or os.cpu_count() or 1)
+    configs = {s: replace(cfg, seed=s) for s in seeds}
+    check_seeds(configs)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     # A plain run's files, or a seed directory this run does not make, would read as this run's.
     for name in (*OUTPUTS, REPLICATIONS_FILE):
         (out / name).unlink(missing_ok=True)
     remove_seed_dirs(out, keep=seeds)
-    configs = {s: replace(cfg, seed=s) for s in seeds}
     summaries: dict[int, dict[str, Any]] = {}
     if workers == 1:
         for s in seeds:

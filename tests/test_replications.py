@@ -205,6 +205,19 @@ def test_bad_seeds_are_one_line_and_exit_1(workdir, args, message):
     assert not (workdir / "results").exists()
 
 
+def test_a_seed_the_engine_cannot_hold_fails_before_anything_is_touched(workdir):
+    """Seed 8 draws a 1,978-token call, past 120 blocks x 16; the rerun deleted replications.json and
+    half-wrote the other seeds before, and did not say which seed failed."""
+    first = sim("run", "small", "-e", "exp.yaml", "--seeds", "2", "-w", "2", "-q", "--out", "r", cwd=workdir)
+    assert first.returncode == 0, first.stderr
+    before = {p: p.read_bytes() for p in sorted((workdir / "r").rglob("*")) if p.is_file()}
+    res = sim("run", "small", "-e", "exp.yaml", "--seeds", "2", "-w", "2", "-q", "--out", "r",
+              "--set", "engine.num_gpu_blocks=120", cwd=workdir)
+    assert res.returncode == 1 and len(res.stderr.splitlines()) == 1, res.stderr
+    assert res.stderr.startswith("error: --seeds: seed 8: program ") and "(1920 tokens)" in res.stderr
+    assert {p: p.read_bytes() for p in sorted((workdir / "r").rglob("*")) if p.is_file()} == before
+
+
 def test_a_killed_worker_is_one_line_and_cancels_the_rest(tmp_path, monkeypatch, capsys):
     """A seed whose worker the OS kills ends the run at once with one line, not a traceback."""
     import sim.replications as replications
