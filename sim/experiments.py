@@ -471,21 +471,28 @@ def _override_layer(overrides: Sequence[str], labels: Mapping[str, str]) -> tupl
     origins: dict[Path_, str] = {}
     for text in overrides:
         parts, value = parse_override(text)
-        node = data
-        for p in parts[:-1]:
-            if not isinstance(node.get(p), dict):
-                node[p] = {}
-            node = node[p]
-        last = parts[-1]
-        if isinstance(node.get(last), dict) and isinstance(value, dict):
-            node[last] = _deep_merge(node[last], value)  # as over the file: keys set before stay
-        else:
-            node[last] = value
+        top: Any = value
+        for p in reversed(parts):
+            top = {p: top}
+        # Each override merges into those before it as a layer over the file does:
+        # mappings key by key, and a trace (generator) drops the earlier generator (trace).
+        data = _deep_merge(_prune_workload(data, top), top)
         label = labels.get(text, f"--set {text}")
         origins[parts] = label
         for sub in _subpaths(value):
             origins[parts + sub] = label
-    return data, origins
+    return data, {path: o for path, o in origins.items() if _has_path(data, path)}
+
+
+def _has_path(data: Any, path: Path_) -> bool:
+    for key in path:
+        if isinstance(data, dict) and key in data:
+            data = data[key]
+        elif isinstance(data, list) and isinstance(key, int) and 0 <= key < len(data):
+            data = data[key]
+        else:
+            return False
+    return True
 
 
 def _subpaths(value: Any) -> list[Path_]:

@@ -297,6 +297,15 @@ def test_a_mapping_set_merges_into_the_keys_set_before_it(write):
         resolve("ok", write(), ["engine.replicas=0", "engine={balancer: round_robin}"])
 
 
+def test_a_later_set_workload_source_drops_the_earlier_ones(write, tmp_path):
+    """As a --set trace drops the file's generator: params set before a trace were an error once --set merged."""
+    (tmp_path / "u.jsonl").write_text("")
+    cfg = resolve("ok", write(), ["workload.generator=bfcl", "workload.params.rate=5", "workload={trace: u.jsonl}"])
+    assert (cfg.workload.trace, cfg.workload.generator, cfg.workload.params) == ("u.jsonl", None, {})
+    cfg = resolve("ok", write(), ["workload.trace=u.jsonl", "workload={generator: bfcl, params: {programs: 3, rate: 1}}"])
+    assert (cfg.workload.trace, cfg.workload.generator, cfg.workload.params) == (None, "bfcl", {"programs": 3, "rate": 1})
+
+
 def test_workload_source_replaces_the_lower_layers(write, tmp_path):
     (tmp_path / "u.jsonl").write_text("")
     base = BASE.replace("  seed: 3\n", "  seed: 3\n  workload: {generator: bfcl, params: {programs: 5, rate: 1}}\n")
