@@ -61,6 +61,10 @@ def test_columns_in_any_order():
         (text(GOOD[0], f"64,64,64,{2**53 + 1},0,0,0.1"), ":5: column decode_kv_tokens: must be at most 2**53, "
                                                        "got '9007199254740993'"),
         (text(GOOD[0], f"64,64,64,{'9' * 5000},0,0,0.1"), ":5: column decode_kv_tokens: must be at most 2**53"),
+        (text(GOOD[0], f"64,64,64,-{'9' * 5000},0,0,0.1"), ":5: column decode_kv_tokens: must be >= 0, "
+                                                          "got '-9999999999999999999'... (5001 characters)"),
+        (text(GOOD[0], f"64,64,64,64064,0,0,1{'0' * 400}"), ":5: column seconds: must be a positive finite time, "
+                                                           "got '10000000000000000000'... (401 characters)"),
         (text(GOOD[0], "64,65,64,64064,0,0,0.1"), ":5: column num_tokens: must equal num_decode + prefill_tokens"),
         (text(GOOD[0], "0,0,0,0,0,0,0.1"), ":5: column num_seqs"),
         (text(GOOD[0], "# note", GOOD[1]), ":5: comment line inside the data"),

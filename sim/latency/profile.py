@@ -90,9 +90,11 @@ class Profile:
         return {k: float(self.provenance[k]) for k in HOST_KEYS if k in self.provenance}
 
 
-def _shown(text: str) -> str:
-    """A cell for an error message: whole when short, else its start and length."""
-    return repr(text) if len(text) <= 40 else f"{text[:20]!r}... ({len(text)} characters)"
+def _shown(text: str, quoted: bool = True) -> str:
+    """A cell for an error message: whole when short (quoted unless it reads as a number), else its start and length."""
+    if len(text) <= 40:
+        return repr(text) if quoted else text
+    return f"{text[:20]!r}... ({len(text)} characters)"
 
 
 def shape_problem(s: StepShape) -> str | None:
@@ -166,9 +168,10 @@ def parse_profile(text: str, origin: str = "<profile>") -> Profile:
         ints = {}
         for col in SHAPE_COLUMNS:
             text = rec[col].strip()
-            digits = text.lstrip("+")
+            digits = text.lstrip("+-")
             if digits.isdigit() and len(digits.lstrip("0")) > 20:  # past 2**53; int() refuses past 4300 digits
-                raise ProfileError(f"{origin}:{lineno}: column {col}: must be at most 2**53, got {_shown(text)}")
+                bound = "must be >= 0" if text.startswith("-") else "must be at most 2**53"
+                raise ProfileError(f"{origin}:{lineno}: column {col}: {bound}, got {_shown(text)}")
             try:
                 ints[col] = int(text)
             except ValueError:
@@ -182,11 +185,11 @@ def parse_profile(text: str, origin: str = "<profile>") -> Profile:
         except ValueError:
             raise ProfileError(f"{origin}:{lineno}: column seconds: expected a number, got {_shown(rec['seconds'])}") from None
         if not (math.isfinite(seconds) and seconds > 0):
-            raise ProfileError(f"{origin}:{lineno}: column seconds: must be a positive finite time, got {rec['seconds']}")
+            raise ProfileError(f"{origin}:{lineno}: column seconds: must be a positive finite time, got {_shown(rec['seconds'], quoted=False)}")
         if not MIN_STEP_SECONDS <= seconds <= MAX_STEP_SECONDS:
             raise ProfileError(
                 f"{origin}:{lineno}: column seconds: expected a step time from {MIN_STEP_SECONDS:g} to "
-                f"{MAX_STEP_SECONDS:g} s, got {rec['seconds']} (times are in seconds)"
+                f"{MAX_STEP_SECONDS:g} s, got {_shown(rec['seconds'], quoted=False)} (times are in seconds)"
             )
         shape = StepShape(**ints)
         problem = shape_problem(shape)
