@@ -14,29 +14,27 @@ import signal
 from concurrent.futures import ProcessPoolExecutor
 
 
-def spawn_pool(workers: int) -> ProcessPoolExecutor:
+class SpawnPool(ProcessPoolExecutor):
     """A spawn pool (no state inherited from the parent, the same on every
-    platform) whose workers leave Ctrl-C to the parent.
+    platform) whose workers leave Ctrl-C to the parent, which can end them at once.
 
     A terminal's Ctrl-C reaches the whole process group; a worker waiting for
     a job would print a KeyboardInterrupt traceback, and one running a job
     would hand it back as the job's result. The parent stops them instead
-    (`stop_pool`).
+    (`stop`).
     """
-    ctx = multiprocessing.get_context("spawn")
-    return ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=signal.signal,
-                               initargs=(signal.SIGINT, signal.SIG_IGN))
 
+    def __init__(self, workers: int):
+        # The children this process had before: a caller's own, never ours to end.
+        self._others = set(multiprocessing.active_children())
+        super().__init__(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+                         initializer=signal.signal, initargs=(signal.SIGINT, signal.SIG_IGN))
 
-def stop_pool(pool: ProcessPoolExecutor) -> None:
-    """Drop the queued jobs and end the running ones now, and wait until they have ended.
-
-    Every live child of this process is terminated: the commands that use a
-    pool start no other children while it runs.
-    """
-    pool.shutdown(wait=False, cancel_futures=True)
-    children = multiprocessing.active_children()
-    for child in children:
-        child.terminate()
-    for child in children:
-        child.join(timeout=10)
+    def stop(self) -> None:
+        """Drop the queued jobs, end the running ones now, and wait until their workers have exited."""
+        self.shutdown(wait=False, cancel_futures=True)
+        workers = [c for c in multiprocessing.active_children() if c not in self._others]
+        for child in workers:
+            child.terminate()
+        for child in workers:
+            child.join(timeout=10)

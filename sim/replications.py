@@ -32,7 +32,7 @@ from sim.confidence import CONFIDENCE, t_interval
 from sim.config import ExperimentConfig
 from sim.experiments import ConfigError
 from sim.metrics import BASELINE, RATIO_METRICS
-from sim.pool import spawn_pool, stop_pool
+from sim.pool import SpawnPool
 from sim.textout import write_atomic
 
 # The metrics given an interval: the paper's (normalised latency, its tail,
@@ -144,7 +144,7 @@ def run_replications(
         for s in seeds:
             summaries[s] = _run_seed(configs[s], str(out / f"seed-{s}"), quiet)
     else:
-        with progress_bar(count, quiet, unit="seed") as bar, spawn_pool(workers) as pool:
+        with progress_bar(count, quiet, unit="seed") as bar, SpawnPool(workers) as pool:
             bar.describe("seeds")
             futures = {pool.submit(_run_seed, configs[s], str(out / f"seed-{s}"), True): s for s in seeds}
             try:
@@ -154,7 +154,7 @@ def run_replications(
             except BaseException as exc:
                 # A bad seed (a call that cannot fit, an interrupt) ends the run now,
                 # not after the queued seeds have run for minutes.
-                stop_pool(pool)
+                pool.stop()
                 if isinstance(exc, BrokenProcessPool):  # killed, e.g. out of memory: not a bug here
                     raise WorkerDied(f"--seeds: a worker process died ({exc}); if memory ran out, use fewer --workers") from None
                 raise

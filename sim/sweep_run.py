@@ -39,7 +39,7 @@ from typing import Any, Iterable, Iterator, Sequence
 
 from sim.experiments import ConfigError, dump_yaml, to_file_dict
 from sim.metrics import add_ratios, summarize_policy
-from sim.pool import spawn_pool, stop_pool
+from sim.pool import SpawnPool
 from sim.sweep import DEFAULT_VARIANT, Job, Sweep
 from sim.textout import write_atomic
 
@@ -146,7 +146,7 @@ def run_local(jobs: Sequence[Job], workers: int) -> Iterator[JobResult]:
         for job in todo:
             yield run_job(job)
         return
-    with spawn_pool(workers) as pool:
+    with SpawnPool(workers) as pool:
         futures = {pool.submit(run_job, job): job for job in todo}
         try:
             for fut in as_completed(futures):
@@ -158,7 +158,7 @@ def run_local(jobs: Sequence[Job], workers: int) -> Iterator[JobResult]:
         finally:
             # An interrupt here, or the consumer stopped early (it closed this generator).
             if not all(f.done() for f in futures):
-                stop_pool(pool)
+                pool.stop()
 
 
 
