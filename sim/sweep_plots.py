@@ -205,7 +205,7 @@ def _scaling_series(rows: Sequence[dict[str, Any]], target: str | float | None) 
         L = Ls[group]
         for policy, c in by_policy.items():
             tp = throughput_at(c.rates, c.metric(LATENCY), L) if L is not None else Throughput(None, "none")
-            key = (str(g.get("workload")), str(g.get("balancer")), policy)
+            key = (_panel_of(group), str(g.get("balancer")), policy)
             out.setdefault(key, []).append((int(g.get("replicas") or 1), tp))
     # A single replica has no balancer to choose: its point belongs on every balancer's line.
     for (w, b, p), pts in out.items():
@@ -214,6 +214,13 @@ def _scaling_series(rows: Sequence[dict[str, Any]], target: str | float | None) 
                 have = {n for n, _ in pts}
                 pts += [(n, t) for n, t in pts1 if n == 1 and n not in have]
     return {k: sorted(v, key=lambda x: x[0]) for k, v in out.items()}
+
+
+def _panel_of(group: tuple[tuple[str, Any], ...]) -> str:
+    """The scaling figure's panel: the group but its replica count and balancer (the
+    figure's axes), so curves that differ in another swept key (a model, the seedless
+    run beside a seeds' mean) are not drawn as one line."""
+    return group_label(tuple((k, v) for k, v in group if k not in ("replicas", "balancer")))
 
 
 def has_scaling(rows: Sequence[dict[str, Any]]) -> bool:

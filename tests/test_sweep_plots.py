@@ -183,3 +183,22 @@ def test_ratio_figure_keeps_curves_without_seeds_next_to_seeded_ones():
     assert [t.get_text() for t in ax.get_xticklabels()] == ["bfcl", "lats"]
     # lats: FCFS 4 + 2 x 0.01 / 0.25 = 4.08; PLAS 4 + 2 x 0.03 / 0.05 = 5.2, a ratio of 1.275
     assert [round(b.get_height(), 3) for b in ax.patches][3] == round(5.2 / 4.08, 3)
+
+
+def test_scaling_keeps_curves_that_differ_in_another_swept_key_apart():
+    """Two models' points at one replica count were drawn as one line, two points per count."""
+    from sim.sweep_plots import _scaling_series
+
+    def with_model(r, model):
+        out = {}
+        for k, v in r.items():
+            out[k] = v
+            if k == "balancer":
+                out["engine.model"] = model
+        return out
+
+    data = [with_model({**r, "replicas": n, "rate": r["rate"] * n}, m)
+            for m in ("a", "b") for n in (1, 2) for r in rows()]
+    series = _scaling_series(data, 0.06)
+    assert sorted({w for w, _, _ in series}) == ["bfcl model=a", "bfcl model=b"]
+    assert all([n for n, _ in pts] == [1, 2] for pts in series.values())
