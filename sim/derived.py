@@ -469,8 +469,8 @@ def mean_over_seeds(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
         for col, first in group[0].items():
             values = [r.get(col) for r in group]
             if col == SEED:
-                if mark is not None:
-                    row[col] = mark
+                if mark is not None:  # one seed (a grid case that fixes it) keeps its own
+                    row[col] = first if len(set(values)) == 1 else mark
             elif col in identity:  # the same in every seed (``point`` is the first seed's)
                 row[col] = first
             elif col == "status":

@@ -474,10 +474,19 @@ def _override_layer(overrides: Sequence[str], labels: Mapping[str, str]) -> tupl
         top: Any = value
         for p in reversed(parts):
             top = {p: top}
+        label = labels.get(text, f"--set {text}")
+        # A mapping this override makes on its way to its key, over an earlier
+        # value that is not one, is this override's (as `_merge` owns it between layers).
+        node: Any = data
+        for i, key in enumerate(parts[:-1]):
+            node = node.get(key) if isinstance(node, dict) else None
+            if not isinstance(node, dict):
+                if node is not None:
+                    origins[parts[: i + 1]] = label
+                break
         # Each override merges into those before it as a layer over the file does:
         # mappings key by key, and a trace (generator) drops the earlier generator (trace).
         data = _deep_merge(_prune_workload(data, top), top)
-        label = labels.get(text, f"--set {text}")
         origins[parts] = label
         for sub in _subpaths(value):
             origins[parts + sub] = label

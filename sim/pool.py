@@ -25,15 +25,18 @@ class SpawnPool(ProcessPoolExecutor):
     """
 
     def __init__(self, workers: int):
-        # The children this process had before: a caller's own, never ours to end.
-        self._others = set(multiprocessing.active_children())
         super().__init__(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
                          initializer=signal.signal, initargs=(signal.SIGINT, signal.SIG_IGN))
 
     def stop(self) -> None:
-        """Drop the queued jobs, end the running ones now, and wait until their workers have exited."""
+        """Drop the queued jobs, end the running ones now, and wait until their workers have exited.
+
+        Only this pool's workers: the executor's own table of them (``_processes``,
+        kept by every CPython since 3.2; shutdown clears it, so it is read first).
+        A caller's other processes are left alone.
+        """
+        workers = list((self._processes or {}).values())
         self.shutdown(wait=False, cancel_futures=True)
-        workers = [c for c in multiprocessing.active_children() if c not in self._others]
         for child in workers:
             child.terminate()
         for child in workers:

@@ -499,6 +499,21 @@ def test_a_mapping_an_override_makes_on_its_way_is_blamed_on_the_override(tmp_pa
     assert error("gen", "g.yaml", [override]).startswith(f"--set {override}: experiment 'gen': {expected}")
 
 
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (["policies=[fcfs]", "policies.0=bogus"], "--set policies.0=bogus: experiment 'gen': policies: expected a list"),
+        (["engine.replicas=2", "engine.replicas.x=1"],
+         "--set engine.replicas.x=1: experiment 'gen': engine.replicas: expected an integer"),
+    ],
+)
+def test_a_mapping_a_later_set_makes_over_an_earlier_value_is_blamed_on_it(tmp_path, monkeypatch, overrides, expected):
+    """The earlier --set, whose value was replaced, was named."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "g.yaml").write_text(GEN)
+    assert error("gen", "g.yaml", overrides).startswith(expected)
+
+
 def test_a_file_value_an_override_merges_into_keeps_its_line(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "g.yaml").write_text(GEN.replace("{kind: constant}", "{kind: constant, seconds: -1}"))

@@ -172,6 +172,9 @@ def test_a_seedless_table_beside_a_seeded_one_keeps_its_own_curves():
     assert [dict(g).get("seed") for g in groups] == [None, "mean"]
     fig = wait_breakdown(both, 0.06)
     assert [ax.get_title() for ax in fig.axes] == ["bfcl", "bfcl seed=mean"]
+    # a grid case that fixes one seed keeps it beside the seedless rows
+    one = [r for r in seeded_rows() if r["seed"] == seeded_rows()[0]["seed"]]
+    assert [dict(g).get("seed") for g in curves(mean_over_seeds(plain + one))] == [None, one[0]["seed"]]
 
 
 def test_ratio_figure_keeps_curves_without_seeds_next_to_seeded_ones():

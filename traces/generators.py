@@ -299,9 +299,10 @@ def count_pmf(mean: float, kmax: int, sigma: float) -> np.ndarray:
     def mean_at(mu: float) -> float:
         return float(pmf(mu) @ k)
 
-    # A mean near kmax needs a location far above it: widen the upper end by
-    # steps (the usual means keep the first, and so their exact draws).
-    hi = math.log(kmax) + 20 * sigma
+    # A mean near kmax (near 1, with a wide spread) needs a location far above
+    # (below) the usual bracket: widen that end by steps. The usual means keep
+    # the first bracket, and so their exact draws.
+    lo, hi = -20.0, math.log(kmax) + 20 * sigma
     for _ in range(100):
         if mean_at(hi) >= mean:
             break
@@ -309,7 +310,14 @@ def count_pmf(mean: float, kmax: int, sigma: float) -> np.ndarray:
     else:
         raise ValueError(f"a mean of {mean} calls is too close to the maximum of {kmax} for a spread of "
                          f"{sigma} (reachable: below {mean_at(hi):.6g}); lower the mean or the spread")
-    return pmf(_bisect(mean_at, mean, -20.0, hi))
+    for _ in range(100):
+        if mean_at(lo) <= mean:
+            break
+        lo -= 20 * sigma
+    else:
+        raise ValueError(f"a mean of {mean} calls is too close to 1 for a spread of {sigma} (reachable: "
+                         f"above {mean_at(lo):.6g}); raise the mean or lower the spread")
+    return pmf(_bisect(mean_at, mean, lo, hi))
 
 
 def truncated_geometric_pmf(mean: float, kmax: int) -> np.ndarray:
