@@ -19,8 +19,9 @@ the paper's front end does:
 Identity: clients send ``X-Program-Id`` and ``X-Thread-Id``, or
 ``vllm_xargs.program_id`` and ``vllm_xargs.thread_id`` in the body; a header
 wins over the body's field, each id on its own. Without a program id a call
-is a one-call program with a fresh id, and a thread id without one is refused. A program call without a thread id
-gets a fresh thread (it may run in parallel with the program's other calls).
+is a one-call program with a fresh id, and a thread id without one is
+refused. A program call without a thread id gets a fresh thread (it may run
+in parallel with the program's other calls).
 A second live call on the same thread of a program is refused with 409.
 ``X-KV-TTL: SECONDS`` asks the engine to pin the call's KV for its
 program's next call (``vllm_xargs.kv_ttl``; `engine.kv_pins`); a value

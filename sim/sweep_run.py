@@ -161,7 +161,6 @@ def run_local(jobs: Sequence[Job], workers: int) -> Iterator[JobResult]:
                 pool.stop()
 
 
-
 def run_ray(jobs: Sequence[Job], workers: int) -> Iterator[JobResult]:
     """The same jobs as Ray tasks on the cluster `ray.init` finds (or a local one)."""
     ray = import_ray()
