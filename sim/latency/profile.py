@@ -185,7 +185,8 @@ def parse_profile(text: str, origin: str = "<profile>") -> Profile:
         except ValueError:
             raise ProfileError(f"{origin}:{lineno}: column seconds: expected a number, got {_shown(rec['seconds'])}") from None
         if not (math.isfinite(seconds) and seconds > 0):
-            raise ProfileError(f"{origin}:{lineno}: column seconds: must be a positive finite time, got {_shown(rec['seconds'], quoted=False)}")
+            raise ProfileError(f"{origin}:{lineno}: column seconds: must be a positive finite time, "
+                               f"got {_shown(rec['seconds'], quoted=False)}")
         if not MIN_STEP_SECONDS <= seconds <= MAX_STEP_SECONDS:
             raise ProfileError(
                 f"{origin}:{lineno}: column seconds: expected a step time from {MIN_STEP_SECONDS:g} to "
