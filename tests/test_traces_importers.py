@@ -253,6 +253,22 @@ def test_token_approximation_and_missing_tokenizer(monkeypatch):
                                "without --tokenizer, tokens are approximated as characters / 4")
 
 
+def test_a_tokenizer_that_cannot_load_is_one_line(tmp_path, monkeypatch):
+    """transformers' error ran over several lines of advice and named neither the option nor the file."""
+    import types
+
+    def from_pretrained(name):
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files.\nCheck your connection.")
+
+    fake = types.ModuleType("transformers")
+    fake.AutoTokenizer = types.SimpleNamespace(from_pretrained=from_pretrained)
+    monkeypatch.setitem(sys.modules, "transformers", fake)
+    with pytest.raises(ValueError) as info:
+        load_tokenizer("no/such-model")
+    assert str(info.value) == ("--tokenizer no/such-model: cannot load it (We couldn't connect to "
+                               "'https://huggingface.co' to load the files.)")
+
+
 def mooncake_file(tmp_path, rows):
     p = tmp_path / "mc.jsonl"
     p.write_text("".join(json.dumps(r) + "\n" for r in rows))

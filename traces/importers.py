@@ -198,7 +198,12 @@ def load_tokenizer(name: str) -> Callable[[str], int]:
             f"--tokenizer {name} needs the 'transformers' package (pip install transformers); "
             "without --tokenizer, tokens are approximated as characters / 4"
         ) from None
-    tok = AutoTokenizer.from_pretrained(name)
+    try:
+        tok = AutoTokenizer.from_pretrained(name)
+    except Exception as exc:  # noqa: BLE001  transformers raises OSError, ValueError, HTTP errors...
+        # Its messages run over several lines of advice; the first says what failed.
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"--tokenizer {name}: cannot load it ({first})") from None
     return lambda text: max(1, len(tok.encode(text, add_special_tokens=False)))
 
 
