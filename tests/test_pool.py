@@ -27,7 +27,9 @@ def test_stop_ends_the_running_jobs_but_not_the_callers_own_children():
         assert _running(own.pid) and _running(later.pid)
         later.terminate()
         later.join()
-        assert sum(f.cancelled() for f in futures) >= 1  # the queued ones never ran
+        # None ran to its end: each was cancelled, or failed with its worker (whichever the
+        # executor's manager thread, racing the terminations, got to first).
+        assert all(f.done() and (f.cancelled() or f.exception() is not None) for f in futures)
     finally:
         own.terminate()
         own.join()
