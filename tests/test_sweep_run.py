@@ -393,17 +393,10 @@ def test_an_interrupted_sweep_writes_its_finished_rows_in_grid_order(exp, tmp_pa
     assert [(r["point"], r["policy"], r["programs"]) for r in table] == [("0", "fcfs", "12"), ("0", "plas", "12"), ("1", "fcfs", "12")]
 
 
-SLOW = """\
-experiments:
-  tiny:
-    workload:
-      generator: bfcl
-      params: {programs: 12, rate: 2.0}
-    latency: {kind: constant, seconds: 0.01}
-    policies: [fcfs]
-sweeps:
+SLOW = EXPERIMENTS + """\
   slow:
     experiment: tiny
+    policies: [fcfs]
     grid: {workload.params.programs: [200000, 200001, 200002, 200003]}
 """
 
@@ -456,10 +449,10 @@ def test_an_interrupted_sweep_stops_its_workers_at_once(tmp_path, group_wide):
 def test_interrupted_replications_stop_their_workers_at_once(tmp_path):
     """The running seeds are ended, not waited for; no replications.json is written."""
     path = tmp_path / "exp.yaml"
-    path.write_text(SLOW.replace("programs: 12", "programs: 200000"))
+    path.write_text(EXPERIMENTS)
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "sim", "run", "tiny", "--experiments", str(path), "--out", str(out),
-           "--seeds", "2", "--workers", "2", "--quiet"]
+           "--set", "workload.params.programs=200000", "--seeds", "2", "--workers", "2", "--quiet"]
     rc, elapsed, err = _interrupt(cmd, out / "seed-0" / "config.yaml", group_wide=False)
     assert rc == 130 and err.strip().splitlines()[-1] == "interrupted", err
     assert elapsed < 30, f"took {elapsed:.1f} s to stop"
