@@ -7,7 +7,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from traces.generators import WORKLOADS, count_pmf, generate, truncated_geometric_pmf
+from traces.generators import (
+    OFFSET_TOLERANCE,
+    WORKLOADS,
+    _tokens,
+    ceil_lognormal_mean,
+    count_pmf,
+    generate,
+    token_length,
+    truncated_geometric_pmf,
+)
 from traces.io import save
 from traces.stats import trace_stats
 
@@ -131,6 +140,10 @@ CV_RANGE = "cv must be a finite number > 0 from 0.01 to 10 (outside it gamma arr
         # finite, positive means whose draws the trace format cannot hold
         (dict(tool_delay_mean=1e300), "bfcl parameters draw delay=6.4e+299 for program 'p0' call 'c1', past the "
          "trace format's limit of 1e+09 seconds; lower the means that set it"),
+        (dict(output_tokens_mean=0.9), "bfcl parameter 'output_tokens_mean' must be at least 1 (a mean count of "
+         "whole tokens, each count >= 1), got 0.9"),
+        (dict(workload="lats", expansion_output_mean=0.5), "lats parameter 'expansion_output_mean' must be at "
+         "least 1 (a mean count of whole tokens, each count >= 1), got 0.5"),
         (dict(workload="sharegpt", output_tokens_mean=1e12), "sharegpt parameters draw output_tokens=1.570e+12 for "
          "program 'p0' call 'c0', past the trace format's limit of 1e+09 tokens; lower the means that set it"),
     ],
@@ -180,6 +193,51 @@ def test_a_mean_just_above_one_with_a_wide_spread_is_met():
     """The bracket's lower end was fixed: its mean was already above 1.0000001 at a spread of 4."""
     p = count_pmf(1.0000001, 80, 4.0)
     assert abs(p @ np.arange(1, 81) - 1.0000001) < 1e-9
+
+
+def test_ceil_lognormal_mean_matches_the_sum_of_tail_probabilities():
+    """The integrated tail past 2,000 tokens agrees with summing P(X > k) a term at a time.
+
+    The terms are summed to ten million; the rest, E[(X - n)+], is left out
+    only where it is below 1e-12.
+    """
+    from scipy.stats import lognorm
+
+    n = 10_000_000
+    for mu, sigma in ((8.0, 0.5), (5.0, 1.0), (3.0, 1.2), (0.3, 1.5), (-2.0, 2.0)):
+        x = lognorm(sigma, scale=np.exp(mu))
+        assert x.expect(lambda v: v - n, lb=n) < 1e-12
+        brute = 1 + x.sf(np.arange(1, n, dtype=float)).sum()
+        assert abs(ceil_lognormal_mean(mu, sigma) / brute - 1) < 1e-12, (mu, sigma)
+
+
+@pytest.mark.parametrize("mean", [1.0000001, 1.2, 1.5, 2.0, 3.0, 7.5, 40.0])
+@pytest.mark.parametrize("sigma", [0.05, 0.5, 1.0, 2.0, 4.0])
+def test_token_counts_have_the_requested_mean_exactly(mean, sigma):
+    """The offset ``mean - 0.5`` gave 3.19 for a mean of 3 at sigma 2, and 1.33 for a mean of 1."""
+    length = token_length(mean, sigma)
+    assert abs(ceil_lognormal_mean(length.mu, sigma) / mean - 1) <= OFFSET_TOLERANCE
+
+
+def test_small_wide_token_counts_are_met_by_sampling_too():
+    rng = np.random.default_rng(0)
+    for mean, sigma in ((3.0, 2.0), (1.2, 2.0), (2.0, 1.5)):
+        x = np.array(_tokens(rng, token_length(mean, sigma), 1_000_000))
+        assert x.min() >= 1 and abs(x.mean() - mean) < 5 * x.std() / 1000, (mean, sigma, x.mean())
+
+
+def test_default_token_means_keep_the_offset_rule_so_traces_do_not_change():
+    import math
+
+    for mean, sigma in ((34.14, 0.6), (255.65, 1.0), (20.0, 0.6), (25.0, 1.0)):
+        assert token_length(mean, sigma).mu == math.log(mean - 0.5) - sigma * sigma / 2
+
+
+def test_a_mean_of_one_token_makes_every_count_one():
+    (p,) = generate("lats", 1, 1.0, 0, expansion_output_mean=1, evaluation_output_mean=1,
+                    output_tokens_mean=1, max_steps=3, calls_mean=12.0)
+    assert all(c.output_tokens == 1 for c in p.calls)
+    assert _tokens(np.random.default_rng(0), token_length(1, 2.0), 5) == [1] * 5
 
 
 def test_a_huge_tool_sets_draws_lazily():
