@@ -175,6 +175,8 @@ def test_gen_parameter_mistakes_are_usage_errors_not_bad_data(tmp_path, params, 
         args += ["--param", p]
     r = run(*args)
     assert r.returncode == 2 and r.stderr.endswith(f"error: {message}\n"), r.stderr
+    # The usage shown is the command's own, as for argparse's errors (it was the top-level one).
+    assert r.stderr.startswith("usage: python -m traces gen [-h] --programs PROGRAMS"), r.stderr
     assert not out.exists()
 
 

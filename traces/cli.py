@@ -131,6 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     st.add_argument("file")
     st.add_argument("--json", action="store_true", help="print one JSON object")
+    for command_parser in (gen, conv, val, st):
+        # A usage error found after parsing shows the usage of its own command, as argparse's own do.
+        command_parser.set_defaults(command_parser=command_parser)
     return parser
 
 
@@ -255,7 +258,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except UsageError as exc:
-        parser.print_usage(sys.stderr)
+        args.command_parser.print_usage(sys.stderr)
         print(f"python -m traces {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except TraceError as exc:
