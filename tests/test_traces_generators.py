@@ -14,6 +14,7 @@ from traces.generators import (
     ceil_lognormal_mean,
     count_pmf,
     generate,
+    iter_generate,
     token_length,
     truncated_geometric_pmf,
 )
@@ -238,6 +239,31 @@ def test_a_mean_of_one_token_makes_every_count_one():
                     output_tokens_mean=1, max_steps=3, calls_mean=12.0)
     assert all(c.output_tokens == 1 for c in p.calls)
     assert _tokens(np.random.default_rng(0), token_length(1, 2.0), 5) == [1] * 5
+
+
+@pytest.mark.parametrize("workload", WORKLOADS)
+def test_iter_generate_gives_generates_programs_one_at_a_time(workload):
+    assert list(iter_generate(workload, 40, 2.0, 5)) == generate(workload, 40, 2.0, 5)
+
+
+def test_iter_generate_holds_one_program_not_the_trace():
+    """`traces gen lats --programs 20000` peaked at 1 GB (3.2 million calls held at once); now 87 MB."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        calls = sum(len(p.calls) for p in iter_generate("lats", 1000, 1.0, 0))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert calls > 100_000 and peak < 8 * 2**20, peak  # held at once, these calls take ~50 MiB
+
+
+def test_iter_generate_checks_its_arguments_before_the_first_program():
+    with pytest.raises(ValueError, match="too small for docs_tokens 900"):
+        iter_generate("bfcl", 3, 1.0, 0, docs_tokens=900)
+    with pytest.raises(ValueError, match="unknown parameter 'nope'"):
+        iter_generate("lats", 3, 1.0, 0, nope=1)
 
 
 def test_a_huge_tool_sets_draws_lazily():

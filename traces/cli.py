@@ -13,11 +13,11 @@ import errno
 import json
 import os
 import sys
-from typing import Sequence
+from typing import Iterator, Sequence
 
 from traces import generators, importers
 from traces.argtypes import int_at_least, int_between, positive_float
-from traces.format import MAX_TOKENS
+from traces.format import MAX_TOKENS, Program
 from traces.io import load, save
 from traces.stats import trace_stats
 from traces.validate import TraceError, scan_file, show
@@ -183,14 +183,26 @@ def _gen(args: argparse.Namespace) -> int:
             raise UsageError(f"--param {key} is given twice ({show(params[key])} and {show(value)})")
         params[key] = value
     try:
-        programs = generators.generate(
+        programs = generators.iter_generate(
             args.workload, args.programs, args.rate, args.seed, arrival=args.arrival,
             cv=1.0 if args.cv is None else args.cv, **params,
         )
     except (ValueError, TypeError) as exc:
         raise UsageError(str(exc)) from None
-    n = save(programs, args.output)
-    print(f"wrote {n} programs ({sum(len(p.calls) for p in programs)} calls) to {args.output}", file=sys.stderr)
+    calls = 0
+
+    def written() -> Iterator[Program]:
+        """The programs as they are made and saved (one in memory at a time), counting their calls."""
+        nonlocal calls
+        try:
+            for program in programs:
+                calls += len(program.calls)
+                yield program
+        except ValueError as exc:  # a parameter whose draws the format cannot hold
+            raise UsageError(str(exc)) from None
+
+    n = save(written(), args.output)
+    print(f"wrote {n} programs ({calls} calls) to {args.output}", file=sys.stderr)
     return 0
 
 

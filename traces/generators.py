@@ -30,9 +30,10 @@ target (`token_length`). A target of exactly 1 makes every count 1.
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, fields
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 from scipy.optimize import brentq
@@ -410,8 +411,9 @@ def _seconds(rng: np.random.Generator, mean: float, sigma: float, size: int) -> 
     return [float(x) for x in rng.lognormal(mu, sigma, size)]
 
 
-def _draw(rng: np.random.Generator, pmf: np.ndarray, n: int) -> list[int]:
-    return [int(x) + 1 for x in rng.choice(len(pmf), size=n, p=pmf)]
+def _draw(rng: np.random.Generator, pmf: np.ndarray, n: int) -> Iterator[int]:
+    """``n`` counts from ``pmf`` (of 1, 2, ...), drawn at once but kept as one array, not n objects."""
+    return (int(x) + 1 for x in rng.choice(len(pmf), size=n, p=pmf))
 
 
 def calls_weighted_position(pmf: np.ndarray) -> float:
@@ -427,11 +429,10 @@ def calls_weighted_position(pmf: np.ndarray) -> float:
 # ---------------------------------------------------------------- workloads
 
 
-def _sharegpt(rng: np.random.Generator, n: int, p: ShareGPTParams) -> list[tuple[Call, ...]]:
+def _sharegpt(rng: np.random.Generator, n: int, p: ShareGPTParams) -> Iterator[tuple[Call, ...]]:
     pmf = count_pmf(p.calls_mean, p.calls_max, p.turns_sigma)
     user_length = token_length(p.user_tokens_mean, p.user_tokens_sigma)
     reply_length = token_length(p.output_tokens_mean, p.output_tokens_sigma)
-    out = []
     for turns in _draw(rng, pmf, n):
         user = _tokens(rng, user_length, turns)
         reply = _tokens(rng, reply_length, turns)
@@ -446,11 +447,10 @@ def _sharegpt(rng: np.random.Generator, n: int, p: ShareGPTParams) -> list[tuple
                 calls.append(make_call(f"c{t}", (prev.id,), prompt, reply[t], think[t], prev.id, None, None, None))
             else:
                 calls.append(make_call(f"c{t}", (prev.id,), user[t], reply[t], think[t], None, None, None, None))
-        out.append(tuple(calls))
-    return out
+        yield tuple(calls)
 
 
-def _bfcl(rng: np.random.Generator, n: int, p: BFCLParams) -> list[tuple[Call, ...]]:
+def _bfcl(rng: np.random.Generator, n: int, p: BFCLParams) -> Iterator[tuple[Call, ...]]:
     pmf = count_pmf(p.calls_mean, p.calls_max, p.calls_sigma)
     # Mean prompt per call = docs + query + E[t-1] * (output + observation).
     history = calls_weighted_position(pmf) * (p.output_tokens_mean + p.observation_tokens_mean)
@@ -464,7 +464,6 @@ def _bfcl(rng: np.random.Generator, n: int, p: BFCLParams) -> list[tuple[Call, .
     query_length = token_length(query_mean, p.query_tokens_sigma)
     output_length = token_length(p.output_tokens_mean, p.output_tokens_sigma)
     observation_length = token_length(p.observation_tokens_mean, p.observation_tokens_sigma)
-    out = []
     for length in _draw(rng, pmf, n):
         # Made per program, not listed up front: tool_sets may be as large as the program count.
         prefix = SharedPrefix(f"bfcl-tools-{int(rng.integers(p.tool_sets))}", p.docs_tokens)
@@ -477,11 +476,10 @@ def _bfcl(rng: np.random.Generator, n: int, p: BFCLParams) -> list[tuple[Call, .
             prev = calls[-1]
             prompt = prev.prompt_tokens + prev.output_tokens + obs[t]
             calls.append(make_call(f"c{t}", (prev.id,), prompt, outs[t], delays[t], prev.id, None, None, None))
-        out.append(tuple(calls))
-    return out
+        yield tuple(calls)
 
 
-def _lats(rng: np.random.Generator, n: int, p: LATSParams) -> list[tuple[Call, ...]]:
+def _lats(rng: np.random.Generator, n: int, p: LATSParams) -> Iterator[tuple[Call, ...]]:
     w = p.width
     per_step = w + 2
     pmf = truncated_geometric_pmf((p.calls_mean - 1) / per_step, p.max_steps)
@@ -493,7 +491,6 @@ def _lats(rng: np.random.Generator, n: int, p: LATSParams) -> list[tuple[Call, .
     observation_length = token_length(p.observation_tokens_mean, p.tokens_sigma)
     instruction_length = token_length(p.instruction_tokens_mean, p.tokens_sigma)
     question_length = token_length(p.question_tokens_mean, p.tokens_sigma)
-    out = []
     for steps in _draw(rng, pmf, n):
         root_out = _tokens(rng, root_length, 1)[0]
         exp_out = _tokens(rng, expansion_length, steps * w)
@@ -542,8 +539,7 @@ def _lats(rng: np.random.Generator, n: int, p: LATSParams) -> list[tuple[Call, .
                 sel = best
             else:
                 sel = open_nodes[int(u_open * len(open_nodes))]
-        out.append(tuple(calls))
-    return out
+        yield tuple(calls)
 
 
 _BUILDERS = {
@@ -581,6 +577,24 @@ def generate(
     order, each program keeping its own workload label. Raises ValueError
     for an unknown workload, parameter or value.
     """
+    return list(iter_generate(workload, programs, rate, seed, arrival, cv, **params))
+
+
+def iter_generate(
+    workload: str,
+    programs: int,
+    rate: float,
+    seed: int,
+    arrival: str = "poisson",
+    cv: float = 1.0,
+    **params: Any,
+) -> Iterator[Program]:
+    """`generate`'s programs one at a time, so writing a trace holds one program, not all of them.
+
+    The arguments are checked here, before the first program; a parameter
+    whose draws the trace format cannot hold raises ValueError when the
+    program that draws it is reached.
+    """
     if workload not in WORKLOADS:
         raise ValueError(f"unknown workload {workload!r}; valid choices: {', '.join(WORKLOADS)}")
     if isinstance(programs, bool) or not isinstance(programs, int) or not 0 <= programs <= MAX_PROGRAMS:
@@ -604,18 +618,35 @@ def generate(
         made = {}
         for name, ss in zip(subs, sub_seqs):
             cls, build = _BUILDERS[name]
-            made[name] = iter(build(np.random.Generator(np.random.PCG64(ss)), labels.count(name), cls()))
-        bodies = [(name, next(made[name])) for name in labels]
+            made[name] = build(np.random.Generator(np.random.PCG64(ss)), labels.count(name), cls())
+        bodies = ((name, next(made[name])) for name in labels)
     else:
         cls, build = _BUILDERS[workload]
         p = _params(workload, params)
-        bodies = [(workload, calls) for calls in build(np.random.Generator(np.random.PCG64(program_seq)), programs, p)]
-    made_programs = [Program(f"p{i}", t, name, calls) for i, (t, (name, calls)) in enumerate(zip(times, bodies))]
-    _check_format_limits(made_programs)
-    return made_programs
+        calls_of = build(np.random.Generator(np.random.PCG64(program_seq)), programs, p)
+        # The builder's own checks (bfcl's query length) run now, not at the first program.
+        calls_of = _started(calls_of)
+        bodies = ((workload, calls) for calls in calls_of)
+    return _checked_programs(times, bodies)
 
 
-def _check_format_limits(programs: list[Program]) -> None:
+def _started(calls_of: Iterator[tuple[Call, ...]]) -> Iterator[tuple[Call, ...]]:
+    """Run a builder up to its first program (its setup and checks), keeping that program."""
+    try:
+        first = next(calls_of)
+    except StopIteration:
+        return iter(())
+    return itertools.chain((first,), calls_of)
+
+
+def _checked_programs(times: Any, bodies: Iterator[tuple[str, tuple[Call, ...]]]) -> Iterator[Program]:
+    for i, (t, (name, calls)) in enumerate(zip(times, bodies)):
+        program = Program(f"p{i}", t, name, calls)
+        _check_format_limits(program)
+        yield program
+
+
+def _check_format_limits(program: Program) -> None:
     """Refuse parameters whose draws the trace format cannot hold.
 
     A huge mean (``tool_delay_mean=1e300``) is finite and positive, so the
@@ -623,17 +654,16 @@ def _check_format_limits(programs: list[Program]) -> None:
     file would be refused on its first line as if the data were bad; simulated,
     times of 1e300 s lose every step to rounding and give negative waiting.
     """
-    for program in programs:
-        for call in program.calls:
-            for field, value, limit, unit in (
-                ("prompt_tokens", call.prompt_tokens, MAX_TOKENS, "tokens"),
-                ("output_tokens", call.output_tokens, MAX_TOKENS, "tokens"),
-                ("delay", call.delay, MAX_SECONDS, "seconds"),
-            ):
-                if not value <= limit:
-                    shown = f"{value:.3g}" if isinstance(value, float) else f"{value:.3e}"
-                    raise ValueError(
-                        f"{program.workload} parameters draw {field}={shown} for program {program.id!r} "
-                        f"call {call.id!r}, past the trace format's limit of {limit:.0e} {unit}; "
-                        f"lower the means that set it"
-                    )
+    for call in program.calls:
+        for field, value, limit, unit in (
+            ("prompt_tokens", call.prompt_tokens, MAX_TOKENS, "tokens"),
+            ("output_tokens", call.output_tokens, MAX_TOKENS, "tokens"),
+            ("delay", call.delay, MAX_SECONDS, "seconds"),
+        ):
+            if not value <= limit:
+                shown = f"{value:.3g}" if isinstance(value, float) else f"{value:.3e}"
+                raise ValueError(
+                    f"{program.workload} parameters draw {field}={shown} for program {program.id!r} "
+                    f"call {call.id!r}, past the trace format's limit of {limit:.0e} {unit}; "
+                    f"lower the means that set it"
+                )
