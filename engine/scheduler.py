@@ -19,8 +19,8 @@ engine run the same policy code. The plugin only translates vLLM events
 into the core's calls, once per engine step and in the core's order:
 
 1. ``schedule()``: ``promote_starving(now)``; then ``choose_victims`` with
-   free seqs ``max_num_seqs - len(running)`` and the block pool's free
-   blocks, and each victim is preempted exactly as vLLM preempts
+   free seqs ``max_num_seqs - len(running)``, the block pool's free blocks
+   and the admissible requests of both of vLLM's waiting queues, and each victim is preempted exactly as vLLM preempts
    (`Scheduler._preempt_request`: free KV, ``num_computed_tokens = 0``,
    status PREEMPTED, back into the waiting heap); then vLLM's own
    ``schedule()`` runs the running requests in key order and admits waiting
@@ -117,6 +117,8 @@ _COMPLETED = frozenset(
     {RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH_CAPPED, RequestStatus.FINISHED_REPETITION}
 )
 _PRIORITY = attrgetter("priority")
+# Statuses vLLM's waiting pass admits as they stand, in either waiting queue.
+_ADMISSIBLE = frozenset({RequestStatus.WAITING, RequestStatus.PREEMPTED})
 
 
 def encode_key(key: tuple) -> int:
@@ -300,6 +302,35 @@ class ProgramAwareMixin:
         self._sync_giving_way()
         return preempted
 
+    def _ready_set_aside(self, bound: int | None = None) -> list[Request]:
+        """The requests in vLLM's ``skipped_waiting`` (of priority below ``bound``) its waiting pass would admit now.
+
+        vLLM (PRIORITY mode) admits from whichever of its two waiting queues
+        has the better head, and ``skipped_waiting`` holds requests set aside
+        for a reason that may since have gone: a structured-output request
+        whose grammar has compiled (promoted when the pass reaches it, which
+        it never does while every seat is taken), a streaming session whose
+        next chunk has arrived (WAITING, but left in that queue), a request
+        skipped for a LoRA or encoder limit. Those are waiting calls like any
+        other, so they may take a victim. A session awaiting its client, a
+        grammar still compiling (or failed), and KV-connector transfers are
+        not admissible. The bound is applied first: vLLM's grammar check
+        waits up to 100 us on a compiling grammar.
+        """
+        ready = []
+        for request in self.skipped_waiting._heap:
+            if bound is not None and request.priority >= bound:
+                continue
+            status = request.status
+            if status in _ADMISSIBLE:
+                ready.append(request)
+            elif status == RequestStatus.WAITING_FOR_STRUCTURED_OUTPUT_GRAMMAR:
+                structured = request.structured_output_request
+                grammar = structured.grammar if structured is not None else None
+                if grammar is not None and not isinstance(grammar, Exception):
+                    ready.append(request)
+        return ready
+
     def _choose_victims(self) -> list[CallState]:
         core = self.core
         calls = core.calls
@@ -311,7 +342,8 @@ class ProgramAwareMixin:
             # victim would only be evicted, and a drain would report done
             # without it. No decision is made, so none is logged.
             return []
-        if not running or not heap or not (policy.preemptive and policy.params.preemption):
+        if (not running or not (heap or self.skipped_waiting._heap)
+                or not (policy.preemptive and policy.params.preemption)):
             if record:
                 self._record_decision([], [])
             return []
@@ -322,14 +354,15 @@ class ProgramAwareMixin:
         # waiting best-first and, past the first that does not, can only
         # hand out free slots, never victims: cutting the list there gives
         # the same victims.
-        if not policy.outranks(calls[heap[0].request_id], worst_call):
-            if record:
-                self._record_decision([], [])
-            return []
         # rank is the queue index, the high part of the encoded priority;
         # outranking the worst means rank <= worst - margin.
         bound = (math.floor(core.rank(worst_call) - policy.params.preempt_margin) + 1) * KEY_STRIDE
-        better = sorted([r for r in heap if r.priority < bound], key=_PRIORITY)
+        ready = self._ready_set_aside(bound) if self.skipped_waiting._heap else []
+        if not ready and not (heap and policy.outranks(calls[heap[0].request_id], worst_call)):
+            if record:
+                self._record_decision([], [])
+            return []
+        better = sorted([r for queue in (heap, ready) for r in queue if r.priority < bound], key=_PRIORITY)
         waiting = [calls[r.request_id] for r in better[: self.max_num_running_reqs]]
         if self.kv_pins:
             self.kv_pins.drop_until_free(sum(self._blocks_needed(c) for c in waiting))
@@ -381,7 +414,8 @@ class ProgramAwareMixin:
     def _record_decision(self, waiting: list[CallState], victims: list[CallState]) -> None:
         """Everything the replay needs to recompute this step's decision."""
         calls = self.core.calls
-        heap_order = [r.request_id for r in self.waiting]  # pops in priority order
+        # The admissible waiting requests of both queues, in the order vLLM's pass takes them.
+        heap_order = [r.request_id for r in sorted([*self.waiting._heap, *self._ready_set_aside()], key=_PRIORITY)]
         top = heap_order[: self.max_num_running_reqs]
         running = [r.request_id for r in self.running]
         self._log(

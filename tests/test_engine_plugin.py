@@ -15,6 +15,7 @@ from vllm.sampling_params import SamplingParams
 from vllm.utils.hashing import sha256
 from vllm.v1.core.kv_cache_utils import get_request_block_hasher
 from vllm.v1.request import Request, RequestStatus
+from vllm.v1.structured_output.backend_types import StructuredOutputGrammar
 
 from engine.plugin_config import PluginConfigError
 from engine.scheduler import ProgramAwareAsyncScheduler, ProgramAwareScheduler, encode_key
@@ -319,6 +320,86 @@ def test_each_chunk_of_a_streaming_input_session_is_one_call(model_dir):
     assert entry.total_service == pytest.approx(3.0) and entry.total_waiting == pytest.approx(0.0)
 
 
+class _CompiledGrammar(StructuredOutputGrammar):
+    """A structured-output grammar that has compiled and accepts every token."""
+
+    def accept_tokens(self, request_id, tokens):
+        return True
+
+    def validate_tokens(self, tokens):
+        return tokens
+
+    def is_terminated(self):
+        return False
+
+    def rollback(self, num_tokens):
+        pass
+
+    def fill_bitmask(self, bitmask, idx):
+        pass
+
+    def reset(self):
+        pass
+
+
+@pytest.mark.parametrize("grammar", ["compiled", "compiling", "none"])
+def test_a_structured_output_request_set_aside_by_vllm_can_take_a_victim(model_dir, grammar):
+    """vLLM parks such a request in skipped_waiting and promotes it only when its waiting pass
+    reaches it, which it never does while every seat is taken: the victim search, which looked at
+    the waiting heap alone, left it behind a worse running call for good."""
+    from concurrent.futures import Future
+
+    from vllm.sampling_params import StructuredOutputsParams
+
+    clock = FakeClock()
+    s = plugin(model_dir, clock, policy="plas", params=QUEUES, max_num_seqs=1)
+    s.add_request(req("b", "B", max_tokens=50, service=10.0))
+    step(s, clock, 0.1)
+    params = SamplingParams(max_tokens=3, ignore_eos=True, structured_outputs=StructuredOutputsParams(regex="[0-9]+"),
+                            extra_args={"program_id": "X"})
+    x = Request("x", list(range(400, 420)), params, None, block_hasher=get_request_block_hasher(16, sha256))
+    if grammar == "compiled":
+        x.structured_output_request.grammar = _CompiledGrammar()
+    elif grammar == "compiling":
+        x.structured_output_request.grammar = Future()
+    s.add_request(x)
+    assert x in list(s.skipped_waiting) and s.core.calls["x"].key < s.core.calls["b"].key
+    out = step(s, clock, 0.1)
+    if grammar == "compiled":
+        assert out.preempted_req_ids == {"b"} and scheduled(out) == ["x"]
+        run_until_done(s, clock, "x", 0.1)
+    else:  # not admissible yet: no victim is evicted for it
+        assert not out.preempted_req_ids and scheduled(out) == ["b"]
+
+
+def test_a_streaming_sessions_next_chunk_can_take_a_victim(model_dir):
+    """The next chunk of a session that waited for its client is WAITING but stays in skipped_waiting.
+
+    The KV cache is short here, so the chunk fits only if the worse running
+    call gives way: it never did.
+    """
+    clock = FakeClock()
+    s = plugin(model_dir, clock, policy="plas", params=QUEUES, max_num_seqs=4, num_blocks=15,
+               max_num_batched_tokens=512)
+
+    def chunk(prompt):
+        return Request("sess", prompt, SamplingParams(max_tokens=2, ignore_eos=True, extra_args={"program_id": "S"}),
+                       None, resumable=True, block_hasher=get_request_block_hasher(16, sha256))
+
+    s.add_request(chunk(list(range(100, 120))))
+    for _ in range(2):
+        step(s, clock, 0.1)
+    s.add_request(req("b", "B", tokens=160, max_tokens=50, service=10.0))
+    step(s, clock, 0.1)
+    s.add_request(chunk(list(range(400, 440))))
+    session = s.requests["sess"]
+    assert session in list(s.skipped_waiting) and session.status == RequestStatus.WAITING
+    assert s.core.calls["sess"].key < s.core.calls["b"].key
+    assert s._blocks_needed(s.core.calls["sess"]) > s.kv_cache_manager.block_pool.get_num_free_blocks()
+    out = step(s, clock, 0.1)
+    assert out.preempted_req_ids == {"b"} and scheduled(out) == ["sess"]
+
+
 def test_duplicate_thread_falls_back_to_the_request_id(model_dir):
     clock = FakeClock()
     s = plugin(model_dir, clock, policy="atlas")
@@ -481,7 +562,10 @@ def replay(log, policy, params, max_num_seqs):
             assert ids(core.promote_starving(event[1])) == event[2]
         elif kind == "decide":
             _, now, heap_order, running_order, free_seqs, free_blocks, need, freed, victims = event
-            order_w, order_r = core.order(waiting.values()), core.order(running.values())
+            # Only admissible requests are logged (not a session awaiting its client, say).
+            logged = set(heap_order)
+            order_w = [c for c in core.order(waiting.values()) if c.id in logged]
+            order_r = core.order(running.values())
             assert ids(order_w) == heap_order, "vLLM's waiting heap is out of the core's order"
             assert ids(order_r) == running_order
             got = core.choose_victims(
