@@ -132,3 +132,29 @@ def test_save_leaves_an_inputs_own_error_naming_the_input(tmp_path):
         save(load(tmp_path / "missing.jsonl"), tmp_path / "out.jsonl")  # load is lazy: it fails inside save
     assert info.value.filename == str(tmp_path / "missing.jsonl")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_byte_order_mark_may_start_the_file_but_no_later_line(tmp_path):
+    """A mark on any line was dropped: files joined with ``cat`` loaded as one without a word."""
+    from traces.importers import import_mooncake
+    from traces.validate import TraceError, validate_file
+
+    lines = [program_to_json(Program(f"p{i}", float(i), "x", (Call("c0", (), 5, 2),))).encode() for i in range(2)]
+    good = tmp_path / "good.jsonl"
+    good.write_bytes(b"\xef\xbb\xbf" + lines[0] + b"\n" + lines[1] + b"\n")
+    assert [p.id for p in load(good)] == ["p0", "p1"] and validate_file(good) == []
+    joined = tmp_path / "joined.jsonl"
+    joined.write_bytes(lines[0] + b"\n\xef\xbb\xbf" + lines[1] + b"\n")
+    message = ("a byte order mark starts this line; only a file's first line may start with one "
+               "(were two files joined?)")
+    with pytest.raises(TraceError) as info:
+        list(load(joined))
+    assert (info.value.line, info.value.reason) == (2, message)
+    (err,) = validate_file(joined)
+    assert (err.line, err.reason) == (2, message)
+    rows = b'{"timestamp": 0, "input_length": 10, "output_length": 2, "hash_ids": [0]}\n'
+    mooncake = tmp_path / "mooncake.jsonl"
+    mooncake.write_bytes(b"\xef\xbb\xbf" + rows + b"\xef\xbb\xbf" + rows)
+    with pytest.raises(TraceError) as info:
+        import_mooncake(mooncake)
+    assert (info.value.line, info.value.reason) == (2, message)

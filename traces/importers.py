@@ -375,7 +375,7 @@ def _mooncake_rows(file: str) -> list[tuple[Any, int, int, int, tuple[int, ...]]
     with open(file, "rb") as fh:
         for line, raw in enumerate(fh, 1):
             try:
-                ts, prompt, output, hashes = _mooncake_row(decode_jsonl_line(raw, "one row per line"))
+                ts, prompt, output, hashes = _mooncake_row(decode_jsonl_line(raw, "one row per line", first=line == 1))
             except TraceError as exc:
                 raise exc.located(file, line) from None
             rows.append((ts, line, prompt, output, hashes))

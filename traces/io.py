@@ -124,7 +124,7 @@ def load(path: str | os.PathLike) -> Iterator[Program]:
     with open(file, "rb") as fh:
         for lineno, raw in enumerate(fh, 1):
             try:
-                program = parse_program(decode_jsonl_line(raw))
+                program = parse_program(decode_jsonl_line(raw, first=lineno == 1))
             except TraceError as exc:
                 raise exc.located(file, lineno) from None
             first = seen.setdefault(program.id, lineno)

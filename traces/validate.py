@@ -597,12 +597,23 @@ def decode_line(text: str | bytes) -> Any:
         raise TraceError("malformed JSON: nested too deeply") from None
 
 
-def decode_jsonl_line(raw: bytes, what: str = "one program per line") -> Any:
+_BOM = b"\xef\xbb\xbf"
+
+
+def decode_jsonl_line(raw: bytes, what: str = "one program per line", first: bool = False) -> Any:
     """One line of a JSON Lines file, decoded by the trace format's rules.
 
     Shared by the trace loaders and the JSONL importers so that they agree:
-    blank lines, duplicate keys and malformed JSON are errors everywhere.
+    blank lines, duplicate keys and malformed JSON are errors everywhere. A
+    UTF-8 byte order mark may start the file (``first``, its first line), as
+    editors on Windows write one; one on a later line is where two files
+    were joined, so it is named rather than read as the JSON error it is.
     """
+    if raw.startswith(_BOM):
+        if not first:
+            raise TraceError("a byte order mark starts this line; only a file's first line may start with one "
+                             "(were two files joined?)")
+        raw = raw[len(_BOM):]
     if not raw.strip():
         raise TraceError(f"empty line ({what}, no blank lines)")
     return decode_line(raw)
@@ -638,7 +649,7 @@ def scan_file(path: str | os.PathLike, limit: int | None = 50) -> ScanResult:
     with open(file, "rb") as fh:
         for lineno, raw in enumerate(fh, 1):
             try:
-                prog = parse_program(decode_jsonl_line(raw))
+                prog = parse_program(decode_jsonl_line(raw, first=lineno == 1))
             except TraceError as exc:
                 err = exc
             else:
