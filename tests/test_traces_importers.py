@@ -335,7 +335,17 @@ def test_mooncake_bad_rows(tmp_path, row, field, message):
         ('{"timestamp":1000000000001,"input_length":1,"output_length":1,"hash_ids":[1]}',
          "2: field 'timestamp': expected at most 1e+09 s (1e+12 ms) after the earliest timestamp 0 "
          "(the trace format's limit on arrival times), got 1000000000001"),
+        # Integers too long to read: each said ">= 0", "> 0" or "a list of integers" of a number that is.
+        ('{"timestamp":1' + "0" * 5000 + ',"input_length":1,"output_length":1,"hash_ids":[1]}',
+         "2: field 'timestamp': expected a number of milliseconds of at most 4300 digits, got a 5001-digit integer"),
+        ('{"timestamp":0,"input_length":1,"output_length":1' + "0" * 5000 + ',"hash_ids":[1]}',
+         "2: field 'output_length': expected at most 1,000,000,000 tokens, got a 5001-digit integer"),
+        ('{"timestamp":0,"input_length":1,"output_length":1,"hash_ids":[1' + "0" * 5000 + "]}",
+         "2: field 'hash_ids': expected integers of at most 4300 digits, got a 5001-digit integer"),
+        ('{"timestamp":-1' + "0" * 5000 + ',"input_length":1,"output_length":1,"hash_ids":[1]}',
+         "2: field 'timestamp': expected a number of milliseconds >= 0, got a 5001-digit negative integer"),
     ],
+    ids=lambda value: value[:60],  # the long rows would make test names of thousands of characters
 )
 def test_mooncake_follows_the_trace_jsonl_rules_and_limits(tmp_path, line, message):
     p = tmp_path / "mc.jsonl"

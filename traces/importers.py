@@ -20,6 +20,7 @@ import json
 import math
 import os
 import re
+import sys
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Callable, Iterable, Iterator
@@ -28,7 +29,7 @@ import numpy as np
 
 from traces.arrivals import arrival_times
 from traces.format import MAX_SECONDS, MAX_TOKENS, Call, Program
-from traces.validate import TraceError, decode_jsonl_line, parse_json_int, show, unique_keys
+from traces.validate import LongInt, TraceError, decode_jsonl_line, parse_json_int, show, unique_keys
 
 IMPORTERS = ("azure", "sharegpt", "mooncake")
 
@@ -344,19 +345,29 @@ def _mooncake_row(obj: Any) -> tuple[Any, int, int, tuple[int, ...]]:
     if unknown:
         raise TraceError(f"unknown key in a row (allowed: {', '.join(sorted(MOONCAKE_KEYS))})", field=unknown[0])
     ts = obj["timestamp"]
+    digits = sys.get_int_max_str_digits()
+    if type(ts) is LongInt and not ts.negative:  # >= 0, but too long to read: say so, not ">= 0"
+        raise TraceError(f"expected a number of milliseconds of at most {digits} digits, got {show(ts)}",
+                         field="timestamp")
     if type(ts) not in (int, float) or (type(ts) is float and not math.isfinite(ts)) or ts < 0:
         raise TraceError(f"expected a number of milliseconds >= 0, got {show(ts)}", field="timestamp")
     counts = []
     for key in ("input_length", "output_length"):
         v = obj[key]
-        if type(v) is not int or v <= 0:
+        too_long = type(v) is LongInt and not v.negative
+        if not too_long and (type(v) is not int or v <= 0):
             raise TraceError(f"expected an integer > 0, got {show(v)}", field=key)
-        if v > MAX_TOKENS:
+        if too_long or v > MAX_TOKENS:
             raise TraceError(f"expected at most {MAX_TOKENS:,} tokens, got {show(v)}", field=key)
         counts.append(v)
     hashes = obj["hash_ids"]
-    if type(hashes) is not list or any(type(h) is not int for h in hashes):
+    if type(hashes) is not list:
         raise TraceError(f"expected a list of integers, got {show(hashes)}", field="hash_ids")
+    for h in hashes:
+        if type(h) is LongInt:
+            raise TraceError(f"expected integers of at most {digits} digits, got {show(h)}", field="hash_ids")
+        if type(h) is not int:
+            raise TraceError(f"expected a list of integers, got {show(hashes)}", field="hash_ids")
     want = -(-counts[0] // MOONCAKE_BLOCK)
     if len(hashes) != want:
         raise TraceError(f"expected ceil(input_length / {MOONCAKE_BLOCK}) = {want} hash ids, got {len(hashes)}",
