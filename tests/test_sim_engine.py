@@ -332,14 +332,37 @@ def test_call_larger_than_kv_cache_is_a_clear_error():
         simulate([prog("A", 0.0, call("a", 2000, 100))], cfg(num_gpu_blocks=10), "fcfs")
 
 
-def test_a_prompt_shorter_than_the_context_it_resends_is_a_clear_error():
-    # A file with this is refused by `traces.validate`; a trace built in memory is checked here.
-    programs = [prog("A", 0.0, call("a", 10, 20), call("b", 12, 2, parents=["a"], context_of="a"))]
+@pytest.mark.parametrize(
+    "programs, message",
+    [
+        # A file with any of these is refused by `traces.validate`; programs built in Python were not checked.
+        ([prog("A", 0.0, call("a", 10, 20), call("b", 12, 2, parents=["a"], context_of="a"))],
+         "program 'A' call 'b': field 'context_of': context of 'a' is 30 tokens (prompt 10 + output 20), longer "
+         "than this call's prompt_tokens 12"),
+        # was a bare KeyError: 'zz'
+        ([prog("A", 0.0, call("a", 10, 2, parents=["zz"]))],
+         "program 'A' call 'a': field 'parents': names call 'zz', which is not in this program"),
+        # was "1 programs did not finish: the simulation stalled"
+        ([prog("A", 0.0, call("a", 10, 2, parents=["b"]), call("b", 10, 2, parents=["a"]))],
+         "program 'A' call 'a': field 'parents': cycle: 'b' -> 'a' -> 'b'"),
+        ([prog("A", 0.0)], "program 'A': field 'calls': expected a non-empty list of calls, got []"),
+        # was "engine 0 stalled at t=... with runnable calls"
+        ([prog("A", 0.0, call("a", 10, 0))], "program 'A' call 'a': field 'output_tokens': expected an integer > 0, "
+         "got 0"),
+        # was a TypeError from inside the replica
+        ([prog("A", 0.0, call("a", "10", 2))], "program 'A' call 'a': field 'prompt_tokens': expected an integer "
+         "> 0, got \"10\""),
+        # these two ran as if nothing were wrong
+        ([prog("A", float("nan"), call("a", 10, 2))], "program 'A': field 'arrival': expected a finite number >= 0, "
+         "got NaN"),
+        ([prog("A", 0.0, call("a", 10, 2)), prog("A", 1.0, call("a", 10, 2))], "program 'A': duplicate program id"),
+        ([{"id": "A"}], "expected a traces.format.Program, got {\"id\": \"A\"}"),
+    ],
+)
+def test_a_program_built_in_python_gets_the_trace_formats_errors(programs, message):
     with pytest.raises(SimulationError) as err:
         simulate(programs, cfg(), "fcfs")
-    assert str(err.value) == (
-        "program 'A' call 'b': context_of 'a' re-sends 30 tokens, more than this call's prompt_tokens 12"
-    )
+    assert str(err.value) == f"invalid program: {message}"
 
 
 def test_prompt_over_budget_without_chunking_is_a_clear_error():

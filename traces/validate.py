@@ -414,6 +414,46 @@ def parse_program(obj: Any) -> Program:
     return Program(pid, arrival, workload, tuple(calls))
 
 
+def check_program(program: Any) -> None:
+    """Apply the trace format's rules (`parse_program`) to a :class:`Program` built in Python.
+
+    Programs read from a trace were checked line by line; one built by hand
+    was not, and a bad one (a missing parent, a cycle, a token count given as
+    a string) would otherwise surface deep in a simulation as a KeyError or
+    a stall. Raises :class:`TraceError` naming the program, call and field.
+    """
+    if not isinstance(program, Program):
+        raise TraceError(f"expected a traces.format.Program, got {show(program)}")
+    calls = program.calls
+    if not isinstance(calls, (tuple, list)):
+        raise _Ctx(program.id if _is_id(program.id) else None).error(
+            "calls", f"expected a tuple of calls, got {show(calls)}")
+    raw_calls = []
+    for call in calls:
+        if not isinstance(call, Call):
+            raise _Ctx(program.id if _is_id(program.id) else None).error(
+                "calls", f"expected traces.format.Call objects, got {show(call)}")
+        raw = {
+            "id": call.id,
+            "parents": list(call.parents) if isinstance(call.parents, (tuple, list)) else call.parents,
+            "prompt_tokens": call.prompt_tokens,
+            "output_tokens": call.output_tokens,
+            "delay": call.delay,
+        }
+        if call.context_of is not None:
+            raw["context_of"] = call.context_of
+        sp = call.shared_prefix
+        if sp is not None:
+            raw["shared_prefix"] = {"key": sp.key, "tokens": sp.tokens} if isinstance(sp, SharedPrefix) else sp
+        if call.block_hashes is not None:
+            hashes = call.block_hashes
+            raw["block_hashes"] = list(hashes) if isinstance(hashes, (tuple, list)) else hashes
+        if call.hash_block_tokens is not None:
+            raw["hash_block_tokens"] = call.hash_block_tokens
+        raw_calls.append(raw)
+    parse_program({"id": program.id, "arrival": program.arrival, "workload": program.workload, "calls": raw_calls})
+
+
 def _check_acyclic(ctx: _Ctx, calls: list[Call], index: dict[str, int]) -> None:
     """Kahn's algorithm; on a cycle, name a call that lies on it."""
     n = len(calls)
