@@ -168,14 +168,21 @@ def run_ray(jobs: Sequence[Job], workers: int) -> Iterator[JobResult]:
     remote = ray.remote(num_cpus=1)(run_job)
     todo = sorted(jobs, key=lambda j: (-job_cost(j), j.index))
     pending = {remote.remote(job): job for job in todo}
-    while pending:
-        done, _ = ray.wait(list(pending), num_returns=1)
-        for ref in done:
-            job = pending.pop(ref)
-            try:
-                yield ray.get(ref)
-            except Exception as exc:  # noqa: BLE001  a lost worker or node
-                yield JobResult(job.index, "failed", f"{type(exc).__name__}: {exc}")
+    try:
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            for ref in done:
+                job = pending.pop(ref)
+                try:
+                    result = ray.get(ref)
+                except Exception as exc:  # noqa: BLE001  a lost worker or node
+                    result = JobResult(job.index, "failed", f"{type(exc).__name__}: {exc}")
+                yield result
+    finally:
+        # An interrupt, or the consumer stopped early: a cluster would run the
+        # rest for nobody (a local one only stops when this process exits).
+        for ref in pending:
+            ray.cancel(ref, force=True)
 
 
 BACKENDS = {"local": run_local, "ray": run_ray}

@@ -327,6 +327,7 @@ class FakeRay:
     def __init__(self, lose: int):
         self.lose = lose  # the job index whose task is lost
         self.inits = 0
+        self.cancelled = []  # (job index, force) per ray.cancel
 
     def init(self, **kwargs):
         self.inits += 1
@@ -338,7 +339,7 @@ class FakeRay:
             class Remote:
                 @staticmethod
                 def remote(job):  # an object ref: hashable by identity, like Ray's
-                    return Ref("lost", job) if job.index == ray.lose else Ref("ok", fn(job))
+                    return Ref("lost", job, job) if job.index == ray.lose else Ref("ok", fn(job), job)
 
             return Remote
 
@@ -352,10 +353,13 @@ class FakeRay:
             raise RuntimeError("worker node died")
         return ref.value
 
+    def cancel(self, ref, force):
+        self.cancelled.append((ref.job.index, force))
+
 
 class Ref:
-    def __init__(self, kind, value):
-        self.kind, self.value = kind, value
+    def __init__(self, kind, value, job):
+        self.kind, self.value, self.job = kind, value, job
 
 
 def test_ray_backend_runs_jobs_as_tasks(exp, tmp_path, monkeypatch):
@@ -375,6 +379,23 @@ def test_ray_backend_runs_jobs_as_tasks(exp, tmp_path, monkeypatch):
         [r[k] for k in same] for i, r in enumerate(local.rows) if i != 1
     ]
 
+
+
+def test_a_ray_sweep_stopped_early_cancels_its_pending_tasks(exp, monkeypatch):
+    """An interrupt (or a consumer that stops) left every queued task running on the cluster."""
+    from sim.sweep_run import run_ray
+
+    fake = FakeRay(lose=-1)
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    sweep = load_sweep("ok", exp)
+    todo = jobs(sweep, exp)
+    results = run_ray(todo, workers=2)
+    first = next(results)
+    results.close()  # what a KeyboardInterrupt at the consumer does to this generator
+    assert sorted(index for index, _ in fake.cancelled) == sorted(j.index for j in todo if j.index != first.index)
+    assert all(force for _, force in fake.cancelled)
+    fake.cancelled.clear()
+    assert len(list(run_ray(todo, workers=2))) == len(todo) and fake.cancelled == []  # none left to cancel
 
 
 def test_an_interrupted_sweep_writes_its_finished_rows_in_grid_order(exp, tmp_path, monkeypatch):
