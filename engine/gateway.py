@@ -51,9 +51,23 @@ Ending programs: ``DELETE /v1/programs/{id}`` forgets a program (404 if
 unknown, 409 while it has live calls). Idle programs are also dropped after
 ``--ttl`` seconds (`ProcessTable.expire`, on a timer).
 
+Unreachable engines: an engine that refuses the connection (or does not
+accept it within the connect timeout) never saw the call, so the call goes
+to another engine, and the failed one is left out of the balance for a
+backoff of 1 s, doubling to 30 s while it stays down; any answer from it
+ends the backoff. A program pinned to it is re-pinned: the history it had
+cached there is out of reach. Without this its in-flight count stayed at
+0, so the least-used rule sent it every short call. Only when no engine
+can be reached does a call get 502.
+
+Completion: a streamed call is complete (and charged, and its thread
+free) when its ``[DONE]`` arrives, before that event is passed on: a
+client may close the connection or send the thread's next call as soon
+as it reads it.
+
 Errors use OpenAI's body ``{"error": {"message", "type", "param", "code"}}``:
 malformed JSON or bad ids 400, a body over ``--max-body`` 413, unknown route
-404, wrong method 405, busy thread 409, unreachable engine 502.
+404, wrong method 405, busy thread 409, no engine reachable 502.
 """
 
 from __future__ import annotations
@@ -101,6 +115,10 @@ from traces.argtypes import port_number
 log = logging.getLogger(__name__)
 
 BYTES_PER_TOKEN = 4  # prompt-length estimate for text prompts (the balancer's only need)
+# How long an engine that could not be reached is left out of the balance: the
+# first backoff, doubled on each further failure up to the last.
+DOWN_FIRST = 1.0
+DOWN_MAX = 30.0
 # Client headers the engines may need (vLLM's --api-key checks Authorization); the rest stay here.
 FORWARDED_HEADERS = ("Authorization",)
 
@@ -162,6 +180,11 @@ class LiveCall:
     state: CallState
     engine: int
     sent: float
+    completed: bool = False  # charged as complete (at its [DONE], or its whole answer)
+
+
+class EngineUnreachable(Exception):
+    """The engine could not be reached, so it never saw the call: another engine may take it."""
 
 
 class Accounting:
@@ -233,6 +256,8 @@ class Gateway:
         self.balancer = make_balancer(cfg.balancer, cfg.threshold)
         self.loads = [0] * len(cfg.engines)
         self.routed = [0] * len(cfg.engines)
+        self.down_until = [-math.inf] * len(cfg.engines)  # gateway time until which an engine is left out
+        self._backoff = [0.0] * len(cfg.engines)
         self.recent: deque[dict[str, Any]] = deque(maxlen=1000)  # routing decisions, newest last
         self._session: aiohttp.ClientSession | None = None
         self._expiry: asyncio.Task | None = None
@@ -350,30 +375,82 @@ class Gateway:
         prompt_tokens = prompt_tokens_of(body)
         call = self.acct.start(pid, tid, prompt_tokens, now)
         program = self.acct.table.programs[pid]
-        engine = self.balancer.choose(prompt_tokens, program, self.loads)
-        self.loads[engine] += 1
-        self.routed[engine] += 1
-        self.recent.append({"program_id": pid, "thread_id": tid, "engine": engine, "prompt_tokens": prompt_tokens,
-                            "program_service": call.priority, "time": now})
-        live = LiveCall(call, engine, now)
         xargs = xargs_for(pid, tid, call.priority)
         if kv_ttl is not None:
             xargs[XARG_KV_TTL] = kv_ttl
         outgoing = with_xargs(body, xargs)
-        headers = {GATEWAY_ENGINE_HEADER: str(engine), PROGRAM_HEADER: pid, THREAD_HEADER: tid}
         upstream_headers = {k: request.headers[k] for k in FORWARDED_HEADERS if k in request.headers}
         upstream_headers.update({PROGRAM_HEADER: pid, THREAD_HEADER: tid})  # the ids the gateway settled on
-        completed = False
+        tried: set[int] = set()
+        unreachable: list[str] = []
+        live: LiveCall | None = None
         try:
-            response, outcome = await self._relay(request, path, outgoing, live, headers, upstream_headers)
-            completed = outcome is not None
-            if completed:
-                self.acct.finish(call, self._service(outcome, live), self.now())
-            return response
+            while True:
+                engine = self._choose(prompt_tokens, program, tried)
+                if engine is None:
+                    return error_response(502, "no engine could be reached: " + "; ".join(unreachable),
+                                          code="engine_unreachable", headers={PROGRAM_HEADER: pid, THREAD_HEADER: tid})
+                tried.add(engine)
+                self.loads[engine] += 1
+                self.routed[engine] += 1
+                self.recent.append({"program_id": pid, "thread_id": tid, "engine": engine,
+                                    "prompt_tokens": prompt_tokens, "program_service": call.priority,
+                                    "time": self.now()})
+                live = LiveCall(call, engine, self.now())
+                headers = {GATEWAY_ENGINE_HEADER: str(engine), PROGRAM_HEADER: pid, THREAD_HEADER: tid}
+                try:
+                    response, outcome = await self._relay(request, path, outgoing, live, headers, upstream_headers)
+                except EngineUnreachable as exc:
+                    unreachable.append(str(exc))
+                    log.warning("%s", exc)
+                    continue
+                finally:
+                    self.loads[engine] -= 1
+                if outcome is not None:
+                    self._complete(live, outcome)
+                return response
         finally:
-            self.loads[engine] -= 1
-            if not completed:
+            if live is None or not live.completed:
                 self.acct.abort(call, self.now())
+
+    def _choose(self, prompt_tokens: int, program: ProgramState, tried: set[int]) -> int | None:
+        """The balancer's engine among those not tried for this call and not in a backoff; None if none is left.
+
+        When every untried engine is in a backoff, they are tried anyway: one
+        may be back, and refusing at once would make a brief outage of every
+        engine outlast itself by the backoff.
+        """
+        now = self.now()
+        n = len(self.cfg.engines)
+        usable = [i not in tried and now >= self.down_until[i] for i in range(n)]
+        if not any(usable):
+            usable = [i not in tried for i in range(n)]
+            if not any(usable):
+                return None
+        if program.engine is not None and program.engine < n and not usable[program.engine]:
+            program.engine = None  # re-pinned by the balancer's own rule
+        if program.last_engine is not None and program.last_engine < n and not usable[program.last_engine]:
+            program.last_engine = None
+        loads = [load if usable[i] else math.inf for i, load in enumerate(self.loads)]
+        for _ in range(n):  # round-robin may name an unusable engine: at most n turns reach a usable one
+            engine = self.balancer.choose(prompt_tokens, program, loads)
+            if usable[engine]:
+                return engine
+        return None
+
+    def _mark_down(self, engine: int) -> None:
+        self._backoff[engine] = min(DOWN_MAX, self._backoff[engine] * 2) if self._backoff[engine] else DOWN_FIRST
+        self.down_until[engine] = self.now() + self._backoff[engine]
+
+    def _mark_up(self, engine: int) -> None:
+        self._backoff[engine] = 0.0
+        self.down_until[engine] = -math.inf
+
+    def _complete(self, live: LiveCall, outcome: Outcome) -> None:
+        """Charge a completed call once, freeing its thread."""
+        if not live.completed:
+            live.completed = True
+            self.acct.finish(live.state, self._service(outcome, live), self.now())
 
     def _service(self, outcome: Outcome, live: LiveCall) -> float:
         """The call's service as the gateway accounts it (see the module docstring)."""
@@ -391,13 +468,18 @@ class Gateway:
         url = self.cfg.engines[live.engine] + path
         try:
             upstream = await self._session.post(url, json=body, headers=upstream_headers)
-        except (aiohttp.ClientError, OSError) as exc:
-            return error_response(502, f"engine {live.engine} ({self.cfg.engines[live.engine]}) is unreachable: "
-                                  f"{exc}", code="engine_unreachable", headers=headers), None
+        except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:  # never reached it
+            self._mark_down(live.engine)
+            raise EngineUnreachable(f"engine {live.engine} ({self.cfg.engines[live.engine]}) is unreachable: "
+                                    f"{exc}") from None
+        except (aiohttp.ClientError, OSError) as exc:  # it may have seen the call: not sent again
+            return error_response(502, f"engine {live.engine} ({self.cfg.engines[live.engine]}) failed: "
+                                  f"{type(exc).__name__}: {exc}", code="engine_failed", headers=headers), None
+        self._mark_up(live.engine)
         try:
             ctype = upstream.headers.get("Content-Type", "")
             if ctype.startswith("text/event-stream") and upstream.status < 400:
-                return await self._relay_stream(request, upstream, headers, live.engine)
+                return await self._relay_stream(request, upstream, headers, live)
             try:
                 data = await upstream.read()
             except (aiohttp.ClientError, OSError) as exc:  # the engine died before its answer was whole
@@ -427,7 +509,8 @@ class Gateway:
                 upstream.close()
 
     async def _relay_stream(self, request: web.Request, upstream: aiohttp.ClientResponse,
-                            headers: dict[str, str], engine: int) -> tuple[web.StreamResponse, Outcome | None]:
+                            headers: dict[str, str], live: LiveCall) -> tuple[web.StreamResponse, Outcome | None]:
+        engine = live.engine
         resp = web.StreamResponse(status=upstream.status, headers={
             **headers, "Content-Type": upstream.headers.get("Content-Type", "text/event-stream"),
             "Cache-Control": "no-cache"})
@@ -457,6 +540,8 @@ class Gateway:
             for event in parser.feed(chunk):
                 if event == DONE:
                     done = True
+                    if not failed:  # complete before the client reads [DONE] (module docstring)
+                        self._complete(live, outcome)
                     continue
                 assert isinstance(event, dict)
                 if "error" in event:  # vLLM's failure mid-stream: an error event, then [DONE]
@@ -526,7 +611,8 @@ class Gateway:
             })
         return {
             "now": now, "policy": self.acct.policy.name, "balancer": self.balancer.name, "ttl": self.cfg.ttl,
-            "engines": [{"url": u, "in_flight": self.loads[i], "routed": self.routed[i]}
+            "engines": [{"url": u, "in_flight": self.loads[i], "routed": self.routed[i],
+                         "down_for": max(0.0, self.down_until[i] - now)}  # seconds left out of the balance
                         for i, u in enumerate(self.cfg.engines)],
             "live_calls": self.acct.live_calls(),
             "programs": programs,

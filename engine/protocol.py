@@ -83,7 +83,7 @@ def check_id(value: str, what: str) -> str:
     if len(value) > ID_MAX_LEN:
         raise BadRequest(f"{what} is {len(value)} characters long; the limit is {ID_MAX_LEN}",
                          param=what, code="invalid_id")
-    if not ID_RE.match(value):
+    if not ID_RE.fullmatch(value):  # match() let "p1\n" through: "$" also matches before a final newline
         raise BadRequest(f"{what} {value[:40]!r} has characters outside [A-Za-z0-9._:-]",
                          param=what, code="invalid_id")
     return value

@@ -24,9 +24,18 @@ class SSEParser:
 
     def __init__(self) -> None:
         self._buf = b""
+        self._cr = False  # the last piece ended in a CR, which may be half of a CRLF
 
     def feed(self, chunk: bytes) -> Iterator[dict[str, Any] | str]:
-        self._buf += chunk.replace(b"\r\n", b"\n")
+        # Lines end in CRLF, LF or CR (the SSE spec). A CR ends a line either
+        # way, so it is read at once; an LF starting the next piece is then
+        # the rest of that CRLF. (Normalised per piece, a CRLF cut between
+        # two reads left "\n\r\n" behind, and the events around it merged.)
+        if self._cr and chunk.startswith(b"\n"):
+            chunk = chunk[1:]
+        if chunk:
+            self._cr = chunk.endswith(b"\r")
+        self._buf += chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
         while True:
             end = self._buf.find(b"\n\n")
             if end < 0:

@@ -234,6 +234,9 @@ def test_helpers():
     with pytest.raises(BadRequest, match=r"^X is 129 characters long; the limit is 128$") as err:
         check_id("p" * 129, "X")
     assert err.value.param == "X"
+    for bad in ("p1\n", "p 1", "p/1", "é"):  # "p1\n" passed, then aiohttp refused the header: a bare 500
+        with pytest.raises(BadRequest, match=r"has characters outside \[A-Za-z0-9._:-\]$"):
+            check_id(bad, "X")
     body = with_xargs({"prompt": [1], XARGS: {"program_id": "client", "other": 1}},
                       {XARG_PROGRAM: "p", XARG_THREAD: "t", XARG_SERVICE: 1.5})
     assert body[XARGS] == {"program_id": "p", "other": 1, "thread_id": "t", "program_service": 1.5}

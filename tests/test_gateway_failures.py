@@ -120,3 +120,144 @@ def test_bad_engine_urls_are_refused_at_start(url, message):
     with pytest.raises(ValueError) as info:
         GatewayConfig(engines=[url])
     assert str(info.value).startswith(message)
+
+
+def _free_port_url() -> str:
+    """A port nobody listens on: bind-and-close leaves it free."""
+    import socket
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    sock.close()
+    return url
+
+
+@pytest.mark.parametrize("balancer", ["locality", "least_used", "round_robin"])
+def test_an_unreachable_engine_is_left_out_and_its_calls_go_to_another(balancer):
+    """Its in-flight count stayed 0, so least-used sent it every short call, each a 502."""
+    from test_serve_helpers import start_engine
+
+    async def go():
+        live, _ = await start_engine(0, step=0.001)
+        gw, gateway = await start_gw([_free_port_url(), live.url], balancer=balancer)
+        out = []
+        try:
+            async with aiohttp.ClientSession() as s:
+                for i in range(6):
+                    prompt = list(range(1, 4)) if i != 3 else list(range(1, 3000))  # one long call
+                    async with s.post(gw.url + "/v1/completions", json={"prompt": prompt, "max_tokens": 2},
+                                      headers={"X-Program-Id": f"p{i % 3}"}) as r:
+                        out.append((r.status, r.headers.get("X-Gateway-Engine")))
+            snapshot = gateway.snapshot()
+            return out, list(gateway.routed), snapshot, gateway.acct.live_calls()
+        finally:
+            await gw.stop()
+            await live.stop()
+
+    out, routed, snapshot, live_calls = run(go())
+    assert out == [(200, "1")] * 6
+    assert routed[0] <= 1 and routed[1] == 6  # tried at most once, then left out for its backoff
+    assert snapshot["engines"][0]["down_for"] > 0 and snapshot["engines"][1]["down_for"] == 0
+    assert live_calls == 0 and all(p["engine"] in (None, 1) for p in snapshot["programs"])
+
+
+def test_every_engine_unreachable_is_one_502_naming_each():
+    async def go():
+        urls = [_free_port_url(), _free_port_url()]
+        gw, gateway = await start_gw(urls)
+        try:
+            async with aiohttp.ClientSession() as s:
+                async with s.post(gw.url + "/v1/completions", json={"prompt": [1], "max_tokens": 2},
+                                  headers={"X-Program-Id": "p1"}) as r:
+                    return urls, r.status, await r.json(), gateway.acct.live_calls(), list(gateway.loads)
+        finally:
+            await gw.stop()
+
+    urls, status, body, live_calls, loads = run(go())
+    assert status == 502 and body["error"]["code"] == "engine_unreachable"
+    message = body["error"]["message"]
+    assert message.startswith("no engine could be reached: ") and all(u in message for u in urls)
+    assert live_calls == 0 and loads == [0, 0]
+
+
+async def start_slow_eof_engine() -> Running:
+    """An engine whose stream ends (EOF) 0.3 s after its [DONE]: real servers may leave such a gap."""
+
+    async def completions(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(b"data: " + json.dumps(TOKEN).encode() + b"\n\ndata: [DONE]\n\n")
+        await asyncio.sleep(0.3)
+        try:
+            await resp.write_eof()
+        except ConnectionResetError:
+            pass
+        return resp
+
+    return await start_app({("POST", "/v1/completions"): completions})
+
+
+@pytest.mark.parametrize("after_done", ["close", "next_call"])
+def test_a_streamed_call_is_complete_at_its_done(after_done):
+    """At EOF it was too late: a client that closed at [DONE] had its call aborted and uncharged, and
+    one that sent the thread's next call at once got 409 thread_busy."""
+
+    async def go():
+        eng = await start_slow_eof_engine()
+        gw, gateway = await start_gw([eng.url])
+        body = {"prompt": [1, 2, 3], "max_tokens": 1, "stream": True}
+        headers = {"X-Program-Id": "p1", "X-Thread-Id": "t1"}
+        try:
+            async with aiohttp.ClientSession() as s, aiohttp.ClientSession() as s2:
+                r = await s.post(gw.url + "/v1/completions", json=body, headers=headers)
+                parser = SSEParser()
+                async for chunk in r.content.iter_any():
+                    if DONE in list(parser.feed(chunk)):
+                        break
+                status = None
+                if after_done == "close":
+                    r.close()
+                else:
+                    async with s2.post(gw.url + "/v1/completions", json=body, headers=headers) as r2:
+                        status = r2.status
+                        await r2.read()
+                    r.close()
+                await wait_for(lambda: gateway.acct.live_calls() == 0)
+                return status, gateway.acct.table.get("p1").total_service
+        finally:
+            await gw.stop()
+            await eng.stop()
+
+    status, total_service = run(go())
+    if after_done == "close":
+        assert total_service == pytest.approx(0.5)
+    else:
+        assert status == 200 and total_service == pytest.approx(1.0)
+
+
+def test_a_program_pinned_to_an_engine_that_goes_down_is_re_pinned():
+    from test_serve_helpers import start_engine
+
+    async def go():
+        first, _ = await start_engine(0, step=0.001)
+        second, _ = await start_engine(1, step=0.001)
+        gw, gateway = await start_gw([first.url, second.url])
+        long_prompt = {"prompt": list(range(1, 3000)), "max_tokens": 2}
+        engines = []
+        try:
+            async with aiohttp.ClientSession() as s:
+                for stop_first in (False, True):
+                    if stop_first:
+                        await first.stop()
+                    async with s.post(gw.url + "/v1/completions", json=long_prompt,
+                                      headers={"X-Program-Id": "p1"}) as r:
+                        engines.append((r.status, r.headers.get("X-Gateway-Engine"),
+                                        gateway.acct.table.get("p1").engine))
+            return engines
+        finally:
+            await gw.stop()
+            await second.stop()
+
+    assert run(go()) == [(200, "0", 0), (200, "1", 1)]
