@@ -65,6 +65,7 @@ from pathlib import Path
 from typing import Any, Protocol, Sequence
 
 from engine.protocol import (
+    ID_MAX_LEN,
     ENGINE_HEADER,
     ENGINE_STATS,
     GATEWAY_ENGINE_HEADER,
@@ -74,6 +75,8 @@ from engine.protocol import (
     XARG_KV_TTL,
     XARG_THREAD,
     XARGS,
+    BadRequest,
+    check_id,
 )
 from engine.sse import DONE, SSEParser, event_token_count, event_token_ids
 from engine.tokens import fallback_output_ids, prompt_ids
@@ -401,6 +404,10 @@ class Replayer:
                 self.errors.append(str(exc))
                 ok[call.id] = False
                 return
+            except Exception as exc:  # noqa: BLE001  one call's surprise must not discard the whole replay
+                self.errors.append(f"program {program.id} call {call.id}: {type(exc).__name__}: {exc}")
+                ok[call.id] = False
+                return
             if res.output_tokens != call.output_tokens:
                 self.token_mismatches += 1
             outputs = res.output_ids if res.output_ids is not None else fallback_output_ids(program, call)
@@ -562,6 +569,39 @@ def option_problem(args: argparse.Namespace, out: str) -> str | None:
     return None
 
 
+def out_problem(out: str) -> str | None:
+    """Make the --out directory and check it takes files, before the replay: a parent that
+    is a file, or a directory that is not writable, was found only when the results were written."""
+    try:
+        os.makedirs(out, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as exc:
+        return f"--out {out}: cannot write there: {exc.strerror or exc}"
+    return None
+
+
+def http_id_problem(trace: str, programs: Sequence[Program]) -> str | None:
+    """The first program or call id an HTTP target cannot send, located in the trace.
+
+    Ids travel in headers (X-Program-Id, X-Thread-Id) and the gateway accepts
+    only [A-Za-z0-9._:-], up to 128 characters; the trace format allows any
+    text. Found after the replay, every call would have failed (a newline
+    even stopped it with a traceback). ``programs`` are in file order, one
+    per line.
+    """
+    for line, program in enumerate(programs, 1):
+        for value, what in ((program.id, f"program {program.id!r}: field 'id'"),
+                            *((c.id, f"program {program.id!r} call {c.id!r}: field 'id'") for c in program.calls)):
+            try:
+                check_id(value, "id")
+            except BadRequest as exc:
+                return (f"{trace}:{line}: {what}: {exc.message.removeprefix('id ')}; an HTTP target sends ids "
+                        f"as headers ({PROGRAM_HEADER}, {THREAD_HEADER}), which take [A-Za-z0-9._:-] only, "
+                        f"at most {ID_MAX_LEN} characters")
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
     prog = "python -m engine replay"
     out = os.path.join("results", f"replay-{args.policy}") if args.out is None else args.out
@@ -578,10 +618,19 @@ def run(args: argparse.Namespace) -> int:
     from traces.validate import TraceError
 
     try:
-        programs = sorted(load_all(args.trace), key=lambda p: p.arrival)
+        in_file_order = load_all(args.trace)
     except (TraceError, OSError) as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 1
+    problem = http_id_problem(args.trace, in_file_order) if args.target != "inprocess" else None
+    if problem:
+        print(f"{prog}: error: {problem}", file=sys.stderr)
+        return 1
+    problem = out_problem(out)
+    if problem:
+        print(f"{prog}: error: {problem}", file=sys.stderr)
+        return 2
+    programs = sorted(in_file_order, key=lambda p: p.arrival)
     settings = ReplaySettings(trace=args.trace, target=args.target, policy=args.policy, kv_ttl=args.kv_ttl,
                               out=out, model=args.model,
                               latency=args.latency, name=args.name, request_timeout=args.request_timeout)

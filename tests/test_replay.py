@@ -183,6 +183,8 @@ def test_cli_reports_a_bad_trace_and_an_unreachable_target(tmp_path):
         (["--policy", "plas", "--request-timeout", "nan"], "--request-timeout: expected seconds > 0, got nan"),
         (["--policy", "plas", "--out", ""], "--out '': expected a directory path"),
         (["--policy", "plas", "--out", "afile"], "--out afile: exists and is not a directory"),
+        # was a NotADirectoryError traceback once the replay had run
+        (["--policy", "plas", "--out", "afile/sub"], "--out afile/sub: cannot write there: Not a directory"),
     ],
 )
 def test_cli_refuses_bad_options_before_replaying(tmp_path, options, message):
@@ -195,6 +197,42 @@ def test_cli_refuses_bad_options_before_replaying(tmp_path, options, message):
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr == f"python -m engine replay: error: {message}\n"
+
+
+@pytest.mark.parametrize("program_id, call_id, field", [
+    ("chat 1", "a", "program 'chat 1': field 'id': 'chat 1' has characters outside [A-Za-z0-9._:-]"),
+    ("p", "a\n", "program 'p' call 'a\\n': field 'id': 'a\\n' has characters outside [A-Za-z0-9._:-]"),
+])
+def test_cli_refuses_ids_an_http_target_cannot_send_before_replaying(tmp_path, program_id, call_id, field):
+    """A space had every call refused by the gateway; a newline stopped the replay with a traceback."""
+    trace = tmp_path / "t.jsonl"
+    save([Program("ok", 0.0, "x", (Call("a", (), 10, 3),)), Program(program_id, 0.0, "x", (Call(call_id, (), 10, 3),))],
+         trace)
+    proc = subprocess.run([sys.executable, "-m", "engine", "replay", str(trace), "--target", "http://127.0.0.1:9",
+                           "--policy", "plas", "--model", "sim", "--out", str(tmp_path / "o")], capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 1
+    assert proc.stderr == (f"python -m engine replay: error: {trace}:2: {field}; an HTTP target sends ids as headers "
+                           "(X-Program-Id, X-Thread-Id), which take [A-Za-z0-9._:-] only, at most 128 characters\n")
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_call_that_raises_unexpectedly_fails_alone_and_the_outputs_are_written(tmp_path):
+    class Surprising(FakeTarget):
+        async def send(self, prompt, max_tokens, program_id, thread_id, clock, kv_ttl=0.0):
+            if program_id == "bad":
+                raise ValueError("Forbidden control character detected in headers")
+            return await super().send(prompt, max_tokens, program_id, thread_id, clock, kv_ttl)
+
+    programs = [Program("bad", 0.0, "x", (Call("a", (), 10, 3), Call("b", ("a",), 20, 2))),
+                Program("ok", 0.0, "x", (Call("a", (), 10, 3),))]
+    settings = ReplaySettings(trace="t.jsonl", target="fake", policy="plas", out=str(tmp_path / "o"))
+    summary = run(replay_mod.replay(programs, Surprising(), settings))
+    stats = summary["policies"]["plas"]["stats"]
+    assert summary["policies"]["plas"]["programs"] == 1
+    assert (stats["failed_calls"], stats["skipped_calls"]) == (1.0, 1.0)
+    meta = json.loads((tmp_path / "o" / "replay.json").read_text())
+    assert meta["errors"] == ["program bad call a: ValueError: Forbidden control character detected in headers"]
 
 
 @pytest.mark.parametrize("target", ["notaurl", "127.0.0.1:8000", "ftp://host:21", "http://", "http://[::1",
