@@ -770,7 +770,7 @@ def _check_workload(ck: _Checker, raw: Any) -> tuple[str | None, dict[str, Any],
     # asking it for zero programs runs every check and costs nothing.
     try:
         generate(gen, **{**params, "programs": 0}, seed=0)
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, OverflowError) as exc:  # OverflowError: a number past what a float holds
         msg = str(exc)
         key = _named_key(msg, [k for k in params if isinstance(k, str)])
         ck.fail(pp + (key,) if key else pp, msg)

@@ -64,7 +64,7 @@ def load_workload(cfg: ExperimentConfig) -> list[Any]:
 
     try:
         return list(generate(w.generator, seed=cfg.seed, **w.params))
-    except ValueError as exc:  # what only the draw shows: e.g. arrivals past the trace format's limit
+    except (ValueError, OverflowError) as exc:  # what only the draw shows: e.g. arrivals past the trace format's limit
         from sim.experiments import ConfigError
 
         raise ConfigError(f"experiment {cfg.name!r}: workload.params: {exc}") from None

@@ -383,3 +383,11 @@ def test_set_values_python_cannot_read_are_config_errors(value, message):
         parse_override(f"seed={value}")
     text = str(info.value)
     assert text.startswith("--set seed=") and text.endswith(message) and len(text) < 300
+
+
+@pytest.mark.parametrize("key", ["rate", "calls_mean", "tool_delay_mean", "docs_tokens", "output_tokens_sigma"])
+def test_a_generator_parameter_past_what_a_float_holds_is_one_error_on_it(exp, key):
+    """math.isfinite raised OverflowError on 10**400: a traceback, and in a sweep the whole sweep died."""
+    big = str(10**400)
+    msg = error("t", exp(), [f"workload.params.{key}={big}"])
+    assert msg.startswith(f"--set workload.params.{key}={big}: experiment 't': workload.params.{key}: "), msg

@@ -141,6 +141,13 @@ CV_RANGE = "cv must be a finite number > 0 from 0.01 to 10 (outside it gamma arr
         # finite, positive means whose draws the trace format cannot hold
         (dict(tool_delay_mean=1e300), "bfcl parameters draw delay=6.4e+299 for program 'p0' call 'c1', past the "
          "trace format's limit of 1e+09 seconds; lower the means that set it"),
+        # integers past what a float holds: math.isfinite raised OverflowError, a traceback in `sim run`
+        (dict(rate=10**400), "rate must be a finite number > 0 (programs per second), got " + str(10**400)),
+        (dict(calls_mean=10**400), "bfcl parameter 'calls_mean' must be a finite number > 0, got a 401-digit integer"),
+        (dict(docs_tokens=10**400), "bfcl parameter 'docs_tokens' must be at most 1,000,000,000 tokens (the trace "
+         "format's limit), got a 401-digit integer"),
+        (dict(workload="lats", prefix_tokens=10**400), "lats parameter 'prefix_tokens' must be at most "
+         "1,000,000,000 tokens (the trace format's limit), got a 401-digit integer"),
         (dict(output_tokens_mean=0.9), "bfcl parameter 'output_tokens_mean' must be at least 1 (a mean count of "
          "whole tokens, each count >= 1), got 0.9"),
         (dict(workload="lats", expansion_output_mean=0.5), "lats parameter 'expansion_output_mean' must be at "

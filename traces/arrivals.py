@@ -22,7 +22,7 @@ import math
 
 import numpy as np
 
-from traces.format import MAX_SECONDS
+from traces.format import MAX_SECONDS, is_finite_number
 
 ARRIVALS = ("poisson", "gamma")
 # The lowest rate: one program per MAX_SECONDS on average. Below it even the
@@ -44,7 +44,7 @@ def check_arrival(rate: float, arrival: str, cv: float) -> None:
     """Raise ValueError for arguments no arrival process accepts."""
     if arrival not in ARRIVALS:
         raise ValueError(f"unknown arrival process {arrival!r}; valid choices: {', '.join(ARRIVALS)}")
-    if not (isinstance(rate, (int, float)) and not isinstance(rate, bool) and math.isfinite(rate) and rate > 0):
+    if not (is_finite_number(rate) and rate > 0):
         raise ValueError(f"rate must be a finite number > 0 (programs per second), got {rate!r}")
     if rate < MIN_RATE:
         raise ValueError(f"rate must be at least {MIN_RATE:g} programs per second (a mean gap of at most "

@@ -187,7 +187,7 @@ def _gen(args: argparse.Namespace) -> int:
             args.workload, args.programs, args.rate, args.seed, arrival=args.arrival,
             cv=1.0 if args.cv is None else args.cv, **params,
         )
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, OverflowError) as exc:
         raise UsageError(str(exc)) from None
     calls = 0
 
@@ -198,7 +198,7 @@ def _gen(args: argparse.Namespace) -> int:
             for program in programs:
                 calls += len(program.calls)
                 yield program
-        except ValueError as exc:  # a parameter whose draws the format cannot hold
+        except (ValueError, OverflowError) as exc:  # a parameter whose draws the format cannot hold
             raise UsageError(str(exc)) from None
 
     n = save(written(), args.output)

@@ -21,6 +21,8 @@ locality balancer need it exactly:
 
 from __future__ import annotations
 
+import math
+import sys
 from dataclasses import dataclass, field
 
 # Upper bounds on a trace's numbers. Past them a value is a typo or a corrupt
@@ -30,6 +32,19 @@ from dataclasses import dataclass, field
 # simulator's clock and token arithmetic assume.
 MAX_SECONDS = 1e9  # arrival, delay
 MAX_TOKENS = 10**9  # prompt_tokens, output_tokens, shared_prefix.tokens, hash_block_tokens
+
+
+def is_finite_number(value: object) -> bool:
+    """An int or float a float can hold: not a bool, not nan or infinity, no integer past 1.8e308.
+
+    ``math.isfinite`` raises OverflowError on such an integer (a YAML
+    ``10**400``), which would leave a parameter check as a traceback.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    if isinstance(value, int):
+        return -sys.float_info.max <= value <= sys.float_info.max  # exact: Python compares int and float exactly
+    return math.isfinite(value)
 
 # ``slots=True``: a trace of a million calls is held in memory by the
 # simulator; slots cut each Call's footprint roughly in half and make field

@@ -40,7 +40,7 @@ from scipy.optimize import brentq
 from scipy.special import log_ndtr, ndtr
 
 from traces.arrivals import arrival_times, check_arrival
-from traces.format import MAX_SECONDS, MAX_TOKENS, Call, Program, SharedPrefix, make_call
+from traces.format import MAX_SECONDS, MAX_TOKENS, Call, Program, SharedPrefix, is_finite_number, make_call
 
 WORKLOADS = ("sharegpt", "bfcl", "lats", "mixed")
 # The most programs one call generates: ten million is about 10**8 calls, far
@@ -74,25 +74,36 @@ def _check_mean_below_max(obj: Any) -> None:
     """A chain's mean length must lie strictly between 1 call and ``calls_max`` (`count_pmf`)."""
     if obj.calls_max > MAX_CALLS_PER_PROGRAM:
         raise ValueError(f"{_workload_of(obj)} parameter 'calls_max' must be at most "
-                         f"{MAX_CALLS_PER_PROGRAM:,} calls per program, got {obj.calls_max!r}")
+                         f"{MAX_CALLS_PER_PROGRAM:,} calls per program, got {_shown(obj.calls_max)}")
     if not 1 < obj.calls_mean < obj.calls_max:
         # Both keys are named unquoted, so a located error points at the parameters, not at one of them.
-        raise ValueError(f"{_workload_of(obj)} parameters: calls_mean={obj.calls_mean!r} must lie "
-                         f"strictly between 1 and calls_max={obj.calls_max!r}")
+        raise ValueError(f"{_workload_of(obj)} parameters: calls_mean={_shown(obj.calls_mean)} must lie "
+                         f"strictly between 1 and calls_max={_shown(obj.calls_max)}")
+
+
+def _shown(value: Any) -> str:
+    """``repr``, but a very long integer by its length: a 400-digit value would fill the screen."""
+    text = repr(value)
+    if isinstance(value, int) and len(text) > 40:
+        return f"a {len(text.lstrip('-'))}-digit integer"
+    return text
 
 
 def _check_positive(obj: Any, *names: str, integer: bool = False) -> None:
     for name in names:
         v = getattr(obj, name)
-        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
-        if integer:
-            ok = ok and isinstance(v, int)
+        if integer:  # any size: the bounds below (or the parameter's own) refuse one too large
+            ok = isinstance(v, int) and not isinstance(v, bool) and v > 0
+        else:
+            ok = is_finite_number(v) and v > 0
         what = f"{_workload_of(obj)} parameter {name!r}"
         if not ok:
             kind = "an integer" if integer else "a finite number"
-            raise ValueError(f"{what} must be {kind} > 0, got {v!r}")
+            raise ValueError(f"{what} must be {kind} > 0, got {_shown(v)}")
         if name.endswith("_sigma") and v > MAX_SIGMA:
             raise ValueError(f"{what} must be at most {MAX_SIGMA:g} (a wider lognormal degenerates), got {v!r}")
+        if integer and name.endswith("_tokens") and v > MAX_TOKENS:
+            raise ValueError(f"{what} must be at most {MAX_TOKENS:,} tokens (the trace format's limit), got {_shown(v)}")
         if name.endswith(("_tokens_mean", "_output_mean")) and v < 1:
             raise ValueError(f"{what} must be at least 1 (a mean count of whole tokens, each count >= 1), got {v!r}")
 
@@ -128,7 +139,7 @@ class ShareGPTParams:
         _check_positive(self, "calls_max", integer=True)
         _check_mean_below_max(self)
         t = self.think_time_mean
-        if not (isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t) and t >= 0):
+        if not (is_finite_number(t) and t >= 0):
             raise ValueError(f"sharegpt parameter 'think_time_mean' must be a finite number >= 0, got {t!r}")
         if not isinstance(self.history, bool):
             raise ValueError(f"sharegpt parameter 'history' must be true or false, got {self.history!r}")
@@ -169,7 +180,7 @@ class BFCLParams:
         _check_positive(self, "calls_max", "docs_tokens", "tool_sets", integer=True)
         if self.tool_sets > MAX_PROGRAMS:  # a set per program is already the most that can differ
             raise ValueError(f"bfcl parameter 'tool_sets' must be at most {MAX_PROGRAMS:,} (the most programs "
-                             f"a trace may have), got {self.tool_sets!r}")
+                             f"a trace may have), got {_shown(self.tool_sets)}")
         _check_mean_below_max(self)
 
 
@@ -237,13 +248,14 @@ class LATSParams:
         if hi > MAX_CALLS_PER_PROGRAM:
             raise ValueError(
                 # Both keys unquoted, as in the calls_mean check below: the error is about the pair.
-                f"lats parameters: width={self.width!r} and max_steps={self.max_steps!r} allow "
-                f"1+max_steps*(width+2) = {hi:,} calls per program; at most {MAX_CALLS_PER_PROGRAM:,}"
+                f"lats parameters: width={_shown(self.width)} and max_steps={_shown(self.max_steps)} allow "
+                f"1+max_steps*(width+2) = {f'{hi:,}' if hi < 10**40 else _shown(hi)} calls per program; "
+                f"at most {MAX_CALLS_PER_PROGRAM:,}"
             )
         if not lo < self.calls_mean < hi:
             raise ValueError(
                 f"lats parameter 'calls_mean' must lie strictly between {lo} and {hi} for "
-                f"width={self.width}, max_steps={self.max_steps}; got {self.calls_mean!r}"
+                f"width={self.width}, max_steps={self.max_steps}; got {_shown(self.calls_mean)}"
             )
         if self.reflection_output_mean < 1:
             raise ValueError(
