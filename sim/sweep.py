@@ -262,7 +262,9 @@ def _policies(where: _Where, raw: Any, path: tuple[Any, ...]) -> tuple[str, ...]
 
 
 def _number(where: _Where, value: Any, path: tuple[Any, ...]) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    """A finite number; an integer of any size (integer ranges are exact, a seed may be long)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+            isinstance(value, float) and not math.isfinite(value)):
         where.fail(path, f"expected a number, got {value!r}")
     return value
 
@@ -288,6 +290,15 @@ def expand_range(where: _Where, spec: dict[str, Any], path: tuple[Any, ...]) -> 
         given = "both" if "num" in spec else "neither"
         where.fail(path, f"a range needs exactly one of num (how many values) or step, got {given}")
     start, stop = _number(where, spec["start"], path + ("start",)), _number(where, spec["stop"], path + ("stop",))
+    try:
+        return _expand(where, spec, path, start, stop)
+    except OverflowError:  # a float and an integer past what a float holds, or a count past one
+        where.fail(path, "the range's values or its count are past what a float holds; use integers for start, "
+                         "stop and step, or a coarser step")
+
+
+def _expand(where: _Where, spec: dict[str, Any], path: tuple[Any, ...], start: int | float,
+            stop: int | float) -> list[int | float]:
     if "num" in spec:
         num = spec["num"]
         if isinstance(num, bool) or not isinstance(num, int) or num < 1:
@@ -305,9 +316,16 @@ def expand_range(where: _Where, spec: dict[str, Any], path: tuple[Any, ...]) -> 
         where.fail(path + ("step",), f"expected a number > 0, got {step!r}")
     if stop < start:
         where.fail(path, f"stop ({stop}) is below start ({start}); a range counts up")
-    count = math.floor((stop - start) / step + 1e-9) + 1
-    _at_most_max_points(where, path + ("step",), count, f"{count} values")
     integral = all(isinstance(x, int) for x in (start, stop, step))
+    if integral:
+        count = (stop - start) // step + 1
+    else:
+        span = (stop - start) / step
+        if not math.isfinite(span):  # 1e300 / 1e-300: math.floor raised OverflowError
+            where.fail(path + ("step",), f"more steps than a float can count; at most {MAX_POINTS:,} (a sweep "
+                                         f"of that many points is surely a mistake)")
+        count = math.floor(span + 1e-9) + 1
+    _at_most_max_points(where, path + ("step",), count, f"{count} values" if count < 10**40 else "too many values")
     return [_clean(start + i * step, integral) for i in range(count)]
 
 

@@ -180,6 +180,13 @@ RATE = "grid.workload.params.rate"
         ("{workload.params.rate: {start: 1, stop: 2, num: 1}}", f"{RATE}.num: 1 value needs start == stop, got start 1 and stop 2"),
         ("{workload.params.rate: {start: 1, stop: 2, num: 100000000}}", f"{RATE}.num: 100000000 values; {TOO_MANY}"),
         ("{workload.params.rate: {start: 1, stop: 2, step: 0.00001}}", f"{RATE}.step: 100001 values; {TOO_MANY}"),
+        # each was an OverflowError traceback
+        ("{workload.params.rate: {start: 0, stop: 1.0e300, step: 1.0e-300}}",
+         f"{RATE}.step: more steps than a float can count; {TOO_MANY}"),
+        ("{seed: {start: 0, stop: " + str(10**400) + ", step: 1}}", f"grid.seed.step: too many values; {TOO_MANY}"),
+        ("{workload.params.rate: {start: 0.5, stop: " + str(10**400) + ", step: 1}}",
+         f"{RATE}: the range's values or its count are past what a float holds; use integers for start, stop and "
+         "step, or a coarser step"),
         ("{seed: {start: 0, stop: 999, step: 1}, workload.params.rate: {start: 1, stop: 999, step: 1}}",
          f"grid: 999,000 points; {TOO_MANY}"),
         ("[{seed: {start: 0, stop: 9999, step: 1}}, {seed: [1, 2]}]", f"grid: 10,002 points; {TOO_MANY}"),
