@@ -213,16 +213,17 @@ def load_rows(results: str | Path | Sequence[str | Path]) -> list[dict[str, Any]
         where = f"{path}:{reader.line_num}"
         if len(fields) != len(header):
             raise TableError(f"{where}: expected {len(header)} columns as in the header, got {len(fields)} (a truncated file?)")
-        row = {}
+        row = {col: _parse(col, cell) for col, cell in zip(header, fields)}
+        # An invalid point's swept value is what the sweep refused (a rate of "abc"), and it has no metrics.
+        checked = numeric if row.get("status") != "invalid" else ()
         for col, cell in zip(header, fields):
-            value = _parse(col, cell)
-            if col in numeric and isinstance(value, str):
+            value = row[col]
+            if col in checked and isinstance(value, str):
                 raise TableError(f"{where}: column {col!r}: expected a number, got {cell!r}")
-            if col in numeric and value is not None and not (math.isfinite(value) and value >= 0):
+            if col in checked and value is not None and not (math.isfinite(value) and value >= 0):
                 # Every metric, rate and count is finite and >= 0 (a failed metric is an empty cell);
                 # a nan would silently drop the point, a negative latency move the target.
                 raise TableError(f"{where}: column {col!r}: expected a finite number >= 0, got {cell!r}")
-            row[col] = value
         rows.append(row)
     return rows
 
@@ -231,11 +232,33 @@ def group_key(row: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
     """What a curve is over: the descriptive columns and every other swept key, not the rate.
 
     `sim.sweep_run.columns` puts the other swept keys between ``balancer``
-    and ``variant``, so new metric columns never split a curve.
+    and ``variant``, so new metric columns never split a curve. A swept
+    list or mapping becomes a tuple, so the key can name a group.
     """
     keys = list(row)
     extra = keys[keys.index("balancer") + 1 : keys.index("variant")] if "balancer" in keys and "variant" in keys else []
-    return tuple((k, row.get(k)) for k in (*GROUP, *extra))
+    return tuple((k, _hashable(row.get(k))) for k in (*GROUP, *extra))
+
+
+def _hashable(value: Any) -> Any:
+    if isinstance(value, list):
+        return tuple(_hashable(v) for v in value)
+    if isinstance(value, dict):
+        return tuple((k, _hashable(v)) for k, v in value.items())
+    return value
+
+
+def _in_order(value: Any) -> tuple[int, Any]:
+    """A sort key for a column that may mix numbers and text (a hand-edited table): numbers first."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return (0, value)
+    return (1, str(value))
+
+
+def measured(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows of points that exist. An invalid point (its swept value refused: a seed of "abc",
+    replicas of [2]) has no metrics, and its value would only break the curves' order."""
+    return [r for r in rows if r.get("status") != "invalid"]
 
 
 def group_label(key: Sequence[tuple[str, Any]]) -> str:
@@ -250,7 +273,8 @@ def group_label(key: Sequence[tuple[str, Any]]) -> str:
         elif k == "replicas" and v == 1:
             continue
         elif k == "balancer":
-            if (d.get("replicas") or 1) > 1:  # one replica has nothing to balance
+            replicas = d.get("replicas")
+            if not (isinstance(replicas, int) and replicas <= 1):  # one replica has nothing to balance
                 parts.append(str(v))
         elif k == "replicas":
             parts.append(f"x{v}")
@@ -583,7 +607,7 @@ def rate_ratio_table(rows: Iterable[dict[str, Any]], confidence: float = CONFIDE
                 values = by_policy[policy]
                 if len(values) < 2:
                     continue
-                seeds = tuple(sorted(values))  # a numeric column
+                seeds = tuple(sorted(values, key=_in_order))
                 exact = [values[s] for s in seeds]
                 latency = t_interval(exact, confidence) if all(v is not None for v in exact) else None
                 ratio_iv = None
@@ -616,6 +640,7 @@ def format_rate_ratio_table(baseline: str | None, table: Sequence[RateRatioRow],
 
 def report(rows: Sequence[dict[str, Any]], target: str | float | None = None) -> str:
     """The tables `python -m sim sweep` and `plot` print: throughput at L, and over seeds its intervals and the latency at each rate."""
+    rows = measured(rows)
     table = throughput_table(rows, target)
     parts = [format_table(table)]
     if over_seeds := seed_table(table):

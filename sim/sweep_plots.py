@@ -28,6 +28,7 @@ from sim.derived import (  # noqa: E402
     fcfs_baseline,
     group_label,
     mean_over_seeds,
+    measured,
     targets,
     parse_target,
     seed_table,
@@ -314,6 +315,7 @@ def wait_breakdown(rows: Sequence[dict[str, Any]], target: str | float | None = 
 
 def draw_all(rows: Sequence[dict[str, Any]], out_dir: str | Path, target: str | float | None = None) -> list[Path]:
     """Every figure the rows support, as PNG and SVG in ``out_dir``; returns the files written."""
+    rows = measured(rows)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = save(latency_vs_rate(rows, target), out / "latency_vs_rate")

@@ -478,3 +478,21 @@ def test_interrupted_replications_stop_their_workers_at_once(tmp_path):
     assert rc == 130 and err.strip().splitlines()[-1] == "interrupted", err
     assert elapsed < 30, f"took {elapsed:.1f} s to stop"
     assert not (out / "replications.json").exists()
+
+
+@pytest.mark.parametrize("grid", ["{workload.params.rate: [1.0, 2.0], seed: [0, 1, abc]}",
+                                  "{workload.params.rate: [1.0, 2.0], seed: [0, 1, [2]]}",
+                                  "{workload.params.rate: [1.0, 2.0], engine.replicas: [1, [2]]}",
+                                  "{workload.params.rate: [1.0, abc], seed: [0, 1]}"])
+def test_an_invalid_point_is_reported_and_the_report_and_plots_still_come(tmp_path, grid):
+    """Its swept value ('abc', a list) broke the end-of-sweep report and `sim plot` with a TypeError."""
+    (tmp_path / "exp.yaml").write_text(EXPERIMENTS + f"  bad:\n    experiment: tiny\n    grid: {grid}\n")
+    res = sim("sweep", "bad", "-e", "exp.yaml", "-w", "1", "--out", "o", cwd=tmp_path)
+    assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr
+    assert "invalid: " in res.stderr and "jobs failed" in res.stderr
+    assert "norm latency" in res.stdout or "throughput" in res.stdout
+    rows = read(tmp_path / "o" / "sweep.csv")
+    assert {r["status"] for r in rows} == {"ok", "invalid"}
+    res = sim("plot", "o", cwd=tmp_path)
+    assert res.returncode == 0 and "Traceback" not in res.stderr, res.stderr
+    assert (tmp_path / "o" / "plots" / "latency_vs_rate.png").exists()
