@@ -448,8 +448,16 @@ def _interrupt(cmd: list[str], started: Path, group_wide: bool) -> tuple[int, fl
     sent = time.monotonic()
     _, err = proc.communicate(timeout=900)
     elapsed = time.monotonic() - sent
-    listing = subprocess.run(["ps", "-o", "stat=,pid=,args=", "-g", str(proc.pid)], capture_output=True, text=True).stdout
-    left = [line for line in listing.splitlines() if not line.startswith("Z")]  # a zombie has ended; init reaps it
+    # A process tearing itself down (shown as "[python]", its command line already gone) may take a
+    # moment on a busy machine: wait for the group to empty, a few seconds at most.
+    settle = time.monotonic() + 10
+    while True:
+        listing = subprocess.run(["ps", "-o", "stat=,pid=,args=", "-g", str(proc.pid)], capture_output=True,
+                                 text=True).stdout
+        left = [line for line in listing.splitlines() if not line.startswith("Z")]  # a zombie has ended; init reaps it
+        if not left or time.monotonic() > settle:
+            break
+        time.sleep(0.2)
     assert left == [], f"processes outlived the interrupted command: {left}"
     return proc.returncode, elapsed, err
 
