@@ -57,7 +57,9 @@ from sim.experiments import (
     ConfigError,
     ExperimentsFile,
     _dotted,
+    _has_path,
     load_file,
+    parse_override,
     resolve,
     resolve_layers,
 )
@@ -445,6 +447,7 @@ def load_sweep(name: str, file: Any = None, overrides: Sequence[str] = ()) -> Sw
         for point in points:
             _once(where, seen, point, path)
     keys = tuple(dict.fromkeys(k for p in raw_points for k in p))
+    _check_overrides_take_effect(name, overrides, keys)
     points = tuple(Point(i, tuple(p.items()), o) for i, (p, o) in enumerate(zip(raw_points, origins)))
     description = body.get("description", "")
     return Sweep(
@@ -456,6 +459,24 @@ def load_sweep(name: str, file: Any = None, overrides: Sequence[str] = ()) -> Sw
         variants=_variants(where, body.get("variants"), policies),
         base=base,
     )
+
+
+def _check_overrides_take_effect(name: str, overrides: Sequence[str], grid_keys: Sequence[str]) -> None:
+    """Refuse a ``--set`` the sweep would replace at every point: it was dropped without a word.
+
+    The grid lies above ``--set``, and a sweep runs the policies its own
+    ``policies:`` (or its variants') name.
+    """
+    for text in overrides:
+        path, value = parse_override(text)
+        if path == ("policies",):
+            raise ConfigError(f"--set {text}: a sweep runs the policies that its policies: (and its variants') "
+                              f"name, so this would be ignored; edit sweep {name!r}, or run its experiment")
+        for key in grid_keys:
+            grid_path = tuple(key.split("."))
+            if grid_path[: len(path)] == path and (grid_path == path or _has_path(value, grid_path[len(path):])):
+                raise ConfigError(f"--set {text}: sweep {name!r} varies {key} in its grid, which would replace "
+                                  f"this value at every point; drop it from --set, or change the grid")
 
 
 def _once(where: _Where, seen: dict[tuple[str, ...], tuple[Any, ...]], point: dict[str, Any], path: tuple[Any, ...]) -> None:

@@ -134,11 +134,11 @@ def test_command_line_set_applies_below_the_grid(tmp_path):
           set: {workload.params.programs: 7}
           grid: {workload.params.rate: [1, 3]}
         """)
-    s = load_sweep("s", f, ["workload.params.rate=9", "seed=3"])
-    js = jobs(s, f, ["workload.params.rate=9", "seed=3"])
+    s = load_sweep("s", f, ["workload.params.programs=9", "seed=3"])  # --set over the sweep's set:, a rate is refused
+    js = jobs(s, f, ["workload.params.programs=9", "seed=3"])
     assert [j.cfg.workload.params["rate"] for j in js] == [1, 1, 3, 3]
     assert {j.cfg.seed for j in js} == {3}
-    assert {j.cfg.workload.params["programs"] for j in js} == {7}
+    assert {j.cfg.workload.params["programs"] for j in js} == {9}
 
 
 
@@ -256,6 +256,23 @@ def test_unknown_sweep_and_bad_command_line_set(tmp_path):
         load_sweep("s", f, ["engine.replica=2"])
     assert str(info.value) == (f"--set engine.replica=2: experiment 'tiny': engine.replica: unknown key; "
                                f"valid keys: {ENGINE_KEYS}")
+
+
+@pytest.mark.parametrize("override, message", [
+    ("policies=[atlas]", "a sweep runs the policies that its policies: (and its variants') name, so this would be "
+     "ignored; edit sweep 's', or run its experiment"),
+    ("workload.params.rate=7.0", "sweep 's' varies workload.params.rate in its grid, which would replace this "
+     "value at every point; drop it from --set, or change the grid"),
+    ("workload.params={rate: 7.0, programs: 3}", "sweep 's' varies workload.params.rate in its grid, which would "
+     "replace this value at every point; drop it from --set, or change the grid"),
+])
+def test_a_set_the_sweep_would_replace_at_every_point_is_refused(tmp_path, override, message):
+    """Each ran, and every point used the sweep's own value instead, without a word."""
+    f = write(tmp_path, "s: {experiment: tiny, grid: {workload.params.rate: [1.0, 2.0]}}\n")
+    with pytest.raises(ConfigError) as info:
+        load_sweep("s", f, [override])
+    assert str(info.value) == f"--set {override}: {message}"
+    load_sweep("s", f, ["workload.params.programs=3"])  # a key the grid leaves alone is taken
 
 
 def test_bad_values_in_a_sweeps_set_are_blamed_on_its_line_in_the_file(tmp_path):
