@@ -715,11 +715,16 @@ def _check_latency(ck: _Checker, lat: LatencyConfig, e: EngineConfig) -> None:
             f"'fitted' needs latency.name: one of {', '.join(available())} or a path to a .json file",
         )
     # Building it now turns a missing fitted model into an error before the run.
-    key = p + (("name",) if lat.kind == "fitted" else ("kind",))
+    key = p + (("name",) if lat.kind == "fitted" else ("seconds",) if lat.kind == "constant" else ("kind",))
     try:
-        latency.build(lat, load_model(e.model), load_gpu(e.gpu), e.gpus_per_replica)
+        model = latency.build(lat, load_model(e.model), load_gpu(e.gpu), e.gpus_per_replica)
     except (ValueError, OSError, ImportError) as exc:
         ck.fail(key, f"cannot build the latency model: {str(exc).removeprefix(_dotted(key) + ': ')}")
+    problem = latency.step_time_problem(model, e.max_num_batched_tokens)
+    if problem:
+        if lat.kind == "roofline":  # its inputs are the specs: point at the GPU (or model) that was set last
+            key = ck.layered.latest([("engine", "gpu"), ("engine", "model"), p + ("kind",)])
+        ck.fail(key, problem)
 
 
 def _check_workload(ck: _Checker, raw: Any) -> tuple[str | None, dict[str, Any], str | None]:

@@ -23,6 +23,7 @@ from sim.errors import SimulationError
 from sim.hardware import load_gpu, load_model
 from sim.kvcache import KVCache
 from sim.latency import build as build_latency
+from sim.latency import step_time_problem
 from sim.records import CallRecord, ProgramRecord
 from sim.replica import Replica, SimCall, StepInfo
 from traces.format import Program
@@ -98,6 +99,9 @@ class Cluster:
         model, gpu = load_model(eng.model), load_gpu(eng.gpu)
         self.capacity_blocks = num_kv_blocks(eng, model, gpu)
         latency = build_latency(cfg.latency, model, gpu, eng.gpus_per_replica)
+        problem = step_time_problem(latency, eng.max_num_batched_tokens)  # checked for a config built in Python
+        if problem:
+            raise SimulationError(problem)
         self.table = ProcessTable(cfg.policy_params.program_ttl)
         self.balancer = make_balancer(eng.balancer, cfg.policy_params.locality_threshold)
         self.oracle = make_policy(policy, cfg.policy_params).oracle

@@ -391,3 +391,44 @@ def test_a_generator_parameter_past_what_a_float_holds_is_one_error_on_it(exp, k
     big = str(10**400)
     msg = error("t", exp(), [f"workload.params.{key}={big}"])
     assert msg.startswith(f"--set workload.params.{key}={big}: experiment 't': workload.params.{key}: "), msg
+
+
+def _fitted(tmp_path, **coefficients) -> str:
+    base = dict(per_token=0.0, weights_floor=0.0, per_attn_pair=0.0, per_decode_kv_token=0.0, per_seq=0.0,
+                per_step=0.0)
+    path = tmp_path / "f.json"
+    path.write_text(json.dumps({"format": "autellix-fitted-latency v1", "coefficients": {**base, **coefficients}}))
+    return str(path)
+
+
+@pytest.mark.parametrize("case", ["constant", "fitted-zero", "fitted-huge", "roofline-units", "roofline-inf"])
+def test_a_latency_model_whose_steps_no_gpu_takes_is_refused(exp, tmp_path, case):
+    """Each ran: 1e-12 s and an all-zero fit became zero-length steps and latencies of 0 s; a bandwidth
+    given in TB/s ran for 10**12 simulated seconds; one of 1e-300 B/s stopped the run with an OverflowError."""
+    cases = {  # each builds its own files only when chosen
+        "constant": lambda: (["latency.seconds=1e-12"], "latency.seconds", "1e-12"),
+        "fitted-zero": lambda: ([f"latency={{kind: fitted, name: {_fitted(tmp_path)}}}"], "latency.name", "0"),
+        "fitted-huge": lambda: ([f"latency={{kind: fitted, name: {_fitted(tmp_path, per_step=1e308)}}}"],
+                                "latency.name", "1e+308"),
+        "roofline-units": lambda: (["latency.kind=roofline",
+                                    f"engine.gpu={spec_file(tmp_path, 'gpu', hbm_bandwidth=2.039)}"],
+                                   "engine.gpu", "1.13e+10"),
+        "roofline-inf": lambda: (["latency.kind=roofline",
+                                  f"engine.gpu={spec_file(tmp_path, 'gpu', hbm_bandwidth=1e-300)}"],
+                                 "engine.gpu", "inf"),
+    }
+    overrides, key, seconds = cases[case]()
+    msg = error("t", exp(), overrides)
+    assert f"experiment 't': {key}: latency model " in msg, msg
+    assert msg.endswith(f"gives {seconds} s for a one-token decode; a step must take from 1e-06 to 3600 s "
+                        "(check the units of its inputs)"), msg
+
+
+def test_simulate_refuses_such_a_model_built_in_python():
+    from sim.config import ExperimentConfig, LatencyConfig
+    from sim.simulate import simulate
+    from traces.format import Call, Program
+
+    cfg = ExperimentConfig("x", engine=EngineConfig(), latency=LatencyConfig(kind="constant", seconds=1e-12))
+    with pytest.raises(SimulationError, match=r"gives 1e-12 s for a one-token decode; a step must take from 1e-06"):
+        simulate([Program("p", 0.0, "x", (Call("a", (), 5, 2),))], cfg, "fcfs")

@@ -24,6 +24,36 @@ def build(cfg: LatencyConfig, model: ModelSpec, gpu: GPUSpec, gpus: int = 1) -> 
     raise ValueError(f"latency.kind: unknown kind {cfg.kind!r}; valid choices: {', '.join(KINDS)}")
 
 
+# The range a step time must lie in at the probe shapes below. No GPU step
+# takes less than a microsecond (a kernel launch alone costs several), and
+# the engine rounds step times to 2**-30 s, so a shorter one would become a
+# zero-length step; an hour per step is a units slip (a bandwidth in TB/s
+# given as bytes/s), not a GPU. The same bounds as a measured profile's steps.
+MIN_STEP_SECONDS = 1e-6
+MAX_STEP_SECONDS = 3600.0
+# The largest prefill probed: a typical token budget, so an unbounded budget
+# in a queueing-theory check is not taken for a units slip.
+PROBE_PREFILL_TOKENS = 8192
+
+
+def step_time_problem(model: LatencyModel, max_num_batched_tokens: int) -> str | None:
+    """What is wrong with ``model``'s step times, probed at a one-token decode and a budget-wide
+    prefill; None when both lie in [MIN_STEP_SECONDS, MAX_STEP_SECONDS].
+
+    A model whose steps came out at infinity stopped a run mid-way with an
+    OverflowError; one below the clock's grid ran steps of zero length and
+    reported latencies of 0 s; a units slip ran "successfully" for 10**12 s.
+    """
+    prefill = min(max_num_batched_tokens, PROBE_PREFILL_TOKENS)
+    for what, shape in (("a one-token decode", StepShape.from_batch([(1, 0)])),
+                        (f"a {prefill}-token prefill", StepShape.from_batch([(prefill, 0)]))):
+        seconds = model.step_time(shape)
+        if not MIN_STEP_SECONDS <= seconds <= MAX_STEP_SECONDS:  # also nan
+            return (f"latency model {model.name!r} gives {seconds:.3g} s for {what}; a step must take from "
+                    f"{MIN_STEP_SECONDS:g} to {MAX_STEP_SECONDS:g} s (check the units of its inputs)")
+    return None
+
+
 def async_without_host_note(cfg: ExperimentConfig) -> str | None:
     """A note for an async run whose latency model has no host time to hide, so async gains nothing.
 
@@ -40,4 +70,5 @@ def async_without_host_note(cfg: ExperimentConfig) -> str | None:
             "steps are as long as synchronous ones (docs/design-decisions.md, async scheduling)")
 
 
-__all__ = ["KINDS", "ConstantLatency", "LatencyModel", "StepShape", "async_without_host_note", "attn_pairs", "build"]
+__all__ = ["KINDS", "ConstantLatency", "LatencyModel", "StepShape", "async_without_host_note", "attn_pairs", "build",
+           "step_time_problem"]
