@@ -709,9 +709,9 @@ def _check_latency(ck: _Checker, lat: LatencyConfig, e: EngineConfig) -> None:
     if lat.kind == "fitted" and not lat.name:
         from sim.latency.fitted import available
 
-        # Point at kind: that is what was set; name was not set anywhere.
+        # Point at kind, unless a later layer set name to null (then that is what broke it).
         ck.fail(
-            p + ("kind",),
+            ck.layered.latest([p + ("kind",), p + ("name",)]),
             f"'fitted' needs latency.name: one of {', '.join(available())} or a path to a .json file",
         )
     # Building it now turns a missing fitted model into an error before the run.
@@ -783,12 +783,14 @@ def _check_workload(ck: _Checker, raw: Any) -> tuple[str | None, dict[str, Any],
 
 
 def _named_key(message: str, keys: Sequence[str]) -> str | None:
-    """The key an error message is about, to point at its line: quoted, leading, or as a word."""
+    """The key an error message is about, to point at its line: quoted, leading, as a word, or
+    the first given as ``key=value`` (``calls_mean=1e+300 must lie ... below calls_max=70``)."""
     for test in (lambda k: f"'{k}'" in message, lambda k: message.startswith(f"{k} "), lambda k: f" {k} " in message):
         for key in keys:
             if test(key):
                 return key
-    return None
+    shown = [(message.find(f"{key}="), key) for key in keys if re.search(rf"(?<![A-Za-z0-9_]){re.escape(key)}=", message)]
+    return min(shown)[1] if shown else None
 
 
 def _build(name: str, layered: _Layered) -> ExperimentConfig:

@@ -432,3 +432,19 @@ def test_simulate_refuses_such_a_model_built_in_python():
     cfg = ExperimentConfig("x", engine=EngineConfig(), latency=LatencyConfig(kind="constant", seconds=1e-12))
     with pytest.raises(SimulationError, match=r"gives 1e-12 s for a one-token decode; a step must take from 1e-06"):
         simulate([Program("p", 0.0, "x", (Call("a", (), 5, 2),))], cfg, "fcfs")
+
+
+def test_generator_errors_naming_a_key_as_key_equals_value_are_blamed_where_it_was_set(exp):
+    """It fell back to the file line of params, although the value came from --set."""
+    assert error("t", exp(), ["workload.params.calls_mean=1e300"]) == (
+        "--set workload.params.calls_mean=1e300: experiment 't': workload.params.calls_mean: bfcl parameters: "
+        "calls_mean=1e+300 must lie strictly between 1 and calls_max=70")
+
+
+def test_a_fitted_models_name_nulled_by_set_is_blamed_on_the_set(exp):
+    path = exp(base=BASE.replace("latency: {kind: constant, seconds: 0.01}",
+                                 "latency: {kind: fitted, name: a100-llama-3.1-8b}"))
+    msg = error("t", path, ["latency.name=~"])
+    assert msg.startswith("--set latency.name=~: experiment 't': latency.name: 'fitted' needs latency.name: "), msg
+    assert error("t", exp(base=BASE.replace("latency: {kind: constant, seconds: 0.01}", "latency: {kind: fitted}"))
+                 ).startswith("exp.yaml:4: experiment 't': latency.kind: 'fitted' needs latency.name")
