@@ -342,7 +342,7 @@ def parse_target(text: str | float | None) -> tuple[float, bool]:
         except ValueError:
             raise ValueError(f"--target {text}: expected seconds per token (0.05) or a multiple of light-load latency (2x)") from None
     if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"--target {text}: must be > 0")
+        raise ValueError(f"--target {text}: must be a finite number > 0")
     return value, relative
 
 

@@ -383,7 +383,7 @@ class _Layered:
     ranks: dict[Path_, int] = dataclasses.field(default_factory=dict)  # layer index, lowest first
 
     def origin(self, path: Path_) -> str | None:
-        for n in range(len(path), 0, -1):
+        for n in range(len(path), -1, -1):  # down to (), the experiment itself
             if path[:n] in self.origins:
                 return self.origins[path[:n]]
         return None
@@ -428,7 +428,8 @@ def _deep_merge(base: Any, top: Any) -> Any:
 
 def _origins_from_file(ef: ExperimentsFile, prefix: Path_) -> dict[Path_, str]:
     n = len(prefix)
-    return {p[n:]: f"{ef.path}:{line}" for p, line in ef.lines.items() if p[:n] == prefix and len(p) > n}
+    # The experiment's own line too (path ()): what it lacks altogether is blamed there.
+    return {p[n:]: f"{ef.path}:{line}" for p, line in ef.lines.items() if p[:n] == prefix}
 
 
 def _replaced(base: Any, top: dict[str, Any], path: Path_) -> Iterator[Path_]:
@@ -747,6 +748,8 @@ def _check_workload(ck: _Checker, raw: Any) -> tuple[str | None, dict[str, Any],
             ck.fail(p + ("params",), "params apply to a generator, not to a trace file")
         if os.path.isdir(trace):
             ck.fail(p + ("trace",), f"{trace} is a directory, expected a trace file (JSON Lines)")
+        if os.path.exists(trace) and not os.path.isfile(trace):
+            ck.fail(p + ("trace",), f"{trace} is not a regular file (a device or a pipe), expected a trace file")
         if not os.path.isfile(trace):
             ck.fail(p + ("trace",), f"no such file: {trace} (relative paths are from the working directory)")
         return None, {}, trace
@@ -759,6 +762,9 @@ def _check_workload(ck: _Checker, raw: Any) -> tuple[str | None, dict[str, Any],
     if not isinstance(params, dict):
         ck.fail(p + ("params",), f"expected a mapping, got {_show(params)}")
     pp = p + ("params",)
+    for key in params:
+        if not isinstance(key, str):  # it read "keywords must be strings", Python's own words
+            ck.fail(pp, f"key {_show(key)}: expected a parameter name (a string)")
     if "seed" in params:
         ck.fail(pp + ("seed",), "set the experiment's top-level seed instead")
     for key in ("programs", "rate"):

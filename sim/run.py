@@ -33,7 +33,7 @@ from sim.metrics import summarize_run, write_header, write_rows
 from sim.plots import latency_plot
 from sim.progress import progress_bar
 from sim.records import CallRecord, ProgramRecord
-from sim.textout import write_atomic
+from sim.textout import write_atomic, writing_under
 
 OUTPUTS = ("config.yaml", "calls.csv", "programs.csv", "summary.json", "latency.png")
 # Written by `sim.replications` in the same directory; a plain run removes it
@@ -77,11 +77,18 @@ def summary_text(summary: dict[str, Any]) -> str:
 
 def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, quiet: bool = False) -> dict[str, Any]:
     """Simulate ``cfg`` under each of its policies and write the outputs; returns the summary."""
-    from sim.simulate import BlockKeys, check_workload, simulate
+    from sim.simulate import check_workload
 
     programs = load_workload(cfg)
     check_workload(programs, cfg)
     out = Path(out_dir)
+    with writing_under(out):
+        return _simulate_and_write(cfg, programs, out, quiet)
+
+
+def _simulate_and_write(cfg: ExperimentConfig, programs: list[Any], out: Path, quiet: bool) -> dict[str, Any]:
+    from sim.simulate import BlockKeys, simulate
+
     out.mkdir(parents=True, exist_ok=True)
     for name in (*OUTPUTS, REPLICATIONS_FILE):  # never leave a previous run's file next to this run's
         (out / name).unlink(missing_ok=True)

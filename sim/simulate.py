@@ -258,29 +258,32 @@ class Cluster:
 
 def check_workload(programs: Sequence[Program], cfg: ExperimentConfig) -> None:
     """`check_fits` on the experiment's engine: run before any output is written, so a
-    workload the engine cannot serve leaves no half-made results."""
+    workload the engine cannot serve leaves no half-made results. ``programs`` are in
+    their file's order when the workload is a trace, so a call is located by its line."""
     eng = cfg.engine
-    check_fits(programs, num_kv_blocks(eng, load_model(eng.model), load_gpu(eng.gpu)), eng)
+    check_fits(programs, num_kv_blocks(eng, load_model(eng.model), load_gpu(eng.gpu)), eng, cfg.workload.trace)
 
 
-def check_fits(programs: Sequence[Program], capacity_blocks: int, engine) -> None:
+def check_fits(programs: Sequence[Program], capacity_blocks: int, engine, trace: str | None = None) -> None:
     """Every call must fit in an empty engine, or the simulation would stall; a context must fit its prompt.
 
     As vLLM requires ``max_model_len`` to fit the KV cache, and, without
     chunked prefill, the token budget to cover a whole (re)computed prompt.
+    ``trace``: the file ``programs`` were read from, one per line, to name the line.
     """
     limit = capacity_blocks * engine.block_size
-    for program in programs:
+    for line, program in enumerate(programs, 1):
+        where = f"{trace}:{line}: " if trace is not None else ""
         for call in program.calls:
             size = call.prompt_tokens + call.output_tokens
             if size > limit:
                 raise SimulationError(
-                    f"program {program.id!r} call {call.id!r}: prompt_tokens + output_tokens = "
+                    f"{where}program {program.id!r} call {call.id!r}: prompt_tokens + output_tokens = "
                     f"{size} exceeds the KV cache of one replica ({limit} tokens); {_kv_remedy(engine)}"
                 )
             if not engine.enable_chunked_prefill and size > engine.max_num_batched_tokens:
                 raise SimulationError(
-                    f"program {program.id!r} call {call.id!r}: prompt_tokens + output_tokens = "
+                    f"{where}program {program.id!r} call {call.id!r}: prompt_tokens + output_tokens = "
                     f"{size} exceeds engine.max_num_batched_tokens={engine.max_num_batched_tokens}, "
                     f"which must cover a whole prompt when engine.enable_chunked_prefill is false"
                 )

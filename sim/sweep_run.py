@@ -41,7 +41,7 @@ from sim.experiments import ConfigError, dump_yaml, to_file_dict
 from sim.metrics import add_ratios, summarize_policy
 from sim.pool import SpawnPool
 from sim.sweep import DEFAULT_VARIANT, Job, Sweep
-from sim.textout import write_atomic
+from sim.textout import write_atomic, writing_under
 
 # Simulator counters kept in the table (from SimResult.stats).
 STATS = ("sim_time", "steps", "busy_fraction", "kv_evictions")
@@ -407,6 +407,12 @@ def run_sweep(
     quiet: bool = False,
 ) -> SweepOutcome:
     """Run every job and write the outputs; failures are rows (and a line on stderr), not exceptions."""
+    with writing_under(Path(out)):
+        return _run_sweep(sweep, jobs, out, workers, backend, quiet)
+
+
+def _run_sweep(sweep: Sweep, jobs: Sequence[Job], out: str | Path, workers: int | None, backend: str,
+               quiet: bool) -> SweepOutcome:
     from tqdm import tqdm
 
     if backend not in BACKENDS:

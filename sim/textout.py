@@ -8,8 +8,9 @@ still going; one helper each keeps their formats and guarantees the same.
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 
 def aligned(rows: Sequence[Sequence[str]], left: int = 1) -> list[str]:
@@ -19,6 +20,22 @@ def aligned(rows: Sequence[Sequence[str]], left: int = 1) -> list[str]:
         "  ".join(c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
         for r in rows
     ]
+
+
+@contextmanager
+def writing_under(directory: Path) -> Iterator[None]:
+    """Name ``directory`` in an OSError that names no file.
+
+    A failed write or flush on an open file (a full disk) carries no file
+    name, so the user read "[Errno 28] No space left on device" and had to
+    guess where.
+    """
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is not None or exc.errno is None:
+            raise
+        raise OSError(exc.errno, exc.strerror, str(directory)) from None
 
 
 def write_atomic(path: Path, text: str) -> None:

@@ -202,3 +202,19 @@ def test_an_async_run_whose_latency_model_has_no_host_time_says_so(workdir):
                     "-s", "latency.kind=fitted", "-s", "latency.name=a100-llama-3.1-8b", cwd=workdir)
     for res in (sync, with_host):
         assert res.returncode == 0 and res.stderr == "", res.stderr
+
+
+def test_a_full_disk_names_the_output_directory(tmp_path, monkeypatch, capsys):
+    """A failed write on an open file carries no file name: the error read "[Errno 28] No space left on device"."""
+    import errno
+
+    import sim.run
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(sim.run, "write_rows", full)
+    out = tmp_path / "o"
+    rc = main(["run", "quickstart", "--quiet", "--out", str(out), "--set", "workload.params.programs=3",
+               "--set", "policies=[fcfs]"])
+    assert rc == 1 and capsys.readouterr().err == f"error: {out}: No space left on device\n"

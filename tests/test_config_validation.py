@@ -448,3 +448,35 @@ def test_a_fitted_models_name_nulled_by_set_is_blamed_on_the_set(exp):
     assert msg.startswith("--set latency.name=~: experiment 't': latency.name: 'fitted' needs latency.name: "), msg
     assert error("t", exp(base=BASE.replace("latency: {kind: constant, seconds: 0.01}", "latency: {kind: fitted}"))
                  ).startswith("exp.yaml:4: experiment 't': latency.kind: 'fitted' needs latency.name")
+
+
+def test_a_call_from_a_trace_too_big_for_the_cache_names_its_line(exp, tmp_path):
+    from traces.format import Call, Program
+    from traces.io import save
+
+    save([Program("a", 0.0, "x", (Call("c0", (), 5, 2),)), Program("p0", 0.0, "x", (Call("c0", (), 600_000, 16),))],
+         tmp_path / "big.jsonl")
+    from sim.experiments import resolve
+    from sim.run import load_workload
+    from sim.simulate import check_workload
+
+    cfg = resolve("t", exp(), ["workload.trace=big.jsonl"])
+    with pytest.raises(SimulationError) as info:
+        check_workload(load_workload(cfg), cfg)
+    assert str(info.value).startswith("big.jsonl:2: program 'p0' call 'c0': prompt_tokens + output_tokens = 600016 "
+                                      "exceeds the KV cache of one replica")
+
+
+@pytest.mark.parametrize("base, overrides, message", [
+    # no location at all
+    ("experiments:\n  t: {}\n", [], "exp.yaml:2: experiment 't': workload: missing; give either generator (with "
+     "params) or trace"),
+    # Python's own "keywords must be strings"
+    (BASE.replace("rate: 5.0}", "rate: 5.0, 3: 4}"), [], "exp.yaml:3: experiment 't': workload.params: key 3: "
+     "expected a parameter name (a string)"),
+    # "no such file: /dev/null"
+    (BASE, ["workload.trace=/dev/null"], "--set workload.trace=/dev/null: experiment 't': workload.trace: /dev/null "
+     "is not a regular file (a device or a pipe), expected a trace file"),
+])
+def test_experiment_mistakes_that_read_oddly_or_named_no_line(exp, base, overrides, message):
+    assert error("t", exp(base=base), overrides) == message

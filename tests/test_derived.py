@@ -86,6 +86,14 @@ def test_parse_target_rejects(text):
         parse_target(text)
 
 
+@pytest.mark.parametrize("text", ["inf", "1e400", "infx"])
+def test_an_infinite_target_is_called_not_finite(text):
+    """It read "must be > 0" of a value that is."""
+    with pytest.raises(ValueError) as info:
+        parse_target(text)
+    assert str(info.value) == f"--target {text}: must be a finite number > 0"
+
+
 def rows(workload, policy, rates, lats, status="ok"):
     return [
         {
