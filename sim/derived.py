@@ -202,6 +202,9 @@ def load_rows(results: str | Path | Sequence[str | Path]) -> list[dict[str, Any]
     header = next(reader, None)
     if header is None:
         return []
+    twice = next((c for i, c in enumerate(header) if c in header[:i]), None)
+    if twice is not None:  # a row keeps one of the two cells: curves would merge or split without a word
+        raise TableError(f"{path}:1: column {twice!r} appears twice in the header")
     missing = [c for c in REQUIRED_COLUMNS if c not in header]
     if missing:
         raise TableError(f"{path}:1: not a sweep table (python -m sim sweep writes one): missing column(s) {', '.join(missing)}")

@@ -258,6 +258,11 @@ def test_cli_plot_of_a_bad_table_is_one_line(tmp_path):
     res = sim("plot", "sweep.csv", cwd=tmp_path)
     assert res.returncode == 1 and "Traceback" not in res.stderr
     assert res.stderr == "error: sweep.csv:2: column 'rate': expected a number, got 'abc'\n"
+    # it was reported as "a table given twice" of rows that differed only in the column read over
+    (tmp_path / "sweep.csv").write_bytes(b"sweep,point,workload,rate,rate,balancer,variant,policy,status\n"
+                                         b"s,0,bfcl,1,2,locality,default,fcfs,ok\n")
+    res = sim("plot", "sweep.csv", cwd=tmp_path)
+    assert res.returncode == 1 and res.stderr == "error: sweep.csv:1: column 'rate' appears twice in the header\n"
 
 
 def test_cli_sweep_over_seeds_reports_intervals(exp, tmp_path):
