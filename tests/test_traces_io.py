@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 
@@ -158,3 +159,59 @@ def test_a_byte_order_mark_may_start_the_file_but_no_later_line(tmp_path):
     with pytest.raises(TraceError) as info:
         import_mooncake(mooncake)
     assert (info.value.line, info.value.reason) == (2, message)
+
+
+def _one_program() -> list[Program]:
+    return [Program("p0", 0.0, "x", (Call("c0", (), 5, 2),))]
+
+
+def test_save_through_a_symlink_replaces_its_target_and_keeps_the_link(tmp_path):
+    """The link itself was replaced by a regular file, and the file it named kept its old text."""
+    real = tmp_path / "real"
+    real.mkdir()
+    (real / "t.jsonl").write_text("old\n")
+    link = tmp_path / "link.jsonl"
+    link.symlink_to(real / "t.jsonl")
+    save(_one_program(), link)
+    assert link.is_symlink() and [p.id for p in load(real / "t.jsonl")] == ["p0"]
+    assert sorted(os.listdir(tmp_path)) == ["link.jsonl", "real"] and os.listdir(real) == ["t.jsonl"]
+
+
+def test_save_to_a_pipe_writes_through_it(tmp_path):
+    """A FIFO (and so /dev/stdout or a device) was replaced by a regular file; a reader got nothing."""
+    import threading
+
+    fifo = tmp_path / "fifo.jsonl"
+    os.mkfifo(fifo)
+    got = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_bytes()), daemon=True)
+    reader.start()
+    save(_one_program(), fifo)
+    reader.join(timeout=10)
+    assert got == [program_to_json(_one_program()[0]).encode() + b"\n"]
+    assert fifo.is_fifo()
+
+
+def test_save_to_a_long_but_legal_name(tmp_path):
+    """The temporary name appended '.tmpPID' to it and passed the 255-byte limit: 'file name too long'."""
+    target = tmp_path / ("a" * 245 + ".jsonl")
+    save(_one_program(), target)
+    assert [p.id for p in load(target)] == ["p0"] and os.listdir(tmp_path) == [target.name]
+
+
+def test_a_failed_write_names_the_target(tmp_path, monkeypatch):
+    import builtins
+    import errno
+    import io
+
+    class Full(io.StringIO):
+        def write(self, text):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    real_open = builtins.open
+    monkeypatch.setattr(builtins, "open", lambda f, *a, **k: Full() if str(f).endswith(".tmp%d" % os.getpid())
+                        else real_open(f, *a, **k))
+    target = tmp_path / "t.jsonl"
+    with pytest.raises(OSError) as info:
+        save(_one_program(), target)
+    assert (info.value.filename, info.value.strerror) == (str(target), "No space left on device")

@@ -74,41 +74,73 @@ def program_to_json(program: Program) -> str:
 def save(programs: Iterable[Program], path: str | os.PathLike) -> int:
     """Write ``programs`` to ``path`` as a trace; returns how many were written.
 
-    Writes to a temporary file beside ``path`` and renames it into place, so a
-    failure (or a bad program) never leaves a half-written trace under the
-    final name. Each program is validated by round-tripping its JSON through
-    the parser: a generator or importer bug is caught here, not in a
-    simulation hours later. Duplicate program ids are rejected too. An
-    OSError names ``path``, never the temporary file, which the user has not
-    heard of.
+    Writes to a temporary file beside the file ``path`` names and renames it
+    into place, so a failure (or a bad program) never leaves a half-written
+    trace under the final name. A symbolic link is followed (its target is
+    replaced, the link kept); a device or a pipe (``/dev/stdout``, a FIFO,
+    anything under /dev or /proc) is written through, since nothing can be
+    renamed over it. Each program
+    is validated by round-tripping its JSON through the parser: a generator
+    or importer bug is caught here, not in a simulation hours later.
+    Duplicate program ids are rejected too. An OSError names ``path``, never
+    the temporary file, which the user has not heard of.
     """
     target = os.fspath(path)
-    tmp = f"{target}.tmp{os.getpid()}"
-    seen: set[str] = set()
-    n = 0
+    real = os.path.realpath(target)
+    # /dev/stdout resolves to /proc/PID/fd/1 and on to "pipe:[...]", which is no path at all.
+    if (os.path.exists(target) and not os.path.isfile(target)) or real.startswith(("/proc/", "/dev/")):
+        try:
+            fh = open(target, "w", encoding="utf-8", newline="\n")
+        except OSError as exc:
+            raise OSError(exc.errno, exc.strerror, target) from None
+        with fh:
+            return _write(programs, fh, target)
+    directory, name = os.path.split(real)
+    # A short name: the target's own name plus a suffix could pass the 255-byte limit on names.
+    tmp = os.path.join(directory, f".{name[:64]}.tmp{os.getpid()}")
     try:
-        with open(tmp, "w", encoding="utf-8", newline="\n") as fh:
-            for n, program in enumerate(programs, 1):
-                line = program_to_json(program)
-                try:
-                    parse_program(json.loads(line))
-                except TraceError as exc:
-                    raise exc.located(target, n) from None
-                if program.id in seen:
-                    raise TraceError(
-                        "duplicate program id", file=target, line=n, program_id=program.id, field="id"
-                    )
-                seen.add(program.id)
-                fh.write(line)
-                fh.write("\n")
-        os.replace(tmp, target)
-    except OSError as exc:
-        if tmp not in (exc.filename, exc.filename2):
-            raise  # not ours: e.g. a lazily loaded input that is missing names its own file
-        raise OSError(exc.errno, exc.strerror, target) from None
+        try:
+            fh = open(tmp, "w", encoding="utf-8", newline="\n")
+        except OSError as exc:
+            raise OSError(exc.errno, exc.strerror, target) from None
+        with fh:
+            n = _write(programs, fh, target)
+        try:
+            os.replace(tmp, real)
+        except OSError as exc:
+            raise OSError(exc.errno, exc.strerror, target) from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+    return n
+
+
+def _write(programs: Iterable[Program], fh, target: str) -> int:
+    """Validate and write each program as a line; an error writing names ``target``.
+
+    An OSError from ``programs`` itself (a lazily read input that is missing)
+    names its own file and passes through.
+    """
+    seen: set[str] = set()
+    n = 0
+    for n, program in enumerate(programs, 1):
+        line = program_to_json(program)
+        try:
+            parse_program(json.loads(line))
+        except TraceError as exc:
+            raise exc.located(target, n) from None
+        if program.id in seen:
+            raise TraceError("duplicate program id", file=target, line=n, program_id=program.id, field="id")
+        seen.add(program.id)
+        try:
+            fh.write(line)
+            fh.write("\n")
+        except OSError as exc:
+            raise OSError(exc.errno, exc.strerror, target) from None
+    try:
+        fh.flush()
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror, target) from None
     return n
 
 
