@@ -110,8 +110,12 @@ def show(value: Any) -> str:
 class _Ctx:
     program_id: str | None = None
     call_id: str | None = None
+    call_index: int | None = None  # the call being parsed, named by position while its id is unknown
 
     def error(self, field: str | None, reason: str) -> TraceError:
+        if self.call_id is None and self.call_index is not None:
+            # Without it, a call's bad id read as the program's ("program 'p0': field 'id'").
+            field = f"calls[{self.call_index}]" + (f".{field}" if field not in (None, "calls") else "")
         return TraceError(reason, program_id=self.program_id, call_id=self.call_id, field=field)
 
 
@@ -372,7 +376,7 @@ def parse_program(obj: Any) -> Program:
     index: dict[str, int] = {}
     in_order = True  # every parent listed before its child: parents exist, no cycle
     for i, raw in enumerate(raw_calls):
-        ctx.call_id = None
+        ctx.call_id, ctx.call_index = None, i
         call = _parse_call(ctx, raw)
         cid = call.id
         if cid in index:
@@ -385,6 +389,7 @@ def parse_program(obj: Any) -> Program:
                     break
         index[cid] = i
         calls.append(call)
+    ctx.call_index = None  # from here on every error names its call by id
 
     if not in_order:
         for call in calls:
