@@ -99,7 +99,16 @@ def test_azure_zero_tokens_is_an_error_unless_min_tokens_given(tmp_path):
          "field 'GeneratedTokens': expected at most 1,000,000,000 tokens, got a 5000-digit integer"),
         ("2055-11-16 18:17:04.0,5,3", "TIMESTAMP",
          "field 'TIMESTAMP': expected at most 1e+09 s after the first row (the trace format's limit on arrival "
-         "times), got 1.00984e+09 s"),
+         "times), got 1009843200.02004 s"),
+        # "got 1e+09 s" of a time past 1e+09 s
+        ("2055-07-25 20:03:43.9799601,5,3", "TIMESTAMP",
+         "field 'TIMESTAMP': expected at most 1e+09 s after the first row (the trace format's limit on arrival "
+         "times), got 1000000000.0000001 s"),
+        # "expected at most 1,000,000,000 tokens" of a negative count
+        ("2023-11-16 18:17:04.0,-99999999999,3", "ContextTokens",
+         "field 'ContextTokens': expected an integer > 0, got -99999999999"),
+        ("2023-11-16 18:17:04.0,-" + "9" * 30 + ",3", "ContextTokens",
+         "field 'ContextTokens': expected an integer > 0, got a 30-digit negative integer"),
     ],
 )
 def test_azure_bad_rows_name_line_and_field(tmp_path, row, field, message):

@@ -90,6 +90,9 @@ def _azure_count(text: str, file: str, line: int, column: str) -> int:
     if not _DECIMAL.fullmatch(text):
         raise TraceError(f"expected an integer (ASCII digits 0-9 only), got {text!r}", file=file, line=line,
                          field=column)
+    if text.startswith("-") and text.strip("-0"):  # negative: the sign is the problem, not the size
+        shown = text if len(text) <= 20 else f"a {len(text) - 1}-digit negative integer"
+        raise TraceError(f"expected an integer > 0, got {shown}", file=file, line=line, field=column)
     if len(text.lstrip("-").lstrip("0")) > len(str(MAX_TOKENS)) or int(text) > MAX_TOKENS:
         shown = text if len(text) <= 20 else f"a {len(text)}-digit integer"
         raise TraceError(f"expected at most {MAX_TOKENS:,} tokens, got {shown}", file=file, line=line, field=column)
@@ -173,7 +176,7 @@ def import_azure(path: str | os.PathLike, min_tokens: int | None = None) -> Impo
             arrival = (ticks - first) / 10_000_000
             if arrival > MAX_SECONDS:
                 raise TraceError(f"expected at most {MAX_SECONDS:g} s after the first row (the trace format's limit "
-                                 f"on arrival times), got {arrival:.6g} s", file=file, line=line, field="TIMESTAMP")
+                                 f"on arrival times), got {arrival!r} s", file=file, line=line, field="TIMESTAMP")
             pid = f"p{len(programs)}"
             programs.append(Program(pid, arrival, label, (Call("c0", (), counts[0], counts[1]),)))
     notes = []
