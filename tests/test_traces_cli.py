@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -188,3 +189,13 @@ def test_convert_min_tokens_outside_a_calls_range_is_a_usage_error(tmp_path, val
     assert r.returncode == 2 and r.stderr.endswith(
         f"error: argument --min-tokens: expected an integer from 1 to 1,000,000,000, got {value}\n"), r.stderr
     assert not out.exists()
+
+
+def test_validate_ok_line_for_a_file_name_that_is_not_utf8(tmp_path):
+    """Under a strict UTF-8 stdout the OK line raised on the name's surrogate escape: exit 1 for a valid file."""
+    name = os.fsdecode(b"bad\xffname.jsonl")
+    out = tmp_path / name
+    assert main(["gen", "bfcl", "--programs", "2", "--rate", "1", "--seed", "0", "-o", str(out)]) == 0
+    proc = subprocess.run([sys.executable, "-m", "traces", "validate", name], cwd=tmp_path, capture_output=True,
+                          env={**os.environ, "PYTHONIOENCODING": "utf-8", "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0 and proc.stdout == b"bad\\xffname.jsonl: OK, 2 programs, 18 calls\n", proc.stderr

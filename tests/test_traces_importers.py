@@ -222,6 +222,28 @@ def sharegpt_file(tmp_path, messages, prefix=b""):
     return src
 
 
+def test_sharegpt_empty_messages_outside_every_call_are_not_counted(tmp_path):
+    """They were: a trailing unanswered "" and one in a conversation with no reply read as '2 counted as 1 token'."""
+    src = tmp_path / "sg.json"
+    src.write_text(json.dumps([
+        {"id": "a", "conversations": [{"from": "human", "value": ""}]},
+        {"id": "b", "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"},
+                                      {"from": "human", "value": ""}]},
+        {"id": "c", "conversations": [{"from": "gpt", "value": ""}, {"from": "human", "value": "q"},
+                                      {"from": "gpt", "value": "a"}]},
+    ]))
+    report = import_sharegpt(src)
+    assert "1 empty message(s) counted as 1 token each" in report.notes  # c's greeting, part of c0's prompt
+
+
+def test_sharegpt_bytes_that_are_not_utf8_are_named_by_line(tmp_path):
+    src = tmp_path / "sg.json"
+    src.write_bytes(b'[{"id": "a", "conversations": [\n{"from": "human", "value": "hi \xff"}]}]')
+    with pytest.raises(TraceError) as info:
+        import_sharegpt(src)
+    assert str(info.value) == f"{src}:2: not UTF-8 text (invalid start byte)"  # was "position 55"
+
+
 def test_sharegpt_empty_messages_are_counted_in_the_report(tmp_path):
     src = sharegpt_file(tmp_path, [{"from": "human", "value": ""}, {"from": "gpt", "value": ""}])
     report = import_sharegpt(src)

@@ -244,7 +244,9 @@ def _validate(args: argparse.Namespace) -> int:
             print(f"... and {result.error_count - len(result.errors)} more", file=sys.stderr)
         print(f"{args.file}: {result.error_count} bad line(s)", file=sys.stderr)
         return EXIT_BAD_DATA
-    print(f"{args.file}: OK, {result.programs} programs, {result.calls} calls")
+    # A file name that is not UTF-8 holds surrogate escapes, which a strict UTF-8 stdout refuses to print.
+    shown = args.file.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    print(f"{shown}: OK, {result.programs} programs, {result.calls} calls")
     return 0
 
 

@@ -128,7 +128,7 @@ def import_azure(path: str | os.PathLike, min_tokens: int | None = None) -> Impo
     integer 100 ns ticks (exact to float precision). Rows must be in time
     order. A token count of 0 is an error by default (a call must have at
     least one prompt and one output token); with ``min_tokens=N`` counts
-    below N are raised to N and the number of rows changed is reported.
+    below N are raised to N and the number of cells raised is reported.
     The workload label is ``azure-<file stem>``.
     """
     file = os.fspath(path)
@@ -271,9 +271,14 @@ def import_sharegpt(
     ignored.
     """
     file = os.fspath(path)
+    with open(file, "rb") as fh:
+        raw = fh.read()
     try:
-        with open(file, encoding="utf-8-sig") as fh:
-            data = json.load(fh, parse_int=parse_json_int, object_pairs_hook=unique_keys)
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:  # by line, as the other importers say it: a byte offset is no help
+        raise TraceError(f"not UTF-8 text ({exc.reason})", file=file, line=raw.count(b"\n", 0, exc.start) + 1) from None
+    try:
+        data = json.loads(text, parse_int=parse_json_int, object_pairs_hook=unique_keys)
     except TraceError as exc:  # a key given twice: json would keep the last value silently
         raise exc.located(file, None) from None
     except ValueError as exc:
@@ -295,6 +300,8 @@ def import_sharegpt(
         if not isinstance(conv, dict) or not isinstance(conv.get("conversations"), list):
             raise bad("conversations", f"expected an object with a list 'conversations', got {show(conv)}")
         chat = _Chat()
+        empties: list[int] = []  # this conversation's empty messages, by index
+        in_calls = -1  # the last message that made or extended a call: it and all before are in calls
         for m, msg in enumerate(conv["conversations"]):
             if not isinstance(msg, dict):
                 raise bad(f"conversations[{m}]", f"expected an object {{from, value}}, got {show(msg)}")
@@ -303,13 +310,18 @@ def import_sharegpt(
                 raise bad(f"conversations[{m}].value", f"expected a string, got {show(text)}")
             if role not in USER_ROLES and role not in REPLY_ROLES:
                 raise bad(f"conversations[{m}].from", f"expected one of {roles}, got {show(role)}")
-            empty += text == ""
+            if text == "":
+                empties.append(m)
+            if role in REPLY_ROLES and chat.asked:
+                in_calls = m
             (chat.user if role in USER_ROLES else chat.reply)(count_tokens(text))
             last = chat.calls[-1] if chat.calls else None
             if last is not None and max(last.prompt_tokens, last.output_tokens) > MAX_TOKENS:
                 raise bad(f"conversations[{m}]", f"makes a call of {last.prompt_tokens:,} prompt and "
                                                  f"{last.output_tokens:,} output tokens, more than a call may "
                                                  f"have ({MAX_TOKENS:,})")
+        # Only messages that are part of a call count: those after the last reply are in none.
+        empty += sum(1 for m in empties if m <= in_calls)
         if not chat.calls:
             no_reply += 1
             continue
