@@ -719,6 +719,9 @@ def _check_latency(ck: _Checker, lat: LatencyConfig, e: EngineConfig) -> None:
     key = p + (("name",) if lat.kind == "fitted" else ("seconds",) if lat.kind == "constant" else ("kind",))
     try:
         model = latency.build(lat, load_model(e.model), load_gpu(e.gpu), e.gpus_per_replica)
+    except latency.FittedElsewhere as exc:  # the engine or the name: whichever was set last
+        engine = [("engine", k) for k in ("model", "gpu", "gpus_per_replica")]
+        ck.fail(ck.layered.latest([key, *engine]), str(exc))
     except (ValueError, OSError, ImportError) as exc:
         ck.fail(key, f"cannot build the latency model: {str(exc).removeprefix(_dotted(key) + ': ')}")
     problem = latency.step_time_problem(model, e.max_num_batched_tokens)

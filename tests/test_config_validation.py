@@ -480,3 +480,18 @@ def test_a_call_from_a_trace_too_big_for_the_cache_names_its_line(exp, tmp_path)
 ])
 def test_experiment_mistakes_that_read_oddly_or_named_no_line(exp, base, overrides, message):
     assert error("t", exp(base=base), overrides) == message
+
+
+@pytest.mark.parametrize("overrides, key, engine", [
+    (["engine.model=llama-3.1-70b", "engine.gpus_per_replica=4"], "engine.model", "llama-3.1-70b on 4 x a100-80gb"),
+    (["engine.gpu=h100"], "engine.gpu", "llama-3.1-8b on 1 x h100"),
+])
+def test_a_fitted_model_timing_another_engine_is_refused(exp, overrides, key, engine):
+    """The 8B-on-A100 fit timed a 70B over four GPUs (19 ms for a 64-sequence decode) without a word."""
+    path = exp(base=BASE.replace("latency: {kind: constant, seconds: 0.01}",
+                                 "latency: {kind: fitted, name: a100-llama-3.1-8b}"))
+    assert error("t", path, overrides).endswith(
+        f"experiment 't': {key}: 'a100-llama-3.1-8b' was fitted to llama-3.1-8b on 1 x a100-80gb, not this "
+        f"engine's {engine}; fit one to a profile of this engine (python -m sim fit-latency), or use "
+        "latency.kind roofline")
+    resolve("t", path, ["engine.gpu=h100", "latency.name=h100-llama-3.1-8b-est"])  # its own GPU: fine

@@ -9,6 +9,10 @@ from sim.latency.base import ConstantLatency, LatencyModel, StepShape, attn_pair
 KINDS = ("constant", "roofline", "fitted")
 
 
+class FittedElsewhere(ValueError):
+    """A fitted model whose provenance names another model, GPU or GPU count than the engine's."""
+
+
 def build(cfg: LatencyConfig, model: ModelSpec, gpu: GPUSpec, gpus: int = 1) -> LatencyModel:
     """The latency model an experiment asks for, for one replica of ``gpus`` GPUs."""
     if cfg.kind == "constant":
@@ -20,7 +24,11 @@ def build(cfg: LatencyConfig, model: ModelSpec, gpu: GPUSpec, gpus: int = 1) -> 
     if cfg.kind == "fitted":
         from sim.latency.fitted import load_fitted
 
-        return load_fitted(cfg.name)
+        fitted = load_fitted(cfg.name)
+        problem = _fitted_elsewhere(fitted.provenance, model, gpu, gpus)
+        if problem:
+            raise FittedElsewhere(f"{fitted.name!r} {problem}")
+        return fitted
     raise ValueError(f"latency.kind: unknown kind {cfg.kind!r}; valid choices: {', '.join(KINDS)}")
 
 
@@ -54,6 +62,24 @@ def step_time_problem(model: LatencyModel, max_num_batched_tokens: int) -> str |
     return None
 
 
+def _fitted_elsewhere(provenance: dict, model: ModelSpec, gpu: GPUSpec, gpus: int) -> str | None:
+    """Why a fitted model does not time this engine, from the model, GPU and GPU count its
+    provenance records (one GPU unless it says ``tensor_parallel``); None if it does, or says nothing.
+
+    Its coefficients are that engine's step times: an 8B-on-A100 fit timed a
+    70B over four GPUs at 8B speed while the KV cache was sized for 70B.
+    """
+    fitted_for = (provenance.get("model"), provenance.get("gpu"), provenance.get("tensor_parallel", 1))
+    if fitted_for[0] is None and fitted_for[1] is None:
+        return None
+    engine = (model.name, gpu.name, gpus)
+    if all(want is None or want == got for want, got in zip(fitted_for, engine)):
+        return None
+    return (f"was fitted to {fitted_for[0]} on {fitted_for[2]} x {fitted_for[1]}, not this engine's "
+            f"{engine[0]} on {engine[2]} x {engine[1]}; fit one to a profile of this engine (python -m sim "
+            f"fit-latency), or use latency.kind roofline")
+
+
 def async_without_host_note(cfg: ExperimentConfig) -> str | None:
     """A note for an async run whose latency model has no host time to hide, so async gains nothing.
 
@@ -70,5 +96,5 @@ def async_without_host_note(cfg: ExperimentConfig) -> str | None:
             "steps are as long as synchronous ones (docs/design-decisions.md, async scheduling)")
 
 
-__all__ = ["KINDS", "ConstantLatency", "LatencyModel", "StepShape", "async_without_host_note", "attn_pairs", "build",
+__all__ = ["KINDS", "ConstantLatency", "FittedElsewhere", "LatencyModel", "StepShape", "async_without_host_note", "attn_pairs", "build",
            "step_time_problem"]
