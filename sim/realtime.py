@@ -35,6 +35,7 @@ from sim.core import POLICY_CLASSES, ProcessTable, SchedulerCore, make_policy
 from sim.hardware import load_gpu, load_model
 from sim.kvcache import KVCache
 from sim.latency import build as build_latency
+from sim.latency import step_time_problem
 from sim.replica import Replica, SimCall
 
 # Filler output token ids live in [FILLER_BASE, FILLER_BASE + FILLER_VOCAB):
@@ -142,8 +143,12 @@ class RealtimeEngine:
         self.env = simpy.Environment()
         self.table = ProcessTable(cfg.policy_params.program_ttl)
         self.core = SchedulerCore(make_policy(policy, cfg.policy_params), self.table)
+        latency = build_latency(cfg.latency, model, gpu, eng.gpus_per_replica)
+        problem = step_time_problem(latency, eng.max_num_batched_tokens)  # flags apply after the experiment's check
+        if problem:
+            raise ValueError(problem)
         self.replica = Replica(
-            self.env, index, eng, build_latency(cfg.latency, model, gpu, eng.gpus_per_replica), self.core,
+            self.env, index, eng, latency, self.core,
             KVCache(self.capacity_blocks, eng.block_size, eng.enable_prefix_caching),
             model.kv_bytes_per_token_on(eng.gpus_per_replica), gpu.pcie_bandwidth * eng.gpus_per_replica,
             on_finish=self._on_finish, on_progress=self._on_progress,

@@ -54,7 +54,7 @@ from typing import Any, Callable
 
 from aiohttp import web
 
-from sim.config import ExperimentConfig, LatencyConfig
+from sim.config import ExperimentConfig
 from sim.core import POLICY_CLASSES
 from sim.latency import async_without_host_note
 from sim.realtime import FILLER_BASE, FILLER_VOCAB, CallHandle, Conflict, EngineFailed, RealtimeEngine, TooLarge
@@ -150,6 +150,31 @@ def _short(value: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def _message_text(message: dict[str, Any], i: int) -> str:
+    """A chat message's text as OpenAI's API allows it: a string, null (an assistant turn that
+    only calls tools), or a list of content parts whose text parts are joined; its tool calls
+    count as their JSON. vLLM accepts all of these, so the stand-in engine must too."""
+    content = message.get("content")
+    if content is None:
+        text = ""
+    elif isinstance(content, str):
+        text = content
+    elif isinstance(content, list):
+        pieces = []
+        for j, part in enumerate(content):
+            if not isinstance(part, dict) or not isinstance(part.get("text", ""), str):
+                raise RequestError(f"messages[{i}].content[{j}]: expected a content part object with a string "
+                                   f"text", "messages")
+            pieces.append(part.get("text", ""))
+        text = "".join(pieces)
+    else:
+        raise RequestError(f"messages[{i}].content: expected a string, a list of content parts or null, got "
+                           f"{json_type(content)}", "messages")
+    if message.get("tool_calls") is not None:
+        text += json.dumps(message["tool_calls"], sort_keys=True)
+    return text
+
+
 def parse_request(body: Any, chat: bool, served_model: str) -> ParsedRequest:
     if not isinstance(body, dict):
         raise RequestError(f"the request body must be a JSON object, got {json_type(body)}")
@@ -158,10 +183,10 @@ def parse_request(body: Any, chat: bool, served_model: str) -> ParsedRequest:
         if not isinstance(messages, list) or not messages:
             raise RequestError("messages must be a non-empty list", "messages")
         parts = []
-        for m in messages:
-            if not isinstance(m, dict) or not isinstance(m.get("content", ""), str):
-                raise RequestError("each message must be an object with a string content", "messages")
-            parts.append(f"{m.get('role', 'user')}: {m.get('content', '')}\n")
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict):
+                raise RequestError(f"messages[{i}]: expected an object, got {json_type(m)}", "messages")
+            parts.append(f"{m.get('role', 'user')}: {_message_text(m, i)}\n")
         prompt_ids = text_token_ids("".join(parts))
         max_tokens = _int(body, "max_completion_tokens", _int(body, "max_tokens", DEFAULT_MAX_TOKENS, 1), 1)
     else:
@@ -407,8 +432,8 @@ def build_config(args: argparse.Namespace) -> ExperimentConfig:
                                   ("max_num_batched_tokens", args.max_num_batched_tokens)) if v is not None}
     eng = dataclasses.replace(eng, **changes)
     lat = cfg.latency
-    if args.latency is not None:
-        lat = LatencyConfig(kind=args.latency, seconds=lat.seconds, name=lat.name)
+    if args.latency is not None:  # only the kind: the experiment's efficiencies and overhead stay
+        lat = dataclasses.replace(lat, kind=args.latency)
     if args.step_seconds is not None:
         lat = dataclasses.replace(lat, seconds=args.step_seconds)
     if args.latency_name is not None:

@@ -376,6 +376,40 @@ def test_config_from_an_experiment_with_overrides_and_flags():
     assert cfg.latency.kind == "constant" and cfg.latency.seconds == 0.02
     plain = build_config(p.parse_args([]))
     assert plain.latency.kind == "roofline" and plain.engine.model == "llama-3.1-8b"
+    # --latency changes the kind only: the experiment's roofline settings went back to their defaults
+    tuned = build_config(p.parse_args(["--experiment", "quickstart", "--set", "latency.kind=roofline",
+                                       "--set", "latency.flops_efficiency=0.3", "--set", "latency.step_overhead=0.01",
+                                       "--latency", "roofline"]))
+    assert (tuned.latency.flops_efficiency, tuned.latency.step_overhead) == (0.3, 0.01)
+
+
+@pytest.mark.parametrize("seconds", ["inf", "1e-12", "1e5"])
+def test_sim_serve_refuses_step_times_no_gpu_takes(seconds):
+    """The flags apply after the experiment's check: inf killed the engine on the first request, 1e-12 gave
+    zero-length steps, 1e5 s hung every request."""
+    proc = subprocess.run([sys.executable, "-m", "sim", "serve", "--latency", "constant", "--step-seconds", seconds,
+                           "--port", "0"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1 and proc.stderr.strip().endswith(
+        "a step must take from 1e-06 to 3600 s (check the units of its inputs)"), proc.stderr
+
+
+def test_chat_messages_in_openais_other_forms_are_accepted():
+    """Content parts and an assistant turn of tool calls with null content were 400s; vLLM takes them."""
+    messages = [{"role": "user", "content": [{"type": "text", "text": "hello "}, {"type": "text", "text": "there"}]},
+                {"role": "assistant", "content": None, "tool_calls": [{"id": "t1", "type": "function",
+                                                                       "function": {"name": "f", "arguments": "{}"}}]},
+                {"role": "tool", "tool_call_id": "t1", "content": "42"}]
+    req = parse_request({"messages": messages}, chat=True, served_model="m")
+    plain = parse_request({"messages": [{"role": "user", "content": "hello there"}]}, chat=True, served_model="m")
+    assert len(req.prompt_ids) > len(plain.prompt_ids)
+    for bad, message in (([{"role": "user", "content": 5}], "messages[0].content: expected a string, a list of "
+                                                            "content parts or null, got a number"),
+                         ([{"role": "user", "content": [7]}], "messages[0].content[0]: expected a content part "
+                                                              "object with a string text"),
+                         (["hi"], "messages[0]: expected an object, got a string")):
+        with pytest.raises(RequestError) as err:
+            parse_request({"messages": bad}, chat=True, served_model="m")
+        assert str(err.value) == message
 
 
 def test_async_a_call_submitted_mid_step_waits_a_step_and_can_be_aborted_there():
