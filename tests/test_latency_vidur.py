@@ -98,3 +98,25 @@ def test_errors(tmp_path, capsys):
     with pytest.raises(VidurError) as err:
         read_vidur_mlp(A100, tp=3)
     assert str(err.value) == f"{A100}: no rows with num_tensor_parallel_workers == 3; the file has 1, 2, 4, 8"
+
+
+def test_grid_at_small_and_odd_budgets_is_valid_and_unique():
+    """At 224 tokens or below the mixed steps had a chunk of <= 0 tokens (a ValueError traceback); at 2052 the
+    budget's remainder 2048 repeated a listed size, six duplicate rows."""
+    from sim.latency.vidur import MIN_GRID_TOKENS
+
+    for budget in (MIN_GRID_TOKENS, 300, 2052, 8192):
+        shapes = shape_grid(max_tokens=budget)
+        assert len(set(shapes)) == len(shapes), budget
+        assert all(s.num_tokens <= budget for s in shapes)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--max-tokens", "100"], "argument --max-tokens: expected an integer from 256 to 1,000,000, got 100"),
+    # TP rows are one shard's timings, but attention and the LM head were added for a whole model on one GPU
+    (["--tp", "2"], "argument --tp: invalid choice: 2 (choose from 1)"),
+])
+def test_options_that_would_build_a_wrong_profile_are_usage_errors(tmp_path, capsys, args, message):
+    with pytest.raises(SystemExit) as info:
+        main([str(A100), "-o", str(tmp_path / "o.csv"), *args])
+    assert info.value.code == 2 and capsys.readouterr().err.endswith(f"error: {message}\n")

@@ -76,6 +76,8 @@ from pathlib import Path
 
 import numpy as np
 
+from traces.argtypes import int_between
+
 from sim.hardware import GPUSpec, ModelSpec, SpecError, load_gpu, load_model
 from sim.latency.base import StepShape, attn_pairs
 from sim.latency.profile import Profile, ProfileRow, write_profile
@@ -254,6 +256,11 @@ class SyntheticStep:
                 + self.step_overhead_s + self.per_seq_overhead_s * s.num_seqs)
 
 
+# The smallest token budget a grid is built for: the mixed steps below put up
+# to 224 decodes beside one prefill chunk of at least two tokens.
+MIN_GRID_TOKENS = 256
+
+
 def shape_grid(max_tokens: int = 8192, max_seqs: int = 256, kv_limit: int = KV_TOKEN_LIMIT) -> list[StepShape]:
     """Batch shapes a vLLM engine with these limits actually runs.
 
@@ -277,9 +284,11 @@ def shape_grid(max_tokens: int = 8192, max_seqs: int = 256, kv_limit: int = KV_T
                 shapes.append([(1, ctx)] * b)
     for b in (4, 16, 64, 128, 224):
         for ctx in (256, 1024, 4096):
-            for new in (128, 512, 2048, max_tokens - b):
+            # The budget's remainder may equal a listed size (2052 - 4 = 2048): each size once.
+            for new in dict.fromkeys((128, 512, 2048, max_tokens - b)):
                 for pctx in (0, 2048):
-                    if b + 1 <= max_seqs and b + new <= max_tokens and b * (ctx + 1) + new + pctx <= kv_limit:
+                    # new >= 2: a one-token "chunk" is a decode, and below it no chunk at all
+                    if new >= 2 and b + 1 <= max_seqs and b + new <= max_tokens and b * (ctx + 1) + new + pctx <= kv_limit:
                         shapes.append([(1, ctx)] * b + [(new, pctx)])
     return [StepShape.from_batch(batch) for batch in shapes]
 
@@ -330,9 +339,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("src", help="Vidur mlp.csv")
     p.add_argument("--model", default="llama-3.1-8b", help="model spec name or .json path (default: %(default)s)")
     p.add_argument("--gpu", default="a100-80gb", help="GPU spec name or .json path (default: %(default)s)")
-    p.add_argument("--tp", type=int, default=1, help="tensor-parallel rows to use (default: %(default)s)")
+    # Only one GPU: Vidur's TP=N rows are one shard's timings, and this builder
+    # adds attention, the LM head and no all-reduce for a whole model on one GPU.
+    p.add_argument("--tp", type=int, choices=(1,), default=1,
+                   help="tensor-parallel rows to use: 1 only, a multi-GPU step also needs its attention split and "
+                        "an all-reduce (default: %(default)s)")
     p.add_argument("--stat", choices=STATS, default="median", help="timing statistic (default: %(default)s)")
-    p.add_argument("--max-tokens", type=int, default=8192, help="token budget of the grid (default: %(default)s)")
+    p.add_argument("--max-tokens", type=int_between(MIN_GRID_TOKENS, 10**6), default=8192,
+                   help=f"token budget of the grid, at least {MIN_GRID_TOKENS} (default: %(default)s)")
     p.add_argument("-o", "--output", required=True, help="profile CSV to write")
     args = p.parse_args(argv)
     try:
