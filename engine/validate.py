@@ -80,6 +80,13 @@ def load_replay(directory: str | Path) -> Replayed:
     if other:
         raise ValidationError(f"{d / 'programs.csv'}: rows of policies {sorted(other)}, but replay.json says "
                               f"{meta['policy']!r}")
+    seen: set[str] = set()
+    for r in rows:  # one latency per program: a second row would silently replace the first
+        if r.program_id in seen:
+            raise ValidationError(f"{d / 'programs.csv'}: program {r.program_id!r} has two rows")
+        seen.add(r.program_id)
+    if not rows:
+        raise ValidationError(f"{d / 'programs.csv'}: no program finished in this replay; nothing to compare")
     return Replayed(d, meta["trace"], meta["policy"], meta.get("latency"), {r.program_id: r.latency for r in rows},
                     float(kv_ttl))
 
@@ -90,6 +97,7 @@ class Comparison:
     programs: int
     measured: dict[str, float | None]
     simulated: dict[str, float | None]
+    replay: str = ""  # the replay's directory: two replays may share a policy (a sync and an async engine)
 
     def error_pct(self, metric: str) -> float | None:
         m, s = self.measured[metric], self.simulated[metric]
@@ -107,14 +115,14 @@ def compare(policy: str, measured: dict[str, float], simulated: dict[str, float]
 
 
 def error_table(rows: Sequence[Comparison]) -> str:
-    header = ("policy", "programs", "metric", "measured (s)", "simulated (s)", "error")
+    header = ("replay", "policy", "programs", "metric", "measured (s)", "simulated (s)", "error")
     lines = [header]
     for c in rows:
         for metric, _ in METRICS:
             m, s, e = c.measured[metric], c.simulated[metric], c.error_pct(metric)
-            lines.append((c.policy, str(c.programs), f"latency {metric}", "-" if m is None else f"{m:.4g}",
+            lines.append((c.replay, c.policy, str(c.programs), f"latency {metric}", "-" if m is None else f"{m:.4g}",
                           "-" if s is None else f"{s:.4g}", "-" if e is None else f"{round(e, 1) + 0.0:+.1f}%"))
-    return "\n".join(aligned(lines, left=3))
+    return "\n".join(aligned(lines, left=4))
 
 
 def simulated_latencies(trace: str, cfg, policy: str) -> dict[str, float]:
@@ -133,12 +141,23 @@ def validate(dirs: Sequence[str | Path], cfg) -> list[Comparison]:
         # the simulator refuses kv_ttl there.
         ttl = rep.kv_ttl if cfg.engine.enable_prefix_caching else 0.0
         run_cfg = dataclasses.replace(cfg, engine=dataclasses.replace(cfg.engine, kv_ttl=ttl))
-        out.append(compare(rep.label, rep.latencies, simulated_latencies(rep.trace, run_cfg, rep.policy)))
+        simulated = simulated_latencies(rep.trace, run_cfg, rep.policy)
+        # A replay may have lost programs (they are left out), but never have one the trace lacks: then
+        # the two runs are not of the same programs, and a partial overlap would read as a match.
+        foreign = [pid for pid in rep.latencies if pid not in simulated]
+        if foreign:
+            shown = ", ".join(repr(p) for p in foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+            raise ValidationError(f"{rep.directory / 'programs.csv'}: program(s) {shown} are not in the trace "
+                                  f"{rep.trace}: it changed since the replay, or is not the one replayed")
+        row = compare(rep.label, rep.latencies, simulated)
+        row.replay = str(d)
+        out.append(row)
     return out
 
 
 def to_json(rows: Sequence[Comparison]) -> dict[str, Any]:
-    return {c.policy: {"programs": c.programs, "measured": c.measured, "simulated": c.simulated,
+    """Keyed by replay directory: keyed by policy, a second replay of one policy replaced the first."""
+    return {c.replay: {"policy": c.policy, "programs": c.programs, "measured": c.measured, "simulated": c.simulated,
                        "error_pct": {k: c.error_pct(k) for k, _ in METRICS}} for c in rows}
 
 

@@ -70,8 +70,9 @@ def test_error_table_on_hand_made_replays(tmp_path):
     assert plas.programs == 2 and plas.error_pct("mean") == pytest.approx(0.0, abs=1e-5)
     table = error_table(rows)
     assert "-20.0%" in table and "+0.0%" in table
-    assert table.splitlines()[0].split() == ["policy", "programs", "metric", "measured", "(s)", "simulated", "(s)",
-                                             "error"]
+    assert table.splitlines()[0].split() == ["replay", "policy", "programs", "metric", "measured", "(s)", "simulated",
+                                             "(s)", "error"]
+    assert table.splitlines()[1].startswith(str(d_fcfs))
 
     proc = subprocess.run([sys.executable, "-m", "engine", "validate", str(d_fcfs), str(d_plas), "--experiment",
                            "tiny", "--experiments", str(exp), "--json", str(tmp_path / "v.json")],
@@ -79,7 +80,7 @@ def test_error_table_on_hand_made_replays(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "latency mean" in proc.stdout and "-20.0%" in proc.stdout
     doc = json.loads((tmp_path / "v.json").read_text())
-    assert doc["fcfs"]["error_pct"]["p95"] == pytest.approx(-20.0)
+    assert doc[str(d_fcfs)]["policy"] == "fcfs" and doc[str(d_fcfs)]["error_pct"]["p95"] == pytest.approx(-20.0)
 
     (tmp_path / "afile").write_text("")
     proc = subprocess.run([sys.executable, "-m", "engine", "validate", str(d_fcfs), "--experiment", "tiny",
@@ -179,3 +180,39 @@ def test_a_malformed_kv_ttl_in_replay_json_is_named(tmp_path):
     with pytest.raises(ValidationError) as err:
         load_replay(d)
     assert str(err.value) == f"{d / 'replay.json'}: field 'kv_ttl' must be a finite number of seconds >= 0, got '2'"
+
+
+def test_replays_of_other_programs_or_none_or_twice_are_refused(tmp_path):
+    """Each compared silently: ids the trace lacks were left out (q0-q2: 'programs 0', rc 0), a replay with no
+    program read as a comparison, and a second row of a program replaced the first."""
+    trace, _ = _trace(tmp_path)
+    exp = tmp_path / "exp.yaml"
+    exp.write_text(EXPERIMENTS.replace("TRACE", json.dumps(str(trace))))
+    cfg = resolve("tiny", exp)
+    other = _replay_dir(tmp_path, "other", trace, "fcfs", {"p0": 0.1, "q1": 99.0, "q2": 50.0})
+    with pytest.raises(ValidationError) as err:
+        validate([other], cfg)
+    assert str(err.value) == (f"{other / 'programs.csv'}: program(s) 'q1', 'q2' are not in the trace {trace}: it "
+                              "changed since the replay, or is not the one replayed")
+    empty = _replay_dir(tmp_path, "empty", trace, "fcfs", {})
+    with pytest.raises(ValidationError) as err:
+        validate([empty], cfg)
+    assert str(err.value) == f"{empty / 'programs.csv'}: no program finished in this replay; nothing to compare"
+    twice = _replay_dir(tmp_path, "twice", trace, "fcfs", {"p0": 0.1})
+    rows = [ProgramRecord("fcfs", "p0", "x", 0.0, lat, 1, 1, lat, lat, 0.0, lat, 0.0) for lat in (0.1, 5.0)]
+    write_programs_csv(twice / "programs.csv", rows)
+    with pytest.raises(ValidationError) as err:
+        validate([twice], cfg)
+    assert str(err.value) == f"{twice / 'programs.csv'}: program 'p0' has two rows"
+
+
+def test_two_replays_of_one_policy_keep_both_rows_in_the_json(tmp_path):
+    from engine.validate import to_json
+
+    trace, _ = _trace(tmp_path)
+    exp = tmp_path / "exp.yaml"
+    exp.write_text(EXPERIMENTS.replace("TRACE", json.dumps(str(trace))))
+    sync = _replay_dir(tmp_path, "sync", trace, "fcfs", {"p0": 0.1, "p1": 0.2, "p2": 0.3})
+    asyn = _replay_dir(tmp_path, "async", trace, "fcfs", {"p0": 0.1})
+    doc = to_json(validate([sync, asyn], resolve("tiny", exp)))
+    assert {k: v["programs"] for k, v in doc.items()} == {str(sync): 3, str(asyn): 1}  # was {"fcfs": 1}
