@@ -155,6 +155,19 @@ def validate(dirs: Sequence[str | Path], cfg) -> list[Comparison]:
     return out
 
 
+def latency_label_note(rep: Replayed, cfg) -> str | None:
+    """A note when the replay's ``--latency`` label (``KIND`` or ``KIND:DETAIL``, what the engine ran)
+    names another kind than the model the experiment simulates: the comparison then measures the two
+    models' difference, not the simulator's error. No label, or a kind we do not know, says nothing."""
+    from sim.latency import KINDS
+
+    kind = (rep.latency or "").split(":")[0]
+    if kind not in KINDS or kind == cfg.latency.kind:
+        return None
+    return (f"note: {rep.directory} was replayed on an engine labelled {rep.latency!r}, but the simulation uses a "
+            f"{cfg.latency.kind} model (--set latency.kind={kind} to match)")
+
+
 def to_json(rows: Sequence[Comparison]) -> dict[str, Any]:
     """Keyed by replay directory: keyed by policy, a second replay of one policy replaced the first."""
     return {c.replay: {"policy": c.policy, "programs": c.programs, "measured": c.measured, "simulated": c.simulated,
@@ -200,6 +213,10 @@ def run(args: argparse.Namespace) -> int:
         note = async_without_host_note(cfg)
         if note:
             print(f"python -m engine validate: {note}", file=sys.stderr)
+        for d in args.dirs:
+            note = latency_label_note(load_replay(d), cfg)
+            if note:
+                print(f"python -m engine validate: {note}", file=sys.stderr)
         rows = validate(args.dirs, cfg)
         print(f"experiment {cfg.name}: latency model {cfg.latency.kind}, {cfg.engine.replicas} replica(s) of "
               f"{cfg.engine.model} on {cfg.engine.gpu}")

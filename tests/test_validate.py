@@ -216,3 +216,22 @@ def test_two_replays_of_one_policy_keep_both_rows_in_the_json(tmp_path):
     asyn = _replay_dir(tmp_path, "async", trace, "fcfs", {"p0": 0.1})
     doc = to_json(validate([sync, asyn], resolve("tiny", exp)))
     assert {k: v["programs"] for k, v in doc.items()} == {str(sync): 3, str(asyn): 1}  # was {"fcfs": 1}
+
+
+def test_a_replay_labelled_with_another_latency_kind_gets_a_note(tmp_path):
+    """The label was read and never used: a fitted engine validated against a constant model said nothing."""
+    from engine.validate import latency_label_note
+
+    trace, _ = _trace(tmp_path)
+    exp = tmp_path / "exp.yaml"
+    exp.write_text(EXPERIMENTS.replace("TRACE", json.dumps(str(trace))))
+    cfg = resolve("tiny", exp)
+    d = _replay_dir(tmp_path, "r", trace, "fcfs", {"p0": 0.1})
+    assert latency_label_note(load_replay(d), cfg) is None  # labelled constant:0.01, simulated constant
+    meta = json.loads((d / "replay.json").read_text())
+    (d / "replay.json").write_text(json.dumps({**meta, "latency": "fitted:a100-llama-3.1-8b"}))
+    assert latency_label_note(load_replay(d), cfg) == (
+        f"note: {d} was replayed on an engine labelled 'fitted:a100-llama-3.1-8b', but the simulation uses a "
+        "constant model (--set latency.kind=fitted to match)")
+    (d / "replay.json").write_text(json.dumps({**meta, "latency": "vllm 0.26.0 on an H100"}))
+    assert latency_label_note(load_replay(d), cfg) is None  # free text: nothing to compare
