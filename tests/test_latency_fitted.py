@@ -70,8 +70,8 @@ def test_split_is_deterministic_and_disjoint():
 
 
 def test_too_few_rows():
-    with pytest.raises(FitError, match=r"^profile has 5 steps; fitting 6 coefficients with a held-out split needs "
-                                        r"at least 14$"):
+    with pytest.raises(FitError, match=r"^profile has 5 steps; fitting 6 coefficients on 12 or more and testing on "
+                                        r"2 or more, with a held-out share of 0.2, needs at least 15$"):
         fit_profile(synthetic_rows(TRUE, n=5))
 
 
@@ -239,3 +239,29 @@ def test_shipped_models_monotone(b, extra_new, extra_ctx):
         base = m.step_time(StepShape.from_batch(b))
         assert m.step_time(StepShape.from_batch([(n, c + extra_ctx) for n, c in b])) >= base
         assert m.step_time(StepShape.from_batch(b + [(extra_new, 0)])) > base
+
+
+def test_too_few_steps_name_the_count_the_split_needs():
+    """13 steps read "needs at least 14", and 14 then "need 12 training steps": the least that fits is 15."""
+    from sim.latency.base import StepShape
+    from sim.latency.fitted import FitError, fit_profile
+    from sim.latency.profile import ProfileRow
+
+    rows = [ProfileRow(StepShape.from_batch([(16 * (i + 1), 0)]), 0.01 * (i + 1)) for i in range(15)]
+    for n in (13, 14):
+        with pytest.raises(FitError) as err:
+            fit_profile(rows[:n])
+        assert str(err.value) == (f"profile has {n} steps; fitting 6 coefficients on 12 or more and testing on 2 or "
+                                  "more, with a held-out share of 0.2, needs at least 15")
+    fit_profile(rows)
+
+
+def test_a_profile_of_one_repeated_shape_is_fitted_with_a_warning():
+    """Twenty copies of one step fit "exactly" (rc 0) and predicted 82 s for an 8192-token prefill, silently."""
+    from sim.latency.base import StepShape
+    from sim.latency.fitted import fit_profile
+    from sim.latency.profile import ProfileRow
+
+    _, report = fit_profile([ProfileRow(StepShape.from_batch([(64, 0)]), 0.01)] * 20)
+    assert report["warning"].startswith("the profile's 1 distinct step shape(s) do not vary tokens, attention pairs, "
+                                        "KV tokens read and sequences independently (rank 1 of 5)")

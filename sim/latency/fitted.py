@@ -248,6 +248,26 @@ def split(rows: Sequence[ProfileRow], test_fraction: float, seed: int) -> tuple[
     return train, test
 
 
+def identifiability_problem(rows: Sequence[ProfileRow]) -> str | None:
+    """Why some coefficients cannot be told apart by these steps, or None.
+
+    The linear terms (tokens, attention pairs, KV tokens read, sequences, a
+    constant) need steps that vary each independently; twenty copies of one
+    shape fit "exactly" and then predict any other shape arbitrarily.
+    """
+    import numpy as np
+
+    x, _ = _design(rows)
+    columns = np.column_stack([x, np.ones(len(x))])
+    rank = int(np.linalg.matrix_rank(columns / np.maximum(np.abs(columns).max(axis=0), 1e-300)))
+    if rank >= columns.shape[1]:
+        return None
+    shapes = len({r.shape for r in rows})
+    return (f"the profile's {shapes} distinct step shape(s) do not vary tokens, attention pairs, KV tokens read and "
+            f"sequences independently (rank {rank} of {columns.shape[1]}): the coefficients of the terms they "
+            f"cannot tell apart are arbitrary; profile more varied steps (python -m engine profile)")
+
+
 def fit_profile(rows: Sequence[ProfileRow], name: str = "fitted", provenance: dict[str, Any] | None = None,
                 test_fraction: float = 0.2, seed: int = 0,
                 host: dict[str, float] | None = None) -> tuple[FittedLatency, dict[str, Any]]:
@@ -256,13 +276,20 @@ def fit_profile(rows: Sequence[ProfileRow], name: str = "fitted", provenance: di
     ``host`` (``host_per_step``/``host_per_seq`` seconds) is carried into the
     model as given, not fitted.
     """
-    min_train = 2 * len(COEFFICIENTS)
-    if len(rows) < min_train + 2:
-        raise FitError(f"profile has {len(rows)} steps; fitting {len(COEFFICIENTS)} coefficients with a held-out "
-                       f"split needs at least {min_train + 2}")
+    min_train, min_test = 2 * len(COEFFICIENTS), 2  # two held-out steps at least, for an R²
+    if not 0 < test_fraction < 1:
+        raise FitError(f"test fraction must be in (0, 1), got {test_fraction}")
+
+    def enough(n: int) -> bool:  # the split's own arithmetic (`split`)
+        n_test = max(1, int(round(test_fraction * n)))
+        return n - n_test >= min_train and n_test >= min_test
+
+    if not enough(len(rows)):
+        least = next(n for n in range(len(rows) + 1, 10**6) if enough(n))
+        raise FitError(f"profile has {len(rows)} steps; fitting {len(COEFFICIENTS)} coefficients on {min_train} or "
+                       f"more and testing on {min_test} or more, with a held-out share of {test_fraction:g}, needs "
+                       f"at least {least}")
     train, test = split(rows, test_fraction, seed)
-    if len(train) < min_train:
-        raise FitError(f"only {len(train)} training steps after holding out {len(test)}; need {min_train}")
     coef = fit_coefficients(train)
     draft = FittedLatency(*coef, name=name)
     report = {
@@ -272,6 +299,9 @@ def fit_profile(rows: Sequence[ProfileRow], name: str = "fitted", provenance: di
         "train": quality(draft, train),
         "heldout": quality(draft, test),
     }
+    warning = identifiability_problem(rows)
+    if warning:
+        report["warning"] = warning
     model = FittedLatency(*coef, name=name, provenance=dict(provenance or {}), fit=report, **(host or {}))
     return model, report
 
@@ -320,8 +350,10 @@ def fit_latency_main(argv: list[str]) -> int:
     except (ProfileError, FitError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    if "warning" in report:
+        print(f"warning: {report['warning']}", file=sys.stderr)
     h, t = report["heldout"], report["train"]
-    r2 = "undefined (constant times)" if h["r2"] is None else f"{h['r2']:.4f}"
+    r2 = "undefined (the held-out times do not vary)" if h["r2"] is None else f"{h['r2']:.4f}"
     print(f"held-out MAPE {h['mape_pct']:.2f}% (max {h['max_ape_pct']:.1f}%), R² {r2} "
           f"on {h['points']} steps; train MAPE {t['mape_pct']:.2f}% on {t['points']}")
     print("coefficients: " + ", ".join(f"{k}={v:.4g}" for k, v in model.coefficients().items()))
