@@ -439,8 +439,13 @@ class Gateway:
         return None
 
     def _mark_down(self, engine: int) -> None:
+        now = self.now()
+        if now < self.down_until[engine]:
+            # Calls already under way when it went down fail too: one outage, not a doubling each
+            # (twelve concurrent calls took the first backoff to 30 s).
+            return
         self._backoff[engine] = min(DOWN_MAX, self._backoff[engine] * 2) if self._backoff[engine] else DOWN_FIRST
-        self.down_until[engine] = self.now() + self._backoff[engine]
+        self.down_until[engine] = now + self._backoff[engine]
 
     def _mark_up(self, engine: int) -> None:
         self._backoff[engine] = 0.0

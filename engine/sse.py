@@ -33,6 +33,7 @@ class SSEParser:
         # two reads left "\n\r\n" behind, and the events around it merged.)
         if self._cr and chunk.startswith(b"\n"):
             chunk = chunk[1:]
+            self._cr = False  # that CRLF is whole: a further LF is a line end of its own
         if chunk:
             self._cr = chunk.endswith(b"\r")
         self._buf += chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")

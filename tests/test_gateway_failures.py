@@ -261,3 +261,26 @@ def test_a_program_pinned_to_an_engine_that_goes_down_is_re_pinned():
             await second.stop()
 
     assert run(go()) == [(200, "0", 0), (200, "1", 1)]
+
+
+def test_concurrent_calls_failing_on_one_outage_set_the_first_backoff_once():
+    """Each failed connect doubled it: twelve calls in flight when the engine was found down made it 30 s."""
+    from test_serve_helpers import start_engine
+
+    async def go():
+        live, _ = await start_engine(0, step=0.001)
+        gw, gateway = await start_gw([_free_port_url(), live.url], balancer="round_robin")
+        try:
+            async with aiohttp.ClientSession() as s:
+                async def one(i):
+                    async with s.post(gw.url + "/v1/completions", json={"prompt": [1, 2, 3], "max_tokens": 2},
+                                      headers={"X-Program-Id": f"p{i}"}) as r:
+                        return r.status
+                statuses = await asyncio.gather(*(one(i) for i in range(12)))
+            return statuses, gateway.snapshot()["engines"][0]["down_for"]
+        finally:
+            await gw.stop()
+            await live.stop()
+
+    statuses, down_for = run(go())
+    assert statuses == [200] * 12 and 0 < down_for <= 1.0

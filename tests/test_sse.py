@@ -37,3 +37,12 @@ def test_a_crlf_cut_between_two_reads_is_one_line_end():
     parser = SSEParser()
     got = list(parser.feed(stream[: len(first) - 1])) + list(parser.feed(stream[len(first) - 1:]))
     assert got == [{"choices": [{"text": "a"}]}, {"choices": [{"text": "b"}]}, DONE]  # was [DONE] alone
+
+
+def test_a_read_that_is_only_the_lf_of_a_crlf_ends_that_line_alone():
+    """The next read's LF was eaten too: both events were lost."""
+    parser = SSEParser()
+    got = []
+    for piece in (b'data: {"a":1}\r', b"\n", b'\ndata: {"b":2}\n\n'):
+        got += parser.feed(piece)
+    assert got == [{"a": 1}, {"b": 2}]

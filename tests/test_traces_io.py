@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+from pathlib import Path
 
 import pytest
 
@@ -215,3 +216,41 @@ def test_a_failed_write_names_the_target(tmp_path, monkeypatch):
     with pytest.raises(OSError) as info:
         save(_one_program(), target)
     assert (info.value.filename, info.value.strerror) == (str(target), "No space left on device")
+
+
+def test_save_to_dev_stdout_appends_where_the_shell_pointed_it(tmp_path):
+    """Resolved to the redirected file and renamed over it, '>>' lost the file's earlier lines."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "out.jsonl"
+    out.write_text("KEEP-ME\n")
+    code = ("from traces.format import Call, Program; from traces.io import save; "
+            "save([Program('p0', 0.0, 'x', (Call('c0', (), 5, 2),))], '/dev/stdout'); print('after')")
+    with open(out, "a") as fh:
+        proc = subprocess.run([sys.executable, "-c", code], stdout=fh, stderr=subprocess.PIPE, text=True, timeout=60,
+                              env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert proc.returncode == 0, proc.stderr
+    assert out.read_text() == "KEEP-ME\n" + program_to_json(_one_program()[0]) + "\nafter\n"
+
+
+def test_save_under_dev_shm_stays_atomic():
+    """Every path under /dev was written through: a bad program left a cut trace under the final name."""
+    import tempfile
+
+    from traces.validate import TraceError
+
+    with tempfile.TemporaryDirectory(dir="/dev/shm") as d:
+        target = Path(d) / "t.jsonl"
+        target.write_text("old\n")
+        bad = [*_one_program(), Program("p1", 0.0, "x", (Call("c0", ("nope",), 5, 2),))]
+        with pytest.raises(TraceError):
+            save(bad, target)
+        assert target.read_text() == "old\n" and os.listdir(d) == ["t.jsonl"]
+
+
+def test_save_to_a_long_multibyte_name(tmp_path):
+    """Cut at 64 characters, the temporary name of 62 emoji was 256 bytes: 'file name too long'."""
+    target = tmp_path / ("\U0001F600" * 62 + ".jsonl")
+    save(_one_program(), target)
+    assert [p.id for p in load(target)] == ["p0"]

@@ -77,8 +77,8 @@ def save(programs: Iterable[Program], path: str | os.PathLike) -> int:
     Writes to a temporary file beside the file ``path`` names and renames it
     into place, so a failure (or a bad program) never leaves a half-written
     trace under the final name. A symbolic link is followed (its target is
-    replaced, the link kept); a device or a pipe (``/dev/stdout``, a FIFO,
-    anything under /dev or /proc) is written through, since nothing can be
+    replaced, the link kept); a device, a pipe or a file descriptor
+    (``/dev/stdout``, a FIFO) is written through, since nothing can be
     renamed over it. Each program
     is validated by round-tripping its JSON through the parser: a generator
     or importer bug is caught here, not in a simulation hours later.
@@ -87,17 +87,21 @@ def save(programs: Iterable[Program], path: str | os.PathLike) -> int:
     """
     target = os.fspath(path)
     real = os.path.realpath(target)
-    # /dev/stdout resolves to /proc/PID/fd/1 and on to "pipe:[...]", which is no path at all.
-    if (os.path.exists(target) and not os.path.isfile(target)) or real.startswith(("/proc/", "/dev/")):
+    descriptor = _is_descriptor(target)
+    if descriptor or (os.path.exists(target) and not os.path.isfile(target)):
         try:
-            fh = open(target, "w", encoding="utf-8", newline="\n")
+            # Appending: opening /dev/stdout afresh with "w" truncates a file the shell redirected it to,
+            # dropping what ">>" meant to keep.
+            fh = open(target, "a" if descriptor else "w", encoding="utf-8", newline="\n")
         except OSError as exc:
             raise OSError(exc.errno, exc.strerror, target) from None
         with fh:
             return _write(programs, fh, target)
     directory, name = os.path.split(real)
-    # A short name: the target's own name plus a suffix could pass the 255-byte limit on names.
-    tmp = os.path.join(directory, f".{name[:64]}.tmp{os.getpid()}")
+    # A short name: the target's own name plus a suffix could pass the 255-byte limit on names
+    # (cut in bytes: 64 characters of UTF-8 may be 256).
+    short = os.fsdecode(os.fsencode(name)[:64])
+    tmp = os.path.join(directory, f".{short}.tmp{os.getpid()}")
     try:
         try:
             fh = open(tmp, "w", encoding="utf-8", newline="\n")
@@ -113,6 +117,23 @@ def save(programs: Iterable[Program], path: str | os.PathLike) -> int:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return n
+
+
+def _is_descriptor(path: str) -> bool:
+    """Whether ``path`` names an open file descriptor (/dev/stdout, /dev/fd/N, /proc/PID/fd/N), directly
+    or through symbolic links: whatever it points at, a shell's redirection or a pipe, is written through.
+
+    Resolving it fully would name the file a shell redirected stdout to, and replacing that file
+    would drop what ``>>`` had appended and orphan the shell's own descriptor.
+    """
+    seen = 0
+    while True:
+        path = os.path.abspath(path)
+        if path.startswith(("/dev/stdin", "/dev/stdout", "/dev/stderr", "/dev/fd/", "/proc/")):
+            return True
+        if not os.path.islink(path) or seen == 40:
+            return False
+        path, seen = os.path.join(os.path.dirname(path), os.readlink(path)), seen + 1
 
 
 def _write(programs: Iterable[Program], fh, target: str) -> int:
