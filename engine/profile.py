@@ -376,9 +376,13 @@ def profile_on_gpu(args: argparse.Namespace) -> Profile:
         rows += got
         med = statistics.median(r.seconds for r in got) * 1e3 if got else float("nan")
         print(f"[{i}/{len(cases)}] {case.kind:7s} {case}: {len(got)} steps, median {med:.2f} ms", file=sys.stderr)
+    device = torch.cuda.get_device_name(0)
     provenance = {
-        "gpu": torch.cuda.get_device_name(0),
+        "gpu": device,
         "model": "llama-3.1-8b (config.json written by engine.profile; dummy weights)",
+        # The spec names a fitted model is checked against (sim.latency: a fit times only its own engine).
+        "model_spec": "llama-3.1-8b",
+        **({"gpu_spec": spec} if (spec := gpu_spec_of(device)) else {}),
         "engine": f"vllm {vllm.__version__}",
         "source": "python -m engine profile",
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -388,6 +392,15 @@ def profile_on_gpu(args: argparse.Namespace) -> Profile:
                     f"max_num_seqs={args.max_num_seqs}; {runner.dropped} steps dropped (shape not as planned)"),
     }
     return Profile(rows, provenance)
+
+
+# Substrings of CUDA device names and the GPU spec each is (sim/specs/).
+GPU_SPECS_BY_DEVICE = (("H100", "h100"), ("A100-SXM4-80GB", "a100-80gb"), ("A100 80GB", "a100-80gb"))
+
+
+def gpu_spec_of(device: str) -> str | None:
+    """The shipped GPU spec a CUDA device name is, or None (then a fit of its profile is not checked)."""
+    return next((spec for part, spec in GPU_SPECS_BY_DEVICE if part in device), None)
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:

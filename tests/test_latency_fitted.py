@@ -6,6 +6,7 @@ import functools
 import json
 import random
 import re
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings, strategies as st
@@ -265,3 +266,37 @@ def test_a_profile_of_one_repeated_shape_is_fitted_with_a_warning():
     _, report = fit_profile([ProfileRow(StepShape.from_batch([(64, 0)]), 0.01)] * 20)
     assert report["warning"].startswith("the profile's 1 distinct step shape(s) do not vary tokens, attention pairs, "
                                         "KV tokens read and sequences independently (rank 1 of 5)")
+
+
+def test_a_fit_of_an_engine_profile_is_checked_by_its_spec_names_not_the_device_name(tmp_path):
+    """engine profile records the CUDA device name ("NVIDIA H100 80GB HBM3"): compared with the spec name
+    "h100", every fit of a measured profile was refused on its own GPU."""
+    from engine.profile import gpu_spec_of
+    from sim.latency import FittedElsewhere
+
+    assert [gpu_spec_of(d) for d in ("NVIDIA H100 80GB HBM3", "NVIDIA A100-SXM4-80GB", "NVIDIA L4")] == [
+        "h100", "a100-80gb", None]
+    raw = json.loads((Path(__file__).resolve().parents[1] / "sim/latency/models/h100-llama-3.1-8b-est.json")
+                     .read_text())
+    measured = {"gpu": "NVIDIA H100 80GB HBM3", "model": "llama-3.1-8b (config.json written by engine.profile; "
+                "dummy weights)", "gpu_spec": "h100", "model_spec": "llama-3.1-8b"}
+    path = tmp_path / "mine.json"
+    path.write_text(json.dumps({**raw, "provenance": measured}))
+    cfg = LatencyConfig(kind="fitted", name=str(path))
+    build(cfg, load_model("llama-3.1-8b"), load_gpu("h100"))  # its own engine
+    with pytest.raises(FittedElsewhere, match=r"was fitted to llama-3.1-8b on 1 x h100, not this engine's "
+                                              r"llama-3.1-8b on 1 x a100-80gb"):
+        build(cfg, load_model("llama-3.1-8b"), load_gpu("a100-80gb"))
+    path.write_text(json.dumps({**raw, "provenance": {k: measured[k] for k in ("gpu", "model")}}))
+    build(cfg, load_model("llama-3.1-8b"), load_gpu("a100-80gb"))  # no spec named: nothing to check
+
+
+@pytest.mark.parametrize("fraction", [1e-9, 0.9999999])
+def test_a_held_out_share_no_profile_can_meet_is_one_error(fraction):
+    """The search for the least profile found none and ended in a StopIteration traceback."""
+    from sim.latency.fitted import FitError, fit_profile
+
+    with pytest.raises(FitError) as err:
+        fit_profile([], test_fraction=fraction)
+    assert str(err.value) == (f"a held-out share of {fraction!r} leaves fewer than 2 test steps or 12 training "
+                              "steps in any profile of up to 100,000 steps; use a share such as 0.2")

@@ -62,6 +62,19 @@ def step_time_problem(model: LatencyModel, max_num_batched_tokens: int) -> str |
     return None
 
 
+def _spec_named(provenance: dict, kind: str) -> str | None:
+    """The ``model`` or ``gpu`` spec a fitted model's provenance names, if it names one we ship:
+    ``model_spec``/``gpu_spec`` (as `engine.profile` records them) or a plain ``model``/``gpu``.
+    A device's own name ("NVIDIA H100 80GB HBM3") is no spec name, and says nothing."""
+    from sim.hardware import available
+
+    for key in (f"{kind}_spec", kind):
+        value = provenance.get(key)
+        if isinstance(value, str) and value in available(kind):
+            return value
+    return None
+
+
 def _fitted_elsewhere(provenance: dict, model: ModelSpec, gpu: GPUSpec, gpus: int) -> str | None:
     """Why a fitted model does not time this engine, from the model, GPU and GPU count its
     provenance records (one GPU unless it says ``tensor_parallel``); None if it does, or says nothing.
@@ -69,13 +82,14 @@ def _fitted_elsewhere(provenance: dict, model: ModelSpec, gpu: GPUSpec, gpus: in
     Its coefficients are that engine's step times: an 8B-on-A100 fit timed a
     70B over four GPUs at 8B speed while the KV cache was sized for 70B.
     """
-    fitted_for = (provenance.get("model"), provenance.get("gpu"), provenance.get("tensor_parallel", 1))
+    fitted_for = (_spec_named(provenance, "model"), _spec_named(provenance, "gpu"),
+                  provenance.get("tensor_parallel", 1))
     if fitted_for[0] is None and fitted_for[1] is None:
         return None
     engine = (model.name, gpu.name, gpus)
     if all(want is None or want == got for want, got in zip(fitted_for, engine)):
         return None
-    return (f"was fitted to {fitted_for[0]} on {fitted_for[2]} x {fitted_for[1]}, not this engine's "
+    return (f"was fitted to {fitted_for[0] or 'a model'} on {fitted_for[2]} x {fitted_for[1] or 'a GPU'}, not this engine's "
             f"{engine[0]} on {engine[2]} x {engine[1]}; fit one to a profile of this engine (python -m sim "
             f"fit-latency), or use latency.kind roofline")
 

@@ -285,7 +285,11 @@ def fit_profile(rows: Sequence[ProfileRow], name: str = "fitted", provenance: di
         return n - n_test >= min_train and n_test >= min_test
 
     if not enough(len(rows)):
-        least = next(n for n in range(len(rows) + 1, 10**6) if enough(n))
+        least = next((n for n in range(len(rows) + 1, 100_000) if enough(n)), None)
+        if least is None:  # a share so small (or so large) that no profile leaves both sides their steps
+            raise FitError(f"a held-out share of {test_fraction!r} leaves fewer than {min_test} test steps or "
+                           f"{min_train} training steps in any profile of up to 100,000 steps; use a share such "
+                           f"as 0.2")
         raise FitError(f"profile has {len(rows)} steps; fitting {len(COEFFICIENTS)} coefficients on {min_train} or "
                        f"more and testing on {min_test} or more, with a held-out share of {test_fraction:g}, needs "
                        f"at least {least}")
@@ -311,8 +315,8 @@ def fit_command(profile_path: str | Path, out_path: str | Path, name: str | None
     """Read a profile CSV, fit it, write the model JSON; returns the model and report."""
     profile = read_profile(profile_path)
     name = name or Path(out_path).stem
-    prov = {k: profile.provenance[k] for k in ("gpu", "model", "engine", "source", "date", "derived")
-            if k in profile.provenance}
+    prov = {k: profile.provenance[k] for k in ("gpu", "model", "gpu_spec", "model_spec", "engine", "source", "date",
+                                                "derived") if k in profile.provenance}
     prov["profile"] = Path(profile_path).name
     prov["fitted"] = f"{_dt.date.today().isoformat()} by python -m sim fit-latency (sim.latency.fitted)"
     model, report = fit_profile(profile.rows, name, prov, test_fraction, seed, profile.host())
