@@ -298,7 +298,7 @@ def _sweep(args: argparse.Namespace) -> int:
 
 
 def _plot(args: argparse.Namespace) -> int:
-    from sim.derived import load_rows, parse_target, report
+    from sim.derived import load_rows, measured, parse_target, report
     from sim.experiments import ConfigError
     from sim.sweep_plots import draw_all
 
@@ -309,6 +309,9 @@ def _plot(args: argparse.Namespace) -> int:
     rows = load_rows(args.results)
     if not rows:
         raise ConfigError(f"{' '.join(args.results)}: no rows to plot")
+    if not measured(rows):  # empty tables and figures, exit 0, read as a plot of nothing measured
+        raise ConfigError(f"{' '.join(args.results)}: every point is invalid (status and error in the table); "
+                          f"nothing to plot")
     results = Path(args.results[0])
     out = _out(args, (results if results.is_dir() else results.parent) / "plots")
     print(report(rows, args.target))

@@ -447,7 +447,8 @@ def load_sweep(name: str, file: Any = None, overrides: Sequence[str] = ()) -> Sw
         for point in points:
             _once(where, seen, point, path)
     keys = tuple(dict.fromkeys(k for p in raw_points for k in p))
-    _check_overrides_take_effect(name, overrides, keys)
+    variants = _variants(where, body.get("variants"), policies)
+    _check_overrides_take_effect(name, overrides, raw_points, variants)
     points = tuple(Point(i, tuple(p.items()), o) for i, (p, o) in enumerate(zip(raw_points, origins)))
     description = body.get("description", "")
     return Sweep(
@@ -456,27 +457,49 @@ def load_sweep(name: str, file: Any = None, overrides: Sequence[str] = ()) -> Sw
         experiment=base_name,
         keys=keys,
         points=points,
-        variants=_variants(where, body.get("variants"), policies),
+        variants=variants,
         base=base,
     )
 
 
-def _check_overrides_take_effect(name: str, overrides: Sequence[str], grid_keys: Sequence[str]) -> None:
+def _check_overrides_take_effect(name: str, overrides: Sequence[str], points: Sequence[dict[str, Any]],
+                                 variants: Sequence[Variant]) -> None:
     """Refuse a ``--set`` the sweep would replace at every point: it was dropped without a word.
 
-    The grid lies above ``--set``, and a sweep runs the policies its own
-    ``policies:`` (or its variants') name.
+    The grid lies above ``--set`` (a trace point drops a generator's
+    ``workload.params``, as a trace given later always does), a variant's
+    ``set:`` above the grid, and a sweep runs the policies its own
+    ``policies:`` (or its variants') name. A key some points leave alone is
+    taken there, so it is not refused.
     """
     for text in overrides:
         path, value = parse_override(text)
         if path == ("policies",):
             raise ConfigError(f"--set {text}: a sweep runs the policies that its policies: (and its variants') "
                               f"name, so this would be ignored; edit sweep {name!r}, or run its experiment")
-        for key in grid_keys:
-            grid_path = tuple(key.split("."))
-            if grid_path[: len(path)] == path and (grid_path == path or _has_path(value, grid_path[len(path):])):
-                raise ConfigError(f"--set {text}: sweep {name!r} varies {key} in its grid, which would replace "
-                                  f"this value at every point; drop it from --set, or change the grid")
+        by_point = [next((k for k, v in point.items() if _replaces(tuple(k.split(".")), v, path, value)), None)
+                    for point in points]
+        if points and all(by_point):
+            raise ConfigError(f"--set {text}: sweep {name!r} sets {by_point[0]} at every point of its grid, which "
+                              f"replaces this value; drop it from --set, or change the grid")
+        by_variant = [next((t for t in v.overrides if _replaces(*parse_override(t), path, value)), None)
+                      for v in variants]
+        if variants and all(by_variant):
+            raise ConfigError(f"--set {text}: every variant of sweep {name!r} sets it ({by_variant[0]}), which "
+                              f"replaces this value; drop it from --set, or change the variants")
+
+
+def _replaces(upper: tuple[str, ...], upper_value: Any, lower: tuple[str, ...], lower_value: Any) -> bool:
+    """Whether a layer setting ``upper`` to ``upper_value`` replaces a lower one's ``lower``."""
+    if upper == lower:
+        return True
+    if upper[: len(lower)] == lower:  # the lower sets a mapping: replaced if it holds the upper's key
+        return _has_path(lower_value, upper[len(lower):])
+    if lower[: len(upper)] == upper:  # the upper sets a mapping over the lower's key
+        return _has_path(upper_value, lower[len(upper):])
+    # A trace drops a generator and its params, a generator drops a trace (sim.experiments._prune_workload).
+    source = {("workload", "trace"): ("generator", "params"), ("workload", "generator"): ("trace",)}.get(upper)
+    return bool(source) and len(lower) >= 2 and lower[0] == "workload" and lower[1] in source
 
 
 def _once(where: _Where, seen: dict[tuple[str, ...], tuple[Any, ...]], point: dict[str, Any], path: tuple[Any, ...]) -> None:

@@ -261,10 +261,10 @@ def test_unknown_sweep_and_bad_command_line_set(tmp_path):
 @pytest.mark.parametrize("override, message", [
     ("policies=[atlas]", "a sweep runs the policies that its policies: (and its variants') name, so this would be "
      "ignored; edit sweep 's', or run its experiment"),
-    ("workload.params.rate=7.0", "sweep 's' varies workload.params.rate in its grid, which would replace this "
-     "value at every point; drop it from --set, or change the grid"),
-    ("workload.params={rate: 7.0, programs: 3}", "sweep 's' varies workload.params.rate in its grid, which would "
-     "replace this value at every point; drop it from --set, or change the grid"),
+    ("workload.params.rate=7.0", "sweep 's' sets workload.params.rate at every point of its grid, which replaces "
+     "this value; drop it from --set, or change the grid"),
+    ("workload.params={rate: 7.0, programs: 3}", "sweep 's' sets workload.params.rate at every point of its grid, "
+     "which replaces this value; drop it from --set, or change the grid"),
 ])
 def test_a_set_the_sweep_would_replace_at_every_point_is_refused(tmp_path, override, message):
     """Each ran, and every point used the sweep's own value instead, without a word."""
@@ -414,3 +414,35 @@ def test_repository_paper_sweeps_expand():
     base = [j.cfg for j in jobs(load_sweep("paper-single")) if j.cfg.workload.params["rate"] == 6 and j.policy == "atlas"]
     at_6 = [c for c in seeded if c.workload.generator == "bfcl" and c.workload.params["rate"] == 6]
     assert len(at_6) == 15 and all(replace(c, seed=0, policies=base[0].policies) == base[0] for c in at_6)
+
+
+def test_a_set_is_refused_only_where_every_point_or_variant_replaces_it(tmp_path):
+    (tmp_path / "t.jsonl").write_text("")
+    f = write(tmp_path, f"""\
+        some:
+          experiment: tiny
+          grid:
+            - {{seed: [1, 2]}}
+            - {{workload.params.rate: [3.0]}}
+        traces:
+          experiment: tiny
+          grid: {{workload.trace: [{tmp_path / "t.jsonl"}]}}
+        variants:
+          experiment: tiny
+          grid: {{seed: [1]}}
+          variants:
+            a: {{set: {{engine.replicas: 2}}}}
+            b: {{set: {{engine.replicas: 3}}}}
+        """)
+    # seed is varied in one case only: the other case's points take the --set (it was refused)
+    assert [j.cfg.seed for j in jobs(load_sweep("some", f, ["seed=7"]), f, ["seed=7"])][-1] == 7
+    # a trace point drops the generator's params: they were accepted and dropped at every point
+    with pytest.raises(ConfigError) as info:
+        load_sweep("traces", f, ["workload.params.programs=100"])
+    assert str(info.value) == ("--set workload.params.programs=100: sweep 'traces' sets workload.trace at every "
+                               "point of its grid, which replaces this value; drop it from --set, or change the grid")
+    with pytest.raises(ConfigError) as info:
+        load_sweep("variants", f, ["engine.replicas=4"])
+    assert str(info.value) == ("--set engine.replicas=4: every variant of sweep 'variants' sets it "
+                               "(engine.replicas=2), which replaces this value; drop it from --set, or change the "
+                               "variants")
