@@ -69,8 +69,8 @@ def test_serve_gateway_replay_validate_commands(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "engine", "validate", str(out), "--experiment", "t",
                            "--experiments", str(exp)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    rows = [line.split() for line in proc.stdout.splitlines() if line.startswith("fcfs")]
-    assert [r[3] for r in rows] == ["mean", "p50", "p95"]
+    rows = [line.split()[1:] for line in proc.stdout.splitlines() if line.startswith(str(out))]  # the replay column
+    assert [r[0] for r in rows] == ["fcfs"] * 3 and [r[3] for r in rows] == ["mean", "p50", "p95"]
     # Each program is 10 steps of 5 ms in the simulator; the real run can only add to that
     # (HTTP round trips, a loaded machine), so measured >= simulated and the error is <= 0.
     for r in rows:

@@ -264,8 +264,8 @@ def test_cli_plot_of_a_bad_table_is_one_line(tmp_path):
     res = sim("plot", "sweep.csv", cwd=tmp_path)
     assert res.returncode == 1 and res.stderr == "error: sweep.csv:1: column 'rate' appears twice in the header\n"
     # only invalid points: it printed empty tables, wrote empty figures and exited 0
-    (tmp_path / "sweep.csv").write_bytes(b"sweep,point,workload,rate,balancer,variant,policy,status\n"
-                                         b"s,0,bfcl,abc,locality,default,fcfs,invalid\n")
+    (tmp_path / "sweep.csv").write_bytes(b"sweep,point,workload,rate,balancer,variant,policy,status,"
+                                         b"normalized_latency_mean\ns,0,bfcl,abc,locality,default,fcfs,invalid,\n")
     res = sim("plot", "sweep.csv", cwd=tmp_path)
     assert res.returncode == 1 and res.stderr == ("error: sweep.csv: every point is invalid (status and error in "
                                                   "the table); nothing to plot\n")
