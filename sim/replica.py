@@ -824,6 +824,21 @@ class Replica:
             services[cid] = c_service - call.j_service if call in events else charges[cid]
         for call in admitted:
             services[call.core.id] = charges[call.core.id]
+        if self._async and events:
+            # A member's lump covers every step since it joined. The per-step path handed
+            # the core all but this step's share with the outputs of those steps, so the
+            # next schedule sees them; only this step's waits for its own output. Deferred
+            # whole, a member demoted here and preempted by that schedule got a starvation
+            # deadline without them (found by the lazy-identity hypothesis test).
+            earlier = {}
+            for call in events:
+                cid = call.core.id
+                before = services[cid] - (0.0 if call in step.skipped else dt)
+                if before > 0:
+                    earlier[cid] = before
+                    services[cid] -= before
+            if earlier:
+                self.core.on_step(earlier, now)
         self._charge(services, now)
 
         new_of = dict(run_batch)

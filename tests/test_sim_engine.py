@@ -819,6 +819,31 @@ def test_async_host_overlap_keeps_the_invariants_and_the_lazy_identity(cpu_bound
     check_lazy_identity(programs, config, policy)
 
 
+def test_async_a_member_demoted_then_preempted_by_the_next_schedule_keeps_the_lazy_identity(cpu_bound_latency):
+    """Found by the hypothesis test above. p2/c2's quantum ran out in a step; the lazy path deferred the
+    service of every step since it joined the cohort to that step's output, so the next schedule, which
+    preempted it, gave it a starvation deadline without them (the per-step path had handed the core all
+    but the last step). The promotion order of p2/c2 and p3/c1 then differed."""
+    programs = [
+        prog("p0", 0.0, call("c0", 1, 1), call("c1", 1, 1), call("c2", 1, 1, delay=0.3), workload="h"),
+        prog("p1", 3.0, call("c0", 108, 1), call("c1", 1, 1, parents=["c0"]), call("c2", 44, 1), call("c3", 1, 1),
+             workload="h"),
+        prog("p2", 0.0, call("c0", 1, 2, delay=0.3), call("c1", 85, 8), call("c2", 87, 6, parents=["c1"], delay=1.7),
+             workload="h"),
+        prog("p3", 0.0, call("c0", 32, 6), call("c1", 70, 6, parents=["c0"], delay=1.7), workload="h"),
+        prog("p4", 1.0, call("c0", 1, 10), call("c1", 43, 2, delay=1.7), workload="h"),
+    ]
+    config = ExperimentConfig(
+        "test",
+        engine=EngineConfig(max_num_seqs=2, max_num_batched_tokens=1000, enable_chunked_prefill=False,
+                            enable_prefix_caching=False, scheduler_reserve_full_isl=False, preemption_mode="swap",
+                            num_gpu_blocks=20, async_scheduling=True),
+        latency=cpu_bound_latency,
+        policy_params=PolicyParams(num_queues=8, queue_base=0.05, beta=0.5, preempt_limit=1, locality_threshold=64),
+    )
+    check_lazy_identity(programs, config, "atlas")
+
+
 @st.composite
 def tied_workloads(draw):
     """`workloads` with every arrival and tool delay a multiple of 0.5 s, the steps' exact length.
