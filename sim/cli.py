@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -357,6 +358,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         handler = {"run": _run, "sweep": _sweep, "plot": _plot}.get(args.command, _list)
         return handler(args)
+    except BrokenPipeError:
+        # The reader went away (`sim plot ... | head`): no "error: Broken pipe", and no second
+        # complaint when Python flushes stdout at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except errors as exc:
         text = str(exc)
         if isinstance(exc, OSError) and exc.filename is not None:

@@ -516,3 +516,15 @@ def test_an_invalid_point_is_reported_and_the_report_and_plots_still_come(tmp_pa
     res = sim("plot", "o", cwd=tmp_path)
     assert res.returncode == 0 and "Traceback" not in res.stderr, res.stderr
     assert (tmp_path / "o" / "plots" / "latency_vs_rate.png").exists()
+
+
+def test_plot_into_a_reader_that_stops_early_is_quiet(tmp_path):
+    """`sim plot ... | head` printed "error: [Errno 32] Broken pipe" once head had its lines."""
+    table = ROOT / "docs" / "figures" / "policy-params-sweep.csv"
+    proc = subprocess.Popen([sys.executable, "-m", "sim", "plot", str(table), "--out", str(tmp_path / "p")],
+                            cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline()  # the report's first line; the figures' "wrote" lines come seconds later
+    proc.stdout.close()
+    err = proc.stderr.read()
+    assert proc.wait(timeout=300) == 141 and err == ""
