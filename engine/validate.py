@@ -133,10 +133,11 @@ def simulated_latencies(trace: str, cfg, policy: str) -> dict[str, float]:
     return {p.program_id: p.latency for p in result.programs}
 
 
-def validate(dirs: Sequence[str | Path], cfg) -> list[Comparison]:
+def validate(dirs: Sequence[str | Path | Replayed], cfg) -> list[Comparison]:
+    """One comparison per replay: a directory, or a replay already loaded (the CLI reads each once)."""
     out = []
     for d in dirs:
-        rep = load_replay(d)
+        rep = d if isinstance(d, Replayed) else load_replay(d)
         # vLLM pins nothing without prefix caching (only hashed blocks), and
         # the simulator refuses kv_ttl there.
         ttl = rep.kv_ttl if cfg.engine.enable_prefix_caching else 0.0
@@ -150,7 +151,7 @@ def validate(dirs: Sequence[str | Path], cfg) -> list[Comparison]:
             raise ValidationError(f"{rep.directory / 'programs.csv'}: program(s) {shown} are not in the trace "
                                   f"{rep.trace}: it changed since the replay, or is not the one replayed")
         row = compare(rep.label, rep.latencies, simulated)
-        row.replay = str(d)
+        row.replay = str(rep.directory)
         out.append(row)
     return out
 
@@ -213,11 +214,12 @@ def run(args: argparse.Namespace) -> int:
         note = async_without_host_note(cfg)
         if note:
             print(f"python -m engine validate: {note}", file=sys.stderr)
-        for d in args.dirs:
-            note = latency_label_note(load_replay(d), cfg)
+        replays = [load_replay(d) for d in args.dirs]
+        for rep in replays:
+            note = latency_label_note(rep, cfg)
             if note:
                 print(f"python -m engine validate: {note}", file=sys.stderr)
-        rows = validate(args.dirs, cfg)
+        rows = validate(replays, cfg)
         print(f"experiment {cfg.name}: latency model {cfg.latency.kind}, {cfg.engine.replicas} replica(s) of "
               f"{cfg.engine.model} on {cfg.engine.gpu}")
         print(error_table(rows))

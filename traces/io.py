@@ -15,6 +15,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+from contextlib import contextmanager
 from typing import Iterable, Iterator
 
 from traces.format import Call, Program
@@ -89,12 +90,10 @@ def save(programs: Iterable[Program], path: str | os.PathLike) -> int:
     real = os.path.realpath(target)
     descriptor = _is_descriptor(target)
     if descriptor or (os.path.exists(target) and not os.path.isfile(target)):
-        try:
+        with _named(target):
             # Appending: opening /dev/stdout afresh with "w" truncates a file the shell redirected it to,
             # dropping what ">>" meant to keep.
             fh = open(target, "a" if descriptor else "w", encoding="utf-8", newline="\n")
-        except OSError as exc:
-            raise OSError(exc.errno, exc.strerror, target) from None
         with fh:
             return _write(programs, fh, target)
     directory, name = os.path.split(real)
@@ -103,16 +102,12 @@ def save(programs: Iterable[Program], path: str | os.PathLike) -> int:
     short = os.fsdecode(os.fsencode(name)[:64])
     tmp = os.path.join(directory, f".{short}.tmp{os.getpid()}")
     try:
-        try:
+        with _named(target):
             fh = open(tmp, "w", encoding="utf-8", newline="\n")
-        except OSError as exc:
-            raise OSError(exc.errno, exc.strerror, target) from None
         with fh:
             n = _write(programs, fh, target)
-        try:
+        with _named(target):
             os.replace(tmp, real)
-        except OSError as exc:
-            raise OSError(exc.errno, exc.strerror, target) from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -153,16 +148,22 @@ def _write(programs: Iterable[Program], fh, target: str) -> int:
         if program.id in seen:
             raise TraceError("duplicate program id", file=target, line=n, program_id=program.id, field="id")
         seen.add(program.id)
-        try:
+        with _named(target):
             fh.write(line)
             fh.write("\n")
-        except OSError as exc:
-            raise OSError(exc.errno, exc.strerror, target) from None
-    try:
+    with _named(target):
         fh.flush()
+    return n
+
+
+@contextmanager
+def _named(target: str) -> Iterator[None]:
+    """Re-raise an OSError of our own file operations as one about ``target``: the
+    temporary file is unknown to the user, and a failed write names no file at all."""
+    try:
+        yield
     except OSError as exc:
         raise OSError(exc.errno, exc.strerror, target) from None
-    return n
 
 
 def load(path: str | os.PathLike) -> Iterator[Program]:
