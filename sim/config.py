@@ -104,6 +104,10 @@ class WorkloadConfig:
     generator: str | None = "bfcl"
     params: dict[str, Any] = field(default_factory=dict)  # programs, rate, arrival, ...
     trace: str | None = None
+    # Where ``params`` were set ("experiments.yaml:12", "--set"), for errors that
+    # only the draw shows (a mean whose draws pass the trace format's limits).
+    # Not part of the configuration: equal workloads from two files are equal.
+    origin: str | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)

@@ -825,13 +825,23 @@ def _build(name: str, layered: _Layered) -> ExperimentConfig:
     return ExperimentConfig(
         name=name,
         description=description,
-        workload=WorkloadConfig(generator=gen, params=params, trace=trace),
+        workload=WorkloadConfig(generator=gen, params=params, trace=trace,
+                                origin=_params_origin(layered, params)),
         engine=engine,
         latency=lat,
         policies=policies,
         policy_params=params_obj,
         seed=seed,
     )
+
+
+def _params_origin(layered: _Layered, params: Mapping[str, Any]) -> str | None:
+    """Where to blame a bad draw: a later layer's parameter (a ``--set``) over the
+    file's ``params:`` line, since the draw was fine before that layer."""
+    here: Path_ = ("workload", "params")
+    keys = [here + (k,) for k in params]
+    latest = layered.latest(keys) if keys else here
+    return layered.origin(latest if layered.rank(latest) > layered.rank(here) else here)
 
 
 def resolve(

@@ -67,7 +67,8 @@ def load_workload(cfg: ExperimentConfig) -> list[Any]:
     except (ValueError, OverflowError) as exc:  # what only the draw shows: e.g. arrivals past the trace format's limit
         from sim.experiments import ConfigError
 
-        raise ConfigError(f"experiment {cfg.name!r}: workload.params: {exc}") from None
+        where = f"{w.origin}: " if w.origin else ""
+        raise ConfigError(f"{where}experiment {cfg.name!r}: workload.params: {exc}") from None
 
 
 def summary_text(summary: dict[str, Any]) -> str:

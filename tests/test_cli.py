@@ -78,7 +78,13 @@ def test_list_default_file_is_the_shipped_one(tmp_path):
          "error: --set workload.trace=.: experiment 'tiny': workload.trace: . is a directory, expected a trace file"),
         (["run", "tiny", "-e", "exp.yaml", "-q"], "error: t.jsonl: no programs to simulate (the trace is empty)"),
         (["run", "tiny", "-e", "exp.yaml", "-q", "-s", "workload.generator=bfcl", "-s", "workload.params={programs: 600, rate: 1.0e-8}"],
-         "error: experiment 'tiny': workload.params: rate 1e-08 is too low for 600 programs: the last would arrive at"),
+         "error: --set workload.params={programs: 600, rate: 1.0e-8}: experiment 'tiny': workload.params: rate 1e-08 "
+         "is too low for 600 programs: the last would arrive at"),
+        # Only the draw shows it: blamed on the --set that made the file's params draw it.
+        (["run", "tiny", "-e", "exp.yaml", "-q", "-s", "workload.generator=bfcl",
+          "-s", "workload.params={programs: 2, rate: 1, tool_delay_mean: 1.0e+300}"],
+         "error: --set workload.params={programs: 2, rate: 1, tool_delay_mean: 1.0e+300}: experiment 'tiny': "
+         "workload.params: bfcl parameters draw delay="),
         (["run", "tiny", "-e", "exp.yaml", "-s", "workload.generator=bfcl", "-s", "workload.params={programs: 100000000000, rate: 1}"],
          "error: --set workload.params={programs: 100000000000, rate: 1}: experiment 'tiny': workload.params.programs: "
          "expected at most 10,000,000 programs"),
@@ -89,6 +95,22 @@ def test_bad_input_is_one_line_and_exit_1(workdir, args, message):
     assert res.returncode == 1
     assert "Traceback" not in res.stderr
     assert len(res.stderr.splitlines()) == 1 and res.stderr.startswith(message), res.stderr
+
+
+def test_a_draw_past_the_trace_format_is_blamed_on_the_params_line(workdir):
+    # The parameter checks pass a finite mean; only its draws show it is no workload.
+    (workdir / "big.yaml").write_text(
+        "experiments:\n"
+        "  big:\n"
+        "    workload:\n"
+        "      generator: bfcl\n"
+        "      params: {programs: 2, rate: 1, tool_delay_mean: 1.0e+300}\n"
+        "    latency: {kind: constant, seconds: 0.01}\n"
+    )
+    res = sim("run", "big", "-e", "big.yaml", "-q", cwd=workdir)
+    assert res.returncode == 1 and "Traceback" not in res.stderr
+    assert res.stderr.startswith("error: big.yaml:5: experiment 'big': workload.params: bfcl parameters draw delay="), res.stderr
+    assert res.stderr.endswith("past the trace format's limit of 1e+09 seconds; lower the means that set it\n")
 
 
 def test_a_fitted_latency_file_that_is_not_text_or_a_directory_is_one_line(workdir):
