@@ -435,17 +435,24 @@ def test_azure_label_of_a_file_name_that_is_not_utf8(tmp_path):
     assert load_all(tmp_path / "out.jsonl")[0].workload == "azure-bad\\xff"
 
 
-@pytest.mark.parametrize("text, key", [
-    ('[{"id": "a", "conversations": [{"from": "human", "value": "x"}], "conversations": []}]', "conversations"),
-    ('[{"id": "a", "conversations": [{"from": "gpt", "from": "human", "value": "x"}]}]', "from"),
+@pytest.mark.parametrize("text, where", [
+    ('[{"id": "a", "conversations": [{"from": "human", "value": "x"}], "conversations": []}]',
+     "1: field 'conversations': duplicate key in one JSON object (in conversation [0])"),
+    ('[{"id": "a", "conversations": [{"from": "gpt", "from": "human", "value": "x"}]}]',
+     "1: field 'from': duplicate key in one JSON object (in conversation [0])"),
+    # Indented as the real dumps are: the line of the object, and which conversation.
+    ('[\n {"id": "a", "conversations": [{"from": "human", "value": "x"}]},\n {"id": "b",\n  "conversations": [\n'
+     '   {"from": "human", "value": "x"},\n   {"from": "gpt",\n    "value": "y", "value": "z"}]}\n]',
+     "6: field 'value': duplicate key in one JSON object (in conversation [1])"),
+    ('{"a": 1, "a": 2}', "1: field 'a': duplicate key in one JSON object"),
 ])
-def test_sharegpt_a_key_given_twice_is_refused(tmp_path, text, key):
+def test_sharegpt_a_key_given_twice_is_refused_with_its_line(tmp_path, text, where):
     """json kept the last value: a conversation vanished, or a reply became a question."""
     p = tmp_path / "sg.json"
     p.write_text(text)
     with pytest.raises(TraceError) as info:
         import_sharegpt(p)
-    assert str(info.value) == f"{p}: field {key!r}: duplicate key in one JSON object"
+    assert str(info.value) == f"{p}:{where}"
 
 
 def test_azure_min_tokens_past_the_token_limit_is_refused():

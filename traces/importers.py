@@ -247,6 +247,47 @@ class _Chat:
         self.replying = True
 
 
+def _repeat_position(text: str) -> tuple[int | None, int | None]:
+    """The line of the object that gives a key twice, and the index of the top-level
+    conversation holding it (None if it is not inside one).
+
+    Only called once :func:`unique_keys` has refused the document, so the cost
+    of a second, slower parse falls on bad files alone: json's C scanner does
+    not say where an object starts, its pure-Python scanner calls a
+    replaceable ``parse_object`` with the offset.
+    """
+    started: list[int] = []  # offsets of the conversations (objects at depth 1) begun so far
+    depth = 0
+    found: list[int] = []
+
+    def parse_object(s_and_end: tuple[str, int], *args: Any, **kwargs: Any) -> tuple[Any, int]:
+        nonlocal depth
+        s, end = s_and_end
+        depth += 1
+        if depth == 1:
+            started.append(end)
+        try:
+            return json.decoder.JSONObject(s_and_end, *args, **kwargs)
+        except TraceError:
+            if not found:  # the innermost object raised first
+                found.append(end - 1)
+            raise
+        finally:
+            depth -= 1
+
+    decoder = json.JSONDecoder(parse_int=parse_json_int, object_pairs_hook=unique_keys)
+    decoder.parse_object = parse_object  # type: ignore[attr-defined]
+    decoder.scan_once = json.scanner.py_make_scanner(decoder)  # type: ignore[attr-defined]
+    try:
+        decoder.decode(text)
+    except TraceError:
+        pass
+    if not found:
+        return None, None
+    conversation = len(started) - 1 if started and text.lstrip().startswith("[") else None
+    return text.count("\n", 0, found[0]) + 1, conversation
+
+
 def import_sharegpt(
     path: str | os.PathLike,
     rate: float = 1.0,
@@ -280,7 +321,9 @@ def import_sharegpt(
     try:
         data = json.loads(text, parse_int=parse_json_int, object_pairs_hook=unique_keys)
     except TraceError as exc:  # a key given twice: json would keep the last value silently
-        raise exc.located(file, None) from None
+        line, conversation = _repeat_position(text)
+        inside = f" (in conversation [{conversation}])" if conversation is not None else ""
+        raise TraceError(exc.reason + inside, file=file, line=line, field=exc.field) from None
     except ValueError as exc:
         raise TraceError(f"malformed JSON: {exc}", file=file) from None
     except RecursionError:
