@@ -4,6 +4,8 @@ import subprocess
 import sys
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from sim.core import (
     ProcessTable,
@@ -163,6 +165,38 @@ def test_victims_are_not_taken_when_they_would_not_make_room():
     new = c.add_call("B/0", "B", "0", 10, 5.0)
     # `new` needs 50 blocks; preempting `old` frees only 10 of the 0 free.
     assert c.choose_victims([old], [new], 1, 0, lambda _: 50, lambda _: 10) == []
+
+
+def test_a_program_whose_service_sums_to_just_under_a_bound_enters_the_queue_its_call_was_demoted_to():
+    # Ten 0.1 s steps sum to 0.9999999999999999: the call is demoted at the
+    # 1 s bound, so the program's next call must not enter above it.
+    c = core("plas", queue_base=1.0, num_queues=4)
+    a = c.add_call("A/0", "A", "0", 10, 0.0)
+    c.on_admitted(a)
+    now = 0.0
+    for _ in range(10):
+        now += 0.1
+        c.on_step({"A/0": 0.1}, now)
+    assert a.queue == 1
+    c.finish_call(a, now)
+    assert c.table.programs["A"].service < 1.0
+    assert c.add_call("A/1", "A", "1", 10, now).queue == 1
+
+
+def test_finished_calls_do_not_stay_in_the_starvation_heap():
+    # A beta so large that no deadline ever passes: lazy invalidation alone
+    # kept one entry per finished call, and one per waiting sibling at each finish.
+    c = core("plas", queue_base=1.0, num_queues=4, beta=1e9)
+    now = 0.0
+    for i in range(5000):
+        p = f"P{i % 50}"
+        call = c.add_call(f"{p}/{i}", p, str(i), 10, now)
+        c.on_admitted(call)
+        now += 2.0
+        c.on_step({call.id: 2.0}, now)
+        c.finish_call(call, now)
+    assert c.promote_starving(now) == []
+    assert not c.calls and len(c._deadlines) <= 2 * 1 + 65  # at most the compaction threshold's worth
 
 
 def test_anti_starvation_promotes_at_the_solved_deadline():
@@ -386,3 +420,66 @@ def test_finishing_or_aborting_a_call_that_is_not_live_is_refused():
         c.abort_call(a, 3.0)
     assert c.table.programs["p"].live == {"0": b}
     assert c.table.expire(1e9) == []  # the program still has a live call
+
+
+class _AlwaysCompact(SchedulerCore):
+    def _push_deadline(self, call, program):
+        super()._push_deadline(call, program)
+        self._compact_deadlines()
+
+
+class _NeverCompact(SchedulerCore):
+    def _compact_deadlines(self):
+        pass
+
+
+@settings(max_examples=150, deadline=None)
+@given(data=st.data(), policy=st.sampled_from(["plas", "atlas", "mlfq"]), beta=st.sampled_from([0.5, 1.0, 2.0]))
+def test_compacting_the_starvation_heap_changes_no_decision(data, policy, beta):
+    """Random arrivals, admissions, preemptions, charges and finishes on two cores,
+    one compacting its heap after every push and one never: the same promotions."""
+    params = PolicyParams(queue_base=0.5, num_queues=4, beta=beta, mlfq_base_quantum=0.5, mlfq_starve_after=2.0)
+    cores = [cls(make_policy(policy, params), ProcessTable(params.program_ttl)) for cls in (_AlwaysCompact, _NeverCompact)]
+    now, n = 0.0, 0
+    for _ in range(data.draw(st.integers(5, 80), label="ops")):
+        now += data.draw(st.sampled_from([0.0, 0.25, 1.0, 3.0]), label="dt")
+        live = sorted(cores[0].calls)
+        op = data.draw(st.sampled_from(["add", "admit", "preempt", "step", "finish"] if live else ["add"]), label="op")
+        target = data.draw(st.sampled_from(live), label="call") if live and op != "add" else None
+        for c in cores:
+            if op == "add":
+                program = f"P{n % 3}"
+                c.add_call(f"{program}/{n}", program, str(n), 10 + n, now)
+            elif op == "admit" and not c.calls[target].running:
+                c.on_admitted(c.calls[target])
+            elif op == "preempt" and c.calls[target].running:
+                c.on_preempted(c.calls[target], now)
+            elif op == "step":
+                c.on_step({cid: 0.5 for cid, call in c.calls.items() if call.running}, now)
+            elif op == "finish":
+                c.finish_call(c.calls[target], now)
+        n += op == "add"
+        promoted = [[call.id for call in c.promote_starving(now)] for c in cores]
+        assert promoted[0] == promoted[1]
+        orders = [[call.id for call in c.order(c.calls.values())] for c in cores]
+        assert orders[0] == orders[1]
+
+
+def test_compacting_keeps_the_deadline_a_sibling_s_finish_moved_earlier():
+    # The heap compacted after every push: s2's entry from its arrival and the
+    # one from s1's finish are for one wait; the earlier must stay.
+    params = PolicyParams(queue_base=1.0, num_queues=4, beta=2.0)
+    c = _AlwaysCompact(make_policy("plas", params), ProcessTable(params.program_ttl))
+    r = c.add_call("A/r", "A", "r", 10, 0.0)
+    c.on_admitted(r)
+    c.on_step({"A/r": 3.0}, 3.0)
+    c.finish_call(r, 3.0)
+    s1 = c.add_call("A/1", "A", "1", 10, 3.0)
+    s2 = c.add_call("A/2", "A", "2", 10, 3.0)
+    # At arrival, T_p = 3 and W_p = 0: s2 starves when W_c >= 2*3 = 6, at t = 9.
+    assert c.promote_starving(3.0) == []
+    c.on_admitted(s1)
+    c.on_step({"A/1": 1.0}, 7.0)
+    c.finish_call(s1, 7.0)  # T_p = 4, W_p = 3: W_c >= 2*4 - 3 = 5, at t = 8
+    assert c.promote_starving(7.99) == []
+    assert c.promote_starving(8.0) == [s2]

@@ -23,6 +23,9 @@ from sim.core.params import PolicyParams
 from sim.core.state import CallState, ProgramState
 
 INF = float("inf")
+# Service sums carry float error (ten 0.1 s steps make 0.9999999999999999 s), so
+# a quantum or a queue bound this close counts as reached.
+QUANTUM_EPS = 1e-12
 
 
 class Policy:
@@ -82,7 +85,7 @@ class Policy:
         """Spend service from the quantum; overflow carries into lower queues."""
         call.quantum_left -= seconds
         last = self.params.num_queues - 1
-        while call.quantum_left <= 1e-12 and call.queue < last:
+        while call.quantum_left <= QUANTUM_EPS and call.queue < last:
             overflow = -call.quantum_left
             nxt = call.queue + 1
             self._enter_queue(call, nxt, self.queue_quantum(nxt) - overflow)
@@ -152,8 +155,11 @@ class _ProgramLevel(Policy):
         self.bounds = params.queue_upper_bounds()
 
     def queue_of(self, priority: float) -> int:
+        # Within QUANTUM_EPS of a bound counts as past it, as in `_charge_quantum`:
+        # ten 0.1 s steps sum to 0.9999999999999999, which demotes the call at
+        # the 1 s bound, so the program's next call must enter below it too.
         for q, hi in enumerate(self.bounds):
-            if priority < hi:
+            if priority < hi - QUANTUM_EPS:
                 return q
         return len(self.bounds) - 1
 

@@ -221,6 +221,31 @@ class SchedulerCore:
         if deadline != float("inf"):
             self._push_seq += 1
             heapq.heappush(self._deadlines, (deadline, self._push_seq, call, call.waiting_since))
+            if len(self._deadlines) > 2 * len(self.calls) + 64:
+                self._compact_deadlines()
+
+    def _compact_deadlines(self) -> None:
+        """Drop the entries a pop would skip for good, and all but the earliest of a
+        call's entries for the same wait.
+
+        Lazy invalidation leaves a finished call's entry until its deadline
+        passes, and with a large beta that is never: the plugin's heap grew by
+        one entry per finished call, and by one per waiting sibling at each
+        finish. A pop recomputes the deadline and re-pushes it when it is not
+        yet due, so a call's earliest entry stands in for its later ones, and
+        what is promoted, and when, does not change.
+        """
+        calls = self.calls
+        earliest: dict[tuple[str, float], tuple[float, int, CallState, float]] = {}
+        for entry in self._deadlines:
+            _, _, call, since = entry
+            if call.finished or calls.get(call.id) is not call or call.waiting_since != since:
+                continue
+            key = (call.id, since)
+            if key not in earliest or entry[:2] < earliest[key][:2]:
+                earliest[key] = entry
+        self._deadlines = list(earliest.values())
+        heapq.heapify(self._deadlines)
 
     def promote_starving(self, now: float) -> list[CallState]:
         """Promote every waiting call whose starvation deadline has passed."""
