@@ -34,8 +34,12 @@ def test_core_imports_only_the_standard_library():
 
 def test_attribute_service_gives_every_call_the_step():
     assert attribute_service(0.25, ["a", "b"]) == {"a": 0.25, "b": 0.25}
-    with pytest.raises(ValueError, match=r"^step duration must be >= 0, got -1\.0$"):
-        attribute_service(-1.0, ["a"])
+
+
+@pytest.mark.parametrize("seconds", [-1.0, float("nan"), float("inf")])
+def test_attribute_service_refuses_a_step_that_is_not_a_duration(seconds):
+    with pytest.raises(ValueError, match=rf"^step duration must be a finite number >= 0, got {seconds}$"):
+        attribute_service(seconds, ["a"])
 
 
 def test_unknown_policy_names_valid_choices():

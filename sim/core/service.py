@@ -17,6 +17,8 @@ from typing import Iterable
 
 def attribute_service(step_seconds: float, call_ids: Iterable[str]) -> dict[str, float]:
     """Service each call in a step attained, keyed by call id."""
-    if step_seconds < 0:
-        raise ValueError(f"step duration must be >= 0, got {step_seconds}")
+    # `not >= 0` also refuses NaN, which would sink a program into the last
+    # queue for good and break the starvation heap's ordering.
+    if not 0 <= step_seconds < float("inf"):
+        raise ValueError(f"step duration must be a finite number >= 0, got {step_seconds}")
     return {cid: step_seconds for cid in call_ids}
