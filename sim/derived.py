@@ -96,6 +96,10 @@ class Throughput:
         return (">=" if self.bound == "lower" else "") + f"{self.value:.3g}"
 
 
+# How a ratio that is only a bound is printed (``~``: neither a lower nor an upper bound).
+BOUND_PREFIX = {"lower": ">=", "upper": "<=", "unknown": "~"}
+
+
 @dataclass(frozen=True)
 class Ratio:
     """A throughput ratio; ``bound`` is ``exact``, ``lower``, ``upper`` or ``unknown``."""
@@ -106,8 +110,7 @@ class Ratio:
     def text(self) -> str:
         if self.value is None:
             return "-"
-        prefix = {"lower": ">=", "upper": "<=", "unknown": "~"}.get(self.bound, "")
-        return f"{prefix}{self.value:.2f}x"
+        return f"{BOUND_PREFIX.get(self.bound, '')}{self.value:.2f}x"
 
 
 def _finite(x: Any) -> bool:
@@ -355,14 +358,20 @@ def _light_latency(c: Curve) -> float | None:
     return next((lat for lat in c.metric(LATENCY) if _finite(lat)), None)
 
 
-def targets(groups: dict[tuple, dict[str, Curve]], value: float, relative: bool) -> dict[tuple, float | None]:
+def targets(groups: dict[tuple, dict[str, Curve]], value: float, relative: bool,
+            reference: dict[tuple, dict[str, Curve]] | None = None) -> dict[tuple, float | None]:
     """The target L of each group: absolute, or ``value`` x the best light-load
     latency of any curve of the same workload. Per workload, not per group, so
-    that balancers and replica counts (separate groups) are compared at one L."""
+    that balancers and replica counts (separate groups) are compared at one L.
+
+    ``reference`` gives the curves that set L when they are not ``groups``:
+    a figure drawn from the mean over seeds takes the per-seed curves, so its
+    L is the table's (the lowest light-load latency of any seed, not of the
+    mean)."""
     if not relative:
         return {g: value for g in groups}
     best: dict[Any, float] = {}
-    for g, by_policy in groups.items():
+    for g, by_policy in (groups if reference is None else reference).items():
         w = dict(g).get("workload")
         for c in by_policy.values():
             lat = _light_latency(c)

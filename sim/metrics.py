@@ -93,8 +93,9 @@ def summarize_policy(
 def add_ratios(policies: dict[str, dict[str, Any]]) -> None:
     """Add ``<metric>_vs_fcfs`` to every policy's summary, in place.
 
-    A ratio below 1 means the policy beats FCFS. It is None when FCFS is
-    absent from the run or its value is zero or missing.
+    A ratio below 1 means the policy beats FCFS; it is None where FCFS's
+    value is zero or missing. A run without FCFS gets no ratio keys at all:
+    nothing was measured to divide by, and a null would read as a failure.
     """
     base = policies.get(BASELINE)
     if base is None:

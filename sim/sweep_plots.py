@@ -21,6 +21,7 @@ from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: 
 
 from sim.confidence import CONFIDENCE, t_interval  # noqa: E402
 from sim.derived import (  # noqa: E402
+    BOUND_PREFIX,
     LATENCY,
     Curve,
     Throughput,
@@ -41,6 +42,7 @@ PNG_METADATA = {"Software": None}
 SVG_METADATA = {"Date": None, "Creator": None}
 RC = {"svg.hashsalt": "autellix", "path.simplify": True}
 DPI = 100
+BOUND_HATCH = {"lower": "//", "upper": "\\\\", "unknown": ".."}
 
 
 def save(fig: Any, stem: Path) -> list[Path]:
@@ -138,28 +140,30 @@ def latency_vs_rate(rows: Sequence[dict[str, Any]], target: str | float | None =
 def throughput_ratio_bars(rows: Sequence[dict[str, Any]], target: str | float | None = None, baseline: str = "fcfs") -> Any:
     """Throughput at the target relative to ``baseline``, a bar per policy, a cluster per group.
 
-    Hatched bars are lower bounds (the policy met the target at every swept
-    rate). A sweep over ``seed`` gets a cluster per group across its seeds:
+    A bar that is not an exact ratio is hatched and labelled as the table
+    prints it: ``>=`` a lower bound (the policy met the target at every
+    swept rate), ``<=`` an upper bound (the baseline did), ``~`` neither
+    (both did, or neither met it exactly). A sweep over ``seed`` gets a cluster per group across its seeds:
     the mean of the per-seed (paired) ratios with its 95% interval as an
     error bar; no bar where some seed gave only a bound (``seed_table``).
     """
     table = throughput_table(rows, target)
     over_seeds = seed_table(table)
-    # (group, policy) -> (ratio, lower bound?, (low, high) or None)
-    bars_of: dict[tuple, tuple[float | None, bool, tuple[float, float] | None]] = {}
+    # (group, policy) -> (ratio, its Ratio.bound, (low, high) or None)
+    bars_of: dict[tuple, tuple[float | None, str, tuple[float, float] | None]] = {}
     if over_seeds:
         for t in over_seeds:
             if baseline in t.ratios:
                 iv = t.ratios[baseline]
-                bars_of[t.group, t.policy] = (None, False, None) if iv is None else (iv.mean, False, (iv.low, iv.high))
+                bars_of[t.group, t.policy] = (None, "exact", None) if iv is None else (iv.mean, "exact", (iv.low, iv.high))
         title = f"Throughput at equal latency: mean over seeds, {round(CONFIDENCE * 100)}% interval\n(n/a: some seed met the target at every swept rate or at none)"
     else:
-        title = "Throughput at equal latency (hatched: lower bound)"
+        title = "Throughput at equal latency (hatched: a bound; >= lower, <= upper, ~ neither)"
     covered = {(t.group, t.policy) for t in over_seeds}
     for t in table:  # curves no seed table covers: every curve, or those of a grid case with one seed or none
         if (without_seed(t.group), t.policy) not in covered and baseline in t.ratios:
             r = t.ratios[baseline]
-            bars_of[t.group, t.policy] = (r.value, r.bound in ("lower", "unknown"), None)
+            bars_of[t.group, t.policy] = (r.value, r.bound, None)
     groups = list(dict.fromkeys(g for g, _ in bars_of))
     policies = list(dict.fromkeys(p for _, p in bars_of))
     with plt.rc_context(RC):
@@ -167,7 +171,7 @@ def throughput_ratio_bars(rows: Sequence[dict[str, Any]], target: str | float | 
         width = 0.8 / max(len(policies), 1)
         pos = np.arange(len(groups))
         for i, policy in enumerate(policies):
-            cells = [bars_of.get((g, policy), (None, False, None)) for g in groups]
+            cells = [bars_of.get((g, policy), (None, "exact", None)) for g in groups]
             heights = [0.0 if v is None else v for v, _, _ in cells]
             err = np.array([[v - ci[0], ci[1] - v] if ci is not None and v is not None else [0.0, 0.0] for v, _, ci in cells]).T
             xs = pos + (i - (len(policies) - 1) / 2) * width
@@ -175,10 +179,11 @@ def throughput_ratio_bars(rows: Sequence[dict[str, Any]], target: str | float | 
             if over_seeds:  # drawn apart: bar()'s own yerr converts a (2, 1) array element by element
                 ax.errorbar(xs, heights, yerr=err, fmt="none", ecolor="black", capsize=3, lw=1)
             for bar, (_, bound, ci), h in zip(bars, cells, heights):
-                bar.set_hatch("//" if bound else "")
+                bar.set_hatch(BOUND_HATCH.get(bound, ""))
                 x = bar.get_x() + bar.get_width() / 2
                 if h > 0:  # above the error bar, if any
-                    ax.annotate(f"{h:.2f}", (x, max(h, ci[1]) if ci else h), ha="center", va="bottom", fontsize="x-small")
+                    ax.annotate(f"{BOUND_PREFIX.get(bound, '')}{h:.2f}", (x, max(h, ci[1]) if ci else h),
+                                ha="center", va="bottom", fontsize="x-small")
                 elif over_seeds:
                     ax.annotate("n/a", (x, 0), ha="center", va="bottom", fontsize="x-small")
         ax.axhline(1.0, color="grey", lw=1)
@@ -200,7 +205,7 @@ def _scaling_series(rows: Sequence[dict[str, Any]], target: str | float | None) 
     value, relative = parse_target(target)
     out: dict[tuple[str, str, str], list[tuple[int, Throughput]]] = {}
     groups = curves(mean_over_seeds(rows))
-    Ls = targets(groups, value, relative)
+    Ls = targets(groups, value, relative, reference=curves(rows))
     for group, by_policy in groups.items():
         g = dict(group)
         L = Ls[group]
@@ -284,7 +289,7 @@ def wait_breakdown(rows: Sequence[dict[str, Any]], target: str | float | None = 
     value, relative = parse_target(target)
     seeded = any(r.get("seed") is not None for r in rows)
     groups = curves(mean_over_seeds(rows))
-    Ls = targets(groups, value, relative)
+    Ls = targets(groups, value, relative, reference=curves(rows))
     with plt.rc_context(RC):
         fig, axes = _panels(len(groups), width=5.0, height=3.8)
         for col, (group, by_policy) in enumerate(groups.items()):

@@ -205,3 +205,34 @@ def test_scaling_keeps_curves_that_differ_in_another_swept_key_apart():
     series = _scaling_series(data, 0.06)
     assert sorted({w for w, _, _ in series}) == ["bfcl model=a", "bfcl model=b"]
     assert all([n for n, _ in pts] == [1, 2] for pts in series.values())
+
+
+def test_figures_from_the_mean_over_seeds_use_the_table_s_target():
+    """L is 2x the lowest light-load latency of any seed (0.9 x 0.02), as in the
+    printed table, not 2x the mean curve's (0.02): the figures used 0.04."""
+    from sim.derived import throughput_table
+    from sim.sweep_plots import _scaling_series
+
+    data = seeded_rows()
+    assert [t.target for t in throughput_table(data, "2x")] == pytest.approx([0.036] * 6)
+    (n, tp), = _scaling_series(data, "2x")["bfcl", "locality", "plas"]
+    # the mean PLAS curve: 0.03 at 4/s, 0.08 at 6/s; 0.036 is crossed at 4 + 2 x 0.006 / 0.05
+    assert n == 1 and tp.value == pytest.approx(4.24)
+
+
+def test_ratio_bars_are_labelled_and_hatched_as_the_table_prints_them():
+    """FCFS met the target at every rate: PLAS's ratio is an upper bound (the
+    table's <=0.50x), drawn solid before, and FCFS's own ~1.00x hatched as a lower bound."""
+    from sim.derived import throughput_table
+    from sim.sweep_plots import throughput_ratio_bars
+
+    data = []
+    for policy, lats in (("fcfs", [0.01, 0.012, 0.014]), ("plas", [0.01, 0.03, 0.05])):
+        for i, (rate, lat) in enumerate(zip([1, 2, 3], lats)):
+            data.append({"sweep": "s", "point": i, "workload": "bfcl", "rate": rate, "replicas": 1,
+                         "balancer": "locality", "variant": "default", "policy": policy, "scheduler": "fcfs",
+                         "status": "ok", "normalized_latency_mean": lat})
+    assert [t.ratios["fcfs"].text() for t in throughput_table(data, 0.02)] == ["~1.00x", "<=0.50x"]
+    ax = throughput_ratio_bars(data, 0.02).axes[0]
+    assert [b.get_hatch() for b in ax.patches] == ["..", "\\\\"]
+    assert [t.get_text() for t in ax.texts] == ["~1.00", "<=0.50"]
