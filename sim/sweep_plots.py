@@ -313,7 +313,7 @@ def wait_breakdown(rows: Sequence[dict[str, Any]], target: str | float | None = 
             ax.set_ylabel("share of engine time (mean over programs)")
             ax.set_title(group_label(group))
             ax.legend(fontsize="x-small", loc="upper center", ncols=2)
-        fig.suptitle("Where programs spend their time: waiting vs executing" + (" (mean over seeds)" if seeded else ""))
+        fig.suptitle("Where programs spend their engine time: waiting vs executing" + (" (mean over seeds)" if seeded else ""))
         fig.tight_layout()
     return fig
 
