@@ -30,7 +30,9 @@ into the core's calls, once per engine step and in the core's order:
 2. ``update_from_output()``: ``on_step(attribute_service(step_seconds,
    scheduled ids), now)``, then vLLM's processing, during which finished
    requests reach ``finish_call`` (or ``abort_call`` if errored, or
-   aborted before any service) through the `_free_request` override.
+   aborted before any service) through the `_free_request` override. An
+   abort that vLLM takes while a step runs (before its output) first
+   charges the call that step's time so far (`_charge_aborted_in_step`).
 
 Ordering: the waiting queues are forced to vLLM's PRIORITY heap and each
 request's ``priority`` is set to `encode_key` of the core's key, so the
@@ -388,22 +390,29 @@ class ProgramAwareMixin:
     def _blocks_needed(self, call: CallState) -> int:
         """KV blocks vLLM's admission check asks for, ignoring prefix hits.
 
-        With ``scheduler_reserve_full_isl`` (vLLM's default) admission needs the
-        whole sequence to fit, else the first chunk; plus the watermark.
+        `KVCacheManager.allocate_slots` needs room for the first chunk plus
+        the speculative lookahead and, with ``scheduler_reserve_full_isl``
+        (vLLM's default), for the whole sequence; plus the watermark; less
+        the blocks the request already holds (a streaming session's next
+        chunk keeps its earlier chunks' KV and computed tokens).
         Prefix hits are ignored: a hit on a free cached block still consumes
         a free block, so only hits on blocks that running requests share
         would lower the need, and overestimating it can only cost a victim
         the simulator would also have taken (`sim.replica`'s
         ``_blocks_to_admit`` estimates the same way, under its
-        ``engine.scheduler_reserve_full_isl``).
+        ``engine.scheduler_reserve_full_isl``; it has no sessions and no
+        lookahead, so there the two terms are zero).
         """
         request = self.requests[call.id]
-        tokens = request.num_tokens
-        if not self.scheduler_config.scheduler_reserve_full_isl:
-            tokens = min(tokens, self.max_num_scheduled_tokens)
+        computed = request.num_computed_tokens
+        chunk = min(request.num_tokens - computed, self.max_num_scheduled_tokens)
+        tokens = computed + chunk + self.num_lookahead_tokens
+        if self.scheduler_config.scheduler_reserve_full_isl:
+            tokens = max(tokens, request.num_tokens)
         tokens = min(tokens, self.max_model_len)
         groups = self.kv_cache_config.kv_cache_groups
-        blocks = sum(_cdiv(tokens, g.kv_cache_spec.block_size) for g in groups)
+        held = self.kv_cache_manager.coordinator.get_blocks(call.id)
+        blocks = sum(max(_cdiv(tokens, g.kv_cache_spec.block_size) - len(h), 0) for g, h in zip(groups, held))
         return blocks + self.kv_cache_manager.watermark_blocks
 
     def _blocks_freed(self, call: CallState) -> int:
@@ -508,6 +517,8 @@ class ProgramAwareMixin:
         ttl = self._kv_ttl.pop(rid, 0.0)
         if call is not None:
             now = self._time()
+            if request.status == RequestStatus.FINISHED_ABORTED:
+                self._charge_aborted_in_step(call, now)
             if request.status in _COMPLETED or (request.status == RequestStatus.FINISHED_ABORTED and call.service > 0):
                 # An abort after service is charged like a completion: the
                 # engine core cannot tell a client's disconnect from a stop
@@ -521,6 +532,25 @@ class ProgramAwareMixin:
                 self.core.abort_call(call, now)
                 self._log("abort", call.id, now)
         return super()._free_request(request, *args, **kwargs)
+
+    def _charge_aborted_in_step(self, call: CallState, now: float) -> None:
+        """Charge an aborted call its share of the step executing now.
+
+        vLLM's engine core handles aborts between a step's ``schedule()`` and
+        its ``update_from_output()`` (`EngineCore.step`), so a call aborted
+        while its step runs leaves the core before that step is charged, and
+        one aborted in its first step looked as if it never ran. It held its
+        place in the batch until now, so it is charged the step's time so
+        far, by the same tiling rule as `update_from_output`. A later
+        in-flight step (async scheduling) has not begun on the GPU.
+        """
+        if not self._in_flight or call.id not in self._in_flight[0].call_ids:
+            return
+        seconds = max(0.0, now - max(self._in_flight[0].start, self._last_update))
+        if seconds > 0:
+            services = attribute_service(seconds, [call.id])
+            self.core.on_step(services, now)
+            self._log("step", services, now)
 
     # -- KV pins giving way --------------------------------------------------------------
     def _allocate_slots_giving_way(self, request: Request, *args, **kwargs):

@@ -246,6 +246,36 @@ def test_abort_charges_the_service_received_and_drops_a_call_that_got_none(model
     assert s.core.calls["b"].queue == 1  # 1.5 s of service: between the 1 s and 2 s bounds
 
 
+def test_an_abort_during_a_step_is_charged_that_step_so_far(model_dir):
+    """vLLM's engine core takes aborts between a step's schedule() and its
+    update_from_output() (EngineCore.step). The call left the core before
+    its step was charged: a ran 0.5 + 2 s but was charged 0.5, and b,
+    aborted in its first step, was dropped as if it never ran."""
+    clock = FakeClock()
+    s = plugin(model_dir, clock, policy="plas", params=QUEUES, max_num_seqs=4)
+    s.add_request(req("a", "A", max_tokens=50))
+    step(s, clock, 0.5)
+    out = s.schedule()
+    mro = fake_output(s, out)
+    clock.advance(2.0)
+    s.finish_requests(["a"], RequestStatus.FINISHED_ABORTED)  # while the step runs
+    s.update_from_output(out, mro)
+    assert s.core.table.programs["A"].total_service == pytest.approx(2.5)
+    s.add_request(req("b", "B", tokens=100, max_tokens=50))
+    out = s.schedule()
+    mro = fake_output(s, out)
+    clock.advance(1.0)
+    s.finish_requests(["b"], RequestStatus.FINISHED_ABORTED)
+    s.update_from_output(out, mro)
+    assert s.core.table.programs["B"].total_service == pytest.approx(1.0) and s.core.calls == {}
+    # between steps nothing is in flight: an abort adds nothing
+    s.add_request(req("c", "C", max_tokens=50))
+    step(s, clock, 0.25)
+    clock.advance(3.0)
+    s.finish_requests(["c"], RequestStatus.FINISHED_ABORTED)
+    assert s.core.table.programs["C"].total_service == pytest.approx(0.25)
+
+
 def test_a_policy_victim_sits_out_the_step_that_preempted_it(model_dir):
     # The waiting call shares a's 96-token prefix, so it needs far fewer new
     # blocks than the victim search assumes; the victim's freed blocks and
@@ -391,13 +421,62 @@ def test_a_streaming_sessions_next_chunk_can_take_a_victim(model_dir):
         step(s, clock, 0.1)
     s.add_request(req("b", "B", tokens=160, max_tokens=50, service=10.0))
     step(s, clock, 0.1)
-    s.add_request(chunk(list(range(400, 440))))
+    s.add_request(chunk(list(range(400, 480))))  # 80 tokens: 5 blocks beyond the 2 it holds
     session = s.requests["sess"]
     assert session in list(s.skipped_waiting) and session.status == RequestStatus.WAITING
     assert s.core.calls["sess"].key < s.core.calls["b"].key
     assert s._blocks_needed(s.core.calls["sess"]) > s.kv_cache_manager.block_pool.get_num_free_blocks()
     out = step(s, clock, 0.1)
     assert out.preempted_req_ids == {"b"} and scheduled(out) == ["sess"]
+
+
+def test_a_streaming_sessions_next_chunk_needs_no_victim_for_the_blocks_it_holds(model_dir):
+    """A session keeps its KV while it waits for its client, and vLLM admits the
+    next chunk counting only the blocks it lacks (`get_num_blocks_to_allocate`).
+    The victim search counted the whole session: a 4-token chunk after 96
+    tokens (7 blocks held) evicted a running call for blocks it never needed."""
+    clock = FakeClock()
+    s = plugin(model_dir, clock, policy="plas", params=QUEUES, max_num_seqs=4, num_blocks=15,
+               max_num_batched_tokens=512)
+
+    def chunk(prompt):
+        return Request("sess", prompt, SamplingParams(max_tokens=2, ignore_eos=True, extra_args={"program_id": "S"}),
+                       None, resumable=True, block_hasher=get_request_block_hasher(16, sha256))
+
+    s.add_request(chunk(list(range(100, 196))))
+    for _ in range(2):
+        step(s, clock, 0.1)
+    assert len(s.kv_cache_manager.coordinator.get_blocks("sess")[0]) == 7
+    s.add_request(req("b", "B", tokens=72, max_tokens=50, service=10.0))
+    step(s, clock, 0.1)
+    assert s.kv_cache_manager.block_pool.get_num_free_blocks() == 2
+    s.add_request(chunk([300, 301, 302, 303]))
+    assert s.core.policy.outranks(s.core.calls["sess"], s.core.calls["b"])
+    assert s._blocks_needed(s.core.calls["sess"]) == 0
+    out = step(s, clock, 0.1)
+    assert not out.preempted_req_ids and sorted(scheduled(out)) == ["b", "sess"]
+
+
+def test_the_victim_search_counts_the_speculative_lookahead(model_dir):
+    """vLLM allocates a waiting request's first chunk plus num_lookahead_tokens
+    (EAGLE, MTP, draft models). Counted without it, a victim was evicted for
+    a call that still did not fit, and both waited while the better call ran."""
+    for lookahead, victims in ((0, {"a"}), (4, set())):
+        clock = FakeClock()
+        s = plugin(model_dir, clock, policy="plas", params=QUEUES, max_num_seqs=4, num_blocks=8,
+                   max_num_batched_tokens=512)
+        s.num_lookahead_tokens = lookahead  # as Scheduler.__init__ sets it from num_speculative_tokens
+        s.add_request(make_request("c", list(range(100, 148)), 40, extra_args={"program_id": "C"}))
+        s.add_request(make_request("a", list(range(300, 330)), 40,
+                                   extra_args={"program_id": "A", "program_service": 10.0}))
+        step(s, clock, 0.1)
+        s.add_request(make_request("w", list(range(500, 548)), 5,
+                                   extra_args={"program_id": "W", "program_service": 1.5}))
+        # 48 tokens: 3 blocks, or 4 with 4 lookahead slots; a's 2 and the 1 free make 3
+        assert s._blocks_needed(s.core.calls["w"]) == 3 + (lookahead > 0)
+        out = step(s, clock, 0.1)
+        assert out.preempted_req_ids == victims
+        assert sorted(scheduled(out)) == (["c", "w"] if victims else ["a", "c"])
 
 
 def test_duplicate_thread_falls_back_to_the_request_id(model_dir):
