@@ -8,8 +8,11 @@ free-form dict passed to every engine component (``--additional-config``
 on the CLI, ``additional_config=`` in ``LLM(...)``/``EngineArgs``). The
 plugin reads its own key from it::
 
-    --scheduler-cls engine.scheduler.ProgramAwareScheduler \
+    --scheduler-cls engine.scheduler.ProgramAwareAsyncScheduler \
     --additional-config '{"autellix": {"policy": "plas", "params": {"beta": 8}}}'
+
+(``ProgramAwareAsyncScheduler`` since vLLM 0.26.0 schedules asynchronously
+by default; ``ProgramAwareScheduler`` with ``--no-async-scheduling``.)
 
 ``policy`` is one of fcfs, mlfq, plas, atlas, program_fcfs (default plas); ``params`` are
 `sim.core.PolicyParams` fields, the same keys as ``policy_params`` in

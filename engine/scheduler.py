@@ -2,11 +2,12 @@
 
 Load it in the engine-core process with vLLM's ``scheduler_cls``::
 
-    vllm serve MODEL --scheduler-cls engine.scheduler.ProgramAwareScheduler \
+    vllm serve MODEL --scheduler-cls engine.scheduler.ProgramAwareAsyncScheduler \
         --additional-config '{"autellix": {"policy": "plas", "params": {"beta": 8}}}'
 
-Use ``engine.scheduler.ProgramAwareAsyncScheduler`` when async scheduling is
-on (vLLM's ``AsyncScheduler`` adds the output placeholders that mode needs).
+That is the class for async scheduling, vLLM 0.26.0's default (vLLM's
+``AsyncScheduler`` adds the output placeholders that mode needs); with
+``--no-async-scheduling`` use ``engine.scheduler.ProgramAwareScheduler``.
 Configuration and request tags (``extra_args``: ``program_id``,
 ``thread_id``, ``program_service``) are described in `engine.plugin_config`.
 
