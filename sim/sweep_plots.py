@@ -143,9 +143,10 @@ def throughput_ratio_bars(rows: Sequence[dict[str, Any]], target: str | float | 
     A bar that is not an exact ratio is hatched and labelled as the table
     prints it: ``>=`` a lower bound (the policy met the target at every
     swept rate), ``<=`` an upper bound (the baseline did), ``~`` neither
-    (both did, or neither met it exactly). A sweep over ``seed`` gets a cluster per group across its seeds:
-    the mean of the per-seed (paired) ratios with its 95% interval as an
-    error bar; no bar where some seed gave only a bound (``seed_table``).
+    (both did, or neither met it exactly). A sweep over ``seed`` gets a
+    cluster per group across its seeds: the mean of the per-seed (paired)
+    ratios with its 95% interval as an error bar; no bar where some seed
+    gave only a bound (``seed_table``).
     """
     table = throughput_table(rows, target)
     over_seeds = seed_table(table)
