@@ -264,16 +264,25 @@ class RealtimeEngine:
         pid = program_id
         if pid is None:  # a program of its own, under a name no live or remembered client program has
             pid, n = f"req-{self._seq}", 0
-            while self.table.get(pid) is not None or self.replica.is_arriving(pid, "0"):
+            while self.table.get(pid) is not None or self.replica.is_arriving(pid):
                 n += 1
                 pid = f"req-{self._seq}.{n}"
-        tid = thread_id if thread_id is not None else "0"
         entry = self.table.get(pid)
+        tid = thread_id
+        if tid is None:  # as the plugin: the request's own id, so every untagged call is its own thread
+            tid, n = f"req-{self._seq}", 0
+            while (entry is not None and tid in entry.live) or self.replica.is_arriving(pid, tid):
+                n += 1
+                tid = f"req-{self._seq}#{n}"
         if (entry is not None and tid in entry.live) or self.replica.is_arriving(pid, tid):
             raise Conflict(f"program {pid!r} already has a live call on thread {tid!r}")
         if program_service is not None:
+            # Both the priority and T_program of the starvation ratio, as the
+            # plugin: with T_program = 0 a call of a program seeded from
+            # another engine would count as starving the moment it arrived.
             entry = self.table.get_or_create(pid, self.env.now)
             entry.service = max(entry.service, float(program_service))
+            entry.total_service = max(entry.total_service, float(program_service))
         output_ids = filler_ids(self.index, self._seq, max_tokens)
         keys = block_keys(list(prompt_ids) + output_ids, self.cfg.engine.block_size)
         call = SimCall(pid, tid, len(prompt_ids), max_tokens, keys, self.env.event(), self.env.now, pin_ttl=kv_ttl)

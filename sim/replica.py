@@ -287,9 +287,10 @@ class Replica:
         if self._wake is not None and not self._wake.triggered:
             self._wake.succeed()
 
-    def is_arriving(self, program_id: str, thread_id: str) -> bool:
-        """Whether a call of this program thread was submitted during the step in flight (not yet registered)."""
-        return any(c.program_id == program_id and c.call_id == thread_id for _, c in self._arriving)
+    def is_arriving(self, program_id: str, thread_id: str | None = None) -> bool:
+        """Whether a call of this program thread (of any thread, if None) was submitted during
+        the step in flight (not yet registered)."""
+        return any(c.program_id == program_id and thread_id in (None, c.call_id) for _, c in self._arriving)
 
     def _register(self, call: SimCall, now: float) -> None:
         call.core = self.core.add_call(

@@ -19,8 +19,8 @@ What a request gets:
   ``prompt_tokens_details.cached_tokens`` (prefix-cache hit tokens); streams
   send it in a final chunk when ``stream_options.include_usage`` is true;
 * an extension object ``engine_stats`` (engine index, service, waiting,
-  preemptions, prefix hits: see `CallHandle.stats`) in the JSON body or in a
-  final chunk before ``data: [DONE]``; clients that do not know it ignore it;
+  preemptions, prefix hits: see `CallHandle.stats`) in the JSON body or in
+  the last token's chunk of a stream; clients that do not know it ignore it;
 * header ``X-Engine-Index``.
 
 Prompts: a list of token ids is used as is. Text is not tokenised (there is
@@ -281,7 +281,9 @@ class SimServer:
 
     # -- endpoints -----------------------------------------------------------------
     async def health(self, request: web.Request) -> web.Response:
-        return web.Response(status=200)
+        # As vLLM's /health: 503 once the engine is dead, so a balancer or an
+        # orchestrator stops sending it work.
+        return web.Response(status=503 if self.engine.failure is not None else 200)
 
     async def models(self, request: web.Request) -> web.Response:
         return web.json_response({"object": "list", "data": [
@@ -381,6 +383,7 @@ class SimServer:
     async def _stream_tokens(self, resp: web.StreamResponse, req: ParsedRequest, handle: CallHandle,
                              chunk: Callable[..., bytes]) -> None:
         sent = 0
+        held: dict[str, Any] | None = None  # the last token's choice, sent once the call's stats are final
         while await handle.queue.get() is not None:
             last = sent + 1 == req.max_tokens
             if req.chat:
@@ -393,18 +396,25 @@ class SimServer:
                 choice["token_ids"] = [handle.output_ids[sent]]
                 if sent == 0:
                     choice["prompt_token_ids"] = list(req.prompt_ids)
-            await resp.write(chunk([choice]))
             sent += 1
+            if last:  # the call finishes with this token: its queue ends right after it
+                held = choice
+            else:
+                await resp.write(chunk([choice]))
         if handle.aborted:
             return
         if handle.failure is not None:
+            if held is not None:
+                await resp.write(chunk([held]))
             await resp.write(sse_error(error_body(500, handle.failure)))
             await resp.write_eof()
             return
-        extra: dict[str, Any] = {"engine_stats": handle.stats(self.engine.index)}
+        # engine_stats rides on the last token's chunk: a chunk with no choices
+        # is vLLM's (and OpenAI's) usage chunk, sent only when asked for, and
+        # clients that read choices[0] of every chunk fail on one.
+        await resp.write(chunk([held] if held is not None else [], engine_stats=handle.stats(self.engine.index)))
         if req.include_usage:
-            extra["usage"] = self._usage(req, handle)
-        await resp.write(chunk([], **extra))
+            await resp.write(chunk([], usage=self._usage(req, handle)))
         await resp.write(b"data: [DONE]\n\n")
         await resp.write_eof()
 

@@ -55,11 +55,12 @@ def test_streaming_token_count_usage_and_timing():
     ids = [i for e in token_chunks for i in e["choices"][0]["token_ids"]]
     assert len(ids) == 20 and ids == filler_ids(3, 1, 20)
     assert [e["choices"][0]["finish_reason"] for e in token_chunks] == [None] * 19 + ["length"]
-    final = events[-2]
-    assert final["choices"] == []
+    final = events[-2]  # vLLM's usage chunk: no choices, only when include_usage asks for it
+    assert final["choices"] == [] and "engine_stats" not in final
     assert final["usage"] == {"prompt_tokens": 40, "completion_tokens": 20, "total_tokens": 60,
                               "prompt_tokens_details": {"cached_tokens": 0}}
-    stats = final["engine_stats"]
+    assert [("engine_stats" in e) for e in token_chunks] == [False] * 19 + [True]  # on the last token's chunk
+    stats = token_chunks[-1]["engine_stats"]
     assert stats["engine"] == 3 and stats["preemptions"] == 0
     # One prefill step yields the first token, 19 decode steps the rest: 20 steps of 10 ms.
     assert stats["service"] == pytest.approx(0.2)
@@ -584,3 +585,52 @@ def test_an_anonymous_request_never_joins_a_client_program_of_the_same_name():
     engine.submit(list(range(100, 116)), 10, "req-2", "0", None)  # a client's own program id
     anon = engine.submit(list(range(200, 216)), 10, None, None, None)  # the engine's 2nd request
     assert anon.call.program_id == "req-2.1"
+
+
+def test_a_forwarded_program_service_does_not_make_the_call_starve_at_once():
+    """The gateway's program_service raised only the priority; with T_program
+    still 0 here, the starvation deadline was the arrival, and the call of a
+    program with 50 s of service jumped to the top queue on its first step.
+    The plugin seeds T_program too."""
+    engine = RealtimeEngine(engine_config(step=0.01, max_num_seqs=1), "plas")
+    now = [0.0]
+    engine.now = lambda: now[0]
+    engine.submit(list(range(100, 130)), 50, "B", "b", None)
+    a = engine.submit(list(range(200, 300)), 5, "A", "a", 50.0)
+    assert engine.table.get("A").total_service == 50.0
+    now[0] = 0.02  # A joins the scheduler when the first step ends
+    engine.advance()
+    queue = a.call.core.queue
+    assert queue > 0
+    now[0] = 0.3  # B runs; A waits 0.3 s, far short of beta x 50 s
+    engine.advance()
+    assert not a.call.core.running and a.call.core.queue == queue
+
+
+def test_calls_without_a_thread_id_are_each_their_own_thread():
+    """As the plugin (the request id): two concurrent untagged calls of one program got 409."""
+    engine = RealtimeEngine(engine_config(step=1.0, max_num_seqs=4), "fcfs")
+    engine.now = lambda: 0.0
+    a = engine.submit(list(range(100, 116)), 10, "P", None, None)
+    b = engine.submit(list(range(200, 216)), 10, "P", None, None)
+    assert a.call.call_id != b.call.call_id
+    # a client may name a thread as the engine would; the engine's pick steps aside
+    engine.submit(list(range(300, 316)), 10, "Q", "req-4", None)
+    c = engine.submit(list(range(400, 416)), 10, "Q", None, None)  # the engine's 4th request
+    assert c.call.call_id == "req-4#1"
+
+
+def test_health_is_503_once_the_engine_has_failed():
+    async def go():
+        server, engine = await start_engine(step=0.01)
+        try:
+            async with aiohttp.ClientSession() as s:
+                async with s.get(server.url + "/health") as r:
+                    before = r.status
+                engine.failure = "engine 0 stopped at t=1 s: boom"
+                async with s.get(server.url + "/health") as r:
+                    return before, r.status
+        finally:
+            await server.stop()
+
+    assert run(go()) == (200, 503)
