@@ -222,7 +222,8 @@ class RealtimeEngine:
                 await self._wake.wait()
                 continue
             delay = due - self.now()
-            if delay <= 0:
+            if delay <= 0:  # behind real time: catch up, but let the server stream and answer meanwhile
+                await asyncio.sleep(0)
                 continue
             try:
                 await asyncio.wait_for(self._wake.wait(), delay)
