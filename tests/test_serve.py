@@ -634,3 +634,21 @@ def test_health_is_503_once_the_engine_has_failed():
             await server.stop()
 
     assert run(go()) == (200, 503)
+
+
+def test_an_engine_behind_real_time_still_lets_the_server_run():
+    """When the model falls behind the clock (steps shorter than computing them), the
+    driver looped without yielding: no token was streamed and /health went
+    unanswered until every call had finished."""
+    async def go():
+        engine = RealtimeEngine(engine_config(step=0.001, max_num_seqs=4), "fcfs")
+        await engine.start()
+        engine.now = lambda: engine.env.now + 1.0  # always a second behind
+        try:
+            handle = engine.submit(list(range(100, 116)), 2000, "A", "a", None)
+            await asyncio.sleep(0)
+            return handle.done
+        finally:
+            await engine.stop()
+
+    assert run(go(), timeout=30) is False
