@@ -449,6 +449,7 @@ def load_sweep(name: str, file: Any = None, overrides: Sequence[str] = ()) -> Sw
     keys = tuple(dict.fromkeys(k for p in raw_points for k in p))
     variants = _variants(where, body.get("variants"), policies)
     _check_overrides_take_effect(name, overrides, raw_points, variants)
+    _check_layers_take_effect(where, fixed, raw_points, variants)
     points = tuple(Point(i, tuple(p.items()), o) for i, (p, o) in enumerate(zip(raw_points, origins)))
     description = body.get("description", "")
     return Sweep(
@@ -489,6 +490,34 @@ def _check_overrides_take_effect(name: str, overrides: Sequence[str], points: Se
                               f"replaces this value; drop it from --set, or change the variants")
 
 
+def _check_layers_take_effect(where: _Where, fixed: Sequence[str], points: Sequence[dict[str, Any]],
+                              variants: Sequence[Variant]) -> None:
+    """Refuse the sweep's own layers that cover each other, located in the file.
+
+    A variant's ``set:`` lies above the grid: a swept key it also sets ran
+    at the variant's value while sweep.csv showed the grid's, a rate curve
+    drawn from rates that never ran. And a ``set:`` key the grid sets at
+    every point was dropped, as a ``--set`` would be
+    (`_check_overrides_take_effect`).
+    """
+    for v in variants:
+        for text in v.overrides:
+            upper, value = parse_override(text)
+            for point in points:
+                swept = next((k for k, pv in point.items() if _replaces(upper, value, tuple(k.split(".")), pv)), None)
+                if swept is not None:
+                    where.fail(("variants", v.name, "set", ".".join(upper)),
+                               f"replaces the grid's {swept} (the rows would show the grid's value, not the one "
+                               f"that ran); vary it in the grid, or drop it from this variant")
+    for text in fixed:
+        lower, value = parse_override(text)
+        by_point = [next((k for k, pv in point.items() if _replaces(tuple(k.split(".")), pv, lower, value)), None)
+                    for point in points]
+        if points and all(by_point):
+            where.fail(("set", ".".join(lower)), f"the grid sets {by_point[0]} at every point, which replaces "
+                                                 f"this value; drop it from set:, or change the grid")
+
+
 def _replaces(upper: tuple[str, ...], upper_value: Any, lower: tuple[str, ...], lower_value: Any) -> bool:
     """Whether a layer setting ``upper`` to ``upper_value`` replaces a lower one's ``lower``."""
     if upper == lower:
@@ -505,13 +534,23 @@ def _replaces(upper: tuple[str, ...], upper_value: Any, lower: tuple[str, ...], 
 def _once(where: _Where, seen: dict[tuple[str, ...], tuple[Any, ...]], point: dict[str, Any], path: tuple[Any, ...]) -> None:
     """Refuse a point the grid already has: it would run again and add a
     duplicate row to sweep.csv. Key order does not make another experiment."""
-    ident = tuple(sorted(override_text(k, v) for k, v in point.items()))
+    ident = tuple(sorted((k, _same_value(v)) for k, v in point.items()))
     if ident in seen:
         first = _dotted(seen[ident])
         described = ", ".join(f"{k}={v}" for k, v in point.items())
         here = "this case gives it twice" if seen[ident] == path else f"{first} gives it too"
         where.fail(path, f"the point {described} is in the grid twice ({here}); each point runs once, remove one")
     seen[ident] = path
+
+
+def _same_value(value: Any) -> str:
+    """A value's identity for `_once`: numbers by value (a range's 2 is a list's 2.0)."""
+    def canon(v: Any) -> Any:
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            return {k: canon(x) for k, x in v.items()} if isinstance(v, dict) else (
+                [canon(x) for x in v] if isinstance(v, list) else v)
+        return float(v) if abs(v) < 2 ** 53 else v  # beyond 2**53 a float would merge distinct integers
+    return json.dumps(canon(value), sort_keys=True)
 
 
 def jobs(sweep: Sweep, file: Any = None, overrides: Sequence[str] = ()) -> list[Job]:

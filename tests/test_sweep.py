@@ -314,7 +314,7 @@ def test_invalid_point_is_a_job_error_not_a_sweep_error(tmp_path):
         f"{f}:9: sweep 's': grid.engine.model: experiment 'tiny': engine.model: llama-3.1-70b does not fit on "
         "engine.gpus_per_replica=1 x a100-80gb"
     ), js[2].error
-    # A value the grid and a variant both give is blamed on the variant, whose setting is applied.
+    # A value the grid and a variant both give is refused (test_a_variant_that_sets_a_swept_key_is_refused).
     f = write(tmp_path, """\
         s:
           experiment: tiny
@@ -322,8 +322,9 @@ def test_invalid_point_is_a_job_error_not_a_sweep_error(tmp_path):
           variants:
             big: {set: {engine.model: llama-3.1-70b}}
         """)
-    errors = [j.error for j in jobs(load_sweep("s", f), f)]
-    assert all(e.startswith(f"{f}:13: sweep 's': variants.big.set.engine.model: experiment 'tiny': ") for e in errors), errors
+    with pytest.raises(ConfigError, match=r":13: sweep 's': variants.big.set.engine.model: replaces the grid's "
+                                          r"engine.model"):
+        load_sweep("s", f)
     # In a grid of cases, the case's entry.
     f = write(tmp_path, """\
         s:
@@ -446,3 +447,54 @@ def test_a_set_is_refused_only_where_every_point_or_variant_replaces_it(tmp_path
     assert str(info.value) == ("--set engine.replicas=4: every variant of sweep 'variants' sets it "
                                "(engine.replicas=2), which replaces this value; drop it from --set, or change the "
                                "variants")
+
+
+def test_a_variant_that_sets_a_swept_key_is_refused(tmp_path):
+    """The variant's value ran at every point while sweep.csv showed the grid's rates."""
+    f = write(tmp_path, """\
+        s:
+          experiment: tiny
+          grid: {workload.params.rate: [2.0, 8.0]}
+          variants:
+            default: {}
+            slow:
+              set: {workload.params.rate: 0.5}
+        ok:
+          experiment: tiny
+          grid: {workload.params.rate: [2.0, 8.0]}
+          variants:
+            small: {set: {workload.params.programs: 3}}
+        """)
+    with pytest.raises(ConfigError) as info:
+        load_sweep("s", f)
+    assert str(info.value) == (f"{f}:15: sweep 's': variants.slow.set.workload.params.rate: replaces the grid's "
+                               f"workload.params.rate (the rows would show the grid's value, not the one that ran); "
+                               f"vary it in the grid, or drop it from this variant")
+    assert len(load_sweep("ok", f).points) == 2  # a key the grid leaves alone
+
+
+def test_a_sweep_set_that_the_grid_replaces_at_every_point_is_refused(tmp_path):
+    f = write(tmp_path, """\
+        s:
+          experiment: tiny
+          set: {seed: 3}
+          grid: {seed: [0, 1]}
+        """)
+    with pytest.raises(ConfigError) as info:
+        load_sweep("s", f)
+    assert str(info.value) == (f"{f}:11: sweep 's': set.seed: the grid sets seed at every point, which replaces "
+                               f"this value; drop it from set:, or change the grid")
+
+
+def test_a_point_given_as_an_int_and_as_a_float_is_one_point(tmp_path):
+    """A range's 2 and a list's 2.0 ran twice, and the sweep failed after every job on the duplicate row."""
+    f = write(tmp_path, """\
+        s:
+          experiment: tiny
+          grid:
+            - workload.params.rate: {start: 1, stop: 2, step: 1}
+            - workload.params.rate: [2.0, 3.0]
+        """)
+    with pytest.raises(ConfigError, match=r"grid\[1\]: the point workload.params.rate=2.0 is in the grid twice "
+                                          r"\(grid\[0\] gives it too\)"):
+        load_sweep("s", f)
