@@ -43,6 +43,7 @@ SVG_METADATA = {"Date": None, "Creator": None}
 RC = {"svg.hashsalt": "autellix", "path.simplify": True}
 DPI = 100
 BOUND_HATCH = {"lower": "//", "upper": "\\\\", "unknown": ".."}
+FIGURES = ("latency_vs_rate", "throughput_ratio", "wait_breakdown", "balancers_vs_replicas")
 
 
 def save(fig: Any, stem: Path) -> list[Path]:
@@ -331,4 +332,8 @@ def draw_all(rows: Sequence[dict[str, Any]], out_dir: str | Path, target: str | 
     written += save(wait_breakdown(rows, target), out / "wait_breakdown")
     if has_scaling(rows):
         written += save(balancers_vs_replicas(rows, target), out / "balancers_vs_replicas")
+    for stem in FIGURES:  # one table's figures: none left from a table these rows do not support
+        for path in (out / stem).with_suffix(".png"), (out / stem).with_suffix(".svg"):
+            if path not in written:
+                path.unlink(missing_ok=True)
     return written

@@ -236,3 +236,13 @@ def test_ratio_bars_are_labelled_and_hatched_as_the_table_prints_them():
     ax = throughput_ratio_bars(data, 0.02).axes[0]
     assert [b.get_hatch() for b in ax.patches] == ["..", "\\\\"]
     assert [t.get_text() for t in ax.texts] == ["~1.00", "<=0.50"]
+
+
+def test_a_figure_the_new_table_does_not_support_is_not_left_from_the_last(tmp_path):
+    """The FCFS sweep's throughput_ratio stayed beside a later table's figures, which had no FCFS."""
+    draw_all(rows(), tmp_path, "2x")
+    assert (tmp_path / "throughput_ratio.png").exists()
+    no_fcfs = [r for r in rows() if r["policy"] == "plas"]
+    written = draw_all(no_fcfs, tmp_path, "2x")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in written)
+    assert not (tmp_path / "throughput_ratio.png").exists()
