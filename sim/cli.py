@@ -13,7 +13,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -355,6 +357,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _delegate(argv[0], argv[1:])
     args = _parser().parse_args(argv)
     errors = _user_errors()
+    main_thread = threading.current_thread() is threading.main_thread()  # only it may set handlers
+    previous = signal.signal(signal.SIGTERM, _terminated) if main_thread else None
     try:
         handler = {"run": _run, "sweep": _sweep, "plot": _plot}.get(args.command, _list)
         return handler(args)
@@ -369,6 +373,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             text = f"{exc.filename}: {exc.strerror}"
         print(f"error: {text}", file=sys.stderr)
         return 1
+    except Terminated:
+        print("terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, taken the way Ctrl-C is: Python's default ended the parent alone,
+    and a sweep's or replication's pool workers ran on, orphaned, writing
+    output for a command that had died. As an interrupt, the run stops its
+    workers and writes what finished (`sim.pool.SpawnPool.stop`)."""
+
+
+def _terminated(signum: int, frame: Any) -> None:
+    raise Terminated()

@@ -434,8 +434,8 @@ SLOW = EXPERIMENTS + """\
 """
 
 
-def _interrupt(cmd: list[str], started: Path, group_wide: bool) -> tuple[int, float, str]:
-    """Run ``cmd`` in its own process group and send it SIGINT once ``started`` exists and its workers are busy.
+def _interrupt(cmd: list[str], started: Path, group_wide: bool, sig: str = "SIGINT") -> tuple[int, float, str]:
+    """Run ``cmd`` in its own process group and send it ``sig`` once ``started`` exists and its workers are busy.
 
     Returns the exit status, the seconds it took to exit, and stderr; fails
     if any of its processes outlive it.
@@ -454,9 +454,9 @@ def _interrupt(cmd: list[str], started: Path, group_wide: bool) -> tuple[int, fl
     time.sleep(3)  # the workers are generating or simulating their first jobs
     assert proc.poll() is None, f"ended before the interrupt: {proc.communicate()}"
     if group_wide:
-        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C at a terminal: every process of the group
+        os.killpg(proc.pid, getattr(signal, sig))  # Ctrl-C at a terminal: every process of the group
     else:
-        os.kill(proc.pid, signal.SIGINT)  # only the command itself
+        os.kill(proc.pid, getattr(signal, sig))  # only the command itself (kill PID, a service manager)
     sent = time.monotonic()
     _, err = proc.communicate(timeout=900)
     elapsed = time.monotonic() - sent
@@ -485,6 +485,29 @@ def test_an_interrupted_sweep_stops_its_workers_at_once(tmp_path, group_wide):
     assert rc == 130 and err.strip().splitlines()[-1] == "interrupted", err
     assert elapsed < 30, f"took {elapsed:.1f} s to stop"
     assert read(out / "sweep.csv") == []
+
+
+def test_a_terminated_sweep_stops_its_workers_as_an_interrupt_does(tmp_path):
+    """SIGTERM to the command alone ended it and left its workers orphaned, running on."""
+    path = tmp_path / "exp.yaml"
+    path.write_text(SLOW)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "sim", "sweep", "slow", "--experiments", str(path), "--out", str(out), "--workers", "2", "--quiet"]
+    rc, elapsed, err = _interrupt(cmd, out / "sweep.csv", group_wide=False, sig="SIGTERM")
+    assert rc == 143 and err.strip().splitlines()[-1] == "terminated", err
+    assert elapsed < 30, f"took {elapsed:.1f} s to stop"
+    assert read(out / "sweep.csv") == []
+
+
+def test_terminated_replications_stop_their_workers(tmp_path):
+    path = tmp_path / "exp.yaml"
+    path.write_text(EXPERIMENTS)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "sim", "run", "tiny", "--experiments", str(path), "--out", str(out),
+           "--set", "workload.params.programs=200000", "--seeds", "2", "--workers", "2", "--quiet"]
+    rc, elapsed, err = _interrupt(cmd, out / "seed-0" / "config.yaml", group_wide=False, sig="SIGTERM")
+    assert rc == 143 and err.strip().splitlines()[-1] == "terminated", err
+    assert not (out / "replications.json").exists()
 
 
 def test_interrupted_replications_stop_their_workers_at_once(tmp_path):
