@@ -106,7 +106,7 @@ def _parser() -> argparse.ArgumentParser:
     _experiments_arg(sw)
     _set_arg(sw, "override a dotted key at every point, e.g. workload.params.programs=100 (not a key the grid varies, nor policies); repeatable")
     sw.add_argument("-o", "--out", metavar="DIR", help="output directory (default: results/sweeps/NAME)")
-    sw.add_argument("-w", "--workers", type=int, metavar="N", help="parallel jobs (default: the number of CPUs)")
+    sw.add_argument("-w", "--workers", type=int, metavar="N", help="parallel jobs (default: the number of CPUs; with --backend ray, the cluster's)")
     sw.add_argument("--backend", choices=("local", "ray"), default="local", help="local processes (default) or Ray tasks")
     sw.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no result table")
 

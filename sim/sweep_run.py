@@ -27,6 +27,7 @@ from __future__ import annotations
 import csv
 import functools
 import io
+import itertools
 import json
 import os
 import re
@@ -139,8 +140,10 @@ def import_ray() -> Any:
     return ray
 
 
-def run_local(jobs: Sequence[Job], workers: int) -> Iterator[JobResult]:
-    """Results in completion order; ``workers == 1`` runs in this process (no pool start-up)."""
+def run_local(jobs: Sequence[Job], workers: int | None) -> Iterator[JobResult]:
+    """Results in completion order; ``workers == 1`` runs in this process (no pool start-up),
+    None as many as there are CPUs."""
+    workers = max(1, min(workers or os.cpu_count() or 1, len(jobs) or 1))
     todo = sorted(jobs, key=lambda j: (-job_cost(j), j.index))  # longest first: less idle tail
     if workers <= 1:
         for job in todo:
@@ -161,13 +164,19 @@ def run_local(jobs: Sequence[Job], workers: int) -> Iterator[JobResult]:
                 pool.stop()
 
 
-def run_ray(jobs: Sequence[Job], workers: int) -> Iterator[JobResult]:
-    """The same jobs as Ray tasks on the cluster `ray.init` finds (or a local one)."""
+def run_ray(jobs: Sequence[Job], workers: int | None) -> Iterator[JobResult]:
+    """The same jobs as Ray tasks on the cluster `ray.init` finds (or a local one).
+
+    ``workers`` caps the tasks in flight (``-w``: memory, or a share of a
+    shared cluster); None leaves it to the cluster's CPUs.
+    """
     ray = import_ray()
     ray.init(ignore_reinit_error=True, include_dashboard=False, log_to_driver=False)
     remote = ray.remote(num_cpus=1)(run_job)
     todo = sorted(jobs, key=lambda j: (-job_cost(j), j.index))
-    pending = {remote.remote(job): job for job in todo}
+    queue = iter(todo)
+    limit = len(todo) if workers is None else workers
+    pending = {remote.remote(job): job for job in itertools.islice(queue, limit)}
     try:
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1)
@@ -177,6 +186,8 @@ def run_ray(jobs: Sequence[Job], workers: int) -> Iterator[JobResult]:
                     result = ray.get(ref)
                 except Exception as exc:  # noqa: BLE001  a lost worker or node
                     result = JobResult(job.index, "failed", f"{type(exc).__name__}: {exc}")
+                for nxt in itertools.islice(queue, 1):
+                    pending[remote.remote(nxt)] = nxt
                 yield result
     finally:
         # An interrupt, or the consumer stopped early: a cluster would run the
@@ -419,7 +430,6 @@ def _run_sweep(sweep: Sweep, jobs: Sequence[Job], out: str | Path, workers: int 
         raise BackendError(f"--backend {backend}: unknown backend; valid: {', '.join(BACKENDS)}")
     if backend == "ray":
         import_ray()  # fail before touching the output directory
-    workers = max(1, min(workers or os.cpu_count() or 1, len(jobs) or 1))
     writer = SweepWriter(sweep, jobs, Path(out))
     writer.start()
     start = time.perf_counter()

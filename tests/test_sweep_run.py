@@ -340,6 +340,7 @@ class FakeRay:
         self.lose = lose  # the job index whose task is lost
         self.inits = 0
         self.cancelled = []  # (job index, force) per ray.cancel
+        self.in_flight = self.most_in_flight = 0  # tasks submitted and not yet waited out
 
     def init(self, **kwargs):
         self.inits += 1
@@ -351,6 +352,8 @@ class FakeRay:
             class Remote:
                 @staticmethod
                 def remote(job):  # an object ref: hashable by identity, like Ray's
+                    ray.in_flight += 1
+                    ray.most_in_flight = max(ray.most_in_flight, ray.in_flight)
                     return Ref("lost", job, job) if job.index == ray.lose else Ref("ok", fn(job), job)
 
             return Remote
@@ -358,6 +361,7 @@ class FakeRay:
         return wrap
 
     def wait(self, refs, num_returns):
+        self.in_flight -= num_returns
         return list(reversed(refs))[:num_returns], list(reversed(refs))[num_returns:]  # another order
 
     def get(self, ref):
@@ -401,13 +405,30 @@ def test_a_ray_sweep_stopped_early_cancels_its_pending_tasks(exp, monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", fake)
     sweep = load_sweep("ok", exp)
     todo = jobs(sweep, exp)
-    results = run_ray(todo, workers=2)
+    results = run_ray(todo, workers=None)  # no -w: every task is submitted at once
     first = next(results)
     results.close()  # what a KeyboardInterrupt at the consumer does to this generator
     assert sorted(index for index, _ in fake.cancelled) == sorted(j.index for j in todo if j.index != first.index)
     assert all(force for _, force in fake.cancelled)
     fake.cancelled.clear()
     assert len(list(run_ray(todo, workers=2))) == len(todo) and fake.cancelled == []  # none left to cancel
+
+
+def test_a_ray_sweep_keeps_at_most_workers_tasks_in_flight(exp, monkeypatch):
+    """-w was ignored by the Ray backend: every task ran at once, so -w 1 limited no memory."""
+    from sim.sweep_run import run_ray
+
+    sweep = load_sweep("ok", exp)
+    todo = jobs(sweep, exp)
+    for workers, most in ((1, 1), (2, 2), (None, len(todo))):
+        fake = FakeRay(lose=-1)
+        monkeypatch.setitem(sys.modules, "ray", fake)
+        assert sorted(r.index for r in run_ray(todo, workers=workers)) == sorted(j.index for j in todo)
+        assert fake.most_in_flight == most
+    results = run_ray(todo, workers=2)
+    next(results)
+    results.close()
+    assert len(fake.cancelled) == 2  # only the two in flight: the rest were never submitted
 
 
 def test_an_interrupted_sweep_writes_its_finished_rows_in_grid_order(exp, tmp_path, monkeypatch):
