@@ -34,9 +34,10 @@ import re
 import sys
 import time
 from concurrent.futures import as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Generator, Iterable, Iterator, Sequence
 
 from sim.experiments import ConfigError, dump_yaml, to_file_dict
 from sim.metrics import add_ratios, summarize_policy
@@ -140,28 +141,50 @@ def import_ray() -> Any:
     return ray
 
 
-def run_local(jobs: Sequence[Job], workers: int | None) -> Iterator[JobResult]:
+def run_local(jobs: Sequence[Job], workers: int | None,
+              run: Callable[[Job], JobResult] = run_job) -> Iterator[JobResult]:
     """Results in completion order; ``workers == 1`` runs in this process (no pool start-up),
-    None as many as there are CPUs."""
+    None as many as there are CPUs. ``run`` is `run_job` (a test's stand-in must be picklable)."""
     workers = max(1, min(workers or os.cpu_count() or 1, len(jobs) or 1))
     todo = sorted(jobs, key=lambda j: (-job_cost(j), j.index))  # longest first: less idle tail
     if workers <= 1:
         for job in todo:
-            yield run_job(job)
+            yield run(job)
         return
+    # A worker that dies (killed, out of memory) breaks the whole pool, and
+    # every job not yet finished, queued ones too, comes back broken. Those
+    # run again in a fresh pool; a job that breaks that one as well runs
+    # alone, where a death can only be its own, and only then is a failed
+    # row. (Ray retries a lost task the same way.)
+    broken = yield from _in_pool(todo, workers, run)
+    if broken:
+        broken = yield from _in_pool([job for job, _ in broken], workers, run)
+    for job, _ in broken:
+        for lost, exc in (yield from _in_pool([job], 1, run)):
+            yield JobResult(lost.index, "failed", f"{type(exc).__name__}: {exc}")
+
+
+def _in_pool(jobs: Sequence[Job], workers: int,
+             run: Callable[[Job], JobResult]) -> Generator[JobResult, None, list[tuple[Job, BaseException]]]:
+    """Run ``jobs`` in one pool, yielding their results; returns, in ``jobs`` order,
+    those the pool's breaking took down, each with its error."""
+    broken: dict[int, tuple[Job, BaseException]] = {}
     with SpawnPool(workers) as pool:
-        futures = {pool.submit(run_job, job): job for job in todo}
+        futures = {pool.submit(run, job): job for job in jobs}
         try:
             for fut in as_completed(futures):
-                exc = fut.exception()
-                if exc is not None:  # the worker died (killed, out of memory): not the job's own error
-                    yield JobResult(futures[fut].index, "failed", f"{type(exc).__name__}: {exc}")
+                job, exc = futures[fut], fut.exception()
+                if isinstance(exc, BrokenProcessPool):
+                    broken[job.index] = (job, exc)
+                elif exc is not None:  # the job could not reach its worker (pickling): not the job's own error
+                    yield JobResult(job.index, "failed", f"{type(exc).__name__}: {exc}")
                 else:
                     yield fut.result()
         finally:
             # An interrupt here, or the consumer stopped early (it closed this generator).
             if not all(f.done() for f in futures):
                 pool.stop()
+    return [broken[job.index] for job in jobs if job.index in broken]
 
 
 def run_ray(jobs: Sequence[Job], workers: int | None) -> Iterator[JobResult]:

@@ -572,3 +572,22 @@ def test_plot_into_a_reader_that_stops_early_is_quiet(tmp_path):
     proc.stdout.close()
     err = proc.stderr.read()
     assert proc.wait(timeout=300) == 141 and err == ""
+
+
+def test_a_dead_worker_fails_only_its_own_job(exp):
+    """One worker killed (out of memory) broke the pool, and every job not yet
+    finished, queued ones too, became a failed row. They run again now; the job
+    that kills its worker is found alone, and only it fails."""
+    from sim.sweep_run import run_local
+    from sweep_worker_death import DEADLY, run_or_die
+
+    sweep = load_sweep("ok", exp)
+    todo = jobs(sweep, exp)
+    results = {r.index: r for r in run_local(todo, 2, run=run_or_die)}
+    assert sorted(results) == [j.index for j in todo]
+    assert {i for i, r in results.items() if r.status != "ok"} == DEADLY
+    assert results[min(DEADLY)].status == "failed" and "BrokenProcessPool" in results[min(DEADLY)].error
+    # the same rows, but the dead one, as an undisturbed run
+    alone = {r.index: r for r in run_local(todo, 1)}
+    assert {i: r.metrics for i, r in results.items() if i not in DEADLY} == \
+        {i: r.metrics for i, r in alone.items() if i not in DEADLY}
