@@ -54,6 +54,12 @@ def req(rid, program=None, tokens=20, max_tokens=4, service=None, thread=None, k
     return make_request(rid, prompt, max_tokens, extra_args=extra, **kw)
 
 
+def session_chunk(prompt, max_tokens, rid="sess", extra=None, resumable=True):
+    """One input chunk of a streaming session (a resumable request; vLLM 0.26.0's streaming input)."""
+    params = SamplingParams(max_tokens=max_tokens, ignore_eos=True, extra_args={"program_id": "S"} if extra is None else extra)
+    return Request(rid, prompt, params, None, resumable=resumable, block_hasher=get_request_block_hasher(16, sha256))
+
+
 def scheduled(out):
     return list(out.num_scheduled_tokens)
 
@@ -328,8 +334,7 @@ def test_each_chunk_of_a_streaming_input_session_is_one_call(model_dir):
     s = plugin(model_dir, clock, policy="plas", params=QUEUES, max_num_seqs=4)
 
     def chunk(prompt, resumable=True):
-        return Request("sess", prompt, SamplingParams(max_tokens=3, ignore_eos=True, extra_args={"program_id": "S"}),
-                       None, resumable=resumable, block_hasher=get_request_block_hasher(16, sha256))
+        return session_chunk(prompt, 3, resumable=resumable)
 
     s.add_request(chunk(list(range(100, 120))))
     for _ in range(3):
@@ -412,16 +417,12 @@ def test_a_streaming_sessions_next_chunk_can_take_a_victim(model_dir):
     s = plugin(model_dir, clock, policy="plas", params=QUEUES, max_num_seqs=4, num_blocks=15,
                max_num_batched_tokens=512)
 
-    def chunk(prompt):
-        return Request("sess", prompt, SamplingParams(max_tokens=2, ignore_eos=True, extra_args={"program_id": "S"}),
-                       None, resumable=True, block_hasher=get_request_block_hasher(16, sha256))
-
-    s.add_request(chunk(list(range(100, 120))))
+    s.add_request(session_chunk(list(range(100, 120)), 2))
     for _ in range(2):
         step(s, clock, 0.1)
     s.add_request(req("b", "B", tokens=160, max_tokens=50, service=10.0))
     step(s, clock, 0.1)
-    s.add_request(chunk(list(range(400, 480))))  # 80 tokens: 5 blocks beyond the 2 it holds
+    s.add_request(session_chunk(list(range(400, 480)), 2))  # 80 tokens: 5 blocks beyond the 2 it holds
     session = s.requests["sess"]
     assert session in list(s.skipped_waiting) and session.status == RequestStatus.WAITING
     assert s.core.calls["sess"].key < s.core.calls["b"].key
@@ -439,18 +440,14 @@ def test_a_streaming_sessions_next_chunk_needs_no_victim_for_the_blocks_it_holds
     s = plugin(model_dir, clock, policy="plas", params=QUEUES, max_num_seqs=4, num_blocks=15,
                max_num_batched_tokens=512)
 
-    def chunk(prompt):
-        return Request("sess", prompt, SamplingParams(max_tokens=2, ignore_eos=True, extra_args={"program_id": "S"}),
-                       None, resumable=True, block_hasher=get_request_block_hasher(16, sha256))
-
-    s.add_request(chunk(list(range(100, 196))))
+    s.add_request(session_chunk(list(range(100, 196)), 2))
     for _ in range(2):
         step(s, clock, 0.1)
     assert len(s.kv_cache_manager.coordinator.get_blocks("sess")[0]) == 7
     s.add_request(req("b", "B", tokens=72, max_tokens=50, service=10.0))
     step(s, clock, 0.1)
     assert s.kv_cache_manager.block_pool.get_num_free_blocks() == 2
-    s.add_request(chunk([300, 301, 302, 303]))
+    s.add_request(session_chunk([300, 301, 302, 303], 2))
     assert s.core.policy.outranks(s.core.calls["sess"], s.core.calls["b"])
     assert s._blocks_needed(s.core.calls["sess"]) == 0
     out = step(s, clock, 0.1)
@@ -503,8 +500,7 @@ def test_a_streaming_session_with_its_token_in_flight_is_no_policy_victim(model_
     s = plugin(model_dir, clock, policy="plas", params=QUEUES, max_num_seqs=1, async_scheduling=True)
 
     def chunk(rid, prompt, extra, resumable=True):
-        return Request(rid, prompt, SamplingParams(max_tokens=1, ignore_eos=True, extra_args=extra), None,
-                       resumable=resumable, block_hasher=get_request_block_hasher(16, sha256))
+        return session_chunk(prompt, 1, rid, extra, resumable)
 
     s.add_request(chunk("S", list(range(100, 120)), {"program_id": "S", "program_service": 10.0}))
     first = s.schedule()  # S prefills; its only token is in flight

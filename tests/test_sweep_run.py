@@ -495,51 +495,34 @@ def _interrupt(cmd: list[str], started: Path, group_wide: bool, sig: str = "SIGI
     return proc.returncode, elapsed, err
 
 
-@pytest.mark.parametrize("group_wide", [True, False], ids=["ctrl-c", "main-only"])
-def test_an_interrupted_sweep_stops_its_workers_at_once(tmp_path, group_wide):
+@pytest.mark.parametrize("group_wide, sig, rc, said", [
+    (True, "SIGINT", 130, "interrupted"),
+    (False, "SIGINT", 130, "interrupted"),
+    # SIGTERM to the command alone ended it and left its workers orphaned, running on.
+    (False, "SIGTERM", 143, "terminated"),
+], ids=["ctrl-c", "main-only", "sigterm"])
+def test_an_interrupted_sweep_stops_its_workers_at_once(tmp_path, group_wide, sig, rc, said):
     """Each job runs for minutes; an interrupt must not wait for the running or queued ones (it took 525 s on paper-single)."""
     path = tmp_path / "exp.yaml"
     path.write_text(SLOW)
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "sim", "sweep", "slow", "--experiments", str(path), "--out", str(out), "--workers", "2", "--quiet"]
-    rc, elapsed, err = _interrupt(cmd, out / "sweep.csv", group_wide)
-    assert rc == 130 and err.strip().splitlines()[-1] == "interrupted", err
+    code, elapsed, err = _interrupt(cmd, out / "sweep.csv", group_wide, sig)
+    assert code == rc and err.strip().splitlines()[-1] == said, err
     assert elapsed < 30, f"took {elapsed:.1f} s to stop"
     assert read(out / "sweep.csv") == []
 
 
-def test_a_terminated_sweep_stops_its_workers_as_an_interrupt_does(tmp_path):
-    """SIGTERM to the command alone ended it and left its workers orphaned, running on."""
-    path = tmp_path / "exp.yaml"
-    path.write_text(SLOW)
-    out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "sim", "sweep", "slow", "--experiments", str(path), "--out", str(out), "--workers", "2", "--quiet"]
-    rc, elapsed, err = _interrupt(cmd, out / "sweep.csv", group_wide=False, sig="SIGTERM")
-    assert rc == 143 and err.strip().splitlines()[-1] == "terminated", err
-    assert elapsed < 30, f"took {elapsed:.1f} s to stop"
-    assert read(out / "sweep.csv") == []
-
-
-def test_terminated_replications_stop_their_workers(tmp_path):
-    path = tmp_path / "exp.yaml"
-    path.write_text(EXPERIMENTS)
-    out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "sim", "run", "tiny", "--experiments", str(path), "--out", str(out),
-           "--set", "workload.params.programs=200000", "--seeds", "2", "--workers", "2", "--quiet"]
-    rc, elapsed, err = _interrupt(cmd, out / "seed-0" / "config.yaml", group_wide=False, sig="SIGTERM")
-    assert rc == 143 and err.strip().splitlines()[-1] == "terminated", err
-    assert not (out / "replications.json").exists()
-
-
-def test_interrupted_replications_stop_their_workers_at_once(tmp_path):
+@pytest.mark.parametrize("sig, rc, said", [("SIGINT", 130, "interrupted"), ("SIGTERM", 143, "terminated")])
+def test_interrupted_replications_stop_their_workers_at_once(tmp_path, sig, rc, said):
     """The running seeds are ended, not waited for; no replications.json is written."""
     path = tmp_path / "exp.yaml"
     path.write_text(EXPERIMENTS)
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "sim", "run", "tiny", "--experiments", str(path), "--out", str(out),
            "--set", "workload.params.programs=200000", "--seeds", "2", "--workers", "2", "--quiet"]
-    rc, elapsed, err = _interrupt(cmd, out / "seed-0" / "config.yaml", group_wide=False)
-    assert rc == 130 and err.strip().splitlines()[-1] == "interrupted", err
+    code, elapsed, err = _interrupt(cmd, out / "seed-0" / "config.yaml", group_wide=False, sig=sig)
+    assert code == rc and err.strip().splitlines()[-1] == said, err
     assert elapsed < 30, f"took {elapsed:.1f} s to stop"
     assert not (out / "replications.json").exists()
 
