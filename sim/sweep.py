@@ -546,10 +546,13 @@ def _once(where: _Where, seen: dict[tuple[str, ...], tuple[Any, ...]], point: di
 def _same_value(value: Any) -> str:
     """A value's identity for `_once`: numbers by value (a range's 2 is a list's 2.0)."""
     def canon(v: Any) -> Any:
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
-            return {k: canon(x) for k, x in v.items()} if isinstance(v, dict) else (
-                [canon(x) for x in v] if isinstance(v, list) else v)
-        return float(v) if abs(v) < 2 ** 53 else v  # beyond 2**53 a float would merge distinct integers
+        if isinstance(v, dict):
+            return {k: canon(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [canon(x) for x in v]
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and abs(v) < 2 ** 53:
+            return float(v)  # beyond 2**53 a float would merge distinct integers
+        return v
     return json.dumps(canon(value), sort_keys=True)
 
 
