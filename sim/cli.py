@@ -301,7 +301,7 @@ def _sweep(args: argparse.Namespace) -> int:
 
 
 def _plot(args: argparse.Namespace) -> int:
-    from sim.derived import load_rows, measured, parse_target, report
+    from sim.derived import load_rows, measured, parse_target, report, unfinished_sweeps
     from sim.experiments import ConfigError
     from sim.sweep_plots import draw_all
 
@@ -310,6 +310,8 @@ def _plot(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     rows = load_rows(args.results)
+    for warning in unfinished_sweeps(args.results):
+        print(f"warning: {warning}", file=sys.stderr)
     if not rows:
         raise ConfigError(f"{' '.join(args.results)}: no rows to plot")
     if not measured(rows):  # empty tables and figures, exit 0, read as a plot of nothing measured

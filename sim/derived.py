@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -232,6 +233,31 @@ def load_rows(results: str | Path | Sequence[str | Path]) -> list[dict[str, Any]
                 raise TableError(f"{where}: column {col!r}: expected a finite number >= 0, got {cell!r}")
         rows.append(row)
     return rows
+
+
+def unfinished_sweeps(results: str | Path | Sequence[str | Path]) -> list[str]:
+    """A warning for each table whose ``sweep.json`` says its sweep did not finish.
+
+    An interrupted sweep's table is well formed, only short of rows, so its
+    curves end early or lack points with no other sign. A table without a
+    ``sweep.json`` beside it (a copy, as under docs/figures) gets none.
+    """
+    if not isinstance(results, (str, Path)):
+        return [w for one in results for w in unfinished_sweeps(one)]
+    path = Path(results)
+    meta_path = (path if path.is_dir() else path.parent) / "sweep.json"
+    if not meta_path.is_file():
+        return []
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        state, finished, jobs = meta["state"], meta["finished"], meta["jobs"]
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        return [f"{meta_path}: cannot tell whether the sweep finished ({type(exc).__name__}: {exc})"]
+    if state == "complete":
+        return []
+    how = "was interrupted" if state == "interrupted" else "did not finish (killed, or still running)"
+    return [f"{meta_path}: the sweep {how}: {finished} of {jobs} jobs have a row; "
+            f"curves lack the rest"]
 
 
 def group_key(row: dict[str, Any]) -> tuple[tuple[str, Any], ...]:

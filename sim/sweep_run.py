@@ -12,7 +12,11 @@ Outputs in the sweep's directory:
   interrupted sweep keeps its finished rows, then rewritten in grid order at
   the end. Every column but ``wall_s`` is identical across runs;
 * ``sweep.parquet``: the same table, when pyarrow is installed;
-* ``sweep.json``: what was swept (name, base experiment, keys, labels);
+* ``sweep.json``: what was swept (name, base experiment, keys, labels),
+  and ``state``: ``running`` until the sweep ends, then ``complete`` or
+  ``interrupted`` (Ctrl-C, SIGTERM), with ``finished``, the jobs that have a
+  row. ``sim plot`` warns when a table's sweep is not complete, since its
+  curves then lack points without any other sign;
 * ``points/NNN/summary.json`` (`sim.metrics.summarize_run` of the point's
   finished labels) and ``config.yaml`` / ``config-VARIANT.yaml``, with which
   ``python -m sim run`` reruns the point.
@@ -45,6 +49,8 @@ from sim.pool import SpawnPool
 from sim.sweep import DEFAULT_VARIANT, Job, Sweep
 from sim.textout import write_atomic, writing_under
 
+# sweep.json's "state": a sweep killed outright (SIGKILL, power) stays RUNNING.
+RUNNING, COMPLETE, INTERRUPTED = "running", "complete", "interrupted"
 # Simulator counters kept in the table (from SimResult.stats).
 STATS = ("sim_time", "steps", "busy_fraction", "kv_evictions")
 METRICS = tuple(summarize_policy([], []))
@@ -357,6 +363,7 @@ class SweepWriter:
     rows: dict[int, dict[str, Any]] = field(default_factory=dict)
     by_index: dict[int, Job] = field(default_factory=dict)  # jobs may be a subset of a sweep's
     point_metrics: dict[int, dict[int, dict[str, Any]]] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
 
     def start(self) -> None:
         self.by_index = {j.index: j for j in self.jobs}
@@ -364,7 +371,7 @@ class SweepWriter:
         for name in ("sweep.csv", "sweep.parquet", "sweep.json"):
             (self.out / name).unlink(missing_ok=True)
         remove_points(self.out / "points")  # a previous run's points must not mix with this one's
-        meta = {
+        self.meta = {
             "sweep": self.sweep.name,
             "description": self.sweep.description,
             "experiment": self.sweep.experiment,
@@ -373,7 +380,7 @@ class SweepWriter:
             "points": len(self.sweep.points),
             "jobs": len(self.jobs),
         }
-        write_atomic(self.out / "sweep.json", json.dumps(meta, indent=2) + "\n")
+        self._write_meta(RUNNING)
         seen: set[tuple[int, str]] = set()
         for job in self.jobs:
             if job.cfg is None or (job.point.index, job.variant) in seen:
@@ -414,11 +421,16 @@ class SweepWriter:
         d.mkdir(parents=True, exist_ok=True)
         write_atomic(d / "summary.json", json.dumps(doc, indent=2, allow_nan=False) + "\n")
 
-    def finish(self) -> list[dict[str, Any]]:
+    def _write_meta(self, state: str) -> None:
+        meta = {**self.meta, "state": state, "finished": len(self.rows)}
+        write_atomic(self.out / "sweep.json", json.dumps(meta, indent=2) + "\n")
+
+    def finish(self, state: str = COMPLETE) -> list[dict[str, Any]]:
         ordered = [self.rows[i] for i in sorted(self.rows)]
         cols = columns(self.sweep)
         write_atomic(self.out / "sweep.csv", csv_text(cols, ordered))
         write_parquet(self.out / "sweep.parquet", cols, ordered)
+        self._write_meta(state)  # last: a sweep killed before this still reads "running"
         return ordered
 
 
@@ -475,7 +487,7 @@ def _run_sweep(sweep: Sweep, jobs: Sequence[Job], out: str | Path, workers: int 
                 bar.update(1)
         except KeyboardInterrupt:
             results.close()  # stops the workers at once, wherever the interrupt landed
-            writer.finish()  # the finished rows in grid order, as at the end of a whole sweep
+            writer.finish(INTERRUPTED)  # the finished rows in grid order, as at the end of a whole sweep
             raise
     rows = writer.finish()
     return SweepOutcome(rows, sorted(failed, key=lambda r: (r["point"], r["policy"])), time.perf_counter() - start)

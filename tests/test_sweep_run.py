@@ -445,6 +445,49 @@ def test_an_interrupted_sweep_writes_its_finished_rows_in_grid_order(exp, tmp_pa
         run_sweep(sweep, todo, tmp_path / "out", workers=2, quiet=True)
     table = read(tmp_path / "out" / "sweep.csv")
     assert [(r["point"], r["policy"], r["programs"]) for r in table] == [("0", "fcfs", "12"), ("0", "plas", "12"), ("1", "fcfs", "12")]
+    meta = json.loads((tmp_path / "out" / "sweep.json").read_text())
+    assert (meta["state"], meta["finished"], meta["jobs"]) == ("interrupted", 3, 8)
+
+
+def test_sweep_json_says_running_until_the_sweep_ends(exp, tmp_path, monkeypatch):
+    """A table cut short reads like a whole one; sweep.json tells them apart, and a killed sweep reads "running"."""
+    sweep = load_sweep("s", exp)
+    todo = jobs(sweep, exp)
+    seen = []
+
+    def backend(jobs_, workers):
+        for job in jobs_:
+            meta = json.loads((tmp_path / "out" / "sweep.json").read_text())
+            seen.append((meta["state"], meta["finished"]))
+            yield JobResult(job.index, "ok", "", 0.1, {"programs": 12})
+
+    monkeypatch.setitem(sweep_run.BACKENDS, "local", backend)
+    run_sweep(sweep, todo, tmp_path / "out", workers=2, quiet=True)
+    assert seen[0] == ("running", 0) and all(state == "running" for state, _ in seen)
+    meta = json.loads((tmp_path / "out" / "sweep.json").read_text())
+    assert (meta["state"], meta["finished"], meta["jobs"]) == ("complete", 8, 8)
+
+
+def test_plot_warns_of_a_sweep_that_did_not_finish(exp, tmp_path):
+    res = sim("sweep", "ok", "-e", "exp.yaml", "--set", "workload.params.programs=8", "-w", "1", "--quiet",
+              "--out", "out", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    res = sim("plot", "out", "--out", "p", cwd=tmp_path)
+    assert res.returncode == 0 and "warning" not in res.stderr, res.stderr
+    meta_path = tmp_path / "out" / "sweep.json"
+    meta = json.loads(meta_path.read_text())
+    for state, how in [("interrupted", "was interrupted"), ("running", "did not finish (killed, or still running)")]:
+        meta_path.write_text(json.dumps({**meta, "state": state, "finished": 3}))
+        for given in ("out", "out/sweep.csv"):
+            res = sim("plot", given, "--out", "p", cwd=tmp_path)
+            assert res.returncode == 0, res.stderr
+            assert res.stderr == f"warning: out/sweep.json: the sweep {how}: 3 of 6 jobs have a row; curves lack the rest\n"
+    meta_path.write_text("{")
+    res = sim("plot", "out", "--out", "p", cwd=tmp_path)
+    assert res.returncode == 0 and res.stderr.startswith("warning: out/sweep.json: cannot tell whether the sweep finished")
+    meta_path.unlink()  # a copied table (docs/figures) has no sweep.json: nothing to say
+    res = sim("plot", "out/sweep.csv", "--out", "p", cwd=tmp_path)
+    assert res.returncode == 0 and res.stderr == "", res.stderr
 
 
 SLOW = EXPERIMENTS + """\
