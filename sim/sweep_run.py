@@ -33,6 +33,7 @@ import functools
 import io
 import itertools
 import json
+import logging
 import os
 import re
 import sys
@@ -147,10 +148,11 @@ def import_ray() -> Any:
     return ray
 
 
-def run_local(jobs: Sequence[Job], workers: int | None,
+def run_local(jobs: Sequence[Job], workers: int | None, quiet: bool = False,
               run: Callable[[Job], JobResult] = run_job) -> Iterator[JobResult]:
     """Results in completion order; ``workers == 1`` runs in this process (no pool start-up),
-    None as many as there are CPUs. ``run`` is `run_job` (a test's stand-in must be picklable)."""
+    None as many as there are CPUs. ``run`` is `run_job` (a test's stand-in must be picklable).
+    The pool prints nothing, so ``quiet`` has nothing to silence here."""
     workers = max(1, min(workers or os.cpu_count() or 1, len(jobs) or 1))
     todo = sorted(jobs, key=lambda j: (-job_cost(j), j.index))  # longest first: less idle tail
     if workers <= 1:
@@ -193,14 +195,17 @@ def _in_pool(jobs: Sequence[Job], workers: int,
     return [broken[job.index] for job in jobs if job.index in broken]
 
 
-def run_ray(jobs: Sequence[Job], workers: int | None) -> Iterator[JobResult]:
+def run_ray(jobs: Sequence[Job], workers: int | None, quiet: bool = False) -> Iterator[JobResult]:
     """The same jobs as Ray tasks on the cluster `ray.init` finds (or a local one).
 
     ``workers`` caps the tasks in flight (``-w``: memory, or a share of a
-    shared cluster); None leaves it to the cluster's CPUs.
+    shared cluster); None leaves it to the cluster's CPUs. ``quiet`` (``-q``)
+    keeps Ray's start-up lines ("Started a local Ray instance", its token
+    notice) off stderr, where only errors then belong.
     """
     ray = import_ray()
-    ray.init(ignore_reinit_error=True, include_dashboard=False, log_to_driver=False)
+    ray.init(ignore_reinit_error=True, include_dashboard=False, log_to_driver=False,
+             logging_level=logging.ERROR if quiet else logging.INFO)
     remote = ray.remote(num_cpus=1)(run_job)
     todo = sorted(jobs, key=lambda j: (-job_cost(j), j.index))
     queue = iter(todo)
@@ -470,7 +475,7 @@ def _run_sweep(sweep: Sweep, jobs: Sequence[Job], out: str | Path, workers: int 
     start = time.perf_counter()
     failed: list[dict[str, Any]] = []
     by_index = {j.index: j for j in jobs}
-    results = BACKENDS[backend](jobs, workers)
+    results = BACKENDS[backend](jobs, workers, quiet=quiet)
     with tqdm(total=len(jobs), unit="job", disable=quiet, dynamic_ncols=True, mininterval=0.5, desc=sweep.name) as bar:
         try:
             for result in results:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 import statistics
 import subprocess
@@ -305,6 +306,7 @@ def test_ray_backend_on_a_local_ray_cluster_gives_the_process_pools_table(exp, t
     # Real Ray (the test extra installs it): `ray.init` starts a local cluster.
     res = sim("sweep", "ok", "-e", "exp.yaml", "--backend", "ray", "-w", "2", "--out", "ray", "--quiet", cwd=tmp_path)
     assert res.returncode == 0, res.stderr
+    assert res.stderr == ""  # Ray's "Started a local Ray instance" and token notice came through --quiet
     res = sim("sweep", "ok", "-e", "exp.yaml", "-w", "1", "--out", "local", "--quiet", cwd=tmp_path)
     assert res.returncode == 0, res.stderr
 
@@ -344,6 +346,7 @@ class FakeRay:
 
     def init(self, **kwargs):
         self.inits += 1
+        self.init_kwargs = kwargs
 
     def remote(self, num_cpus):
         ray = self
@@ -384,6 +387,7 @@ def test_ray_backend_runs_jobs_as_tasks(exp, tmp_path, monkeypatch):
     sweep = load_sweep("ok", exp)
     outcome = run_sweep(sweep, jobs(sweep, exp), tmp_path / "ray", backend="ray", quiet=True)
     assert fake.inits >= 1
+    assert fake.init_kwargs["logging_level"] == logging.ERROR  # -q: Ray's start-up lines stay off stderr
     assert [(r["point"], r["policy"], r["status"]) for r in outcome.rows] == [
         (0, "fcfs", "ok"), (0, "mlfq", "failed"), (0, "fcfs-unopt", "ok"),
         (1, "fcfs", "ok"), (1, "mlfq", "ok"), (1, "fcfs-unopt", "ok"),
@@ -435,7 +439,7 @@ def test_an_interrupted_sweep_writes_its_finished_rows_in_grid_order(exp, tmp_pa
     sweep = load_sweep("s", exp)
     todo = jobs(sweep, exp)
 
-    def interrupted_backend(jobs_, workers):
+    def interrupted_backend(jobs_, workers, quiet):
         for job in reversed(todo[:3]):  # completion order is not grid order
             yield JobResult(job.index, "ok", "", 0.1, {"programs": 12})
         raise KeyboardInterrupt
@@ -455,7 +459,7 @@ def test_sweep_json_says_running_until_the_sweep_ends(exp, tmp_path, monkeypatch
     todo = jobs(sweep, exp)
     seen = []
 
-    def backend(jobs_, workers):
+    def backend(jobs_, workers, quiet):
         for job in jobs_:
             meta = json.loads((tmp_path / "out" / "sweep.json").read_text())
             seen.append((meta["state"], meta["finished"]))
