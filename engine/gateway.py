@@ -105,7 +105,7 @@ from engine.protocol import (
     with_xargs,
     xargs_for,
 )
-from engine.sse import DONE, SSEParser, event_token_count
+from engine.sse import DONE, SSEParser, event_token_count, whole_events_end
 from sim.core import ProcessTable, make_balancer, make_policy
 from sim.core.params import PolicyParams
 from sim.core.state import CallState, ProgramState
@@ -332,9 +332,13 @@ class Gateway:
             self._anon += 1
             return f"anon-{uuid.uuid4().hex[:12]}", "0"
         check_id(pid, pid_field)
-        if tid is None:
-            self._anon += 1
-            return pid, f"t-{self._anon}"
+        if tid is None:  # its own thread, named past any the program has live (a client may use "t-1" too)
+            program = self.acct.table.get(pid)
+            while True:
+                self._anon += 1
+                tid = f"t-{self._anon}"
+                if program is None or tid not in program.live:
+                    return pid, tid
         return pid, check_id(tid, tid_field)
 
     async def _body(self, request: web.Request) -> dict[str, Any]:
@@ -524,6 +528,7 @@ class Gateway:
         outcome = Outcome()
         done = False
         failed = False
+        held = b""  # the start of an event not yet whole: relayed with its end (`whole_events_end`)
         chunks = upstream.content.iter_any()
         while True:
             try:
@@ -560,11 +565,17 @@ class Gateway:
                 stats = event.get(ENGINE_STATS)
                 if isinstance(stats, dict) and isinstance(stats.get("service"), (int, float)):
                     outcome.engine_service = float(stats["service"])
-            try:
-                await resp.write(chunk)
-            except ConnectionResetError:  # the client is gone: an abort, which _relay passes on to the engine
-                return resp, None
+            held += chunk
+            cut = whole_events_end(held)
+            if cut:
+                try:
+                    await resp.write(held[:cut])
+                except ConnectionResetError:  # the client is gone: an abort, which _relay passes on to the engine
+                    return resp, None
+                held = held[cut:]
         try:
+            if held:  # the stream ended cleanly: whatever it ended with goes through unchanged
+                await resp.write(held)
             await resp.write_eof()
         except ConnectionResetError:
             return resp, None

@@ -57,6 +57,34 @@ class SSEParser:
                 yield event
 
 
+def whole_events_end(buf: bytes) -> int:
+    """How many leading bytes of ``buf`` are whole events (each ended by its blank line).
+
+    A relay that passes bytes through as they come can leave a client in the
+    middle of an event; if the stream then fails, an error event written
+    after them joins that half event, and the client drops both. Relaying
+    only whole events avoids it. A CR at the very end may be half of a CRLF,
+    so it does not end a line here yet.
+    """
+    end = line_start = pos = 0
+    n = len(buf)
+    while pos < n:
+        cr, lf = buf.find(b"\r", pos), buf.find(b"\n", pos)
+        if cr < 0 and lf < 0:
+            break
+        at = lf if cr < 0 or (0 <= lf < cr) else cr
+        if buf[at] == 0x0D:  # CR: alone, or the first half of a CRLF
+            if at + 1 == n:
+                break
+            nxt = at + 2 if buf[at + 1] == 0x0A else at + 1
+        else:
+            nxt = at + 1
+        if at == line_start:  # an empty line: the event before it is whole
+            end = nxt
+        line_start = pos = nxt
+    return end
+
+
 def event_token_count(event: dict[str, Any]) -> int:
     """Output tokens carried by one streamed completion/chat chunk.
 

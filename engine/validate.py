@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+from sim.core.policies import POLICY_CLASSES
 from sim.metrics import mean, percentile, read_programs_csv
 from sim.textout import aligned
 
@@ -72,6 +73,9 @@ def load_replay(directory: str | Path) -> Replayed:
     for key in ("trace", "policy"):
         if not isinstance(meta.get(key), str):
             raise ValidationError(f"{meta_path}: missing string field {key!r}")
+    if meta["policy"] not in POLICY_CLASSES:  # the simulation runs it: refused here, with the file
+        raise ValidationError(f"{meta_path}: field 'policy': unknown policy {meta['policy']!r}; valid choices: "
+                              f"{', '.join(POLICY_CLASSES)}")
     kv_ttl = meta.get("kv_ttl", 0.0)
     if isinstance(kv_ttl, bool) or not isinstance(kv_ttl, (int, float)) or not math.isfinite(kv_ttl) or kv_ttl < 0:
         raise ValidationError(f"{meta_path}: field 'kv_ttl' must be a finite number of seconds >= 0, got {kv_ttl!r}")

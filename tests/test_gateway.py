@@ -243,3 +243,21 @@ def test_helpers():
     assert XARGS == SERVE_XARGS  # the engine stand-in reads what the gateway writes
     with pytest.raises(ValueError, match=r"^at least one --engine URL is needed$"):
         GatewayConfig(engines=[])
+
+
+def test_an_untagged_call_never_takes_a_thread_the_program_has_live():
+    """Its made-up name "t-1" was refused with 409 (thread_busy, naming X-Thread-Id, which this client
+    never sent) when the program's own client had a call live on a thread it named "t-1"."""
+    from types import SimpleNamespace
+
+    from engine.gateway import Gateway
+
+    gateway = Gateway(GatewayConfig(engines=["http://127.0.0.1:9"]))
+    gateway.acct.start("p", "t-1", 4, 0.0)  # the client's own thread "t-1" is live
+    untagged = SimpleNamespace(headers={"X-Program-Id": "p"})
+    pid, tid = gateway._ids(untagged, {"prompt": [1]})
+    assert (pid, tid) == ("p", "t-2")
+    gateway.acct.start(pid, tid, 4, 0.0)  # no BadRequest: the thread is free
+    gateway.acct.start("p", "t-4", 4, 0.0)
+    assert gateway._ids(untagged, {})[1] == "t-3"
+    assert gateway._ids(untagged, {})[1] == "t-5"  # t-4 is live

@@ -28,7 +28,8 @@ ERROR = {"error": {"message": "Internal server error", "type": "InternalServerEr
 
 
 async def start_failing_engine(mode: str) -> Running:
-    """An engine that streams one token, then fails: ``error_event`` as vLLM does, or ``die`` (connection cut)."""
+    """An engine that streams one token, then fails: ``error_event`` as vLLM does, ``die`` (connection cut),
+    or ``die_mid_event`` (cut after the first bytes of the next event)."""
 
     async def completions(request: web.Request) -> web.StreamResponse:
         await request.read()
@@ -39,6 +40,8 @@ async def start_failing_engine(mode: str) -> Running:
             await resp.write(b"data: " + json.dumps(ERROR).encode() + b"\n\ndata: [DONE]\n\n")
             await resp.write_eof()
         else:
+            if mode == "die_mid_event":
+                await resp.write((b"data: " + json.dumps(TOKEN).encode())[:20])
             await asyncio.sleep(0.05)
             request.transport.abort()
         return resp
@@ -61,7 +64,9 @@ async def _stream_events(session: aiohttp.ClientSession, url: str) -> list:
     return events
 
 
-@pytest.mark.parametrize("mode", ["error_event", "die"])
+# die_mid_event: the half event went through, the error event joined it, and the client,
+# dropping that one broken event, read [DONE] alone: a failed call that looked complete.
+@pytest.mark.parametrize("mode", ["error_event", "die", "die_mid_event"])
 def test_a_call_that_fails_mid_stream_is_not_charged_and_the_client_is_told(mode):
     async def go():
         eng = await start_failing_engine(mode)
@@ -79,7 +84,8 @@ def test_a_call_that_fails_mid_stream_is_not_charged_and_the_client_is_told(mode
     events, settled, program, loads = run(go())
     errors = [e for e in events if isinstance(e, dict) and "error" in e]
     assert len(errors) == 1 and events[-1] == DONE, events
-    if mode == "die":
+    assert events[0]["choices"][0]["token_ids"] == [7]
+    if mode != "error_event":
         assert errors[0]["error"]["code"] == "engine_failed"
         assert "failed mid-stream" in errors[0]["error"]["message"]
     assert settled and loads == [0]
@@ -105,6 +111,26 @@ def test_the_replayer_counts_a_mid_stream_failure_as_a_failed_call(mode, words):
 
     message = run(go())
     assert message.startswith("program p1 call c0: ") and words in message, message
+
+
+def test_a_replay_through_the_gateway_counts_an_engine_dying_mid_event_as_failed():
+    async def go():
+        eng = await start_failing_engine("die_mid_event")
+        gw, _ = await start_gw([eng.url])
+        try:
+            async with HTTPTarget(gw.url) as target:
+                from engine.replay import Clock
+
+                clock = Clock(asyncio.get_running_loop().time())
+                with pytest.raises(ReplayError) as info:
+                    await target.send([1, 2, 3], 4, "p1", "c0", clock)
+                return str(info.value)
+        finally:
+            await gw.stop()
+            await eng.stop()
+
+    message = run(go())
+    assert "engine 0" in message and "failed mid-stream" in message, message
 
 
 @pytest.mark.parametrize(

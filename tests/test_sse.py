@@ -7,7 +7,7 @@ import json
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.sse import DONE, SSEParser
+from engine.sse import DONE, SSEParser, whole_events_end
 
 texts = st.text(alphabet=st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=8)
 
@@ -46,3 +46,40 @@ def test_a_read_that_is_only_the_lf_of_a_crlf_ends_that_line_alone():
     for piece in (b'data: {"a":1}\r', b"\n", b'\ndata: {"b":2}\n\n'):
         got += parser.feed(piece)
     assert got == [{"a": 1}, {"b": 2}]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    words=st.lists(texts, max_size=6),
+    newline=st.sampled_from([b"\n", b"\r\n", b"\r"]),
+    cuts=st.lists(st.integers(0, 10_000), max_size=12),
+)
+def test_whole_events_end_relays_each_event_whole(words, newline, cuts):
+    """What a relay passes on (`whole_events_end` of what it holds) is always whole events, parsed
+    alone to the same events, however the stream is cut into reads; the rest comes at the end."""
+    events = [{"choices": [{"index": 0, "text": w}]} for w in words]
+    stream = b"".join(b"data: " + json.dumps(e).encode() + newline * 2 for e in events)
+    bounds = sorted({min(c, len(stream)) for c in cuts} | {0, len(stream)})
+    held, relayed = b"", []
+    for start, end in zip(bounds, bounds[1:]):
+        held += stream[start:end]
+        cut = whole_events_end(held)
+        relayed.append(held[:cut])
+        held = held[cut:]
+    for piece in relayed:  # each piece stands alone: no half event for an error to join
+        parser = SSEParser()
+        list(parser.feed(piece))
+        assert parser._buf == b"", piece
+    assert b"".join(relayed) + held == stream
+    assert list(SSEParser().feed(b"".join(relayed) + held)) == events
+    if newline != b"\r":  # a final CR may be half a CRLF: held until more comes or the stream ends
+        assert held == b""
+
+
+def test_whole_events_end_by_hand():
+    assert whole_events_end(b'data: {"a":1}\n\ndata: {"b"') == 15
+    assert whole_events_end(b'data: x\r\n\r\n') == 11
+    assert whole_events_end(b'data: x\r\n\r') == 0  # the last CR may be the start of its CRLF
+    assert whole_events_end(b'data: x\r\r\n') == 10
+    assert whole_events_end(b'data: x\n') == 0
+    assert whole_events_end(b": keep-alive\n\n") == 14

@@ -182,6 +182,16 @@ def test_a_malformed_kv_ttl_in_replay_json_is_named(tmp_path):
     assert str(err.value) == f"{d / 'replay.json'}: field 'kv_ttl' must be a finite number of seconds >= 0, got '2'"
 
 
+def test_an_unknown_policy_in_replay_json_is_named_not_a_traceback(tmp_path):
+    """The simulation's make_policy raised ValueError, which validate's CLI did not catch."""
+    trace, _ = _trace(tmp_path)
+    d = _replay_dir(tmp_path, "r", trace, "nosuch", {"p0": 0.1})
+    with pytest.raises(ValidationError) as err:
+        load_replay(d)
+    assert str(err.value) == (f"{d / 'replay.json'}: field 'policy': unknown policy 'nosuch'; valid choices: "
+                              "fcfs, mlfq, plas, atlas, srpt, program_fcfs")
+
+
 def test_replays_of_other_programs_or_none_or_twice_are_refused(tmp_path):
     """Each compared silently: ids the trace lacks were left out (q0-q2: 'programs 0', rc 0), a replay with no
     program read as a comparison, and a second row of a program replaced the first."""
