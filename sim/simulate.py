@@ -208,7 +208,9 @@ class Cluster:
                 first_scheduled=call.first_scheduled,
                 first_token=call.first_token,
                 finish=call.finish,
-                waiting=(call.finish - call.arrival) - call.service,
+                # >= 0 by construction (service accrues between arrival and finish); the max drops
+                # the rounding of a long sum of steps, which read -3e-14 s for a call never waiting
+                waiting=max(0.0, (call.finish - call.arrival) - call.service),
                 service=call.service,
                 preemptions=call.core.preemptions,
                 prefix_hit_tokens=call.prefix_hit_tokens,
