@@ -514,18 +514,22 @@ def mean_over_seeds(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     # them (same workload and rates); alone it needs none, and labels stay short.
     mark = SEEDS_MEAN if any(r.get(SEED) is None for r in rows) else None
     merged: dict[tuple, list[dict[str, Any]]] = {}
+    seeds_of: dict[tuple, set[Any]] = {}  # every seed a group was run under, at any rate or label
     for r in rows:
         if r.get(SEED) is None:
             merged[("row", len(merged))] = [r]
             continue
         key = (without_seed(group_key(r)), r.get("variant"), r.get("policy"), r.get("rate"))
         merged.setdefault(key, []).append(r)
+        seeds_of.setdefault(key[0], set()).add(_hashable(r[SEED]))
     out = []
-    for group in merged.values():
+    for key, group in merged.items():
         if len(group) == 1 and group[0].get(SEED) is None:
             out.append(group[0])
             continue
-        ok = all(r.get("status") == "ok" for r in group)
+        # A seed with no row here (an interrupted sweep, tables put together) is a seed that did not finish.
+        complete = {_hashable(r[SEED]) for r in group} == seeds_of[key[0]]
+        ok = complete and all(r.get("status") == "ok" for r in group)
         identity = {k for k, _ in group_key(group[0])} | {"sweep", "point", "rate", "variant", "policy", "scheduler"}
         row: dict[str, Any] = {}
         for col, first in group[0].items():

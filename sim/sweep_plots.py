@@ -23,6 +23,8 @@ from sim.confidence import CONFIDENCE, t_interval  # noqa: E402
 from sim.derived import (  # noqa: E402
     BOUND_PREFIX,
     LATENCY,
+    SEED,
+    SEEDS_MEAN,
     Curve,
     Throughput,
     curves,
@@ -97,6 +99,12 @@ def _over_seeds(curves_: Sequence[Curve], metric: str) -> tuple[list[float], lis
     return rates, mean, low, high
 
 
+def _across_seeds(group: tuple[tuple[str, Any], ...]) -> tuple[tuple[tuple[str, Any], ...], bool]:
+    """A group's key across its seeds, and whether it has seeds: a table without a ``seed``
+    column, plotted beside a sweep over seeds, is not one more seed of that sweep."""
+    return without_seed(group), dict(group).get(SEED) is not None
+
+
 def latency_vs_rate(rows: Sequence[dict[str, Any]], target: str | float | None = None) -> Any:
     """Mean (top) and p99 (bottom) normalised latency against arrival rate, a panel per group.
 
@@ -109,7 +117,7 @@ def latency_vs_rate(rows: Sequence[dict[str, Any]], target: str | float | None =
     panels: dict[tuple, dict[str, list[Curve]]] = {}
     for group, by_policy in groups.items():
         for policy, c in by_policy.items():
-            panels.setdefault(without_seed(group), {}).setdefault(policy, []).append(c)
+            panels.setdefault(_across_seeds(group), {}).setdefault(policy, []).append(c)
     with plt.rc_context(RC):
         fig, axes = _panels(len(panels), rows=2)
         for col, (panel, by_policy) in enumerate(panels.items()):
@@ -127,7 +135,7 @@ def latency_vs_rate(rows: Sequence[dict[str, Any]], target: str | float | None =
                 if row == 0 and L is not None:
                     ax.axhline(L, color="grey", ls="--", lw=1, label=f"target L={L:.3g}")
                 _yscale(ax, shown)
-                title = group_label(panel) + (f" ({seeds} seeds, {round(CONFIDENCE * 100)}% band)" if seeds > 1 else "")
+                title = group_label(panel[0]) + (f" ({seeds} seeds, {round(CONFIDENCE * 100)}% band)" if seeds > 1 else "")
                 ax.set_title(title if row == 0 else "")
                 ax.set_xlabel("arrival rate (programs/s)")
                 ax.set_ylabel(f"{what} normalised latency (s/token)")
@@ -152,21 +160,26 @@ def throughput_ratio_bars(rows: Sequence[dict[str, Any]], target: str | float | 
     table = throughput_table(rows, target)
     over_seeds = seed_table(table)
     # (group, policy) -> (ratio, its Ratio.bound, (low, high) or None)
+    # A cluster is a group across its seeds and whether it has seeds (`_across_seeds`).
     bars_of: dict[tuple, tuple[float | None, str, tuple[float, float] | None]] = {}
     if over_seeds:
         for t in over_seeds:
             if baseline in t.ratios:
                 iv = t.ratios[baseline]
-                bars_of[t.group, t.policy] = (None, "exact", None) if iv is None else (iv.mean, "exact", (iv.low, iv.high))
+                bars_of[(t.group, True), t.policy] = (None, "exact", None) if iv is None else (iv.mean, "exact", (iv.low, iv.high))
         title = f"Throughput at equal latency: mean over seeds, {round(CONFIDENCE * 100)}% interval\n(n/a: some seed met the target at every swept rate or at none)"
     else:
         title = "Throughput at equal latency (hatched: a bound; >= lower, <= upper, ~ neither)"
-    covered = {(t.group, t.policy) for t in over_seeds}
+    covered = {((t.group, True), t.policy) for t in over_seeds}
     for t in table:  # curves no seed table covers: every curve, or those of a grid case with one seed or none
-        if (without_seed(t.group), t.policy) not in covered and baseline in t.ratios:
+        cluster = _across_seeds(t.group)
+        if (cluster, t.policy) not in covered and baseline in t.ratios:
             r = t.ratios[baseline]
-            bars_of[t.group, t.policy] = (r.value, r.bound, None)
+            bars_of[cluster if cluster[1] else (t.group, False), t.policy] = (r.value, r.bound, None)
     groups = list(dict.fromkeys(g for g, _ in bars_of))
+    names = [group_label(g) for g, _ in groups]
+    # Beside a table without seeds, the same group over seeds is told apart.
+    labels = [f"{n} seed={SEEDS_MEAN}" if seeded and names.count(n) > 1 else n for n, (_, seeded) in zip(names, groups)]
     policies = list(dict.fromkeys(p for _, p in bars_of))
     with plt.rc_context(RC):
         fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(groups) * max(len(policies), 1) * 0.5 + 3), 4), dpi=DPI)
@@ -189,7 +202,7 @@ def throughput_ratio_bars(rows: Sequence[dict[str, Any]], target: str | float | 
                 elif over_seeds:
                     ax.annotate("n/a", (x, 0), ha="center", va="bottom", fontsize="x-small")
         ax.axhline(1.0, color="grey", lw=1)
-        ax.set_xticks(pos, [group_label(g) for g in groups])
+        ax.set_xticks(pos, labels)
         ax.set_ylabel(f"throughput at target latency / {baseline}'s")
         ax.set_title(title)
         ax.grid(True, axis="y", alpha=0.3)

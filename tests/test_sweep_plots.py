@@ -177,6 +177,45 @@ def test_a_seedless_table_beside_a_seeded_one_keeps_its_own_curves():
     assert [dict(g).get("seed") for g in curves(mean_over_seeds(plain + one))] == [None, one[0]["seed"]]
 
 
+def test_a_table_without_seeds_beside_a_sweep_over_seeds_is_not_one_more_seed():
+    """Its group, with no seed column, equalled the seeded groups' with the seed taken out: the latency
+    figure averaged it in as a fourth seed, and the ratio figure dropped its bars or mixed them in."""
+    from sim.confidence import t_interval
+    from sim.sweep_plots import latency_vs_rate, throughput_ratio_bars
+
+    plain = [{**r, "normalized_latency_mean": 2 * r["normalized_latency_mean"]} for r in rows()
+             if r["policy"] != "fcfs-unopt"]  # no seed column at all
+    fig = latency_vs_rate(seeded_rows() + plain, 0.06)
+    tops = fig.axes[:2]
+    assert [ax.get_title() for ax in tops] == ["bfcl (3 seeds, 95% band)", "bfcl"]
+    fcfs = next(line for line in tops[0].get_lines() if line.get_label() == "fcfs")
+    assert list(fcfs.get_ydata()) == [pytest.approx(0.02), pytest.approx(0.05), pytest.approx(0.3)]
+    band = tops[0].collections[0].get_paths()[0].vertices[:, 1]
+    assert max(band) == pytest.approx(t_interval([0.3 * 0.9, 0.3, 0.3 * 1.1]).high)
+    fcfs_plain = next(line for line in tops[1].get_lines() if line.get_label() == "fcfs")
+    assert list(fcfs_plain.get_ydata()) == [pytest.approx(0.04), pytest.approx(0.1), pytest.approx(0.6)]
+    ax = throughput_ratio_bars(seeded_rows() + plain, 0.06).axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["bfcl seed=mean", "bfcl"]
+    # the seedless run: FCFS 0.04 -> 0.1 crosses 0.06 at 2 + 2 x 0.02 / 0.06 = 2.667, PLAS 0.04 -> 0.06 at 4
+    fcfs_bars, plas_bars = ax.containers[0], ax.containers[2]
+    over_seeds = sum((4 + 2 * (0.06 - 0.03 * k) / (0.05 * k)) / (4 + 2 * (0.06 - 0.05 * k) / (0.25 * k))
+                     for k in (0.9, 1.0, 1.1)) / 3  # the three seeds alone, as without the seedless run
+    assert [round(b.get_height(), 3) for b in plas_bars] == [round(over_seeds, 3), round(4 / (2 + 2 * 0.02 / 0.06), 3)]
+    assert [round(b.get_height(), 3) for b in fcfs_bars] == [1.0, 1.0]
+
+
+def test_mean_over_seeds_fails_a_point_that_some_seed_lacks():
+    """An interrupted sweep, or tables put together, left seed 2 without a row at rate 6: the mean over the
+    other two was drawn as the mean over seeds."""
+    from sim.derived import mean_over_seeds
+
+    seeded = [r for r in seeded_rows() if not (r["seed"] == 2 and r["rate"] == 6)]
+    merged = {(r["policy"], r["rate"]): r for r in mean_over_seeds(seeded)}
+    assert merged["fcfs", 6]["status"] == "failed" and merged["fcfs", 6]["normalized_latency_mean"] is None
+    assert merged["plas", 6]["status"] == "failed"
+    assert merged["fcfs", 4]["status"] == "ok" and merged["fcfs", 4]["normalized_latency_mean"] == pytest.approx(0.05)
+
+
 def test_ratio_figure_keeps_curves_without_seeds_next_to_seeded_ones():
     from sim.sweep_plots import throughput_ratio_bars
 
