@@ -445,7 +445,13 @@ def test_azure_label_of_a_file_name_that_is_not_utf8(tmp_path):
      '   {"from": "human", "value": "x"},\n   {"from": "gpt",\n    "value": "y", "value": "z"}]}\n]',
      "6: field 'value': duplicate key in one JSON object (in conversation [1])"),
     ('{"a": 1, "a": 2}', "1: field 'a': duplicate key in one JSON object"),
-])
+    # A null element is an index too: it said conversation [0].
+    ('[null,\n {"id": "b", "conversations": [{"from": "human", "value": "q", "value": "r"}]}]',
+     "2: field 'value': duplicate key in one JSON object (in conversation [1])"),
+    # Deeper than json's pure-Python scanner goes: a RecursionError traceback; now the conversation, no line.
+    ('[{"conversations": []}, {"conversations": [], "x": ' + "[" * 500 + '{"k": 1, "k": 2}' + "]" * 500 + "}]",
+     " field 'k': duplicate key in one JSON object (in conversation [1])"),
+], ids=["conversations-twice", "from-twice", "indented", "top-level-object", "null-element", "deep"])
 def test_sharegpt_a_key_given_twice_is_refused_with_its_line(tmp_path, text, where):
     """json kept the last value: a conversation vanished, or a reply became a question."""
     p = tmp_path / "sg.json"

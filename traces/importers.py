@@ -247,45 +247,59 @@ class _Chat:
         self.replying = True
 
 
+_JSON_SPACE = re.compile(r"[ \t\n\r]*")
+
+
 def _repeat_position(text: str) -> tuple[int | None, int | None]:
     """The line of the object that gives a key twice, and the index of the top-level
-    conversation holding it (None if it is not inside one).
+    conversation holding it (None if it is not inside one, or if it cannot be told).
 
     Only called once :func:`unique_keys` has refused the document, so the cost
-    of a second, slower parse falls on bad files alone: json's C scanner does
-    not say where an object starts, its pure-Python scanner calls a
-    replaceable ``parse_object`` with the offset.
+    of a second, slower parse falls on bad files alone. The conversation is
+    found by decoding the top-level array's elements one by one (any value
+    counts: a ``null`` element is an index too). The line needs json's
+    pure-Python scanner, which calls a replaceable ``parse_object`` with the
+    offset (the C scanner does not say where an object starts); it is run on
+    that element alone, and one nested too deeply for it gives no line.
     """
-    started: list[int] = []  # offsets of the conversations (objects at depth 1) begun so far
-    depth = 0
+    fast = json.JSONDecoder(parse_int=parse_json_int, object_pairs_hook=unique_keys)
+    at = _JSON_SPACE.match(text).end()
+    conversation = None
+    if text.startswith("[", at):
+        at, i = at + 1, 0
+        while True:
+            at = _JSON_SPACE.match(text, at).end()
+            try:
+                _, after = fast.raw_decode(text, at)
+            except TraceError:
+                conversation = i
+                break
+            except (ValueError, RecursionError):
+                return None, None
+            at = _JSON_SPACE.match(text, after).end()
+            if not text.startswith(",", at):
+                return None, None  # the repeat was not inside an element
+            at, i = at + 1, i + 1
     found: list[int] = []
 
     def parse_object(s_and_end: tuple[str, int], *args: Any, **kwargs: Any) -> tuple[Any, int]:
-        nonlocal depth
-        s, end = s_and_end
-        depth += 1
-        if depth == 1:
-            started.append(end)
         try:
             return json.decoder.JSONObject(s_and_end, *args, **kwargs)
         except TraceError:
             if not found:  # the innermost object raised first
-                found.append(end - 1)
+                found.append(s_and_end[1] - 1)
             raise
-        finally:
-            depth -= 1
 
-    decoder = json.JSONDecoder(parse_int=parse_json_int, object_pairs_hook=unique_keys)
-    decoder.parse_object = parse_object  # type: ignore[attr-defined]
-    decoder.scan_once = json.scanner.py_make_scanner(decoder)  # type: ignore[attr-defined]
+    slow = json.JSONDecoder(parse_int=parse_json_int, object_pairs_hook=unique_keys)
+    slow.parse_object = parse_object  # type: ignore[attr-defined]
+    slow.scan_once = json.scanner.py_make_scanner(slow)  # type: ignore[attr-defined]
     try:
-        decoder.decode(text)
+        slow.raw_decode(text, at)
     except TraceError:
         pass
-    if not found:
-        return None, None
-    conversation = len(started) - 1 if started and text.lstrip().startswith("[") else None
-    return text.count("\n", 0, found[0]) + 1, conversation
+    except RecursionError:  # deeper than the pure-Python scanner goes (about a third of the C one)
+        return None, conversation
+    return (text.count("\n", 0, found[0]) + 1 if found else None), conversation
 
 
 def import_sharegpt(
