@@ -77,6 +77,16 @@ def test_validate_prints_every_error_and_a_count(tmp_path, capsys):
          "error: -o: is a directory, expected a trace file\n"),
         (["gen", "bfcl", "--programs", "1", "--rate", "1", "--seed", "0", "-o", "/nonexistent/x.jsonl"], 2,
          "error: -o: no such directory '/nonexistent'\n"),
+        # was exit 1, "error: : is a directory", as if the data were bad
+        (["gen", "bfcl", "--programs", "1", "--rate", "1", "--seed", "0", "-o", ""], 2,
+         "error: -o: empty path, expected a trace file\n"),
+        # drew inf tokens: "cannot convert float infinity to integer", no parameter named
+        (["gen", "sharegpt", "--programs", "5", "--rate", "1", "--seed", "0", "--param", "user_tokens_mean=1e308",
+          "-o", "x"], 2, "sharegpt parameter 'user_tokens_mean' must be at most 1,000,000,000 tokens (the trace "
+                         "format's limit), got 1e+308\n"),
+        # the history was printed with all its 300 digits
+        (["gen", "bfcl", "--programs", "5", "--rate", "1", "--seed", "0", "--param", "observation_tokens_mean=1e8",
+          "-o", "x"], 2, "plus 6.946e+08 tokens of average history"),
         (["gen", "bfcl", "--programs", "5", "--rate", "1", "--seed", "0", "--arrival", "gamma", "--cv", "1e-300",
           "-o", "x"], 2, "cv must be a finite number > 0 from 0.01 to 10 (outside it gamma arrivals are degenerate), "
                          "got 1e-300\n"),

@@ -152,8 +152,12 @@ CV_RANGE = "cv must be a finite number > 0 from 0.01 to 10 (outside it gamma arr
          "whole tokens, each count >= 1), got 0.9"),
         (dict(workload="lats", expansion_output_mean=0.5), "lats parameter 'expansion_output_mean' must be at "
          "least 1 (a mean count of whole tokens, each count >= 1), got 0.5"),
-        (dict(workload="sharegpt", output_tokens_mean=1e12), "sharegpt parameters draw output_tokens=1.570e+12 for "
-         "program 'p0' call 'c0', past the trace format's limit of 1e+09 tokens; lower the means that set it"),
+        (dict(workload="sharegpt", output_tokens_mean=1e12), "sharegpt parameter 'output_tokens_mean' must be at "
+         "most 1,000,000,000 tokens (the trace format's limit), got 1000000000000.0"),
+        # a mean under the limit whose spread draws past it
+        (dict(workload="sharegpt", programs=20, output_tokens_mean=3e8, output_tokens_sigma=2), "sharegpt parameters "
+         "draw output_tokens=1.310e+09 for program 'p5' call 'c0', past the trace format's limit of 1e+09 tokens; "
+         "lower the means that set it"),
     ],
 )
 def test_bad_arguments_raise_value_error_naming_the_choices(kwargs, message):

@@ -144,6 +144,8 @@ def _check_output(output: str, source: str | None = None) -> None:
     end (after generating or importing everything); the input file itself
     would be overwritten by its own conversion.
     """
+    if not output:  # os.path.isdir("") is False, and the save failed later on "." as bad data
+        raise UsageError("-o: empty path, expected a trace file")
     if os.path.isdir(output):
         raise UsageError("-o: is a directory, expected a trace file")
     parent = os.path.dirname(output) or "."

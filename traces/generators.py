@@ -106,6 +106,8 @@ def _check_positive(obj: Any, *names: str, integer: bool = False) -> None:
             raise ValueError(f"{what} must be at most {MAX_TOKENS:,} tokens (the trace format's limit), got {_shown(v)}")
         if name.endswith(("_tokens_mean", "_output_mean")) and v < 1:
             raise ValueError(f"{what} must be at least 1 (a mean count of whole tokens, each count >= 1), got {v!r}")
+        if name.endswith(("_tokens_mean", "_output_mean")) and v > MAX_TOKENS:  # 1e308 drew inf: OverflowError
+            raise ValueError(f"{what} must be at most {MAX_TOKENS:,} tokens (the trace format's limit), got {v!r}")
 
 
 @dataclass(frozen=True)
@@ -470,7 +472,7 @@ def _bfcl(rng: np.random.Generator, n: int, p: BFCLParams) -> Iterator[tuple[Cal
     if query_mean < 1:
         raise ValueError(
             f"bfcl: prompt_tokens_mean {p.prompt_tokens_mean} is too small for docs_tokens "
-            f"{p.docs_tokens} plus {history:.1f} tokens of average history; lower docs_tokens "
+            f"{p.docs_tokens} plus {history:.4g} tokens of average history; lower docs_tokens "
             f"or observation_tokens_mean"
         )
     query_length = token_length(query_mean, p.query_tokens_sigma)
