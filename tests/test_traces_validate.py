@@ -384,3 +384,20 @@ def test_a_long_chain_continuing_its_root_takes_the_root_s_descendants_once(tmp_
     calls += [call(f"c{i}", [f"c{i - 1}"], prompt=15 + i, output=1, context_of="c0") for i in range(1, n)]
     (p,) = load_all(write(tmp_path, prog("chain", calls)))
     assert len(p.calls) == n and taken == ["c0"]
+
+
+def test_numpy_numbers_in_a_program_built_in_python_are_named_by_type():
+    """np.float64 is a float that json renders "1.0": the error read "expected a number >= 0, got 1.0"."""
+    import numpy as np
+
+    from traces.format import Call, Program
+    from traces.validate import check_program
+
+    with pytest.raises(TraceError) as info:
+        check_program(Program("p0", np.float64(1.0), "w", (Call("c0", (), 5, 3),)))
+    assert str(info.value) == ("program 'p0': field 'arrival': expected a number >= 0, got np.float64(1.0) "
+                               "(a numpy.float64; convert with int() or float())")
+    with pytest.raises(TraceError) as info:
+        check_program(Program("p0", 1.0, "w", (Call("c0", (), np.int64(5), 3),)))
+    assert str(info.value).endswith("field 'prompt_tokens': expected an integer > 0, got np.int64(5) "
+                                    "(a numpy.int64; convert with int() or float())")

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 import sys
 from dataclasses import dataclass
@@ -99,6 +100,10 @@ def _rebuild(reason, file, line, program_id, call_id, field):
 
 def show(value: Any) -> str:
     """A short JSON rendering of an offending value for error messages."""
+    if isinstance(value, numbers.Number) and type(value) not in (int, float, bool, complex):
+        # numpy's float64 is a float, and json renders it "1.0": "expected a number, got 1.0"
+        # contradicted itself. Name the type a Program built in Python must not carry.
+        return f"{value!r} (a {type(value).__module__}.{type(value).__qualname__}; convert with int() or float())"
     try:
         text = json.dumps(value, allow_nan=True)
     except (TypeError, ValueError):
