@@ -29,11 +29,15 @@ def kv_cache_bytes(cfg: EngineConfig, model: ModelSpec, gpu: GPUSpec) -> int:
 
 
 def num_kv_blocks(cfg: EngineConfig, model: ModelSpec | None = None, gpu: GPUSpec | None = None) -> int:
-    """Blocks of ``cfg.block_size`` tokens per replica; raises CapacityError if < 1 request fits."""
-    if cfg.num_gpu_blocks is not None:
-        if cfg.num_gpu_blocks < 1:
-            raise CapacityError("num_gpu_blocks", f"expected an integer >= 1, got {cfg.num_gpu_blocks}")
-        return cfg.num_gpu_blocks
+    """Blocks of ``cfg.block_size`` tokens per replica; raises CapacityError if < 1 request fits.
+
+    ``engine.num_gpu_blocks`` replaces the count, as vLLM's
+    ``num_gpu_blocks_override`` does (to make memory bind in a test), but
+    vLLM still loads the weights and allocates those blocks: a model that
+    does not fit, or more blocks than the memory left holds, is refused too.
+    """
+    if cfg.num_gpu_blocks is not None and cfg.num_gpu_blocks < 1:
+        raise CapacityError("num_gpu_blocks", f"expected an integer >= 1, got {cfg.num_gpu_blocks}")
     model = model or load_model(cfg.model)
     gpu = gpu or load_gpu(cfg.gpu)
     free = kv_cache_bytes(cfg, model, gpu)
@@ -41,6 +45,15 @@ def num_kv_blocks(cfg: EngineConfig, model: ModelSpec | None = None, gpu: GPUSpe
     bytes_per_block = per_token * cfg.block_size
     if free <= 0:
         raise CapacityError("model", _does_not_fit(cfg, model, gpu))
+    if cfg.num_gpu_blocks is not None:
+        if cfg.num_gpu_blocks * bytes_per_block > free:
+            raise CapacityError(
+                "num_gpu_blocks",
+                f"{cfg.num_gpu_blocks} blocks of {cfg.block_size} tokens need "
+                f"{cfg.num_gpu_blocks * bytes_per_block / 1e9:.4g} GB of KV cache, more than the "
+                f"{free / 1e9:.4g} GB left after the weights; at most {int(free // bytes_per_block)} fit",
+            )
+        return cfg.num_gpu_blocks
     if free < bytes_per_block:
         # The weights fit; one block is what does not.
         group = f" on {cfg.gpus_per_replica} GPUs" if cfg.gpus_per_replica > 1 else ""

@@ -59,7 +59,8 @@ class EngineConfig:
     balancer: str = "locality"
     # Explicit KV capacity in blocks; None derives it from the specs. All are
     # usable: from a vLLM log's "GPU KV cache size" or num_gpu_blocks, take
-    # one off for the null block vLLM reserves (v1/core/block_pool.py).
+    # one off for the null block vLLM reserves (v1/core/block_pool.py). The
+    # weights must still fit, and the blocks in what they leave (`sim.capacity`).
     num_gpu_blocks: int | None = None
     # Continuum's KV time-to-live, in seconds; 0 (vLLM) turns it off. A call
     # whose program will send a follow-up (it has children in the DAG, as a

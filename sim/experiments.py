@@ -550,6 +550,11 @@ class _Checker:
 
     def build_dataclass(self, cls: type, data: Any, path: Path_) -> Any:
         names = [f.name for f in fields(cls)]
+        if data is None and self.layered.rank(path) >= 0:
+            # A section written with nothing under it (or --set latency=null) is null, and it replaced the
+            # defaults' whole mapping: the fitted latency model became the roofline without a word.
+            self.fail(path, f"expected a mapping with keys {', '.join(names)}, got null (a section with nothing "
+                            f"under it); remove it, or give it keys")
         data = self.keys({} if data is None else data, path, names)
         hints = typing.get_type_hints(cls)
         kwargs = {k: self.typed(hints[k], v, path + (k,)) for k, v in data.items()}
@@ -695,6 +700,14 @@ def _check_tensor_parallel(ck: _Checker, e: EngineConfig, model: Any) -> None:
             f"requires; valid: {', '.join(map(str, valid))}")
 
 
+# The LatencyConfig fields each kind reads (`sim.latency.build`).
+LATENCY_KIND_FIELDS = {
+    "constant": ("seconds",),
+    "roofline": ("flops_efficiency", "bandwidth_efficiency", "step_overhead"),
+    "fitted": ("name",),
+}
+
+
 def _check_latency(ck: _Checker, lat: LatencyConfig, e: EngineConfig) -> None:
     from sim import latency
     from sim.hardware import load_gpu, load_model
@@ -707,6 +720,16 @@ def _check_latency(ck: _Checker, lat: LatencyConfig, e: EngineConfig) -> None:
         if not 0 < value <= 1:
             ck.fail(p + (key,), f"expected a fraction in (0, 1], got {value}")
     _seconds(ck, p + ("step_overhead",), lat.step_overhead, ">= 0 seconds", strict=False)
+    # A field of another kind, set in the layer that chose this kind or above it, was ignored without a
+    # word (--set latency.step_overhead=0.5 under the fitted kind changed nothing). One set below it (the
+    # defaults' fitted name under a --set latency.kind=roofline) is the kind being switched away from.
+    kind_rank = ck.layered.rank(p + ("kind",))
+    for other, keys in LATENCY_KIND_FIELDS.items():
+        for key in keys:
+            if (other != lat.kind and key not in LATENCY_KIND_FIELDS[lat.kind] and getattr(lat, key) is not None
+                    and ck.layered.rank(p + (key,)) >= max(kind_rank, 0)):  # name: null unsets the fitted name
+                ck.fail(p + (key,), f"the {lat.kind} kind does not use it (the {other} kind does); set "
+                                    f"latency.kind={other}, or drop it")
     if lat.kind == "fitted" and not lat.name:
         from sim.latency.fitted import available
 

@@ -495,3 +495,43 @@ def test_a_fitted_model_timing_another_engine_is_refused(exp, overrides, key, en
         f"engine's {engine}; fit one to a profile of this engine (python -m sim fit-latency), or use "
         "latency.kind roofline")
     resolve("t", path, ["engine.gpu=h100", "latency.name=h100-llama-3.1-8b-est"])  # its own GPU: fine
+
+
+def test_an_empty_section_is_refused_not_taken_for_the_defaults(exp):
+    """``engine:`` with nothing under it (or --set latency=null) is null, and it replaced the defaults'
+    whole mapping: replicas fell from 2 to 1, and the fitted model became the roofline, without a word."""
+    path = exp(base="defaults:\n  engine: {max_num_seqs: 64, replicas: 2}\n" + BASE + "    engine:\n      # nothing\n")
+    assert error("t", path).startswith("exp.yaml:8: experiment 't': engine: expected a mapping with keys model, ")
+    assert error("t", path).endswith("got null (a section with nothing under it); remove it, or give it keys")
+    msg = error("t", exp(), ["latency=null"])
+    assert msg.startswith("--set latency=null: experiment 't': latency: expected a mapping with keys kind, "), msg
+
+
+@pytest.mark.parametrize("overrides, key, kind, other", [
+    (["latency.step_overhead=0.5"], "step_overhead", "constant", "roofline"),
+    (["latency.name=a100-llama-3.1-8b"], "name", "constant", "fitted"),
+    (["latency.kind=fitted", "latency.name=a100-llama-3.1-8b", "latency.seconds=0.5"], "seconds", "fitted", "constant"),
+])
+def test_a_latency_field_the_kind_does_not_use_is_refused(exp, overrides, key, kind, other):
+    """It was ignored: --set latency.step_overhead=0.5 under the constant kind gave the same latencies."""
+    assert error("t", exp(), overrides) == (
+        f"--set latency.{key}={overrides[-1].split('=', 1)[1]}: experiment 't': latency.{key}: the {kind} kind does "
+        f"not use it (the {other} kind does); set latency.kind={other}, or drop it")
+
+
+def test_switching_the_kind_leaves_the_fields_set_below_it(exp):
+    """The file's constant seconds under a --set latency.kind=roofline is the kind switched away from."""
+    cfg = resolve("t", exp(), ["latency.kind=roofline"])
+    assert cfg.latency.kind == "roofline"
+    path = exp(base=BASE.replace("latency: {kind: constant, seconds: 0.01}", "latency: {kind: roofline, name: null}"))
+    assert resolve("t", path, []).latency.name is None  # null is no value: nothing ignored
+
+
+def test_num_gpu_blocks_still_needs_the_weights_and_the_blocks_to_fit(exp):
+    """It skipped the memory arithmetic: 70B on one A100 ran, and so did 10 million blocks (20 TB of KV)."""
+    msg = error("t", exp(), ["engine.model=llama-3.1-70b", "engine.num_gpu_blocks=5000"])
+    assert "engine.model: llama-3.1-70b does not fit on engine.gpus_per_replica=1 x a100-80gb" in msg, msg
+    assert error("t", exp(), ["engine.num_gpu_blocks=10000000"]) == (
+        "--set engine.num_gpu_blocks=10000000: experiment 't': engine.num_gpu_blocks: 10000000 blocks of 16 tokens "
+        "need 2.097e+04 GB of KV cache, more than the 59.1 GB left after the weights; at most 28181 fit")
+    assert resolve("t", exp(), ["engine.num_gpu_blocks=28181"]).engine.num_gpu_blocks == 28181

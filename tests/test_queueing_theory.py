@@ -36,11 +36,15 @@ from hypothesis import strategies as st
 
 from sim.config import EngineConfig, ExperimentConfig, LatencyConfig
 from sim.core import POLICY_CLASSES
+from sim.hardware import SPEC_DIR
 from sim.simulate import simulate
 from traces.format import Call, Program
 from traces.generators import generate
 
 UNBOUNDED = dict(num_gpu_blocks=10**6, max_num_seqs=10**6, max_num_batched_tokens=10**7)
+# A million blocks of the 8B's KV (2.1 TB) fit no real GPU, and num_gpu_blocks is refused past the memory:
+# the textbook limits run on a GPU spec with room for them (nothing else in it is used: the latency is a file).
+IDEAL_GPU_MEMORY = 4 * 10**12
 PER_TOKEN = 2.0**-10  # about 1 ms; a binary fraction, so the engine's 2**-30 s rounding of step times is exact
 TIMING = ("arrival", "first_scheduled", "first_token", "finish", "waiting", "service", "preemptions", "engine")
 
@@ -55,8 +59,20 @@ def per_token_model(tmp_path_factory):
     return str(path)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def ideal_gpu(tmp_path_factory):
+    path = tmp_path_factory.mktemp("gpu") / "ideal.gpu.json"
+    spec = json.loads((SPEC_DIR / "a100-80gb.gpu.json").read_text())
+    path.write_text(json.dumps({**spec, "name": "ideal", "memory_bytes": IDEAL_GPU_MEMORY}))
+    IDEAL_GPU[:] = [str(path)]
+
+
+IDEAL_GPU: list[str] = []  # set by the fixture above, for every engine here
+
+
 def experiment(latency: LatencyConfig, **engine) -> ExperimentConfig:
     engine.setdefault("enable_prefix_caching", False)
+    engine.setdefault("gpu", IDEAL_GPU[0])
     return ExperimentConfig("queueing", engine=EngineConfig(**engine), latency=latency)
 
 
