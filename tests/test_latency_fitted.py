@@ -180,6 +180,18 @@ def test_a_bad_host_object_is_a_clear_error_naming_the_file(tmp_path, host, mess
     assert str(err.value) == f"{path}: {message}"
 
 
+@pytest.mark.parametrize("key, value, shown", [
+    ("provenance", None, "null"), ("provenance", 5, "5"), ("fit", [1], "[1]"), ("provenance", "abc", '"abc"'),
+])
+def test_a_provenance_or_fit_that_is_not_an_object_is_a_clear_error_naming_the_file(tmp_path, key, value, shown):
+    """null, 5 and [1] raised TypeError (a traceback from sim run); "abc" an error naming no file."""
+    path = tmp_path / "m.json"
+    path.write_text(json.dumps({**TRUE.to_json(), key: value}))
+    with pytest.raises(FitError) as err:
+        load_fitted(str(path))
+    assert str(err.value) == f'{path}: "{key}" must be a JSON object, got {shown}'
+
+
 def test_build_dispatch():
     m = build(LatencyConfig(kind="fitted", name="a100-llama-3.1-8b"), load_model("llama-3.1-8b"),
               load_gpu("a100-80gb"), 1)

@@ -114,3 +114,13 @@ def test_host_time_keys_are_read_as_seconds_and_default_to_none():
     assert parse_profile(text(*GOOD)).host() == {}
     # Other keys stay free-form, even one about the machine that took the profile.
     assert parse_profile(text(*GOOD, extra="# host: gpu-node-3\n")).provenance["host"] == "gpu-node-3"
+
+
+def test_a_byte_order_mark_does_not_hide_the_first_column(tmp_path):
+    """Excel's "CSV UTF-8" starts with a BOM: 'num_seqs' was then reported missing from line 1."""
+    plain = tmp_path / "plain.csv"
+    plain.write_text("num_seqs,num_tokens,num_decode,decode_kv_tokens,prefill_tokens,prefill_attn_pairs,seconds\n"
+                     "1,1,1,1,0,0,0.01\n")
+    bom = tmp_path / "bom.csv"
+    bom.write_bytes(b"\xef\xbb\xbf" + plain.read_bytes())
+    assert read_profile(bom).rows == read_profile(plain).rows

@@ -120,3 +120,28 @@ def test_options_that_would_build_a_wrong_profile_are_usage_errors(tmp_path, cap
     with pytest.raises(SystemExit) as info:
         main([str(A100), "-o", str(tmp_path / "o.csv"), *args])
     assert info.value.code == 2 and capsys.readouterr().err.endswith(f"error: {message}\n")
+
+
+@pytest.mark.parametrize("value", ["-0.5", "nan", "inf"])
+def test_a_timing_that_is_not_a_time_is_refused_at_its_line(tmp_path, value):
+    """-0.5 ms wrote a profile 46% faster at that size, and NaN one that ended in ",nan"; both exited 0."""
+    lines = A100.read_text().splitlines(keepends=True)
+    header = lines[0].rstrip("\n").split(",")
+    col, tp_col = (header.index(c) for c in ("time_stats.mlp_act.median", "num_tensor_parallel_workers"))
+    row = next(i for i, line in enumerate(lines[1:], start=1) if line.split(",")[tp_col].strip() == "1")
+    cells = lines[row].rstrip("\n").split(",")
+    cells[col] = value
+    lines[row] = ",".join(cells) + "\n"
+    bad = tmp_path / "mlp.csv"
+    bad.write_text("".join(lines))
+    with pytest.raises(VidurError) as err:
+        read_vidur_mlp(bad)
+    assert str(err.value) == (f"{bad}:{row + 1}: column time_stats.mlp_act.median: expected a time in ms that is "
+                              f"finite and >= 0, got {value!r}")
+
+
+def test_a_file_that_is_not_utf8_text_is_a_vidur_error(tmp_path, capsys):
+    bad = tmp_path / "mlp.csv"
+    bad.write_bytes("num_tokens\n".encode("utf-16"))
+    assert main([str(bad), "-o", str(tmp_path / "o.csv")]) == 1
+    assert capsys.readouterr().err.startswith(f"error: {bad}: not UTF-8 text (")

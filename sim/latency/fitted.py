@@ -136,6 +136,9 @@ class FittedLatency:
             got = sorted(host) if isinstance(host, dict) else host
             raise FitError(f"{origin}: \"host\" must be an object with keys among {', '.join(HOST)} "
                            f"(CPU seconds per step and per sequence); got {got}")
+        for key in ("provenance", "fit"):  # dict() of null, 5 or "abc" was a traceback or a message with no file
+            if not isinstance(raw.get(key, {}), dict):
+                raise FitError(f"{origin}: \"{key}\" must be a JSON object, got {json.dumps(raw[key])[:60]}")
         try:
             return cls(**coef, name=str(raw.get("name", Path(origin).stem)),
                        provenance=dict(raw.get("provenance", {})), fit=dict(raw.get("fit", {})),

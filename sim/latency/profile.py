@@ -226,7 +226,7 @@ def _host_seconds(text: str, where: str) -> float:
 def read_profile(path: str | Path) -> Profile:
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a BOM (Excel's "CSV UTF-8") hid the header's first column
     except FileNotFoundError:
         raise ProfileError(f"{path}: no such profile file") from None
     except (OSError, UnicodeDecodeError) as exc:

@@ -69,6 +69,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import math
 import datetime as _dt
 import sys
 from dataclasses import dataclass
@@ -176,7 +177,7 @@ def read_vidur_mlp(path: str | Path, tp: int = 1, stat: str = "median") -> Vidur
         raise VidurError(f"stat must be one of {', '.join(STATS)}, got {stat!r}")
     path = Path(path)
     try:
-        with path.open(newline="") as fh:
+        with path.open(newline="", encoding="utf-8-sig") as fh:
             reader = csv.DictReader(fh)
             header = reader.fieldnames or []
             need = [f"time_stats.{op}.{stat}" for op in (*LAYER_OPS, *STEP_OPS)]
@@ -200,12 +201,21 @@ def read_vidur_mlp(path: str | Path, tp: int = 1, stat: str = "median") -> Vidur
                                 rec["use_gated_mlp"].strip().lower() == "true")
                 except (TypeError, ValueError) as exc:
                     raise VidurError(f"{path}:{lineno}: malformed row: {exc}") from None
+                # A NaN, negative or infinite timing wrote a profile of nonsense (or NaN) and exited 0.
+                bad = next((op for op, v in row.items() if not (math.isfinite(v) and v >= 0)), None)
+                if bad is not None:
+                    raise VidurError(f"{path}:{lineno}: column time_stats.{bad}.{stat}: expected a time in ms "
+                                     f"that is finite and >= 0, got {rec[f'time_stats.{bad}.{stat}']!r}")
                 if arch is not None and this != arch:
                     raise VidurError(f"{path}:{lineno}: model columns differ from earlier rows ({this} vs {arch})")
                 arch = this
                 acc.setdefault(n, []).append(row)
     except FileNotFoundError:
         raise VidurError(f"{path}: no such file") from None
+    except UnicodeDecodeError as exc:
+        raise VidurError(f"{path}: not UTF-8 text ({exc.reason}); expected Vidur's mlp.csv") from None
+    except csv.Error as exc:  # a field past the csv module's size limit, a NUL
+        raise VidurError(f"{path}: not a readable CSV file: {exc}") from None
     if not acc:
         present = ", ".join(map(str, sorted(tps))) or "none"
         raise VidurError(f"{path}: no rows with num_tensor_parallel_workers == {tp}; the file has {present}")
