@@ -29,8 +29,11 @@ Simplifications (deliberate; the fitted model corrects them from data):
   weight reads (the max).
 * Prefill attention counts QK^T and PV: 2 x 2 FLOPs per (query, key) pair per
   head-dim element per query head; the KV reads of the context are ignored
-  (compute-bound). Decode attention reads every cached K and V once; its
-  FLOPs are ignored (memory-bound).
+  (compute-bound). That fails for a short chunk on a long context (memory-
+  bound below about 33 new tokens), which then costs less than a decode
+  there; README, "Known gap", measures how little it weighs in our
+  workloads. Decode attention reads every cached K and V once; its FLOPs
+  are ignored (memory-bound).
 * Tensor parallel: two all-reduces per layer (after attention and after the
   MLP) of the step's hidden states, as a bandwidth-only ring all-reduce,
   ``2 (g-1)/g x bytes / link_bandwidth``, plus a fixed latency per
