@@ -141,6 +141,8 @@ def override_text(key: str, value: Any) -> str:
     so a float's mantissa always gets a dot.
     """
     if isinstance(value, float):
+        if not math.isfinite(value):  # repr's "nan" and "inf" read back as strings: the error then said 'nan'
+            return f"{key}={'.nan' if value != value else ('.inf' if value > 0 else '-.inf')}"
         text = repr(value)
         if "e" in text and "." not in text.split("e")[0]:
             mantissa, exp = text.split("e")

@@ -344,6 +344,13 @@ def test_override_text_round_trips(value):
     assert key == ("a", "b") and parsed == value and type(parsed) is type(value)
 
 
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
+def test_override_text_round_trips_non_finite_floats(value):
+    """repr gave "nan", which YAML reads as a string: a grid's .nan was refused as "expected a number, got 'nan'"."""
+    _, parsed = parse_override(override_text("a.b", value))
+    assert type(parsed) is float and (parsed == value or (parsed != parsed and value != value))
+
+
 def test_check_key():
     assert check_key("workload.params.anything") is None
     assert check_key("policy_params.beta") is None
