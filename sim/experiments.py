@@ -35,6 +35,7 @@ import dataclasses
 import math
 import os
 import re
+import sys
 import types
 import typing
 from dataclasses import dataclass, fields
@@ -119,10 +120,12 @@ class _Constructor(yaml.constructor.SafeConstructor):
             if value.startswith(("0o", "0x")):
                 return int(value[2:], 8 if value[1] == "o" else 16)
             return int(value, 10)
-        except ValueError:  # past Python's digit limit for int(): no setting needs such a number
-            raise yaml.constructor.ConstructorError(
-                None, None, f"an integer of {len(value)} digits is too long", node.start_mark
-            ) from None
+        except ValueError:
+            # Past Python's digit limit for int() (no setting needs such a number), or not an integer
+            # at all under an explicit tag (!!int 12a), which said "an integer of 3 digits is too long".
+            problem = (f"an integer of {len(value)} digits is too long" if len(value) > sys.get_int_max_str_digits()
+                       else f"expected an integer, got {value!r}")
+            raise yaml.constructor.ConstructorError(None, None, problem, node.start_mark) from None
 
 
 _Constructor.add_constructor(_INT_TAG, _Constructor.construct_yaml_int)

@@ -376,6 +376,9 @@ def test_saved_config_reads_back_strings_that_look_like_yaml_1_2_numbers(exp, tm
     [
         ("9" * 5000, "cannot parse the value as YAML: an integer of 5000 digits is too long"),
         ("[" * 500 + "]" * 500, "the value is nested too deeply"),
+        # not an integer under an explicit tag: it said "an integer of 3 digits is too long"
+        ("!!int 12a", "cannot parse the value as YAML: expected an integer, got '12a'"),
+        ("!!int 0b11", "cannot parse the value as YAML: expected an integer, got '0b11'"),
     ],
 )
 def test_set_values_python_cannot_read_are_config_errors(value, message):
