@@ -666,9 +666,10 @@ def _check_engine(ck: _Checker, e: EngineConfig) -> None:
     ck.choice(p + ("preemption_mode",), e.preemption_mode, PREEMPTION_MODES)
     ck.choice(p + ("balancer",), e.balancer, BALANCERS)
     _seconds(ck, p + ("kv_ttl",), e.kv_ttl, "seconds >= 0 (0 turns pinning off)", strict=False)
-    if e.kv_ttl > 0 and not e.enable_prefix_caching:
-        ck.fail(p + ("kv_ttl",), f"expected 0 when engine.enable_prefix_caching is false (pins keep "
-                f"prefix-cache blocks), got {e.kv_ttl!r}")
+    if e.kv_ttl > 0 and not e.enable_prefix_caching:  # blamed on whichever of the two was set last
+        ck.fail(ck.layered.latest([p + ("kv_ttl",), p + ("enable_prefix_caching",)]),
+                f"engine.kv_ttl={e.kv_ttl!r} needs engine.enable_prefix_caching (pins keep prefix-cache "
+                f"blocks); set kv_ttl to 0, or turn prefix caching on")
     if e.max_num_batched_tokens < e.max_num_seqs:
         # vLLM 0.26.0 (config/scheduler.py, verify_max_model_len) refuses this, chunked prefill or not.
         culprit = ck.layered.latest([p + ("max_num_batched_tokens",), p + ("max_num_seqs",)])
@@ -703,7 +704,9 @@ def _check_tensor_parallel(ck: _Checker, e: EngineConfig, model: Any) -> None:
             f"requires; valid: {', '.join(map(str, valid))}")
 
 
-# The LatencyConfig fields each kind reads (`sim.latency.build`).
+# The LatencyConfig fields each kind reads (`sim.latency.build`); the others are reset to
+# LATENCY_DEFAULTS in the resolved config, so its file reruns (and shows no name a roofline ignores).
+LATENCY_DEFAULTS = {f.name: f.default for f in fields(LatencyConfig)}
 LATENCY_KIND_FIELDS = {
     "constant": ("seconds",),
     "roofline": ("flops_efficiency", "bandwidth_efficiency", "step_overhead"),
@@ -729,8 +732,9 @@ def _check_latency(ck: _Checker, lat: LatencyConfig, e: EngineConfig) -> None:
     kind_rank = ck.layered.rank(p + ("kind",))
     for other, keys in LATENCY_KIND_FIELDS.items():
         for key in keys:
-            if (other != lat.kind and key not in LATENCY_KIND_FIELDS[lat.kind] and getattr(lat, key) is not None
-                    and ck.layered.rank(p + (key,)) >= max(kind_rank, 0)):  # name: null unsets the fitted name
+            if (other != lat.kind and key not in LATENCY_KIND_FIELDS[lat.kind]
+                    and getattr(lat, key) != LATENCY_DEFAULTS[key]  # name: null unsets the fitted name
+                    and ck.layered.rank(p + (key,)) >= max(kind_rank, 0)):
                 ck.fail(p + (key,), f"the {lat.kind} kind does not use it (the {other} kind does); set "
                                     f"latency.kind={other}, or drop it")
     if lat.kind == "fitted" and not lat.name:
@@ -848,6 +852,8 @@ def _build(name: str, layered: _Layered) -> ExperimentConfig:
         ck.fail(("seed",), f"expected an integer >= 0, got {seed}")
     _check_engine(ck, engine)
     _check_latency(ck, lat, engine)
+    lat = dataclasses.replace(lat, **{k: v for k, v in LATENCY_DEFAULTS.items()
+                                      if k != "kind" and k not in LATENCY_KIND_FIELDS[lat.kind]})
     return ExperimentConfig(
         name=name,
         description=description,

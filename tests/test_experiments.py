@@ -141,7 +141,8 @@ def test_unknown_experiment_lists_names(write):
         ("engine.balancer=random", "engine.balancer: unknown value 'random'; valid choices: round_robin, least_used, locality"),
         ("engine.kv_ttl=-1", "engine.kv_ttl: expected seconds >= 0 (0 turns pinning off), got -1.0"),
         ("engine={kv_ttl: 2, enable_prefix_caching: false}",
-         "engine.kv_ttl: expected 0 when engine.enable_prefix_caching is false (pins keep prefix-cache blocks), got 2.0"),
+         "engine.kv_ttl: engine.kv_ttl=2.0 needs engine.enable_prefix_caching (pins keep prefix-cache blocks); "
+         "set kv_ttl to 0, or turn prefix caching on"),
         ("engine.preemption_mode=kill", "engine.preemption_mode: unknown value 'kill'; valid choices: recompute, swap"),
         ("engine.model=gpt-5", "engine.model: unknown value 'gpt-5'; valid choices: llama-3.1-70b, llama-3.1-8b"),
         ("engine.gpu=tpu", "engine.gpu: unknown value 'tpu'; valid choices: a100-80gb, h100"),
@@ -169,6 +170,18 @@ def test_unknown_experiment_lists_names(write):
 def test_bad_values_name_the_set_and_the_key(write, override, expected):
     msg = error("ok", write(), [override])
     assert msg.startswith(f"--set {override}: experiment 'ok': {expected}")
+
+
+def test_kv_ttl_without_prefix_caching_is_blamed_on_the_one_set_last(write):
+    """The file's kv_ttl line was named when a --set turned prefix caching off."""
+    path = write("""\
+        pinned:
+          workload: {generator: bfcl, params: {programs: 5, rate: 1.0}}
+          engine: {kv_ttl: 2}
+        """)
+    assert error("pinned", path, ["engine.enable_prefix_caching=false"]).startswith(
+        "--set engine.enable_prefix_caching=false: experiment 'pinned': engine.enable_prefix_caching: "
+        "engine.kv_ttl=2.0 needs engine.enable_prefix_caching")
 
 
 def test_workload_needs_exactly_one_source(write):
