@@ -175,7 +175,7 @@ def throughput_ratio_bars(rows: Sequence[dict[str, Any]], target: str | float | 
         cluster = _across_seeds(t.group)
         if (cluster, t.policy) not in covered and baseline in t.ratios:
             r = t.ratios[baseline]
-            bars_of[cluster if cluster[1] else (t.group, False), t.policy] = (r.value, r.bound, None)
+            bars_of[(t.group, cluster[1]), t.policy] = (r.value, r.bound, None)  # a lone seed keeps its own
     groups = list(dict.fromkeys(g for g, _ in bars_of))
     names = [group_label(g) for g, _ in groups]
     # Beside a table without seeds, the same group over seeds is told apart.

@@ -202,6 +202,10 @@ def test_a_table_without_seeds_beside_a_sweep_over_seeds_is_not_one_more_seed():
                      for k in (0.9, 1.0, 1.1)) / 3  # the three seeds alone, as without the seedless run
     assert [round(b.get_height(), 3) for b in plas_bars] == [round(over_seeds, 3), round(4 / (2 + 2 * 0.02 / 0.06), 3)]
     assert [round(b.get_height(), 3) for b in fcfs_bars] == [1.0, 1.0]
+    # a grid case that fixes one seed is a curve of its own, labelled with its seed
+    lone = [r for r in seeded_rows() if r["seed"] == 0]
+    ax = throughput_ratio_bars(lone + plain, 0.06).axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["bfcl seed=0", "bfcl"]
 
 
 def test_mean_over_seeds_fails_a_point_that_some_seed_lacks():
