@@ -407,21 +407,27 @@ def test_a_structured_output_request_set_aside_by_vllm_can_take_a_victim(model_d
         assert not out.preempted_req_ids and scheduled(out) == ["b"]
 
 
+def _session_waiting_beside_b(model_dir, first_tokens: int, b_tokens: int):
+    """PLAS on a 15-block cache: a streaming session's first chunk of ``first_tokens`` runs (it then
+    waits for its client, keeping its KV), and a worse call ``b`` of ``b_tokens`` is running beside it."""
+    clock = FakeClock()
+    s = plugin(model_dir, clock, policy="plas", params=QUEUES, max_num_seqs=4, num_blocks=15,
+               max_num_batched_tokens=512)
+    s.add_request(session_chunk(list(range(100, 100 + first_tokens)), 2))
+    for _ in range(2):
+        step(s, clock, 0.1)
+    s.add_request(req("b", "B", tokens=b_tokens, max_tokens=50, service=10.0))
+    step(s, clock, 0.1)
+    return s, clock
+
+
 def test_a_streaming_sessions_next_chunk_can_take_a_victim(model_dir):
     """The next chunk of a session that waited for its client is WAITING but stays in skipped_waiting.
 
     The KV cache is short here, so the chunk fits only if the worse running
     call gives way: it never did.
     """
-    clock = FakeClock()
-    s = plugin(model_dir, clock, policy="plas", params=QUEUES, max_num_seqs=4, num_blocks=15,
-               max_num_batched_tokens=512)
-
-    s.add_request(session_chunk(list(range(100, 120)), 2))
-    for _ in range(2):
-        step(s, clock, 0.1)
-    s.add_request(req("b", "B", tokens=160, max_tokens=50, service=10.0))
-    step(s, clock, 0.1)
+    s, clock = _session_waiting_beside_b(model_dir, first_tokens=20, b_tokens=160)
     s.add_request(session_chunk(list(range(400, 480)), 2))  # 80 tokens: 5 blocks beyond the 2 it holds
     session = s.requests["sess"]
     assert session in list(s.skipped_waiting) and session.status == RequestStatus.WAITING
@@ -436,16 +442,8 @@ def test_a_streaming_sessions_next_chunk_needs_no_victim_for_the_blocks_it_holds
     next chunk counting only the blocks it lacks (`get_num_blocks_to_allocate`).
     The victim search counted the whole session: a 4-token chunk after 96
     tokens (7 blocks held) evicted a running call for blocks it never needed."""
-    clock = FakeClock()
-    s = plugin(model_dir, clock, policy="plas", params=QUEUES, max_num_seqs=4, num_blocks=15,
-               max_num_batched_tokens=512)
-
-    s.add_request(session_chunk(list(range(100, 196)), 2))
-    for _ in range(2):
-        step(s, clock, 0.1)
+    s, clock = _session_waiting_beside_b(model_dir, first_tokens=96, b_tokens=72)
     assert len(s.kv_cache_manager.coordinator.get_blocks("sess")[0]) == 7
-    s.add_request(req("b", "B", tokens=72, max_tokens=50, service=10.0))
-    step(s, clock, 0.1)
     assert s.kv_cache_manager.block_pool.get_num_free_blocks() == 2
     s.add_request(session_chunk([300, 301, 302, 303], 2))
     assert s.core.policy.outranks(s.core.calls["sess"], s.core.calls["b"])

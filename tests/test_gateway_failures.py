@@ -96,41 +96,31 @@ def test_a_call_that_fails_mid_stream_is_not_charged_and_the_client_is_told(mode
                                                          "(InternalServerError)"),
                                         ("die", "ClientPayloadError")])
 def test_the_replayer_counts_a_mid_stream_failure_as_a_failed_call(mode, words):
-    async def go():
-        eng = await start_failing_engine(mode)
-        try:
-            async with HTTPTarget(eng.url) as target:
-                from engine.replay import Clock
-
-                clock = Clock(asyncio.get_running_loop().time())
-                with pytest.raises(ReplayError) as info:
-                    await target.send([1, 2, 3], 4, "p1", "c0", clock)
-                return str(info.value)
-        finally:
-            await eng.stop()
-
-    message = run(go())
+    message = run(_replay_error(mode, through_gateway=False))
     assert message.startswith("program p1 call c0: ") and words in message, message
 
 
 def test_a_replay_through_the_gateway_counts_an_engine_dying_mid_event_as_failed():
-    async def go():
-        eng = await start_failing_engine("die_mid_event")
-        gw, _ = await start_gw([eng.url])
-        try:
-            async with HTTPTarget(gw.url) as target:
-                from engine.replay import Clock
-
-                clock = Clock(asyncio.get_running_loop().time())
-                with pytest.raises(ReplayError) as info:
-                    await target.send([1, 2, 3], 4, "p1", "c0", clock)
-                return str(info.value)
-        finally:
-            await gw.stop()
-            await eng.stop()
-
-    message = run(go())
+    message = run(_replay_error("die_mid_event", through_gateway=True))
     assert "engine 0" in message and "failed mid-stream" in message, message
+
+
+async def _replay_error(mode: str, through_gateway: bool) -> str:
+    """The replayer's error for one call to a failing engine (``mode``), sent directly or through a gateway."""
+    from engine.replay import Clock
+
+    eng = await start_failing_engine(mode)
+    gw = (await start_gw([eng.url]))[0] if through_gateway else None
+    try:
+        async with HTTPTarget((gw or eng).url) as target:
+            clock = Clock(asyncio.get_running_loop().time())
+            with pytest.raises(ReplayError) as info:
+                await target.send([1, 2, 3], 4, "p1", "c0", clock)
+            return str(info.value)
+    finally:
+        if gw is not None:
+            await gw.stop()
+        await eng.stop()
 
 
 @pytest.mark.parametrize(

@@ -20,15 +20,25 @@ texts = st.text(alphabet=st.characters(codec="utf-8", exclude_categories=("Cs",)
 )
 def test_events_survive_any_split_of_the_stream(words, newline, cuts):
     """A CRLF cut between two reads ("...\\r" then "\\n...") lost both events around it."""
-    events = [{"choices": [{"index": 0, "text": w}]} for w in words]
-    stream = b"".join(b"data: " + json.dumps(e).encode() + newline * 2 for e in events)
+    events, stream = _stream(words, newline)
     stream += b": keep-alive" + newline + b"data: [DONE]" + newline * 2
-    bounds = sorted({min(c, len(stream)) for c in cuts} | {0, len(stream)})
     parser = SSEParser()
     got = []
-    for start, end in zip(bounds, bounds[1:]):
-        got += parser.feed(stream[start:end])
+    for piece in _reads(stream, cuts):
+        got += parser.feed(piece)
     assert got == [*events, DONE]
+
+
+def _stream(words: list[str], newline: bytes) -> tuple[list[dict], bytes]:
+    """One completion chunk per word, and the stream of them, each event ended by a blank line."""
+    events = [{"choices": [{"index": 0, "text": w}]} for w in words]
+    return events, b"".join(b"data: " + json.dumps(e).encode() + newline * 2 for e in events)
+
+
+def _reads(stream: bytes, cuts: list[int]) -> list[bytes]:
+    """``stream`` cut at ``cuts`` (clipped to its length) into the pieces a client reads."""
+    bounds = sorted({min(c, len(stream)) for c in cuts} | {0, len(stream)})
+    return [stream[start:end] for start, end in zip(bounds, bounds[1:])]
 
 
 def test_a_crlf_cut_between_two_reads_is_one_line_end():
@@ -57,12 +67,10 @@ def test_a_read_that_is_only_the_lf_of_a_crlf_ends_that_line_alone():
 def test_whole_events_end_relays_each_event_whole(words, newline, cuts):
     """What a relay passes on (`whole_events_end` of what it holds) is always whole events, parsed
     alone to the same events, however the stream is cut into reads; the rest comes at the end."""
-    events = [{"choices": [{"index": 0, "text": w}]} for w in words]
-    stream = b"".join(b"data: " + json.dumps(e).encode() + newline * 2 for e in events)
-    bounds = sorted({min(c, len(stream)) for c in cuts} | {0, len(stream)})
+    events, stream = _stream(words, newline)
     held, relayed = b"", []
-    for start, end in zip(bounds, bounds[1:]):
-        held += stream[start:end]
+    for piece in _reads(stream, cuts):
+        held += piece
         cut = whole_events_end(held)
         relayed.append(held[:cut])
         held = held[cut:]
