@@ -777,8 +777,8 @@ def _check_workload(ck: _Checker, raw: Any) -> tuple[str | None, dict[str, Any],
     if trace is not None:
         if not isinstance(trace, str):
             ck.fail(p + ("trace",), f"expected a file path, got {_show(trace)}")
-        if params:
-            ck.fail(p + ("params",), "params apply to a generator, not to a trace file")
+        if params is not None and params != {}:  # `params: false` or `params: 0` was as quietly ignored as a mapping
+            ck.fail(p + ("params",), f"params apply to a generator, not to a trace file; got {_show(params)}")
         if os.path.isdir(trace):
             ck.fail(p + ("trace",), f"{trace} is a directory, expected a trace file (JSON Lines)")
         if os.path.exists(trace) and not os.path.isfile(trace):
@@ -850,6 +850,15 @@ def _build(name: str, layered: _Layered) -> ExperimentConfig:
     seed = ck.typed(int, raw.get("seed", 0), ("seed",))
     if seed < 0:
         ck.fail(("seed",), f"expected an integer >= 0, got {seed}")
+    # A trace replays the same programs under every seed, so a seed set with it (or over it: a
+    # sweep's seed grid) changes nothing and would pass for a replication. One set below the layer
+    # that chose the trace (the defaults' seed) belongs to the generators it replaced.
+    if (trace is not None and seed != 0
+            and ck.layered.rank(("seed",)) >= max(ck.layered.rank(("workload", "trace")), 0)):
+        ck.fail(("seed",), f"the trace file {trace} does not depend on the seed (only a generator's draw "
+                           f"does); drop it, or use workload.generator")
+    if trace is not None:
+        seed = 0  # the resolved config.yaml then reruns (its seed would sit beside the trace)
     _check_engine(ck, engine)
     _check_latency(ck, lat, engine)
     lat = dataclasses.replace(lat, **{k: v for k, v in LATENCY_DEFAULTS.items()

@@ -545,3 +545,56 @@ def test_num_gpu_blocks_still_needs_the_weights_and_the_blocks_to_fit(exp):
         "--set engine.num_gpu_blocks=10000000: experiment 't': engine.num_gpu_blocks: 10000000 blocks of 16 tokens "
         "need 2.097e+04 GB of KV cache, more than the 59.1 GB left after the weights; at most 28181 fit")
     assert resolve("t", exp(), ["engine.num_gpu_blocks=28181"]).engine.num_gpu_blocks == 28181
+
+
+TRACE_BASE = """\
+defaults:
+  seed: 4
+experiments:
+  t:
+    workload: {trace: tiny.jsonl}
+    latency: {kind: constant, seconds: 0.01}
+    policies: [fcfs]
+"""
+
+
+@pytest.fixture
+def trace_exp(exp, tmp_path):
+    """An experiment replaying a one-program trace, under defaults that set a seed."""
+    from traces.format import Call, Program
+    from traces.io import save
+
+    save([Program("a", 0.0, "x", (Call("c0", (), 5, 2),))], tmp_path / "tiny.jsonl")
+    return lambda extra="": exp(base=TRACE_BASE.replace("policies: [fcfs]\n", "policies: [fcfs]\n" + extra))
+
+
+@pytest.mark.parametrize("extra, overrides, message", [
+    ("", ["workload.params=false"], "--set workload.params=false: experiment 't': workload.params: params apply "
+     "to a generator, not to a trace file; got False"),
+    ("", ["workload.params=0"], "--set workload.params=0: experiment 't': workload.params: params apply to a "
+     "generator, not to a trace file; got 0"),
+    ("", ["workload.params={programs: 5}"], "--set workload.params={programs: 5}: experiment 't': workload.params: "
+     "params apply to a generator, not to a trace file; got a mapping"),
+    ("    seed: 2\n", [], "exp.yaml:8: experiment 't': seed: the trace file tiny.jsonl does not depend on the seed "
+     "(only a generator's draw does); drop it, or use workload.generator"),
+    ("", ["seed=1"], "--set seed=1: experiment 't': seed: the trace file tiny.jsonl does not depend on the seed "
+     "(only a generator's draw does); drop it, or use workload.generator"),
+])
+def test_what_a_trace_workload_would_ignore_is_refused(trace_exp, extra, overrides, message):
+    """`params: false` and a seed beside a trace were accepted and changed nothing: a sweep over seeds
+    of a trace experiment ran the same programs five times and reported them as replications."""
+    assert error("t", trace_exp(extra), overrides) == message
+
+
+def test_a_trace_keeps_the_seeds_it_does_not_own(trace_exp):
+    """The defaults' seed (below the layer that chose the trace), seed 0 and an empty params pass; the
+    resolved config resets the unused seed, so its file reruns."""
+    from sim.experiments import dump_yaml, to_file_dict
+
+    cfg = resolve("t", trace_exp())
+    assert cfg.seed == 0
+    Path("config.yaml").write_text(dump_yaml(to_file_dict(cfg)))
+    assert resolve("t", "config.yaml") == cfg
+    assert resolve("t", trace_exp("    seed: 0\n"), ["workload.params={}"]).seed == 0
+    # A --set trace over a generator experiment drops the generator's params and outranks the file's seed.
+    assert resolve("t", trace_exp(), ["workload.trace=tiny.jsonl"]).workload.trace == "tiny.jsonl"
