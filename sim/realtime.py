@@ -314,7 +314,7 @@ class RealtimeEngine:
 
     def expire(self) -> list[str]:
         """Forget idle programs (the engine never learns when a program ends)."""
-        return self.table.expire(self.env.now)
+        return self.table.expire(self.env.now, self.replica.arriving_programs())
 
     # -- replica callbacks ---------------------------------------------------------------
     def _on_progress(self, call: SimCall, new_tokens: int, sampled: bool) -> None:

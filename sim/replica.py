@@ -292,6 +292,10 @@ class Replica:
         the step in flight (not yet registered)."""
         return any(c.program_id == program_id and thread_id in (None, c.call_id) for _, c in self._arriving)
 
+    def arriving_programs(self) -> set[str]:
+        """Programs with a call submitted during the step in flight: not idle, though not yet in the table's live set."""
+        return {c.program_id for _, c in self._arriving}
+
     def _register(self, call: SimCall, now: float) -> None:
         call.core = self.core.add_call(
             core_call_id(call.program_id, call.call_id), call.program_id, call.call_id, call.prompt_tokens, now

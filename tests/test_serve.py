@@ -607,6 +607,32 @@ def test_a_forwarded_program_service_does_not_make_the_call_starve_at_once():
     assert not a.call.core.running and a.call.core.queue == queue
 
 
+def test_a_program_whose_call_waits_for_the_step_in_flight_is_not_expired():
+    """A call submitted during a step joins the scheduler when the step ends; an
+    expiry in between dropped its program as idle, with the 100 s the gateway
+    forwarded, and the call entered the top queue with priority 0. The plugin
+    registers a call at once, so it ranked the same request in queue 7."""
+    config = engine_config(step=1.0, max_num_seqs=4)
+    config = dataclasses.replace(config, policy_params=dataclasses.replace(config.policy_params, program_ttl=0.5))
+    engine = RealtimeEngine(config, "plas")
+    now = [0.0]
+    engine.now = lambda: now[0]
+    engine.submit(list(range(100, 110)), 1, "P", "a", None)
+    now[0] = 1.0
+    engine.advance()  # P's first call is done; P is idle
+    engine.submit(list(range(200, 210)), 20, "Q", "q", None)
+    now[0] = 1.5
+    engine.advance()  # a step of Q is in flight
+    b = engine.submit(list(range(300, 310)), 1, "P", "b", 100.0)
+    assert engine.expire() == []
+    now[0] = 2.0
+    engine.advance()
+    assert b.call.core.priority == 100.0 and b.call.core.queue == engine.core.policy.queue_of(100.0) == 7
+    now[0] = 4.0
+    engine.advance()
+    assert engine.expire() == ["P"]  # idle again once its call is done
+
+
 def test_calls_without_a_thread_id_are_each_their_own_thread():
     """As the plugin (the request id): two concurrent untagged calls of one program got 409."""
     engine = RealtimeEngine(engine_config(step=1.0, max_num_seqs=4), "fcfs")

@@ -9,6 +9,8 @@ simulator knows when a program ends and may drop it at once.
 
 from __future__ import annotations
 
+from collections.abc import Container
+
 from sim.core.state import ProgramState
 
 
@@ -38,12 +40,18 @@ class ProcessTable:
     def last_activity(self, entry: ProgramState) -> float:
         return max(entry.last_arrival, entry.last_completion)
 
-    def expire(self, now: float) -> list[str]:
-        """Drop idle programs; returns their ids in table order."""
+    def expire(self, now: float, arriving: Container[str] = ()) -> list[str]:
+        """Drop idle programs; returns their ids in table order.
+
+        ``arriving`` names programs with a call the engine has received but
+        not yet registered (the simulated replica adds calls between steps):
+        such a program is not idle, and dropping it would lose the service
+        its next call is ranked by.
+        """
         gone = [
             pid
             for pid, e in self.programs.items()
-            if not e.live and now - self.last_activity(e) >= self.ttl
+            if not e.live and now - self.last_activity(e) >= self.ttl and pid not in arriving
         ]
         for pid in gone:
             del self.programs[pid]
