@@ -94,7 +94,9 @@ def sse_error(body: dict[str, Any]) -> bytes:
 
 def text_token_ids(text: str) -> list[int]:
     """Pseudo-tokenisation of text: one id per 4-byte chunk (see the module docstring)."""
-    data = text.encode("utf-8")
+    # surrogatepass: JSON admits a lone surrogate ("\ud83d", an emoji cut in half), which plain
+    # UTF-8 refuses; the client got a bare 500 for a request a tokenizer takes.
+    data = text.encode("utf-8", "surrogatepass")
     ids = []
     for i in range(0, len(data), BYTES_PER_TOKEN):
         ids.append(FILLER_BASE + int.from_bytes(data[i:i + BYTES_PER_TOKEN], "little") % FILLER_VOCAB)
@@ -353,14 +355,15 @@ class SimServer:
                                       "finish_reason": "length"}
         else:
             choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": "length"}
-        if req.return_token_ids:
-            choice["token_ids"] = list(handle.output_ids)
-            choice["prompt_token_ids"] = list(req.prompt_ids)
         body = {
             "id": _new_id(req.chat), "object": "chat.completion" if req.chat else "text_completion",
             "created": int(time.time()), "model": req.model, "choices": [choice],
             "usage": self._usage(req, handle), "engine_stats": handle.stats(self.engine.index),
         }
+        if req.return_token_ids:
+            choice["token_ids"] = list(handle.output_ids)
+            # Where vLLM's protocol puts them: in the choice of a completion, at the top of a chat response.
+            (body if req.chat else choice)["prompt_token_ids"] = list(req.prompt_ids)
         return web.json_response(body, headers=self._headers())
 
     async def _stream(self, request: web.Request, req: ParsedRequest, handle: CallHandle) -> web.StreamResponse:
@@ -384,6 +387,7 @@ class SimServer:
                              chunk: Callable[..., bytes]) -> None:
         sent = 0
         held: dict[str, Any] | None = None  # the last token's choice, sent once the call's stats are final
+        held_extra: dict[str, Any] = {}  # its chunk's top-level fields (a one-token chat's prompt_token_ids)
         while await handle.queue.get() is not None:
             last = sent + 1 == req.max_tokens
             if req.chat:
@@ -392,27 +396,29 @@ class SimServer:
             else:
                 choice = {"index": 0, "text": TOKEN_TEXT, "logprobs": None,
                           "finish_reason": "length" if last else None}
+            extra: dict[str, Any] = {}
             if req.return_token_ids:
                 choice["token_ids"] = [handle.output_ids[sent]]
-                if sent == 0:
-                    choice["prompt_token_ids"] = list(req.prompt_ids)
+                if sent == 0:  # in the first chunk: its choice (completions) or its top level (chat), as vLLM
+                    (extra if req.chat else choice)["prompt_token_ids"] = list(req.prompt_ids)
             sent += 1
             if last:  # the call finishes with this token: its queue ends right after it
-                held = choice
+                held, held_extra = choice, extra
             else:
-                await resp.write(chunk([choice]))
+                await resp.write(chunk([choice], **extra))
         if handle.aborted:
             return
         if handle.failure is not None:
             if held is not None:
-                await resp.write(chunk([held]))
+                await resp.write(chunk([held], **held_extra))
             await resp.write(sse_error(error_body(500, handle.failure)))
             await resp.write_eof()
             return
         # engine_stats rides on the last token's chunk: a chunk with no choices
         # is vLLM's (and OpenAI's) usage chunk, sent only when asked for, and
         # clients that read choices[0] of every chunk fail on one.
-        await resp.write(chunk([held] if held is not None else [], engine_stats=handle.stats(self.engine.index)))
+        await resp.write(chunk([held] if held is not None else [], **held_extra,
+                               engine_stats=handle.stats(self.engine.index)))
         if req.include_usage:
             await resp.write(chunk([], usage=self._usage(req, handle)))
         await resp.write(b"data: [DONE]\n\n")

@@ -19,11 +19,11 @@ from sim.serve import parse_request, RequestError, text_token_ids
 from test_serve_helpers import engine_config, run, start_engine, wait_for
 
 
-async def _stream(session, url, body):
+async def _stream(session, url, body, path="/v1/completions"):
     events = []
     t0 = time.monotonic()
     first = None
-    async with session.post(url + "/v1/completions", json=body) as r:
+    async with session.post(url + path, json=body) as r:
         assert r.status == 200, await r.text()
         assert r.headers["Content-Type"].startswith("text/event-stream")
         parser = SSEParser()
@@ -69,6 +69,46 @@ def test_streaming_token_count_usage_and_timing():
     assert total >= 0.2
     assert first >= 0.01
     assert total < 2.0  # real time, not stalled
+
+
+def test_prompt_token_ids_sit_where_vllm_puts_them_and_a_lone_surrogate_is_a_prompt():
+    """vLLM's protocol: a completion's prompt_token_ids in its choice, a chat response's at its top
+    level (whole, and the first stream chunk; sim serve put both in the choice). A JSON string with
+    a lone surrogate ("\\ud83d", an emoji cut in half) was a bare 500 from str.encode."""
+    async def go():
+        server, engine = await start_engine(step=0.002)
+        got = {}
+        try:
+            async with aiohttp.ClientSession() as s:
+                for chat in (False, True):
+                    for stream in (False, True):
+                        for n in (1, 3):
+                            body = {"max_tokens": n, "return_token_ids": True, "stream": stream}
+                            body.update({"messages": [{"role": "user", "content": "hi\ud83d"}]} if chat
+                                        else {"prompt": "hi\ud83d"})
+                            path = "/v1/chat/completions" if chat else "/v1/completions"
+                            if stream:
+                                events, _, _, _ = await _stream(s, server.url, body, path)
+                            else:  # json.dumps writes the lone surrogate as the escape \ud83d
+                                async with s.post(server.url + path, json=body) as r:
+                                    assert r.status == 200, await r.text()
+                                    events = [await r.json()]
+                            got[chat, stream, n] = events
+        finally:
+            await server.stop()
+        return got
+
+    got = run(go())
+    for (chat, stream, n), events in got.items():
+        docs = [e for e in events if e != DONE and e.get("choices")]
+        assert len(docs) == (n if stream else 1)
+        first = docs[0]
+        where = first if chat else first["choices"][0]
+        other = first["choices"][0] if chat else first
+        assert isinstance(where.get("prompt_token_ids"), list) and where["prompt_token_ids"], (chat, stream, n)
+        assert "prompt_token_ids" not in other, (chat, stream, n)
+        assert all("prompt_token_ids" not in d and "prompt_token_ids" not in d["choices"][0] for d in docs[1:])
+        assert sum(len(d["choices"][0]["token_ids"]) for d in docs) == n
 
 
 def test_whole_response_text_prompt_chat_and_prefix_hits():
