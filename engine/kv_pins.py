@@ -87,6 +87,11 @@ class KVPins:
         self._pins[pin_id] = KVPin(program_id, groups, last_index, expiry)
         self._by_program.setdefault(program_id, []).append(pin_id)
         heapq.heappush(self._expiries, (expiry, pin_id))
+        if len(self._expiries) > 2 * len(self._pins) + 64:
+            # Pins taken up or dropped leave their entries until expiry, which a long
+            # kv_ttl puts far off: the heap grew by one entry per pinned request.
+            self._expiries = [e for e in self._expiries if e[1] in self._pins]
+            heapq.heapify(self._expiries)
         self.pinned += 1
 
     def release_taken_up(self, program_id: str, request_blocks: Sequence[Sequence[KVCacheBlock]]) -> None:
@@ -94,10 +99,16 @@ class KVPins:
         ids = self._by_program.get(program_id)
         if not ids or not request_blocks:
             return
+        # By hash, not identity: hashes chain over the whole prefix, so an equal hash at the pin's last
+        # position means the whole pinned history is held, whichever copy of it the call hit. vLLM keeps
+        # duplicate blocks under one hash (a fully cached block-aligned prompt recomputes its last block),
+        # and a follow-up's lookup may return another program's copy: by identity the pin was never taken
+        # up. The simulator compares content keys the same way.
         held = request_blocks[0]
         taken = [
             pin_id for pin_id in ids
-            if len(held) > (pin := self._pins[pin_id]).last_index and held[pin.last_index] is pin.blocks[0][-1]
+            if len(held) > (pin := self._pins[pin_id]).last_index
+            and held[pin.last_index].block_hash == pin.blocks[0][-1].block_hash
         ]
         for pin_id in taken:
             self._release(pin_id)

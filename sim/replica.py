@@ -45,7 +45,7 @@ the engine; they hold back admissions while other calls run.
 from __future__ import annotations
 
 from bisect import insort
-from heapq import heappop, heappush
+from heapq import heapify, heappop, heappush
 from dataclasses import dataclass, field
 from operator import attrgetter
 from typing import Callable
@@ -1361,6 +1361,11 @@ class Replica:
         self._pins[serial] = (key, call.blocks)
         self._pins_of_call.setdefault(key, []).append(serial)
         heappush(self._pin_expiries, (self.env.now + ttl, serial))
+        if len(self._pin_expiries) > 2 * len(self._pins) + 64:
+            # Pins taken up or dropped leave their entries until expiry, which a long
+            # kv_ttl puts far off: the heap grew by one entry per pinned call.
+            self._pin_expiries = [e for e in self._pin_expiries if e[1] in self._pins]
+            heapify(self._pin_expiries)
 
     def _expire_pins(self, now: float) -> None:
         """Release the pins whose time-to-live has passed; called as each step is scheduled.

@@ -117,6 +117,40 @@ def test_a_sibling_sharing_only_the_common_prefix_does_not_take_the_pin_up(model
     assert len(s.kv_pins) == 0 and s.kv_pins.taken_up == 1
 
 
+def test_a_follow_up_that_hits_another_programs_copy_of_the_history_takes_the_pin_up(model_dir):
+    """B's first call sends A's block-aligned prompt: vLLM caps its hit one token short, so B
+    recomputes the last block into a second block under the same hash, and B's pin holds that
+    copy. B's follow-up hits A's copy; B's history is held all the same."""
+    s, clock = engine(model_dir, "program_fcfs", num_blocks=16)
+    start_busy_engine_with_pinned_a1(s, clock, 60.0)
+    s.add_request(call("b1", "B", A1, 1, kv_ttl=60.0))
+    step(s, clock, 1.0)
+    assert "b1" not in s.requests and len(s.kv_pins) == 2
+    s.add_request(call("b2", "B", A2, 2))
+    out = step(s, clock, 1.0)
+    assert out.num_scheduled_tokens["b2"] == 16  # a full hit on the 4 blocks
+    assert len(s.kv_pins) == 1 and s.kv_pins.taken_up == 1  # B's pin; A's stays for A
+
+
+def test_pins_taken_up_leave_no_expiry_entries_behind(model_dir):
+    """As in the simulator (test_serve): with kv_ttl=1e9 the expiry heap kept an entry for every
+    request ever pinned, though each pin was taken up by its program's next call. Every program
+    sends the same block-aligned prompt, so each first call recomputes its last block (vLLM caps
+    a hit one token short) into a duplicate of the cached one, and each follow-up hits the first
+    copy: a pin matched by block identity was never taken up after the first program's."""
+    s, clock = engine(model_dir, "program_fcfs", num_blocks=64)
+    for i in range(200):
+        s.add_request(call(f"a{i}", f"P{i}", A1, 1, kv_ttl=1e9))
+        while f"a{i}" in s.requests:
+            step(s, clock, 1.0)
+        s.add_request(call(f"b{i}", f"P{i}", A2, 1))  # re-sends a's history: takes the pin up
+        while f"b{i}" in s.requests:
+            step(s, clock, 1.0)
+        pins = s.kv_pins
+        assert len(pins) == 0 and len(pins._expiries) <= 2 * 1 + 64  # compacted as the 67th entry is pushed
+    assert (pins.pinned, pins.taken_up) == (200, 200)
+
+
 def test_a_second_pin_of_one_thread_leaves_the_first_in_place(model_dir):
     # Mirrors test_serve's two-pin case: a later call on the same thread that
     # does not re-send the history takes nothing up, so both pins stay.

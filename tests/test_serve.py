@@ -310,6 +310,22 @@ def test_a_kv_ttl_tag_pins_the_calls_kv_for_its_programs_next_call(policy, kv_tt
     assert (snap["kv_pins"], snap["kv_pins_held"], snap["kv_pins_dropped"]) == (1 if kv_ttl else 0, 0, 0)
 
 
+def test_pins_taken_up_leave_no_expiry_entries_behind():
+    """Each pin pushed an expiry entry that only its expiry removed: with kv_ttl=1e9 and every
+    pin taken up by its program's next call, the heap held one entry per call ever pinned."""
+    engine, at = virtual_time_engine("plas", blocks=400)
+    t = 0.0
+    for i in range(300):
+        a = engine.submit(list(range(1, 33)), 4, f"p{i}", "a", None, 1e9)
+        at(t := t + 5.0)
+        engine.submit(list(range(1, 33)) + list(a.output_ids) + [7], 4, f"p{i}", "b", None)  # takes the pin up
+        at(t := t + 5.0)
+        replica = engine.replica
+        assert replica.pins_held == 0
+        assert len(replica._pin_expiries) <= 2 * 1 + 64  # compacted as the 67th entry is pushed
+    assert replica.pins == 300
+
+
 def test_two_pins_on_one_thread_are_both_held_until_each_expires_as_in_the_plugin():
     # The second call does not re-send the first's history, so it takes up
     # no pin; like engine.kv_pins.KVPins, the engine then holds both.
