@@ -450,6 +450,10 @@ class ProgramAwareMixin:
         admitted = [d.req_id for d in output.scheduled_new_reqs]
         admitted.extend(output.scheduled_cached_reqs.resumed_req_ids)
         pins = self.kv_pins
+        # vLLM counted this step's common prefix with the pins' references in place
+        # (below), so what matters is whether pins were held then, not after the
+        # take-ups next: an admission that takes the last pin up left the count wrong.
+        pinned_while_counting = bool(pins)
         for rid in admitted:
             call = calls.get(rid)
             if call is not None and not call.running:
@@ -457,7 +461,7 @@ class ProgramAwareMixin:
                 self._log("admit", rid)
             if pins and call is not None:
                 pins.release_taken_up(call.program_id, self.kv_cache_manager.coordinator.get_blocks(rid))
-        if pins:
+        if pinned_while_counting:
             # vLLM counts a block as common to every running request when its
             # ref_cnt equals their number (get_num_common_prefix_blocks); a
             # pin's reference breaks that count, and cascade attention (off by

@@ -132,6 +132,20 @@ def test_a_follow_up_that_hits_another_programs_copy_of_the_history_takes_the_pi
     assert len(s.kv_pins) == 1 and s.kv_pins.taken_up == 1  # B's pin; A's stays for A
 
 
+def test_no_common_prefix_is_reported_in_the_step_that_takes_the_last_pin_up(model_dir):
+    """vLLM counted a2's 4 blocks (ref_cnt 2: a2 and the pin) as common to both running requests,
+    though r shares none; the count was zeroed only while pins were still held after the take-up."""
+    s, clock = engine(model_dir, "fcfs", num_blocks=16)
+    s.add_request(call("a1", "A", A1, 1, kv_ttl=60.0))
+    step(s, clock, 1.0)
+    assert len(s.kv_pins) == 1
+    s.add_request(call("a2", "A", A2, 5))
+    s.add_request(call("r", "R", list(range(900, 940)), 5))
+    out = step(s, clock, 1.0)
+    assert set(out.num_scheduled_tokens) == {"a2", "r"} and len(s.kv_pins) == 0
+    assert out.num_common_prefix_blocks == [0]
+
+
 def test_pins_taken_up_leave_no_expiry_entries_behind(model_dir):
     """As in the simulator (test_serve): with kv_ttl=1e9 the expiry heap kept an entry for every
     request ever pinned, though each pin was taken up by its program's next call. Every program
