@@ -18,15 +18,22 @@ always a prefix of its blocks, so a later call's prompt can hit them.
 Blocks are keyed when the replica schedules the chunk that fills them, as
 vLLM does, so a call admitted later in the same step hits them.
 
-One departure from vLLM, chosen for simplicity: when a call fills a block
-whose key is already held (a running call computing content that another
-call keyed since this one was admitted, which same-step keying makes rare),
-it adopts the held block and frees its own copy, as SGLang's radix cache
-does; vLLM would keep both until one is freed.
+A call that fills a block whose key is already present (in use or cached)
+keeps its own copy, as vLLM keeps duplicate blocks under one hash: the
+copy counts as in use until the call frees it. It happens whenever a fully
+cached prompt is a whole number of blocks, since a hit stops one token
+short of the prompt and its last block is recomputed. (It used to adopt the
+held block and free its copy, as SGLang's radix cache does, which counted
+a block fewer than vLLM and missed its preemptions.) The copy is the
+call's alone: hits go to the first block under the key, as vLLM's lookup
+returns the first; a freed copy is cached beside it in LRU order; and when
+the block serving a key is evicted, the key's oldest other block (live or
+freed) serves its hits.
 """
 
 from __future__ import annotations
 
+from bisect import insort
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -37,6 +44,7 @@ class BlockTable:
 
     keys: list[int] = field(default_factory=list)
     private: int = 0
+    copies: dict[int, int] | None = None  # key -> serial of this call's own copy under it (module docstring)
 
     @property
     def num_blocks(self) -> int:
@@ -52,7 +60,12 @@ class KVCache:
         self.prefix_caching = prefix_caching
         self.in_use = 0
         self._refs: dict[int, int] = {}  # key -> references from live calls (>= 1)
-        self._cached: OrderedDict[int, None] = OrderedDict()  # unreferenced, LRU first
+        # Unreferenced blocks, LRU first: a key stands for the block that serves its hits, a
+        # (key, serial) pair for a freed copy beside it.
+        self._cached: OrderedDict[int | tuple[int, int], None] = OrderedDict()
+        self._live_copies: dict[int, list[tuple[int, BlockTable]]] = {}  # key -> (serial, holder), oldest first
+        self._cached_copies: dict[int, list[int]] = {}  # key -> serials of its freed copies, oldest first
+        self._copy_serial = 0
         self.evictions = 0
 
     @property
@@ -111,10 +124,37 @@ class KVCache:
             raise RuntimeError(f"KV allocation of {n} blocks with {self.free} free")
         empty = self.capacity - self.in_use - len(self._cached)
         for _ in range(max(0, n - empty)):
-            self._cached.popitem(last=False)
-            self.evictions += 1
+            self._evict()
         self.in_use += n
         table.private += n
+
+    def _evict(self) -> None:
+        """Reuse the least recently used cached block.
+
+        When it served a key's hits, the key's oldest other block takes over,
+        live or freed, as vLLM's lookup falls through to the next block
+        registered under the hash.
+        """
+        cached = self._cached
+        entry, _ = cached.popitem(last=False)
+        self.evictions += 1
+        if entry.__class__ is tuple:  # a freed copy: nothing was hitting it
+            key, serial = entry
+            _drop_item(self._cached_copies, key, serial)
+            return
+        key = entry
+        live, freed = self._live_copies.get(key), self._cached_copies.get(key)
+        if live and (not freed or live[0][0] < freed[0]):
+            serial, holder = live[0]
+            _drop_item(self._live_copies, key, live[0])
+            del holder.copies[key]
+            self._refs[key] = 1
+        elif freed:
+            serial = freed[0]
+            _drop_item(self._cached_copies, key, serial)
+            old = list(cached)  # the copy keeps its place in the LRU order, as the key's block now
+            cached.clear()
+            cached.update((key if e == (key, serial) else e, None) for e in old)
 
     def register_full(self, table: BlockTable, keys, computed_tokens: int) -> None:
         """Key the call's private blocks that are now full and have content keys."""
@@ -124,12 +164,12 @@ class KVCache:
         refs, cached = self._refs, self._cached
         while len(table.keys) < full and table.private > 0:
             key = keys[len(table.keys)]
-            if key in refs:  # a sibling computed it: adopt theirs, free ours
-                refs[key] += 1
-                self.in_use -= 1
-            elif key in cached:
-                del cached[key]
-                refs[key] = 1
+            if key in refs or key in cached:  # present already: ours stays a copy, still in use
+                self._copy_serial += 1
+                if table.copies is None:
+                    table.copies = {}
+                table.copies[key] = self._copy_serial
+                self._live_copies.setdefault(key, []).append((self._copy_serial, table))
             else:
                 refs[key] = 1
             table.private -= 1
@@ -157,8 +197,7 @@ class KVCache:
         if self.in_use >= self.capacity:
             raise RuntimeError(f"KV allocation of 1 block with {self.free} free")
         if self.in_use + len(self._cached) >= self.capacity:
-            self._cached.popitem(last=False)
-            self.evictions += 1
+            self._evict()
         self.in_use += 1
         table.private += 1
 
@@ -166,8 +205,19 @@ class KVCache:
         """Free a call's blocks; its keyed blocks stay cached for later hits."""
         refs, cached = self._refs, self._cached
         freed = table.private
+        copies = table.copies
         # Release the tail first so the LRU evicts a prefix's end before its start.
         for key in reversed(table.keys):
+            if copies is not None and key in copies:  # a freed copy is cached beside the key's block
+                serial = copies[key]
+                freed += 1
+                live = self._live_copies[key]
+                live.remove((serial, table))
+                if not live:
+                    del self._live_copies[key]
+                cached[(key, serial)] = None
+                insort(self._cached_copies.setdefault(key, []), serial)
+                continue
             r = refs[key]
             if r > 1:
                 refs[key] = r - 1
@@ -178,6 +228,7 @@ class KVCache:
         self.in_use -= freed
         table.keys.clear()
         table.private = 0
+        table.copies = None
 
     def keep_keyed(self, table: BlockTable) -> None:
         """Free a finished call's private blocks but keep its keyed ones referenced.
@@ -191,5 +242,15 @@ class KVCache:
 
     def freed_by_release(self, table: BlockTable) -> int:
         """Blocks that releasing ``table`` would return (shared blocks stay in use)."""
-        refs = self._refs
-        return table.private + sum(1 for k in table.keys if refs[k] == 1)
+        refs, copies = self._refs, table.copies
+        if copies is None:
+            return table.private + sum(1 for k in table.keys if refs[k] == 1)
+        return table.private + sum(1 for k in table.keys if k in copies or refs[k] == 1)
+
+
+def _drop_item(index: dict, key: int, item) -> None:
+    """Remove ``item`` from ``index[key]`` (a short list), and the key with its last item."""
+    items = index[key]
+    items.remove(item)
+    if not items:
+        del index[key]

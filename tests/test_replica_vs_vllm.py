@@ -65,6 +65,36 @@ def random_case(rng: random.Random, prefix_caching: bool):
     return engine, programs, requests
 
 
+def random_identical_prompts_case(rng: random.Random):
+    """Single-call programs whose prompts are one of two shared prompts, whole (no fresh tokens),
+    mostly a whole number of blocks. vLLM caps a hit one token short of the prompt, so a fully
+    cached block-aligned prompt recomputes its last block into a copy that it holds beside the
+    cached one: the replica once adopted the held block and counted one block fewer.
+
+    The fake model runner samples one token id for every request, so two calls with one prompt
+    would also share their output blocks in vLLM, which no real pair of calls does (their
+    outputs differ, as the simulator's keys say): the outputs stop short of filling a block.
+    """
+    engine = dict(num_gpu_blocks=rng.randint(4, 12), max_num_seqs=rng.randint(1, 4),
+                  max_num_batched_tokens=rng.choice([16, 32, 64, 512]),
+                  enable_prefix_caching=True, scheduler_reserve_full_isl=rng.random() < 0.7)
+    sizes = {family: 16 * rng.randint(1, 4) + (0 if rng.random() < 0.8 else rng.randint(1, 12))
+             for family in ("sys", "doc")}
+    programs, requests = [], []
+    for k in range(rng.randint(2, 10)):
+        family = rng.choice(["sys", "doc"])
+        prompt = sizes[family]
+        out = rng.randint(1, 15 - prompt % 16)
+        if prompt + out > engine["num_gpu_blocks"] * 16:
+            continue
+        base = 10 if family == "sys" else 600
+        arrival = rng.choice(ARRIVALS)
+        call = Call("c0", (), prompt, out, 0.0, shared_prefix=SharedPrefix(family, prompt))
+        programs.append(Program(f"P{k}", arrival, "diff", (call,)))
+        requests.append((f"P{k}", arrival, [([base + j for j in range(prompt)], out, 0.0)]))
+    return engine, programs, requests
+
+
 def random_chain_case(rng: random.Random, prefix_caching: bool):
     """Chained programs: each call re-sends its parent's prompt and output, then new tokens.
 
@@ -212,6 +242,21 @@ def test_the_replica_matches_vllms_scheduler_step_for_step(model_dir, async_sche
         assert sim == vllm_times, (seed, engine)
         preempted += preemptions
     assert preempted > 50  # the cases must exercise preemption, not only queueing
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_identical_block_aligned_prompts_hold_their_recomputed_copy_as_in_vllm(model_dir, async_scheduling):
+    copies = 0
+    for seed in range(300):
+        rng = random.Random(seed)
+        engine, programs, requests = random_identical_prompts_case(rng)
+        if not programs:
+            continue
+        sim = simulated(engine, programs, async_scheduling)
+        vllm_times, _ = through_vllm(model_dir, engine, requests, async_scheduling)
+        assert sim == vllm_times, (seed, engine)
+        copies += sum(p.calls[0].prompt_tokens % 16 == 0 for p in programs[1:])
+    assert copies > 100
 
 
 @pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
