@@ -242,9 +242,7 @@ class KVCache:
 
     def freed_by_release(self, table: BlockTable) -> int:
         """Blocks that releasing ``table`` would return (shared blocks stay in use)."""
-        refs, copies = self._refs, table.copies
-        if copies is None:
-            return table.private + sum(1 for k in table.keys if refs[k] == 1)
+        refs, copies = self._refs, table.copies or ()
         return table.private + sum(1 for k in table.keys if k in copies or refs[k] == 1)
 
 
