@@ -109,6 +109,9 @@ class WorkloadConfig:
     # only the draw shows (a mean whose draws pass the trace format's limits).
     # Not part of the configuration: equal workloads from two files are equal.
     origin: str | None = field(default=None, compare=False, repr=False)
+    # Where to blame each parameter given, latest-set first, for a draw error
+    # that names the parameters shaping it (`traces.generators.DrawError`).
+    param_origins: tuple[tuple[str, str], ...] = field(default=(), compare=False, repr=False)
 
 
 @dataclass(frozen=True)

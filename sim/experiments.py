@@ -867,7 +867,8 @@ def _build(name: str, layered: _Layered) -> ExperimentConfig:
         name=name,
         description=description,
         workload=WorkloadConfig(generator=gen, params=params, trace=trace,
-                                origin=_params_origin(layered, params)),
+                                origin=_params_origin(layered, params),
+                                param_origins=_param_origins(layered, params)),
         engine=engine,
         latency=lat,
         policies=policies,
@@ -883,6 +884,19 @@ def _params_origin(layered: _Layered, params: Mapping[str, Any]) -> str | None:
     keys = [here + (k,) for k in params]
     latest = layered.latest(keys) if keys else here
     return layered.origin(latest if layered.rank(latest) > layered.rank(here) else here)
+
+
+def _param_origins(layered: _Layered, params: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
+    """`_params_origin` for each parameter alone, latest-set first (file order on a tie)."""
+    here: Path_ = ("workload", "params")
+    ranked = sorted(params, key=lambda k: -layered.rank(here + (k,)))  # stable: file order on a tie
+    out = []
+    for key in ranked:
+        path = here + (key,)
+        where = layered.origin(path if layered.rank(path) > layered.rank(here) else here)
+        if where is not None:
+            out.append((key, where))
+    return tuple(out)
 
 
 def resolve(

@@ -67,8 +67,15 @@ def load_workload(cfg: ExperimentConfig) -> list[Any]:
     except (ValueError, OverflowError) as exc:  # what only the draw shows: e.g. arrivals past the trace format's limit
         from sim.experiments import ConfigError
 
-        where = f"{w.origin}: " if w.origin else ""
+        origin = _draw_origin(w, exc)
+        where = f"{origin}: " if origin else ""
         raise ConfigError(f"{where}experiment {cfg.name!r}: workload.params: {exc}") from None
+
+
+def _draw_origin(w, exc: Exception) -> str | None:
+    """Where the latest-set parameter that shapes the bad draw was set, else where the params were."""
+    shaping = getattr(exc, "params", ())
+    return next((where for key, where in w.param_origins if key in shaping), w.origin)
 
 
 def summary_text(summary: dict[str, Any]) -> str:

@@ -113,6 +113,34 @@ def test_a_draw_past_the_trace_format_is_blamed_on_the_params_line(workdir):
     assert res.stderr.endswith("past the trace format's limit of 1e+09 seconds; lower the means that set it\n")
 
 
+def test_a_draw_error_is_blamed_on_a_parameter_that_shapes_the_draw_not_the_latest_set(workdir):
+    """An innocent --set (a token mean) was blamed for the file's tool delay, being the latest set."""
+    (workdir / "big.yaml").write_text(
+        "experiments:\n"
+        "  big:\n"
+        "    workload:\n"
+        "      generator: bfcl\n"
+        "      params:\n"
+        "        programs: 600\n"
+        "        rate: 1\n"
+        "        tool_delay_mean: 1.0e+300\n"
+        "    latency: {kind: constant, seconds: 0.01}\n"
+    )
+    res = sim("run", "big", "-e", "big.yaml", "-q", "-s", "workload.params.output_tokens_mean=20", cwd=workdir)
+    assert res.returncode == 1 and "Traceback" not in res.stderr
+    assert res.stderr.startswith("error: big.yaml:5: experiment 'big': workload.params: bfcl parameters draw delay="), res.stderr
+    # The --set that does shape the bad draw is blamed, as before.
+    res = sim("run", "big", "-e", "big.yaml", "-q", "-s", "workload.params.output_tokens_mean=20",
+              "-s", "workload.params.tool_delay_sigma=2", cwd=workdir)
+    assert res.stderr.startswith("error: --set workload.params.tool_delay_sigma=2: experiment 'big': "
+                                 "workload.params: bfcl parameters draw delay="), res.stderr
+    # An arrival past the limit is blamed on the rate, not on a later token mean.
+    res = sim("run", "big", "-e", "big.yaml", "-q", "-s", "workload.params.tool_delay_mean=1",
+              "-s", "workload.params.rate=1.0e-8", "-s", "workload.params.output_tokens_mean=20", cwd=workdir)
+    assert res.stderr.startswith("error: --set workload.params.rate=1.0e-8: experiment 'big': workload.params: "
+                                 "rate 1e-08 is too low for 600 programs"), res.stderr
+
+
 def test_a_fitted_latency_file_that_is_not_text_or_a_directory_is_one_line(workdir):
     (workdir / "bin.json").write_bytes(b"\xff\xfe{}")
     res = sim("run", "tiny", "-e", "exp.yaml", "-s", "latency.kind=fitted", "-s", "latency.name=bin.json", cwd=workdir)

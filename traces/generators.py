@@ -563,6 +563,30 @@ _BUILDERS = {
 }
 
 
+class DrawError(ValueError):
+    """A draw the trace format cannot hold, with the parameters that shape it.
+
+    Only the draw shows such an error (every parameter passes its own check),
+    so a caller that knows where each parameter was set can point at the ones
+    named in ``params`` rather than at whichever was set last.
+    """
+
+    def __init__(self, message: str, params: tuple[str, ...]):
+        super().__init__(message)
+        self.params = params
+
+
+# What sets each kind of drawn value: arrivals come from the arrival process; a
+# delay from the tool or think time; a token count from everything else (a
+# prompt re-sends its history, so call counts and outputs shape it too).
+ARRIVAL_PARAMS = ("programs", "rate", "arrival", "cv")
+DELAY_PARAMS = ("tool_delay_mean", "tool_delay_sigma", "think_time_mean")
+
+
+def _token_params(workload: str) -> tuple[str, ...]:
+    return tuple(f.name for f in fields(_BUILDERS[workload][0]) if f.name not in DELAY_PARAMS)
+
+
 def _params(workload: str, params: dict[str, Any]):
     cls = _BUILDERS[workload][0]
     valid = [f.name for f in fields(cls)]
@@ -617,7 +641,10 @@ def iter_generate(
         raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
     check_arrival(rate, arrival, cv)
     arrival_seq, program_seq = np.random.SeedSequence(seed).spawn(2)
-    times = arrival_times(programs, rate, np.random.Generator(np.random.PCG64(arrival_seq)), arrival, cv)
+    try:
+        times = arrival_times(programs, rate, np.random.Generator(np.random.PCG64(arrival_seq)), arrival, cv)
+    except ValueError as exc:  # the arguments passed check_arrival: only the draw is past the limit
+        raise DrawError(str(exc), ARRIVAL_PARAMS) from None
 
     if workload == "mixed":
         if params:
@@ -676,8 +703,9 @@ def _check_format_limits(program: Program) -> None:
         ):
             if not value <= limit:
                 shown = f"{value:.3g}" if isinstance(value, float) else f"{value:.3e}"
-                raise ValueError(
+                raise DrawError(
                     f"{program.workload} parameters draw {field}={shown} for program {program.id!r} "
                     f"call {call.id!r}, past the trace format's limit of {limit:.0e} {unit}; "
-                    f"lower the means that set it"
+                    f"lower the means that set it",
+                    DELAY_PARAMS if field == "delay" else _token_params(program.workload),
                 )
