@@ -169,30 +169,49 @@ R = TypeVar("R")
 
 
 def _read(path: str | Path, cls: type[R]) -> list[R]:
+    """The records of ``path``; a file this module did not write fails with its line and column."""
+    try:
+        with open(path, newline="", encoding="utf-8") as fh:
+            return _parse(path, cls, csv.reader(fh))
+    except UnicodeDecodeError as exc:
+        raise RecordFormatError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+
+
+def _parse(path: str | Path, cls: type[R], reader: Any) -> list[R]:
     hints = get_type_hints(cls)
     expected = _columns(cls)
     rows: list[R] = []
-    with open(path, newline="", encoding="utf-8") as fh:
-        reader = csv.reader(fh)
+    line = 1  # where the record being read starts: a quoted newline spans lines
+    try:
         header = next(reader, None)
         if header != expected:
             raise RecordFormatError(
                 f"{path}:1: expected the {cls.__name__} columns {','.join(expected)}, got {','.join(header or [])}"
             )
-        for line, row in enumerate(reader, start=2):
+        line = reader.line_num + 1
+        for row in reader:
             if len(row) != len(expected):
                 raise RecordFormatError(f"{path}:{line}: expected {len(expected)} values, got {len(row)}")
             values = {}
             for name, text in zip(expected, row):
-                kind = hints[name]
-                try:
-                    values[name] = kind(text) if kind in (int, float) else text
-                except ValueError:
-                    raise RecordFormatError(
-                        f"{path}:{line}: column {name}: expected {kind.__name__}, got {text!r}"
-                    ) from None
+                values[name] = _value(path, line, name, hints[name], text)
             rows.append(cls(**values))
+            line = reader.line_num + 1
+    except csv.Error as exc:  # a field past the csv module's size limit, a NUL byte
+        raise RecordFormatError(f"{path}:{line}: not a CSV record as this module writes them ({exc})") from None
     return rows
+
+
+def _value(path: str | Path, line: int, name: str, kind: type, text: str) -> Any:
+    if kind not in (int, float):
+        return text
+    try:
+        value = kind(text)
+    except ValueError:
+        raise RecordFormatError(f"{path}:{line}: column {name}: expected {kind.__name__}, got {text!r}") from None
+    if kind is float and not math.isfinite(value):  # the writers never write one; JSON cannot hold it
+        raise RecordFormatError(f"{path}:{line}: column {name}: expected a finite number, got {text!r}")
+    return value
 
 
 def read_calls_csv(path: str | Path) -> list[CallRecord]:

@@ -359,6 +359,9 @@ def simulate(
         "prefill_tokens": float(sum(r.prefill_tokens for r in reps)),
         "swap_seconds": sum(r.swap_seconds for r in reps),
         "kv_capacity_blocks": float(cluster.capacity_blocks),
+        # From the trace's zero, not the first arrival: a generated trace's idle
+        # time before its first (exponentially drawn) arrival is the arrival
+        # process's own, so leaving it out would bias utilisation upwards.
         "busy_fraction": sum(r.busy_time for r in reps) / (end * len(reps)) if end > 0 else 0.0,
     }
     return SimResult(policy, cluster.call_records, cluster.program_records, stats)

@@ -126,6 +126,27 @@ def test_read_rejects_wrong_header_and_values(tmp_path):
         read_programs_csv(tmp_path / "bad.csv")
 
 
+def test_read_names_the_line_of_a_bad_record_and_refuses_what_the_writers_never_write(tmp_path):
+    write_programs_csv(tmp_path / "p.csv", [program(pid="two\nlines"), program(pid="q")])
+    header, first_a, first_b, second = (tmp_path / "p.csv").read_text().split("\n")[:4]
+    bad = tmp_path / "bad.csv"
+    # The second record starts on line 4 (the first spans lines 2 and 3); it was reported as line 3.
+    bad.write_text("\n".join([header, first_a, first_b, second.replace(",2,10,", ",two,10,", 1)]) + "\n")
+    with pytest.raises(RecordFormatError, match=r"bad.csv:4: column calls: expected int, got 'two'"):
+        read_programs_csv(bad)
+    bad.write_text("\n".join([header, first_a, first_b, second.replace(",0.75", ",nan", 1)]) + "\n")
+    with pytest.raises(RecordFormatError, match=r"bad.csv:4: column waiting_share: expected a finite number, got 'nan'"):
+        read_programs_csv(bad)
+    # Not UTF-8, and a field past the csv module's limit: a traceback from the decoder or _csv before.
+    bad.write_bytes(header.encode() + b"\n\xff\n")
+    with pytest.raises(RecordFormatError, match=r"bad.csv: not UTF-8 text \(invalid start byte at byte"):
+        read_programs_csv(bad)
+    bad.write_text(header + "\n" + second.replace("fcfs,q,", "fcfs," + "q" * 200_000 + ",", 1) + "\n")
+    with pytest.raises(RecordFormatError, match=r"bad.csv:2: not a CSV record as this module writes them "
+                                                r"\(field larger than field limit"):
+        read_programs_csv(bad)
+
+
 def test_summarize_records_groups_by_policy_in_first_seen_order(tmp_path):
     progs = [program(policy="plas", latency=5.0), program(policy="fcfs", latency=10.0), program(policy="plas", pid="q", latency=15.0)]
     calls = [call(policy="fcfs"), call(policy="plas", prompt=10, hit=5)]

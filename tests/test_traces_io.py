@@ -15,7 +15,7 @@ from traces.format import Call, Program, SharedPrefix
 from traces.io import load, load_all, program_to_json, save
 from traces.validate import parse_program
 
-ids = st.text(alphabet=st.characters(codec="utf-8", exclude_categories=("Cs",)), min_size=1, max_size=6)
+ids = st.text(alphabet=st.characters(codec="utf-8", exclude_categories=("Cs", "Cc")), min_size=1, max_size=6)
 finite = st.floats(min_value=0.0, max_value=1e9, allow_nan=False, allow_infinity=False)
 
 

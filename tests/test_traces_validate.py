@@ -176,6 +176,17 @@ CASES = [
      "b", "program 'p1' call 'b': field 'context_of': not valid Unicode (lone surrogate)"),
     ("surrogate prefix key", prog("p1", [call(shared_prefix={"key": "\ud800", "tokens": 1})]), "shared_prefix.key",
      "c0", "program 'p1' call 'c0': field 'shared_prefix.key': not valid Unicode (lone surrogate)"),
+    # A carriage return in an id left calls.csv and programs.csv unreadable: a CSV
+    # writer ending lines with "\n" does not quote a "\r".
+    ("carriage return in program id", prog("p\r1"), "id", None,
+     "program 'p\\r1': field 'id': control character '\\r' in \"p\\r1\"; expected a name without them"),
+    ("newline in call id", prog("p1", [call("c\n0")]), "id", "c\n0",
+     "program 'p1' call 'c\\n0': field 'id': control character '\\n' in \"c\\n0\"; expected a name without them"),
+    ("C1 control in workload", prog("p1", workload="w\x85"), "workload", None,
+     "program 'p1': field 'workload': control character '\\x85' in \"w\\u0085\"; expected a name without them"),
+    ("NUL in prefix key", prog("p1", [call(shared_prefix={"key": "k\x00", "tokens": 1})]), "shared_prefix.key", "c0",
+     "program 'p1' call 'c0': field 'shared_prefix.key': control character '\\x00' in \"k\\u0000\"; "
+     "expected a name without them"),
     # Integers longer than int() reads (4300 digits) used to give Python's advice
     # to call sys.set_int_max_str_digits().
     ("5000-digit prompt", '{"id":"p1","arrival":0,"workload":"w","calls":[{"id":"c0","parents":[],"prompt_tokens":' + "9" * 5000

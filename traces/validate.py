@@ -26,6 +26,7 @@ import json
 import math
 import numbers
 import os
+import re
 import sys
 from dataclasses import dataclass
 from typing import Any
@@ -203,9 +204,17 @@ def _is_id(value: Any) -> bool:
     return type(value) is str and value != "" and is_unicode(value)
 
 
+# Control characters (Unicode category Cc): a carriage return in an id left the
+# results' CSV unreadable (a writer ending lines with "\n" does not quote "\r").
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+
+
 def _text(ctx: _Ctx, field: str, value: str) -> str:
     if not is_unicode(value):
         raise ctx.error(field, "not valid Unicode (lone surrogate)")
+    bad = _CONTROL.search(value)
+    if bad:
+        raise ctx.error(field, f"control character {bad.group()!r} in {show(value)}; expected a name without them")
     return value
 
 
@@ -258,6 +267,7 @@ def _parse_call(ctx: _Ctx, obj: Any) -> Call:
                 type(cid) is str
                 and cid
                 and cid.isascii()
+                and cid.isprintable()  # for ASCII: no control character (see _text)
                 and type(parents) is list
                 and type(prompt) is int
                 and 0 < prompt <= MAX_TOKENS
@@ -265,10 +275,11 @@ def _parse_call(ctx: _Ctx, obj: Any) -> Call:
                 and 0 < output <= MAX_TOKENS
                 and (td is float or td is int)
                 and 0 <= delay <= MAX_SECONDS
-                and (n == 5 or (type(context_of) is str and context_of and context_of.isascii()))
+                and (n == 5 or (type(context_of) is str and context_of and context_of.isascii()
+                                   and context_of.isprintable()))
             ):
                 for p in parents:
-                    if type(p) is not str or not p or not p.isascii():
+                    if type(p) is not str or not p or not p.isascii() or not p.isprintable():
                         break
                 else:
                     if len(parents) < 2 or len(set(parents)) == len(parents):
