@@ -296,7 +296,7 @@ def load_file(path: str | Path | None = None) -> ExperimentsFile:
         raise ConfigError(f"{where}:{lines.get(('experiments',), 1)}: experiments: expected a non-empty mapping")
     for name, body in experiments.items():
         line = lines.get(("experiments", name), 1)
-        if not isinstance(name, str) or not NAME_RE.match(name):
+        if not isinstance(name, str) or not NAME_RE.fullmatch(name):  # match's "$" let "a\n" through
             raise ConfigError(
                 f"{where}:{line}: experiment name {name!r}: use letters, digits, '.', '_' and '-' "
                 "(it names the output directory)"
@@ -306,6 +306,12 @@ def load_file(path: str | Path | None = None) -> ExperimentsFile:
     sweeps = data.get("sweeps") or {}
     if not isinstance(sweeps, dict):
         raise ConfigError(f"{where}:{lines.get(('sweeps',), 1)}: sweeps: expected a mapping of sweep names")
+    for name in sweeps:
+        if not isinstance(name, str) or not NAME_RE.fullmatch(name):  # "../x" wrote outside results/sweeps/
+            raise ConfigError(
+                f"{where}:{lines.get(('sweeps', name), 1)}: sweep name {name!r}: use letters, digits, '.', '_' "
+                "and '-' (it names the output directory)"
+            )
     return ExperimentsFile(where, defaults, experiments, lines, sweeps)
 
 

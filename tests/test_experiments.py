@@ -241,6 +241,9 @@ def test_missing_file(tmp_path):
 def test_bad_experiment_name(write):
     with pytest.raises(ConfigError, match="experiment name 'a b'"):
         load_file(write("a b: {workload: {trace: t.jsonl}}\n"))
+    # NAME_RE.match's "$" matched before a final newline: results/a<newline>/
+    with pytest.raises(ConfigError, match=r"experiment name 'a\\n': use letters"):
+        load_file(write('"a\\n": {workload: {trace: t.jsonl}}\n'))
 
 
 @pytest.mark.parametrize("key", ["12", "true"])

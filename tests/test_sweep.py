@@ -505,3 +505,24 @@ def test_a_point_given_as_an_int_and_as_a_float_is_one_point(tmp_path):
     with pytest.raises(ConfigError, match=r"grid\[1\]: the point workload.params.rate=2.0 is in the grid twice "
                                           r"\(grid\[0\] gives it too\)"):
         load_sweep("s", f)
+
+
+@pytest.mark.parametrize("name, shown", [
+    ('"../../escaped"', "'../../escaped'"),  # wrote its results outside results/sweeps/
+    ('""', "''"),  # wrote into results/sweeps/ itself
+    ("1", "1"),  # a sweep missing from the file then failed with a TypeError listing the names
+    ('"a\\n"', "'a\\n'"),  # NAME_RE.match's "$" matches before a final newline
+])
+def test_a_sweep_name_names_a_directory_so_it_is_a_plain_word(tmp_path, name, shown):
+    f = write(tmp_path, f"""\
+        ok:
+          experiment: tiny
+          grid: {{seed: [0, 1]}}
+        {name}:
+          experiment: tiny
+          grid: {{seed: [0, 1]}}
+        """)
+    with pytest.raises(ConfigError) as err:
+        load_sweep("ok", f)
+    assert str(err.value) == (f"{f}:12: sweep name {shown}: use letters, digits, '.', '_' and '-' "
+                              "(it names the output directory)")
