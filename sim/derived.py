@@ -255,7 +255,8 @@ def unfinished_sweeps(results: str | Path | Sequence[str | Path]) -> list[str]:
         return [f"{meta_path}: cannot tell whether the sweep finished ({type(exc).__name__}: {exc})"]
     if state == "complete":
         return []
-    how = "was interrupted" if state == "interrupted" else "did not finish (killed, or still running)"
+    how = {"interrupted": "was interrupted", "failed": "stopped on an error"}.get(
+        state, "did not finish (killed, or still running)")
     return [f"{meta_path}: the sweep {how}: {finished} of {jobs} jobs have a row; "
             f"curves lack the rest"]
 

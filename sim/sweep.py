@@ -44,6 +44,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import re
 import typing
 from dataclasses import dataclass, field, fields
 from fractions import Fraction
@@ -148,7 +149,21 @@ def override_text(key: str, value: Any) -> str:
             mantissa, exp = text.split("e")
             text = f"{mantissa}.0e{exp}"
         return f"{key}={text}"
-    return f"{key}={json.dumps(value)}"
+    return f"{key}={_ASTRAL.sub(_astral_escape, json.dumps(value))}"
+
+
+# JSON writes a character past U+FFFF as a surrogate pair of \u escapes, which
+# YAML reads as two lone surrogates; YAML's own escape for it is \U. Each
+# escape is matched whole, left to right, so an escaped backslash ("\\")
+# before a "u" is never taken for the start of one.
+_ASTRAL = re.compile(r"\\(?:u(d[89ab][0-9a-f]{2})\\u(d[c-f][0-9a-f]{2})|.)")
+
+
+def _astral_escape(m: re.Match) -> str:
+    if m.group(1) is None:
+        return m.group(0)
+    code = 0x10000 + ((int(m.group(1), 16) - 0xD800) << 10) + (int(m.group(2), 16) - 0xDC00)
+    return f"\\U{code:08x}"
 
 
 def _clean(x: int | float, integral: bool) -> int | float:

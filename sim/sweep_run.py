@@ -51,7 +51,7 @@ from sim.sweep import DEFAULT_VARIANT, Job, Sweep
 from sim.textout import write_atomic, writing_under
 
 # sweep.json's "state": a sweep killed outright (SIGKILL, power) stays RUNNING.
-RUNNING, COMPLETE, INTERRUPTED = "running", "complete", "interrupted"
+RUNNING, COMPLETE, INTERRUPTED, FAILED = "running", "complete", "interrupted", "failed"
 # Simulator counters kept in the table (from SimResult.stats).
 STATS = ("sim_time", "steps", "busy_fraction", "kv_evictions")
 METRICS = tuple(summarize_policy([], []))
@@ -490,9 +490,11 @@ def _run_sweep(sweep: Sweep, jobs: Sequence[Job], out: str | Path, workers: int 
                     )
                     bar.set_postfix_str(f"{len(failed)} failed", refresh=False)
                 bar.update(1)
-        except KeyboardInterrupt:
+        except BaseException as exc:  # an interrupt, or an error of the sweep's own (not a job's: those are rows)
             results.close()  # stops the workers at once, wherever the interrupt landed
-            writer.finish(INTERRUPTED)  # the finished rows in grid order, as at the end of a whole sweep
+            # The finished rows in grid order, as at the end of a whole sweep; a
+            # sweep.json left "running" would read as one still going.
+            writer.finish(INTERRUPTED if isinstance(exc, KeyboardInterrupt) else FAILED)
             raise
     rows = writer.finish()
     return SweepOutcome(rows, sorted(failed, key=lambda r: (r["point"], r["policy"])), time.perf_counter() - start)

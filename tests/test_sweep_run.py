@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from sim.derived import unfinished_sweeps
 from sim.experiments import ConfigError
 from sim.sweep import jobs, load_sweep
 from sim import sweep_run
@@ -451,6 +452,25 @@ def test_an_interrupted_sweep_writes_its_finished_rows_in_grid_order(exp, tmp_pa
     assert [(r["point"], r["policy"], r["programs"]) for r in table] == [("0", "fcfs", "12"), ("0", "plas", "12"), ("1", "fcfs", "12")]
     meta = json.loads((tmp_path / "out" / "sweep.json").read_text())
     assert (meta["state"], meta["finished"], meta["jobs"]) == ("interrupted", 3, 8)
+
+
+def test_a_sweep_that_fails_on_its_own_error_says_so_in_sweep_json(exp, tmp_path, monkeypatch):
+    """Only an interrupt was written down: any other error left sweep.json "running", as if still going."""
+    sweep = load_sweep("s", exp)
+    todo = jobs(sweep, exp)
+
+    def failing_backend(jobs_, workers, quiet):
+        yield JobResult(todo[1].index, "ok", "", 0.1, {"programs": 12})
+        raise OSError("disk full")
+
+    monkeypatch.setitem(sweep_run.BACKENDS, "local", failing_backend)
+    with pytest.raises(OSError, match="disk full"):
+        run_sweep(sweep, todo, tmp_path / "out", workers=2, quiet=True)
+    meta = json.loads((tmp_path / "out" / "sweep.json").read_text())
+    assert (meta["state"], meta["finished"], meta["jobs"]) == ("failed", 1, 8)
+    assert [r["policy"] for r in read(tmp_path / "out" / "sweep.csv")] == ["plas"]
+    assert unfinished_sweeps(tmp_path / "out") == [
+        f"{tmp_path / 'out' / 'sweep.json'}: the sweep stopped on an error: 1 of 8 jobs have a row; curves lack the rest"]
 
 
 def test_sweep_json_says_running_until_the_sweep_ends(exp, tmp_path, monkeypatch):
