@@ -398,6 +398,9 @@ def _case(where: _Where, raw: Any, path: tuple[Any, ...]) -> list[dict[str, Any]
             others = [k for k in values if k != key]
             valid = f"valid: {', '.join(others)}" if others else f"this grid varies no other key; add {times} to it or drop times"
             where.fail(path + (key, "times"), f"{times!r} is not another key of this grid; {valid}")
+        if times in scale:  # a chain's product depended on the keys' order in the file
+            where.fail(path + (key, "times"), f"{times!r} is itself multiplied (times: {scale[times]}); "
+                                              f"multiply by a key with plain values")
         for v in values[times]:
             if isinstance(v, bool) or not isinstance(v, (int, float)):
                 where.fail(path + (times,), f"{key} is multiplied by it, so its values must be numbers, got {v!r}")
@@ -533,6 +536,11 @@ def _check_layers_take_effect(where: _Where, fixed: Sequence[str], points: Seque
         if points and all(by_point):
             where.fail(("set", ".".join(lower)), f"the grid sets {by_point[0]} at every point, which replaces "
                                                  f"this value; drop it from set:, or change the grid")
+        by_variant = [next((t for t in v.overrides if _replaces(*parse_override(t), lower, value)), None)
+                      for v in variants]
+        if variants and all(by_variant):
+            where.fail(("set", ".".join(lower)), f"every variant sets it ({by_variant[0]}), which replaces this "
+                                                 f"value; drop it from set:, or change the variants")
 
 
 def _replaces(upper: tuple[str, ...], upper_value: Any, lower: tuple[str, ...], lower_value: Any) -> bool:

@@ -208,6 +208,11 @@ RATE = "grid.workload.params.rate"
         ("{workload.params.rate: {start: 1, stop: 2, num: 2, times: engine.replicas}}",
          f"{RATE}.times: 'engine.replicas' is not another key of this grid; this grid varies no other key; "
          "add engine.replicas to it or drop times"),
+        # A chain: which product a point got depended on the keys' order in the file.
+        ("{engine.replicas: [1, 2], workload.params.rate: {start: 1, stop: 2, num: 2, times: engine.replicas}, "
+         "workload.params.programs: {start: 10, stop: 10, num: 1, times: workload.params.rate}}",
+         "grid.workload.params.programs.times: 'workload.params.rate' is itself multiplied (times: engine.replicas); "
+         "multiply by a key with plain values"),
     ],
 )
 def test_bad_grids_are_located_errors(tmp_path, grid, message):
@@ -496,6 +501,33 @@ def test_a_sweep_set_that_the_grid_replaces_at_every_point_is_refused(tmp_path):
         load_sweep("s", f)
     assert str(info.value) == (f"{f}:11: sweep 's': set.seed: the grid sets seed at every point, which replaces "
                                f"this value; drop it from set:, or change the grid")
+
+
+def test_a_sweep_set_that_every_variant_replaces_is_refused(tmp_path):
+    """It ran at neither variant's points without a word, where the same --set is refused."""
+    f = write(tmp_path, """\
+        s:
+          experiment: tiny
+          set: {engine.max_num_seqs: 128}
+          grid: {seed: [0, 1]}
+          variants:
+            a: {set: {engine.max_num_seqs: 64}}
+            b: {set: {engine.max_num_seqs: 32}}
+        ok:
+          experiment: tiny
+          set: {engine.max_num_seqs: 128}
+          grid: {seed: [0, 1]}
+          variants:
+            a: {set: {engine.max_num_seqs: 64}}
+            b: {}
+        """)
+    with pytest.raises(ConfigError) as info:
+        load_sweep("s", f)
+    assert str(info.value) == (f"{f}:11: sweep 's': set.engine.max_num_seqs: every variant sets it "
+                               f"(engine.max_num_seqs=64), which replaces this value; drop it from set:, or change "
+                               f"the variants")
+    seqs = {j.variant: j.cfg.engine.max_num_seqs for j in jobs(load_sweep("ok", f), f)}
+    assert seqs == {"a": 64, "b": 128}  # taken where a variant leaves it alone
 
 
 def test_a_point_given_as_an_int_and_as_a_float_is_one_point(tmp_path):
