@@ -50,7 +50,7 @@ from dataclasses import dataclass, field, fields
 from fractions import Fraction
 from typing import Any, Sequence
 
-from sim.config import POLICIES, EngineConfig, ExperimentConfig, LatencyConfig
+from sim.config import DEFAULT_POLICIES, POLICIES, EngineConfig, ExperimentConfig, LatencyConfig
 from sim.core.params import PolicyParams
 from sim.experiments import (
     EXPERIMENT_KEYS,
@@ -447,8 +447,15 @@ def load_sweep(name: str, file: Any = None, overrides: Sequence[str] = ()) -> Sw
     labels: dict[str, str] = {}
     fixed = _set_overrides(where, body.get("set"), ("set",), labels)
     # --set and set: mistakes fail here, before any point; a text also on the command line is blamed there.
-    base = resolve(base_name, ef, [*fixed, *overrides], _file_labels(labels, overrides))
-    policies = _policies(where, body["policies"], ("policies",)) if "policies" in body else base.policies
+    # A base that only its grid makes valid (a 70B model whose grid gives it the GPUs) waits for the points.
+    try:
+        base, base_error = resolve(base_name, ef, [*fixed, *overrides], _file_labels(labels, overrides)), None
+    except ConfigError as exc:
+        base, base_error = None, exc
+    if "policies" in body:
+        policies = _policies(where, body["policies"], ("policies",))
+    else:
+        policies = base.policies if base is not None else _experiment_policies(ef, base_name)
     grid = body.get("grid")
     if grid is None:
         where.fail((), "missing grid: the keys to vary and their values")
@@ -471,6 +478,10 @@ def load_sweep(name: str, file: Any = None, overrides: Sequence[str] = ()) -> Sw
     _check_overrides_take_effect(name, overrides, raw_points, variants)
     _check_layers_take_effect(where, fixed, raw_points, variants)
     points = tuple(Point(i, tuple(p.items()), o) for i, (p, o) in enumerate(zip(raw_points, origins)))
+    if base is None:
+        base = _first_valid_point(ef, base_name, [*fixed, *overrides], points, variants)
+        if base is None:  # no point makes it valid: a mistake of the base, set: or --set, refused as one
+            raise base_error
     description = body.get("description", "")
     return Sweep(
         name=name,
@@ -481,6 +492,27 @@ def load_sweep(name: str, file: Any = None, overrides: Sequence[str] = ()) -> Sw
         variants=variants,
         base=base,
     )
+
+
+def _experiment_policies(ef: ExperimentsFile, name: str) -> tuple[str, ...]:
+    """The policies the base experiment runs, read without resolving it (the sweep's points may be what
+    makes it valid); a bad list is refused at each point, located there."""
+    raw = ef.experiments[name].get("policies", ef.defaults.get("policies"))
+    return tuple(raw) if isinstance(raw, list) and raw and all(p in POLICIES for p in raw) else tuple(DEFAULT_POLICIES)
+
+
+def _first_valid_point(ef: ExperimentsFile, experiment: str, lower: list[str], points: Sequence[Point],
+                       variants: Sequence[Variant]) -> ExperimentConfig | None:
+    """The configuration of the first job that resolves: what an invalid point's row shows for the
+    keys it leaves alone, when the base alone is not a valid experiment."""
+    for point in points:
+        for variant in variants:
+            layers = [lower, point.overrides(), [*variant.overrides, override_text("policies", list(variant.policies))]]
+            try:
+                return resolve_layers(experiment, ef, layers)
+            except ConfigError:
+                continue
+    return None
 
 
 def _check_overrides_take_effect(name: str, overrides: Sequence[str], points: Sequence[dict[str, Any]],

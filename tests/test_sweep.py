@@ -503,6 +503,32 @@ def test_a_sweep_set_that_the_grid_replaces_at_every_point_is_refused(tmp_path):
                                f"this value; drop it from set:, or change the grid")
 
 
+def test_a_base_that_only_the_grid_makes_valid_runs_its_points(tmp_path):
+    """The base alone (70B on one GPU) was checked and refused, though every point gives it the GPUs."""
+    f = write(tmp_path, """\
+        s:
+          experiment: tiny
+          set: {engine.model: llama-3.1-70b}
+          grid: {engine.gpus_per_replica: [4, 8]}
+        some:
+          experiment: tiny
+          set: {engine.model: llama-3.1-70b}
+          grid: {engine.gpus_per_replica: [1, 4]}
+        none:
+          experiment: tiny
+          set: {engine.model: llama-3.1-70b}
+          grid: {engine.gpus_per_replica: [1]}
+        """)
+    assert [(j.point.index, j.policy, j.error) for j in jobs(load_sweep("s", f), f)] == [
+        (0, "fcfs", None), (0, "plas", None), (1, "fcfs", None), (1, "plas", None)]
+    some = load_sweep("some", f)
+    assert some.base.engine.gpus_per_replica == 4  # an invalid row's unswept columns come from a valid point
+    errors = [j.error for j in jobs(some, f)]
+    assert errors[2:] == [None, None] and "llama-3.1-70b does not fit" in errors[0]
+    with pytest.raises(ConfigError, match=r"engine.model: llama-3.1-70b does not fit"):
+        load_sweep("none", f)
+
+
 def test_a_sweep_set_that_every_variant_replaces_is_refused(tmp_path):
     """It ran at neither variant's points without a word, where the same --set is refused."""
     f = write(tmp_path, """\
