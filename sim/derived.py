@@ -294,9 +294,19 @@ def measured(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     return [r for r in rows if r.get("status") != "invalid"]
 
 
-def group_label(key: Sequence[tuple[str, Any]]) -> str:
-    """Short text for a group: its values that vary are what a reader needs."""
+PROGRAMS = "workload.params.programs"
+
+
+def group_label(key: Sequence[tuple[str, Any]], among: Iterable[Sequence[tuple[str, Any]]] = ()) -> str:
+    """Short text for a group: its values that vary are what a reader needs.
+
+    The program count is left out, as a scale that follows the replicas in
+    the paper's sweeps, unless a group of ``among`` differs from this one in
+    it alone: then it is a condition of its own, and two curves would share
+    one label.
+    """
     d = dict(key)
+    show_programs = programs_tell_apart(key, among)
     parts = []
     for k, v in key:
         if v is None:
@@ -311,11 +321,18 @@ def group_label(key: Sequence[tuple[str, Any]]) -> str:
                 parts.append(str(v))
         elif k == "replicas":
             parts.append(f"x{v}")
-        elif k == "workload.params.programs":
-            continue  # a scale, not a condition: follows the replicas in the paper's sweeps
+        elif k == PROGRAMS:
+            if show_programs:
+                parts.append(f"programs={v}")
         else:
             parts.append(f"{k.split('.')[-1]}={v}")
     return " ".join(parts) or "all"
+
+
+def programs_tell_apart(key: Sequence[tuple[str, Any]], among: Iterable[Sequence[tuple[str, Any]]]) -> bool:
+    mine = dict(key).get(PROGRAMS)
+    rest = [(k, v) for k, v in key if k != PROGRAMS]
+    return any(dict(g).get(PROGRAMS) != mine and [(k, v) for k, v in g if k != PROGRAMS] == rest for g in among)
 
 
 @dataclass
@@ -438,22 +455,24 @@ def throughput_table(rows: Iterable[dict[str, Any]], target: str | float | None 
 def tail_table(rows: Iterable[dict[str, Any]]) -> list[tuple[str, str, float, float | None, float | None]]:
     """(group, policy, rate, p95, p99 of normalised latency) per swept rate."""
     out = []
-    for group, by_policy in curves(rows).items():
+    groups = curves(rows)
+    for group, by_policy in groups.items():
         for p, c in by_policy.items():
             for rate, p95, p99 in zip(c.rates, c.metric("normalized_latency_p95"), c.metric("normalized_latency_p99")):
-                out.append((group_label(group), p, rate, p95, p99))
+                out.append((group_label(group, groups), p, rate, p95, p99))
     return out
 
 
 def format_table(table: Sequence[ThroughputRow]) -> str:
     """The text `python -m sim plot` prints: one line per (group, policy)."""
+    among = [t.group for t in table]
     baselines = baselines_of(b for t in table for b in t.ratios)
     header = ["group", "policy", "target L", "throughput", *(f"vs {b}" for b in baselines)]
     lines = [header, ["", "", "(s/tok)", "(prog/s)", *([""] * len(baselines))]]
     for t in table:
         lines.append(
             [
-                group_label(t.group),
+                group_label(t.group, among),
                 t.policy,
                 "-" if t.target is None else f"{t.target:.4g}",
                 t.throughput.text(),
@@ -581,6 +600,7 @@ def seed_table(table: Sequence[ThroughputRow], confidence: float = CONFIDENCE) -
 
 def format_seed_table(table: Sequence[SeedRow], confidence: float = CONFIDENCE) -> str:
     """The text `python -m sim sweep` and `plot` add for a sweep over seeds: means with intervals."""
+    among = [t.group for t in table]
     baselines = baselines_of(b for t in table for b in t.ratios)
     header = ["group", "policy", "seeds", "throughput (prog/s)", *(f"vs {b}" for b in baselines)]
     lines = [header]
@@ -591,7 +611,7 @@ def format_seed_table(table: Sequence[SeedRow], confidence: float = CONFIDENCE) 
     for t in table:
         tp = cell(t.throughput, ".3g") if t.throughput else t.inexact()
         lines.append(
-            [group_label(t.group), t.policy, str(len(t.seeds)), tp, *(cell(t.ratios[b], ".2f", "x") if b in t.ratios else "" for b in baselines)]
+            [group_label(t.group, among), t.policy, str(len(t.seeds)), tp, *(cell(t.ratios[b], ".2f", "x") if b in t.ratios else "" for b in baselines)]
         )
     pct = round(confidence * 100)
     return "\n".join(aligned(lines, left=2)) + (
@@ -663,6 +683,7 @@ def rate_ratio_table(rows: Iterable[dict[str, Any]], confidence: float = CONFIDE
 
 def format_rate_ratio_table(baseline: str | None, table: Sequence[RateRatioRow], confidence: float = CONFIDENCE) -> str:
     """The text `python -m sim sweep` and `plot` add for a sweep over seeds: latency at each rate."""
+    among = [t.group for t in table]
     header = ["group", "rate", "policy", "seeds", "norm latency (s/tok)", f"vs {baseline}" if baseline else ""]
     lines = [header]
     for t in table:
@@ -673,7 +694,7 @@ def format_rate_ratio_table(baseline: str | None, table: Sequence[RateRatioRow],
             rat = "baseline"
         else:
             rat = "n/a" if t.ratio is None else interval_text(t.ratio.mean, t.ratio.low, t.ratio.high, ".3f", "x")
-        lines.append([group_label(t.group), f"{t.rate:g}", t.policy, str(len(t.seeds)), lat, rat])
+        lines.append([group_label(t.group, among), f"{t.rate:g}", t.policy, str(len(t.seeds)), lat, rat])
     pct = round(confidence * 100)
     return "\n".join(aligned(lines, left=3)) + (
         f"\n(mean normalised latency at each rate: mean [{pct}% t-interval] over seeds; ratios paired per seed; "

@@ -10,7 +10,7 @@ and a fixed SVG hash salt, so the same table gives the same files.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import matplotlib
 
@@ -23,6 +23,7 @@ from sim.confidence import CONFIDENCE, t_interval  # noqa: E402
 from sim.derived import (  # noqa: E402
     BOUND_PREFIX,
     LATENCY,
+    PROGRAMS,
     SEED,
     SEEDS_MEAN,
     Curve,
@@ -34,6 +35,7 @@ from sim.derived import (  # noqa: E402
     measured,
     targets,
     parse_target,
+    programs_tell_apart,
     seed_table,
     throughput_at,
     throughput_table,
@@ -135,7 +137,7 @@ def latency_vs_rate(rows: Sequence[dict[str, Any]], target: str | float | None =
                 if row == 0 and L is not None:
                     ax.axhline(L, color="grey", ls="--", lw=1, label=f"target L={L:.3g}")
                 _yscale(ax, shown)
-                title = group_label(panel[0]) + (f" ({seeds} seeds, {round(CONFIDENCE * 100)}% band)" if seeds > 1 else "")
+                title = group_label(panel[0], [p for p, _ in panels]) + (f" ({seeds} seeds, {round(CONFIDENCE * 100)}% band)" if seeds > 1 else "")
                 ax.set_title(title if row == 0 else "")
                 ax.set_xlabel("arrival rate (programs/s)")
                 ax.set_ylabel(f"{what} normalised latency (s/token)")
@@ -177,7 +179,7 @@ def throughput_ratio_bars(rows: Sequence[dict[str, Any]], target: str | float | 
             r = t.ratios[baseline]
             bars_of[(t.group, cluster[1]), t.policy] = (r.value, r.bound, None)  # a lone seed keeps its own
     groups = list(dict.fromkeys(g for g, _ in bars_of))
-    names = [group_label(g) for g, _ in groups]
+    names = [group_label(g, [g for g, _ in groups]) for g, _ in groups]
     # Beside a table without seeds, the same group over seeds is told apart.
     labels = [f"{n} seed={SEEDS_MEAN}" if seeded and names.count(n) > 1 else n for n, (_, seeded) in zip(names, groups)]
     policies = list(dict.fromkeys(p for _, p in bars_of))
@@ -226,7 +228,7 @@ def _scaling_series(rows: Sequence[dict[str, Any]], target: str | float | None) 
         L = Ls[group]
         for policy, c in by_policy.items():
             tp = throughput_at(c.rates, c.metric(LATENCY), L) if L is not None else Throughput(None, "none")
-            key = (_panel_of(group), str(g.get("balancer")), policy)
+            key = (_panel_of(group, groups), str(g.get("balancer")), policy)
             out.setdefault(key, []).append((int(g.get("replicas") or 1), tp))
     # A single replica has no balancer to choose: its point belongs on every balancer's line.
     for (w, b, p), pts in out.items():
@@ -237,11 +239,16 @@ def _scaling_series(rows: Sequence[dict[str, Any]], target: str | float | None) 
     return {k: sorted(v, key=lambda x: x[0]) for k, v in out.items()}
 
 
-def _panel_of(group: tuple[tuple[str, Any], ...]) -> str:
+def _panel_of(group: tuple[tuple[str, Any], ...], groups: Iterable[tuple[tuple[str, Any], ...]]) -> str:
     """The scaling figure's panel: the group but its replica count and balancer (the
     figure's axes), so curves that differ in another swept key (a model, the seedless
-    run beside a seeds' mean) are not drawn as one line."""
-    return group_label(tuple((k, v) for k, v in group if k not in ("replicas", "balancer")))
+    run beside a seeds' mean, a program count that does not follow the replicas) are
+    not drawn as one line."""
+    axes = ("replicas", "balancer")
+    shown = group_label(tuple((k, v) for k, v in group if k not in axes))
+    if programs_tell_apart(group, groups):
+        shown += f" programs={dict(group)[PROGRAMS]}"
+    return shown
 
 
 def has_scaling(rows: Sequence[dict[str, Any]]) -> bool:
@@ -326,7 +333,7 @@ def wait_breakdown(rows: Sequence[dict[str, Any]], target: str | float | None = 
             ax.set_ylim(0, 1.15)  # room for the legend above the bars
             ax.set_yticks([0, 0.25, 0.5, 0.75, 1.0])
             ax.set_ylabel("share of engine time (mean over programs)")
-            ax.set_title(group_label(group))
+            ax.set_title(group_label(group, groups))
             ax.legend(fontsize="x-small", loc="upper center", ncols=2)
         fig.suptitle("Where programs spend their engine time: waiting vs executing" + (" (mean over seeds)" if seeded else ""))
         fig.tight_layout()

@@ -289,3 +289,32 @@ def test_a_figure_the_new_table_does_not_support_is_not_left_from_the_last(tmp_p
     written = draw_all(no_fcfs, tmp_path, "2x")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in written)
     assert not (tmp_path / "throughput_ratio.png").exists()
+
+
+def with_programs(data, programs):
+    """Rows as a sweep that also varies workload.params.programs writes them (the key before "variant")."""
+    out = []
+    for r in data:
+        keys = list(r)
+        at = keys.index("variant")
+        out.append({**{k: r[k] for k in keys[:at]}, "workload.params.programs": programs, **{k: r[k] for k in keys[at:]}})
+    return out
+
+
+def test_a_program_count_that_does_not_follow_the_replicas_keeps_its_own_curves():
+    """Both counts shared one label: two table lines read alike, and one scaling line zig-zagged over both."""
+    from sim.derived import format_table, throughput_table
+    from sim.sweep_plots import _scaling_series
+
+    data = [r for n in (20, 60) for reps in (1, 2) for r in with_programs(rows(reps), n)]
+    series = _scaling_series(data, "2x")
+    assert sorted({k[0] for k in series}) == ["bfcl programs=20", "bfcl programs=60"]
+    assert all([n for n, _ in pts] == [1, 2] for pts in series.values())
+    labels = [line.split("  ")[0] for line in format_table(throughput_table(data, "2x")).splitlines()[2:-1]]
+    assert sorted(set(labels)) == ["bfcl programs=20", "bfcl programs=60", "bfcl x2 locality programs=20",
+                                   "bfcl x2 locality programs=60"]
+    # Scaled with the replicas, as in the paper's sweeps, the count is no condition: left out.
+    scaled = [r for reps in (1, 2) for r in with_programs(rows(reps), 500 * reps)]
+    assert sorted({k[0] for k in _scaling_series(scaled, "2x")}) == ["bfcl"]
+    labels = [line.split("  ")[0] for line in format_table(throughput_table(scaled, "2x")).splitlines()[2:-1]]
+    assert sorted(set(labels)) == ["bfcl", "bfcl x2 locality"]
