@@ -301,7 +301,7 @@ def _sweep(args: argparse.Namespace) -> int:
 
 
 def _plot(args: argparse.Namespace) -> int:
-    from sim.derived import load_rows, measured, parse_target, report, unfinished_sweeps
+    from sim.derived import NO_RATE, WHY_NO_RATE, load_rows, measured, parse_target, report, unfinished_sweeps, without_rate
     from sim.experiments import ConfigError
     from sim.sweep_plots import draw_all
 
@@ -317,6 +317,12 @@ def _plot(args: argparse.Namespace) -> int:
     if not measured(rows):  # empty tables and figures, exit 0, read as a plot of nothing measured
         raise ConfigError(f"{' '.join(args.results)}: every point is invalid (status and error in the table); "
                           f"nothing to plot")
+    rateless = without_rate(measured(rows))
+    if rateless == len(measured(rows)):  # empty figures and exit 0 read as a plot of nothing measured
+        raise ConfigError(f"{' '.join(args.results)}: {NO_RATE}")
+    if rateless:
+        print(f"warning: {rateless} of {len(measured(rows))} measured rows have no arrival rate and are left out "
+              f"({WHY_NO_RATE})", file=sys.stderr)
     results = Path(args.results[0])
     out = _out(args, (results if results.is_dir() else results.parent) / "plots")
     print(report(rows, args.target))

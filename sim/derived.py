@@ -702,11 +702,26 @@ def format_rate_ratio_table(baseline: str | None, table: Sequence[RateRatioRow],
     )
 
 
+WHY_NO_RATE = "a trace workload's rows, whose rate the trace fixes"
+NO_RATE = (f"no row has an arrival rate ({WHY_NO_RATE}); the tables and figures are curves against the rate, "
+           "so read sweep.csv itself")
+
+
+def without_rate(rows: Iterable[dict[str, Any]]) -> int:
+    """How many rows no curve can hold: a curve is over the arrival rate."""
+    return sum(1 for r in rows if not _finite(r.get("rate")))
+
+
 def report(rows: Sequence[dict[str, Any]], target: str | float | None = None) -> str:
     """The tables `python -m sim sweep` and `plot` print: throughput at L, and over seeds its intervals and the latency at each rate."""
     rows = measured(rows)
+    rateless = without_rate(rows)
+    if rows and rateless == len(rows):
+        return NO_RATE
     table = throughput_table(rows, target)
     parts = [format_table(table)]
+    if rateless:
+        parts.append(f"({rateless} of {len(rows)} rows have no arrival rate and are left out: {WHY_NO_RATE})")
     if over_seeds := seed_table(table):
         parts.append(format_seed_table(over_seeds))
     baseline, at_rates = rate_ratio_table(rows)

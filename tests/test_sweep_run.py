@@ -272,6 +272,22 @@ def test_cli_plot_of_a_bad_table_is_one_line(tmp_path):
     assert res.returncode == 1 and res.stderr == ("error: sweep.csv: every point is invalid (status and error in "
                                                   "the table); nothing to plot\n")
     assert not (tmp_path / "plots").exists()
+    # A trace workload's rows have no rate: it printed empty tables, wrote empty figures and exited 0.
+    header = b"sweep,point,workload,rate,balancer,engine.max_num_seqs,variant,policy,status,normalized_latency_mean\n"
+    (tmp_path / "sweep.csv").write_bytes(header + b"s,0,t.jsonl,,locality,4,default,fcfs,ok,0.1\n"
+                                                  b"s,1,t.jsonl,,locality,8,default,fcfs,ok,0.2\n")
+    res = sim("plot", "sweep.csv", cwd=tmp_path)
+    assert res.returncode == 1 and res.stderr == (
+        "error: sweep.csv: no row has an arrival rate (a trace workload's rows, whose rate the trace fixes); the "
+        "tables and figures are curves against the rate, so read sweep.csv itself\n")
+    assert not (tmp_path / "plots").exists()
+    # Some rows with a rate: the others are left out with a word, not silently.
+    (tmp_path / "sweep.csv").write_bytes(header + b"s,0,t.jsonl,,locality,4,default,fcfs,ok,0.1\n"
+                                                  b"s,1,bfcl,2.0,locality,4,default,fcfs,ok,0.2\n")
+    res = sim("plot", "sweep.csv", cwd=tmp_path)
+    assert res.returncode == 0 and res.stderr == ("warning: 1 of 2 measured rows have no arrival rate and are left "
+                                                  "out (a trace workload's rows, whose rate the trace fixes)\n")
+    assert "(1 of 2 rows have no arrival rate and are left out" in res.stdout
 
 
 def test_cli_sweep_over_seeds_reports_intervals(exp, tmp_path):
