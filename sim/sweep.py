@@ -482,10 +482,13 @@ def load_sweep(name: str, file: Any = None, overrides: Sequence[str] = ()) -> Sw
         base = _first_valid_point(ef, base_name, [*fixed, *overrides], points, variants)
         if base is None:  # no point makes it valid: a mistake of the base, set: or --set, refused as one
             raise base_error
-    description = body.get("description", "")
+    description = body.get("description")
+    description = "" if description is None else description  # "description:" left empty
+    if not isinstance(description, str):  # a list was kept as its Python repr, "['a']"
+        where.fail(("description",), f"expected a string, got {description!r}")
     return Sweep(
         name=name,
-        description=description if isinstance(description, str) else str(description),
+        description=description,
         experiment=base_name,
         keys=keys,
         points=points,

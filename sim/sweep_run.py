@@ -101,11 +101,23 @@ def _prepared(key: _WorkloadKey) -> tuple[list[Any], Any]:
 def _workload_key(cfg: Any) -> _WorkloadKey:
     w = cfg.workload
     text = json.dumps(
-        {"generator": w.generator, "params": w.params, "trace": w.trace, "seed": cfg.seed,
+        {"generator": w.generator, "params": w.params, "trace": _file_identity(w.trace), "seed": cfg.seed,
          "block_size": cfg.engine.block_size},
         sort_keys=True, default=str,
     )
     return _WorkloadKey(text, cfg)
+
+
+def _file_identity(path: str | None) -> Any:
+    """A trace by what is there now, not its path's text: a file rewritten, or the same relative
+    path from another directory, served the first file's programs to a later sweep in this process."""
+    if path is None:
+        return None
+    try:
+        st = os.stat(path)
+    except OSError:
+        return path  # loading it fails, with the reason
+    return [os.path.abspath(path), st.st_ino, st.st_size, st.st_mtime_ns]
 
 
 def run_job(job: Job) -> JobResult:

@@ -233,6 +233,7 @@ def test_bad_grids_are_located_errors(tmp_path, grid, message):
         ("experiment: tiny\ngrid: {seed: [1]}\npolicies: [fcfs, lifo]",
          "12: sweep 's': policies[1]: unknown value 'lifo'; valid choices: fcfs, mlfq, plas, atlas, srpt, program_fcfs"),
         ("experiment: tiny", "9: sweep 's': missing grid: the keys to vary and their values"),
+        ("experiment: tiny\ngrid: {seed: [1]}\ndescription: [a]", "12: sweep 's': description: expected a string, got ['a']"),
         ("experiment: tiny\ngrid: {seed: [1]}\ngird: 1",
          "12: sweep 's': gird: unknown key; valid keys: description, experiment, set, grid, policies, variants"),
         ("experiment: tiny\ngrid: {seed: [1]}\nvariants: {u: {set: {engine.prefix: true}}}",

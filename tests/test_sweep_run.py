@@ -657,3 +657,29 @@ def test_a_dead_worker_fails_only_its_own_job(exp):
     alone = {r.index: r for r in run_local(todo, 1)}
     assert {i: r.metrics for i, r in results.items() if i not in DEADLY} == \
         {i: r.metrics for i, r in alone.items() if i not in DEADLY}
+
+
+def test_a_rewritten_trace_is_read_again_by_a_later_sweep_in_the_same_process(tmp_path, monkeypatch):
+    """The worker's workload cache was keyed on the trace path's text: the second sweep got the first file's programs."""
+    from traces.generators import generate
+    from traces.io import save
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "exp.yaml").write_text(
+        "experiments:\n"
+        "  tr:\n"
+        "    workload: {trace: t.jsonl}\n"
+        "    latency: {kind: constant, seconds: 0.01}\n"
+        "    policies: [fcfs]\n"
+        "sweeps:\n"
+        "  s:\n"
+        "    experiment: tr\n"
+        "    grid: {engine.max_num_seqs: [4]}\n"
+    )
+    counts = []
+    for programs in (5, 2):
+        save(generate("bfcl", programs, 1.0, seed=0), tmp_path / "t.jsonl")
+        sweep = load_sweep("s", tmp_path / "exp.yaml")
+        run_sweep(sweep, jobs(sweep, tmp_path / "exp.yaml"), tmp_path / f"out{programs}", workers=1, quiet=True)
+        counts.append(read(tmp_path / f"out{programs}" / "sweep.csv")[0]["programs"])
+    assert counts == ["5", "2"]
