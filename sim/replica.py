@@ -114,9 +114,12 @@ class SimCall:
         self.num_tokens = self.prompt_tokens
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class StepInfo:
-    """What an observer (tests, tracing) sees of each step after scheduling."""
+    """What an observer (tests, tracing) sees of each step after scheduling.
+
+    Not frozen: ``end`` is filled in once the step's time has passed.
+    """
 
     replica: int
     start: float
@@ -127,6 +130,16 @@ class StepInfo:
     waiting: int
     budget_left: int
     head_waiting_fits: bool  # the best waiting call would have fit as scheduled
+    # For checks that do not trust the replica's own admission test: the
+    # seats in use, whether the step preempted for memory (vLLM then admits
+    # nothing), and the best waiting call the step could have admitted: its id,
+    # its tokens (all need KV) and those left to compute.
+    seats_taken: int = 0
+    memory_preempted: bool = False
+    head_call: str | None = None
+    head_tokens: int = 0
+    head_new_tokens: int = 0
+    end: float = -1.0  # when the step's time had passed (set then); -1 for a step that took none
 
 
 @dataclass(eq=False, slots=True)
@@ -434,6 +447,8 @@ class Replica:
             self._in_step = True
             yield env.timeout(delay)
             self._in_step = False
+            if self.observer is not None:
+                self._info.end = env.now
             self._overlap = self._async
             if lazy:
                 self._complete_lazy(step, dt, start)
@@ -1041,6 +1056,7 @@ class Replica:
             budget -= new
 
         head_fits = True
+        head = None
         if not preempted_for_memory:
             budget, swap_in = self._admit(batch, budget, held)
             transfer += swap_in
@@ -1049,11 +1065,16 @@ class Replica:
                 if head is not None:
                     head_fits = self._would_fit(head, budget)
         if self.observer is not None:
+            seats = self._seats_taken()
             self._info = StepInfo(
                 self.index, now, tuple((c.core.id, n) for c, n in batch), kv.in_use, kv.capacity,
                 len(self.running), len(self.waiting), budget,
                 head_fits and not preempted_for_memory and any(c not in held for c in self.waiting)
-                and self._seats_taken() < cfg.max_num_seqs and budget > 0,
+                and seats < cfg.max_num_seqs and budget > 0,
+                seats, preempted_for_memory,
+                None if head is None else head.core.id,
+                0 if head is None else head.num_tokens,
+                0 if head is None else head.num_tokens - (head.num_computed if head.swapped else 0),
             )
         return batch, transfer
 
@@ -1201,11 +1222,14 @@ class Replica:
         transfer, preempted = 0.0, False
         while need > kv.capacity - kv.in_use:
             preempted = True
-            victim = pending[-1] if len(pending) > i else call
+            # The core's rule, the worst key, over ``call`` and the calls not yet scheduled in this
+            # step (``pending[i:]``, in key order after it: the tail, or else ``call``).
+            worst = self.core.memory_victim([call.core, *(c.core for c in pending[i:])])
+            victim = call if worst is call.core else next(c for c in reversed(pending) if c.core is worst)
             if self._preempt_draining(victim):
                 continue
             if victim is not call:
-                pending.pop()
+                pending.remove(victim)
             self._leave(victim, now)  # settles a lazily accounted member; nothing for the others
             transfer += self._preempt(victim, now)
             if victim is call:

@@ -154,6 +154,23 @@ def test_async_the_core_sees_a_steps_service_only_after_the_next_schedule(fast_f
         assert rec["A", "a"].preemptions == 1
 
 
+def test_memory_preemption_evicts_the_worst_ranked_running_call_not_yet_scheduled():
+    """FCFS, 4 blocks, three 16-token prompts: at t=2 B's decode needs a second block and none is free.
+
+    t=0 A prefills (1 block). t=1 A grows to 2 blocks; B and C are admitted
+    (1 block each, 4 in use). t=2 A fits; B needs a block: the victim is C,
+    the latest arrival and the worst key among those not yet scheduled this
+    step, not B itself (nothing is admitted in a step that preempted for
+    memory). C, 17 tokens (2 blocks with its sampled token), waits for A's
+    blocks at t=6, recomputes them in one step (token 2 at t=7), and decodes
+    its last four tokens by t=11.
+    """
+    programs = [prog("A", 0.0, call("a", 16, 6)), prog("B", 0.1, call("b", 16, 6)), prog("C", 0.2, call("c", 16, 6))]
+    r = by_id(simulate(programs, cfg(num_gpu_blocks=4, max_num_seqs=3), "fcfs"))
+    got = {k[0]: (v.first_scheduled, v.first_token, v.finish, v.preemptions) for k, v in r.items()}
+    assert got == {"A": (0.0, 1.0, 6.0, 0), "B": (1.0, 2.0, 7.0, 0), "C": (1.0, 2.0, 11.0, 1)}
+
+
 def test_async_a_call_whose_last_token_is_in_flight_is_the_memory_victim():
     # 4 blocks of 16. A (31 + 6 tokens) and B (16 + 2) start together. B
     # samples its last token in step [1,2); scheduling step [2,3), A needs
@@ -540,17 +557,43 @@ def check_invariants(programs, config, policy, min_step=quantize(0.1)):
         assert rec.arrival <= rec.first_scheduled <= rec.first_token <= rec.finish
         # Each output token needs a step; steps take at least min_step (0.1 s on the 2**-30 s grid by default).
         assert rec.service >= c.output_tokens * min_step - 1e-9
-        assert rec.waiting >= 0.0
+        # Service fits in the call's time on the engine (the record's waiting is clamped at 0: not checked there).
+        assert rec.finish - rec.arrival - rec.service >= -1e-9
         # Prefix hits are whole blocks of the prompt, short of its last token (vLLM recomputes that one).
         hits = rec.prefix_hit_tokens
         assert hits % config.engine.block_size == 0 and 0 <= hits <= c.prompt_tokens - 1
         assert hits == 0 or config.engine.enable_prefix_caching
     # Every preemption is some call's: the engine's count is the calls' sum.
     assert sum(r.preemptions for r in result.calls) == result.stats["preemptions"]
+    engine = config.engine
     for info in steps:
         assert info.kv_in_use <= info.kv_capacity  # KV never over capacity
         assert info.scheduled  # no empty step while work exists
         assert not info.head_waiting_fits  # never idle while a waiting call fits
+        # The same, not trusting the replica's admission test: a call needs at most a block per
+        # block_size of its tokens (prefix hits only lower that), so a head that fits by that
+        # count, with a seat and budget left, must have been admitted.
+        if info.head_call is not None and not info.memory_preempted:
+            seat = info.seats_taken < engine.max_num_seqs
+            budget = info.budget_left > 0 and (engine.enable_chunked_prefill
+                                               or info.head_new_tokens <= info.budget_left)
+            blocks = -(-info.head_tokens // engine.block_size)
+            assert not (seat and budget and blocks <= info.kv_capacity - info.kv_in_use), (
+                f"t={info.start}: {info.head_call} ({blocks} blocks) left waiting with "
+                f"{info.kv_capacity - info.kv_in_use} free")
+    # Never asleep while it holds a call: each call's time on its engine, arrival to finish,
+    # lies inside one unbroken run of that engine's steps.
+    runs: dict[int, list[list[float]]] = {}
+    for info in sorted(steps, key=lambda i: (i.replica, i.start)):
+        end = max(info.end, info.start)
+        merged = runs.setdefault(info.replica, [])
+        if merged and info.start <= merged[-1][1] + 1e-9:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([info.start, end])
+    for key, rec in records.items():
+        assert any(a - 1e-9 <= rec.arrival and rec.finish <= b + 1e-9 for a, b in runs[rec.engine]), (
+            f"{key}: on engine {rec.engine} from {rec.arrival} to {rec.finish}, which slept in between")
     # A program's latency covers its critical path: service plus delays.
     for p in programs:
         path: dict[str, float] = {}
