@@ -4,7 +4,9 @@ A call that fills a block whose key is already present keeps its own copy
 (vLLM's hash map holds several blocks per hash). These cases fix what each
 copy costs, where a freed one goes in the LRU order, and which block serves
 a key's hits once the first is evicted. `test_replica_vs_vllm` checks the
-same against vLLM's scheduler on random cases.
+same against vLLM's scheduler on random cases. A state machine then runs
+random arrivals, growth, pins and frees against a count of what the calls'
+block tables hold.
 """
 
 from sim.kvcache import BlockTable, KVCache
@@ -84,3 +86,92 @@ def test_a_pinned_copy_stays_in_use_until_the_pin_is_released():
     assert kv.in_use == 1
     kv.release(b)
     assert kv.in_use == 0 and kv.num_cached == 2
+
+
+# ---------------------------------------------------------------- random operation sequences
+from hypothesis import settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, invariant, precondition, rule  # noqa: E402
+
+# A prompt's blocks, each one of a few contents: hits, shared blocks and copies are common. A block's key
+# stands for its whole prefix (vLLM chains the hashes), so equal keys only ever start equal prompts.
+BLOCKS = st.lists(st.integers(0, 2), min_size=1, max_size=5)
+
+
+class KVCacheMachine(RuleBasedStateMachine):
+    """Calls arrive (hits, then fresh blocks, keyed as filled), grow by a block, are pinned and freed.
+
+    The cache's ``in_use`` is checked against a count made from the calls'
+    own block tables: a block per private block and per copy, and one per
+    key the calls share. A leak on release or an allocation past capacity
+    shows at once, where the engine-level tests need a full cache to see it.
+    """
+
+    tables = Bundle("tables")
+
+    def __init__(self):
+        super().__init__()
+        self.kv = KVCache(capacity=8)
+        self.live: list[tuple[BlockTable, list[int]]] = []
+        self.key_of: dict[tuple[int, ...], int] = {}
+        self.pinned: list[tuple[BlockTable, list[int]]] = []  # also in live: they hold blocks
+
+    @rule(target=tables, blocks=BLOCKS, extra=st.integers(0, 3))
+    def arrive(self, blocks, extra):
+        keys = [self.key_of.setdefault(tuple(blocks[: i + 1]), len(self.key_of)) for i in range(len(blocks))]
+        kv, table = self.kv, BlockTable()
+        n = kv.hit_blocks(keys, len(keys) - 1)  # a hit stops short of the prompt's last block, as vLLM's
+        fresh = len(keys) - n + extra
+        if not kv.can_allocate(kv.hit_cost(keys, n) + fresh):
+            return table  # does not fit: not admitted
+        kv.acquire_hits(table, keys, n)
+        kv.allocate(table, fresh)
+        kv.register_full(table, keys, 16 * len(keys))
+        self.live.append((table, keys))
+        return table
+
+    @precondition(lambda self: len(self.live) > len(self.pinned))
+    @rule(data=st.data())
+    def grow(self, data):
+        table, _ = data.draw(st.sampled_from([e for e in self.live if e not in self.pinned]))
+        if self.kv.can_allocate(1):
+            self.kv.allocate_one(table)
+
+    @rule(table=consumes(tables), pin=st.booleans())
+    def finish(self, table, pin):
+        entry = next((e for e in self.live if e[0] is table), None)
+        if entry is None or entry in self.pinned:
+            return
+        if pin:  # its keyed blocks stay referenced until the pin is dropped
+            self.kv.keep_keyed(table)
+            assert table.private == 0
+            self.pinned.append(entry)
+        else:
+            self.kv.release(table)
+            self.live.remove(entry)
+
+    @precondition(lambda self: self.pinned)
+    @rule(data=st.data())
+    def drop_pin(self, data):
+        entry = data.draw(st.sampled_from(self.pinned))
+        self.kv.release(entry[0])
+        self.pinned.remove(entry)
+        self.live.remove(entry)
+
+    @invariant()
+    def in_use_is_what_the_tables_hold(self):
+        shared = {k for t, _ in self.live for k in t.keys if not (t.copies and k in t.copies)}
+        held = sum(t.private + len(t.copies or ()) for t, _ in self.live) + len(shared)
+        assert self.kv.in_use == held
+        assert 0 <= self.kv.in_use <= self.kv.capacity
+        assert self.kv.in_use + self.kv.num_cached <= self.kv.capacity
+
+    @invariant()
+    def held_keys_hit(self):
+        for t, keys in self.live:  # a block in use is never evicted: its prefix hits while it is held
+            assert self.kv.hit_blocks(keys, len(keys)) >= len(t.keys)
+
+
+TestKVCacheMachine = KVCacheMachine.TestCase
+TestKVCacheMachine.settings = settings(max_examples=300, stateful_step_count=40, deadline=None, derandomize=True,
+                                       database=None)
