@@ -684,6 +684,5 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"python -m engine gateway: error: {exc}", file=sys.stderr)
         return 1
-    print(f"gateway on http://{args.host}:{args.port} -> {', '.join(cfg.engines)} "
-          f"({cfg.balancer}, policy {cfg.policy})", file=sys.stderr)
-    return run_site(gateway.app(), args.host, args.port, "python -m engine gateway")
+    banner = f"gateway on http://{args.host}:{args.port} -> {', '.join(cfg.engines)} ({cfg.balancer}, policy {cfg.policy})"
+    return run_site(gateway.app(), args.host, args.port, "python -m engine gateway", banner)

@@ -83,6 +83,7 @@ from engine.tokens import fallback_output_ids, prompt_ids
 from sim.metrics import summarize_run, write_calls_csv, write_programs_csv
 from sim.records import CallRecord, ProgramRecord
 from traces.format import Call, Program
+from traces.io import digest
 
 REPLAY_JSON = "replay.json"
 OUTPUTS = ("calls.csv", "programs.csv", "summary.json", REPLAY_JSON)
@@ -503,6 +504,7 @@ def write_outputs(r: Replayer, settings: ReplaySettings, wall: float, interrupte
         "trace": str(Path(settings.trace).resolve()), "policy": settings.policy, "target": settings.target,
         "model": getattr(r.target, "model", settings.model), "latency": settings.latency, "name": name,
         "kv_ttl": settings.kv_ttl, "programs": len(r.programs), "calls": sum(len(p.calls) for p in r.programs),
+        "trace_sha256": digest(r.programs),  # `engine validate` refuses a trace that no longer matches
         "service_source": r.service_source, "errors": r.errors[:100], "interrupted": interrupted,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
@@ -620,6 +622,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         in_file_order = load_all(args.trace)
     except (TraceError, OSError) as exc:
+        if isinstance(exc, OSError) and exc.filename is not None:  # as the other commands word it
+            exc = f"{exc.filename}: {'no such file' if isinstance(exc, FileNotFoundError) else exc.strerror}"
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 1
     problem = http_id_problem(args.trace, in_file_order) if args.target != "inprocess" else None
@@ -657,9 +661,9 @@ def run(args: argparse.Namespace) -> int:
         return 130
     pol = summary["policies"][args.policy]
     failed, skipped = int(pol["stats"]["failed_calls"]), int(pol["stats"]["skipped_calls"])
+    mean_latency = pol["program_latency_mean"]
     print(f"{pol['programs']} programs, {pol['calls']} calls; mean program latency "
-          f"{pol['program_latency_mean'] if pol['program_latency_mean'] is not None else '-'} s; "
-          f"results in {settings.out}")
+          f"{'-' if mean_latency is None else f'{mean_latency:.3f} s'}; results in {settings.out}")
     if failed:
         print(f"{prog}: {failed} calls failed and {skipped} more were not sent (a parent had failed); "
               f"see {settings.out}/{REPLAY_JSON}", file=sys.stderr)

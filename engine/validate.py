@@ -45,6 +45,7 @@ class Replayed:
     latency: str | None
     latencies: dict[str, float]  # program id -> measured program latency
     kv_ttl: float = 0.0  # the replay's --kv-ttl
+    trace_sha256: str | None = None  # `traces.io.digest` of the programs replayed (older replays lack it)
 
     @property
     def label(self) -> str:
@@ -91,8 +92,11 @@ def load_replay(directory: str | Path) -> Replayed:
         seen.add(r.program_id)
     if not rows:
         raise ValidationError(f"{d / 'programs.csv'}: no program finished in this replay; nothing to compare")
+    sha = meta.get("trace_sha256")
+    if sha is not None and not isinstance(sha, str):
+        raise ValidationError(f"{meta_path}: field 'trace_sha256' must be a string, got {sha!r}")
     return Replayed(d, meta["trace"], meta["policy"], meta.get("latency"), {r.program_id: r.latency for r in rows},
-                    float(kv_ttl))
+                    float(kv_ttl), sha)
 
 
 @dataclass
@@ -129,11 +133,16 @@ def error_table(rows: Sequence[Comparison]) -> str:
     return "\n".join(aligned(lines, left=4))
 
 
-def simulated_latencies(trace: str, cfg, policy: str) -> dict[str, float]:
+def simulated_latencies(trace: str, cfg, policy: str, sha256: str | None = None) -> dict[str, float]:
+    """The programs' latencies simulated from ``trace``, refused if its programs' digest is not ``sha256``."""
     from sim.simulate import simulate
-    from traces.io import load_all
+    from traces.io import digest, load_all
 
-    result = simulate(load_all(trace), cfg, policy)
+    programs = load_all(trace)
+    if sha256 is not None and digest(programs) != sha256:
+        raise ValidationError(f"{trace}: its programs are not the ones replayed (their digest differs from the "
+                              f"replay's trace_sha256): the trace changed since the replay, or is another one")
+    result = simulate(programs, cfg, policy)
     return {p.program_id: p.latency for p in result.programs}
 
 
@@ -146,7 +155,7 @@ def validate(dirs: Sequence[str | Path | Replayed], cfg) -> list[Comparison]:
         # the simulator refuses kv_ttl there.
         ttl = rep.kv_ttl if cfg.engine.enable_prefix_caching else 0.0
         run_cfg = dataclasses.replace(cfg, engine=dataclasses.replace(cfg.engine, kv_ttl=ttl))
-        simulated = simulated_latencies(rep.trace, run_cfg, rep.policy)
+        simulated = simulated_latencies(rep.trace, run_cfg, rep.policy, rep.trace_sha256)
         # A replay may have lost programs (they are left out), but never have one the trace lacks: then
         # the two runs are not of the same programs, and a partial overlap would read as a match.
         foreign = [pid for pid in rep.latencies if pid not in simulated]
@@ -199,7 +208,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("-e", "--experiments", metavar="FILE", help="experiments file (default: experiments.yaml)")
     p.add_argument("-s", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a dotted key of the experiment; repeatable")
-    p.add_argument("--json", metavar="FILE", help="also write the comparison as JSON")
+    p.add_argument("--json", metavar="FILE", help="also write the comparison as JSON to FILE ('-': to stdout, "
+                                                  "the table then going to stderr)")
     p.set_defaults(run=run)
     return p
 
@@ -224,11 +234,15 @@ def run(args: argparse.Namespace) -> int:
             if note:
                 print(f"python -m engine validate: {note}", file=sys.stderr)
         rows = validate(replays, cfg)
+        table = sys.stderr if args.json == "-" else sys.stdout  # stdout is the JSON's alone
         print(f"experiment {cfg.name}: latency model {cfg.latency.kind}, {cfg.engine.replicas} replica(s) of "
-              f"{cfg.engine.model} on {cfg.engine.gpu}")
-        print(error_table(rows))
-        if args.json:
-            Path(args.json).write_text(json.dumps(to_json(rows), indent=2) + "\n", encoding="utf-8")
+              f"{cfg.engine.model} on {cfg.engine.gpu}", file=table)
+        print(error_table(rows), file=table)
+        text = json.dumps(to_json(rows), indent=2) + "\n"
+        if args.json == "-":
+            sys.stdout.write(text)
+        elif args.json:
+            Path(args.json).write_text(text, encoding="utf-8")
     except (ValidationError, ConfigError, CapacityError, SpecError, SimulationError, RecordFormatError,
             TraceError, OSError) as exc:
         if isinstance(exc, OSError) and exc.filename is not None:  # e.g. --json in a missing directory

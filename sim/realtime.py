@@ -124,8 +124,10 @@ class RealtimeEngine:
 
     def __init__(self, cfg: ExperimentConfig, policy: str, index: int = 0, history: int = 10_000):
         eng = cfg.engine
+        live = ", ".join(name for name, cls in POLICY_CLASSES.items() if not cls.oracle)
+        if policy not in POLICY_CLASSES:  # make_policy's list has the oracle, which a live engine refuses
+            raise ValueError(f"unknown policy {policy!r}; valid choices: {live}")
         if make_policy(policy, cfg.policy_params).oracle:
-            live = ", ".join(name for name, cls in POLICY_CLASSES.items() if not cls.oracle)
             raise ValueError(f"policy {policy!r} needs the trace's future and cannot serve live requests; "
                              f"valid choices: {live}")
         if eng.kv_ttl > 0:

@@ -473,11 +473,20 @@ def serve_policy(args: argparse.Namespace, cfg: ExperimentConfig) -> str:
                      "choose this engine's with --policy")
 
 
-def run_site(app: web.Application, host: str, port: int, prog: str) -> int:
+def run_site(app: web.Application, host: str, port: int, prog: str, banner: str = "") -> int:
     """Serve ``app`` until interrupted; an address that cannot be bound (in use, not
-    an address of this machine) is one line and exit status 1."""
+    an address of this machine) is one line and exit status 1.
+
+    ``banner`` goes to stderr once the address is bound (aiohttp's ``print``
+    hook runs after its sites start), so a port in use is not first
+    announced as served.
+    """
+    def bound(_: str) -> None:
+        if banner:
+            print(banner, file=sys.stderr, flush=True)
+
     try:
-        web.run_app(app, host=host, port=port, handler_cancellation=True, access_log=None, print=None)
+        web.run_app(app, host=host, port=port, handler_cancellation=True, access_log=None, print=bound)
     except OSError as exc:
         print(f"{prog}: error: cannot listen on {host}:{port}: {exc.strerror or exc}", file=sys.stderr)
         return 1
@@ -535,6 +544,6 @@ def main(argv: list[str]) -> int:
               f"{cfg.engine.balancer} balancer are the gateway's part (python -m engine gateway), not this "
               "process's", file=sys.stderr)
     server = SimServer(engine, args.served_model_name)
-    print(f"sim serve: engine {args.index} ({cfg.engine.model} on {cfg.engine.gpu}, latency {cfg.latency.kind}, "
-          f"policy {policy}) on http://{args.host}:{args.port}", file=sys.stderr)
-    return run_site(server.app(), args.host, args.port, "python -m sim serve")
+    banner = (f"sim serve: engine {args.index} ({cfg.engine.model} on {cfg.engine.gpu}, latency {cfg.latency.kind}, "
+              f"policy {policy}) on http://{args.host}:{args.port}")
+    return run_site(server.app(), args.host, args.port, "python -m sim serve", banner)

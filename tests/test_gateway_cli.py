@@ -61,6 +61,9 @@ def test_serve_gateway_replay_validate_commands(tmp_path):
         for p in (gateway, engine):
             p.terminate()
             p.wait(timeout=30)
+    # Each says where it serves, once bound (a port in use says only that: see below).
+    assert f"on http://127.0.0.1:{e_port}\n" in engine.stderr.read()
+    assert f"gateway on http://127.0.0.1:{g_port} -> http://127.0.0.1:{e_port}" in gateway.stderr.read()
     assert sorted(p["id"] for p in view["programs"]) == ["p0", "p1", "p2"] and view["live_calls"] == 0
     assert len(read_calls_csv(out / "calls.csv")) == 6
     exp = tmp_path / "exp.yaml"
@@ -112,3 +115,4 @@ def test_gateway_cli_reports_an_address_it_cannot_listen_on(host):
                                "--port", str(port)], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert f"python -m engine gateway: error: cannot listen on {host}:{port}: " in proc.stderr
+    assert "gateway on http" not in proc.stderr  # it was announced as served before the bind failed

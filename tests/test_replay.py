@@ -443,3 +443,11 @@ def test_a_request_timeout_says_which_limit_was_hit():
             await server.stop()
 
     assert run(go()) == "program p call c0: no whole answer within --request-timeout 0.2 s"
+
+
+def test_cli_names_a_missing_trace_as_the_other_commands_do(tmp_path):
+    """It printed Python's "[Errno 2] No such file or directory: 'nope.jsonl'"."""
+    proc = subprocess.run([sys.executable, "-m", "engine", "replay", "nope.jsonl", "--target", "http://127.0.0.1:9",
+                           "--policy", "plas"], capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 1 and proc.stderr == "python -m engine replay: error: nope.jsonl: no such file\n"

@@ -391,6 +391,12 @@ def test_cli_rejects_an_oracle_policy():
     assert proc.returncode == 1
     assert proc.stderr == ("python -m sim serve: error: policy 'srpt' needs the trace's future "
                            "and cannot serve live requests; valid choices: fcfs, mlfq, plas, atlas, program_fcfs\n")
+    # A typo's list of choices offered srpt, which the next try then refused.
+    proc = subprocess.run([sys.executable, "-m", "sim", "serve", "--policy", "plsa", "--port", "0"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1
+    assert proc.stderr == ("python -m sim serve: error: unknown policy 'plsa'; valid choices: fcfs, mlfq, plas, atlas, "
+                           "program_fcfs\n")
 
 
 @pytest.mark.parametrize(
@@ -418,6 +424,7 @@ def test_cli_reports_a_port_in_use():
                               capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert f"python -m sim serve: error: cannot listen on 127.0.0.1:{port}: " in proc.stderr
+    assert "on http://" not in proc.stderr  # it was announced as served before the bind failed
 
 
 def test_config_from_an_experiment_with_overrides_and_flags():

@@ -81,6 +81,12 @@ def test_error_table_on_hand_made_replays(tmp_path):
     assert "latency mean" in proc.stdout and "-20.0%" in proc.stdout
     doc = json.loads((tmp_path / "v.json").read_text())
     assert doc[str(d_fcfs)]["policy"] == "fcfs" and doc[str(d_fcfs)]["error_pct"]["p95"] == pytest.approx(-20.0)
+    # "-" is stdout, for a pipe: the JSON alone there (it wrote a file named "-"), the table on stderr.
+    proc = subprocess.run([sys.executable, "-m", "engine", "validate", str(d_fcfs), str(d_plas), "--experiment",
+                           "tiny", "--experiments", str(exp), "--json", "-"],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == doc and "-20.0%" in proc.stderr and not (tmp_path / "-").exists()
 
     (tmp_path / "afile").write_text("")
     proc = subprocess.run([sys.executable, "-m", "engine", "validate", str(d_fcfs), "--experiment", "tiny",
@@ -166,7 +172,7 @@ def test_a_replays_kv_ttl_decides_the_simulated_one(
     seen = []
     real = validate_mod.simulated_latencies
     monkeypatch.setattr(validate_mod, "simulated_latencies",
-                        lambda t, cfg, policy: seen.append(cfg.engine.kv_ttl) or real(t, cfg, policy))
+                        lambda t, cfg, policy, sha: seen.append(cfg.engine.kv_ttl) or real(t, cfg, policy, sha))
     sets = [f"engine.kv_ttl={experiment}", f"engine.enable_prefix_caching={str(caching).lower()}"]
     (row,) = validate([d], resolve("tiny", exp, sets))
     assert seen == [simulated] and row.policy == label
@@ -214,6 +220,31 @@ def test_replays_of_other_programs_or_none_or_twice_are_refused(tmp_path):
     with pytest.raises(ValidationError) as err:
         validate([twice], cfg)
     assert str(err.value) == f"{twice / 'programs.csv'}: program 'p0' has two rows"
+
+
+def test_a_trace_whose_programs_changed_since_the_replay_is_refused(tmp_path):
+    """A regenerated trace keeps the ids p0..pN, so the id check passed it and the table compared other programs."""
+    from traces.io import digest
+
+    trace, programs = _trace(tmp_path)
+    exp = tmp_path / "exp.yaml"
+    exp.write_text(EXPERIMENTS.replace("TRACE", json.dumps(str(trace))))
+    cfg = resolve("tiny", exp)
+    d = _replay_dir(tmp_path, "r", trace, "fcfs", {"p0": 0.125, "p1": 0.25, "p2": 0.375})
+    meta = json.loads((d / "replay.json").read_text())
+    (d / "replay.json").write_text(json.dumps({**meta, "trace_sha256": digest(programs)}))
+    # The same programs, their lines reordered: the same digest, compared as before.
+    save(list(reversed(programs)), trace)
+    assert validate([d], cfg)[0].programs == 3
+    # Another draw with the same ids: refused.
+    save([Program(p.id, p.arrival, "x", (Call("a", (), 16, 5),)) for p in programs], trace)
+    with pytest.raises(ValidationError) as err:
+        validate([d], cfg)
+    assert str(err.value) == (f"{trace}: its programs are not the ones replayed (their digest differs from the "
+                              "replay's trace_sha256): the trace changed since the replay, or is another one")
+    (d / "replay.json").write_text(json.dumps({**meta, "trace_sha256": 7}))
+    with pytest.raises(ValidationError, match=r"replay.json: field 'trace_sha256' must be a string, got 7"):
+        load_replay(d)
 
 
 def test_two_replays_of_one_policy_keep_both_rows_in_the_json(tmp_path):

@@ -13,6 +13,7 @@ with ``repr`` (the shortest string that reads back as the same float), so
 from __future__ import annotations
 
 import gc
+import hashlib
 import json
 import os
 from contextlib import contextmanager
@@ -70,6 +71,17 @@ def program_to_json(program: Program) -> str:
         + ",".join(call_to_json(c) for c in program.calls)
         + "]}"
     )
+
+
+def digest(programs: Iterable[Program]) -> str:
+    """SHA-256 of the programs in their trace form, in id order: two traces with this digest hold
+    the same programs, however their lines are ordered or spaced (a replay records it, and
+    ``engine validate`` refuses a trace that no longer matches)."""
+    h = hashlib.sha256()
+    for program in sorted(programs, key=lambda p: p.id):
+        h.update(program_to_json(program).encode("utf-8", "surrogatepass"))
+        h.update(b"\n")
+    return h.hexdigest()
 
 
 def save(programs: Iterable[Program], path: str | os.PathLike) -> int:
