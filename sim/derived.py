@@ -301,12 +301,13 @@ def group_label(key: Sequence[tuple[str, Any]], among: Iterable[Sequence[tuple[s
     """Short text for a group: its values that vary are what a reader needs.
 
     The program count is left out, as a scale that follows the replicas in
-    the paper's sweeps, unless a group of ``among`` differs from this one in
-    it alone: then it is a condition of its own, and two curves would share
-    one label.
+    the paper's sweeps, unless two groups of ``among`` differ in it alone:
+    then it is a condition of its own, two curves would share one label, and
+    every label shows it (decided once, so no curve loses points to another
+    label).
     """
     d = dict(key)
-    show_programs = programs_tell_apart(key, among)
+    show_programs = programs_tell_apart(among)
     parts = []
     for k, v in key:
         if v is None:
@@ -329,10 +330,15 @@ def group_label(key: Sequence[tuple[str, Any]], among: Iterable[Sequence[tuple[s
     return " ".join(parts) or "all"
 
 
-def programs_tell_apart(key: Sequence[tuple[str, Any]], among: Iterable[Sequence[tuple[str, Any]]]) -> bool:
-    mine = dict(key).get(PROGRAMS)
-    rest = [(k, v) for k, v in key if k != PROGRAMS]
-    return any(dict(g).get(PROGRAMS) != mine and [(k, v) for k, v in g if k != PROGRAMS] == rest for g in among)
+def programs_tell_apart(groups: Iterable[Sequence[tuple[str, Any]]]) -> bool:
+    """Whether two of ``groups`` differ in their program count alone."""
+    seen: dict[tuple, Any] = {}
+    for g in groups:
+        rest = tuple((k, v) for k, v in g if k != PROGRAMS)
+        programs = dict(g).get(PROGRAMS)
+        if seen.setdefault(rest, programs) != programs:
+            return True
+    return False
 
 
 @dataclass

@@ -173,8 +173,14 @@ def _read(path: str | Path, cls: type[R]) -> list[R]:
     try:
         with open(path, newline="", encoding="utf-8") as fh:
             return _parse(path, cls, csv.reader(fh))
-    except UnicodeDecodeError as exc:
-        raise RecordFormatError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except UnicodeDecodeError:  # its offset is within the decoder's chunk: find the line in the whole file
+        raw = Path(path).read_bytes()
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            line = raw.count(b"\n", 0, exc.start) + 1
+            raise RecordFormatError(f"{path}:{line}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        raise  # the file changed under us: decoding it whole worked
 
 
 def _parse(path: str | Path, cls: type[R], reader: Any) -> list[R]:

@@ -452,6 +452,8 @@ def load_sweep(name: str, file: Any = None, overrides: Sequence[str] = ()) -> Sw
         base, base_error = resolve(base_name, ef, [*fixed, *overrides], _file_labels(labels, overrides)), None
     except ConfigError as exc:
         base, base_error = None, exc
+    if base is None and _experiment_policies(ef, base_name) is None:
+        raise base_error  # its own list is bad: no point's policies may hide that
     if "policies" in body:
         policies = _policies(where, body["policies"], ("policies",))
     else:
@@ -497,11 +499,15 @@ def load_sweep(name: str, file: Any = None, overrides: Sequence[str] = ()) -> Sw
     )
 
 
-def _experiment_policies(ef: ExperimentsFile, name: str) -> tuple[str, ...]:
+def _experiment_policies(ef: ExperimentsFile, name: str) -> tuple[str, ...] | None:
     """The policies the base experiment runs, read without resolving it (the sweep's points may be what
-    makes it valid); a bad list is refused at each point, located there."""
-    raw = ef.experiments[name].get("policies", ef.defaults.get("policies"))
-    return tuple(raw) if isinstance(raw, list) and raw and all(p in POLICIES for p in raw) else tuple(DEFAULT_POLICIES)
+    makes it valid); None for a bad list, which the caller refuses with the experiment's own error
+    (the points' ``policies=`` override would replace it and run other policies)."""
+    body = ef.experiments[name]
+    raw = body["policies"] if "policies" in body else ef.defaults.get("policies", list(DEFAULT_POLICIES))
+    ok = isinstance(raw, list) and raw and len(set(raw)) == len(raw) and all(
+        isinstance(p, str) and p in POLICIES for p in raw)
+    return tuple(raw) if ok else None
 
 
 def _first_valid_point(ef: ExperimentsFile, experiment: str, lower: list[str], points: Sequence[Point],

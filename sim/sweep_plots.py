@@ -246,7 +246,7 @@ def _panel_of(group: tuple[tuple[str, Any], ...], groups: Iterable[tuple[tuple[s
     not drawn as one line."""
     axes = ("replicas", "balancer")
     shown = group_label(tuple((k, v) for k, v in group if k not in axes))
-    if programs_tell_apart(group, groups):
+    if programs_tell_apart(groups) and PROGRAMS in dict(group):
         shown += f" programs={dict(group)[PROGRAMS]}"
     return shown
 

@@ -139,7 +139,15 @@ def test_read_names_the_line_of_a_bad_record_and_refuses_what_the_writers_never_
         read_programs_csv(bad)
     # Not UTF-8, and a field past the csv module's limit: a traceback from the decoder or _csv before.
     bad.write_bytes(header.encode() + b"\n\xff\n")
-    with pytest.raises(RecordFormatError, match=r"bad.csv: not UTF-8 text \(invalid start byte at byte"):
+    with pytest.raises(RecordFormatError, match=rf"bad.csv:2: not UTF-8 text \(invalid start byte at byte {len(header) + 1}\)"):
+        read_programs_csv(bad)
+    # Far into a long file: the decoder's chunk offset (5525) was reported for byte 21,909.
+    write_programs_csv(bad, [program(pid=f"p{i:03d}") for i in range(500)])
+    raw = bytearray(bad.read_bytes())
+    at = raw.index(b"p498")
+    raw[at] = 0xFF
+    bad.write_bytes(bytes(raw))
+    with pytest.raises(RecordFormatError, match=rf"bad.csv:500: not UTF-8 text \(invalid start byte at byte {at}\)"):
         read_programs_csv(bad)
     bad.write_text(header + "\n" + second.replace("fcfs,q,", "fcfs," + "q" * 200_000 + ",", 1) + "\n")
     with pytest.raises(RecordFormatError, match=r"bad.csv:2: not a CSV record as this module writes them "

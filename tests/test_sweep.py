@@ -528,6 +528,13 @@ def test_a_base_that_only_the_grid_makes_valid_runs_its_points(tmp_path):
     assert errors[2:] == [None, None] and "llama-3.1-70b does not fit" in errors[0]
     with pytest.raises(ConfigError, match=r"engine.model: llama-3.1-70b does not fit"):
         load_sweep("none", f)
+    # A bad policy list of the experiment is still its error, not hidden by the points' policies
+    # (the sweep ran the default policies instead of refusing 'plass').
+    text = f.read_text().replace("    policies: [fcfs, plas]\n", "    policies: [fcfs, plass]\n", 1)
+    f.write_text(text + "  own:\n    experiment: tiny\n    policies: [fcfs]\n    grid: {seed: [0, 1]}\n")
+    for name in ("s", "own"):
+        with pytest.raises(ConfigError, match=r"policies\[1\]: unknown value 'plass'"):
+            load_sweep(name, f)
 
 
 def test_a_sweep_set_that_every_variant_replaces_is_refused(tmp_path):

@@ -318,3 +318,12 @@ def test_a_program_count_that_does_not_follow_the_replicas_keeps_its_own_curves(
     assert sorted({k[0] for k in _scaling_series(scaled, "2x")}) == ["bfcl"]
     labels = [line.split("  ")[0] for line in format_table(throughput_table(scaled, "2x")).splitlines()[2:-1]]
     assert sorted(set(labels)) == ["bfcl", "bfcl x2 locality"]
+    # Both at once (a scaled case and one more count at one replica): decided once for the whole table,
+    # so every label shows the count (a per-group rule gave the scaled x2 group a bare "bfcl" label
+    # beside its x1 group's "bfcl programs=500"), and lines are by count.
+    both = scaled + with_programs(rows(1), 1000)
+    series = _scaling_series(both, "2x")
+    assert {k[0]: [n for n, _ in pts] for k, pts in series.items() if k[2] == "plas"} == {
+        "bfcl programs=500": [1], "bfcl programs=1000": [1, 2]}
+    labels = [line.split("  ")[0] for line in format_table(throughput_table(both, "2x")).splitlines()[2:-1]]
+    assert sorted(set(labels)) == ["bfcl programs=1000", "bfcl programs=500", "bfcl x2 locality programs=1000"]
