@@ -130,10 +130,12 @@ class Clock:
 class HTTPTarget:
     """An OpenAI-compatible server: the gateway, vLLM, or ``sim serve``."""
 
-    def __init__(self, base_url: str, model: str | None = None, request_timeout: float | None = None):
+    def __init__(self, base_url: str, model: str | None = None, request_timeout: float | None = None,
+                 cache_salt: str | None = None):
         self.base = base_url.rstrip("/")
         self.model = model
         self.request_timeout = request_timeout
+        self.cache_salt = cache_salt  # sent with every call: this replay's blocks are its own (`ReplaySettings`)
         self._session = None
 
     async def __aenter__(self) -> "HTTPTarget":
@@ -173,6 +175,8 @@ class HTTPTarget:
             # No program_service: it is the gateway's to set; a bare engine keeps its own account.
             "return_token_ids": True, XARGS: xargs(program_id, thread_id, kv_ttl),
         }
+        if self.cache_salt:
+            body["cache_salt"] = self.cache_salt
         headers = {PROGRAM_HEADER: program_id, THREAD_HEADER: thread_id}
         first = None
         ids: list[int] = []
@@ -274,8 +278,9 @@ class InprocessTarget:
     SCHEDULER = "engine.scheduler.ProgramAwareScheduler"
 
     def __init__(self, policy: str, workdir: str | None = None, max_model_len: int = 32768,
-                 gpu_memory_utilization: float = 0.9):
+                 gpu_memory_utilization: float = 0.9, cache_salt: str | None = None):
         self.policy = policy
+        self.cache_salt = cache_salt
         self.workdir = workdir
         self.max_model_len = max_model_len
         self.gpu_memory_utilization = gpu_memory_utilization
@@ -318,7 +323,10 @@ class InprocessTarget:
         ids: list[int] = []
         cached = None
         metrics = None
-        async for out in self._llm.generate({"prompt_token_ids": prompt}, params,
+        prompt_in: dict[str, Any] = {"prompt_token_ids": prompt}
+        if self.cache_salt:
+            prompt_in["cache_salt"] = self.cache_salt
+        async for out in self._llm.generate(prompt_in, params,
                                             request_id=f"replay-{uuid.uuid4().hex}"):
             got = list(out.outputs[0].token_ids) if out.outputs else []
             if got and first is None:
@@ -364,6 +372,7 @@ class Replayer:
     errors: list[str] = field(default_factory=list)
     service_source: dict[str, int] = field(default_factory=lambda: {"engine": 0, "client_decode_span": 0})
     token_mismatches: int = 0
+    without_output_ids: int = 0  # calls answered without token ids: their children re-send stand-ins
     skipped: int = 0  # calls never sent because a parent failed
     clock: Clock | None = None  # set when the replay starts
 
@@ -411,6 +420,8 @@ class Replayer:
                 return
             if res.output_tokens != call.output_tokens:
                 self.token_mismatches += 1
+            if res.output_ids is None:
+                self.without_output_ids += 1
             outputs = res.output_ids if res.output_ids is not None else fallback_output_ids(program, call)
             contexts[call.id] = prompt + outputs
             record = self._record(program, call, arrival, res)
@@ -471,6 +482,9 @@ class ReplaySettings:
     name: str | None = None
     request_timeout: float | None = None
     kv_ttl: float = 0.0
+    # Mixed into every call's first KV block hash (vLLM's ``cache_salt``), so a replay never hits
+    # blocks an earlier run left on the same engine: its cache starts as cold as the simulator's.
+    cache_salt: str | None = None
 
 
 async def replay(programs: Sequence[Program], target: Target, settings: ReplaySettings) -> dict[str, Any]:
@@ -505,6 +519,9 @@ def write_outputs(r: Replayer, settings: ReplaySettings, wall: float, interrupte
         "model": getattr(r.target, "model", settings.model), "latency": settings.latency, "name": name,
         "kv_ttl": settings.kv_ttl, "programs": len(r.programs), "calls": sum(len(p.calls) for p in r.programs),
         "trace_sha256": digest(r.programs),  # `engine validate` refuses a trace that no longer matches
+        "cache_salt": settings.cache_salt,
+        # Where the engine's prefix cache cannot match the simulation's (`engine validate` notes them).
+        "token_mismatches": r.token_mismatches, "calls_without_output_ids": r.without_output_ids,
         "service_source": r.service_source, "errors": r.errors[:100], "interrupted": interrupted,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
@@ -540,6 +557,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--kv-ttl", type=float, default=0.0, metavar="SECONDS",
                    help="tag each call that has children with kv_ttl=SECONDS: the engine keeps its KV cached "
                         "for the program's next call (default 0: no pins)")
+    p.add_argument("--cache-salt", metavar="TEXT",
+                   help="vLLM's cache_salt for every call, so this replay shares no KV blocks with earlier runs "
+                        "on the same engine (default: a fresh random salt; '' sends none, to reuse a warm cache)")
     p.set_defaults(run=run)
     return p
 
@@ -635,15 +655,17 @@ def run(args: argparse.Namespace) -> int:
         print(f"{prog}: error: {problem}", file=sys.stderr)
         return 2
     programs = sorted(in_file_order, key=lambda p: p.arrival)
+    salt = f"replay-{uuid.uuid4().hex}" if args.cache_salt is None else (args.cache_salt or None)
     settings = ReplaySettings(trace=args.trace, target=args.target, policy=args.policy, kv_ttl=args.kv_ttl,
                               out=out, model=args.model,
-                              latency=args.latency, name=args.name, request_timeout=args.request_timeout)
+                              latency=args.latency, name=args.name, request_timeout=args.request_timeout,
+                              cache_salt=salt)
 
     async def go() -> dict[str, Any]:
         if args.target == "inprocess":
-            target: Any = InprocessTarget(args.policy, args.workdir)
+            target: Any = InprocessTarget(args.policy, args.workdir, cache_salt=salt)
         else:
-            target = HTTPTarget(args.target, args.model, args.request_timeout)
+            target = HTTPTarget(args.target, args.model, args.request_timeout, salt)
         async with target:
             return await replay(programs, target, settings)
 

@@ -46,6 +46,8 @@ class Replayed:
     latencies: dict[str, float]  # program id -> measured program latency
     kv_ttl: float = 0.0  # the replay's --kv-ttl
     trace_sha256: str | None = None  # `traces.io.digest` of the programs replayed (older replays lack it)
+    token_mismatches: int = 0  # calls whose engine gave another count of output tokens than the trace's
+    calls_without_output_ids: int = 0  # calls answered without token ids (their children re-sent stand-ins)
 
     @property
     def label(self) -> str:
@@ -95,8 +97,14 @@ def load_replay(directory: str | Path) -> Replayed:
     sha = meta.get("trace_sha256")
     if sha is not None and not isinstance(sha, str):
         raise ValidationError(f"{meta_path}: field 'trace_sha256' must be a string, got {sha!r}")
+    counts = {}
+    for key in ("token_mismatches", "calls_without_output_ids"):
+        value = meta.get(key, 0)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValidationError(f"{meta_path}: field {key!r} must be an integer >= 0, got {value!r}")
+        counts[key] = value
     return Replayed(d, meta["trace"], meta["policy"], meta.get("latency"), {r.program_id: r.latency for r in rows},
-                    float(kv_ttl), sha)
+                    float(kv_ttl), sha, **counts)
 
 
 @dataclass
@@ -169,6 +177,18 @@ def validate(dirs: Sequence[str | Path | Replayed], cfg) -> list[Comparison]:
     return out
 
 
+def fidelity_note(rep: Replayed) -> str | None:
+    """A note when the replay's calls did not re-send what the simulation assumes: the simulator
+    keys a call's context as the trace's exact output counts and the ids the engine returned."""
+    parts = []
+    if rep.calls_without_output_ids:
+        parts.append(f"{rep.calls_without_output_ids} calls were answered without token ids, so their children "
+                     "re-sent stand-in ids and missed the prefix cache where the simulation hits it")
+    if rep.token_mismatches:
+        parts.append(f"{rep.token_mismatches} calls gave another number of output tokens than the trace's")
+    return f"note: {rep.directory}: " + "; ".join(parts) if parts else None
+
+
 def latency_label_note(rep: Replayed, cfg) -> str | None:
     """A note when the replay's ``--latency`` label (``KIND`` or ``KIND:DETAIL``, what the engine ran)
     names another kind than the model the experiment simulates: the comparison then measures the two
@@ -230,9 +250,9 @@ def run(args: argparse.Namespace) -> int:
             print(f"python -m engine validate: {note}", file=sys.stderr)
         replays = [load_replay(d) for d in args.dirs]
         for rep in replays:
-            note = latency_label_note(rep, cfg)
-            if note:
-                print(f"python -m engine validate: {note}", file=sys.stderr)
+            for note in (latency_label_note(rep, cfg), fidelity_note(rep)):
+                if note:
+                    print(f"python -m engine validate: {note}", file=sys.stderr)
         rows = validate(replays, cfg)
         table = sys.stderr if args.json == "-" else sys.stdout  # stdout is the JSON's alone
         print(f"experiment {cfg.name}: latency model {cfg.latency.kind}, {cfg.engine.replicas} replica(s) of "

@@ -22,6 +22,7 @@ when that step completes.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import math
 from collections import deque
 from dataclasses import dataclass, field
@@ -62,15 +63,21 @@ def filler_ids(seed: int, request: int, n: int) -> list[int]:
     return [FILLER_BASE + mix64(seed, request, i) % FILLER_VOCAB for i in range(n)]
 
 
-def block_keys(token_ids: list[int], block_size: int) -> tuple[int, ...]:
+def block_keys(token_ids: list[int], block_size: int, cache_salt: str | None = None) -> tuple[int, ...]:
     """Chain keys of the full blocks of a token sequence (as vLLM's prefix cache hashes them).
 
     Key ``b`` covers every token of blocks ``0..b``, so two sequences share
-    their first ``n`` keys exactly when their first ``n`` blocks are equal.
-    Tuples of ints hash the same in every Python process.
+    their first ``n`` keys exactly when their first ``n`` blocks are equal
+    and they carry the same ``cache_salt``: vLLM mixes a request's salt into
+    its first block's hash, so salted requests share only with their salt.
+    Tuples of ints hash the same in every Python process; the salt goes in
+    as an integer digest, since a str's hash differs between processes.
     """
     keys = []
     prev = 0x5EED
+    if cache_salt is not None:
+        prev = hash((prev, int.from_bytes(hashlib.blake2b(cache_salt.encode("utf-8", "surrogatepass"),
+                                                          digest_size=8).digest(), "big")))
     for start in range(0, len(token_ids) - block_size + 1, block_size):
         prev = hash((prev, *token_ids[start:start + block_size]))
         keys.append(prev)
@@ -238,7 +245,7 @@ class RealtimeEngine:
         return len(self._handles)
 
     def submit(self, prompt_ids: list[int], max_tokens: int, program_id: str | None, thread_id: str | None,
-               program_service: float | None, kv_ttl: float = 0.0) -> CallHandle:
+               program_service: float | None, kv_ttl: float = 0.0, cache_salt: str | None = None) -> CallHandle:
         """Start a call now; its tokens arrive on the handle's queue.
 
         Without a program id the request is a program of its own. A given
@@ -248,6 +255,8 @@ class RealtimeEngine:
         ``extra_args`` (``max(local, forwarded)``). A ``kv_ttl`` (seconds)
         pins the call's cached blocks at finish for its program's next call
         (`sim.replica`; with prefix caching off there is nothing to pin).
+        A ``cache_salt`` keeps the call's blocks apart from those of calls
+        with another salt or none (`block_keys`).
         """
         if len(prompt_ids) + max_tokens > self.max_tokens_per_call:
             raise TooLarge(
@@ -287,7 +296,7 @@ class RealtimeEngine:
             entry.service = max(entry.service, float(program_service))
             entry.total_service = max(entry.total_service, float(program_service))
         output_ids = filler_ids(self.index, self._seq, max_tokens)
-        keys = block_keys(list(prompt_ids) + output_ids, self.cfg.engine.block_size)
+        keys = block_keys(list(prompt_ids) + output_ids, self.cfg.engine.block_size, cache_salt)
         call = SimCall(pid, tid, len(prompt_ids), max_tokens, keys, self.env.event(), self.env.now, pin_ttl=kv_ttl)
         handle = CallHandle(call, output_ids, program_service=program_service)
         self._handles[call] = handle

@@ -34,6 +34,8 @@ Program identity and priority come from ``vllm_xargs`` in the body
 the call's KV for its program's next call), exactly as vLLM's
 server passes them to the scheduler plugin, so the gateway works against
 this engine unchanged. A request without them is a one-call program.
+A ``cache_salt`` (vLLM's field) keeps the request's cached blocks apart
+from those of requests with another salt or none, as vLLM's hashing does.
 
 Client disconnect aborts the call (`Replica.abort`, as vLLM's abort: KV
 freed at once, no service charged; see `sim.realtime`).
@@ -118,6 +120,7 @@ class ParsedRequest:
     thread_id: str | None
     program_service: float | None
     kv_ttl: float = 0.0
+    cache_salt: str | None = None
 
 
 def _int(body: dict, name: str, default: int, low: int) -> int:
@@ -234,12 +237,15 @@ def parse_request(body: Any, chat: bool, served_model: str) -> ParsedRequest:
                                or not math.isfinite(kv_ttl) or kv_ttl < 0):
         raise RequestError(f"{XARGS}.kv_ttl must be a finite number of seconds >= 0, got {kv_ttl!r}",
                            f"{XARGS}.kv_ttl")
+    salt = body.get("cache_salt")
+    if salt is not None and (not isinstance(salt, str) or not salt):  # vLLM's own check and wording
+        raise RequestError("Parameter 'cache_salt' must be a non-empty string if provided.", "cache_salt")
     return ParsedRequest(
         chat=chat, prompt_ids=prompt_ids, max_tokens=max_tokens, stream=stream, include_usage=include_usage,
         return_token_ids=_flag(body, "return_token_ids"), model=served_model,
         program_id=None if pid is None else str(pid), thread_id=None if tid is None else str(tid),
         program_service=None if service is None else float(service),
-        kv_ttl=0.0 if kv_ttl is None else float(kv_ttl),
+        kv_ttl=0.0 if kv_ttl is None else float(kv_ttl), cache_salt=salt,
     )
 
 
@@ -317,7 +323,7 @@ class SimServer:
         try:
             req = parse_request(body, chat, self.served_model)
             handle = self.engine.submit(req.prompt_ids, req.max_tokens, req.program_id, req.thread_id,
-                                        req.program_service, req.kv_ttl)
+                                        req.program_service, req.kv_ttl, req.cache_salt)
         except RequestError as exc:
             return error_response(exc.status, exc.message, exc.param)
         except TooLarge as exc:

@@ -57,6 +57,13 @@ def test_serve_gateway_replay_validate_commands(tmp_path):
         assert "3 programs, 6 calls" in proc.stdout
         with urllib.request.urlopen(f"http://127.0.0.1:{g_port}/programs", timeout=5) as r:
             view = json.load(r)
+        # The same replay again on the same engine starts as cold as the first (each run salts its
+        # blocks): the second run hit the first's cached prompts, which no simulation of it sees.
+        again = tmp_path / "r2"
+        proc = subprocess.run([sys.executable, "-m", "engine", "replay", str(trace), "--target",
+                               f"http://127.0.0.1:{g_port}", "--policy", "fcfs", "--out", str(again)],
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
     finally:
         for p in (gateway, engine):
             p.terminate()
@@ -66,6 +73,10 @@ def test_serve_gateway_replay_validate_commands(tmp_path):
     assert f"gateway on http://127.0.0.1:{g_port} -> http://127.0.0.1:{e_port}" in gateway.stderr.read()
     assert sorted(p["id"] for p in view["programs"]) == ["p0", "p1", "p2"] and view["live_calls"] == 0
     assert len(read_calls_csv(out / "calls.csv")) == 6
+    hits = [{(c.program_id, c.call_id): c.prefix_hit_tokens for c in read_calls_csv(d / "calls.csv")} for d in (out, again)]
+    assert hits[0] == hits[1] and sum(hits[0].values()) > 0  # the continued calls hit their own parents only
+    salts = [json.loads((d / "replay.json").read_text())["cache_salt"] for d in (out, again)]
+    assert salts[0] != salts[1] and all(s.startswith("replay-") for s in salts)
     exp = tmp_path / "exp.yaml"
     exp.write_text("experiments:\n  t:\n    workload: {trace: %s}\n    engine: {num_gpu_blocks: 1000}\n"
                    "    latency: {kind: constant, seconds: 0.005}\n    policies: [fcfs]\n" % json.dumps(str(trace)))

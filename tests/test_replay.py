@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import subprocess
@@ -103,7 +104,30 @@ def test_replayer_without_engine_stats_uses_the_client_decode_span(tmp_path):
     meta = json.loads((out / "replay.json").read_text())
     assert meta["trace"] == str(trace.resolve()) and meta["policy"] == "fcfs" and meta["target"] == "fake"
     assert meta["service_source"] == {"engine": 0, "client_decode_span": 2}
+    assert (meta["token_mismatches"], meta["calls_without_output_ids"], meta["cache_salt"]) == (0, 0, None)
     assert summary["policies"]["fcfs"]["programs"] == 1
+
+
+def test_calls_answered_without_ids_are_counted_for_validate(tmp_path):
+    """Their children re-send stand-in ids (`fallback_output_ids`): the engine's cache misses where the
+    simulation hits, which replay.json now says."""
+    class NoIds(FakeTarget):
+        async def send(self, *args, **kwargs):
+            res = await super().send(*args, **kwargs)
+            return dataclasses.replace(res, output_ids=None, output_tokens=res.output_tokens - 1)
+
+    p = _chain()
+    trace = tmp_path / "t.jsonl"
+    save([p], trace)
+
+    async def go():
+        r = Replayer([p], NoIds(), "fcfs")
+        return r, await r.run()
+
+    r, wall = run(go())
+    write_outputs(r, ReplaySettings(trace=str(trace), target="fake", policy="fcfs", out=str(tmp_path / "o")), wall)
+    meta = json.loads((tmp_path / "o" / "replay.json").read_text())
+    assert (meta["calls_without_output_ids"], meta["token_mismatches"]) == (2, 2)
 
 
 def test_a_failed_call_skips_its_descendants_and_the_cli_exits_1(tmp_path):

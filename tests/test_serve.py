@@ -111,6 +111,33 @@ def test_prompt_token_ids_sit_where_vllm_puts_them_and_a_lone_surrogate_is_a_pro
         assert sum(len(d["choices"][0]["token_ids"]) for d in docs) == n
 
 
+def test_a_cache_salt_keeps_a_requests_blocks_apart_as_vllms_does():
+    """vLLM mixes cache_salt into a request's first block hash: the same prompt under another salt (or none)
+    hits nothing, under the same salt it hits. The replayer salts each replay, so a second replay on the
+    same engine starts cold, as the simulator does; sim serve ignored the field and gave it the first's hits."""
+    prompt = list(range(100, 164))  # 4 full blocks of 16
+
+    async def go():
+        server, _ = await start_engine(step=0.002)
+        hits = []
+        try:
+            async with aiohttp.ClientSession() as s:
+                for salt in ("run-1", "run-2", "run-1", None):
+                    body = {"prompt": prompt + [7], "max_tokens": 2, **({"cache_salt": salt} if salt else {})}
+                    async with s.post(server.url + "/v1/completions", json=body) as r:
+                        hits.append((await r.json())["engine_stats"]["prefix_hit_tokens"])
+                async with s.post(server.url + "/v1/completions",
+                                  json={"prompt": prompt, "max_tokens": 2, "cache_salt": ""}) as r:
+                    bad = (r.status, await r.json())
+        finally:
+            await server.stop()
+        return hits, bad
+
+    hits, bad = run(go())
+    assert hits == [0, 0, 64, 0]
+    assert bad[0] == 400 and bad[1]["error"]["message"] == "Parameter 'cache_salt' must be a non-empty string if provided."
+
+
 def test_whole_response_text_prompt_chat_and_prefix_hits():
     async def go():
         server, engine = await start_engine(step=0.002)

@@ -276,3 +276,22 @@ def test_a_replay_labelled_with_another_latency_kind_gets_a_note(tmp_path):
         "constant model (--set latency.kind=fitted to match)")
     (d / "replay.json").write_text(json.dumps({**meta, "latency": "vllm 0.26.0 on an H100"}))
     assert latency_label_note(load_replay(d), cfg) is None  # free text: nothing to compare
+
+
+def test_a_replay_whose_calls_did_not_resend_what_the_simulation_assumes_gets_a_note(tmp_path):
+    """Children of a call answered without ids re-send stand-ins and miss the cache the simulation hits;
+    nothing said so."""
+    from engine.validate import fidelity_note
+
+    trace, _ = _trace(tmp_path)
+    d = _replay_dir(tmp_path, "r", trace, "fcfs", {"p0": 0.1})
+    assert fidelity_note(load_replay(d)) is None  # an older replay.json without the counts
+    meta = json.loads((d / "replay.json").read_text())
+    (d / "replay.json").write_text(json.dumps({**meta, "calls_without_output_ids": 3, "token_mismatches": 1}))
+    assert fidelity_note(load_replay(d)) == (
+        f"note: {d}: 3 calls were answered without token ids, so their children re-sent stand-in ids and missed "
+        "the prefix cache where the simulation hits it; 1 calls gave another number of output tokens than the "
+        "trace's")
+    (d / "replay.json").write_text(json.dumps({**meta, "calls_without_output_ids": -1}))
+    with pytest.raises(ValidationError, match=r"field 'calls_without_output_ids' must be an integer >= 0, got -1"):
+        load_replay(d)
