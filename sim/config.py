@@ -44,7 +44,8 @@ class EngineConfig:
     block_size: int = 16  # vLLM's default KV block
     max_num_seqs: int = 256  # vLLM v1 default
     # `vllm serve` defaults on an A100 (vLLM 0.26.0, engine/arg_utils.py): 256
-    # sequences and a 2048-token budget; H100-class GPUs get 1024 and 8192.
+    # sequences and a 2048-token budget. An experiment that leaves these two
+    # unset gets its GPU's (`GPUSpec.serve_batch_defaults`: an H100 1024 and 8192).
     max_num_batched_tokens: int = 2048
     enable_chunked_prefill: bool = True
     enable_prefix_caching: bool = True

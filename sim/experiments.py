@@ -648,6 +648,26 @@ def _seconds(ck: _Checker, path: Path_, value: float, what: str, strict: bool = 
         ck.fail(path, f"expected at most {MAX_SECONDS:g} seconds, got {value!r}")
 
 
+def _serve_batch_defaults(ck: _Checker, e: EngineConfig) -> EngineConfig:
+    """The sequence cap and token budget `vllm serve` gives the engine's GPU, where no layer sets them.
+
+    An H100 gets 1,024 and 8,192, an A100 256 and 2,048 (`GPUSpec.serve_batch_defaults`),
+    so ``--set engine.gpu=h100`` runs what ``vllm serve`` runs there. An unknown GPU keeps
+    the dataclass defaults; `_check_engine` refuses it.
+    """
+    from sim.hardware import SpecError, load_gpu
+
+    unset = [k for k in ("max_num_seqs", "max_num_batched_tokens") if ck.layered.rank(("engine", k)) < 0]
+    if not unset:
+        return e
+    try:
+        seqs, tokens = load_gpu(e.gpu).serve_batch_defaults()
+    except SpecError:
+        return e
+    given = {"max_num_seqs": seqs, "max_num_batched_tokens": tokens}
+    return dataclasses.replace(e, **{k: given[k] for k in unset})
+
+
 def _check_engine(ck: _Checker, e: EngineConfig) -> None:
     from sim.capacity import CapacityError, num_kv_blocks
     from sim.hardware import SpecError, available, load_gpu, load_model
@@ -843,7 +863,7 @@ def _build(name: str, layered: _Layered) -> ExperimentConfig:
     raw = ck.keys(layered.data, (), EXPERIMENT_KEYS)
     description = ck.typed(str, raw.get("description", ""), ("description",))
     gen, params, trace = _check_workload(ck, raw.get("workload"))
-    engine = ck.build_dataclass(EngineConfig, raw.get("engine"), ("engine",))
+    engine = _serve_batch_defaults(ck, ck.build_dataclass(EngineConfig, raw.get("engine"), ("engine",)))
     lat = ck.build_dataclass(LatencyConfig, raw.get("latency"), ("latency",))
     policies = ck.typed(tuple[str, ...], raw.get("policies", list(DEFAULT_POLICIES)), ("policies",))
     if not policies:

@@ -64,6 +64,18 @@ class GPUSpec:
     hbm_bandwidth: float  # bytes/s
     pcie_bandwidth: float  # bytes/s, host link used by swap preemption
 
+    def serve_batch_defaults(self) -> tuple[int, int]:
+        """``vllm serve``'s default (max_num_seqs, max_num_batched_tokens) on this GPU.
+
+        vLLM 0.26.0 (`EngineArgs.get_batch_defaults`) gives GPUs of at least
+        70 GiB other than the A100 (H100, MI300x) 1,024 sequences and an
+        8,192-token budget, and every other GPU 256 and 2,048: a larger
+        budget lowered the A100's throughput (vLLM PR #17885).
+        """
+        if self.memory_bytes >= 70 * 1024**3 and "a100" not in self.name.lower():
+            return 1024, 8192
+        return 256, 2048
+
 
 def _load(kind: str, cls, name: str):
     path = Path(name)

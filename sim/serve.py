@@ -452,6 +452,14 @@ def build_config(args: argparse.Namespace) -> ExperimentConfig:
     changes = {k: v for k, v in (("model", args.model), ("gpu", args.gpu), ("num_gpu_blocks", args.num_gpu_blocks),
                                   ("max_num_seqs", args.max_num_seqs),
                                   ("max_num_batched_tokens", args.max_num_batched_tokens)) if v is not None}
+    if args.gpu is not None and not args.experiment:
+        # `vllm serve`'s sequence cap and token budget for that GPU, unless given (`sim.experiments`
+        # does the same for an experiment's GPU; an experiment's are its own, as resolved).
+        from sim.hardware import load_gpu
+
+        seqs, tokens = load_gpu(args.gpu).serve_batch_defaults()
+        changes.setdefault("max_num_seqs", seqs)
+        changes.setdefault("max_num_batched_tokens", tokens)
     eng = dataclasses.replace(eng, **changes)
     lat = cfg.latency
     if args.latency is not None:  # only the kind: the experiment's efficiencies and overhead stay

@@ -535,3 +535,19 @@ def test_a_file_value_an_override_merges_into_keeps_its_line(tmp_path, monkeypat
     monkeypatch.chdir(tmp_path)
     (tmp_path / "g.yaml").write_text(GEN.replace("{kind: constant}", "{kind: constant, seconds: -1}"))
     assert error("gen", "g.yaml", ["latency.kind=constant"]).startswith("g.yaml:6: experiment 'gen': latency.seconds")
+
+
+def test_the_batch_limits_follow_the_gpu_as_vllm_serve_sets_them(tmp_path):
+    """vLLM 0.26.0 gives an H100 1,024 sequences and 8,192 tokens, an A100 256 and 2,048; ours stayed at the
+    A100's whatever the GPU, so --set engine.gpu=h100 was not `vllm serve` on an H100."""
+    path = tmp_path / "exp.yaml"
+    path.write_text("experiments:\n  t:\n    workload: {generator: bfcl, params: {programs: 2, rate: 1}}\n"
+                    "    latency: {kind: constant, seconds: 0.01}\n")
+    def limits(*sets):
+        e = resolve("t", path, list(sets)).engine
+        return e.max_num_seqs, e.max_num_batched_tokens
+    assert limits() == (256, 2048)
+    assert limits("engine.gpu=h100") == (1024, 8192)
+    assert limits("engine.gpu=h100", "engine.max_num_seqs=64") == (64, 8192)  # a set value is kept
+    path.write_text(path.read_text() + "    engine: {max_num_batched_tokens: 4096}\n")
+    assert limits("engine.gpu=h100") == (1024, 4096)

@@ -472,6 +472,12 @@ def test_config_from_an_experiment_with_overrides_and_flags():
                                        "--set", "latency.flops_efficiency=0.3", "--set", "latency.step_overhead=0.01",
                                        "--latency", "roofline"]))
     assert (tuned.latency.flops_efficiency, tuned.latency.step_overhead) == (0.3, 0.01)
+    # --gpu alone takes `vllm serve`'s sequence cap and token budget for that GPU; flags still win.
+    h100 = build_config(p.parse_args(["--gpu", "h100"]))
+    assert (h100.engine.max_num_seqs, h100.engine.max_num_batched_tokens) == (1024, 8192)
+    capped = build_config(p.parse_args(["--gpu", "h100", "--max-num-seqs", "64"]))
+    assert (capped.engine.max_num_seqs, capped.engine.max_num_batched_tokens) == (64, 8192)
+    assert (plain.engine.max_num_seqs, plain.engine.max_num_batched_tokens) == (256, 2048)
 
 
 @pytest.mark.parametrize("seconds", ["inf", "1e-12", "1e5"])
