@@ -146,8 +146,10 @@ def run_replications(
     else:
         with progress_bar(count, quiet, unit="seed") as bar, SpawnPool(workers) as pool:
             bar.describe("seeds")
-            futures = {pool.submit(_run_seed, configs[s], str(out / f"seed-{s}"), True): s for s in seeds}
-            try:
+            futures = {}
+            try:  # submitting too: an interrupt then must stop the pool, not wait for its seeds
+                for s in seeds:
+                    futures[pool.submit(_run_seed, configs[s], str(out / f"seed-{s}"), True)] = s
                 for fut in as_completed(futures):
                     summaries[futures[fut]] = fut.result()
                     bar.advance(1)

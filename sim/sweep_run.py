@@ -28,6 +28,7 @@ the others.
 
 from __future__ import annotations
 
+import collections
 import csv
 import functools
 import io
@@ -36,9 +37,11 @@ import json
 import logging
 import os
 import re
+import signal
 import sys
+import threading
 import time
-from concurrent.futures import as_completed
+from concurrent.futures import FIRST_COMPLETED, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -172,39 +175,68 @@ def run_local(jobs: Sequence[Job], workers: int | None, quiet: bool = False,
             yield run(job)
         return
     # A worker that dies (killed, out of memory) breaks the whole pool, and
-    # every job not yet finished, queued ones too, comes back broken. Those
-    # run again in a fresh pool; a job that breaks that one as well runs
-    # alone, where a death can only be its own, and only then is a failed
-    # row. (Ray retries a lost task the same way.)
-    broken = yield from _in_pool(todo, workers, run)
-    if broken:
-        broken = yield from _in_pool([job for job, _ in broken], workers, run)
-    for job, _ in broken:
-        for lost, exc in (yield from _in_pool([job], 1, run)):
-            yield JobResult(lost.index, "failed", f"{type(exc).__name__}: {exc}")
+    # every job in flight comes back broken. At most ``workers`` jobs are in
+    # flight, so a break loses only those: they go to the back of the queue
+    # and the rest carry on in a fresh pool. A job lost twice runs alone at
+    # the end, where a death can only be its own, and only then is a failed
+    # row. (Ray retries a lost task the same way.) Submitting all at once
+    # lost every queued job too, and one job that kept killing its worker
+    # made the rest of the sweep run one at a time.
+    queue = collections.deque(todo)
+    losses: dict[int, int] = {}
+    alone: list[Job] = []
+    while queue:
+        for job, _ in (yield from _in_pool(queue, workers, run)):
+            losses[job.index] = losses.get(job.index, 0) + 1
+            (alone if losses[job.index] >= 2 else queue).append(job)
+    for job in sorted(alone, key=lambda j: j.index):
+        for lost, exc in (yield from _in_pool(collections.deque([job]), 1, run)):
+            yield JobResult(lost.index, "failed", f"its worker died on each of its 3 tries, the last alone (killed, "
+                                                  f"or out of memory: try fewer --workers): {type(exc).__name__}: {exc}")
 
 
-def _in_pool(jobs: Sequence[Job], workers: int,
+def _in_pool(queue: collections.deque, workers: int,
              run: Callable[[Job], JobResult]) -> Generator[JobResult, None, list[tuple[Job, BaseException]]]:
-    """Run ``jobs`` in one pool, yielding their results; returns, in ``jobs`` order,
-    those the pool's breaking took down, each with its error."""
-    broken: dict[int, tuple[Job, BaseException]] = {}
+    """Run jobs from ``queue`` (taken as they start) in one pool, at most ``workers`` at once,
+    yielding their results, until the queue is empty or the pool breaks; returns the jobs
+    the break took down, each with its error, in the order they started."""
+    lost: list[tuple[Job, BaseException]] = []
     with SpawnPool(workers) as pool:
-        futures = {pool.submit(run, job): job for job in jobs}
-        try:
-            for fut in as_completed(futures):
-                job, exc = futures[fut], fut.exception()
-                if isinstance(exc, BrokenProcessPool):
-                    broken[job.index] = (job, exc)
-                elif exc is not None:  # the job could not reach its worker (pickling): not the job's own error
-                    yield JobResult(job.index, "failed", f"{type(exc).__name__}: {exc}")
-                else:
-                    yield fut.result()
+        futures: dict[Any, Job] = {}
+        try:  # an interrupt while submitting must stop the pool too, not wait for its jobs
+            while queue and len(futures) < workers:
+                job = queue.popleft()
+                futures[pool.submit(run, job)] = job
+            while futures:
+                done, _ = wait(futures, return_when=FIRST_COMPLETED)
+                broke = False
+                for fut in sorted(done, key=lambda f: futures[f].index):
+                    job, exc = futures.pop(fut), fut.exception()
+                    if isinstance(exc, BrokenProcessPool):
+                        lost.append((job, exc))
+                        broke = True
+                    elif exc is not None:  # the job could not reach its worker (pickling): not the job's own error
+                        yield JobResult(job.index, "failed", f"{type(exc).__name__}: {exc}")
+                    else:
+                        yield fut.result()
+                if broke:  # the rest in flight come back broken too (or finished just before)
+                    wait(futures)
+                    for fut, job in sorted(futures.items(), key=lambda item: item[1].index):
+                        exc = fut.exception()
+                        if exc is None:
+                            yield fut.result()
+                        else:
+                            lost.append((job, exc))
+                    futures.clear()
+                    break
+                while queue and len(futures) < workers:
+                    job = queue.popleft()
+                    futures[pool.submit(run, job)] = job
         finally:
             # An interrupt here, or the consumer stopped early (it closed this generator).
             if not all(f.done() for f in futures):
                 pool.stop()
-    return [broken[job.index] for job in jobs if job.index in broken]
+    return lost
 
 
 def run_ray(jobs: Sequence[Job], workers: int | None, quiet: bool = False) -> Iterator[JobResult]:
@@ -216,8 +248,14 @@ def run_ray(jobs: Sequence[Job], workers: int | None, quiet: bool = False) -> It
     notice) off stderr, where only errors then belong.
     """
     ray = import_ray()
+    # ray.init installs its own SIGTERM handler (a stack dump and sys.exit), which made a
+    # terminated sweep read "failed"; the command's own handler goes back in place.
+    main_thread = threading.current_thread() is threading.main_thread()
+    on_term = signal.getsignal(signal.SIGTERM) if main_thread else None
     ray.init(ignore_reinit_error=True, include_dashboard=False, log_to_driver=False,
              logging_level=logging.ERROR if quiet else logging.INFO)
+    if main_thread and on_term is not None:
+        signal.signal(signal.SIGTERM, on_term)
     remote = ray.remote(num_cpus=1)(run_job)
     todo = sorted(jobs, key=lambda j: (-job_cost(j), j.index))
     queue = iter(todo)

@@ -418,6 +418,31 @@ def test_ray_backend_runs_jobs_as_tasks(exp, tmp_path, monkeypatch):
 
 
 
+def test_ray_init_does_not_take_over_sigterm(exp, monkeypatch):
+    """ray.init installs its own SIGTERM handler (a stack dump and exit), so a terminated Ray sweep
+    read "failed" instead of "interrupted"; the command's handler is put back."""
+    import signal
+
+    from sim.sweep_run import run_ray
+
+    class GrabbingRay(FakeRay):
+        def init(self, **kwargs):
+            super().init(**kwargs)
+            signal.signal(signal.SIGTERM, lambda *a: None)  # as Ray's own does
+
+    def ours(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(sys.modules, "ray", GrabbingRay(lose=-1))
+    before = signal.signal(signal.SIGTERM, ours)
+    try:
+        sweep = load_sweep("ok", exp)
+        assert len(list(run_ray(jobs(sweep, exp), workers=2))) == 6
+        assert signal.getsignal(signal.SIGTERM) is ours
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
 def test_a_ray_sweep_stopped_early_cancels_its_pending_tasks(exp, monkeypatch):
     """An interrupt (or a consumer that stops) left every queued task running on the cluster."""
     from sim.sweep_run import run_ray
@@ -653,6 +678,7 @@ def test_a_dead_worker_fails_only_its_own_job(exp):
     assert sorted(results) == [j.index for j in todo]
     assert {i for i, r in results.items() if r.status != "ok"} == DEADLY
     assert results[min(DEADLY)].status == "failed" and "BrokenProcessPool" in results[min(DEADLY)].error
+    assert results[min(DEADLY)].error.startswith("its worker died on each of its 3 tries, the last alone")
     # the same rows, but the dead one, as an undisturbed run
     alone = {r.index: r for r in run_local(todo, 1)}
     assert {i: r.metrics for i, r in results.items() if i not in DEADLY} == \
