@@ -16,3 +16,11 @@ def run_or_die(job) -> JobResult:
     if job.index in DEADLY:
         os._exit(9)
     return run_job(job)
+
+
+def run_slowly(job) -> JobResult:
+    """A job that outlasts any test: a pool that waits for it instead of stopping it shows as a 60 s stall."""
+    import time
+
+    time.sleep(60)
+    return run_job(job)

@@ -685,6 +685,30 @@ def test_a_dead_worker_fails_only_its_own_job(exp):
         {i: r.metrics for i, r in alone.items() if i not in DEADLY}
 
 
+def test_an_interrupt_while_jobs_are_submitted_stops_the_pool_at_once(exp, monkeypatch):
+    """The submit loop sat outside the pool's stop: an interrupt there waited for the running jobs to end."""
+    import time
+
+    from sim import pool as pool_mod
+    from sim.sweep_run import run_local
+    from sweep_worker_death import run_slowly
+
+    real, calls = pool_mod.SpawnPool.submit, []
+
+    def submit(self, *args):
+        calls.append(args)
+        if len(calls) == 2:  # the first job is running (or starting) in its worker
+            raise KeyboardInterrupt
+        return real(self, *args)
+
+    monkeypatch.setattr(pool_mod.SpawnPool, "submit", submit)
+    todo = jobs(load_sweep("ok", exp), exp)
+    start = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        list(run_local(todo, 2, run=run_slowly))
+    assert time.monotonic() - start < 30, "waited for the running job"
+
+
 def test_a_rewritten_trace_is_read_again_by_a_later_sweep_in_the_same_process(tmp_path, monkeypatch):
     """The worker's workload cache was keyed on the trace path's text: the second sweep got the first file's programs."""
     from traces.generators import generate
