@@ -1223,13 +1223,13 @@ class Replica:
         while need > kv.capacity - kv.in_use:
             preempted = True
             # The core's rule, the worst key, over ``call`` and the calls not yet scheduled in this
-            # step (``pending[i:]``, in key order after it: the tail, or else ``call``).
-            worst = self.core.memory_victim([call.core, *(c.core for c in pending[i:])])
-            victim = call if worst is call.core else next(c for c in reversed(pending) if c.core is worst)
+            # step (``pending[i:]``, in key order: its worst is its tail), so two candidates suffice.
+            tail = pending[-1] if len(pending) > i else call
+            victim = tail if self.core.memory_victim([call.core, tail.core]) is tail.core else call
             if self._preempt_draining(victim):
                 continue
             if victim is not call:
-                pending.remove(victim)
+                pending.pop()
             self._leave(victim, now)  # settles a lazily accounted member; nothing for the others
             transfer += self._preempt(victim, now)
             if victim is call:

@@ -10,14 +10,16 @@ from hypothesis import strategies as st
 from engine.sse import DONE, SSEParser, whole_events_end
 
 texts = st.text(alphabet=st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=8)
-
-
-@settings(max_examples=300, deadline=None)
-@given(
+# A stream of completion chunks (one per word), its line ends, and where reads cut it.
+STREAMS = dict(
     words=st.lists(texts, max_size=6),
     newline=st.sampled_from([b"\n", b"\r\n", b"\r"]),
     cuts=st.lists(st.integers(0, 10_000), max_size=12),
 )
+
+
+@settings(max_examples=300, deadline=None)
+@given(**STREAMS)
 def test_events_survive_any_split_of_the_stream(words, newline, cuts):
     """A CRLF cut between two reads ("...\\r" then "\\n...") lost both events around it."""
     events, stream = _stream(words, newline)
@@ -59,11 +61,7 @@ def test_a_read_that_is_only_the_lf_of_a_crlf_ends_that_line_alone():
 
 
 @settings(max_examples=300, deadline=None)
-@given(
-    words=st.lists(texts, max_size=6),
-    newline=st.sampled_from([b"\n", b"\r\n", b"\r"]),
-    cuts=st.lists(st.integers(0, 10_000), max_size=12),
-)
+@given(**STREAMS)
 def test_whole_events_end_relays_each_event_whole(words, newline, cuts):
     """What a relay passes on (`whole_events_end` of what it holds) is always whole events, parsed
     alone to the same events, however the stream is cut into reads; the rest comes at the end."""
