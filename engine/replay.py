@@ -13,6 +13,11 @@ or until the program's next call takes it up (Continuum's time-to-live; the
 vLLM plugin's `engine.kv_pins`, ``sim serve``'s replica). A replay cannot
 know whether a chat user will reply, but a trace does.
 
+Once all of a program's calls are done, the replay ends it on the target
+with ``DELETE /v1/programs/{id}`` (the gateway forgets it rather than
+holding it for its ``--ttl``); ``--keep-programs`` leaves it. A bare engine
+has no such route: its process table expires programs on its own.
+
 Results are written in the simulator's format (`sim.metrics`), so a replay
 and a simulation compare with the same tools: ``calls.csv``,
 ``programs.csv``, ``summary.json``, plus ``replay.json`` (trace path, policy,
@@ -111,6 +116,13 @@ class Target(Protocol):
                    clock: "Clock", kv_ttl: float = 0.0) -> CallResult: ...
 
 
+# How a program's end went (`HTTPTarget.end_program`); counted in replay.json's ``program_ends``.
+ENDED = "ended"  # the gateway forgot the program
+EXPIRED = "expired"  # the gateway had already dropped it (idle past its --ttl)
+NO_TABLE = "no_table"  # a bare engine (vLLM, sim serve, in-process): no route; its table expires programs itself
+END_FAILED = "failed"  # anything else; the reason is in replay.json's ``program_end_errors``
+
+
 @dataclass
 class Clock:
     t0: float
@@ -165,6 +177,26 @@ class HTTPTarget:
                 return str(doc["data"][0]["id"])
         except (aiohttp.ClientError, OSError, KeyError, IndexError, TypeError, ValueError) as exc:
             raise ReplayError(f"{self.base}/v1/models: cannot learn the model name ({exc}); pass --model") from None
+
+    async def end_program(self, program_id: str) -> str:
+        """Tell the server the program is over (``DELETE /v1/programs/{id}``), as an agent
+        framework would, so the gateway's table does not keep it for its whole ``--ttl``."""
+        import aiohttp
+
+        url = f"{self.base}/v1/programs/{urllib.parse.quote(program_id, safe='')}"
+        try:
+            async with self._session.delete(url) as r:
+                if r.status < 300:
+                    return ENDED
+                text = await r.text()
+                if r.status == 404 and '"program_not_found"' in text:
+                    return EXPIRED
+                if r.status in (404, 405):
+                    return NO_TABLE
+                raise ReplayError(f"program {program_id}: DELETE /v1/programs: HTTP {r.status}: {text[:300]}")
+        except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
+            why = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            raise ReplayError(f"program {program_id}: DELETE /v1/programs: {why}") from None
 
     async def send(self, prompt, max_tokens, program_id, thread_id, clock, kv_ttl=0.0) -> CallResult:
         import aiohttp
@@ -374,6 +406,9 @@ class Replayer:
     token_mismatches: int = 0
     without_output_ids: int = 0  # calls answered without token ids: their children re-send stand-ins
     skipped: int = 0  # calls never sent because a parent failed
+    end_programs: bool = True  # end each program on the target once its calls are done
+    program_ends: dict[str, int] = field(default_factory=dict)
+    program_end_errors: list[str] = field(default_factory=list)
     clock: Clock | None = None  # set when the replay starts
 
     async def run(self) -> float:
@@ -392,6 +427,21 @@ class Replayer:
         await asyncio.gather(*(self._call(program, c, clock, done, ok, contexts, mine, pinned) for c in program.calls))
         if len(mine) == len(program.calls):
             self.program_records.append(program_record(self.policy, program, mine))
+        if self.end_programs:
+            await self._end(program)
+
+    async def _end(self, program: Program) -> None:
+        """End the program on the target; its latency is already taken, so a failure is counted, not fatal."""
+        end = getattr(self.target, "end_program", None)
+        if end is None:  # in-process: the plugin's table lives in the engine core, out of reach
+            outcome = NO_TABLE
+        else:
+            try:
+                outcome = await end(program.id)
+            except ReplayError as exc:
+                self.program_end_errors.append(str(exc))
+                outcome = END_FAILED
+        self.program_ends[outcome] = self.program_ends.get(outcome, 0) + 1
 
     async def _call(self, program: Program, call: Call, clock: Clock, done: dict[str, asyncio.Event],
                     ok: dict[str, bool], contexts: dict[str, list[int]], mine: list[CallRecord],
@@ -485,11 +535,13 @@ class ReplaySettings:
     # Mixed into every call's first KV block hash (vLLM's ``cache_salt``), so a replay never hits
     # blocks an earlier run left on the same engine: its cache starts as cold as the simulator's.
     cache_salt: str | None = None
+    # Send DELETE /v1/programs/{id} as each program ends (off: the gateway keeps them for --ttl, to inspect).
+    end_programs: bool = True
 
 
 async def replay(programs: Sequence[Program], target: Target, settings: ReplaySettings) -> dict[str, Any]:
     """Replay ``programs`` on ``target`` and write the outputs; returns the summary document."""
-    r = Replayer(programs, target, settings.policy, settings.kv_ttl)
+    r = Replayer(programs, target, settings.policy, settings.kv_ttl, end_programs=settings.end_programs)
     try:
         wall = await r.run()
     except asyncio.CancelledError:
@@ -523,6 +575,8 @@ def write_outputs(r: Replayer, settings: ReplaySettings, wall: float, interrupte
         # Where the engine's prefix cache cannot match the simulation's (`engine validate` notes them).
         "token_mismatches": r.token_mismatches, "calls_without_output_ids": r.without_output_ids,
         "service_source": r.service_source, "errors": r.errors[:100], "interrupted": interrupted,
+        "end_programs": settings.end_programs, "program_ends": dict(sorted(r.program_ends.items())),
+        "program_end_errors": r.program_end_errors[:100],
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     (out / REPLAY_JSON).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
@@ -560,6 +614,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--cache-salt", metavar="TEXT",
                    help="vLLM's cache_salt for every call, so this replay shares no KV blocks with earlier runs "
                         "on the same engine (default: a fresh random salt; '' sends none, to reuse a warm cache)")
+    p.add_argument("--keep-programs", action="store_true",
+                   help="do not end each program on the target when its calls are done (by default the replay "
+                        "sends DELETE /v1/programs/ID, as an agent framework would; kept, the gateway's "
+                        "/programs view still lists them after the replay, until its --ttl)")
     p.set_defaults(run=run)
     return p
 
@@ -659,7 +717,7 @@ def run(args: argparse.Namespace) -> int:
     settings = ReplaySettings(trace=args.trace, target=args.target, policy=args.policy, kv_ttl=args.kv_ttl,
                               out=out, model=args.model,
                               latency=args.latency, name=args.name, request_timeout=args.request_timeout,
-                              cache_salt=salt)
+                              cache_salt=salt, end_programs=not args.keep_programs)
 
     async def go() -> dict[str, Any]:
         if args.target == "inprocess":
@@ -686,6 +744,10 @@ def run(args: argparse.Namespace) -> int:
     mean_latency = pol["program_latency_mean"]
     print(f"{pol['programs']} programs, {pol['calls']} calls; mean program latency "
           f"{'-' if mean_latency is None else f'{mean_latency:.3f} s'}; results in {settings.out}")
+    ends = json.loads((Path(settings.out) / REPLAY_JSON).read_text(encoding="utf-8"))["program_ends"]
+    if ends.get(END_FAILED):
+        print(f"{prog}: {ends[END_FAILED]} programs could not be ended on the target (their results stand); "
+              f"see program_end_errors in {settings.out}/{REPLAY_JSON}", file=sys.stderr)
     if failed:
         print(f"{prog}: {failed} calls failed and {skipped} more were not sent (a parent had failed); "
               f"see {settings.out}/{REPLAY_JSON}", file=sys.stderr)

@@ -59,11 +59,14 @@ def test_serve_gateway_replay_validate_commands(tmp_path):
             view = json.load(r)
         # The same replay again on the same engine starts as cold as the first (each run salts its
         # blocks): the second run hit the first's cached prompts, which no simulation of it sees.
+        # This one keeps its programs in the gateway's table.
         again = tmp_path / "r2"
         proc = subprocess.run([sys.executable, "-m", "engine", "replay", str(trace), "--target",
-                               f"http://127.0.0.1:{g_port}", "--policy", "fcfs", "--out", str(again)],
-                              capture_output=True, text=True, timeout=120)
+                               f"http://127.0.0.1:{g_port}", "--policy", "fcfs", "--out", str(again),
+                               "--keep-programs"], capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0, proc.stderr
+        with urllib.request.urlopen(f"http://127.0.0.1:{g_port}/programs", timeout=5) as r:
+            kept = json.load(r)
     finally:
         for p in (gateway, engine):
             p.terminate()
@@ -71,7 +74,12 @@ def test_serve_gateway_replay_validate_commands(tmp_path):
     # Each says where it serves, once bound (a port in use says only that: see below).
     assert f"on http://127.0.0.1:{e_port}\n" in engine.stderr.read()
     assert f"gateway on http://127.0.0.1:{g_port} -> http://127.0.0.1:{e_port}" in gateway.stderr.read()
-    assert sorted(p["id"] for p in view["programs"]) == ["p0", "p1", "p2"] and view["live_calls"] == 0
+    # The first replay ended each program as it finished (DELETE /v1/programs/ID): the table is empty,
+    # not holding them for the gateway's --ttl; the second kept them.
+    assert view["programs"] == [] and view["live_calls"] == 0
+    assert json.loads((out / "replay.json").read_text())["program_ends"] == {"ended": 3}
+    assert sorted(p["id"] for p in kept["programs"]) == ["p0", "p1", "p2"] and kept["live_calls"] == 0
+    assert json.loads((again / "replay.json").read_text())["program_ends"] == {}
     assert len(read_calls_csv(out / "calls.csv")) == 6
     hits = [{(c.program_id, c.call_id): c.prefix_hit_tokens for c in read_calls_csv(d / "calls.csv")} for d in (out, again)]
     assert hits[0] == hits[1] and sum(hits[0].values()) > 0  # the continued calls hit their own parents only

@@ -50,8 +50,9 @@ def test_replay_through_gateway_onto_two_sim_engines(tmp_path):
         (e0, eng0), (e1, eng1) = await start_engine(0, step=0.005), await start_engine(1, step=0.005)
         gw, gateway = await start_gw([e0.url, e1.url], threshold=THRESHOLD)
         try:
+            # Programs kept (not ended) so that the table can be read after the replay.
             settings = ReplaySettings(trace=str(trace), target=gw.url, policy="plas", out=str(out),
-                                      latency="constant:0.005")
+                                      latency="constant:0.005", end_programs=False)
             async with HTTPTarget(gw.url) as target:
                 summary = await replay(load_all(trace), target, settings)
             async with aiohttp.ClientSession() as s:

@@ -157,6 +157,9 @@ def test_a_failed_call_skips_its_descendants_and_the_cli_exits_1(tmp_path):
     assert received == 1  # b never sent
     meta = json.loads((tmp_path / "o" / "replay.json").read_text())
     assert "HTTP 400" in meta["errors"][0]
+    # Both programs were ended once their calls were done, the failed one too; a bare engine has no
+    # program route (the gateway has), which is counted, not an error.
+    assert meta["program_ends"] == {"no_table": 2} and meta["program_end_errors"] == []
 
 
 def test_inprocess_without_a_gpu_exits_1_with_one_line(tmp_path):
@@ -475,3 +478,112 @@ def test_cli_names_a_missing_trace_as_the_other_commands_do(tmp_path):
                            "--policy", "plas"], capture_output=True, text=True, timeout=120, cwd=tmp_path,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 1 and proc.stderr == "python -m engine replay: error: nope.jsonl: no such file\n"
+
+
+def test_end_program_outcomes_by_what_the_server_answers():
+    """DELETE /v1/programs/ID: the gateway's 200 ends it, its 404 ``program_not_found`` means the
+    table had already expired it, any other 404/405 is a server without program routes (a bare
+    engine); anything else is a failure with the server's words."""
+    from aiohttp import web
+
+    from engine.replay import EXPIRED, ENDED, NO_TABLE, HTTPTarget, ReplayError
+
+    seen = []
+
+    async def delete(request):
+        pid = request.match_info["pid"]
+        seen.append(pid)
+        if pid == "gone":
+            return web.json_response({"error": {"message": "unknown program 'gone'", "code": "program_not_found"}},
+                                     status=404)
+        if pid == "busy":
+            return web.json_response({"error": {"message": "still has live calls", "code": "program_busy"}},
+                                     status=409)
+        return web.json_response({"id": pid, "deleted": True})
+
+    async def go():
+        gw = await start_app({("DELETE", "/v1/programs/{pid}"): delete})
+        bare = await start_app({("GET", "/v1/programs/{pid}"): delete})  # DELETE there: 405
+        empty = await start_app({})  # 404
+        try:
+            out = {}
+            async with HTTPTarget(gw.url, model="m") as t:
+                out["ok"], out["gone"] = await t.end_program("p.1"), await t.end_program("gone")
+                with pytest.raises(ReplayError, match=r"program busy: DELETE /v1/programs: HTTP 409: .*live calls"):
+                    await t.end_program("busy")
+            for name, srv in (("405", bare), ("404", empty)):
+                async with HTTPTarget(srv.url, model="m") as t:
+                    out[name] = await t.end_program("p")
+            await empty.stop()
+            async with HTTPTarget(empty.url, model="m") as t:  # nothing listens there now
+                with pytest.raises(ReplayError, match=r"program p: DELETE /v1/programs: ClientConnectorError"):
+                    await t.end_program("p")
+            return out
+        finally:
+            await gw.stop()
+            await bare.stop()
+
+    out = run(go())
+    assert out == {"ok": ENDED, "gone": EXPIRED, "405": NO_TABLE, "404": NO_TABLE}
+    assert seen == ["p.1", "gone", "busy"]
+
+
+def test_replayer_ends_each_program_once_after_all_its_calls(tmp_path):
+    """Every program, finished or not, is ended once, after its last call; a failed end is
+    counted with its reason and leaves the results alone."""
+    from engine.replay import ReplayError
+
+    class Ending(FakeTarget):
+        def __init__(self):
+            super().__init__()
+            self.ended = []
+
+        async def end_program(self, program_id):
+            # Every call of the program has been answered by now.
+            assert {t for p, t, *_ in self.sent if p == program_id} == {"a", "b"}
+            self.ended.append(program_id)
+            if program_id == "q":
+                raise ReplayError("program q: DELETE /v1/programs: HTTP 500: boom")
+            return "ended"
+
+    target = Ending()
+
+    async def go(end):
+        r = Replayer([_chain(), dataclasses.replace(_chain(), id="q")], target, "fcfs", end_programs=end)
+        return r, await r.run()
+
+    r, wall = run(go(True))
+    assert sorted(target.ended) == ["p", "q"]
+    assert r.program_ends == {"ended": 1, "failed": 1}
+    assert r.program_end_errors == ["program q: DELETE /v1/programs: HTTP 500: boom"]
+    assert len(r.records) == 4 and len(r.program_records) == 2 and r.errors == []
+    trace = tmp_path / "t.jsonl"
+    save(list(r.programs), trace)
+    write_outputs(r, ReplaySettings(trace=str(trace), target="fake", policy="fcfs", out=str(tmp_path / "o")), wall)
+    meta = json.loads((tmp_path / "o" / "replay.json").read_text())
+    assert meta["program_ends"] == {"ended": 1, "failed": 1} and meta["program_end_errors"][0].endswith("boom")
+
+    target.ended.clear()
+    r, _ = run(go(False))
+    assert target.ended == [] and r.program_ends == {}
+
+
+def test_end_program_reads_the_real_gateways_answers():
+    """The gateway's own 404 for a program it no longer holds reads as expired, not as a bare engine."""
+    from engine.replay import ENDED, EXPIRED, HTTPTarget, Clock
+    from test_serve_helpers import start_gw
+
+    async def go():
+        server, _ = await start_engine(step=0.001)
+        gw, gateway = await start_gw([server.url])
+        try:
+            async with HTTPTarget(gw.url) as t:
+                await t.send([1, 2, 3], 2, "p", "a", Clock(asyncio.get_running_loop().time()))
+                held = [p["id"] for p in gateway.snapshot()["programs"]]
+                return held, await t.end_program("p"), await t.end_program("p"), gateway.snapshot()["programs"]
+        finally:
+            await gw.stop()
+            await server.stop()
+
+    held, first, second, after = run(go())
+    assert (held, first, second, after) == (["p"], ENDED, EXPIRED, [])
