@@ -20,19 +20,18 @@ byte-identical for the same experiment and seeds.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from concurrent.futures import as_completed
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from sim.confidence import CONFIDENCE, t_interval
 from sim.config import ExperimentConfig
 from sim.experiments import ConfigError
 from sim.metrics import BASELINE, RATIO_METRICS
-from sim.pool import SpawnPool
+from sim.pool import TRIES, WorkerLost, run_in_pools
 from sim.textout import write_atomic
 
 # The metrics given an interval: the paper's (normalised latency, its tail,
@@ -115,14 +114,24 @@ def _run_seed(cfg: ExperimentConfig, out_dir: str, quiet: bool) -> dict[str, Any
     return run_experiment(cfg, out_dir, quiet=quiet)
 
 
+def _run_seed_task(task: tuple[int, ExperimentConfig, str]) -> dict[str, Any]:
+    """One seed in a pool worker (a task must pickle: a module-level function of one argument)."""
+    _seed, cfg, out_dir = task
+    return _run_seed(cfg, out_dir, True)
+
+
 def run_replications(
-    cfg: ExperimentConfig, count: int, out_dir: str | Path, workers: int | None = None, quiet: bool = False
+    cfg: ExperimentConfig, count: int, out_dir: str | Path, workers: int | None = None, quiet: bool = False,
+    run: Callable[[tuple[int, ExperimentConfig, str]], dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Run ``cfg`` under ``count`` seeds into ``out_dir/seed-S/`` and write ``replications.json``.
 
     Seeds run in a spawn process pool of ``workers`` (default: one per CPU,
     at most one per seed); with one worker they run here, each with its
-    progress bar. Results do not depend on the number of workers.
+    progress bar. Results do not depend on the number of workers. A seed
+    whose worker dies (killed, out of memory) runs again as a sweep's job
+    does (`sim.pool.run_in_pools`); only a seed that dies alone stops the
+    run. ``run`` defaults to `_run_seed_task` (a test's stand-in must pickle).
     """
     from sim.progress import progress_bar
     from sim.run import OUTPUTS, REPLICATIONS_FILE, remove_seed_dirs
@@ -144,22 +153,20 @@ def run_replications(
         for s in seeds:
             summaries[s] = _run_seed(configs[s], str(out / f"seed-{s}"), quiet)
     else:
-        with progress_bar(count, quiet, unit="seed") as bar, SpawnPool(workers) as pool:
+        tasks = [(s, configs[s], str(out / f"seed-{s}")) for s in seeds]
+        # Closed on the way out: a bad seed (a call that cannot fit) or an interrupt ends
+        # the run now, its pool stopped, not after the other seeds have run for minutes.
+        with progress_bar(count, quiet, unit="seed") as bar, \
+                contextlib.closing(run_in_pools(tasks, workers, run or _run_seed_task, key=lambda t: t[0])) as outcomes:
             bar.describe("seeds")
-            futures = {}
-            try:  # submitting too: an interrupt then must stop the pool, not wait for its seeds
-                for s in seeds:
-                    futures[pool.submit(_run_seed, configs[s], str(out / f"seed-{s}"), True)] = s
-                for fut in as_completed(futures):
-                    summaries[futures[fut]] = fut.result()
-                    bar.advance(1)
-            except BaseException as exc:
-                # A bad seed (a call that cannot fit, an interrupt) ends the run now,
-                # not after the queued seeds have run for minutes.
-                pool.stop()
-                if isinstance(exc, BrokenProcessPool):  # killed, e.g. out of memory: not a bug here
-                    raise WorkerDied(f"--seeds: a worker process died ({exc}); if memory ran out, use fewer --workers") from None
-                raise
+            for (s, _, _), summary, exc in outcomes:
+                if isinstance(exc, WorkerLost):
+                    raise WorkerDied(f"--seeds: seed {s}: its worker died on each of its {TRIES} tries, the last "
+                                     f"alone ({exc}); if memory ran out, use fewer --workers") from None
+                if exc is not None:
+                    raise exc
+                summaries[s] = summary
+                bar.advance(1)
     doc = summarize_replications(cfg.name, seeds, [summaries[s] for s in seeds])
     write_atomic(out / REPLICATIONS_FILE, json.dumps(doc, indent=2, allow_nan=False) + "\n")
     return doc

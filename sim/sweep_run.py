@@ -10,7 +10,8 @@ Outputs in the sweep's directory:
 
 * ``sweep.csv``: one row per job (`columns`), appended as jobs finish so an
   interrupted sweep keeps its finished rows, then rewritten in grid order at
-  the end. Every column but ``wall_s`` is identical across runs;
+  the end. Every column but ``wall_s`` is identical across runs (an
+  ``error`` names the experiments file as the command did);
 * ``sweep.parquet``: the same table, when pyarrow is installed;
 * ``sweep.json``: what was swept (name, base experiment, keys, labels),
   and ``state``: ``running`` until the sweep ends, then ``complete`` or
@@ -28,7 +29,7 @@ the others.
 
 from __future__ import annotations
 
-import collections
+import contextlib
 import csv
 import functools
 import io
@@ -41,15 +42,13 @@ import signal
 import sys
 import threading
 import time
-from concurrent.futures import FIRST_COMPLETED, wait
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Generator, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from sim.experiments import ConfigError, dump_yaml, to_file_dict
 from sim.metrics import add_ratios, summarize_policy
-from sim.pool import SpawnPool
+from sim.pool import TRIES, WorkerLost, run_in_pools
 from sim.sweep import DEFAULT_VARIANT, Job, Sweep
 from sim.textout import write_atomic, writing_under
 
@@ -174,69 +173,16 @@ def run_local(jobs: Sequence[Job], workers: int | None, quiet: bool = False,
         for job in todo:
             yield run(job)
         return
-    # A worker that dies (killed, out of memory) breaks the whole pool, and
-    # every job in flight comes back broken. At most ``workers`` jobs are in
-    # flight, so a break loses only those: they go to the back of the queue
-    # and the rest carry on in a fresh pool. A job lost twice runs alone at
-    # the end, where a death can only be its own, and only then is a failed
-    # row. (Ray retries a lost task the same way.) Submitting all at once
-    # lost every queued job too, and one job that kept killing its worker
-    # made the rest of the sweep run one at a time.
-    queue = collections.deque(todo)
-    losses: dict[int, int] = {}
-    alone: list[Job] = []
-    while queue:
-        for job, _ in (yield from _in_pool(queue, workers, run)):
-            losses[job.index] = losses.get(job.index, 0) + 1
-            (alone if losses[job.index] >= 2 else queue).append(job)
-    for job in sorted(alone, key=lambda j: j.index):
-        for lost, exc in (yield from _in_pool(collections.deque([job]), 1, run)):
-            yield JobResult(lost.index, "failed", f"its worker died on each of its 3 tries, the last alone (killed, "
-                                                  f"or out of memory: try fewer --workers): {type(exc).__name__}: {exc}")
-
-
-def _in_pool(queue: collections.deque, workers: int,
-             run: Callable[[Job], JobResult]) -> Generator[JobResult, None, list[tuple[Job, BaseException]]]:
-    """Run jobs from ``queue`` (taken as they start) in one pool, at most ``workers`` at once,
-    yielding their results, until the queue is empty or the pool breaks; returns the jobs
-    the break took down, each with its error, in the order they started."""
-    lost: list[tuple[Job, BaseException]] = []
-    with SpawnPool(workers) as pool:
-        futures: dict[Any, Job] = {}
-        try:  # an interrupt while submitting must stop the pool too, not wait for its jobs
-            while queue and len(futures) < workers:
-                job = queue.popleft()
-                futures[pool.submit(run, job)] = job
-            while futures:
-                done, _ = wait(futures, return_when=FIRST_COMPLETED)
-                broke = False
-                for fut in sorted(done, key=lambda f: futures[f].index):
-                    job, exc = futures.pop(fut), fut.exception()
-                    if isinstance(exc, BrokenProcessPool):
-                        lost.append((job, exc))
-                        broke = True
-                    elif exc is not None:  # the job could not reach its worker (pickling): not the job's own error
-                        yield JobResult(job.index, "failed", f"{type(exc).__name__}: {exc}")
-                    else:
-                        yield fut.result()
-                if broke:  # the rest in flight come back broken too (or finished just before)
-                    wait(futures)
-                    for fut, job in sorted(futures.items(), key=lambda item: item[1].index):
-                        exc = fut.exception()
-                        if exc is None:
-                            yield fut.result()
-                        else:
-                            lost.append((job, exc))
-                    futures.clear()
-                    break
-                while queue and len(futures) < workers:
-                    job = queue.popleft()
-                    futures[pool.submit(run, job)] = job
-        finally:
-            # An interrupt here, or the consumer stopped early (it closed this generator).
-            if not all(f.done() for f in futures):
-                pool.stop()
-    return lost
+    # A dead worker breaks the whole pool: `run_in_pools` runs again the jobs it took down.
+    with contextlib.closing(run_in_pools(todo, workers, run, key=lambda j: j.index)) as outcomes:
+        for job, result, exc in outcomes:
+            if exc is None:
+                yield result
+            elif isinstance(exc, WorkerLost):
+                yield JobResult(job.index, "failed", f"its worker died on each of its {TRIES} tries, the last alone "
+                                                     f"(killed, or out of memory: try fewer --workers): {exc}")
+            else:  # the job could not reach its worker (pickling): `run` reports the job's own errors
+                yield JobResult(job.index, "failed", f"{type(exc).__name__}: {exc}")
 
 
 def run_ray(jobs: Sequence[Job], workers: int | None, quiet: bool = False) -> Iterator[JobResult]:

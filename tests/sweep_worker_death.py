@@ -24,3 +24,25 @@ def run_slowly(job) -> JobResult:
 
     time.sleep(60)
     return run_job(job)
+
+
+def run_seed_or_die(task):
+    """A seed task (`sim.replications._run_seed_task`) whose worker dies: seeds in ``DEADLY_SEEDS``
+    on every try, and each seed in ``ONCE_SEEDS`` on its first try only (a marker file remembers)."""
+    from pathlib import Path
+
+    from sim.replications import _run_seed_task
+
+    seed, _cfg, out_dir = task
+    if seed in DEADLY_SEEDS:
+        os._exit(9)
+    marker = Path(out_dir + ".died")
+    if seed in ONCE_SEEDS and not marker.exists():
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text("")
+        os._exit(9)
+    return _run_seed_task(task)
+
+
+DEADLY_SEEDS = {20}
+ONCE_SEEDS = {8}

@@ -82,7 +82,7 @@ def test_shipped_models_meet_quality_bar(name):
     fit = model.fit
     assert fit["heldout"]["mape_pct"] <= 5.0
     assert fit["heldout"]["r2"] >= 0.99
-    for key in ("gpu", "model", "engine", "source", "date", "derived"):
+    for key in ("gpu", "model", "engine", "source", "source_sha256", "derived", "profile_sha256"):
         assert model.provenance[key], key
     # The stored figures are true of the stored coefficients on the shipped profile's held-out split.
     rows = read_profile(MODELS_DIR / f"{name}.profile.csv").rows

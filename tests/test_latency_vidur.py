@@ -145,3 +145,22 @@ def test_a_file_that_is_not_utf8_text_is_a_vidur_error(tmp_path, capsys):
     bad.write_bytes("num_tokens\n".encode("utf-16"))
     assert main([str(bad), "-o", str(tmp_path / "o.csv")]) == 1
     assert capsys.readouterr().err.startswith(f"error: {bad}: not UTF-8 text (")
+
+
+@pytest.mark.parametrize("src, gpu, name", [(A100, "a100-80gb", "a100-llama-3.1-8b"),
+                                            (H100, "h100", "h100-llama-3.1-8b-est")])
+def test_the_readmes_commands_rebuild_the_shipped_models_byte_for_byte(tmp_path, src, gpu, name):
+    """Both files stamped the day they were made, so a rebuild never matched what we ship
+    (nor a rebuild on another day, or in another time zone): now they name their inputs by digest."""
+    import subprocess
+    import sys
+
+    models = Path(__file__).resolve().parents[1] / "sim" / "latency" / "models"
+    profile, model = tmp_path / f"{name}.profile.csv", tmp_path / f"{name}.json"
+    for cmd in (["sim.latency.vidur", str(src), "--model", "llama-3.1-8b", "--gpu", gpu, "-o", str(profile)],
+                ["sim", "fit-latency", str(profile), "-o", str(model)]):
+        res = subprocess.run([sys.executable, "-m", *cmd], capture_output=True, text=True, env={
+            **__import__("os").environ, "TZ": "Pacific/Kiritimati"})
+        assert res.returncode == 0, res.stderr
+    assert profile.read_bytes() == (models / profile.name).read_bytes()
+    assert model.read_bytes() == (models / model.name).read_bytes()

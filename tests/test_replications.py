@@ -219,23 +219,47 @@ def test_a_seed_the_engine_cannot_hold_fails_before_anything_is_touched(workdir)
 
 
 def test_a_killed_worker_is_one_line_and_cancels_the_rest(tmp_path, monkeypatch, capsys):
-    """A seed whose worker the OS kills ends the run at once with one line, not a traceback."""
+    """A seed whose worker the OS kills, even alone, ends the run with one line, not a traceback."""
     import sim.replications as replications
     from sim.cli import main
 
     (tmp_path / "exp.yaml").write_text(EXPERIMENTS)
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(replications, "_run_seed", _killed_seed)
+    monkeypatch.setattr(replications, "_run_seed_task", _killed_seed)
     assert main(["run", "small", "-e", "exp.yaml", "--seeds", "4", "-w", "2", "-q", "--out", "k"]) == 1
     err = capsys.readouterr().err
-    assert err.startswith("error: --seeds: a worker process died") and "fewer --workers" in err
-    assert len(err.splitlines()) == 1
+    assert err.startswith("error: --seeds: seed 7: its worker died on each of its 3 tries, the last alone")
+    assert err.rstrip().endswith("if memory ran out, use fewer --workers") and len(err.splitlines()) == 1
     assert not (tmp_path / "k" / "replications.json").exists()
 
 
-def _killed_seed(cfg, out_dir, quiet):
+def _killed_seed(task):
     """Stands in for a seed's run in a worker: the worker dies as under the OOM killer."""
     import os
     import signal
 
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_a_seed_whose_worker_dies_once_runs_again(workdir, monkeypatch):
+    """A dead worker stopped the whole run (``WorkerDied``), though the seed that was lost with
+    it may well have been another's victim, or fit when run alone. Seeds now retry as sweep jobs
+    do: seed 8's worker dies on its first try only, and the run gives the undisturbed bytes; a
+    seed whose worker dies even alone stops the run with one line."""
+    from sim.experiments import resolve
+    from sim.replications import WorkerDied, run_replications
+    from sweep_worker_death import DEADLY_SEEDS, ONCE_SEEDS, run_seed_or_die
+
+    monkeypatch.chdir(workdir)
+    assert ONCE_SEEDS == {8} and DEADLY_SEEDS == {20}
+    cfg = resolve("small", "exp.yaml", [])
+    run_replications(cfg, 3, workdir / "calm", workers=1, quiet=True)
+    run_replications(cfg, 3, workdir / "stormy", workers=2, quiet=True, run=run_seed_or_die)
+    assert (workdir / "stormy" / "seed-8.died").exists()  # it did die once
+    calm, stormy = ((workdir / d / "replications.json").read_bytes() for d in ("calm", "stormy"))
+    assert stormy == calm
+
+    cfg = resolve("small", "exp.yaml", ["seed=19"])
+    with pytest.raises(WorkerDied, match=r"^--seeds: seed 20: its worker died on each of its 3 tries, the last "
+                                         r"alone \(BrokenProcessPool: .*\); if memory ran out, use fewer --workers$"):
+        run_replications(cfg, 3, workdir / "doomed", workers=2, quiet=True, run=run_seed_or_die)

@@ -30,7 +30,7 @@ coefficients are exactly those, so the reported MAPE and R² describe them.
 
 A fitted model is a JSON file (``sim/latency/models/NAME.json`` for shipped
 ones) with ``coefficients``, ``provenance`` (gpu, model, engine, source,
-date, how derived) and ``fit`` (seed, split sizes, held-out MAPE and R²).
+the source's digest or a measurement's date, how derived, the profile's digest) and ``fit`` (seed, split sizes, held-out MAPE and R²).
 An optional ``host`` object, ``{"per_step": s, "per_seq": s}``, says how much
 of a step is CPU work (``host_time``); it is copied from the profile's
 ``host_per_step``/``host_per_seq`` lines, not fitted, because a step's total
@@ -42,7 +42,7 @@ synchronous ones.
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
+import hashlib
 import json
 import math
 import sys
@@ -318,10 +318,12 @@ def fit_command(profile_path: str | Path, out_path: str | Path, name: str | None
     """Read a profile CSV, fit it, write the model JSON; returns the model and report."""
     profile = read_profile(profile_path)
     name = name or Path(out_path).stem
-    prov = {k: profile.provenance[k] for k in ("gpu", "model", "gpu_spec", "model_spec", "engine", "source", "date",
-                                                "derived") if k in profile.provenance}
+    prov = {k: profile.provenance[k] for k in ("gpu", "model", "gpu_spec", "model_spec", "engine", "source",
+                                                "source_sha256", "date", "derived") if k in profile.provenance}
     prov["profile"] = Path(profile_path).name
-    prov["fitted"] = f"{_dt.date.today().isoformat()} by python -m sim fit-latency (sim.latency.fitted)"
+    # The profile's digest rather than today's date: the same profile gives the same file.
+    prov["profile_sha256"] = hashlib.sha256(Path(profile_path).read_bytes()).hexdigest()
+    prov["fitted"] = "python -m sim fit-latency (sim.latency.fitted)"
     model, report = fit_profile(profile.rows, name, prov, test_fraction, seed, profile.host())
     Path(out_path).write_text(json.dumps(model.to_json(), indent=2) + "\n")
     return model, report

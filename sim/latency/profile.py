@@ -20,7 +20,8 @@ Format (UTF-8 text)::
 
 * Leading lines starting with ``#`` are provenance, ``# key: value`` each (the
   first, ``# autellix-latency-profile v1``, names the format). Keys are free
-  form; ``gpu``, ``model``, ``engine``, ``source``, ``date`` and ``derived``
+  form; ``gpu``, ``model``, ``engine``, ``source``, ``source_sha256`` (a
+  derived profile's input file), ``date`` (a measurement's) and ``derived``
   are the ones the fitter copies into the fitted model's provenance.
 * Then one header line with exactly the columns in ``COLUMNS`` (any order),
   then one row per step. The six shape columns are non-negative integers with

@@ -69,8 +69,8 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import math
-import datetime as _dt
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -321,7 +321,9 @@ def build_profile(src: str | Path, model: ModelSpec, gpu: GPUSpec, tp: int = 1, 
         "model": model.name,
         "engine": "none (Vidur operator profiles; vLLM-like step composition)",
         "source": f"microsoft/vidur mlp.csv ({Path(src).parent.name}/{Path(src).name}), MIT licence",
-        "date": _dt.date.today().isoformat(),
+        # The file's digest, not the day it was turned into steps: rebuilt by the README's
+        # commands, the shipped profiles and models come out byte for byte.
+        "source_sha256": hashlib.sha256(Path(src).read_bytes()).hexdigest(),
         "derived": (f"sim.latency.vidur: TP={tp} {stat} per-op ms, layer sum x{model.num_layers} + emb, linear "
                     f"interpolation in num_tokens; roofline attention (prefill eff {ATTN_PREFILL_EFFICIENCY}, "
                     f"decode eff {ATTN_DECODE_EFFICIENCY}) and LM head; overhead {STEP_OVERHEAD_S * 1e3:g} ms/step "
