@@ -10,7 +10,8 @@ the paper's front end does:
   locality by default), whose load signal is the gateway's count of
   in-flight calls per engine;
 * forwards ``POST /v1/completions`` and ``/v1/chat/completions`` with
-  ``vllm_xargs = {program_id, thread_id, program_service}`` (see
+  ``vllm_xargs = {program_id, thread_id, program_service,
+  program_total_service}`` (see
   `engine.protocol`), streaming responses through unchanged (SSE), passing
   engine errors through (status and body), and closing the upstream
   connection when the client goes away, which is how vLLM's server learns to
@@ -379,7 +380,7 @@ class Gateway:
         prompt_tokens = prompt_tokens_of(body)
         call = self.acct.start(pid, tid, prompt_tokens, now)
         program = self.acct.table.programs[pid]
-        xargs = xargs_for(pid, tid, call.priority)
+        xargs = xargs_for(pid, tid, call.priority, program.total_service)
         if kv_ttl is not None:
             xargs[XARG_KV_TTL] = kv_ttl
         outgoing = with_xargs(body, xargs)

@@ -32,9 +32,12 @@ because vLLM rewrites it.
   gateway knows it. The gateway holds the global process table across
   engines; an engine only sees the calls routed to it, so when a program
   moves between engines its local entry would start from zero. The plugin
-  raises the local entry's priority (``ProgramState.service``) and its
-  T_program for anti-starvation (``total_service``) to this value when it
-  is higher; W_program stays local.
+  raises the local entry's priority (``ProgramState.service``) to this value
+  when it is higher; W_program stays local.
+* ``program_total_service``: the sum of the program's service (T_program of
+  the starvation ratio), raised likewise (``total_service``). Under ATLAS
+  the priority is the critical path, less than the sum. Without this tag
+  the plugin raises T_program to ``program_service``, a lower bound.
 * ``kv_ttl``: seconds to keep the call's KV cached after it finishes,
   because its program will send a follow-up (Continuum's time-to-live;
   `engine.kv_pins`). Missing or 0: vLLM's behaviour, the blocks go back to
@@ -142,6 +145,7 @@ class CallTags:
     thread_id: str
     program_service: float | None  # the gateway's view; None when not sent
     kv_ttl: float = 0.0  # seconds to pin the call's KV after it finishes
+    total_service: float | None = None  # the gateway's T_program; None when not sent
 
 
 def read_tags(request_id: str, extra_args: Mapping[str, Any] | None) -> CallTags:
@@ -154,8 +158,9 @@ def read_tags(request_id: str, extra_args: Mapping[str, Any] | None) -> CallTags
     program_id = _tag_id(request_id, "program_id", extra.get("program_id"))
     thread_id = _tag_id(request_id, "thread_id", extra.get("thread_id"))
     service = _tag_seconds(request_id, "program_service", extra.get("program_service"))
+    total = _tag_seconds(request_id, "program_total_service", extra.get("program_total_service"))
     kv_ttl = _tag_seconds(request_id, "kv_ttl", extra.get("kv_ttl"))
-    return CallTags(program_id, thread_id, service, 0.0 if kv_ttl is None else kv_ttl)
+    return CallTags(program_id, thread_id, service, 0.0 if kv_ttl is None else kv_ttl, total)
 
 
 def _tag_id(request_id: str, name: str, value: Any) -> str:

@@ -5,11 +5,15 @@ Program identity travels two ways, because two kinds of server read it:
 * HTTP headers ``X-Program-Id`` and ``X-Thread-Id``, read by the gateway
   (a client talking to the gateway need not touch the request body);
 * ``vllm_xargs`` in the JSON body, ``{"program_id", "thread_id",
-  "program_service", "kv_ttl"}``, read by the engines: vLLM's OpenAI server copies
+  "program_service", "program_total_service", "kv_ttl"}``, read by the engines: vLLM's OpenAI server copies
   ``vllm_xargs`` into ``sampling_params.extra_args``, where the scheduler
   plugin finds them, and ``python -m sim serve`` reads the same keys. vLLM
   0.26.0 accepts only str/int/float values there, so service is a float in
-  seconds.
+  seconds. ``program_service`` is the program's priority value (PLAS: the
+  sum of its calls' service; ATLAS: its critical path), and
+  ``program_total_service`` the plain sum, T_program of the starvation
+  ratio. Under ATLAS the two differ, and T_program seeded with the critical
+  path made a program's calls look starved early.
 
 The gateway writes the xargs itself (its ids and the program's attained
 service win over anything the client put there). A client's ``kv_ttl``
@@ -37,6 +41,7 @@ XARGS = "vllm_xargs"
 XARG_PROGRAM = "program_id"
 XARG_THREAD = "thread_id"
 XARG_SERVICE = "program_service"
+XARG_TOTAL_SERVICE = "program_total_service"
 XARG_KV_TTL = "kv_ttl"  # seconds to keep the call's KV cached for its program's next call
 ENGINE_STATS = "engine_stats"
 
@@ -89,8 +94,9 @@ def check_id(value: str, what: str) -> str:
     return value
 
 
-def xargs_for(program_id: str, thread_id: str, program_service: float) -> dict[str, Any]:
-    return {XARG_PROGRAM: program_id, XARG_THREAD: thread_id, XARG_SERVICE: float(program_service)}
+def xargs_for(program_id: str, thread_id: str, program_service: float, total_service: float) -> dict[str, Any]:
+    return {XARG_PROGRAM: program_id, XARG_THREAD: thread_id, XARG_SERVICE: float(program_service),
+            XARG_TOTAL_SERVICE: float(total_service)}
 
 
 def check_kv_ttl(value: str) -> float:

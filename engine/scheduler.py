@@ -239,13 +239,12 @@ class ProgramAwareMixin:
                 rid, program_id, thread_id, fallback,
             )
             thread_id = fallback
-        if tags.program_service is not None:
+        if tags.program_service is not None or tags.total_service is not None:
             # The gateway's global view seeds both the program's priority and
             # T_program of the starvation ratio: with T_program = 0 a call of a
             # seeded program would count as starving the moment it arrived.
             entry = table.get_or_create(program_id, now)
-            entry.service = max(entry.service, tags.program_service)
-            entry.total_service = max(entry.total_service, tags.program_service)
+            entry.raise_service(tags.program_service, tags.total_service)
         call = self.core.add_call(rid, program_id, thread_id, request.num_prompt_tokens, now)
         if tags.kv_ttl > 0:
             self._kv_ttl[rid] = tags.kv_ttl

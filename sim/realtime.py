@@ -245,14 +245,17 @@ class RealtimeEngine:
         return len(self._handles)
 
     def submit(self, prompt_ids: list[int], max_tokens: int, program_id: str | None, thread_id: str | None,
-               program_service: float | None, kv_ttl: float = 0.0, cache_salt: str | None = None) -> CallHandle:
+               program_service: float | None, kv_ttl: float = 0.0, cache_salt: str | None = None,
+               total_service: float | None = None) -> CallHandle:
         """Start a call now; its tokens arrive on the handle's queue.
 
         Without a program id the request is a program of its own. A given
         ``program_service`` (the gateway's global view, across engines)
         raises this engine's local value for the program to at least that
         before the call is prioritised, as the vLLM plugin does with
-        ``extra_args`` (``max(local, forwarded)``). A ``kv_ttl`` (seconds)
+        ``extra_args`` (``max(local, forwarded)``); ``total_service``
+        likewise raises T_program of the starvation ratio (default: the
+        ``program_service``, a lower bound). A ``kv_ttl`` (seconds)
         pins the call's cached blocks at finish for its program's next call
         (`sim.replica`; with prefix caching off there is nothing to pin).
         A ``cache_salt`` keeps the call's blocks apart from those of calls
@@ -288,13 +291,11 @@ class RealtimeEngine:
                 tid = f"req-{self._seq}#{n}"
         if (entry is not None and tid in entry.live) or self.replica.is_arriving(pid, tid):
             raise Conflict(f"program {pid!r} already has a live call on thread {tid!r}")
-        if program_service is not None:
+        if program_service is not None or total_service is not None:
             # Both the priority and T_program of the starvation ratio, as the
             # plugin: with T_program = 0 a call of a program seeded from
             # another engine would count as starving the moment it arrived.
-            entry = self.table.get_or_create(pid, self.env.now)
-            entry.service = max(entry.service, float(program_service))
-            entry.total_service = max(entry.total_service, float(program_service))
+            self.table.get_or_create(pid, self.env.now).raise_service(program_service, total_service)
         output_ids = filler_ids(self.index, self._seq, max_tokens)
         keys = block_keys(list(prompt_ids) + output_ids, self.cfg.engine.block_size, cache_salt)
         call = SimCall(pid, tid, len(prompt_ids), max_tokens, keys, self.env.event(), self.env.now, pin_ttl=kv_ttl)
@@ -302,7 +303,7 @@ class RealtimeEngine:
         self._handles[call] = handle
         self.replica.submit(call)
         self.received.append({"program_id": pid, "thread_id": tid, "program_service": program_service,
-                              "prompt_tokens": len(prompt_ids), "max_tokens": max_tokens})
+                              "program_total_service": total_service, "prompt_tokens": len(prompt_ids), "max_tokens": max_tokens})
         self._poke()
         return handle
 

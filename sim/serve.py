@@ -30,7 +30,8 @@ token id, so identical text prefixes still share cache blocks. Chat
 messages become the text ``"{role}: {content}\\n"`` per message.
 
 Program identity and priority come from ``vllm_xargs`` in the body
-(``program_id``, ``thread_id``, ``program_service``, and ``kv_ttl`` to pin
+(``program_id``, ``thread_id``, ``program_service``,
+``program_total_service``, and ``kv_ttl`` to pin
 the call's KV for its program's next call), exactly as vLLM's
 server passes them to the scheduler plugin, so the gateway works against
 this engine unchanged. A request without them is a one-call program.
@@ -121,6 +122,7 @@ class ParsedRequest:
     program_service: float | None
     kv_ttl: float = 0.0
     cache_salt: str | None = None
+    total_service: float | None = None
 
 
 def _int(body: dict, name: str, default: int, low: int) -> int:
@@ -224,14 +226,16 @@ def parse_request(body: Any, chat: bool, served_model: str) -> ParsedRequest:
     if not isinstance(xargs, dict):
         raise RequestError(f"{XARGS} must be an object", XARGS)
     pid, tid, service = xargs.get("program_id"), xargs.get("thread_id"), xargs.get("program_service")
+    total = xargs.get("program_total_service")
     for name, value in (("program_id", pid), ("thread_id", tid)):
         if value is not None and (not isinstance(value, (str, int)) or str(value) == ""):
             raise RequestError(f"{XARGS}.{name} must be a non-empty string", f"{XARGS}.{name}")
-    if service is not None and (isinstance(service, bool) or not isinstance(service, (int, float))
-                                or not math.isfinite(service) or service < 0):
-        # As the vLLM plugin (`engine.plugin_config.read_tags`): a non-finite service would rank nothing.
-        raise RequestError(f"{XARGS}.program_service must be a finite number of seconds >= 0, got {_short(service)}",
-                           f"{XARGS}.program_service")
+    for name, value in (("program_service", service), ("program_total_service", total)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not math.isfinite(value) or value < 0):
+            # As the vLLM plugin (`engine.plugin_config.read_tags`): a non-finite service would rank nothing.
+            raise RequestError(f"{XARGS}.{name} must be a finite number of seconds >= 0, got {_short(value)}",
+                               f"{XARGS}.{name}")
     kv_ttl = xargs.get("kv_ttl")
     if kv_ttl is not None and (isinstance(kv_ttl, bool) or not isinstance(kv_ttl, (int, float))
                                or not math.isfinite(kv_ttl) or kv_ttl < 0):
@@ -246,6 +250,7 @@ def parse_request(body: Any, chat: bool, served_model: str) -> ParsedRequest:
         program_id=None if pid is None else str(pid), thread_id=None if tid is None else str(tid),
         program_service=None if service is None else float(service),
         kv_ttl=0.0 if kv_ttl is None else float(kv_ttl), cache_salt=salt,
+        total_service=None if total is None else float(total),
     )
 
 
@@ -323,7 +328,7 @@ class SimServer:
         try:
             req = parse_request(body, chat, self.served_model)
             handle = self.engine.submit(req.prompt_ids, req.max_tokens, req.program_id, req.thread_id,
-                                        req.program_service, req.kv_ttl, req.cache_salt)
+                                        req.program_service, req.kv_ttl, req.cache_salt, req.total_service)
         except RequestError as exc:
             return error_response(exc.status, exc.message, exc.param)
         except TooLarge as exc:

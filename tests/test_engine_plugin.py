@@ -39,13 +39,15 @@ def plugin(model_dir, clock, **kw):
 _next_token = [1000]
 
 
-def req(rid, program=None, tokens=20, max_tokens=4, service=None, thread=None, kv_ttl=None, **kw):
+def req(rid, program=None, tokens=20, max_tokens=4, service=None, thread=None, kv_ttl=None, total=None, **kw):
     """A request with a prompt of fresh token ids (no accidental prefix sharing)."""
     extra = {} if kv_ttl is None else {"kv_ttl": kv_ttl}
     if program is not None:
         extra["program_id"] = program
     if service is not None:
         extra["program_service"] = service
+    if total is not None:
+        extra["program_total_service"] = total
     if thread is not None:
         extra["thread_id"] = thread
     start = _next_token[0]
@@ -118,6 +120,19 @@ def test_gateway_service_seeds_the_program_entry(model_dir):
     # A lower gateway value never lowers what the engine already knows.
     s.add_request(req("a2", "A", service=1.0, thread="t2"))
     assert s.core.table.programs["A"].service == 3.0
+
+
+def test_the_gateways_total_service_seeds_t_program_apart_from_the_priority(model_dir):
+    """Under ATLAS the priority is the critical path and T_program the sum; the plugin
+    took the priority for both, so the program's calls counted as starved early."""
+    clock = FakeClock()
+    s = plugin(model_dir, clock, policy="atlas", params=QUEUES)
+    s.add_request(req("a", "A", service=3.0, total=7.5))
+    s.add_request(req("z", "Z", total=2.0))  # a total alone raises T_program only
+    assert (s.core.table.programs["A"].service, s.core.table.programs["A"].total_service) == (3.0, 7.5)
+    assert (s.core.table.programs["Z"].service, s.core.table.programs["Z"].total_service) == (0.0, 2.0)
+    s.add_request(req("a2", "A", service=1.0, total=1.0, thread="t2"))
+    assert (s.core.table.programs["A"].service, s.core.table.programs["A"].total_service) == (3.0, 7.5)
 
 
 # -- preemption ----------------------------------------------------------------------------

@@ -64,7 +64,8 @@ def test_tags_default_to_a_single_call_program():
     t = read_tags("req-7", None)
     assert (t.program_id, t.thread_id, t.program_service) == ("req-7", "req-7", None)
     t = read_tags("req-8", {"program_id": "P", "program_service": 2})
-    assert (t.program_id, t.thread_id, t.program_service) == ("P", "req-8", 2.0)
+    assert (t.program_id, t.thread_id, t.program_service, t.total_service) == ("P", "req-8", 2.0, None)
+    assert read_tags("req-8", {"program_total_service": 3}).total_service == 3.0
     t = read_tags("req-9", {"program_id": 5, "thread_id": "t1"})
     assert (t.program_id, t.thread_id, t.kv_ttl) == ("5", "t1", 0.0)
     assert read_tags("req-10", {"kv_ttl": 2}).kv_ttl == 2.0
@@ -79,6 +80,8 @@ def test_tags_default_to_a_single_call_program():
         ({"program_service": -1}, "program_service must be a finite number of seconds >= 0"),
         ({"program_service": "3"}, "program_service must be a finite number of seconds >= 0"),
         ({"program_service": float("nan")}, "program_service must be a finite number of seconds >= 0"),
+        ({"program_total_service": -2}, r"request 'r': extra_args.program_total_service must be a finite number "
+                                        r"of seconds >= 0, got -2$"),
         ({"kv_ttl": -0.5}, r"request 'r': extra_args.kv_ttl must be a finite number of seconds >= 0, got -0.5$"),
         ({"kv_ttl": "2"}, "kv_ttl must be a finite number of seconds >= 0, got '2'"),
         ({"kv_ttl": True}, "kv_ttl must be a finite number of seconds >= 0, got True"),

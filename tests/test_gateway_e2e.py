@@ -293,7 +293,8 @@ def test_against_an_engine_without_engine_stats_the_gateway_measures_service_its
     headers, body = seen[0]
     assert headers["Authorization"] == "Bearer secret"
     assert headers["X-Program-Id"] == "p" and headers["X-Thread-Id"] == "t"
-    assert body["vllm_xargs"] == {"program_id": "p", "thread_id": "t", "program_service": 0.0}
+    assert body["vllm_xargs"] == {"program_id": "p", "thread_id": "t", "program_service": 0.0,
+                                  "program_total_service": 0.0}
     assert seen[1][1]["vllm_xargs"]["program_service"] == pytest.approx(whole)
 
 
@@ -324,3 +325,41 @@ def test_an_x_kv_ttl_header_pins_the_calls_kv_on_its_engine_until_the_next_call_
     assert (snap["kv_pins"], snap["kv_pins_held"]) == (1, 0)  # the second call took the pin up
     # 64 + 16 tokens re-sent, the KV of 79 computed: 4 full blocks hit.
     assert second["usage"]["prompt_tokens_details"]["cached_tokens"] == 64
+
+
+def test_under_atlas_the_engines_get_the_critical_path_and_the_total_apart():
+    """Two parallel calls of 50 ms each: ATLAS's priority is the critical path (about 50 ms),
+    T_program of the starvation ratio the sum (about 100 ms). The gateway sent only the first,
+    and the engines took it for both."""
+    from aiohttp import web
+
+    seen = []
+
+    async def completions(request):
+        seen.append((await request.json())["vllm_xargs"])
+        await asyncio.sleep(0.05)
+        return web.json_response({"choices": [{"index": 0, "text": "x"}]})
+
+    async def go():
+        fake = await start_app({("POST", "/v1/completions"): completions})
+        gw, _ = await start_gw([fake.url], policy="atlas")
+        try:
+            async with aiohttp.ClientSession() as s:
+                async def call(thread):
+                    hdr = {"X-Program-Id": "p", "X-Thread-Id": thread}
+                    async with s.post(gw.url + "/v1/completions", json={"prompt": [1]}, headers=hdr) as r:
+                        assert r.status == 200
+
+                await asyncio.gather(call("a"), call("b"))
+                await call("j")
+        finally:
+            await gw.stop()
+            await fake.stop()
+
+    run(go())
+    assert sorted((x["thread_id"], x["program_service"], x["program_total_service"]) for x in seen[:2]) == \
+        [("a", 0.0, 0.0), ("b", 0.0, 0.0)]
+    join = seen[2]
+    assert join["thread_id"] == "j"
+    assert 0.05 <= join["program_service"] < 0.5
+    assert join["program_total_service"] >= 2 * 0.05 and join["program_total_service"] > 1.5 * join["program_service"]

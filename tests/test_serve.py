@@ -196,7 +196,7 @@ def test_vllm_xargs_reach_the_engine_and_set_program_service():
 
     stats, service = run(go())
     assert stats["received"] == [{"program_id": "prog-7", "thread_id": "t2", "program_service": 3.5,
-                                  "prompt_tokens": 3, "max_tokens": 2}]
+                                  "program_total_service": None, "prompt_tokens": 3, "max_tokens": 2}]
     # PLAS: the gateway's 3.5 s plus the call's own 2 steps of 5 ms.
     assert service == pytest.approx(3.5 + 0.01)
 
@@ -211,6 +211,7 @@ def test_bad_requests_get_openai_errors():
                              json.dumps({"prompt": [1], "max_tokens": 0}).encode(),
                              json.dumps({"prompt": [1], "max_tokens": 10 ** 9}).encode(),
                              json.dumps({"prompt": [1], "vllm_xargs": {"program_service": -1}}).encode(),
+                             json.dumps({"prompt": [1], "vllm_xargs": {"program_total_service": "1"}}).encode(),
                              b'{"prompt": [1], "max_tokens": ' + b"9" * 5000 + b"}",
                              b"[" * 100_000 + b"]" * 100_000,
                              json.dumps({"prompt": [1], "stream": "false"}).encode(),
@@ -225,7 +226,7 @@ def test_bad_requests_get_openai_errors():
         return out, in_flight
 
     out, in_flight = run(go())
-    assert [status for status, _ in out] == [400] * 11
+    assert [status for status, _ in out] == [400] * 12
     for _, body in out:
         assert set(body["error"]) == {"message", "type", "param", "code"}
     assert [(body["error"]["param"], body["error"]["message"]) for _, body in out] == [
@@ -235,6 +236,8 @@ def test_bad_requests_get_openai_errors():
         ("max_tokens", "max_tokens must be an integer >= 1, got 0"),
         ("max_tokens", "prompt (1 tokens) plus max_tokens (1000000000) exceeds this engine's KV cache of 64000 tokens"),
         ("vllm_xargs.program_service", "vllm_xargs.program_service must be a finite number of seconds >= 0, got -1"),
+        ("vllm_xargs.program_total_service",
+         "vllm_xargs.program_total_service must be a finite number of seconds >= 0, got '1'"),
         # Python refuses to read an integer of over 4300 digits; the field is still named.
         ("max_tokens", "max_tokens must be an integer >= 1, got a 5000-digit integer"),
         (None, "malformed JSON: nested too deeply"),
@@ -701,6 +704,29 @@ def test_a_forwarded_program_service_does_not_make_the_call_starve_at_once():
     now[0] = 0.3  # B runs; A waits 0.3 s, far short of beta x 50 s
     engine.advance()
     assert not a.call.core.running and a.call.core.queue == queue
+
+
+@pytest.mark.parametrize("total, promoted", [(None, True), (1000.0, False)])
+def test_atlas_starvation_counts_the_programs_total_service_not_its_critical_path(total, promoted):
+    """Under ATLAS the forwarded priority is the program's critical path (100 s here), less than
+    the sum of its service (1000 s). T_program seeded with the priority made the call starve
+    after beta x 100 = 800 s of waiting; with the gateway's total it takes beta x 1000 s."""
+    engine = RealtimeEngine(engine_config(step=1.0, max_num_seqs=1), "atlas")
+    now = [0.0]
+    engine.now = lambda: now[0]
+    engine.submit(list(range(100, 130)), 5000, "B", "b", None)  # 5000 s of decoding in the only seat
+    a = engine.submit(list(range(200, 300)), 5, "A", "a", 100.0, total_service=total)
+    entry = engine.table.get("A")
+    assert (entry.service, entry.total_service) == (100.0, 100.0 if total is None else total)
+    now[0] = 1.0
+    engine.advance()
+    last = engine.core.policy.queue_of(100.0)
+    assert a.call.core.queue == last and not a.call.core.running  # B never falls below it
+    now[0] = 900.0  # A has waited about 899 s: past 8 x 100 s, short of 8 x 1000 s
+    engine.advance()
+    # Promoted to the top queue, A displaces B and is done by now; else it still waits.
+    assert a.call.core.finished is promoted
+    assert promoted or (a.call.core.queue == last and not a.call.core.running)
 
 
 def test_a_program_whose_call_waits_for_the_step_in_flight_is_not_expired():

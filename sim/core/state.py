@@ -54,3 +54,17 @@ class ProgramState:
     last_arrival: float = 0.0
     last_completion: float = 0.0
     remaining_work: float = 0.0  # oracle-only (SRPT): set by the simulator
+
+    def raise_service(self, service: float | None, total: float | None) -> None:
+        """Raise the entry to a front end's view across engines (the gateway's); never lowers it.
+
+        ``service`` is the priority value, ``total`` T_program. Without
+        ``total``, T_program takes ``service``, a lower bound of it (equal
+        under PLAS, the critical path under ATLAS): left at 0, a call of a
+        program seeded from another engine would count as starving at once.
+        """
+        if service is not None:
+            self.service = max(self.service, service)
+        floor = total if total is not None else service
+        if floor is not None:
+            self.total_service = max(self.total_service, floor)
