@@ -54,7 +54,8 @@ one batch at a time, and the intervals then tile the busy time exactly once.
 All times handed to the core come from the same clock.
 
 KV pins (``kv_ttl`` tag, Continuum's time-to-live; `engine.kv_pins`): a
-completed call tagged with ``kv_ttl`` keeps its cached blocks referenced,
+finished call tagged with ``kv_ttl`` (completed, or aborted after service,
+which is how a stop string ends) keeps its cached blocks referenced,
 so admissions cannot evict them, until a call of its program is admitted
 holding them, or the TTL passes. Pins give way to work by the simulator's
 rules (`sim.replica`):
@@ -527,8 +528,9 @@ class ProgramAwareMixin:
                 # An abort after service is charged like a completion: the
                 # engine core cannot tell a client's disconnect from a stop
                 # string, which the frontend detects and ends with an abort,
-                # and the program did receive that service either way.
-                if ttl > 0 and request.status in _COMPLETED:  # while the request still owns its blocks
+                # and the program did receive that service either way. Its
+                # pin likewise: the client tagged the call for a follow-up.
+                if ttl > 0:  # while the request still owns its blocks
                     self.kv_pins.pin(call.program_id, self.kv_cache_manager.coordinator.get_blocks(rid), now + ttl)
                 self.core.finish_call(call, now)
                 self._log("finish", call.id, now)

@@ -401,3 +401,24 @@ def test_many_decodes_crossing_a_block_boundary_at_once_take_pinned_memory_too(m
     out = step(s, clock, 1.0)  # all four need a second block
     assert set(out.num_scheduled_tokens) == {"a", "b", "c", "d"} and not out.preempted_req_ids
     assert (s.kv_pins.dropped, len(s.kv_pins)) == (1, 0)
+
+
+def test_a_call_ended_by_a_stop_string_keeps_its_pin(model_dir):
+    """vLLM's frontend ends a stop-string match with an abort (the engine core cannot tell it
+    from a disconnect). The plugin already charged such a call as finished, but pinned only
+    calls that completed in the core, so a tagged call stopped by a string lost its history."""
+    from vllm.v1.request import RequestStatus
+
+    s, clock = engine(model_dir, "program_fcfs", num_blocks=12)
+    s.add_request(call("r", "R", list(range(500, 516)), 60))
+    s.add_request(call("a1", "A", A1, 20, kv_ttl=10.0))
+    step(s, clock, 1.0)
+    step(s, clock, 1.0)  # a1 has decoded: it was served
+    assert s.core.calls["a1"].service > 0
+    s.finish_requests("a1", RequestStatus.FINISHED_ABORTED)  # as the engine core does for a stop string
+    assert (s.kv_pins.pinned, "a1" in s.core.calls) == (1, False)
+    held = free(s)
+    s.add_request(call("a2", "A", A2, 2))
+    out = step(s, clock, 1.0)
+    assert out.num_scheduled_tokens.get("a2") == len(A2) - 64  # the pinned 64 tokens hit
+    assert s.kv_pins.taken_up == 1 and free(s) <= held
