@@ -317,7 +317,10 @@ def write_model_dir(path: Path) -> Path:
 
 
 def _make_llm(args: argparse.Namespace, model_dir: Path):
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine core in-process: step() is synchronous
+    # Engine core in-process, so step() is synchronous. Forced, not a default: with a
+    # machine's own VLLM_ENABLE_V1_MULTIPROCESSING=1, step() timed waits on a queue while
+    # the engine core ran on its own, and nothing said so.
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     import dataclasses
 
     from vllm import LLM

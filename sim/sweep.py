@@ -166,17 +166,21 @@ def _astral_escape(m: re.Match) -> str:
     return f"\\U{code:08x}"
 
 
-def _clean(x: int | float, integral: bool) -> int | float:
-    """Round away float noise (0.30000000000000004) so CSV values read as typed.
+def _typed(x: int | float) -> Fraction:
+    """A number as its author typed it: 0.1 is one tenth, not the float nearest it.
 
-    To 15 significant digits, the most a float always holds: noise is
-    relative, and a fixed count of decimals would turn a range of tiny
-    values (1e-13 s) into zeros. An int is exact already and kept as it is.
+    Range values and ``times`` products are computed exactly from these and
+    only then made floats, so they read as typed (0.3, not the
+    0.30000000000000004 of float arithmetic) with nothing rounded away: the
+    float noise was first cut by rounding to 15 significant digits, which
+    also cut a 16- or 17-digit value its author typed.
     """
-    if isinstance(x, int):
-        return x
-    x = float(f"{x:.15g}")
-    return int(round(x)) if integral and x.is_integer() else x
+    return Fraction(repr(x)) if isinstance(x, float) else Fraction(x)
+
+
+def _value(x: Fraction, integral: bool) -> int | float:
+    """The exact value as an int (a range of integers) or the float nearest it."""
+    return int(x) if integral and x.denominator == 1 else float(x)
 
 
 # --- the schema of dotted keys ----------------------------------------------------------
@@ -325,27 +329,19 @@ def _expand(where: _Where, spec: dict[str, Any], path: tuple[Any, ...], start: i
         _at_most_max_points(where, path + ("num",), num, f"{num} values")
         if num == 1 and start != stop:
             where.fail(path + ("num",), f"1 value needs start == stop, got start {start} and stop {stop}")
-        if isinstance(start, int) and isinstance(stop, int):  # exact: a float would round a 16-digit seed
-            exact = [start + Fraction((stop - start) * i, max(num - 1, 1)) for i in range(num)]
-            return [int(v) if v.denominator == 1 else _clean(float(v), False) for v in exact]
-        values = [start + (stop - start) * i / (num - 1) if num > 1 else start for i in range(num)]
-        return [_clean(v, False) for v in values]
+        integral = isinstance(start, int) and isinstance(stop, int)  # exact: a float would round a 16-digit seed
+        first, last = _typed(start), _typed(stop)
+        return [_value(first + (last - first) * Fraction(i, max(num - 1, 1)), integral) for i in range(num)]
     step = _number(where, spec["step"], path + ("step",))
     if step <= 0:
         where.fail(path + ("step",), f"expected a number > 0, got {step!r}")
     if stop < start:
         where.fail(path, f"stop ({stop}) is below start ({start}); a range counts up")
     integral = all(isinstance(x, int) for x in (start, stop, step))
-    if integral:
-        count = (stop - start) // step + 1
-    else:
-        span = (stop - start) / step
-        if not math.isfinite(span):  # 1e300 / 1e-300: math.floor raised OverflowError
-            where.fail(path + ("step",), f"more steps than a float can count; at most {MAX_POINTS:,} (a sweep "
-                                         f"of that many points is surely a mistake)")
-        count = math.floor(span + 1e-9) + 1
+    first, exact_step = _typed(start), _typed(step)
+    count = math.floor((_typed(stop) - first) / exact_step) + 1  # exact: 0.1 to 0.3 by 0.1 is 3 values
     _at_most_max_points(where, path + ("step",), count, f"{count} values" if count < 10**40 else "too many values")
-    return [_clean(start + i * step, integral) for i in range(count)]
+    return [_value(first + i * exact_step, integral) for i in range(count)]
 
 
 def _plain(where: _Where, value: Any, path: tuple[Any, ...]) -> None:
@@ -410,7 +406,8 @@ def _case(where: _Where, raw: Any, path: tuple[Any, ...]) -> list[dict[str, Any]
     for combo in itertools.product(*values.values()):
         point = dict(zip(values, combo))
         for key, times in scale.items():
-            point[key] = _clean(point[key] * point[times], isinstance(point[key], int) and isinstance(point[times], int))
+            point[key] = _value(_typed(point[key]) * _typed(point[times]),
+                                isinstance(point[key], int) and isinstance(point[times], int))
         points.append(point)
     return points
 

@@ -598,3 +598,15 @@ def test_a_trace_keeps_the_seeds_it_does_not_own(trace_exp):
     assert resolve("t", trace_exp("    seed: 0\n"), ["workload.params={}"]).seed == 0
     # A --set trace over a generator experiment drops the generator's params and outranks the file's seed.
     assert resolve("t", trace_exp(), ["workload.trace=tiny.jsonl"]).workload.trace == "tiny.jsonl"
+
+
+@pytest.mark.parametrize("key", ["num_gpu_blocks", "block_size", "activation_reserve_bytes", "max_num_seqs",
+                                 "replicas", "gpus_per_replica"])
+def test_an_integer_past_what_a_float_holds_is_a_located_error(exp, key):
+    """The memory arithmetic runs in floats: 1 with 400 zeros raised OverflowError (a traceback)."""
+    big = "1" + "0" * 400
+    msg = error("t", exp(), [f"engine.{key}={big}"])
+    assert msg.endswith(f"experiment 't': engine.{key}: expected at most 2**53 (9,007,199,254,740,992), "
+                        f"got an integer of 401 digits"), msg
+    assert error("t", exp(), [f"engine.{key}={2**53 + 1}"]).endswith(
+        f"engine.{key}: expected at most 2**53 (9,007,199,254,740,992), got {2**53 + 1}")

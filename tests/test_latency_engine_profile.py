@@ -170,3 +170,28 @@ def test_runner_maps_suffixed_request_ids():
     runner = eprof.StepRunner(eng, lambda n: n, repeats=2, token_budget=eng.budget, clock=lambda: eng.now)
     rows = runner.run(eprof.Case(4, 100, ((64, 32),)))
     assert len(rows) == 2 and rows[0].shape.num_decode == 4 and not eng.reqs
+
+
+def test_the_engine_core_runs_in_process_even_where_the_machine_says_otherwise(monkeypatch, tmp_path):
+    """With VLLM_ENABLE_V1_MULTIPROCESSING=1 already set (a default was only a default), step()
+    would time waits on a queue while the engine core ran in another process."""
+    import argparse
+
+    import vllm
+
+    from engine import profile
+
+    seen = {}
+
+    def fake_llm(**kwargs):
+        seen["env"] = profile.os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"]
+        seen["kwargs"] = kwargs
+        return "llm"
+
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
+    monkeypatch.setattr(vllm, "LLM", fake_llm)
+    args = argparse.Namespace(max_num_batched_tokens=2048, max_num_seqs=256, gpu_memory_utilization=0.9,
+                              max_model_len=32768, enforce_eager=False, seed=0)
+    assert profile._make_llm(args, tmp_path) == "llm"
+    assert seen["env"] == "0"
+    assert seen["kwargs"]["async_scheduling"] is False and seen["kwargs"]["load_format"] == "dummy"

@@ -64,6 +64,25 @@ def test_ranges_of_tiny_and_huge_values_keep_their_values(tmp_path):
     assert sorted({p["workload.params.programs"] for p in ps}) == [10**12, 2 * 10**12, 3 * 10**12]
 
 
+def test_float_ranges_keep_every_digit_typed(tmp_path):
+    """Float noise was cut by rounding to 15 significant digits, which cut typed digits too:
+    1.0000000000000002 ran (and was written) as 1.0. Values are now exact decimals made floats."""
+    f = write(tmp_path, """\
+        s:
+          experiment: tiny
+          grid:
+            workload.params.rate: {start: 1.0000000000000002, stop: 1.0000000000000002, num: 1}
+            policy_params.quantum: {start: 0.12345678901234567, stop: 2.12345678901234567, step: 1}
+            latency.seconds: {start: 0.1, stop: 0.7, num: 4}
+        """)
+    ps = params(load_sweep("s", f))
+    assert {p["workload.params.rate"] for p in ps} == {1.0000000000000002}
+    # the floats nearest the exact decimals 0.12345678901234567 + i
+    assert sorted({p["policy_params.quantum"] for p in ps}) == [0.12345678901234567, 1.12345678901234567,
+                                                                  2.12345678901234567]
+    assert sorted({p["latency.seconds"] for p in ps}) == [0.1, 0.3, 0.5, 0.7]
+
+
 @pytest.mark.parametrize("spec, values", [
     ("{start: 1234567890123456, stop: 1234567890123459, step: 1}",
      [1234567890123456, 1234567890123457, 1234567890123458, 1234567890123459]),
@@ -182,9 +201,11 @@ RATE = "grid.workload.params.rate"
         ("{workload.params.rate: {start: 1, stop: 2, step: 0.00001}}", f"{RATE}.step: 100001 values; {TOO_MANY}"),
         # each was an OverflowError traceback
         ("{workload.params.rate: {start: 0, stop: 1.0e300, step: 1.0e-300}}",
-         f"{RATE}.step: more steps than a float can count; {TOO_MANY}"),
+         f"{RATE}.step: too many values; {TOO_MANY}"),
         ("{seed: {start: 0, stop: " + str(10**400) + ", step: 1}}", f"grid.seed.step: too many values; {TOO_MANY}"),
         ("{workload.params.rate: {start: 0.5, stop: " + str(10**400) + ", step: 1}}",
+         f"{RATE}.step: too many values; {TOO_MANY}"),
+        ("{workload.params.rate: {start: 0.5, stop: " + str(10**400) + ", num: 2}}",
          f"{RATE}: the range's values or its count are past what a float holds; use integers for start, stop and "
          "step, or a coarser step"),
         ("{seed: {start: 0, stop: 999, step: 1}, workload.params.rate: {start: 1, stop: 999, step: 1}}",
