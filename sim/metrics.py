@@ -31,7 +31,7 @@ from typing import Any, Iterable, Sequence, TextIO, TypeVar, get_type_hints
 
 import numpy as np
 
-from sim.records import CallRecord, ProgramRecord
+from sim.records import CallRecord, ProgramRecord, number_of
 
 # Metrics whose ratio to FCFS is reported as ``<metric>_vs_fcfs``. FCFS is
 # vLLM's default, the baseline every headline number in the paper is against.
@@ -208,15 +208,29 @@ def _parse(path: str | Path, cls: type[R], reader: Any) -> list[R]:
     return rows
 
 
+# Columns that no run can make negative; ``first_scheduled`` may also be -1 (not known, in a
+# replay). Waiting is a difference of clocks in a replay and is left free. A negative latency
+# read without a word moved `engine validate`'s measured mean.
+NON_NEGATIVE = {"engine", "prompt_tokens", "output_tokens", "arrival", "first_token", "finish", "service",
+                "preemptions", "prefix_hit_tokens", "calls", "latency", "normalized_latency"}
+INT_LIMIT = 2**63  # a count or index past it is no run's
+
+
 def _value(path: str | Path, line: int, name: str, kind: type, text: str) -> Any:
     if kind not in (int, float):
         return text
-    try:
-        value = kind(text)
-    except ValueError:
-        raise RecordFormatError(f"{path}:{line}: column {name}: expected {kind.__name__}, got {text!r}") from None
+    value = number_of(text, kind)
+    where = f"{path}:{line}: column {name}"
+    if value is None:
+        shown = f"{text[:40]!r}... ({len(text)} characters)" if len(text) > 40 else repr(text)
+        raise RecordFormatError(f"{where}: expected {'an integer' if kind is int else 'a number'}, got {shown}")
+    if kind is int and abs(value) >= INT_LIMIT:
+        raise RecordFormatError(f"{where}: expected an integer below 2**63, got one of {len(text)} digits")
     if kind is float and not math.isfinite(value):  # the writers never write one; JSON cannot hold it
-        raise RecordFormatError(f"{path}:{line}: column {name}: expected a finite number, got {text!r}")
+        raise RecordFormatError(f"{where}: expected a finite number, got {text!r}")
+    if value < 0 and name in NON_NEGATIVE or (name == "first_scheduled" and value < 0 and value != -1):
+        allowed = ">= 0, or -1 (not known)" if name == "first_scheduled" else ">= 0"
+        raise RecordFormatError(f"{where}: expected a number {allowed}, got {text!r}")
     return value
 
 

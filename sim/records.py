@@ -6,7 +6,26 @@ replay are compared with one tool. Times are seconds since the trace's zero.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+
+# A number as the writers write one (str of an int, repr of a float). Python's int() and float()
+# take more: "1_0" (as 10), " 5 ", Arabic-Indic digits; a hand-edited cell like that was read
+# as a number nobody wrote.
+_INT_TEXT = re.compile(r"[+-]?[0-9]+")
+_FLOAT_TEXT = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?|[+-]?(?:inf|infinity|nan)",
+                         re.IGNORECASE)
+MAX_INT_DIGITS = 4000  # Python's int() refuses past 4,300 digits
+
+
+def number_of(text: str, kind: type | None = None) -> int | float | None:
+    """The number a CSV cell holds: an int for ``kind`` int, a float for float, either
+    (int first) for None; None when the text is not one as the writers write it."""
+    if kind in (None, int) and _INT_TEXT.fullmatch(text) and len(text) <= MAX_INT_DIGITS:
+        return int(text)
+    if kind in (None, float) and _FLOAT_TEXT.fullmatch(text) and len(text) <= MAX_INT_DIGITS:
+        return float(text)
+    return None
 
 
 @dataclass

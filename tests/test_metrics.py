@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -99,7 +100,7 @@ def test_no_ratios_without_fcfs():
 
 
 def test_csv_round_trip_is_exact_and_stable(tmp_path):
-    calls = [call(cid="c,1", arrival=0.1 + 0.2, finish=1 / 3), call(policy="plas", engine=3, hit=16)]
+    calls = [call(cid="c,1", arrival=0.1 + 0.2, finish=1 / 3 + 1), call(policy="plas", engine=3, hit=16)]
     calls[0].first_token = np.float64(0.7)  # numpy floats must not leak 'np.float64(...)' into the file
     progs = [program(latency=1e-7), program(policy="plas", pid="x\"y")]
     write_calls_csv(tmp_path / "c.csv", calls)
@@ -108,7 +109,7 @@ def test_csv_round_trip_is_exact_and_stable(tmp_path):
     assert text.splitlines()[0].startswith("policy,program_id,call_id,engine,prompt_tokens")
     assert "np.float64" not in text and "\r" not in text
     back = read_calls_csv(tmp_path / "c.csv")
-    assert back[0].arrival == 0.1 + 0.2 and back[0].finish == 1 / 3 and back[0].call_id == "c,1"
+    assert back[0].arrival == 0.1 + 0.2 and back[0].finish == 1 / 3 + 1 and back[0].call_id == "c,1"
     assert back[0].first_token == 0.7 and back[1] == calls[1]
     assert read_programs_csv(tmp_path / "p.csv") == progs
     write_calls_csv(tmp_path / "c2.csv", back)
@@ -122,17 +123,18 @@ def test_read_rejects_wrong_header_and_values(tmp_path):
     lines = (tmp_path / "p.csv").read_text().splitlines()
     lines[1] = lines[1].replace(",2,10,", ",two,10,", 1)
     (tmp_path / "bad.csv").write_text("\n".join(lines) + "\n")
-    with pytest.raises(RecordFormatError, match=r"bad.csv:2: column calls: expected int, got 'two'"):
+    with pytest.raises(RecordFormatError, match=r"bad.csv:2: column calls: expected an integer, got 'two'"):
         read_programs_csv(tmp_path / "bad.csv")
 
 
 def test_read_names_the_line_of_a_bad_record_and_refuses_what_the_writers_never_write(tmp_path):
     write_programs_csv(tmp_path / "p.csv", [program(pid="two\nlines"), program(pid="q")])
     header, first_a, first_b, second = (tmp_path / "p.csv").read_text().split("\n")[:4]
+    columns = header.split(",")
     bad = tmp_path / "bad.csv"
     # The second record starts on line 4 (the first spans lines 2 and 3); it was reported as line 3.
     bad.write_text("\n".join([header, first_a, first_b, second.replace(",2,10,", ",two,10,", 1)]) + "\n")
-    with pytest.raises(RecordFormatError, match=r"bad.csv:4: column calls: expected int, got 'two'"):
+    with pytest.raises(RecordFormatError, match=r"bad.csv:4: column calls: expected an integer, got 'two'"):
         read_programs_csv(bad)
     bad.write_text("\n".join([header, first_a, first_b, second.replace(",0.75", ",nan", 1)]) + "\n")
     with pytest.raises(RecordFormatError, match=r"bad.csv:4: column waiting_share: expected a finite number, got 'nan'"):
@@ -149,6 +151,18 @@ def test_read_names_the_line_of_a_bad_record_and_refuses_what_the_writers_never_
     bad.write_bytes(bytes(raw))
     with pytest.raises(RecordFormatError, match=rf"bad.csv:500: not UTF-8 text \(invalid start byte at byte {at}\)"):
         read_programs_csv(bad)
+    # What int() and float() take but no writer writes: "1_0" was read as 10, " 5 " as 5, Arabic-Indic digits.
+    for col, cell, problem in (("calls", "1_0", "an integer, got '1_0'"), ("calls", " 2", "an integer, got ' 2'"),
+                               ("calls", "\u0662", "an integer, got '\u0662'"),
+                               ("latency", "1_0.5", "a number, got '1_0.5'"),
+                               ("calls", "9" * 30, "an integer below 2**63, got one of 30 digits"),
+                               ("latency", "-5.0", "a number >= 0, got '-5.0'"),
+                               ("calls", "-2", "a number >= 0, got '-2'")):
+        row = second.split(",")
+        row[columns.index(col)] = cell
+        bad.write_text("\n".join([header, ",".join(row)]) + "\n")
+        with pytest.raises(RecordFormatError, match=rf"bad.csv:2: column {col}: expected {re.escape(problem)}$"):
+            read_programs_csv(bad)
     bad.write_text(header + "\n" + second.replace("fcfs,q,", "fcfs," + "q" * 200_000 + ",", 1) + "\n")
     with pytest.raises(RecordFormatError, match=r"bad.csv:2: not a CSV record as this module writes them "
                                                 r"\(field larger than field limit"):
@@ -168,3 +182,16 @@ def test_summarize_records_groups_by_policy_in_first_seen_order(tmp_path):
     assert plas["programs"] == 2 and plas["calls"] == 1 and plas["program_latency_mean"] == 10.0
     assert plas["prefix_hit_rate"] == 0.5 and plas["stats"] == {}
     assert plas["program_latency_mean_vs_fcfs"] == 1.0
+
+
+def test_first_scheduled_may_be_unknown_but_no_other_negative(tmp_path):
+    """A replay writes -1 where the engine did not say when a call was first scheduled."""
+    rec = call()
+    rec.first_scheduled = -1.0
+    write_calls_csv(tmp_path / "c.csv", [rec])
+    assert read_calls_csv(tmp_path / "c.csv")[0].first_scheduled == -1.0
+    text = (tmp_path / "c.csv").read_text()
+    (tmp_path / "c.csv").write_text(text.replace(",-1.0,", ",-2.0,"))
+    with pytest.raises(RecordFormatError, match=r"c.csv:2: column first_scheduled: expected a number >= 0, "
+                                                r"or -1 \(not known\), got '-2.0'$"):
+        read_calls_csv(tmp_path / "c.csv")
