@@ -26,8 +26,10 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from sim.core.policies import POLICY_CLASSES
+from sim.hardware import _at  # `path:LINE` of a JSON key, as spec files name theirs
 from sim.metrics import mean, percentile, read_programs_csv
 from sim.textout import aligned
+from traces.validate import TraceError, parse_json_int, unique_keys
 
 REPLAY_JSON = "replay.json"
 METRICS = (("mean", lambda v: mean(v)), ("p50", lambda v: percentile(v, 50)), ("p95", lambda v: percentile(v, 95)))
@@ -54,25 +56,34 @@ class Replayed:
         return f"{self.policy} (kv_ttl {self.kv_ttl:g} s)" if self.kv_ttl > 0 else self.policy
 
 
-def load_replay(directory: str | Path) -> Replayed:
-    d = Path(directory)
-    meta_path = d / REPLAY_JSON
+def _read_meta(meta_path: Path, d: Path) -> tuple[dict[str, Any], str]:
+    """replay.json's object and text; a key given twice, or nesting too deep to parse, is refused."""
+    text = ""
     try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        text = meta_path.read_text(encoding="utf-8")
+        meta = json.loads(text, object_pairs_hook=unique_keys, parse_int=parse_json_int)
     except FileNotFoundError:
         raise ValidationError(f"{meta_path}: not found; is {d} a replay directory?") from None
-    except json.JSONDecodeError as exc:
-        raise ValidationError(f"{meta_path}: invalid JSON: {exc}") from None
-    except UnicodeDecodeError as exc:
-        raise ValidationError(f"{meta_path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-    except ValueError:  # json's only other complaint: an integer past Python's digit limit
-        raise ValidationError(f"{meta_path}: invalid JSON: an integer longer than {sys.get_int_max_str_digits()} "
-                              "digits") from None
     except IsADirectoryError:
         raise ValidationError(f"{meta_path}: is a directory, expected the replay's JSON file") from None
+    except json.JSONDecodeError as exc:
+        raise ValidationError(f"{meta_path}: invalid JSON: {exc}") from None
+    except TraceError as exc:  # unique_keys: json would keep the last value silently
+        raise ValidationError(f"{_at(meta_path, text, exc.field)}: field {exc.field!r}: duplicate key") from None
+    except UnicodeDecodeError as exc:
+        raise ValidationError(f"{meta_path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except RecursionError:
+        raise ValidationError(f"{meta_path}: invalid JSON: nested too deeply") from None
     if not isinstance(meta, dict):
         raise ValidationError(f"{meta_path}: expected a JSON object (as python -m engine replay writes), "
                               f"got {type(meta).__name__}")
+    return meta, text
+
+
+def load_replay(directory: str | Path) -> Replayed:
+    d = Path(directory)
+    meta_path = d / REPLAY_JSON
+    meta, text = _read_meta(meta_path, d)
     for key in ("trace", "policy"):
         if not isinstance(meta.get(key), str):
             raise ValidationError(f"{meta_path}: missing string field {key!r}")

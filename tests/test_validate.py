@@ -125,10 +125,10 @@ def test_bad_replay_directories(tmp_path):
     with pytest.raises(ValidationError) as err:
         load_replay(d)
     assert str(err.value) == bad_json
-    meta.write_text('{"kv_ttl": ' + "9" * 5000 + "}")
+    meta.write_text(f'{{"trace": {json.dumps(str(trace))}, "policy": "fcfs", "kv_ttl": ' + "9" * 5000 + "}")
     with pytest.raises(ValidationError) as err:
         load_replay(d)
-    assert str(err.value) == f"{meta}: invalid JSON: an integer longer than 4300 digits"
+    assert str(err.value) == f"{meta}: field 'kv_ttl' must be a finite number of seconds >= 0, got a 5000-digit integer"
     meta.write_bytes(b'{"trace": "\xff"}')
     with pytest.raises(ValidationError) as err:
         load_replay(d)
@@ -295,3 +295,30 @@ def test_a_replay_whose_calls_did_not_resend_what_the_simulation_assumes_gets_a_
     (d / "replay.json").write_text(json.dumps({**meta, "calls_without_output_ids": -1}))
     with pytest.raises(ValidationError, match=r"field 'calls_without_output_ids' must be an integer >= 0, got -1"):
         load_replay(d)
+
+
+def _bad_meta(tmp_path, text):
+    trace, _ = _trace(tmp_path)
+    d = _replay_dir(tmp_path, "r", trace, "fcfs", {"p0": 0.1})
+    (d / "replay.json").write_text(text.replace("TRACE", json.dumps(str(trace))))
+    with pytest.raises(ValidationError) as err:
+        load_replay(d)
+    return str(err.value).replace(str(d / "replay.json"), "replay.json")
+
+
+def test_a_duplicate_key_in_replay_json_is_refused_not_the_last_kept(tmp_path):
+    """json.loads kept the last of two "policy" keys, so a replay of plas validated as fcfs."""
+    text = '{"trace": TRACE,\n "policy": "plas",\n "policy": "fcfs"}'
+    assert _bad_meta(tmp_path, text) == "replay.json:2: field 'policy': duplicate key"
+
+
+def test_a_replay_json_nested_too_deeply_is_one_line_not_a_recursion_error(tmp_path):
+    trace, _ = _trace(tmp_path)
+    assert _bad_meta(tmp_path, "[" * 100000 + "]" * 100000) == "replay.json: invalid JSON: nested too deeply"
+    exp = tmp_path / "exp.yaml"
+    exp.write_text(EXPERIMENTS.replace("TRACE", json.dumps(str(trace))))
+    proc = subprocess.run([sys.executable, "-m", "engine", "validate", str(tmp_path / "r"), "--experiment", "tiny",
+                           "--experiments", str(exp)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert proc.stderr == f"python -m engine validate: error: {tmp_path / 'r' / 'replay.json'}: invalid JSON: nested too deeply\n"
+
