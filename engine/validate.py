@@ -20,16 +20,18 @@ import argparse
 import dataclasses
 import json
 import math
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+from sim.core.params import MAX_SECONDS
 from sim.core.policies import POLICY_CLASSES
 from sim.hardware import _at  # `path:LINE` of a JSON key, as spec files name theirs
 from sim.metrics import mean, percentile, read_programs_csv
 from sim.textout import aligned
-from traces.validate import TraceError, parse_json_int, unique_keys
+from traces.validate import TraceError, parse_json_int, show, unique_keys
 
 REPLAY_JSON = "replay.json"
 METRICS = (("mean", lambda v: mean(v)), ("p50", lambda v: percentile(v, 50)), ("p95", lambda v: percentile(v, 95)))
@@ -84,15 +86,26 @@ def load_replay(directory: str | Path) -> Replayed:
     d = Path(directory)
     meta_path = d / REPLAY_JSON
     meta, text = _read_meta(meta_path, d)
+
+    def bad(key: str, expected: str) -> ValidationError:
+        return ValidationError(f"{_at(meta_path, text, key)}: field {key!r} must be {expected}, got {show(meta[key])}")
+
     for key in ("trace", "policy"):
-        if not isinstance(meta.get(key), str):
+        if key not in meta:
             raise ValidationError(f"{meta_path}: missing string field {key!r}")
+        if not isinstance(meta[key], str) or not meta[key]:
+            raise bad(key, "a non-empty string")
     if meta["policy"] not in POLICY_CLASSES:  # the simulation runs it: refused here, with the file
-        raise ValidationError(f"{meta_path}: field 'policy': unknown policy {meta['policy']!r}; valid choices: "
-                              f"{', '.join(POLICY_CLASSES)}")
+        raise ValidationError(f"{_at(meta_path, text, 'policy')}: field 'policy': unknown policy "
+                              f"{meta['policy']!r}; valid choices: {', '.join(POLICY_CLASSES)}")
+    latency = meta.get("latency")
+    if latency is not None and not isinstance(latency, str):  # replay's --latency label, or null without one
+        raise bad("latency", "a string (the replay's --latency label) or null")
     kv_ttl = meta.get("kv_ttl", 0.0)
     if isinstance(kv_ttl, bool) or not isinstance(kv_ttl, (int, float)) or not math.isfinite(kv_ttl) or kv_ttl < 0:
-        raise ValidationError(f"{meta_path}: field 'kv_ttl' must be a finite number of seconds >= 0, got {kv_ttl!r}")
+        raise bad("kv_ttl", "a finite number of seconds >= 0")
+    if kv_ttl > MAX_SECONDS:  # the bound engine.kv_ttl has in an experiment, which this one replaces
+        raise bad("kv_ttl", f"at most {MAX_SECONDS:g} seconds, as engine.kv_ttl")
     rows = read_programs_csv(d / "programs.csv")
     other = {r.policy for r in rows} - {meta["policy"]}
     if other:
@@ -106,15 +119,15 @@ def load_replay(directory: str | Path) -> Replayed:
     if not rows:
         raise ValidationError(f"{d / 'programs.csv'}: no program finished in this replay; nothing to compare")
     sha = meta.get("trace_sha256")
-    if sha is not None and not isinstance(sha, str):
-        raise ValidationError(f"{meta_path}: field 'trace_sha256' must be a string, got {sha!r}")
+    if sha is not None and not (isinstance(sha, str) and re.fullmatch(r"[0-9a-f]{64}", sha)):
+        raise bad("trace_sha256", "64 lowercase hex digits (a SHA-256, as python -m engine replay writes) or null")
     counts = {}
     for key in ("token_mismatches", "calls_without_output_ids"):
         value = meta.get(key, 0)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValidationError(f"{meta_path}: field {key!r} must be an integer >= 0, got {value!r}")
+        if type(value) is not int or value < 0:  # a bool, or a LongInt too long to read, is no count
+            raise bad(key, "an integer >= 0")
         counts[key] = value
-    return Replayed(d, meta["trace"], meta["policy"], meta.get("latency"), {r.program_id: r.latency for r in rows},
+    return Replayed(d, meta["trace"], meta["policy"], latency, {r.program_id: r.latency for r in rows},
                     float(kv_ttl), sha, **counts)
 
 

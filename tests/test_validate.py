@@ -128,7 +128,7 @@ def test_bad_replay_directories(tmp_path):
     meta.write_text(f'{{"trace": {json.dumps(str(trace))}, "policy": "fcfs", "kv_ttl": ' + "9" * 5000 + "}")
     with pytest.raises(ValidationError) as err:
         load_replay(d)
-    assert str(err.value) == f"{meta}: field 'kv_ttl' must be a finite number of seconds >= 0, got a 5000-digit integer"
+    assert str(err.value) == f"{meta}:1: field 'kv_ttl' must be a finite number of seconds >= 0, got a 5000-digit integer"
     meta.write_bytes(b'{"trace": "\xff"}')
     with pytest.raises(ValidationError) as err:
         load_replay(d)
@@ -185,7 +185,7 @@ def test_a_malformed_kv_ttl_in_replay_json_is_named(tmp_path):
     (d / "replay.json").write_text(json.dumps({"trace": str(trace), "policy": "fcfs", "kv_ttl": "2"}))
     with pytest.raises(ValidationError) as err:
         load_replay(d)
-    assert str(err.value) == f"{d / 'replay.json'}: field 'kv_ttl' must be a finite number of seconds >= 0, got '2'"
+    assert str(err.value) == f"{d / 'replay.json'}:1: field 'kv_ttl' must be a finite number of seconds >= 0, got \"2\""
 
 
 def test_an_unknown_policy_in_replay_json_is_named_not_a_traceback(tmp_path):
@@ -194,7 +194,7 @@ def test_an_unknown_policy_in_replay_json_is_named_not_a_traceback(tmp_path):
     d = _replay_dir(tmp_path, "r", trace, "nosuch", {"p0": 0.1})
     with pytest.raises(ValidationError) as err:
         load_replay(d)
-    assert str(err.value) == (f"{d / 'replay.json'}: field 'policy': unknown policy 'nosuch'; valid choices: "
+    assert str(err.value) == (f"{d / 'replay.json'}:1: field 'policy': unknown policy 'nosuch'; valid choices: "
                               "fcfs, mlfq, plas, atlas, srpt, program_fcfs")
 
 
@@ -243,7 +243,8 @@ def test_a_trace_whose_programs_changed_since_the_replay_is_refused(tmp_path):
     assert str(err.value) == (f"{trace}: its programs are not the ones replayed (their digest differs from the "
                               "replay's trace_sha256): the trace changed since the replay, or is another one")
     (d / "replay.json").write_text(json.dumps({**meta, "trace_sha256": 7}))
-    with pytest.raises(ValidationError, match=r"replay.json: field 'trace_sha256' must be a string, got 7"):
+    with pytest.raises(ValidationError, match=r"replay.json:1: field 'trace_sha256' must be 64 lowercase hex digits "
+                                              r"\(a SHA-256, as python -m engine replay writes\) or null, got 7$"):
         load_replay(d)
 
 
@@ -306,6 +307,38 @@ def _bad_meta(tmp_path, text):
     return str(err.value).replace(str(d / "replay.json"), "replay.json")
 
 
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ('"latency": 5', "replay.json:1: field 'latency' must be a string (the replay's --latency label) or null, got 5"),
+        ('"latency": ["constant"]', "replay.json:1: field 'latency' must be a string (the replay's --latency label) "
+                                    'or null, got ["constant"]'),
+        ('"token_mismatches": 1.5', "replay.json:1: field 'token_mismatches' must be an integer >= 0, got 1.5"),
+        ('"calls_without_output_ids": ' + "9" * 5000,
+         "replay.json:1: field 'calls_without_output_ids' must be an integer >= 0, got a 5000-digit integer"),
+        ('"trace_sha256": "abc"', "replay.json:1: field 'trace_sha256' must be 64 lowercase hex digits (a SHA-256, "
+                                  'as python -m engine replay writes) or null, got "abc"'),
+    ],
+    ids=["latency-int", "latency-list", "count-float", "count-too-long", "sha-short"],
+)
+def test_each_replay_json_field_validate_reads_is_type_checked(tmp_path, fields, message):
+    """A numeric latency label crashed latency_label_note with AttributeError ('int' has no split)."""
+    assert _bad_meta(tmp_path, '{"trace": TRACE, "policy": "fcfs", ' + fields + "}") == message
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ('{"trace": "", "policy": "fcfs"}', "replay.json:1: field 'trace' must be a non-empty string, got \"\""),
+        ('{"trace": 3, "policy": "fcfs"}', "replay.json:1: field 'trace' must be a non-empty string, got 3"),
+        ('{"trace": TRACE, "policy": null}', "replay.json:1: field 'policy' must be a non-empty string, got null"),
+        ('{"policy": "fcfs"}', "replay.json: missing string field 'trace'"),
+    ],
+)
+def test_a_replay_json_trace_or_policy_of_the_wrong_type_is_named(tmp_path, text, message):
+    assert _bad_meta(tmp_path, text) == message
+
+
 def test_a_duplicate_key_in_replay_json_is_refused_not_the_last_kept(tmp_path):
     """json.loads kept the last of two "policy" keys, so a replay of plas validated as fcfs."""
     text = '{"trace": TRACE,\n "policy": "plas",\n "policy": "fcfs"}'
@@ -322,3 +355,10 @@ def test_a_replay_json_nested_too_deeply_is_one_line_not_a_recursion_error(tmp_p
     assert proc.returncode == 1
     assert proc.stderr == f"python -m engine validate: error: {tmp_path / 'r' / 'replay.json'}: invalid JSON: nested too deeply\n"
 
+
+@pytest.mark.parametrize("kv_ttl", ["1e300", "1000000001"])
+def test_a_replay_json_kv_ttl_past_the_experiments_bound_is_refused(tmp_path, kv_ttl):
+    """An experiment refuses engine.kv_ttl above MAX_SECONDS; the replay's kv_ttl replaces it, so it has the same bound."""
+    text = '{"trace": TRACE, "policy": "fcfs", "kv_ttl": ' + kv_ttl + "}"
+    assert _bad_meta(tmp_path, text) == (f"replay.json:1: field 'kv_ttl' must be at most 1e+09 seconds, as "
+                                         f"engine.kv_ttl, got {kv_ttl.replace('1e300', '1e+300')}")
