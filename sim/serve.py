@@ -473,7 +473,27 @@ def build_config(args: argparse.Namespace) -> ExperimentConfig:
         lat = dataclasses.replace(lat, seconds=args.step_seconds)
     if args.latency_name is not None:
         lat = dataclasses.replace(lat, name=args.latency_name)
+    _check_latency_flags(args, lat.kind)
     return dataclasses.replace(cfg, engine=eng, latency=lat)
+
+
+# The latency flags that set one kind's field (`sim.experiments.LATENCY_KIND_FIELDS`).
+LATENCY_FLAGS = (("--step-seconds", "step_seconds", "seconds"), ("--latency-name", "latency_name", "name"))
+
+
+def _check_latency_flags(args: argparse.Namespace, kind: str) -> None:
+    """Refuse a latency flag the kind served does not read, as an experiment refuses the field:
+    --step-seconds under the default roofline was ignored without a word."""
+    from sim.experiments import LATENCY_KIND_FIELDS
+
+    for flag, attr, key in LATENCY_FLAGS:
+        if getattr(args, attr) is None or key in LATENCY_KIND_FIELDS[kind]:
+            continue
+        owner = next(k for k, keys in LATENCY_KIND_FIELDS.items() if key in keys)
+        source = ("--latency" if args.latency is not None else
+                  f"experiment {args.experiment!r}" if args.experiment else "the default")
+        raise ValueError(f"{flag}: the {kind} latency kind ({source}) does not use it (the {owner} kind does); "
+                         f"add --latency {owner}, or drop {flag}")
 
 
 def serve_policy(args: argparse.Namespace, cfg: ExperimentConfig) -> str:

@@ -597,6 +597,40 @@ def test_sim_serve_refuses_settings_it_would_ignore(argv, message, capsys):
     assert capsys.readouterr().err == f"python -m sim serve: error: {message}\n"
 
 
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--policy", "plas", "--step-seconds", "0.5"],
+         "--step-seconds: the roofline latency kind (the default) does not use it (the constant kind does); "
+         "add --latency constant, or drop --step-seconds"),
+        (["--experiment", "quickstart", "--policy", "plas", "--step-seconds", "0.5"],
+         "--step-seconds: the fitted latency kind (experiment 'quickstart') does not use it (the constant kind "
+         "does); add --latency constant, or drop --step-seconds"),
+        (["--latency", "constant", "--latency-name", "a100-llama-3.1-8b"],
+         "--latency-name: the constant latency kind (--latency) does not use it (the fitted kind does); "
+         "add --latency fitted, or drop --latency-name"),
+        (["--latency-name", "a100-llama-3.1-8b"],
+         "--latency-name: the roofline latency kind (the default) does not use it (the fitted kind does); "
+         "add --latency fitted, or drop --latency-name"),
+    ],
+    ids=["step-under-default", "step-under-experiment", "name-under-constant", "name-under-default"],
+)
+def test_sim_serve_refuses_a_latency_flag_its_kind_does_not_use(argv, message, capsys):
+    """--step-seconds under the default roofline started the engine without a word (an experiment refuses the
+    equivalent latency.seconds under another kind). build_config first, so the old code fails, not serves."""
+    import argparse
+
+    from sim.serve import add_arguments, build_config, main
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    with pytest.raises(ValueError) as err:
+        build_config(parser.parse_args(argv))
+    assert str(err.value) == message
+    assert main(argv) == 1
+    assert capsys.readouterr().err == f"python -m sim serve: error: {message}\n"
+
+
 def test_sim_serve_takes_the_experiments_only_policy_and_refuses_a_negative_index(capsys):
     import argparse
 
