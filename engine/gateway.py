@@ -75,6 +75,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import json
 import logging
 import math
@@ -83,7 +84,7 @@ import uuid
 from collections import deque
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 import aiohttp
 from aiohttp import web
@@ -146,6 +147,18 @@ def prompt_tokens_of(body: dict[str, Any]) -> int:
     return 0
 
 
+def engine_key(parts: SplitResult) -> tuple[str, str, int, str]:
+    """An engine URL as the server it names: scheme, host in lower case (an IP address in its
+    canonical form), the port with its scheme's default filled in, the path without a trailing /."""
+    host = parts.hostname or ""  # urlsplit lower-cases it
+    try:
+        host = ipaddress.ip_address(host).compressed
+    except ValueError:  # a name, not an address
+        pass
+    port = parts.port if parts.port is not None else {"http": 80, "https": 443}[parts.scheme]
+    return parts.scheme, host, port, parts.path.rstrip("/")
+
+
 @dataclass
 class GatewayConfig:
     engines: list[str]
@@ -161,7 +174,8 @@ class GatewayConfig:
         if not self.engines:
             raise ValueError("at least one --engine URL is needed")
         self.engines = [u.rstrip("/") for u in self.engines]
-        for url in self.engines:  # checked now: a typo would otherwise fail only on the first request
+        seen: dict[tuple[str, str, int, str], int] = {}
+        for i, url in enumerate(self.engines):  # checked now: a typo would otherwise fail only on the first request
             example = "expected an http:// or https:// URL, e.g. http://127.0.0.1:8001"
             try:
                 parts = urlsplit(url)
@@ -170,6 +184,13 @@ class GatewayConfig:
                 raise ValueError(f"--engine {url}: {exc} ({example})") from None
             if parts.scheme not in ("http", "https") or not parts.hostname:
                 raise ValueError(f"--engine {url}: {example}")
+            # Two engines that are one server would take twice its share of calls, and the
+            # balancer would count one KV cache as two: refused, compared as the server sees them.
+            key = engine_key(parts)
+            if key in seen:
+                raise ValueError(f"--engine {url}: the same engine as --engine {self.engines[seen[key]]} "
+                                 f"(engine {seen[key]}); give each engine once")
+            seen[key] = i
         if self.ttl <= 0:
             raise ValueError(f"--ttl must be > 0 seconds, got {self.ttl}")
         if self.max_body < 1:

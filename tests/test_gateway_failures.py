@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 
 import aiohttp
 import pytest
@@ -136,6 +138,36 @@ def test_bad_engine_urls_are_refused_at_start(url, message):
     with pytest.raises(ValueError) as info:
         GatewayConfig(engines=[url])
     assert str(info.value).startswith(message)
+
+
+@pytest.mark.parametrize(
+    "urls, message",
+    [
+        (["http://127.0.0.1:43001", "http://127.0.0.1:43001"],
+         "--engine http://127.0.0.1:43001: the same engine as --engine http://127.0.0.1:43001 (engine 0)"),
+        (["http://127.0.0.1:43002", "http://Engine-A:80/", "http://engine-a"],
+         "--engine http://engine-a: the same engine as --engine http://Engine-A:80 (engine 1)"),
+        (["HTTPS://h/", "https://h:443"], "--engine https://h:443: the same engine as --engine HTTPS://h (engine 0)"),
+        (["http://[::1]:43003", "http://[0:0::1]:43003/"],
+         "--engine http://[0:0::1]:43003: the same engine as --engine http://[::1]:43003 (engine 0)"),
+    ],
+    ids=["same", "host-case-and-default-port", "scheme-case-and-https-port", "ipv6-forms"],
+)
+def test_an_engine_given_twice_is_refused_at_start(urls, message):
+    """Both started, so one server took two engines' share of calls and its KV cache was counted twice."""
+    with pytest.raises(ValueError) as info:
+        GatewayConfig(engines=urls)
+    assert str(info.value) == f"{message}; give each engine once"
+
+
+def test_the_gateway_cli_refuses_an_engine_given_twice():
+    proc = subprocess.run([sys.executable, "-m", "engine", "gateway", "--port", "43205", "--engine",
+                           "http://127.0.0.1:43001", "--engine", "http://127.0.0.1:43001/"],
+                          capture_output=True, text=True, timeout=20)
+    assert proc.returncode == 1
+    assert proc.stderr == ("python -m engine gateway: error: --engine http://127.0.0.1:43001: the same engine as "
+                           "--engine http://127.0.0.1:43001 (engine 0); give each engine once\n")
+    assert GatewayConfig(engines=["http://h:1", "https://h:1", "http://h:2", "http://h:1/v2"]).engines[3] == "http://h:1/v2"
 
 
 def _free_port_url() -> str:
