@@ -184,6 +184,9 @@ class GatewayConfig:
                 raise ValueError(f"--engine {url}: {exc} ({example})") from None
             if parts.scheme not in ("http", "https") or not parts.hostname:
                 raise ValueError(f"--engine {url}: {example}")
+            if parts.query or parts.fragment or url.endswith(("?", "#")):  # the API path is appended to the URL
+                raise ValueError(f"--engine {url}: a base URL takes no ?query or #fragment, as the API path "
+                                 f"is appended to it ({example})")
             # Two engines that are one server would take twice its share of calls, and the
             # balancer would count one KV cache as two: refused, compared as the server sees them.
             key = engine_key(parts)

@@ -132,6 +132,10 @@ async def _replay_error(mode: str, through_gateway: bool) -> str:
         ("http://127.0.0.1:abc", "--engine http://127.0.0.1:abc: Port could not be cast to integer value as 'abc'"),
         ("http://[::1", "--engine http://[::1: Invalid IPv6 URL"),
         ("http://:80", "--engine http://:80: expected an http:// or https:// URL"),
+        # /v1/completions was appended after them: "http://h:1?x=1/v1/completions" asked for the root
+        ("http://127.0.0.1:8001?x=1", "--engine http://127.0.0.1:8001?x=1: a base URL takes no ?query or #fragment"),
+        ("http://127.0.0.1:8001/#top", "--engine http://127.0.0.1:8001/#top: a base URL takes no ?query or #fragment"),
+        ("http://127.0.0.1:8001?", "--engine http://127.0.0.1:8001?: a base URL takes no ?query or #fragment"),
     ],
 )
 def test_bad_engine_urls_are_refused_at_start(url, message):
