@@ -50,6 +50,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from sim.confidence import CONFIDENCE, Interval, interval_text, t_interval
+from sim.records import number_of
 from sim.textout import aligned
 
 LATENCY = "normalized_latency_mean"
@@ -153,16 +154,25 @@ def ratio(num: Throughput, den: Throughput) -> Ratio:
 
 
 def _parse(col: str, text: str) -> Any:
+    """A cell: None when empty, text in a text column, else the number it holds as the writer
+    writes numbers (`sim.records.number_of`: no "1_0" or padded digits), or its text."""
     if text == "":
         return None
     if col in TEXT_COLUMNS:
         return text
-    for conv in (int, float):
-        try:
-            return conv(text)
-        except ValueError:
-            pass
-    return text
+    value = number_of(text)
+    return text if value is None else value
+
+
+def _finite_at_least_zero(value: int | float) -> bool:
+    try:
+        return math.isfinite(value) and value >= 0
+    except OverflowError:  # an integer past what a float holds: math.isfinite converts it
+        return False
+
+
+# Text columns every row of a sweep's table fills; an empty one was a TypeError in the table.
+FILLED_COLUMNS = ("sweep", "workload", "balancer", "variant", "policy", "status")
 
 
 class TableError(ValueError):
@@ -203,6 +213,13 @@ def load_rows(results: str | Path | Sequence[str | Path]) -> list[dict[str, Any]
         line = raw.count(b"\n", 0, exc.start) + 1
         raise TableError(f"{path}:{line}: not UTF-8 text ({exc.reason})") from None
     reader = csv.reader(io.StringIO(text, newline=""))
+    try:
+        return _rows(path, reader)
+    except csv.Error as exc:  # a field past the csv module's size limit, a NUL byte
+        raise TableError(f"{path}:{reader.line_num}: not a CSV record as sim sweep writes them ({exc})") from None
+
+
+def _rows(path: Path, reader: Any) -> list[dict[str, Any]]:
     header = next(reader, None)
     if header is None:
         return []
@@ -221,13 +238,18 @@ def load_rows(results: str | Path | Sequence[str | Path]) -> list[dict[str, Any]
         if len(fields) != len(header):
             raise TableError(f"{where}: expected {len(header)} columns as in the header, got {len(fields)} (a truncated file?)")
         row = {col: _parse(col, cell) for col, cell in zip(header, fields)}
+        # An invalid point's swept values are what the sweep refused, an empty one too.
+        filled = FILLED_COLUMNS if row.get("status") != "invalid" else ("sweep", "variant", "policy", "status")
+        empty = next((c for c in filled if c in row and row[c] is None), None)
+        if empty is not None:
+            raise TableError(f"{where}: column {empty!r}: empty; every row of a sweep's table names its {empty}")
         # An invalid point's swept value is what the sweep refused (a rate of "abc"), and it has no metrics.
         checked = numeric if row.get("status") != "invalid" else ()
         for col, cell in zip(header, fields):
             value = row[col]
             if col in checked and isinstance(value, str):
                 raise TableError(f"{where}: column {col!r}: expected a number, got {cell!r}")
-            if col in checked and value is not None and not (math.isfinite(value) and value >= 0):
+            if col in checked and value is not None and not _finite_at_least_zero(value):
                 # Every metric, rate and count is finite and >= 0 (a failed metric is an empty cell);
                 # a nan would silently drop the point, a negative latency move the target.
                 raise TableError(f"{where}: column {col!r}: expected a finite number >= 0, got {cell!r}")
@@ -253,6 +275,8 @@ def unfinished_sweeps(results: str | Path | Sequence[str | Path]) -> list[str]:
         state, finished, jobs = meta["state"], meta["finished"], meta["jobs"]
     except (OSError, ValueError, TypeError, KeyError) as exc:
         return [f"{meta_path}: cannot tell whether the sweep finished ({type(exc).__name__}: {exc})"]
+    except RecursionError:
+        return [f"{meta_path}: cannot tell whether the sweep finished (JSON nested too deeply)"]
     if state == "complete":
         return []
     how = {"interrupted": "was interrupted", "failed": "stopped on an error"}.get(

@@ -271,9 +271,23 @@ def row(sweep: Sweep, job: Job, result: JobResult) -> dict[str, Any]:
     stats = result.metrics.get("stats", {})
     for k in STATS:
         out[f"stats_{k}"] = stats.get(k)
-    out["error"] = " ".join(result.error.split())
+    out["error"] = error_cell(result.error)
     out["wall_s"] = None if result.wall_s is None else round(result.wall_s, 3)
     return out
+
+
+# An error quotes the value it refused, which may be any length: past the csv module's field
+# limit (131,072 characters) no reader could open the table, `sim plot` included.
+ERROR_CELL_MAX = 4000
+
+
+def error_cell(error: str) -> str:
+    """The error on one line, its middle cut (and the cut said) past `ERROR_CELL_MAX` characters."""
+    text = " ".join(error.split())
+    if len(text) <= ERROR_CELL_MAX:
+        return text
+    keep = ERROR_CELL_MAX // 2
+    return f"{text[:keep]} [... {len(text) - 2 * keep:,} characters cut ...] {text[-keep:]}"
 
 
 def _cell(value: Any) -> str:

@@ -348,9 +348,22 @@ HEADER = "sweep,point,workload,rate,replicas,balancer,variant,policy,scheduler,s
         (HEADER.encode() + b"s,0,bfcl,1,1,locality,default,fcfs,fcfs,ok,nan,\n", ":2: column 'normalized_latency_mean': expected a finite number >= 0, got 'nan'"),
         (HEADER.encode() + b"s,0,bfcl,1,1,locality,default,fcfs,fcfs,ok,-1,\n", ":2: column 'normalized_latency_mean': expected a finite number >= 0, got '-1'"),
         (HEADER.encode() + b"s,0,bfcl,inf,1,locality,default,fcfs,fcfs,ok,0.02,\n", ":2: column 'rate': expected a finite number >= 0, got 'inf'"),
+        # int() and float() took these: 1_0 read as 10, a padded or Arabic-Indic number as one
+        (HEADER.encode() + b"s,0,bfcl,1_0,1,locality,default,fcfs,fcfs,ok,0.02,\n", ":2: column 'rate': expected a number, got '1_0'"),
+        (HEADER.encode() + b"s,0,bfcl, 5 ,1,locality,default,fcfs,fcfs,ok,0.02,\n", ":2: column 'rate': expected a number, got ' 5 '"),
+        (HEADER.encode() + "s,0,bfcl,\u0661,1,locality,default,fcfs,fcfs,ok,0.02,\n".encode(),
+         ":2: column 'rate': expected a number, got '\u0661'"),
+        # OverflowError tracebacks: math.isfinite of an integer past a float
+        (HEADER.encode() + b"s,0,bfcl,1,1,locality,default,fcfs,fcfs,ok," + b"9" * 4000 + b",\n",
+         ":2: column 'normalized_latency_mean': expected a finite number >= 0, got '999"),
+        # TypeError in the table; and _csv.Error past the field limit (a sweep wrote such an error cell)
+        (HEADER.encode() + b"s,0,bfcl,1,1,locality,default,,fcfs,ok,0.02,\n",
+         ":2: column 'policy': empty; every row of a sweep's table names its policy"),
+        (HEADER.encode() + b"s,0,bfcl,1,1,locality,default,fcfs,fcfs,failed,," + b"x" * 200_000 + b"\n",
+         ":2: not a CSV record as sim sweep writes them (field larger than field limit (131072))"),
     ],
     ids=["truncated", "text-rate", "text-metric", "not-utf8", "other-csv", "no-balancer", "nan-metric", "negative-metric",
-         "inf-rate"],
+         "inf-rate", "underscore", "padded", "arabic-indic", "huge-int", "empty-policy", "huge-field"],
 )
 def test_a_table_that_is_not_a_sweeps_is_a_located_error(tmp_path, content, message):
     from sim.derived import TableError, load_rows
@@ -385,3 +398,11 @@ def test_text_in_other_swept_keys_and_error_is_kept(tmp_path):
     (tmp_path / "sweep.csv").write_text(header + "s,0,bfcl,1,1,locality,llama-3.1-8b,default,fcfs,fcfs,failed,,boom\n")
     (row,) = load_rows(tmp_path)
     assert row["engine.model"] == "llama-3.1-8b" and row["error"] == "boom" and row["normalized_latency_mean"] is None
+
+
+def test_a_sweep_json_nested_too_deeply_is_a_warning_not_a_traceback(tmp_path):
+    from sim.derived import unfinished_sweeps
+
+    (tmp_path / "sweep.json").write_text("[" * 100_000 + "]" * 100_000)
+    assert unfinished_sweeps(tmp_path) == [
+        f"{tmp_path / 'sweep.json'}: cannot tell whether the sweep finished (JSON nested too deeply)"]

@@ -733,3 +733,22 @@ def test_a_rewritten_trace_is_read_again_by_a_later_sweep_in_the_same_process(tm
         run_sweep(sweep, jobs(sweep, tmp_path / "exp.yaml"), tmp_path / f"out{programs}", workers=1, quiet=True)
         counts.append(read(tmp_path / f"out{programs}" / "sweep.csv")[0]["programs"])
     assert counts == ["5", "2"]
+
+
+def test_an_error_past_the_csv_field_limit_is_cut_in_its_middle_and_the_table_still_reads(tmp_path):
+    """A refused grid value of 140,000 characters, quoted in its point's error, made a table that
+    no CSV reader (sim plot included) could open."""
+    from sim.derived import load_rows
+    from sim.sweep_run import ERROR_CELL_MAX, csv_text, error_cell
+
+    long = "balancer: expected one of locality, got '" + "x" * 140_000 + "' (end)"
+    cell = error_cell(long)
+    assert len(cell) < ERROR_CELL_MAX + 100 and cell.startswith("balancer: expected one of locality, got 'xxx")
+    assert cell.endswith("xxx' (end)") and f"[... {len(long) - ERROR_CELL_MAX:,} characters cut ...]" in cell
+    assert error_cell("a\nb   c") == "a b c"
+    cols = ["sweep", "point", "workload", "rate", "replicas", "balancer", "variant", "policy", "scheduler", "status",
+            "normalized_latency_mean", "error"]
+    row = dict(sweep="s", point=0, workload="bfcl", rate=1.0, replicas=1, balancer="locality", variant="default",
+               policy="fcfs", scheduler="fcfs", status="invalid", normalized_latency_mean=None, error=cell)
+    (tmp_path / "sweep.csv").write_text(csv_text(cols, [row]))
+    assert load_rows(tmp_path)[0]["error"] == cell
