@@ -28,7 +28,7 @@ from typing import Any, Sequence
 
 from sim.core.params import MAX_SECONDS
 from sim.core.policies import POLICY_CLASSES
-from sim.hardware import _at  # `path:LINE` of a JSON key, as spec files name theirs
+from sim.hardware import json_key_line  # `path:LINE` of a JSON key, as spec files name theirs
 from sim.metrics import mean, percentile, read_programs_csv
 from sim.textout import aligned
 from traces.validate import TraceError, parse_json_int, show, unique_keys
@@ -71,7 +71,7 @@ def _read_meta(meta_path: Path, d: Path) -> tuple[dict[str, Any], str]:
     except json.JSONDecodeError as exc:
         raise ValidationError(f"{meta_path}: invalid JSON: {exc}") from None
     except TraceError as exc:  # unique_keys: json would keep the last value silently
-        raise ValidationError(f"{_at(meta_path, text, exc.field)}: field {exc.field!r}: duplicate key") from None
+        raise ValidationError(f"{json_key_line(meta_path, text, exc.field)}: field {exc.field!r}: duplicate key") from None
     except UnicodeDecodeError as exc:
         raise ValidationError(f"{meta_path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     except RecursionError:
@@ -88,7 +88,7 @@ def load_replay(directory: str | Path) -> Replayed:
     meta, text = _read_meta(meta_path, d)
 
     def bad(key: str, expected: str) -> ValidationError:
-        return ValidationError(f"{_at(meta_path, text, key)}: field {key!r} must be {expected}, got {show(meta[key])}")
+        return ValidationError(f"{json_key_line(meta_path, text, key)}: field {key!r} must be {expected}, got {show(meta[key])}")
 
     for key in ("trace", "policy"):
         if key not in meta:
@@ -96,7 +96,7 @@ def load_replay(directory: str | Path) -> Replayed:
         if not isinstance(meta[key], str) or not meta[key]:
             raise bad(key, "a non-empty string")
     if meta["policy"] not in POLICY_CLASSES:  # the simulation runs it: refused here, with the file
-        raise ValidationError(f"{_at(meta_path, text, 'policy')}: field 'policy': unknown policy "
+        raise ValidationError(f"{json_key_line(meta_path, text, 'policy')}: field 'policy': unknown policy "
                               f"{meta['policy']!r}; valid choices: {', '.join(POLICY_CLASSES)}")
     latency = meta.get("latency")
     if latency is not None and not isinstance(latency, str):  # replay's --latency label, or null without one

@@ -89,9 +89,11 @@ def _load(kind: str, cls, name: str):
     except json.JSONDecodeError as exc:
         raise SpecError(f"{path}:{exc.lineno}: malformed JSON: {exc.msg}") from None
     except TraceError as exc:  # unique_keys: a key given twice
-        raise SpecError(f"{_at(path, text, exc.field)}: field {exc.field!r}: duplicate key") from None
+        raise SpecError(f"{json_key_line(path, text, exc.field)}: field {exc.field!r}: duplicate key") from None
     except UnicodeDecodeError as exc:
         raise SpecError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except RecursionError:
+        raise SpecError(f"{path}: malformed JSON: nested too deeply for a {kind} spec") from None
     except OSError as exc:
         raise SpecError(f"{path}: cannot read: {exc.strerror}") from None
     if not isinstance(raw, dict):
@@ -106,15 +108,17 @@ def _load(kind: str, cls, name: str):
     for f in fields(cls):
         problem = _field_problem(f.type, raw[f.name])
         if problem:
-            raise SpecError(f"{_at(path, text, f.name)}: field {f.name!r}: {problem}, got {raw[f.name]!r}")
+            value = raw[f.name]
+            shown = f"an integer of {len(str(value))} digits" if isinstance(value, int) and value > 10**30 else repr(value)
+            raise SpecError(f"{json_key_line(path, text, f.name)}: field {f.name!r}: {problem}, got {shown}")
     spec = cls(**raw)
     problem = _consistency_problem(spec)
     if problem:
-        raise SpecError(f"{_at(path, text, problem[0])}: field {problem[0]!r}: {problem[1]}")
+        raise SpecError(f"{json_key_line(path, text, problem[0])}: field {problem[0]!r}: {problem[1]}")
     return spec
 
 
-def _at(path: Path, text: str, key: str) -> str:
+def json_key_line(path: str | Path, text: str, key: str) -> str:
     """``path:LINE`` of the key's first ``"key":`` in the text (cheap, and right
     for any file json.loads accepted), or just the path if it is not found."""
     match = re.search(rf'"{re.escape(key)}"\s*:', text)
@@ -130,7 +134,11 @@ def _field_problem(hint: str, value: object) -> str | None:
     if isinstance(value, bool):
         return "expected an integer >= 1" if hint == "int" else "expected a finite number > 0"
     if hint == "int":
+        if isinstance(value, int) and value > 2**53:  # the arithmetic is in floats: past one, OverflowError
+            return "expected at most 2**53"
         return None if isinstance(value, int) and value >= 1 else "expected an integer >= 1"
+    if isinstance(value, int) and value.bit_length() > 1000:  # past a float: math.isfinite raised OverflowError
+        return "expected a finite number > 0"
     if isinstance(value, (int, float)) and math.isfinite(value) and value > 0:
         return None
     return "expected a finite number > 0"

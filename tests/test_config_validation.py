@@ -95,6 +95,26 @@ def test_spec_integer_too_long_for_python_names_the_field(tmp_path):
     assert str(info.value) == f"{path}:{line}: field 'num_params': expected an integer >= 1, got a 5000-digit integer"
 
 
+def test_spec_integer_past_a_float_names_the_field(tmp_path):
+    """400 digits: within what Python reads, past what the KV arithmetic's floats hold (OverflowError)."""
+    for kind, field in (("gpu", "memory_bytes"), ("model", "num_params")):
+        path = spec_file(tmp_path, kind, **{field: -1})
+        text = Path(path).read_text()
+        Path(path).write_text(text.replace(f'"{field}": -1', f'"{field}": 1' + "0" * 400))
+        line = next(i for i, text in enumerate(open(path), 1) if f'"{field}"' in text)
+        with pytest.raises(SpecError) as info:
+            (load_model if kind == "model" else load_gpu)(path)
+        assert str(info.value) == f"{path}:{line}: field {field!r}: expected at most 2**53, got an integer of 401 digits"
+    path = spec_file(tmp_path, "gpu", peak_flops=-1)
+    Path(path).write_text(Path(path).read_text().replace('"peak_flops": -1', '"peak_flops": 1' + "0" * 400))
+    with pytest.raises(SpecError, match=r"field 'peak_flops': expected a finite number > 0, got an integer of 401 digits$"):
+        load_gpu(path)
+    deep = tmp_path / "deep.gpu.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(SpecError, match=r"deep.gpu.json: malformed JSON: nested too deeply for a gpu spec$"):
+        load_gpu(str(deep))
+
+
 def test_spec_file_errors_name_the_set_key(exp, tmp_path):
     path = spec_file(tmp_path, "model", num_layers=0)
     assert error("t", exp(), [f"engine.model={path}"]) == (

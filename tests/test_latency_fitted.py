@@ -137,6 +137,22 @@ def test_load_by_path_and_errors(tmp_path):
         load_fitted(str(huge))
     assert str(err.value) == (f"{huge}: fitted latency 'truth': coefficient per_step must be a finite number >= 0, "
                               "got a 5000-digit integer")
+    # Tracebacks or silence before: 400 digits (OverflowError), a key given twice (the last won), deep nesting.
+    big = tmp_path / "big.json"
+    big.write_text(json.dumps({**TRUE.to_json(), "host": {"per_step": 1}}).replace('"per_step": 1}', '"per_step": 1'
+                                                                                     + "0" * 400 + "}"))
+    with pytest.raises(FitError) as err:
+        load_fitted(str(big))
+    assert str(err.value) == (f"{big}: fitted latency 'truth': host per_step must be a finite number >= 0, "
+                              "got an integer of 401 digits")
+    twice = tmp_path / "twice.json"
+    twice.write_text(json.dumps(TRUE.to_json(), indent=1).replace('"per_step": ', '"per_step": 0.5, "per_step": ', 1))
+    with pytest.raises(FitError, match=rf"^{re.escape(str(twice))}:\d+: field 'per_step': duplicate key$"):
+        load_fitted(str(twice))
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(FitError, match=r"deep.json: malformed JSON: nested too deeply for a fitted model$"):
+        load_fitted(str(deep))
 
 
 def test_host_time_is_carried_from_the_profile_and_capped_by_the_step(tmp_path):

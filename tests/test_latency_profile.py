@@ -82,10 +82,18 @@ def test_columns_in_any_order():
         (text(*GOOD, extra="# host_per_step: 0.2\n"),
          ":5: column seconds: the step's host time, host_per_step 0.2 s (line 3) = 0.2 s, exceeds its measured 0.15 s"),
         (text(*GOOD, extra="# host_per_seq: 1e-05\n# host_per_seq: 2e-05\n"),
-         ":4: host_per_seq: repeated (first on line 3); give each host key once"),
+         ":4: host_per_seq: repeated (first on line 3); give each key once"),
         (text(*GOOD, extra="# host-per-step: 0.002\n"),
          ":3: host-per-step: misspelt host key; expected host_per_step or host_per_seq"),
         (text(*GOOD, extra="# Host Per Seq: 1e-05\n"), ":3: Host Per Seq: misspelt host key"),
+        # ignored before: the host time became 0, and of two gpu lines the last was kept
+        (text(*GOOD, extra="# host_per_stp: 0.002\n"), ":3: host_per_stp: misspelt host key"),
+        (text(*GOOD, extra="# gpu: h100\n"), ":3: gpu: repeated (first on line 2); give each key once"),
+        # int() and float() took these; a field past the csv limit was a _csv.Error traceback
+        (text(GOOD[0], "64,64,64,64_064,0,0,0.1"), ":5: column decode_kv_tokens: expected an integer, got '64_064'"),
+        (text(GOOD[0], "64,64,64,\u0666\u0664064,0,0,0.1"), ":5: column decode_kv_tokens: expected an integer"),
+        (text(GOOD[0], "64,64,64,64064,0,0,0.0_2"), ":5: column seconds: expected a number, got '0.0_2'"),
+        (text(GOOD[0], "64,64,64,64064,0,0,0.1," + "x" * 200_000), ":5: not a CSV line (field larger than field limit"),
     ],
 )
 def test_errors_name_file_line_and_column(tmp_path, content, where):

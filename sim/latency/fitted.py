@@ -50,11 +50,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from sim.hardware import json_key_line
 from sim.latency.base import StepShape
 from traces.argtypes import int_at_least
 from sim.latency.profile import ProfileError, ProfileRow, read_profile
 from traces.argtypes import positive_float
-from traces.validate import parse_json_int
+from traces.validate import TraceError, parse_json_int, unique_keys
 
 MODELS_DIR = Path(__file__).parent / "models"
 FORMAT = "autellix-fitted-latency v1"
@@ -85,11 +86,15 @@ class FittedLatency:
     def __post_init__(self) -> None:
         for key in (*COEFFICIENTS, "host_per_step", "host_per_seq"):
             value = getattr(self, key)
-            if isinstance(value, bool) or not (isinstance(value, (int, float)) and math.isfinite(value)
-                                               and value >= 0):
+            # An integer past a float's range made math.isfinite raise OverflowError (a traceback).
+            if isinstance(value, bool) or not (isinstance(value, (int, float)) and value >= 0
+                                               and (isinstance(value, float) or value <= 2**53)
+                                               and math.isfinite(value)):
                 what = f"host {key[5:]}" if key.startswith("host_") else f"coefficient {key}"
+                shown = f"an integer of {len(str(value))} digits" if isinstance(value, int) and value > 10**30 \
+                    else repr(value)
                 raise FitError(f"fitted latency {self.name!r}: {what} must be a finite number >= 0, "
-                               f"got {value!r}")
+                               f"got {shown}")
         smallest = StepShape(1, 1, 1, 1, 0, 0)  # one decode at context 0: the shortest step there is
         host, whole = self.host_per_step + self.host_per_seq, self.step_time(smallest)
         if host > whole:
@@ -163,7 +168,12 @@ def load_fitted(name: str | None) -> FittedLatency:
             raise ValueError(f"latency.name: unknown fitted model {name!r}; valid choices: {', '.join(available())} "
                              f"(or a path to a .json file)")
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"), parse_int=parse_json_int)
+        text = path.read_text(encoding="utf-8")
+        raw = json.loads(text, parse_int=parse_json_int, object_pairs_hook=unique_keys)
+    except TraceError as exc:  # unique_keys: json kept the last of a key given twice, silently
+        raise FitError(f"{json_key_line(path, text, exc.field)}: field {exc.field!r}: duplicate key") from None
+    except RecursionError:
+        raise FitError(f"{path}: malformed JSON: nested too deeply for a fitted model") from None
     except FileNotFoundError:
         raise ValueError(f"latency.name: no such fitted model file {str(path)!r}; shipped: "
                          f"{', '.join(available())}") from None

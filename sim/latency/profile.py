@@ -49,6 +49,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sim.latency.base import StepShape
+from sim.records import number_of
 
 FORMAT_LINE = "# autellix-latency-profile v1"
 SHAPE_COLUMNS = (
@@ -98,6 +99,22 @@ def _shown(text: str, quoted: bool = True) -> str:
     return f"{text[:20]!r}... ({len(text)} characters)"
 
 
+def _fields(line: str, origin: str, lineno: int) -> list[str]:
+    try:
+        return next(csv.reader([line]))
+    except csv.Error as exc:  # a field past the csv module's size limit, a NUL byte
+        raise ProfileError(f"{origin}:{lineno}: not a CSV line ({exc})") from None
+
+
+def _near_host_key(key: str) -> bool:
+    """Whether ``key`` looks meant as a host key (``host_per_stp``, ``Host-Per-Step``): keys
+    are free-form, but one of these two is a number the fitter uses."""
+    import difflib
+
+    folded = key.lower().replace("-", "_").replace(" ", "_")
+    return folded.startswith("host_per") or bool(difflib.get_close_matches(folded, HOST_KEYS, n=1, cutoff=0.8))
+
+
 def shape_problem(s: StepShape) -> str | None:
     """Why a shape cannot be a real engine step, or None if it can.
 
@@ -126,6 +143,7 @@ def parse_profile(text: str, origin: str = "<profile>") -> Profile:
     """Parse profile text; ``origin`` names the file in error messages."""
     lines = text.splitlines()
     provenance: dict[str, str] = {}
+    key_lines: dict[str, int] = {}
     host: dict[str, tuple[float, int]] = {}  # key -> (seconds, line)
     i = 0
     while i < len(lines) and (not lines[i].strip() or lines[i].lstrip().startswith("#")):
@@ -134,18 +152,19 @@ def parse_profile(text: str, origin: str = "<profile>") -> Profile:
             key, value = line.split(":", 1)
             key, value = key.strip(), value.strip()
             where = f"{origin}:{i + 1}: {key}"
+            if key in key_lines:  # the last one was kept: two gpu lines left the other GPU's name
+                raise ProfileError(f"{where}: repeated (first on line {key_lines[key]}); give each key once")
+            key_lines[key] = i + 1
             if key in HOST_KEYS:
-                if key in host:
-                    raise ProfileError(f"{where}: repeated (first on line {host[key][1]}); give each host key once")
                 host[key] = (_host_seconds(value, where), i + 1)
-            elif key.lower().replace("-", "_").replace(" ", "_") in HOST_KEYS:  # a near miss would be ignored
+            elif _near_host_key(key):  # a near miss would be ignored, and the host time be 0
                 raise ProfileError(f"{where}: misspelt host key; expected {' or '.join(HOST_KEYS)}")
             provenance[key] = value
         i += 1
     if i == len(lines):
         raise ProfileError(f"{origin}: empty profile: no header line with columns {','.join(COLUMNS)}")
     header_lineno = i + 1
-    header = [c.strip() for c in next(csv.reader([lines[i]]))]
+    header = [c.strip() for c in _fields(lines[i], origin, header_lineno)]
     missing = [c for c in COLUMNS if c not in header]
     if missing:
         raise ProfileError(f"{origin}:{header_lineno}: missing column(s) {', '.join(missing)}; "
@@ -161,7 +180,7 @@ def parse_profile(text: str, origin: str = "<profile>") -> Profile:
             continue
         if line.lstrip().startswith("#"):
             raise ProfileError(f"{origin}:{lineno}: comment line inside the data (provenance goes above the header)")
-        values = next(csv.reader([line]))
+        values = _fields(line, origin, lineno)
         if len(values) != len(header):
             raise ProfileError(f"{origin}:{lineno}: expected {len(header)} fields, got {len(values)} "
                                f"(truncated or malformed row)")
@@ -173,18 +192,17 @@ def parse_profile(text: str, origin: str = "<profile>") -> Profile:
             if digits.isdigit() and len(digits.lstrip("0")) > 20:  # past 2**53; int() refuses past 4300 digits
                 bound = "must be >= 0" if text.startswith("-") else "must be at most 2**53"
                 raise ProfileError(f"{origin}:{lineno}: column {col}: {bound}, got {_shown(text)}")
-            try:
-                ints[col] = int(text)
-            except ValueError:
-                raise ProfileError(f"{origin}:{lineno}: column {col}: expected an integer, got {_shown(text)}") from None
+            value = number_of(text, int)  # int() took "1_0" as 10, and other scripts' digits
+            if value is None:
+                raise ProfileError(f"{origin}:{lineno}: column {col}: expected an integer, got {_shown(text)}")
+            ints[col] = value
             if ints[col] < 0:
                 raise ProfileError(f"{origin}:{lineno}: column {col}: must be >= 0, got {_shown(str(ints[col]))}")
             if ints[col] > MAX_COUNT:
                 raise ProfileError(f"{origin}:{lineno}: column {col}: must be at most 2**53, got {_shown(text)}")
-        try:
-            seconds = float(rec["seconds"])
-        except ValueError:
-            raise ProfileError(f"{origin}:{lineno}: column seconds: expected a number, got {_shown(rec['seconds'])}") from None
+        seconds = number_of(rec["seconds"], float)
+        if seconds is None:
+            raise ProfileError(f"{origin}:{lineno}: column seconds: expected a number, got {_shown(rec['seconds'])}")
         if not (math.isfinite(seconds) and seconds > 0):
             raise ProfileError(f"{origin}:{lineno}: column seconds: must be a positive finite time, "
                                f"got {_shown(rec['seconds'], quoted=False)}")
