@@ -209,11 +209,33 @@ def _too_many_nodes(where: str) -> str:
     )
 
 
+# A lone surrogate ("\ud800" in a double-quoted YAML string) is no text: it was written to
+# config.yaml and then crashed `sim list` printing it (UnicodeEncodeError). Traces refuse it too.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _surrogate(node: yaml.Node) -> str | None:
+    """The problem of a scalar holding a lone surrogate, or None."""
+    found = _SURROGATE.search(node.value) if isinstance(node, yaml.ScalarNode) and isinstance(node.value, str) else None
+    return None if found is None else f"a lone surrogate (\\u{ord(found.group()):04x}) is not a character"
+
+
 def _walk(node: yaml.Node, path: Path_, lines: dict[Path_, int], where: str) -> None:
-    if isinstance(node, yaml.MappingNode):
+    if isinstance(node, yaml.ScalarNode):
+        problem = _surrogate(node)
+        if problem:
+            raise ConfigError(f"{where}:{node.start_mark.line + 1}: {_dotted(path) + ': ' if path else ''}{problem}")
+    elif isinstance(node, yaml.MappingNode):
         seen: set[Any] = set()
+        merged_at: int | None = None
         for key, value in node.value:
+            _walk(key, path, {}, where)  # a key's text too
             if key.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` merges at this level
+                if merged_at is not None:  # PyYAML keeps the last merge alone, silently
+                    raise ConfigError(f"{where}:{key.start_mark.line + 1}: {_dotted(path) or 'top level'}: "
+                                      f"a second '<<' merge key (the first is on line {merged_at}); "
+                                      f"merge several with one: <<: [*a, *b]")
+                merged_at = key.start_mark.line + 1
                 merged = value.value if isinstance(value, yaml.SequenceNode) else [value]
                 for sub in merged:
                     sub_lines: dict[Path_, int] = {}
@@ -338,6 +360,16 @@ def load_value(text: str, where: str, path: Path_ = ()) -> Any:
         repeated = _repeated_key(node)
         if repeated is not None:  # the constructor keeps the last silently
             raise ConfigError(f"{where}: {_dotted(path + repeated)}: duplicate key")
+        stack = [node]
+        while stack:  # no deeper than MAX_NODES, counted above
+            here = stack.pop()
+            problem = _surrogate(here)
+            if problem:
+                raise ConfigError(f"{where}: {problem}")
+            if isinstance(here, yaml.MappingNode):
+                stack.extend(n for pair in here.value for n in pair)
+            elif isinstance(here, yaml.SequenceNode):
+                stack.extend(here.value)
         return loader.construct_document(node)
     finally:
         loader.dispose()
@@ -352,6 +384,9 @@ def _repeated_key(node: yaml.Node) -> Path_ | None:
             seen: set[Any] = set()
             for key, value in here.value:
                 if key.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`: its keys may be overridden here
+                    if "<<" in seen:  # a second merge key, as in a file (`_walk`)
+                        return path + ("<<",)
+                    seen.add("<<")
                     stack.append((value, path))
                     continue
                 name = _key(key)

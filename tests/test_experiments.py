@@ -203,6 +203,32 @@ def test_workload_needs_exactly_one_source(write):
     assert "workload.traec: unknown key; valid keys: generator, params, trace" in error("ok", path, ["workload.traec=x"])
 
 
+def test_a_lone_surrogate_is_refused_in_a_file_and_in_a_set_value(write):
+    """Written to config.yaml as "\\uD800", it then crashed `sim list` (UnicodeEncodeError)."""
+    path = write("""\
+      sur:
+        description: "x\\ud800"
+    """)
+    with pytest.raises(ConfigError, match=r"^exp.yaml:13: experiments.sur.description: a lone surrogate "
+                                          r"\(\\ud800\) is not a character$"):
+        load_file(path)
+    with pytest.raises(ConfigError, match=r'^--set description="\\udfff": a lone surrogate \(\\udfff\) is not '
+                                          r"a character$"):
+        parse_override('description="\\udfff"')
+
+
+def test_two_merge_keys_in_one_mapping_are_refused(write):
+    """YAML forbids a key twice, `<<` too; PyYAML merged both, the later winning where they overlap."""
+    path = write("""\
+      two:
+        <<: {seed: 1}
+        <<: {seed: 2}
+    """)
+    with pytest.raises(ConfigError, match=r"^exp.yaml:14: experiments.two: a second '<<' merge key \(the first is "
+                                          r"on line 13\); merge several with one: <<: \[\*a, \*b\]$"):
+        load_file(path)
+
+
 def test_invalid_yaml_and_duplicate_keys_give_lines(write):
     path = write("broken: {workload: [\n")
     with pytest.raises(ConfigError, match=r"^exp.yaml:13: invalid YAML"):
@@ -274,6 +300,7 @@ def test_parse_override():
         ("engine={replicas: 2, replicas: 3}", "--set engine={replicas: 2, replicas: 3}: engine.replicas: duplicate key"),
         ("x.y=[{a: 1, b: {c: 1, c: 2}}]", "--set x.y=[{a: 1, b: {c: 1, c: 2}}]: x.y[0].b.c: duplicate key"),
         ("engine={<<: {replicas: 2, replicas: 4}}", "engine.replicas: duplicate key"),
+        ("engine={<<: {replicas: 2}, <<: {replicas: 4}}", "engine.<<: duplicate key"),
     ],
 )
 def test_a_key_twice_in_a_set_value_is_refused(text, message):
