@@ -692,6 +692,21 @@ def _seconds(ck: _Checker, path: Path_, value: float, what: str, strict: bool = 
         ck.fail(path, f"expected at most {MAX_SECONDS:g} seconds, got {value!r}")
 
 
+def _model_tensor_parallel(ck: _Checker, e: EngineConfig) -> EngineConfig:
+    """The model spec's ``tensor_parallel`` (how it is served: 4 GPUs for 70B, as in the paper)
+    where no layer sets ``engine.gpus_per_replica``; the spec field was required and then never
+    read, so ``engine.model: llama-3.1-70b`` alone ran on one GPU, or did not fit. An unknown
+    model keeps the dataclass default; `_check_engine` refuses it."""
+    from sim.hardware import SpecError, load_model
+
+    if ck.layered.rank(("engine", "gpus_per_replica")) >= 0:
+        return e
+    try:
+        return dataclasses.replace(e, gpus_per_replica=load_model(e.model).tensor_parallel)
+    except SpecError:
+        return e
+
+
 def _serve_batch_defaults(ck: _Checker, e: EngineConfig) -> EngineConfig:
     """The sequence cap and token budget `vllm serve` gives the engine's GPU, where no layer sets them.
 
@@ -907,7 +922,8 @@ def _build(name: str, layered: _Layered) -> ExperimentConfig:
     raw = ck.keys(layered.data, (), EXPERIMENT_KEYS)
     description = ck.typed(str, raw.get("description", ""), ("description",))
     gen, params, trace = _check_workload(ck, raw.get("workload"))
-    engine = _serve_batch_defaults(ck, ck.build_dataclass(EngineConfig, raw.get("engine"), ("engine",)))
+    engine = _serve_batch_defaults(ck, _model_tensor_parallel(
+        ck, ck.build_dataclass(EngineConfig, raw.get("engine"), ("engine",))))
     lat = ck.build_dataclass(LatencyConfig, raw.get("latency"), ("latency",))
     policies = ck.typed(tuple[str, ...], raw.get("policies", list(DEFAULT_POLICIES)), ("policies",))
     if not policies:

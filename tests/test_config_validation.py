@@ -630,3 +630,23 @@ def test_an_integer_past_what_a_float_holds_is_a_located_error(exp, key):
                         f"got an integer of 401 digits"), msg
     assert error("t", exp(), [f"engine.{key}={2**53 + 1}"]).endswith(
         f"engine.{key}: expected at most 2**53 (9,007,199,254,740,992), got {2**53 + 1}")
+
+
+def test_gpus_per_replica_unset_follows_the_models_tensor_parallel(tmp_path, monkeypatch):
+    """The spec's tensor_parallel (70B: 4, as the paper serves it) was required and never read:
+    an experiment naming only the model ran 70B on one GPU, where it does not fit."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "e.yaml").write_text(textwrap.dedent("""\
+        experiments:
+          big:
+            workload: {generator: bfcl, params: {programs: 3, rate: 1.0}}
+            engine: {model: llama-3.1-70b}
+            latency: {kind: roofline}
+          small:
+            workload: {generator: bfcl, params: {programs: 3, rate: 1.0}}
+            latency: {kind: roofline}
+        """))
+    assert resolve("big", "e.yaml", []).engine.gpus_per_replica == 4
+    assert resolve("small", "e.yaml", []).engine.gpus_per_replica == 1
+    assert resolve("big", "e.yaml", ["engine.gpus_per_replica=8"]).engine.gpus_per_replica == 8  # set wins
+    assert resolve("small", "e.yaml", ["engine.model=llama-3.1-70b"]).engine.gpus_per_replica == 4
