@@ -209,3 +209,13 @@ def test_validate_ok_line_for_a_file_name_that_is_not_utf8(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "traces", "validate", name], cwd=tmp_path, capture_output=True,
                           env={**os.environ, "PYTHONIOENCODING": "utf-8", "PYTHONPATH": str(REPO)})
     assert proc.returncode == 0 and proc.stdout == b"bad\\xffname.jsonl: OK, 2 programs, 18 calls\n", proc.stderr
+
+
+@pytest.mark.parametrize("param", ["turns_sigma=1e-300", "output_tokens_sigma=5e-324", "user_tokens_sigma=1e-160"])
+def test_gen_with_a_tiny_sigma_works_without_numpy_warnings(tmp_path, param):
+    out = tmp_path / "g.jsonl"
+    r = subprocess.run([sys.executable, "-W", "error", "-m", "traces", "gen", "sharegpt", "--programs", "3",
+                        "--rate", "1", "--seed", "0", "--param", param, "-o", str(out)],
+                       cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.startswith("wrote 3 programs (") and r.stderr.count("\n") == 1, r.stderr

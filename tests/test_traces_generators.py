@@ -303,3 +303,55 @@ def test_lats_shape_parallel_expansions_then_evaluation_then_reflection():
     if len(p.calls) > 6:  # the next step waits for the reflection
         assert "c5" in p.calls[6].parents
     assert set(calls) == {c.id for c in p.calls}
+
+
+# A spread far below the location's float resolution (sigma = 1e-300 made 0/0 in the bin probabilities
+# and a numpy RuntimeWarning; 5e-324 overflowed a division) is the lognormal's limit as sigma -> 0.
+TINY_SIGMAS = (9.99e-10, 1e-20, 1e-160, 1e-300, 5e-324)
+
+
+@pytest.mark.parametrize("sigma", TINY_SIGMAS)
+def test_count_pmf_with_a_tiny_spread_is_its_limit_without_warnings(sigma):
+    import warnings
+
+    k = np.arange(1, 81)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for mean, support in ((6.66, {6: 0.34, 7: 0.66}), (7.0, {7: 1.0}), (79.99, {79: 0.01, 80: 0.99}),
+                              (1.0000001, {1: 0.9999999, 2: 1e-7})):
+            p = count_pmf(mean, 80, sigma)
+            assert {int(i) + 1 for i in np.flatnonzero(p)} == set(support), (mean, p)
+            assert all(abs(p[i - 1] - w) < 1e-12 for i, w in support.items())
+            assert abs(p @ k - mean) < 1e-12
+    # just above MIN_SIGMA the lognormal gives the same distribution
+    assert np.allclose(count_pmf(6.66, 80, 1e-8), count_pmf(6.66, 80, 1e-300), atol=1e-7)
+
+
+@pytest.mark.parametrize("sigma", TINY_SIGMAS)
+def test_token_counts_with_a_tiny_spread_are_the_limit_drawn_alike(sigma):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for mean in (2.7, 3.5, 4.0, 7.25, 276.81, 1e6 + 0.3):
+            tiny = _tokens(np.random.default_rng(1), token_length(mean, sigma), 20_000)
+            # sample for sample what a spread just above MIN_SIGMA draws (the counts either side of the mean,
+            # or the offset rule's ceiling of mean - 0.5 where that is within OFFSET_TOLERANCE)
+            near = _tokens(np.random.default_rng(1), token_length(mean, 2e-9), 20_000)
+            assert tiny == near, mean
+            assert max(tiny) - min(tiny) <= 1 and abs(np.mean(tiny) / mean - 1) <= OFFSET_TOLERANCE + 0.01
+
+
+@pytest.mark.parametrize("workload", ["sharegpt", "bfcl", "lats"])
+def test_every_sigma_parameter_takes_a_tiny_spread_without_warnings(workload):
+    import warnings
+    from dataclasses import fields
+
+    from traces.generators import _BUILDERS
+
+    names = [f.name for f in fields(_BUILDERS[workload][0]) if f.name.endswith("_sigma")]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for sigma in TINY_SIGMAS:
+            progs = generate(workload, 20, 1.0, 0, **dict.fromkeys(names, sigma))
+            assert len(progs) == 20

@@ -25,7 +25,9 @@ set to ``target - 0.5`` to offset the ceiling's average rounding up. That
 offset is exact only for wide enough counts; where it would miss the target
 by more than 0.1% (a few tokens with a wide spread: a mean of 3 at sigma 2
 would give 3.19), the location is solved so the rounded counts' mean is the
-target (`token_length`). A target of exactly 1 makes every count 1.
+target (`token_length`). A target of exactly 1 makes every count 1. A
+spread below ``MIN_SIGMA`` (1e-9) is the lognormal's limit as sigma -> 0:
+the whole numbers either side of the mean, in the proportions that hold it.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 from scipy.optimize import brentq
-from scipy.special import log_ndtr, ndtr
+from scipy.special import log_ndtr, ndtr, ndtri
 
 from traces.arrivals import arrival_times, check_arrival
 from traces.format import MAX_SECONDS, MAX_TOKENS, Call, Program, SharedPrefix, is_finite_number, make_call
@@ -63,6 +65,14 @@ MAX_CALLS_PER_PROGRAM = 10_000
 # median is already mean / 3000, and past it nearly every draw rounds to the
 # minimum (or underflows to 0 tokens) while a rare one is astronomically large.
 MAX_SIGMA = 4.0
+# The smallest log-space spread computed as a lognormal. Below it a count is
+# the lognormal's limit as sigma -> 0 with its mean held: the whole number
+# either side of the mean, in the proportions that make the mean (`count_pmf`,
+# `token_length`). The spread itself is then below float resolution of the
+# location (sigma = 1e-300 made 0/0 in the bin probabilities, and the solved
+# location missed the mean), and the limit is what any sigma that small draws:
+# at 1e-9 a count of a million moves by a thousandth of a token.
+MIN_SIGMA = 1e-9
 
 
 def _workload_of(params: Any) -> str:
@@ -297,10 +307,16 @@ def count_pmf(mean: float, kmax: int, sigma: float) -> np.ndarray:
 
     ``P(K = k)`` is proportional to ``P(k-1 < X <= k)``, ``X`` lognormal
     with log-spread ``sigma``; the location is solved by bisection on the
-    exact mean of the truncated distribution.
+    exact mean of the truncated distribution. A spread below ``MIN_SIGMA``
+    is its limit: ``floor(mean)`` and the count above it, which make the mean.
     """
     if not 1 < mean < kmax:
         raise ValueError(f"a mean of {mean} calls is impossible with at most {kmax} calls")
+    if sigma < MIN_SIGMA:  # the limit: floor(mean) and the count above it
+        low = math.floor(mean)
+        p = np.zeros(kmax)
+        p[low - 1], p[low] = low + 1 - mean, mean - low
+        return p
     k = np.arange(1, kmax + 1, dtype=float)
     upper = np.log(k)  # the bins' edges in log space: (log(k-1), log k]
     lower = np.concatenate(([-np.inf], upper[:-1]))
@@ -391,10 +407,13 @@ def ceil_lognormal_mean(mu: float, sigma: float) -> float:
 
 @dataclass(frozen=True)
 class TokenLength:
-    """A token-count distribution: ``ceil(lognormal(mu, sigma))``, or all ones when ``mu`` is None."""
+    """A token-count distribution: ``ceil(lognormal(mu, sigma))``; when ``mu`` is None, ``low``,
+    or ``low + 1`` with probability ``p_high`` (a mean of 1: all ones; a spread below ``MIN_SIGMA``)."""
 
     mu: float | None
     sigma: float
+    low: int = 1
+    p_high: float = 0.0
 
 
 def token_length(mean: float, sigma: float) -> TokenLength:
@@ -403,6 +422,8 @@ def token_length(mean: float, sigma: float) -> TokenLength:
         raise ValueError(f"a mean token count must be at least 1 (every count is a whole token), got {mean!r}")
     if mean == 1:
         return TokenLength(None, sigma)
+    if sigma < MIN_SIGMA:
+        return _narrow_length(mean, sigma)
     offset = math.log(mean - 0.5) - sigma * sigma / 2
     if abs(ceil_lognormal_mean(offset, sigma) / mean - 1) <= OFFSET_TOLERANCE:
         return TokenLength(offset, sigma)
@@ -412,11 +433,33 @@ def token_length(mean: float, sigma: float) -> TokenLength:
     return TokenLength(float(mu), sigma)
 
 
+def _narrow_length(mean: float, sigma: float) -> TokenLength:
+    """`token_length` in its limit sigma -> 0 (``sigma`` below ``MIN_SIGMA``).
+
+    The offset rule puts every draw at ``mean - 0.5``, so every count is its
+    ceiling where that is within ``OFFSET_TOLERANCE`` of the mean (as it is
+    for a spread just above ``MIN_SIGMA``); else the solved location sits on
+    the edge below the mean, and the counts are ``floor(mean)`` and the one
+    above it, in the proportions that make the mean.
+    """
+    x = mean - 0.5
+    if x != math.ceil(x) and abs(math.ceil(x) / mean - 1) <= OFFSET_TOLERANCE:
+        return TokenLength(None, sigma, math.ceil(x), 0.0)
+    low = math.floor(mean)
+    return TokenLength(None, sigma, low, mean - low)
+
+
 def _tokens(rng: np.random.Generator, length: TokenLength, size: int) -> list[int]:
     """``size`` integer token counts >= 1 drawn from ``length``."""
-    draws = rng.lognormal(0.0 if length.mu is None else length.mu, length.sigma, size)
-    if length.mu is None:  # drawn all the same, so the later draws of the stream do not shift
-        return [1] * size
+    if length.mu is None:
+        # The normals a lognormal draws, so the later draws of the stream do not shift: the count
+        # is the higher one where the normal is above the lognormal's edge at that location.
+        z = rng.standard_normal(size)
+        if length.p_high == 0:
+            return [length.low] * size
+        edge = -float(ndtri(length.p_high))
+        return [length.low + int(high) for high in z > edge]
+    draws = rng.lognormal(length.mu, length.sigma, size)
     return [int(x) for x in np.ceil(draws)]
 
 
