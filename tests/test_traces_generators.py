@@ -116,7 +116,8 @@ CV_RANGE = "cv must be a finite number > 0 from 0.01 to 10 (outside it gamma arr
         (dict(tool_sets=10_000_001), "bfcl parameter 'tool_sets' must be at most 10,000,000 (the most programs a "
          "trace may have), got 10000001"),
         (dict(calls_mean=69.9999, calls_max=70, calls_sigma=4.0),
-         "a mean of 69.9999 calls is too close to the maximum of 70 for a spread of 4.0 (reachable: below 69.9"),
+         "bfcl parameters calls_mean=69.9999, calls_max=70, calls_sigma=4.0: a mean of 69.9999 calls is too close "
+         "to the maximum of 70 for a spread of 4.0 (reachable: below 69.9"),
         (dict(output_tokens_sigma=100),
          "bfcl parameter 'output_tokens_sigma' must be at most 4 (a wider lognormal degenerates), got 100"),
         (dict(programs=100_000_000_000), "programs must be an integer from 0 to 10,000,000, got 100000000000"),
@@ -355,3 +356,14 @@ def test_every_sigma_parameter_takes_a_tiny_spread_without_warnings(workload):
         for sigma in TINY_SIGMAS:
             progs = generate(workload, 20, 1.0, 0, **dict.fromkeys(names, sigma))
             assert len(progs) == 20
+
+
+def test_an_unreachable_call_count_names_its_parameters_for_the_caller():
+    """It named none ("a mean of 6.66 calls is too close ..."), so `sim run` blamed the experiment's
+    params line though the value came from a --set."""
+    from traces.generators import DrawError
+
+    with pytest.raises(DrawError) as info:
+        generate("sharegpt", 3, 1.0, 0, calls_mean=79.9999, turns_sigma=4.0)
+    assert str(info.value).startswith("sharegpt parameters calls_mean=79.9999, calls_max=80, turns_sigma=4.0: ")
+    assert info.value.params == ("calls_mean", "calls_max", "turns_sigma")

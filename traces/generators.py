@@ -473,6 +473,18 @@ def _draw(rng: np.random.Generator, pmf: np.ndarray, n: int) -> Iterator[int]:
     return (int(x) + 1 for x in rng.choice(len(pmf), size=n, p=pmf))
 
 
+def _chain_pmf(p: ShareGPTParams | BFCLParams, sigma_name: str) -> np.ndarray:
+    """`count_pmf` of a chain's length; a mean that the spread and the cap cannot make together
+    names the three parameters (each passed its own check), so a caller can point at them."""
+    sigma = getattr(p, sigma_name)
+    try:
+        return count_pmf(p.calls_mean, p.calls_max, sigma)
+    except ValueError as exc:
+        raise DrawError(f"{_workload_of(p)} parameters calls_mean={_shown(p.calls_mean)}, calls_max="
+                        f"{_shown(p.calls_max)}, {sigma_name}={sigma!r}: {exc}",
+                        ("calls_mean", "calls_max", sigma_name)) from None
+
+
 def calls_weighted_position(pmf: np.ndarray) -> float:
     """E[t - 1] for a call drawn uniformly from all calls of chains with length pmf.
 
@@ -487,7 +499,7 @@ def calls_weighted_position(pmf: np.ndarray) -> float:
 
 
 def _sharegpt(rng: np.random.Generator, n: int, p: ShareGPTParams) -> Iterator[tuple[Call, ...]]:
-    pmf = count_pmf(p.calls_mean, p.calls_max, p.turns_sigma)
+    pmf = _chain_pmf(p, "turns_sigma")
     user_length = token_length(p.user_tokens_mean, p.user_tokens_sigma)
     reply_length = token_length(p.output_tokens_mean, p.output_tokens_sigma)
     for turns in _draw(rng, pmf, n):
@@ -508,7 +520,7 @@ def _sharegpt(rng: np.random.Generator, n: int, p: ShareGPTParams) -> Iterator[t
 
 
 def _bfcl(rng: np.random.Generator, n: int, p: BFCLParams) -> Iterator[tuple[Call, ...]]:
-    pmf = count_pmf(p.calls_mean, p.calls_max, p.calls_sigma)
+    pmf = _chain_pmf(p, "calls_sigma")
     # Mean prompt per call = docs + query + E[t-1] * (output + observation).
     history = calls_weighted_position(pmf) * (p.output_tokens_mean + p.observation_tokens_mean)
     query_mean = p.prompt_tokens_mean - p.docs_tokens - history
@@ -607,7 +619,8 @@ _BUILDERS = {
 
 
 class DrawError(ValueError):
-    """A draw the trace format cannot hold, with the parameters that shape it.
+    """A draw the trace format cannot hold (or a call count the parameters cannot
+    make together), with the parameters that shape it.
 
     Only the draw shows such an error (every parameter passes its own check),
     so a caller that knows where each parameter was set can point at the ones
