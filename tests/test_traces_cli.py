@@ -219,3 +219,60 @@ def test_gen_with_a_tiny_sigma_works_without_numpy_warnings(tmp_path, param):
                        cwd=REPO, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert r.stderr.startswith("wrote 3 programs (") and r.stderr.count("\n") == 1, r.stderr
+
+
+STRICT_INT = "in ASCII digits as JSON writes it (no underscores, spaces, '+' or leading zeros)"
+
+
+@pytest.mark.parametrize(
+    "option,value,expected",
+    [
+        ("--programs", "5_0", "an integer " + STRICT_INT),  # wrote 50 programs
+        ("--programs", "\u0665", "an integer " + STRICT_INT),  # an Arabic-Indic 5: wrote 5
+        ("--programs", " 5", "an integer " + STRICT_INT),
+        ("--programs", "5 ", "an integer " + STRICT_INT),
+        ("--programs", "+5", "an integer " + STRICT_INT),
+        ("--programs", "05", "an integer " + STRICT_INT),
+        ("--programs", "5.0", "an integer"),
+        ("--seed", "0_0", "an integer " + STRICT_INT),
+        ("--seed", "\uff10", "an integer " + STRICT_INT),  # a fullwidth 0
+        ("--rate", "\u0661", f"a number {STRICT_INT}, e.g. 0.5"),  # an Arabic-Indic 1: rate 1
+        ("--rate", "1_0", f"a number {STRICT_INT}, e.g. 0.5"),
+        ("--rate", " 1", f"a number {STRICT_INT}, e.g. 0.5"),
+        ("--rate", ".5", f"a number {STRICT_INT}, e.g. 0.5"),
+        ("--rate", "nan", "a finite number > 0"),
+        ("--rate", "x", "a number"),
+    ],
+)
+def test_gen_numeric_options_are_read_strictly_as_param_values_are(tmp_path, option, value, expected):
+    out = tmp_path / "g.jsonl"
+    args = {"--programs": "3", "--rate": "1", "--seed": "0"}
+    args[option] = value
+    r = run("gen", "bfcl", *[x for kv in args.items() for x in kv], "-o", str(out))
+    assert r.returncode == 2 and r.stderr.endswith(f"error: argument {option}: expected {expected}, got {value!r}\n"), r.stderr
+    assert "Traceback" not in r.stderr and not out.exists()
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["gen", "bfcl", "--programs", "3", "--rate", "1", "--seed", "0", "--arrival", "gamma", "--cv", "1_0"],
+         f"argument --cv: expected a number {STRICT_INT}, e.g. 0.5, got '1_0'"),
+        (["convert", "azure", "in.csv", "--min-tokens", "\u0663"], f"argument --min-tokens: expected an integer {STRICT_INT}, got '\u0663'"),
+        (["convert", "mooncake", "in.jsonl", "--group-by-prefix", "2_0"],
+         f"argument --group-by-prefix: expected an integer {STRICT_INT}, got '2_0'"),
+        (["convert", "mooncake", "in.jsonl", "--group-by-prefix", "0"],
+         "argument --group-by-prefix: expected an integer >= 1, got 0"),
+        (["validate", "x.jsonl", "--limit", "1_0"], f"argument --limit: expected an integer {STRICT_INT}, got '1_0'"),
+        # --param: JSON skipped the spaces (calls_max= 70 was 70), and "[[[[..." was a RecursionError traceback
+        (["gen", "bfcl", "--programs", "3", "--rate", "1", "--seed", "0", "--param", "calls_max= 70"],
+         "argument --param: calls_max: expected a value with no spaces around it, got ' 70'"),
+        (["gen", "bfcl", "--programs", "3", "--rate", "1", "--seed", "0", "--param", "calls_max=" + "[" * 100_000],
+         "argument --param: calls_max: the value is nested too deeply"),
+    ],
+)
+def test_other_numeric_options_and_param_values_are_read_strictly(tmp_path, args, message):
+    output = [] if args[0] == "validate" else ["-o", str(tmp_path / "o.jsonl")]
+    r = subprocess.run([sys.executable, "-m", "traces", *args, *output], cwd=tmp_path, capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.endswith(f"error: {message}\n"), r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "o.jsonl").exists()

@@ -1,19 +1,47 @@
 """argparse types shared by the command lines (``traces``, ``sim serve``, the
 gateway), so a bad number is a usage error naming its option (exit 2), not a
-traceback from wherever the value is first used."""
+traceback from wherever the value is first used. Numbers are read strictly,
+as JSON numbers (`json_number`), like ``python -m traces gen --param``."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 from typing import Callable
 
 
-def _integer(text: str, noun: str = "an integer") -> int:
+def json_number(text: str) -> int | float | None:
+    """``text`` as a JSON number (the grammar ``--param`` values are read with), else None.
+
+    Strict: ASCII digits only, no underscores, no surrounding spaces, no
+    leading ``+`` or zero, so ``5_0`` is not 50 and ``\u0661`` (an
+    Arabic-Indic one) is not 1, as Python's ``int`` and ``float`` read them.
+    ``NaN`` and ``Infinity`` are JSON's words for floats, and a number past
+    the digits Python converts is None too.
+    """
+    if not text or text != text.strip():  # json.loads skips surrounding whitespace
+        return None
     try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected {noun}, got {text!r}") from None
+        value = json.loads(text)
+    except (ValueError, RecursionError):  # not JSON, an integer past Python's digit limit, or "[[[[..."
+        return None
+    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+# Said where Python would read the text as a number but `json_number` does not.
+_STRICT = "in ASCII digits as JSON writes it (no underscores, spaces, '+' or leading zeros)"
+
+
+def _integer(text: str, noun: str = "an integer") -> int:
+    value = json_number(text)
+    if not isinstance(value, int):
+        try:
+            int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {noun}, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected {noun} {_STRICT}, got {text!r}")
+    return value
 
 
 def int_at_least(minimum: int) -> Callable[[str], int]:
@@ -52,10 +80,19 @@ def port_number(text: str) -> int:
 
 def positive_float(text: str) -> float:
     """A finite number > 0 (rates, coefficients of variation)."""
+    value = json_number(text)
+    if value is None:
+        try:
+            loose = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if math.isfinite(loose):  # '.5', '1_0', a non-ASCII digit
+            raise argparse.ArgumentTypeError(f"expected a number {_STRICT}, e.g. 0.5, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")  # 'nan', 'inf'
     try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        value = float(value)  # an integer past what a float holds is not finite either
+    except OverflowError:
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}") from None
     if not (value > 0 and math.isfinite(value)):
         raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
     return value

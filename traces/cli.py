@@ -36,12 +36,20 @@ def _formatter(prog: str) -> argparse.HelpFormatter:
 
 
 def _param(text: str) -> tuple[str, object]:
-    """``key=value``; the value is read as JSON when it parses (numbers, true/false), else a string."""
+    """``key=value``; the value is read as JSON when it parses (numbers, true/false), else a string.
+
+    A value with spaces around it is refused: JSON skips them, so ``calls_max= 70`` was 70 while
+    ``--programs " 70"`` is an error (the options read numbers with the same grammar, `json_number`).
+    """
     key, eq, value = text.partition("=")
     if not eq or not key:
-        raise argparse.ArgumentTypeError(f"expected key=value, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected key=value, got {text[:200]!r}")
+    if value != value.strip():
+        raise argparse.ArgumentTypeError(f"{key}: expected a value with no spaces around it, got {value[:200]!r}")
     try:
         return key, json.loads(value)
+    except RecursionError:  # "[[[[...": a traceback before
+        raise argparse.ArgumentTypeError(f"{key}: the value is nested too deeply") from None
     except ValueError:
         return key, value
 
@@ -109,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--seed", type=NONNEGATIVE_INT, default=None, help="sharegpt: arrival seed (default 0)")
     conv.add_argument("--tokenizer", default=None,
                       help="sharegpt: Hugging Face tokenizer name (needs transformers); default chars/4")
-    conv.add_argument("--group-by-prefix", type=int, default=None, metavar="N",
+    conv.add_argument("--group-by-prefix", type=int_at_least(1), default=None, metavar="N",
                       help="mooncake: rows sharing their first N hash ids form one chained program")
 
     val = sub.add_parser(
