@@ -276,3 +276,13 @@ def test_other_numeric_options_and_param_values_are_read_strictly(tmp_path, args
     r = subprocess.run([sys.executable, "-m", "traces", *args, *output], cwd=tmp_path, capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.endswith(f"error: {message}\n"), r.stderr
     assert "Traceback" not in r.stderr and not (tmp_path / "o.jsonl").exists()
+
+
+def test_validate_refuses_a_second_byte_order_mark(tmp_path):
+    f = tmp_path / "two-boms.jsonl"
+    assert main(["gen", "bfcl", "--programs", "2", "--rate", "1", "--seed", "0", "-o", str(f)]) == 0
+    f.write_bytes(b"\xef\xbb\xbf\xef\xbb\xbf" + f.read_bytes())
+    r = run("validate", str(f))
+    assert r.returncode == 1 and r.stdout == "", r.stdout
+    assert r.stderr == (f"{f}:1: a second byte order mark (bytes EF BB BF) follows the first; only one may start "
+                        f"the file\n{f}: 1 bad line(s)\n")

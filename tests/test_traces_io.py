@@ -254,3 +254,34 @@ def test_save_to_a_long_multibyte_name(tmp_path):
     target = tmp_path / ("\U0001F600" * 62 + ".jsonl")
     save(_one_program(), target)
     assert [p.id for p in load(target)] == ["p0"]
+
+
+def test_only_one_byte_order_mark_may_start_the_file(tmp_path):
+    """The first mark was cut and decoding with utf-8-sig dropped a second: validate said OK."""
+    from traces.importers import import_azure, import_mooncake, import_sharegpt
+    from traces.validate import SECOND_BOM, TraceError, validate_file
+
+    bom = b"\xef\xbb\xbf"
+    line = program_to_json(Program("p0", 0.0, "x", (Call("c0", (), 5, 2),))).encode() + b"\n"
+    twice = tmp_path / "twice.jsonl"
+    twice.write_bytes(bom + bom + line)
+    assert SECOND_BOM == "a second byte order mark (bytes EF BB BF) follows the first; only one may start the file"
+    with pytest.raises(TraceError) as info:
+        list(load(twice))
+    assert str(info.value) == f"{twice}:1: {SECOND_BOM}"
+    (err,) = validate_file(twice)
+    assert str(err) == f"{twice}:1: {SECOND_BOM}"
+    # the importers alike (azure named the header "\ufeffTIMESTAMP", sharegpt quoted json's "Unexpected UTF-8 BOM")
+    files = {
+        import_mooncake: b'{"timestamp": 0, "input_length": 10, "output_length": 2, "hash_ids": [0]}\n',
+        import_azure: b"TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:17:03.9799600,10,3\n",
+        import_sharegpt: b'[{"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]}]',
+    }
+    for importer, body in files.items():
+        f = tmp_path / f"{importer.__name__}.in"
+        f.write_bytes(bom + bom + body)
+        with pytest.raises(TraceError) as info:
+            importer(f)
+        assert str(info.value) == f"{f}:1: {SECOND_BOM}", importer
+        f.write_bytes(bom + body)  # one is fine
+        assert len(importer(f).programs) == 1, importer

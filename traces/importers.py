@@ -29,7 +29,7 @@ import numpy as np
 
 from traces.arrivals import arrival_times
 from traces.format import MAX_SECONDS, MAX_TOKENS, Call, Program
-from traces.validate import LongInt, TraceError, decode_jsonl_line, parse_json_int, show, unique_keys
+from traces.validate import SECOND_BOM, LongInt, TraceError, decode_jsonl_line, parse_json_int, show, unique_keys
 
 IMPORTERS = ("azure", "sharegpt", "mooncake")
 
@@ -72,10 +72,13 @@ def _utf8_lines(fh: Iterable[bytes], file: str) -> Iterator[str]:
     files and the other importers do: spreadsheet programs write one."""
     for line, raw in enumerate(fh, 1):
         try:
-            yield raw.decode("utf-8-sig" if line == 1 else "utf-8")
+            text = raw.decode("utf-8-sig" if line == 1 else "utf-8")
         except UnicodeDecodeError as exc:
             raise TraceError(f"not UTF-8 text (byte {exc.start + 1} of the line: {exc.reason})",
                              file=file, line=line) from None
+        if line == 1 and text.startswith("\ufeff"):
+            raise TraceError(SECOND_BOM, file=file, line=1)
+        yield text
 
 
 _DECIMAL = re.compile(r"-?[0-9]+")  # not int(): it also takes "1_000", " 12 " and non-ASCII digits
@@ -332,6 +335,8 @@ def import_sharegpt(
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:  # by line, as the other importers say it: a byte offset is no help
         raise TraceError(f"not UTF-8 text ({exc.reason})", file=file, line=raw.count(b"\n", 0, exc.start) + 1) from None
+    if text.startswith("\ufeff"):  # json read it as "Unexpected UTF-8 BOM (decode using utf-8-sig)"
+        raise TraceError(SECOND_BOM, file=file, line=1)
     try:
         data = json.loads(text, parse_int=parse_json_int, object_pairs_hook=unique_keys)
     except TraceError as exc:  # a key given twice: json would keep the last value silently

@@ -671,7 +671,7 @@ def decode_line(text: str | bytes) -> Any:
     rejects naming its field.
     """
     try:
-        line = text.decode("utf-8-sig") if isinstance(text, bytes) else text
+        line = text.decode("utf-8") if isinstance(text, bytes) else text  # a mark is the caller's to drop
         try:
             return _decode(line)
         except (TraceError, json.JSONDecodeError):
@@ -695,6 +695,8 @@ def decode_line(text: str | bytes) -> Any:
 
 
 _BOM = b"\xef\xbb\xbf"
+# The format allows one mark; the decoders dropped a second too (``utf-8-sig`` after the first was cut).
+SECOND_BOM = "a second byte order mark (bytes EF BB BF) follows the first; only one may start the file"
 
 
 def decode_jsonl_line(raw: bytes, what: str = "one program per line", first: bool = False) -> Any:
@@ -711,6 +713,8 @@ def decode_jsonl_line(raw: bytes, what: str = "one program per line", first: boo
             raise TraceError("a byte order mark starts this line; only a file's first line may start with one "
                              "(were two files joined?)")
         raw = raw[len(_BOM):]
+        if raw.startswith(_BOM):
+            raise TraceError(SECOND_BOM)
     if not raw.strip():
         raise TraceError(f"empty line ({what}, no blank lines)")
     return decode_line(raw)
