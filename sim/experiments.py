@@ -901,7 +901,14 @@ def _check_workload(ck: _Checker, raw: Any) -> tuple[str | None, dict[str, Any],
         generate(gen, **{**params, "programs": 0}, seed=0)
     except (ValueError, TypeError, OverflowError) as exc:  # OverflowError: a number past what a float holds
         msg = str(exc)
-        key = _named_key(msg, [k for k in params if isinstance(k, str)])
+        names = [k for k in params if isinstance(k, str)]
+        # Parameters wrong only together (``calls_mean=6 ... calls_max=2``): blame the one set
+        # last, a --set over a file line; the first named was blamed, the file for the --set's value.
+        paired = sorted((msg.find(f"{k}="), k) for k in names if re.search(rf"(?<![A-Za-z0-9_]){re.escape(k)}=", msg))
+        together = [k for k in getattr(exc, "params", ()) if k in params] or [k for _, k in paired]
+        if len(together) > 1:
+            ck.fail(ck.layered.latest([pp + (k,) for k in together]), msg)
+        key = _named_key(msg, names)
         ck.fail(pp + (key,) if key else pp, msg)
     return gen, dict(params), None
 

@@ -19,6 +19,7 @@ experiments:
     description: a tiny one
     workload: {trace: t.jsonl}
     latency: {kind: constant, seconds: 0.01}
+    engine: {gpus_per_replica: 1}  # so 70B does not fit
     policies: [fcfs, plas]
   other:
     workload: {trace: t.jsonl}

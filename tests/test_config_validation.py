@@ -267,7 +267,7 @@ def test_memory_shortage_is_blamed_on_the_set_key(exp, override, key):
 
 
 def test_model_set_in_the_file_is_still_blamed_there(exp):
-    path = exp(base=BASE.replace("policies: [fcfs]", "policies: [fcfs]\n    engine: {model: llama-3.1-70b}"))
+    path = exp(base=BASE.replace("policies: [fcfs]", "policies: [fcfs]\n    engine: {model: llama-3.1-70b, gpus_per_replica: 1}"))
     assert error("t", path).startswith("exp.yaml:6: experiment 't': engine.model: llama-3.1-70b does not fit")
 
 
@@ -559,7 +559,7 @@ def test_switching_the_kind_leaves_the_fields_set_below_it(exp):
 
 def test_num_gpu_blocks_still_needs_the_weights_and_the_blocks_to_fit(exp):
     """It skipped the memory arithmetic: 70B on one A100 ran, and so did 10 million blocks (20 TB of KV)."""
-    msg = error("t", exp(), ["engine.model=llama-3.1-70b", "engine.num_gpu_blocks=5000"])
+    msg = error("t", exp(), ["engine.model=llama-3.1-70b", "engine.gpus_per_replica=1", "engine.num_gpu_blocks=5000"])
     assert "engine.model: llama-3.1-70b does not fit on engine.gpus_per_replica=1 x a100-80gb" in msg, msg
     assert error("t", exp(), ["engine.num_gpu_blocks=10000000"]) == (
         "--set engine.num_gpu_blocks=10000000: experiment 't': engine.num_gpu_blocks: 10000000 blocks of 16 tokens "
@@ -650,3 +650,17 @@ def test_gpus_per_replica_unset_follows_the_models_tensor_parallel(tmp_path, mon
     assert resolve("small", "e.yaml", []).engine.gpus_per_replica == 1
     assert resolve("big", "e.yaml", ["engine.gpus_per_replica=8"]).engine.gpus_per_replica == 8  # set wins
     assert resolve("small", "e.yaml", ["engine.model=llama-3.1-70b"]).engine.gpus_per_replica == 4
+
+
+def test_generator_parameters_wrong_together_blame_the_one_set_last(exp):
+    """calls_mean in the file, calls_max by --set: the first named (calls_mean, the file's line) was blamed."""
+    path = exp(base=BASE.replace("workload: {generator: bfcl, params: {programs: 5, rate: 5.0}}",
+                                 "workload: {generator: sharegpt, params: {programs: 5, rate: 5.0, calls_mean: 6.0}}"))
+    assert error("t", path, ["workload.params.calls_max=2"]) == (
+        "--set workload.params.calls_max=2: experiment 't': workload.params.calls_max: sharegpt parameters: "
+        "calls_mean=6.0 must lie strictly between 1 and calls_max=2")
+    # both in the file: the first the message names
+    path = exp(base=BASE.replace("workload: {generator: bfcl, params: {programs: 5, rate: 5.0}}",
+                                 "workload: {generator: sharegpt, params: {programs: 5, rate: 5.0, calls_max: 2, "
+                                 "calls_mean: 6.0}}"))
+    assert error("t", path).startswith("exp.yaml:3: experiment 't': workload.params.calls_mean: sharegpt parameters")

@@ -117,12 +117,12 @@ def test_model_that_does_not_fit(write):
     path = write("""\
       big:
         workload: {trace: t.jsonl}
-        engine: {model: llama-3.1-70b}
+        engine: {model: llama-3.1-70b, gpus_per_replica: 1}
     """)
     msg = error("big", path)
     assert msg.startswith("exp.yaml:14: experiment 'big': engine.model: llama-3.1-70b does not fit")
     assert "gpus_per_replica" in msg
-    # ... and fits on four GPUs, as in the paper
+    # ... and fits on four GPUs, as in the paper (and by its spec's tensor_parallel where nothing sets the count)
     assert resolve("big", path, ["engine.gpus_per_replica=4"]).engine.gpus_per_replica == 4
 
 

@@ -14,9 +14,9 @@ BASE = """\
 experiments:
   tiny:
     workload:
-      generator: bfcl
-      params: {programs: 10, rate: 2.0}
+      {generator: bfcl, params: {programs: 10, rate: 2.0}}
     latency: {kind: constant, seconds: 0.01}
+    engine: {gpus_per_replica: 1}  # so 70B is a point that does not fit
     policies: [fcfs, plas]
 sweeps:
 """
