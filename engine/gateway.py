@@ -112,7 +112,7 @@ from sim.core import ProcessTable, make_balancer, make_policy
 from sim.core.params import PolicyParams
 from sim.core.state import CallState, ProgramState
 from sim.serve import json_type, run_site, sse_error
-from traces.argtypes import port_number
+from traces.argtypes import integer, number, port_number
 
 log = logging.getLogger(__name__)
 
@@ -139,10 +139,13 @@ def prompt_tokens_of(body: dict[str, Any]) -> int:
     if isinstance(prompt, list):
         return len(prompt)
     if isinstance(prompt, str):
-        return math.ceil(len(prompt.encode("utf-8")) / BYTES_PER_TOKEN)
+        # surrogatepass: a lone surrogate (JSON's "\ud800") is the engine's to judge; strict encoding
+        # raised UnicodeEncodeError here, a 500 and a traceback.
+        return math.ceil(len(prompt.encode("utf-8", "surrogatepass")) / BYTES_PER_TOKEN)
     messages = body.get("messages")
     if isinstance(messages, list):
-        size = sum(len(str(m.get("content", "")).encode("utf-8")) for m in messages if isinstance(m, dict))
+        size = sum(len(str(m.get("content", "")).encode("utf-8", "surrogatepass"))
+                   for m in messages if isinstance(m, dict))
         return math.ceil(size / BYTES_PER_TOKEN)
     return 0
 
@@ -414,6 +417,13 @@ class Gateway:
         unreachable: list[str] = []
         live: LiveCall | None = None
         try:
+            try:  # once for every engine tried; encoding in aiohttp ran deeper in the stack than the
+                # parse, so a body nested about 970 deep parsed, then failed there: a 500 and a traceback
+                payload = json.dumps(outgoing).encode("utf-8")
+            except RecursionError:
+                return error_response(400, "malformed JSON body: nested too deeply", code="invalid_json",
+                                      headers={PROGRAM_HEADER: pid, THREAD_HEADER: tid})
+            upstream_headers["Content-Type"] = "application/json"
             while True:
                 engine = self._choose(prompt_tokens, program, tried)
                 if engine is None:
@@ -428,7 +438,7 @@ class Gateway:
                 live = LiveCall(call, engine, self.now())
                 headers = {GATEWAY_ENGINE_HEADER: str(engine), PROGRAM_HEADER: pid, THREAD_HEADER: tid}
                 try:
-                    response, outcome = await self._relay(request, path, outgoing, live, headers, upstream_headers)
+                    response, outcome = await self._relay(request, path, payload, live, headers, upstream_headers)
                 except EngineUnreachable as exc:
                     unreachable.append(str(exc))
                     log.warning("%s", exc)
@@ -494,14 +504,14 @@ class Gateway:
             return outcome.last_token - outcome.first_token
         return (outcome.last_token if outcome.last_token is not None else self.now()) - live.sent
 
-    async def _relay(self, request: web.Request, path: str, body: dict[str, Any], live: LiveCall,
+    async def _relay(self, request: web.Request, path: str, payload: bytes, live: LiveCall,
                      headers: dict[str, str], upstream_headers: dict[str, str]
                      ) -> tuple[web.StreamResponse, Outcome | None]:
         """Send to the engine and relay its answer; the outcome is None unless the call completed."""
         assert self._session is not None
         url = self.cfg.engines[live.engine] + path
         try:
-            upstream = await self._session.post(url, json=body, headers=upstream_headers)
+            upstream = await self._session.post(url, data=payload, headers=upstream_headers)
         except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:  # never reached it
             self._mark_down(live.engine)
             raise EngineUnreachable(f"engine {live.engine} ({self.cfg.engines[live.engine]}) is unreachable: "
@@ -691,12 +701,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--port", type=port_number, default=8000, help="(default: %(default)s)")
     p.add_argument("--balancer", default="locality", choices=("locality", "least_used", "round_robin"),
                    help="(default: %(default)s)")
-    p.add_argument("--threshold", type=int, default=2048,
+    p.add_argument("--threshold", type=integer, default=2048,
                    help="locality: prompts longer than this stay on their program's engine (default: %(default)s)")
-    p.add_argument("--ttl", type=float, default=600.0, help="forget programs idle this many seconds (default: 600)")
+    p.add_argument("--ttl", type=number, default=600.0, help="forget programs idle this many seconds (default: 600)")
     p.add_argument("--policy", default="atlas", choices=("plas", "atlas", "fcfs", "mlfq"),
                    help="whose update rule turns call service into program service (default: %(default)s)")
-    p.add_argument("--max-body", type=int, default=32 * 1024 * 1024, help="largest request body in bytes")
+    p.add_argument("--max-body", type=integer, default=32 * 1024 * 1024, help="largest request body in bytes")
     p.set_defaults(run=run)
     return p
 

@@ -54,6 +54,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from sim.core import POLICY_CLASSES, PolicyParams
+from sim.core.params import MAX_SECONDS
 from traces.validate import parse_json_int
 
 CONFIG_KEY = "autellix"
@@ -187,6 +188,9 @@ def _tag_seconds(request_id: str, name: str, value: Any) -> float | None:
         raise PluginConfigError(
             f"request {request_id!r}: extra_args.{name} must be a finite number of seconds >= 0, got {_shown(value)}"
         )
+    if seconds > MAX_SECONDS:  # as engine.kv_ttl in an experiment: a 1e300 s pin never gives way by expiry
+        raise PluginConfigError(f"request {request_id!r}: extra_args.{name} must be at most {MAX_SECONDS:g} "
+                                f"seconds, got {_shown(value)}")
     return seconds
 
 

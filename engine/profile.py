@@ -65,6 +65,7 @@ from typing import Any, Callable, Sequence
 
 from sim.latency.base import StepShape
 from sim.latency.profile import Profile, ProfileRow, write_profile
+from traces.argtypes import integer, number
 
 VLLM_VERSION = "0.26.0"
 
@@ -419,15 +420,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                 "  python -m sim fit-latency a100.csv -o a100-measured.json"),
     )
     p.add_argument("-o", "--output", required=True, help="profile CSV to write")
-    p.add_argument("--repeats", type=int, default=3, help="timed steps per shape (default: %(default)s)")
+    p.add_argument("--repeats", type=integer, default=3, help="timed steps per shape (default: %(default)s)")
     p.add_argument("--quick", action="store_true", help="small grid, for a smoke run")
-    p.add_argument("--max-num-batched-tokens", type=int, default=8192, help="token budget (default: %(default)s)")
-    p.add_argument("--max-num-seqs", type=int, default=256, help="(default: %(default)s)")
-    p.add_argument("--max-model-len", type=int, default=32768, help="(default: %(default)s)")
-    p.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="(default: %(default)s)")
+    p.add_argument("--max-num-batched-tokens", type=integer, default=8192, help="token budget (default: %(default)s)")
+    p.add_argument("--max-num-seqs", type=integer, default=256, help="(default: %(default)s)")
+    p.add_argument("--max-model-len", type=integer, default=32768, help="(default: %(default)s)")
+    p.add_argument("--gpu-memory-utilization", type=number, default=0.9, help="(default: %(default)s)")
     p.add_argument("--enforce-eager", action="store_true", help="disable CUDA graphs")
     p.add_argument("--workdir", help="where to write the model config.json (default: a temp dir)")
-    p.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+    p.add_argument("--seed", type=integer, default=0, help="(default: %(default)s)")
     p.set_defaults(run=run)
     return p
 

@@ -32,6 +32,8 @@ import math
 import re
 from typing import Any
 
+from sim.core.params import MAX_SECONDS
+
 PROGRAM_HEADER = "X-Program-Id"
 THREAD_HEADER = "X-Thread-Id"
 KV_TTL_HEADER = "X-KV-TTL"  # seconds to pin the call's KV for its program's next call (gateway -> xargs kv_ttl)
@@ -91,6 +93,9 @@ def check_id(value: str, what: str) -> str:
     if not ID_RE.fullmatch(value):  # match() let "p1\n" through: "$" also matches before a final newline
         raise BadRequest(f"{what} {value[:40]!r} has characters outside [A-Za-z0-9._:-]",
                          param=what, code="invalid_id")
+    if value in (".", ".."):  # path segments: clients normalise /v1/programs/.. away, so no DELETE reaches it
+        raise BadRequest(f"{what} {value!r} is a path segment (DELETE /v1/programs/{value} cannot name it); "
+                         "use another id", param=what, code="invalid_id")
     return value
 
 
@@ -107,6 +112,9 @@ def check_kv_ttl(value: str) -> float:
         seconds = math.nan
     if not (math.isfinite(seconds) and seconds >= 0):
         raise BadRequest(f"{KV_TTL_HEADER} must be a finite number of seconds >= 0, got {value[:40]!r}",
+                         param=KV_TTL_HEADER, code="invalid_kv_ttl")
+    if seconds > MAX_SECONDS:  # as engine.kv_ttl in an experiment and the engines' kv_ttl tag
+        raise BadRequest(f"{KV_TTL_HEADER} must be at most {MAX_SECONDS:g} seconds, got {value[:40]!r}",
                          param=KV_TTL_HEADER, code="invalid_kv_ttl")
     return seconds
 

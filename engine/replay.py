@@ -85,9 +85,11 @@ from engine.protocol import (
 )
 from engine.sse import DONE, SSEParser, event_token_count, event_token_ids
 from engine.tokens import fallback_output_ids, prompt_ids
+from sim.core.params import MAX_SECONDS
 from sim.metrics import summarize_run, write_calls_csv, write_programs_csv
 from sim.records import CallRecord, ProgramRecord
 from traces.format import Call, Program
+from traces.argtypes import number
 from traces.io import digest
 
 REPLAY_JSON = "replay.json"
@@ -118,7 +120,9 @@ class Target(Protocol):
 
 # How a program's end went (`HTTPTarget.end_program`); counted in replay.json's ``program_ends``.
 ENDED = "ended"  # the gateway forgot the program
-EXPIRED = "expired"  # the gateway had already dropped it (idle past its --ttl)
+# The gateway did not hold it: dropped as idle past its --ttl, or never recorded (every call of
+# it refused before the gateway took it up, e.g. a body over --max-body).
+NOT_HELD = "not_held"
 NO_TABLE = "no_table"  # a bare engine (vLLM, sim serve, in-process): no route; its table expires programs itself
 END_FAILED = "failed"  # anything else; the reason is in replay.json's ``program_end_errors``
 
@@ -190,7 +194,7 @@ class HTTPTarget:
                     return ENDED
                 text = await r.text()
                 if r.status == 404 and '"program_not_found"' in text:
-                    return EXPIRED
+                    return NOT_HELD
                 if r.status in (404, 405):
                     return NO_TABLE
                 raise ReplayError(f"program {program_id}: DELETE /v1/programs: HTTP {r.status}: {text[:300]}")
@@ -606,9 +610,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--latency", help="label of the engine's latency model, recorded for validate "
                                     "(e.g. constant:0.005, fitted:a100-llama-3.1-8b, real:a100)")
     p.add_argument("--name", help="run name in summary.json (default: the trace's file name)")
-    p.add_argument("--request-timeout", type=float, help="seconds before one call is given up (default: none)")
+    p.add_argument("--request-timeout", type=number, help="seconds before one call is given up (default: none)")
     p.add_argument("--workdir", help="inprocess: where to write the model config.json")
-    p.add_argument("--kv-ttl", type=float, default=0.0, metavar="SECONDS",
+    p.add_argument("--kv-ttl", type=number, default=0.0, metavar="SECONDS",
                    help="tag each call that has children with kv_ttl=SECONDS: the engine keeps its KV cached "
                         "for the program's next call (default 0: no pins)")
     p.add_argument("--cache-salt", metavar="TEXT",
@@ -637,8 +641,8 @@ def option_problem(args: argparse.Namespace, out: str) -> str | None:
             ok = False
         if not ok:
             return f"--target {args.target}: expected a base URL such as http://HOST:PORT, or 'inprocess'"
-    if not (math.isfinite(args.kv_ttl) and args.kv_ttl >= 0):
-        return f"--kv-ttl: expected seconds >= 0, got {args.kv_ttl}"
+    if not (math.isfinite(args.kv_ttl) and 0 <= args.kv_ttl <= MAX_SECONDS):  # the engines refuse more
+        return f"--kv-ttl: expected seconds from 0 to {MAX_SECONDS:g}, got {args.kv_ttl}"
     timeout = args.request_timeout
     if timeout is not None and not (math.isfinite(timeout) and timeout > 0):
         return f"--request-timeout: expected seconds > 0, got {timeout}"

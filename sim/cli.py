@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from sim.textout import aligned
+from traces.argtypes import integer
 
 RUN_EXAMPLES = """examples:
   python -m sim run quickstart
@@ -76,12 +77,12 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("-o", "--out", metavar="DIR", help="output directory (default: results/NAME)")
     run.add_argument(
         "--seeds",
-        type=int,
+        type=integer,
         metavar="N",
         help="replicate under N seeds (the experiment's seed and the next N-1): each in DIR/seed-S/, "
         "means and 95%% confidence intervals in DIR/replications.json",
     )
-    run.add_argument("-w", "--workers", type=int, metavar="N", help="with --seeds: seeds run in parallel (default: the number of CPUs)")
+    run.add_argument("-w", "--workers", type=integer, metavar="N", help="with --seeds: seeds run in parallel (default: the number of CPUs)")
     run.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no result table")
 
     lst = sub.add_parser(
@@ -106,7 +107,7 @@ def _parser() -> argparse.ArgumentParser:
     _experiments_arg(sw)
     _set_arg(sw, "override a dotted key at every point, e.g. workload.params.programs=100 (not a key the grid varies, nor policies); repeatable")
     sw.add_argument("-o", "--out", metavar="DIR", help="output directory (default: results/sweeps/NAME)")
-    sw.add_argument("-w", "--workers", type=int, metavar="N", help="parallel jobs (default: the number of CPUs; with --backend ray, the cluster's)")
+    sw.add_argument("-w", "--workers", type=integer, metavar="N", help="parallel jobs (default: the number of CPUs; with --backend ray, the cluster's)")
     sw.add_argument("--backend", choices=("local", "ray"), default="local", help="local processes (default) or Ray tasks")
     sw.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no result table")
 

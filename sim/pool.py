@@ -95,17 +95,31 @@ def _one_pool(queue: collections.deque, workers: int, fn: Callable[[T], Any], ke
               ) -> Generator[tuple[T, Any, BaseException | None], None, list[tuple[T, BaseException]]]:
     """Run tasks from ``queue`` (taken as they start) in one pool, at most ``workers`` at once,
     yielding their outcomes, until the queue is empty or the pool breaks; returns the tasks
-    the break took down, each with its error, in the order of their keys."""
+    the break took down, each with its error (those of each wait in the order of their keys)."""
     lost: list[tuple[T, BaseException]] = []
     with SpawnPool(workers) as pool:
         futures: dict[Any, T] = {}
-        try:  # an interrupt while submitting must stop the pool too, not wait for its tasks
+        submitted = 0
+
+        def fill() -> bool:
+            """Submit from the queue up to ``workers`` in flight; False if the pool broke meanwhile."""
+            nonlocal submitted
             while queue and len(futures) < workers:
                 task = queue.popleft()
-                futures[pool.submit(fn, task)] = task
-            while futures:
+                try:
+                    futures[pool.submit(fn, task)] = task
+                except BrokenProcessPool:  # a worker died after the last wait: this task never started
+                    queue.appendleft(task)
+                    if not submitted:  # a fresh pool that cannot start anything: retrying would loop
+                        raise
+                    return False
+                submitted += 1
+            return True
+
+        try:  # an interrupt while submitting must stop the pool too, not wait for its tasks
+            broke = not fill()
+            while futures and not broke:
                 done, _ = wait(futures, return_when=FIRST_COMPLETED)
-                broke = False
                 for fut in sorted(done, key=lambda f: key(futures[f])):
                     task, exc = futures.pop(fut), fut.exception()
                     if isinstance(exc, BrokenProcessPool):
@@ -113,19 +127,18 @@ def _one_pool(queue: collections.deque, workers: int, fn: Callable[[T], Any], ke
                         broke = True
                     else:
                         yield task, (fut.result() if exc is None else None), exc
-                if broke:  # the rest in flight come back broken too (or finished just before)
-                    wait(futures)
-                    for fut, task in sorted(futures.items(), key=lambda item: key(item[1])):
-                        exc = fut.exception()
-                        if isinstance(exc, BrokenProcessPool):
-                            lost.append((task, exc))
-                        else:
-                            yield task, (fut.result() if exc is None else None), exc
-                    futures.clear()
-                    break
-                while queue and len(futures) < workers:
-                    task = queue.popleft()
-                    futures[pool.submit(fn, task)] = task
+                # Refilled after the results were taken, which may be long after the wait: a death
+                # in between made submit raise, and the whole run ended with a traceback.
+                broke = broke or not fill()
+            if broke:  # the rest in flight come back broken too (or finished just before)
+                wait(futures)
+                for fut, task in sorted(futures.items(), key=lambda item: key(item[1])):
+                    exc = fut.exception()
+                    if isinstance(exc, BrokenProcessPool):
+                        lost.append((task, exc))
+                    else:
+                        yield task, (fut.result() if exc is None else None), exc
+                futures.clear()
         finally:
             # An interrupt here, or the consumer stopped early (it closed this generator).
             if not all(f.done() for f in futures):

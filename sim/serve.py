@@ -48,6 +48,7 @@ import argparse
 import asyncio
 import dataclasses
 import json
+import logging
 import math
 import sys
 import time
@@ -58,10 +59,11 @@ from typing import Any, Callable
 from aiohttp import web
 
 from sim.config import ExperimentConfig
+from sim.core.params import MAX_SECONDS
 from sim.core import POLICY_CLASSES
 from sim.latency import async_without_host_note
 from sim.realtime import FILLER_BASE, FILLER_VOCAB, CallHandle, Conflict, EngineFailed, RealtimeEngine, TooLarge
-from traces.argtypes import int_at_least, port_number
+from traces.argtypes import int_at_least, number, port_number
 from traces.validate import parse_json_int
 
 TOKEN_TEXT = " tok"
@@ -88,6 +90,24 @@ def error_body(status: int, message: str, param: str | None = None, code: str | 
 
 def error_response(status: int, message: str, param: str | None = None, code: str | None = None) -> web.Response:
     return web.json_response(error_body(status, message, param, code), status=status)
+
+
+@web.middleware
+async def router_errors(request: web.Request, handler):
+    """The router's own 404/405/413 as OpenAI error bodies, as vLLM's server (and the gateway)
+    answer them; aiohttp's were plain text ("404: Not Found")."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        message = {404: f"unknown route {request.method} {request.path}",
+                   405: f"method {request.method} is not allowed on {request.path}",
+                   413: f"request body exceeds {MAX_BODY} bytes"}.get(exc.status, exc.reason)
+        response = error_response(exc.status, message)
+        if "Allow" in exc.headers:
+            response.headers["Allow"] = exc.headers["Allow"]
+        return response
 
 
 def sse_error(body: dict[str, Any]) -> bytes:
@@ -239,8 +259,12 @@ def parse_request(body: Any, chat: bool, served_model: str) -> ParsedRequest:
     kv_ttl = xargs.get("kv_ttl")
     if kv_ttl is not None and (isinstance(kv_ttl, bool) or not isinstance(kv_ttl, (int, float))
                                or not math.isfinite(kv_ttl) or kv_ttl < 0):
-        raise RequestError(f"{XARGS}.kv_ttl must be a finite number of seconds >= 0, got {kv_ttl!r}",
+        raise RequestError(f"{XARGS}.kv_ttl must be a finite number of seconds >= 0, got {_short(kv_ttl)}",
                            f"{XARGS}.kv_ttl")
+    for name, value in (("program_service", service), ("program_total_service", total), ("kv_ttl", kv_ttl)):
+        if value is not None and value > MAX_SECONDS:  # as the plugin's tags and engine.kv_ttl
+            raise RequestError(f"{XARGS}.{name} must be at most {MAX_SECONDS:g} seconds, got {_short(value)}",
+                               f"{XARGS}.{name}")
     salt = body.get("cache_salt")
     if salt is not None and (not isinstance(salt, str) or not salt):  # vLLM's own check and wording
         raise RequestError("Parameter 'cache_salt' must be a non-empty string if provided.", "cache_salt")
@@ -264,7 +288,7 @@ class SimServer:
         self._expiry: asyncio.Task | None = None
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=MAX_BODY)
+        app = web.Application(client_max_size=MAX_BODY, middlewares=[router_errors])
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_post("/v1/chat/completions", self.chat_completions)
         app.router.add_get("/v1/models", self.models)
@@ -455,8 +479,14 @@ def build_config(args: argparse.Namespace) -> ExperimentConfig:
         cfg = ExperimentConfig(name="serve")
     eng = cfg.engine
     changes = {k: v for k, v in (("model", args.model), ("gpu", args.gpu), ("num_gpu_blocks", args.num_gpu_blocks),
-                                  ("max_num_seqs", args.max_num_seqs),
+                                  ("gpus_per_replica", args.gpus_per_replica), ("max_num_seqs", args.max_num_seqs),
                                   ("max_num_batched_tokens", args.max_num_batched_tokens)) if v is not None}
+    if args.model is not None and not args.experiment:
+        # As an experiment that leaves the count unset (`sim.experiments`): the GPUs the model
+        # is served on, its spec's tensor_parallel (70B: 4); 70B on the default 1 did not fit.
+        from sim.hardware import load_model
+
+        changes.setdefault("gpus_per_replica", load_model(args.model).tensor_parallel)
     if args.gpu is not None and not args.experiment:
         # `vllm serve`'s sequence cap and token budget for that GPU, unless given (`sim.experiments`
         # does the same for an experiment's GPU; an experiment's are its own, as resolved).
@@ -524,12 +554,31 @@ def run_site(app: web.Application, host: str, port: int, prog: str, banner: str 
         if banner:
             print(banner, file=sys.stderr, flush=True)
 
+    server_log = logging.getLogger("aiohttp.server")
+    one_line = MalformedRequestsInOneLine()
+    server_log.addFilter(one_line)
     try:
         web.run_app(app, host=host, port=port, handler_cancellation=True, access_log=None, print=bound)
     except OSError as exc:
         print(f"{prog}: error: cannot listen on {host}:{port}: {exc.strerror or exc}", file=sys.stderr)
         return 1
+    finally:
+        server_log.removeFilter(one_line)
     return 0
+
+
+class MalformedRequestsInOneLine(logging.Filter):
+    """A request aiohttp's parser refuses (a NUL in a header, a bad chunk size) already got its
+    400; aiohttp also logged it with a whole traceback, one per bad client request."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from aiohttp.http_exceptions import HttpProcessingError
+
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            record.msg, record.args, record.exc_info, record.exc_text = (
+                "refused a malformed HTTP request (400): %s", (" ".join(str(exc.message).split()),), None, None)
+        return True
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -547,8 +596,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                     "names one, else plas)")
     p.add_argument("--model", help="model spec name (e.g. llama-3.1-8b)")
     p.add_argument("--gpu", help="GPU spec name (e.g. a100-80gb)")
+    p.add_argument("--gpus-per-replica", type=int_at_least(1),
+                   help="GPUs this engine spans (tensor parallel; default: the --model spec's tensor_parallel, "
+                        "else the experiment's, else 1)")
     p.add_argument("--latency", choices=("constant", "roofline", "fitted"), help="latency model kind")
-    p.add_argument("--step-seconds", type=float, help="step time of the constant latency model")
+    p.add_argument("--step-seconds", type=number, help="step time of the constant latency model")
     p.add_argument("--latency-name", help="fitted latency model name or path")
     p.add_argument("--num-gpu-blocks", type=POSITIVE_INT, help="KV capacity in blocks (default: from the specs)")
     p.add_argument("--max-num-seqs", type=POSITIVE_INT)

@@ -329,6 +329,8 @@ def _expand(where: _Where, spec: dict[str, Any], path: tuple[Any, ...], start: i
         _at_most_max_points(where, path + ("num",), num, f"{num} values")
         if num == 1 and start != stop:
             where.fail(path + ("num",), f"1 value needs start == stop, got start {start} and stop {stop}")
+        if num == 1:
+            return [start]  # as typed (start == stop), 5 not 5.0 for a stop of 5.0
         integral = isinstance(start, int) and isinstance(stop, int)  # exact: a float would round a 16-digit seed
         first, last = _typed(start), _typed(stop)
         return [_value(first + (last - first) * Fraction(i, max(num - 1, 1)), integral) for i in range(num)]

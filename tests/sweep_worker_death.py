@@ -46,3 +46,16 @@ def run_seed_or_die(task):
 
 DEADLY_SEEDS = {20}
 ONCE_SEEDS = {8}
+
+
+def die_while_results_are_read(task):
+    """For `run_in_pools`: task 0 answers at once, task 1's worker dies half a second later
+    (while the consumer still holds task 0's result), the rest take a moment."""
+    import time
+
+    if task == 1:
+        time.sleep(0.5)
+        os._exit(9)
+    if task != 0:
+        time.sleep(0.1)
+    return task

@@ -664,3 +664,12 @@ def test_generator_parameters_wrong_together_blame_the_one_set_last(exp):
                                  "workload: {generator: sharegpt, params: {programs: 5, rate: 5.0, calls_max: 2, "
                                  "calls_mean: 6.0}}"))
     assert error("t", path).startswith("exp.yaml:3: experiment 't': workload.params.calls_mean: sharegpt parameters")
+
+
+def test_a_quoted_parameter_is_blamed_not_the_ones_that_bound_it(exp):
+    """LATS names 'calls_mean' and, unquoted, the width=3 and max_steps=5 that bound it: the
+    rule for parameters wrong together blamed width (the file's line) for a --set calls_mean."""
+    path = exp(base=BASE.replace("workload: {generator: bfcl, params: {programs: 5, rate: 5.0}}",
+                                 "workload: {generator: lats, params: {programs: 5, rate: 5.0, width: 3, max_steps: 5}}"))
+    assert error("t", path, ["workload.params.calls_mean=1000"]).startswith(
+        "--set workload.params.calls_mean=1000: experiment 't': workload.params.calls_mean: lats parameter 'calls_mean'")

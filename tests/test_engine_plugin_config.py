@@ -86,6 +86,7 @@ def test_tags_default_to_a_single_call_program():
         ({"kv_ttl": "2"}, "kv_ttl must be a finite number of seconds >= 0, got '2'"),
         ({"kv_ttl": True}, "kv_ttl must be a finite number of seconds >= 0, got True"),
         ({"kv_ttl": float("inf")}, "kv_ttl must be a finite number of seconds >= 0, got inf"),
+        ({"kv_ttl": 1e300}, r"request 'r': extra_args.kv_ttl must be at most 1e\+09 seconds, got 1e\+300$"),
         # integers too large for a float or for str(): a clear error, not OverflowError/ValueError
         ({"program_service": 10**400}, "program_service must be a finite number of seconds >= 0, got an integer "
                                        "of 1329 bits"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import aiohttp
 import pytest
@@ -61,6 +62,8 @@ def test_bad_requests_get_openai_errors_and_leave_no_live_calls():
          "invalid_kv_ttl", "X-KV-TTL", "X-KV-TTL must be a finite number of seconds >= 0, got 'soon'"),
         ("infinite kv ttl", "POST", "/v1/completions", b'{"prompt": [1]}', {"X-KV-TTL": "inf"}, 400,
          "invalid_kv_ttl", "X-KV-TTL", "X-KV-TTL must be a finite number of seconds >= 0, got 'inf'"),
+        ("kv ttl past any run", "POST", "/v1/completions", b'{"prompt": [1]}', {"X-KV-TTL": "1e300"}, 400,
+         "invalid_kv_ttl", "X-KV-TTL", "X-KV-TTL must be at most 1e+09 seconds, got '1e300'"),
         ("oversized", "POST", "/v1/completions", b'{"prompt": "' + b"x" * 9000 + b'"}', {}, 413,
          "request_too_large", None, "request body of 9014 bytes exceeds 8192 bytes"),
         ("unknown program end", "DELETE", "/v1/programs/ghost", None, {}, 404, "program_not_found", "program_id",
@@ -262,3 +265,43 @@ def test_an_untagged_call_never_takes_a_thread_the_program_has_live():
     gateway.acct.start("p", "t-4", 4, 0.0)
     assert gateway._ids(untagged, {})[1] == "t-3"
     assert gateway._ids(untagged, {})[1] == "t-5"  # t-4 is live
+
+
+def test_no_body_the_gateway_parsed_fails_when_it_is_forwarded():
+    """Two 500s with tracebacks: a lone surrogate in the prompt or a message (the token estimate
+    encoded it strictly), and a body nested about 970 deep, which parsed but failed when aiohttp
+    encoded it again deeper in the stack. The first is the engine's to judge; the second a 400."""
+    async def go():
+        e0, eng0 = await start_engine()
+        gw, gateway = await start_gw([e0.url])
+        statuses = {}
+        try:
+            async with aiohttp.ClientSession() as s:
+                for name, body in (("prompt", b'{"prompt": "\\ud800x", "max_tokens": 2}'),):
+                    statuses[name] = (await _request(s, "POST", gw.url + "/v1/completions", body, {}))[0]
+                body = b'{"messages": [{"role": "user", "content": "\\ud800"}], "max_tokens": 2}'
+                statuses["chat"] = (await _request(s, "POST", gw.url + "/v1/chat/completions", body, {}))[0]
+                for depth in range(900, 1101):
+                    body = b'{"prompt": [1], "max_tokens": 1, "x": ' + b"[" * depth + b"]" * depth + b"}"
+                    statuses[depth] = (await _request(s, "POST", gw.url + "/v1/completions", body, {}))[0]
+            left = (gateway.acct.live_calls(), list(gateway.loads))
+        finally:
+            await gw.stop()
+            await e0.stop()
+        return statuses, left
+
+    statuses, left = run(go(), timeout=120)
+    assert statuses["prompt"] == statuses["chat"] == 200
+    depths = {d: s for d, s in statuses.items() if isinstance(d, int)}
+    assert set(depths.values()) <= {200, 400}, {d: s for d, s in depths.items() if s not in (200, 400)}
+    assert depths[900] == 200 and depths[1100] == 400
+    assert left == (0, [0])
+
+
+def test_dot_ids_are_refused_because_no_delete_can_name_them():
+    """'.' and '..' passed as ids, but an HTTP client normalises /v1/programs/.. away: the replay's
+    DELETE missed the route (counted as a bare engine's) and the gateway kept the program."""
+    for value in (".", ".."):
+        with pytest.raises(BadRequest, match=rf"^X-Program-Id '{re.escape(value)}' is a path segment"):
+            check_id(value, "X-Program-Id")
+    assert check_id("...", "X-Program-Id") == "..." and check_id("a.b", "X-Program-Id") == "a.b"

@@ -132,3 +132,11 @@ def test_a_byte_order_mark_does_not_hide_the_first_column(tmp_path):
     bom = tmp_path / "bom.csv"
     bom.write_bytes(b"\xef\xbb\xbf" + plain.read_bytes())
     assert read_profile(bom).rows == read_profile(plain).rows
+
+
+def test_free_form_provenance_keeps_every_value_and_near_names_pass():
+    """Only the keys the fitter copies must be given once; a repeated note keeps both lines,
+    and a key that only starts like a host key is not taken for a misspelt one."""
+    prof = parse_profile(text(*GOOD, extra="# note: first run\n# note: after a reboot\n# host_per_step_note: see log\n"))
+    assert prof.provenance["note"] == "first run; after a reboot"
+    assert prof.provenance["host_per_step_note"] == "see log" and prof.host() == {}

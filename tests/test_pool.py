@@ -48,3 +48,23 @@ def _running(pid: int) -> bool:
     except FileNotFoundError:
         return False
     return state not in ("Z", "X")
+
+
+def test_a_worker_death_while_results_are_read_loses_only_its_tasks():
+    """The pool was refilled after the consumer took a result, which may be long after the
+    wait: a worker that died in between made submit raise BrokenProcessPool, and a sweep or
+    --seeds run ended with a traceback, the task just taken from the queue lost."""
+    import contextlib
+    import time
+
+    from sim.pool import WorkerLost, run_in_pools
+    from sweep_worker_death import die_while_results_are_read
+
+    got = {}
+    with contextlib.closing(run_in_pools([0, 1, 2, 3], 2, die_while_results_are_read, key=lambda t: t)) as outcomes:
+        for task, result, exc in outcomes:
+            got[task] = result if exc is None else exc
+            if task == 0:
+                time.sleep(2)  # task 1's worker dies meanwhile
+    assert (got[0], got[2], got[3]) == (0, 2, 3)
+    assert isinstance(got[1], WorkerLost) and "BrokenProcessPool" in str(got[1])

@@ -196,10 +196,11 @@ def test_cli_reports_a_bad_trace_and_an_unreachable_target(tmp_path):
                            "--policy", "plas", "--out", str(tmp_path / "o")], capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 1 and "/v1/models" in proc.stderr and "Traceback" not in proc.stderr
-    proc = subprocess.run([sys.executable, "-m", "engine", "replay", str(good), "--target", "http://127.0.0.1:9",
-                           "--policy", "plas", "--kv-ttl", "-1"], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and proc.stderr.strip() == (
-        "python -m engine replay: error: --kv-ttl: expected seconds >= 0, got -1.0")
+    for ttl in ("-1", "1e10"):  # past 1e9 s every engine refuses the tag, so every call would fail
+        proc = subprocess.run([sys.executable, "-m", "engine", "replay", str(good), "--target", "http://127.0.0.1:9",
+                               "--policy", "plas", "--kv-ttl", ttl], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and proc.stderr.strip() == (
+            f"python -m engine replay: error: --kv-ttl: expected seconds from 0 to 1e+09, got {float(ttl)}")
 
 
 @pytest.mark.parametrize(
@@ -486,7 +487,7 @@ def test_end_program_outcomes_by_what_the_server_answers():
     engine); anything else is a failure with the server's words."""
     from aiohttp import web
 
-    from engine.replay import EXPIRED, ENDED, NO_TABLE, HTTPTarget, ReplayError
+    from engine.replay import NOT_HELD, ENDED, NO_TABLE, HTTPTarget, ReplayError
 
     seen = []
 
@@ -524,7 +525,7 @@ def test_end_program_outcomes_by_what_the_server_answers():
             await bare.stop()
 
     out = run(go())
-    assert out == {"ok": ENDED, "gone": EXPIRED, "405": NO_TABLE, "404": NO_TABLE}
+    assert out == {"ok": ENDED, "gone": NOT_HELD, "405": NO_TABLE, "404": NO_TABLE}
     assert seen == ["p.1", "gone", "busy"]
 
 
@@ -570,7 +571,7 @@ def test_replayer_ends_each_program_once_after_all_its_calls(tmp_path):
 
 def test_end_program_reads_the_real_gateways_answers():
     """The gateway's own 404 for a program it no longer holds reads as expired, not as a bare engine."""
-    from engine.replay import ENDED, EXPIRED, HTTPTarget, Clock
+    from engine.replay import ENDED, NOT_HELD, HTTPTarget, Clock
     from test_serve_helpers import start_gw
 
     async def go():
@@ -586,4 +587,4 @@ def test_end_program_reads_the_real_gateways_answers():
             await server.stop()
 
     held, first, second, after = run(go())
-    assert (held, first, second, after) == (["p"], ENDED, EXPIRED, [])
+    assert (held, first, second, after) == (["p"], ENDED, NOT_HELD, [])

@@ -481,6 +481,11 @@ def test_config_from_an_experiment_with_overrides_and_flags():
     capped = build_config(p.parse_args(["--gpu", "h100", "--max-num-seqs", "64"]))
     assert (capped.engine.max_num_seqs, capped.engine.max_num_batched_tokens) == (64, 8192)
     assert (plain.engine.max_num_seqs, plain.engine.max_num_batched_tokens) == (256, 2048)
+    # --model alone spans its spec's tensor_parallel, as an experiment that leaves the count unset:
+    # 70B on the default single GPU did not fit, and no flag could say otherwise.
+    assert build_config(p.parse_args(["--model", "llama-3.1-70b"])).engine.gpus_per_replica == 4
+    assert build_config(p.parse_args(["--model", "llama-3.1-70b", "--gpus-per-replica", "8"])).engine.gpus_per_replica == 8
+    assert plain.engine.gpus_per_replica == 1
 
 
 @pytest.mark.parametrize("seconds", ["inf", "1e-12", "1e5"])
@@ -834,3 +839,53 @@ def test_an_engine_behind_real_time_still_lets_the_server_run():
             await engine.stop()
 
     assert run(go(), timeout=30) is False
+
+
+def test_the_routers_own_errors_and_out_of_range_tags_are_openai_errors():
+    """aiohttp's 404 and 405 were plain text ("404: Not Found"); a kv_ttl of 1e300 s was taken."""
+    async def go():
+        server, _ = await start_engine()
+        out = []
+        try:
+            async with aiohttp.ClientSession() as s:
+                for method, path, body in (("POST", "/v1/nope", {}), ("GET", "/v1/completions", None),
+                                           ("POST", "/v1/completions", {"prompt": [1], "vllm_xargs": {"kv_ttl": 1e300}}),
+                                           ("POST", "/v1/completions",
+                                            {"prompt": [1], "vllm_xargs": {"program_service": 2e9}})):
+                    async with s.request(method, server.url + path, json=body) as r:
+                        out.append((r.status, await r.json(), r.headers.get("Allow")))
+        finally:
+            await server.stop()
+        return out
+
+    (nope, wrong, ttl, service) = run(go())
+    assert nope[:2] == (404, {"error": {"message": "unknown route POST /v1/nope", "type": "not_found_error",
+                                        "param": None, "code": None}})
+    assert wrong[0] == 405 and wrong[1]["error"]["message"] == "method GET is not allowed on /v1/completions"
+    assert wrong[2] == "POST"
+    assert ttl[:2] == (400, {"error": {"message": "vllm_xargs.kv_ttl must be at most 1e+09 seconds, got 1e+300",
+                                       "type": "invalid_request_error", "param": "vllm_xargs.kv_ttl", "code": None}})
+    assert service[1]["error"]["message"] == "vllm_xargs.program_service must be at most 1e+09 seconds, got 2000000000.0"
+
+
+def test_a_request_the_http_parser_refuses_is_logged_in_one_line():
+    """aiohttp answers it 400 and logged a whole traceback per bad client request."""
+    import logging
+
+    from aiohttp.http_exceptions import BadHttpMessage
+
+    from sim.serve import MalformedRequestsInOneLine
+
+    try:
+        raise BadHttpMessage("Invalid header value char:\n\n  b'X: p\\x00'\n     ^")
+    except BadHttpMessage:
+        import sys as _sys
+
+        record = logging.LogRecord("aiohttp.server", logging.ERROR, __file__, 1, "Error handling request", (),
+                                   _sys.exc_info())
+    assert MalformedRequestsInOneLine().filter(record)
+    assert record.exc_info is None
+    assert record.getMessage() == "refused a malformed HTTP request (400): Invalid header value char: b'X: p\\x00' ^"
+    other = logging.LogRecord("aiohttp.server", logging.ERROR, __file__, 1, "Error handling request", (),
+                              (ValueError, ValueError("boom"), None))
+    assert MalformedRequestsInOneLine().filter(other) and other.exc_info is not None  # a real bug keeps its traceback

@@ -44,6 +44,28 @@ def _integer(text: str, noun: str = "an integer") -> int:
     return value
 
 
+def integer(text: str) -> int:
+    """Any integer, read strictly (its range is the option's own check)."""
+    return _integer(text)
+
+
+def number(text: str) -> float:
+    """Any number, read strictly; ``nan`` and ``inf`` pass, for the option's own check to name."""
+    value = json_number(text)
+    if value is None:
+        try:
+            loose = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if math.isfinite(loose):  # '.5', '1_0', a non-ASCII digit
+            raise argparse.ArgumentTypeError(f"expected a number {_STRICT}, e.g. 0.5, got {text!r}")
+        return loose
+    try:
+        return float(value)
+    except OverflowError:  # an integer past what a float holds
+        return math.inf
+
+
 def int_at_least(minimum: int) -> Callable[[str], int]:
     """An integer >= ``minimum`` (engine limits take 1: 0 would start an engine that never schedules)."""
 

@@ -52,9 +52,8 @@ from typing import Any, Sequence
 
 from sim.hardware import json_key_line
 from sim.latency.base import StepShape
-from traces.argtypes import int_at_least
-from sim.latency.profile import ProfileError, ProfileRow, read_profile
-from traces.argtypes import positive_float
+from sim.latency.profile import COPIED_KEYS, ProfileError, ProfileRow, read_profile
+from traces.argtypes import int_at_least, number, positive_float
 from traces.validate import TraceError, parse_json_int, unique_keys
 
 MODELS_DIR = Path(__file__).parent / "models"
@@ -328,8 +327,7 @@ def fit_command(profile_path: str | Path, out_path: str | Path, name: str | None
     """Read a profile CSV, fit it, write the model JSON; returns the model and report."""
     profile = read_profile(profile_path)
     name = name or Path(out_path).stem
-    prov = {k: profile.provenance[k] for k in ("gpu", "model", "gpu_spec", "model_spec", "engine", "source",
-                                                "source_sha256", "date", "derived") if k in profile.provenance}
+    prov = {k: profile.provenance[k] for k in COPIED_KEYS if k in profile.provenance}
     prov["profile"] = Path(profile_path).name
     # The profile's digest rather than today's date: the same profile gives the same file.
     prov["profile_sha256"] = hashlib.sha256(Path(profile_path).read_bytes()).hexdigest()
@@ -359,7 +357,7 @@ def fit_latency_main(argv: list[str]) -> int:
     p.add_argument("profile", help="profile CSV (format: sim/latency/profile.py)")
     p.add_argument("-o", "--output", required=True, help="fitted model JSON to write")
     p.add_argument("--name", help="model name stored in the JSON (default: the output file's stem)")
-    p.add_argument("--test-fraction", type=float, default=0.2, help="held-out share of steps (default: %(default)s)")
+    p.add_argument("--test-fraction", type=number, default=0.2, help="held-out share of steps (default: %(default)s)")
     p.add_argument("--seed", type=int_at_least(0), default=0,
                    help="seed of the train/test split (default: %(default)s)")
     p.add_argument("--max-mape", type=positive_float, help="exit 1 if the held-out MAPE (%%) exceeds this")

@@ -62,6 +62,9 @@ SHAPE_COLUMNS = (
 )
 COLUMNS = SHAPE_COLUMNS + ("seconds",)
 HOST_KEYS = ("host_per_step", "host_per_seq")  # provenance keys read as numbers
+# Provenance the fitter copies into the model: each may be given once. Other keys are free
+# form, and a repeated one keeps every value ("a; b").
+COPIED_KEYS = ("gpu", "model", "gpu_spec", "model_spec", "engine", "source", "source_sha256", "date", "derived")
 # A measured step lies between a kernel launch and an hour; a time outside is
 # corrupt or in the wrong unit, and times near a float's limits overflow the
 # fit's sums of squares.
@@ -112,7 +115,7 @@ def _near_host_key(key: str) -> bool:
     import difflib
 
     folded = key.lower().replace("-", "_").replace(" ", "_")
-    return folded.startswith("host_per") or bool(difflib.get_close_matches(folded, HOST_KEYS, n=1, cutoff=0.8))
+    return folded in HOST_KEYS or bool(difflib.get_close_matches(folded, HOST_KEYS, n=1, cutoff=0.85))
 
 
 def shape_problem(s: StepShape) -> str | None:
@@ -152,14 +155,14 @@ def parse_profile(text: str, origin: str = "<profile>") -> Profile:
             key, value = line.split(":", 1)
             key, value = key.strip(), value.strip()
             where = f"{origin}:{i + 1}: {key}"
-            if key in key_lines:  # the last one was kept: two gpu lines left the other GPU's name
+            if key in key_lines and key in (*COPIED_KEYS, *HOST_KEYS):  # the last was kept: two gpu lines
                 raise ProfileError(f"{where}: repeated (first on line {key_lines[key]}); give each key once")
-            key_lines[key] = i + 1
+            key_lines.setdefault(key, i + 1)
             if key in HOST_KEYS:
                 host[key] = (_host_seconds(value, where), i + 1)
             elif _near_host_key(key):  # a near miss would be ignored, and the host time be 0
                 raise ProfileError(f"{where}: misspelt host key; expected {' or '.join(HOST_KEYS)}")
-            provenance[key] = value
+            provenance[key] = f"{provenance[key]}; {value}" if key in provenance else value
         i += 1
     if i == len(lines):
         raise ProfileError(f"{origin}: empty profile: no header line with columns {','.join(COLUMNS)}")
