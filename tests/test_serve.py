@@ -889,3 +889,148 @@ def test_a_request_the_http_parser_refuses_is_logged_in_one_line():
     other = logging.LogRecord("aiohttp.server", logging.ERROR, __file__, 1, "Error handling request", (),
                               (ValueError, ValueError("boom"), None))
     assert MalformedRequestsInOneLine().filter(other) and other.exc_info is not None  # a real bug keeps its traceback
+
+
+# -- fields sim serve does not act on, checked as vLLM 0.26.0 checks them ------------------------------
+
+# (chat, extra fields, param): vLLM 0.26.0 answers 400 to each (its pydantic request models, their
+# validators and SamplingParams); sim serve answered 200 to the first ones, ignoring the field.
+VLLM_REFUSES = [
+    (False, {"temperature": "hot"}, "temperature"), (False, {"temperature": -1}, "temperature"),
+    (False, {"temperature": 2.5}, "temperature"), (False, {"temperature": float("nan")}, "temperature"),
+    (False, {"top_p": "x"}, "top_p"), (False, {"top_p": 5}, "top_p"), (False, {"top_p": 0}, "top_p"),
+    (False, {"stop": {}}, "stop"), (False, {"stop": [""]}, "stop"), (False, {"stop": [1]}, "stop"),
+    (False, {"logprobs": "x"}, "logprobs"), (False, {"logprobs": 100}, "logprobs"),
+    (False, {"logprobs": -1}, "logprobs"), (False, {"logprobs": 2.5}, "logprobs"),
+    (False, {"seed": "x"}, "seed"), (False, {"seed": 2 ** 63}, "seed"),
+    (False, {"logit_bias": [1]}, "logit_bias"), (False, {"logit_bias": {"x": 1}}, "logit_bias"),
+    (False, {"logit_bias": {"-1": 1}}, "logit_bias"), (False, {"logit_bias": {"5": None}}, "logit_bias"),
+    (False, {"ignore_eos": "x"}, "ignore_eos"), (False, {"ignore_eos": 2}, "ignore_eos"),
+    (False, {"ignore_eos": None}, "ignore_eos"), (False, {"echo": "x"}, "echo"),
+    (False, {"user": 5}, "user"), (False, {"suffix": 5}, "suffix"), (False, {"model": 0}, "model"),
+    (False, {"frequency_penalty": 3}, "frequency_penalty"), (False, {"repetition_penalty": 0}, "repetition_penalty"),
+    (False, {"min_p": 2}, "min_p"), (False, {"top_k": -2}, "top_k"), (False, {"top_k": 1.5}, "top_k"),
+    (False, {"min_tokens": -1}, "min_tokens"), (False, {"min_tokens": 17}, "min_tokens"),
+    (False, {"truncate_prompt_tokens": -2}, "truncate_prompt_tokens"),
+    (False, {"truncation_side": "up"}, "truncation_side"), (False, {"allowed_token_ids": []}, "allowed_token_ids"),
+    (False, {"prompt_logprobs": -1}, "prompt_logprobs"), (False, {"prompt_logprobs": 21}, "prompt_logprobs"),
+    (False, {"prompt_logprobs": 1, "stream": True}, "prompt_logprobs"),
+    (False, {"logprob_token_ids": [1]}, "logprob_token_ids"),
+    (False, {"bad_words": [""]}, "bad_words"), (False, {"priority": "x"}, "priority"),
+    (False, {"request_id": 5}, "request_id"), (False, {"length_penalty": None}, "length_penalty"),
+    (False, {"stop_token_ids": ["a"]}, "stop_token_ids"), (False, {"thinking_token_budget": -2}, "thinking_token_budget"),
+    (False, {"thinking_token_budget": "3"}, "thinking_token_budget"), (False, {"response_format": 5}, "response_format"),
+    (True, {"temperature": "hot"}, "temperature"), (True, {"user": 5}, "user"), (True, {"stop": {}}, "stop"),
+    (True, {"logprobs": 3}, "logprobs"), (True, {"top_logprobs": 5}, "top_logprobs"),
+    (True, {"logprobs": True, "top_logprobs": 21}, "top_logprobs"), (True, {"echo": None}, "echo"),
+    (True, {"tools": []}, "tools"), (True, {"tool_choice": "auto"}, "tool_choice"),
+    (True, {"reasoning_effort": "x"}, "reasoning_effort"), (True, {"documents": [{"a": 1}]}, "documents"),
+    (True, {"continue_final_message": True, "add_generation_prompt": True}, "continue_final_message"),
+    (True, {"min_tokens": 11, "max_completion_tokens": 10}, "min_tokens"),
+]
+
+# vLLM 0.26.0 takes these (pydantic's lax mode reads "0.5" as a number, 1 and "yes" as true; fields it
+# does not declare are ignored, best_of among them), so sim serve must too.
+VLLM_TAKES = [
+    (False, {"temperature": "0.5"}), (False, {"temperature": True}), (False, {"temperature": None}),
+    (False, {"temperature": 0}), (False, {"temperature": 2}), (False, {"top_p": "1"}), (False, {"stop": None}),
+    (False, {"stop": "x"}), (False, {"logprobs": 3.0}), (False, {"logprobs": 20}), (False, {"seed": "5"}),
+    (False, {"seed": -1}), (False, {"logit_bias": {"5": "1"}}), (False, {"logit_bias": {" 5": 1e9}}),
+    (False, {"ignore_eos": "true"}), (False, {"ignore_eos": 1}), (False, {"echo": None}), (False, {"best_of": 0}),
+    (False, {"no_such_field": {}}), (False, {"model": None}), (False, {"model": ""}), (False, {"min_tokens": 16}),
+    (False, {"prompt_logprobs": 0, "stream": True}), (False, {"logprob_token_ids": [1], "logprobs": 1}),
+    (False, {"thinking_token_budget": -1}), (False, {"top_k": "3"}), (False, {"presence_penalty": "-2.0"}),
+    (True, {"suffix": 5}), (True, {"best_of": 0}), (True, {"logprobs": True, "top_logprobs": 5}),
+    (True, {"top_logprobs": 0}), (True, {"tool_choice": "none"}), (True, {"min_tokens": 100}),
+    (True, {"reasoning_effort": "high"}), (True, {"documents": [{"a": "b"}]}),
+]
+
+
+def _body(chat: bool, extra: dict) -> dict:
+    return {**({"messages": [{"role": "user", "content": "hi"}]} if chat else {"prompt": "hi"}), **extra}
+
+
+@pytest.mark.parametrize("chat,extra,param", VLLM_REFUSES)
+def test_fields_vllm_refuses_are_refused_naming_the_field(chat, extra, param):
+    with pytest.raises(RequestError) as err:
+        parse_request(_body(chat, extra), chat=chat, served_model="sim")
+    assert err.value.status == 400 and err.value.param == param
+    assert err.value.message.startswith(param + " ")
+
+
+@pytest.mark.parametrize("chat,extra", VLLM_TAKES)
+def test_fields_vllm_takes_are_taken(chat, extra):
+    parse_request(_body(chat, extra), chat=chat, served_model="sim")
+
+
+def test_field_errors_name_field_expected_and_got():
+    def message(extra, chat=False):
+        with pytest.raises(RequestError) as err:
+            parse_request(_body(chat, extra), chat=chat, served_model="sim")
+        return err.value.message
+
+    assert message({"temperature": "hot"}) == 'temperature must be a finite number in [0, 2], got "hot"'
+    assert message({"top_p": 5}) == "top_p must be a number in (0, 1], got 5"
+    assert message({"logprobs": 100}) == "logprobs must be an integer in [0, 20], got 100"
+    assert message({"ignore_eos": None}) == "ignore_eos must be a boolean (not null), got null"
+    assert message({"logit_bias": [1]}) == ("logit_bias must be an object from token ids (strings of integers >= 0) "
+                                            "to numbers, got [1]")
+    assert message({"min_tokens": 17}) == "min_tokens must be at most max_tokens (16), got 17"
+    assert message({"top_logprobs": 2}, chat=True) == "top_logprobs needs logprobs true, got logprobs null"
+
+
+def test_a_model_that_is_not_a_string_is_a_400_not_a_404_over_http():
+    async def go():
+        server, engine = await start_engine()
+        out = []
+        try:
+            async with aiohttp.ClientSession() as s:
+                for path, body in (("/v1/completions", {"prompt": [1], "model": [1]}),
+                                   ("/v1/completions", {"prompt": [1], "temperature": -1}),
+                                   ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
+                                                             "stop": {}}),
+                                   ("/v1/completions", {"prompt": [1], "best_of": 0, "max_tokens": 1})):
+                    async with s.post(server.url + path, json=body) as r:
+                        out.append((r.status, await r.json()))
+        finally:
+            await server.stop()
+        return out
+
+    out = run(go())
+    assert [status for status, _ in out] == [400, 400, 400, 200]
+    assert [body["error"] for _, body in out[:3]] == [
+        {"message": "model must be a string, got [1]", "type": "invalid_request_error", "param": "model", "code": None},
+        {"message": "temperature must be a finite number in [0, 2], got -1", "type": "invalid_request_error",
+         "param": "temperature", "code": None},
+        {"message": "stop must be a string or a list of strings, none empty, got {}", "type": "invalid_request_error",
+         "param": "stop", "code": None},
+    ]
+
+
+def test_the_field_cases_are_what_vllm_itself_answers():
+    """VLLM_REFUSES and VLLM_TAKES, checked against vLLM 0.26.0's own request models and SamplingParams
+    (the server's 400s short of the model: max_logprobs 20, a Llama-3 vocabulary)."""
+    pytest.importorskip("vllm")
+    from types import SimpleNamespace
+
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+    from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+
+    model = SimpleNamespace(max_logprobs=20, get_vocab_size=lambda: 128256)
+
+    def vllm_refuses(chat: bool, body: dict) -> bool:
+        try:
+            req = (ChatCompletionRequest if chat else CompletionRequest).model_validate(body)
+            # a chat request without a cap gets the context left (here: 1000), a completion 16
+            cap = (req.max_completion_tokens or req.max_tokens or 1000) if chat else req.max_tokens
+            params = req.to_sampling_params(cap, {})
+            params._validate_logprobs(model)
+            params._validate_logit_bias(model)
+            params._validate_allowed_token_ids(range(128256))
+        except (ValueError, TypeError):  # pydantic's ValidationError is a ValueError
+            return True
+        return False
+
+    cases = [(chat, extra, True) for chat, extra, _ in VLLM_REFUSES] + [(c, e, False) for c, e in VLLM_TAKES]
+    wrong = [(chat, extra) for chat, extra, refused in cases if vllm_refuses(chat, _body(chat, extra)) != refused]
+    assert wrong == []
