@@ -433,7 +433,12 @@ def parse_request(body: Any, chat: bool, served_model: str) -> ParsedRequest:
         for i, m in enumerate(messages):
             if not isinstance(m, dict):
                 raise RequestError(f"messages[{i}]: expected an object, got {json_type(m)}", "messages")
-            parts.append(f"{m.get('role', 'user')}: {_message_text(m, i)}\n")
+            for key in ("role", "name"):  # every message type's role: Required[str], name: str (vLLM's
+                # ChatCompletionMessageParam: OpenAI's message TypedDicts | CustomChatCompletionMessageParam)
+                if (key == "role" or key in m) and not isinstance(m.get(key), str):
+                    got = f"got {_as_json(m[key])}" if key in m else "it is missing"
+                    raise RequestError(f"messages[{i}].{key} must be a string, {got}", "messages")
+            parts.append(f"{m['role']}: {_message_text(m, i)}\n")
         prompt_ids = text_token_ids("".join(parts))
         max_tokens = _int(body, "max_completion_tokens", _int(body, "max_tokens", DEFAULT_MAX_TOKENS, 1), 1)
     else:

@@ -1034,3 +1034,18 @@ def test_the_field_cases_are_what_vllm_itself_answers():
     cases = [(chat, extra, True) for chat, extra, _ in VLLM_REFUSES] + [(c, e, False) for c, e in VLLM_TAKES]
     wrong = [(chat, extra) for chat, extra, refused in cases if vllm_refuses(chat, _body(chat, extra)) != refused]
     assert wrong == []
+
+
+def test_a_chat_message_needs_a_string_role_as_vllm():
+    # vLLM's message types all declare role: Required[str] (and name: str); "user" was assumed for a
+    # missing role and any role was printed, so role 5 or {} was a 200.
+    for message, got in (({"role": 5, "content": "x"}, "got 5"), ({"role": {}, "content": "x"}, "got {}"),
+                         ({"content": "x"}, "it is missing"), ({"role": None, "content": "x"}, "got null")):
+        with pytest.raises(RequestError) as err:
+            parse_request({"messages": [message]}, chat=True, served_model="sim")
+        assert (err.value.status, err.value.param) == (400, "messages")
+        assert err.value.message == f"messages[0].role must be a string, {got}"
+    with pytest.raises(RequestError, match=r"^messages\[1\]\.name must be a string, got 7$"):
+        parse_request({"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "x", "name": 7}]},
+                      chat=True, served_model="sim")
+    parse_request({"messages": [{"role": "wizard", "content": "x", "name": "bob"}]}, chat=True, served_model="sim")
