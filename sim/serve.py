@@ -35,6 +35,14 @@ Program identity and priority come from ``vllm_xargs`` in the body
 the call's KV for its program's next call), exactly as vLLM's
 server passes them to the scheduler plugin, so the gateway works against
 this engine unchanged. A request without them is a one-call program.
+The ids follow the plugin (`engine.plugin_config.read_tags`), the engine
+side, not the gateway's stricter ``engine.protocol.check_id``: a string or
+an integer of any length and characters, and a ``thread_id`` without a
+``program_id`` is a thread of a one-call program, because a stand-in for
+the engine must take what vLLM takes; the gateway refuses those before any
+engine sees them. (Where the plugin logs a malformed tag, a float id or a
+negative service, and schedules the call untagged, sim serve answers 400.)
+
 Fields it does not act on are still checked as vLLM 0.26.0 checks them
 (`check_vllm_fields`: each field's pydantic type and the ranges of vLLM's
 validators and ``SamplingParams``), so a request vLLM refuses with 400 is
@@ -396,6 +404,12 @@ CROSS_CHECKS: list[tuple[bool | None, str, Callable[[dict, int | None], Any], st
 ]
 
 
+def _xarg_ok(value: Any) -> bool:
+    """Whether a vllm_xargs value has the type vLLM declares, ``dict[str, str | int | float | list[str | int |
+    float]]`` (CompletionRequest / ChatCompletionRequest.vllm_xargs): not null, an object or a nested list."""
+    return all(isinstance(v, (str, int, float)) for v in (value if isinstance(value, list) else [value]))
+
+
 def _as_json(value: Any, limit: int = 60) -> str:
     """A value as the client wrote it (JSON), cut to ``limit`` characters, for errors."""
     try:
@@ -470,14 +484,21 @@ def parse_request(body: Any, chat: bool, served_model: str) -> ParsedRequest:
     if not isinstance(opts, dict):
         raise RequestError(f"stream_options must be an object, got {json_type(opts)}", "stream_options")
     include_usage = _flag(opts, "include_usage", "stream_options.include_usage")
-    xargs = body.get(XARGS) or {}
-    if not isinstance(xargs, dict):
-        raise RequestError(f"{XARGS} must be an object", XARGS)
+    xargs = {} if body.get(XARGS) is None else body[XARGS]
+    if not isinstance(xargs, dict):  # [] and "" too: they are not absent to vLLM
+        raise RequestError(f"{XARGS} must be an object, got {_as_json(xargs)}", XARGS)
+    for key, value in xargs.items():
+        if not _xarg_ok(value):
+            raise RequestError(f"{XARGS}.{key} must be a string, a number or a list of those, got "
+                               f"{_as_json(value)}", f"{XARGS}.{key}")
     pid, tid, service = xargs.get("program_id"), xargs.get("thread_id"), xargs.get("program_service")
     total = xargs.get("program_total_service")
     for name, value in (("program_id", pid), ("thread_id", tid)):
-        if value is not None and (not isinstance(value, (str, int)) or str(value) == ""):
-            raise RequestError(f"{XARGS}.{name} must be a non-empty string", f"{XARGS}.{name}")
+        # As the plugin (`engine.plugin_config.read_tags`), not the gateway (`engine.protocol.check_id`):
+        # any string or integer, of any length or characters, "" too; see the module docstring.
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (str, int))):
+            raise RequestError(f"{XARGS}.{name} must be a string or an integer, got {_as_json(value)}",
+                               f"{XARGS}.{name}")
     for name, value in (("program_service", service), ("program_total_service", total)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
                                   or not math.isfinite(value) or value < 0):

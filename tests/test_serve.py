@@ -1049,3 +1049,35 @@ def test_a_chat_message_needs_a_string_role_as_vllm():
         parse_request({"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "x", "name": 7}]},
                       chat=True, served_model="sim")
     parse_request({"messages": [{"role": "wizard", "content": "x", "name": "bob"}]}, chat=True, served_model="sim")
+
+
+def test_vllm_xargs_are_typed_as_vllm_and_ids_read_as_the_plugin_reads_them():
+    def parse(xargs):
+        return parse_request({"prompt": [1], "vllm_xargs": xargs}, chat=False, served_model="sim")
+
+    # vLLM's type, dict[str, str | int | float | list[str | int | float]]: null, an object or a nested
+    # list is a 400 there; [] or "" for the whole field is not an absent field.
+    for xargs, param, got in (({"kv_ttl": None}, "vllm_xargs.kv_ttl", "null"),
+                              ({"program_id": None}, "vllm_xargs.program_id", "null"),
+                              ({"other": {}}, "vllm_xargs.other", "{}"), ({"other": [[1]]}, "vllm_xargs.other", "[[1]]")):
+        with pytest.raises(RequestError) as err:
+            parse(xargs)
+        assert err.value.param == param
+        assert err.value.message == f"{param} must be a string, a number or a list of those, got {got}"
+    for xargs in ([], "", 0, [1]):
+        with pytest.raises(RequestError) as err:
+            parse(xargs)
+        assert err.value.param == "vllm_xargs" and err.value.message.startswith("vllm_xargs must be an object, got ")
+    assert parse({"other": [1, "a", 2.5]}).program_id is None
+    # Ids as the plugin's read_tags takes them (the engine side), not the gateway's check_id: any
+    # string or integer; a boolean is refused (it was the id "True"), as the plugin refuses it.
+    for value in (True, 1.5, [1]):
+        with pytest.raises(RequestError) as err:
+            parse({"program_id": value})
+        assert err.value.message.startswith("vllm_xargs.program_id must be a string or an integer, got ")
+    long_id, odd_id = "p" * 129, "prögram/1 x"
+    req = parse({"program_id": long_id, "thread_id": odd_id})
+    assert (req.program_id, req.thread_id) == (long_id, odd_id)
+    assert parse({"program_id": 7}).program_id == "7" and parse({"program_id": ""}).program_id == ""
+    req = parse({"thread_id": "t"})  # as the plugin: a thread of a program of its own
+    assert (req.program_id, req.thread_id) == (None, "t")
