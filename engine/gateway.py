@@ -18,7 +18,8 @@ the paper's front end does:
   abort a request.
 
 Identity: clients send ``X-Program-Id`` and ``X-Thread-Id``, or
-``vllm_xargs.program_id`` and ``vllm_xargs.thread_id`` in the body; a header
+``vllm_xargs.program_id`` and ``vllm_xargs.thread_id`` in the body (a string
+or an integer; ``vllm_xargs`` itself an object or null); a header
 wins over the body's field, each id on its own. Without a program id a call
 is a one-call program with a fresh id, and a thread id without one is
 refused. A program call without a thread id gets a fresh thread (it may run
@@ -148,6 +149,17 @@ def prompt_tokens_of(body: dict[str, Any]) -> int:
                    for m in messages if isinstance(m, dict))
         return math.ceil(size / BYTES_PER_TOKEN)
     return 0
+
+
+def xarg_id(value: Any, field: str) -> str:
+    """An id from ``vllm_xargs``: a string, or an integer as the plugin takes one (`engine.plugin_config`);
+    str() made true and 1.5 the ids "True" and "1.5"."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    shown = json.dumps(value) if isinstance(value, (bool, int, float)) else json_type(value)
+    raise BadRequest(f"{field} must be a string or an integer, got {shown}", param=field, code="invalid_id")
 
 
 def engine_key(parts: SplitResult) -> tuple[str, str, int, str]:
@@ -344,15 +356,19 @@ class Gateway:
 
     # -- request identity ----------------------------------------------------------
     def _ids(self, request: web.Request, body: dict[str, Any]) -> tuple[str, str]:
-        xargs = body.get(XARGS) if isinstance(body.get(XARGS), dict) else {}
+        xargs = {} if body.get(XARGS) is None else body[XARGS]
+        if not isinstance(xargs, dict):  # it was dropped, and the engine got a body without the client's
+            raise BadRequest(f"{XARGS} must be an object, got {json_type(xargs)}", param=XARGS, code="invalid_xargs")
         pid = request.headers.get(PROGRAM_HEADER)
         tid = request.headers.get(THREAD_HEADER)
         pid_field, tid_field = PROGRAM_HEADER, THREAD_HEADER  # where each id came from, for errors
         # A header wins over the body's field; each id is taken where it is given.
         if pid is None and xargs.get(XARG_PROGRAM) is not None:
-            pid, pid_field = str(xargs[XARG_PROGRAM]), f"{XARGS}.{XARG_PROGRAM}"
+            pid_field = f"{XARGS}.{XARG_PROGRAM}"
+            pid = xarg_id(xargs[XARG_PROGRAM], pid_field)
         if tid is None and xargs.get(XARG_THREAD) is not None:
-            tid, tid_field = str(xargs[XARG_THREAD]), f"{XARGS}.{XARG_THREAD}"
+            tid_field = f"{XARGS}.{XARG_THREAD}"
+            tid = xarg_id(xargs[XARG_THREAD], tid_field)
         if pid is None:
             if tid is not None:
                 raise BadRequest(f"{tid_field} was given without {PROGRAM_HEADER} (or {XARGS}.{XARG_PROGRAM})",

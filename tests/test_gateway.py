@@ -37,6 +37,19 @@ def test_bad_requests_get_openai_errors_and_leave_no_live_calls():
         ("bad thread id in vllm_xargs", "POST", "/v1/completions", b'{"prompt": [1], "vllm_xargs": '
          b'{"program_id": "p", "thread_id": ""}}', {}, 400, "invalid_id", "vllm_xargs.thread_id",
          "vllm_xargs.thread_id must not be empty"),
+        # vllm_xargs that is not an object was dropped, so the engine answered for a body without it; an
+        # id that is neither a string nor an integer became str()'s "True" or "1.5".
+        ("xargs an array", "POST", "/v1/completions", b'{"prompt": [1], "vllm_xargs": [1]}', {}, 400,
+         "invalid_xargs", "vllm_xargs", "vllm_xargs must be an object, got an array"),
+        ("xargs a string", "POST", "/v1/completions", b'{"prompt": [1], "vllm_xargs": "x"}', {}, 400,
+         "invalid_xargs", "vllm_xargs", "vllm_xargs must be an object, got a string"),
+        ("boolean program id", "POST", "/v1/completions", b'{"prompt": [1], "vllm_xargs": {"program_id": true}}',
+         {}, 400, "invalid_id", "vllm_xargs.program_id", "vllm_xargs.program_id must be a string or an integer, got true"),
+        ("float program id", "POST", "/v1/completions", b'{"prompt": [1], "vllm_xargs": {"program_id": 1.5}}',
+         {}, 400, "invalid_id", "vllm_xargs.program_id", "vllm_xargs.program_id must be a string or an integer, got 1.5"),
+        ("object thread id", "POST", "/v1/completions",
+         b'{"prompt": [1], "vllm_xargs": {"program_id": "p", "thread_id": {}}}', {}, 400, "invalid_id",
+         "vllm_xargs.thread_id", "vllm_xargs.thread_id must be a string or an integer, got an object"),
         ("integer too long to read", "POST", "/v1/completions", b'{"max_tokens": ' + b"9" * 5000 + b"}", {}, 400,
          "invalid_json", None, "malformed JSON body: an integer longer than 4300 digits"),
         ("empty program id", "POST", "/v1/completions", b'{"prompt": [1]}', {"X-Program-Id": ""}, 400, "invalid_id",
@@ -305,3 +318,14 @@ def test_dot_ids_are_refused_because_no_delete_can_name_them():
         with pytest.raises(BadRequest, match=rf"^X-Program-Id '{re.escape(value)}' is a path segment"):
             check_id(value, "X-Program-Id")
     assert check_id("...", "X-Program-Id") == "..." and check_id("a.b", "X-Program-Id") == "a.b"
+
+
+def test_an_integer_xargs_id_is_its_digits():
+    from engine.gateway import xarg_id
+
+    assert xarg_id(7, "vllm_xargs.program_id") == "7" and xarg_id("p", "vllm_xargs.program_id") == "p"
+    for value, got in ((False, "false"), (2.0, "2.0"), ([1], "an array"), (None, "null")):
+        with pytest.raises(BadRequest) as err:
+            xarg_id(value, "vllm_xargs.thread_id")
+        assert (err.value.param, err.value.message) == (
+            "vllm_xargs.thread_id", f"vllm_xargs.thread_id must be a string or an integer, got {got}")
