@@ -1010,7 +1010,6 @@ def test_a_model_that_is_not_a_string_is_a_400_not_a_404_over_http():
 def test_the_field_cases_are_what_vllm_itself_answers():
     """VLLM_REFUSES and VLLM_TAKES, checked against vLLM 0.26.0's own request models and SamplingParams
     (the server's 400s short of the model: max_logprobs 20, a Llama-3 vocabulary)."""
-    pytest.importorskip("vllm")
     from types import SimpleNamespace
 
     from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
