@@ -112,7 +112,7 @@ from engine.sse import DONE, SSEParser, event_token_count, whole_events_end
 from sim.core import ProcessTable, make_balancer, make_policy
 from sim.core.params import PolicyParams
 from sim.core.state import CallState, ProgramState
-from sim.serve import json_type, run_site, sse_error
+from sim.serve import json_type, router_error_message, run_site, sse_error
 from traces.argtypes import integer, number, port_number
 
 log = logging.getLogger(__name__)
@@ -348,9 +348,7 @@ class Gateway:
         except web.HTTPException as exc:
             if exc.status < 400:
                 raise
-            message = {404: f"unknown route {request.method} {request.path}",
-                        405: f"method {request.method} is not allowed on {request.path}",
-                        413: f"request body exceeds {self.cfg.max_body} bytes"}.get(exc.status, exc.reason)
+            message = router_error_message(request, exc, self.cfg.max_body)
             return error_response(exc.status, message, headers={"Allow": exc.headers["Allow"]}
                                   if "Allow" in exc.headers else None)
 

@@ -115,13 +115,17 @@ async def router_errors(request: web.Request, handler):
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        message = {404: f"unknown route {request.method} {request.path}",
-                   405: f"method {request.method} is not allowed on {request.path}",
-                   413: f"request body exceeds {MAX_BODY} bytes"}.get(exc.status, exc.reason)
-        response = error_response(exc.status, message)
+        response = error_response(exc.status, router_error_message(request, exc, MAX_BODY))
         if "Allow" in exc.headers:
             response.headers["Allow"] = exc.headers["Allow"]
         return response
+
+
+def router_error_message(request: web.Request, exc: web.HTTPException, max_body: int) -> str:
+    """What the router's own 404, 405 or 413 says, for an OpenAI error body (here and in the gateway)."""
+    return {404: f"unknown route {request.method} {request.path}",
+            405: f"method {request.method} is not allowed on {request.path}",
+            413: f"request body exceeds {max_body} bytes"}.get(exc.status, exc.reason)
 
 
 def sse_error(body: dict[str, Any]) -> bytes:

@@ -102,19 +102,7 @@ def port_number(text: str) -> int:
 
 def positive_float(text: str) -> float:
     """A finite number > 0 (rates, coefficients of variation)."""
-    value = json_number(text)
-    if value is None:
-        try:
-            loose = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        if math.isfinite(loose):  # '.5', '1_0', a non-ASCII digit
-            raise argparse.ArgumentTypeError(f"expected a number {_STRICT}, e.g. 0.5, got {text!r}")
-        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")  # 'nan', 'inf'
-    try:
-        value = float(value)  # an integer past what a float holds is not finite either
-    except OverflowError:
-        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}") from None
+    value = number(text)
     if not (value > 0 and math.isfinite(value)):
         raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
     return value
