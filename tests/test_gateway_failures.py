@@ -336,3 +336,45 @@ def test_concurrent_calls_failing_on_one_outage_set_the_first_backoff_once():
 
     statuses, down_for = run(go())
     assert statuses == [200] * 12 and 0 < down_for <= 1.0
+
+
+def test_an_engine_that_goes_silent_gives_its_calls_up_after_the_engine_timeout():
+    """A frozen engine (not a dead one) held its calls until each client gave up: the gateway set
+    only a connect timeout. With --engine-timeout a whole answer gets 504 and a stream an error
+    event; the table is left clean either way."""
+    silent = asyncio.Event()
+
+    async def completions(request):
+        body = await request.json()
+        if not body.get("stream"):
+            await silent.wait()  # never answers
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(b'data: {"choices": [{"index": 0, "text": "x"}]}\n\n')
+        await silent.wait()  # then nothing more
+        return resp
+
+    async def go():
+        fake = await start_app({("POST", "/v1/completions"): completions})
+        gw, gateway = await start_gw([fake.url], engine_timeout=0.3)
+        try:
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as s:
+                hdr = {"X-Program-Id": "p", "X-Thread-Id": "t"}
+                async with s.post(gw.url + "/v1/completions", json={"prompt": [1]}, headers=hdr) as r:
+                    whole = (r.status, await r.json())
+                async with s.post(gw.url + "/v1/completions", json={"prompt": [1], "stream": True}, headers=hdr) as r:
+                    events = list(SSEParser().feed(await r.read()))
+            left = (gateway.acct.live_calls(), list(gateway.loads))
+        finally:
+            silent.set()
+            await gw.stop()
+            await fake.stop()
+        return whole, events, left
+
+    whole, events, left = run(go())
+    assert whole[0] == 504 and whole[1]["error"]["code"] == "engine_timeout"
+    assert whole[1]["error"]["message"].endswith("sent nothing for --engine-timeout 0.3 s; the call was given up")
+    assert events[-1] == DONE and "sent nothing for --engine-timeout 0.3 s" in events[-2]["error"]["message"]
+    assert left == (0, [0])
+    with pytest.raises(ValueError, match=r"^--engine-timeout must be a finite number of seconds > 0, got 0$"):
+        GatewayConfig(engines=["http://127.0.0.1:1"], engine_timeout=0)
