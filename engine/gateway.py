@@ -62,10 +62,6 @@ cached there is out of reach. Without this its in-flight count stayed at
 0, so the least-used rule sent it every short call. Only when no engine
 can be reached does a call get 502.
 
-Silent engines: with ``--engine-timeout`` a call whose engine sends nothing
-for that long is given up (504, or an error event in a stream); without it
-the gateway waits as long as the engine takes.
-
 Completion: a streamed call is complete (and charged, and its thread
 free) when its ``[DONE]`` arrives, before that event is passed on: a
 client may close the connection or send the thread's next call as soon
@@ -188,9 +184,6 @@ class GatewayConfig:
     max_body: int = 32 * 1024 * 1024
     expire_interval: float | None = None  # default: min(ttl / 4, 10) seconds
     connect_timeout: float = 10.0
-    # Seconds an engine may send nothing while it holds a call (None: wait as long as it takes).
-    # A frozen engine, not a dead one, otherwise held its calls until each client gave up.
-    engine_timeout: float | None = None
 
     def __post_init__(self) -> None:
         if not self.engines:
@@ -220,8 +213,6 @@ class GatewayConfig:
             raise ValueError(f"--ttl must be > 0 seconds, got {self.ttl}")
         if self.max_body < 1:
             raise ValueError(f"--max-body must be >= 1 byte, got {self.max_body}")
-        if self.engine_timeout is not None and not (math.isfinite(self.engine_timeout) and self.engine_timeout > 0):
-            raise ValueError(f"--engine-timeout must be a finite number of seconds > 0, got {self.engine_timeout}")
 
 
 @dataclass(eq=False)
@@ -328,8 +319,7 @@ class Gateway:
 
     async def _startup(self, app: web.Application) -> None:
         self._t0 = asyncio.get_running_loop().time()
-        timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.cfg.connect_timeout,
-                                        sock_read=self.cfg.engine_timeout)
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.cfg.connect_timeout)
         self._session = aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0))
         self._expiry = asyncio.create_task(self._expire_loop())
 
@@ -540,8 +530,6 @@ class Gateway:
             self._mark_down(live.engine)
             raise EngineUnreachable(f"engine {live.engine} ({self.cfg.engines[live.engine]}) is unreachable: "
                                     f"{exc}") from None
-        except aiohttp.ServerTimeoutError:  # it took the call and went silent: not sent again
-            return error_response(504, self._silent(live.engine), code="engine_timeout", headers=headers), None
         except (aiohttp.ClientError, OSError) as exc:  # it may have seen the call: not sent again
             return error_response(502, f"engine {live.engine} ({self.cfg.engines[live.engine]}) failed: "
                                   f"{type(exc).__name__}: {exc}", code="engine_failed", headers=headers), None
@@ -552,9 +540,6 @@ class Gateway:
                 return await self._relay_stream(request, upstream, headers, live)
             try:
                 data = await upstream.read()
-            except aiohttp.ServerTimeoutError:
-                log.warning("%s", self._silent(live.engine))
-                return error_response(504, self._silent(live.engine), code="engine_timeout", headers=headers), None
             except (aiohttp.ClientError, OSError) as exc:  # the engine died before its answer was whole
                 message = (f"engine {live.engine} ({self.cfg.engines[live.engine]}) failed before its answer was "
                            f"complete: {type(exc).__name__}: {exc}")
@@ -581,10 +566,6 @@ class Gateway:
                 # that is what makes vLLM's server abort the request.
                 upstream.close()
 
-    def _silent(self, engine: int) -> str:
-        return (f"engine {engine} ({self.cfg.engines[engine]}) sent nothing for --engine-timeout "
-                f"{self.cfg.engine_timeout:g} s; the call was given up")
-
     async def _relay_stream(self, request: web.Request, upstream: aiohttp.ClientResponse,
                             headers: dict[str, str], live: LiveCall) -> tuple[web.StreamResponse, Outcome | None]:
         engine = live.engine
@@ -606,8 +587,7 @@ class Gateway:
             except (aiohttp.ClientError, OSError) as exc:
                 # The engine died or cut the stream: tell the client the way
                 # vLLM reports a failure mid-stream, and charge nothing.
-                message = (self._silent(engine) if isinstance(exc, aiohttp.ServerTimeoutError) else
-                           f"engine {engine} ({self.cfg.engines[engine]}) failed mid-stream: {type(exc).__name__}: {exc}")
+                message = f"engine {engine} ({self.cfg.engines[engine]}) failed mid-stream: {type(exc).__name__}: {exc}"
                 log.warning("%s", message)
                 try:
                     await resp.write(sse_error(error_body(message, "internal_server_error", None, "engine_failed")))
@@ -741,10 +721,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--policy", default="atlas", choices=("plas", "atlas", "fcfs", "mlfq"),
                    help="whose update rule turns call service into program service (default: %(default)s)")
     p.add_argument("--max-body", type=integer, default=32 * 1024 * 1024, help="largest request body in bytes")
-    p.add_argument("--engine-timeout", type=number, metavar="SECONDS",
-                   help="give a call up (504, or an error event in a stream) when its engine sends nothing for "
-                        "this long; a whole (non-streamed) answer comes only at the end, so allow for the "
-                        "longest generation (default: wait as long as it takes)")
     p.set_defaults(run=run)
     return p
 
@@ -752,7 +728,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     try:
         cfg = GatewayConfig(engines=args.engine, balancer=args.balancer, threshold=args.threshold, ttl=args.ttl,
-                            policy=args.policy, max_body=args.max_body, engine_timeout=args.engine_timeout)
+                            policy=args.policy, max_body=args.max_body)
         gateway = Gateway(cfg)
     except ValueError as exc:
         print(f"python -m engine gateway: error: {exc}", file=sys.stderr)
