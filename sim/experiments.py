@@ -904,11 +904,13 @@ def _check_workload(ck: _Checker, raw: Any) -> tuple[str | None, dict[str, Any],
         names = [k for k in params if isinstance(k, str)]
         # Parameters wrong only together (``calls_mean=6 ... calls_max=2``): blame the one set
         # last, a --set over a file line; the first named was blamed, the file for the --set's value.
-        # A quoted parameter is the one the message is about (LATS: 'calls_mean' must lie ... given
-        # width=3, max_steps=5, which only say what bounds it).
-        quoted = any(f"'{k}'" in msg for k in names)
-        paired = sorted((msg.find(f"{k}="), k) for k in names if re.search(rf"(?<![A-Za-z0-9_]){re.escape(k)}=", msg))
-        together = [k for k in getattr(exc, "params", ()) if k in params] or ([] if quoted else [k for _, k in paired])
+        # LATS: 'calls_mean' must lie ... for width=3, max_steps=5.
+        # The quoted one and those given as key=value are wrong together: a --set of any of them over
+        # the file's others is the change that broke them (first named on a tie).
+        named = sorted((msg.find(f"'{k}'"), k) for k in names if f"'{k}'" in msg)
+        named += sorted((msg.find(f"{k}="), k) for k in names
+                        if re.search(rf"(?<![A-Za-z0-9_]){re.escape(k)}=", msg) and f"'{k}'" not in msg)
+        together = [k for k in getattr(exc, "params", ()) if k in params] or [k for _, k in named]
         if len(together) > 1:
             ck.fail(ck.layered.latest([pp + (k,) for k in together]), msg)
         key = _named_key(msg, names)

@@ -673,3 +673,17 @@ def test_a_quoted_parameter_is_blamed_not_the_ones_that_bound_it(exp):
                                  "workload: {generator: lats, params: {programs: 5, rate: 5.0, width: 3, max_steps: 5}}"))
     assert error("t", path, ["workload.params.calls_mean=1000"]).startswith(
         "--set workload.params.calls_mean=1000: experiment 't': workload.params.calls_mean: lats parameter 'calls_mean'")
+
+
+def test_a_set_of_the_parameter_that_bounds_the_quoted_one_is_blamed(exp):
+    """A --set width made the file's calls_mean impossible: the quoted calls_mean (the file's line) was blamed."""
+    path = exp(base=BASE.replace("workload: {generator: bfcl, params: {programs: 5, rate: 5.0}}",
+                                 "workload: {generator: lats, params: {programs: 5, rate: 5.0, calls_mean: 20, "
+                                 "max_steps: 5}}"))
+    assert error("t", path, ["workload.params.width=1"]).startswith(
+        "--set workload.params.width=1: experiment 't': workload.params.width: lats parameter 'calls_mean'")
+    # all in the file: the quoted one
+    path = exp(base=BASE.replace("workload: {generator: bfcl, params: {programs: 5, rate: 5.0}}",
+                                 "workload: {generator: lats, params: {programs: 5, rate: 5.0, calls_mean: 100, "
+                                 "width: 2, max_steps: 5}}"))
+    assert error("t", path).startswith("exp.yaml:3: experiment 't': workload.params.calls_mean: lats parameter")

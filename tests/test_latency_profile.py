@@ -135,8 +135,10 @@ def test_a_byte_order_mark_does_not_hide_the_first_column(tmp_path):
 
 
 def test_free_form_provenance_keeps_every_value_and_near_names_pass():
-    """Only the keys the fitter copies must be given once; a repeated note keeps both lines,
-    and a key that only starts like a host key is not taken for a misspelt one."""
-    prof = parse_profile(text(*GOOD, extra="# note: first run\n# note: after a reboot\n# host_per_step_note: see log\n"))
+    """Only the keys the fitter copies must be given once; a repeated note keeps both lines, and
+    a key that only starts like "host" (a machine's name) is not taken for a misspelt host key."""
+    prof = parse_profile(text(*GOOD, extra="# note: first run\n# note: after a reboot\n# hostname: gpu-7\n"))
     assert prof.provenance["note"] == "first run; after a reboot"
-    assert prof.provenance["host_per_step_note"] == "see log" and prof.host() == {}
+    assert prof.provenance["hostname"] == "gpu-7" and prof.host() == {}
+    with pytest.raises(ProfileError, match=r":3: host_per_call: misspelt host key; expected host_per_step or host_per_seq$"):
+        parse_profile(text(*GOOD, extra="# host_per_call: 0.001\n"))

@@ -115,7 +115,9 @@ def _near_host_key(key: str) -> bool:
     import difflib
 
     folded = key.lower().replace("-", "_").replace(" ", "_")
-    return folded in HOST_KEYS or bool(difflib.get_close_matches(folded, HOST_KEYS, n=1, cutoff=0.85))
+    # host_per_call, host_per_token: a CPU time per something, surely meant as one of the two
+    return (folded in HOST_KEYS or folded.startswith("host_per_")
+            or bool(difflib.get_close_matches(folded, HOST_KEYS, n=1, cutoff=0.85)))
 
 
 def shape_problem(s: StepShape) -> str | None:
