@@ -56,6 +56,7 @@ from sim.config import (
     WorkloadConfig,
 )
 from sim.core.params import MAX_SECONDS, PolicyParams
+from sim.textout import MAX_COUNT, brief
 
 DEFAULT_FILE = Path(__file__).resolve().parent.parent / "experiments.yaml"
 TOP_KEYS = ("defaults", "experiments", "sweeps")  # sweeps: read by sim.sweep
@@ -667,11 +668,6 @@ def _show(value: Any) -> str:
     return kind if kind else f"{value!r}"
 
 
-# The largest count or size taken: the memory arithmetic runs in floats, which hold every
-# integer up to 2**53 exactly; past about 1e308 a conversion raised OverflowError (a traceback).
-MAX_COUNT = 2**53
-
-
 def _positive(ck: _Checker, path: Path_, value: float | None, what: str, strict: bool = True) -> None:
     """Fail unless value > 0 (strict) or >= 0, and an integer is at most `MAX_COUNT`;
     None passes (an optional field)."""
@@ -680,8 +676,7 @@ def _positive(ck: _Checker, path: Path_, value: float | None, what: str, strict:
     if (value <= 0) if strict else (value < 0):
         ck.fail(path, f"expected {what}, got {value!r}")
     if isinstance(value, int) and value > MAX_COUNT:
-        shown = f"{value!r}" if value < 10**30 else f"an integer of {len(str(value))} digits"
-        ck.fail(path, f"expected at most 2**53 ({MAX_COUNT:,}), got {shown}")
+        ck.fail(path, f"expected at most 2**53 ({MAX_COUNT:,}), got {brief(value)}")
 
 
 def _seconds(ck: _Checker, path: Path_, value: float, what: str, strict: bool = True) -> None:

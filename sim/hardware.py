@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from sim.textout import MAX_COUNT, brief
 from traces.validate import TraceError, parse_json_int, unique_keys
 
 SPEC_DIR = Path(__file__).parent / "specs"
@@ -108,9 +109,7 @@ def _load(kind: str, cls, name: str):
     for f in fields(cls):
         problem = _field_problem(f.type, raw[f.name])
         if problem:
-            value = raw[f.name]
-            shown = f"an integer of {len(str(value))} digits" if isinstance(value, int) and value > 10**30 else repr(value)
-            raise SpecError(f"{json_key_line(path, text, f.name)}: field {f.name!r}: {problem}, got {shown}")
+            raise SpecError(f"{json_key_line(path, text, f.name)}: field {f.name!r}: {problem}, got {brief(raw[f.name])}")
     spec = cls(**raw)
     problem = _consistency_problem(spec)
     if problem:
@@ -134,7 +133,7 @@ def _field_problem(hint: str, value: object) -> str | None:
     if isinstance(value, bool):
         return "expected an integer >= 1" if hint == "int" else "expected a finite number > 0"
     if hint == "int":
-        if isinstance(value, int) and value > 2**53:  # the arithmetic is in floats: past one, OverflowError
+        if isinstance(value, int) and value > MAX_COUNT:
             return "expected at most 2**53"
         return None if isinstance(value, int) and value >= 1 else "expected an integer >= 1"
     if isinstance(value, int) and value.bit_length() > 1000:  # past a float: math.isfinite raised OverflowError

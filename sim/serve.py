@@ -291,19 +291,18 @@ def parse_request(body: Any, chat: bool, served_model: str) -> ParsedRequest:
         if value is not None and (isinstance(value, bool) or not isinstance(value, (str, int))):
             raise RequestError(f"{XARGS}.{name} must be a string or an integer, got {as_json(value)}",
                                f"{XARGS}.{name}")
-    for name, value in (("program_service", service), ("program_total_service", total)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
-                                  or not math.isfinite(value) or value < 0):
-            # As the vLLM plugin (`engine.plugin_config.read_tags`): a non-finite service would rank nothing.
+    kv_ttl = xargs.get("kv_ttl")
+    for name, value in (("program_service", service), ("program_total_service", total), ("kv_ttl", kv_ttl)):
+        if value is None:
+            continue
+        try:  # as the vLLM plugin (`engine.plugin_config.read_tags`): a non-finite service would rank nothing
+            seconds = float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
+        except OverflowError:  # an integer past a float
+            seconds = math.nan
+        if not (math.isfinite(seconds) and seconds >= 0):
             raise RequestError(f"{XARGS}.{name} must be a finite number of seconds >= 0, got {_short(value)}",
                                f"{XARGS}.{name}")
-    kv_ttl = xargs.get("kv_ttl")
-    if kv_ttl is not None and (isinstance(kv_ttl, bool) or not isinstance(kv_ttl, (int, float))
-                               or not math.isfinite(kv_ttl) or kv_ttl < 0):
-        raise RequestError(f"{XARGS}.kv_ttl must be a finite number of seconds >= 0, got {_short(kv_ttl)}",
-                           f"{XARGS}.kv_ttl")
-    for name, value in (("program_service", service), ("program_total_service", total), ("kv_ttl", kv_ttl)):
-        if value is not None and value > MAX_SECONDS:  # as the plugin's tags and engine.kv_ttl
+        if seconds > MAX_SECONDS:  # as the plugin's tags and engine.kv_ttl
             raise RequestError(f"{XARGS}.{name} must be at most {MAX_SECONDS:g} seconds, got {_short(value)}",
                                f"{XARGS}.{name}")
     salt = body.get("cache_salt")

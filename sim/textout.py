@@ -10,7 +10,19 @@ from __future__ import annotations
 import os
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
+
+# The largest count or size taken anywhere (engine keys, specs, profiles, fitted models): the
+# arithmetic runs in floats, which hold every integer up to 2**53 exactly; past about 1e308
+# converting one raised OverflowError (a traceback).
+MAX_COUNT = 2**53
+
+
+def brief(value: Any) -> str:
+    """A value for an error message: its repr, or its length for an integer too long to show."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > 10**30:
+        return f"an integer of {len(str(value))} digits"
+    return repr(value)
 
 
 def aligned(rows: Sequence[Sequence[str]], left: int = 1) -> list[str]:

@@ -52,6 +52,7 @@ from typing import Any, Sequence
 
 from sim.hardware import json_key_line
 from sim.latency.base import StepShape
+from sim.textout import MAX_COUNT, brief
 from sim.latency.profile import COPIED_KEYS, ProfileError, ProfileRow, read_profile
 from traces.argtypes import int_at_least, number, positive_float
 from traces.validate import TraceError, parse_json_int, unique_keys
@@ -87,13 +88,11 @@ class FittedLatency:
             value = getattr(self, key)
             # An integer past a float's range made math.isfinite raise OverflowError (a traceback).
             if isinstance(value, bool) or not (isinstance(value, (int, float)) and value >= 0
-                                               and (isinstance(value, float) or value <= 2**53)
+                                               and (isinstance(value, float) or value <= MAX_COUNT)
                                                and math.isfinite(value)):
                 what = f"host {key[5:]}" if key.startswith("host_") else f"coefficient {key}"
-                shown = f"an integer of {len(str(value))} digits" if isinstance(value, int) and value > 10**30 \
-                    else repr(value)
                 raise FitError(f"fitted latency {self.name!r}: {what} must be a finite number >= 0, "
-                               f"got {shown}")
+                               f"got {brief(value)}")
         smallest = StepShape(1, 1, 1, 1, 0, 0)  # one decode at context 0: the shortest step there is
         host, whole = self.host_per_step + self.host_per_seq, self.step_time(smallest)
         if host > whole:

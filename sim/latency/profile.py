@@ -50,6 +50,7 @@ from pathlib import Path
 
 from sim.latency.base import StepShape
 from sim.records import number_of
+from sim.textout import MAX_COUNT
 
 FORMAT_LINE = "# autellix-latency-profile v1"
 SHAPE_COLUMNS = (
@@ -70,9 +71,8 @@ COPIED_KEYS = ("gpu", "model", "gpu_spec", "model_spec", "engine", "source", "so
 # fit's sums of squares.
 MIN_STEP_SECONDS = 1e-6
 MAX_STEP_SECONDS = 3600.0
-# The fit works in floats: a count past 2**53 would be rounded, and one near
-# 10**154 overflows its sums of squares.
-MAX_COUNT = 2**53
+# MAX_COUNT (sim.textout): the fit works in floats, so a count past 2**53 would be
+# rounded, and one near 10**154 overflows its sums of squares.
 
 
 class ProfileError(ValueError):
