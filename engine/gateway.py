@@ -62,6 +62,22 @@ cached there is out of reach. Without this its in-flight count stayed at
 0, so the least-used rule sent it every short call. Only when no engine
 can be reached does a call get 502.
 
+Lost engines: an engine can also stop answering without refusing
+connections (a stopped process, a hung host, a partition), and its calls
+then hang until each client gives up. A silence timeout per call cannot
+tell that from a healthy engine holding a call in its queue, which PLAS
+and ATLAS do by design, so the gateway asks each engine ``GET /health``
+every ``--health-interval`` seconds instead. An engine that fails
+``--health-failures`` checks in a row (no answer within
+``--health-timeout``, a refused connection, or a 5xx: vLLM answers 503 once
+its engine core is dead) is lost: it is left out of the balance until a
+check passes, and each failed check fails the calls it holds. A call that
+has received nothing yet goes to another engine (its client has seen
+nothing, and closing the connection makes vLLM abort it if the engine comes
+back); one already answering gets an error (502, or an error event inside
+the stream). A 404 counts as an answer: the engine is up but has no
+``/health``.
+
 Completion: a streamed call is complete (and charged, and its thread
 free) when its ``[DONE]`` arrives, before that event is passed on: a
 client may close the connection or send the thread's next call as soon
@@ -184,6 +200,11 @@ class GatewayConfig:
     max_body: int = 32 * 1024 * 1024
     expire_interval: float | None = None  # default: min(ttl / 4, 10) seconds
     connect_timeout: float = 10.0
+    # Engine liveness (module docstring): about 15 s to find a frozen engine; vLLM's /health is
+    # answered by its API server without a round trip to the engine core, so 5 s is ample.
+    health_interval: float = 5.0  # 0: no checks
+    health_timeout: float = 5.0
+    health_failures: int = 3
 
     def __post_init__(self) -> None:
         if not self.engines:
@@ -213,6 +234,12 @@ class GatewayConfig:
             raise ValueError(f"--ttl must be > 0 seconds, got {self.ttl}")
         if self.max_body < 1:
             raise ValueError(f"--max-body must be >= 1 byte, got {self.max_body}")
+        if not 0 <= self.health_interval < math.inf:
+            raise ValueError(f"--health-interval must be >= 0 seconds (0: no checks), got {self.health_interval}")
+        if not 0 < self.health_timeout < math.inf:
+            raise ValueError(f"--health-timeout must be > 0 seconds, got {self.health_timeout}")
+        if self.health_failures < 1:
+            raise ValueError(f"--health-failures must be >= 1, got {self.health_failures}")
 
 
 @dataclass(eq=False)
@@ -221,10 +248,14 @@ class LiveCall:
     engine: int
     sent: float
     completed: bool = False  # charged as complete (at its [DONE], or its whole answer)
+    post: asyncio.Future | None = None  # the request, until the engine's answer begins
+    upstream: aiohttp.ClientResponse | None = None  # the engine's answer, once it begins
+    lost: str | None = None  # why the gateway gave up on its engine (`Gateway.fail_lost_engine`)
 
 
 class EngineUnreachable(Exception):
-    """The engine could not be reached, so it never saw the call: another engine may take it."""
+    """The engine sent nothing back (unreachable, or lost before answering), so the client has seen
+    nothing: another engine may take the call."""
 
 
 class Accounting:
@@ -298,6 +329,10 @@ class Gateway:
         self.routed = [0] * len(cfg.engines)
         self.down_until = [-math.inf] * len(cfg.engines)  # gateway time until which an engine is left out
         self._backoff = [0.0] * len(cfg.engines)
+        self.lost = [False] * len(cfg.engines)  # failed --health-failures checks in a row, none passed since
+        self.health_failures = [0] * len(cfg.engines)  # checks failed in a row
+        self._calls_on: list[set[LiveCall]] = [set() for _ in cfg.engines]
+        self._watchers: list[asyncio.Task] = []
         self.recent: deque[dict[str, Any]] = deque(maxlen=1000)  # routing decisions, newest last
         self._session: aiohttp.ClientSession | None = None
         self._expiry: asyncio.Task | None = None
@@ -322,10 +357,14 @@ class Gateway:
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.cfg.connect_timeout)
         self._session = aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0))
         self._expiry = asyncio.create_task(self._expire_loop())
+        if self.cfg.health_interval > 0:
+            self._watchers = [asyncio.create_task(self._watch(i)) for i in range(len(self.cfg.engines))]
 
     async def _cleanup(self, app: web.Application) -> None:
         if self._expiry is not None:
             self._expiry.cancel()
+        for task in self._watchers:
+            task.cancel()
         if self._session is not None:
             await self._session.close()
 
@@ -337,6 +376,63 @@ class Gateway:
         while True:
             await asyncio.sleep(interval)
             self.acct.table.expire(self.now())
+
+    # -- engine liveness ---------------------------------------------------------------
+    async def _watch(self, engine: int) -> None:
+        """Check one engine's /health every interval, for as long as the gateway runs."""
+        loop = asyncio.get_running_loop()
+        while True:
+            started = loop.time()
+            problem = await self._check_health(engine)
+            if problem is None:
+                self._engine_answered(engine)
+            else:
+                self._engine_failed_check(engine, problem)
+            await asyncio.sleep(max(0.0, self.cfg.health_interval - (loop.time() - started)))
+
+    async def _check_health(self, engine: int) -> str | None:
+        """None if the engine answered /health in time with anything but a 5xx, else what went wrong."""
+        assert self._session is not None
+        timeout = self.cfg.health_timeout
+        try:
+            async with self._session.get(self.cfg.engines[engine] + "/health",
+                                         timeout=aiohttp.ClientTimeout(total=timeout)) as r:
+                await r.read()
+                return None if r.status < 500 else f"/health answered {r.status}"
+        except asyncio.TimeoutError:
+            return f"/health did not answer within {timeout:g} s"
+        except (aiohttp.ClientError, OSError) as exc:
+            return f"/health failed: {type(exc).__name__}: {exc}"
+
+    def _engine_answered(self, engine: int) -> None:
+        if self.lost[engine]:
+            log.warning("engine %d (%s) answers /health again: back in the balance", engine, self.cfg.engines[engine])
+        self.lost[engine] = False
+        self.health_failures[engine] = 0
+        self._mark_up(engine)  # any answer ends a backoff
+
+    def _engine_failed_check(self, engine: int, problem: str) -> None:
+        self.health_failures[engine] += 1
+        failures = self.health_failures[engine]
+        if failures < self.cfg.health_failures:
+            return
+        message = (f"engine {engine} ({self.cfg.engines[engine]}) lost: {problem}, "
+                   f"{failures} check{'s' if failures > 1 else ''} in a row")
+        if not self.lost[engine]:
+            log.warning("%s; left out of the balance until /health answers", message)
+        self.lost[engine] = True
+        self.fail_lost_engine(engine, message)
+
+    def fail_lost_engine(self, engine: int, message: str) -> None:
+        """Give up on the calls a lost engine holds: each one's relay then ends with ``message``."""
+        for live in list(self._calls_on[engine]):
+            if live.lost is not None:
+                continue
+            live.lost = message
+            if live.upstream is not None:
+                live.upstream.close()  # the pending read fails, and the relay reports the loss
+            elif live.post is not None:
+                live.post.cancel()  # no answer begun: `_relay` sends the call to another engine
 
     @web.middleware
     async def _errors(self, request: web.Request, handler):
@@ -450,6 +546,7 @@ class Gateway:
                                     "prompt_tokens": prompt_tokens, "program_service": call.priority,
                                     "time": self.now()})
                 live = LiveCall(call, engine, self.now())
+                self._calls_on[engine].add(live)
                 headers = {GATEWAY_ENGINE_HEADER: str(engine), PROGRAM_HEADER: pid, THREAD_HEADER: tid}
                 try:
                     response, outcome = await self._relay(request, path, payload, live, headers, upstream_headers)
@@ -459,6 +556,7 @@ class Gateway:
                     continue
                 finally:
                     self.loads[engine] -= 1
+                    self._calls_on[engine].discard(live)
                 if outcome is not None:
                     self._complete(live, outcome)
                 return response
@@ -467,15 +565,17 @@ class Gateway:
                 self.acct.abort(call, self.now())
 
     def _choose(self, prompt_tokens: int, program: ProgramState, tried: set[int]) -> int | None:
-        """The balancer's engine among those not tried for this call and not in a backoff; None if none is left.
+        """The balancer's engine among those not tried for this call, not lost and not in a backoff; None if
+        none is left.
 
-        When every untried engine is in a backoff, they are tried anyway: one
-        may be back, and refusing at once would make a brief outage of every
-        engine outlast itself by the backoff.
+        When every untried engine is lost or in a backoff, they are tried
+        anyway: one may be back, and refusing at once would make a brief outage
+        of every engine outlast itself by the backoff. (A lost engine's next
+        failed check fails the call over again.)
         """
         now = self.now()
         n = len(self.cfg.engines)
-        usable = [i not in tried and now >= self.down_until[i] for i in range(n)]
+        usable = [i not in tried and not self.lost[i] and now >= self.down_until[i] for i in range(n)]
         if not any(usable):
             usable = [i not in tried for i in range(n)]
             if not any(usable):
@@ -524,8 +624,15 @@ class Gateway:
         """Send to the engine and relay its answer; the outcome is None unless the call completed."""
         assert self._session is not None
         url = self.cfg.engines[live.engine] + path
+        # A task of its own, so that `fail_lost_engine` can cancel the wait without cancelling the handler.
+        live.post = asyncio.ensure_future(self._session.post(url, data=payload, headers=upstream_headers))
         try:
-            upstream = await self._session.post(url, data=payload, headers=upstream_headers)
+            upstream = await live.post
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if live.lost is not None and (current is None or not current.cancelling()):
+                raise EngineUnreachable(live.lost) from None
+            raise  # the client went away: the handler itself is cancelled
         except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:  # never reached it
             self._mark_down(live.engine)
             raise EngineUnreachable(f"engine {live.engine} ({self.cfg.engines[live.engine]}) is unreachable: "
@@ -533,6 +640,10 @@ class Gateway:
         except (aiohttp.ClientError, OSError) as exc:  # it may have seen the call: not sent again
             return error_response(502, f"engine {live.engine} ({self.cfg.engines[live.engine]}) failed: "
                                   f"{type(exc).__name__}: {exc}", code="engine_failed", headers=headers), None
+        live.upstream = upstream
+        if live.lost is not None:  # lost while its answer began: nothing relayed yet
+            upstream.close()
+            raise EngineUnreachable(live.lost)
         self._mark_up(live.engine)
         try:
             ctype = upstream.headers.get("Content-Type", "")
@@ -541,10 +652,11 @@ class Gateway:
             try:
                 data = await upstream.read()
             except (aiohttp.ClientError, OSError) as exc:  # the engine died before its answer was whole
-                message = (f"engine {live.engine} ({self.cfg.engines[live.engine]}) failed before its answer was "
-                           f"complete: {type(exc).__name__}: {exc}")
+                message = live.lost or (f"engine {live.engine} ({self.cfg.engines[live.engine]}) failed before its "
+                                        f"answer was complete: {type(exc).__name__}: {exc}")
                 log.warning("%s", message)
-                return error_response(502, message, code="engine_failed", headers=headers), None
+                return error_response(502, message, code="engine_lost" if live.lost else "engine_failed",
+                                      headers=headers), None
             if upstream.status >= 400:
                 return web.Response(status=upstream.status, body=data, headers=headers,
                                     content_type=ctype.split(";")[0] or "application/json"), None
@@ -585,12 +697,16 @@ class Gateway:
             except StopAsyncIteration:
                 break
             except (aiohttp.ClientError, OSError) as exc:
-                # The engine died or cut the stream: tell the client the way
+                if done:  # complete and charged; only the stream's end was missing
+                    break
+                # The engine died, cut the stream or was lost: tell the client the way
                 # vLLM reports a failure mid-stream, and charge nothing.
-                message = f"engine {engine} ({self.cfg.engines[engine]}) failed mid-stream: {type(exc).__name__}: {exc}"
+                message = live.lost or (f"engine {engine} ({self.cfg.engines[engine]}) failed mid-stream: "
+                                        f"{type(exc).__name__}: {exc}")
                 log.warning("%s", message)
                 try:
-                    await resp.write(sse_error(error_body(message, "internal_server_error", None, "engine_failed")))
+                    await resp.write(sse_error(error_body(message, "internal_server_error", None,
+                                                          "engine_lost" if live.lost else "engine_failed")))
                     await resp.write_eof()
                 except ConnectionResetError:
                     pass
@@ -634,18 +750,25 @@ class Gateway:
     async def models(self, request: web.Request) -> web.Response:
         assert self._session is not None
         errors = []
-        for i, base in enumerate(self.cfg.engines):
+        # Lost engines last, and no engine waited on past --health-timeout: a frozen first engine held this forever.
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.cfg.connect_timeout,
+                                        sock_read=self.cfg.health_timeout)
+        for i in sorted(range(len(self.cfg.engines)), key=lambda i: self.lost[i]):
+            base = self.cfg.engines[i]
             try:
-                async with self._session.get(base + "/v1/models") as up:
+                async with self._session.get(base + "/v1/models", timeout=timeout) as up:
                     data = await up.read()
                     return web.Response(status=up.status, body=data,
                                         content_type=up.headers.get("Content-Type", "application/json").split(";")[0])
+            except asyncio.TimeoutError:
+                errors.append(f"engine {i}: no answer within {self.cfg.health_timeout:g} s")
             except (aiohttp.ClientError, OSError) as exc:
                 errors.append(f"engine {i}: {exc}")
         return error_response(502, "no engine answered /v1/models: " + "; ".join(errors), code="engine_unreachable")
 
     async def health(self, request: web.Request) -> web.Response:
-        return web.json_response({"status": "ok", "engines": len(self.cfg.engines)})
+        lost = [i for i, gone in enumerate(self.lost) if gone]
+        return web.json_response({"status": "ok", "engines": len(self.cfg.engines), "lost": lost})
 
     async def end_program(self, request: web.Request) -> web.Response:
         pid = check_id(request.match_info["program_id"], "program_id")
@@ -677,7 +800,8 @@ class Gateway:
         return {
             "now": now, "policy": self.acct.policy.name, "balancer": self.balancer.name, "ttl": self.cfg.ttl,
             "engines": [{"url": u, "in_flight": self.loads[i], "routed": self.routed[i],
-                         "down_for": max(0.0, self.down_until[i] - now)}  # seconds left out of the balance
+                         "down_for": max(0.0, self.down_until[i] - now),  # seconds left out after a refusal
+                         "lost": self.lost[i], "health_failures": self.health_failures[i]}
                         for i, u in enumerate(self.cfg.engines)],
             "live_calls": self.acct.live_calls(),
             "programs": programs,
@@ -721,6 +845,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--policy", default="atlas", choices=("plas", "atlas", "fcfs", "mlfq"),
                    help="whose update rule turns call service into program service (default: %(default)s)")
     p.add_argument("--max-body", type=integer, default=32 * 1024 * 1024, help="largest request body in bytes")
+    p.add_argument("--health-interval", type=number, default=5.0,
+                   help="seconds between /health checks of each engine; 0: none (default: 5)")
+    p.add_argument("--health-timeout", type=number, default=5.0,
+                   help="seconds a /health check waits for its answer (default: 5)")
+    p.add_argument("--health-failures", type=integer, default=3,
+                   help="failed checks in a row that make an engine lost: its calls fail over and it is left "
+                        "out until a check passes (default: %(default)s)")
     p.set_defaults(run=run)
     return p
 
@@ -728,7 +859,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     try:
         cfg = GatewayConfig(engines=args.engine, balancer=args.balancer, threshold=args.threshold, ttl=args.ttl,
-                            policy=args.policy, max_body=args.max_body)
+                            policy=args.policy, max_body=args.max_body, health_interval=args.health_interval,
+                            health_timeout=args.health_timeout, health_failures=args.health_failures)
         gateway = Gateway(cfg)
     except ValueError as exc:
         print(f"python -m engine gateway: error: {exc}", file=sys.stderr)

@@ -31,7 +31,8 @@ ERROR = {"error": {"message": "Internal server error", "type": "InternalServerEr
 
 async def start_failing_engine(mode: str) -> Running:
     """An engine that streams one token, then fails: ``error_event`` as vLLM does, ``die`` (connection cut),
-    or ``die_mid_event`` (cut after the first bytes of the next event)."""
+    ``die_mid_event`` (cut after the first bytes of the next event), or ``die_after_done`` (cut after its
+    ``[DONE]``, before the stream's end)."""
 
     async def completions(request: web.Request) -> web.StreamResponse:
         await request.read()
@@ -41,6 +42,10 @@ async def start_failing_engine(mode: str) -> Running:
         if mode == "error_event":
             await resp.write(b"data: " + json.dumps(ERROR).encode() + b"\n\ndata: [DONE]\n\n")
             await resp.write_eof()
+        elif mode == "die_after_done":
+            await resp.write(b"data: [DONE]\n\n")
+            await asyncio.sleep(0.05)
+            request.transport.abort()
         else:
             if mode == "die_mid_event":
                 await resp.write((b"data: " + json.dumps(TOKEN).encode())[:20])
@@ -92,6 +97,26 @@ def test_a_call_that_fails_mid_stream_is_not_charged_and_the_client_is_told(mode
         assert "failed mid-stream" in errors[0]["error"]["message"]
     assert settled and loads == [0]
     assert program is None or program.total_service == 0.0  # aborted, never charged
+
+
+def test_a_stream_cut_after_its_done_is_complete_and_the_client_gets_no_error_after_done():
+    """The call was complete at its [DONE]; an error event after it told the client the opposite."""
+
+    async def go():
+        eng = await start_failing_engine("die_after_done")
+        gw, gateway = await start_gw([eng.url])
+        try:
+            async with aiohttp.ClientSession() as s:
+                events = await _stream_events(s, gw.url)
+            settled = await wait_for(lambda: gateway.acct.live_calls() == 0)
+            return events, settled, gateway.acct.table.get("p1")
+        finally:
+            await gw.stop()
+            await eng.stop()
+
+    events, settled, program = run(go())
+    assert events == [TOKEN, DONE]
+    assert settled and program.total_service == 0.5  # charged once, the engine's figure
 
 
 @pytest.mark.parametrize("mode,words", [("error_event", "the engine failed mid-stream: Internal server error "
