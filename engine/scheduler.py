@@ -368,7 +368,14 @@ class ProgramAwareMixin:
         better = sorted([r for queue in (heap, ready) for r in queue if r.priority < bound], key=_PRIORITY)
         waiting = [calls[r.request_id] for r in better[: self.max_num_running_reqs]]
         if self.kv_pins:
-            self.kv_pins.drop_until_free(sum(self._blocks_needed(c) for c in waiting))
+            # Pins give way to the better waiting calls' needs, counted one call at a time: a need
+            # looks its call's prompt up in the prefix cache, and once no pin is left the rest is moot.
+            need = 0
+            for c in waiting:
+                need += self._blocks_needed(c)
+                self.kv_pins.drop_until_free(need)
+                if not self.kv_pins:
+                    break
         victims = core.choose_victims(
             # A streaming-input session with a token in flight (async
             # scheduling) is no victim: if that token stops the chunk, vLLM
@@ -389,32 +396,45 @@ class ProgramAwareMixin:
         return self.max_num_running_reqs - len(self.running) - self.num_waiting_for_streaming_input
 
     def _blocks_needed(self, call: CallState) -> int:
-        """KV blocks vLLM's admission check asks for, ignoring prefix hits.
+        """Free KV blocks vLLM's admission check would ask of a waiting request with a full token budget.
 
-        `KVCacheManager.allocate_slots` needs room for the first chunk plus
-        the speculative lookahead and, with ``scheduler_reserve_full_isl``
-        (vLLM's default), for the whole sequence; plus the watermark; less
-        the blocks the request already holds (a streaming session's next
-        chunk keeps its earlier chunks' KV and computed tokens).
-        Prefix hits are ignored: a hit on a free cached block still consumes
-        a free block, so only hits on blocks that running requests share
-        would lower the need, and overestimating it can only cost a victim
-        the simulator would also have taken (`sim.replica`'s
-        ``_blocks_to_admit`` estimates the same way, under its
-        ``engine.scheduler_reserve_full_isl``; it has no sessions and no
-        lookahead, so there the two terms are zero).
+        Asked of vLLM's own functions, without side effects: the prefix hit
+        `KVCacheManager.get_computed_blocks` would find (the coordinator's
+        lookup, without its stats or events), then the blocks
+        `allocate_slots` counts for the first chunk plus the speculative
+        lookahead and, with ``scheduler_reserve_full_isl`` (vLLM's default),
+        for the whole sequence; plus the watermark. A hit on a block another
+        request holds takes no free block; a hit on a cached free block takes
+        one. Ignoring hits, as before, under-counted a long prompt mostly
+        cached when only its first chunk is checked. A streaming session's
+        next chunk keeps the blocks it holds. `sim.replica`'s
+        ``_blocks_to_admit`` counts the same way.
         """
         request = self.requests[call.id]
+        manager = self.kv_cache_manager
+        coordinator = manager.coordinator
         computed = request.num_computed_tokens
-        chunk = min(request.num_tokens - computed, self.max_num_scheduled_tokens)
-        tokens = computed + chunk + self.num_lookahead_tokens
+        hit_blocks = manager.empty_kv_cache_blocks.blocks
+        hits = 0
+        if computed == 0 and manager.enable_caching and not request.skip_reading_prefix_cache:
+            # As get_computed_blocks: the last token is always recomputed, for its logits.
+            hit_blocks, hits, _ = coordinator.find_longest_cache_hit(request.block_hashes, request.num_tokens - 1)
+        done = computed + hits
+        chunk = min(request.num_tokens - done, self.max_num_scheduled_tokens)
+        threshold = self.scheduler_config.long_prefill_token_threshold
+        if 0 < threshold < chunk:
+            chunk = threshold
+        tokens = min(done + chunk + self.num_lookahead_tokens, self.max_model_len)
+        need = coordinator.get_num_blocks_to_allocate(
+            request_id=call.id, num_tokens=tokens, new_computed_blocks=hit_blocks, num_encoder_tokens=0,
+            total_computed_tokens=done, num_local_computed_tokens=done, num_tokens_main_model=done + chunk)
         if self.scheduler_config.scheduler_reserve_full_isl:
-            tokens = max(tokens, request.num_tokens)
-        tokens = min(tokens, self.max_model_len)
-        groups = self.kv_cache_config.kv_cache_groups
-        held = self.kv_cache_manager.coordinator.get_blocks(call.id)
-        blocks = sum(max(_cdiv(tokens, g.kv_cache_spec.block_size) - len(h), 0) for g, h in zip(groups, held))
-        return blocks + self.kv_cache_manager.watermark_blocks
+            full = min(request.num_tokens, self.max_model_len)
+            need = max(need, coordinator.get_num_blocks_to_allocate(
+                request_id=call.id, num_tokens=full, new_computed_blocks=hit_blocks, num_encoder_tokens=0,
+                total_computed_tokens=done, num_local_computed_tokens=done, num_tokens_main_model=full,
+                apply_admission_cap=True))
+        return need + manager.watermark_blocks
 
     def _blocks_freed(self, call: CallState) -> int:
         """Blocks that return to the free pool if ``call`` is preempted (not shared)."""

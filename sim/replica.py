@@ -994,17 +994,20 @@ class Replica:
         return list(map(self._by_core, victims))
 
     def _blocks_to_admit(self, call: SimCall) -> int:
-        """Blocks a waiting call needs, prefix hits ignored (the plugin's `_blocks_needed` too).
+        """Free blocks the admission gate (`_fits`) would ask of a waiting call with a full token budget.
 
-        The whole sequence under reserve_full_isl, else the first chunk, as
-        the admission gate (`_fits`) counts them. Ignoring hits may
-        overestimate; sharing the estimate keeps the two engines' victims alike.
+        Prefix hits count as the gate counts them: a hit on a block that
+        another call holds takes no free block, a hit on a cached free one
+        takes it. The plugin's `_blocks_needed` asks vLLM's own functions the
+        same question, so the two engines pick the same victims.
         """
-        if self.cfg.scheduler_reserve_full_isl:
+        budget = self.cfg.max_num_batched_tokens
+        new, hits, fresh, _ = self._admission(call, budget)
+        if new == 0:  # without chunked prefill, a prompt over the budget is not admitted at all
             return cdiv(call.num_tokens, self.block)
-        base = call.num_computed if call.swapped else 0
-        first = min(call.num_tokens - base, self.cfg.max_num_batched_tokens)
-        return cdiv(base + first, self.block)
+        if self.cfg.scheduler_reserve_full_isl:
+            fresh = cdiv(call.num_tokens, self.block) - hits
+        return fresh + self.kv.hit_cost(call.keys, hits)
 
     def _schedule(self, now: float):
         cfg, kv, core = self.cfg, self.kv, self.core
@@ -1452,11 +1455,13 @@ class Replica:
         """
         outranks = self.core.policy.outranks
         need = 0
-        for call in self.waiting[: self.cfg.max_num_seqs]:
+        for call in self.waiting[: self.cfg.max_num_seqs]:  # one call at a time, as the plugin counts them
             if not outranks(call.core, worst):
                 break
             need += self._blocks_to_admit(call)
-        self._unpin_until(need)
+            self._unpin_until(need)
+            if not self._pins:
+                break
 
     def _unpin_for_head(self) -> None:
         """With nothing running, release the oldest pins until the best waiting call fits.

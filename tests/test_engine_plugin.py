@@ -299,13 +299,18 @@ def test_an_abort_during_a_step_is_charged_that_step_so_far(model_dir):
 
 def test_a_policy_victim_sits_out_the_step_that_preempted_it(model_dir):
     # The waiting call shares a's 96-token prefix, so it needs far fewer new
-    # blocks than the victim search assumes; the victim's freed blocks and
-    # seat must still not readmit it in the same step. Under async
-    # scheduling that readmission duplicated its in-flight token.
+    # blocks than the victim search is made to assume here; the victim's freed
+    # blocks and seat must still not readmit it in the same step. Under async
+    # scheduling that readmission duplicated its in-flight token. (The search
+    # counts prefix hits as vLLM does, so the estimate is inflated by hand: it
+    # can still exceed what admission takes, as it assumes a whole token budget
+    # and the step may have less left for the first chunk.)
     for async_scheduling, step_fn in ((False, step), (True, Pipelined())):
         clock = FakeClock()
         s = plugin(model_dir, clock, policy="plas", params=QUEUES, max_num_seqs=4, num_blocks=16,
                    async_scheduling=async_scheduling)
+        exact = s._blocks_needed
+        s._blocks_needed = lambda call, exact=exact: exact(call) + 6
         prefix = list(range(500, 596))
         s.add_request(make_request("a", prefix + [1, 2, 3, 4], 60, extra_args={"program_id": "A"}))
         s.add_request(make_request("v", list(range(700, 740)), 60,
@@ -487,6 +492,33 @@ def test_the_victim_search_counts_the_speculative_lookahead(model_dir):
         out = step(s, clock, 0.1)
         assert out.preempted_req_ids == victims
         assert sorted(scheduled(out)) == (["c", "w"] if victims else ["a", "c"])
+
+
+def test_the_victim_search_counts_prefix_hits_that_admission_takes_from_the_free_blocks(model_dir):
+    """Checking only the first chunk (scheduler_reserve_full_isl off), a follow-up call that hits its
+    program's 160 cached tokens needs those 10 free cached blocks and 2 fresh ones for its first 32-token
+    chunk. The search counted 2, took no victim, and the better call failed admission behind the worse
+    one. The simulator's twin: tests/test_sim_engine.py, same name."""
+    clock = FakeClock()
+    s = plugin(model_dir, clock, policy="plas", params=QUEUES, max_num_seqs=4, num_blocks=17,
+               max_num_batched_tokens=32)
+    s.scheduler_reserve_full_isl = s.scheduler_config.scheduler_reserve_full_isl = False
+    history = list(range(100, 260))  # 160 tokens: 10 blocks, cached once h finishes
+    s.add_request(make_request("h", history, 1, extra_args={"program_id": "W"}))
+    for _ in range(8):
+        step(s, clock, 0.1)
+    assert "h" not in s.requests
+    s.add_request(make_request("v", list(range(700, 764)), 200, extra_args={"program_id": "V",
+                                                                           "program_service": 10.0}))
+    for _ in range(3):
+        step(s, clock, 0.1)
+    s.add_request(make_request("w", history + [5] + list(range(900, 940)), 5,
+                               extra_args={"program_id": "W", "program_service": 0.0}))
+    assert s.kv_cache_manager.block_pool.get_num_free_blocks() == 11
+    assert s._blocks_needed(s.core.calls["w"]) == 12
+    out = step(s, clock, 0.1)
+    assert out.preempted_req_ids == {"v"} and scheduled(out) == ["w"]
+    assert out.scheduled_new_reqs[0].num_computed_tokens == 160 and out.num_scheduled_tokens["w"] == 32
 
 
 def test_duplicate_thread_falls_back_to_the_request_id(model_dir):

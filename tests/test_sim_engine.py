@@ -763,11 +763,17 @@ def test_kv_ttl_never_idles_the_engine_or_preempts_a_running_call(fast_forward):
     assert (ranked.stats["kv_pins_dropped"], ranked.stats["preemptions"]) == (1.0, 0.0)
 
 
-def test_a_policy_victim_sits_out_the_step_that_preempted_it():
+def test_a_policy_victim_sits_out_the_step_that_preempted_it(monkeypatch):
     # At t=3 W (little work left) outranks A under SRPT, and the victim
-    # search, which ignores prefix hits, preempts A to fit W's 7 blocks.
-    # W hits 96 shared tokens and takes 1 block, so A would fit again at
-    # once; like the vLLM plugin, the engine readmits it only next step.
+    # search, made here to over-count W's need (it counts prefix hits as
+    # admission does, but assumes a whole token budget, and a step may have
+    # less left), preempts A. W hits 96 shared tokens and takes 1 block, so
+    # A would fit again at once; like the vLLM plugin, the engine readmits
+    # it only next step.
+    from sim.replica import Replica
+
+    exact = Replica._blocks_to_admit
+    monkeypatch.setattr(Replica, "_blocks_to_admit", lambda self, call: exact(self, call) + 6)
     sys_prompt = SharedPrefix("sys", 96)
     programs = [
         prog("A", 0.0, call("a", 100, 60, shared_prefix=sys_prompt)),
@@ -780,6 +786,28 @@ def test_a_policy_victim_sits_out_the_step_that_preempted_it():
     batches = {info.start: dict(info.scheduled) for info in steps}
     assert batches[3.0] == {"V/v": 1, "W/w": 8}  # W's 104 tokens less its 96 hit
     assert batches[4.0] == {"W/w": 1, "V/v": 1, "A/a": 7}  # A back: it recomputes the 7 tokens past the cached 96
+
+
+def test_the_victim_search_counts_prefix_hits_that_admission_takes_from_the_free_blocks():
+    # Checking only the first chunk (scheduler_reserve_full_isl off), W's
+    # 201-token call hits H's 160 cached tokens: its first 32-token chunk
+    # needs those 10 cached free blocks plus 2 fresh ones, 12 of the 11
+    # free. The search counted 2 (the chunk, hits ignored), took no victim,
+    # and W, SRPT's best by far, then failed admission behind V for 97 s.
+    doc = SharedPrefix("doc", 160)
+    programs = [
+        prog("H", 0.0, call("h", 161, 1, shared_prefix=doc)),
+        prog("V", 6.0, call("v", 64, 100)),
+        prog("W", 10.0, call("w", 201, 5, shared_prefix=doc)),
+    ]
+    steps = []
+    config = cfg(num_gpu_blocks=16, max_num_seqs=4, max_num_batched_tokens=32, enable_prefix_caching=True,
+                 scheduler_reserve_full_isl=False)
+    rec = by_id(simulate(programs, config, "srpt", observer=steps.append))
+    batches = {info.start: dict(info.scheduled) for info in steps}
+    assert batches[10.0] == {"W/w": 32}  # V preempted: W runs past its 160 hit tokens
+    assert rec["W", "w"].first_scheduled == 10.0 and rec["W", "w"].finish == 16.0
+    assert rec["W", "w"].prefix_hit_tokens == 160 and rec["V", "v"].preemptions == 1
 
 
 def test_atlas_runs_parallel_siblings_as_a_gang():
