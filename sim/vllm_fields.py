@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -50,14 +51,22 @@ def _lax_float(v: Any) -> Any:
     return _BAD
 
 
+# pydantic reads a string as an int when it is one (Python's int() in ASCII: "+5", " 5", "1_0") or one
+# with a fraction of zeros ("5.0", "1_0.00"); not "5.", ".0", "1e2" or "5.5".
+_ZERO_FRACTION = re.compile(r"\s*([+-]?[0-9]+(?:_[0-9]+)*)\.0+\s*")
+
+
 def _lax_int(v: Any) -> Any:
     if isinstance(v, (bool, int)):
         return int(v)
-    if isinstance(v, str) and v.isascii():
+    if isinstance(v, str):
+        if not v.isascii():
+            return _BAD
         try:
             return int(v)
         except ValueError:
-            v = _lax_float(v)  # "5.0" is 5 to pydantic, "5.5" is refused
+            zeros = _ZERO_FRACTION.fullmatch(v)
+            return int(zeros.group(1)) if zeros else _BAD
     return int(v) if isinstance(v, float) and v.is_integer() else _BAD
 
 

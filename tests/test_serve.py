@@ -216,7 +216,7 @@ def test_bad_requests_get_openai_errors():
                              b"[" * 100_000 + b"]" * 100_000,
                              json.dumps({"prompt": [1], "stream": "false"}).encode(),
                              json.dumps({"prompt": [1], "stream": True, "stream_options": {"include_usage": 1}}).encode(),
-                             json.dumps({"prompt": [1], "stream_options": [1]}).encode()):
+                             json.dumps({"prompt": [1], "stream": True, "stream_options": [1]}).encode()):
                     async with s.post(server.url + "/v1/completions", data=body,
                                       headers={"Content-Type": "application/json"}) as r:
                         out.append((r.status, await r.json()))
@@ -896,6 +896,12 @@ def test_a_request_the_http_parser_refuses_is_logged_in_one_line():
 # (chat, extra fields, param): vLLM 0.26.0 answers 400 to each (its pydantic request models, their
 # validators and SamplingParams); sim serve answered 200 to the first ones, ignoring the field.
 VLLM_REFUSES = [
+    # pydantic reads "1e2" as no int; vLLM refuses stream_options without stream (validate_stream_options)
+    (False, {"seed": "1e2"}, "seed"), (True, {"seed": "1E2"}, "seed"), (False, {"logprobs": "5."}, "logprobs"),
+    (False, {"seed": ".0"}, "seed"), (False, {"seed": "5.0_0"}, "seed"),
+    (False, {"stream_options": {"include_usage": True}}, "stream_options"),
+    (True, {"stream": False, "stream_options": {"include_usage": False}}, "stream_options"),
+    (False, {"stream": 0, "stream_options": "x"}, "stream_options"),
     (False, {"temperature": "hot"}, "temperature"), (False, {"temperature": -1}, "temperature"),
     (False, {"temperature": 2.5}, "temperature"), (False, {"temperature": float("nan")}, "temperature"),
     (False, {"top_p": "x"}, "top_p"), (False, {"top_p": 5}, "top_p"), (False, {"top_p": 0}, "top_p"),
@@ -932,6 +938,8 @@ VLLM_REFUSES = [
 # vLLM 0.26.0 takes these (pydantic's lax mode reads "0.5" as a number, 1 and "yes" as true; fields it
 # does not declare are ignored, best_of among them), so sim serve must too.
 VLLM_TAKES = [
+    (False, {"seed": " 5.0 "}), (False, {"seed": "1_0.00"}), (True, {"seed": "-3.0"}), (False, {"stream_options": {}}),
+    (False, {"stream_options": None}), (True, {"stream": True, "stream_options": {"include_usage": True}}),
     (False, {"temperature": "0.5"}), (False, {"temperature": True}), (False, {"temperature": None}),
     (False, {"temperature": 0}), (False, {"temperature": 2}), (False, {"top_p": "1"}), (False, {"stop": None}),
     (False, {"stop": "x"}), (False, {"logprobs": 3.0}), (False, {"logprobs": 20}), (False, {"seed": "5"}),
