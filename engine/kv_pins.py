@@ -29,13 +29,14 @@ are evicted in LRU order like any freed block.
 
 from __future__ import annotations
 
-import heapq
 import itertools
 from dataclasses import dataclass
 from typing import Sequence
 
 from vllm.v1.core.block_pool import BlockPool
 from vllm.v1.core.kv_cache_utils import KVCacheBlock
+
+from sim.core.expiries import Expiries
 
 
 @dataclass(slots=True)
@@ -53,7 +54,7 @@ class KVPins:
         self._pool = block_pool
         self._pins: dict[int, KVPin] = {}  # insertion order is pin order
         self._by_program: dict[str, list[int]] = {}
-        self._expiries: list[tuple[float, int]] = []  # heap of (expiry, pin id)
+        self._expiries = Expiries(self._pins)  # each pin's expiry, by pin id
         self._ids = itertools.count()
         # Counters, for tests and logs.
         self.pinned = 0
@@ -86,12 +87,7 @@ class KVPins:
         pin_id = next(self._ids)
         self._pins[pin_id] = KVPin(program_id, groups, last_index, expiry)
         self._by_program.setdefault(program_id, []).append(pin_id)
-        heapq.heappush(self._expiries, (expiry, pin_id))
-        if len(self._expiries) > 2 * len(self._pins) + 64:
-            # Pins taken up or dropped leave their entries until expiry, which a long
-            # kv_ttl puts far off: the heap grew by one entry per pinned request.
-            self._expiries = [e for e in self._expiries if e[1] in self._pins]
-            heapq.heapify(self._expiries)
+        self._expiries.push(expiry, pin_id)
         self.pinned += 1
 
     def release_taken_up(self, program_id: str, request_blocks: Sequence[Sequence[KVCacheBlock]]) -> None:
@@ -116,12 +112,9 @@ class KVPins:
 
     def expire(self, now: float) -> None:
         """Release every pin whose time-to-live has passed."""
-        heap = self._expiries
-        while heap and heap[0][0] <= now:
-            _, pin_id = heapq.heappop(heap)
-            if pin_id in self._pins:  # else taken up or dropped already
-                self._release(pin_id)
-                self.expired += 1
+        for pin_id in self._expiries.pop_due(now):
+            self._release(pin_id)
+            self.expired += 1
 
     def drop_oldest(self) -> None:
         """Release the oldest pin early, to make room for work."""

@@ -45,7 +45,7 @@ the engine; they hold back admissions while other calls run.
 from __future__ import annotations
 
 from bisect import insort
-from heapq import heapify, heappop, heappush
+from heapq import heappop, heappush
 from dataclasses import dataclass, field
 from operator import attrgetter
 from typing import Callable
@@ -54,6 +54,7 @@ import simpy
 
 from sim.config import EngineConfig
 from sim.core import SchedulerCore, attribute_service
+from sim.core.expiries import Expiries
 from sim.core.state import CallState
 from sim.errors import SimulationError
 from sim.kvcache import BlockTable, KVCache
@@ -236,7 +237,7 @@ class Replica:
         # engine (sim serve) may hold several pins of one thread, as the plugin does.
         self._pins: dict[int, tuple[tuple[str, str], BlockTable]] = {}
         self._pins_of_call: dict[tuple[str, str], list[int]] = {}
-        self._pin_expiries: list[tuple[float, int]] = []  # heap of (expiry, serial), lazily invalidated
+        self._pin_expiries = Expiries(self._pins)  # each pin's expiry, by serial
         self.pins = 0  # calls whose KV was pinned at finish
         self.pins_dropped = 0  # pins released early: for a running call, a better-ranked waiting one, an idle engine
         self._stalled_tokens = 0  # prefill tokens computed since a call last sampled a token
@@ -524,7 +525,7 @@ class Replica:
         """
         env, kv, block = self.env, self.kv, self.block
         horizon = env.peek()  # no call can arrive before this event is processed
-        expiry = self._pin_expiries[0][0] if self._pin_expiries else INF  # may be stale, as q_next
+        expiry = self._pin_expiries.next_time()  # may be stale, as q_next
         m = self._members
         q_heap = self._q_heap
         q_next = q_heap[0][0] if q_heap else INF  # may be stale: only ever stops a run early
@@ -1387,12 +1388,7 @@ class Replica:
         serial = self.pins
         self._pins[serial] = (key, call.blocks)
         self._pins_of_call.setdefault(key, []).append(serial)
-        heappush(self._pin_expiries, (self.env.now + ttl, serial))
-        if len(self._pin_expiries) > 2 * len(self._pins) + 64:
-            # Pins taken up or dropped leave their entries until expiry, which a long
-            # kv_ttl puts far off: the heap grew by one entry per pinned call.
-            self._pin_expiries = [e for e in self._pin_expiries if e[1] in self._pins]
-            heapify(self._pin_expiries)
+        self._pin_expiries.push(self.env.now + ttl, serial)
 
     def _expire_pins(self, now: float) -> None:
         """Release the pins whose time-to-live has passed; called as each step is scheduled.
@@ -1403,11 +1399,8 @@ class Replica:
         wake-up: an engine sleeps only with no calls at all, and one with
         nothing running unpins until its best waiting call fits.
         """
-        heap = self._pin_expiries
-        while heap and heap[0][0] <= now:
-            _, serial = heappop(heap)
-            if serial in self._pins:  # else taken up or dropped already
-                self._release_pin(serial)
+        for serial in self._pin_expiries.pop_due(now):
+            self._release_pin(serial)
 
     def _unpin(self, key: tuple[str, str]) -> None:
         """Release the pins of call ``key`` (program, call) still held: a DAG child of it was admitted."""

@@ -7,6 +7,7 @@ current time and the service each call received.
 """
 
 from sim.core.balancer import LeastUsed, Locality, RoundRobin, make_balancer
+from sim.core.expiries import Expiries
 from sim.core.params import PolicyParams
 from sim.core.policies import ATLAS, FCFS, MLFQ, PLAS, POLICY_CLASSES, SRPT, Policy, ProgramFCFS, make_policy
 from sim.core.process_table import ProcessTable
@@ -15,7 +16,7 @@ from sim.core.service import attribute_service
 from sim.core.state import CallState, ProgramState
 
 __all__ = [
-    "ATLAS", "FCFS", "MLFQ", "PLAS", "POLICY_CLASSES", "SRPT", "CallState", "LeastUsed", "Locality",
+    "ATLAS", "FCFS", "MLFQ", "PLAS", "POLICY_CLASSES", "SRPT", "CallState", "Expiries", "LeastUsed", "Locality",
     "Policy", "PolicyParams", "ProgramFCFS", "ProcessTable", "ProgramState", "RoundRobin", "SchedulerCore",
     "attribute_service", "make_balancer", "make_policy",
 ]
