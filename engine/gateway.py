@@ -75,8 +75,10 @@ check passes, and each failed check fails the calls it holds. A call that
 has received nothing yet goes to another engine (its client has seen
 nothing, and closing the connection makes vLLM abort it if the engine comes
 back); one already answering gets an error (502, or an error event inside
-the stream). A 404 counts as an answer: the engine is up but has no
-``/health``.
+the stream). A stream counts as answering from its first bytes, not its
+headers: vLLM sends those as it accepts a call, queued or not, so the
+client's headers wait for the first bytes. A 404 counts as an answer: the
+engine is up but has no ``/health``.
 
 Completion: a streamed call is complete (and charged, and its thread
 free) when its ``[DONE]`` arrives, before that event is passed on: a
@@ -383,11 +385,14 @@ class Gateway:
         loop = asyncio.get_running_loop()
         while True:
             started = loop.time()
-            problem = await self._check_health(engine)
-            if problem is None:
-                self._engine_answered(engine)
-            else:
-                self._engine_failed_check(engine, problem)
+            try:
+                problem = await self._check_health(engine)
+                if problem is None:
+                    self._engine_answered(engine)
+                else:
+                    self._engine_failed_check(engine, problem)
+            except Exception:  # a bug here must not end this engine's checks in silence
+                log.exception("the /health check of engine %d failed", engine)
             await asyncio.sleep(max(0.0, self.cfg.health_interval - (loop.time() - started)))
 
     async def _check_health(self, engine: int) -> str | None:
@@ -629,6 +634,12 @@ class Gateway:
         try:
             upstream = await live.post
         except asyncio.CancelledError:
+            post = live.post
+            if post.done() and not post.cancelled():
+                # The answer began in the loop turn that cancelled the handler: close it, or the
+                # engine learns of the disconnect only when the response is collected.
+                if post.exception() is None:
+                    post.result().close()
             current = asyncio.current_task()
             if live.lost is not None and (current is None or not current.cancelling()):
                 raise EngineUnreachable(live.lost) from None
@@ -681,6 +692,21 @@ class Gateway:
     async def _relay_stream(self, request: web.Request, upstream: aiohttp.ClientResponse,
                             headers: dict[str, str], live: LiveCall) -> tuple[web.StreamResponse, Outcome | None]:
         engine = live.engine
+        chunks = upstream.content.iter_any()
+        # vLLM sends a stream's headers as it accepts the call, long before its first token if the call
+        # queues: the client's headers wait for the first bytes, so a call on an engine lost before
+        # then has shown its client nothing and goes to another engine.
+        try:
+            first: bytes | None = await chunks.__anext__()
+        except StopAsyncIteration:
+            first = None
+        except (aiohttp.ClientError, OSError) as exc:
+            if live.lost is not None:
+                raise EngineUnreachable(live.lost) from None
+            message = (f"engine {engine} ({self.cfg.engines[engine]}) failed before its stream began: "
+                       f"{type(exc).__name__}: {exc}")
+            log.warning("%s", message)
+            return error_response(502, message, code="engine_failed", headers=headers), None
         resp = web.StreamResponse(status=upstream.status, headers={
             **headers, "Content-Type": upstream.headers.get("Content-Type", "text/event-stream"),
             "Cache-Control": "no-cache"})
@@ -690,10 +716,12 @@ class Gateway:
         done = False
         failed = False
         held = b""  # the start of an event not yet whole: relayed with its end (`whole_events_end`)
-        chunks = upstream.content.iter_any()
         while True:
             try:
-                chunk = await chunks.__anext__()
+                if first is not None:
+                    chunk, first = first, None
+                else:
+                    chunk = await chunks.__anext__()
             except StopAsyncIteration:
                 break
             except (aiohttp.ClientError, OSError) as exc:
@@ -760,6 +788,8 @@ class Gateway:
                     data = await up.read()
                     return web.Response(status=up.status, body=data,
                                         content_type=up.headers.get("Content-Type", "application/json").split(";")[0])
+            except aiohttp.ConnectionTimeoutError:
+                errors.append(f"engine {i}: no connection within {self.cfg.connect_timeout:g} s")
             except asyncio.TimeoutError:
                 errors.append(f"engine {i}: no answer within {self.cfg.health_timeout:g} s")
             except (aiohttp.ClientError, OSError) as exc:

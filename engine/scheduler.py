@@ -396,45 +396,44 @@ class ProgramAwareMixin:
         return self.max_num_running_reqs - len(self.running) - self.num_waiting_for_streaming_input
 
     def _blocks_needed(self, call: CallState) -> int:
-        """Free KV blocks vLLM's admission check would ask of a waiting request with a full token budget.
+        """KV blocks vLLM's admission check asks of a waiting request, every prefix hit counted as taking one.
 
-        Asked of vLLM's own functions, without side effects: the prefix hit
-        `KVCacheManager.get_computed_blocks` would find (the coordinator's
-        lookup, without its stats or events), then the blocks
-        `allocate_slots` counts for the first chunk plus the speculative
-        lookahead and, with ``scheduler_reserve_full_isl`` (vLLM's default),
-        for the whole sequence; plus the watermark. A hit on a block another
-        request holds takes no free block; a hit on a cached free block takes
-        one. Ignoring hits, as before, under-counted a long prompt mostly
-        cached when only its first chunk is checked. A streaming session's
-        next chunk keeps the blocks it holds. `sim.replica`'s
-        ``_blocks_to_admit`` counts the same way.
+        `KVCacheManager.allocate_slots` needs room for the first chunk
+        (after the prefix hit `get_computed_blocks` finds, here looked up
+        without its stats and events) plus the speculative lookahead and,
+        with ``scheduler_reserve_full_isl`` (vLLM's default), for the whole
+        sequence; plus the watermark; less the blocks the request already
+        holds (a streaming session's next chunk keeps its earlier chunks'
+        KV and computed tokens). A hit on a block another request holds
+        takes no free block, so this may over-count; subtracting it would
+        count twice a block only a victim holds (`_blocks_freed` frees it,
+        and the hit then takes it back), and a follow-up's hits on its own
+        pin, which gives way. Over-counting can only cost a victim the
+        simulator would also have taken (`sim.replica`'s
+        ``_blocks_to_admit`` counts the same way; it has no sessions and
+        no lookahead). Ignoring the hit's length, as before, under-counted
+        a long history mostly cached when only the first chunk is checked.
         """
         request = self.requests[call.id]
         manager = self.kv_cache_manager
-        coordinator = manager.coordinator
+        full = self.scheduler_config.scheduler_reserve_full_isl
         computed = request.num_computed_tokens
-        hit_blocks = manager.empty_kv_cache_blocks.blocks
-        hits = 0
-        if computed == 0 and manager.enable_caching and not request.skip_reading_prefix_cache:
+        if (not full and computed == 0 and manager.enable_caching
+                and not request.skip_reading_prefix_cache):  # the whole sequence counts anyway when full
             # As get_computed_blocks: the last token is always recomputed, for its logits.
-            hit_blocks, hits, _ = coordinator.find_longest_cache_hit(request.block_hashes, request.num_tokens - 1)
-        done = computed + hits
-        chunk = min(request.num_tokens - done, self.max_num_scheduled_tokens)
+            _, computed, _ = manager.coordinator.find_longest_cache_hit(request.block_hashes, request.num_tokens - 1)
+        chunk = min(request.num_tokens - computed, self.max_num_scheduled_tokens)
         threshold = self.scheduler_config.long_prefill_token_threshold
         if 0 < threshold < chunk:
             chunk = threshold
-        tokens = min(done + chunk + self.num_lookahead_tokens, self.max_model_len)
-        need = coordinator.get_num_blocks_to_allocate(
-            request_id=call.id, num_tokens=tokens, new_computed_blocks=hit_blocks, num_encoder_tokens=0,
-            total_computed_tokens=done, num_local_computed_tokens=done, num_tokens_main_model=done + chunk)
-        if self.scheduler_config.scheduler_reserve_full_isl:
-            full = min(request.num_tokens, self.max_model_len)
-            need = max(need, coordinator.get_num_blocks_to_allocate(
-                request_id=call.id, num_tokens=full, new_computed_blocks=hit_blocks, num_encoder_tokens=0,
-                total_computed_tokens=done, num_local_computed_tokens=done, num_tokens_main_model=full,
-                apply_admission_cap=True))
-        return need + manager.watermark_blocks
+        tokens = computed + chunk + self.num_lookahead_tokens
+        if full:
+            tokens = max(tokens, request.num_tokens)
+        tokens = min(tokens, self.max_model_len)
+        groups = self.kv_cache_config.kv_cache_groups
+        held = manager.coordinator.get_blocks(call.id)
+        blocks = sum(max(_cdiv(tokens, g.kv_cache_spec.block_size) - len(h), 0) for g, h in zip(groups, held))
+        return blocks + manager.watermark_blocks
 
     def _blocks_freed(self, call: CallState) -> int:
         """Blocks that return to the free pool if ``call`` is preempted (not shared)."""

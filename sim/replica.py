@@ -995,20 +995,25 @@ class Replica:
         return list(map(self._by_core, victims))
 
     def _blocks_to_admit(self, call: SimCall) -> int:
-        """Free blocks the admission gate (`_fits`) would ask of a waiting call with a full token budget.
+        """Blocks a waiting call needs, every prefix hit counted as taking one (the plugin's `_blocks_needed` too).
 
-        Prefix hits count as the gate counts them: a hit on a block that
-        another call holds takes no free block, a hit on a cached free one
-        takes it. The plugin's `_blocks_needed` asks vLLM's own functions the
-        same question, so the two engines pick the same victims.
+        The whole sequence under reserve_full_isl, else the first chunk
+        past its prefix hit, as the admission gate (`_fits`) counts them. A
+        hit on a block another call holds takes no free block, so this may
+        over-count; not subtracting it keeps the estimate consistent with
+        the victims' freed blocks (`_freed_of`), which count a block only a
+        victim holds, and with pins that give way (a follow-up's hits on its
+        own pin). Ignoring the hit's length, as before, under-counted a long
+        history mostly cached when only the first chunk is checked.
         """
-        budget = self.cfg.max_num_batched_tokens
-        new, hits, fresh, _ = self._admission(call, budget)
-        if new == 0:  # without chunked prefill, a prompt over the budget is not admitted at all
-            return cdiv(call.num_tokens, self.block)
         if self.cfg.scheduler_reserve_full_isl:
-            fresh = cdiv(call.num_tokens, self.block) - hits
-        return fresh + self.kv.hit_cost(call.keys, hits)
+            return cdiv(call.num_tokens, self.block)
+        if call.swapped:
+            base = call.num_computed
+        else:
+            base = self.kv.hit_blocks(call.keys, (call.num_tokens - 1) // self.block) * self.block
+        first = min(call.num_tokens - base, self.cfg.max_num_batched_tokens)
+        return cdiv(base + first, self.block)
 
     def _schedule(self, now: float):
         cfg, kv, core = self.cfg, self.kv, self.core

@@ -229,6 +229,9 @@ def _xarg_ok(value: Any) -> bool:
 def parse_request(body: Any, chat: bool, served_model: str) -> ParsedRequest:
     if not isinstance(body, dict):
         raise RequestError(f"the request body must be a JSON object, got {json_type(body)}")
+    if body.get("stream_options") and not body.get("stream"):  # vLLM's validate_stream_options: the raw body,
+        # before any field is read
+        raise RequestError("stream_options can only be given with stream true, as vLLM requires", "stream_options")
     if chat:
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
@@ -271,9 +274,6 @@ def parse_request(body: Any, chat: bool, served_model: str) -> ParsedRequest:
     n = _int(body, "n", 1, 1)
     if n != 1:
         raise RequestError(f"n must be 1 (one completion per request), got {n}", "n")
-    if body.get("stream_options") and not body.get("stream"):  # vLLM's validate_stream_options: the raw body,
-        # before any field is read
-        raise RequestError("stream_options can only be given with stream true, as vLLM requires", "stream_options")
     stream = _flag(body, "stream")
     opts = body.get("stream_options") or {}
     if not isinstance(opts, dict):

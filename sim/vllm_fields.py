@@ -53,7 +53,7 @@ def _lax_float(v: Any) -> Any:
 
 # pydantic reads a string as an int when it is one (Python's int() in ASCII: "+5", " 5", "1_0") or one
 # with a fraction of zeros ("5.0", "1_0.00"); not "5.", ".0", "1e2" or "5.5".
-_ZERO_FRACTION = re.compile(r"\s*([+-]?[0-9]+(?:_[0-9]+)*)\.0+\s*")
+_ZERO_FRACTION = re.compile(r"[ \t\n\r\f\v]*([+-]?[0-9]+(?:_[0-9]+)*)\.0+[ \t\n\r\f\v]*")  # not \s: it has \x1c-\x1f
 
 
 def _lax_int(v: Any) -> Any:
@@ -66,7 +66,10 @@ def _lax_int(v: Any) -> Any:
             return int(v)
         except ValueError:
             zeros = _ZERO_FRACTION.fullmatch(v)
-            return int(zeros.group(1)) if zeros else _BAD
+            try:
+                return int(zeros.group(1)) if zeros else _BAD
+            except ValueError:  # past Python's 4,300 digits; pydantic refuses it too (int_parsing_size)
+                return _BAD
     return int(v) if isinstance(v, float) and v.is_integer() else _BAD
 
 

@@ -299,18 +299,13 @@ def test_an_abort_during_a_step_is_charged_that_step_so_far(model_dir):
 
 def test_a_policy_victim_sits_out_the_step_that_preempted_it(model_dir):
     # The waiting call shares a's 96-token prefix, so it needs far fewer new
-    # blocks than the victim search is made to assume here; the victim's freed
-    # blocks and seat must still not readmit it in the same step. Under async
-    # scheduling that readmission duplicated its in-flight token. (The search
-    # counts prefix hits as vLLM does, so the estimate is inflated by hand: it
-    # can still exceed what admission takes, as it assumes a whole token budget
-    # and the step may have less left for the first chunk.)
+    # blocks than the victim search assumes; the victim's freed blocks and
+    # seat must still not readmit it in the same step. Under async
+    # scheduling that readmission duplicated its in-flight token.
     for async_scheduling, step_fn in ((False, step), (True, Pipelined())):
         clock = FakeClock()
         s = plugin(model_dir, clock, policy="plas", params=QUEUES, max_num_seqs=4, num_blocks=16,
                    async_scheduling=async_scheduling)
-        exact = s._blocks_needed
-        s._blocks_needed = lambda call, exact=exact: exact(call) + 6
         prefix = list(range(500, 596))
         s.add_request(make_request("a", prefix + [1, 2, 3, 4], 60, extra_args={"program_id": "A"}))
         s.add_request(make_request("v", list(range(700, 740)), 60,
@@ -497,8 +492,8 @@ def test_the_victim_search_counts_the_speculative_lookahead(model_dir):
 def test_the_victim_search_counts_prefix_hits_that_admission_takes_from_the_free_blocks(model_dir):
     """Checking only the first chunk (scheduler_reserve_full_isl off), a follow-up call that hits its
     program's 160 cached tokens needs those 10 free cached blocks and 2 fresh ones for its first 32-token
-    chunk. The search counted 2, took no victim, and the better call failed admission behind the worse
-    one. The simulator's twin: tests/test_sim_engine.py, same name."""
+    chunk. The search counted 2 (the chunk, the hit's length ignored), took no victim, and the better call
+    failed admission behind the worse one. The simulator's twin: tests/test_sim_engine.py, same name."""
     clock = FakeClock()
     s = plugin(model_dir, clock, policy="plas", params=QUEUES, max_num_seqs=4, num_blocks=17,
                max_num_batched_tokens=32)

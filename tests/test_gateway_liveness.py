@@ -19,7 +19,7 @@ import pytest
 from aiohttp import web
 
 from engine.gateway import GatewayConfig
-from engine.sse import DONE, SSEParser
+from engine.sse import DONE, SSEParser, event_token_count
 from sim.realtime import RealtimeEngine
 from sim.serve import SimServer, serve
 from test_serve_helpers import Running, _url, engine_config, run, start_app, start_gw, wait_for
@@ -37,7 +37,9 @@ class FakeEngine:
     """An engine that answers, or freezes: its handlers then wait until the test thaws it.
 
     ``freeze_after``: ``None`` answers whole; ``"headers"`` freezes once a call's answer has begun (a
-    non-streamed body cut short); ``"token"`` streams one token, then freezes.
+    non-streamed body cut short, or a stream's headers sent, as vLLM sends them on accepting a call);
+    ``"token"`` streams one token, then freezes; ``"die"`` sends a stream's headers, then cuts the
+    connection.
     """
 
     def __init__(self, health_status: int = 200, freeze_after: str | None = None):
@@ -66,7 +68,12 @@ class FakeEngine:
         if body.get("stream"):
             resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
             await resp.prepare(request)
-            await resp.write(b"data: " + json.dumps(TOKEN).encode() + b"\n\n")
+            if self.freeze_after == "die":
+                await asyncio.sleep(0.05)
+                request.transport.abort()
+                return resp
+            if self.freeze_after == "token":
+                await resp.write(b"data: " + json.dumps(TOKEN).encode() + b"\n\n")
         else:
             resp = web.StreamResponse(headers={"Content-Type": "application/json"})
             await resp.prepare(request)
@@ -94,7 +101,7 @@ class FakeEngine:
 
 
 async def _post(session: aiohttp.ClientSession, url: str, program: str, stream: bool = False):
-    body = {"model": "m", "prompt": [1, 2, 3], "max_tokens": 2, "stream": stream}
+    body = {"prompt": [1, 2, 3], "max_tokens": 2, "stream": stream}  # no model: any engine's own
     async with session.post(url + "/v1/completions", json=body, headers={"X-Program-Id": program}) as r:
         if stream:
             parser = SSEParser()
@@ -155,6 +162,55 @@ def test_a_stream_whose_engine_freezes_ends_with_an_engine_lost_event_and_is_not
         "0.05 s, 2 checks in a row" in error["message"]
     assert settled and (program is None or program.total_service == 0.0)
     assert snapshot["engines"][0]["lost"] is True and snapshot["engines"][0]["in_flight"] == 0
+
+
+def test_a_stream_accepted_by_a_frozen_engine_goes_to_another_before_its_first_token():
+    """vLLM sends a stream's 200 headers as it accepts the call; the client's wait for them until the
+    first bytes, so a call queued on an engine that then freezes has shown its client nothing."""
+
+    async def go():
+        eng, spare = FakeEngine(freeze_after="headers"), FakeEngine()
+        cfg = engine_config(step=0.001)
+        engine = RealtimeEngine(cfg, "plas", 1)
+        runner = await serve(SimServer(engine, "sim"), "127.0.0.1", 0)
+        live = Running(runner, _url(runner))
+        gw, gateway = await start_gw([await eng.start(), live.url], balancer="round_robin", **FAST)
+        try:
+            async with aiohttp.ClientSession() as s:
+                status, served_by, events = await _post(s, gw.url, "p1", stream=True)
+            return status, served_by, events, eng.calls, gateway.snapshot(), gateway.acct.table.get("p1")
+        finally:
+            await gw.stop()
+            await eng.stop()
+            await live.stop()
+            await spare.stop()
+
+    status, served_by, events, frozen_calls, snapshot, program = run(go())
+    assert status == 200 and served_by == "1" and frozen_calls == 1
+    assert events[-1] == DONE and not [e for e in events if isinstance(e, dict) and "error" in e]
+    assert sum(event_token_count(e) for e in events if isinstance(e, dict)) == 2
+    assert snapshot["engines"][0]["lost"] is True and program.total_service > 0
+
+
+def test_a_stream_cut_before_its_first_bytes_is_a_502_not_an_empty_stream():
+    async def go():
+        eng = FakeEngine(freeze_after="die")
+        gw, gateway = await start_gw([await eng.start()], **FAST)
+        try:
+            async with aiohttp.ClientSession() as s:
+                body = {"prompt": [1, 2], "max_tokens": 2, "stream": True}
+                async with s.post(gw.url + "/v1/completions", json=body, headers={"X-Program-Id": "p1"}) as r:
+                    answer = r.status, r.headers.get("Content-Type"), await r.json()
+            return answer, gateway.acct.live_calls(), list(gateway.loads)
+        finally:
+            await gw.stop()
+            await eng.stop()
+
+    (status, ctype, body), live_calls, loads = run(go())
+    assert status == 502 and ctype.startswith("application/json")
+    assert body["error"]["code"] == "engine_failed"
+    assert "failed before its stream began" in body["error"]["message"]
+    assert live_calls == 0 and loads == [0]
 
 
 def test_a_whole_answer_cut_short_by_a_frozen_engine_is_a_502_engine_lost():

@@ -898,7 +898,8 @@ def test_a_request_the_http_parser_refuses_is_logged_in_one_line():
 VLLM_REFUSES = [
     # pydantic reads "1e2" as no int; vLLM refuses stream_options without stream (validate_stream_options)
     (False, {"seed": "1e2"}, "seed"), (True, {"seed": "1E2"}, "seed"), (False, {"logprobs": "5."}, "logprobs"),
-    (False, {"seed": ".0"}, "seed"), (False, {"seed": "5.0_0"}, "seed"),
+    (False, {"seed": ".0"}, "seed"), (False, {"seed": "5.0_0"}, "seed"), (False, {"seed": "\x1c5.0"}, "seed"),
+    (False, {"seed": "9" * 4301 + ".0"}, "seed"),  # was a 500: int() past Python's 4,300 digits
     (False, {"stream_options": {"include_usage": True}}, "stream_options"),
     (True, {"stream": False, "stream_options": {"include_usage": False}}, "stream_options"),
     (False, {"stream": 0, "stream_options": "x"}, "stream_options"),
@@ -964,6 +965,18 @@ def test_fields_vllm_refuses_are_refused_naming_the_field(chat, extra, param):
         parse_request(_body(chat, extra), chat=chat, served_model="sim")
     assert err.value.status == 400 and err.value.param == param
     assert err.value.message.startswith(param + " ")
+
+
+def test_stream_options_without_stream_is_refused_before_any_field_is_read_as_vllm():
+    # vLLM's validate_stream_options is a mode="before" validator: a wrong model or prompt is not reached.
+    for chat in (False, True):
+        body = {**_body(chat, {}), "model": "other", "n": 2, "stream_options": {"include_usage": True}}
+        if not chat:
+            body["prompt"] = []
+        with pytest.raises(RequestError) as err:
+            parse_request(body, chat=chat, served_model="sim")
+        assert (err.value.status, err.value.param) == (400, "stream_options")
+        assert err.value.message == "stream_options can only be given with stream true, as vLLM requires"
 
 
 @pytest.mark.parametrize("chat,extra", VLLM_TAKES)

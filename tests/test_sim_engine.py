@@ -763,17 +763,11 @@ def test_kv_ttl_never_idles_the_engine_or_preempts_a_running_call(fast_forward):
     assert (ranked.stats["kv_pins_dropped"], ranked.stats["preemptions"]) == (1.0, 0.0)
 
 
-def test_a_policy_victim_sits_out_the_step_that_preempted_it(monkeypatch):
+def test_a_policy_victim_sits_out_the_step_that_preempted_it():
     # At t=3 W (little work left) outranks A under SRPT, and the victim
-    # search, made here to over-count W's need (it counts prefix hits as
-    # admission does, but assumes a whole token budget, and a step may have
-    # less left), preempts A. W hits 96 shared tokens and takes 1 block, so
-    # A would fit again at once; like the vLLM plugin, the engine readmits
-    # it only next step.
-    from sim.replica import Replica
-
-    exact = Replica._blocks_to_admit
-    monkeypatch.setattr(Replica, "_blocks_to_admit", lambda self, call: exact(self, call) + 6)
+    # search, which ignores prefix hits, preempts A to fit W's 7 blocks.
+    # W hits 96 shared tokens and takes 1 block, so A would fit again at
+    # once; like the vLLM plugin, the engine readmits it only next step.
     sys_prompt = SharedPrefix("sys", 96)
     programs = [
         prog("A", 0.0, call("a", 100, 60, shared_prefix=sys_prompt)),
