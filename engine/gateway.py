@@ -698,13 +698,15 @@ class Gateway:
         # then has shown its client nothing and goes to another engine.
         try:
             first: bytes | None = await chunks.__anext__()
-        except StopAsyncIteration:
-            first = None
+            problem = None
+        except StopAsyncIteration:  # a clean end without a byte: neither [DONE] nor an error event
+            problem = "ended its stream before sending anything"
         except (aiohttp.ClientError, OSError) as exc:
+            problem = f"failed before its stream began: {type(exc).__name__}: {exc}"
+        if problem is not None:
             if live.lost is not None:
-                raise EngineUnreachable(live.lost) from None
-            message = (f"engine {engine} ({self.cfg.engines[engine]}) failed before its stream began: "
-                       f"{type(exc).__name__}: {exc}")
+                raise EngineUnreachable(live.lost)
+            message = f"engine {engine} ({self.cfg.engines[engine]}) {problem}"
             log.warning("%s", message)
             return error_response(502, message, code="engine_failed", headers=headers), None
         resp = web.StreamResponse(status=upstream.status, headers={

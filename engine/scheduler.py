@@ -418,9 +418,9 @@ class ProgramAwareMixin:
         manager = self.kv_cache_manager
         full = self.scheduler_config.scheduler_reserve_full_isl
         computed = request.num_computed_tokens
-        if (not full and computed == 0 and manager.enable_caching
-                and not request.skip_reading_prefix_cache):  # the whole sequence counts anyway when full
-            # As get_computed_blocks: the last token is always recomputed, for its logits.
+        if computed == 0 and manager.enable_caching and not request.skip_reading_prefix_cache:
+            # As get_computed_blocks: the last token is always recomputed, for its logits. The first chunk
+            # starts past the hit, and with lookahead it may reach past the whole sequence even when full.
             _, computed, _ = manager.coordinator.find_longest_cache_hit(request.block_hashes, request.num_tokens - 1)
         chunk = min(request.num_tokens - computed, self.max_num_scheduled_tokens)
         threshold = self.scheduler_config.long_prefill_token_threshold

@@ -229,8 +229,9 @@ def _xarg_ok(value: Any) -> bool:
 def parse_request(body: Any, chat: bool, served_model: str) -> ParsedRequest:
     if not isinstance(body, dict):
         raise RequestError(f"the request body must be a JSON object, got {json_type(body)}")
-    if body.get("stream_options") and not body.get("stream"):  # vLLM's validate_stream_options: the raw body,
-        # before any field is read
+    if body.get("stream_options") and not body.get("stream"):  # vLLM's validate_stream_options, a
+        # mode="before" validator on the raw body: before the fields read here (pydantic runs vLLM's
+        # later-defined before-validators, on prompt, cache_salt or tool_choice, earlier still)
         raise RequestError("stream_options can only be given with stream true, as vLLM requires", "stream_options")
     if chat:
         messages = body.get("messages")

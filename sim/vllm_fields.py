@@ -37,39 +37,45 @@ INT64 = (-2 ** 63, 2 ** 63 - 1)
 MAX_LOGPROBS = 20  # vLLM's ModelConfig.max_logprobs default (--max-logprobs)
 
 
+# The whitespace pydantic trims from a number's string (Rust's, Unicode White_Space): Python's own
+# str.strip() and int() also trim \x1c-\x1f, which pydantic refuses.
+_SPACE = "\t\n\x0b\x0c\r \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008\u2009\u200a" \
+         "\u2028\u2029\u202f\u205f\u3000"
+# pydantic reads a string as an int when it is an ASCII integer ("+5", "1_0") or one with a fraction of
+# zeros ("5.0", "1_0.00"); not "5.", ".0", "1e2" or "5.5". Leading zeros do not count towards its
+# 4,300-digit limit.
+_INT_TEXT = re.compile(r"([+-]?)([0-9]+(?:_[0-9]+)*)(?:\.0+)?")
+MAX_INT_DIGITS = 4300  # Python's default int_max_str_digits, which pydantic's limit matches
+
+
 def _lax_float(v: Any) -> Any:
     if isinstance(v, (bool, int, float)):  # not a LongInt (too long to read): pydantic refuses it too
         try:
             return float(v)
         except OverflowError:
             return _BAD
-    if isinstance(v, str) and v.isascii():  # Python's float() also reads non-ASCII digits; pydantic does not
-        try:
-            return float(v)
-        except ValueError:
-            pass
+    if isinstance(v, str):
+        text = v.strip(_SPACE)
+        if text.isascii() and text == text.strip():  # Python's float() also reads other scripts' digits
+            try:
+                return float(text)
+            except ValueError:
+                pass
     return _BAD
-
-
-# pydantic reads a string as an int when it is one (Python's int() in ASCII: "+5", " 5", "1_0") or one
-# with a fraction of zeros ("5.0", "1_0.00"); not "5.", ".0", "1e2" or "5.5".
-_ZERO_FRACTION = re.compile(r"[ \t\n\r\f\v]*([+-]?[0-9]+(?:_[0-9]+)*)\.0+[ \t\n\r\f\v]*")  # not \s: it has \x1c-\x1f
 
 
 def _lax_int(v: Any) -> Any:
     if isinstance(v, (bool, int)):
         return int(v)
     if isinstance(v, str):
-        if not v.isascii():
+        text = v.strip(_SPACE)
+        number = _INT_TEXT.fullmatch(text) if text.isascii() else None
+        if number is None:
             return _BAD
-        try:
-            return int(v)
-        except ValueError:
-            zeros = _ZERO_FRACTION.fullmatch(v)
-            try:
-                return int(zeros.group(1)) if zeros else _BAD
-            except ValueError:  # past Python's 4,300 digits; pydantic refuses it too (int_parsing_size)
-                return _BAD
+        digits = number.group(2).replace("_", "").lstrip("0") or "0"
+        if len(digits) > MAX_INT_DIGITS:
+            return _BAD
+        return -int(digits) if number.group(1) == "-" else int(digits)
     return int(v) if isinstance(v, float) and v.is_integer() else _BAD
 
 

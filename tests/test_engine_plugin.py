@@ -516,6 +516,32 @@ def test_the_victim_search_counts_prefix_hits_that_admission_takes_from_the_free
     assert out.scheduled_new_reqs[0].num_computed_tokens == 160 and out.num_scheduled_tokens["w"] == 32
 
 
+def test_the_victim_search_counts_lookahead_past_a_prefix_hit_under_full_reservation(model_dir):
+    """vLLM's full-sequence check (its default) also checks the first chunk plus the speculative lookahead,
+    and the chunk starts past the prefix hit: 176 tokens with 160 cached reach 176 + 4 tokens, 12 blocks.
+    Counted from token 0, the 32-token chunk plus lookahead stayed under the sequence's 11 blocks, the
+    search took no victim and the better call failed admission behind the worse one."""
+    clock = FakeClock()
+    s = plugin(model_dir, clock, policy="plas", params=QUEUES, max_num_seqs=4, num_blocks=16,
+               max_num_batched_tokens=32)
+    s.num_lookahead_tokens = 4  # as Scheduler.__init__ sets it from num_speculative_tokens
+    assert s.scheduler_config.scheduler_reserve_full_isl
+    history = list(range(100, 260))
+    s.add_request(make_request("h", history, 1, extra_args={"program_id": "W"}))
+    for _ in range(8):
+        step(s, clock, 0.1)
+    s.add_request(make_request("v", list(range(700, 748)), 200, extra_args={"program_id": "V",
+                                                                           "program_service": 10.0}))
+    for _ in range(3):
+        step(s, clock, 0.1)
+    s.add_request(make_request("w", history + list(range(900, 916)), 5,
+                               extra_args={"program_id": "W", "program_service": 0.0}))
+    assert s.kv_cache_manager.block_pool.get_num_free_blocks() == 11
+    assert s._blocks_needed(s.core.calls["w"]) == 12
+    out = step(s, clock, 0.1)
+    assert out.preempted_req_ids == {"v"} and scheduled(out) == ["w"]
+
+
 def test_duplicate_thread_falls_back_to_the_request_id(model_dir):
     clock = FakeClock()
     s = plugin(model_dir, clock, policy="atlas")

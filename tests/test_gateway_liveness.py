@@ -39,7 +39,7 @@ class FakeEngine:
     ``freeze_after``: ``None`` answers whole; ``"headers"`` freezes once a call's answer has begun (a
     non-streamed body cut short, or a stream's headers sent, as vLLM sends them on accepting a call);
     ``"token"`` streams one token, then freezes; ``"die"`` sends a stream's headers, then cuts the
-    connection.
+    connection; ``"end"`` sends them, then ends the stream cleanly without a byte.
     """
 
     def __init__(self, health_status: int = 200, freeze_after: str | None = None):
@@ -71,6 +71,9 @@ class FakeEngine:
             if self.freeze_after == "die":
                 await asyncio.sleep(0.05)
                 request.transport.abort()
+                return resp
+            if self.freeze_after == "end":
+                await resp.write_eof()
                 return resp
             if self.freeze_after == "token":
                 await resp.write(b"data: " + json.dumps(TOKEN).encode() + b"\n\n")
@@ -192,9 +195,11 @@ def test_a_stream_accepted_by_a_frozen_engine_goes_to_another_before_its_first_t
     assert snapshot["engines"][0]["lost"] is True and program.total_service > 0
 
 
-def test_a_stream_cut_before_its_first_bytes_is_a_502_not_an_empty_stream():
+@pytest.mark.parametrize("mode,words", [("die", "failed before its stream began: "),
+                                        ("end", "ended its stream before sending anything")])
+def test_a_stream_cut_before_its_first_bytes_is_a_502_not_an_empty_stream(mode, words):
     async def go():
-        eng = FakeEngine(freeze_after="die")
+        eng = FakeEngine(freeze_after=mode)
         gw, gateway = await start_gw([await eng.start()], **FAST)
         try:
             async with aiohttp.ClientSession() as s:
@@ -209,7 +214,7 @@ def test_a_stream_cut_before_its_first_bytes_is_a_502_not_an_empty_stream():
     (status, ctype, body), live_calls, loads = run(go())
     assert status == 502 and ctype.startswith("application/json")
     assert body["error"]["code"] == "engine_failed"
-    assert "failed before its stream began" in body["error"]["message"]
+    assert words in body["error"]["message"]
     assert live_calls == 0 and loads == [0]
 
 

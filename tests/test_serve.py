@@ -900,6 +900,7 @@ VLLM_REFUSES = [
     (False, {"seed": "1e2"}, "seed"), (True, {"seed": "1E2"}, "seed"), (False, {"logprobs": "5."}, "logprobs"),
     (False, {"seed": ".0"}, "seed"), (False, {"seed": "5.0_0"}, "seed"), (False, {"seed": "\x1c5.0"}, "seed"),
     (False, {"seed": "9" * 4301 + ".0"}, "seed"),  # was a 500: int() past Python's 4,300 digits
+    (False, {"temperature": "\x1c0.5"}, "temperature"),  # Python's float() trims \x1c, pydantic does not
     (False, {"stream_options": {"include_usage": True}}, "stream_options"),
     (True, {"stream": False, "stream_options": {"include_usage": False}}, "stream_options"),
     (False, {"stream": 0, "stream_options": "x"}, "stream_options"),
@@ -939,7 +940,8 @@ VLLM_REFUSES = [
 # vLLM 0.26.0 takes these (pydantic's lax mode reads "0.5" as a number, 1 and "yes" as true; fields it
 # does not declare are ignored, best_of among them), so sim serve must too.
 VLLM_TAKES = [
-    (False, {"seed": " 5.0 "}), (False, {"seed": "1_0.00"}), (True, {"seed": "-3.0"}), (False, {"stream_options": {}}),
+    (False, {"seed": "\xa05"}), (False, {"seed": "5\u3000"}), (False, {"seed": "0" * 4400 + "5.0"}),
+    (False, {"temperature": "\xa00.5"}), (False, {"seed": " 5.0 "}), (False, {"seed": "1_0.00"}), (True, {"seed": "-3.0"}), (False, {"stream_options": {}}),
     (False, {"stream_options": None}), (True, {"stream": True, "stream_options": {"include_usage": True}}),
     (False, {"temperature": "0.5"}), (False, {"temperature": True}), (False, {"temperature": None}),
     (False, {"temperature": 0}), (False, {"temperature": 2}), (False, {"top_p": "1"}), (False, {"stop": None}),
@@ -967,12 +969,10 @@ def test_fields_vllm_refuses_are_refused_naming_the_field(chat, extra, param):
     assert err.value.message.startswith(param + " ")
 
 
-def test_stream_options_without_stream_is_refused_before_any_field_is_read_as_vllm():
-    # vLLM's validate_stream_options is a mode="before" validator: a wrong model or prompt is not reached.
+def test_stream_options_without_stream_is_refused_before_the_fields_sim_serve_reads_as_vllm():
+    # vLLM's validate_stream_options is a mode="before" validator: a wrong model or n is not reached.
     for chat in (False, True):
         body = {**_body(chat, {}), "model": "other", "n": 2, "stream_options": {"include_usage": True}}
-        if not chat:
-            body["prompt"] = []
         with pytest.raises(RequestError) as err:
             parse_request(body, chat=chat, served_model="sim")
         assert (err.value.status, err.value.param) == (400, "stream_options")

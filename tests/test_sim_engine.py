@@ -765,7 +765,8 @@ def test_kv_ttl_never_idles_the_engine_or_preempts_a_running_call(fast_forward):
 
 def test_a_policy_victim_sits_out_the_step_that_preempted_it():
     # At t=3 W (little work left) outranks A under SRPT, and the victim
-    # search, which ignores prefix hits, preempts A to fit W's 7 blocks.
+    # search, which counts every prefix hit as taking a block (a hit on
+    # blocks A holds takes none), preempts A to fit W's 7 blocks.
     # W hits 96 shared tokens and takes 1 block, so A would fit again at
     # once; like the vLLM plugin, the engine readmits it only next step.
     sys_prompt = SharedPrefix("sys", 96)
