@@ -332,7 +332,7 @@ class Gateway:
         self.down_until = [-math.inf] * len(cfg.engines)  # gateway time until which an engine is left out
         self._backoff = [0.0] * len(cfg.engines)
         self.lost = [False] * len(cfg.engines)  # failed --health-failures checks in a row, none passed since
-        self.health_failures = [0] * len(cfg.engines)  # checks failed in a row
+        self.failed_checks = [0] * len(cfg.engines)  # checks failed in a row
         self._calls_on: list[set[LiveCall]] = [set() for _ in cfg.engines]
         self._watchers: list[asyncio.Task] = []
         self.recent: deque[dict[str, Any]] = deque(maxlen=1000)  # routing decisions, newest last
@@ -413,12 +413,12 @@ class Gateway:
         if self.lost[engine]:
             log.warning("engine %d (%s) answers /health again: back in the balance", engine, self.cfg.engines[engine])
         self.lost[engine] = False
-        self.health_failures[engine] = 0
+        self.failed_checks[engine] = 0
         self._mark_up(engine)  # any answer ends a backoff
 
     def _engine_failed_check(self, engine: int, problem: str) -> None:
-        self.health_failures[engine] += 1
-        failures = self.health_failures[engine]
+        self.failed_checks[engine] += 1
+        failures = self.failed_checks[engine]
         if failures < self.cfg.health_failures:
             return
         message = (f"engine {engine} ({self.cfg.engines[engine]}) lost: {problem}, "
@@ -833,7 +833,7 @@ class Gateway:
             "now": now, "policy": self.acct.policy.name, "balancer": self.balancer.name, "ttl": self.cfg.ttl,
             "engines": [{"url": u, "in_flight": self.loads[i], "routed": self.routed[i],
                          "down_for": max(0.0, self.down_until[i] - now),  # seconds left out after a refusal
-                         "lost": self.lost[i], "health_failures": self.health_failures[i]}
+                         "lost": self.lost[i], "health_failures": self.failed_checks[i]}
                         for i, u in enumerate(self.cfg.engines)],
             "live_calls": self.acct.live_calls(),
             "programs": programs,

@@ -56,7 +56,8 @@ def _lax_float(v: Any) -> Any:
             return _BAD
     if isinstance(v, str):
         text = v.strip(_SPACE)
-        if text.isascii() and text == text.strip():  # Python's float() also reads other scripts' digits
+        # ASCII: Python's float() also reads other scripts' digits; and no \x1c-\x1f left, which it trims
+        if text.isascii() and text == text.strip():
             try:
                 return float(text)
             except ValueError:

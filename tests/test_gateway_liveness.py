@@ -286,7 +286,7 @@ def test_a_lost_engine_is_back_in_the_balance_once_its_health_check_passes():
             back = await wait_for(lambda: not gateway.lost[0])
             async with aiohttp.ClientSession() as s:
                 engines = [(await _post(s, gw.url, f"p{i}"))[1] for i in range(4)]
-            return lost, back, engines, gateway.health_failures[0]
+            return lost, back, engines, gateway.failed_checks[0]
         finally:
             await gw.stop()
             await eng.stop()
@@ -370,7 +370,7 @@ def test_no_checks_with_a_zero_interval():
         gw, gateway = await start_gw([await eng.start()], health_interval=0, health_timeout=0.05, health_failures=1)
         try:
             await asyncio.sleep(0.2)
-            return gateway.lost[0], gateway.health_failures[0]
+            return gateway.lost[0], gateway.failed_checks[0]
         finally:
             await gw.stop()
             await eng.stop()
