@@ -41,6 +41,7 @@ near capacity can hide from throughput at a target.
 
 from __future__ import annotations
 
+import argparse
 import csv
 import io
 import json
@@ -52,6 +53,7 @@ from typing import Any, Iterable, Sequence
 from sim.confidence import CONFIDENCE, Interval, interval_text, t_interval
 from sim.records import number_of
 from sim.textout import aligned
+from traces.argtypes import number
 
 LATENCY = "normalized_latency_mean"
 BASELINES = ("fcfs", "mlfq", "fcfs-unopt")
@@ -325,13 +327,15 @@ def group_label(key: Sequence[tuple[str, Any]], among: Iterable[Sequence[tuple[s
     """Short text for a group: its values that vary are what a reader needs.
 
     The program count is left out, as a scale that follows the replicas in
-    the paper's sweeps, unless two groups of ``among`` differ in it alone:
-    then it is a condition of its own, two curves would share one label, and
-    every label shows it (decided once, so no curve loses points to another
-    label).
+    the paper's sweeps, and so is the balancer of a single replica (it has
+    nothing to balance), unless two groups of ``among`` differ in that key
+    alone: then two curves would share one label, and every label shows it
+    (decided once, so no curve loses points to another label).
     """
+    among = list(among)
     d = dict(key)
     show_programs = programs_tell_apart(among)
+    show_balancer = tell_apart([g for g in among if _one_replica(dict(g).get("replicas"))], "balancer")
     parts = []
     for k, v in key:
         if v is None:
@@ -341,8 +345,7 @@ def group_label(key: Sequence[tuple[str, Any]], among: Iterable[Sequence[tuple[s
         elif k == "replicas" and v == 1:
             continue
         elif k == "balancer":
-            replicas = d.get("replicas")
-            if not (isinstance(replicas, int) and replicas <= 1):  # one replica has nothing to balance
+            if show_balancer or not _one_replica(d.get("replicas")):
                 parts.append(str(v))
         elif k == "replicas":
             parts.append(f"x{v}")
@@ -354,15 +357,24 @@ def group_label(key: Sequence[tuple[str, Any]], among: Iterable[Sequence[tuple[s
     return " ".join(parts) or "all"
 
 
-def programs_tell_apart(groups: Iterable[Sequence[tuple[str, Any]]]) -> bool:
-    """Whether two of ``groups`` differ in their program count alone."""
+def _one_replica(replicas: Any) -> bool:
+    return isinstance(replicas, int) and replicas <= 1
+
+
+def tell_apart(groups: Iterable[Sequence[tuple[str, Any]]], name: str) -> bool:
+    """Whether two of ``groups`` differ in the key ``name`` alone."""
     seen: dict[tuple, Any] = {}
     for g in groups:
-        rest = tuple((k, v) for k, v in g if k != PROGRAMS)
-        programs = dict(g).get(PROGRAMS)
-        if seen.setdefault(rest, programs) != programs:
+        rest = tuple((k, v) for k, v in g if k != name)
+        value = dict(g).get(name)
+        if seen.setdefault(rest, value) != value:
             return True
     return False
+
+
+def programs_tell_apart(groups: Iterable[Sequence[tuple[str, Any]]]) -> bool:
+    """Whether two of ``groups`` differ in their program count alone."""
+    return tell_apart(groups, PROGRAMS)
 
 
 @dataclass
@@ -415,12 +427,12 @@ def parse_target(text: str | float | None) -> tuple[float, bool]:
     if isinstance(text, (int, float)):
         value, relative = float(text), False
     else:
-        s = text.strip().lower()
-        relative = s.endswith("x")
-        try:
-            value = float(s[:-1] if relative else s)
-        except ValueError:
-            raise ValueError(f"--target {text}: expected seconds per token (0.05) or a multiple of light-load latency (2x)") from None
+        relative = text.endswith(("x", "X"))
+        try:  # strictly, as every numeric option: float() would take "1_0x" as 10x
+            value = number(text[:-1] if relative else text)
+        except argparse.ArgumentTypeError as exc:
+            raise ValueError(f"--target {text}: expected seconds per token (0.05) or a multiple of light-load "
+                             f"latency (2x); {exc}") from None
     if not (math.isfinite(value) and value > 0):
         raise ValueError(f"--target {text}: must be a finite number > 0")
     return value, relative
@@ -477,7 +489,9 @@ def throughput_table(rows: Iterable[dict[str, Any]], target: str | float | None 
             for p, c in by_policy.items()
         }
         for p in by_policy:
-            ratios = {b: ratio(tp[p], tp[b]) for b in bases if b in tp}
+            # A baseline against itself is exactly 1 (two lower bounds would read ~1.00x).
+            ratios = {b: Ratio(1.0, "exact") if b == p and tp[p].value else ratio(tp[p], tp[b])
+                      for b in bases if b in tp}
             out.append(ThroughputRow(group, p, L, tp[p], ratios))
     return out
 

@@ -11,6 +11,7 @@ from sim.derived import (
     Throughput,
     curves,
     format_table,
+    group_label,
     parse_target,
     ratio,
     tail_table,
@@ -406,3 +407,33 @@ def test_a_sweep_json_nested_too_deeply_is_a_warning_not_a_traceback(tmp_path):
     (tmp_path / "sweep.json").write_text("[" * 100_000 + "]" * 100_000)
     assert unfinished_sweeps(tmp_path) == [
         f"{tmp_path / 'sweep.json'}: cannot tell whether the sweep finished (JSON nested too deeply)"]
+
+
+@pytest.mark.parametrize("text", ["1_0x", "\u0662x", "0.1_0", " 2x", "+2x", "02x", "x", ""])
+def test_a_target_is_read_as_strictly_as_every_numeric_option(text):
+    """float() took "1_0x" as 10x and an Arabic-Indic two as 2x."""
+    with pytest.raises(ValueError, match="--target"):
+        parse_target(text)
+
+
+def test_a_baseline_against_itself_is_exactly_one_even_as_a_lower_bound():
+    """Two lower bounds give an unknown ratio, but a curve over itself is 1: it printed ~1.00x."""
+    data = rows("bfcl", "fcfs", [2, 4], [0.01, 0.02]) + rows("bfcl", "plas", [2, 4], [0.01, 0.015])
+    table = {t.policy: t for t in throughput_table(data, "0.04")}
+    assert table["fcfs"].throughput == Throughput(4, "lower")
+    assert table["fcfs"].ratios["fcfs"] == Ratio(1.0, "exact")
+    assert table["plas"].ratios["fcfs"] == Ratio(1.0, "unknown")  # two lower bounds: unknown
+    none = {t.policy: t for t in throughput_table(data, "0.001")}  # met at no rate: no ratio at all
+    assert none["fcfs"].ratios["fcfs"].value is None
+
+
+def test_single_replica_groups_that_differ_in_the_balancer_alone_get_their_own_labels():
+    """One replica's balancer is hidden, so two such curves printed one label twice."""
+    data = rows("bfcl", "fcfs", [1, 2], [0.01, 0.02])
+    other = [dict(r, balancer="round_robin") for r in data]
+    text = format_table(throughput_table(data + other, "2x"))
+    labels = [line.split()[0:2] for line in text.splitlines()[2:4]]
+    assert labels == [["bfcl", "locality"], ["bfcl", "round_robin"]]
+    # A lone balancer stays hidden at one replica; several replicas always show it.
+    assert group_label((("workload", "bfcl"), ("replicas", 1), ("balancer", "locality"))) == "bfcl"
+    assert group_label((("workload", "bfcl"), ("replicas", 2), ("balancer", "locality"))) == "bfcl x2 locality"
