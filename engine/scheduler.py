@@ -101,7 +101,7 @@ from vllm.v1.request import Request, RequestStatus
 
 from engine.kv_pins import KVPins
 from engine.plugin_config import PluginConfig, PluginConfigError, parse_plugin_config, read_tags
-from sim.core import Policy, ProcessTable, SchedulerCore, attribute_service, make_policy
+from sim.core import Policy, ProcessTable, SchedulerCore, TokenBudget, attribute_service, make_policy
 from sim.core.state import CallState
 
 logger = logging.getLogger(__name__)
@@ -174,6 +174,7 @@ class ProgramAwareMixin:
         self._now: float | None = None  # the step's time while schedule()/update runs
         self._heap_dirty = False
         self._kv_ttl: dict[str, float] = {}  # request id -> pin seconds, for tagged live requests
+        self._starts: dict[str, int] = {}  # request id -> prefix hit, within one victim decision
         self.kv_pins = KVPins(self.kv_cache_manager.block_pool)
         self._allocate_slots = self.kv_cache_manager.allocate_slots
         self._giving_way = False  # whether the wrapper shadows allocate_slots
@@ -335,6 +336,12 @@ class ProgramAwareMixin:
         return ready
 
     def _choose_victims(self) -> list[CallState]:
+        try:
+            return self._decide_victims()
+        finally:
+            self._starts.clear()  # prefix hits change once the step runs
+
+    def _decide_victims(self) -> list[CallState]:
         core = self.core
         calls = core.calls
         running, heap = self.running, self.waiting._heap
@@ -387,6 +394,7 @@ class ProgramAwareMixin:
             self.kv_cache_manager.block_pool.get_num_free_blocks(),
             self._blocks_needed,
             self._blocks_freed,
+            self._budget(),
         )
         if record:
             self._record_decision(waiting, victims)
@@ -417,11 +425,8 @@ class ProgramAwareMixin:
         request = self.requests[call.id]
         manager = self.kv_cache_manager
         full = self.scheduler_config.scheduler_reserve_full_isl
-        computed = request.num_computed_tokens
-        if computed == 0 and manager.enable_caching and not request.skip_reading_prefix_cache:
-            # As get_computed_blocks: the last token is always recomputed, for its logits. The first chunk
-            # starts past the hit, and with lookahead it may reach past the whole sequence even when full.
-            _, computed, _ = manager.coordinator.find_longest_cache_hit(request.block_hashes, request.num_tokens - 1)
+        # The first chunk starts past the hit, and with lookahead it may reach past the whole sequence even when full.
+        computed = self._admission_start(request)
         chunk = min(request.num_tokens - computed, self.max_num_scheduled_tokens)
         threshold = self.scheduler_config.long_prefill_token_threshold
         if 0 < threshold < chunk:
@@ -434,6 +439,49 @@ class ProgramAwareMixin:
         held = manager.coordinator.get_blocks(call.id)
         blocks = sum(max(_cdiv(tokens, g.kv_cache_spec.block_size) - len(h), 0) for g, h in zip(groups, held))
         return blocks + manager.watermark_blocks
+
+    def _admission_start(self, request: Request) -> int:
+        """The tokens a waiting request's admission starts from: those it holds, else its prefix hit.
+
+        As get_computed_blocks (the last token is always recomputed, for its
+        logits), looked up without its stats and events. Remembered for the
+        decision (`_starts`): the block and token estimates both ask.
+        """
+        computed = request.num_computed_tokens
+        manager = self.kv_cache_manager
+        if computed or not manager.enable_caching or request.skip_reading_prefix_cache:
+            return computed
+        start = self._starts.get(request.request_id)
+        if start is None:
+            _, start, _ = manager.coordinator.find_longest_cache_hit(request.block_hashes, request.num_tokens - 1)
+            self._starts[request.request_id] = start
+        return start
+
+    def _tokens_to_compute(self, call: CallState) -> int:
+        """The tokens vLLM's waiting pass would schedule for a waiting request, the budget aside."""
+        request = self.requests[call.id]
+        tokens = request.num_tokens - self._admission_start(request)
+        threshold = self.scheduler_config.long_prefill_token_threshold
+        return threshold if 0 < threshold < tokens else tokens
+
+    def _tokens_asked(self, call: CallState) -> int:
+        """The tokens vLLM's running pass would give a running request, the budget aside.
+
+        None for one whose in-flight tokens reach its max_tokens (async
+        scheduling: the pass skips it), as the simulator's draining calls.
+        """
+        request = self.requests[call.id]
+        placeholders = request.num_output_placeholders
+        if placeholders and (request.num_computed_tokens + 2 - placeholders
+                             >= request.num_prompt_tokens + request.max_tokens):
+            return 0
+        tokens = request.num_tokens_with_spec + placeholders - request.num_computed_tokens
+        threshold = self.scheduler_config.long_prefill_token_threshold
+        return max(0, threshold if 0 < threshold < tokens else tokens)
+
+    def _budget(self) -> TokenBudget:
+        return TokenBudget(self.max_num_scheduled_tokens, self._tokens_asked, self._tokens_to_compute,
+                           self.scheduler_config.enable_chunked_prefill)
 
     def _blocks_freed(self, call: CallState) -> int:
         """Blocks that return to the free pool if ``call`` is preempted (not shared)."""
@@ -453,6 +501,9 @@ class ProgramAwareMixin:
             {cid: self._blocks_needed(calls[cid]) for cid in top},
             {cid: self._blocks_freed(calls[cid]) for cid in running},
             [v.id for v in victims],
+            self.max_num_scheduled_tokens, self.scheduler_config.enable_chunked_prefill,
+            {cid: self._tokens_to_compute(calls[cid]) for cid in top},
+            {cid: self._tokens_asked(calls[cid]) for cid in running},
         )
 
     def _preempt_request(self, request: Request, timestamp: float) -> None:

@@ -53,7 +53,7 @@ from typing import Callable
 import simpy
 
 from sim.config import EngineConfig
-from sim.core import SchedulerCore, attribute_service
+from sim.core import SchedulerCore, TokenBudget, attribute_service
 from sim.core.expiries import Expiries
 from sim.core.state import CallState
 from sim.errors import SimulationError
@@ -991,6 +991,8 @@ class Replica:
             self.kv.free,
             self._need_of,
             self._freed_of,
+            TokenBudget(self.cfg.max_num_batched_tokens, self._asked_of, self._tokens_of,
+                        self.cfg.enable_chunked_prefill),
         )
         return list(map(self._by_core, victims))
 
@@ -1008,12 +1010,15 @@ class Replica:
         """
         if self.cfg.scheduler_reserve_full_isl:
             return cdiv(call.num_tokens, self.block)
-        if call.swapped:
-            base = call.num_computed
-        else:
-            base = self.kv.hit_blocks(call.keys, (call.num_tokens - 1) // self.block) * self.block
+        base = self._admission_base(call)
         first = min(call.num_tokens - base, self.cfg.max_num_batched_tokens)
         return cdiv(base + first, self.block)
+
+    def _admission_base(self, call: SimCall) -> int:
+        """The tokens a waiting call's admission starts from: its swapped-out KV, else its prefix hit (`_admission`)."""
+        if call.swapped:
+            return call.num_computed
+        return self.kv.hit_blocks(call.keys, (call.num_tokens - 1) // self.block) * self.block
 
     def _schedule(self, now: float):
         cfg, kv, core = self.cfg, self.kv, self.core
@@ -1175,6 +1180,19 @@ class Replica:
 
     def _freed_of(self, core_call: CallState) -> int:
         return self.kv.freed_by_release(self._by_core(core_call).blocks)
+
+    def _asked_of(self, core_call: CallState) -> int:
+        """The tokens a running call asks of the running pass: a steady decode's one (its fields lag),
+        else its unscheduled rest; a draining call (finished, async) is not in that pass."""
+        call = self._by_core(core_call)
+        if call.finish >= 0:
+            return 0
+        return 1 if call.steady else call.num_tokens - call.num_computed
+
+    def _tokens_of(self, core_call: CallState) -> int:
+        """The tokens a waiting call would compute, past its prefix hit or swapped-out KV (`_admission`)."""
+        call = self._by_core(core_call)
+        return call.num_tokens - self._admission_base(call)
 
     def _by_core(self, core_call: CallState) -> SimCall:
         return self._live[core_call.id]

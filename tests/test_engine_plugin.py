@@ -20,7 +20,7 @@ from vllm.v1.structured_output.backend_types import StructuredOutputGrammar
 from engine.plugin_config import PluginConfigError
 from engine.scheduler import ProgramAwareAsyncScheduler, ProgramAwareScheduler, encode_key
 from engine.testing import FakeClock, fake_output, make_request, make_scheduler, step, write_tiny_model
-from sim.core import PolicyParams, ProcessTable, SchedulerCore, attribute_service, make_policy
+from sim.core import PolicyParams, ProcessTable, SchedulerCore, TokenBudget, attribute_service, make_policy
 
 QUEUES = {"queue_base": 1.0, "num_queues": 4}  # bounds 1, 2, 4, inf seconds
 
@@ -542,6 +542,29 @@ def test_the_victim_search_counts_lookahead_past_a_prefix_hit_under_full_reserva
     assert out.preempted_req_ids == {"v"} and scheduled(out) == ["w"]
 
 
+def test_a_policy_victim_is_taken_for_the_budget_a_running_prefill_spends_not_only_for_a_seat(model_dir):
+    """vLLM's running pass spends the budget before its waiting pass: with C's long prefill (Q1) taking all
+    16 tokens, the search gave D (Q0) the worst call's seat, B (Q3) was preempted for nothing, and D waited
+    behind C, which it outranks. The search now frees the budget, as vLLM v0's priority preemption did, and
+    gives back a victim taken only for a seat. The simulator's twin: tests/test_sim_engine.py, same name."""
+    clock = FakeClock()
+    s = plugin(model_dir, clock, policy="plas", params=QUEUES, max_num_seqs=2, num_blocks=64,
+               max_num_batched_tokens=16)
+    s.add_request(make_request("b", list(range(100, 108)), 50, extra_args={"program_id": "B",
+                                                                         "program_service": 5.0}))
+    step(s, clock, 0.1)
+    s.add_request(make_request("c", list(range(200, 400)), 1, extra_args={"program_id": "C",
+                                                                        "program_service": 1.5}))
+    step(s, clock, 0.1)
+    out = step(s, clock, 0.1)
+    assert dict(out.num_scheduled_tokens) == {"c": 16}  # C first in key order: B gets no budget
+    s.add_request(make_request("d", list(range(500, 505)), 1, extra_args={"program_id": "D",
+                                                                        "program_service": 0.0}))
+    out = step(s, clock, 0.1)
+    assert out.preempted_req_ids == {"c"}
+    assert dict(out.num_scheduled_tokens) == {"b": 1, "d": 5}
+
+
 def test_duplicate_thread_falls_back_to_the_request_id(model_dir):
     clock = FakeClock()
     s = plugin(model_dir, clock, policy="atlas")
@@ -702,7 +725,8 @@ def replay(log, policy, params, max_num_seqs):
         elif kind == "promote":
             assert ids(core.promote_starving(event[1])) == event[2]
         elif kind == "decide":
-            _, now, heap_order, running_order, free_seqs, free_blocks, need, freed, victims = event
+            (_, now, heap_order, running_order, free_seqs, free_blocks, need, freed, victims,
+             budget, chunked, tokens, asked) = event
             # Only admissible requests are logged (not a session awaiting its client, say).
             logged = set(heap_order)
             order_w = [c for c in core.order(waiting.values()) if c.id in logged]
@@ -712,6 +736,7 @@ def replay(log, policy, params, max_num_seqs):
             got = core.choose_victims(
                 order_r, order_w[:max_num_seqs], free_seqs, free_blocks,
                 lambda c: need[c.id], lambda c: freed[c.id],
+                TokenBudget(budget, lambda c: asked[c.id], lambda c: tokens[c.id], chunked),
             )
             assert ids(got) == victims
         elif kind == "preempt":
@@ -758,7 +783,8 @@ def test_core_replay_of_the_plugins_events_makes_identical_decisions(
         max_num_batched_tokens=48, num_blocks=12, async_scheduling=async_scheduling,
     )
     s.core_log = log = []
-    run_workload(s, clock, seed=7, parallel=parallel, step_fn=Pipelined() if async_scheduling else step, kv_ttl=kv_ttl)
+    # Seed 8: every case preempts for memory too (with 7, budget-aware victims left MLFQ async none).
+    run_workload(s, clock, seed=8, parallel=parallel, step_fn=Pipelined() if async_scheduling else step, kv_ttl=kv_ttl)
     core = replay(log, policy, params, max_num_seqs)
     assert core.calls == s.core.calls == {}
     assert {pid: (e.service, e.total_service, e.total_waiting) for pid, e in core.table.programs.items()} == {

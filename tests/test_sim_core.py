@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from sim.core import (
     ProcessTable,
     SchedulerCore,
+    TokenBudget,
     attribute_service,
     make_balancer,
     make_policy,
@@ -169,6 +170,56 @@ def test_victims_are_not_taken_when_they_would_not_make_room():
     new = c.add_call("B/0", "B", "0", 10, 5.0)
     # `new` needs 50 blocks; preempting `old` frees only 10 of the 0 free.
     assert c.choose_victims([old], [new], 1, 0, lambda _: 50, lambda _: 10) == []
+
+
+def _demoted(c, cid, program, served, now):
+    call = c.add_call(cid, program, "0", 10, now - served)
+    c.on_admitted(call)
+    c.on_step({cid: served}, now)
+    return call
+
+
+def test_a_victim_that_frees_no_budget_is_not_taken_for_a_call_the_budget_keeps_out():
+    """Both engines schedule the running calls before any waiting one, so a victim taken for a
+    seat was wasted while a better-ranked running prefill spent the whole budget."""
+    c = core("plas", queue_base=1.0, num_queues=4)  # bounds 1, 2, 4, inf
+    decode = _demoted(c, "A/0", "A", 5.0, 5.0)  # Q3, asks 1 token
+    prefill = _demoted(c, "C/0", "C", 1.5, 5.0)  # Q1, asks its 184 unscheduled tokens
+    new = c.add_call("D/0", "D", "0", 5, 5.0)  # Q0: outranks both
+    asked = {"A/0": 1, "C/0": 184}
+    budget = TokenBudget(16, lambda r: asked[r.id], lambda w: 5, chunked=True)
+    running = [prefill, decode]
+    # Without the budget the worst call gives its seat and nothing else is asked.
+    assert c.choose_victims(running, [new], 0, 100, lambda _: 1, lambda _: 1) == [decode]
+    # With it, the seat alone does not admit D: the prefill must go, and once it is out the
+    # decode's preemption is needless (given back).
+    assert c.choose_victims(running, [new], 0, 100, lambda _: 1, lambda _: 1, budget) == [prefill]
+    # A budget the running calls leave room in asks nothing more than a seat.
+    roomy = TokenBudget(2048, lambda r: asked[r.id], lambda w: 5, chunked=True)
+    assert c.choose_victims(running, [new], 0, 100, lambda _: 1, lambda _: 1, roomy) == [decode]
+    # Without chunked prefill D needs all 5 of its tokens: 185 of 189 asked leaves 4.
+    whole = TokenBudget(189, lambda r: asked[r.id], lambda w: 5, chunked=False)
+    assert c.choose_victims(running, [new], 1, 100, lambda _: 1, lambda _: 1, whole) == [decode]
+    chunk = TokenBudget(189, lambda r: asked[r.id], lambda w: 5, chunked=True)
+    assert c.choose_victims(running, [new], 1, 100, lambda _: 1, lambda _: 1, chunk) == []
+
+
+def test_an_admitted_waiting_call_spends_the_budget_the_next_one_would_need():
+    c = core("plas", queue_base=1.0, num_queues=4)
+    decode = _demoted(c, "A/0", "A", 5.0, 5.0)
+    first = c.add_call("D/0", "D", "0", 10, 5.0)
+    second = c.add_call("E/0", "E", "0", 10, 5.0)
+    tokens = {"D/0": 10, "E/0": 10}
+    # 16 tokens, the decode asks 1: D takes 10, E's chunk gets the last 5; two free seats.
+    budget = TokenBudget(16, lambda r: 1, lambda w: tokens[w.id], chunked=True)
+    assert c.choose_victims([decode], [first, second], 2, 100, lambda _: 1, lambda _: 1, budget) == []
+    # D takes 15 of the 15 left: E has nothing left, and the decode gives back one token.
+    tokens["D/0"] = 15
+    assert c.choose_victims([decode], [first, second], 2, 100, lambda _: 1, lambda _: 1, budget) == [decode]
+    # No chunked prefill: D takes 7 of 15, E needs its 10, and the decode's one makes 9: no victim.
+    tokens["D/0"] = 7
+    whole = TokenBudget(16, lambda r: 1, lambda w: tokens[w.id], chunked=False)
+    assert c.choose_victims([decode], [first, second], 2, 100, lambda _: 1, lambda _: 1, whole) == []
 
 
 def test_a_program_whose_service_sums_to_just_under_a_bound_enters_the_queue_its_call_was_demoted_to():

@@ -805,6 +805,27 @@ def test_the_victim_search_counts_prefix_hits_that_admission_takes_from_the_free
     assert rec["W", "w"].prefix_hit_tokens == 160 and rec["V", "v"].preemptions == 1
 
 
+def test_a_policy_victim_is_taken_for_the_budget_a_running_prefill_spends_not_only_for_a_seat():
+    # B decodes (demoted to Q2 by t=6), C's 200-token prefill (Q1) spends the
+    # whole 16-token budget, and D (Q0, 5 tokens) arrives with both seats
+    # taken. The search gave D the worst call's seat: B was preempted, C still
+    # took the budget first, and D waited 6 s behind the call it outranks.
+    programs = [
+        prog("B", 0.0, call("b", 1, 20)),
+        prog("C", 4.0, call("c", 200, 1)),
+        prog("D", 6.0, call("d", 5, 1)),
+    ]
+    config = cfg(PolicyParams(queue_base=1.0), latency=1.0, max_num_seqs=2, max_num_batched_tokens=16,
+                 enable_chunked_prefill=True, num_gpu_blocks=100)
+    steps = []
+    rec = by_id(simulate(programs, config, "plas", observer=steps.append))
+    batches = {info.start: dict(info.scheduled) for info in steps}
+    assert batches[5.0] == {"C/c": 16}  # C first in key order: B gets no budget
+    assert batches[6.0] == {"B/b": 1, "D/d": 5}  # C out for D, which runs at once; B keeps its seat
+    assert rec["D", "d"].first_scheduled == 6.0 and rec["D", "d"].finish == 7.0
+    assert rec["C", "c"].preemptions == 1 and rec["B", "b"].preemptions == 0
+
+
 def test_atlas_runs_parallel_siblings_as_a_gang():
     # P's root finishes, then four siblings are released together. A rival
     # program R with more attained service has a call waiting. With room

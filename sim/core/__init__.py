@@ -11,12 +11,12 @@ from sim.core.expiries import Expiries
 from sim.core.params import PolicyParams
 from sim.core.policies import ATLAS, FCFS, MLFQ, PLAS, POLICY_CLASSES, SRPT, Policy, ProgramFCFS, make_policy
 from sim.core.process_table import ProcessTable
-from sim.core.scheduler import SchedulerCore
+from sim.core.scheduler import SchedulerCore, TokenBudget
 from sim.core.service import attribute_service
 from sim.core.state import CallState, ProgramState
 
 __all__ = [
     "ATLAS", "FCFS", "MLFQ", "PLAS", "POLICY_CLASSES", "SRPT", "CallState", "Expiries", "LeastUsed", "Locality",
-    "Policy", "PolicyParams", "ProgramFCFS", "ProcessTable", "ProgramState", "RoundRobin", "SchedulerCore",
+    "Policy", "PolicyParams", "ProgramFCFS", "ProcessTable", "ProgramState", "RoundRobin", "SchedulerCore", "TokenBudget",
     "attribute_service", "make_balancer", "make_policy",
 ]

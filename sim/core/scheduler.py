@@ -22,6 +22,7 @@ must decide in well under a millisecond with a thousand waiting requests.
 from __future__ import annotations
 
 import heapq
+from dataclasses import dataclass
 from operator import attrgetter
 from typing import Callable, Iterable, Sequence
 
@@ -30,6 +31,28 @@ from sim.core.process_table import ProcessTable
 from sim.core.state import CallState, ProgramState
 
 _KEY = attrgetter("key")
+
+
+@dataclass(frozen=True)
+class TokenBudget:
+    """A step's token budget, for `SchedulerCore.choose_victims`.
+
+    Both engines schedule every running call before any waiting one (vLLM's
+    running pass, then its waiting pass), so a waiting call gets only what
+    the running calls leave of ``tokens``. A victim that blocks, seats and KV
+    allow can still be wasted: the call it was taken for is then not
+    admitted, and it waits behind the running calls it outranks that spend
+    the budget. ``running(c)`` is what running call ``c`` asks of this step
+    (its unscheduled tokens: a decode's one, a prefill's rest); ``waiting(w)``
+    what waiting call ``w`` would compute (past its prefix hit). Admission
+    needs one token with chunked prefill, else all of them, as vLLM's
+    waiting pass does.
+    """
+
+    tokens: int
+    running: Callable[[CallState], int]
+    waiting: Callable[[CallState], int]
+    chunked: bool
 
 
 class SchedulerCore:
@@ -147,6 +170,7 @@ class SchedulerCore:
         free_blocks: int,
         blocks_needed: Callable[[CallState], int],
         blocks_freed: Callable[[CallState], int],
+        budget: TokenBudget | None = None,
     ) -> list[CallState]:
         """Running calls to preempt so better-ranked waiting calls fit.
 
@@ -155,6 +179,9 @@ class SchedulerCore:
         (`Policy.outranks`) and that are under ``preempt_limit``, worst
         first, but only if that makes it fit. Stops at the first
         waiting call that cannot be made to fit, preserving order.
+        To fit is to find a seat, its KV blocks and, given a ``budget``,
+        the tokens its admission needs among those the running calls left
+        (a victim gives back what it asked of the step).
         """
         if not (self.policy.preemptive and self.policy.params.preemption) or not waiting or not running:
             return []
@@ -163,23 +190,43 @@ class SchedulerCore:
         candidates = sorted(
             (c for c in running if limit is None or c.preemptions < limit), key=_KEY, reverse=True
         )
+        # Demand of the running pass; with no budget every call needs none of it.
+        total = 0 if budget is None else budget.tokens
+        asked = 0 if budget is None else sum(map(budget.running, running))
         victims: list[CallState] = []
-        used = 0
         for w in waiting:
             need = blocks_needed(w)
-            taken: list[CallState] = []
-            seqs, blocks = free_seqs, free_blocks
-            i = used
-            while (seqs < 1 or blocks < need) and i < len(candidates) and outranks(w, candidates[i]):
-                taken.append(candidates[i])
-                seqs += 1
-                blocks += blocks_freed(candidates[i])
+            tokens = 0 if budget is None else budget.waiting(w)
+            least = 0 if budget is None or budget.chunked else tokens
+            least = max(least, 0 if budget is None else 1)
+
+            def fits(seqs: int, blocks: int, wanted: int) -> bool:
+                return seqs >= 1 and blocks >= need and max(0, total - wanted) >= least
+
+            taken: list[tuple[CallState, int, int]] = []  # (victim, blocks it frees, tokens it gives back)
+            seqs, blocks, wanted = free_seqs, free_blocks, asked
+            i = 0
+            while not fits(seqs, blocks, wanted) and i < len(candidates) and outranks(w, candidates[i]):
+                c = candidates[i]
+                freed, gives = blocks_freed(c), (0 if budget is None else budget.running(c))
+                taken.append((c, freed, gives))
+                seqs, blocks, wanted = seqs + 1, blocks + freed, wanted - gives
                 i += 1
-            if seqs < 1 or blocks < need:
+            if not fits(seqs, blocks, wanted):
                 break
-            victims.extend(taken)
-            used = i
+            # A victim taken for a seat or blocks may be needless once a later, better one
+            # is out for the budget: give those back, best first, so the worst stay preempted.
+            for entry in reversed(taken[:-1]):
+                c, freed, gives = entry
+                if fits(seqs - 1, blocks - freed, wanted + gives):
+                    taken.remove(entry)
+                    seqs, blocks, wanted = seqs - 1, blocks - freed, wanted + gives
+            if taken:
+                out = {id(c) for c, _, _ in taken}
+                candidates = [c for c in candidates if id(c) not in out]
+                victims.extend(c for c, _, _ in taken)
             free_seqs, free_blocks = seqs - 1, blocks - need
+            asked = wanted + min(tokens, max(0, total - wanted))  # its admission spends what it computes
         return victims
 
     # -- state transitions -------------------------------------------------------------
