@@ -6,8 +6,8 @@ calls on this CPU, so the vLLM plugin adds little to vLLM's own schedule().
 ``core`` (stdlib only, no vLLM needed) times one step's core work exactly as
 the plugin does it (`engine.scheduler`): ``promote_starving``, re-heapify
 only when a promotion changed a queued key, the sort of the running list,
-the victim search (a constant-time check unless the best waiting call
-outranks the worst running one), and ``on_step`` with
+the victim search with the step's token budget (a constant-time check
+unless the best waiting call outranks the worst running one), and ``on_step`` with
 ``attribute_service`` over the batch plus the priority refresh of the
 served calls. Waiting calls sit in a heap of objects compared by an integer
 priority, like vLLM's ``Request``. Scenarios:
@@ -50,7 +50,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sim.core import PolicyParams, ProcessTable, SchedulerCore, attribute_service, make_policy  # noqa: E402
+from sim.core import PolicyParams, ProcessTable, SchedulerCore, TokenBudget, attribute_service, make_policy  # noqa: E402
 
 KEY_STRIDE = 1 << 48  # as engine.scheduler.encode_key, without importing vLLM
 _PRIORITY = attrgetter("priority")
@@ -108,6 +108,8 @@ def bench_core(scenario: str, steps: int, waiting_n: int = 1024, running_n: int 
     rank = core.rank
     need = lambda c: 4  # noqa: E731
     freed = lambda c: 4  # noqa: E731
+    # The budget as the plugin passes it: running decodes ask one token, a waiting call its 500.
+    budget = TokenBudget(2048, lambda c: 1, lambda c: 500, True)
     dt = 0.02
     now = 0.0
     times = Timings()
@@ -124,7 +126,7 @@ def bench_core(scenario: str, steps: int, waiting_n: int = 1024, running_n: int 
         if scenario == "sim-order":
             order_w = core.order(calls[r.request_id] for r in heap)
             core.choose_victims(
-                [calls[r.request_id] for r in running], order_w[:running_n], 0, 0, need, freed
+                [calls[r.request_id] for r in running], order_w[:running_n], 0, 0, need, freed, budget
             )
         else:
             worst = rank(calls[running[-1].request_id])
@@ -134,7 +136,7 @@ def bench_core(scenario: str, steps: int, waiting_n: int = 1024, running_n: int 
                 core.choose_victims(
                     [calls[r.request_id] for r in running],
                     [calls[r.request_id] for r in better[:running_n]],
-                    0, 0, need, freed,
+                    0, 0, need, freed, budget,
                 )
         # -- update_from_output(): the plugin's service attribution
         ids = [r.request_id for r in running]

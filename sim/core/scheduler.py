@@ -194,39 +194,60 @@ class SchedulerCore:
         total = 0 if budget is None else budget.tokens
         asked = 0 if budget is None else sum(map(budget.running, running))
         victims: list[CallState] = []
+        # Candidates not yet taken, worst first: those given back (`spare`), then candidates[used:].
+        spare: list[CallState] = []
+        used = 0
+        running_tokens = None if budget is None else budget.running
         for w in waiting:
             need = blocks_needed(w)
-            tokens = 0 if budget is None else budget.waiting(w)
-            least = 0 if budget is None or budget.chunked else tokens
-            least = max(least, 0 if budget is None else 1)
-
-            def fits(seqs: int, blocks: int, wanted: int) -> bool:
-                return seqs >= 1 and blocks >= need and max(0, total - wanted) >= least
-
+            if budget is None:
+                tokens = least = 0
+            else:
+                tokens = budget.waiting(w)
+                least = tokens if not budget.chunked and tokens > 1 else 1
+            # To fit: a seat, the blocks, and `least` of the tokens the running calls leave
+            # (without a budget, total = wanted = least = 0 throughout).
             taken: list[tuple[CallState, int, int]] = []  # (victim, blocks it frees, tokens it gives back)
             seqs, blocks, wanted = free_seqs, free_blocks, asked
-            i = 0
-            while not fits(seqs, blocks, wanted) and i < len(candidates) and outranks(w, candidates[i]):
-                c = candidates[i]
-                freed, gives = blocks_freed(c), (0 if budget is None else budget.running(c))
+            k, n_spare = 0, len(spare)
+            available = n_spare + len(candidates) - used
+            while (seqs < 1 or blocks < need or total - wanted < least) and k < available:
+                c = spare[k] if k < n_spare else candidates[used + k - n_spare]
+                if not outranks(w, c):
+                    break
+                freed = blocks_freed(c)
+                gives = 0 if running_tokens is None else running_tokens(c)
                 taken.append((c, freed, gives))
                 seqs, blocks, wanted = seqs + 1, blocks + freed, wanted - gives
-                i += 1
-            if not fits(seqs, blocks, wanted):
+                k += 1
+            if seqs < 1 or blocks < need or total - wanted < least:
                 break
-            # A victim taken for a seat or blocks may be needless once a later, better one
-            # is out for the budget: give those back, best first, so the worst stay preempted.
-            for entry in reversed(taken[:-1]):
-                c, freed, gives = entry
-                if fits(seqs - 1, blocks - freed, wanted + gives):
-                    taken.remove(entry)
-                    seqs, blocks, wanted = seqs - 1, blocks - freed, wanted + gives
-            if taken:
-                out = {id(c) for c, _, _ in taken}
-                candidates = [c for c in candidates if id(c) not in out]
-                victims.extend(c for c, _, _ in taken)
+            if k == 1:
+                victims.append(taken[0][0])
+                if n_spare:
+                    del spare[0]
+                else:
+                    used += 1
+            elif k:
+                # A victim taken for a seat or blocks may be needless once a later, better one
+                # is out for the budget: give those back, best first, so the worst stay preempted.
+                kept = [True] * k
+                for j in range(k - 2, -1, -1):
+                    _, freed, gives = taken[j]
+                    if seqs > 1 and blocks - freed >= need and total - wanted - gives >= least:
+                        kept[j] = False
+                        seqs, blocks, wanted = seqs - 1, blocks - freed, wanted + gives
+                victims.extend(c for (c, _, _), keep in zip(taken, kept) if keep)
+                back = [c for (c, _, _), keep in zip(taken, kept) if not keep]
+                # Still worst first: those given back from the spares, the spares not reached, then
+                # those given back from candidates[used:] (the spares are all worse than those).
+                cut = min(k, n_spare)
+                split = cut - sum(kept[:cut])
+                spare = back[:split] + spare[k:] + back[split:]
+                used += max(0, k - n_spare)
             free_seqs, free_blocks = seqs - 1, blocks - need
-            asked = wanted + min(tokens, max(0, total - wanted))  # its admission spends what it computes
+            left = total - wanted
+            asked = wanted + (tokens if tokens < left else max(0, left))  # its admission spends what it computes
         return victims
 
     # -- state transitions -------------------------------------------------------------
