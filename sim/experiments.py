@@ -764,6 +764,22 @@ def _check_engine(ck: _Checker, e: EngineConfig) -> None:
             memory = ("model", "gpus_per_replica", "gpu_memory_utilization", "activation_reserve_bytes", "gpu")
             key = ck.layered.latest([p + (k,) for k in memory])
         ck.fail(key, exc.problem)
+    _check_swap_time(ck, e)
+
+
+def _check_swap_time(ck: _Checker, e: EngineConfig) -> None:
+    """A swap run's block transfer time, from the GPU spec's ``pcie_bandwidth``: a units
+    slip there ran for 10**8 s or crashed mid-run. Recompute never swaps, so it never reads it."""
+    from sim import latency
+    from sim.hardware import field_where, load_gpu, load_model
+
+    if e.preemption_mode != "swap":
+        return
+    problem = latency.swap_time_problem(load_model(e.model), load_gpu(e.gpu), e.gpus_per_replica, e.block_size)
+    if problem:  # the spec is at fault, but the key that brought it into this run is what to blame
+        key = ck.layered.latest([("engine", k) for k in ("gpu", "preemption_mode", "model", "block_size",
+                                                         "gpus_per_replica")])
+        ck.fail(key, f"{field_where('gpu', e.gpu, 'pcie_bandwidth')}: field 'pcie_bandwidth': {problem}")
 
 
 def _check_tensor_parallel(ck: _Checker, e: EngineConfig, model: Any) -> None:

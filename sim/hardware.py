@@ -78,10 +78,24 @@ class GPUSpec:
         return 256, 2048
 
 
-def _load(kind: str, cls, name: str):
+def _spec_path(kind: str, name: str) -> Path:
+    """A spec name's file: a path ending in .json as given, else the shipped ``NAME.KIND.json``."""
     path = Path(name)
-    if not path.suffix == ".json":
-        path = SPEC_DIR / f"{name}.{kind}.json"
+    return path if path.suffix == ".json" else SPEC_DIR / f"{name}.{kind}.json"
+
+
+def field_where(kind: str, name: str, key: str) -> str:
+    """``path:LINE`` of a field in a spec that loaded, for a problem found only with
+    other settings (the swap time of a block needs the model and the block size)."""
+    path = _spec_path(kind, name)
+    try:
+        return json_key_line(path, path.read_text(encoding="utf-8"), key)
+    except (OSError, UnicodeDecodeError):  # changed since it loaded: the path still says which file
+        return str(path)
+
+
+def _load(kind: str, cls, name: str):
+    path = _spec_path(kind, name)
     if not path.exists():
         raise SpecError(f"unknown {kind} {name!r}; valid choices: {', '.join(available(kind))}")
     try:

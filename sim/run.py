@@ -85,8 +85,9 @@ def summary_text(summary: dict[str, Any]) -> str:
 
 def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, quiet: bool = False) -> dict[str, Any]:
     """Simulate ``cfg`` under each of its policies and write the outputs; returns the summary."""
-    from sim.simulate import check_workload
+    from sim.simulate import check_timing, check_workload
 
+    check_timing(cfg)
     programs = load_workload(cfg)
     check_workload(programs, cfg)
     out = Path(out_dir)

@@ -12,10 +12,11 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from sim.config import EngineConfig
+from sim.cli import main as cli_main
+from sim.config import EngineConfig, WorkloadConfig
 from sim.experiments import MAX_NODES, ConfigError, load_file, parse_override, resolve
 from sim.hardware import SPEC_DIR, SpecError, available, load_gpu, load_model
-from sim.simulate import SimulationError, check_fits
+from sim.simulate import SimulationError, check_fits, simulate
 from sim.sweep import load_sweep
 from test_experiments import error
 
@@ -446,6 +447,40 @@ def test_a_latency_model_whose_steps_no_gpu_takes_is_refused(exp, tmp_path, case
     assert f"experiment 't': {key}: latency model " in msg, msg
     assert msg.endswith(f"gives {seconds} s for a one-token decode; a step must take from 1e-06 to 3600 s "
                         "(check the units of its inputs)"), msg
+
+
+@pytest.mark.parametrize("pcie, seconds", [(25, "8.39e+04"), (5e-324, "inf")])
+def test_a_pcie_bandwidth_no_host_link_has_is_refused_for_a_swap_run(exp, tmp_path, capsys, pcie, seconds):
+    """25 (GB/s given as bytes/s) ran to program latencies of 10**8 s; 5e-324 stopped the
+    run with an OverflowError, after it had written half its outputs."""
+    gpu = spec_file(tmp_path, "gpu", pcie_bandwidth=pcie)
+    line = next(i for i, text in enumerate(Path(gpu).read_text().splitlines(), 1) if '"pcie_bandwidth"' in text)
+    overrides = [f"engine.gpu={gpu}", "engine.preemption_mode=swap"]
+    msg = error("t", exp(), overrides)
+    assert msg.startswith(f"--set engine.gpu={gpu}: experiment 't': engine.gpu: {gpu}:{line}: field "
+                          f"'pcie_bandwidth': swapping one 16-token KV block of llama-3.1-8b (2,097,152 bytes) at "), msg
+    assert f" takes {seconds} s; a block's swap must take from 1e-06 to 3600 s" in msg, msg
+    resolve("t", "exp.yaml", overrides[:1])  # recompute never swaps: the field is not read
+    args = ["run", "t", "--experiments", "exp.yaml", "--quiet", "--out", "out"]
+    assert cli_main([*args, *(a for o in overrides for a in ("--set", o))]) != 0
+    assert "'pcie_bandwidth'" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_simulate_refuses_a_swap_run_at_such_a_bandwidth_built_in_python(tmp_path):
+    from sim.config import ExperimentConfig, LatencyConfig
+    from sim.run import run_experiment
+    from traces.format import Call, Program
+
+    gpu = spec_file(tmp_path, "gpu", pcie_bandwidth=5e-324)
+    cfg = ExperimentConfig("x", engine=EngineConfig(gpu=gpu, preemption_mode="swap"),
+                           latency=LatencyConfig(kind="constant", seconds=0.01),
+                           workload=WorkloadConfig(generator="bfcl", params={"programs": 2, "rate": 1.0}))
+    with pytest.raises(SimulationError, match=r"swapping one 16-token KV block .* takes inf s"):
+        simulate([Program("p", 0.0, "x", (Call("a", (), 5, 2),))], cfg, "fcfs")
+    with pytest.raises(SimulationError, match=r"takes inf s"):
+        run_experiment(cfg, tmp_path / "out", quiet=True)
+    assert not (tmp_path / "out").exists()
 
 
 def test_simulate_refuses_such_a_model_built_in_python():

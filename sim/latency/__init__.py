@@ -62,6 +62,28 @@ def step_time_problem(model: LatencyModel, max_num_batched_tokens: int) -> str |
     return None
 
 
+def swap_time_problem(model: ModelSpec, gpu: GPUSpec, gpus: int, block_size: int) -> str | None:
+    """What is wrong with the time to swap one KV block over the host link, as the engine
+    computes it (`sim.replica.Replica`); None when it lies in [MIN_STEP_SECONDS, MAX_STEP_SECONDS].
+
+    The GPU spec's ``pcie_bandwidth`` only had to be positive: 25 (GB/s given as
+    bytes/s) ran a swap run to program latencies of 10**8 s, and 5e-324 made the
+    transfer infinite and stopped the run with an OverflowError. A block is the
+    smallest transfer, one copy call, which takes microseconds as a kernel does.
+    """
+    nbytes = block_size * model.kv_bytes_per_token_on(gpus)
+    try:
+        seconds = nbytes / (gpu.pcie_bandwidth * gpus)
+    except (OverflowError, ZeroDivisionError):
+        seconds = float("inf")
+    if MIN_STEP_SECONDS <= seconds <= MAX_STEP_SECONDS:  # also nan
+        return None
+    links = f" x {gpus} GPUs" if gpus > 1 else ""
+    return (f"swapping one {block_size}-token KV block of {model.name} ({nbytes:,} bytes) at {gpu.pcie_bandwidth:g} "
+            f"bytes/s{links} takes {seconds:.3g} s; a block's swap must take from {MIN_STEP_SECONDS:g} to "
+            f"{MAX_STEP_SECONDS:g} s (the bandwidth is in bytes/s: 25 GB/s is 25e9)")
+
+
 def _spec_named(provenance: dict, kind: str) -> str | None:
     """The ``model`` or ``gpu`` spec a fitted model's provenance names, if it names one we ship:
     ``model_spec``/``gpu_spec`` (as `engine.profile` records them) or a plain ``model``/``gpu``.
@@ -111,4 +133,4 @@ def async_without_host_note(cfg: ExperimentConfig) -> str | None:
 
 
 __all__ = ["KINDS", "ConstantLatency", "FittedElsewhere", "LatencyModel", "StepShape", "async_without_host_note", "attn_pairs", "build",
-           "step_time_problem"]
+           "step_time_problem", "swap_time_problem"]
