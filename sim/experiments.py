@@ -229,6 +229,7 @@ def _walk(node: yaml.Node, path: Path_, lines: dict[Path_, int], where: str) -> 
     elif isinstance(node, yaml.MappingNode):
         seen: set[Any] = set()
         merged_at: int | None = None
+        merged_lines: list[dict[Path_, int]] = []
         for key, value in node.value:
             _walk(key, path, {}, where)  # a key's text too
             if key.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` merges at this level
@@ -239,10 +240,8 @@ def _walk(node: yaml.Node, path: Path_, lines: dict[Path_, int], where: str) -> 
                 merged_at = key.start_mark.line + 1
                 merged = value.value if isinstance(value, yaml.SequenceNode) else [value]
                 for sub in merged:
-                    sub_lines: dict[Path_, int] = {}
-                    _walk(sub, path, sub_lines, where)
-                    for k, v in sub_lines.items():
-                        lines.setdefault(k, v)
+                    merged_lines.append({})
+                    _walk(sub, path, merged_lines[-1], where)
                 continue
             name = _key(key)
             if name in seen:
@@ -250,10 +249,29 @@ def _walk(node: yaml.Node, path: Path_, lines: dict[Path_, int], where: str) -> 
             seen.add(name)
             lines[path + (name,)] = key.start_mark.line + 1
             _walk(value, path + (name,), lines, where)
+        _add_merged(lines, path, seen, merged_lines)
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
             lines[path + (i,)] = item.start_mark.line + 1
             _walk(item, path + (i,), lines, where)
+
+
+def _add_merged(lines: dict[Path_, int], path: Path_, written: set[Any], merged: list[dict[Path_, int]]) -> None:
+    """The marks of the keys a ``<<`` merge brings to ``path``: each key, with everything under
+    it, from the mapping PyYAML takes it from, so only keys in the merged result are marked.
+
+    A key written in the mapping itself wins, then the first merged mapping that has it. An
+    ``engine:`` written beside ``<<: *base`` replaces base's engine whole; base's
+    ``engine.gpus_per_replica`` kept its mark, so the key counted as set and was read from
+    the defaults instead of the model spec.
+    """
+    n = len(path)
+    taken = set(written)
+    for sub_lines in merged:
+        for sub_path, line in sub_lines.items():
+            if sub_path[n] not in taken:
+                lines[sub_path] = line
+        taken |= {sub_path[n] for sub_path in sub_lines}
 
 
 def _parse(text: str, where: str) -> tuple[yaml.Node | None, Any, dict[Path_, int]]:

@@ -384,6 +384,37 @@ def test_anchors_and_merge_keys_keep_lines(write):
     assert error("merged", path).startswith("exp.yaml:20: experiment 'merged': engine.replicaz: unknown key")
 
 
+def test_a_merged_key_overridden_by_a_written_one_leaves_no_marks_under_it(write):
+    """Inner keys of a merged ``engine:`` that a written ``engine:`` replaced kept their
+    marks, so they counted as set: max_num_seqs was 256, not the H100's 1,024, and 70B
+    was refused as not fitting on 1 GPU instead of taking its spec's 4."""
+    path = write("""\
+      plain:
+        workload: {trace: t.jsonl}
+        engine: {gpu: h100}
+      inline:
+        <<: {engine: {max_num_seqs: 128}}
+        engine: {gpu: h100}
+        workload: {trace: t.jsonl}
+      base: &base
+        workload: {trace: t.jsonl}
+        engine: {gpus_per_replica: 1}
+      aliased:
+        engine: {model: llama-3.1-70b}
+        <<: *base
+      listed:
+        <<: [{engine: {max_num_seqs: 64}, seed: 0}, {engine: {max_num_seqs: 32}}, *base]
+        engine: {gpu: h100}
+    """)
+    assert resolve("plain", path).engine.max_num_seqs == resolve("inline", path).engine.max_num_seqs == 1024
+    assert resolve("aliased", path).engine.gpus_per_replica == 4
+    assert resolve("listed", path).engine.max_num_seqs == 1024
+    ef = load_file(path)
+    assert ("experiments", "listed", "engine", "max_num_seqs") not in ef.lines
+    assert ef.lines[("experiments", "listed", "workload")] == 20  # from *base, the only one with it
+    assert ef.lines[("experiments", "listed", "seed")] == 26
+
+
 # --- running (sim.run) ---------------------------------------------------------------
 
 
