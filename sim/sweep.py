@@ -203,6 +203,10 @@ def check_key(key: str) -> str | None:
     parts = key.split(".")
     if not all(parts):
         return "expected a dotted key such as workload.params.rate"
+    # parse_override strips each part, so 'workload.params.rate ' set rate while the sweep
+    # kept 'rate ' as a key of its own: its rows showed a value under a name that never ran.
+    if any(p != p.strip() for p in parts):
+        return f"{key!r}: a key part has space around it; write {'.'.join(p.strip() for p in parts)}"
     top = parts[0]
     if top in NOT_SWEPT:
         return "not a sweep parameter (set the sweep's policies, or a variant's, instead)" if top == "policies" else "not a sweep parameter"

@@ -391,6 +391,24 @@ def test_check_key():
     assert "give a key inside engine" in check_key("engine")
 
 
+@pytest.mark.parametrize("section", ["grid", "set"])
+def test_a_key_with_space_around_a_part_is_refused_at_its_line(tmp_path, section):
+    """parse_override strips the parts, so 'workload.params.rate ' set rate; the sweep swept
+    'rate ' besides, and labelled its rows with a rate column that did not run."""
+    value = "[1.0, 2.0]" if section == "grid" else "1.0"
+    f = write(tmp_path, f"""\
+        s:
+          experiment: tiny
+          {section}:
+            "workload.params.rate ": {value}
+        """)
+    with pytest.raises(ConfigError) as info:
+        load_sweep("s", f)
+    assert str(info.value) == (f"{f}:12: sweep 's': {section}.workload.params.rate : 'workload.params.rate ': a key "
+                               "part has space around it; write workload.params.rate"), str(info.value)
+    assert "space around it" in check_key(" engine.replicas")
+
+
 def test_repository_paper_sweeps_expand():
     counts = {}
     names = ("paper-single", "paper-single-unopt", "paper-single-seeds", "paper-multi", "paper-scaling", "policy-params",
