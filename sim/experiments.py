@@ -939,8 +939,11 @@ def _check_workload(ck: _Checker, raw: Any) -> tuple[str | None, dict[str, Any],
         named = sorted((msg.find(f"'{k}'"), k) for k in names if f"'{k}'" in msg)
         named += sorted((msg.find(f"{k}="), k) for k in names
                         if re.search(rf"(?<![A-Za-z0-9_]){re.escape(k)}=", msg) and f"'{k}'" not in msg)
-        together = [k for k in getattr(exc, "params", ()) if k in params] or [k for _, k in named]
-        if len(together) > 1:
+        # The given parameters the generator says shape the error: blame them even when one alone
+        # is (output_tokens_mean=1e9 was blamed on the params line, the message naming it last).
+        shaping = [k for k in getattr(exc, "params", ()) if k in params]
+        together = shaping or [k for _, k in named]
+        if shaping or len(together) > 1:
             ck.fail(ck.layered.latest([pp + (k,) for k in together]), msg)
         key = _named_key(msg, names)
         ck.fail(pp + (key,) if key else pp, msg)

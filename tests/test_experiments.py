@@ -546,6 +546,24 @@ def test_generator_workload_errors(tmp_path, monkeypatch, override, expected):
     assert error("gen", "g.yaml", [override]).startswith(f"--set {override}: experiment 'gen': {expected}")
 
 
+@pytest.mark.parametrize(
+    "overrides, blamed, expected",
+    [
+        (["workload.params.output_tokens_mean=1e9"], "workload.params.output_tokens_mean",
+         "bfcl: prompt_tokens_mean 735.06 is too small for docs_tokens 256 plus 6.945e+09 tokens of average history; "
+         "lower docs_tokens, output_tokens_mean or observation_tokens_mean"),
+        (["workload.generator=mixed", "workload.params.width=3"], "workload.params.width",
+         "workload 'mixed' takes no parameters (got 'width'); generate the three workloads separately"),
+    ],
+)
+def test_a_generator_error_one_set_parameter_causes_names_that_set(tmp_path, monkeypatch, overrides, blamed, expected):
+    """Both were blamed on the file's params line, and the first advised lowering docs_tokens alone."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "g.yaml").write_text(GEN)
+    msg = error("gen", "g.yaml", overrides)
+    assert msg.startswith(f"--set {overrides[-1]}: experiment 'gen': {blamed}: {expected}"), msg
+
+
 def test_generator_errors_in_the_file_point_at_the_params_line(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "g.yaml").write_text(GEN.replace("rate: 2.0}", "rate: 2.0, arrival: gamma, cv: -1}"))

@@ -111,7 +111,7 @@ CV_RANGE = "cv must be a finite number > 0 from 0.01 to 10 (outside it gamma arr
         (dict(workload="sharegpt", calls_mean=1.0),
          "sharegpt parameters: calls_mean=1.0 must lie strictly between 1 and calls_max=80"),
         (dict(docs_tokens=900), "bfcl: prompt_tokens_mean 735.06 is too small for docs_tokens 900 plus 410.8 tokens "
-         "of average history; lower docs_tokens or observation_tokens_mean"),
+         "of average history; lower docs_tokens, output_tokens_mean or observation_tokens_mean"),
         (dict(tool_sets=0), "bfcl parameter 'tool_sets' must be an integer > 0, got 0"),
         (dict(tool_sets=10_000_001), "bfcl parameter 'tool_sets' must be at most 10,000,000 (the most programs a "
          "trace may have), got 10000001"),

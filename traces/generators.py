@@ -524,11 +524,13 @@ def _bfcl(rng: np.random.Generator, n: int, p: BFCLParams) -> Iterator[tuple[Cal
     # Mean prompt per call = docs + query + E[t-1] * (output + observation).
     history = calls_weighted_position(pmf) * (p.output_tokens_mean + p.observation_tokens_mean)
     query_mean = p.prompt_tokens_mean - p.docs_tokens - history
-    if query_mean < 1:
-        raise ValueError(
+    if query_mean < 1:  # the history re-sends outputs too: output_tokens_mean=1e9 went unnamed
+        raise DrawError(
             f"bfcl: prompt_tokens_mean {p.prompt_tokens_mean} is too small for docs_tokens "
-            f"{p.docs_tokens} plus {history:.4g} tokens of average history; lower docs_tokens "
-            f"or observation_tokens_mean"
+            f"{p.docs_tokens} plus {history:.4g} tokens of average history; lower docs_tokens, "
+            f"output_tokens_mean or observation_tokens_mean",
+            ("prompt_tokens_mean", "docs_tokens", "output_tokens_mean", "observation_tokens_mean",
+             "calls_mean", "calls_max", "calls_sigma"),
         )
     query_length = token_length(query_mean, p.query_tokens_sigma)
     output_length = token_length(p.output_tokens_mean, p.output_tokens_sigma)
@@ -705,7 +707,7 @@ def iter_generate(
     if workload == "mixed":
         if params:
             raise ValueError(
-                f"workload 'mixed' takes no parameters (got {', '.join(params)}); generate the three "
+                f"workload 'mixed' takes no parameters (got {', '.join(map(repr, params))}); generate the three "
                 f"workloads separately to change theirs"
             )
         subs = ("sharegpt", "bfcl", "lats")
