@@ -125,3 +125,7 @@ class ExperimentConfig:
     policies: tuple[str, ...] = DEFAULT_POLICIES
     policy_params: PolicyParams = field(default_factory=PolicyParams)
     seed: int = 0
+    # Where the key was set that made a call too large for the engine's KV cache, when one
+    # is ("--set engine.num_gpu_blocks=1", "experiments.yaml:12"): of the cache's size and
+    # the workload, the one set last. Not part of the configuration, as WorkloadConfig.origin.
+    fit_origin: str | None = field(default=None, compare=False, repr=False)

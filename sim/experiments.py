@@ -1004,7 +1004,21 @@ def _build(name: str, layered: _Layered) -> ExperimentConfig:
         policies=policies,
         policy_params=params_obj,
         seed=seed,
+        fit_origin=_fit_origin(layered, engine, params),
     )
+
+
+# What sizes one replica's KV cache (`sim.capacity.num_kv_blocks`).
+KV_SIZE_KEYS = ("block_size", "model", "gpu", "gpus_per_replica", "gpu_memory_utilization", "activation_reserve_bytes")
+
+
+def _fit_origin(layered: _Layered, engine: EngineConfig, params: Mapping[str, Any]) -> str | None:
+    """Where to blame a call larger than the KV cache, found only once the workload is drawn:
+    of the keys that size the cache (an explicit num_gpu_blocks first) and the workload's, the
+    one set last. Such an error named no place at all for a generated workload."""
+    size = ("num_gpu_blocks",) if engine.num_gpu_blocks is not None else KV_SIZE_KEYS
+    workload = [("workload", k) for k in ("trace", "generator", "params")] + [("workload", "params", k) for k in params]
+    return layered.origin(layered.latest([*(("engine", k) for k in size), *workload]))
 
 
 def _params_origin(layered: _Layered, params: Mapping[str, Any]) -> str | None:

@@ -282,19 +282,22 @@ def check_workload(programs: Sequence[Program], cfg: ExperimentConfig) -> None:
     workload the engine cannot serve leaves no half-made results. ``programs`` are in
     their file's order when the workload is a trace, so a call is located by its line."""
     eng = cfg.engine
-    check_fits(programs, num_kv_blocks(eng, load_model(eng.model), load_gpu(eng.gpu)), eng, cfg.workload.trace)
+    check_fits(programs, num_kv_blocks(eng, load_model(eng.model), load_gpu(eng.gpu)), eng, cfg.workload.trace,
+               cfg.fit_origin)
 
 
-def check_fits(programs: Sequence[Program], capacity_blocks: int, engine, trace: str | None = None) -> None:
+def check_fits(programs: Sequence[Program], capacity_blocks: int, engine, trace: str | None = None,
+               origin: str | None = None) -> None:
     """Every call must fit in an empty engine, or the simulation would stall; a context must fit its prompt.
 
     As vLLM requires ``max_model_len`` to fit the KV cache, and, without
     chunked prefill, the token budget to cover a whole (re)computed prompt.
-    ``trace``: the file ``programs`` were read from, one per line, to name the line.
+    ``trace``: the file ``programs`` were read from, one per line, to name the line;
+    else ``origin``: where the experiment set what made a call too large, if known.
     """
     limit = capacity_blocks * engine.block_size
     for line, program in enumerate(programs, 1):
-        where = f"{trace}:{line}: " if trace is not None else ""
+        where = f"{trace}:{line}: " if trace is not None else f"{origin}: " if origin is not None else ""
         for call in program.calls:
             size = call.prompt_tokens + call.output_tokens
             if size > limit:
@@ -355,7 +358,7 @@ def simulate(
     check_programs(programs)
     env = simpy.Environment()
     cluster = Cluster(env, cfg, policy, progress, observer, block_keys)
-    check_fits(programs, cluster.capacity_blocks, cfg.engine)
+    check_fits(programs, cluster.capacity_blocks, cfg.engine, origin=cfg.fit_origin)
     ordered = sorted(programs, key=lambda p: p.arrival)  # stable: ties keep file order
     env.process(cluster.source(env, ordered))
     env.run()

@@ -4,6 +4,7 @@ engine bounds mirrored from vLLM, and errors blamed on the key that was set."""
 from __future__ import annotations
 
 import json
+import re
 import textwrap
 import time
 from pathlib import Path
@@ -481,6 +482,25 @@ def test_simulate_refuses_a_swap_run_at_such_a_bandwidth_built_in_python(tmp_pat
     with pytest.raises(SimulationError, match=r"takes inf s"):
         run_experiment(cfg, tmp_path / "out", quiet=True)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("extra, overrides, origin", [
+    ("", ["engine.num_gpu_blocks=1"], "--set engine.num_gpu_blocks=1"),
+    ("    engine: {num_gpu_blocks: 1}\n", [], "exp.yaml:6"),
+    ("    engine: {num_gpu_blocks: 1}\n", ["workload.params.prompt_tokens_mean=2000"],
+     "--set workload.params.prompt_tokens_mean=2000"),
+])
+def test_a_generated_call_too_large_for_the_cache_names_the_key_set_last(exp, tmp_path, extra, overrides, origin):
+    """It named no place at all: only a trace's calls had a line to point at."""
+    from sim.run import load_workload, run_experiment
+
+    cfg = resolve("t", exp(base=BASE.replace("    policies: [fcfs]\n", "    policies: [fcfs]\n" + extra)),
+                  overrides)
+    with pytest.raises(SimulationError) as info:
+        run_experiment(cfg, tmp_path / "out", quiet=True)
+    assert str(info.value).startswith(f"{origin}: program 'p0' call 'c0': prompt_tokens + output_tokens = "), info.value
+    with pytest.raises(SimulationError, match=rf"^{re.escape(origin)}: program 'p0'"):
+        simulate(load_workload(cfg), cfg, "fcfs")  # a sweep's point meets it here
 
 
 def test_simulate_refuses_such_a_model_built_in_python():

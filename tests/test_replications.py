@@ -214,7 +214,8 @@ def test_a_seed_the_engine_cannot_hold_fails_before_anything_is_touched(workdir)
     res = sim("run", "small", "-e", "exp.yaml", "--seeds", "2", "-w", "2", "-q", "--out", "r",
               "--set", "engine.num_gpu_blocks=120", cwd=workdir)
     assert res.returncode == 1 and len(res.stderr.splitlines()) == 1, res.stderr
-    assert res.stderr.startswith("error: --seeds: seed 8: program ") and "(1920 tokens)" in res.stderr
+    assert res.stderr.startswith("error: --seeds: seed 8: --set engine.num_gpu_blocks=120: program ")
+    assert "(1920 tokens)" in res.stderr
     assert {p: p.read_bytes() for p in sorted((workdir / "r").rglob("*")) if p.is_file()} == before
 
 
