@@ -71,7 +71,7 @@ def _read_meta(meta_path: Path, d: Path) -> tuple[dict[str, Any], str]:
     except json.JSONDecodeError as exc:
         raise ValidationError(f"{meta_path}: invalid JSON: {exc}") from None
     except TraceError as exc:  # unique_keys: json would keep the last value silently
-        raise ValidationError(f"{json_key_line(meta_path, text, exc.field)}: field {exc.field!r}: duplicate key") from None
+        raise ValidationError(f"{json_key_line(meta_path, text, exc.field, 2)}: field {exc.field!r}: duplicate key") from None
     except UnicodeDecodeError as exc:
         raise ValidationError(f"{meta_path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     except RecursionError:

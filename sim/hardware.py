@@ -104,7 +104,7 @@ def _load(kind: str, cls, name: str):
     except json.JSONDecodeError as exc:
         raise SpecError(f"{path}:{exc.lineno}: malformed JSON: {exc.msg}") from None
     except TraceError as exc:  # unique_keys: a key given twice
-        raise SpecError(f"{json_key_line(path, text, exc.field)}: field {exc.field!r}: duplicate key") from None
+        raise SpecError(f"{json_key_line(path, text, exc.field, 2)}: field {exc.field!r}: duplicate key") from None
     except UnicodeDecodeError as exc:
         raise SpecError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     except RecursionError:
@@ -131,10 +131,12 @@ def _load(kind: str, cls, name: str):
     return spec
 
 
-def json_key_line(path: str | Path, text: str, key: str) -> str:
-    """``path:LINE`` of the key's first ``"key":`` in the text (cheap, and right
-    for any file json.loads accepted), or just the path if it is not found."""
-    match = re.search(rf'"{re.escape(key)}"\s*:', text)
+def json_key_line(path: str | Path, text: str, key: str, occurrence: int = 1) -> str:
+    """``path:LINE`` of the key's ``occurrence``-th ``"key":`` in the text (cheap, and right
+    for any file json.loads accepted), or just the path if it is not found. A key given
+    twice is reported at its second occurrence, the one that is the duplicate."""
+    matches = re.finditer(rf'"{re.escape(key)}"\s*:', text)
+    match = next((m for i, m in enumerate(matches, 1) if i == occurrence), None)
     return f"{path}:{text.count(chr(10), 0, match.start()) + 1}" if match else str(path)
 
 

@@ -135,6 +135,17 @@ def test_spec_file_shape_errors(tmp_path):
         load_model(str(path))
 
 
+def test_a_key_given_twice_in_a_spec_is_located_at_its_second_line(exp, tmp_path):
+    """The first occurrence's line was given: the one line of the two that is right."""
+    lines = (SPEC_DIR / "llama-3.1-8b.model.json").read_text().splitlines()
+    first = next(i for i, text in enumerate(lines) if '"num_layers"' in text)
+    lines.insert(len(lines) - 1, '  , "num_layers": 32')  # before the closing brace
+    copy = tmp_path / "copy.json"
+    copy.write_text("\n".join(lines) + "\n")
+    msg = error("t", exp(), [f"engine.model={copy}"])
+    assert f"{copy}:{len(lines) - 1}: field 'num_layers': duplicate key" in msg and first + 1 != len(lines) - 1, msg
+
+
 def test_shipped_specs_load():
     assert available("model") and available("gpu")
     for name in available("model"):

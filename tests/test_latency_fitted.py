@@ -147,8 +147,13 @@ def test_load_by_path_and_errors(tmp_path):
                               "got an integer of 401 digits")
     twice = tmp_path / "twice.json"
     twice.write_text(json.dumps(TRUE.to_json(), indent=1).replace('"per_step": ', '"per_step": 0.5, "per_step": ', 1))
-    with pytest.raises(FitError, match=rf"^{re.escape(str(twice))}:\d+: field 'per_step': duplicate key$"):
+    second = next(i for i, text in enumerate(twice.read_text().splitlines(), 1) if text.count('"per_step"') == 2)
+    with pytest.raises(FitError, match=rf"^{re.escape(str(twice))}:{second}: field 'per_step': duplicate key$"):
         load_fitted(str(twice))
+    twice.write_text(json.dumps(TRUE.to_json(), indent=1).replace('"per_step": ', '"per_step": 0.5,\n"per_step": ', 1))
+    second = next(i for i, text in enumerate(twice.read_text().splitlines(), 1) if text.strip() == '"per_step": 0.5,') + 1
+    with pytest.raises(FitError, match=rf"^{re.escape(str(twice))}:{second}: field 'per_step': duplicate key$"):
+        load_fitted(str(twice))  # on the duplicate's line, not the first's
     deep = tmp_path / "deep.json"
     deep.write_text("[" * 100_000 + "]" * 100_000)
     with pytest.raises(FitError, match=r"deep.json: malformed JSON: nested too deeply for a fitted model$"):

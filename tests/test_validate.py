@@ -340,9 +340,10 @@ def test_a_replay_json_trace_or_policy_of_the_wrong_type_is_named(tmp_path, text
 
 
 def test_a_duplicate_key_in_replay_json_is_refused_not_the_last_kept(tmp_path):
-    """json.loads kept the last of two "policy" keys, so a replay of plas validated as fcfs."""
+    """json.loads kept the last of two "policy" keys, so a replay of plas validated as fcfs.
+    The line is the duplicate's, the second (the first's was given)."""
     text = '{"trace": TRACE,\n "policy": "plas",\n "policy": "fcfs"}'
-    assert _bad_meta(tmp_path, text) == "replay.json:2: field 'policy': duplicate key"
+    assert _bad_meta(tmp_path, text) == "replay.json:3: field 'policy': duplicate key"
 
 
 def test_a_replay_json_nested_too_deeply_is_one_line_not_a_recursion_error(tmp_path):

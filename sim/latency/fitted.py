@@ -169,7 +169,7 @@ def load_fitted(name: str | None) -> FittedLatency:
         text = path.read_text(encoding="utf-8")
         raw = json.loads(text, parse_int=parse_json_int, object_pairs_hook=unique_keys)
     except TraceError as exc:  # unique_keys: json kept the last of a key given twice, silently
-        raise FitError(f"{json_key_line(path, text, exc.field)}: field {exc.field!r}: duplicate key") from None
+        raise FitError(f"{json_key_line(path, text, exc.field, 2)}: field {exc.field!r}: duplicate key") from None
     except RecursionError:
         raise FitError(f"{path}: malformed JSON: nested too deeply for a fitted model") from None
     except FileNotFoundError:
