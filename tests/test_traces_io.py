@@ -218,6 +218,37 @@ def test_a_failed_write_names_the_target(tmp_path, monkeypatch):
     assert (info.value.filename, info.value.strerror) == (str(target), "No space left on device")
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs Linux's /dev/full")
+def test_a_full_device_is_named(capsys):
+    """Closing flushed again, and its error, naming no file, replaced the named one."""
+    from traces.cli import main
+
+    with pytest.raises(OSError) as info:
+        save(_one_program(), "/dev/full")
+    assert (info.value.filename, info.value.strerror) == ("/dev/full", "No space left on device")
+    assert main(["gen", "bfcl", "--programs", "3", "--rate", "1", "--seed", "0", "-o", "/dev/full"]) == 1
+    assert capsys.readouterr().err == "error: /dev/full: no space left on device\n"
+
+
+def test_a_failed_close_names_the_target(tmp_path, monkeypatch):
+    import builtins
+    import errno
+    import io
+
+    class FullOnClose(io.StringIO):
+        def close(self):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    real_open = builtins.open
+    monkeypatch.setattr(builtins, "open", lambda f, *a, **k: FullOnClose() if str(f).endswith(".tmp%d" % os.getpid())
+                        else real_open(f, *a, **k))
+    target = tmp_path / "t.jsonl"
+    with pytest.raises(OSError) as info:
+        save(_one_program(), target)
+    assert (info.value.filename, info.value.strerror) == (str(target), "No space left on device")
+    assert os.listdir(tmp_path) == []
+
+
 def test_save_to_dev_stdout_appends_where_the_shell_pointed_it(tmp_path):
     """Resolved to the redirected file and renamed over it, '>>' lost the file's earlier lines."""
     import subprocess

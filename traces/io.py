@@ -16,6 +16,7 @@ import gc
 import hashlib
 import json
 import os
+import contextlib
 from contextlib import contextmanager
 from typing import Iterable, Iterator
 
@@ -106,7 +107,7 @@ def save(programs: Iterable[Program], path: str | os.PathLike) -> int:
             # Appending: opening /dev/stdout afresh with "w" truncates a file the shell redirected it to,
             # dropping what ">>" meant to keep.
             fh = open(target, "a" if descriptor else "w", encoding="utf-8", newline="\n")
-        with fh:
+        with _closing(fh, target):
             return _write(programs, fh, target)
     directory, name = os.path.split(real)
     # A short name: the target's own name plus a suffix could pass the 255-byte limit on names
@@ -116,7 +117,7 @@ def save(programs: Iterable[Program], path: str | os.PathLike) -> int:
     try:
         with _named(target):
             fh = open(tmp, "w", encoding="utf-8", newline="\n")
-        with fh:
+        with _closing(fh, target):
             n = _write(programs, fh, target)
         with _named(target):
             os.replace(tmp, real)
@@ -176,6 +177,21 @@ def _named(target: str) -> Iterator[None]:
         yield
     except OSError as exc:
         raise OSError(exc.errno, exc.strerror, target) from None
+
+
+@contextmanager
+def _closing(fh, target: str) -> Iterator[None]:
+    """Close ``fh`` after the body. Closing flushes what is still buffered, so on a full
+    disk it fails again, and its error (naming no file) replaced the body's named one:
+    an error of the body wins; closing after a clean body is `_named`."""
+    try:
+        yield
+    except BaseException:
+        with contextlib.suppress(OSError):
+            fh.close()
+        raise
+    with _named(target):
+        fh.close()
 
 
 def load(path: str | os.PathLike) -> Iterator[Program]:
