@@ -1135,6 +1135,19 @@ class _Dumper(yaml.SafeDumper):
         return True
 
 
+def _represent_str(dumper: _Dumper, data: str) -> yaml.ScalarNode:
+    """A string with U+0085 (NEL) double-quoted, where it is written as the escape ``\\N``:
+    PyYAML writes it raw inside single quotes, where a reader folds that line break to a
+    space, so a config.yaml with one reran a different experiment ('a\\x85b' read 'a b')."""
+    node = dumper.represent_str(data)
+    if "\x85" in data:
+        node.style = '"'
+    return node
+
+
+_Dumper.add_representer(str, _represent_str)
+
+
 def dump_yaml(data: Any) -> str:
     """Deterministic YAML text: fixed key order (as given), block style, no aliases."""
     return yaml.dump(data, Dumper=_Dumper, sort_keys=False, default_flow_style=False, allow_unicode=True, width=100)

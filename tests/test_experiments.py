@@ -12,6 +12,7 @@ from sim.experiments import (
     dump_yaml,
     list_experiments,
     load_file,
+    load_value,
     parse_override,
     resolve,
     to_dict,
@@ -366,6 +367,16 @@ def test_resolved_config_round_trips_through_its_file(write, tmp_path):
     (tmp_path / "config.yaml").write_text(dump_yaml(to_file_dict(cfg)))
     assert resolve("ok", tmp_path / "config.yaml") == cfg
     assert dump_yaml(to_file_dict(cfg)) == dump_yaml(to_file_dict(resolve("ok", tmp_path / "config.yaml")))
+
+
+def test_a_string_with_a_next_line_character_round_trips_through_config_yaml(write, tmp_path):
+    """U+0085 was written raw in single quotes, which a reader folds to a space: config.yaml
+    read back 'a b', so it did not rerun the experiment it came from."""
+    assert load_value(dump_yaml({"d": "a\x85b", "e": "\x85"}), "x") == {"d": "a\x85b", "e": "\x85"}
+    cfg = resolve("ok", write(), ['description="a\\Nb"'])
+    assert cfg.description == "a\x85b"
+    (tmp_path / "config.yaml").write_text(dump_yaml(to_file_dict(cfg)), encoding="utf-8")
+    assert resolve("ok", tmp_path / "config.yaml") == cfg
 
 
 def test_anchors_and_merge_keys_keep_lines(write):
