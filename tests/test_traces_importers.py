@@ -401,6 +401,23 @@ def test_mooncake_float_timestamps_past_the_span_once_divided_name_the_input(tmp
     assert "expected at most 1e+09 s after the earliest timestamp 69836382286884.71" in str(info.value)
 
 
+def test_a_float_timestamp_past_what_a_float_holds_to_the_millisecond_is_refused(tmp_path):
+    """100000000000000000000.0 and ...005000.0 are 5 s apart but one float: both arrived at 0.0."""
+    p = tmp_path / "mc.jsonl"
+    rows = [dict(MC_ROWS[0], timestamp=0), dict(MC_ROWS[1], timestamp=0)]
+    lines = [json.dumps(r) for r in rows]
+    p.write_text("\n".join(lines).replace('"timestamp": 0', '"timestamp": 100000000000000000000.0', 1)
+                 .replace('"timestamp": 0', '"timestamp": 100000000000000005000.0', 1) + "\n")
+    with pytest.raises(TraceError) as info:
+        import_mooncake(p)
+    assert str(info.value) == (f"{p}:1: field 'timestamp': expected a float below 2**53 (9,007,199,254,740,992) "
+                               "ms, where a float holds every millisecond, got 1e+20; write it as an integer")
+    ok = mooncake_file(tmp_path, [dict(MC_ROWS[0], timestamp=2.0**53 - 3), dict(MC_ROWS[1], timestamp=2.0**53 - 1)])
+    assert [x.arrival for x in import_mooncake(ok).programs] == [0.0, 0.002]  # up to the largest such float
+    whole = mooncake_file(tmp_path, [dict(MC_ROWS[0], timestamp=10**20), dict(MC_ROWS[1], timestamp=10**20 + 5000)])
+    assert [x.arrival for x in import_mooncake(whole).programs] == [0.0, 5.0]  # integers are exact
+
+
 @pytest.mark.parametrize(
     "body, line, message",
     [

@@ -428,6 +428,12 @@ def _mooncake_row(obj: Any) -> tuple[Any, int, int, tuple[int, ...]]:
                          field="timestamp")
     if type(ts) not in (int, float) or (type(ts) is float and not math.isfinite(ts)) or ts < 0:
         raise TraceError(f"expected a number of milliseconds >= 0, got {show(ts)}", field="timestamp")
+    if type(ts) is float and math.ulp(ts) > 1:
+        # Past 2**53 a float's steps exceed 1 ms: 100000000000000000000.0 and ...005000.0,
+        # 5 s apart, were the same float and both arrived at 0.0. An integer is read exactly.
+        raise TraceError(f"expected a float below 2**53 ({2**53:,}) ms, where a float holds every "
+                         f"millisecond, got {show(ts)}; write it as an integer",
+                         field="timestamp")
     counts = []
     for key in ("input_length", "output_length"):
         v = obj[key]
