@@ -383,18 +383,25 @@ class ProgramAwareMixin:
                 self.kv_pins.drop_until_free(need)
                 if not self.kv_pins:
                     break
+        # A streaming-input session with a token in flight (async
+        # scheduling) is no victim: if that token stops the chunk, vLLM
+        # 0.26.0 re-queues the preempted session in _handle_stopped_request
+        # and update_from_output then drops it from waiting, so it is lost.
+        # It still takes its tokens in the running pass.
+        candidates, fixed = [], 0
+        for r in running:
+            if r.resumable and r.num_output_placeholders:
+                fixed += self._tokens_asked(calls[r.request_id])
+            else:
+                candidates.append(calls[r.request_id])
         victims = core.choose_victims(
-            # A streaming-input session with a token in flight (async
-            # scheduling) is no victim: if that token stops the chunk, vLLM
-            # 0.26.0 re-queues the preempted session in _handle_stopped_request
-            # and update_from_output then drops it from waiting, so it is lost.
-            [calls[r.request_id] for r in running if not (r.resumable and r.num_output_placeholders)],
+            candidates,
             waiting,
             self._free_seqs(),
             self.kv_cache_manager.block_pool.get_num_free_blocks(),
             self._blocks_needed,
             self._blocks_freed,
-            self._budget(),
+            self._budget(fixed),
         )
         if record:
             self._record_decision(waiting, victims)
@@ -479,9 +486,9 @@ class ProgramAwareMixin:
         threshold = self.scheduler_config.long_prefill_token_threshold
         return max(0, threshold if 0 < threshold < tokens else tokens)
 
-    def _budget(self) -> TokenBudget:
+    def _budget(self, fixed: int) -> TokenBudget:
         return TokenBudget(self.max_num_scheduled_tokens, self._tokens_asked, self._tokens_to_compute,
-                           self.scheduler_config.enable_chunked_prefill)
+                           self.scheduler_config.enable_chunked_prefill, fixed)
 
     def _blocks_freed(self, call: CallState) -> int:
         """Blocks that return to the free pool if ``call`` is preempted (not shared)."""

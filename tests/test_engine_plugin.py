@@ -565,6 +565,23 @@ def test_a_policy_victim_is_taken_for_the_budget_a_running_prefill_spends_not_on
     assert dict(out.num_scheduled_tokens) == {"b": 1, "d": 5}
 
 
+def test_no_victim_is_taken_for_budget_an_earlier_admitted_chunk_takes_first(model_dir):
+    """vLLM's waiting pass gives d's 100-token prompt the 15 tokens b's decode leaves, and would give it
+    the one token b's preemption frees too: b was preempted and e still not admitted (a review's case).
+    The simulator's twin: tests/test_sim_engine.py, same name."""
+    clock = FakeClock()
+    s = plugin(model_dir, clock, policy="plas", params=QUEUES, max_num_seqs=3, num_blocks=64,
+               max_num_batched_tokens=16)
+    s.add_request(make_request("b", list(range(100, 108)), 50, extra_args={"program_id": "B",
+                                                                         "program_service": 5.0}))
+    step(s, clock, 0.1)
+    s.add_request(make_request("d", list(range(200, 300)), 1, extra_args={"program_id": "D", "program_service": 0.0}))
+    s.add_request(make_request("e", list(range(500, 505)), 1, extra_args={"program_id": "E", "program_service": 0.0}))
+    out = step(s, clock, 0.1)
+    assert out.preempted_req_ids == set()
+    assert dict(out.num_scheduled_tokens) == {"b": 1, "d": 15}
+
+
 def test_duplicate_thread_falls_back_to_the_request_id(model_dir):
     clock = FakeClock()
     s = plugin(model_dir, clock, policy="atlas")

@@ -222,6 +222,25 @@ def test_an_admitted_waiting_call_spends_the_budget_the_next_one_would_need():
     assert c.choose_victims([decode], [first, second], 2, 100, lambda _: 1, lambda _: 1, whole) == []
 
 
+def test_a_chunk_the_budget_cut_short_takes_what_a_victim_gives_back_first():
+    """The waiting pass serves calls in order: D's 100 tokens, cut to the 15 left, take first
+    whatever the decode's preemption gives back, so E gets none of it. Counting D as spending
+    only its 15 preempted the decode for an E that was still not admitted (a review's case)."""
+    c = core("plas", queue_base=1.0, num_queues=4)
+    decode = _demoted(c, "A/0", "A", 5.0, 5.0)
+    first = c.add_call("D/0", "D", "0", 100, 5.0)
+    second = c.add_call("E/0", "E", "0", 5, 5.0)
+    tokens = {"D/0": 100, "E/0": 5}
+    budget = TokenBudget(16, lambda r: 1, lambda w: tokens[w.id], chunked=True)
+    assert c.choose_victims([decode], [first, second], 2, 100, lambda _: 1, lambda _: 1, budget) == []
+    # Running calls that are no candidates still spend the budget (`fixed`): with the decode's
+    # token, 15 of them leave D nothing, so the decode goes even with a seat free; 14 leave one;
+    # with 16 the decode's token does not make room at all.
+    for fixed, seats, victims in ((15, 0, [decode]), (15, 1, [decode]), (14, 1, []), (16, 1, [])):
+        session = TokenBudget(16, lambda r: 1, lambda w: tokens[w.id], chunked=True, fixed=fixed)
+        assert c.choose_victims([decode], [first], seats, 100, lambda _: 1, lambda _: 1, session) == victims
+
+
 def test_a_program_whose_service_sums_to_just_under_a_bound_enters_the_queue_its_call_was_demoted_to():
     # Ten 0.1 s steps sum to 0.9999999999999999: the call is demoted at the
     # 1 s bound, so the program's next call must not enter above it.

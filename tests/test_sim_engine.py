@@ -826,6 +826,21 @@ def test_a_policy_victim_is_taken_for_the_budget_a_running_prefill_spends_not_on
     assert rec["C", "c"].preemptions == 1 and rec["B", "b"].preemptions == 0
 
 
+def test_no_victim_is_taken_for_budget_an_earlier_admitted_chunk_takes_first():
+    # D (100 tokens) and E (5) arrive together in Q0 beside B's demoted
+    # decode; D's chunk takes the 15 tokens B leaves. Preempting B gives
+    # back one token, which D's chunk takes, not E: B was preempted and E
+    # still not admitted (a review's case).
+    programs = [prog("B", 0.0, call("b", 1, 20)), prog("D", 6.0, call("d", 100, 1)), prog("E", 6.0, call("e", 5, 1))]
+    config = cfg(PolicyParams(queue_base=1.0), latency=1.0, max_num_seqs=3, max_num_batched_tokens=16,
+                 enable_chunked_prefill=True, num_gpu_blocks=100)
+    steps = []
+    rec = by_id(simulate(programs, config, "plas", observer=steps.append))
+    batches = {info.start: dict(info.scheduled) for info in steps}
+    assert batches[6.0] == {"B/b": 1, "D/d": 15}
+    assert rec["B", "b"].preemptions == 0
+
+
 def test_atlas_runs_parallel_siblings_as_a_gang():
     # P's root finishes, then four siblings are released together. A rival
     # program R with more attained service has a call waiting. With room

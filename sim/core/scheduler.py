@@ -44,7 +44,8 @@ class TokenBudget:
     admitted, and it waits behind the running calls it outranks that spend
     the budget. ``running(c)`` is what running call ``c`` asks of this step
     (its unscheduled tokens: a decode's one, a prefill's rest); ``waiting(w)``
-    what waiting call ``w`` would compute (past its prefix hit). Admission
+    what waiting call ``w`` would compute (past its prefix hit), all of which
+    an admitted call asks, though the budget may cut its chunk. Admission
     needs one token with chunked prefill, else all of them, as vLLM's
     waiting pass does.
     """
@@ -53,6 +54,7 @@ class TokenBudget:
     running: Callable[[CallState], int]
     waiting: Callable[[CallState], int]
     chunked: bool
+    fixed: int = 0  # what running calls that are no candidates ask (the plugin's sessions with a token in flight)
 
 
 class SchedulerCore:
@@ -192,7 +194,7 @@ class SchedulerCore:
         )
         # Demand of the running pass; with no budget every call needs none of it.
         total = 0 if budget is None else budget.tokens
-        asked = 0 if budget is None else sum(map(budget.running, running))
+        asked = 0 if budget is None else budget.fixed + sum(map(budget.running, running))
         victims: list[CallState] = []
         # Candidates not yet taken, worst first: those given back (`spare`), then candidates[used:].
         spare: list[CallState] = []
@@ -246,8 +248,9 @@ class SchedulerCore:
                 spare = back[:split] + spare[k:] + back[split:]
                 used += max(0, k - n_spare)
             free_seqs, free_blocks = seqs - 1, blocks - need
-            left = total - wanted
-            asked = wanted + (tokens if tokens < left else max(0, left))  # its admission spends what it computes
+            # It asks all it would compute: a chunk the budget cut short takes first whatever a
+            # later victim gives back, as the waiting pass serves calls in order.
+            asked = wanted + tokens
         return victims
 
     # -- state transitions -------------------------------------------------------------
