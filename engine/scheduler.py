@@ -474,7 +474,7 @@ class ProgramAwareMixin:
     def _tokens_asked(self, call: CallState) -> int:
         """The tokens vLLM's running pass would give a running request, the budget aside.
 
-        None for one whose in-flight tokens reach its max_tokens (async
+        Zero for one whose in-flight tokens reach its max_tokens (async
         scheduling: the pass skips it), as the simulator's draining calls.
         """
         request = self.requests[call.id]
