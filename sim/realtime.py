@@ -36,7 +36,7 @@ from sim.core import POLICY_CLASSES, ProcessTable, SchedulerCore, make_policy
 from sim.hardware import load_gpu, load_model
 from sim.kvcache import KVCache
 from sim.latency import build as build_latency
-from sim.latency import step_time_problem, swap_time_problem
+from sim.latency import timing_problem
 from sim.replica import Replica, SimCall
 
 # Filler output token ids live in [FILLER_BASE, FILLER_BASE + FILLER_VOCAB):
@@ -153,9 +153,7 @@ class RealtimeEngine:
         self.table = ProcessTable(cfg.policy_params.program_ttl)
         self.core = SchedulerCore(make_policy(policy, cfg.policy_params), self.table)
         latency = build_latency(cfg.latency, model, gpu, eng.gpus_per_replica)
-        problem = step_time_problem(latency, eng.max_num_batched_tokens)  # flags apply after the experiment's check
-        if problem is None and eng.preemption_mode == "swap":  # recompute never swaps
-            problem = swap_time_problem(model, gpu, eng.gpus_per_replica, eng.block_size)
+        problem = timing_problem(eng, model, gpu, latency)  # flags apply after the experiment's check
         if problem:
             raise ValueError(problem)
         self.replica = Replica(

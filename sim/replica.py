@@ -207,6 +207,9 @@ class Replica:
         self.kv = kv
         self.block = cfg.block_size
         self.swap_seconds_per_block = cfg.block_size * kv_bytes_per_token / pcie_bandwidth
+        # The step's token budget as the policy victim search counts it (`_policy_victims`).
+        self._budget = TokenBudget(cfg.max_num_batched_tokens, self._asked_of, self._tokens_of,
+                                   cfg.enable_chunked_prefill)
         self.on_finish = on_finish
         self.on_progress = on_progress
         self.observer = observer
@@ -991,8 +994,7 @@ class Replica:
             self.kv.free,
             self._need_of,
             self._freed_of,
-            TokenBudget(self.cfg.max_num_batched_tokens, self._asked_of, self._tokens_of,
-                        self.cfg.enable_chunked_prefill),
+            self._budget,
         )
         return list(map(self._by_core, victims))
 

@@ -23,7 +23,7 @@ from sim.errors import SimulationError
 from sim.hardware import load_gpu, load_model
 from sim.kvcache import KVCache
 from sim.latency import build as build_latency
-from sim.latency import step_time_problem, swap_time_problem
+from sim.latency import timing_problem
 from sim.records import CallRecord, ProgramRecord
 from sim.replica import Replica, SimCall, StepInfo
 from traces.format import Program
@@ -99,7 +99,7 @@ class Cluster:
         model, gpu = load_model(eng.model), load_gpu(eng.gpu)
         self.capacity_blocks = num_kv_blocks(eng, model, gpu)
         latency = build_latency(cfg.latency, model, gpu, eng.gpus_per_replica)
-        problem = timing_problem(eng, model, gpu, latency)  # checked for a config built in Python
+        problem = timing_problem(eng, model, gpu, latency)  # resolve refuses these; a config built in Python meets them here
         if problem:
             raise SimulationError(problem)
         self.table = ProcessTable(cfg.policy_params.program_ttl)
@@ -256,15 +256,6 @@ class Cluster:
                 waiting_share=waiting / (waiting + service) if waiting + service > 0 else 0.0,
             )
         )
-
-
-def timing_problem(eng, model, gpu, latency) -> str | None:
-    """A step or a block swap outside the engine's time bounds (`sim.latency`). An experiment's
-    resolve refuses these; a config built in Python meets them here, before a run of 10**8 s."""
-    problem = step_time_problem(latency, eng.max_num_batched_tokens)
-    if problem is None and eng.preemption_mode == "swap":  # recompute never swaps
-        problem = swap_time_problem(model, gpu, eng.gpus_per_replica, eng.block_size)
-    return problem
 
 
 def check_timing(cfg: ExperimentConfig) -> None:

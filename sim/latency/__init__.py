@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sim.config import ExperimentConfig, LatencyConfig
+from sim.config import EngineConfig, ExperimentConfig, LatencyConfig
 from sim.hardware import GPUSpec, ModelSpec, load_gpu, load_model
 from sim.latency.base import ConstantLatency, LatencyModel, StepShape, attn_pairs
 
@@ -84,6 +84,15 @@ def swap_time_problem(model: ModelSpec, gpu: GPUSpec, gpus: int, block_size: int
             f"{MAX_STEP_SECONDS:g} s (the bandwidth is in bytes/s: 25 GB/s is 25e9)")
 
 
+def timing_problem(eng: EngineConfig, model: ModelSpec, gpu: GPUSpec, latency: LatencyModel) -> str | None:
+    """A step or (under swap preemption) a block swap outside the engine's time bounds:
+    `step_time_problem`, then `swap_time_problem`; recompute never swaps."""
+    problem = step_time_problem(latency, eng.max_num_batched_tokens)
+    if problem is None and eng.preemption_mode == "swap":
+        problem = swap_time_problem(model, gpu, eng.gpus_per_replica, eng.block_size)
+    return problem
+
+
 def _spec_named(provenance: dict, kind: str) -> str | None:
     """The ``model`` or ``gpu`` spec a fitted model's provenance names, if it names one we ship:
     ``model_spec``/``gpu_spec`` (as `engine.profile` records them) or a plain ``model``/``gpu``.
@@ -133,4 +142,4 @@ def async_without_host_note(cfg: ExperimentConfig) -> str | None:
 
 
 __all__ = ["KINDS", "ConstantLatency", "FittedElsewhere", "LatencyModel", "StepShape", "async_without_host_note", "attn_pairs", "build",
-           "step_time_problem", "swap_time_problem"]
+           "step_time_problem", "swap_time_problem", "timing_problem"]
