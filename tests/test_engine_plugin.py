@@ -582,6 +582,26 @@ def test_no_victim_is_taken_for_budget_an_earlier_admitted_chunk_takes_first(mod
     assert dict(out.num_scheduled_tokens) == {"b": 1, "d": 15}
 
 
+def test_no_victims_are_pieced_together_from_decodes_for_the_budget(model_dir):
+    """Four demoted decodes spend 4 of 16 tokens and d's 14-token prompt takes the 12 left: e lacks three.
+    Three decodes, one token each, were preempted to start e one step sooner; no single victim covers
+    e's lack, so none goes. The simulator's twin: tests/test_sim_engine.py, same name."""
+    clock = FakeClock()
+    s = plugin(model_dir, clock, policy="plas", params=QUEUES, max_num_seqs=6, num_blocks=64,
+               max_num_batched_tokens=16)
+    for i in range(4):
+        s.add_request(make_request(f"b{i}", list(range(100 + 10 * i, 104 + 10 * i)), 50,
+                                   extra_args={"program_id": f"B{i}", "program_service": 5.0}))
+    step(s, clock, 0.1)
+    s.add_request(make_request("d", list(range(200, 214)), 1, extra_args={"program_id": "D", "program_service": 0.0}))
+    s.add_request(make_request("e", list(range(500, 505)), 1, extra_args={"program_id": "E", "program_service": 0.0}))
+    out = step(s, clock, 0.1)
+    assert out.preempted_req_ids == set()
+    assert dict(out.num_scheduled_tokens) == {"b0": 1, "b1": 1, "b2": 1, "b3": 1, "d": 12}
+    out = step(s, clock, 0.1)
+    assert dict(out.num_scheduled_tokens) == {"b0": 1, "b1": 1, "b2": 1, "b3": 1, "d": 2, "e": 5}
+
+
 def test_duplicate_thread_falls_back_to_the_request_id(model_dir):
     clock = FakeClock()
     s = plugin(model_dir, clock, policy="atlas")

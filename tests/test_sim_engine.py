@@ -841,6 +841,43 @@ def test_no_victim_is_taken_for_budget_an_earlier_admitted_chunk_takes_first():
     assert rec["B", "b"].preemptions == 0
 
 
+def test_no_victims_are_pieced_together_from_decodes_for_the_budget():
+    # Four demoted decodes spend 4 of 16 tokens; D (Q0) arrives with 14 and
+    # takes the 12 left, and E (Q0) lacks three more. Three decodes, one
+    # token each, were preempted to start E one step sooner. No single
+    # victim covers E's lack, so E waits a step and no decode goes.
+    programs = [prog(f"B{i}", 0.0, call("b", 1, 40)) for i in range(4)]
+    programs += [prog("D", 20.0, call("d", 14, 1)), prog("E", 20.0, call("e", 5, 1))]
+    config = cfg(PolicyParams(queue_base=1.0), latency=1.0, max_num_seqs=6, max_num_batched_tokens=16,
+                 enable_chunked_prefill=True, num_gpu_blocks=100)
+    steps = []
+    rec = by_id(simulate(programs, config, "plas", observer=steps.append))
+    batches = {info.start: dict(info.scheduled) for info in steps}
+    assert batches[20.0] == {"B0/b": 1, "B1/b": 1, "B2/b": 1, "B3/b": 1, "D/d": 12}
+    assert batches[21.0] == {"B0/b": 1, "B1/b": 1, "B2/b": 1, "B3/b": 1, "D/d": 2, "E/e": 5}
+    assert all(rec[f"B{i}", "b"].preemptions == 0 for i in range(4))
+
+
+def test_without_chunked_prefill_a_prompt_waits_rather_than_take_decodes_for_the_budget():
+    # Three decodes leave D 61 of 64 tokens. With 62 one decode's token
+    # covers the lack and the worst goes at once. With 63 no single decode
+    # covers two (two were preempted): D waits until B0 finishes, and then
+    # one decode covers the one it still lacks.
+    def run(prompt):
+        programs = [prog(f"B{i}", 0.0, call("b", 1, 30 + 2 * i)) for i in range(3)]
+        programs.append(prog("D", 20.0, call("d", prompt, 1)))
+        config = cfg(PolicyParams(queue_base=1.0), latency=1.0, max_num_seqs=4, max_num_batched_tokens=64,
+                     enable_chunked_prefill=False, num_gpu_blocks=100)
+        return by_id(simulate(programs, config, "plas"))
+
+    rec = run(62)
+    assert rec["D", "d"].first_scheduled == 20.0
+    assert sum(rec[f"B{i}", "b"].preemptions for i in range(3)) == 1
+    rec = run(63)
+    assert rec["D", "d"].first_scheduled == rec["B0", "b"].finish == 30.0
+    assert [rec[f"B{i}", "b"].preemptions for i in range(3)] == [0, 0, 1]
+
+
 def test_atlas_runs_parallel_siblings_as_a_gang():
     # P's root finishes, then four siblings are released together. A rival
     # program R with more attained service has a call waiting. With room

@@ -183,7 +183,12 @@ class SchedulerCore:
         waiting call that cannot be made to fit, preserving order.
         To fit is to find a seat, its KV blocks and, given a ``budget``,
         the tokens its admission needs among those the running calls left
-        (a victim gives back what it asked of the step).
+        (a victim gives back what it asked of the step). Once seat and
+        blocks are found, a candidate is taken for the budget only if it
+        alone covers what the call still lacks; others are passed over and
+        stay candidates. Without that rule a prompt on an engine without
+        chunked prefill took one decode per missing token, each to recompute
+        its history for one step's tokens.
         """
         if not (self.policy.preemptive and self.policy.params.preemption) or not waiting or not running:
             return []
@@ -210,6 +215,7 @@ class SchedulerCore:
             # To fit: a seat, the blocks, and `least` of the tokens the running calls leave
             # (without a budget, total = wanted = least = 0 throughout).
             taken: list[tuple[CallState, int, int]] = []  # (victim, blocks it frees, tokens it gives back)
+            passed: list[int] = []  # indices in `taken` of candidates passed over, not victims
             seqs, blocks, wanted = free_seqs, free_blocks, asked
             k, n_spare = 0, len(spare)
             available = n_spare + len(candidates) - used
@@ -217,8 +223,16 @@ class SchedulerCore:
                 c = spare[k] if k < n_spare else candidates[used + k - n_spare]
                 if not outranks(w, c):
                     break
-                freed = blocks_freed(c)
                 gives = 0 if running_tokens is None else running_tokens(c)
+                if seqs >= 1 and blocks >= need and gives < least - (total - wanted):
+                    # For the budget alone one victim must cover all the call still lacks: its
+                    # tokens are freed for this step only, and piecing an admission together
+                    # from decodes' single tokens would cost each its recompute or swap.
+                    taken.append((c, 0, 0))
+                    passed.append(k)
+                    k += 1
+                    continue
+                freed = blocks_freed(c)
                 taken.append((c, freed, gives))
                 seqs, blocks, wanted = seqs + 1, blocks + freed, wanted - gives
                 k += 1
@@ -234,9 +248,11 @@ class SchedulerCore:
                 # A victim taken for a seat or blocks may be needless once a later, better one
                 # is out for the budget: give those back, best first, so the worst stay preempted.
                 kept = [True] * k
+                for j in passed:
+                    kept[j] = False
                 for j in range(k - 2, -1, -1):
                     _, freed, gives = taken[j]
-                    if seqs > 1 and blocks - freed >= need and total - wanted - gives >= least:
+                    if kept[j] and seqs > 1 and blocks - freed >= need and total - wanted - gives >= least:
                         kept[j] = False
                         seqs, blocks, wanted = seqs - 1, blocks - freed, wanted + gives
                 victims.extend(c for (c, _, _), keep in zip(taken, kept) if keep)
