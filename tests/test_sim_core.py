@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 from hypothesis import given, settings
@@ -624,3 +625,146 @@ def test_expiries_give_each_live_key_once_at_its_time_whatever_ended_early(ops):
                 got.append((live.pop(key), key))
             assert got == expected
         assert expiries.next_time() <= min(live.values(), default=float("inf"))
+
+
+# ------------------------------------------------ the victim search against a plain reference
+class _RankByQueue:
+    """A preemptive policy stub: a call's rank is its key's first field (its queue)."""
+
+    preemptive = True
+
+    def __init__(self, margin, limit):
+        # Not PolicyParams, which refuses margin 0 (equal ranks may displace each other here).
+        self.params = SimpleNamespace(preemption=True, preempt_margin=margin, preempt_limit=limit)
+
+    def outranks(self, waiting, running):
+        return running.key[0] - waiting.key[0] >= self.params.preempt_margin
+
+
+def _reference_victims(running, waiting, free_seqs, free_blocks, blocks, budget, policy):
+    """The search's rule on a plain list of the candidates not yet victims, worst first.
+
+    Returns the victims and the waiting calls the search counts admitted.
+    """
+    limit = policy.params.preempt_limit
+    pool = sorted((c for c in running if limit is None or c.preemptions < limit), key=lambda c: c.key, reverse=True)
+    total = 0 if budget is None else budget.tokens
+    asked = 0 if budget is None else budget.fixed + sum(budget.running(c) for c in running)
+    victims, admitted = [], []
+    for w in waiting:
+        need = blocks[w.id]
+        tokens = 0 if budget is None else budget.waiting(w)
+        least = 0 if budget is None else (tokens if not budget.chunked and tokens > 1 else 1)
+        seqs, free, wanted, taken = free_seqs, free_blocks, asked, []
+
+        def fits():
+            return seqs >= 1 and free >= need and total - wanted >= least
+
+        for c in pool:
+            if fits() or not policy.outranks(w, c):
+                break
+            gives = 0 if budget is None else budget.running(c)
+            if seqs >= 1 and free >= need and total - wanted + gives < least:
+                continue  # for the budget alone, and it does not cover the lack
+            taken.append(c)
+            seqs, free, wanted = seqs + 1, free + blocks[c.id], wanted - gives
+        if not fits():
+            break
+        kept = list(taken)
+        for c in reversed(taken[:-1]):  # needless once later ones are out: give back, best first
+            gives = 0 if budget is None else budget.running(c)
+            if seqs > 1 and free - blocks[c.id] >= need and total - wanted - gives >= least:
+                kept.remove(c)
+                seqs, free, wanted = seqs - 1, free - blocks[c.id], wanted + gives
+        victims += kept
+        pool = [c for c in pool if c not in kept]
+        free_seqs, free_blocks, asked = seqs - 1, free - need, wanted + tokens
+        admitted.append(w)
+    return victims, admitted
+
+
+def _engine_admits(running, waiting, victims, free_seqs, free_blocks, blocks, budget):
+    """The engine's order: the running calls left take their tokens, then the waiting pass in order."""
+    seqs = free_seqs + len(victims)
+    free = free_blocks + sum(blocks[v.id] for v in victims)
+    left = None if budget is None else budget.tokens - budget.fixed
+    if budget is not None:
+        for c in running:
+            if c not in victims:
+                left -= min(budget.running(c), max(left, 0))
+    admitted = []
+    for w in waiting:
+        if seqs < 1 or free < blocks[w.id]:
+            break
+        if budget is not None:
+            tokens = budget.waiting(w)
+            if left < (tokens if not budget.chunked and tokens > 1 else 1):
+                break
+            left -= min(tokens, left)
+        seqs, free = seqs - 1, free - blocks[w.id]
+        admitted.append(w)
+    return admitted
+
+
+@st.composite
+def _victim_search_cases(draw):
+    from sim.core.state import CallState
+
+    serial = iter(range(10_000))
+
+    def call(prefix, preempted):
+        n = next(serial)
+        c = CallState(f"{prefix}{n}", f"P{n}", "0", 0.0, 10, n)
+        c.key = (draw(st.integers(0, 4)), n)
+        c.preemptions = draw(st.sampled_from([0, 1])) if preempted else 0
+        return c
+
+    running = [call("r", True) for _ in range(draw(st.integers(1, 7)))]
+    waiting = sorted((call("w", False) for _ in range(draw(st.integers(1, 5)))), key=lambda c: c.key)
+    blocks = {c.id: draw(st.integers(0, 4)) for c in running + waiting}
+    tokens = {c.id: draw(st.sampled_from([0, 1, 1, 2, 3, 5, 8, 13])) for c in running}
+    tokens.update({c.id: draw(st.sampled_from([1, 1, 2, 3, 5, 8, 13])) for c in waiting})
+    budget = draw(st.one_of(st.none(), st.builds(
+        lambda total, chunked, fixed: TokenBudget(total, lambda c: tokens[c.id], lambda c: tokens[c.id], chunked, fixed),
+        st.integers(1, 30), st.booleans(), st.sampled_from([0, 1, 3]))))
+    policy = _RankByQueue(draw(st.integers(0, 2)), draw(st.sampled_from([None, 1])))
+    return policy, running, waiting, draw(st.integers(0, 2)), draw(st.integers(0, 6)), blocks, budget
+
+
+@settings(max_examples=3000, deadline=None)
+@given(_victim_search_cases())
+def test_the_victim_search_matches_its_rule_and_every_call_it_counts_in_is_admitted(case):
+    """The search keeps its candidates in a spare list and an index, not a plain pool: a
+    reordering there went unseen by every hand case (a review's mutant). And the engine's own
+    order (running pass, then waiting pass) must admit each waiting call the search counted in."""
+    policy, running, waiting, free_seqs, free_blocks, blocks, budget = case
+    got = SchedulerCore(policy, ProcessTable(60.0)).choose_victims(
+        running, waiting, free_seqs, free_blocks, lambda c: blocks[c.id], lambda c: blocks[c.id], budget)
+    expected, admitted = _reference_victims(running, waiting, free_seqs, free_blocks, blocks, budget, policy)
+    assert [c.id for c in got] == [c.id for c in expected]
+    assert len({c.id for c in got}) == len(got)
+    assert all(policy.params.preempt_limit is None or c.preemptions < policy.params.preempt_limit for c in got)
+    real = _engine_admits(running, waiting, got, free_seqs, free_blocks, blocks, budget)
+    assert [w.id for w in real[:len(admitted)]] == [w.id for w in admitted]
+
+
+def test_candidates_given_back_from_the_spares_stay_worst_first():
+    """A review's mutant put calls given back after the untouched spares; only this order of
+    seat, block and budget victims across three waiting calls told it apart."""
+    from sim.core.state import CallState
+
+    def call(name, queue, n, preemptions=0):
+        c = CallState(name, f"P{n}", "0", 0.0, 10, n)
+        c.key, c.preemptions = (queue, n), preemptions
+        return c
+
+    running = [call("r0", 2, 0), call("r2", 3, 2, 1), call("r4", 4, 4), call("r6", 4, 6), call("r8", 4, 8)]
+    waiting = [call("w10", 0, 10), call("w14", 1, 14), call("w12", 2, 12)]
+    blocks = {"r0": 4, "r2": 4, "r4": 3, "r6": 4, "r8": 1, "w10": 1, "w14": 1, "w12": 4}
+    tokens = {"r0": 2, "r2": 13, "r4": 1, "r6": 2, "r8": 0, "w10": 2, "w14": 1, "w12": 1}
+    budget = TokenBudget(7, lambda c: tokens[c.id], lambda c: tokens[c.id], chunked=True)
+    policy = _RankByQueue(0, None)
+    got = SchedulerCore(policy, ProcessTable(60.0)).choose_victims(
+        running, waiting, 0, 3, lambda c: blocks[c.id], lambda c: blocks[c.id], budget)
+    assert [c.id for c in got] == ["r2", "r6", "r8"]
+    assert _reference_victims(running, waiting, 0, 3, blocks, budget, policy)[0] == got
