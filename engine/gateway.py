@@ -94,10 +94,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import ipaddress
 import json
 import logging
 import math
+import re
 import sys
 import uuid
 from collections import deque
@@ -142,6 +144,18 @@ DOWN_FIRST = 1.0
 DOWN_MAX = 30.0
 # Client headers the engines may need (vLLM's --api-key checks Authorization); the rest stay here.
 FORWARDED_HEADERS = ("Authorization",)
+# The /metrics samples whose change shows that an engine core steps (module docstring, "Hung engine cores").
+# vLLM 0.26.0's engine core sends its stats with each step's outputs, and the API server's PrometheusStatLogger
+# (vllm/v1/metrics/loggers.py, `PrometheusStatLogger.record`) updates these from them, and from nothing else.
+# The counters grow with every step that produced outputs (the histogram ``vllm:iteration_tokens_total``
+# observes once per such step; prometheus_client keeps a histogram's name whole and adds ``_count``; a
+# counter's name gets ``_total``). The gauges are set at every step, and move with most steps that produce no
+# output (a prefill chunk allocates KV blocks). Each is summed over its series (labels ``model_name`` and
+# ``engine``: a data-parallel server shows one series per engine core).
+PROGRESS_COUNTERS = ("vllm:iteration_tokens_total_count", "vllm:prompt_tokens_total", "vllm:generation_tokens_total")
+PROGRESS_GAUGES = ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc")
+PROGRESS_SAMPLES = PROGRESS_COUNTERS + PROGRESS_GAUGES
+_METRIC_NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
 
 
 def error_response(status: int, message: str, param: str | None = None, code: str | None = None,
@@ -180,6 +194,56 @@ def xarg_id(value: Any, field: str) -> str:
     raise BadRequest(f"{field} must be a string or an integer, got {shown}", param=field, code="invalid_id")
 
 
+def _labels_end(line: str, start: int) -> int:
+    """The index just past the ``}`` that closes the label set opening at ``line[start]`` (``{``); label values
+    are quoted and may hold an escaped quote, a ``}`` or a space."""
+    i, quoted = start + 1, False
+    while i < len(line):
+        c = line[i]
+        if quoted:
+            if c == "\\":
+                i += 1  # the escaped character
+            elif c == '"':
+                quoted = False
+        elif c == '"':
+            quoted = True
+        elif c == "}":
+            return i + 1
+        i += 1
+    raise ValueError("its label set is not closed")
+
+
+def progress_samples(text: str) -> tuple[float | None, ...] | None:
+    """`PROGRESS_SAMPLES` from a Prometheus text exposition, each summed over its series (None where absent);
+    None if it has none of `PROGRESS_COUNTERS`, as vLLM started with ``--disable-log-stats`` or another server.
+
+    Only the lines of these samples are read: ``name{labels} value [timestamp]``. One of them that does not
+    read so raises ValueError naming it.
+    """
+    sums: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line.startswith("vllm:"):  # comments, blank lines and every other metric
+            continue
+        name = _METRIC_NAME.match(line)
+        assert name is not None  # "vllm:" matches
+        if name.group() not in PROGRESS_SAMPLES:
+            continue
+        try:
+            i = name.end()
+            if line.startswith("{", i):
+                i = _labels_end(line, i)
+            fields = line[i:].split()
+            if not 1 <= len(fields) <= 2 or (i < len(line) and not line[i].isspace()):
+                raise ValueError("expected a value (and a timestamp) after the name and labels")
+            value = float(fields[0])
+        except ValueError as exc:
+            raise ValueError(f"malformed sample line {line[:120]!r}: {exc}") from None
+        sums[name.group()] = sums.get(name.group(), 0.0) + value
+    if not any(n in sums for n in PROGRESS_COUNTERS):
+        return None
+    return tuple(sums.get(n) for n in PROGRESS_SAMPLES)
+
+
 def engine_key(parts: SplitResult) -> tuple[str, str, int, str]:
     """An engine URL as the server it names: scheme, host in lower case (an IP address in its
     canonical form), the port with its scheme's default filled in, the path without a trailing /."""
@@ -207,6 +271,12 @@ class GatewayConfig:
     health_interval: float = 5.0  # 0: no checks
     health_timeout: float = 5.0
     health_failures: int = 3
+    # Hung engine cores (module docstring): an engine holding calls from the gateway with no step for this many
+    # seconds fails its checks. One engine step, even a whole prefill chunk of max_num_batched_tokens, takes well
+    # under a second on a GPU, so 60 s leaves a wide margin for slow hardware and for work in vLLM's API server
+    # before a call reaches the engine core (tokenizing a huge prompt, compiling a grammar). With the checks
+    # above, an engine is lost about 70 s after its last step. 0: no stall check.
+    stall_timeout: float = 60.0
 
     def __post_init__(self) -> None:
         if not self.engines:
@@ -242,6 +312,8 @@ class GatewayConfig:
             raise ValueError(f"--health-timeout must be > 0 seconds, got {self.health_timeout}")
         if self.health_failures < 1:
             raise ValueError(f"--health-failures must be >= 1, got {self.health_failures}")
+        if not 0 <= self.stall_timeout < math.inf:
+            raise ValueError(f"--stall-timeout must be >= 0 seconds (0: no stall check), got {self.stall_timeout}")
 
 
 @dataclass(eq=False)
@@ -334,6 +406,13 @@ class Gateway:
         self.lost = [False] * len(cfg.engines)  # failed --health-failures checks in a row, none passed since
         self.failed_checks = [0] * len(cfg.engines)  # checks failed in a row
         self._calls_on: list[set[LiveCall]] = [set() for _ in cfg.engines]
+        # The stall check (module docstring, "Hung engine cores"), per engine:
+        self.awaiting = [0] * len(cfg.engines)  # calls whose next bytes the gateway is waiting on it for
+        self._busy_since: list[float | None] = [None] * len(cfg.engines)  # since when awaiting has been > 0
+        self._progress: list[tuple[float | None, ...] | None] = [None] * len(cfg.engines)  # last samples read
+        self._progress_at: list[float | None] = [None] * len(cfg.engines)  # when they were first read
+        self.stalled = [False] * len(cfg.engines)  # found with no step; its checks fail until it steps again
+        self._no_progress_warned = [False] * len(cfg.engines)  # /metrics unusable: warned once
         self._watchers: list[asyncio.Task] = []
         self.recent: deque[dict[str, Any]] = deque(maxlen=1000)  # routing decisions, newest last
         self._session: aiohttp.ClientSession | None = None
@@ -387,6 +466,10 @@ class Gateway:
             started = loop.time()
             try:
                 problem = await self._check_health(engine)
+                if problem is not None:
+                    self._forget_progress(engine)  # it may be restarting: what answers next is judged afresh
+                elif self.cfg.stall_timeout > 0:
+                    problem = await self._check_progress(engine)
                 if problem is None:
                     self._engine_answered(engine)
                 else:
@@ -409,9 +492,90 @@ class Gateway:
         except (aiohttp.ClientError, OSError) as exc:
             return f"/health failed: {type(exc).__name__}: {exc}"
 
+    @contextlib.contextmanager
+    def _awaiting(self, engine: int):
+        """Mark a wait for the engine's next bytes for a call: the stall check's "calls in flight"."""
+        if not self.awaiting[engine]:
+            self._busy_since[engine] = self.now()
+        self.awaiting[engine] += 1
+        try:
+            yield
+        finally:
+            self.awaiting[engine] -= 1
+            if not self.awaiting[engine]:
+                self._busy_since[engine] = None
+
+    def _forget_progress(self, engine: int) -> None:
+        self._progress[engine] = self._progress_at[engine] = None
+        self.stalled[engine] = False
+
+    async def _read_progress(self, engine: int) -> tuple[float | None, ...] | str | None:
+        """The engine's `PROGRESS_SAMPLES`; a string saying why it has none (no /metrics, or not these
+        samples); None if /metrics did not answer (not a stall: /health covers an unreachable engine)."""
+        assert self._session is not None
+        try:
+            async with self._session.get(self.cfg.engines[engine] + "/metrics",
+                                         timeout=aiohttp.ClientTimeout(total=self.cfg.health_timeout)) as r:
+                if r.status >= 500:
+                    return None
+                if r.status >= 400:
+                    return f"GET /metrics answered {r.status}"
+                text = (await r.read()).decode("utf-8", "replace")
+        except (asyncio.TimeoutError, aiohttp.ClientError, OSError):
+            return None
+        try:
+            samples = progress_samples(text)
+        except ValueError as exc:
+            return f"/metrics has a {exc}"
+        if samples is None:
+            return (f"/metrics has none of {', '.join(PROGRESS_COUNTERS)} (vLLM started with --disable-log-stats, "
+                    f"or not a vLLM server)")
+        return samples
+
+    async def _check_progress(self, engine: int) -> str | None:
+        """None unless the engine has held calls from the gateway for --stall-timeout seconds (or was found
+        so, `stalled`) and its progress samples did not change meanwhile; then what went wrong."""
+        sent = self.now()
+        samples = await self._read_progress(engine)
+        if isinstance(samples, str):  # no judgement possible: never a failure
+            if not self._no_progress_warned[engine]:
+                self._no_progress_warned[engine] = True
+                log.warning("engine %d (%s): %s: no stall check for it (a hung engine core behind a live "
+                            "server is not found)", engine, self.cfg.engines[engine], samples)
+            self._forget_progress(engine)
+            return None
+        if samples is None:  # no reading: no new knowledge either way
+            return self._stall_problem(engine, sent) if self.stalled[engine] else None
+        if samples != self._progress[engine]:
+            if self.stalled[engine]:
+                log.warning("engine %d (%s) steps again (/metrics progress moved)", engine, self.cfg.engines[engine])
+            self._progress[engine] = samples
+            self._progress_at[engine] = self.now()  # answered by now: unchanged at least since then
+            self.stalled[engine] = False
+            return None
+        if self.stalled[engine]:
+            return self._stall_problem(engine, sent)
+        busy_since, seen = self._busy_since[engine], self._progress_at[engine]
+        assert seen is not None
+        # The window: calls awaited throughout, and the samples the same at both ends (the counters only grow).
+        if busy_since is None or sent - max(busy_since, seen) < self.cfg.stall_timeout:
+            return None
+        self.stalled[engine] = True
+        problem = self._stall_problem(engine, sent)
+        log.warning("engine %d (%s): %s", engine, self.cfg.engines[engine], problem)
+        return problem
+
+    def _stall_problem(self, engine: int, sent: float) -> str:
+        seen = self._progress_at[engine]
+        assert seen is not None
+        calls = self.awaiting[engine]
+        held = f"with {calls} call{'s' if calls != 1 else ''} in flight" if calls else \
+            "since it stalled with calls in flight"
+        return f"no engine step in {sent - seen:.1f} s {held} (/metrics progress frozen)"
+
     def _engine_answered(self, engine: int) -> None:
         if self.lost[engine]:
-            log.warning("engine %d (%s) answers /health again: back in the balance", engine, self.cfg.engines[engine])
+            log.warning("engine %d (%s) passes its checks again: back in the balance", engine, self.cfg.engines[engine])
         self.lost[engine] = False
         self.failed_checks[engine] = 0
         self._mark_up(engine)  # any answer ends a backoff
@@ -424,7 +588,7 @@ class Gateway:
         message = (f"engine {engine} ({self.cfg.engines[engine]}) lost: {problem}, "
                    f"{failures} check{'s' if failures > 1 else ''} in a row")
         if not self.lost[engine]:
-            log.warning("%s; left out of the balance until /health answers", message)
+            log.warning("%s; left out of the balance until a check passes", message)
         self.lost[engine] = True
         self.fail_lost_engine(engine, message)
 
@@ -632,7 +796,8 @@ class Gateway:
         # A task of its own, so that `fail_lost_engine` can cancel the wait without cancelling the handler.
         live.post = asyncio.ensure_future(self._session.post(url, data=payload, headers=upstream_headers))
         try:
-            upstream = await live.post
+            with self._awaiting(live.engine):
+                upstream = await live.post
         except asyncio.CancelledError:
             post = live.post
             if post.done() and not post.cancelled():
@@ -661,7 +826,8 @@ class Gateway:
             if ctype.startswith("text/event-stream") and upstream.status < 400:
                 return await self._relay_stream(request, upstream, headers, live)
             try:
-                data = await upstream.read()
+                with self._awaiting(live.engine):
+                    data = await upstream.read()
             except (aiohttp.ClientError, OSError) as exc:  # the engine died before its answer was whole
                 message = live.lost or (f"engine {live.engine} ({self.cfg.engines[live.engine]}) failed before its "
                                         f"answer was complete: {type(exc).__name__}: {exc}")
@@ -697,7 +863,8 @@ class Gateway:
         # queues: the client's headers wait for the first bytes, so a call on an engine lost before
         # then has shown its client nothing and goes to another engine.
         try:
-            first: bytes | None = await chunks.__anext__()
+            with self._awaiting(engine):
+                first: bytes | None = await chunks.__anext__()
             problem = None
         except StopAsyncIteration:  # a clean end without a byte: neither [DONE] nor an error event
             problem = "ended its stream before sending anything"
@@ -723,7 +890,8 @@ class Gateway:
                 if first is not None:
                     chunk, first = first, None
                 else:
-                    chunk = await chunks.__anext__()
+                    with self._awaiting(engine):  # not while the client is written to: a slow client is no stall
+                        chunk = await chunks.__anext__()
             except StopAsyncIteration:
                 break
             except (aiohttp.ClientError, OSError) as exc:
@@ -800,7 +968,8 @@ class Gateway:
 
     async def health(self, request: web.Request) -> web.Response:
         lost = [i for i, gone in enumerate(self.lost) if gone]
-        return web.json_response({"status": "ok", "engines": len(self.cfg.engines), "lost": lost})
+        stalled = [i for i, stuck in enumerate(self.stalled) if stuck]
+        return web.json_response({"status": "ok", "engines": len(self.cfg.engines), "lost": lost, "stalled": stalled})
 
     async def end_program(self, request: web.Request) -> web.Response:
         pid = check_id(request.match_info["program_id"], "program_id")
@@ -833,7 +1002,11 @@ class Gateway:
             "now": now, "policy": self.acct.policy.name, "balancer": self.balancer.name, "ttl": self.cfg.ttl,
             "engines": [{"url": u, "in_flight": self.loads[i], "routed": self.routed[i],
                          "down_for": max(0.0, self.down_until[i] - now),  # seconds left out after a refusal
-                         "lost": self.lost[i], "health_failures": self.failed_checks[i]}
+                         "lost": self.lost[i], "health_failures": self.failed_checks[i],
+                         # the stall check: found with no step, and seconds since its /metrics progress
+                         # samples were last seen to change (null: no reading with them)
+                         "stalled": self.stalled[i],
+                         "since_progress": None if self._progress_at[i] is None else now - self._progress_at[i]}
                         for i, u in enumerate(self.cfg.engines)],
             "live_calls": self.acct.live_calls(),
             "programs": programs,
@@ -884,6 +1057,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--health-failures", type=integer, default=3,
                    help="failed checks in a row that make an engine lost: its calls fail over and it is left "
                         "out until a check passes (default: %(default)s)")
+    p.add_argument("--stall-timeout", type=number, default=60.0,
+                   help="seconds an engine may hold calls from the gateway while the step counters on its "
+                        "/metrics stay still before its checks fail (a hung engine core behind a live API "
+                        "server); 0: no stall check (default: 60)")
     p.set_defaults(run=run)
     return p
 
@@ -892,7 +1069,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         cfg = GatewayConfig(engines=args.engine, balancer=args.balancer, threshold=args.threshold, ttl=args.ttl,
                             policy=args.policy, max_body=args.max_body, health_interval=args.health_interval,
-                            health_timeout=args.health_timeout, health_failures=args.health_failures)
+                            health_timeout=args.health_timeout, health_failures=args.health_failures,
+                            stall_timeout=args.stall_timeout)
         gateway = Gateway(cfg)
     except ValueError as exc:
         print(f"python -m engine gateway: error: {exc}", file=sys.stderr)

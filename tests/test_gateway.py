@@ -156,7 +156,7 @@ def test_engine_errors_pass_through_and_unreachable_engines_give_502():
     assert ended == (200, {"id": "p1", "object": "program.deleted", "deleted": True})
     assert again[0] == 404
     assert models[0] == 200 and models[1]["data"][0]["id"] == "sim"
-    assert health == (200, {"status": "ok", "engines": 1, "lost": []})
+    assert health == (200, {"status": "ok", "engines": 1, "lost": [], "stalled": []})
 
 
 def test_ending_a_program_with_a_live_call_is_refused():

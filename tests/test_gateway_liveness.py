@@ -18,7 +18,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from engine.gateway import GatewayConfig
+from engine.gateway import GatewayConfig, progress_samples
 from engine.sse import DONE, SSEParser, event_token_count
 from sim.realtime import RealtimeEngine
 from sim.serve import SimServer, serve
@@ -360,7 +360,7 @@ def test_models_are_asked_of_an_engine_that_is_not_lost():
 
     (status, models), health = run(go())
     assert status == 200 and models["data"][0]["id"] == "fake"
-    assert health == {"status": "ok", "engines": 2, "lost": [0]}
+    assert health == {"status": "ok", "engines": 2, "lost": [0], "stalled": []}
 
 
 def test_no_checks_with_a_zero_interval():
@@ -397,3 +397,344 @@ def test_the_gateway_cli_refuses_bad_health_settings():
         proc = subprocess.run([sys.executable, "-m", "engine", "gateway", "--engine", "http://x", *args],
                               capture_output=True, text=True, timeout=60)
         assert proc.returncode == 1 and proc.stderr == f"python -m engine gateway: error: {message}\n"
+
+
+# -- hung engine cores: the stall check on /metrics ------------------------------------------------------
+
+# vLLM 0.26.0's /metrics, cut down: what prometheus_client writes for `PrometheusStatLogger`'s metrics
+# (vllm/v1/metrics/loggers.py), two engine cores of one server. STEPS is engine 0's step count.
+METRICS = """\
+# HELP vllm:iteration_tokens_total Histogram of number of tokens per engine_step.
+# TYPE vllm:iteration_tokens_total histogram
+vllm:iteration_tokens_total_bucket{engine="0",le="1.0",model_name="m"} STEPS
+vllm:iteration_tokens_total_bucket{engine="0",le="+Inf",model_name="m"} STEPS
+vllm:iteration_tokens_total_count{engine="0",model_name="m"} STEPS
+vllm:iteration_tokens_total_sum{engine="0",model_name="m"} 40.0
+vllm:iteration_tokens_total_count{engine="1",model_name="m"} 4.0
+# HELP vllm:iteration_tokens_total_created Histogram of number of tokens per engine_step.
+# TYPE vllm:iteration_tokens_total_created gauge
+vllm:iteration_tokens_total_created{engine="0",model_name="m"} 1.7e+09
+# TYPE vllm:prompt_tokens_total counter
+vllm:prompt_tokens_total{engine="0",model_name="m"} 30.0
+vllm:generation_tokens_total{engine="0",model_name="m"} 12.0
+vllm:num_requests_running{engine="0",model_name="m"} 1.0
+vllm:num_requests_waiting{engine="0",model_name="m"} 2.0
+vllm:kv_cache_usage_perc{engine="0",model_name="m"} 0.25
+"""
+STALL = {**FAST, "stall_timeout": 0.3}  # a stall found 0.3 s into a window, lost one check later
+
+
+class SteppingEngine(FakeEngine):
+    """A FakeEngine with vLLM's ``/metrics``: each scrape sees one more step while ``stepping``; frozen otherwise
+    (a hung engine core behind a live API server: /health answers 200 even while its calls freeze).
+
+    ``metrics``: ``"ok"``; ``"404"`` (no route); ``"absent"`` (no vLLM samples, as ``--disable-log-stats``);
+    ``"malformed"``; ``"500"``; ``"hang"``. With ``hold``, calls send nothing until ``release`` is set.
+    """
+
+    def __init__(self, metrics: str = "ok", stepping: bool = False, hold: bool = False, **kw):
+        super().__init__(**kw)
+        self.metrics_mode = metrics
+        self.stepping = stepping
+        self.hold = hold
+        self.steps = 7
+        self.release = asyncio.Event()
+
+    async def health(self, request: web.Request) -> web.Response:
+        return web.Response(status=self.health_status)  # the API server answers, whatever the engine core does
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        if self.metrics_mode == "hang":
+            await self._hang()
+        if self.metrics_mode == "500":
+            return web.Response(status=500)
+        if self.stepping:
+            self.steps += 1
+        text = {"absent": "# TYPE http_requests_total counter\nhttp_requests_total 3.0\n",
+                "malformed": 'vllm:generation_tokens_total{engine="0" 5.0\n'}.get(
+            self.metrics_mode, METRICS.replace("STEPS", f"{self.steps:.1f}"))
+        return web.Response(text=text, content_type="text/plain")
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        if not self.hold:
+            return await super().completions(request)
+        await request.json()
+        self.calls += 1
+        await self.release.wait()
+        return web.json_response(ANSWER)
+
+    async def start(self, with_health: bool = True) -> str:
+        routes = {("POST", "/v1/completions"): self.completions, ("GET", "/v1/models"): self.models,
+                  ("GET", "/health"): self.health}
+        if self.metrics_mode != "404":
+            routes[("GET", "/metrics")] = self.metrics
+        self.running = await start_app(routes)
+        return self.running.url
+
+    async def stop(self) -> None:
+        self.release.set()
+        await super().stop()
+
+
+def _record_checks(gateway) -> list[tuple[int, bool]]:
+    """(checks failed in a row, lost) after each failed check of engine 0."""
+    seen: list[tuple[int, bool]] = []
+    failed = gateway._engine_failed_check
+
+    def record(engine: int, problem: str) -> None:
+        failed(engine, problem)
+        if engine == 0:
+            seen.append((gateway.failed_checks[0], gateway.lost[0]))
+
+    gateway._engine_failed_check = record
+    return seen
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_call_on_an_engine_whose_steps_stop_goes_to_another_though_its_health_answers(stream, caplog):
+    """The gap /health leaves: vLLM's API server answers it while the engine core is hung."""
+
+    async def go():
+        # A whole answer: nothing at all; a stream: its headers, as vLLM sends them on accepting a call.
+        hung, spare = SteppingEngine(freeze_after="headers" if stream else None, hold=not stream), FakeEngine()
+        gw, gateway = await start_gw([await hung.start(), await spare.start()], balancer="round_robin", **STALL)
+        checks = _record_checks(gateway)
+        try:
+            async with aiohttp.ClientSession() as s:
+                started = asyncio.get_running_loop().time()
+                status, served_by, body = await _post(s, gw.url, "p0", stream=stream)
+                took = asyncio.get_running_loop().time() - started
+                async with s.get(gw.url + "/health") as r:
+                    health = await r.json()
+            return status, served_by, body, took, checks, health, gateway.snapshot(), hung.calls
+        finally:
+            await gw.stop()
+            await hung.stop()
+            await spare.stop()
+
+    with caplog.at_level("WARNING", logger="engine.gateway"):
+        status, served_by, body, took, checks, health, snapshot, hung_calls = run(go())
+    assert status == 200 and served_by == "1" and hung_calls == 1
+    assert took >= 0.3  # not before the stall timeout
+    assert checks[:2] == [(1, False), (2, True)]  # the stall is a failed check; lost at --health-failures
+    assert health == {"status": "ok", "engines": 2, "lost": [0], "stalled": [0]}
+    engine0 = snapshot["engines"][0]
+    assert engine0["lost"] is True and engine0["stalled"] is True and engine0["since_progress"] >= 0.3
+    assert engine0["in_flight"] == 0 and snapshot["engines"][1]["stalled"] is False
+    lost = [r.getMessage() for r in caplog.records if "left out of the balance" in r.getMessage()]
+    assert len(lost) == 1 and lost[0].startswith("engine 0 (http://127.0.0.1:")
+    assert "lost: no engine step in " in lost[0]
+    assert " s with 1 call in flight (/metrics progress frozen), 2 checks in a row" in lost[0]
+
+
+def test_a_stream_whose_engine_stops_stepping_ends_with_engine_lost_though_other_calls_finish():
+    """Calls that finish on the engine meanwhile do not restart the window of the one still held."""
+
+    async def go():
+        eng = SteppingEngine(freeze_after="token")
+        gw, gateway = await start_gw([await eng.start()], **STALL)
+        checks = _record_checks(gateway)
+        try:
+            async with aiohttp.ClientSession() as s:
+                held = asyncio.ensure_future(_post(s, gw.url, "p-held", stream=True))
+                await wait_for(lambda: eng.frozen)
+                eng.freeze_after, eng.frozen = None, False  # later calls are answered whole at once
+                quick = []
+                while not held.done():
+                    quick.append((await _post(s, gw.url, f"q{len(quick)}"))[0])
+                    await asyncio.sleep(0.03)
+                status, _, events = await held
+            return status, events, quick, checks, gateway.acct.table.get("p-held")
+        finally:
+            await gw.stop()
+            await eng.stop()
+
+    status, events, quick, checks, program = run(go())
+    assert status == 200 and events[0]["choices"][0]["token_ids"] == [7]
+    errors = [e["error"] for e in events if isinstance(e, dict) and "error" in e]
+    assert len(errors) == 1 and errors[0]["code"] == "engine_lost" and events[-1] == DONE
+    assert "with 1 call in flight (/metrics progress frozen), 2 checks in a row" in errors[0]["message"]
+    assert len(quick) >= 5 and set(quick) == {200}  # finished calls throughout the window
+    assert checks[:2] == [(1, False), (2, True)]
+    assert program is None or program.total_service == 0.0
+
+
+def test_calls_held_without_a_byte_by_an_engine_that_steps_are_not_lost():
+    """PLAS and ATLAS hold calls queued, silently, while the engine serves others: its counters move."""
+
+    async def go():
+        eng = SteppingEngine(stepping=True, hold=True)
+        gw, gateway = await start_gw([await eng.start()], **STALL)
+        checks = _record_checks(gateway)
+        try:
+            async with aiohttp.ClientSession() as s:
+                calls = [asyncio.ensure_future(_post(s, gw.url, f"p{i}")) for i in range(3)]
+                await asyncio.sleep(1.0)  # three stall timeouts
+                during = gateway.snapshot()["engines"][0]
+                eng.release.set()
+                answers = await asyncio.gather(*calls)
+            return [a[:2] for a in answers], checks, during
+        finally:
+            await gw.stop()
+            await eng.stop()
+
+    answers, checks, during = run(go())
+    assert answers == [(200, "0")] * 3 and checks == []
+    assert during["in_flight"] == 3 and during["stalled"] is False and during["since_progress"] < 0.3
+
+
+def test_an_idle_engine_with_still_counters_is_not_failed_nor_a_call_shorter_than_the_timeout():
+    """The window starts when calls are in flight, not when the counters last moved."""
+
+    async def go():
+        eng = SteppingEngine(hold=True)
+        gw, gateway = await start_gw([await eng.start()], **STALL)
+        checks = _record_checks(gateway)
+        try:
+            await asyncio.sleep(0.6)  # idle, counters still: two stall timeouts
+            idle = gateway.snapshot()["engines"][0]
+            async with aiohttp.ClientSession() as s:
+                call = asyncio.ensure_future(_post(s, gw.url, "p1"))
+                await asyncio.sleep(0.15)  # held half the timeout, no step
+                eng.release.set()
+                answer = await call
+            await asyncio.sleep(0.2)
+            return idle, answer[:2], checks, gateway.snapshot()["engines"][0]
+        finally:
+            await gw.stop()
+            await eng.stop()
+
+    idle, answer, checks, after = run(go())
+    assert idle["since_progress"] >= 0.45 and idle["stalled"] is False
+    assert answer == (200, "0") and checks == []
+    assert after["lost"] is False and after["stalled"] is False
+
+
+@pytest.mark.parametrize("mode,warning", [
+    ("404", "GET /metrics answered 404"),
+    ("absent", "/metrics has none of vllm:iteration_tokens_total_count, vllm:prompt_tokens_total, "
+               "vllm:generation_tokens_total (vLLM started with --disable-log-stats, or not a vLLM server)"),
+    ("malformed", "/metrics has a malformed sample line 'vllm:generation_tokens_total{engine=\"0\" 5.0': "
+                  "its label set is not closed"),
+    ("500", None),  # a reading that fails is no stall, nor a reason to give up on the check
+    ("hang", None),
+])
+def test_an_engine_without_usable_metrics_is_never_failed_for_it(mode, warning, caplog):
+    async def go():
+        eng = SteppingEngine(metrics=mode, hold=True)
+        gw, gateway = await start_gw([await eng.start()], **STALL)
+        checks = _record_checks(gateway)
+        try:
+            async with aiohttp.ClientSession() as s:
+                call = asyncio.ensure_future(_post(s, gw.url, "p1"))
+                await asyncio.sleep(0.8)
+                during = gateway.snapshot()["engines"][0]
+                eng.release.set()
+                answer = await call
+            return answer[:2], checks, during
+        finally:
+            await gw.stop()
+            await eng.stop()
+
+    with caplog.at_level("WARNING", logger="engine.gateway"):
+        answer, checks, during = run(go())
+    assert answer == (200, "0") and checks == []
+    assert during["stalled"] is False and during["since_progress"] is None and during["in_flight"] == 1
+    warned = [r.getMessage() for r in caplog.records if "no stall check" in r.getMessage()]
+    if warning is None:
+        assert warned == []
+    else:  # once, though every check met it
+        assert len(warned) == 1 and warned[0].startswith("engine 0 (http://127.0.0.1:")
+        assert f": {warning}: no stall check for it" in warned[0]
+
+
+def test_a_stalled_engine_is_back_once_it_steps_again():
+    async def go():
+        eng = SteppingEngine(hold=True)
+        gw, gateway = await start_gw([await eng.start()], **STALL)
+        try:
+            async with aiohttp.ClientSession() as s:
+                call = asyncio.ensure_future(_post(s, gw.url, "p1"))
+                lost = await wait_for(lambda: gateway.lost[0])
+                status = (await call)[0]  # failed over, with nowhere else to go
+                still = await wait_for(lambda: not gateway.lost[0], timeout=0.4)  # idle: it stays out
+                eng.stepping, eng.hold = True, False
+                back = await wait_for(lambda: not gateway.lost[0])
+                again = await _post(s, gw.url, "p2")
+            return lost, status, still, back, again[:2], gateway.snapshot()["engines"][0]
+        finally:
+            await gw.stop()
+            await eng.stop()
+
+    lost, status, still, back, again, engine0 = run(go())
+    assert lost and status == 502 and not still and back
+    assert again == (200, "0") and engine0["stalled"] is False and engine0["health_failures"] == 0
+
+
+def test_no_stall_check_with_a_zero_stall_timeout():
+    async def go():
+        eng = SteppingEngine(hold=True)
+        gw, gateway = await start_gw([await eng.start()], **{**STALL, "stall_timeout": 0})
+        try:
+            async with aiohttp.ClientSession() as s:
+                call = asyncio.ensure_future(_post(s, gw.url, "p1"))
+                await asyncio.sleep(0.6)
+                during = gateway.snapshot()["engines"][0]
+                eng.release.set()
+                return (await call)[:2], during
+        finally:
+            await gw.stop()
+            await eng.stop()
+
+    answer, during = run(go())
+    assert answer == (200, "0") and during["lost"] is False and during["health_failures"] == 0
+    assert during["since_progress"] is None
+
+
+def test_progress_samples_are_summed_over_series_and_read_strictly():
+    text = METRICS.replace("STEPS", "3.0") + (
+        # a label value with a quote, a brace and a space; a timestamp; a sample that is not one of them
+        'vllm:generation_tokens_total{engine="2",model_name="a \\"}b\\" c"} 1.5 1700000000000\n'
+        'vllm:generation_tokens_totally{engine="0"} 99\n')
+    assert progress_samples(text) == (7.0, 30.0, 13.5, 1.0, 2.0, 0.25)
+    assert progress_samples("vllm:num_requests_running 1\n# vllm:generation_tokens_total 3\n") is None
+    assert progress_samples("vllm:prompt_tokens_total 2\n") == (None, 2.0, None, None, None, None)
+    for bad in ('vllm:prompt_tokens_total{engine="0"}5\n', "vllm:prompt_tokens_total five\n",
+                "vllm:prompt_tokens_total\n", "vllm:prompt_tokens_total 1 2 3\n"):
+        with pytest.raises(ValueError, match="malformed sample line"):
+            progress_samples(bad)
+
+
+def test_the_sample_names_are_those_prometheus_client_writes_for_vllms_metrics():
+    """vLLM 0.26.0 declares Histogram("vllm:iteration_tokens_total"), Counter("vllm:prompt_tokens"),
+    Counter("vllm:generation_tokens") and its Gauges (vllm/v1/metrics/loggers.py)."""
+    prom = pytest.importorskip("prometheus_client")
+    registry = prom.CollectorRegistry()
+    labels = ["model_name", "engine"]
+    hist = prom.Histogram("vllm:iteration_tokens_total", "d", labels, buckets=[1, 8], registry=registry)
+    prompt = prom.Counter("vllm:prompt_tokens", "d", labels, registry=registry)
+    generation = prom.Counter("vllm:generation_tokens", "d", labels, registry=registry)
+    gauges = [prom.Gauge(n, "d", labels, registry=registry) for n in
+              ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc")]
+    for engine in ("0", "1"):
+        hist.labels("m", engine).observe(5)
+        prompt.labels("m", engine).inc(10)
+        generation.labels("m", engine).inc(3)
+        for i, gauge in enumerate(gauges):
+            gauge.labels("m", engine).set(i + 0.5)
+    assert progress_samples(prom.generate_latest(registry).decode()) == (2.0, 20.0, 6.0, 1.0, 3.0, 5.0)
+
+
+@pytest.mark.parametrize("value", [-1.0, float("inf"), float("nan")])
+def test_a_bad_stall_timeout_is_refused(value):
+    with pytest.raises(ValueError) as info:
+        GatewayConfig(engines=["http://127.0.0.1:1"], stall_timeout=value)
+    assert str(info.value) == f"--stall-timeout must be >= 0 seconds (0: no stall check), got {value}"
+
+
+def test_the_gateway_cli_refuses_a_bad_stall_timeout():
+    proc = subprocess.run([sys.executable, "-m", "engine", "gateway", "--engine", "http://x", "--stall-timeout",
+                           "-5"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1
+    assert proc.stderr == "python -m engine gateway: error: --stall-timeout must be >= 0 seconds " \
+                          "(0: no stall check), got -5.0\n"
