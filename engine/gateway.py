@@ -69,8 +69,8 @@ tell that from a healthy engine holding a call in its queue, which PLAS
 and ATLAS do by design, so the gateway asks each engine ``GET /health``
 every ``--health-interval`` seconds instead. An engine that fails
 ``--health-failures`` checks in a row (no answer within
-``--health-timeout``, a refused connection, or a 5xx: vLLM answers 503 once
-its engine core is dead) is lost: it is left out of the balance until a
+``--health-timeout``, a refused connection, a 5xx: vLLM answers 503 once
+its engine core is dead, or a stall, below) is lost: it is left out of the balance until a
 check passes, and each failed check fails the calls it holds. A call that
 has received nothing yet goes to another engine (its client has seen
 nothing, and closing the connection makes vLLM abort it if the engine comes
@@ -79,6 +79,36 @@ the stream). A stream counts as answering from its first bytes, not its
 headers: vLLM sends those as it accepts a call, queued or not, so the
 client's headers wait for the first bytes. A 404 counts as an answer: the
 engine is up but has no ``/health``.
+
+Hung engine cores: vLLM answers ``/health`` from its API server without a
+round trip to the engine core, so a core that hangs (a hung GPU, a
+deadlocked step) behind a live server passes it, and its calls hang. Each
+check therefore also reads the engine's ``GET /metrics`` (Prometheus text,
+from the same API server) for samples that only the core's steps move
+(`PROGRESS_SAMPLES`: vLLM 0.26.0's ``vllm:iteration_tokens_total_count``,
+``vllm:prompt_tokens_total``, ``vllm:generation_tokens_total`` and three
+per-step gauges, each summed over its ``model_name``/``engine`` series). A
+healthy engine holding calls steps continually, queued calls included, as
+it serves the calls ahead of them. If the gateway has been waiting on the
+engine for at least one call (its answer or its stream's next bytes; not
+while writing to a slow client) throughout ``--stall-timeout`` seconds
+(default 60; 0: off), and the samples read at the window's start (or
+before) and at its end are the same, the check fails ("no engine step in
+61.2 s with 3 calls in flight (/metrics progress frozen)"), and the
+lost-engine rules above apply. With the defaults an engine is lost about
+70 to 80 s after its last step. A stalled engine's checks keep failing,
+with calls in flight or not, until its samples move again (or its
+``/health`` fails, as while it restarts); until then it gets calls only when
+no other engine is usable. A ``/metrics`` that times out, fails or
+answers a 5xx is no stall (``/health`` judges reachability). An engine whose
+``/metrics`` answers 404 (``sim serve``) or lacks the samples (vLLM started
+with ``--disable-log-stats``) gets no stall check: one warning per engine.
+Limits: a data-parallel server's samples are summed, so one hung core among
+cores that step is not found; work before a call reaches the core (a huge
+prompt to tokenize, a grammar to compile) or a single step that outlasts
+the timeout (slow hardware) is taken for a stall: raise ``--stall-timeout``
+there. ``/health`` lists stalled engines; ``/programs`` shows ``stalled``
+and ``since_progress`` per engine.
 
 Completion: a streamed call is complete (and charged, and its thread
 free) when its ``[DONE]`` arrives, before that event is passed on: a
