@@ -88,27 +88,57 @@ from the same API server) for samples that only the core's steps move
 (`PROGRESS_SAMPLES`: vLLM 0.26.0's ``vllm:iteration_tokens_total_count``,
 ``vllm:prompt_tokens_total``, ``vllm:generation_tokens_total`` and three
 per-step gauges, each summed over its ``model_name``/``engine`` series). A
-healthy engine holding calls steps continually, queued calls included, as
-it serves the calls ahead of them. If the gateway has been waiting on the
+healthy engine steps within milliseconds of receiving a call, and
+continually while it holds calls, queued calls included, as it serves the
+calls ahead of them. So the gateway sums the time it has waited on the
 engine for at least one call (its answer or its stream's next bytes; not
-while writing to a slow client) throughout ``--stall-timeout`` seconds
-(default 60; 0: off), and the samples read at the window's start (or
-before) and at its end are the same, the check fails ("no engine step in
-61.2 s with 3 calls in flight (/metrics progress frozen)"), and the
-lost-engine rules above apply. With the defaults an engine is lost about
-70 to 80 s after its last step. A stalled engine's checks keep failing,
-with calls in flight or not, until its samples move again (or its
-``/health`` fails, as while it restarts); until then it gets calls only when
-no other engine is usable. A ``/metrics`` that times out, fails or
-answers a 5xx is no stall (``/health`` judges reachability). An engine whose
-``/metrics`` answers 404 (``sim serve``) or lacks the samples (vLLM started
-with ``--disable-log-stats``) gets no stall check: one warning per engine.
+while writing to a slow client; overlapping calls count once) since the
+samples last changed. When that sum reaches ``--stall-timeout`` seconds
+(default 60; 0: off) and the samples read before and after it are the
+same, the check fails ("no engine step in 75.3 s (61.2 s of it waiting on
+the engine) with 3 calls in flight (/metrics progress frozen)"), and the
+lost-engine rules above apply. A sum, not one unbroken wait: clients that
+give up and send their calls again before the timeout kept a hung core
+from ever being judged. With the defaults an engine is lost about 70 to
+80 s into the waiting on it without a step. ``/programs`` shows per
+engine ``stalled``, ``since_progress`` (seconds since the samples last
+changed) and ``waited`` (the sum); ``/health`` lists stalled engines.
+
+A stalled engine's checks keep failing until it is seen to step. A failed
+``/health`` (as while it restarts) keeps the samples and the verdict: an
+engine that restarts starts its counters from zero, so they move anyway,
+and clearing them let one failed check put a still hung engine back. An
+idle vLLM core does not step, so it sends no stats, and a lost engine gets
+no calls while another engine is usable: its samples could never move. So
+while no call waits on a stalled engine, each check sends it a probe, a
+completion of the gateway's own: ``POST /v1/completions`` with
+``{"model": M, "prompt": [0], "max_tokens": 1}``, M the first model of
+its ``GET /v1/models``, else the last model a call to it named (else none:
+the engine's own), within ``--health-timeout`` (a live core answers in a step
+or two, and the watcher waits no longer on it than on its other requests),
+counted as a wait on the engine; then ``/metrics`` is read again. A 200
+answer clears the verdict and the check passes: vLLM answers a completion
+only with a token from a step of the core, so the answer is the proof
+itself, whatever the timing of the stats (vLLM records them after handing
+a step's outputs to their calls). Samples that moved clear it too (the
+core stepped for other clients while the probe queued). A probe that times
+out is cancelled, which makes vLLM abort it. The probe is no client's
+call: it has no program (the plugin takes an untagged call as a one-call
+program with no service, first in line), is not balanced, counted in
+``in_flight`` or ``routed``, charged, or shown in ``/programs``. With
+vLLM's ``--api-key`` the probe is refused (401: the gateway has no key of
+its own), so a stalled engine is back only when its samples move.
+
+A ``/metrics`` that times out, fails or answers a 5xx is no stall
+(``/health`` judges reachability). An engine whose ``/metrics`` answers
+404 (``sim serve``) or lacks the samples (vLLM started with
+``--disable-log-stats``) gets no stall check: one warning per engine.
 Limits: a data-parallel server's samples are summed, so one hung core among
 cores that step is not found; work before a call reaches the core (a huge
 prompt to tokenize, a grammar to compile) or a single step that outlasts
 the timeout (slow hardware) is taken for a stall: raise ``--stall-timeout``
-there. ``/health`` lists stalled engines; ``/programs`` shows ``stalled``
-and ``since_progress`` per engine.
+there. Calls that the API server answers without the core (a 400 for a
+prompt too long) add their milliseconds to the sum as well.
 
 Completion: a streamed call is complete (and charged, and its thread
 free) when its ``[DONE]`` arrives, before that event is passed on: a
@@ -301,11 +331,12 @@ class GatewayConfig:
     health_interval: float = 5.0  # 0: no checks
     health_timeout: float = 5.0
     health_failures: int = 3
-    # Hung engine cores (module docstring): an engine holding calls from the gateway with no step for this many
-    # seconds fails its checks. One engine step, even a whole prefill chunk of max_num_batched_tokens, takes well
-    # under a second on a GPU, so 60 s leaves a wide margin for slow hardware and for work in vLLM's API server
-    # before a call reaches the engine core (tokenizing a huge prompt, compiling a grammar). With the checks
-    # above, an engine is lost about 70 s after its last step. 0: no stall check.
+    # Hung engine cores (module docstring): an engine that the gateway has waited on for calls this many seconds
+    # in all since its samples last moved, with no step, fails its checks. One engine step, even a whole prefill
+    # chunk of max_num_batched_tokens, takes well under a second on a GPU, so 60 s leaves a wide margin for slow
+    # hardware and for work in vLLM's API server before a call reaches the engine core (tokenizing a huge prompt,
+    # compiling a grammar). With the checks above, an engine is lost about 70 s into that waiting. 0: no stall
+    # check.
     stall_timeout: float = 60.0
 
     def __post_init__(self) -> None:
@@ -437,10 +468,14 @@ class Gateway:
         self.failed_checks = [0] * len(cfg.engines)  # checks failed in a row
         self._calls_on: list[set[LiveCall]] = [set() for _ in cfg.engines]
         # The stall check (module docstring, "Hung engine cores"), per engine:
-        self.awaiting = [0] * len(cfg.engines)  # calls whose next bytes the gateway is waiting on it for
-        self._busy_since: list[float | None] = [None] * len(cfg.engines)  # since when awaiting has been > 0
+        self.awaiting = [0] * len(cfg.engines)  # calls (or a probe) whose next bytes the gateway is waiting on it for
         self._progress: list[tuple[float | None, ...] | None] = [None] * len(cfg.engines)  # last samples read
         self._progress_at: list[float | None] = [None] * len(cfg.engines)  # when they were first read
+        # Seconds with awaiting > 0 since _progress_at, up to _busy_from: the time the samples stood still while
+        # the gateway waited on the engine (summed over waits, so calls that end and are sent again add up).
+        self._waited = [0.0] * len(cfg.engines)
+        self._busy_from: list[float | None] = [None] * len(cfg.engines)  # start of the wait not yet in _waited
+        self._model_named: list[str | None] = [None] * len(cfg.engines)  # the last model a call to it named
         self.stalled = [False] * len(cfg.engines)  # found with no step; its checks fail until it steps again
         self._no_progress_warned = [False] * len(cfg.engines)  # /metrics unusable: warned once
         self._watchers: list[asyncio.Task] = []
@@ -495,11 +530,15 @@ class Gateway:
         while True:
             started = loop.time()
             try:
+                # A failed /health keeps the progress samples and the stall verdict: one failure of a hung
+                # engine's /health cleared them, so its next check read "new" samples and put it back. An
+                # engine that restarts starts its counters from zero, so its samples change anyway.
                 problem = await self._check_health(engine)
-                if problem is not None:
-                    self._forget_progress(engine)  # it may be restarting: what answers next is judged afresh
-                elif self.cfg.stall_timeout > 0:
+                if problem is None and self.cfg.stall_timeout > 0:
                     problem = await self._check_progress(engine)
+                    if problem is not None and not self.awaiting[engine]:
+                        # Stalled, and no call of a client can show a step: an idle core steps for nothing.
+                        problem = await self._probe_stalled(engine, problem)
                 if problem is None:
                     self._engine_answered(engine)
                 else:
@@ -524,19 +563,38 @@ class Gateway:
 
     @contextlib.contextmanager
     def _awaiting(self, engine: int):
-        """Mark a wait for the engine's next bytes for a call: the stall check's "calls in flight"."""
+        """Mark a wait for the engine's next bytes for a call: the stall check's "calls in flight". The time
+        with at least one such wait adds to `_waited` (overlapping waits count once)."""
         if not self.awaiting[engine]:
-            self._busy_since[engine] = self.now()
+            self._busy_from[engine] = self.now()
         self.awaiting[engine] += 1
         try:
             yield
         finally:
             self.awaiting[engine] -= 1
             if not self.awaiting[engine]:
-                self._busy_since[engine] = None
+                busy = self._busy_from[engine]
+                assert busy is not None
+                self._waited[engine] += max(0.0, self.now() - busy)
+                self._busy_from[engine] = None
+
+    def _waited_at(self, engine: int, t: float) -> float:
+        """Seconds the gateway has waited on the engine for some call between `_progress_at` and ``t``."""
+        busy = self._busy_from[engine]
+        return self._waited[engine] + (max(0.0, t - busy) if busy is not None else 0.0)
+
+    def _restart_window(self, engine: int, samples: tuple[float | None, ...] | None) -> None:
+        """New samples (or a proof of a step): the waiting counted from now is against these."""
+        self._progress[engine] = samples
+        self._progress_at[engine] = now = self.now()
+        self._waited[engine] = 0.0
+        if self._busy_from[engine] is not None:
+            self._busy_from[engine] = now
 
     def _forget_progress(self, engine: int) -> None:
-        self._progress[engine] = self._progress_at[engine] = None
+        """No usable samples: nothing to judge against."""
+        self._restart_window(engine, None)
+        self._progress_at[engine] = None
         self.stalled[engine] = False
 
     async def _read_progress(self, engine: int) -> tuple[float | None, ...] | str | None:
@@ -563,9 +621,11 @@ class Gateway:
         return samples
 
     async def _check_progress(self, engine: int) -> str | None:
-        """None unless the engine has held calls from the gateway for --stall-timeout seconds (or was found
-        so, `stalled`) and its progress samples did not change meanwhile; then what went wrong."""
+        """None unless the gateway has waited on the engine for calls for --stall-timeout seconds in all since
+        its progress samples last changed (or found it so, `stalled`), and they did not change; then what went
+        wrong."""
         sent = self.now()
+        waited = self._waited_at(engine, sent)  # all of it before this reading, so after the samples' last change
         samples = await self._read_progress(engine)
         if isinstance(samples, str):  # no judgement possible: never a failure
             if not self._no_progress_warned[engine]:
@@ -575,33 +635,83 @@ class Gateway:
             self._forget_progress(engine)
             return None
         if samples is None:  # no reading: no new knowledge either way
-            return self._stall_problem(engine, sent) if self.stalled[engine] else None
+            return self._stall_problem(engine, sent, waited) if self.stalled[engine] else None
         if samples != self._progress[engine]:
             if self.stalled[engine]:
                 log.warning("engine %d (%s) steps again (/metrics progress moved)", engine, self.cfg.engines[engine])
-            self._progress[engine] = samples
-            self._progress_at[engine] = self.now()  # answered by now: unchanged at least since then
+            self._restart_window(engine, samples)  # answered by now: unchanged at least since then
             self.stalled[engine] = False
             return None
         if self.stalled[engine]:
-            return self._stall_problem(engine, sent)
-        busy_since, seen = self._busy_since[engine], self._progress_at[engine]
-        assert seen is not None
-        # The window: calls awaited throughout, and the samples the same at both ends (the counters only grow).
-        if busy_since is None or sent - max(busy_since, seen) < self.cfg.stall_timeout:
+            return self._stall_problem(engine, sent, waited)
+        # The samples the same at both ends of the waiting counted (the counters only grow): a healthy engine
+        # steps within milliseconds of receiving a call, so this much waiting without a step is a stall.
+        if waited < self.cfg.stall_timeout:
             return None
         self.stalled[engine] = True
-        problem = self._stall_problem(engine, sent)
+        problem = self._stall_problem(engine, sent, waited)
         log.warning("engine %d (%s): %s", engine, self.cfg.engines[engine], problem)
         return problem
 
-    def _stall_problem(self, engine: int, sent: float) -> str:
+    def _stall_problem(self, engine: int, sent: float, waited: float) -> str:
         seen = self._progress_at[engine]
         assert seen is not None
         calls = self.awaiting[engine]
-        held = f"with {calls} call{'s' if calls != 1 else ''} in flight" if calls else \
-            "since it stalled with calls in flight"
-        return f"no engine step in {sent - seen:.1f} s {held} (/metrics progress frozen)"
+        held = f"with {calls} call{'s' if calls != 1 else ''} in flight" if calls else "with no call in flight"
+        return f"no engine step in {sent - seen:.1f} s ({waited:.1f} s of it waiting on the engine) {held} " \
+               f"(/metrics progress frozen)"
+
+    async def _probe_stalled(self, engine: int, problem: str) -> str | None:
+        """A stalled engine with no call waiting on it: its core, if live but idle, steps for nothing, so its
+        samples could never move again (and it gets no calls while other engines are usable). Send it a
+        completion of the gateway's own (`_probe`), then read /metrics again: an answer (200), or samples that
+        moved, shows a step and clears `stalled` (None); else ``problem``, with what the probe got."""
+        failed = await self._probe(engine)
+        samples = await self._read_progress(engine)
+        moved = isinstance(samples, tuple) and samples != self._progress[engine]
+        if failed is not None and not moved:
+            return f"{problem}; a probe completion {failed}"
+        log.warning("engine %d (%s) steps again (%s)", engine, self.cfg.engines[engine],
+                    "/metrics progress moved" if failed else "it answered a probe completion")
+        self._restart_window(engine, samples if isinstance(samples, tuple) else self._progress[engine])
+        self.stalled[engine] = False
+        return None
+
+    async def _probe(self, engine: int) -> str | None:
+        """POST the engine ``/v1/completions`` with a one-token prompt and ``max_tokens`` 1 (a step's work in
+        its core), within --health-timeout; None if it answered 200, else what went wrong. The gateway's own
+        call: no program, no balance, no accounting; a wait on the engine for the stall window like a call's."""
+        assert self._session is not None
+        timeout = self.cfg.health_timeout
+        body: dict[str, Any] = {"prompt": [0], "max_tokens": 1}
+        model = await self._probe_model(engine)
+        if model is not None:  # else the engine's own, as for a client's call without one
+            body["model"] = model
+        try:
+            with self._awaiting(engine):
+                async with self._session.post(self.cfg.engines[engine] + "/v1/completions", json=body,
+                                              timeout=aiohttp.ClientTimeout(total=timeout)) as r:
+                    await r.read()
+                    return None if r.status == 200 else f"answered {r.status}"
+        except asyncio.TimeoutError:
+            return f"got no answer within {timeout:g} s"
+        except (aiohttp.ClientError, OSError) as exc:
+            return f"failed: {type(exc).__name__}: {exc}"
+
+    async def _probe_model(self, engine: int) -> str | None:
+        """The model a probe names: the first of the engine's ``GET /v1/models`` (what it serves now), else the
+        last model a call to it named, else None."""
+        assert self._session is not None
+        try:
+            async with self._session.get(self.cfg.engines[engine] + "/v1/models",
+                                         timeout=aiohttp.ClientTimeout(total=self.cfg.health_timeout)) as r:
+                if r.status == 200:
+                    model = (await r.json(content_type=None))["data"][0]["id"]
+                    if isinstance(model, str):
+                        return model
+        except (asyncio.TimeoutError, aiohttp.ClientError, OSError, ValueError, LookupError, TypeError):
+            pass
+        return self._model_named[engine]
 
     def _engine_answered(self, engine: int) -> None:
         if self.lost[engine]:
@@ -739,6 +849,8 @@ class Gateway:
                     return error_response(502, "no engine could be reached: " + "; ".join(unreachable),
                                           code="engine_unreachable", headers={PROGRAM_HEADER: pid, THREAD_HEADER: tid})
                 tried.add(engine)
+                if isinstance(body.get("model"), str):
+                    self._model_named[engine] = body["model"]  # a stalled engine's probe may name it
                 self.loads[engine] += 1
                 self.routed[engine] += 1
                 self.recent.append({"program_id": pid, "thread_id": tid, "engine": engine,
@@ -1036,7 +1148,9 @@ class Gateway:
                          # the stall check: found with no step, and seconds since its /metrics progress
                          # samples were last seen to change (null: no reading with them)
                          "stalled": self.stalled[i],
-                         "since_progress": None if self._progress_at[i] is None else now - self._progress_at[i]}
+                         "since_progress": None if self._progress_at[i] is None else now - self._progress_at[i],
+                         # seconds of it that the gateway waited on the engine for some call (or probe)
+                         "waited": None if self._progress_at[i] is None else self._waited_at(i, now)}
                         for i, u in enumerate(self.cfg.engines)],
             "live_calls": self.acct.live_calls(),
             "programs": programs,
@@ -1088,9 +1202,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="failed checks in a row that make an engine lost: its calls fail over and it is left "
                         "out until a check passes (default: %(default)s)")
     p.add_argument("--stall-timeout", type=number, default=60.0,
-                   help="seconds an engine may hold calls from the gateway while the step counters on its "
-                        "/metrics stay still before its checks fail (a hung engine core behind a live API "
-                        "server); 0: no stall check (default: 60)")
+                   help="seconds, in all, that the gateway may wait on an engine for calls while the step "
+                        "counters on its /metrics stay still before its checks fail (a hung engine core behind "
+                        "a live API server); 0: no stall check (default: 60)")
     p.set_defaults(run=run)
     return p
 
