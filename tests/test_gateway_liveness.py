@@ -500,6 +500,20 @@ class SteppingEngine(FakeEngine):
         await super().stop()
 
 
+async def _hold_calls(eng, url: str, gateway, seconds: float, n: int = 1):
+    """Post ``n`` calls the engine holds, read engine 0's snapshot after ``seconds``, then release them.
+
+    Returns each answer's (status, engine) and the snapshot taken while they were held.
+    """
+    async with aiohttp.ClientSession() as s:
+        calls = [asyncio.ensure_future(_post(s, url, f"p{i}")) for i in range(n)]
+        await asyncio.sleep(seconds)
+        during = gateway.snapshot()["engines"][0]
+        eng.release.set()
+        answers = await asyncio.gather(*calls)
+    return [a[:2] for a in answers], during
+
+
 def _record_checks(gateway, problems: list[str] | None = None) -> list[tuple[int, bool]]:
     """(checks failed in a row, lost) after each failed check of engine 0; its problems go to ``problems``."""
     seen: list[tuple[int, bool]] = []
@@ -595,13 +609,8 @@ def test_calls_held_without_a_byte_by_an_engine_that_steps_are_not_lost():
         gw, gateway = await start_gw([await eng.start()], **STALL_SLACK)
         checks = _record_checks(gateway)
         try:
-            async with aiohttp.ClientSession() as s:
-                calls = [asyncio.ensure_future(_post(s, gw.url, f"p{i}")) for i in range(3)]
-                await asyncio.sleep(1.0)  # three stall timeouts
-                during = gateway.snapshot()["engines"][0]
-                eng.release.set()
-                answers = await asyncio.gather(*calls)
-            return [a[:2] for a in answers], checks, during
+            answers, during = await _hold_calls(eng, gw.url, gateway, 1.0, n=3)  # three stall timeouts
+            return answers, checks, during
         finally:
             await gw.stop()
             await eng.stop()
@@ -654,13 +663,8 @@ def test_an_engine_without_usable_metrics_is_never_failed_for_it(mode, warning, 
         gw, gateway = await start_gw([await eng.start()], **{**STALL, "health_timeout": 0.2 if mode == "hang" else 0.5})
         checks = _record_checks(gateway)
         try:
-            async with aiohttp.ClientSession() as s:
-                call = asyncio.ensure_future(_post(s, gw.url, "p1"))
-                await asyncio.sleep(0.8)
-                during = gateway.snapshot()["engines"][0]
-                eng.release.set()
-                answer = await call
-            return answer[:2], checks, during
+            (answer,), during = await _hold_calls(eng, gw.url, gateway, 0.8)
+            return answer, checks, during
         finally:
             await gw.stop()
             await eng.stop()
@@ -894,12 +898,8 @@ def test_no_stall_check_with_a_zero_stall_timeout():
         eng = SteppingEngine(hold=True)
         gw, gateway = await start_gw([await eng.start()], **{**STALL_SLACK, "stall_timeout": 0})
         try:
-            async with aiohttp.ClientSession() as s:
-                call = asyncio.ensure_future(_post(s, gw.url, "p1"))
-                await asyncio.sleep(0.6)
-                during = gateway.snapshot()["engines"][0]
-                eng.release.set()
-                return (await call)[:2], during
+            (answer,), during = await _hold_calls(eng, gw.url, gateway, 0.6)
+            return answer, during
         finally:
             await gw.stop()
             await eng.stop()
