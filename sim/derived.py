@@ -203,8 +203,14 @@ def load_rows(results: str | Path | Sequence[str | Path]) -> list[dict[str, Any]
     short or a non-number where a metric belongs would otherwise surface as a
     TypeError deep in the plotting, or as an empty table.
     """
-    if not isinstance(results, (str, Path)):
-        return [r for one in results for r in load_rows(one)]
+    paths = [results] if isinstance(results, (str, Path)) else list(results)
+    located = [pair for one in paths for pair in _load_one(one)]
+    _check_one_row_per_point(located)
+    return [row for _, row in located]
+
+
+def _load_one(results: str | Path) -> list[tuple[str, dict[str, Any]]]:
+    """One table's rows, each with the ``file:line`` it came from."""
     path = Path(results)
     if path.is_dir():
         path = path / "sweep.csv"
@@ -221,7 +227,7 @@ def load_rows(results: str | Path | Sequence[str | Path]) -> list[dict[str, Any]
         raise TableError(f"{path}:{reader.line_num}: not a CSV record as sim sweep writes them ({exc})") from None
 
 
-def _rows(path: Path, reader: Any) -> list[dict[str, Any]]:
+def _rows(path: Path, reader: Any) -> list[tuple[str, dict[str, Any]]]:
     header = next(reader, None)
     if header is None:
         return []
@@ -255,8 +261,40 @@ def _rows(path: Path, reader: Any) -> list[dict[str, Any]]:
                 # Every metric, rate and count is finite and >= 0 (a failed metric is an empty cell);
                 # a nan would silently drop the point, a negative latency move the target.
                 raise TableError(f"{where}: column {col!r}: expected a finite number >= 0, got {cell!r}")
-        rows.append(row)
+        _check_status(where, row)
+        rows.append((where, row))
     return rows
+
+
+STATUSES = ("ok", "failed", "invalid")  # what `sim.sweep_run` writes
+
+
+def _check_status(where: str, row: dict[str, Any]) -> None:
+    """A status the table knows, and an ``ok`` row's latency. Anything but ``ok`` is read as a
+    point that did not finish, so a hand-edited ``OK`` or an emptied latency cell moved the
+    throughput at the target without a word; a finished run always has its latency."""
+    status = row.get("status")
+    if status not in STATUSES:
+        raise TableError(f"{where}: column 'status': expected one of {', '.join(STATUSES)}, got {status!r}")
+    if status == "ok" and row.get(LATENCY) is None:
+        raise TableError(f"{where}: column {LATENCY!r}: empty on an 'ok' row; a finished point has its latency "
+                         f"(a point that did not finish is 'failed')")
+
+
+def _check_one_row_per_point(located: Sequence[tuple[str, dict[str, Any]]]) -> None:
+    """One row per policy, rate and curve across every table given, as `curves` needs; checked
+    here, where each row's file and line are known (a table given twice, a swept key's column removed)."""
+    seen: dict[tuple, str] = {}
+    for where, row in located:
+        if not _finite(row.get("rate")):
+            continue
+        key = (group_key(row), row["policy"], row["rate"])
+        if key in seen:
+            raise TableError(
+                f"{where}: policy {row['policy']!r} at rate {row['rate']} of {group_label(key[0])} "
+                f"is already at {seen[key]}: a table given twice, or a swept key's column removed?"
+            )
+        seen[key] = where
 
 
 def unfinished_sweeps(results: str | Path | Sequence[str | Path]) -> list[str]:

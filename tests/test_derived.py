@@ -362,9 +362,17 @@ HEADER = "sweep,point,workload,rate,replicas,balancer,variant,policy,scheduler,s
          ":2: column 'policy': empty; every row of a sweep's table names its policy"),
         (HEADER.encode() + b"s,0,bfcl,1,1,locality,default,fcfs,fcfs,failed,," + b"x" * 200_000 + b"\n",
          ":2: not a CSV record as sim sweep writes them (field larger than field limit (131072))"),
+        # anything but ok was read as a point that did not finish: the throughput moved, exit 0
+        (HEADER.encode() + b"s,0,bfcl,1,1,locality,default,fcfs,fcfs,ok,0.02,\ns,1,bfcl,2,1,locality,default,fcfs,fcfs,OK,0.03,\n",
+         ":3: column 'status': expected one of ok, failed, invalid, got 'OK'"),
+        (HEADER.encode() + b"s,0,bfcl,1,1,locality,default,fcfs,fcfs,weird,0.02,\n",
+         ":2: column 'status': expected one of ok, failed, invalid, got 'weird'"),
+        (HEADER.encode() + b"s,0,bfcl,1,1,locality,default,fcfs,fcfs,ok,,\n",
+         ":2: column 'normalized_latency_mean': empty on an 'ok' row; a finished point has its latency"),
     ],
     ids=["truncated", "text-rate", "text-metric", "not-utf8", "other-csv", "no-balancer", "nan-metric", "negative-metric",
-         "inf-rate", "underscore", "padded", "arabic-indic", "huge-int", "empty-policy", "huge-field"],
+         "inf-rate", "underscore", "padded", "arabic-indic", "huge-int", "empty-policy", "huge-field",
+         "status-case", "status-unknown", "ok-without-latency"],
 )
 def test_a_table_that_is_not_a_sweeps_is_a_located_error(tmp_path, content, message):
     from sim.derived import TableError, load_rows
@@ -385,11 +393,18 @@ def test_two_rows_of_one_curve_at_one_rate_are_an_error(tmp_path):
     assert len(curves(load_rows(tmp_path))) == 2  # one curve per seed
     (tmp_path / "cut.csv").write_text(HEADER + "s,0,bfcl,1,1,locality,default,fcfs,fcfs,ok,0.02,\n"
                                                "s,1,bfcl,1,1,locality,default,fcfs,fcfs,ok,0.03,\n")
-    with pytest.raises(TableError, match=r"^sweep 's' point 0 and sweep 's' point 1 are both policy 'fcfs' at rate 1 of bfcl: "
-                                         r"a table given twice, or a swept key's column removed\?$"):
-        curves(load_rows(tmp_path / "cut.csv"))
+    # Found where the rows are read, so the message names the file and line of both.
+    cut, table = tmp_path / "cut.csv", tmp_path / "sweep.csv"
+    with pytest.raises(TableError) as info:
+        load_rows(cut)
+    assert str(info.value) == (f"{cut}:3: policy 'fcfs' at rate 1 of bfcl is already at {cut}:2: "
+                               f"a table given twice, or a swept key's column removed?")
+    with pytest.raises(TableError) as info:
+        load_rows([table, table])
+    assert str(info.value).startswith(f"{table}:2: policy 'fcfs' at rate 1 of bfcl seed=0 is already at {table}:2: ")
+    # curves keeps its own check, for rows that come from elsewhere
     with pytest.raises(TableError, match=r"^sweep 's' point 0 and sweep 's' point 0 are both"):
-        curves(load_rows([tmp_path / "sweep.csv", tmp_path / "sweep.csv"]))
+        curves(load_rows(table) + load_rows(table))
 
 
 def test_text_in_other_swept_keys_and_error_is_kept(tmp_path):
