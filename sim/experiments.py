@@ -329,10 +329,8 @@ def load_file(path: str | Path | None = None) -> ExperimentsFile:
             raise ConfigError(
                 f"{where}:{lines.get((key,), 1)}: {key}: unknown key; valid keys: {', '.join(TOP_KEYS)}"
             )
-    defaults = data.get("defaults") or {}
+    defaults = _section(data, "defaults", "a mapping", where, lines)
     experiments = data.get("experiments")
-    if not isinstance(defaults, dict):
-        raise ConfigError(f"{where}:{lines.get(('defaults',), 1)}: defaults: expected a mapping")
     if not isinstance(experiments, dict) or not experiments:
         raise ConfigError(f"{where}:{lines.get(('experiments',), 1)}: experiments: expected a non-empty mapping")
     for name, body in experiments.items():
@@ -344,9 +342,7 @@ def load_file(path: str | Path | None = None) -> ExperimentsFile:
             )
         if not isinstance(body, dict):
             raise ConfigError(f"{where}:{line}: experiments.{name}: expected a mapping")
-    sweeps = data.get("sweeps") or {}
-    if not isinstance(sweeps, dict):
-        raise ConfigError(f"{where}:{lines.get(('sweeps',), 1)}: sweeps: expected a mapping of sweep names")
+    sweeps = _section(data, "sweeps", "a mapping of sweep names", where, lines)
     for name in sweeps:
         if not isinstance(name, str) or not NAME_RE.fullmatch(name):  # "../x" wrote outside results/sweeps/
             raise ConfigError(
@@ -354,6 +350,22 @@ def load_file(path: str | Path | None = None) -> ExperimentsFile:
                 "and '-' (it names the output directory)"
             )
     return ExperimentsFile(where, defaults, experiments, lines, sweeps)
+
+
+def _section(data: dict[str, Any], key: str, what: str, where: str, lines: dict[Path_, int]) -> dict[str, Any]:
+    """The top-level mapping ``key``, or {} where the file has no such key.
+
+    ``defaults: []`` (or 0, false, "") was taken for an empty mapping, and ``defaults:``
+    with nothing under it too: refused as an experiment's ``engine:`` with nothing under
+    it is (`_Checker.build_dataclass`), since either way keys meant to be there are not.
+    """
+    if key not in data:
+        return {}
+    value = data[key]
+    if not isinstance(value, dict):
+        got = "null (a section with nothing under it); remove it, or give it keys" if value is None else _show(value)
+        raise ConfigError(f"{where}:{lines.get((key,), 1)}: {key}: expected {what}, got {got}")
+    return value
 
 
 def list_experiments(path: str | Path | None = None) -> list[tuple[str, str]]:

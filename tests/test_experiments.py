@@ -265,6 +265,24 @@ def test_missing_file(tmp_path):
         load_file(tmp_path / "none.yaml")
 
 
+@pytest.mark.parametrize("section, what", [("defaults", "a mapping"), ("sweeps", "a mapping of sweep names")])
+@pytest.mark.parametrize("value, got", [
+    ("[]", "a list"), ('""', "''"), ("0", "0"), ("false", "False"), ("5", "5"),
+    ("null", "null (a section with nothing under it); remove it, or give it keys"),
+    ("", "null (a section with nothing under it); remove it, or give it keys"),
+])
+def test_a_top_level_section_that_is_not_a_mapping_is_refused(tmp_path, section, what, value, got):
+    """``defaults: []`` (0, false, "", nothing under it) was taken for no defaults, though
+    ``defaults: 5`` was refused; null is refused as an experiment's ``engine:`` with nothing under it is."""
+    path = tmp_path / "exp.yaml"
+    path.write_text(f"experiments:\n  ok: {{seed: 0}}\n{section}: {value}\n")
+    with pytest.raises(ConfigError) as info:
+        load_file(path)
+    assert str(info.value) == f"{path}:3: {section}: expected {what}, got {got}"
+    path.write_text(f"experiments:\n  ok: {{seed: 0}}\n{section}: {{}}\n")
+    assert load_file(path).defaults == {}  # an empty mapping is a mapping
+
+
 def test_bad_experiment_name(write):
     with pytest.raises(ConfigError, match="experiment name 'a b'"):
         load_file(write("a b: {workload: {trace: t.jsonl}}\n"))
