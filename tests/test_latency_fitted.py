@@ -162,7 +162,7 @@ def test_load_by_path_and_errors(tmp_path):
 
 def test_host_time_is_carried_from_the_profile_and_capped_by_the_step(tmp_path):
     prof = tmp_path / "p.csv"
-    write_profile(prof, Profile(synthetic_rows(TRUE), {"gpu": "g", "host_per_step": "0.002",
+    write_profile(prof, Profile(synthetic_rows(TRUE), {"gpu": "g", "model": "m", "host_per_step": "0.002",
                                                         "host_per_seq": "1e-05"}))
     out = tmp_path / "m.json"
     assert fit_latency_main([str(prof), "-o", str(out)]) == 0
@@ -320,8 +320,75 @@ def test_a_fit_of_an_engine_profile_is_checked_by_its_spec_names_not_the_device_
     with pytest.raises(FittedElsewhere, match=r"was fitted to llama-3.1-8b on 1 x h100, not this engine's "
                                               r"llama-3.1-8b on 1 x a100-80gb"):
         build(cfg, load_model("llama-3.1-8b"), load_gpu("a100-80gb"))
+    # Without the spec names the device's own names are compared, and are no engine's: refused
+    # (they were "nothing to check", and the fit timed any GPU at all).
     path.write_text(json.dumps({**raw, "provenance": {k: measured[k] for k in ("gpu", "model")}}))
-    build(cfg, load_model("llama-3.1-8b"), load_gpu("a100-80gb"))  # no spec named: nothing to check
+    for gpu in ("a100-80gb", "h100"):
+        with pytest.raises(FittedElsewhere, match=r"was fitted to llama-3.1-8b \(config.json written by engine.profile; "
+                                                  r"dummy weights\) on 1 x NVIDIA H100 80GB HBM3, not this engine's"):
+            build(cfg, load_model("llama-3.1-8b"), load_gpu(gpu))
+
+
+@pytest.mark.parametrize("provenance, engine_gpu", [({"gpu": "v100", "model": "llama-3.1-8b"}, "a100-80gb"),
+                                                     ({"gpu": "h100", "model": "llama-2-7b"}, "h100"),
+                                                     ({"gpu": "v100"}, "h100")])
+def test_a_fit_naming_a_gpu_or_model_without_a_spec_is_refused_on_another(tmp_path, provenance, engine_gpu):
+    """_spec_named ignored a name no spec has: a fit to "v100" ran on an A100 without a word."""
+    from sim.latency import FittedElsewhere
+
+    path = tmp_path / "m.json"
+    path.write_text(json.dumps({**TRUE.to_json(), "provenance": provenance}))
+    cfg = LatencyConfig(kind="fitted", name=str(path))
+    with pytest.raises(FittedElsewhere, match=r"was fitted to .* not this engine's llama-3.1-8b on 1 x "):
+        build(cfg, load_model("llama-3.1-8b"), load_gpu(engine_gpu))
+    path.write_text(json.dumps({**TRUE.to_json(), "provenance": {"note": "hand-made"}}))
+    build(cfg, load_model("llama-3.1-8b"), load_gpu(engine_gpu))  # names neither: a hand-made file, not checked
+
+
+@pytest.mark.parametrize("missing", ["gpu", "model"])
+def test_a_profile_that_names_no_gpu_or_model_is_not_fitted(tmp_path, capsys, missing):
+    """Without them the fitted model records no engine, and ran on any GPU (and any model)."""
+    prof, out = tmp_path / "p.csv", tmp_path / "fit.json"
+    write_profile(prof, Profile(synthetic_rows(TRUE, n=60), {k: v for k, v in {"gpu": "a100-80gb", "model":
+                                                              "llama-3.1-8b"}.items() if k != missing}))
+    assert fit_latency_main([str(prof), "-o", str(out)]) == 1
+    assert capsys.readouterr().err == (f"error: {prof}: no '# {missing}:' line (or '# {missing}_spec:') above the "
+                                       f"header; the fitted model records the {missing} it times, and is refused on "
+                                       f"another; add e.g. '# {missing}: {'a100-80gb' if missing == 'gpu' else 'llama-3.1-8b'}'\n")
+    assert not out.exists()
+
+
+def test_a_profiles_gpu_count_is_kept_and_checked(tmp_path):
+    """``# tensor_parallel: 4`` was free form and dropped: a fit of four GPUs' steps timed one."""
+    from sim.latency import FittedElsewhere
+
+    prof, out = tmp_path / "p.csv", tmp_path / "fit.json"
+    write_profile(prof, Profile(synthetic_rows(TRUE, n=60), {"gpu": "a100-80gb", "model": "llama-3.1-70b",
+                                                              "tensor_parallel": "4"}))
+    assert fit_latency_main([str(prof), "-o", str(out)]) == 0
+    assert json.loads(out.read_text())["provenance"]["tensor_parallel"] == 4
+    cfg = LatencyConfig(kind="fitted", name=str(out))
+    build(cfg, load_model("llama-3.1-70b"), load_gpu("a100-80gb"), 4)
+    with pytest.raises(FittedElsewhere, match=r"on 4 x a100-80gb, not this engine's llama-3.1-70b on 2 x a100-80gb"):
+        build(cfg, load_model("llama-3.1-70b"), load_gpu("a100-80gb"), 2)
+
+
+def test_fit_errors_name_the_profile_and_the_output_option(tmp_path, capsys):
+    """"profile has 2 steps; ..." named no file; an -o that is a directory failed after the fit
+    with "[Errno 21] Is a directory: 'adir'", naming no option."""
+    small, good = tmp_path / "small.csv", tmp_path / "good.csv"
+    meta = {"gpu": "a100-80gb", "model": "llama-3.1-8b"}
+    write_profile(small, Profile(synthetic_rows(TRUE, n=3), meta))
+    write_profile(good, Profile(synthetic_rows(TRUE, n=60), meta))
+    assert fit_latency_main([str(small), "-o", str(tmp_path / "x.json")]) == 1
+    assert capsys.readouterr().err.startswith(f"error: {small}: profile has 3 steps; ")
+    (tmp_path / "adir").mkdir()
+    assert fit_latency_main([str(small), "-o", str(tmp_path / "adir")]) == 1  # before reading the profile
+    assert capsys.readouterr().err == (f"error: -o {tmp_path / 'adir'}: is a directory; expected the fitted model "
+                                       f"JSON file to write\n")
+    assert fit_latency_main([str(good), "-o", str(tmp_path / "none" / "x.json")]) == 1
+    assert capsys.readouterr().err == (f"error: -o {tmp_path / 'none' / 'x.json'}: no such directory "
+                                       f"'{tmp_path / 'none'}' to write the fitted model in\n")
 
 
 @pytest.mark.parametrize("fraction", [1e-9, 0.9999999])

@@ -89,6 +89,13 @@ def test_columns_in_any_order():
         # ignored before: the host time became 0, and of two gpu lines the last was kept
         (text(*GOOD, extra="# host_per_stp: 0.002\n"), ":3: host_per_stp: misspelt host key"),
         (text(*GOOD, extra="# gpu: h100\n"), ":3: gpu: repeated (first on line 2); give each key once"),
+        # any other key fitted (exit 0) and was dropped from the fitted model's provenance
+        (text(*GOOD, extra="# colour: blue\n"), ":3: colour: unknown key; valid keys: gpu, model, gpu_spec, "
+                                                 "model_spec, engine, source, source_sha256, date, derived, "
+                                                 "tensor_parallel, host_per_step, host_per_seq"),
+        (text(*GOOD, extra="# tensor_parallel: 0\n"),
+         ":3: tensor_parallel: expected the GPUs per replica, an integer >= 1, got '0'"),
+        (text(*GOOD, extra="# tensor_parallel: four\n"), ":3: tensor_parallel: expected the GPUs per replica"),
         # int() and float() took these; a field past the csv limit was a _csv.Error traceback
         (text(GOOD[0], "64,64,64,64_064,0,0,0.1"), ":5: column decode_kv_tokens: expected an integer, got '64_064'"),
         (text(GOOD[0], "64,64,64,\u0666\u0664064,0,0,0.1"), ":5: column decode_kv_tokens: expected an integer"),
@@ -120,8 +127,6 @@ def test_host_time_keys_are_read_as_seconds_and_default_to_none():
     assert prof.host() == {"host_per_step": 0.002, "host_per_seq": 1e-05}
     assert parse_profile(text(*GOOD, extra="# host_per_seq: 0.0001\n")).host() == {"host_per_seq": 0.0001}
     assert parse_profile(text(*GOOD)).host() == {}
-    # Other keys stay free-form, even one about the machine that took the profile.
-    assert parse_profile(text(*GOOD, extra="# host: gpu-node-3\n")).provenance["host"] == "gpu-node-3"
 
 
 def test_a_byte_order_mark_does_not_hide_the_first_column(tmp_path):
@@ -134,11 +139,17 @@ def test_a_byte_order_mark_does_not_hide_the_first_column(tmp_path):
     assert read_profile(bom).rows == read_profile(plain).rows
 
 
-def test_free_form_provenance_keeps_every_value_and_near_names_pass():
-    """Only the keys the fitter copies must be given once; a repeated note keeps both lines, and
-    a key that only starts like "host" (a machine's name) is not taken for a misspelt host key."""
-    prof = parse_profile(text(*GOOD, extra="# note: first run\n# note: after a reboot\n# hostname: gpu-7\n"))
-    assert prof.provenance["note"] == "first run; after a reboot"
-    assert prof.provenance["hostname"] == "gpu-7" and prof.host() == {}
+def test_only_known_provenance_keys_pass_each_once():
+    """Keys were free form and the fitter dropped all but its own from the fitted model: a note,
+    a hostname or a key about the machine are refused (each given once), and a key that only
+    starts like "host" is called unknown, not a misspelt host key."""
+    for extra in ("# note: first run\n", "# host: gpu-node-3\n", "# hostname: gpu-7\n"):
+        key = extra[2:].split(":")[0]
+        with pytest.raises(ProfileError, match=rf"^<profile>:3: {key}: unknown key; valid keys: gpu, model, "):
+            parse_profile(text(*GOOD, extra=extra))
+    with pytest.raises(ProfileError, match=r":4: engine: repeated \(first on line 3\); give each key once$"):
+        parse_profile(text(*GOOD, extra="# engine: vllm 0.26.0\n# engine: vllm 0.27.0\n"))
     with pytest.raises(ProfileError, match=r":3: host_per_call: misspelt host key; expected host_per_step or host_per_seq$"):
         parse_profile(text(*GOOD, extra="# host_per_call: 0.001\n"))
+    prof = parse_profile(text(*GOOD, extra="# a comment line without a colon\n# tensor_parallel: 4\n"))
+    assert prof.provenance == {"gpu": "test-gpu", "tensor_parallel": "4"}

@@ -93,28 +93,28 @@ def timing_problem(eng: EngineConfig, model: ModelSpec, gpu: GPUSpec, latency: L
     return problem
 
 
-def _spec_named(provenance: dict, kind: str) -> str | None:
-    """The ``model`` or ``gpu`` spec a fitted model's provenance names, if it names one we ship:
-    ``model_spec``/``gpu_spec`` (as `engine.profile` records them) or a plain ``model``/``gpu``.
-    A device's own name ("NVIDIA H100 80GB HBM3") is no spec name, and says nothing."""
-    from sim.hardware import available
-
+def _named(provenance: dict, kind: str) -> str | None:
+    """The ``model`` or ``gpu`` a fitted model's provenance names: the spec name
+    (``model_spec``/``gpu_spec``, as `engine.profile` records them beside a device's own
+    name, "NVIDIA H100 80GB HBM3") where given, else the plain ``model``/``gpu``."""
     for key in (f"{kind}_spec", kind):
         value = provenance.get(key)
-        if isinstance(value, str) and value in available(kind):
-            return value
+        if value is not None:
+            return value if isinstance(value, str) else str(value)
     return None
 
 
 def _fitted_elsewhere(provenance: dict, model: ModelSpec, gpu: GPUSpec, gpus: int) -> str | None:
     """Why a fitted model does not time this engine, from the model, GPU and GPU count its
-    provenance records (one GPU unless it says ``tensor_parallel``); None if it does, or says nothing.
+    provenance records (one GPU unless it says ``tensor_parallel``); None if it does, or names
+    neither a model nor a GPU (a hand-made file; `sim fit-latency` always records both).
 
     Its coefficients are that engine's step times: an 8B-on-A100 fit timed a
-    70B over four GPUs at 8B speed while the KV cache was sized for 70B.
+    70B over four GPUs at 8B speed while the KV cache was sized for 70B. A name
+    that is not the engine's is another GPU (or model) even when no spec has
+    it: ``gpu: v100`` timed an A100 without a word.
     """
-    fitted_for = (_spec_named(provenance, "model"), _spec_named(provenance, "gpu"),
-                  provenance.get("tensor_parallel", 1))
+    fitted_for = (_named(provenance, "model"), _named(provenance, "gpu"), provenance.get("tensor_parallel", 1))
     if fitted_for[0] is None and fitted_for[1] is None:
         return None
     engine = (model.name, gpu.name, gpus)

@@ -53,7 +53,7 @@ from typing import Any, Sequence
 from sim.hardware import json_key_line
 from sim.latency.base import StepShape
 from sim.textout import MAX_COUNT, brief
-from sim.latency.profile import COPIED_KEYS, ProfileError, ProfileRow, read_profile
+from sim.latency.profile import COPIED_KEYS, TENSOR_PARALLEL, Profile, ProfileError, ProfileRow, gpu_count, read_profile
 from traces.argtypes import int_at_least, number, positive_float
 from traces.validate import TraceError, parse_json_int, unique_keys
 
@@ -324,16 +324,49 @@ def fit_profile(rows: Sequence[ProfileRow], name: str = "fitted", provenance: di
 def fit_command(profile_path: str | Path, out_path: str | Path, name: str | None = None,
                 test_fraction: float = 0.2, seed: int = 0) -> tuple[FittedLatency, dict[str, Any]]:
     """Read a profile CSV, fit it, write the model JSON; returns the model and report."""
+    output_problem = _output_problem(Path(out_path))
+    if output_problem:  # before the fit, which takes a while: "Is a directory" then named no option
+        raise FitError(f"-o {out_path}: {output_problem}")
     profile = read_profile(profile_path)
+    _check_engine_named(profile, profile_path)
     name = name or Path(out_path).stem
-    prov = {k: profile.provenance[k] for k in COPIED_KEYS if k in profile.provenance}
+    prov: dict[str, Any] = {k: profile.provenance[k] for k in COPIED_KEYS if k in profile.provenance}
+    if TENSOR_PARALLEL in profile.provenance:
+        prov[TENSOR_PARALLEL] = gpu_count(profile)
     prov["profile"] = Path(profile_path).name
     # The profile's digest rather than today's date: the same profile gives the same file.
     prov["profile_sha256"] = hashlib.sha256(Path(profile_path).read_bytes()).hexdigest()
     prov["fitted"] = "python -m sim fit-latency (sim.latency.fitted)"
-    model, report = fit_profile(profile.rows, name, prov, test_fraction, seed, profile.host())
-    Path(out_path).write_text(json.dumps(model.to_json(), indent=2) + "\n")
+    try:
+        model, report = fit_profile(profile.rows, name, prov, test_fraction, seed, profile.host())
+    except FitError as exc:  # "profile has 2 steps; ..." named no file
+        raise FitError(f"{profile_path}: {exc}") from None
+    try:
+        Path(out_path).write_text(json.dumps(model.to_json(), indent=2) + "\n")
+    except OSError as exc:
+        raise FitError(f"-o {out_path}: cannot write the fitted model: {exc.strerror or exc}") from None
     return model, report
+
+
+def _output_problem(path: Path) -> str | None:
+    """Why the fitted model cannot be written at ``path``, or None; checked before fitting."""
+    if path.is_dir():
+        return "is a directory; expected the fitted model JSON file to write"
+    if path.exists() and not path.is_file():
+        return "is not a regular file; expected the fitted model JSON file to write"
+    parent = path.parent
+    if not parent.is_dir():
+        return f"no such directory {str(parent)!r} to write the fitted model in"
+    return None
+
+
+def _check_engine_named(profile: Profile, origin: str | Path) -> None:
+    """The model and GPU the profile was taken on, which `sim.latency.build` checks the engine
+    against: a profile without them fitted a model that then timed any engine at all."""
+    for kind, example in (("model", "llama-3.1-8b"), ("gpu", "a100-80gb")):
+        if not any(k in profile.provenance for k in (kind, f"{kind}_spec")):
+            raise FitError(f"{origin}: no '# {kind}:' line (or '# {kind}_spec:') above the header; the fitted model "
+                           f"records the {kind} it times, and is refused on another; add e.g. '# {kind}: {example}'")
 
 
 def fit_latency_main(argv: list[str]) -> int:

@@ -19,10 +19,15 @@ Format (UTF-8 text)::
     64,64,64,64064,0,0,0.0231
 
 * Leading lines starting with ``#`` are provenance, ``# key: value`` each (the
-  first, ``# autellix-latency-profile v1``, names the format). Keys are free
-  form; ``gpu``, ``model``, ``engine``, ``source``, ``source_sha256`` (a
-  derived profile's input file), ``date`` (a measurement's) and ``derived``
-  are the ones the fitter copies into the fitted model's provenance.
+  first, ``# autellix-latency-profile v1``, names the format; a ``#`` line
+  without a colon is a comment). The keys are those in ``KEYS``, each given
+  once: ``gpu``, ``model`` (or ``gpu_spec``, ``model_spec``: the spec names,
+  where ``gpu``/``model`` is a device's own name), ``tensor_parallel`` (GPUs
+  per replica, an integer, 1 when absent), ``engine``, ``source``,
+  ``source_sha256`` (a derived profile's input file), ``date`` (a
+  measurement's) and ``derived``, which the fitter copies into the fitted
+  model's provenance, and the two host keys below. Another key is refused:
+  the fitter would drop it from the provenance without a word.
 * Then one header line with exactly the columns in ``COLUMNS`` (any order),
   then one row per step. The six shape columns are non-negative integers with
   the meaning of :class:`sim.latency.base.StepShape`; ``seconds`` is the step's
@@ -63,9 +68,13 @@ SHAPE_COLUMNS = (
 )
 COLUMNS = SHAPE_COLUMNS + ("seconds",)
 HOST_KEYS = ("host_per_step", "host_per_seq")  # provenance keys read as numbers
-# Provenance the fitter copies into the model: each may be given once. Other keys are free
-# form, and a repeated one keeps every value ("a; b").
+# Provenance the fitter copies into the model: each may be given once.
 COPIED_KEYS = ("gpu", "model", "gpu_spec", "model_spec", "engine", "source", "source_sha256", "date", "derived")
+# GPUs per replica the profile was taken on (copied as an integer); `sim.latency` checks it.
+TENSOR_PARALLEL = "tensor_parallel"
+# Every key a profile may give. Keys were free form, and the fitter dropped any other
+# from the fitted model's provenance without a word (``# colour: blue`` fitted, exit 0).
+KEYS = (*COPIED_KEYS, TENSOR_PARALLEL, *HOST_KEYS)
 # A measured step lies between a kernel launch and an hour; a time outside is
 # corrupt or in the wrong unit, and times near a float's limits overflow the
 # fit's sums of squares.
@@ -157,14 +166,18 @@ def parse_profile(text: str, origin: str = "<profile>") -> Profile:
             key, value = line.split(":", 1)
             key, value = key.strip(), value.strip()
             where = f"{origin}:{i + 1}: {key}"
-            if key in key_lines and key in (*COPIED_KEYS, *HOST_KEYS):  # the last was kept: two gpu lines
+            if key in key_lines:  # the last was kept: two gpu lines
                 raise ProfileError(f"{where}: repeated (first on line {key_lines[key]}); give each key once")
-            key_lines.setdefault(key, i + 1)
+            key_lines[key] = i + 1
             if key in HOST_KEYS:
                 host[key] = (_host_seconds(value, where), i + 1)
+            elif key == TENSOR_PARALLEL:
+                _gpu_count(value, where)
             elif _near_host_key(key):  # a near miss would be ignored, and the host time be 0
                 raise ProfileError(f"{where}: misspelt host key; expected {' or '.join(HOST_KEYS)}")
-            provenance[key] = f"{provenance[key]}; {value}" if key in provenance else value
+            elif key not in KEYS:
+                raise ProfileError(f"{where}: unknown key; valid keys: {', '.join(KEYS)}")
+            provenance[key] = value
         i += 1
     if i == len(lines):
         raise ProfileError(f"{origin}: empty profile: no header line with columns {','.join(COLUMNS)}")
@@ -245,6 +258,20 @@ def _host_seconds(text: str, where: str) -> float:
     if not (math.isfinite(value) and value >= 0):
         raise ProfileError(f"{where}: expected a number of seconds >= 0, got {text!r}")
     return value
+
+
+def _gpu_count(text: str, where: str) -> int:
+    """A ``tensor_parallel`` value: the GPUs of one replica, an integer >= 1."""
+    value = number_of(text, int)
+    if value is None or not 1 <= value <= MAX_COUNT:
+        raise ProfileError(f"{where}: expected the GPUs per replica, an integer >= 1, got {_shown(text)}")
+    return value
+
+
+def gpu_count(profile: Profile) -> int | None:
+    """The profile's ``tensor_parallel`` as an integer (validated by ``parse_profile``), or None."""
+    text = profile.provenance.get(TENSOR_PARALLEL)
+    return None if text is None else _gpu_count(text, TENSOR_PARALLEL)
 
 
 def read_profile(path: str | Path) -> Profile:
