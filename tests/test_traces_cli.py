@@ -286,3 +286,34 @@ def test_validate_refuses_a_second_byte_order_mark(tmp_path):
     assert r.returncode == 1 and r.stdout == "", r.stdout
     assert r.stderr == (f"{f}:1: a second byte order mark (bytes EF BB BF) follows the first; only one may start "
                         f"the file\n{f}: 1 bad line(s)\n")
+
+
+def test_an_empty_trace_is_an_error_of_every_command(tmp_path, capsys):
+    """gen --programs 0 and a header-only CSV wrote an empty trace (exit 0), validate said "OK, 0 programs"
+    and stats gave zeros: all for a trace that sim run refuses ("no programs to simulate")."""
+    out = tmp_path / "out.jsonl"
+    with pytest.raises(SystemExit) as exit_:
+        main(["gen", "bfcl", "--programs", "0", "--rate", "1", "--seed", "0", "-o", str(out)])
+    assert exit_.value.code == 2 and not out.exists()
+    assert "error: argument --programs: expected an integer >= 1, got 0\n" in capsys.readouterr().err
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    for cmd in ("validate", "stats"):
+        assert main([cmd, str(empty)]) == 1
+        assert capsys.readouterr().err == f"error: {empty}: no programs (an empty trace); a trace needs at least one\n"
+    for fmt, text in (("azure", "TIMESTAMP,ContextTokens,GeneratedTokens\n"), ("sharegpt", "[]"), ("mooncake", "")):
+        src = tmp_path / f"{fmt}.in"
+        src.write_text(text)
+        assert main(["convert", fmt, str(src), "-o", str(out)]) == 1
+        assert capsys.readouterr().err.endswith(f"error: {src}: no programs to convert; a trace needs at least one\n")
+        assert not out.exists()
+
+
+@pytest.mark.skipif(not Path("/proc/self/mem").exists(), reason="needs /proc/self/mem (Linux)")
+@pytest.mark.parametrize("cmd", [["validate"], ["stats"], ["convert", "azure"], ["convert", "mooncake"],
+                                 ["convert", "sharegpt"]])
+def test_a_read_error_past_open_names_the_file(tmp_path, capsys, cmd):
+    """Reading /proc/self/mem fails with EIO after open() succeeds: the OSError carried no file
+    name, and the message was "error: input/output error"."""
+    assert main([*cmd, "/proc/self/mem", *(["-o", str(tmp_path / "x.jsonl")] if cmd[0] == "convert" else [])]) == 1
+    assert capsys.readouterr().err == "error: /proc/self/mem: input/output error\n"

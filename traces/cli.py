@@ -27,6 +27,10 @@ EXIT_USAGE = 2
 NONNEGATIVE_INT = int_at_least(0)
 
 
+# An empty trace, which `sim run` refuses ("no programs to simulate"): every command says so too.
+EMPTY = "no programs (an empty trace); a trace needs at least one"
+
+
 class UsageError(Exception):
     """A command-line mistake found after argparse (exit code 2)."""
 
@@ -84,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     gen.add_argument("workload", choices=generators.WORKLOADS)
-    gen.add_argument("--programs", type=NONNEGATIVE_INT, required=True, help="number of programs")
+    # At least one: an empty trace is refused by sim run, validate and stats alike.
+    gen.add_argument("--programs", type=int_at_least(1), required=True, help="number of programs (at least 1)")
     gen.add_argument("--rate", type=positive_float, required=True, help="mean arrival rate, programs per second")
     gen.add_argument("--seed", type=NONNEGATIVE_INT, required=True)
     gen.add_argument("--arrival", choices=("poisson", "gamma"), default="poisson")
@@ -238,9 +243,11 @@ def _convert(args: argparse.Namespace) -> int:
         if isinstance(exc, TraceError):
             raise
         raise UsageError(str(exc)) from None
-    n = save(report.programs, args.output)
     for note in report.notes:
         print(f"{args.format}: {note}", file=sys.stderr)
+    if not report.programs:  # a header-only CSV wrote an empty trace, exit 0, that sim run then refused
+        raise TraceError("no programs to convert; a trace needs at least one", file=args.source)
+    n = save(report.programs, args.output)
     print(f"wrote {n} programs to {args.output}", file=sys.stderr)
     return 0
 
@@ -254,6 +261,8 @@ def _validate(args: argparse.Namespace) -> int:
             print(f"... and {result.error_count - len(result.errors)} more", file=sys.stderr)
         print(f"{args.file}: {result.error_count} bad line(s)", file=sys.stderr)
         return EXIT_BAD_DATA
+    if not result.programs:  # "OK, 0 programs" for a trace that sim run refuses
+        raise TraceError(EMPTY, file=args.file)
     # A file name that is not UTF-8 holds surrogate escapes, which a strict UTF-8 stdout refuses to print.
     shown = args.file.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
     print(f"{shown}: OK, {result.programs} programs, {result.calls} calls")
@@ -262,6 +271,8 @@ def _validate(args: argparse.Namespace) -> int:
 
 def _stats(args: argparse.Namespace) -> int:
     s = trace_stats(load(args.file))
+    if not s["programs"]:  # all-zero statistics, exit 0, for a trace that sim run refuses
+        raise TraceError(EMPTY, file=args.file)
     if args.json:
         print(json.dumps(s, sort_keys=False))
     else:

@@ -29,7 +29,7 @@ import numpy as np
 
 from traces.arrivals import arrival_times
 from traces.format import MAX_SECONDS, MAX_TOKENS, Call, Program
-from traces.validate import SECOND_BOM, LongInt, TraceError, decode_jsonl_line, parse_json_int, show, unique_keys
+from traces.validate import SECOND_BOM, LongInt, TraceError, decode_jsonl_line, parse_json_int, reading, show, unique_keys
 
 IMPORTERS = ("azure", "sharegpt", "mooncake")
 
@@ -142,7 +142,7 @@ def import_azure(path: str | os.PathLike, min_tokens: int | None = None) -> Impo
     changed = 0
     if min_tokens is not None and (type(min_tokens) is not int or not 1 <= min_tokens <= MAX_TOKENS):
         raise ValueError(f"min_tokens must be an integer from 1 to {MAX_TOKENS:,}, got {min_tokens!r}")
-    with open(file, "rb") as fh:
+    with reading(file) as fh:
         reader = csv.reader(_utf8_lines(fh, file))
         rows = _csv_rows(reader, file)
         _, header = next(rows, (1, None))
@@ -329,7 +329,7 @@ def import_sharegpt(
     ignored.
     """
     file = os.fspath(path)
-    with open(file, "rb") as fh:
+    with reading(file) as fh:
         raw = fh.read()
     try:
         text = raw.decode("utf-8-sig")
@@ -466,7 +466,7 @@ def _mooncake_rows(file: str) -> list[tuple[Any, int, int, int, tuple[int, ...]]
     duplicate keys.
     """
     rows = []
-    with open(file, "rb") as fh:
+    with reading(file) as fh:
         for line, raw in enumerate(fh, 1):
             try:
                 ts, prompt, output, hashes = _mooncake_row(decode_jsonl_line(raw, "one row per line", first=line == 1))

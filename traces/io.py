@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from typing import Iterable, Iterator
 
 from traces.format import Call, Program
-from traces.validate import TraceError, decode_jsonl_line, parse_program
+from traces.validate import TraceError, decode_jsonl_line, parse_program, reading
 
 # json.dumps would also give repr-exact floats; a hand-built encoder avoids
 # building an intermediate dict per call and keeps the key order explicit.
@@ -203,7 +203,7 @@ def load(path: str | os.PathLike) -> Iterator[Program]:
     """
     file = os.fspath(path)
     seen: dict[str, int] = {}
-    with open(file, "rb") as fh:
+    with reading(file) as fh:
         for lineno, raw in enumerate(fh, 1):
             try:
                 program = parse_program(decode_jsonl_line(raw, first=lineno == 1))

@@ -28,8 +28,9 @@ import numbers
 import os
 import re
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, BinaryIO, Iterator
 
 from traces.format import MAX_SECONDS, MAX_TOKENS, Call, Program, SharedPrefix, make_call
 
@@ -720,6 +721,19 @@ def decode_jsonl_line(raw: bytes, what: str = "one program per line", first: boo
     return decode_line(raw)
 
 
+@contextmanager
+def reading(file: str) -> Iterator[BinaryIO]:
+    """``open(file, "rb")`` whose every OSError names ``file``: one raised by a read past
+    open() (EIO from /proc/self/mem) carries no file name, and the message named none."""
+    try:
+        with open(file, "rb") as fh:
+            yield fh
+    except OSError as exc:
+        if exc.filename is not None:
+            raise
+        raise OSError(exc.errno, exc.strerror or str(exc), file) from None
+
+
 def validate_file(path: str | os.PathLike, limit: int | None = 50) -> list[TraceError]:
     """Every problem of a trace file, one per bad line, up to ``limit``.
 
@@ -747,7 +761,7 @@ def scan_file(path: str | os.PathLike, limit: int | None = 50) -> ScanResult:
     count = 0
     programs = calls = 0
     seen: dict[str, int] = {}
-    with open(file, "rb") as fh:
+    with reading(file) as fh:
         for lineno, raw in enumerate(fh, 1):
             try:
                 prog = parse_program(decode_jsonl_line(raw, first=lineno == 1))
