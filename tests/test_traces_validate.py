@@ -202,6 +202,18 @@ CASES = [
      "block_hashes", "c0",
      "program 'p1' call 'c0': field 'block_hashes': expected integers of at most 4300 digits, "
      "got a 5000-digit integer"),
+    # A nonzero number a float cannot hold was read as 0.0 (or infinity), without a word.
+    ("underflowing arrival", '{"id":"p1","arrival":1e-400,"workload":"w","calls":[]}', "arrival", None,
+     "program 'p1': field 'arrival': expected a number a float holds (nothing is rounded to 0 or infinity), "
+     "got 1e-400 (a float reads it as 0.0)"),
+    ("underflowing delay without an exponent", '{"id":"p1","arrival":0,"workload":"w","calls":[{"id":"c0",'
+     '"parents":[],"prompt_tokens":1,"output_tokens":1,"delay":0.' + "0" * 400 + '1}]}', "delay", "c0",
+     "program 'p1' call 'c0': field 'delay': expected a number a float holds (nothing is rounded to 0 or "
+     "infinity), got 0.00000000000000000000000000000000000000... (a float reads it as 0.0)"),
+    ("overflowing delay", '{"id":"p1","arrival":0,"workload":"w","calls":[{"id":"c0","parents":[],'
+     '"prompt_tokens":1,"output_tokens":1,"delay":1E400}]}', "delay", "c0",
+     "program 'p1' call 'c0': field 'delay': expected a number a float holds (nothing is rounded to 0 or "
+     "infinity), got 1E400 (a float reads it as inf)"),
 ]
 
 
@@ -412,3 +424,12 @@ def test_numpy_numbers_in_a_program_built_in_python_are_named_by_type():
         check_program(Program("p0", 1.0, "w", (Call("c0", (), np.int64(5), 3),)))
     assert str(info.value).endswith("field 'prompt_tokens': expected an integer > 0, got np.int64(5) "
                                     "(a numpy.int64; convert with int() or float())")
+
+
+@pytest.mark.parametrize("literal", ["0.0", "0e-400", "0.000E+5", "1e-320", "5.0"])
+def test_zero_and_numbers_a_float_holds_are_read_as_written(tmp_path, literal):
+    """Only a nonzero literal that becomes 0.0 or infinity is refused: a zero written with an
+    exponent is zero, and a subnormal is a float (rounded as any decimal is)."""
+    path = write(tmp_path, prog("p0"), '{"id":"p1","arrival":0,"workload":"w","calls":[{"id":"c0","parents":[],'
+                 '"prompt_tokens":1,"output_tokens":1,"delay":' + literal + '}]}')
+    assert load_all(path)[1].calls[0].delay == float(literal)
