@@ -240,6 +240,21 @@ def test_cycle_error_names_the_cycle(tmp_path):
     assert str(err) == f"{err.file}:2: program 'p1' call 'a': field 'parents': cycle: 'b' -> 'c' -> 'a' -> 'b'"
 
 
+def test_a_long_cycle_is_named_by_its_length_and_first_calls(tmp_path):
+    """A 50,000-call cycle was one 589 KB error line listing every call."""
+    n = 50_000
+    calls = [call(f"c{i}", [f"c{(i - 1) % n}"]) for i in range(n)]
+    err = first_error(tmp_path, prog("p1", calls))
+    first = err.reason.split(": ", 1)[1].split(" -> ")[0]
+    assert err.reason.startswith("cycle of 50,000 calls: ") and len(str(err)) < 300, str(err)
+    assert err.reason.endswith(f" -> ... 49,992 more -> {first}")
+    assert err.reason.count(" -> ") == 9  # eight calls, the rest, back to the first
+    nine = [call(f"c{i}", [f"c{(i - 1) % 9}"]) for i in range(9)]
+    assert first_error(tmp_path, prog("p1", nine)).reason.startswith("cycle of 9 calls: ")
+    eight = [call(f"c{i}", [f"c{(i - 1) % 8}"]) for i in range(8)]
+    assert first_error(tmp_path, prog("p1", eight)).reason.count(" -> ") == 8  # all shown, back to the first
+
+
 def test_calls_may_be_listed_in_any_order_and_context_of_any_ancestor(tmp_path):
     calls = [
         call("d", ["b"], prompt=200, context_of="a"),

@@ -542,7 +542,19 @@ def _check_acyclic(ctx: _Ctx, calls: list[Call], index: dict[str, int]) -> None:
     cycle = [calls[k].id for k in visited[pos[i]:]]
     cycle.reverse()  # parent -> child order
     ctx.call_id = calls[i].id
-    raise ctx.error("parents", "cycle: " + " -> ".join(repr(c) for c in cycle + [cycle[0]]))
+    raise ctx.error("parents", _cycle_text(cycle))
+
+
+CYCLE_SHOWN = 8  # calls of a cycle named in its message
+
+
+def _cycle_text(cycle: list[str]) -> str:
+    """The cycle in parent -> child order, back to its first call; past CYCLE_SHOWN calls its
+    length and first calls only (a 50,000-call cycle was one 589 KB line)."""
+    if len(cycle) <= CYCLE_SHOWN:
+        return "cycle: " + " -> ".join(repr(c) for c in cycle + [cycle[0]])
+    shown = " -> ".join(repr(c) for c in cycle[:CYCLE_SHOWN])
+    return f"cycle of {len(cycle):,} calls: {shown} -> ... {len(cycle) - CYCLE_SHOWN:,} more -> {cycle[0]!r}"
 
 
 class _Ancestry:
