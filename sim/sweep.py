@@ -650,7 +650,19 @@ def jobs(sweep: Sweep, file: Any = None, overrides: Sequence[str] = ()) -> list[
                 cfg, error = None, str(exc)
             for policy in variant.policies:
                 out.append(Job(len(out), point, variant.name, policy, variant.label(policy), cfg, error))
+    _check_some_job_valid(sweep, out)
     return out
+
+
+def _check_some_job_valid(sweep: Sweep, todo: Sequence[Job]) -> None:
+    """Refuse a sweep none of whose jobs resolves, before anything runs or is written: it made its
+    output directory, started the pool and wrote a table of ``invalid`` rows. A sweep with some
+    valid points runs them, its invalid points as rows (a grid may cross a model's limit)."""
+    if not todo or any(job.error is None for job in todo):
+        return
+    first = todo[0]
+    raise ConfigError(f"sweep {sweep.name!r}: no point of the grid is valid, so nothing would run; "
+                      f"point {first.point.index} ({first.point.describe()}), the first: {first.error}")
 
 
 def _fixed(ef: ExperimentsFile, name: str) -> tuple[tuple[str, ...], dict[str, str], dict[str, dict[str, str]]]:

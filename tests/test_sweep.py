@@ -332,6 +332,25 @@ def test_bad_values_in_a_sweeps_set_are_blamed_on_its_line_in_the_file(tmp_path)
     assert js[2].error == js[3].error == f"{f}:20: sweep 'v': variants.slow.set.workload.params.rate: {rate} -2"
 
 
+def test_a_sweep_whose_every_point_is_invalid_is_refused_before_anything_runs(tmp_path, capsys):
+    """The base is valid but no point is: the sweep made its output directory, started the pool
+    and wrote a table of invalid rows (exit 1), though every mistake is to be reported first."""
+    from sim.cli import main
+
+    f = write(tmp_path, "s: {experiment: tiny, grid: {engine.model: [llama-3.1-70b, llama-3.1-405b]}}\n")
+    sweep = load_sweep("s", f)
+    with pytest.raises(ConfigError) as info:
+        jobs(sweep, f)
+    assert str(info.value).startswith(
+        f"sweep 's': no point of the grid is valid, so nothing would run; point 0 (engine.model=llama-3.1-70b), "
+        f"the first: {f}:9: sweep 's': grid.engine.model: experiment 'tiny': engine.model: llama-3.1-70b does not "
+        f"fit on engine.gpus_per_replica=1 x a100-80gb"), str(info.value)
+    out = tmp_path / "out"
+    assert main(["sweep", "s", "-e", str(f), "-w", "1", "-q", "--out", str(out)]) == 1
+    assert capsys.readouterr().err.startswith("error: sweep 's': no point of the grid is valid")
+    assert not out.exists()
+
+
 def test_invalid_point_is_a_job_error_not_a_sweep_error(tmp_path):
     f = write(tmp_path, "s: {experiment: tiny, grid: {engine.model: [llama-3.1-8b, llama-3.1-70b]}}\n")
     js = jobs(load_sweep("s", f), f)
