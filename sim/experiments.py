@@ -605,8 +605,9 @@ class _Checker:
     name: str
     layered: _Layered
 
-    def fail(self, path: Path_, problem: str) -> typing.NoReturn:
-        origin = self.layered.origin(path)
+    def fail(self, path: Path_, problem: str, at: Path_ | None = None) -> typing.NoReturn:
+        """Raise for the key ``path``, located where ``at`` (default ``path``) was set."""
+        origin = self.layered.origin(path if at is None else at)
         where = f"{origin}: " if origin else ""
         key = f"{_dotted(path)}: " if path else ""
         raise ConfigError(f"{where}experiment {self.name!r}: {key}{problem}")
@@ -615,6 +616,9 @@ class _Checker:
         if not isinstance(data, dict):
             self.fail(path, f"expected a mapping with keys {', '.join(valid)}, got {_show(data)}")
         for key in data:
+            if not isinstance(key, str):  # `3: 4` read "engine[3]: unknown key", `~: 4` "engine.None"
+                self.fail(path, f"{_key_kind(key)}, not a key name; valid keys: {', '.join(valid)}",
+                          at=path + (key,))
             if key not in valid:
                 self.fail(path + (key,), f"unknown key; valid keys: {', '.join(valid)}")
         return data
@@ -691,6 +695,15 @@ class _Checker:
         if dataclasses.is_dataclass(hint):
             return self.build_dataclass(hint, value, path)
         raise TypeError(f"no type check for {hint!r} at {_dotted(path)}")  # a bug, not bad input
+
+
+def _key_kind(key: Any) -> str:
+    """A mapping key YAML read as something other than a string, described for a message."""
+    if key is None:
+        return "a null key (~, null, or nothing before the colon)"
+    kinds = {bool: "a boolean", int: "an integer", float: "a number"}
+    text = str(key).lower() if isinstance(key, bool) else str(key)  # as written: true, 2020-01-01
+    return f"key {text} is {kinds.get(type(key), 'a ' + type(key).__name__)}"
 
 
 def _show(value: Any) -> str:
@@ -1027,10 +1040,21 @@ KV_SIZE_KEYS = ("block_size", "model", "gpu", "gpus_per_replica", "gpu_memory_ut
 def _fit_origin(layered: _Layered, engine: EngineConfig, params: Mapping[str, Any]) -> str | None:
     """Where to blame a call larger than the KV cache, found only once the workload is drawn:
     of the keys that size the cache (an explicit num_gpu_blocks first) and the workload's, the
-    one set last. Such an error named no place at all for a generated workload."""
+    one set last. Such an error named no place at all for a generated workload.
+
+    An explicit num_gpu_blocks, which the message names ("raise engine.num_gpu_blocks"), keeps its
+    own line over a workload the same file sets (the defaults and the experiment are one file):
+    ``defaults: {engine: {num_gpu_blocks: 1}}`` was blamed on the experiment's workload line.
+    Only a workload key set above the file (a ``--set``, a sweep's point) outranks it."""
     size = ("num_gpu_blocks",) if engine.num_gpu_blocks is not None else KV_SIZE_KEYS
     workload = [("workload", k) for k in ("trace", "generator", "params")] + [("workload", "params", k) for k in params]
-    return layered.origin(layered.latest([*(("engine", k) for k in size), *workload]))
+    latest = layered.latest([*(("engine", k) for k in size), *workload])
+    if engine.num_gpu_blocks is not None and layered.rank(latest) < _FILE_LAYERS:
+        latest = ("engine", "num_gpu_blocks")
+    return layered.origin(latest)
+
+
+_FILE_LAYERS = 2  # the defaults (rank 0) and the experiment (rank 1); overrides rank above (`resolve_layers`)
 
 
 def _params_origin(layered: _Layered, params: Mapping[str, Any]) -> str | None:

@@ -514,6 +514,33 @@ def test_a_generated_call_too_large_for_the_cache_names_the_key_set_last(exp, tm
         simulate(load_workload(cfg), cfg, "fcfs")  # a sweep's point meets it here
 
 
+def test_num_gpu_blocks_in_the_defaults_keeps_its_own_line_over_the_experiments_workload(exp, tmp_path):
+    """The message names engine.num_gpu_blocks, but its place was the experiment's workload line (set
+    "later" in the same file); a --set of the workload over it still takes the blame (above)."""
+    from sim.run import run_experiment
+
+    base = "defaults:\n  engine: {num_gpu_blocks: 1}\n" + BASE
+    cfg = resolve("t", exp(base=base))
+    with pytest.raises(SimulationError) as info:
+        run_experiment(cfg, tmp_path / "out", quiet=True)
+    assert str(info.value).startswith("exp.yaml:2: program 'p0' call 'c0': prompt_tokens + output_tokens = "), info.value
+    cfg = resolve("t", exp(base=base), ["workload.params.prompt_tokens_mean=2000"])
+    with pytest.raises(SimulationError, match=r"^--set workload.params.prompt_tokens_mean=2000: program 'p0'"):
+        run_experiment(cfg, tmp_path / "out", quiet=True)
+
+
+@pytest.mark.parametrize("key, problem", [
+    ("~", "a null key (~, null, or nothing before the colon)"), ("3", "key 3 is an integer"),
+    ("true", "key true is a boolean"), ("1.5", "key 1.5 is a number"), ("2020-01-01", "key 2020-01-01 is a date"),
+])
+def test_a_key_that_is_not_a_string_is_named_as_written_at_its_line(exp, key, problem):
+    """`~: 4` under engine read "engine.None: unknown key" and `3: 4` "engine[3]: unknown key"."""
+    msg = error("t", exp(base=BASE + f"    engine:\n      replicas: 1\n      {key}: 4\n"))
+    assert msg.startswith(f"exp.yaml:8: experiment 't': engine: {problem}, not a key name; valid keys: model, "), msg
+    msg = error("t", exp(base=BASE + f"    {key}: 4\n"))
+    assert msg.startswith(f"exp.yaml:6: experiment 't': {problem}, not a key name; valid keys: description, "), msg
+
+
 def test_simulate_refuses_such_a_model_built_in_python():
     from sim.config import ExperimentConfig, LatencyConfig
     from sim.simulate import simulate
