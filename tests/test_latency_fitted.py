@@ -327,6 +327,13 @@ def test_a_fit_of_an_engine_profile_is_checked_by_its_spec_names_not_the_device_
         with pytest.raises(FittedElsewhere, match=r"was fitted to llama-3.1-8b \(config.json written by engine.profile; "
                                                   r"dummy weights\) on 1 x NVIDIA H100 80GB HBM3, not this engine's"):
             build(cfg, load_model("llama-3.1-8b"), load_gpu(gpu))
+    # The way out is in the message: a device's own name is never a spec's.
+    with pytest.raises(FittedElsewhere, match=r"; a profile names the spec it was taken on with a '# model_spec:' "
+                                              r"line and a '# gpu_spec:' line$"):
+        build(cfg, load_model("llama-3.1-8b"), load_gpu("h100"))
+    path.write_text(json.dumps({**raw, "provenance": {k: measured[k] for k in ("gpu", "model", "model_spec")}}))
+    with pytest.raises(FittedElsewhere, match=r"1 x NVIDIA H100 80GB HBM3, .* with a '# gpu_spec:' line$"):
+        build(cfg, load_model("llama-3.1-8b"), load_gpu("h100"))
 
 
 @pytest.mark.parametrize("provenance, engine_gpu", [({"gpu": "v100", "model": "llama-3.1-8b"}, "a100-80gb"),
