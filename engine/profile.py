@@ -42,6 +42,8 @@ Weights are random (``load_format="dummy"``) from a ``config.json`` this
 command writes for Llama-3.1-8B (no hub access needed); step time does not
 depend on weight values. With ``ignore_eos`` no request stops early.
 
+Its flags, ``-o`` and ``--workdir`` are checked first (exit 2, naming the
+flag), so neither a run of hours nor a machine without a GPU hides a bad one.
 Without a GPU (torch or vllm missing, or no CUDA device) it exits 1 with a
 one-line message. The runner itself (:class:`StepRunner`) talks to the engine
 only through ``add_request``/``step``/``abort_request``, so its shape
@@ -65,7 +67,7 @@ from typing import Any, Callable, Sequence
 
 from sim.latency.base import StepShape
 from sim.latency.profile import Profile, ProfileRow, write_profile
-from traces.argtypes import integer, number
+from traces.argtypes import fraction, int_at_least, int_between
 
 VLLM_VERSION = "0.26.0"
 
@@ -102,6 +104,8 @@ LLAMA_31_8B_CONFIG: dict[str, Any] = {
     "use_cache": True,
     "transformers_version": "4.43.0",
 }
+MAX_MODEL_LEN = LLAMA_31_8B_CONFIG["max_position_embeddings"]  # vLLM refuses a longer max_model_len
+MAX_SEED = 2 ** 32 - 1  # vLLM seeds numpy with it, which takes 0 to 2**32 - 1
 TOKEN_RANGE = (1000, 128000)  # ordinary vocabulary ids, clear of special tokens
 MAX_UNTIMED_STEPS = 20_000
 
@@ -419,21 +423,60 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                 "  python -m engine profile --quick -o smoke.csv\n"
                 "  python -m sim fit-latency a100.csv -o a100-measured.json"),
     )
+    # Every value is range-checked here, by argparse: a bad one was passed on to vLLM after the
+    # GPU check, or (without a GPU) hidden behind "no CUDA GPU is visible".
+    positive = int_at_least(1)
     p.add_argument("-o", "--output", required=True, help="profile CSV to write")
-    p.add_argument("--repeats", type=integer, default=3, help="timed steps per shape (default: %(default)s)")
+    p.add_argument("--repeats", type=positive, default=3, help="timed steps per shape (default: %(default)s)")
     p.add_argument("--quick", action="store_true", help="small grid, for a smoke run")
-    p.add_argument("--max-num-batched-tokens", type=integer, default=8192, help="token budget (default: %(default)s)")
-    p.add_argument("--max-num-seqs", type=integer, default=256, help="(default: %(default)s)")
-    p.add_argument("--max-model-len", type=integer, default=32768, help="(default: %(default)s)")
-    p.add_argument("--gpu-memory-utilization", type=number, default=0.9, help="(default: %(default)s)")
+    p.add_argument("--max-num-batched-tokens", type=positive, default=8192, help="token budget (default: %(default)s)")
+    p.add_argument("--max-num-seqs", type=positive, default=256, help="(default: %(default)s)")
+    p.add_argument("--max-model-len", type=int_between(1, MAX_MODEL_LEN), default=32768,
+                   help=f"at most the model's {MAX_MODEL_LEN:,} positions (default: %(default)s)")
+    p.add_argument("--gpu-memory-utilization", type=fraction, default=0.9,
+                   help="share of GPU memory vLLM may take, in (0, 1] (default: %(default)s)")
     p.add_argument("--enforce-eager", action="store_true", help="disable CUDA graphs")
     p.add_argument("--workdir", help="where to write the model config.json (default: a temp dir)")
-    p.add_argument("--seed", type=integer, default=0, help="(default: %(default)s)")
+    p.add_argument("--seed", type=int_between(0, MAX_SEED), default=0, help="(default: %(default)s)")
     p.set_defaults(run=run)
     return p
 
 
+def path_problem(path: str, flag: str, directory: bool = False) -> str | None:
+    """Why ``path`` (a file, or a ``directory`` to be made) cannot be written, as one line naming
+    ``flag``; None if it can. Checked before the GPU run: a missing parent, or one that is a file,
+    used to end a run of hours in a traceback when the profile was written."""
+    if not path.strip():
+        return f"{flag} {path!r}: expected a path"
+    if os.path.isdir(path) and not directory:
+        return f"{flag} {path}: is a directory, expected a file to write"
+    if os.path.exists(path) and directory and not os.path.isdir(path):
+        return f"{flag} {path}: exists and is not a directory"
+    parent = os.path.dirname(os.path.abspath(path))
+    if directory:  # made with its parents: the nearest one that exists must take it
+        while not os.path.exists(parent) and os.path.dirname(parent) != parent:
+            parent = os.path.dirname(parent)
+    if not os.path.exists(parent):
+        return f"{flag} {path}: directory {parent} does not exist"
+    if not os.path.isdir(parent):
+        return f"{flag} {path}: {parent} is not a directory"
+    if os.path.isdir(path) and directory:
+        parent = path
+    if not os.access(parent, os.W_OK | os.X_OK) or (os.path.isfile(path) and not os.access(path, os.W_OK)):
+        return f"{flag} {path}: cannot write there: permission denied"
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
+    for path, flag, directory in ((args.output, "-o/--output", False), (args.workdir, "--workdir", True)):
+        problem = None if path is None else path_problem(path, flag, directory)
+        if problem:
+            print(f"python -m engine profile: error: {problem}", file=sys.stderr)
+            return 2
+    if args.max_num_batched_tokens < args.max_num_seqs:  # vLLM's SchedulerConfig refuses it, after the GPU check
+        print(f"python -m engine profile: error: --max-num-batched-tokens ({args.max_num_batched_tokens}) must be "
+              f">= --max-num-seqs ({args.max_num_seqs}), as vLLM requires", file=sys.stderr)
+        return 2
     problem = gpu_problem()
     if problem:
         print(f"python -m engine profile: {problem}", file=sys.stderr)

@@ -195,3 +195,67 @@ def test_the_engine_core_runs_in_process_even_where_the_machine_says_otherwise(m
     assert profile._make_llm(args, tmp_path) == "llm"
     assert seen["env"] == "0"
     assert seen["kwargs"]["async_scheduling"] is False and seen["kwargs"]["load_format"] == "dummy"
+
+
+def _profile(tmp_path, *options):
+    """The command without a GPU, run where ``afile`` is a file."""
+    (tmp_path / "afile").write_text("")
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "engine", "profile", *options], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60, env=env)
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--repeats", "-1"], "argument --repeats: expected an integer >= 1, got -1"),
+    (["--repeats", "0"], "argument --repeats: expected an integer >= 1, got 0"),
+    (["--max-num-seqs", "-4"], "argument --max-num-seqs: expected an integer >= 1, got -4"),
+    (["--max-num-batched-tokens", "0"], "argument --max-num-batched-tokens: expected an integer >= 1, got 0"),
+    (["--max-model-len", "0"], "argument --max-model-len: expected an integer from 1 to 131,072, got 0"),
+    (["--max-model-len", "200000"], "argument --max-model-len: expected an integer from 1 to 131,072, got 200000"),
+    (["--gpu-memory-utilization", "7"], "argument --gpu-memory-utilization: expected a number in (0, 1], got '7'"),
+    (["--gpu-memory-utilization", "0"], "argument --gpu-memory-utilization: expected a number in (0, 1], got '0'"),
+    (["--gpu-memory-utilization", "nan"], "argument --gpu-memory-utilization: expected a number in (0, 1], got 'nan'"),
+    (["--seed", "-1"], "argument --seed: expected an integer from 0 to 4,294,967,295, got -1"),
+])
+def test_bad_numbers_are_usage_errors_before_the_gpu_check(tmp_path, options, message):
+    """They were passed on to vLLM, or hidden behind "no CUDA GPU is visible" on a machine without one."""
+    proc = _profile(tmp_path, "-o", "p.csv", *options)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.splitlines()[-1] == f"python -m engine profile: error: {message}"
+
+
+@pytest.mark.parametrize("options, message", [
+    (["-o", "/nonexistent/x.csv"], "-o/--output /nonexistent/x.csv: directory /nonexistent does not exist"),
+    (["-o", "afile/x.csv"], "-o/--output afile/x.csv: {tmp}/afile is not a directory"),
+    (["-o", "."], "-o/--output .: is a directory, expected a file to write"),
+    (["-o", ""], "-o/--output '': expected a path"),
+    (["-o", "p.csv", "--workdir", "afile"], "--workdir afile: exists and is not a directory"),
+    (["-o", "p.csv", "--workdir", "afile/sub/dir"], "--workdir afile/sub/dir: {tmp}/afile is not a directory"),
+    (["-o", "p.csv", "--max-num-seqs", "300", "--max-num-batched-tokens", "256"],
+     "--max-num-batched-tokens (256) must be >= --max-num-seqs (300), as vLLM requires"),
+])
+def test_paths_that_cannot_be_written_are_refused_before_the_gpu_check(tmp_path, options, message):
+    """A FileNotFoundError or NotADirectoryError traceback came when the profile was written, after the run."""
+    proc = _profile(tmp_path, *options)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr == f"python -m engine profile: error: {message.format(tmp=tmp_path)}\n"
+
+
+def test_a_path_problem_is_found_before_the_profile_runs(tmp_path, monkeypatch):
+    """On a GPU machine: nothing is profiled for an -o that cannot be written."""
+    monkeypatch.setattr(eprof, "gpu_problem", lambda: None)
+    monkeypatch.setattr(eprof, "profile_on_gpu", lambda args: pytest.fail("profiled before checking -o"))
+    args = build_parser().parse_args(["profile", "-o", str(tmp_path / "missing" / "p.csv")])
+    assert args.run(args) == 2
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes anywhere")
+def test_a_directory_that_takes_no_files_is_refused(tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    try:
+        proc = _profile(tmp_path, "-o", "locked/p.csv")
+    finally:
+        locked.chmod(0o700)
+    assert proc.returncode == 2
+    assert proc.stderr == "python -m engine profile: error: -o/--output locked/p.csv: cannot write there: permission denied\n"

@@ -100,6 +100,14 @@ def port_number(text: str) -> int:
     return port
 
 
+def fraction(text: str) -> float:
+    """A number in (0, 1] (a share of GPU memory: 0 leaves nothing for the model, more than 1 is not there)."""
+    value = number(text)
+    if not 0 < value <= 1:  # nan fails both comparisons
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}")
+    return value
+
+
 def positive_float(text: str) -> float:
     """A finite number > 0 (rates, coefficients of variation)."""
     value = number(text)
