@@ -190,7 +190,7 @@ from engine.protocol import (
 )
 from engine.sse import DONE, SSEParser, event_token_count, whole_events_end
 from sim.core import ProcessTable, make_balancer, make_policy
-from sim.core.params import PolicyParams
+from sim.core.params import MAX_SECONDS, PolicyParams
 from sim.core.state import CallState, ProgramState
 from sim.serve import json_type, router_error_message, run_site, sse_error
 from traces.argtypes import integer, number, port_number
@@ -363,8 +363,14 @@ class GatewayConfig:
                 raise ValueError(f"--engine {url}: the same engine as --engine {self.engines[seen[key]]} "
                                  f"(engine {seen[key]}); give each engine once")
             seen[key] = i
-        if self.ttl <= 0:
+        # Checked here, naming the flags: the policy's own check named its fields
+        # (policy_params.program_ttl, policy_params.locality_threshold), which no flag is called.
+        if not self.ttl > 0:  # nan too
             raise ValueError(f"--ttl must be > 0 seconds, got {self.ttl}")
+        if self.ttl > MAX_SECONDS:  # inf: programs never forgotten; past it the policy's clock means nothing
+            raise ValueError(f"--ttl must be at most {MAX_SECONDS:g} seconds, got {self.ttl}")
+        if isinstance(self.threshold, bool) or not isinstance(self.threshold, int) or self.threshold < 0:
+            raise ValueError(f"--threshold must be an integer >= 0 (tokens), got {self.threshold!r}")
         if self.max_body < 1:
             raise ValueError(f"--max-body must be >= 1 byte, got {self.max_body}")
         if not 0 <= self.health_interval < math.inf:

@@ -548,6 +548,7 @@ def build_config(args: argparse.Namespace) -> ExperimentConfig:
     if args.latency_name is not None:
         lat = dataclasses.replace(lat, name=args.latency_name)
     _check_latency_flags(args, lat.kind)
+    _check_step_seconds(args.step_seconds)
     return dataclasses.replace(cfg, engine=eng, latency=lat)
 
 
@@ -568,6 +569,16 @@ def _check_latency_flags(args: argparse.Namespace, kind: str) -> None:
                   f"experiment {args.experiment!r}" if args.experiment else "the default")
         raise ValueError(f"{flag}: the {kind} latency kind ({source}) does not use it (the {owner} kind does); "
                          f"add --latency {owner}, or drop {flag}")
+
+
+def _check_step_seconds(seconds: float | None) -> None:
+    """--step-seconds within the step times the engine takes, named as the flag: the model's own
+    checks said "constant latency must be > 0 seconds" or "latency model 'constant' gives inf s"."""
+    from sim.latency import MAX_STEP_SECONDS, MIN_STEP_SECONDS
+
+    if seconds is not None and not MIN_STEP_SECONDS <= seconds <= MAX_STEP_SECONDS:  # nan too
+        raise ValueError(f"--step-seconds: expected the seconds of one engine step, from {MIN_STEP_SECONDS:g} to "
+                         f"{MAX_STEP_SECONDS:g}, got {seconds}")
 
 
 def serve_policy(args: argparse.Namespace, cfg: ExperimentConfig) -> str:

@@ -106,6 +106,14 @@ def test_gateway_cli_rejects_bad_settings():
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1
     assert proc.stderr == "python -m engine gateway: error: --ttl must be > 0 seconds, got 0.0\n"
+    # Named as the flags: these said policy_params.program_ttl and policy_params.locality_threshold.
+    for flag, value, message in (("--ttl", "inf", "--ttl must be at most 1e+09 seconds, got inf"),
+                                 ("--ttl", "nan", "--ttl must be > 0 seconds, got nan"),
+                                 ("--ttl", "1e10", "--ttl must be at most 1e+09 seconds, got 10000000000.0"),
+                                 ("--threshold", "-1", "--threshold must be an integer >= 0 (tokens), got -1")):
+        proc = subprocess.run([sys.executable, "-m", "engine", "gateway", "--engine", "http://x", flag, value],
+                              capture_output=True, text=True, timeout=60)
+        assert (proc.returncode, proc.stderr) == (1, f"python -m engine gateway: error: {message}\n")
     proc = subprocess.run([sys.executable, "-m", "engine", "gateway"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert proc.stderr.splitlines()[-1] == ("python -m engine gateway: error: "

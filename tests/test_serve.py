@@ -488,14 +488,16 @@ def test_config_from_an_experiment_with_overrides_and_flags():
     assert plain.engine.gpus_per_replica == 1
 
 
-@pytest.mark.parametrize("seconds", ["inf", "1e-12", "1e5"])
+@pytest.mark.parametrize("seconds", ["inf", "1e-12", "1e5", "-0.01", "0", "nan"])
 def test_sim_serve_refuses_step_times_no_gpu_takes(seconds):
     """The flags apply after the experiment's check: inf killed the engine on the first request, 1e-12 gave
-    zero-length steps, 1e5 s hung every request."""
+    zero-length steps, 1e5 s hung every request. Each is named as the flag: -0.01 and nan said "constant
+    latency must be > 0 seconds", the others "latency model 'constant' gives ...", and no flag is called that."""
     proc = subprocess.run([sys.executable, "-m", "sim", "serve", "--latency", "constant", "--step-seconds", seconds,
                            "--port", "0"], capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 1 and proc.stderr.strip().endswith(
-        "a step must take from 1e-06 to 3600 s (check the units of its inputs)"), proc.stderr
+    assert proc.returncode == 1 and proc.stderr == (
+        "python -m sim serve: error: --step-seconds: expected the seconds of one engine step, from 1e-06 to 3600, "
+        f"got {float(seconds)}\n"), proc.stderr
 
 
 def test_chat_messages_in_openais_other_forms_are_accepted():
