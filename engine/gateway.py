@@ -1194,8 +1194,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--port", type=port_number, default=8000, help="(default: %(default)s)")
     p.add_argument("--balancer", default="locality", choices=("locality", "least_used", "round_robin"),
                    help="(default: %(default)s)")
-    p.add_argument("--threshold", type=integer, default=2048,
-                   help="locality: prompts longer than this stay on their program's engine (default: %(default)s)")
+    # default=None on the flags `inapplicable_flag` checks, so one given explicitly can be told from
+    # the default; `GatewayConfig` holds the documented defaults.
+    p.add_argument("--threshold", type=integer,
+                   help="locality: prompts longer than this stay on their program's engine (default: 2048)")
     p.add_argument("--ttl", type=number, default=600.0, help="forget programs idle this many seconds (default: 600)")
     p.add_argument("--policy", default="atlas", choices=("plas", "atlas", "fcfs", "mlfq"),
                    help="whose update rule turns call service into program service (default: %(default)s)")
@@ -1204,10 +1206,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="seconds between /health checks of each engine; 0: none (default: 5)")
     p.add_argument("--health-timeout", type=number, default=5.0,
                    help="seconds a /health check waits for its answer (default: 5)")
-    p.add_argument("--health-failures", type=integer, default=3,
+    p.add_argument("--health-failures", type=integer,
                    help="failed checks in a row that make an engine lost: its calls fail over and it is left "
-                        "out until a check passes (default: %(default)s)")
-    p.add_argument("--stall-timeout", type=number, default=60.0,
+                        "out until a check passes (default: 3)")
+    p.add_argument("--stall-timeout", type=number,
                    help="seconds, in all, that the gateway may wait on an engine for calls while the step "
                         "counters on its /metrics stay still before its checks fail (a hung engine core behind "
                         "a live API server); 0: no stall check (default: 60)")
@@ -1215,12 +1217,34 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
+def inapplicable_flag(args: argparse.Namespace) -> str | None:
+    """Why a flag given explicitly cannot apply with the others, or None. Such a flag started the
+    gateway without a word; refused as sim serve refuses --step-seconds off the constant kind.
+    (--stall-timeout 0 with --health-interval 0 asks for what it gets: no stall check.)"""
+    if args.threshold is not None and args.balancer != "locality":
+        return (f"--threshold: only the locality balancer reads it, and --balancer {args.balancer} would ignore it; "
+                "drop --threshold or use --balancer locality")
+    if args.health_interval == 0:
+        off = "--health-interval 0 turns the health checks off"
+        if args.health_failures is not None:
+            return (f"--health-failures: {off}, so no failed check would be counted; drop --health-failures or "
+                    "give --health-interval > 0")
+        if args.stall_timeout:  # None (not given) or 0 (none) are fine
+            return (f"--stall-timeout: {off}, and the stall check runs with them, so it would be ignored; drop "
+                    "--stall-timeout or give --health-interval > 0")
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
     try:
-        cfg = GatewayConfig(engines=args.engine, balancer=args.balancer, threshold=args.threshold, ttl=args.ttl,
-                            policy=args.policy, max_body=args.max_body, health_interval=args.health_interval,
-                            health_timeout=args.health_timeout, health_failures=args.health_failures,
-                            stall_timeout=args.stall_timeout)
+        problem = inapplicable_flag(args)
+        if problem:
+            raise ValueError(problem)
+        given = {k: v for k, v in (("threshold", args.threshold), ("health_failures", args.health_failures),
+                                    ("stall_timeout", args.stall_timeout)) if v is not None}
+        cfg = GatewayConfig(engines=args.engine, balancer=args.balancer, ttl=args.ttl, policy=args.policy,
+                            max_body=args.max_body, health_interval=args.health_interval,
+                            health_timeout=args.health_timeout, **given)
         gateway = Gateway(cfg)
     except ValueError as exc:
         print(f"python -m engine gateway: error: {exc}", file=sys.stderr)

@@ -143,3 +143,37 @@ def test_gateway_cli_reports_an_address_it_cannot_listen_on(host):
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert f"python -m engine gateway: error: cannot listen on {host}:{port}: " in proc.stderr
     assert "gateway on http" not in proc.stderr  # it was announced as served before the bind failed
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--health-interval", "0", "--stall-timeout", "30"],
+     "--stall-timeout: --health-interval 0 turns the health checks off, and the stall check runs with them, so it "
+     "would be ignored; drop --stall-timeout or give --health-interval > 0"),
+    (["--health-interval", "0", "--health-failures", "5"],
+     "--health-failures: --health-interval 0 turns the health checks off, so no failed check would be counted; "
+     "drop --health-failures or give --health-interval > 0"),
+    (["--balancer", "round_robin", "--threshold", "100"],
+     "--threshold: only the locality balancer reads it, and --balancer round_robin would ignore it; "
+     "drop --threshold or use --balancer locality"),
+    (["--balancer", "least_used", "--threshold", "2048"],
+     "--threshold: only the locality balancer reads it, and --balancer least_used would ignore it; "
+     "drop --threshold or use --balancer locality"),
+])
+def test_gateway_cli_refuses_flags_the_others_make_inert(options, message):
+    """Each started the gateway without a word, the flag ignored (as sim serve refuses --step-seconds
+    under a latency kind that does not read it)."""
+    proc = subprocess.run([sys.executable, "-m", "engine", "gateway", "--engine", "http://x", *options],
+                          capture_output=True, text=True, timeout=60)
+    assert (proc.returncode, proc.stderr) == (1, f"python -m engine gateway: error: {message}\n")
+
+
+def test_gateway_cli_keeps_the_documented_defaults_behind_its_none_sentinels():
+    """Flags left out still mean 2048 tokens, 3 checks and 60 s; the inert ones only when not given."""
+    from engine.cli import build_parser
+    from engine.gateway import GatewayConfig, inapplicable_flag
+
+    args = build_parser().parse_args(["gateway", "--engine", "http://x", "--balancer", "round_robin",
+                                      "--health-interval", "0", "--stall-timeout", "0"])
+    assert inapplicable_flag(args) is None  # 0: no stall check, as no health checks give
+    defaults = GatewayConfig(engines=["http://x"])
+    assert (defaults.threshold, defaults.health_failures, defaults.stall_timeout) == (2048, 3, 60.0)
