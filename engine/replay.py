@@ -89,7 +89,7 @@ from sim.core.params import MAX_SECONDS
 from sim.metrics import summarize_run, write_calls_csv, write_programs_csv
 from sim.records import CallRecord, ProgramRecord
 from traces.format import Call, Program
-from traces.argtypes import number
+from traces.argtypes import nonblank, number
 from traces.io import digest
 
 REPLAY_JSON = "replay.json"
@@ -606,7 +606,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--target", required=True, help="base URL of an OpenAI-compatible server, or 'inprocess'")
     p.add_argument("--policy", required=True, help="policy label of this run (inprocess: the policy to run)")
     p.add_argument("--out", help="output directory (default: results/replay-POLICY)")
-    p.add_argument("--model", help="model name for requests (default: the server's first /v1/models entry)")
+    p.add_argument("--model", type=nonblank, help="model name for requests (default: the server's first /v1/models entry)")
     p.add_argument("--latency", help="label of the engine's latency model, recorded for validate "
                                     "(e.g. constant:0.005, fitted:a100-llama-3.1-8b, real:a100)")
     p.add_argument("--name", help="run name in summary.json (default: the trace's file name)")

@@ -77,7 +77,7 @@ from sim.vllm_fields import as_json, vllm_field_problem
 from sim.core import POLICY_CLASSES
 from sim.latency import async_without_host_note
 from sim.realtime import FILLER_BASE, FILLER_VOCAB, CallHandle, Conflict, EngineFailed, RealtimeEngine, TooLarge
-from traces.argtypes import int_at_least, number, port_number
+from traces.argtypes import int_at_least, nonblank, number, port_number
 from traces.validate import parse_json_int
 
 TOKEN_TEXT = " tok"
@@ -641,7 +641,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=port_number, default=8000, help="(default: %(default)s)")
     p.add_argument("--index", type=int_at_least(0), default=0,
                    help="engine index reported in X-Engine-Index (default: 0)")
-    p.add_argument("--served-model-name", default="sim", help="model id in /v1/models (default: %(default)s)")
+    p.add_argument("--served-model-name", type=nonblank, default="sim", help="model id in /v1/models (default: %(default)s)")
     p.add_argument("--experiment", help="take engine, latency and policy parameters from this experiment")
     p.add_argument("-e", "--experiments", metavar="FILE", help="experiments file (default: experiments.yaml)")
     p.add_argument("-s", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",

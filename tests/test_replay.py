@@ -588,3 +588,17 @@ def test_end_program_reads_the_real_gateways_answers():
 
     held, first, second, after = run(go())
     assert (held, first, second, after) == (["p"], ENDED, NOT_HELD, [])
+
+
+@pytest.mark.parametrize("blank", ["", " "])
+def test_cli_refuses_a_blank_model_name(tmp_path, blank):
+    """--model '' sent every call the model "" instead of learning the server's name."""
+    good = tmp_path / "good.jsonl"
+    save([Program("p", 0.0, "x", (Call("a", (), 10, 3),))], good)
+    proc = subprocess.run([sys.executable, "-m", "engine", "replay", str(good), "--target", "http://127.0.0.1:9",
+                           "--policy", "plas", "--model", blank, "--out", str(tmp_path / "o")], capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.splitlines()[-1] == (
+        f"python -m engine replay: error: argument --model: expected a non-empty name, got {blank!r}")
+    assert not (tmp_path / "o").exists()

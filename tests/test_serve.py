@@ -1103,3 +1103,19 @@ def test_vllm_xargs_are_typed_as_vllm_and_ids_read_as_the_plugin_reads_them():
     assert parse({"program_id": 7}).program_id == "7" and parse({"program_id": ""}).program_id == ""
     req = parse({"thread_id": "t"})  # as the plugin: a thread of a program of its own
     assert (req.program_id, req.thread_id) == (None, "t")
+
+
+@pytest.mark.parametrize("blank", ["", "  "])
+def test_sim_serve_refuses_a_blank_served_model_name(blank, capsys):
+    """It served the model id "" (or spaces), which a client cannot tell from leaving the model out."""
+    import argparse
+
+    from sim.serve import add_arguments
+
+    parser = argparse.ArgumentParser(prog="python -m sim serve")  # as main's; main itself would serve
+    add_arguments(parser)
+    with pytest.raises(SystemExit) as exit_:
+        parser.parse_args(["--served-model-name", blank])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"python -m sim serve: error: argument --served-model-name: expected a non-empty name, got {blank!r}")

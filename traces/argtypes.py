@@ -100,6 +100,13 @@ def port_number(text: str) -> int:
     return port
 
 
+def nonblank(text: str) -> str:
+    """A name that is not blank (a model name: '' served, or asked for, a model with no name)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"expected a non-empty name, got {text!r}")
+    return text
+
+
 def fraction(text: str) -> float:
     """A number in (0, 1] (a share of GPU memory: 0 leaves nothing for the model, more than 1 is not there)."""
     value = number(text)
