@@ -27,7 +27,9 @@ in parallel with the program's other calls).
 A second live call on the same thread of a program is refused with 409.
 ``X-KV-TTL: SECONDS`` asks the engine to pin the call's KV for its
 program's next call (``vllm_xargs.kv_ttl``; `engine.kv_pins`); a value
-that is not seconds >= 0 is refused with 400.
+that is not seconds >= 0 is refused with 400. Any of these three headers
+given twice with different values is refused with 400 naming it (the first
+was taken without a word); the same value repeated is taken.
 
 Service accounting. The engines' per-step service (`sim.core.attribute_service`)
 is not visible to the gateway, so each finished call's service is, in order
@@ -185,6 +187,7 @@ from engine.protocol import (
     check_id,
     check_kv_ttl,
     error_body,
+    one_header,
     with_xargs,
     xargs_for,
 )
@@ -768,8 +771,8 @@ class Gateway:
         xargs = {} if body.get(XARGS) is None else body[XARGS]
         if not isinstance(xargs, dict):  # it was dropped, and the engine got a body without the client's
             raise BadRequest(f"{XARGS} must be an object, got {json_type(xargs)}", param=XARGS, code="invalid_xargs")
-        pid = request.headers.get(PROGRAM_HEADER)
-        tid = request.headers.get(THREAD_HEADER)
+        pid = one_header(request.headers, PROGRAM_HEADER)
+        tid = one_header(request.headers, THREAD_HEADER)
         pid_field, tid_field = PROGRAM_HEADER, THREAD_HEADER  # where each id came from, for errors
         # A header wins over the body's field; each id is taken where it is given.
         if pid is None and xargs.get(XARG_PROGRAM) is not None:
@@ -826,7 +829,7 @@ class Gateway:
     async def _forward(self, request: web.Request, path: str) -> web.StreamResponse:
         body = await self._body(request)
         pid, tid = self._ids(request, body)
-        ttl_header = request.headers.get(KV_TTL_HEADER)
+        ttl_header = one_header(request.headers, KV_TTL_HEADER)
         kv_ttl = None if ttl_header is None else check_kv_ttl(ttl_header)
         now = self.now()
         prompt_tokens = prompt_tokens_of(body)

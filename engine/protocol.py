@@ -99,6 +99,21 @@ def check_id(value: str, what: str) -> str:
     return value
 
 
+def one_header(headers: Any, name: str) -> str | None:
+    """Header ``name``'s value (None when absent) from an aiohttp ``CIMultiDictProxy``.
+
+    A header given twice with different values is refused (BadRequest naming it): ``.get`` took the
+    first, so ``X-Program-Id: p1`` and ``X-Program-Id: p2`` ran as p1 without a word. The same value
+    repeated (a proxy that copies a header) is one value, and taken.
+    """
+    values = list(dict.fromkeys(headers.getall(name, [])))
+    if len(values) > 1:
+        shown = ", ".join(repr(v[:40]) for v in values[:3]) + (", ..." if len(values) > 3 else "")
+        raise BadRequest(f"{name} was given more than once with different values ({shown}); give it once",
+                         param=name, code="conflicting_header")
+    return values[0] if values else None
+
+
 def xargs_for(program_id: str, thread_id: str, program_service: float, total_service: float) -> dict[str, Any]:
     return {XARG_PROGRAM: program_id, XARG_THREAD: thread_id, XARG_SERVICE: float(program_service),
             XARG_TOTAL_SERVICE: float(total_service)}

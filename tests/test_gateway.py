@@ -7,6 +7,7 @@ import re
 
 import aiohttp
 import pytest
+from multidict import CIMultiDict
 
 from engine.gateway import Accounting, GatewayConfig, prompt_tokens_of
 from engine.protocol import XARG_PROGRAM, XARG_SERVICE, XARG_THREAD, XARGS, BadRequest, check_id, with_xargs
@@ -271,7 +272,7 @@ def test_an_untagged_call_never_takes_a_thread_the_program_has_live():
 
     gateway = Gateway(GatewayConfig(engines=["http://127.0.0.1:9"]))
     gateway.acct.start("p", "t-1", 4, 0.0)  # the client's own thread "t-1" is live
-    untagged = SimpleNamespace(headers={"X-Program-Id": "p"})
+    untagged = SimpleNamespace(headers=CIMultiDict({"X-Program-Id": "p"}))  # aiohttp's headers: a multidict
     pid, tid = gateway._ids(untagged, {"prompt": [1]})
     assert (pid, tid) == ("p", "t-2")
     gateway.acct.start(pid, tid, 4, 0.0)  # no BadRequest: the thread is free
@@ -329,3 +330,36 @@ def test_an_integer_xargs_id_is_its_digits():
             xarg_id(value, "vllm_xargs.thread_id")
         assert (err.value.param, err.value.message) == (
             "vllm_xargs.thread_id", f"vllm_xargs.thread_id must be a string or an integer, got {got}")
+
+
+@pytest.mark.parametrize("header, values", [
+    ("X-Program-Id", ("p1", "p2")), ("X-Thread-Id", ("t1", "t2")), ("X-KV-TTL", ("5", "50")),
+])
+def test_a_header_repeated_with_different_values_is_refused_naming_it(header, values):
+    """The first value was taken without a word (X-Program-Id: p1 and p2 ran as p1). The same value twice, as a
+    proxy that copies a header sends it, is one value and taken."""
+    async def go():
+        e0, eng0 = await start_engine()
+        gw, gateway = await start_gw([e0.url])
+        try:
+            async with aiohttp.ClientSession() as s:
+                base = [("Content-Type", "application/json")] + (
+                    [] if header == "X-Program-Id" else [("X-Program-Id", "p")])
+                body = b'{"prompt": [1], "max_tokens": 1}'
+                refused = await _request(s, "POST", gw.url + "/v1/completions", body,
+                                         CIMultiDict(base + [(header, v) for v in values]))
+                live = (gateway.acct.live_calls(), len(gateway.acct.table), len(eng0.received))
+                same = await _request(s, "POST", gw.url + "/v1/completions", body,
+                                      CIMultiDict(base + [(header, values[0])] * 2))
+        finally:
+            await gw.stop()
+            await e0.stop()
+        return refused, live, same
+
+    (status, doc), live, (same_status, _) = run(go())
+    assert status == 400 and set(doc["error"]) == ERROR_KEYS
+    assert (doc["error"]["param"], doc["error"]["code"]) == (header, "conflicting_header")
+    assert doc["error"]["message"] == (f"{header} was given more than once with different values "
+                                       f"({values[0]!r}, {values[1]!r}); give it once")
+    assert live == (0, 0, 0)  # nothing recorded, nothing sent
+    assert same_status == 200
