@@ -607,8 +607,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--policy", required=True, help="policy label of this run (inprocess: the policy to run)")
     p.add_argument("--out", help="output directory (default: results/replay-POLICY)")
     p.add_argument("--model", type=nonblank, help="model name for requests (default: the server's first /v1/models entry)")
-    p.add_argument("--latency", help="label of the engine's latency model, recorded for validate "
-                                    "(e.g. constant:0.005, fitted:a100-llama-3.1-8b, real:a100)")
+    p.add_argument("--latency", metavar="KIND[:DETAIL]",
+                   help="label of the engine's latency model, recorded for validate: KIND one of "
+                        f"{', '.join(LATENCY_KINDS)} (e.g. constant:0.005, fitted:a100-llama-3.1-8b, real:a100)")
     p.add_argument("--name", help="run name in summary.json (default: the trace's file name)")
     p.add_argument("--request-timeout", type=number, help="seconds before one call is given up (default: none)")
     p.add_argument("--workdir", help="inprocess: where to write the model config.json")
@@ -626,6 +627,24 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
+# The kinds a --latency label may name: sim serve's latency models (`sim.latency.KINDS`, which
+# `engine validate` compares with the experiment's) and a real engine's GPU.
+LATENCY_KINDS = ("constant", "roofline", "fitted", "real")
+
+
+def latency_label_problem(label: str) -> str | None:
+    """Why a --latency label is not ``KIND`` or ``KIND:DETAIL`` of a known kind, or None. A typo
+    (``constnat:0.01``) was recorded, and `engine validate` then passed over the kind it did not know."""
+    kind, colon, detail = label.partition(":")
+    forms = (f"expected KIND or KIND:DETAIL, KIND one of {', '.join(LATENCY_KINDS)} "
+             "(e.g. constant:0.005, fitted:a100-llama-3.1-8b, real:a100)")
+    if kind not in LATENCY_KINDS:
+        return f"--latency {label}: unknown kind {kind!r}; {forms}"
+    if colon and not detail.strip():
+        return f"--latency {label}: empty DETAIL after {kind + ':'!r}; {forms}"
+    return None
+
+
 def option_problem(args: argparse.Namespace, out: str) -> str | None:
     """What is wrong with the options, found before a replay that may take hours
     (an --out that is a file used to fail only when the results were written)."""
@@ -641,6 +660,9 @@ def option_problem(args: argparse.Namespace, out: str) -> str | None:
             ok = False
         if not ok:
             return f"--target {args.target}: expected a base URL such as http://HOST:PORT, or 'inprocess'"
+    problem = None if args.latency is None else latency_label_problem(args.latency)
+    if problem:
+        return problem
     if not (math.isfinite(args.kv_ttl) and 0 <= args.kv_ttl <= MAX_SECONDS):  # the engines refuse more
         return f"--kv-ttl: expected seconds from 0 to {MAX_SECONDS:g}, got {args.kv_ttl}"
     timeout = args.request_timeout

@@ -210,6 +210,16 @@ def test_cli_reports_a_bad_trace_and_an_unreachable_target(tmp_path):
         (["--policy", "plas", "--request-timeout", "-1"], "--request-timeout: expected seconds > 0, got -1.0"),
         (["--policy", "plas", "--request-timeout", "nan"], "--request-timeout: expected seconds > 0, got nan"),
         (["--policy", "plas", "--out", ""], "--out '': expected a directory path"),
+        # a typo in the kind was recorded, and validate passed over a kind it did not know
+        (["--policy", "plas", "--latency", "constnat:0.01"],
+         "--latency constnat:0.01: unknown kind 'constnat'; expected KIND or KIND:DETAIL, KIND one of constant, "
+         "roofline, fitted, real (e.g. constant:0.005, fitted:a100-llama-3.1-8b, real:a100)"),
+        (["--policy", "plas", "--latency", "vllm on an H100"],
+         "--latency vllm on an H100: unknown kind 'vllm on an H100'; expected KIND or KIND:DETAIL, KIND one of "
+         "constant, roofline, fitted, real (e.g. constant:0.005, fitted:a100-llama-3.1-8b, real:a100)"),
+        (["--policy", "plas", "--latency", "fitted:"],
+         "--latency fitted:: empty DETAIL after 'fitted:'; expected KIND or KIND:DETAIL, KIND one of constant, "
+         "roofline, fitted, real (e.g. constant:0.005, fitted:a100-llama-3.1-8b, real:a100)"),
         (["--policy", "plas", "--out", "afile"], "--out afile: exists and is not a directory"),
         # was a NotADirectoryError traceback once the replay had run
         (["--policy", "plas", "--out", "afile/sub"], "--out afile/sub: cannot write there: Not a directory"),
@@ -602,3 +612,12 @@ def test_cli_refuses_a_blank_model_name(tmp_path, blank):
     assert proc.stderr.splitlines()[-1] == (
         f"python -m engine replay: error: argument --model: expected a non-empty name, got {blank!r}")
     assert not (tmp_path / "o").exists()
+
+
+def test_latency_labels_name_every_kind_validate_compares():
+    """A label of each simulated kind (and a real engine's) is taken; validate compares sim.latency.KINDS."""
+    from sim.latency import KINDS
+
+    assert set(KINDS) <= set(replay_mod.LATENCY_KINDS)
+    for label in ("constant", "constant:0.005", "roofline", "fitted:a100-llama-3.1-8b", "real:a100"):
+        assert replay_mod.latency_label_problem(label) is None, label
