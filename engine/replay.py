@@ -173,14 +173,34 @@ class HTTPTarget:
             await self._session.close()
 
     async def _first_model(self) -> str:
+        """The first model of the server's ``GET /v1/models``; a ReplayError saying why not (an HTTP
+        status, the timeout, the exception's type), where it once said ``('data')`` or ``()``."""
         import aiohttp
 
+        url = self.base + "/v1/models"
         try:
-            async with self._session.get(self.base + "/v1/models") as r:
-                doc = await r.json(content_type=None)
-                return str(doc["data"][0]["id"])
-        except (aiohttp.ClientError, OSError, KeyError, IndexError, TypeError, ValueError) as exc:
-            raise ReplayError(f"{self.base}/v1/models: cannot learn the model name ({exc}); pass --model") from None
+            async with self._session.get(url) as r:
+                if r.status >= 400:
+                    why = f"HTTP {r.status}: {' '.join((await r.text())[:200].split())}"
+                else:
+                    why = _model_list_problem(doc := await r.json(content_type=None))
+                    if why is None:
+                        return str(doc["data"][0]["id"])
+        except ValueError:  # not JSON
+            why = "the answer is not JSON (expected OpenAI's model list)"
+        except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
+            why = self._failure(exc)
+        raise ReplayError(f"{url}: cannot learn the model name ({why}); pass --model")
+
+    def _failure(self, exc: BaseException) -> str:
+        """A request's exception as words: the total timeout (which says nothing itself) names
+        --request-timeout, others their type and message."""
+        import aiohttp
+
+        if isinstance(exc, asyncio.TimeoutError) and not isinstance(exc, aiohttp.ClientError) \
+                and self.request_timeout is not None:
+            return f"no whole answer within --request-timeout {self.request_timeout:g} s"
+        return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
     async def end_program(self, program_id: str) -> str:
         """Tell the server the program is over (``DELETE /v1/programs/{id}``), as an agent
@@ -255,12 +275,7 @@ class HTTPTarget:
                             if usage.get("completion_tokens") is not None:
                                 tokens = max(tokens, int(usage["completion_tokens"]))
         except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
-            if isinstance(exc, asyncio.TimeoutError) and not isinstance(exc, aiohttp.ClientError) \
-                    and self.request_timeout is not None:  # the total timeout, which says nothing itself
-                why = f"no whole answer within --request-timeout {self.request_timeout:g} s"
-            else:
-                why = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-            raise ReplayError(f"program {program_id} call {thread_id}: {why}") from None
+            raise ReplayError(f"program {program_id} call {thread_id}: {self._failure(exc)}") from None
         finish = clock.now()
         if not done or first is None:
             raise ReplayError(f"program {program_id} call {thread_id}: the stream ended early "
@@ -268,6 +283,18 @@ class HTTPTarget:
         if stats is not None and isinstance(stats.get("engine"), int) and GATEWAY_ENGINE_HEADER not in r.headers:
             engine = stats["engine"]
         return CallResult(first, finish, ids if got_ids else None, tokens, engine, stats, cached)
+
+
+def _model_list_problem(doc: Any) -> str | None:
+    """Why ``doc`` is not OpenAI's model list with a first model id, or None."""
+    data = doc.get("data") if isinstance(doc, dict) else None
+    if not isinstance(data, list):
+        return "the answer has no 'data' list (expected OpenAI's model list)"
+    if not data:
+        return "the server lists no model"
+    if not isinstance(data[0], dict) or not isinstance(data[0].get("id"), str) or not data[0]["id"]:
+        return "its first model has no string 'id'"
+    return None
 
 
 def _error_text(error: Any) -> str:
@@ -660,6 +687,9 @@ def option_problem(args: argparse.Namespace, out: str) -> str | None:
             ok = False
         if not ok:
             return f"--target {args.target}: expected a base URL such as http://HOST:PORT, or 'inprocess'"
+        problem = target_path_problem(url)
+        if problem:
+            return f"--target {args.target}: {problem}"
     problem = None if args.latency is None else latency_label_problem(args.latency)
     if problem:
         return problem
@@ -672,6 +702,21 @@ def option_problem(args: argparse.Namespace, out: str) -> str | None:
         return f"--out {out!r}: expected a directory path"
     if os.path.exists(out) and not os.path.isdir(out):
         return f"--out {out}: exists and is not a directory"
+    return None
+
+
+def target_path_problem(url: urllib.parse.SplitResult) -> str | None:
+    """Why --target is not the server's base URL, to which the replay appends /v1/models,
+    /v1/completions and /v1/programs/ID, or None. A path ending in /v1 asked for /v1/v1/models (a
+    404, reported as "cannot learn the model name ('data')"). A server behind a prefix (a proxy's
+    /sim) is a base URL; a ?query or #fragment cannot be one."""
+    segments = [s for s in url.path.split("/") if s]
+    if "v1" in segments:
+        base = url._replace(path="/".join([""] + segments[:segments.index("v1")]), query="", fragment="").geturl()
+        return (f"the replay appends /v1/... to it itself; expected the server's base URL, without /v1 "
+                f"(here {base})")
+    if url.query or url.fragment:
+        return "a base URL takes no ?query or #fragment, as the replay appends /v1/... to it"
     return None
 
 

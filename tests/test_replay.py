@@ -621,3 +621,76 @@ def test_latency_labels_name_every_kind_validate_compares():
     assert set(KINDS) <= set(replay_mod.LATENCY_KINDS)
     for label in ("constant", "constant:0.005", "roofline", "fitted:a100-llama-3.1-8b", "real:a100"):
         assert replay_mod.latency_label_problem(label) is None, label
+
+
+def test_model_name_discovery_says_why_it_failed():
+    """It said "cannot learn the model name ('data')" for a 404 (a KeyError shown as the reason), and
+    "cannot learn the model name ()" for a timeout."""
+    from aiohttp import web
+
+    from engine.replay import HTTPTarget, ReplayError
+
+    async def slow(request):
+        await asyncio.sleep(1)
+        return web.json_response({"data": [{"id": "m"}]})
+
+    answers = {
+        "/missing": lambda r: web.json_response({"detail": "Not Found"}, status=404),
+        "/empty": lambda r: web.json_response({"object": "list", "data": []}),
+        "/other": lambda r: web.json_response({"models": ["m"]}),
+        "/text": lambda r: web.Response(text="hello"),
+        "/good": lambda r: web.json_response({"data": [{"id": "m"}]}),
+    }
+
+    async def handler(request):
+        return answers[request.path.removesuffix("/v1/models")](request)
+
+    async def learn(url, timeout=None):
+        try:
+            async with HTTPTarget(url, request_timeout=timeout) as target:
+                return target.model
+        except ReplayError as exc:
+            return str(exc)
+
+    async def go():
+        server = await start_app({**{("GET", f"{p}/v1/models"): handler for p in answers},
+                                  ("GET", "/slow/v1/models"): slow})
+        try:
+            return {p: await learn(server.url + p) for p in answers} | {
+                "/slow": await learn(server.url + "/slow", 0.2)}, server.url
+        finally:
+            await server.stop()
+
+    got, url = run(go())
+    why = {p: got[p].removeprefix(f"{url}{p}/v1/models: cannot learn the model name (").removesuffix("); pass --model")
+           for p in got if p != "/good"}
+    assert got["/good"] == "m"
+    assert why == {"/missing": 'HTTP 404: {"detail": "Not Found"}',
+                   "/empty": "the server lists no model",
+                   "/other": "the answer has no 'data' list (expected OpenAI's model list)",
+                   "/text": "the answer is not JSON (expected OpenAI's model list)",
+                   "/slow": "no whole answer within --request-timeout 0.2 s"}
+
+
+@pytest.mark.parametrize("target, base", [("http://127.0.0.1:18100/v1", "http://127.0.0.1:18100"),
+                                          ("http://h:1/v1/", "http://h:1"),
+                                          ("http://h:1/sim/v1/completions", "http://h:1/sim")])
+def test_cli_refuses_a_target_with_the_api_path(tmp_path, target, base):
+    """/v1 was appended again: /v1/v1/models, a 404 reported as "cannot learn the model name ('data')"."""
+    good = tmp_path / "good.jsonl"
+    save([Program("p", 0.0, "x", (Call("a", (), 10, 3),))], good)
+    proc = subprocess.run([sys.executable, "-m", "engine", "replay", str(good), "--target", target, "--policy", "plas",
+                           "--out", str(tmp_path / "o")], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 2
+    assert proc.stderr == (f"python -m engine replay: error: --target {target}: the replay appends /v1/... to it "
+                           f"itself; expected the server's base URL, without /v1 (here {base})\n")
+
+
+def test_a_target_behind_a_path_prefix_is_a_base_url():
+    import urllib.parse
+
+    assert replay_mod.target_path_problem(urllib.parse.urlsplit("http://h:1/sim")) is None
+    assert replay_mod.target_path_problem(urllib.parse.urlsplit("http://h:1/")) is None
+    assert replay_mod.target_path_problem(urllib.parse.urlsplit("http://h:1/?x=1")) == (
+        "a base URL takes no ?query or #fragment, as the replay appends /v1/... to it")
