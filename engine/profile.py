@@ -67,7 +67,7 @@ from typing import Any, Callable, Sequence
 
 from sim.latency.base import StepShape
 from sim.latency.profile import Profile, ProfileRow, write_profile
-from traces.argtypes import fraction, int_at_least, int_between
+from traces.argtypes import fraction, int_at_least, int_between, path_problem
 
 VLLM_VERSION = "0.26.0"
 
@@ -440,31 +440,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int_between(0, MAX_SEED), default=0, help="(default: %(default)s)")
     p.set_defaults(run=run)
     return p
-
-
-def path_problem(path: str, flag: str, directory: bool = False) -> str | None:
-    """Why ``path`` (a file, or a ``directory`` to be made) cannot be written, as one line naming
-    ``flag``; None if it can. Checked before the GPU run: a missing parent, or one that is a file,
-    used to end a run of hours in a traceback when the profile was written."""
-    if not path.strip():
-        return f"{flag} {path!r}: expected a path"
-    if os.path.isdir(path) and not directory:
-        return f"{flag} {path}: is a directory, expected a file to write"
-    if os.path.exists(path) and directory and not os.path.isdir(path):
-        return f"{flag} {path}: exists and is not a directory"
-    parent = os.path.dirname(os.path.abspath(path))
-    if directory:  # made with its parents: the nearest one that exists must take it
-        while not os.path.exists(parent) and os.path.dirname(parent) != parent:
-            parent = os.path.dirname(parent)
-    if not os.path.exists(parent):
-        return f"{flag} {path}: directory {parent} does not exist"
-    if not os.path.isdir(parent):
-        return f"{flag} {path}: {parent} is not a directory"
-    if os.path.isdir(path) and directory:
-        parent = path
-    if not os.access(parent, os.W_OK | os.X_OK) or (os.path.isfile(path) and not os.access(path, os.W_OK)):
-        return f"{flag} {path}: cannot write there: permission denied"
-    return None
 
 
 def run(args: argparse.Namespace) -> int:

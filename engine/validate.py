@@ -258,7 +258,29 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
+def option_problem(args: argparse.Namespace) -> str | None:
+    """What is wrong with the arguments, found before the simulations: a --json that cannot be
+    written failed only after them (without naming --json), and a directory given twice was
+    compared twice while the JSON, keyed by directory, kept one."""
+    from traces.argtypes import path_problem
+
+    seen: dict[Path, str] = {}
+    for d in args.dirs:
+        key = Path(d).resolve()
+        if key in seen:
+            same = f" (as {seen[key]})" if seen[key] != d else ""
+            return f"REPLAY_DIR {d}: given twice{same}; give each replay directory once"
+        seen[key] = d
+    if args.json is not None and args.json != "-":
+        return path_problem(args.json, "--json")
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
+    problem = option_problem(args)
+    if problem:
+        print(f"python -m engine validate: error: {problem}", file=sys.stderr)
+        return 2
     from sim.capacity import CapacityError
     from sim.experiments import ConfigError, resolve
     from sim.hardware import SpecError

@@ -10,8 +10,10 @@ tokens. The hand-made "measured" latencies are 25% higher, so every error is
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -23,6 +25,7 @@ from sim.records import ProgramRecord
 from traces.format import Call, Program
 from traces.io import save
 
+ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = """
 experiments:
   tiny:
@@ -363,3 +366,43 @@ def test_a_replay_json_kv_ttl_past_the_experiments_bound_is_refused(tmp_path, kv
     text = '{"trace": TRACE, "policy": "fcfs", "kv_ttl": ' + kv_ttl + "}"
     assert _bad_meta(tmp_path, text) == (f"replay.json:1: field 'kv_ttl' must be at most 1e+09 seconds, as "
                                          f"engine.kv_ttl, got {kv_ttl.replace('1e300', '1e+300')}")
+
+
+@pytest.mark.parametrize("dirs, message", [
+    (["r", "r/"], "REPLAY_DIR r/: given twice (as r); give each replay directory once"),
+    (["r", "./r"], "REPLAY_DIR ./r: given twice (as r); give each replay directory once"),
+    (["r", "r"], "REPLAY_DIR r: given twice; give each replay directory once"),
+])
+def test_a_replay_directory_given_twice_is_refused(tmp_path, dirs, message, capsys):
+    """It was compared twice, and the JSON (keyed by directory) silently kept one of the two."""
+    trace, _ = _trace(tmp_path)
+    exp = tmp_path / "exp.yaml"
+    exp.write_text(EXPERIMENTS.replace("TRACE", json.dumps(str(trace))))
+    _replay_dir(tmp_path, "r", trace, "fcfs", {"p0": 0.125})
+    proc = subprocess.run([sys.executable, "-m", "engine", "validate", *dirs, "--experiment", "tiny", "-e", str(exp),
+                           "--json", "dup.json"], capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert (proc.returncode, proc.stderr) == (2, f"python -m engine validate: error: {message}\n")
+    assert not (tmp_path / "dup.json").exists()
+
+
+@pytest.mark.parametrize("json_path, message", [
+    ("/nonexistent/dir/x.json", "--json /nonexistent/dir/x.json: directory /nonexistent/dir does not exist"),
+    ("afile/x.json", "--json afile/x.json: {tmp}/afile is not a directory"),
+    (".", "--json .: is a directory, expected a file to write"),
+])
+def test_a_json_path_that_cannot_be_written_is_refused_before_simulating(tmp_path, json_path, message, monkeypatch,
+                                                                        capsys):
+    """It was found after every simulation had run, in an error that did not name --json."""
+    trace, _ = _trace(tmp_path)
+    exp = tmp_path / "exp.yaml"
+    exp.write_text(EXPERIMENTS.replace("TRACE", json.dumps(str(trace))))
+    _replay_dir(tmp_path, "r", trace, "fcfs", {"p0": 0.125})
+    (tmp_path / "afile").write_text("")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(validate_mod, "validate", lambda *a: pytest.fail("simulated before checking --json"))
+    from engine.cli import build_parser
+
+    args = build_parser().parse_args(["validate", "r", "--experiment", "tiny", "-e", str(exp), "--json", json_path])
+    assert args.run(args) == 2
+    assert capsys.readouterr().err == f"python -m engine validate: error: {message.format(tmp=tmp_path)}\n"

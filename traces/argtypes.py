@@ -1,6 +1,7 @@
 """argparse types shared by the command lines (``traces``, ``sim serve``, the
 gateway), so a bad number is a usage error naming its option (exit 2), not a
-traceback from wherever the value is first used. Numbers are read strictly,
+traceback from wherever the value is first used; and `path_problem`, the
+check of an output path made before a long run. Numbers are read strictly,
 as JSON numbers (`json_number`), like ``python -m traces gen --param``."""
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 from typing import Callable
 
 
@@ -121,3 +123,29 @@ def positive_float(text: str) -> float:
     if not (value > 0 and math.isfinite(value)):
         raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
     return value
+
+
+def path_problem(path: str, flag: str, directory: bool = False) -> str | None:
+    """Why ``path`` (a file, or a ``directory`` to be made) cannot be written, as one line naming
+    ``flag``; None if it can. For an output checked before a long run (``engine profile -o``,
+    ``engine validate --json``): a missing parent, or one that is a file, used to end the run in a
+    traceback, or an error without the flag, when the output was written."""
+    if not path.strip():
+        return f"{flag} {path!r}: expected a path"
+    if os.path.isdir(path) and not directory:
+        return f"{flag} {path}: is a directory, expected a file to write"
+    if os.path.exists(path) and directory and not os.path.isdir(path):
+        return f"{flag} {path}: exists and is not a directory"
+    parent = os.path.dirname(os.path.abspath(path))
+    if directory:  # made with its parents: the nearest one that exists must take it
+        while not os.path.exists(parent) and os.path.dirname(parent) != parent:
+            parent = os.path.dirname(parent)
+    if not os.path.exists(parent):
+        return f"{flag} {path}: directory {parent} does not exist"
+    if not os.path.isdir(parent):
+        return f"{flag} {path}: {parent} is not a directory"
+    if os.path.isdir(path) and directory:
+        parent = path
+    if not os.access(parent, os.W_OK | os.X_OK) or (os.path.isfile(path) and not os.access(path, os.W_OK)):
+        return f"{flag} {path}: cannot write there: permission denied"
+    return None
