@@ -147,6 +147,7 @@ class RealtimeEngine:
         self.cfg = cfg
         self.policy = policy
         self.index = index
+        self.vocab_size = model.vocab_size  # prompt ids at or past it are refused, as vLLM refuses them
         self.capacity_blocks = num_kv_blocks(eng, model, gpu)
         self.max_tokens_per_call = self.capacity_blocks * eng.block_size
         self.env = simpy.Environment()

@@ -226,7 +226,10 @@ def _xarg_ok(value: Any) -> bool:
     return all(isinstance(v, (str, int, float)) for v in (value if isinstance(value, list) else [value]))
 
 
-def parse_request(body: Any, chat: bool, served_model: str) -> ParsedRequest:
+def parse_request(body: Any, chat: bool, served_model: str, vocab_size: int | None = None) -> ParsedRequest:
+    """The request as the stand-in acts on it; RequestError (400, naming the field) where vLLM 0.26.0
+    refuses it or where sim serve would not honour it. ``vocab_size``: the model's, which prompt token
+    ids must be below (None: not checked)."""
     if not isinstance(body, dict):
         raise RequestError(f"the request body must be a JSON object, got {json_type(body)}")
     if body.get("stream_options") and not body.get("stream"):  # vLLM's validate_stream_options, a
@@ -262,6 +265,11 @@ def parse_request(body: Any, chat: bool, served_model: str) -> ParsedRequest:
         else:
             raise RequestError("prompt must be a string or a non-empty list of token ids >= 0 (one prompt per "
                                f"request), got {_short(prompt)}", "prompt")
+        if vocab_size is not None and max(prompt_ids) >= vocab_size:  # as vLLM's InputProcessor, whose own
+            # words are "Token id N is out of vocabulary"; it was a 200 here
+            raise RequestError(f"prompt has token id {max(prompt_ids)}, out of the model's vocabulary (ids 0 to "
+                               f"{vocab_size - 1}); vLLM refuses it: Token id {max(prompt_ids)} is out of "
+                               "vocabulary", "prompt")
         max_tokens = _int(body, "max_tokens", DEFAULT_MAX_TOKENS, 1)
     # A chat request without a cap is capped by vLLM at the context left, not 16, for min_tokens.
     given = not chat or any(body.get(k) is not None for k in ("max_tokens", "max_completion_tokens"))
@@ -394,7 +402,7 @@ class SimServer:
         except RecursionError:
             return error_response(400, "malformed JSON: nested too deeply")
         try:
-            req = parse_request(body, chat, self.served_model)
+            req = parse_request(body, chat, self.served_model, self.engine.vocab_size)
             handle = self.engine.submit(req.prompt_ids, req.max_tokens, req.program_id, req.thread_id,
                                         req.program_service, req.kv_ttl, req.cache_salt, req.total_service)
         except RequestError as exc:

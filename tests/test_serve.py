@@ -1119,3 +1119,46 @@ def test_sim_serve_refuses_a_blank_served_model_name(blank, capsys):
     assert exit_.value.code == 2
     assert capsys.readouterr().err.splitlines()[-1] == (
         f"python -m sim serve: error: argument --served-model-name: expected a non-empty name, got {blank!r}")
+
+
+def test_prompt_token_ids_past_the_models_vocabulary_are_refused_as_vllm_refuses_them():
+    """[1, 2, 999999999] was a 200; vLLM 0.26.0 answers 400 "Token id 999999999 is out of vocabulary"."""
+    async def go():
+        server, engine = await start_engine()
+        try:
+            async with aiohttp.ClientSession() as s:
+                out = []
+                for prompt in ([1, 2, 999999999], [128256], [128255], [-1]):
+                    async with s.post(server.url + "/v1/completions",
+                                      json={"prompt": prompt, "max_tokens": 1}) as r:
+                        out.append((r.status, (await r.json())))
+                return out, engine.vocab_size
+        finally:
+            await server.stop()
+
+    (big, edge, last, negative), vocab = run(go())
+    assert vocab == 128256  # the default model spec's, llama-3.1-8b
+    assert big[0] == 400 and big[1]["error"]["param"] == "prompt"
+    assert big[1]["error"]["message"] == ("prompt has token id 999999999, out of the model's vocabulary (ids 0 to "
+                                          "128255); vLLM refuses it: Token id 999999999 is out of vocabulary")
+    assert edge[0] == 400 and "token id 128256" in edge[1]["error"]["message"]
+    assert last[0] == 200
+    assert negative[0] == 400 and negative[1]["error"]["param"] == "prompt"
+
+
+def test_the_replayers_and_the_stand_ins_own_ids_are_inside_every_shipped_models_vocabulary():
+    """Filler ids (replayed prompts, sim serve's text and outputs) and the profiler's random ids must be ids
+    every model takes, or replays of it would be refused."""
+    from engine.profile import TOKEN_RANGE
+    from engine.tokens import source_ids
+    from sim.hardware import available, load_model
+    from sim.realtime import FILLER_BASE, FILLER_VOCAB
+
+    models = available("model")
+    assert models
+    for name in models:
+        vocab = load_model(name).vocab_size
+        assert 0 <= FILLER_BASE and FILLER_BASE + FILLER_VOCAB <= vocab, name
+        assert TOKEN_RANGE[1] <= vocab, name
+    ids = source_ids(12345, 0, 10_000)
+    assert FILLER_BASE <= min(ids) and max(ids) < FILLER_BASE + FILLER_VOCAB
