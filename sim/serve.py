@@ -47,7 +47,12 @@ Fields it does not act on are still checked as vLLM 0.26.0 checks them
 (`sim.vllm_fields`: each field's pydantic type and the ranges of vLLM's
 validators and ``SamplingParams``), so a request vLLM refuses with 400 is
 refused here too; fields vLLM does not know (``best_of``) are ignored, as
-vLLM ignores them.
+vLLM ignores them. Fields vLLM acts on by changing what the response holds
+(``echo``, ``logprobs``, ``prompt_logprobs``, beam search, structured output:
+`sim.vllm_fields.UNHONOURED`) are refused with 400 when not at their default,
+not answered as if absent; those that only choose among a model's tokens or
+end its output early (``temperature``, ``stop``, ``min_tokens``...) are
+taken, as the stand-in has no model and always returns ``max_tokens`` tokens.
 A ``cache_salt`` (vLLM's field) keeps the request's cached blocks apart
 from those of requests with another salt or none, as vLLM's hashing does.
 
@@ -73,7 +78,7 @@ from aiohttp import web
 
 from sim.config import ExperimentConfig
 from sim.core.params import MAX_SECONDS
-from sim.vllm_fields import as_json, vllm_field_problem
+from sim.vllm_fields import as_json, unhonoured_field_problem, vllm_field_problem
 from sim.core import POLICY_CLASSES
 from sim.latency import async_without_host_note
 from sim.realtime import FILLER_BASE, FILLER_VOCAB, CallHandle, Conflict, EngineFailed, RealtimeEngine, TooLarge
@@ -273,7 +278,7 @@ def parse_request(body: Any, chat: bool, served_model: str, vocab_size: int | No
         max_tokens = _int(body, "max_tokens", DEFAULT_MAX_TOKENS, 1)
     # A chat request without a cap is capped by vLLM at the context left, not 16, for min_tokens.
     given = not chat or any(body.get(k) is not None for k in ("max_tokens", "max_completion_tokens"))
-    problem = vllm_field_problem(body, chat, max_tokens if given else None)
+    problem = vllm_field_problem(body, chat, max_tokens if given else None) or unhonoured_field_problem(body, chat)
     if problem:
         raise RequestError(problem[1], problem[0])
     model = body.get("model")

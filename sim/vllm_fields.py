@@ -222,6 +222,40 @@ CROSS_CHECKS: list[tuple[bool | None, str, Callable[[dict, int | None], Any], st
 ]
 
 
+# Fields vLLM 0.26.0 acts on by changing what the response holds, which sim serve cannot do: a
+# value other than the default is refused (400), not ignored ("echo": true was a 200 without the
+# prompt). (chat: True, completions: False, both: None), field, asked(value as read), what vLLM does.
+# Accepted on purpose, and documented (README, `sim.serve`): the fields that choose among a model's
+# tokens or end its output early (temperature, top_p, seed, logit_bias, stop, stop_token_ids,
+# bad_words, min_tokens...), as the stand-in has no model: its output is always max_tokens of filler.
+UNHONOURED: list[tuple[bool | None, str, Callable[[Any], bool], str]] = [
+    (None, "echo", lambda v: v is True, "echo the prompt in the response; leave echo out or false"),
+    (False, "logprobs", lambda v: v is not None, "return log probabilities; leave logprobs out or null"),
+    (True, "logprobs", lambda v: v is True, "return log probabilities; leave logprobs out or false"),
+    (None, "prompt_logprobs", lambda v: v is not None,
+     "return the prompt's log probabilities; leave prompt_logprobs out or null"),
+    (None, "use_beam_search", lambda v: v is True, "run beam search; leave use_beam_search out or false"),
+    (None, "return_tokens_as_token_ids", lambda v: v is True,
+     "write each token as 'token_id:N'; leave return_tokens_as_token_ids out or false"),
+    (None, "structured_outputs", lambda v: v is not None,
+     "constrain the output to it; leave structured_outputs out or null"),
+    (None, "response_format", lambda v: v is not None and v.get("type", "text") != "text",
+     "constrain the output to it; leave response_format out, null or {\"type\": \"text\"}"),
+]
+
+
+def unhonoured_field_problem(body: dict[str, Any], chat: bool) -> tuple[str, str] | None:
+    """(field, message) for a value vLLM acts on and sim serve cannot, or None; after
+    `vllm_field_problem`, so each value has its declared type (read as vLLM reads it: "yes" is true)."""
+    fields = CHAT_FIELDS if chat else COMPLETION_FIELDS
+    for where, name, asked, what in UNHONOURED:
+        if where not in (None, chat) or body.get(name) is None:
+            continue
+        if asked(fields[name].read(body[name])):
+            return name, f"{name} {as_json(body[name])}: sim serve does not support it; vLLM would {what}"
+    return None
+
+
 def as_json(value: Any, limit: int = 60) -> str:
     """A value as the client wrote it (JSON), cut to ``limit`` characters, for errors."""
     try:

@@ -947,15 +947,32 @@ VLLM_TAKES = [
     (False, {"stream_options": None}), (True, {"stream": True, "stream_options": {"include_usage": True}}),
     (False, {"temperature": "0.5"}), (False, {"temperature": True}), (False, {"temperature": None}),
     (False, {"temperature": 0}), (False, {"temperature": 2}), (False, {"top_p": "1"}), (False, {"stop": None}),
-    (False, {"stop": "x"}), (False, {"logprobs": 3.0}), (False, {"logprobs": 20}), (False, {"seed": "5"}),
+    (False, {"stop": "x"}), (False, {"seed": "5"}),
     (False, {"seed": -1}), (False, {"logit_bias": {"5": "1"}}), (False, {"logit_bias": {" 5": 1e9}}),
     (False, {"ignore_eos": "true"}), (False, {"ignore_eos": 1}), (False, {"echo": None}), (False, {"best_of": 0}),
     (False, {"no_such_field": {}}), (False, {"model": None}), (False, {"model": ""}), (False, {"min_tokens": 16}),
-    (False, {"prompt_logprobs": 0, "stream": True}), (False, {"logprob_token_ids": [1], "logprobs": 1}),
+    (False, {"logprobs": None}), (True, {"logprobs": False}), (False, {"prompt_logprobs": None}),
+    (False, {"use_beam_search": False}), (True, {"response_format": {"type": "text"}}),
+    (False, {"return_tokens_as_token_ids": "no"}), (True, {"echo": False}),
     (False, {"thinking_token_budget": -1}), (False, {"top_k": "3"}), (False, {"presence_penalty": "-2.0"}),
-    (True, {"suffix": 5}), (True, {"best_of": 0}), (True, {"logprobs": True, "top_logprobs": 5}),
+    (True, {"suffix": 5}), (True, {"best_of": 0}),
     (True, {"top_logprobs": 0}), (True, {"tool_choice": "none"}), (True, {"min_tokens": 100}),
     (True, {"reasoning_effort": "high"}), (True, {"documents": [{"a": "b"}]}),
+]
+
+# vLLM 0.26.0 takes these and acts on them by changing what its response holds; sim serve cannot, so it
+# refuses them (400 naming the field) rather than answer as if they were not there ("echo": true was a 200
+# without the prompt).
+SIM_SERVE_CANNOT = [
+    (False, {"echo": True}, "echo"), (False, {"echo": "yes"}, "echo"), (True, {"echo": True}, "echo"),
+    (False, {"logprobs": 0}, "logprobs"), (False, {"logprobs": 3.0}, "logprobs"), (False, {"logprobs": 20}, "logprobs"),
+    (False, {"logprob_token_ids": [1], "logprobs": 1}, "logprobs"), (True, {"logprobs": True}, "logprobs"),
+    (True, {"logprobs": True, "top_logprobs": 5}, "logprobs"),
+    (False, {"prompt_logprobs": 0, "stream": True}, "prompt_logprobs"), (True, {"prompt_logprobs": 2}, "prompt_logprobs"),
+    (False, {"use_beam_search": True}, "use_beam_search"),
+    (True, {"return_tokens_as_token_ids": True}, "return_tokens_as_token_ids"),
+    (True, {"structured_outputs": {"regex": "[0-9]+"}}, "structured_outputs"),
+    (False, {"response_format": {"type": "json_object"}}, "response_format"),
 ]
 
 
@@ -984,6 +1001,37 @@ def test_stream_options_without_stream_is_refused_before_the_fields_sim_serve_re
 @pytest.mark.parametrize("chat,extra", VLLM_TAKES)
 def test_fields_vllm_takes_are_taken(chat, extra):
     parse_request(_body(chat, extra), chat=chat, served_model="sim")
+
+
+@pytest.mark.parametrize("chat,extra,param", SIM_SERVE_CANNOT)
+def test_fields_vllm_acts_on_and_sim_serve_cannot_are_refused_not_ignored(chat, extra, param):
+    with pytest.raises(RequestError) as err:
+        parse_request(_body(chat, extra), chat=chat, served_model="sim")
+    assert (err.value.status, err.value.param) == (400, param)
+    assert err.value.message.startswith(f"{param} {json.dumps(extra[param])}: sim serve does not support it; vLLM "
+                                        "would ")
+
+
+def test_echo_true_is_refused_over_http_and_false_is_fine():
+    """"echo": true was type-checked, then ignored: a 200 without the prompt vLLM would have echoed."""
+    async def go():
+        server, engine = await start_engine()
+        out = []
+        try:
+            async with aiohttp.ClientSession() as s:
+                for echo in (True, False):
+                    async with s.post(server.url + "/v1/completions",
+                                      json={"prompt": [1, 2], "max_tokens": 1, "echo": echo}) as r:
+                        out.append((r.status, await r.json()))
+        finally:
+            await server.stop()
+        return out
+
+    (refused, doc), (taken, _) = run(go())
+    assert (refused, taken) == (400, 200)
+    assert doc["error"]["param"] == "echo"
+    assert doc["error"]["message"] == ("echo true: sim serve does not support it; vLLM would echo the prompt in the "
+                                       "response; leave echo out or false")
 
 
 def test_field_errors_name_field_expected_and_got():
@@ -1031,7 +1079,7 @@ def test_a_model_that_is_not_a_string_is_a_400_not_a_404_over_http():
 
 
 def test_the_field_cases_are_what_vllm_itself_answers():
-    """VLLM_REFUSES and VLLM_TAKES, checked against vLLM 0.26.0's own request models and SamplingParams
+    """VLLM_REFUSES, VLLM_TAKES and SIM_SERVE_CANNOT (vLLM takes them), checked against vLLM 0.26.0's own request models and SamplingParams
     (the server's 400s short of the model: max_logprobs 20, a Llama-3 vocabulary)."""
     from types import SimpleNamespace
 
@@ -1053,7 +1101,8 @@ def test_the_field_cases_are_what_vllm_itself_answers():
             return True
         return False
 
-    cases = [(chat, extra, True) for chat, extra, _ in VLLM_REFUSES] + [(c, e, False) for c, e in VLLM_TAKES]
+    cases = [(chat, extra, True) for chat, extra, _ in VLLM_REFUSES] + [(c, e, False) for c, e in VLLM_TAKES] + [
+        (c, e, False) for c, e, _ in SIM_SERVE_CANNOT]
     wrong = [(chat, extra) for chat, extra, refused in cases if vllm_refuses(chat, _body(chat, extra)) != refused]
     assert wrong == []
 
