@@ -95,8 +95,9 @@ def test_error_table_on_hand_made_replays(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "engine", "validate", str(d_fcfs), "--experiment", "tiny",
                            "--experiments", str(exp), "--json", str(tmp_path / "afile" / "v.json")],
                           capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr
-    assert proc.stderr == f"python -m engine validate: error: {tmp_path / 'afile' / 'v.json'}: Not a directory\n"
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr  # found before simulating, naming --json
+    assert proc.stderr == (f"python -m engine validate: error: --json {tmp_path / 'afile' / 'v.json'}: "
+                           f"{tmp_path / 'afile'} is not a directory\n")
 
 
 def test_override_changes_the_simulation(tmp_path):
