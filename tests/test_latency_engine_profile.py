@@ -249,13 +249,18 @@ def test_a_path_problem_is_found_before_the_profile_runs(tmp_path, monkeypatch):
     assert args.run(args) == 2
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes anywhere")
-def test_a_directory_that_takes_no_files_is_refused(tmp_path):
+def test_a_directory_that_takes_no_files_is_refused(tmp_path, monkeypatch, capsys):
+    """A directory the user may not write in. Root writes anywhere, so the permission is
+    denied by ``os.access`` itself, the check `path_problem` makes, not by a chmod."""
+    import traces.argtypes
+
     locked = tmp_path / "locked"
-    locked.mkdir(mode=0o500)
-    try:
-        proc = _profile(tmp_path, "-o", "locked/p.csv")
-    finally:
-        locked.chmod(0o700)
-    assert proc.returncode == 2
-    assert proc.stderr == "python -m engine profile: error: -o/--output locked/p.csv: cannot write there: permission denied\n"
+    locked.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(traces.argtypes.os, "access",
+                        lambda path, mode: False if Path(path) == locked else real_access(path, mode))
+    monkeypatch.setattr(eprof, "gpu_problem", lambda: pytest.fail("checked the GPU before -o"))
+    args = build_parser().parse_args(["profile", "-o", str(locked / "p.csv")])
+    assert args.run(args) == 2
+    assert capsys.readouterr().err == (f"python -m engine profile: error: -o/--output {locked / 'p.csv'}: "
+                                       "cannot write there: permission denied\n")
