@@ -147,6 +147,13 @@ class RealtimeEngine:
         self.cfg = cfg
         self.policy = policy
         self.index = index
+        if model.vocab_size < FILLER_BASE + FILLER_VOCAB:
+            # The stand-in's own tokens (outputs, a text prompt's ids) and the replayer's would lie past
+            # the vocabulary, and a client re-sending them would be refused as out of it.
+            raise ValueError(f"engine.model: {model.name!r} has vocab_size {model.vocab_size:,}; the stand-in's "
+                             f"filler tokens use ids {FILLER_BASE:,} to {FILLER_BASE + FILLER_VOCAB - 1:,} (as "
+                             f"python -m engine replay's do), so sim serve needs vocab_size >= "
+                             f"{FILLER_BASE + FILLER_VOCAB:,}")
         self.vocab_size = model.vocab_size  # prompt ids at or past it are refused, as vLLM refuses them
         self.capacity_blocks = num_kv_blocks(eng, model, gpu)
         self.max_tokens_per_call = self.capacity_blocks * eng.block_size

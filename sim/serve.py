@@ -237,6 +237,7 @@ def parse_request(body: Any, chat: bool, served_model: str, vocab_size: int | No
     ids must be below (None: not checked)."""
     if not isinstance(body, dict):
         raise RequestError(f"the request body must be a JSON object, got {json_type(body)}")
+    client_ids = False  # a prompt the client gave as token ids, checked against the vocabulary
     if body.get("stream_options") and not body.get("stream"):  # vLLM's validate_stream_options, a
         # mode="before" validator on the raw body: before the fields read here (pydantic runs vLLM's
         # later-defined before-validators, on prompt, cache_salt or tool_choice, earlier still)
@@ -267,14 +268,10 @@ def parse_request(body: Any, chat: bool, served_model: str, vocab_size: int | No
             prompt_ids = text_token_ids(prompt)
         elif isinstance(prompt, list) and prompt and all(type(t) is int and t >= 0 for t in prompt):
             prompt_ids = list(prompt)
+            client_ids = True
         else:
             raise RequestError("prompt must be a string or a non-empty list of token ids >= 0 (one prompt per "
                                f"request), got {_short(prompt)}", "prompt")
-        if vocab_size is not None and max(prompt_ids) >= vocab_size:  # as vLLM's InputProcessor, whose own
-            # words are "Token id N is out of vocabulary"; it was a 200 here
-            raise RequestError(f"prompt has token id {max(prompt_ids)}, out of the model's vocabulary (ids 0 to "
-                               f"{vocab_size - 1}); vLLM refuses it: Token id {max(prompt_ids)} is out of "
-                               "vocabulary", "prompt")
         max_tokens = _int(body, "max_tokens", DEFAULT_MAX_TOKENS, 1)
     # A chat request without a cap is capped by vLLM at the context left, not 16, for min_tokens.
     given = not chat or any(body.get(k) is not None for k in ("max_tokens", "max_completion_tokens"))
@@ -285,6 +282,12 @@ def parse_request(body: Any, chat: bool, served_model: str, vocab_size: int | No
     if model and model != served_model:
         # As vLLM's OpenAI server: a request for another model is a 404 (an empty name means this one).
         raise RequestError(f"the model {model!r} does not exist; this engine serves {served_model!r}", "model", 404)
+    if client_ids and vocab_size is not None and max(prompt_ids) >= vocab_size:
+        # As vLLM's InputProcessor (its words: "Token id N is out of vocabulary"), after the field and
+        # model checks as there; it was a 200 here. A text prompt's ids are the stand-in's own.
+        raise RequestError(f"prompt has token id {max(prompt_ids)}, out of the model's vocabulary (ids 0 to "
+                           f"{vocab_size - 1}); vLLM refuses it: Token id {max(prompt_ids)} is out of "
+                           "vocabulary", "prompt")
     n = _int(body, "n", 1, 1)
     if n != 1:
         raise RequestError(f"n must be 1 (one completion per request), got {n}", "n")

@@ -1211,3 +1211,35 @@ def test_the_replayers_and_the_stand_ins_own_ids_are_inside_every_shipped_models
         assert TOKEN_RANGE[1] <= vocab, name
     ids = source_ids(12345, 0, 10_000)
     assert FILLER_BASE <= min(ids) and max(ids) < FILLER_BASE + FILLER_VOCAB
+
+
+def test_only_prompts_given_as_ids_are_checked_against_the_vocabulary_and_after_the_model():
+    """A text prompt's ids are the stand-in's own (1,000 to 100,999): they were checked too, so a text
+    prompt got a 400 about an id the client never sent. vLLM answers a request for another model 404
+    before its input processor looks at ids."""
+    small = 50_000
+    text = parse_request({"prompt": "Hello, how are you today?" * 20, "max_tokens": 2}, False, "sim", small)
+    assert max(text.prompt_ids) >= small  # the stand-in's own ids, not the client's: taken
+    with pytest.raises(RequestError) as err:
+        parse_request({"prompt": [1, small], "max_tokens": 2}, False, "sim", small)
+    assert (err.value.status, err.value.param) == (400, "prompt")
+    with pytest.raises(RequestError) as err:
+        parse_request({"model": "other", "prompt": [999_999], "max_tokens": 2}, False, "sim", small)
+    assert (err.value.status, err.value.param) == (404, "model")
+
+
+def test_sim_serve_refuses_a_model_whose_vocabulary_cannot_hold_the_filler_tokens(tmp_path):
+    """With vocab_size 32,000 the stand-in answered with ids past the vocabulary, which a client
+    re-sending its history (the replayer's context_of) then had refused."""
+    from pathlib import Path
+
+    spec = json.loads((Path(__file__).resolve().parents[1] / "sim/specs/llama-3.1-8b.model.json").read_text())
+    spec["vocab_size"] = 32_000
+    path = tmp_path / "llama2ish.model.json"
+    path.write_text(json.dumps(spec))
+    proc = subprocess.run([sys.executable, "-m", "sim", "serve", "--model", str(path), "--port", "0"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].endswith(
+        "has vocab_size 32,000; the stand-in's filler tokens use ids 1,000 to 100,999 (as python -m engine "
+        "replay's do), so sim serve needs vocab_size >= 101,000")
