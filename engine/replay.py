@@ -181,13 +181,21 @@ class HTTPTarget:
         try:
             async with self._session.get(url) as r:
                 if r.status >= 400:
-                    why = f"HTTP {r.status}: {' '.join((await r.text())[:200].split())}"
+                    body = (await r.read())[:200].decode("utf-8", "replace")
+                    why = f"HTTP {r.status}: {' '.join(body.split())}"
                 else:
-                    why = _model_list_problem(doc := await r.json(content_type=None))
+                    try:
+                        doc = await r.json(content_type=None)
+                    except aiohttp.ClientError:
+                        raise
+                    except ValueError:  # only the body's own decoding: aiohttp's certificate and URL
+                        # errors are ValueErrors too, and read as "not JSON"
+                        doc = None
+                        why = "the answer is not JSON (expected OpenAI's model list)"
+                    else:
+                        why = _model_list_problem(doc)
                     if why is None:
                         return str(doc["data"][0]["id"])
-        except ValueError:  # not JSON
-            why = "the answer is not JSON (expected OpenAI's model list)"
         except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
             why = self._failure(exc)
         raise ReplayError(f"{url}: cannot learn the model name ({why}); pass --model")
@@ -707,12 +715,15 @@ def option_problem(args: argparse.Namespace, out: str) -> str | None:
 
 def target_path_problem(url: urllib.parse.SplitResult) -> str | None:
     """Why --target is not the server's base URL, to which the replay appends /v1/models,
-    /v1/completions and /v1/programs/ID, or None. A path ending in /v1 asked for /v1/v1/models (a
-    404, reported as "cannot learn the model name ('data')"). A server behind a prefix (a proxy's
+    /v1/completions and /v1/programs/ID, or None. A path ending in /v1 (or /v1/completions) asked
+    for /v1/v1/models (a 404, reported as "cannot learn the model name ('data')"). A server behind a prefix (a proxy's
     /sim) is a base URL; a ?query or #fragment cannot be one."""
     segments = [s for s in url.path.split("/") if s]
-    if "v1" in segments:
-        base = url._replace(path="/".join([""] + segments[:segments.index("v1")]), query="", fragment="").geturl()
+    # /v1 last, or /v1 and one of the routes the replay appends: a proxy's own /v1/engine0 is a base URL.
+    at = next((i for i in range(len(segments)) if segments[i] == "v1" and
+               (segments[i + 1:] == [] or segments[i + 1:] in (["models"], ["completions"], ["programs"]))), None)
+    if at is not None:
+        base = url._replace(path="/".join([""] + segments[:at]), query="", fragment="").geturl()
         return (f"the replay appends /v1/... to it itself; expected the server's base URL, without /v1 "
                 f"(here {base})")
     if url.query or url.fragment:

@@ -665,6 +665,9 @@ def test_model_name_discovery_says_why_it_failed():
     why = {p: got[p].removeprefix(f"{url}{p}/v1/models: cannot learn the model name (").removesuffix("); pass --model")
            for p in got if p != "/good"}
     assert got["/good"] == "m"
+    # aiohttp's certificate and URL errors are ValueErrors too: named as themselves, not "not JSON".
+    assert run(learn("http://127.0.0.1:99999")) == ("http://127.0.0.1:99999/v1/models: cannot learn the model name "
+                                                    "(InvalidUrlClientError: http://127.0.0.1:99999/v1/models); pass --model")
     assert why == {"/missing": 'HTTP 404: {"detail": "Not Found"}',
                    "/empty": "the server lists no model",
                    "/other": "the answer has no 'data' list (expected OpenAI's model list)",
@@ -691,6 +694,10 @@ def test_a_target_behind_a_path_prefix_is_a_base_url():
     import urllib.parse
 
     assert replay_mod.target_path_problem(urllib.parse.urlsplit("http://h:1/sim")) is None
+    # A proxy's own v1 segment is no API path: only /v1 last, or /v1/ and a route the replay appends.
+    assert replay_mod.target_path_problem(urllib.parse.urlsplit("http://h:1/v1/proxy/engine0")) is None
+    assert "(here http://h:1/v1/proxy)" in replay_mod.target_path_problem(
+        urllib.parse.urlsplit("http://h:1/v1/proxy/v1/models"))
     assert replay_mod.target_path_problem(urllib.parse.urlsplit("http://h:1/")) is None
     assert replay_mod.target_path_problem(urllib.parse.urlsplit("http://h:1/?x=1")) == (
         "a base URL takes no ?query or #fragment, as the replay appends /v1/... to it")
