@@ -707,7 +707,11 @@ def _key_kind(key: Any) -> str:
 
 
 def _show(value: Any) -> str:
+    """A YAML value as a message shows it: its kind for a container or null, a boolean as YAML
+    writes it (false, not Python's False), else its repr."""
     kind = {dict: "a mapping", list: "a list", type(None): "null"}.get(type(value))
+    if isinstance(value, bool):
+        return str(value).lower()
     return kind if kind else f"{value!r}"
 
 

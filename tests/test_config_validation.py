@@ -683,7 +683,7 @@ def trace_exp(exp, tmp_path):
 
 @pytest.mark.parametrize("extra, overrides, message", [
     ("", ["workload.params=false"], "--set workload.params=false: experiment 't': workload.params: params apply "
-     "to a generator, not to a trace file; got False"),
+     "to a generator, not to a trace file; got false"),
     ("", ["workload.params=0"], "--set workload.params=0: experiment 't': workload.params: params apply to a "
      "generator, not to a trace file; got 0"),
     ("", ["workload.params={programs: 5}"], "--set workload.params={programs: 5}: experiment 't': workload.params: "

@@ -267,7 +267,7 @@ def test_missing_file(tmp_path):
 
 @pytest.mark.parametrize("section, what", [("defaults", "a mapping"), ("sweeps", "a mapping of sweep names")])
 @pytest.mark.parametrize("value, got", [
-    ("[]", "a list"), ('""', "''"), ("0", "0"), ("false", "False"), ("5", "5"),
+    ("[]", "a list"), ('""', "''"), ("0", "0"), ("false", "false"), ("5", "5"),
     ("null", "null (a section with nothing under it); remove it, or give it keys"),
     ("", "null (a section with nothing under it); remove it, or give it keys"),
 ])

@@ -329,10 +329,12 @@ def test_a_fit_of_an_engine_profile_is_checked_by_its_spec_names_not_the_device_
             build(cfg, load_model("llama-3.1-8b"), load_gpu(gpu))
     # The way out is in the message: a device's own name is never a spec's.
     with pytest.raises(FittedElsewhere, match=r"; a profile names the spec it was taken on with a '# model_spec:' "
-                                              r"line and a '# gpu_spec:' line$"):
+                                              r"line and a '# gpu_spec:' line \(a GPU or model no shipped spec "
+                                              r"describes needs its own spec file, given by path: engine.gpu: "
+                                              r"my.gpu.json\)$"):
         build(cfg, load_model("llama-3.1-8b"), load_gpu("h100"))
     path.write_text(json.dumps({**raw, "provenance": {k: measured[k] for k in ("gpu", "model", "model_spec")}}))
-    with pytest.raises(FittedElsewhere, match=r"1 x NVIDIA H100 80GB HBM3, .* with a '# gpu_spec:' line$"):
+    with pytest.raises(FittedElsewhere, match=r"1 x NVIDIA H100 80GB HBM3, .* with a '# gpu_spec:' line \(a GPU"):
         build(cfg, load_model("llama-3.1-8b"), load_gpu("h100"))
 
 

@@ -92,7 +92,8 @@ def test_columns_in_any_order():
         # any other key fitted (exit 0) and was dropped from the fitted model's provenance
         (text(*GOOD, extra="# colour: blue\n"), ":3: colour: unknown key; valid keys: gpu, model, gpu_spec, "
                                                  "model_spec, engine, source, source_sha256, date, derived, "
-                                                 "tensor_parallel, host_per_step, host_per_seq"),
+                                                 "tensor_parallel, host_per_step, host_per_seq (a comment "
+                                                 "line has no colon)"),
         (text(*GOOD, extra="# tensor_parallel: 0\n"),
          ":3: tensor_parallel: expected the GPUs per replica, an integer >= 1, got '0'"),
         (text(*GOOD, extra="# tensor_parallel: four\n"), ":3: tensor_parallel: expected the GPUs per replica"),

@@ -375,6 +375,10 @@ def test_mooncake_bad_rows(tmp_path, row, field, message):
          "2: field 'hash_ids': expected integers of at most 4300 digits, got a 5001-digit integer"),
         ('{"timestamp":-1' + "0" * 5000 + ',"input_length":1,"output_length":1,"hash_ids":[1]}',
          "2: field 'timestamp': expected a number of milliseconds >= 0, got a 5001-digit negative integer"),
+        # Read as 0.0, it was "expected ... >= 0, got 1e-400 (a float reads it as 0.0)".
+        ('{"timestamp":1e-400,"input_length":1,"output_length":1,"hash_ids":[1]}',
+         "2: field 'timestamp': expected a number of milliseconds a float holds (nothing is rounded to 0 or "
+         "infinity), got 1e-400 (a float reads it as 0.0)"),
     ],
     ids=lambda value: value[:60],  # the long rows would make test names of thousands of characters
 )

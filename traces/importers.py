@@ -29,7 +29,7 @@ import numpy as np
 
 from traces.arrivals import arrival_times
 from traces.format import MAX_SECONDS, MAX_TOKENS, Call, Program
-from traces.validate import SECOND_BOM, LongInt, TraceError, decode_jsonl_line, parse_json_int, reading, show, unique_keys
+from traces.validate import SECOND_BOM, LongInt, RoundedFloat, TraceError, decode_jsonl_line, parse_json_int, reading, show, unique_keys
 
 IMPORTERS = ("azure", "sharegpt", "mooncake")
 
@@ -426,6 +426,9 @@ def _mooncake_row(obj: Any) -> tuple[Any, int, int, tuple[int, ...]]:
     if type(ts) is LongInt and not ts.negative:  # >= 0, but too long to read: say so, not ">= 0"
         raise TraceError(f"expected a number of milliseconds of at most {digits} digits, got {show(ts)}",
                          field="timestamp")
+    if type(ts) is RoundedFloat:  # 1e-400 read as 0.0: not ">= 0", which it is
+        raise TraceError(f"expected a number of milliseconds a float holds (nothing is rounded to 0 or "
+                         f"infinity), got {ts!r}", field="timestamp")
     if type(ts) not in (int, float) or (type(ts) is float and not math.isfinite(ts)) or ts < 0:
         raise TraceError(f"expected a number of milliseconds >= 0, got {show(ts)}", field="timestamp")
     if type(ts) is float and math.ulp(ts) > 1:

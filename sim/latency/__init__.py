@@ -130,7 +130,9 @@ def _fitted_elsewhere(provenance: dict, model: ModelSpec, gpu: GPUSpec, gpus: in
     if unnamed:
         # A device's own name ("NVIDIA H200") is never a spec's: a profile of this engine taken on a GPU
         # `engine.profile` has no spec name for needs the spec named in the profile, then fitted again.
-        why += "; a profile names the spec it was taken on with " + " and ".join(f"a '# {k}_spec:' line" for k in unnamed)
+        why += ("; a profile names the spec it was taken on with " + " and ".join(f"a '# {k}_spec:' line" for k in unnamed)
+                + " (a GPU or model no shipped spec describes needs its own spec file, given by path: engine.gpu: "
+                "my.gpu.json)")
     return why
 
 

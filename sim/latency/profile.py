@@ -9,6 +9,7 @@ Format (UTF-8 text)::
 
     # autellix-latency-profile v1
     # gpu: NVIDIA A100-SXM4-80GB
+    # gpu_spec: a100-80gb
     # model: llama-3.1-8b
     # engine: vllm 0.26.0
     # source: python -m engine profile
@@ -176,7 +177,8 @@ def parse_profile(text: str, origin: str = "<profile>") -> Profile:
             elif _near_host_key(key):  # a near miss would be ignored, and the host time be 0
                 raise ProfileError(f"{where}: misspelt host key; expected {' or '.join(HOST_KEYS)}")
             elif key not in KEYS:
-                raise ProfileError(f"{where}: unknown key; valid keys: {', '.join(KEYS)}")
+                raise ProfileError(f"{where}: unknown key; valid keys: {', '.join(KEYS)} (a comment line "
+                                   "has no colon)")
             provenance[key] = value
         i += 1
     if i == len(lines):
