@@ -393,11 +393,10 @@ def test_fit_errors_name_the_profile_and_the_output_option(tmp_path, capsys):
     assert capsys.readouterr().err.startswith(f"error: {small}: profile has 3 steps; ")
     (tmp_path / "adir").mkdir()
     assert fit_latency_main([str(small), "-o", str(tmp_path / "adir")]) == 1  # before reading the profile
-    assert capsys.readouterr().err == (f"error: -o {tmp_path / 'adir'}: is a directory; expected the fitted model "
-                                       f"JSON file to write\n")
+    assert capsys.readouterr().err == f"error: -o {tmp_path / 'adir'}: is a directory, expected a file to write\n"
     assert fit_latency_main([str(good), "-o", str(tmp_path / "none" / "x.json")]) == 1
-    assert capsys.readouterr().err == (f"error: -o {tmp_path / 'none' / 'x.json'}: no such directory "
-                                       f"'{tmp_path / 'none'}' to write the fitted model in\n")
+    assert capsys.readouterr().err == (f"error: -o {tmp_path / 'none' / 'x.json'}: directory {tmp_path / 'none'} "
+                                       f"does not exist\n")
 
 
 @pytest.mark.parametrize("fraction", [1e-9, 0.9999999])

@@ -54,7 +54,7 @@ from sim.hardware import json_key_line
 from sim.latency.base import StepShape
 from sim.textout import MAX_COUNT, brief
 from sim.latency.profile import COPIED_KEYS, TENSOR_PARALLEL, Profile, ProfileError, ProfileRow, gpu_count, read_profile
-from traces.argtypes import int_at_least, number, positive_float
+from traces.argtypes import int_at_least, number, path_problem, positive_float
 from traces.validate import TraceError, parse_json_int, unique_keys
 
 MODELS_DIR = Path(__file__).parent / "models"
@@ -324,9 +324,9 @@ def fit_profile(rows: Sequence[ProfileRow], name: str = "fitted", provenance: di
 def fit_command(profile_path: str | Path, out_path: str | Path, name: str | None = None,
                 test_fraction: float = 0.2, seed: int = 0) -> tuple[FittedLatency, dict[str, Any]]:
     """Read a profile CSV, fit it, write the model JSON; returns the model and report."""
-    output_problem = _output_problem(Path(out_path))
+    output_problem = path_problem(str(out_path), "-o")
     if output_problem:  # before the fit, which takes a while: "Is a directory" then named no option
-        raise FitError(f"-o {out_path}: {output_problem}")
+        raise FitError(output_problem)
     profile = read_profile(profile_path)
     _check_engine_named(profile, profile_path)
     name = name or Path(out_path).stem
@@ -346,18 +346,6 @@ def fit_command(profile_path: str | Path, out_path: str | Path, name: str | None
     except OSError as exc:
         raise FitError(f"-o {out_path}: cannot write the fitted model: {exc.strerror or exc}") from None
     return model, report
-
-
-def _output_problem(path: Path) -> str | None:
-    """Why the fitted model cannot be written at ``path``, or None; checked before fitting."""
-    if path.is_dir():
-        return "is a directory; expected the fitted model JSON file to write"
-    if path.exists() and not path.is_file():
-        return "is not a regular file; expected the fitted model JSON file to write"
-    parent = path.parent
-    if not parent.is_dir():
-        return f"no such directory {str(parent)!r} to write the fitted model in"
-    return None
 
 
 def _check_engine_named(profile: Profile, origin: str | Path) -> None:
