@@ -281,14 +281,22 @@ def _check_status(where: str, row: dict[str, Any]) -> None:
                          f"(a point that did not finish is 'failed')")
 
 
+def _point_of(row: dict[str, Any]) -> tuple | None:
+    """The curve point a row is, (group, policy, rate), of which a table holds one row; None
+    for a row without a rate (no point of any curve)."""
+    if not _finite(row.get("rate")):
+        return None
+    return group_key(row), row["policy"], row["rate"]
+
+
 def _check_one_row_per_point(located: Sequence[tuple[str, dict[str, Any]]]) -> None:
     """One row per policy, rate and curve across every table given, as `curves` needs; checked
     here, where each row's file and line are known (a table given twice, a swept key's column removed)."""
     seen: dict[tuple, str] = {}
     for where, row in located:
-        if not _finite(row.get("rate")):
+        key = _point_of(row)
+        if key is None:
             continue
-        key = (group_key(row), row["policy"], row["rate"])
         if key in seen:
             raise TableError(
                 f"{where}: policy {row['policy']!r} at rate {row['rate']} of {group_label(key[0])} "
@@ -433,10 +441,11 @@ def curves(rows: Iterable[dict[str, Any]]) -> dict[tuple, dict[str, Curve]]:
     out: dict[tuple, dict[str, Curve]] = {}
     seen: dict[tuple, dict[str, Any]] = {}
     for r in rows:
-        if not _finite(r.get("rate")):
+        point = _point_of(r)
+        if point is None:
             continue
-        g = group_key(r)
-        first = seen.setdefault((g, r["policy"], r["rate"]), r)
+        g = point[0]
+        first = seen.setdefault(point, r)
         if first is not r:  # a curve is a function of the rate; averaging or picking one would hide it
             raise TableError(
                 f"{_row_name(first)} and {_row_name(r)} are both policy {r['policy']!r} at rate {r['rate']} of "
