@@ -27,7 +27,9 @@ Prompts: a list of token ids is used as is. Text is not tokenised (there is
 no tokenizer); it counts as one token per 4 UTF-8 bytes (rounded up, the
 usual rule of thumb for English BPE), with each 4-byte chunk mapped to a
 token id, so identical text prefixes still share cache blocks. Chat
-messages become the text ``"{role}: {content}\\n"`` per message.
+messages become the text ``"{role}: {content}\\n"`` per message, after the
+``tools`` (when given) as ``"tools: {JSON}\\n"``: a chat template renders
+them into the prompt too.
 
 Program identity and priority come from ``vllm_xargs`` in the body
 (``program_id``, ``thread_id``, ``program_service``,
@@ -246,7 +248,11 @@ def parse_request(body: Any, chat: bool, served_model: str, vocab_size: int | No
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             raise RequestError("messages must be a non-empty list", "messages")
-        parts = []
+        # A chat template renders the tool definitions into the prompt as JSON (Llama 3.1's in the first
+        # user turn), so an agent's tools cost prompt tokens on its every call; they were not counted.
+        # Put first, they are a prefix every call with the same tools shares, as a system prompt is.
+        tools = body.get("tools")
+        parts = [f"tools: {json.dumps(tools, sort_keys=True)}\n"] if tools else []
         for i, m in enumerate(messages):
             if not isinstance(m, dict):
                 raise RequestError(f"messages[{i}]: expected an object, got {json_type(m)}", "messages")

@@ -1243,3 +1243,21 @@ def test_sim_serve_refuses_a_model_whose_vocabulary_cannot_hold_the_filler_token
     assert proc.stderr.strip().splitlines()[-1].endswith(
         "has vocab_size 32,000; the stand-in's filler tokens use ids 1,000 to 100,999 (as python -m engine "
         "replay's do), so sim serve needs vocab_size >= 101,000")
+
+
+def test_a_chat_requests_tools_count_in_its_prompt_and_are_a_shared_prefix():
+    """A chat template renders `tools` into the prompt; the stand-in counted none of their tokens."""
+    tools = [{"type": "function", "function": {"name": "get_weather", "description": "The weather in a city.",
+                                               "parameters": {"type": "object",
+                                                              "properties": {"city": {"type": "string"}}}}}]
+    first = [{"role": "user", "content": "Weather in Paris?"}]
+    second = [{"role": "user", "content": "And in Rome, tomorrow morning?"}]
+    plain = parse_request({"messages": first}, chat=True, served_model="m")
+    with_tools = parse_request({"messages": first, "tools": tools}, chat=True, served_model="m")
+    tools_text = f"tools: {json.dumps(tools, sort_keys=True)}\n"
+    assert with_tools.prompt_ids == text_token_ids(tools_text + "user: Weather in Paris?\n")
+    assert len(with_tools.prompt_ids) == 53 and len(plain.prompt_ids) == 6  # ceil((186 + 24) / 4) and 24 / 4
+    other = parse_request({"messages": second, "tools": tools}, chat=True, served_model="m")
+    shared = len(tools_text.encode()) // 4  # the 4-byte chunks wholly inside the tools' text
+    assert other.prompt_ids[:shared] == with_tools.prompt_ids[:shared]
+    assert parse_request({"messages": first, "tools": None}, chat=True, served_model="m").prompt_ids == plain.prompt_ids
