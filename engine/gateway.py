@@ -162,6 +162,7 @@ import json
 import logging
 import math
 import re
+import socket
 import sys
 import uuid
 from collections import deque
@@ -317,6 +318,28 @@ def engine_key(parts: SplitResult) -> tuple[str, str, int, str]:
         pass
     port = parts.port if parts.port is not None else {"http": 80, "https": 443}[parts.scheme]
     return parts.scheme, host, port, parts.path.rstrip("/")
+
+
+def same_server_by_address(engines: list[str]) -> str | None:
+    """Why two engine URLs are one server reached by different host names (``localhost`` and
+    ``127.0.0.1``), or None. `engine_key` compares spellings only, so such a pair started and the
+    server took two engines' share of calls. Names are resolved as a connection resolves them; two
+    sharing an address (same scheme, port and path) are one server. A name that does not resolve
+    is not compared: the health checks report an engine that cannot be reached."""
+    seen: dict[tuple[str, str, int, str], int] = {}
+    for i, url in enumerate(engines):
+        parts = urlsplit(url)
+        scheme, _, port, path = engine_key(parts)
+        try:
+            found = socket.getaddrinfo(parts.hostname, port, type=socket.SOCK_STREAM)
+        except (OSError, UnicodeError):  # socket.gaierror is an OSError; a label past 63 bytes a UnicodeError
+            continue
+        for address in dict.fromkeys(ipaddress.ip_address(info[4][0].split("%")[0]).compressed for info in found):
+            first = seen.setdefault((scheme, address, port, path), i)
+            if first != i:
+                return (f"--engine {url}: the same server as --engine {engines[first]} (engine {first}), as both "
+                        f"reach {address} port {port}; give each engine once")
+    return None
 
 
 @dataclass
@@ -1248,6 +1271,9 @@ def run(args: argparse.Namespace) -> int:
         cfg = GatewayConfig(engines=args.engine, balancer=args.balancer, ttl=args.ttl, policy=args.policy,
                             max_body=args.max_body, health_interval=args.health_interval,
                             health_timeout=args.health_timeout, **given)
+        problem = same_server_by_address(cfg.engines)
+        if problem:
+            raise ValueError(problem)
         gateway = Gateway(cfg)
     except ValueError as exc:
         print(f"python -m engine gateway: error: {exc}", file=sys.stderr)

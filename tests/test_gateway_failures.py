@@ -17,7 +17,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from engine.gateway import GatewayConfig
+from engine.gateway import GatewayConfig, same_server_by_address
 from engine.replay import HTTPTarget, ReplayError
 from engine.sse import DONE, SSEParser
 from test_serve_helpers import Running, run, start_app, start_gw, wait_for
@@ -361,3 +361,24 @@ def test_concurrent_calls_failing_on_one_outage_set_the_first_backoff_once():
 
     statuses, down_for = run(go())
     assert statuses == [200] * 12 and 0 < down_for <= 1.0
+
+
+def test_one_server_under_two_host_names_is_refused_at_start():
+    """`http://localhost:P` and `http://127.0.0.1:P` passed the spelling check and both started, so one
+    server took two engines' share of calls. Names that share no address, or do not resolve, are let be."""
+    import socket
+
+    assert "127.0.0.1" in {info[4][0] for info in socket.getaddrinfo("localhost", 43004, type=socket.SOCK_STREAM)}
+    proc = subprocess.run([sys.executable, "-m", "engine", "gateway", "--port", "0", "--engine",
+                           "http://localhost:43004", "--engine", "http://127.0.0.1:43004/"],
+                          capture_output=True, text=True, timeout=20)
+    assert proc.returncode == 1
+    assert proc.stderr == ("python -m engine gateway: error: --engine http://127.0.0.1:43004: the same server as "
+                           "--engine http://localhost:43004 (engine 0), as both reach 127.0.0.1 port 43004; give "
+                           "each engine once\n")
+    for distinct in (["http://localhost:43004", "http://127.0.0.1:43005"],  # another port
+                     ["http://localhost:43004", "https://127.0.0.1:43004"],  # another scheme
+                     ["http://localhost:43004", "http://127.0.0.1:43004/v2"],  # another path
+                     ["http://127.0.0.2:43004", "http://127.0.0.1:43004"],  # another loopback address
+                     ["http://no-such-engine.invalid:43004", "http://127.0.0.1:43004"]):  # resolves to nothing
+        assert same_server_by_address(distinct) is None, distinct
