@@ -199,15 +199,23 @@ def test_the_gateway_cli_refuses_an_engine_given_twice():
     assert GatewayConfig(engines=["http://h:1", "https://h:1", "http://h:2", "http://h:1/v2"]).engines[3] == "http://h:1/v2"
 
 
-def _free_port_url() -> str:
-    """A port nobody listens on: bind-and-close leaves it free."""
+def _free_port_urls(n: int) -> list[str]:
+    """``n`` distinct ports nobody listens on: bind-and-close leaves each free. All are bound before any is
+    closed, as two binds one after the other may draw the same port, and the gateway refuses an engine twice."""
     import socket
 
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    sock.close()
-    return url
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for sock in socks:
+            sock.bind(("127.0.0.1", 0))
+        return [f"http://127.0.0.1:{sock.getsockname()[1]}" for sock in socks]
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def _free_port_url() -> str:
+    return _free_port_urls(1)[0]
 
 
 @pytest.mark.parametrize("balancer", ["locality", "least_used", "round_robin"])
@@ -241,7 +249,7 @@ def test_an_unreachable_engine_is_left_out_and_its_calls_go_to_another(balancer)
 
 def test_every_engine_unreachable_is_one_502_naming_each():
     async def go():
-        urls = [_free_port_url(), _free_port_url()]
+        urls = _free_port_urls(2)
         gw, gateway = await start_gw(urls)
         try:
             async with aiohttp.ClientSession() as s:
