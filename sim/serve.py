@@ -55,6 +55,8 @@ vLLM ignores them. Fields vLLM acts on by changing what the response holds
 not answered as if absent; those that only choose among a model's tokens or
 end its output early (``temperature``, ``stop``, ``min_tokens``...) are
 taken, as the stand-in has no model and always returns ``max_tokens`` tokens.
+A ``priority`` is checked and has no effect, as in the vLLM plugin, which
+overwrites it with the scheduler core's key (`engine.scheduler`).
 A ``cache_salt`` (vLLM's field) keeps the request's cached blocks apart
 from those of requests with another salt or none, as vLLM's hashing does.
 
