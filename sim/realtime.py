@@ -365,8 +365,8 @@ class RealtimeEngine:
             "aborted": self.aborted,
             "failure": self.failure,
             "programs": len(self.table),
-            "kv_pins": self.replica.pins,
-            "kv_pins_held": self.replica.pins_held,
-            "kv_pins_dropped": self.replica.pins_dropped,
+            "kv_pins": self.replica.kv_pins.pinned,
+            "kv_pins_held": len(self.replica.kv_pins),
+            "kv_pins_dropped": self.replica.kv_pins.dropped,
             "received": list(self.received),
         }

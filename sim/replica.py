@@ -54,9 +54,9 @@ import simpy
 
 from sim.config import EngineConfig
 from sim.core import SchedulerCore, TokenBudget, attribute_service
-from sim.core.expiries import Expiries
 from sim.core.state import CallState
 from sim.errors import SimulationError
+from sim.kv_pins import SimKVPins
 from sim.kvcache import BlockTable, KVCache
 from sim.latency.base import LatencyModel, StepShape
 
@@ -236,13 +236,8 @@ class Replica:
         self.busy_time = 0.0
         self.prefill_tokens = 0  # tokens computed in chunks of more than one (prompts and recomputes)
         self.swap_seconds = 0.0  # step time spent moving swapped KV over PCIe
-        # Pins by serial number, oldest first, as (program, call) and the pinned blocks. A live
-        # engine (sim serve) may hold several pins of one thread, as the plugin does.
-        self._pins: dict[int, tuple[tuple[str, str], BlockTable]] = {}
-        self._pins_of_call: dict[tuple[str, str], list[int]] = {}
-        self._pin_expiries = Expiries(self._pins)  # each pin's expiry, by serial
-        self.pins = 0  # calls whose KV was pinned at finish
-        self.pins_dropped = 0  # pins released early: for a running call, a better-ranked waiting one, an idle engine
+        # Pins released early give way for a running call, a better-ranked waiting one, an idle engine.
+        self.kv_pins = SimKVPins(kv)
         self._stalled_tokens = 0  # prefill tokens computed since a call last sampled a token
         self._stall_check = LIVELOCK_RECOMPUTES * cfg.max_num_batched_tokens
         # Async scheduling (see "async scheduling" below): calls submitted
@@ -378,7 +373,7 @@ class Replica:
                 self._reveal(self._last_start)
             if not self.running and not self.waiting:
                 if self._staged or self._draining or self._outputs_due:  # nothing in flight: vLLM schedules them at once
-                    if self._pin_expiries:  # vLLM's empty schedule before it processes the last output
+                    if self.kv_pins.expiries_queued():  # vLLM's empty schedule before it processes the last output
                         self._expire_pins(env.now)
                     if self._lag_keys:
                         self._key_late()
@@ -528,7 +523,7 @@ class Replica:
         """
         env, kv, block = self.env, self.kv, self.block
         horizon = env.peek()  # no call can arrive before this event is processed
-        expiry = self._pin_expiries.next_time()  # may be stale, as q_next
+        expiry = self.kv_pins.next_expiry()  # may be stale, as q_next
         m = self._members
         q_heap = self._q_heap
         q_next = q_heap[0][0] if q_heap else INF  # may be stale: only ever stops a run early
@@ -657,7 +652,7 @@ class Replica:
     def _schedule_lazy(self, now: float) -> "_LazyStep":
         cfg, kv, core = self.cfg, self.kv, self.core
         self._sched_seq += 1
-        if self._pin_expiries:
+        if self.kv_pins.expiries_queued():
             self._expire_pins(now)
         if core.promote_starving(now):
             self.waiting.sort(key=_KEY)
@@ -985,7 +980,7 @@ class Replica:
         # Fast exit: the best waiting call outranks nobody if not the worst running one.
         if worst is None or not policy.outranks(self.waiting[0].core, worst):
             return []
-        if self._pins:
+        if self.kv_pins:
             self._unpin_for_better_waiting(worst)
         victims = self.core.choose_victims(
             [c.core for c in running] + draining,
@@ -1025,7 +1020,7 @@ class Replica:
     def _schedule(self, now: float):
         cfg, kv, core = self.cfg, self.kv, self.core
         self._sched_seq += 1
-        if self._pin_expiries:
+        if self.kv_pins.expiries_queued():
             self._expire_pins(now)
         if core.promote_starving(now):
             self.waiting.sort(key=_KEY)
@@ -1108,7 +1103,7 @@ class Replica:
         cfg, kv = self.cfg, self.kv
         transfer = 0.0
         admitted = 0
-        if self._pins and not self.running and not self._draining and self.waiting:
+        if self.kv_pins and not self.running and not self._draining and self.waiting:
             self._unpin_for_head()
         seats = cfg.max_num_seqs - len(self._draining)
         for call in self.waiting:
@@ -1121,12 +1116,12 @@ class Replica:
                 break
             kv.acquire_hits(call.blocks, call.keys, hits)
             kv.allocate(call.blocks, fresh)
-            if self._pins:
+            if self.kv_pins:
                 if call.parents is None:
-                    self._unpin_taken_up(call)
+                    self.kv_pins.release_taken_up(call.program_id, call.keys)
                 else:
                     for parent in call.parents:
-                        self._unpin((call.program_id, parent))
+                        self.kv_pins.release_call((call.program_id, parent))
             if call.swapped:
                 transfer += swap_in * self.swap_seconds_per_block
                 call.swapped = False
@@ -1246,8 +1241,8 @@ class Replica:
         Returns (swap-out seconds, whether anything was preempted).
         """
         kv = self.kv
-        if self._pins:
-            self._unpin_until(need)
+        if self.kv_pins:
+            self.kv_pins.drop_until_free(need)
         transfer, preempted = 0.0, False
         while need > kv.capacity - kv.in_use:
             preempted = True
@@ -1404,16 +1399,10 @@ class Replica:
         if self._arriving:
             self._register_arriving()
 
-    # -- KV pins (Continuum's time-to-live) ----------------------------------------------
+    # -- KV pins (Continuum's time-to-live; the table is `sim.kv_pins.SimKVPins`) ----------
     def _pin(self, call: SimCall, ttl: float) -> None:
         """Keep a finished call's keyed blocks for its program's follow-up, for ``ttl`` seconds."""
-        key = (call.program_id, call.call_id)
-        self.kv.keep_keyed(call.blocks)
-        self.pins += 1
-        serial = self.pins
-        self._pins[serial] = (key, call.blocks)
-        self._pins_of_call.setdefault(key, []).append(serial)
-        self._pin_expiries.push(self.env.now + ttl, serial)
+        self.kv_pins.pin((call.program_id, call.call_id), call.blocks, self.env.now + ttl)
 
     def _expire_pins(self, now: float) -> None:
         """Release the pins whose time-to-live has passed; called as each step is scheduled.
@@ -1424,46 +1413,7 @@ class Replica:
         wake-up: an engine sleeps only with no calls at all, and one with
         nothing running unpins until its best waiting call fits.
         """
-        for serial in self._pin_expiries.pop_due(now):
-            self._release_pin(serial)
-
-    def _unpin(self, key: tuple[str, str]) -> None:
-        """Release the pins of call ``key`` (program, call) still held: a DAG child of it was admitted."""
-        for serial in list(self._pins_of_call.get(key, ())):
-            self._release_pin(serial)
-
-    def _release_pin(self, serial: int) -> None:
-        key, table = self._pins.pop(serial)
-        serials = self._pins_of_call[key]
-        serials.remove(serial)
-        if not serials:
-            del self._pins_of_call[key]
-        self.kv.release(table)
-
-    def _unpin_taken_up(self, call: SimCall) -> None:
-        """Release the pins of ``call``'s program whose whole history ``call`` re-sends.
-
-        Keys chain over every earlier block, so one equal key at the pin's last position means the whole pinned prefix is equal.
-        """
-        keys = call.keys
-        for serial, (key, table) in list(self._pins.items()):
-            n = len(table.keys)
-            if key[0] == call.program_id and len(keys) >= n and keys[n - 1] == table.keys[-1]:
-                self._release_pin(serial)
-
-    @property
-    def pins_held(self) -> int:
-        return len(self._pins)
-
-    def _drop_oldest_pin(self) -> None:
-        self._release_pin(next(iter(self._pins)))
-        self.pins_dropped += 1
-
-    def _unpin_until(self, need: int) -> None:
-        """Release the oldest pins until ``need`` blocks are free or none is left."""
-        kv = self.kv
-        while self._pins and need > kv.capacity - kv.in_use:
-            self._drop_oldest_pin()
+        self.kv_pins.expire(now)
 
     def _unpin_for_better_waiting(self, worst: CallState) -> None:
         """Before a preemptive policy picks victims, release the oldest pins for the calls it would preempt for.
@@ -1472,13 +1422,14 @@ class Replica:
         outrank the ``worst`` running call; each may need the blocks to admit it.
         """
         outranks = self.core.policy.outranks
+        pins = self.kv_pins
         need = 0
         for call in self.waiting[: self.cfg.max_num_seqs]:  # one call at a time, as the plugin counts them
             if not outranks(call.core, worst):
                 break
             need += self._blocks_to_admit(call)
-            self._unpin_until(need)
-            if not self._pins:
+            pins.drop_until_free(need)
+            if not pins:
                 break
 
     def _unpin_for_head(self) -> None:
@@ -1486,6 +1437,6 @@ class Replica:
 
         It then fits, as any call fits an empty engine (`sim.simulate.check_fits`).
         """
-        budget = self.cfg.max_num_batched_tokens
-        while self._pins and not self._would_fit(self.waiting[0], budget):
-            self._drop_oldest_pin()
+        budget, pins = self.cfg.max_num_batched_tokens, self.kv_pins
+        while pins and not self._would_fit(self.waiting[0], budget):
+            pins.drop_oldest()

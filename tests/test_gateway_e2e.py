@@ -310,7 +310,7 @@ def test_an_x_kv_ttl_header_pins_the_calls_kv_on_its_engine_until_the_next_call_
                                   json={"prompt": prompt, "max_tokens": 16, "return_token_ids": True},
                                   headers=hdr) as r:
                     first = await r.json()
-                held_after_first = eng0.replica.pins_held
+                held_after_first = len(eng0.replica.kv_pins)
                 again = prompt + first["choices"][0]["token_ids"] + list(range(500, 510))
                 async with s.post(gw.url + "/v1/completions", json={"prompt": again, "max_tokens": 2},
                                   headers={"X-Program-Id": "p", "X-Thread-Id": "t2"}) as r:

@@ -330,7 +330,7 @@ def test_a_kv_ttl_tag_pins_the_calls_kv_for_its_programs_next_call(policy, kv_tt
     a1_prompt = list(range(100, 164))
     a1 = engine.submit(a1_prompt, 1, "A", "a1", None, kv_ttl)
     at(3.5)
-    assert a1.finished and engine.replica.pins_held == (1 if kv_ttl else 0)
+    assert a1.finished and len(engine.replica.kv_pins) == (1 if kv_ttl else 0)
     b = engine.submit(list(range(300, 412)), 2, "B", "b", None)
     at(4.5)
     a2 = engine.submit(a1_prompt + list(a1.output_ids) + list(range(200, 215)), 2, "A", "a2", None)
@@ -351,9 +351,9 @@ def test_pins_taken_up_leave_no_expiry_entries_behind():
         engine.submit(list(range(1, 33)) + list(a.output_ids) + [7], 4, f"p{i}", "b", None)  # takes the pin up
         at(t := t + 5.0)
         replica = engine.replica
-        assert replica.pins_held == 0
-        assert len(replica._pin_expiries) <= 2 * 1 + 64  # compacted as the 67th entry is pushed
-    assert replica.pins == 300
+        assert len(replica.kv_pins) == 0
+        assert len(replica.kv_pins._expiries) <= 2 * 1 + 64  # compacted as the 67th entry is pushed
+    assert replica.kv_pins.pinned == 300
 
 
 def test_two_pins_on_one_thread_are_both_held_until_each_expires_as_in_the_plugin():
@@ -364,17 +364,17 @@ def test_two_pins_on_one_thread_are_both_held_until_each_expires_as_in_the_plugi
     at(2.0)
     engine.submit(list(range(300, 332)), 1, "A", "0", None, 100.0)  # unrelated content: no take-up
     at(4.0)
-    assert (engine.replica.pins, engine.replica.pins_held) == (2, 2)
+    assert (engine.replica.kv_pins.pinned, len(engine.replica.kv_pins)) == (2, 2)
     assert engine.replica.kv.in_use == 6  # the first call's 4 blocks and the second's 2
     at(20.0)  # past the first pin's expiry, but an idle engine, like vLLM's, expires pins only when it next schedules
-    assert engine.replica.pins_held == 2
+    assert len(engine.replica.kv_pins) == 2
     engine.submit(list(range(500, 516)), 1, "B", "0", None, 0.0)
     at(21.0)
-    assert engine.replica.pins_held == 1 and engine.replica.kv.in_use == 2  # the second pin
+    assert len(engine.replica.kv_pins) == 1 and engine.replica.kv.in_use == 2  # the second pin
     at(110.0)  # past the second's expiry
     engine.submit(list(range(600, 616)), 1, "C", "0", None, 0.0)
     at(111.0)
-    assert engine.replica.pins_held == 0 and engine.replica.kv.in_use == 0
+    assert len(engine.replica.kv_pins) == 0 and engine.replica.kv.in_use == 0
 
 
 def test_sim_serve_refuses_an_engine_kv_ttl():
@@ -559,7 +559,7 @@ def test_an_aborted_call_frees_its_kv_and_is_never_pinned():
     assert handle.call in engine.replica.running
     engine.abort(handle)
     at(60.0)
-    assert (engine.replica.pins, engine.replica.pins_held, engine.replica.kv.in_use) == (0, 0, 0)
+    assert (engine.replica.kv_pins.pinned, len(engine.replica.kv_pins), engine.replica.kv.in_use) == (0, 0, 0)
     assert engine.snapshot()["aborted"] == 1
 
 
