@@ -222,7 +222,10 @@ class SRPT(Policy):
     ShareGPT at 1.5/s it moved SRPT's mean normalised latency from 0.128 to
     0.131 s/token and on BFCL at 12-14/s by under 0.2%.
     Programs are never demoted or promoted: SRPT does not starve anyone that
-    finishes, and it is the lower bound the others are measured against.
+    finishes. It is the reference the others are measured against, not a
+    true bound: shortest-remaining-first minimises mean response time on
+    one server, but in a batching engine, and per output token, an order
+    can beat it (PLAS by 3-4% on `bfcl-90-v0`; docs/findings.md).
     """
 
     name = "srpt"
