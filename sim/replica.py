@@ -236,7 +236,8 @@ class Replica:
         self.busy_time = 0.0
         self.prefill_tokens = 0  # tokens computed in chunks of more than one (prompts and recomputes)
         self.swap_seconds = 0.0  # step time spent moving swapped KV over PCIe
-        # Pins released early give way for a running call, a better-ranked waiting one, an idle engine.
+        # Finished calls' KV kept for their follow-ups; the replica decides when a pin gives way
+        # (for a running call that cannot grow, a better-ranked waiting one, an idle engine's head).
         self.kv_pins = SimKVPins(kv)
         self._stalled_tokens = 0  # prefill tokens computed since a call last sampled a token
         self._stall_check = LIVELOCK_RECOMPUTES * cfg.max_num_batched_tokens
