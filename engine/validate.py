@@ -31,6 +31,7 @@ from sim.core.policies import POLICY_CLASSES
 from sim.hardware import json_key_line  # `path:LINE` of a JSON key, as spec files name theirs
 from sim.metrics import mean, percentile, read_programs_csv
 from sim.textout import aligned
+from traces.argtypes import path_problem
 from traces.validate import TraceError, parse_json_int, show, unique_keys
 
 REPLAY_JSON = "replay.json"
@@ -262,8 +263,6 @@ def option_problem(args: argparse.Namespace) -> str | None:
     """What is wrong with the arguments, found before the simulations: a --json that cannot be
     written failed only after them (without naming --json), and a directory given twice was
     compared twice while the JSON, keyed by directory, kept one."""
-    from traces.argtypes import path_problem
-
     seen: dict[Path, str] = {}
     for d in args.dirs:
         key = Path(d).resolve()

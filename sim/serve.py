@@ -84,7 +84,7 @@ from sim.config import ExperimentConfig
 from sim.core.params import MAX_SECONDS
 from sim.vllm_fields import as_json, unhonoured_field_problem, vllm_field_problem
 from sim.core import POLICY_CLASSES
-from sim.latency import async_without_host_note
+from sim.latency import MAX_STEP_SECONDS, MIN_STEP_SECONDS, async_without_host_note
 from sim.realtime import FILLER_BASE, FILLER_VOCAB, CallHandle, Conflict, EngineFailed, RealtimeEngine, TooLarge
 from traces.argtypes import int_at_least, nonblank, number, port_number
 from traces.validate import parse_json_int
@@ -598,8 +598,6 @@ def _check_latency_flags(args: argparse.Namespace, kind: str) -> None:
 def _check_step_seconds(seconds: float | None) -> None:
     """--step-seconds within the step times the engine takes, named as the flag: the model's own
     checks said "constant latency must be > 0 seconds" or "latency model 'constant' gives inf s"."""
-    from sim.latency import MAX_STEP_SECONDS, MIN_STEP_SECONDS
-
     if seconds is not None and not MIN_STEP_SECONDS <= seconds <= MAX_STEP_SECONDS:  # nan too
         raise ValueError(f"--step-seconds: expected the seconds of one engine step, from {MIN_STEP_SECONDS:g} to "
                          f"{MAX_STEP_SECONDS:g}, got {seconds}")

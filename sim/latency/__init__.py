@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from sim.config import EngineConfig, ExperimentConfig, LatencyConfig
-from sim.hardware import GPUSpec, ModelSpec, load_gpu, load_model
+from sim.hardware import GPUSpec, ModelSpec, available as specs_available, load_gpu, load_model
 from sim.latency.base import ConstantLatency, LatencyModel, StepShape, attn_pairs
 
 KINDS = ("constant", "roofline", "fitted")
@@ -123,10 +123,8 @@ def _fitted_elsewhere(provenance: dict, model: ModelSpec, gpu: GPUSpec, gpus: in
     why = (f"was fitted to {fitted_for[0] or 'a model'} on {fitted_for[2]} x {fitted_for[1] or 'a GPU'}, not this engine's "
            f"{engine[0]} on {engine[2]} x {engine[1]}; fit one to a profile of this engine (python -m sim "
            f"fit-latency), or use latency.kind roofline")
-    from sim.hardware import available
-
     unnamed = [kind for kind, named in (("model", fitted_for[0]), ("gpu", fitted_for[1]))
-               if named is not None and f"{kind}_spec" not in provenance and named not in available(kind)]
+               if named is not None and f"{kind}_spec" not in provenance and named not in specs_available(kind)]
     if unnamed:
         # A device's own name ("NVIDIA H200") is never a spec's: a profile of this engine taken on a GPU
         # `engine.profile` has no spec name for needs the spec named in the profile, then fitted again.
