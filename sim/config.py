@@ -14,6 +14,11 @@ from typing import Any
 from sim.core.params import PolicyParams
 from sim.core.policies import POLICY_CLASSES
 
+
+class ConfigError(ValueError):
+    """A bad experiments file, experiment or override; the message is for the user."""
+
+
 # Every policy an experiment may name.
 POLICIES = tuple(POLICY_CLASSES)
 # The ones an experiment compares when it names none: the issue's five, the

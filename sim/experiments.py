@@ -27,6 +27,10 @@ themselves the same way, in order. One exception keeps a workload
 coherent: a layer that names ``workload.trace`` drops the lower layers'
 ``generator`` and ``params``, and one that names ``workload.generator`` drops
 their ``trace``.
+
+The file and ``--set`` values are read by `sim.yaml_io` (YAML 1.2 numbers,
+each key's line) and layered by `sim.config_layers` (each key's origin);
+this module checks the merged data against the config dataclasses.
 """
 
 from __future__ import annotations
@@ -35,14 +39,11 @@ import dataclasses
 import math
 import os
 import re
-import sys
 import types
 import typing
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Sequence
-
-import yaml
+from typing import Any, Mapping, Sequence
 
 from sim.config import (
     BALANCERS,
@@ -50,25 +51,22 @@ from sim.config import (
     MAX_REPLICAS,
     POLICIES,
     PREEMPTION_MODES,
+    ConfigError,
     EngineConfig,
     ExperimentConfig,
     LatencyConfig,
     WorkloadConfig,
 )
+from sim.config_layers import Layered, merge_layers, override_layer
 from sim.core.params import MAX_SECONDS, PolicyParams
 from sim.textout import MAX_COUNT, brief
+from sim.yaml_io import KeyPath, dotted, parse_document
 
 DEFAULT_FILE = Path(__file__).resolve().parent.parent / "experiments.yaml"
 TOP_KEYS = ("defaults", "experiments", "sweeps")  # sweeps: read by sim.sweep
 EXPERIMENT_KEYS = ("description", "workload", "engine", "latency", "policies", "policy_params", "seed")
 WORKLOAD_KEYS = ("generator", "params", "trace")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-
-Path_ = tuple[Any, ...]  # a key path: strings for mapping keys, ints for list items
-
-
-class ConfigError(ValueError):
-    """A bad experiments file, experiment or override; the message is for the user."""
 
 
 @dataclass(frozen=True)
@@ -78,7 +76,7 @@ class ExperimentsFile:
     path: str  # as shown in messages
     defaults: dict[str, Any]
     experiments: dict[str, dict[str, Any]]
-    lines: dict[Path_, int]
+    lines: dict[KeyPath, int]
     # Raw ``sweeps:`` entries, checked by `sim.sweep` (which shares this file's line marks).
     sweeps: dict[str, Any] = dataclasses.field(default_factory=dict)
 
@@ -90,220 +88,10 @@ class ExperimentsFile:
         return desc if isinstance(desc, str) else str(desc)
 
 
-# --- reading the file ----------------------------------------------------------
-
-
 def _display(path: str | Path) -> str:
     """The path relative to the working directory when it is under it: short messages."""
     rel = os.path.relpath(path)
     return str(path) if rel.startswith("..") else rel
-
-
-_INT_TAG, _FLOAT_TAG, _BOOL_TAG = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float", "tag:yaml.org,2002:bool"
-# YAML 1.2 core schema numbers. PyYAML implements YAML 1.1, which reads
-# ``1e3`` as a string, ``010`` as octal 8 and ``1:00`` as sexagesimal 60: a
-# rate or a count silently different from what was written.
-_INT_RE = re.compile(r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$")
-# Booleans too: YAML 1.1 also reads yes/no/on/off/y/n as booleans (a value
-# ``no`` or ``off`` silently false); YAML 1.2 reads them as strings.
-_BOOL_RE = re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$")
-_FLOAT_RE = re.compile(
-    r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
-)
-
-
-class _Constructor(yaml.constructor.SafeConstructor):
-    """SafeConstructor with YAML 1.2 integers: ``010`` is ten, not octal eight."""
-
-    def construct_yaml_int(self, node: yaml.ScalarNode) -> int:
-        value = self.construct_scalar(node)
-        try:
-            if value.startswith(("0o", "0x")):
-                return int(value[2:], 8 if value[1] == "o" else 16)
-            return int(value, 10)
-        except ValueError:
-            # Past Python's digit limit for int() (no setting needs such a number), or not an integer
-            # at all under an explicit tag (!!int 12a), which said "an integer of 3 digits is too long".
-            problem = (f"an integer of {len(value)} digits is too long" if len(value) > sys.get_int_max_str_digits()
-                       else f"expected an integer, got {value!r}")
-            raise yaml.constructor.ConstructorError(None, None, problem, node.start_mark) from None
-
-
-_Constructor.add_constructor(_INT_TAG, _Constructor.construct_yaml_int)
-
-
-_YAML11_RULES = yaml.resolver.Resolver.yaml_implicit_resolvers  # PyYAML's own table, left unchanged
-
-
-class _Resolver(yaml.resolver.Resolver):
-    """YAML 1.1's implicit types (null, timestamps), but numbers and booleans by the YAML 1.2 core schema.
-
-    A copy of the resolver table, so yaml.SafeLoader itself is not changed.
-    """
-
-    yaml_implicit_resolvers = {
-        first: [(tag, rx) for tag, rx in rules if tag not in (_INT_TAG, _FLOAT_TAG, _BOOL_TAG)]
-        for first, rules in _YAML11_RULES.items()
-    }
-
-
-# An int before a float: ``10`` matches both, and the first rule wins.
-_Resolver.add_implicit_resolver(_INT_TAG, _INT_RE, list("-+0123456789"))
-_Resolver.add_implicit_resolver(_FLOAT_TAG, _FLOAT_RE, list("-+.0123456789"))
-_Resolver.add_implicit_resolver(_BOOL_TAG, _BOOL_RE, list("tTfF"))
-
-
-class _Loader(
-    yaml.reader.Reader, yaml.scanner.Scanner, yaml.parser.Parser, yaml.composer.Composer, _Constructor, _Resolver
-):
-    """The one loader of experiment files and ``--set`` values, so both read a value alike."""
-
-    def __init__(self, stream: str) -> None:
-        yaml.reader.Reader.__init__(self, stream)
-        yaml.scanner.Scanner.__init__(self)
-        yaml.parser.Parser.__init__(self)
-        yaml.composer.Composer.__init__(self)
-        _Constructor.__init__(self)
-        _Resolver.__init__(self)
-
-
-# The most nodes a file may have with its aliases expanded. The repository's
-# experiments.yaml has about 600; aliases may share a node many times over
-# (nine aliases of nine aliases ... is a few lines and billions of nodes),
-# and every key path is walked for its line, so past this the file is refused.
-MAX_NODES = 100_000
-
-
-def _key(node: yaml.Node) -> Any:
-    """A mapping key as the loaded data holds it (``12:`` is the int 12), so a
-    path into the data finds its line whatever type YAML gave the key."""
-    if not isinstance(node, yaml.ScalarNode):
-        return repr(node.value)
-    if node.tag == "tag:yaml.org,2002:str":
-        return node.value
-    return _Constructor().construct_object(node)
-
-
-def _past_max_nodes(node: yaml.Node) -> yaml.Node | None:
-    """The node at which ``node``'s tree, aliases expanded, passes MAX_NODES, or None.
-
-    Counted before anything expands the tree (`_walk`, the checks of the
-    data), without recursion, so an alias bomb or a recursive alias fails at once.
-    """
-    stack, count = [node], 0
-    while stack:
-        here = stack.pop()
-        count += 1
-        if count > MAX_NODES:
-            return here
-        if isinstance(here, yaml.MappingNode):
-            stack.extend(n for pair in here.value for n in pair)
-        elif isinstance(here, yaml.SequenceNode):
-            stack.extend(here.value)
-    return None
-
-
-def _too_many_nodes(where: str) -> str:
-    return (
-        f"{where}: more than {MAX_NODES:,} values with its aliases (*name) expanded; "
-        "an experiment is far smaller, so this is refused before expanding them"
-    )
-
-
-# A lone surrogate ("\ud800" in a double-quoted YAML string) is no text: it was written to
-# config.yaml and then crashed `sim list` printing it (UnicodeEncodeError). Traces refuse it too.
-_SURROGATE = re.compile("[\ud800-\udfff]")
-
-
-def _surrogate(node: yaml.Node) -> str | None:
-    """The problem of a scalar holding a lone surrogate, or None."""
-    found = _SURROGATE.search(node.value) if isinstance(node, yaml.ScalarNode) and isinstance(node.value, str) else None
-    return None if found is None else f"a lone surrogate (\\u{ord(found.group()):04x}) is not a character"
-
-
-def _walk(node: yaml.Node, path: Path_, lines: dict[Path_, int], where: str) -> None:
-    if isinstance(node, yaml.ScalarNode):
-        problem = _surrogate(node)
-        if problem:
-            raise ConfigError(f"{where}:{node.start_mark.line + 1}: {_dotted(path) + ': ' if path else ''}{problem}")
-    elif isinstance(node, yaml.MappingNode):
-        seen: set[Any] = set()
-        merged_at: int | None = None
-        merged_lines: list[dict[Path_, int]] = []
-        for key, value in node.value:
-            _walk(key, path, {}, where)  # a key's text too
-            if key.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` merges at this level
-                if merged_at is not None:  # PyYAML keeps the last merge alone, silently
-                    raise ConfigError(f"{where}:{key.start_mark.line + 1}: {_dotted(path) or 'top level'}: "
-                                      f"a second '<<' merge key (the first is on line {merged_at}); "
-                                      f"merge several with one: <<: [*a, *b]")
-                merged_at = key.start_mark.line + 1
-                merged = value.value if isinstance(value, yaml.SequenceNode) else [value]
-                for sub in merged:
-                    merged_lines.append({})
-                    _walk(sub, path, merged_lines[-1], where)
-                continue
-            name = _key(key)
-            if name in seen:
-                raise ConfigError(f"{where}:{key.start_mark.line + 1}: {_dotted(path + (name,))}: duplicate key")
-            seen.add(name)
-            lines[path + (name,)] = key.start_mark.line + 1
-            _walk(value, path + (name,), lines, where)
-        _add_merged(lines, path, seen, merged_lines)
-    elif isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            lines[path + (i,)] = item.start_mark.line + 1
-            _walk(item, path + (i,), lines, where)
-
-
-def _add_merged(lines: dict[Path_, int], path: Path_, written: set[Any], merged: list[dict[Path_, int]]) -> None:
-    """The marks of the keys a ``<<`` merge brings to ``path``: each key, with everything under
-    it, from the mapping PyYAML takes it from, so only keys in the merged result are marked.
-
-    A key written in the mapping itself wins, then the first merged mapping that has it. An
-    ``engine:`` written beside ``<<: *base`` replaces base's engine whole; base's
-    ``engine.gpus_per_replica`` kept its mark, so the key counted as set and was read from
-    the defaults instead of the model spec.
-    """
-    n = len(path)
-    taken = set(written)
-    for sub_lines in merged:
-        for sub_path, line in sub_lines.items():
-            if sub_path[n] not in taken:
-                lines[sub_path] = line
-        taken |= {sub_path[n] for sub_path in sub_lines}
-
-
-def _parse(text: str, where: str) -> tuple[yaml.Node | None, Any, dict[Path_, int]]:
-    """The document's node, its data and the line of every key path; every
-    way PyYAML can refuse a text becomes a ConfigError with the line it gives."""
-    loader = None
-    try:
-        loader = _Loader(text)  # rejects control characters already
-        node = loader.get_single_node()
-        lines: dict[Path_, int] = {}
-        bad = _past_max_nodes(node) if node is not None else None
-        if bad is not None:
-            raise ConfigError(_too_many_nodes(f"{where}:{bad.start_mark.line + 1}"))
-        if node is not None:
-            _walk(node, (), lines, where)
-        data = loader.construct_document(node) if node is not None else None
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        line = f":{mark.line + 1}" if mark else ""
-        raise ConfigError(f"{where}{line}: invalid YAML: {exc.problem or exc.context}") from None
-    except yaml.reader.ReaderError as exc:  # a character YAML does not allow; it gives a position, not a line
-        line = text.count("\n", 0, exc.position) + 1
-        raise ConfigError(f"{where}:{line}: invalid YAML: unacceptable character #x{exc.character:04x}") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{where}: invalid YAML: {str(exc).splitlines()[0]}") from None
-    except RecursionError:
-        raise ConfigError(f"{where}: invalid YAML: nested too deeply") from None
-    finally:
-        if loader is not None:
-            loader.dispose()
-    return node, data, lines
-
 
 def load_file(path: str | Path | None = None) -> ExperimentsFile:
     """Parse and shape-check an experiments file; experiments are validated by `resolve`."""
@@ -321,7 +109,7 @@ def load_file(path: str | Path | None = None) -> ExperimentsFile:
     except UnicodeDecodeError as exc:
         line = raw.count(b"\n", 0, exc.start) + 1
         raise ConfigError(f"{where}:{line}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-    node, data, lines = _parse(text, where)
+    node, data, lines = parse_document(text, where)
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a mapping with keys {', '.join(TOP_KEYS)}")
     for key in data:
@@ -352,7 +140,7 @@ def load_file(path: str | Path | None = None) -> ExperimentsFile:
     return ExperimentsFile(where, defaults, experiments, lines, sweeps)
 
 
-def _section(data: dict[str, Any], key: str, what: str, where: str, lines: dict[Path_, int]) -> dict[str, Any]:
+def _section(data: dict[str, Any], key: str, what: str, where: str, lines: dict[KeyPath, int]) -> dict[str, Any]:
     """The top-level mapping ``key``, or {} where the file has no such key.
 
     ``defaults: []`` (or 0, false, "") was taken for an empty mapping, and ``defaults:``
@@ -373,229 +161,8 @@ def list_experiments(path: str | Path | None = None) -> list[tuple[str, str]]:
     ef = load_file(path)
     return [(name, ef.description(name)) for name in ef.names()]
 
-
-# --- overrides ----------------------------------------------------------------------
-
-
-def load_value(text: str, where: str, path: Path_ = ()) -> Any:
-    """One YAML value, read as experiment files are (YAML 1.2 numbers, at
-    most MAX_NODES, no key twice); raises yaml.YAMLError, or ConfigError
-    naming ``where`` and the key ``path`` the value is for."""
-    loader = _Loader(text)
-    try:
-        node = loader.get_single_node()
-        if node is None:
-            return None
-        if _past_max_nodes(node) is not None:
-            raise ConfigError(_too_many_nodes(where))
-        repeated = _repeated_key(node)
-        if repeated is not None:  # the constructor keeps the last silently
-            raise ConfigError(f"{where}: {_dotted(path + repeated)}: duplicate key")
-        stack = [node]
-        while stack:  # no deeper than MAX_NODES, counted above
-            here = stack.pop()
-            problem = _surrogate(here)
-            if problem:
-                raise ConfigError(f"{where}: {problem}")
-            if isinstance(here, yaml.MappingNode):
-                stack.extend(n for pair in here.value for n in pair)
-            elif isinstance(here, yaml.SequenceNode):
-                stack.extend(here.value)
-        return loader.construct_document(node)
-    finally:
-        loader.dispose()
-
-
-def _repeated_key(node: yaml.Node) -> Path_ | None:
-    """The path of the first key given twice in one mapping of ``node``'s tree, or None."""
-    stack: list[tuple[yaml.Node, Path_]] = [(node, ())]
-    while stack:
-        here, path = stack.pop()
-        if isinstance(here, yaml.MappingNode):
-            seen: set[Any] = set()
-            for key, value in here.value:
-                if key.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`: its keys may be overridden here
-                    if "<<" in seen:  # a second merge key, as in a file (`_walk`)
-                        return path + ("<<",)
-                    seen.add("<<")
-                    stack.append((value, path))
-                    continue
-                name = _key(key)
-                if name in seen:
-                    return path + (name,)
-                seen.add(name)
-                stack.append((value, path + (name,)))
-        elif isinstance(here, yaml.SequenceNode):
-            stack.extend((item, path + (i,)) for i, item in enumerate(here.value))
-    return None
-
-
-def parse_override(text: str) -> tuple[tuple[str, ...], Any]:
-    """``a.b.c=value`` to (('a', 'b', 'c'), value); the value is parsed as YAML (``[a,b]`` is a list)."""
-    key, sep, raw = text.partition("=")
-    parts = tuple(p.strip() for p in key.split("."))
-    if not sep or not all(parts):
-        raise ConfigError(f"--set {text}: expected KEY=VALUE with a dotted KEY, e.g. engine.replicas=4")
-    try:
-        value = load_value(raw, f"--set {text}", parts) if raw.strip() else ""
-    except yaml.YAMLError as exc:
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ConfigError(f"--set {text:.200}: cannot parse the value as YAML: {problem}") from None
-    except RecursionError:
-        raise ConfigError(f"--set {text:.200}: the value is nested too deeply") from None
-    return parts, value
-
-
-# --- merging -------------------------------------------------------------------------
-
-
-@dataclass
-class _Layered:
-    """Merged experiment data and, per key path, where it was last set and in which layer."""
-
-    data: dict[str, Any]
-    origins: dict[Path_, str]
-    ranks: dict[Path_, int] = dataclasses.field(default_factory=dict)  # layer index, lowest first
-
-    def origin(self, path: Path_) -> str | None:
-        for n in range(len(path), -1, -1):  # down to (), the experiment itself
-            if path[:n] in self.origins:
-                return self.origins[path[:n]]
-        return None
-
-    def rank(self, path: Path_) -> int:
-        """The layer that set ``path`` itself, or -1 for a key left at its default.
-
-        Only the path itself counts: every key a layer sets, however deep, is
-        in ``ranks``, so an enclosing mapping (an experiment's ``engine:``, a
-        ``--set engine={...}``) does not stand in for keys it left alone.
-        """
-        return self.ranks.get(path, -1)
-
-    def latest(self, paths: Sequence[Path_]) -> Path_:
-        """Of keys that together make a value wrong, the one set in the highest
-        layer (a ``--set`` over a file line), the first on a tie."""
-        return max(paths, key=self.rank)
-
-
-def _prune_workload(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
-    """Drop the base workload's source that the top layer replaces (see module docstring)."""
-    bw, tw = base.get("workload"), top.get("workload")
-    if not (isinstance(bw, dict) and isinstance(tw, dict)):
-        return base
-    bw = dict(bw)
-    if "trace" in tw:
-        bw.pop("generator", None)
-        bw.pop("params", None)
-    if "generator" in tw:
-        bw.pop("trace", None)
-    return {**base, "workload": bw}
-
-
-def _deep_merge(base: Any, top: Any) -> Any:
-    if isinstance(base, dict) and isinstance(top, dict):
-        out = dict(base)
-        for k, v in top.items():
-            out[k] = _deep_merge(base[k], v) if k in base else v
-        return out
-    return top
-
-
-def _origins_from_file(ef: ExperimentsFile, prefix: Path_) -> dict[Path_, str]:
-    n = len(prefix)
-    # The experiment's own line too (path ()): what it lacks altogether is blamed there.
-    return {p[n:]: f"{ef.path}:{line}" for p, line in ef.lines.items() if p[:n] == prefix}
-
-
-def _replaced(base: Any, top: dict[str, Any], path: Path_) -> Iterator[Path_]:
-    """The paths at which ``top`` replaces ``base`` whole rather than merging into it."""
-    for k, v in top.items():
-        here = path + (k,)
-        if isinstance(base, dict) and k in base and isinstance(base[k], dict) and isinstance(v, dict):
-            yield from _replaced(base[k], v, here)
-        else:
-            yield here
-
-
-def _merge(layers: Iterable[tuple[dict[str, Any], dict[Path_, str]]]) -> _Layered:
-    """Merges the layers, each key path blamed on the layer that last set its value.
-
-    A layer that replaces a value with a mapping it made on the way to a
-    deeper key (``--set engine.replicas.x=1`` over ``replicas: 2``) owns the
-    mapping too, though it has no origin of its own, so a complaint about the
-    mapping names that layer and not the line it replaced.
-    """
-    data: dict[str, Any] = {}
-    origins: dict[Path_, str] = {}
-    ranks: dict[Path_, int] = {}
-    for rank, (top, top_origins) in enumerate(layers):
-        base = _prune_workload(data, top)
-        for path in _replaced(base, top, ()):
-            owner = top_origins.get(path) or next((o for p, o in top_origins.items() if p[: len(path)] == path), None)
-            if owner is not None:
-                origins[path] = owner
-                ranks[path] = rank
-        data = _deep_merge(base, top)
-        origins.update(top_origins)
-        ranks.update(dict.fromkeys(top_origins, rank))
-    return _Layered(data, origins, ranks)
-
-
-def _override_layer(overrides: Sequence[str], labels: Mapping[str, str]) -> tuple[dict[str, Any], dict[Path_, str]]:
-    """The overrides as one layer; each key's origin is its label in ``labels``, else ``--set TEXT``."""
-    data: dict[str, Any] = {}
-    origins: dict[Path_, str] = {}
-    for text in overrides:
-        parts, value = parse_override(text)
-        top: Any = value
-        for p in reversed(parts):
-            top = {p: top}
-        label = labels.get(text, f"--set {text}")
-        # A mapping this override makes on its way to its key, over an earlier
-        # value that is not one, is this override's (as `_merge` owns it between layers).
-        node: Any = data
-        for i, key in enumerate(parts[:-1]):
-            node = node.get(key) if isinstance(node, dict) else None
-            if not isinstance(node, dict):
-                if node is not None:
-                    origins[parts[: i + 1]] = label
-                break
-        # Each override merges into those before it as a layer over the file does:
-        # mappings key by key, and a trace (generator) drops the earlier generator (trace).
-        data = _deep_merge(_prune_workload(data, top), top)
-        origins[parts] = label
-        for sub in _subpaths(value):
-            origins[parts + sub] = label
-    return data, {path: o for path, o in origins.items() if _has_path(data, path)}
-
-
-def _has_path(data: Any, path: Path_) -> bool:
-    for key in path:
-        if isinstance(data, dict) and key in data:
-            data = data[key]
-        elif isinstance(data, list) and isinstance(key, int) and 0 <= key < len(data):
-            data = data[key]
-        else:
-            return False
-    return True
-
-
-def _subpaths(value: Any) -> list[Path_]:
-    if isinstance(value, dict):
-        return [(k,) + rest for k, v in value.items() for rest in [()] + _subpaths(v)]
-    if isinstance(value, list):
-        return [(i,) + rest for i, v in enumerate(value) for rest in [()] + _subpaths(v)]
-    return []
-
-
 # --- validation ----------------------------------------------------------------------
 
-
-def _dotted(path: Path_) -> str:
-    out = ""
-    for p in path:
-        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
-    return out
 
 
 @dataclass
@@ -603,16 +170,16 @@ class _Checker:
     """Raises ConfigError naming the origin, the experiment and the dotted key."""
 
     name: str
-    layered: _Layered
+    layered: Layered
 
-    def fail(self, path: Path_, problem: str, at: Path_ | None = None) -> typing.NoReturn:
+    def fail(self, path: KeyPath, problem: str, at: KeyPath | None = None) -> typing.NoReturn:
         """Raise for the key ``path``, located where ``at`` (default ``path``) was set."""
         origin = self.layered.origin(path if at is None else at)
         where = f"{origin}: " if origin else ""
-        key = f"{_dotted(path)}: " if path else ""
+        key = f"{dotted(path)}: " if path else ""
         raise ConfigError(f"{where}experiment {self.name!r}: {key}{problem}")
 
-    def keys(self, data: Any, path: Path_, valid: Sequence[str]) -> dict[str, Any]:
+    def keys(self, data: Any, path: KeyPath, valid: Sequence[str]) -> dict[str, Any]:
         if not isinstance(data, dict):
             self.fail(path, f"expected a mapping with keys {', '.join(valid)}, got {_show(data)}")
         for key in data:
@@ -623,11 +190,11 @@ class _Checker:
                 self.fail(path + (key,), f"unknown key; valid keys: {', '.join(valid)}")
         return data
 
-    def choice(self, path: Path_, value: Any, valid: Sequence[str]) -> None:
+    def choice(self, path: KeyPath, value: Any, valid: Sequence[str]) -> None:
         if value not in valid:
             self.fail(path, f"unknown value {value!r}; valid choices: {', '.join(valid)}")
 
-    def build_dataclass(self, cls: type, data: Any, path: Path_) -> Any:
+    def build_dataclass(self, cls: type, data: Any, path: KeyPath) -> Any:
         names = [f.name for f in fields(cls)]
         if data is None and self.layered.rank(path) >= 0:
             # A section written with nothing under it (or --set latency=null) is null, and it replaced the
@@ -645,7 +212,7 @@ class _Checker:
             sub = path + (bad,) if bad in data else path
             self.fail(sub, msg.split(": ", 1)[-1] if bad in data else msg)
 
-    def typed(self, hint: Any, value: Any, path: Path_) -> Any:
+    def typed(self, hint: Any, value: Any, path: KeyPath) -> Any:
         """Check ``value`` against a field's annotation; ints are accepted for floats."""
         origin, args = typing.get_origin(hint), typing.get_args(hint)
         if origin in (typing.Union, types.UnionType):
@@ -694,7 +261,7 @@ class _Checker:
             self.fail(path, f"expected a list, got {_show(value)}")
         if dataclasses.is_dataclass(hint):
             return self.build_dataclass(hint, value, path)
-        raise TypeError(f"no type check for {hint!r} at {_dotted(path)}")  # a bug, not bad input
+        raise TypeError(f"no type check for {hint!r} at {dotted(path)}")  # a bug, not bad input
 
 
 def _key_kind(key: Any) -> str:
@@ -715,7 +282,7 @@ def _show(value: Any) -> str:
     return kind if kind else f"{value!r}"
 
 
-def _positive(ck: _Checker, path: Path_, value: float | None, what: str, strict: bool = True) -> None:
+def _positive(ck: _Checker, path: KeyPath, value: float | None, what: str, strict: bool = True) -> None:
     """Fail unless value > 0 (strict) or >= 0, and an integer is at most `MAX_COUNT`;
     None passes (an optional field)."""
     if value is None:
@@ -726,7 +293,7 @@ def _positive(ck: _Checker, path: Path_, value: float | None, what: str, strict:
         ck.fail(path, f"expected at most 2**53 ({MAX_COUNT:,}), got {brief(value)}")
 
 
-def _seconds(ck: _Checker, path: Path_, value: float, what: str, strict: bool = True) -> None:
+def _seconds(ck: _Checker, path: KeyPath, value: float, what: str, strict: bool = True) -> None:
     """A duration: positive as `_positive`, and at most MAX_SECONDS, past which
     simulated clocks overflow instead of meaning anything."""
     _positive(ck, path, value, what, strict)
@@ -896,7 +463,7 @@ def _check_latency(ck: _Checker, lat: LatencyConfig, e: EngineConfig) -> None:
         engine = [("engine", k) for k in ("model", "gpu", "gpus_per_replica")]
         ck.fail(ck.layered.latest([key, *engine]), str(exc))
     except (ValueError, OSError, ImportError) as exc:
-        ck.fail(key, f"cannot build the latency model: {str(exc).removeprefix(_dotted(key) + ': ')}")
+        ck.fail(key, f"cannot build the latency model: {str(exc).removeprefix(dotted(key) + ': ')}")
     problem = latency.step_time_problem(model, e.max_num_batched_tokens)
     if problem:
         if lat.kind == "roofline":  # its inputs are the specs: point at the GPU (or model) that was set last
@@ -990,7 +557,7 @@ def _named_key(message: str, keys: Sequence[str]) -> str | None:
     return min(shown)[1] if shown else None
 
 
-def _build(name: str, layered: _Layered) -> ExperimentConfig:
+def _build(name: str, layered: Layered) -> ExperimentConfig:
     ck = _Checker(name, layered)
     raw = ck.keys(layered.data, (), EXPERIMENT_KEYS)
     description = ck.typed(str, raw.get("description", ""), ("description",))
@@ -1041,7 +608,7 @@ def _build(name: str, layered: _Layered) -> ExperimentConfig:
 KV_SIZE_KEYS = ("block_size", "model", "gpu", "gpus_per_replica", "gpu_memory_utilization", "activation_reserve_bytes")
 
 
-def _fit_origin(layered: _Layered, engine: EngineConfig, params: Mapping[str, Any]) -> str | None:
+def _fit_origin(layered: Layered, engine: EngineConfig, params: Mapping[str, Any]) -> str | None:
     """Where to blame a call larger than the KV cache, found only once the workload is drawn:
     of the keys that size the cache (an explicit num_gpu_blocks first) and the workload's, the
     one set last. Such an error named no place at all for a generated workload.
@@ -1061,18 +628,18 @@ def _fit_origin(layered: _Layered, engine: EngineConfig, params: Mapping[str, An
 _FILE_LAYERS = 2  # the defaults (rank 0) and the experiment (rank 1); overrides rank above (`resolve_layers`)
 
 
-def _params_origin(layered: _Layered, params: Mapping[str, Any]) -> str | None:
+def _params_origin(layered: Layered, params: Mapping[str, Any]) -> str | None:
     """Where to blame a bad draw: a later layer's parameter (a ``--set``) over the
     file's ``params:`` line, since the draw was fine before that layer."""
-    here: Path_ = ("workload", "params")
+    here: KeyPath = ("workload", "params")
     keys = [here + (k,) for k in params]
     latest = layered.latest(keys) if keys else here
     return layered.origin(latest if layered.rank(latest) > layered.rank(here) else here)
 
 
-def _param_origins(layered: _Layered, params: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
+def _param_origins(layered: Layered, params: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
     """`_params_origin` for each parameter alone, latest-set first (file order on a tie)."""
-    here: Path_ = ("workload", "params")
+    here: KeyPath = ("workload", "params")
     ranked = sorted(params, key=lambda k: -layered.rank(here + (k,)))  # stable: file order on a tie
     out = []
     for key in ranked:
@@ -1081,6 +648,12 @@ def _param_origins(layered: _Layered, params: Mapping[str, Any]) -> tuple[tuple[
         if where is not None:
             out.append((key, where))
     return tuple(out)
+
+
+def _origins_from_file(ef: ExperimentsFile, prefix: KeyPath) -> dict[KeyPath, str]:
+    n = len(prefix)
+    # The experiment's own line too (path ()): what it lacks altogether is blamed there.
+    return {p[n:]: f"{ef.path}:{line}" for p, line in ef.lines.items() if p[:n] == prefix}
 
 
 def resolve(
@@ -1112,11 +685,11 @@ def resolve_layers(
     ef = file if isinstance(file, ExperimentsFile) else load_file(file)
     if name not in ef.experiments:
         raise ConfigError(f"{ef.path}: unknown experiment {name!r}; experiments: {', '.join(ef.names())}")
-    layered = _merge(
+    layered = merge_layers(
         [
             (ef.defaults, _origins_from_file(ef, ("defaults",))),
             (ef.experiments[name], _origins_from_file(ef, ("experiments", name))),
-            *(_override_layer(layer, labels or {}) for layer in layers),
+            *(override_layer(layer, labels or {}) for layer in layers),
         ]
     )
     return _build(name, layered)
@@ -1157,37 +730,3 @@ def _fields_dict(obj: Any) -> dict[str, Any]:
 
 def to_file_dict(cfg: ExperimentConfig) -> dict[str, Any]:
     return {"experiments": {cfg.name: to_dict(cfg)}}
-
-
-class _Dumper(yaml.SafeDumper):
-    """SafeDumper that quotes a string that either YAML 1.1 or our YAML 1.2
-    loader would read as something else, so `_Loader` reads back what it
-    wrote (``'09'`` and ``'1e3'`` are numbers to 1.2) and so does a plain
-    PyYAML reader (``'yes'`` and ``'off'`` are booleans to 1.1). No aliases:
-    every value is written out."""
-
-    yaml_implicit_resolvers = {
-        first: _Resolver.yaml_implicit_resolvers.get(first, []) + _YAML11_RULES.get(first, [])
-        for first in set(_Resolver.yaml_implicit_resolvers) | set(_YAML11_RULES)
-    }
-
-    def ignore_aliases(self, data: Any) -> bool:
-        return True
-
-
-def _represent_str(dumper: _Dumper, data: str) -> yaml.ScalarNode:
-    """A string with U+0085 (NEL) double-quoted, where it is written as the escape ``\\N``:
-    PyYAML writes it raw inside single quotes, where a reader folds that line break to a
-    space, so a config.yaml with one reran a different experiment ('a\\x85b' read 'a b')."""
-    node = dumper.represent_str(data)
-    if "\x85" in data:
-        node.style = '"'
-    return node
-
-
-_Dumper.add_representer(str, _represent_str)
-
-
-def dump_yaml(data: Any) -> str:
-    """Deterministic YAML text: fixed key order (as given), block style, no aliases."""
-    return yaml.dump(data, Dumper=_Dumper, sort_keys=False, default_flow_style=False, allow_unicode=True, width=100)

@@ -28,12 +28,13 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from sim.config import ExperimentConfig
-from sim.experiments import dump_yaml, to_file_dict
+from sim.experiments import to_file_dict
 from sim.metrics import summarize_run, write_header, write_rows
 from sim.plots import latency_plot
 from sim.progress import progress_bar
 from sim.records import CallRecord, ProgramRecord
 from sim.textout import write_atomic, writing_under
+from sim.yaml_io import dump_yaml
 
 OUTPUTS = ("config.yaml", "calls.csv", "programs.csv", "summary.json", "latency.png")
 # Written by `sim.replications` in the same directory; a plain run removes it

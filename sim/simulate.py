@@ -18,7 +18,6 @@ import simpy
 from sim.capacity import num_kv_blocks
 from sim.config import ExperimentConfig
 from sim.core import ProcessTable, SchedulerCore, make_balancer, make_policy
-from sim.core.state import ProgramState
 from sim.errors import SimulationError
 from sim.hardware import load_gpu, load_model
 from sim.kvcache import KVCache

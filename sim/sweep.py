@@ -52,18 +52,17 @@ from typing import Any, Sequence
 
 from sim.config import DEFAULT_POLICIES, POLICIES, EngineConfig, ExperimentConfig, LatencyConfig
 from sim.core.params import PolicyParams
+from sim.config_layers import has_path, parse_override
 from sim.experiments import (
     EXPERIMENT_KEYS,
     WORKLOAD_KEYS,
     ConfigError,
     ExperimentsFile,
-    _dotted,
-    _has_path,
     load_file,
-    parse_override,
     resolve,
     resolve_layers,
 )
+from sim.yaml_io import dotted
 
 SWEEP_KEYS = ("description", "experiment", "set", "grid", "policies", "variants")
 VARIANT_KEYS = ("policies", "set")
@@ -136,7 +135,7 @@ class Sweep:
 
 
 def override_text(key: str, value: Any) -> str:
-    """``key=value`` that `sim.experiments.parse_override` reads back to ``value``.
+    """``key=value`` that `sim.config_layers.parse_override` reads back to ``value``.
 
     JSON is YAML, except that YAML 1.1 reads ``1e-05`` (no dot) as a string,
     so a float's mantissa always gets a dot.
@@ -240,7 +239,7 @@ class _Where:
         """``FILE:LINE: sweep 'NAME'`` and the dotted key, if any."""
         full = ("sweeps", self.name) + path
         line = next((self.ef.lines[full[:n]] for n in range(len(full), 0, -1) if full[:n] in self.ef.lines), 1)
-        key = f": {_dotted(path)}" if path else ""
+        key = f": {dotted(path)}" if path else ""
         return f"{self.ef.path}:{line}: sweep {self.name!r}{key}"
 
     def fail(self, path: tuple[Any, ...], problem: str) -> typing.NoReturn:
@@ -592,10 +591,10 @@ def _replaces(upper: tuple[str, ...], upper_value: Any, lower: tuple[str, ...], 
     if upper == lower:
         return True
     if upper[: len(lower)] == lower:  # the lower sets a mapping: replaced if it holds the upper's key
-        return _has_path(lower_value, upper[len(lower):])
+        return has_path(lower_value, upper[len(lower):])
     if lower[: len(upper)] == upper:  # the upper sets a mapping over the lower's key
-        return _has_path(upper_value, lower[len(upper):])
-    # A trace drops a generator and its params, a generator drops a trace (sim.experiments._prune_workload).
+        return has_path(upper_value, lower[len(upper):])
+    # A trace drops a generator and its params, a generator drops a trace (sim.config_layers.prune_workload).
     source = {("workload", "trace"): ("generator", "params"), ("workload", "generator"): ("trace",)}.get(upper)
     return bool(source) and len(lower) >= 2 and lower[0] == "workload" and lower[1] in source
 
@@ -605,7 +604,7 @@ def _once(where: _Where, seen: dict[tuple[str, ...], tuple[Any, ...]], point: di
     duplicate row to sweep.csv. Key order does not make another experiment."""
     ident = tuple(sorted((k, _same_value(v)) for k, v in point.items()))
     if ident in seen:
-        first = _dotted(seen[ident])
+        first = dotted(seen[ident])
         described = ", ".join(f"{k}={v}" for k, v in point.items())
         here = "this case gives it twice" if seen[ident] == path else f"{first} gives it too"
         where.fail(path, f"the point {described} is in the grid twice ({here}); each point runs once, remove one")

@@ -46,11 +46,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
-from sim.experiments import ConfigError, dump_yaml, to_file_dict
+from sim.experiments import ConfigError, to_file_dict
 from sim.metrics import add_ratios, summarize_policy
 from sim.pool import TRIES, WorkerLost, run_in_pools
 from sim.sweep import DEFAULT_VARIANT, Job, Sweep
 from sim.textout import write_atomic, writing_under
+from sim.yaml_io import dump_yaml
 
 # sweep.json's "state": a sweep killed outright (SIGKILL, power) stays RUNNING.
 RUNNING, COMPLETE, INTERRUPTED, FAILED = "running", "complete", "interrupted", "failed"

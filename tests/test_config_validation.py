@@ -15,7 +15,9 @@ import yaml
 
 from sim.cli import main as cli_main
 from sim.config import EngineConfig, WorkloadConfig
-from sim.experiments import MAX_NODES, ConfigError, load_file, parse_override, resolve
+from sim.config_layers import parse_override
+from sim.experiments import ConfigError, load_file, resolve
+from sim.yaml_io import MAX_NODES
 from sim.hardware import SPEC_DIR, SpecError, available, load_gpu, load_model
 from sim.simulate import SimulationError, check_fits, simulate
 from sim.sweep import load_sweep
@@ -395,7 +397,7 @@ def test_a_set_mapping_is_not_blamed_for_the_keys_it_left_alone(exp):
 
 def test_saved_config_reads_back_strings_that_look_like_yaml_1_2_numbers(exp, tmp_path):
     # '09' and '1e3' are text to YAML 1.1 (PyYAML's dumper) but numbers to the YAML 1.2 loader.
-    from sim.experiments import dump_yaml, load_value
+    from sim.yaml_io import dump_yaml, load_value
 
     data = {"name": "09", "description": "1e3", "x": "-.5", "y": "0o7", "z": "1:00", "n": 1e-5, "i": 10,
             "b": "yes", "c": "off", "t": True}
@@ -642,7 +644,8 @@ def test_switching_the_kind_leaves_the_fields_set_below_it(exp):
     assert cfg.latency.kind == "roofline"
     assert cfg.latency.seconds == 0.02  # the constant's 0.01 it ignores is not in the resolved config
     # ... whose file reruns: a field the kind ignores, written there, would be refused as set beside the kind
-    from sim.experiments import dump_yaml, to_file_dict
+    from sim.experiments import to_file_dict
+    from sim.yaml_io import dump_yaml
 
     Path("resolved.yaml").write_text(dump_yaml(to_file_dict(cfg)))
     assert resolve("t", "resolved.yaml", []) == cfg
@@ -702,7 +705,8 @@ def test_what_a_trace_workload_would_ignore_is_refused(trace_exp, extra, overrid
 def test_a_trace_keeps_the_seeds_it_does_not_own(trace_exp):
     """The defaults' seed (below the layer that chose the trace), seed 0 and an empty params pass; the
     resolved config resets the unused seed, so its file reruns."""
-    from sim.experiments import dump_yaml, to_file_dict
+    from sim.experiments import to_file_dict
+    from sim.yaml_io import dump_yaml
 
     cfg = resolve("t", trace_exp())
     assert cfg.seed == 0

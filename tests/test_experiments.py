@@ -7,17 +7,9 @@ import textwrap
 import pytest
 
 from sim.config import DEFAULT_POLICIES, POLICIES
-from sim.experiments import (
-    ConfigError,
-    dump_yaml,
-    list_experiments,
-    load_file,
-    load_value,
-    parse_override,
-    resolve,
-    to_dict,
-    to_file_dict,
-)
+from sim.config_layers import parse_override
+from sim.experiments import ConfigError, list_experiments, load_file, resolve, to_dict, to_file_dict
+from sim.yaml_io import dump_yaml, load_value
 
 BASE = """\
 defaults:

@@ -7,7 +7,8 @@ from dataclasses import replace
 
 import pytest
 
-from sim.experiments import ConfigError, parse_override
+from sim.config_layers import parse_override
+from sim.experiments import ConfigError
 from sim.sweep import SECTIONS, check_key, jobs, load_sweep, override_text
 
 BASE = """\

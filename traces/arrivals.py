@@ -18,8 +18,6 @@ rate sweeps compare like with like.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 from traces.format import MAX_SECONDS, is_finite_number

@@ -80,7 +80,7 @@ import numpy as np
 from traces.argtypes import int_between
 
 from sim.hardware import GPUSpec, ModelSpec, SpecError, load_gpu, load_model
-from sim.latency.base import StepShape, attn_pairs
+from sim.latency.base import StepShape
 from sim.latency.profile import Profile, ProfileRow, write_profile
 
 # Operators of one decoder layer and how often each runs per layer.
