@@ -1,14 +1,15 @@
 """YAML read and written as experiment files need it.
 
 PyYAML alone reads YAML 1.1 (``010`` is octal eight, ``no`` is false),
-keeps the last of two equal keys silently, expands alias bombs and gives
-no line for a key of the loaded data. Every message about an experiment
-must name the file and line of the key at fault, and a value must read the
-same in a file, in a ``--set`` and in the config.yaml a run writes back. So
-the file and ``--set`` values go through one loader here (YAML 1.2 numbers
-and booleans, a node limit, no repeated key) that also maps each key path
-to its line, and config.yaml is written by a dumper that quotes whatever
-either reader would take for something else.
+keeps the last of two equal keys silently and gives no line for a key of
+the loaded data. Every message about an experiment must name the file and
+line of the key at fault, and a value must read the same in a file, in a
+``--set`` and in the config.yaml a run writes back. So the file and
+``--set`` values go through one loader here (YAML 1.2 numbers and booleans,
+no repeated key) that also maps each key path to its line; since that walk
+expands aliases, a document is refused past a node limit first. config.yaml
+is written by a dumper that quotes whatever either reader would take for
+something else.
 """
 
 from __future__ import annotations
