@@ -166,7 +166,7 @@ import socket
 import sys
 import uuid
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import SplitResult, urlsplit
 
@@ -420,6 +420,32 @@ class LiveCall:
     lost: str | None = None  # why the gateway gave up on its engine (`Gateway.fail_lost_engine`)
 
 
+@dataclass(eq=False)
+class EngineState:
+    """What the gateway knows of one engine, in one place: a check, a call and the balance each read several
+    of these at once, for the same engine."""
+
+    url: str  # as given (`GatewayConfig.engines`)
+    load: int = 0  # calls sent to it and not yet ended: the balancer's load signal
+    routed: int = 0  # calls sent to it, each try of a call that failed over counted
+    down_until: float = -math.inf  # gateway time until which it is left out
+    backoff: float = 0.0  # the last backoff after a refused connection (`DOWN_FIRST` doubling to `DOWN_MAX`)
+    lost: bool = False  # failed --health-failures checks in a row, none passed since
+    failed_checks: int = 0  # checks failed in a row
+    calls_on: set[LiveCall] = field(default_factory=set)  # the calls it holds (`Gateway.fail_lost_engine`)
+    # The stall check (module docstring, "Hung engine cores"):
+    awaiting: int = 0  # calls (or a probe) whose next bytes the gateway is waiting on it for
+    progress: tuple[float | None, ...] | None = None  # last samples read
+    progress_at: float | None = None  # when they were first read
+    # Seconds with awaiting > 0 since progress_at, up to busy_from: the time the samples stood still while
+    # the gateway waited on the engine (summed over waits, so calls that end and are sent again add up).
+    waited: float = 0.0
+    busy_from: float | None = None  # start of the wait not yet in waited
+    model_named: str | None = None  # the last model a call to it named
+    stalled: bool = False  # found with no step; its checks fail until it steps again
+    no_progress_warned: bool = False  # /metrics unusable: warned once
+
+
 class EngineUnreachable(Exception):
     """The engine sent nothing back (unreachable, or lost before answering), so the client has seen
     nothing: another engine may take the call."""
@@ -492,24 +518,7 @@ class Gateway:
         self.cfg = cfg
         self.acct = Accounting(cfg.policy, cfg.ttl, cfg.threshold)
         self.balancer = make_balancer(cfg.balancer, cfg.threshold)
-        self.loads = [0] * len(cfg.engines)
-        self.routed = [0] * len(cfg.engines)
-        self.down_until = [-math.inf] * len(cfg.engines)  # gateway time until which an engine is left out
-        self._backoff = [0.0] * len(cfg.engines)
-        self.lost = [False] * len(cfg.engines)  # failed --health-failures checks in a row, none passed since
-        self.failed_checks = [0] * len(cfg.engines)  # checks failed in a row
-        self._calls_on: list[set[LiveCall]] = [set() for _ in cfg.engines]
-        # The stall check (module docstring, "Hung engine cores"), per engine:
-        self.awaiting = [0] * len(cfg.engines)  # calls (or a probe) whose next bytes the gateway is waiting on it for
-        self._progress: list[tuple[float | None, ...] | None] = [None] * len(cfg.engines)  # last samples read
-        self._progress_at: list[float | None] = [None] * len(cfg.engines)  # when they were first read
-        # Seconds with awaiting > 0 since _progress_at, up to _busy_from: the time the samples stood still while
-        # the gateway waited on the engine (summed over waits, so calls that end and are sent again add up).
-        self._waited = [0.0] * len(cfg.engines)
-        self._busy_from: list[float | None] = [None] * len(cfg.engines)  # start of the wait not yet in _waited
-        self._model_named: list[str | None] = [None] * len(cfg.engines)  # the last model a call to it named
-        self.stalled = [False] * len(cfg.engines)  # found with no step; its checks fail until it steps again
-        self._no_progress_warned = [False] * len(cfg.engines)  # /metrics unusable: warned once
+        self.engines = [EngineState(url) for url in cfg.engines]
         self._watchers: list[asyncio.Task] = []
         self.recent: deque[dict[str, Any]] = deque(maxlen=1000)  # routing decisions, newest last
         self._session: aiohttp.ClientSession | None = None
@@ -536,7 +545,7 @@ class Gateway:
         self._session = aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0))
         self._expiry = asyncio.create_task(self._expire_loop())
         if self.cfg.health_interval > 0:
-            self._watchers = [asyncio.create_task(self._watch(i)) for i in range(len(self.cfg.engines))]
+            self._watchers = [asyncio.create_task(self._watch(i)) for i in range(len(self.engines))]
 
     async def _cleanup(self, app: web.Application) -> None:
         if self._expiry is not None:
@@ -568,7 +577,7 @@ class Gateway:
                 problem = await self._check_health(engine)
                 if problem is None and self.cfg.stall_timeout > 0:
                     problem = await self._check_progress(engine)
-                    if problem is not None and not self.awaiting[engine]:
+                    if problem is not None and not self.engines[engine].awaiting:
                         # Stalled, and no call of a client can show a step: an idle core steps for nothing.
                         problem = await self._probe_stalled(engine, problem)
                 if problem is None:
@@ -584,7 +593,7 @@ class Gateway:
         assert self._session is not None
         timeout = self.cfg.health_timeout
         try:
-            async with self._session.get(self.cfg.engines[engine] + "/health",
+            async with self._session.get(self.engines[engine].url + "/health",
                                          timeout=aiohttp.ClientTimeout(total=timeout)) as r:
                 await r.read()
                 return None if r.status < 500 else f"/health answered {r.status}"
@@ -596,45 +605,49 @@ class Gateway:
     @contextlib.contextmanager
     def _awaiting(self, engine: int):
         """Mark a wait for the engine's next bytes for a call: the stall check's "calls in flight". The time
-        with at least one such wait adds to `_waited` (overlapping waits count once)."""
-        if not self.awaiting[engine]:
-            self._busy_from[engine] = self.now()
-        self.awaiting[engine] += 1
+        with at least one such wait adds to `EngineState.waited` (overlapping waits count once)."""
+        state = self.engines[engine]
+        if not state.awaiting:
+            state.busy_from = self.now()
+        state.awaiting += 1
         try:
             yield
         finally:
-            self.awaiting[engine] -= 1
-            if not self.awaiting[engine]:
-                busy = self._busy_from[engine]
+            state.awaiting -= 1
+            if not state.awaiting:
+                busy = state.busy_from
                 assert busy is not None
-                self._waited[engine] += max(0.0, self.now() - busy)
-                self._busy_from[engine] = None
+                state.waited += max(0.0, self.now() - busy)
+                state.busy_from = None
 
     def _waited_at(self, engine: int, t: float) -> float:
-        """Seconds the gateway has waited on the engine for some call between `_progress_at` and ``t``."""
-        busy = self._busy_from[engine]
-        return self._waited[engine] + (max(0.0, t - busy) if busy is not None else 0.0)
+        """Seconds the gateway has waited on the engine for some call between its `progress_at` and ``t``."""
+        state = self.engines[engine]
+        busy = state.busy_from
+        return state.waited + (max(0.0, t - busy) if busy is not None else 0.0)
 
     def _restart_window(self, engine: int, samples: tuple[float | None, ...] | None) -> None:
         """New samples (or a proof of a step): the waiting counted from now is against these."""
-        self._progress[engine] = samples
-        self._progress_at[engine] = now = self.now()
-        self._waited[engine] = 0.0
-        if self._busy_from[engine] is not None:
-            self._busy_from[engine] = now
+        state = self.engines[engine]
+        state.progress = samples
+        state.progress_at = now = self.now()
+        state.waited = 0.0
+        if state.busy_from is not None:
+            state.busy_from = now
 
     def _forget_progress(self, engine: int) -> None:
         """No usable samples: nothing to judge against."""
         self._restart_window(engine, None)
-        self._progress_at[engine] = None
-        self.stalled[engine] = False
+        state = self.engines[engine]
+        state.progress_at = None
+        state.stalled = False
 
     async def _read_progress(self, engine: int) -> tuple[float | None, ...] | str | None:
         """The engine's `PROGRESS_SAMPLES`; a string saying why it has none (no /metrics, or not these
         samples); None if /metrics did not answer (not a stall: /health covers an unreachable engine)."""
         assert self._session is not None
         try:
-            async with self._session.get(self.cfg.engines[engine] + "/metrics",
+            async with self._session.get(self.engines[engine].url + "/metrics",
                                          timeout=aiohttp.ClientTimeout(total=self.cfg.health_timeout)) as r:
                 if r.status >= 500:
                     return None
@@ -656,39 +669,41 @@ class Gateway:
         """None unless the gateway has waited on the engine for calls for --stall-timeout seconds in all since
         its progress samples last changed (or found it so, `stalled`), and they did not change; then what went
         wrong."""
+        state = self.engines[engine]
         sent = self.now()
         waited = self._waited_at(engine, sent)  # all of it before this reading, so after the samples' last change
         samples = await self._read_progress(engine)
         if isinstance(samples, str):  # no judgement possible: never a failure
-            if not self._no_progress_warned[engine]:
-                self._no_progress_warned[engine] = True
+            if not state.no_progress_warned:
+                state.no_progress_warned = True
                 log.warning("engine %d (%s): %s: no stall check for it (a hung engine core behind a live "
-                            "server is not found)", engine, self.cfg.engines[engine], samples)
+                            "server is not found)", engine, state.url, samples)
             self._forget_progress(engine)
             return None
         if samples is None:  # no reading: no new knowledge either way
-            return self._stall_problem(engine, sent, waited) if self.stalled[engine] else None
-        if samples != self._progress[engine]:
-            if self.stalled[engine]:
-                log.warning("engine %d (%s) steps again (/metrics progress moved)", engine, self.cfg.engines[engine])
+            return self._stall_problem(engine, sent, waited) if state.stalled else None
+        if samples != state.progress:
+            if state.stalled:
+                log.warning("engine %d (%s) steps again (/metrics progress moved)", engine, state.url)
             self._restart_window(engine, samples)  # answered by now: unchanged at least since then
-            self.stalled[engine] = False
+            state.stalled = False
             return None
-        if self.stalled[engine]:
+        if state.stalled:
             return self._stall_problem(engine, sent, waited)
         # The samples the same at both ends of the waiting counted (the counters only grow): a healthy engine
         # steps within milliseconds of receiving a call, so this much waiting without a step is a stall.
         if waited < self.cfg.stall_timeout:
             return None
-        self.stalled[engine] = True
+        state.stalled = True
         problem = self._stall_problem(engine, sent, waited)
-        log.warning("engine %d (%s): %s", engine, self.cfg.engines[engine], problem)
+        log.warning("engine %d (%s): %s", engine, state.url, problem)
         return problem
 
     def _stall_problem(self, engine: int, sent: float, waited: float) -> str:
-        seen = self._progress_at[engine]
+        state = self.engines[engine]
+        seen = state.progress_at
         assert seen is not None
-        calls = self.awaiting[engine]
+        calls = state.awaiting
         held = f"with {calls} call{'s' if calls != 1 else ''} in flight" if calls else "with no call in flight"
         return f"no engine step in {sent - seen:.1f} s ({waited:.1f} s of it waiting on the engine) {held} " \
                f"(/metrics progress frozen)"
@@ -698,15 +713,16 @@ class Gateway:
         samples could never move again (and it gets no calls while other engines are usable). Send it a
         completion of the gateway's own (`_probe`), then read /metrics again: an answer (200), or samples that
         moved, shows a step and clears `stalled` (None); else ``problem``, with what the probe got."""
+        state = self.engines[engine]
         failed = await self._probe(engine)
         samples = await self._read_progress(engine)
-        moved = isinstance(samples, tuple) and samples != self._progress[engine]
+        moved = isinstance(samples, tuple) and samples != state.progress
         if failed is not None and not moved:
             return f"{problem}; a probe completion {failed}"
-        log.warning("engine %d (%s) steps again (%s)", engine, self.cfg.engines[engine],
+        log.warning("engine %d (%s) steps again (%s)", engine, state.url,
                     "/metrics progress moved" if failed else "it answered a probe completion")
-        self._restart_window(engine, samples if isinstance(samples, tuple) else self._progress[engine])
-        self.stalled[engine] = False
+        self._restart_window(engine, samples if isinstance(samples, tuple) else state.progress)
+        state.stalled = False
         return None
 
     async def _probe(self, engine: int) -> str | None:
@@ -721,7 +737,7 @@ class Gateway:
             body["model"] = model
         try:
             with self._awaiting(engine):
-                async with self._session.post(self.cfg.engines[engine] + "/v1/completions", json=body,
+                async with self._session.post(self.engines[engine].url + "/v1/completions", json=body,
                                               timeout=aiohttp.ClientTimeout(total=timeout)) as r:
                     await r.read()
                     return None if r.status == 200 else f"answered {r.status}"
@@ -735,7 +751,7 @@ class Gateway:
         last model a call to it named, else None."""
         assert self._session is not None
         try:
-            async with self._session.get(self.cfg.engines[engine] + "/v1/models",
+            async with self._session.get(self.engines[engine].url + "/v1/models",
                                          timeout=aiohttp.ClientTimeout(total=self.cfg.health_timeout)) as r:
                 if r.status == 200:
                     model = (await r.json(content_type=None))["data"][0]["id"]
@@ -743,30 +759,32 @@ class Gateway:
                         return model
         except (asyncio.TimeoutError, aiohttp.ClientError, OSError, ValueError, LookupError, TypeError):
             pass
-        return self._model_named[engine]
+        return self.engines[engine].model_named
 
     def _engine_answered(self, engine: int) -> None:
-        if self.lost[engine]:
-            log.warning("engine %d (%s) passes its checks again: back in the balance", engine, self.cfg.engines[engine])
-        self.lost[engine] = False
-        self.failed_checks[engine] = 0
+        state = self.engines[engine]
+        if state.lost:
+            log.warning("engine %d (%s) passes its checks again: back in the balance", engine, state.url)
+        state.lost = False
+        state.failed_checks = 0
         self._mark_up(engine)  # any answer ends a backoff
 
     def _engine_failed_check(self, engine: int, problem: str) -> None:
-        self.failed_checks[engine] += 1
-        failures = self.failed_checks[engine]
+        state = self.engines[engine]
+        state.failed_checks += 1
+        failures = state.failed_checks
         if failures < self.cfg.health_failures:
             return
-        message = (f"engine {engine} ({self.cfg.engines[engine]}) lost: {problem}, "
+        message = (f"engine {engine} ({state.url}) lost: {problem}, "
                    f"{failures} check{'s' if failures > 1 else ''} in a row")
-        if not self.lost[engine]:
+        if not state.lost:
             log.warning("%s; left out of the balance until a check passes", message)
-        self.lost[engine] = True
+        state.lost = True
         self.fail_lost_engine(engine, message)
 
     def fail_lost_engine(self, engine: int, message: str) -> None:
         """Give up on the calls a lost engine holds: each one's relay then ends with ``message``."""
-        for live in list(self._calls_on[engine]):
+        for live in list(self.engines[engine].calls_on):
             if live.lost is not None:
                 continue
             live.lost = message
@@ -881,15 +899,16 @@ class Gateway:
                     return error_response(502, "no engine could be reached: " + "; ".join(unreachable),
                                           code="engine_unreachable", headers={PROGRAM_HEADER: pid, THREAD_HEADER: tid})
                 tried.add(engine)
+                state = self.engines[engine]
                 if isinstance(body.get("model"), str):
-                    self._model_named[engine] = body["model"]  # a stalled engine's probe may name it
-                self.loads[engine] += 1
-                self.routed[engine] += 1
+                    state.model_named = body["model"]  # a stalled engine's probe may name it
+                state.load += 1
+                state.routed += 1
                 self.recent.append({"program_id": pid, "thread_id": tid, "engine": engine,
                                     "prompt_tokens": prompt_tokens, "program_service": call.priority,
                                     "time": self.now()})
                 live = LiveCall(call, engine, self.now())
-                self._calls_on[engine].add(live)
+                state.calls_on.add(live)
                 headers = {GATEWAY_ENGINE_HEADER: str(engine), PROGRAM_HEADER: pid, THREAD_HEADER: tid}
                 try:
                     response, outcome = await self._relay(request, path, payload, live, headers, upstream_headers)
@@ -898,8 +917,8 @@ class Gateway:
                     log.warning("%s", exc)
                     continue
                 finally:
-                    self.loads[engine] -= 1
-                    self._calls_on[engine].discard(live)
+                    state.load -= 1
+                    state.calls_on.discard(live)
                 if outcome is not None:
                     self._complete(live, outcome)
                 return response
@@ -917,8 +936,8 @@ class Gateway:
         failed check fails the call over again.)
         """
         now = self.now()
-        n = len(self.cfg.engines)
-        usable = [i not in tried and not self.lost[i] and now >= self.down_until[i] for i in range(n)]
+        n = len(self.engines)
+        usable = [i not in tried and not state.lost and now >= state.down_until for i, state in enumerate(self.engines)]
         if not any(usable):
             usable = [i not in tried for i in range(n)]
             if not any(usable):
@@ -927,7 +946,7 @@ class Gateway:
             program.engine = None  # re-pinned by the balancer's own rule
         if program.last_engine is not None and program.last_engine < n and not usable[program.last_engine]:
             program.last_engine = None
-        loads = [load if usable[i] else math.inf for i, load in enumerate(self.loads)]
+        loads = [state.load if usable[i] else math.inf for i, state in enumerate(self.engines)]
         for _ in range(n):  # round-robin may name an unusable engine: at most n turns reach a usable one
             engine = self.balancer.choose(prompt_tokens, program, loads)
             if usable[engine]:
@@ -935,17 +954,19 @@ class Gateway:
         return None
 
     def _mark_down(self, engine: int) -> None:
+        state = self.engines[engine]
         now = self.now()
-        if now < self.down_until[engine]:
+        if now < state.down_until:
             # Calls already under way when it went down fail too: one outage, not a doubling each
             # (twelve concurrent calls took the first backoff to 30 s).
             return
-        self._backoff[engine] = min(DOWN_MAX, self._backoff[engine] * 2) if self._backoff[engine] else DOWN_FIRST
-        self.down_until[engine] = now + self._backoff[engine]
+        state.backoff = min(DOWN_MAX, state.backoff * 2) if state.backoff else DOWN_FIRST
+        state.down_until = now + state.backoff
 
     def _mark_up(self, engine: int) -> None:
-        self._backoff[engine] = 0.0
-        self.down_until[engine] = -math.inf
+        state = self.engines[engine]
+        state.backoff = 0.0
+        state.down_until = -math.inf
 
     def _complete(self, live: LiveCall, outcome: Outcome) -> None:
         """Charge a completed call once, freeing its thread."""
@@ -966,7 +987,7 @@ class Gateway:
                      ) -> tuple[web.StreamResponse, Outcome | None]:
         """Send to the engine and relay its answer; the outcome is None unless the call completed."""
         assert self._session is not None
-        url = self.cfg.engines[live.engine] + path
+        url = self.engines[live.engine].url + path
         # A task of its own, so that `fail_lost_engine` can cancel the wait without cancelling the handler.
         live.post = asyncio.ensure_future(self._session.post(url, data=payload, headers=upstream_headers))
         try:
@@ -985,10 +1006,10 @@ class Gateway:
             raise  # the client went away: the handler itself is cancelled
         except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:  # never reached it
             self._mark_down(live.engine)
-            raise EngineUnreachable(f"engine {live.engine} ({self.cfg.engines[live.engine]}) is unreachable: "
+            raise EngineUnreachable(f"engine {live.engine} ({self.engines[live.engine].url}) is unreachable: "
                                     f"{exc}") from None
         except (aiohttp.ClientError, OSError) as exc:  # it may have seen the call: not sent again
-            return error_response(502, f"engine {live.engine} ({self.cfg.engines[live.engine]}) failed: "
+            return error_response(502, f"engine {live.engine} ({self.engines[live.engine].url}) failed: "
                                   f"{type(exc).__name__}: {exc}", code="engine_failed", headers=headers), None
         live.upstream = upstream
         if live.lost is not None:  # lost while its answer began: nothing relayed yet
@@ -1003,8 +1024,8 @@ class Gateway:
                 with self._awaiting(live.engine):
                     data = await upstream.read()
             except (aiohttp.ClientError, OSError) as exc:  # the engine died before its answer was whole
-                message = live.lost or (f"engine {live.engine} ({self.cfg.engines[live.engine]}) failed before its "
-                                        f"answer was complete: {type(exc).__name__}: {exc}")
+                message = live.lost or (f"engine {live.engine} ({self.engines[live.engine].url}) failed before "
+                                        f"its answer was complete: {type(exc).__name__}: {exc}")
                 log.warning("%s", message)
                 return error_response(502, message, code="engine_lost" if live.lost else "engine_failed",
                                       headers=headers), None
@@ -1047,7 +1068,7 @@ class Gateway:
         if problem is not None:
             if live.lost is not None:
                 raise EngineUnreachable(live.lost)
-            message = f"engine {engine} ({self.cfg.engines[engine]}) {problem}"
+            message = f"engine {engine} ({self.engines[engine].url}) {problem}"
             log.warning("%s", message)
             return error_response(502, message, code="engine_failed", headers=headers), None
         resp = web.StreamResponse(status=upstream.status, headers={
@@ -1073,7 +1094,7 @@ class Gateway:
                     break
                 # The engine died, cut the stream or was lost: tell the client the way
                 # vLLM reports a failure mid-stream, and charge nothing.
-                message = live.lost or (f"engine {engine} ({self.cfg.engines[engine]}) failed mid-stream: "
+                message = live.lost or (f"engine {engine} ({self.engines[engine].url}) failed mid-stream: "
                                         f"{type(exc).__name__}: {exc}")
                 log.warning("%s", message)
                 try:
@@ -1125,8 +1146,8 @@ class Gateway:
         # Lost engines last, and no engine waited on past --health-timeout: a frozen first engine held this forever.
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.cfg.connect_timeout,
                                         sock_read=self.cfg.health_timeout)
-        for i in sorted(range(len(self.cfg.engines)), key=lambda i: self.lost[i]):
-            base = self.cfg.engines[i]
+        for i in sorted(range(len(self.engines)), key=lambda i: self.engines[i].lost):
+            base = self.engines[i].url
             try:
                 async with self._session.get(base + "/v1/models", timeout=timeout) as up:
                     data = await up.read()
@@ -1141,9 +1162,9 @@ class Gateway:
         return error_response(502, "no engine answered /v1/models: " + "; ".join(errors), code="engine_unreachable")
 
     async def health(self, request: web.Request) -> web.Response:
-        lost = [i for i, gone in enumerate(self.lost) if gone]
-        stalled = [i for i, stuck in enumerate(self.stalled) if stuck]
-        return web.json_response({"status": "ok", "engines": len(self.cfg.engines), "lost": lost, "stalled": stalled})
+        lost = [i for i, state in enumerate(self.engines) if state.lost]
+        stalled = [i for i, state in enumerate(self.engines) if state.stalled]
+        return web.json_response({"status": "ok", "engines": len(self.engines), "lost": lost, "stalled": stalled})
 
     async def end_program(self, request: web.Request) -> web.Response:
         pid = check_id(request.match_info["program_id"], "program_id")
@@ -1174,16 +1195,16 @@ class Gateway:
             })
         return {
             "now": now, "policy": self.acct.policy.name, "balancer": self.balancer.name, "ttl": self.cfg.ttl,
-            "engines": [{"url": u, "in_flight": self.loads[i], "routed": self.routed[i],
-                         "down_for": max(0.0, self.down_until[i] - now),  # seconds left out after a refusal
-                         "lost": self.lost[i], "health_failures": self.failed_checks[i],
+            "engines": [{"url": state.url, "in_flight": state.load, "routed": state.routed,
+                         "down_for": max(0.0, state.down_until - now),  # seconds left out after a refusal
+                         "lost": state.lost, "health_failures": state.failed_checks,
                          # the stall check: found with no step, and seconds since its /metrics progress
                          # samples were last seen to change (null: no reading with them)
-                         "stalled": self.stalled[i],
-                         "since_progress": None if self._progress_at[i] is None else now - self._progress_at[i],
+                         "stalled": state.stalled,
+                         "since_progress": None if state.progress_at is None else now - state.progress_at,
                          # seconds of it that the gateway waited on the engine for some call (or probe)
-                         "waited": None if self._progress_at[i] is None else self._waited_at(i, now)}
-                        for i, u in enumerate(self.cfg.engines)],
+                         "waited": None if state.progress_at is None else self._waited_at(i, now)}
+                        for i, state in enumerate(self.engines)],
             "live_calls": self.acct.live_calls(),
             "programs": programs,
             "recent": list(self.recent),

@@ -101,7 +101,7 @@ def test_bad_requests_get_openai_errors_and_leave_no_live_calls():
                     status, doc = await _request(s, method, gw.url + path, body,
                                                  {"Content-Type": "application/json", **headers})
                     results.append((name, status, doc, gateway.acct.live_calls(), len(gateway.acct.table),
-                                    list(gateway.loads)))
+                                    [e.load for e in gateway.engines]))
             received = len(eng0.received)
         finally:
             await gw.stop()
@@ -298,7 +298,7 @@ def test_no_body_the_gateway_parsed_fails_when_it_is_forwarded():
                 for depth in range(900, 1101):
                     body = b'{"prompt": [1], "max_tokens": 1, "x": ' + b"[" * depth + b"]" * depth + b"}"
                     statuses[depth] = (await _request(s, "POST", gw.url + "/v1/completions", body, {}))[0]
-            left = (gateway.acct.live_calls(), list(gateway.loads))
+            left = (gateway.acct.live_calls(), [e.load for e in gateway.engines])
         finally:
             await gw.stop()
             await e0.stop()

@@ -145,10 +145,10 @@ def test_client_disconnect_aborts_the_call_on_its_engine():
                                  headers={"X-Program-Id": "p1", "X-Thread-Id": "t1"})
                 assert r.status == 200
                 await r.content.readline()
-                running = (eng0.in_flight, gateway.loads[0], gateway.acct.live_calls())
+                running = (eng0.in_flight, gateway.engines[0].load, gateway.acct.live_calls())
                 r.close()
                 aborted = await wait_for(lambda: eng0.aborted == 1 and eng0.in_flight == 0, timeout=3)
-                gw_clean = await wait_for(lambda: gateway.loads[0] == 0 and gateway.acct.live_calls() == 0,
+                gw_clean = await wait_for(lambda: gateway.engines[0].load == 0 and gateway.acct.live_calls() == 0,
                                           timeout=3)
                 drained = await wait_for(lambda: eng0.replica.load == 0, timeout=3)
                 entry = gateway.acct.table.get("p1")

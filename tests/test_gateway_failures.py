@@ -83,7 +83,7 @@ def test_a_call_that_fails_mid_stream_is_not_charged_and_the_client_is_told(mode
                 events = await _stream_events(s, gw.url)
             settled = await wait_for(lambda: gateway.acct.live_calls() == 0)
             program = gateway.acct.table.get("p1")
-            return events, settled, program, list(gateway.loads)
+            return events, settled, program, [e.load for e in gateway.engines]
         finally:
             await gw.stop()
             await eng.stop()
@@ -235,7 +235,7 @@ def test_an_unreachable_engine_is_left_out_and_its_calls_go_to_another(balancer)
                                       headers={"X-Program-Id": f"p{i % 3}"}) as r:
                         out.append((r.status, r.headers.get("X-Gateway-Engine")))
             snapshot = gateway.snapshot()
-            return out, list(gateway.routed), snapshot, gateway.acct.live_calls()
+            return out, [e.routed for e in gateway.engines], snapshot, gateway.acct.live_calls()
         finally:
             await gw.stop()
             await live.stop()
@@ -255,7 +255,7 @@ def test_every_engine_unreachable_is_one_502_naming_each():
             async with aiohttp.ClientSession() as s:
                 async with s.post(gw.url + "/v1/completions", json={"prompt": [1], "max_tokens": 2},
                                   headers={"X-Program-Id": "p1"}) as r:
-                    return urls, r.status, await r.json(), gateway.acct.live_calls(), list(gateway.loads)
+                    return urls, r.status, await r.json(), gateway.acct.live_calls(), [e.load for e in gateway.engines]
         finally:
             await gw.stop()
 

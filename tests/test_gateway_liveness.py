@@ -138,7 +138,8 @@ def test_a_call_held_by_a_frozen_engine_goes_to_another_and_the_engine_is_left_o
             async with aiohttp.ClientSession() as s:
                 first = await _post(s, gw.url, "p0")  # round robin sends it to engine 0 first
                 rest = [await _post(s, gw.url, f"p{i}") for i in range(1, 5)]
-            return first, rest, gateway.snapshot(), list(gateway.routed), frozen.calls, gateway.acct.live_calls()
+            return (first, rest, gateway.snapshot(), [e.routed for e in gateway.engines], frozen.calls,
+                    gateway.acct.live_calls())
         finally:
             await gw.stop()
             await frozen.stop()
@@ -219,7 +220,7 @@ def test_a_stream_cut_before_its_first_bytes_is_a_502_not_an_empty_stream(mode, 
                 body = {"prompt": [1, 2], "max_tokens": 2, "stream": True}
                 async with s.post(gw.url + "/v1/completions", json=body, headers={"X-Program-Id": "p1"}) as r:
                     answer = r.status, r.headers.get("Content-Type"), await r.json()
-            return answer, gateway.acct.live_calls(), list(gateway.loads)
+            return answer, gateway.acct.live_calls(), [e.load for e in gateway.engines]
         finally:
             await gw.stop()
             await eng.stop()
@@ -293,13 +294,13 @@ def test_a_lost_engine_is_back_in_the_balance_once_its_health_check_passes():
         urls = [await eng.start(), await other.start()]
         gw, gateway = await start_gw(urls, balancer="round_robin", **FAST)
         try:
-            lost = await wait_for(lambda: gateway.lost[0])
+            lost = await wait_for(lambda: gateway.engines[0].lost)
             eng.frozen = False
             eng.thaw.set()  # the pending check answers at once
-            back = await wait_for(lambda: not gateway.lost[0])
+            back = await wait_for(lambda: not gateway.engines[0].lost)
             async with aiohttp.ClientSession() as s:
                 engines = [(await _post(s, gw.url, f"p{i}"))[1] for i in range(4)]
-            return lost, back, engines, gateway.failed_checks[0]
+            return lost, back, engines, gateway.engines[0].failed_checks
         finally:
             await gw.stop()
             await eng.stop()
@@ -319,7 +320,7 @@ def test_a_5xx_health_answer_is_a_failed_check_and_a_404_an_answer(status, lost)
         gw, gateway = await start_gw([await eng.start(with_health=status != 404)], **FAST)
         try:
             await asyncio.sleep(0.3)  # six checks
-            return gateway.lost[0], gateway.snapshot()["engines"][0]["health_failures"]
+            return gateway.engines[0].lost, gateway.snapshot()["engines"][0]["health_failures"]
         finally:
             await gw.stop()
             await eng.stop()
@@ -336,10 +337,10 @@ def test_every_engine_lost_is_one_502_naming_each_instead_of_a_hang():
         urls = [await a.start(), await b.start()]
         gw, gateway = await start_gw(urls, **FAST)
         try:
-            await wait_for(lambda: all(gateway.lost))
+            await wait_for(lambda: all(e.lost for e in gateway.engines))
             async with aiohttp.ClientSession() as s:
                 status, _, body = await _post(s, gw.url, "p1")  # tried anyway, failed by the next checks
-            return urls, status, body, gateway.acct.live_calls(), list(gateway.loads)
+            return urls, status, body, gateway.acct.live_calls(), [e.load for e in gateway.engines]
         finally:
             await gw.stop()
             await a.stop()
@@ -359,7 +360,7 @@ def test_models_are_asked_of_an_engine_that_is_not_lost():
         frozen.frozen = True
         gw, gateway = await start_gw([await frozen.start(), await live.start()], **FAST)
         try:
-            await wait_for(lambda: gateway.lost[0])
+            await wait_for(lambda: gateway.engines[0].lost)
             async with aiohttp.ClientSession() as s:
                 async with s.get(gw.url + "/v1/models") as r:
                     models = r.status, await r.json()
@@ -383,7 +384,7 @@ def test_no_checks_with_a_zero_interval():
         gw, gateway = await start_gw([await eng.start()], health_interval=0, health_timeout=0.05, health_failures=1)
         try:
             await asyncio.sleep(0.2)
-            return gateway.lost[0], gateway.failed_checks[0]
+            return gateway.engines[0].lost, gateway.engines[0].failed_checks
         finally:
             await gw.stop()
             await eng.stop()
@@ -522,7 +523,7 @@ def _record_checks(gateway, problems: list[str] | None = None) -> list[tuple[int
     def record(engine: int, problem: str) -> None:
         failed(engine, problem)
         if engine == 0:
-            seen.append((gateway.failed_checks[0], gateway.lost[0]))
+            seen.append((gateway.engines[0].failed_checks, gateway.engines[0].lost))
             if problems is not None:
                 problems.append(problem)
 
@@ -688,11 +689,11 @@ def test_a_stalled_engine_is_back_once_it_steps_again():
         try:
             async with aiohttp.ClientSession() as s:
                 call = asyncio.ensure_future(_post(s, gw.url, "p1"))
-                lost = await wait_for(lambda: gateway.lost[0])
+                lost = await wait_for(lambda: gateway.engines[0].lost)
                 status = (await call)[0]  # failed over, with nowhere else to go
-                still = await wait_for(lambda: not gateway.lost[0], timeout=0.4)  # idle: it stays out
+                still = await wait_for(lambda: not gateway.engines[0].lost, timeout=0.4)  # idle: it stays out
                 eng.stepping, eng.hold = True, False
-                back = await wait_for(lambda: not gateway.lost[0])
+                back = await wait_for(lambda: not gateway.engines[0].lost)
                 again = await _post(s, gw.url, "p2")
             return lost, status, still, back, again[:2], gateway.snapshot()["engines"][0]
         finally:
@@ -716,7 +717,7 @@ def test_a_hung_engine_is_found_though_its_clients_give_up_and_retry_before_the_
             async with aiohttp.ClientSession() as s:
                 loop = asyncio.get_running_loop()
                 until, tries = loop.time() + 3.0, 0  # ten timeouts
-                while not gateway.stalled[0] and loop.time() < until:
+                while not gateway.engines[0].stalled and loop.time() < until:
                     tries += 1
                     with contextlib.suppress(asyncio.TimeoutError):
                         async with s.post(gw.url + "/v1/completions", json={"prompt": [1], "max_tokens": 2},
@@ -785,10 +786,10 @@ def test_a_stalled_engine_with_no_call_gets_a_probe_and_is_back_once_it_answers(
                 hung = gateway.snapshot()["engines"][0]
                 eng.hold = False  # answers from now on, each answer a step
                 eng.release.set()
-                back = await wait_for(lambda: not gateway.lost[0])
+                back = await wait_for(lambda: not gateway.engines[0].lost)
                 engines = [(await _post(s, gw.url, f"q{i}"))[1] for i in range(4)]
             return (first[:2], hung, back, engines, eng.probes, eng.calls, gateway.snapshot(),
-                    list(gateway.routed), list(gateway.recent))
+                    [e.routed for e in gateway.engines], list(gateway.recent))
         finally:
             await gw.stop()
             await eng.stop()
@@ -825,7 +826,7 @@ def test_one_failed_health_check_does_not_put_a_still_hung_engine_back():
                 hung.health_status = 503  # a blip of its API server
                 await wait_for(lambda: "/health answered 503" in problems)
                 hung.health_status = 200
-                back = await wait_for(lambda: not gateway.lost[0], timeout=0.5)
+                back = await wait_for(lambda: not gateway.engines[0].lost, timeout=0.5)
                 second = await _post(s, gw.url, "p1")  # round robin's turn of engine 0, which is left out
             return first[:2], back, second[:2], gateway.snapshot()["engines"][0], problems, hung.calls
         finally:
