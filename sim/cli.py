@@ -211,7 +211,7 @@ def replication_table(doc: dict[str, Any]) -> str:
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Exception types that mean bad input, not a bug."""
     from sim.capacity import CapacityError
-    from sim.derived import TableError
+    from sim.sweep_table import TableError
     from sim.experiments import ConfigError
     from sim.hardware import SpecError
 
@@ -302,7 +302,8 @@ def _sweep(args: argparse.Namespace) -> int:
 
 
 def _plot(args: argparse.Namespace) -> int:
-    from sim.derived import NO_RATE, WHY_NO_RATE, load_rows, measured, parse_target, report, unfinished_sweeps, without_rate
+    from sim.derived import NO_RATE, WHY_NO_RATE, parse_target, report, without_rate
+    from sim.sweep_table import load_rows, measured, unfinished_sweeps
     from sim.experiments import ConfigError
     from sim.sweep_plots import draw_all
 

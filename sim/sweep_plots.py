@@ -1,6 +1,6 @@
 """The paper's figures from a sweep's table: latency curves, throughput ratios, scaling, waiting.
 
-Each figure is a function of the rows of ``sweep.csv`` (`sim.derived.load_rows`)
+Each figure is a function of the rows of ``sweep.csv`` (`sim.sweep_table.load_rows`)
 so it can be redrawn from saved results without rerunning anything
 (``python -m sim plot RESULTS``). Files are written as PNG and SVG with the
 metadata that would vary between machines dropped (matplotlib version, date)
@@ -22,25 +22,19 @@ from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: 
 from sim.confidence import CONFIDENCE, t_interval  # noqa: E402
 from sim.derived import (  # noqa: E402
     BOUND_PREFIX,
-    LATENCY,
-    PROGRAMS,
     SEED,
     SEEDS_MEAN,
-    Curve,
     Throughput,
-    curves,
     fcfs_baseline,
-    group_label,
     mean_over_seeds,
-    measured,
     targets,
     parse_target,
-    programs_tell_apart,
     seed_table,
     throughput_at,
     throughput_table,
     without_seed,
 )
+from sim.sweep_table import LATENCY, PROGRAMS, Curve, curves, group_label, measured, programs_tell_apart  # noqa: E402
 
 PNG_METADATA = {"Software": None}
 SVG_METADATA = {"Date": None, "Creator": None}

@@ -9,15 +9,14 @@ import pytest
 from sim.derived import (
     Ratio,
     Throughput,
-    curves,
     format_table,
-    group_label,
     parse_target,
     ratio,
     tail_table,
     throughput_at,
     throughput_table,
 )
+from sim.sweep_table import curves, group_label
 
 
 def test_interpolates_between_the_bracketing_rates():
@@ -145,7 +144,7 @@ def test_tail_table_against_rate():
 
 
 def test_other_swept_keys_split_curves_when_read_back(tmp_path):
-    from sim.derived import load_rows
+    from sim.sweep_table import load_rows
 
     header = "sweep,point,workload,rate,replicas,balancer,engine.max_num_seqs,variant,policy,scheduler,status,normalized_latency_mean,new_metric\n"
     body = "".join(
@@ -160,7 +159,7 @@ def test_other_swept_keys_split_curves_when_read_back(tmp_path):
 
 
 def test_curves_from_two_sweeps_at_different_rates(tmp_path):
-    from sim.derived import load_rows
+    from sim.sweep_table import load_rows
     from sim.sweep_run import csv_text
 
     cols = ["sweep", "point", "workload", "rate", "replicas", "balancer", "variant", "policy", "scheduler", "status", "normalized_latency_mean"]
@@ -375,7 +374,7 @@ HEADER = "sweep,point,workload,rate,replicas,balancer,variant,policy,scheduler,s
          "status-case", "status-unknown", "ok-without-latency"],
 )
 def test_a_table_that_is_not_a_sweeps_is_a_located_error(tmp_path, content, message):
-    from sim.derived import TableError, load_rows
+    from sim.sweep_table import TableError, load_rows
 
     (tmp_path / "sweep.csv").write_bytes(content)
     with pytest.raises(TableError) as info:
@@ -385,7 +384,7 @@ def test_a_table_that_is_not_a_sweeps_is_a_located_error(tmp_path, content, mess
 
 def test_two_rows_of_one_curve_at_one_rate_are_an_error(tmp_path):
     """A table given twice, or one whose seed column was cut: the rows of several curves would be merged silently."""
-    from sim.derived import TableError, load_rows
+    from sim.sweep_table import TableError, load_rows
 
     header = HEADER.replace("balancer,", "balancer,seed,")
     (tmp_path / "sweep.csv").write_text(header + "s,0,bfcl,1,1,locality,0,default,fcfs,fcfs,ok,0.02,\n"
@@ -408,7 +407,7 @@ def test_two_rows_of_one_curve_at_one_rate_are_an_error(tmp_path):
 
 
 def test_text_in_other_swept_keys_and_error_is_kept(tmp_path):
-    from sim.derived import load_rows
+    from sim.sweep_table import load_rows
 
     header = "sweep,point,workload,rate,replicas,balancer,engine.model,variant,policy,scheduler,status,normalized_latency_mean,error\n"
     (tmp_path / "sweep.csv").write_text(header + "s,0,bfcl,1,1,locality,llama-3.1-8b,default,fcfs,fcfs,failed,,boom\n")
@@ -417,7 +416,7 @@ def test_text_in_other_swept_keys_and_error_is_kept(tmp_path):
 
 
 def test_a_sweep_json_nested_too_deeply_is_a_warning_not_a_traceback(tmp_path):
-    from sim.derived import unfinished_sweeps
+    from sim.sweep_table import unfinished_sweeps
 
     (tmp_path / "sweep.json").write_text("[" * 100_000 + "]" * 100_000)
     assert unfinished_sweeps(tmp_path) == [

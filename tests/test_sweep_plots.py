@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from sim.sweep_plots import breakdown_loads, draw_all, has_scaling
-from sim.derived import curves
+from sim.sweep_table import curves
 
 
 def rows(replicas=1, balancer="locality", workload="bfcl"):
@@ -163,7 +163,8 @@ def test_mean_over_seeds_and_the_figures_that_use_it(tmp_path):
 
 def test_a_seedless_table_beside_a_seeded_one_keeps_its_own_curves():
     """The seeds' mean rows lost their seed and met the seedless run's rows at the same rates (an error)."""
-    from sim.derived import curves, mean_over_seeds
+    from sim.derived import mean_over_seeds
+    from sim.sweep_table import curves
     from sim.sweep_plots import wait_breakdown
 
     plain = [{k: v for k, v in r.items()} for r in rows() if r["policy"] != "fcfs-unopt"]

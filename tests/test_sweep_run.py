@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from sim.derived import unfinished_sweeps
+from sim.sweep_table import unfinished_sweeps
 from sim.experiments import ConfigError
 from sim.sweep import jobs, load_sweep
 from sim import sweep_run
@@ -740,7 +740,7 @@ def test_a_rewritten_trace_is_read_again_by_a_later_sweep_in_the_same_process(tm
 def test_an_error_past_the_csv_field_limit_is_cut_in_its_middle_and_the_table_still_reads(tmp_path):
     """A refused grid value of 140,000 characters, quoted in its point's error, made a table that
     no CSV reader (sim plot included) could open."""
-    from sim.derived import load_rows
+    from sim.sweep_table import load_rows
     from sim.sweep_run import ERROR_CELL_MAX, csv_text, error_cell
 
     long = "balancer: expected one of locality, got '" + "x" * 140_000 + "' (end)"
