@@ -13,7 +13,8 @@ from collections import defaultdict
 import aiohttp
 import pytest
 
-from engine.replay import HTTPTarget, ReplaySettings, replay
+from engine.replay import ReplaySettings, replay
+from engine.replay_targets import HTTPTarget
 from engine.validate import load_replay
 from sim.metrics import read_calls_csv, read_programs_csv
 from sim.replica import quantize

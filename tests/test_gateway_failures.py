@@ -18,7 +18,7 @@ import pytest
 from aiohttp import web
 
 from engine.gateway import GatewayConfig, same_server_by_address
-from engine.replay import HTTPTarget, ReplayError
+from engine.replay_targets import HTTPTarget, ReplayError
 from engine.sse import DONE, SSEParser
 from test_serve_helpers import Running, run, start_app, start_gw, wait_for
 
@@ -134,7 +134,7 @@ def test_a_replay_through_the_gateway_counts_an_engine_dying_mid_event_as_failed
 
 async def _replay_error(mode: str, through_gateway: bool) -> str:
     """The replayer's error for one call to a failing engine (``mode``), sent directly or through a gateway."""
-    from engine.replay import Clock
+    from engine.replay_targets import Clock
 
     eng = await start_failing_engine(mode)
     gw = (await start_gw([eng.url]))[0] if through_gateway else None

@@ -13,7 +13,9 @@ from pathlib import Path
 import pytest
 
 from engine import replay as replay_mod
-from engine.replay import CallResult, Clock, Replayer, ReplaySettings, program_record, write_outputs
+from engine import replay_targets
+from engine.replay import Replayer, ReplaySettings, program_record, write_outputs
+from engine.replay_targets import CallResult, Clock
 from engine.tokens import fallback_output_ids, prompt_ids
 from sim.metrics import read_calls_csv, read_programs_csv
 from test_serve_helpers import run, start_app, start_engine
@@ -139,7 +141,8 @@ def test_a_failed_call_skips_its_descendants_and_the_cli_exits_1(tmp_path):
     async def go():
         server, engine = await start_engine(step=0.002, blocks=100)
         try:
-            from engine.replay import HTTPTarget, replay
+            from engine.replay import replay
+            from engine.replay_targets import HTTPTarget
 
             settings = ReplaySettings(trace=str(trace), target=server.url, policy="plas", out=str(tmp_path / "o"))
             from traces.io import load_all
@@ -180,7 +183,7 @@ def test_inprocess_problem_is_the_profilers_gpu_check(monkeypatch):
     import engine.profile
 
     monkeypatch.setattr(engine.profile, "gpu_problem", lambda: "no CUDA GPU is visible")
-    assert replay_mod.inprocess_problem() == "no CUDA GPU is visible"
+    assert replay_targets.inprocess_problem() == "no CUDA GPU is visible"
 
 
 def test_cli_reports_a_bad_trace_and_an_unreachable_target(tmp_path):
@@ -313,7 +316,7 @@ def test_clock_is_relative_to_its_zero():
 def test_vllm_stats_take_vllms_inference_time():
     from types import SimpleNamespace
 
-    from engine.replay import vllm_stats
+    from engine.replay_targets import vllm_stats
 
     m = SimpleNamespace(queued_ts=100.0, scheduled_ts=100.5, first_token_ts=100.7, last_token_ts=102.0)
     assert vllm_stats(m) == {"service": 1.5, "first_scheduled_after": 0.5, "source": "vllm_inference_time"}
@@ -335,8 +338,8 @@ def test_kv_ttl_is_sent_with_the_calls_that_have_children(kv_ttl, tagged):
     run(Replayer([_tree()], target, "fcfs", kv_ttl).run())
     assert {tid: t for (_, tid), t in target.kv_ttl.items() if t} == tagged
     assert set(target.kv_ttl) == {("t", c) for c in "abcd"}
-    assert replay_mod.xargs("t", "a", 0.0) == {"program_id": "t", "thread_id": "a"}  # plain replays send what they did
-    assert replay_mod.xargs("t", "a", 3.0)["kv_ttl"] == 3.0
+    assert replay_targets.xargs("t", "a", 0.0) == {"program_id": "t", "thread_id": "a"}  # plain replays send what they did
+    assert replay_targets.xargs("t", "a", 3.0)["kv_ttl"] == 3.0
 
 
 def test_replay_with_kv_ttl_pins_on_sim_serve_and_the_next_calls_take_the_pins_up(tmp_path):
@@ -353,7 +356,8 @@ def test_replay_with_kv_ttl_pins_on_sim_serve_and_the_next_calls_take_the_pins_u
     async def go(kv_ttl):
         server, engine = await start_engine(step=0.002, blocks=200)
         try:
-            from engine.replay import HTTPTarget, replay
+            from engine.replay import replay
+            from engine.replay_targets import HTTPTarget
             from traces.io import load_all
 
             settings = ReplaySettings(trace=str(trace), target=server.url, policy="fcfs",
@@ -409,7 +413,7 @@ def test_inprocess_engine_gets_the_sequence_and_token_limits_vllm_serve_gets(tmp
         return None
 
     monkeypatch.setattr(AsyncLLM, "from_engine_args", staticmethod(fake_from_engine_args))
-    asyncio.run(replay_mod.InprocessTarget("plas", str(tmp_path)).__aenter__())
+    asyncio.run(replay_targets.InprocessTarget("plas", str(tmp_path)).__aenter__())
     assert seen["args"].max_num_seqs is None and seen["args"].max_num_batched_tokens is None  # left to vLLM
     # vLLM's own rule (`_set_default_max_num_seqs_and_batched_tokens_args`)
     # depends on the GPU it finds, so each GPU is stood in for here: the
@@ -464,7 +468,7 @@ def test_an_interrupted_replay_keeps_the_programs_that_finished(tmp_path):
 def test_a_request_timeout_says_which_limit_was_hit():
     from aiohttp import web
 
-    from engine.replay import HTTPTarget, ReplayError
+    from engine.replay_targets import HTTPTarget, ReplayError
 
     async def stall(request):
         await asyncio.sleep(1)  # past the 0.2 s limit; cleanup waits for it
@@ -497,7 +501,7 @@ def test_end_program_outcomes_by_what_the_server_answers():
     engine); anything else is a failure with the server's words."""
     from aiohttp import web
 
-    from engine.replay import NOT_HELD, ENDED, NO_TABLE, HTTPTarget, ReplayError
+    from engine.replay_targets import NOT_HELD, ENDED, NO_TABLE, HTTPTarget, ReplayError
 
     seen = []
 
@@ -542,7 +546,7 @@ def test_end_program_outcomes_by_what_the_server_answers():
 def test_replayer_ends_each_program_once_after_all_its_calls(tmp_path):
     """Every program, finished or not, is ended once, after its last call; a failed end is
     counted with its reason and leaves the results alone."""
-    from engine.replay import ReplayError
+    from engine.replay_targets import ReplayError
 
     class Ending(FakeTarget):
         def __init__(self):
@@ -581,7 +585,7 @@ def test_replayer_ends_each_program_once_after_all_its_calls(tmp_path):
 
 def test_end_program_reads_the_real_gateways_answers():
     """The gateway's own 404 for a program it no longer holds reads as expired, not as a bare engine."""
-    from engine.replay import ENDED, NOT_HELD, HTTPTarget, Clock
+    from engine.replay_targets import ENDED, NOT_HELD, HTTPTarget, Clock
     from test_serve_helpers import start_gw
 
     async def go():
@@ -628,7 +632,7 @@ def test_model_name_discovery_says_why_it_failed():
     "cannot learn the model name ()" for a timeout."""
     from aiohttp import web
 
-    from engine.replay import HTTPTarget, ReplayError
+    from engine.replay_targets import HTTPTarget, ReplayError
 
     async def slow(request):
         await asyncio.sleep(1)
