@@ -196,7 +196,8 @@ from engine.sse import DONE, SSEParser, event_token_count, whole_events_end
 from sim.core import ProcessTable, make_balancer, make_policy
 from sim.core.params import MAX_SECONDS, PolicyParams
 from sim.core.state import CallState, ProgramState
-from sim.serve import json_type, router_error_message, run_site, sse_error
+from sim.openai_api import json_type, router_error_message, sse_error
+from sim.serve import run_site
 from traces.argtypes import integer, number, port_number
 
 log = logging.getLogger(__name__)

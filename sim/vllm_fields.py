@@ -27,7 +27,7 @@ from typing import Any, Callable
 # at debug level): ``best_of: 0`` is a 200 from vLLM 0.26.0, which dropped the field.
 # Not mirrored: bounds that need the model's vocabulary in the fields below (logit_bias,
 # allowed_token_ids, stop_token_ids...: ids >= vocab size; a prompt's ids are checked against the
-# model spec's vocab_size by `sim.serve.parse_request`, as vLLM's InputProcessor does) and the inner
+# model spec's vocab_size by `sim.openai_api.parse_request`, as vLLM's InputProcessor does) and the inner
 # fields of response_format, structured_outputs, tools, tool_choice and repetition_detection (their
 # outer type only). The fields sim serve acts on keep their own, stricter checks (max_tokens "5" is
 # refused here, a 5 to vLLM).

@@ -11,7 +11,7 @@ from multidict import CIMultiDict
 
 from engine.gateway import Accounting, GatewayConfig, prompt_tokens_of
 from engine.protocol import XARG_PROGRAM, XARG_SERVICE, XARG_THREAD, XARGS, BadRequest, check_id, with_xargs
-from sim.serve import XARGS as SERVE_XARGS
+from sim.openai_api import XARGS as SERVE_XARGS
 from test_serve_helpers import run, start_engine, start_gw
 
 ERROR_KEYS = {"message", "type", "param", "code"}

@@ -15,7 +15,7 @@ import pytest
 
 from engine.sse import DONE, SSEParser
 from sim.realtime import RealtimeEngine, block_keys, filler_ids
-from sim.serve import parse_request, RequestError, text_token_ids
+from sim.openai_api import RequestError, parse_request, text_token_ids
 from test_serve_helpers import engine_config, run, start_engine, wait_for
 
 
