@@ -64,83 +64,7 @@ cached there is out of reach. Without this its in-flight count stayed at
 0, so the least-used rule sent it every short call. Only when no engine
 can be reached does a call get 502.
 
-Lost engines: an engine can also stop answering without refusing
-connections (a stopped process, a hung host, a partition), and its calls
-then hang until each client gives up. A silence timeout per call cannot
-tell that from a healthy engine holding a call in its queue, which PLAS
-and ATLAS do by design, so the gateway asks each engine ``GET /health``
-every ``--health-interval`` seconds instead. An engine that fails
-``--health-failures`` checks in a row (no answer within
-``--health-timeout``, a refused connection, a 5xx: vLLM answers 503 once
-its engine core is dead, or a stall, below) is lost: it is left out of the balance until a
-check passes, and each failed check fails the calls it holds. A call that
-has received nothing yet goes to another engine (its client has seen
-nothing, and closing the connection makes vLLM abort it if the engine comes
-back); one already answering gets an error (502, or an error event inside
-the stream). A stream counts as answering from its first bytes, not its
-headers: vLLM sends those as it accepts a call, queued or not, so the
-client's headers wait for the first bytes. A 404 counts as an answer: the
-engine is up but has no ``/health``.
-
-Hung engine cores: vLLM answers ``/health`` from its API server without a
-round trip to the engine core, so a core that hangs (a hung GPU, a
-deadlocked step) behind a live server passes it, and its calls hang. Each
-check therefore also reads the engine's ``GET /metrics`` (Prometheus text,
-from the same API server) for samples that only the core's steps move
-(`PROGRESS_SAMPLES`: vLLM 0.26.0's ``vllm:iteration_tokens_total_count``,
-``vllm:prompt_tokens_total``, ``vllm:generation_tokens_total`` and three
-per-step gauges, each summed over its ``model_name``/``engine`` series). A
-healthy engine steps within milliseconds of receiving a call, and
-continually while it holds calls, queued calls included, as it serves the
-calls ahead of them. So the gateway sums the time it has waited on the
-engine for at least one call (its answer or its stream's next bytes; not
-while writing to a slow client; overlapping calls count once) since the
-samples last changed. When that sum reaches ``--stall-timeout`` seconds
-(default 60; 0: off) and the samples read before and after it are the
-same, the check fails ("no engine step in 75.3 s (61.2 s of it waiting on
-the engine) with 3 calls in flight (/metrics progress frozen)"), and the
-lost-engine rules above apply. A sum, not one unbroken wait: clients that
-give up and send their calls again before the timeout kept a hung core
-from ever being judged. With the defaults an engine is lost about 70 to
-80 s into the waiting on it without a step. ``/programs`` shows per
-engine ``stalled``, ``since_progress`` (seconds since the samples last
-changed) and ``waited`` (the sum); ``/health`` lists stalled engines.
-
-A stalled engine's checks keep failing until it is seen to step. A failed
-``/health`` (as while it restarts) keeps the samples and the verdict: an
-engine that restarts starts its counters from zero, so they move anyway,
-and clearing them let one failed check put a still hung engine back. An
-idle vLLM core does not step, so it sends no stats, and a lost engine gets
-no calls while another engine is usable: its samples could never move. So
-while no call waits on a stalled engine, each check sends it a probe, a
-completion of the gateway's own: ``POST /v1/completions`` with
-``{"model": M, "prompt": [0], "max_tokens": 1}``, M the first model of
-its ``GET /v1/models``, else the last model a call to it named (else none:
-the engine's own), within ``--health-timeout`` (a live core answers in a step
-or two, and the watcher waits no longer on it than on its other requests),
-counted as a wait on the engine; then ``/metrics`` is read again. A 200
-answer clears the verdict and the check passes: vLLM answers a completion
-only with a token from a step of the core, so the answer is the proof
-itself, whatever the timing of the stats (vLLM records them after handing
-a step's outputs to their calls). Samples that moved clear it too (the
-core stepped for other clients while the probe queued). A probe that times
-out is cancelled, which makes vLLM abort it. The probe is no client's
-call: it has no program (the plugin takes an untagged call as a one-call
-program with no service, first in line), is not balanced, counted in
-``in_flight`` or ``routed``, charged, or shown in ``/programs``. With
-vLLM's ``--api-key`` the probe is refused (401: the gateway has no key of
-its own), so a stalled engine is back only when its samples move.
-
-A ``/metrics`` that times out, fails or answers a 5xx is no stall
-(``/health`` judges reachability). An engine whose ``/metrics`` answers
-404 (``sim serve``) or lacks the samples (vLLM started with
-``--disable-log-stats``) gets no stall check: one warning per engine.
-Limits: a data-parallel server's samples are summed, so one hung core among
-cores that step is not found; work before a call reaches the core (a huge
-prompt to tokenize, a grammar to compile) or a single step that outlasts
-the timeout (slow hardware) is taken for a stall: raise ``--stall-timeout``
-there. Calls that the API server answers without the core (a 400 for a
-prompt too long) add their milliseconds to the sum as well.
+Lost engines and hung engine cores: the health checks of `engine.liveness`.
 
 Completion: a streamed call is complete (and charged, and its thread
 free) when its ``[DONE]`` arrives, before that event is passed on: a
@@ -156,12 +80,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import ipaddress
 import json
 import logging
 import math
-import re
 import socket
 import sys
 import uuid
@@ -173,6 +95,7 @@ from urllib.parse import SplitResult, urlsplit
 import aiohttp
 from aiohttp import web
 
+from engine.liveness import EngineMonitor
 from engine.protocol import (
     ENGINE_STATS,
     ERROR_TYPES,
@@ -209,18 +132,6 @@ DOWN_FIRST = 1.0
 DOWN_MAX = 30.0
 # Client headers the engines may need (vLLM's --api-key checks Authorization); the rest stay here.
 FORWARDED_HEADERS = ("Authorization",)
-# The /metrics samples whose change shows that an engine core steps (module docstring, "Hung engine cores").
-# vLLM 0.26.0's engine core sends its stats with each step's outputs, and the API server's PrometheusStatLogger
-# (vllm/v1/metrics/loggers.py, `PrometheusStatLogger.record`) updates these from them, and from nothing else.
-# The counters grow with every step that produced outputs (the histogram ``vllm:iteration_tokens_total``
-# observes once per such step; prometheus_client keeps a histogram's name whole and adds ``_count``; a
-# counter's name gets ``_total``). The gauges are set at every step, and move with most steps that produce no
-# output (a prefill chunk allocates KV blocks). Each is summed over its series (labels ``model_name`` and
-# ``engine``: a data-parallel server shows one series per engine core).
-PROGRESS_COUNTERS = ("vllm:iteration_tokens_total_count", "vllm:prompt_tokens_total", "vllm:generation_tokens_total")
-PROGRESS_GAUGES = ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc")
-PROGRESS_SAMPLES = PROGRESS_COUNTERS + PROGRESS_GAUGES
-_METRIC_NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
 
 
 def error_response(status: int, message: str, param: str | None = None, code: str | None = None,
@@ -258,55 +169,6 @@ def xarg_id(value: Any, field: str) -> str:
     shown = json.dumps(value) if isinstance(value, (bool, int, float)) else json_type(value)
     raise BadRequest(f"{field} must be a string or an integer, got {shown}", param=field, code="invalid_id")
 
-
-def _labels_end(line: str, start: int) -> int:
-    """The index just past the ``}`` that closes the label set opening at ``line[start]`` (``{``); label values
-    are quoted and may hold an escaped quote, a ``}`` or a space."""
-    i, quoted = start + 1, False
-    while i < len(line):
-        c = line[i]
-        if quoted:
-            if c == "\\":
-                i += 1  # the escaped character
-            elif c == '"':
-                quoted = False
-        elif c == '"':
-            quoted = True
-        elif c == "}":
-            return i + 1
-        i += 1
-    raise ValueError("its label set is not closed")
-
-
-def progress_samples(text: str) -> tuple[float | None, ...] | None:
-    """`PROGRESS_SAMPLES` from a Prometheus text exposition, each summed over its series (None where absent);
-    None if it has none of `PROGRESS_COUNTERS`, as vLLM started with ``--disable-log-stats`` or another server.
-
-    Only the lines of these samples are read: ``name{labels} value [timestamp]``. One of them that does not
-    read so raises ValueError naming it.
-    """
-    sums: dict[str, float] = {}
-    for line in text.splitlines():
-        if not line.startswith("vllm:"):  # comments, blank lines and every other metric
-            continue
-        name = _METRIC_NAME.match(line)
-        assert name is not None  # "vllm:" matches
-        if name.group() not in PROGRESS_SAMPLES:
-            continue
-        try:
-            i = name.end()
-            if line.startswith("{", i):
-                i = _labels_end(line, i)
-            fields = line[i:].split()
-            if not 1 <= len(fields) <= 2 or (i < len(line) and not line[i].isspace()):
-                raise ValueError("expected a value (and a timestamp) after the name and labels")
-            value = float(fields[0])
-        except ValueError as exc:
-            raise ValueError(f"malformed sample line {line[:120]!r}: {exc}") from None
-        sums[name.group()] = sums.get(name.group(), 0.0) + value
-    if not any(n in sums for n in PROGRESS_COUNTERS):
-        return None
-    return tuple(sums.get(n) for n in PROGRESS_SAMPLES)
 
 
 def engine_key(parts: SplitResult) -> tuple[str, str, int, str]:
@@ -353,12 +215,12 @@ class GatewayConfig:
     max_body: int = 32 * 1024 * 1024
     expire_interval: float | None = None  # default: min(ttl / 4, 10) seconds
     connect_timeout: float = 10.0
-    # Engine liveness (module docstring): about 15 s to find a frozen engine; vLLM's /health is
+    # Engine liveness (`engine.liveness`): about 15 s to find a frozen engine; vLLM's /health is
     # answered by its API server without a round trip to the engine core, so 5 s is ample.
     health_interval: float = 5.0  # 0: no checks
     health_timeout: float = 5.0
     health_failures: int = 3
-    # Hung engine cores (module docstring): an engine that the gateway has waited on for calls this many seconds
+    # Hung engine cores (`engine.liveness`): an engine that the gateway has waited on for calls this many seconds
     # in all since its samples last moved, with no step, fails its checks. One engine step, even a whole prefill
     # chunk of max_num_batched_tokens, takes well under a second on a GPU, so 60 s leaves a wide margin for slow
     # hardware and for work in vLLM's API server before a call reaches the engine core (tokenizing a huge prompt,
@@ -434,7 +296,7 @@ class EngineState:
     lost: bool = False  # failed --health-failures checks in a row, none passed since
     failed_checks: int = 0  # checks failed in a row
     calls_on: set[LiveCall] = field(default_factory=set)  # the calls it holds (`Gateway.fail_lost_engine`)
-    # The stall check (module docstring, "Hung engine cores"):
+    # The stall check (`engine.liveness`, "Hung engine cores"):
     awaiting: int = 0  # calls (or a probe) whose next bytes the gateway is waiting on it for
     progress: tuple[float | None, ...] | None = None  # last samples read
     progress_at: float | None = None  # when they were first read
@@ -520,7 +382,10 @@ class Gateway:
         self.acct = Accounting(cfg.policy, cfg.ttl, cfg.threshold)
         self.balancer = make_balancer(cfg.balancer, cfg.threshold)
         self.engines = [EngineState(url) for url in cfg.engines]
-        self._watchers: list[asyncio.Task] = []
+        self.monitor = EngineMonitor(self.engines, health_interval=cfg.health_interval,
+                                     health_timeout=cfg.health_timeout, health_failures=cfg.health_failures,
+                                     stall_timeout=cfg.stall_timeout, now=self.now, end_backoff=self._mark_up,
+                                     fail_calls=self.fail_lost_engine)
         self.recent: deque[dict[str, Any]] = deque(maxlen=1000)  # routing decisions, newest last
         self._session: aiohttp.ClientSession | None = None
         self._expiry: asyncio.Task | None = None
@@ -545,14 +410,12 @@ class Gateway:
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.cfg.connect_timeout)
         self._session = aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0))
         self._expiry = asyncio.create_task(self._expire_loop())
-        if self.cfg.health_interval > 0:
-            self._watchers = [asyncio.create_task(self._watch(i)) for i in range(len(self.engines))]
+        self.monitor.start(self._session)
 
     async def _cleanup(self, app: web.Application) -> None:
         if self._expiry is not None:
             self._expiry.cancel()
-        for task in self._watchers:
-            task.cancel()
+        self.monitor.stop()
         if self._session is not None:
             await self._session.close()
 
@@ -565,224 +428,7 @@ class Gateway:
             await asyncio.sleep(interval)
             self.acct.table.expire(self.now())
 
-    # -- engine liveness ---------------------------------------------------------------
-    async def _watch(self, engine: int) -> None:
-        """Check one engine's /health every interval, for as long as the gateway runs."""
-        loop = asyncio.get_running_loop()
-        while True:
-            started = loop.time()
-            try:
-                # A failed /health keeps the progress samples and the stall verdict: one failure of a hung
-                # engine's /health cleared them, so its next check read "new" samples and put it back. An
-                # engine that restarts starts its counters from zero, so its samples change anyway.
-                problem = await self._check_health(engine)
-                if problem is None and self.cfg.stall_timeout > 0:
-                    problem = await self._check_progress(engine)
-                    if problem is not None and not self.engines[engine].awaiting:
-                        # Stalled, and no call of a client can show a step: an idle core steps for nothing.
-                        problem = await self._probe_stalled(engine, problem)
-                if problem is None:
-                    self._engine_answered(engine)
-                else:
-                    self._engine_failed_check(engine, problem)
-            except Exception:  # a bug here must not end this engine's checks in silence
-                log.exception("the /health check of engine %d failed", engine)
-            await asyncio.sleep(max(0.0, self.cfg.health_interval - (loop.time() - started)))
-
-    async def _check_health(self, engine: int) -> str | None:
-        """None if the engine answered /health in time with anything but a 5xx, else what went wrong."""
-        assert self._session is not None
-        timeout = self.cfg.health_timeout
-        try:
-            async with self._session.get(self.engines[engine].url + "/health",
-                                         timeout=aiohttp.ClientTimeout(total=timeout)) as r:
-                await r.read()
-                return None if r.status < 500 else f"/health answered {r.status}"
-        except asyncio.TimeoutError:
-            return f"/health did not answer within {timeout:g} s"
-        except (aiohttp.ClientError, OSError) as exc:
-            return f"/health failed: {type(exc).__name__}: {exc}"
-
-    @contextlib.contextmanager
-    def _awaiting(self, engine: int):
-        """Mark a wait for the engine's next bytes for a call: the stall check's "calls in flight". The time
-        with at least one such wait adds to `EngineState.waited` (overlapping waits count once)."""
-        state = self.engines[engine]
-        if not state.awaiting:
-            state.busy_from = self.now()
-        state.awaiting += 1
-        try:
-            yield
-        finally:
-            state.awaiting -= 1
-            if not state.awaiting:
-                busy = state.busy_from
-                assert busy is not None
-                state.waited += max(0.0, self.now() - busy)
-                state.busy_from = None
-
-    def _waited_at(self, engine: int, t: float) -> float:
-        """Seconds the gateway has waited on the engine for some call between its `progress_at` and ``t``."""
-        state = self.engines[engine]
-        busy = state.busy_from
-        return state.waited + (max(0.0, t - busy) if busy is not None else 0.0)
-
-    def _restart_window(self, engine: int, samples: tuple[float | None, ...] | None) -> None:
-        """New samples (or a proof of a step): the waiting counted from now is against these."""
-        state = self.engines[engine]
-        state.progress = samples
-        state.progress_at = now = self.now()
-        state.waited = 0.0
-        if state.busy_from is not None:
-            state.busy_from = now
-
-    def _forget_progress(self, engine: int) -> None:
-        """No usable samples: nothing to judge against."""
-        self._restart_window(engine, None)
-        state = self.engines[engine]
-        state.progress_at = None
-        state.stalled = False
-
-    async def _read_progress(self, engine: int) -> tuple[float | None, ...] | str | None:
-        """The engine's `PROGRESS_SAMPLES`; a string saying why it has none (no /metrics, or not these
-        samples); None if /metrics did not answer (not a stall: /health covers an unreachable engine)."""
-        assert self._session is not None
-        try:
-            async with self._session.get(self.engines[engine].url + "/metrics",
-                                         timeout=aiohttp.ClientTimeout(total=self.cfg.health_timeout)) as r:
-                if r.status >= 500:
-                    return None
-                if r.status >= 400:
-                    return f"GET /metrics answered {r.status}"
-                text = (await r.read()).decode("utf-8", "replace")
-        except (asyncio.TimeoutError, aiohttp.ClientError, OSError):
-            return None
-        try:
-            samples = progress_samples(text)
-        except ValueError as exc:
-            return f"/metrics has a {exc}"
-        if samples is None:
-            return (f"/metrics has none of {', '.join(PROGRESS_COUNTERS)} (vLLM started with --disable-log-stats, "
-                    f"or not a vLLM server)")
-        return samples
-
-    async def _check_progress(self, engine: int) -> str | None:
-        """None unless the gateway has waited on the engine for calls for --stall-timeout seconds in all since
-        its progress samples last changed (or found it so, `stalled`), and they did not change; then what went
-        wrong."""
-        state = self.engines[engine]
-        sent = self.now()
-        waited = self._waited_at(engine, sent)  # all of it before this reading, so after the samples' last change
-        samples = await self._read_progress(engine)
-        if isinstance(samples, str):  # no judgement possible: never a failure
-            if not state.no_progress_warned:
-                state.no_progress_warned = True
-                log.warning("engine %d (%s): %s: no stall check for it (a hung engine core behind a live "
-                            "server is not found)", engine, state.url, samples)
-            self._forget_progress(engine)
-            return None
-        if samples is None:  # no reading: no new knowledge either way
-            return self._stall_problem(engine, sent, waited) if state.stalled else None
-        if samples != state.progress:
-            if state.stalled:
-                log.warning("engine %d (%s) steps again (/metrics progress moved)", engine, state.url)
-            self._restart_window(engine, samples)  # answered by now: unchanged at least since then
-            state.stalled = False
-            return None
-        if state.stalled:
-            return self._stall_problem(engine, sent, waited)
-        # The samples the same at both ends of the waiting counted (the counters only grow): a healthy engine
-        # steps within milliseconds of receiving a call, so this much waiting without a step is a stall.
-        if waited < self.cfg.stall_timeout:
-            return None
-        state.stalled = True
-        problem = self._stall_problem(engine, sent, waited)
-        log.warning("engine %d (%s): %s", engine, state.url, problem)
-        return problem
-
-    def _stall_problem(self, engine: int, sent: float, waited: float) -> str:
-        state = self.engines[engine]
-        seen = state.progress_at
-        assert seen is not None
-        calls = state.awaiting
-        held = f"with {calls} call{'s' if calls != 1 else ''} in flight" if calls else "with no call in flight"
-        return f"no engine step in {sent - seen:.1f} s ({waited:.1f} s of it waiting on the engine) {held} " \
-               f"(/metrics progress frozen)"
-
-    async def _probe_stalled(self, engine: int, problem: str) -> str | None:
-        """A stalled engine with no call waiting on it: its core, if live but idle, steps for nothing, so its
-        samples could never move again (and it gets no calls while other engines are usable). Send it a
-        completion of the gateway's own (`_probe`), then read /metrics again: an answer (200), or samples that
-        moved, shows a step and clears `stalled` (None); else ``problem``, with what the probe got."""
-        state = self.engines[engine]
-        failed = await self._probe(engine)
-        samples = await self._read_progress(engine)
-        moved = isinstance(samples, tuple) and samples != state.progress
-        if failed is not None and not moved:
-            return f"{problem}; a probe completion {failed}"
-        log.warning("engine %d (%s) steps again (%s)", engine, state.url,
-                    "/metrics progress moved" if failed else "it answered a probe completion")
-        self._restart_window(engine, samples if isinstance(samples, tuple) else state.progress)
-        state.stalled = False
-        return None
-
-    async def _probe(self, engine: int) -> str | None:
-        """POST the engine ``/v1/completions`` with a one-token prompt and ``max_tokens`` 1 (a step's work in
-        its core), within --health-timeout; None if it answered 200, else what went wrong. The gateway's own
-        call: no program, no balance, no accounting; a wait on the engine for the stall window like a call's."""
-        assert self._session is not None
-        timeout = self.cfg.health_timeout
-        body: dict[str, Any] = {"prompt": [0], "max_tokens": 1}
-        model = await self._probe_model(engine)
-        if model is not None:  # else the engine's own, as for a client's call without one
-            body["model"] = model
-        try:
-            with self._awaiting(engine):
-                async with self._session.post(self.engines[engine].url + "/v1/completions", json=body,
-                                              timeout=aiohttp.ClientTimeout(total=timeout)) as r:
-                    await r.read()
-                    return None if r.status == 200 else f"answered {r.status}"
-        except asyncio.TimeoutError:
-            return f"got no answer within {timeout:g} s"
-        except (aiohttp.ClientError, OSError) as exc:
-            return f"failed: {type(exc).__name__}: {exc}"
-
-    async def _probe_model(self, engine: int) -> str | None:
-        """The model a probe names: the first of the engine's ``GET /v1/models`` (what it serves now), else the
-        last model a call to it named, else None."""
-        assert self._session is not None
-        try:
-            async with self._session.get(self.engines[engine].url + "/v1/models",
-                                         timeout=aiohttp.ClientTimeout(total=self.cfg.health_timeout)) as r:
-                if r.status == 200:
-                    model = (await r.json(content_type=None))["data"][0]["id"]
-                    if isinstance(model, str):
-                        return model
-        except (asyncio.TimeoutError, aiohttp.ClientError, OSError, ValueError, LookupError, TypeError):
-            pass
-        return self.engines[engine].model_named
-
-    def _engine_answered(self, engine: int) -> None:
-        state = self.engines[engine]
-        if state.lost:
-            log.warning("engine %d (%s) passes its checks again: back in the balance", engine, state.url)
-        state.lost = False
-        state.failed_checks = 0
-        self._mark_up(engine)  # any answer ends a backoff
-
-    def _engine_failed_check(self, engine: int, problem: str) -> None:
-        state = self.engines[engine]
-        state.failed_checks += 1
-        failures = state.failed_checks
-        if failures < self.cfg.health_failures:
-            return
-        message = (f"engine {engine} ({state.url}) lost: {problem}, "
-                   f"{failures} check{'s' if failures > 1 else ''} in a row")
-        if not state.lost:
-            log.warning("%s; left out of the balance until a check passes", message)
-        state.lost = True
-        self.fail_lost_engine(engine, message)
-
+    # -- engine liveness (`engine.liveness`) -------------------------------------------
     def fail_lost_engine(self, engine: int, message: str) -> None:
         """Give up on the calls a lost engine holds: each one's relay then ends with ``message``."""
         for live in list(self.engines[engine].calls_on):
@@ -992,7 +638,7 @@ class Gateway:
         # A task of its own, so that `fail_lost_engine` can cancel the wait without cancelling the handler.
         live.post = asyncio.ensure_future(self._session.post(url, data=payload, headers=upstream_headers))
         try:
-            with self._awaiting(live.engine):
+            with self.monitor.awaiting(live.engine):
                 upstream = await live.post
         except asyncio.CancelledError:
             post = live.post
@@ -1022,7 +668,7 @@ class Gateway:
             if ctype.startswith("text/event-stream") and upstream.status < 400:
                 return await self._relay_stream(request, upstream, headers, live)
             try:
-                with self._awaiting(live.engine):
+                with self.monitor.awaiting(live.engine):
                     data = await upstream.read()
             except (aiohttp.ClientError, OSError) as exc:  # the engine died before its answer was whole
                 message = live.lost or (f"engine {live.engine} ({self.engines[live.engine].url}) failed before "
@@ -1059,7 +705,7 @@ class Gateway:
         # queues: the client's headers wait for the first bytes, so a call on an engine lost before
         # then has shown its client nothing and goes to another engine.
         try:
-            with self._awaiting(engine):
+            with self.monitor.awaiting(engine):
                 first: bytes | None = await chunks.__anext__()
             problem = None
         except StopAsyncIteration:  # a clean end without a byte: neither [DONE] nor an error event
@@ -1086,7 +732,7 @@ class Gateway:
                 if first is not None:
                     chunk, first = first, None
                 else:
-                    with self._awaiting(engine):  # not while the client is written to: a slow client is no stall
+                    with self.monitor.awaiting(engine):  # not while the client is written to: a slow client is no stall
                         chunk = await chunks.__anext__()
             except StopAsyncIteration:
                 break
@@ -1204,7 +850,7 @@ class Gateway:
                          "stalled": state.stalled,
                          "since_progress": None if state.progress_at is None else now - state.progress_at,
                          # seconds of it that the gateway waited on the engine for some call (or probe)
-                         "waited": None if state.progress_at is None else self._waited_at(i, now)}
+                         "waited": None if state.progress_at is None else self.monitor.waited_at(i, now)}
                         for i, state in enumerate(self.engines)],
             "live_calls": self.acct.live_calls(),
             "programs": programs,

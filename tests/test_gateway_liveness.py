@@ -20,7 +20,8 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from engine.gateway import GatewayConfig, progress_samples
+from engine.gateway import GatewayConfig
+from engine.liveness import progress_samples
 from engine.protocol import GATEWAY_ENGINE_HEADER
 from engine.sse import DONE, SSEParser, event_token_count
 from sim.realtime import RealtimeEngine
@@ -518,7 +519,7 @@ async def _hold_calls(eng, url: str, gateway, seconds: float, n: int = 1):
 def _record_checks(gateway, problems: list[str] | None = None) -> list[tuple[int, bool]]:
     """(checks failed in a row, lost) after each failed check of engine 0; its problems go to ``problems``."""
     seen: list[tuple[int, bool]] = []
-    failed = gateway._engine_failed_check
+    failed = gateway.monitor.failed_check
 
     def record(engine: int, problem: str) -> None:
         failed(engine, problem)
@@ -527,7 +528,7 @@ def _record_checks(gateway, problems: list[str] | None = None) -> list[tuple[int
             if problems is not None:
                 problems.append(problem)
 
-    gateway._engine_failed_check = record
+    gateway.monitor.failed_check = record
     return seen
 
 
