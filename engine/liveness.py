@@ -48,7 +48,9 @@ changed) and ``waited`` (the sum); ``/health`` lists stalled engines.
 A stalled engine's checks keep failing until it is seen to step. A failed
 ``/health`` (as while it restarts) keeps the samples and the verdict: an
 engine that restarts starts its counters from zero, so they move anyway,
-and clearing them let one failed check put a still hung engine back. An
+and clearing them let one failed check put a still hung engine back. So
+does a ``/metrics`` that turns unusable (a 404, a malformed line) while the
+engine is stalled: that is no step either. A NaN sample counts as absent. An
 idle vLLM core does not step, so it sends no stats, and a lost engine gets
 no calls while another engine is usable: its samples could never move. So
 while no call waits on a stalled engine, each check sends it a probe, a
@@ -87,6 +89,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import re
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -158,6 +161,10 @@ def progress_samples(text: str) -> tuple[float | None, ...] | None:
             value = float(fields[0])
         except ValueError as exc:
             raise ValueError(f"malformed sample line {line[:120]!r}: {exc}") from None
+        if math.isnan(value):
+            # No reading (Prometheus allows NaN). Summed in, it would make every read differ from the last
+            # (NaN equals nothing), so the samples would always have moved and no stall would ever be found.
+            continue
         sums[name.group()] = sums.get(name.group(), 0.0) + value
     if not any(n in sums for n in PROGRESS_COUNTERS):
         return None
@@ -304,6 +311,11 @@ class EngineMonitor:
         sent = self.now()
         waited = self.waited_at(engine, sent)  # all of it before this reading, so after the samples' last change
         samples = await self._read_progress(engine)
+        if isinstance(samples, str) and state.stalled:
+            # No sign of a step either: the verdict stands until one is seen (a probe's answer, samples that
+            # move). Forgetting it here let one bad answer (a proxy's 4xx, a garbled exposition) put a hung
+            # engine back.
+            return f"{self._stall_problem(engine, sent, waited)}; /metrics now unusable: {samples}"
         if isinstance(samples, str):  # no judgement possible: never a failure
             if not state.no_progress_warned:
                 state.no_progress_warned = True

@@ -706,6 +706,38 @@ def test_a_stalled_engine_is_back_once_it_steps_again():
     assert again == (200, "0") and engine0["stalled"] is False and engine0["health_failures"] == 0
 
 
+@pytest.mark.parametrize("mode", ["malformed", "absent"])
+def test_a_stalled_engine_stays_out_while_its_metrics_turn_unusable(mode):
+    """An unusable /metrics (a proxy's error page, a garbled exposition) is no step: the verdict stands until
+    the engine is seen to step. It was forgotten, so one such answer put the hung engine back."""
+
+    async def go():
+        eng = SteppingEngine(hold=True)
+        gw, gateway = await start_gw([await eng.start()], **STALL)
+        problems: list[str] = []
+        _record_checks(gateway, problems)
+        try:
+            async with aiohttp.ClientSession() as s:
+                call = asyncio.ensure_future(_post(s, gw.url, "p1"))
+                lost = await wait_for(lambda: gateway.engines[0].lost)
+                eng.metrics_mode = mode
+                status = (await call)[0]
+                seen = len(problems)
+                back_early = await wait_for(lambda: not gateway.engines[0].lost, timeout=0.5)
+                held = (gateway.engines[0].stalled, problems[seen:])
+                eng.hold = False  # the probe's completion is answered: a step
+                back = await wait_for(lambda: not gateway.engines[0].lost)
+            return lost, status, back_early, held, back, gateway.engines[0].stalled
+        finally:
+            await gw.stop()
+            await eng.stop()
+
+    lost, status, back_early, (stalled, later), back, stalled_after = run(go())
+    assert lost and status == 502 and not back_early and stalled
+    assert later and all(re.match(STALL_PROBLEM, p) and "/metrics now unusable" in p for p in later), later
+    assert back and not stalled_after
+
+
 def test_a_hung_engine_is_found_though_its_clients_give_up_and_retry_before_the_timeout():
     """The waiting is summed since the samples last moved: a client that gives up after 0.2 s (under the 0.3 s
     timeout) and sends its call again kept a window that had to be waited through whole from ever reaching it."""
@@ -919,6 +951,9 @@ def test_progress_samples_are_summed_over_series_and_read_strictly():
     assert progress_samples(text) == (7.0, 30.0, 13.5, 1.0, 2.0, 0.25)
     assert progress_samples("vllm:num_requests_running 1\n# vllm:generation_tokens_total 3\n") is None
     assert progress_samples("vllm:prompt_tokens_total 2\n") == (None, 2.0, None, None, None, None)
+    # NaN is no reading: summed in, two reads of a still engine would differ (NaN equals nothing)
+    nan = 'vllm:prompt_tokens_total{engine="0"} NaN\nvllm:prompt_tokens_total{engine="1"} 2\nvllm:num_requests_running NaN\n'
+    assert progress_samples(nan) == (None, 2.0, None, None, None, None) == progress_samples(nan)
     for bad in ('vllm:prompt_tokens_total{engine="0"}5\n', "vllm:prompt_tokens_total five\n",
                 "vllm:prompt_tokens_total\n", "vllm:prompt_tokens_total 1 2 3\n"):
         with pytest.raises(ValueError, match="malformed sample line"):
