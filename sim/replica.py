@@ -45,7 +45,6 @@ the engine; they hold back admissions while other calls run.
 from __future__ import annotations
 
 from bisect import insort
-from heapq import heappop, heappush
 from dataclasses import dataclass, field
 from operator import attrgetter
 from typing import Callable
@@ -55,6 +54,8 @@ import simpy
 from sim.config import EngineConfig
 from sim.core import SchedulerCore, TokenBudget, attribute_service
 from sim.core.state import CallState
+from sim.decode_cohort import DecodeCohort
+from sim.draining import DrainingCalls
 from sim.errors import SimulationError
 from sim.kv_pins import SimKVPins
 from sim.kvcache import BlockTable, KVCache
@@ -101,9 +102,9 @@ class SimCall:
     finish: float = -1.0
     service: float = 0.0
     prefix_hit_tokens: int = 0
-    # Lazy decode accounting (see Replica, "steady decodes"): while ``steady``
-    # the token and service fields above are as of cohort step ``j_steps``
-    # and cohort service ``j_service``; ``q_due`` is the cohort service at
+    # Lazy decode accounting (`sim.decode_cohort`): while ``steady`` the
+    # token and service fields above are as of cohort step ``j_steps`` and
+    # cohort service ``j_service``; ``q_due`` is the cohort service at
     # which the call's quantum runs out.
     steady: bool = False
     j_steps: int = 0
@@ -221,17 +222,8 @@ class Replica:
         self.steps = 0
         self.lazy_decode_steps = 0  # decode call-steps accounted lazily (cohort members)
         self.coasted_steps = 0  # steps taken inside another step's timeout (`_coast`)
-        self._c_steps = 0  # steps in which the decode cohort was scheduled
-        self._c_service = 0.0  # their summed durations
-        self._q_heap: list[tuple[float, int, SimCall]] = []  # members' quantum expiries, lazily invalidated
-        self._q_seq = 0
-        self._members = 0
+        self.cohort = DecodeCohort(cfg.block_size)  # the running calls whose decodes are accounted lazily
         self._unsorted = False  # running may be out of key order (lazy path)
-        self._member_kv_base = 0  # sum over members of num_computed - j_steps + 1
-        # Members by phase (num_computed - j_steps) mod block: at cohort step
-        # S those in bucket -S mod block start a new KV block.
-        self._by_phase: list[dict[SimCall, None]] = [{} for _ in range(cfg.block_size)]
-        self._by_finish: dict[int, dict[SimCall, None]] = {}  # cohort step of the last token -> members
         self.preemptions = 0
         self.busy_time = 0.0
         self.prefill_tokens = 0  # tokens computed in chunks of more than one (prompts and recomputes)
@@ -243,13 +235,13 @@ class Replica:
         self._stall_check = LIVELOCK_RECOMPUTES * cfg.max_num_batched_tokens
         # Async scheduling (see "async scheduling" below): calls submitted
         # while a step is in flight, with their submit times, and finished
-        # calls still holding a sequence slot (and their KV blocks, or None
-        # if pinned) until the next step has been scheduled.
+        # calls still holding a sequence slot and their KV blocks until the
+        # next step has been scheduled.
         self._async = cfg.async_scheduling
         self._staged: list[tuple[float, SimCall]] = []
         self._arriving: list[tuple[float, SimCall]] = []  # submitted during the step in flight (`submit`)
         self._in_step = False  # a step's timeout is running
-        self._draining: list[SimCall] = []  # finished calls still holding their slot and KV (async)
+        self.draining = DrainingCalls(kv, self.kv_pins)  # finished calls still holding their slot and KV (async)
         self._last_start = -INF  # start of the step that completed last
         self._overlap = False  # async: this step was scheduled while the last one ran (`_overlapped_seconds`)
         # A step's duration when it follows the last one back to back.
@@ -373,12 +365,12 @@ class Replica:
             if self._staged:
                 self._reveal(self._last_start)
             if not self.running and not self.waiting:
-                if self._staged or self._draining or self._outputs_due:  # nothing in flight: vLLM schedules them at once
+                if self._staged or self.draining or self._outputs_due:  # nothing in flight: vLLM schedules them at once
                     if self.kv_pins.expiries_queued():  # vLLM's empty schedule before it processes the last output
                         self._expire_pins(env.now)
                     if self._lag_keys:
                         self._key_late()
-                    self._release_draining()
+                    self.draining.release(env.now)
                     self._apply_outputs()
                     self._reveal(INF)
                     self._overlap = False
@@ -397,7 +389,7 @@ class Replica:
                 members = 0
             if self._lag_keys:
                 self._key_late()
-            freed = self._release_draining()
+            freed = self.draining.release(start)
             if self._outputs_due:
                 self._apply_outputs()
             if not batch and not members and (freed or self._staged):
@@ -488,13 +480,14 @@ class Replica:
     # one token and attains the step's duration. Doing that per call per step
     # costs ~8 us per call-step in Python, and a 1,000-program LATS run has
     # ~12 million of them. Instead a call that has sampled its first token
-    # joins the replica's decode cohort: the replica counts cohort steps and
-    # cohort service once per step, and a member's token and service fields
-    # are brought up to date (``_settle``) only when something needs them:
-    # it finishes, its quantum runs out, it is preempted or aborted. Per step
-    # a member costs one budget check and one block-boundary check; KV blocks
-    # are still allocated per call at the step that needs them, so memory
-    # pressure and preemption happen at exactly the same step.
+    # joins the replica's decode cohort (`sim.decode_cohort.DecodeCohort`):
+    # the cohort counts its steps and service once per step, and a member's
+    # token and service fields are brought up to date (``_settle``) only when
+    # something needs them: it finishes, its quantum runs out, it is
+    # preempted or aborted. Per step a member costs one budget check and one
+    # block-boundary check; KV blocks are still allocated per call at the
+    # step that needs them, so memory pressure and preemption happen at
+    # exactly the same step.
     #
     # Results are bit-identical to the per-step path (``fast_forward: false``,
     # checked by a hypothesis test): step durations lie on a 2**-30 s grid,
@@ -522,14 +515,13 @@ class Replica:
         them exactly, which the loop checks.
         Returns (delay from ``start``, the last step's duration, its start).
         """
-        env, kv, block = self.env, self.kv, self.block
+        env, kv, cohort = self.env, self.kv, self.cohort
         horizon = env.peek()  # no call can arrive before this event is processed
         expiry = self.kv_pins.next_expiry()  # may be stale, as q_next
-        m = self._members
-        q_heap = self._q_heap
-        q_next = q_heap[0][0] if q_heap else INF  # may be stale: only ever stops a run early
-        c = self._c_steps
-        service = self._c_service + dt
+        m = cohort.members
+        q_next = cohort.next_quantum_due()  # may be stale: only ever stops a run early
+        c = cohort.steps
+        service = cohort.service + dt
         end = start + dt
         if (
             end >= horizon
@@ -539,23 +531,22 @@ class Replica:
             or m != len(self.running)
         ):
             return dt, dt, start
-        by_finish, by_phase = self._by_finish, self._by_phase
-        step_time, base = self._steady_seconds, self._member_kv_base
+        # The members' decode KV tokens at cohort step c are kv_base + m * c (`DecodeCohort.kv_tokens`).
+        step_time, kv_base = self._steady_seconds, cohort.kv_tokens(0)
         last_start, last_dt = start, dt
         while True:
             c += 1  # the candidate step's cohort index, starting at ``end``
-            if c in by_finish or end >= expiry:
+            if cohort.finishes_at(c) or end >= expiry:
                 break
-            crossing = by_phase[-c % block]
+            crossing = cohort.crossing_at(c)
             if len(crossing) > kv.capacity - kv.in_use:
                 break
-            d = quantize(step_time(StepShape(m, m, m, base + m * c, 0, 0)))
+            d = quantize(step_time(StepShape(m, m, m, kv_base + m * c, 0, 0)))
             t = end + d
             if t > horizon or q_next <= service + d + 1e-9 or start + (t - start) != t:
                 break
             # The previous step completes (members only: counters), this one is scheduled.
-            self._c_steps = c
-            self._c_service = service
+            cohort.complete_step(last_dt)
             if crossing:
                 if kv.prefix_caching:
                     for call in crossing:
@@ -571,37 +562,15 @@ class Replica:
         return end - start, last_dt, last_start
 
     def _settle(self, call: SimCall) -> float:
-        """Bring a member's fields up to date; returns service not yet charged to the core.
-
-        The member's phase ``num_computed - j_steps`` and finish step are
-        unchanged by settling, so its buckets stay valid.
-        """
-        steps = self._c_steps - call.j_steps
-        lump = self._c_service - call.j_service
-        if steps:
-            call.num_computed += steps
-            call.generated += steps
-            call.num_tokens += steps
-            call.service += lump
-            if not self._async:  # async: the schedules key members' blocks (`_key_late`)
-                self._key_full_blocks(call, call.num_computed)
-        call.j_steps = self._c_steps
-        call.j_service = self._c_service
+        """Bring a member's fields up to date (`DecodeCohort.settle`); returns service not yet charged to the core."""
+        steps, lump = self.cohort.settle(call)
+        if steps and not self._async:  # async: the schedules key members' blocks (`_key_late`)
+            self._key_full_blocks(call, call.num_computed)
         return lump
-
-    def _finish_step(self, call: SimCall) -> int:
-        """The cohort step in which a member computes its last token."""
-        return call.j_steps + call.output_tokens - 1 - call.generated
 
     def _join(self, call: SimCall) -> None:
         """A running call that has sampled a token and decodes from now on joins the cohort."""
-        call.steady = True
-        call.j_steps = self._c_steps
-        call.j_service = self._c_service
-        self._members += 1
-        self._member_kv_base += call.num_computed - call.j_steps + 1
-        self._by_phase[(call.num_computed - call.j_steps) % self.block][call] = None
-        self._by_finish.setdefault(self._finish_step(call), {})[call] = None
+        self.cohort.join(call)
         self._requantum_after_charges(call)
 
     def _requantum_after_charges(self, call: SimCall) -> None:
@@ -609,31 +578,13 @@ class Replica:
         if self._async:
             self._requantum.append(call)
         else:
-            self._push_quantum(call)
-
-    def _push_quantum(self, call: SimCall) -> None:
-        q = call.core.quantum_left
-        if q != INF:
-            call.q_due = call.j_service + q
-            self._q_seq += 1
-            heappush(self._q_heap, (call.q_due, self._q_seq, call))
-
-    def _unbucket(self, call: SimCall) -> None:
-        del self._by_phase[(call.num_computed - call.j_steps) % self.block][call]
-        step = self._finish_step(call)
-        bucket = self._by_finish[step]
-        del bucket[call]
-        if not bucket:
-            del self._by_finish[step]
+            self.cohort.push_quantum(call)
 
     def _leave(self, call: SimCall, now: float) -> None:
         """Settle a member and charge its service before it leaves the running set."""
         if call.steady:
             lump = self._settle(call)
-            self._unbucket(call)
-            self._members -= 1
-            self._member_kv_base -= call.num_computed - call.j_steps + 1
-            call.steady = False
+            self.cohort.remove(call)
             if lump and self._outputs_due and call not in self._last_skipped:
                 # Async: the core learns of the last step's service only
                 # with its output, after this schedule (`_apply_outputs`).
@@ -641,14 +592,6 @@ class Replica:
                 lump -= self._last_dt
             if lump:
                 self.core.on_step({call.core.id: lump}, now)
-
-    def _skip(self, call: SimCall) -> None:
-        """A member left out of a step (budget spent): it neither generates nor is served."""
-        self._unbucket(call)
-        call.j_steps += 1
-        self._member_kv_base -= 1
-        self._by_phase[(call.num_computed - call.j_steps) % self.block][call] = None
-        self._by_finish.setdefault(self._finish_step(call), {})[call] = None
 
     def _schedule_lazy(self, now: float) -> "_LazyStep":
         cfg, kv, core = self.cfg, self.kv, self.core
@@ -665,7 +608,7 @@ class Replica:
         if core.policy.preemptive and core.policy.params.preemption and self.waiting:
             for call in self._policy_victims():  # worst first, as the plugin preempts them
                 if call.finish >= 0:
-                    self._drop_draining(call)
+                    self.draining.drop(call)
                     continue
                 self._leave(call, now)
                 transfer += self._preempt(call, now)
@@ -674,8 +617,9 @@ class Replica:
         step = _LazyStep()
         budget = cfg.max_num_batched_tokens
         block = self.block
-        c_steps = self._c_steps
-        crossing = self._by_phase[-c_steps % block]  # members whose next token starts a block
+        cohort = self.cohort
+        c_steps = cohort.steps
+        crossing = cohort.crossing_at(c_steps)  # members whose next token starts a block
         if crossing and kv.prefix_caching:
             if self._lag_keys:  # its last token was in flight: keyed after scheduling, if not preempted
                 self._key_due.extend((call, call.num_computed + c_steps - call.j_steps) for call in crossing)
@@ -686,8 +630,8 @@ class Replica:
 
         # Fast case: the running calls' whole demand fits the budget and the
         # KV cache, so every running call is scheduled and order cannot matter.
-        others = [c for c in self.running if not c.steady] if self._members != len(self.running) else []
-        demand = self._members
+        others = [c for c in self.running if not c.steady] if cohort.members != len(self.running) else []
+        demand = cohort.members
         blocks_needed = len(crossing)
         for call in others:
             new = call.num_tokens - call.num_computed
@@ -714,9 +658,9 @@ class Replica:
         if self._lag_keys and (self._last_skipped or self._joined_unsampled):
             self._key_known_inputs(step.skipped, c_steps)
         step.running_part = len(batch)
-        step.members = self._members - len(step.skipped)
-        step.member_kv = self._member_kv_base + self._members * c_steps - step.skipped_kv
-        step.finishing = list(self._by_finish.get(c_steps, ()))
+        step.members = cohort.members - len(step.skipped)
+        step.member_kv = cohort.kv_tokens(c_steps) - step.skipped_kv
+        step.finishing = cohort.finishing_at(c_steps)
         if not preempted_for_memory:
             transfer += self._admit(batch, budget, held)[1]
         step.transfer = transfer
@@ -731,7 +675,7 @@ class Replica:
         """
         kv, block = self.kv, self.block
         chunked = self.cfg.enable_chunked_prefill
-        c_steps = self._c_steps
+        c_steps = self.cohort.steps
         batch = step.batch
         preempted_for_memory = False
         pending = self.running[:]
@@ -769,7 +713,7 @@ class Replica:
             budget -= new
         for call in step.skipped:
             step.skipped_kv += call.num_computed + c_steps - call.j_steps  # (context + 1) after the skip
-            self._skip(call)
+            self.cohort.skip(call)
         return budget, preempted_for_memory, transfer
 
     def _key_known_inputs(self, skipped: list[SimCall], c_steps: int) -> None:
@@ -791,8 +735,9 @@ class Replica:
     def _complete_lazy(self, step: "_LazyStep", dt: float, start: float) -> None:
         now = self.env.now
         core = self.core
-        self._c_steps += 1
-        self._c_service = c_service = self._c_service + dt
+        cohort = self.cohort
+        cohort.complete_step(dt)
+        c_service = cohort.service
         aborted = self._aborted
         run_batch = step.batch[: step.running_part]
         adm_batch = step.batch[step.running_part :]
@@ -800,31 +745,15 @@ class Replica:
             run_batch = [(c, n) for c, n in run_batch if c not in aborted]
             adm_batch = [(c, n) for c, n in adm_batch if c not in aborted]
             aborted.clear()
-        q_heap = self._q_heap
         self._last_dt = dt
         self._last_skipped = step.skipped
-        if not (run_batch or adm_batch or step.skipped or step.finishing) and not (q_heap and q_heap[0][0] <= c_service + 1e-9):
+        if not (run_batch or adm_batch or step.skipped or step.finishing) and not cohort.quantum_due():
             return  # members only, none finishing or out of quantum: nothing to apply
         self._unsorted = True  # service charged below may demote a call
-        for call in step.skipped:  # a skipped step neither serves (j_steps moved in _skip)
-            call.j_service += dt
-            if call.core.quantum_left != INF:
-                call.q_due += dt
-                self._q_seq += 1
-                heappush(q_heap, (call.q_due, self._q_seq, call))
+        if step.skipped:  # a skipped step neither serves (j_steps moved in `skip`)
+            cohort.skipped_step_ended(step.skipped, dt)
         events: dict[SimCall, None] = dict.fromkeys(c for c in step.finishing if c.steady)
-        later = []
-        while q_heap and q_heap[0][0] <= c_service + 1e-9:
-            entry = heappop(q_heap)
-            call = entry[2]
-            if not call.steady or entry[0] != call.q_due or call in events:
-                continue  # stale: left, re-joined or skipped since
-            if call.core.quantum_left - (c_service - call.j_service) <= 1e-12:
-                events[call] = None
-            else:
-                later.append(entry)
-        for entry in later:
-            heappush(q_heap, entry)
+        cohort.take_expired_quanta(events)
 
         # Charge service in batch order: running calls by key as they were
         # sorted when the step was scheduled (``self.running`` keeps that
@@ -868,10 +797,7 @@ class Replica:
             if call in events:
                 self._settle(call)
                 if call.generated == call.output_tokens:
-                    self._unbucket(call)
-                    self._members -= 1
-                    self._member_kv_base -= call.num_computed - call.j_steps + 1
-                    call.steady = False
+                    cohort.remove(call)
                     finished.append(call)
                     if self._lag_keys:
                         self._key_due.append((call, call.num_computed))
@@ -966,14 +892,14 @@ class Replica:
         Under async scheduling a call that finished in the step just ended
         is still running for vLLM (its last token is in flight), so it is a
         candidate too, as in the plugin. Such a victim (``finish >= 0``) is
-        only dropped (`_drop_draining`): its slot and KV are freed a step
-        early, as `_preempt_draining` does for memory, and it pins nothing.
+        only dropped (`DrainingCalls.drop`): its slot and KV are freed a step
+        early, as `DrainingCalls.evict_below` does for memory, and it pins nothing.
         Like that memory victim it is not counted as a preemption (vLLM
         counts one), since no work is redone.
         """
         running, policy = self.running, self.core.policy
         worst = running[-1].core if running else None
-        draining = [c.core for c in self._draining]
+        draining = [c.core for c in self.draining]
         if draining:
             last = max(draining, key=attrgetter("key"))
             if worst is None or worst.key < last.key:
@@ -1032,7 +958,7 @@ class Replica:
         if core.policy.preemptive and core.policy.params.preemption and self.waiting:
             for call in self._policy_victims():  # worst first, as the plugin preempts them
                 if call.finish >= 0:
-                    self._drop_draining(call)
+                    self.draining.drop(call)
                     continue
                 transfer += self._preempt(call, now)
                 held.add(call)
@@ -1104,9 +1030,9 @@ class Replica:
         cfg, kv = self.cfg, self.kv
         transfer = 0.0
         admitted = 0
-        if self.kv_pins and not self.running and not self._draining and self.waiting:
+        if self.kv_pins and not self.running and not self.draining and self.waiting:
             self._unpin_for_head()
-        seats = cfg.max_num_seqs - len(self._draining)
+        seats = cfg.max_num_seqs - len(self.draining)
         for call in self.waiting:
             if len(self.running) >= seats or budget == 0:
                 break
@@ -1202,7 +1128,7 @@ class Replica:
     # reproduces what that earlier decision could see: calls submitted while
     # step N ran are held back (``_staged``) and join the waiting queue one
     # step later; a call that finished in step N keeps its sequence slot and
-    # KV blocks (``_draining``) until step N+1 has been scheduled, as vLLM
+    # KV blocks (`sim.draining.DrainingCalls`) until step N+1 has been scheduled, as vLLM
     # only frees them when it processes N's outputs; until then it may still
     # be a memory or policy victim, which frees them early. The scheduler
     # core, too, learns of step N (its service charges, demotions and
@@ -1221,7 +1147,7 @@ class Replica:
         return max(t - host, host)
 
     def _seats_taken(self) -> int:
-        return len(self.running) + len(self._draining)
+        return len(self.running) + len(self.draining)
 
     def _reveal(self, cut: float) -> None:
         """Move staged calls submitted at or before ``cut`` to the waiting queue."""
@@ -1251,7 +1177,7 @@ class Replica:
             # step (``pending[i:]``, in key order: its worst is its tail), so two candidates suffice.
             tail = pending[-1] if len(pending) > i else call
             victim = tail if self.core.memory_victim([call.core, tail.core]) is tail.core else call
-            if self._preempt_draining(victim):
+            if self.draining.evict_below(victim):
                 continue
             if victim is not call:
                 pending.pop()
@@ -1260,48 +1186,6 @@ class Replica:
             if victim is call:
                 break
         return transfer, preempted
-
-    def _preempt_draining(self, victim: SimCall) -> bool:
-        """Evict a finished call whose last token is in flight, if it ranks below ``victim``.
-
-        vLLM still holds such a call in its running list, and its memory
-        victim is the worst there (``running.pop()``, or the largest
-        priority), so it may be this call. Preempting it frees its KV a
-        step early and costs nothing: its last token arrives anyway. It is
-        not counted as a preemption, since no work is redone.
-        """
-        draining = self._draining
-        if not draining:
-            return False
-        worst = max(range(len(draining)), key=lambda j: draining[j].core.key)
-        if draining[worst].core.key < victim.core.key:
-            return False
-        self.kv.release(draining.pop(worst).blocks)
-        return True
-
-    def _drop_draining(self, call: SimCall) -> None:
-        """Free a finished call's slot and KV before its output is processed (a policy victim)."""
-        self._draining.remove(call)
-        self.kv.release(call.blocks)
-
-    def _release_draining(self) -> bool:
-        """Free the slots and KV of calls that finished before the step just scheduled; True if any.
-
-        A call that pins its KV for a follow-up (``pin_ttl``) is pinned now,
-        as the plugin pins it when vLLM processes its last output.
-        """
-        if not self._draining:
-            return False
-        for call in self._draining:
-            blocks = call.blocks
-            if call.pin_ttl > 0:
-                self.kv.register_full(blocks, call.keys, call.num_computed)  # vLLM keys the last blocks first
-                if blocks.keys:
-                    self._pin(call, call.pin_ttl)
-                    continue
-            self.kv.release(blocks)
-        self._draining.clear()
-        return True
 
     @staticmethod
     def _shape(batch: list[tuple[SimCall, int]]) -> StepShape:
@@ -1348,7 +1232,7 @@ class Replica:
         for call in finished:
             call.finish = now
             if self._async:  # its last token is in flight: slot and KV held (pinned) later
-                self._draining.append(call)
+                self.draining.add(call)
             elif call.pin_ttl > 0 and call.blocks.keys:
                 self._pin(call, call.pin_ttl)
             else:
@@ -1391,7 +1275,7 @@ class Replica:
         if self._requantum:
             for call in self._requantum:
                 if call.steady:  # not preempted by the schedule in between
-                    self._push_quantum(call)
+                    self.cohort.push_quantum(call)
             self._requantum.clear()
         if self._finished:
             for call in self._finished:
