@@ -734,7 +734,6 @@ class Replica:
 
     def _complete_lazy(self, step: "_LazyStep", dt: float, start: float) -> None:
         now = self.env.now
-        core = self.core
         cohort = self.cohort
         cohort.complete_step(dt)
         c_service = cohort.service
@@ -1195,7 +1194,6 @@ class Replica:
     def _complete(self, batch: list[tuple[SimCall, int]], dt: float, start: float) -> None:
         """Apply one step of ``dt`` seconds to every call in it (the per-step reference path)."""
         now = self.env.now
-        core = self.core
         if self._aborted:
             batch = [(c, n) for c, n in batch if c not in self._aborted]
             self._aborted.clear()
