@@ -339,6 +339,12 @@ class Replica:
             return True  # the scheduler never saw it
         if call.finish >= 0 or call.core is None or call.core.finished:
             return False
+        if call.steady:
+            # Aborts come from `sim.realtime`, which watches every step (``on_progress``) and so runs the
+            # per-step path. A lazily accounted member skipped from the step in flight would settle one
+            # token short here, so the combination is refused rather than miscounted.
+            raise RuntimeError("Replica.abort needs the per-step path (fast_forward: false, or an on_progress "
+                               "observer): a lazily accounted decode cannot be aborted mid-step")
         if call in self.waiting:
             self.waiting.remove(call)  # stays sorted
         elif any(c is call for _, c in self._staged):

@@ -1212,3 +1212,33 @@ def test_a_call_that_never_waits_has_waiting_exactly_zero():
     (call,), (prog,) = result.calls, result.programs
     assert call.first_scheduled == call.arrival  # an idle engine takes it at once
     assert call.waiting == 0.0 and prog.waiting == 0.0 and prog.waiting_share == 0.0
+
+
+def test_aborting_a_lazily_accounted_decode_is_refused_not_miscounted():
+    """Aborts come from sim serve, which observes every step and so runs the per-step path. On the lazy
+    path a member skipped from the step in flight would settle one token short, so abort refuses it."""
+    import simpy
+
+    from sim.core import ProcessTable, SchedulerCore, make_policy
+    from sim.kvcache import KVCache
+    from sim.latency.base import ConstantLatency
+    from sim.replica import Replica, SimCall
+
+    def started(on_progress):
+        env = simpy.Environment()
+        eng = EngineConfig()
+        core = SchedulerCore(make_policy("fcfs", PolicyParams()), ProcessTable(PolicyParams().program_ttl))
+        replica = Replica(env, 0, eng, ConstantLatency(0.01), core, KVCache(1000, eng.block_size, True),
+                          1, 1.0, on_finish=lambda call: None, on_progress=on_progress)
+        keys = tuple(range(100, 100 + 70 // eng.block_size))  # one per full block of prompt + output
+        call = SimCall("p", "c", prompt_tokens=20, output_tokens=50, keys=keys, done=None, arrival=0.0)
+        replica.submit(call)
+        env.run(until=0.1)  # prefilled, sampled, decoding: ten steps in
+        return replica, call
+
+    lazy, call = started(None)
+    assert call.steady
+    with pytest.raises(RuntimeError, match="needs the per-step path"):
+        lazy.abort(call)
+    observed, call = started(lambda call, new, sampled: None)
+    assert not call.steady and observed.abort(call) and call not in observed.running
