@@ -415,7 +415,7 @@ class Gateway:
     async def _cleanup(self, app: web.Application) -> None:
         if self._expiry is not None:
             self._expiry.cancel()
-        self.monitor.stop()
+        await self.monitor.stop()
         if self._session is not None:
             await self._session.close()
 

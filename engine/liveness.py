@@ -199,9 +199,12 @@ class EngineMonitor:
         if self.health_interval > 0:
             self._watchers = [asyncio.create_task(self._watch(i)) for i in range(len(self.engines))]
 
-    def stop(self) -> None:
+    async def stop(self) -> None:
+        """Cancel the watchers and wait until they have ended: a cancelled check still in a request would
+        otherwise meet the gateway's session closed under it."""
         for task in self._watchers:
             task.cancel()
+        await asyncio.gather(*self._watchers, return_exceptions=True)
 
     async def _watch(self, engine: int) -> None:
         """Check one engine's /health every interval, for as long as the gateway runs."""

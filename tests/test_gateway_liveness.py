@@ -993,3 +993,24 @@ def test_the_gateway_cli_refuses_a_bad_stall_timeout():
     assert proc.returncode == 1
     assert proc.stderr == "python -m engine gateway: error: --stall-timeout must be >= 0 seconds " \
                           "(0: no stall check), got -5.0\n"
+
+
+def test_no_engine_check_outlives_the_gateway():
+    """The watchers are cancelled and awaited before the gateway's session closes, here while one is in the
+    middle of a /metrics request that never answers."""
+
+    async def go():
+        eng = SteppingEngine(metrics="hang")
+        gw, gateway = await start_gw([await eng.start()], **{**STALL, "health_timeout": 5.0})
+        try:
+            await asyncio.sleep(0.2)  # a check is waiting on /metrics
+            watchers = list(gateway.monitor._watchers)
+            pending_before = [t.done() for t in watchers]
+        finally:
+            await gw.stop()
+            done_after = [t.done() for t in watchers]
+            await eng.stop()
+        return pending_before, done_after
+
+    pending_before, done_after = run(go())
+    assert pending_before == [False] and done_after == [True]
