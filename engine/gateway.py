@@ -170,7 +170,6 @@ def xarg_id(value: Any, field: str) -> str:
     raise BadRequest(f"{field} must be a string or an integer, got {shown}", param=field, code="invalid_id")
 
 
-
 def engine_key(parts: SplitResult) -> tuple[str, str, int, str]:
     """An engine URL as the server it names: scheme, host in lower case (an IP address in its
     canonical form), the port with its scheme's default filled in, the path without a trailing /."""
@@ -415,6 +414,7 @@ class Gateway:
     async def _cleanup(self, app: web.Application) -> None:
         if self._expiry is not None:
             self._expiry.cancel()
+            await asyncio.gather(self._expiry, return_exceptions=True)
         await self.monitor.stop()
         if self._session is not None:
             await self._session.close()

@@ -48,11 +48,13 @@ changed) and ``waited`` (the sum); ``/health`` lists stalled engines.
 A stalled engine's checks keep failing until it is seen to step. A failed
 ``/health`` (as while it restarts) keeps the samples and the verdict: an
 engine that restarts starts its counters from zero, so they move anyway,
-and clearing them let one failed check put a still hung engine back. So
-does a ``/metrics`` that turns unusable (a 404, a malformed line) while the
-engine is stalled: that is no step either. A NaN sample counts as absent. An
-idle vLLM core does not step, so it sends no stats, and a lost engine gets
-no calls while another engine is usable: its samples could never move. So
+and clearing them let one failed check put a still hung engine back. A
+``/metrics`` that turns unusable (a 404, a malformed line) while the engine
+is stalled keeps the verdict too, since it shows no step either; from then
+on each check probes the engine (below) even while calls wait on it. A NaN
+or infinite sample counts as absent. An idle vLLM core does not step, so
+it sends no stats, and a lost engine gets no calls while another engine is
+usable: its samples could never move. So
 while no call waits on a stalled engine, each check sends it a probe, a
 completion of the gateway's own: ``POST /v1/completions`` with
 ``{"model": M, "prompt": [0], "max_tokens": 1}``, M the first model of
@@ -161,9 +163,10 @@ def progress_samples(text: str) -> tuple[float | None, ...] | None:
             value = float(fields[0])
         except ValueError as exc:
             raise ValueError(f"malformed sample line {line[:120]!r}: {exc}") from None
-        if math.isnan(value):
-            # No reading (Prometheus allows NaN). Summed in, it would make every read differ from the last
-            # (NaN equals nothing), so the samples would always have moved and no stall would ever be found.
+        if not math.isfinite(value):
+            # No reading (Prometheus allows NaN and +-Inf; +Inf and -Inf series sum to NaN). Summed in, a NaN
+            # makes every read differ from the last (NaN equals nothing): the samples would always have moved
+            # and no stall would ever be found.
             continue
         sums[name.group()] = sums.get(name.group(), 0.0) + value
     if not any(n in sums for n in PROGRESS_COUNTERS):
@@ -191,6 +194,8 @@ class EngineMonitor:
         self._fail_calls = fail_calls
         self._session: aiohttp.ClientSession | None = None
         self._watchers: list[asyncio.Task] = []
+        # Stalled engines whose last /metrics read was unusable: no sample can show their step any more.
+        self._metrics_unusable: set[int] = set()
 
     def start(self, session: aiohttp.ClientSession) -> None:
         """Start one watcher per engine, checking through the gateway's ``session`` (none with
@@ -218,8 +223,11 @@ class EngineMonitor:
                 problem = await self._check_health(engine)
                 if problem is None and self.stall_timeout > 0:
                     problem = await self._check_progress(engine)
-                    if problem is not None and not self.engines[engine].awaiting:
-                        # Stalled, and no call of a client can show a step: an idle core steps for nothing.
+                    if problem is not None and (not self.engines[engine].awaiting
+                                                or engine in self._metrics_unusable):
+                        # Stalled, and nothing else can show a step: no call of a client waits on it (an idle
+                        # core steps for nothing), or its /metrics no longer reads. Without the probe in the
+                        # second case, calls that kept coming (one engine, or all lost) kept it out for good.
                         problem = await self._probe_stalled(engine, problem)
                 if problem is None:
                     self.answered(engine)
@@ -314,11 +322,13 @@ class EngineMonitor:
         sent = self.now()
         waited = self.waited_at(engine, sent)  # all of it before this reading, so after the samples' last change
         samples = await self._read_progress(engine)
+        self._metrics_unusable.discard(engine)
         if isinstance(samples, str) and state.stalled:
             # No sign of a step either: the verdict stands until one is seen (a probe's answer, samples that
             # move). Forgetting it here let one bad answer (a proxy's 4xx, a garbled exposition) put a hung
             # engine back.
-            return f"{self._stall_problem(engine, sent, waited)}; /metrics now unusable: {samples}"
+            self._metrics_unusable.add(engine)
+            return self._stall_problem(engine, sent, waited, f"/metrics now unusable: {samples}")
         if isinstance(samples, str):  # no judgement possible: never a failure
             if not state.no_progress_warned:
                 state.no_progress_warned = True
@@ -345,14 +355,15 @@ class EngineMonitor:
         log.warning("engine %d (%s): %s", engine, state.url, problem)
         return problem
 
-    def _stall_problem(self, engine: int, sent: float, waited: float) -> str:
+    def _stall_problem(self, engine: int, sent: float, waited: float,
+                       evidence: str = "/metrics progress frozen") -> str:
         state = self.engines[engine]
         seen = state.progress_at
         assert seen is not None
         calls = state.awaiting
         held = f"with {calls} call{'s' if calls != 1 else ''} in flight" if calls else "with no call in flight"
         return f"no engine step in {sent - seen:.1f} s ({waited:.1f} s of it waiting on the engine) {held} " \
-               f"(/metrics progress frozen)"
+               f"({evidence})"
 
     async def _probe_stalled(self, engine: int, problem: str) -> str | None:
         """A stalled engine with no call waiting on it: its core, if live but idle, steps for nothing, so its

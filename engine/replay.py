@@ -38,7 +38,7 @@ column means for a replay:
   during decoding), waiting is ``(finish - arrival) - service``,
   ``first_scheduled`` is -1 (unknown) and ``preemptions`` 0.
   With ``--target inprocess`` they come from vLLM's per-request stats
-  (`vllm_stats`: service is vLLM's "inference time", last token minus first
+  (`engine.replay_targets.vllm_stats`: service is vLLM's "inference time", last token minus first
   scheduled). ``replay.json`` records which definition each call used;
 * ``prefix_hit_tokens``: ``engine_stats`` or the usage's
   ``prompt_tokens_details.cached_tokens`` (vLLM with

@@ -89,7 +89,7 @@ class HTTPTarget:
         self.base = base_url.rstrip("/")
         self.model = model
         self.request_timeout = request_timeout
-        self.cache_salt = cache_salt  # sent with every call: this replay's blocks are its own (`ReplaySettings`)
+        self.cache_salt = cache_salt  # sent with every call: this replay's blocks are its own (`engine.replay.ReplaySettings`)
         self._session = None
 
     async def __aenter__(self) -> "HTTPTarget":

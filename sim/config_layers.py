@@ -3,7 +3,10 @@
 A message about a bad value must name where that value came from: a file
 line, or the ``--set`` (or a sweep's point) that put it there. So the merge
 keeps, for every key path, the layer that last set it, and the overrides
-become a layer of their own. One exception to plain deep merging keeps a
+become a layer of their own.
+
+Mappings merge key by key, anything else is replaced; ``--set`` values
+merge among themselves the same way, in order. One exception keeps a
 workload coherent: a layer that names ``workload.trace`` drops the lower
 layers' ``generator`` and ``params``, and one that names
 ``workload.generator`` drops their ``trace``.

@@ -32,6 +32,8 @@ INF = float("inf")
 
 
 class DecodeCohort:
+    """One replica's steady decodes, counted once per step instead of once per member (module docstring)."""
+
     def __init__(self, block_size: int):
         self.block = block_size
         self.steps = 0  # steps in which the cohort was scheduled

@@ -148,7 +148,6 @@ def _in_order(value: Any) -> tuple[int, Any]:
     return (1, str(value))
 
 
-
 # --- targets and the table -----------------------------------------------------------------
 
 

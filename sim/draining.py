@@ -25,6 +25,8 @@ if TYPE_CHECKING:
 
 
 class DrainingCalls:
+    """One replica's finished calls still holding their slot and KV until their last output is processed."""
+
     def __init__(self, kv: KVCache, pins: SimKVPins):
         self.kv = kv
         self.pins = pins

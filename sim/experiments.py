@@ -21,16 +21,11 @@ File format::
         policy_params: {...}   # fields of sim.core.params.PolicyParams
         seed: 0
 
-Layers are merged in order defaults < experiment < ``--set``. Mappings merge
-key by key, anything else is replaced; ``--set`` values merge among
-themselves the same way, in order. One exception keeps a workload
-coherent: a layer that names ``workload.trace`` drops the lower layers'
-``generator`` and ``params``, and one that names ``workload.generator`` drops
-their ``trace``.
-
-The file and ``--set`` values are read by `sim.yaml_io` (YAML 1.2 numbers,
-each key's line) and layered by `sim.config_layers` (each key's origin);
-this module checks the merged data against the config dataclasses.
+Layers are merged in order defaults < experiment < ``--set``
+(`sim.config_layers` has the rules, and keeps where each key was set). The
+file and ``--set`` values are read by `sim.yaml_io` (YAML 1.2 numbers, each
+key's line); this module checks the merged data against the config
+dataclasses.
 """
 
 from __future__ import annotations
@@ -162,7 +157,6 @@ def list_experiments(path: str | Path | None = None) -> list[tuple[str, str]]:
     return [(name, ef.description(name)) for name in ef.names()]
 
 # --- validation ----------------------------------------------------------------------
-
 
 
 @dataclass

@@ -3,9 +3,11 @@
 `parse_request` reads a completion or chat completion body into what
 ``sim serve`` acts on, refusing with a 400 that names the field whatever
 vLLM 0.26.0 refuses (`sim.vllm_fields`); the error helpers write OpenAI's
-error object, in a body or at the end of a stream, for ``sim serve`` and
-the gateway alike. What the stand-in does with a request is in `sim.serve`'s
-docstring.
+error object, in a body or at the end of a stream, for ``sim serve``. The
+gateway shares the parts vLLM's server and it must say alike (the router's
+own 404/405/413 text, a stream's error end, a value's JSON type name); its
+error bodies are `engine.protocol`'s. What the stand-in does with a request
+is in `sim.serve`'s docstring.
 """
 
 from __future__ import annotations

@@ -214,6 +214,8 @@ class Replica:
         self.on_finish = on_finish
         self.on_progress = on_progress
         self.observer = observer
+        # Steady decodes accounted lazily (`sim.decode_cohort`) unless something must see every step.
+        self.lazy = cfg.fast_forward and on_progress is None and observer is None
         self.waiting: list[SimCall] = []  # kept sorted by key
         self.running: list[SimCall] = []
         self._wake: simpy.Event | None = None
@@ -333,18 +335,21 @@ class Replica:
         service is not charged to its program. A running call may be in the
         step in flight: that step's completion skips it. Returns False if
         the call already finished or was aborted.
+
+        Aborts come from `sim.realtime`, which watches every step
+        (``on_progress``) and so runs the per-step path. On the lazy path a
+        decode left out of the step in flight would settle one token short
+        here, so a replica on that path refuses every abort, whatever the
+        call's state, rather than some by timing.
         """
+        if self.lazy:
+            raise RuntimeError("Replica.abort needs the per-step path (fast_forward: false, or an on_progress "
+                               "observer): lazily accounted decodes cannot be aborted mid-step")
         if any(c is call for _, c in self._arriving):
             self._arriving = [(t, c) for t, c in self._arriving if c is not call]
             return True  # the scheduler never saw it
         if call.finish >= 0 or call.core is None or call.core.finished:
             return False
-        if call.steady:
-            # Aborts come from `sim.realtime`, which watches every step (``on_progress``) and so runs the
-            # per-step path. A lazily accounted member skipped from the step in flight would settle one
-            # token short here, so the combination is refused rather than miscounted.
-            raise RuntimeError("Replica.abort needs the per-step path (fast_forward: false, or an on_progress "
-                               "observer): a lazily accounted decode cannot be aborted mid-step")
         if call in self.waiting:
             self.waiting.remove(call)  # stays sorted
         elif any(c is call for _, c in self._staged):
@@ -365,7 +370,7 @@ class Replica:
 
     # -- the step loop ---------------------------------------------------------------
     def run(self, env: simpy.Environment):
-        lazy = self.cfg.fast_forward and self.on_progress is None and self.observer is None
+        lazy = self.lazy
         empty_at = -1.0  # start of the last step that scheduled nothing
         while True:
             if self._staged:
@@ -755,7 +760,7 @@ class Replica:
         if not (run_batch or adm_batch or step.skipped or step.finishing) and not cohort.quantum_due():
             return  # members only, none finishing or out of quantum: nothing to apply
         self._unsorted = True  # service charged below may demote a call
-        if step.skipped:  # a skipped step neither serves (j_steps moved in `skip`)
+        if step.skipped:  # a skipped step neither serves (j_steps moved in `DecodeCohort.skip`)
             cohort.skipped_step_ended(step.skipped, dt)
         events: dict[SimCall, None] = dict.fromkeys(c for c in step.finishing if c.steady)
         cohort.take_expired_quanta(events)

@@ -232,7 +232,6 @@ def hashable(value: Any) -> Any:
     return value
 
 
-
 def measured(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     """The rows of points that exist. An invalid point (its swept value refused: a seed of "abc",
     replicas of [2]) has no metrics, and its value would only break the curves' order."""

@@ -6,10 +6,11 @@ the loaded data. Every message about an experiment must name the file and
 line of the key at fault, and a value must read the same in a file, in a
 ``--set`` and in the config.yaml a run writes back. So the file and
 ``--set`` values go through one loader here (YAML 1.2 numbers and booleans,
-no repeated key) that also maps each key path to its line; since that walk
-expands aliases, a document is refused past a node limit first. config.yaml
-is written by a dumper that quotes whatever either reader would take for
-something else.
+no repeated key) that also maps each key path to its line. Walking every
+key path, or checking every value of a ``--set``, expands aliases, so a
+document past a node limit is refused before either. config.yaml is
+written by a dumper that quotes whatever either reader would take for
+something else, and writes every value out (no aliases).
 """
 
 from __future__ import annotations

@@ -734,8 +734,52 @@ def test_a_stalled_engine_stays_out_while_its_metrics_turn_unusable(mode):
 
     lost, status, back_early, (stalled, later), back, stalled_after = run(go())
     assert lost and status == 502 and not back_early and stalled
-    assert later and all(re.match(STALL_PROBLEM, p) and "/metrics now unusable" in p for p in later), later
+    unusable = STALL_PROBLEM.replace(r"\(/metrics progress frozen\)", r"\(/metrics now unusable: /metrics has ")
+    assert later and all(re.match(unusable, p) for p in later), later
     assert back and not stalled_after
+
+
+class ProbeAnsweringEngine(SteppingEngine):
+    """Holds its clients' calls but, once ``answer_probes``, answers the gateway's probe (prompt [0]) at once:
+    a live core with a long queue, as PLAS keeps one."""
+
+    answer_probes = False
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        if self.answer_probes and (await request.json()).get("prompt") == [0]:
+            return web.json_response(ANSWER)
+        return await super().completions(request)
+
+
+def test_a_stalled_engine_whose_metrics_turn_unusable_is_probed_even_while_calls_wait():
+    """With /metrics unusable only a probe can show a step. Probing only an engine with no call waiting left
+    one that kept getting calls (the only engine, or every engine lost) out for good, its calls failed at
+    every check."""
+
+    async def go():
+        eng = ProbeAnsweringEngine(hold=True)
+        gw, gateway = await start_gw([await eng.start()], **STALL)
+        try:
+            async with aiohttp.ClientSession() as s:
+                first = asyncio.ensure_future(_post(s, gw.url, "p1"))
+                await wait_for(lambda: gateway.engines[0].lost)
+                eng.metrics_mode = "malformed"
+                first_status = (await first)[0]
+                second = asyncio.ensure_future(_post(s, gw.url, "p2"))  # every engine lost: tried anyway, held
+                waiting = await wait_for(lambda: gateway.engines[0].awaiting > 0)
+                eng.answer_probes = True
+                back = await wait_for(lambda: not gateway.engines[0].lost, timeout=1.0)
+                held = gateway.engines[0].awaiting
+                eng.release.set()
+                second_status = (await second)[0]
+            return first_status, waiting, back, held, second_status
+        finally:
+            await gw.stop()
+            await eng.stop()
+
+    first_status, waiting, back, held, second_status = run(go())
+    assert first_status == 502 and waiting
+    assert back and held == 1 and second_status == 200
 
 
 def test_a_hung_engine_is_found_though_its_clients_give_up_and_retry_before_the_timeout():
@@ -1002,15 +1046,23 @@ def test_no_engine_check_outlives_the_gateway():
     async def go():
         eng = SteppingEngine(metrics="hang")
         gw, gateway = await start_gw([await eng.start()], **{**STALL, "health_timeout": 5.0})
+        watchers = list(gateway.monitor._watchers)
+        session = gateway._session
+        close = session.close
+        done_at_close: list[bool] = []
+
+        async def recording_close():
+            done_at_close.extend(t.done() for t in watchers)
+            await close()
+
+        session.close = recording_close
         try:
             await asyncio.sleep(0.2)  # a check is waiting on /metrics
-            watchers = list(gateway.monitor._watchers)
-            pending_before = [t.done() for t in watchers]
+            running = [not t.done() for t in watchers]
         finally:
             await gw.stop()
-            done_after = [t.done() for t in watchers]
             await eng.stop()
-        return pending_before, done_after
+        return running, done_at_close
 
-    pending_before, done_after = run(go())
-    assert pending_before == [False] and done_after == [True]
+    running, done_at_close = run(go())
+    assert running == [True] and done_at_close == [True]

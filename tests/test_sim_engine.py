@@ -1240,5 +1240,9 @@ def test_aborting_a_lazily_accounted_decode_is_refused_not_miscounted():
     assert call.steady
     with pytest.raises(RuntimeError, match="needs the per-step path"):
         lazy.abort(call)
+    waiting = SimCall("p2", "c", prompt_tokens=20, output_tokens=50, keys=call.keys, done=None, arrival=0.1)
+    lazy.submit(waiting)
+    with pytest.raises(RuntimeError, match="needs the per-step path"):  # whatever the call's state
+        lazy.abort(waiting)
     observed, call = started(lambda call, new, sampled: None)
     assert not call.steady and observed.abort(call) and call not in observed.running
