@@ -368,9 +368,9 @@ class EngineMonitor:
     async def _probe_stalled(self, engine: int, problem: str) -> str | None:
         """A stalled engine with no call waiting on it (its core, if live but idle, steps for nothing, so its
         samples could never move again, and it gets no calls while other engines are usable), or whose /metrics
-        no longer reads (no sample can show its step). Send it a
-        completion of the gateway's own (`_probe`), then read /metrics again: an answer (200), or samples that
-        moved, shows a step and clears `stalled` (None); else ``problem``, with what the probe got."""
+        no longer reads (no sample can show its step). Send it a completion of the gateway's own (`_probe`),
+        then read /metrics again: an answer (200), or samples that moved, shows a step and clears `stalled`
+        (None); else ``problem``, with what the probe got."""
         state = self.engines[engine]
         failed = await self._probe(engine)
         samples = await self._read_progress(engine)
