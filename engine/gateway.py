@@ -120,7 +120,7 @@ from sim.core import ProcessTable, make_balancer, make_policy
 from sim.core.params import MAX_SECONDS, PolicyParams
 from sim.core.state import CallState, ProgramState
 from sim.openai_api import json_type, router_error_message, sse_error
-from sim.serve import run_site
+from sim.http_site import run_site
 from traces.argtypes import integer, number, port_number
 
 log = logging.getLogger(__name__)

@@ -20,7 +20,7 @@ the cache for X's output blocks. The prompt always has exactly the trace's
 
 from __future__ import annotations
 
-from sim.realtime import FILLER_BASE, FILLER_VOCAB, mix64
+from sim.filler_tokens import FILLER_BASE, FILLER_VOCAB, mix64
 from traces.format import Call, Program
 from traces.prefix import name_id
 

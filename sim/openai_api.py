@@ -20,7 +20,7 @@ from typing import Any
 from aiohttp import web
 
 from sim.core.params import MAX_SECONDS
-from sim.realtime import FILLER_BASE, FILLER_VOCAB
+from sim.filler_tokens import FILLER_BASE, FILLER_VOCAB
 from sim.vllm_fields import as_json, unhonoured_field_problem, vllm_field_problem
 
 DEFAULT_MAX_TOKENS = 16

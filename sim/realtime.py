@@ -33,34 +33,12 @@ import simpy
 from sim.capacity import num_kv_blocks
 from sim.config import ExperimentConfig
 from sim.core import POLICY_CLASSES, ProcessTable, SchedulerCore, make_policy
+from sim.filler_tokens import FILLER_BASE, FILLER_VOCAB, filler_ids
 from sim.hardware import load_gpu, load_model
 from sim.kvcache import KVCache
 from sim.latency import build as build_latency
 from sim.latency import timing_problem
 from sim.replica import Replica, SimCall
-
-# Filler output token ids live in [FILLER_BASE, FILLER_BASE + FILLER_VOCAB):
-# inside Llama-3's 128,256-token vocabulary and clear of its special tokens.
-FILLER_BASE = 1000
-FILLER_VOCAB = 100_000
-_MASK = (1 << 64) - 1
-
-
-def mix64(*parts: int) -> int:
-    """A fixed 64-bit mixing of integers (splitmix64 steps): process-independent."""
-    x = 0x9E3779B97F4A7C15
-    for p in parts:
-        x = (x ^ (p & _MASK)) & _MASK
-        x = (x + 0x9E3779B97F4A7C15) & _MASK
-        x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
-        x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK
-        x ^= x >> 31
-    return x
-
-
-def filler_ids(seed: int, request: int, n: int) -> list[int]:
-    """The ``n`` output token ids of one request: deterministic, distinct per request."""
-    return [FILLER_BASE + mix64(seed, request, i) % FILLER_VOCAB for i in range(n)]
 
 
 def block_keys(token_ids: list[int], block_size: int, cache_salt: str | None = None) -> tuple[int, ...]:

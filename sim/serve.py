@@ -12,7 +12,7 @@ What a request gets:
 * ``max_tokens`` filler tokens (default 16), always exactly that many: the
   stand-in has no EOS, so ``ignore_eos`` changes nothing. Each token's text
   is ``" tok"``; its id is deterministic per engine and request
-  (`sim.realtime.filler_ids`) and is returned as ``token_ids`` in each choice
+  (`sim.filler_tokens.filler_ids`) and is returned as ``token_ids`` in each choice
   when ``return_token_ids`` is true (as vLLM does), so a client can re-send
   the exact context and hit the prefix cache;
 * ``usage`` with prompt, completion and total tokens and
@@ -70,7 +70,6 @@ import argparse
 import asyncio
 import dataclasses
 import json
-import logging
 import sys
 import time
 import uuid
@@ -80,6 +79,7 @@ from aiohttp import web
 
 from sim.config import ExperimentConfig
 from sim.core import POLICY_CLASSES
+from sim.http_site import run_site
 from sim.latency import MAX_STEP_SECONDS, MIN_STEP_SECONDS, async_without_host_note
 from sim.openai_api import (
     MAX_BODY,
@@ -371,45 +371,6 @@ def serve_policy(args: argparse.Namespace, cfg: ExperimentConfig) -> str:
         return cfg.policies[0]
     raise ValueError(f"experiment {args.experiment!r} compares {', '.join(cfg.policies)}: "
                      "choose this engine's with --policy")
-
-
-def run_site(app: web.Application, host: str, port: int, prog: str, banner: str = "") -> int:
-    """Serve ``app`` until interrupted; an address that cannot be bound (in use, not
-    an address of this machine) is one line and exit status 1.
-
-    ``banner`` goes to stderr once the address is bound (aiohttp's ``print``
-    hook runs after its sites start), so a port in use is not first
-    announced as served.
-    """
-    def bound(_: str) -> None:
-        if banner:
-            print(banner, file=sys.stderr, flush=True)
-
-    server_log = logging.getLogger("aiohttp.server")
-    one_line = MalformedRequestsInOneLine()
-    server_log.addFilter(one_line)
-    try:
-        web.run_app(app, host=host, port=port, handler_cancellation=True, access_log=None, print=bound)
-    except OSError as exc:
-        print(f"{prog}: error: cannot listen on {host}:{port}: {exc.strerror or exc}", file=sys.stderr)
-        return 1
-    finally:
-        server_log.removeFilter(one_line)
-    return 0
-
-
-class MalformedRequestsInOneLine(logging.Filter):
-    """A request aiohttp's parser refuses (a NUL in a header, a bad chunk size) already got its
-    400; aiohttp also logged it with a whole traceback, one per bad client request."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        from aiohttp.http_exceptions import HttpProcessingError
-
-        exc = record.exc_info[1] if record.exc_info else None
-        if isinstance(exc, HttpProcessingError):
-            record.msg, record.args, record.exc_info, record.exc_text = (
-                "refused a malformed HTTP request (400): %s", (" ".join(str(exc.message).split()),), None, None)
-        return True
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

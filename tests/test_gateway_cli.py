@@ -177,3 +177,13 @@ def test_gateway_cli_keeps_the_documented_defaults_behind_its_none_sentinels():
     assert inapplicable_flag(args) is None  # 0: no stall check, as no health checks give
     defaults = GatewayConfig(engines=["http://x"])
     assert (defaults.threshold, defaults.health_failures, defaults.stall_timeout) == (2048, 3, 60.0)
+
+
+def test_the_gateway_and_the_replayer_load_no_simulator():
+    """Both run in front of real vLLM servers: the stand-in token ids and the site runner they share with
+    sim serve live in modules of their own, so neither loads SimPy or the engine model."""
+    code = ("import sys, engine.gateway, engine.replay\n"
+            "print(sorted(m for m in sys.modules if m == 'simpy' or m.startswith('simpy.')\n"
+            "             or m in ('sim.replica', 'sim.realtime', 'sim.simulate')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -14,7 +14,8 @@ import aiohttp
 import pytest
 
 from engine.sse import DONE, SSEParser
-from sim.realtime import RealtimeEngine, block_keys, filler_ids
+from sim.filler_tokens import filler_ids
+from sim.realtime import RealtimeEngine, block_keys
 from sim.openai_api import RequestError, parse_request, text_token_ids
 from test_serve_helpers import engine_config, run, start_engine, wait_for
 
@@ -876,7 +877,7 @@ def test_a_request_the_http_parser_refuses_is_logged_in_one_line():
 
     from aiohttp.http_exceptions import BadHttpMessage
 
-    from sim.serve import MalformedRequestsInOneLine
+    from sim.http_site import MalformedRequestsInOneLine
 
     try:
         raise BadHttpMessage("Invalid header value char:\n\n  b'X: p\\x00'\n     ^")
@@ -1201,7 +1202,7 @@ def test_the_replayers_and_the_stand_ins_own_ids_are_inside_every_shipped_models
     from engine.profile import TOKEN_RANGE
     from engine.tokens import source_ids
     from sim.hardware import available, load_model
-    from sim.realtime import FILLER_BASE, FILLER_VOCAB
+    from sim.filler_tokens import FILLER_BASE, FILLER_VOCAB
 
     models = available("model")
     assert models
