@@ -121,7 +121,7 @@ from sim.core.params import MAX_SECONDS, PolicyParams
 from sim.core.state import CallState, ProgramState
 from sim.openai_api import json_type, router_error_message, sse_error
 from sim.http_site import run_site
-from traces.argtypes import integer, number, port_number
+from traces.argtypes import api_key, integer, number, port_number
 
 log = logging.getLogger(__name__)
 
@@ -226,6 +226,9 @@ class GatewayConfig:
     # compiling a grammar). With the checks above, an engine is lost about 70 s into that waiting. 0: no stall
     # check.
     stall_timeout: float = 60.0
+    # The key of vLLM's --api-key, for the gateway's own requests to /v1 on the engines (a stalled engine's
+    # probe and the model it names); clients' calls carry their own Authorization, which the gateway forwards.
+    engine_api_key: str | None = None
 
     def __post_init__(self) -> None:
         if not self.engines:
@@ -269,6 +272,11 @@ class GatewayConfig:
             raise ValueError(f"--health-failures must be >= 1, got {self.health_failures}")
         if not 0 <= self.stall_timeout < math.inf:
             raise ValueError(f"--stall-timeout must be >= 0 seconds (0: no stall check), got {self.stall_timeout}")
+        if self.engine_api_key is not None:
+            try:
+                api_key(self.engine_api_key)
+            except argparse.ArgumentTypeError as exc:
+                raise ValueError(f"--engine-api-key: {exc}") from None
 
 
 @dataclass(eq=False)
@@ -384,7 +392,7 @@ class Gateway:
         self.monitor = EngineMonitor(self.engines, health_interval=cfg.health_interval,
                                      health_timeout=cfg.health_timeout, health_failures=cfg.health_failures,
                                      stall_timeout=cfg.stall_timeout, now=self.now, end_backoff=self._mark_up,
-                                     fail_calls=self.fail_lost_engine)
+                                     fail_calls=self.fail_lost_engine, api_key=cfg.engine_api_key)
         self.recent: deque[dict[str, Any]] = deque(maxlen=1000)  # routing decisions, newest last
         self._session: aiohttp.ClientSession | None = None
         self._expiry: asyncio.Task | None = None
@@ -793,10 +801,11 @@ class Gateway:
         # Lost engines last, and no engine waited on past --health-timeout: a frozen first engine held this forever.
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.cfg.connect_timeout,
                                         sock_read=self.cfg.health_timeout)
+        headers = {k: request.headers[k] for k in FORWARDED_HEADERS if k in request.headers}  # vLLM's --api-key
         for i in sorted(range(len(self.engines)), key=lambda i: self.engines[i].lost):
             base = self.engines[i].url
             try:
-                async with self._session.get(base + "/v1/models", timeout=timeout) as up:
+                async with self._session.get(base + "/v1/models", timeout=timeout, headers=headers) as up:
                     data = await up.read()
                     return web.Response(status=up.status, body=data,
                                         content_type=up.headers.get("Content-Type", "application/json").split(";")[0])
@@ -907,6 +916,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="seconds, in all, that the gateway may wait on an engine for calls while the step "
                         "counters on its /metrics stay still before its checks fail (a hung engine core behind "
                         "a live API server); 0: no stall check (default: 60)")
+    p.add_argument("--engine-api-key", type=api_key, metavar="KEY",
+                   help="the engines' vLLM --api-key, for the gateway's own requests to them (the probe of a "
+                        "stalled engine); clients' calls carry their own Authorization (default: none)")
     p.set_defaults(run=run)
     return p
 
@@ -926,6 +938,10 @@ def inapplicable_flag(args: argparse.Namespace) -> str | None:
         if args.stall_timeout:  # None (not given) or 0 (none) are fine
             return (f"--stall-timeout: {off}, and the stall check runs with them, so it would be ignored; drop "
                     "--stall-timeout or give --health-interval > 0")
+    if args.engine_api_key is not None and (args.health_interval == 0 or args.stall_timeout == 0):
+        off = "--health-interval 0" if args.health_interval == 0 else "--stall-timeout 0"
+        return (f"--engine-api-key: only the stall check's probe sends it, and {off} turns that check off, so it "
+                f"would be ignored; drop --engine-api-key or {off}")
     return None
 
 
@@ -938,7 +954,7 @@ def run(args: argparse.Namespace) -> int:
                                     ("stall_timeout", args.stall_timeout)) if v is not None}
         cfg = GatewayConfig(engines=args.engine, balancer=args.balancer, ttl=args.ttl, policy=args.policy,
                             max_body=args.max_body, health_interval=args.health_interval,
-                            health_timeout=args.health_timeout, **given)
+                            health_timeout=args.health_timeout, engine_api_key=args.engine_api_key, **given)
         problem = same_server_by_address(cfg.engines)
         if problem:
             raise ValueError(problem)

@@ -70,9 +70,10 @@ core stepped for other clients while the probe queued). A probe that times
 out is cancelled, which makes vLLM abort it. The probe is no client's
 call: it has no program (the plugin takes an untagged call as a one-call
 program with no service, first in line), is not balanced, counted in
-``in_flight`` or ``routed``, charged, or shown in ``/programs``. With
-vLLM's ``--api-key`` the probe is refused (401: the gateway has no key of
-its own), so a stalled engine is back only when its samples move.
+``in_flight`` or ``routed``, charged, or shown in ``/programs``. vLLM's
+``--api-key`` guards ``/v1``: the probe and its ``/v1/models`` carry the
+gateway's ``--engine-api-key``. Without it they get a 401, and a stalled
+engine is back only when its samples move.
 
 A ``/metrics`` that times out, fails or answers a 5xx is no stall
 (``/health`` judges reachability). An engine whose ``/metrics`` answers
@@ -143,9 +144,11 @@ def progress_samples(text: str) -> tuple[float | None, ...] | None:
     None if it has none of `PROGRESS_COUNTERS`, as vLLM started with ``--disable-log-stats`` or another server.
 
     Only the lines of these samples are read: ``name{labels} value [timestamp]``. One of them that does not
-    read so raises ValueError naming it.
+    read so raises ValueError naming it, and so do counters that are there with no finite value (a NaN or
+    infinite sample is no reading), which were reported as absent, in the words for ``--disable-log-stats``.
     """
     sums: dict[str, float] = {}
+    unread: list[str] = []  # counters seen only as NaN or +-Inf
     for line in text.splitlines():
         if not line.startswith("vllm:"):  # comments, blank lines and every other metric
             continue
@@ -167,9 +170,13 @@ def progress_samples(text: str) -> tuple[float | None, ...] | None:
             # No reading (Prometheus allows NaN and +-Inf; +Inf and -Inf series sum to NaN). Summed in, a NaN
             # makes every read differ from the last (NaN equals nothing): the samples would always have moved
             # and no stall would ever be found.
+            if name.group() in PROGRESS_COUNTERS and name.group() not in unread:
+                unread.append(name.group())
             continue
         sums[name.group()] = sums.get(name.group(), 0.0) + value
     if not any(n in sums for n in PROGRESS_COUNTERS):
+        if unread:
+            raise ValueError(f"sample of {', '.join(unread)} with no finite value (each series NaN or infinite)")
         return None
     return tuple(sums.get(n) for n in PROGRESS_SAMPLES)
 
@@ -183,7 +190,8 @@ class EngineMonitor:
 
     def __init__(self, engines: list[EngineState], *, health_interval: float, health_timeout: float,
                  health_failures: int, stall_timeout: float, now: Callable[[], float],
-                 end_backoff: Callable[[int], None], fail_calls: Callable[[int, str], None]):
+                 end_backoff: Callable[[int], None], fail_calls: Callable[[int, str], None],
+                 api_key: str | None = None):
         self.engines = engines  # the gateway's own list: both read and write the same states
         self.health_interval = health_interval
         self.health_timeout = health_timeout
@@ -192,6 +200,10 @@ class EngineMonitor:
         self.now = now  # the gateway's clock, which `EngineState`'s times are on
         self._end_backoff = end_backoff
         self._fail_calls = fail_calls
+        # vLLM's --api-key guards /v1 (not /health or /metrics): the probe and its model lookup need it.
+        self._auth = {"Authorization": f"Bearer {api_key}"} if api_key is not None else {}
+        self._unauthorized = ("the --engine-api-key given is not one of the engine's" if api_key is not None
+                              else "the engine takes an API key: give the gateway --engine-api-key")
         self._session: aiohttp.ClientSession | None = None
         self._watchers: list[asyncio.Task] = []
         # Stalled engines whose last /metrics read was unusable: no sample can show their step any more.
@@ -396,8 +408,10 @@ class EngineMonitor:
         try:
             with self.awaiting(engine):
                 async with self._session.post(self.engines[engine].url + "/v1/completions", json=body,
-                                              timeout=aiohttp.ClientTimeout(total=timeout)) as r:
+                                              headers=self._auth, timeout=aiohttp.ClientTimeout(total=timeout)) as r:
                     await r.read()
+                    if r.status == 401:  # vLLM's --api-key
+                        return f"answered 401 ({self._unauthorized})"
                     return None if r.status == 200 else f"answered {r.status}"
         except asyncio.TimeoutError:
             return f"got no answer within {timeout:g} s"
@@ -409,7 +423,7 @@ class EngineMonitor:
         last model a call to it named, else None."""
         assert self._session is not None
         try:
-            async with self._session.get(self.engines[engine].url + "/v1/models",
+            async with self._session.get(self.engines[engine].url + "/v1/models", headers=self._auth,
                                          timeout=aiohttp.ClientTimeout(total=self.health_timeout)) as r:
                 if r.status == 200:
                     model = (await r.json(content_type=None))["data"][0]["id"]

@@ -91,7 +91,7 @@ from sim.core.params import MAX_SECONDS
 from sim.metrics import summarize_run, write_calls_csv, write_programs_csv
 from sim.records import CallRecord, ProgramRecord
 from traces.format import Call, Program
-from traces.argtypes import nonblank, number
+from traces.argtypes import api_key, nonblank, number
 from traces.io import digest
 
 REPLAY_JSON = "replay.json"
@@ -323,6 +323,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--cache-salt", metavar="TEXT",
                    help="vLLM's cache_salt for every call, so this replay shares no KV blocks with earlier runs "
                         "on the same engine (default: a fresh random salt; '' sends none, to reuse a warm cache)")
+    p.add_argument("--api-key", type=api_key, metavar="KEY",
+                   help="sent as 'Authorization: Bearer KEY' with every request: the key of a vLLM server "
+                        "started with --api-key, which the gateway passes on (default: none; not recorded)")
     p.add_argument("--keep-programs", action="store_true",
                    help="do not end each program on the target when its calls are done (by default the replay "
                         "sends DELETE /v1/programs/ID, as an agent framework would; kept, the gateway's "
@@ -367,6 +370,8 @@ def option_problem(args: argparse.Namespace, out: str) -> str | None:
         problem = target_path_problem(url)
         if problem:
             return f"--target {args.target}: {problem}"
+    elif args.api_key is not None:
+        return "--api-key: the in-process engine has no HTTP server to take a key; drop --api-key or give --target URL"
     problem = None if args.latency is None else latency_label_problem(args.latency)
     if problem:
         return problem
@@ -474,7 +479,7 @@ def run(args: argparse.Namespace) -> int:
         if args.target == "inprocess":
             target: Any = InprocessTarget(args.policy, args.workdir, cache_salt=salt)
         else:
-            target = HTTPTarget(args.target, args.model, args.request_timeout, salt)
+            target = HTTPTarget(args.target, args.model, args.request_timeout, salt, args.api_key)
         async with target:
             return await replay(programs, target, settings)
 

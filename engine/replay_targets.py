@@ -85,8 +85,10 @@ class HTTPTarget:
     """An OpenAI-compatible server: the gateway, vLLM, or ``sim serve``."""
 
     def __init__(self, base_url: str, model: str | None = None, request_timeout: float | None = None,
-                 cache_salt: str | None = None):
+                 cache_salt: str | None = None, api_key: str | None = None):
         self.base = base_url.rstrip("/")
+        # vLLM's --api-key guards /v1: sent on every request, kept out of replay.json
+        self._headers = {"Authorization": f"Bearer {api_key}"} if api_key is not None else {}
         self.model = model
         self.request_timeout = request_timeout
         self.cache_salt = cache_salt  # sent with every call: this replay's blocks are its own (`engine.replay.ReplaySettings`)
@@ -97,7 +99,7 @@ class HTTPTarget:
 
         self._session = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=self.request_timeout, sock_connect=10),
-            connector=aiohttp.TCPConnector(limit=0))
+            connector=aiohttp.TCPConnector(limit=0), headers=self._headers)
         if self.model is None:
             try:
                 self.model = await self._first_model()

@@ -281,7 +281,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"python -m engine validate: error: {problem}", file=sys.stderr)
         return 2
     from sim.capacity import CapacityError
-    from sim.experiments import ConfigError, resolve
+    from sim.config import ConfigError
+    from sim.experiments import resolve
     from sim.hardware import SpecError
     from sim.latency import async_without_host_note
     from sim.metrics import RecordFormatError

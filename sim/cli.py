@@ -212,7 +212,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     """Exception types that mean bad input, not a bug."""
     from sim.capacity import CapacityError
     from sim.sweep_table import TableError
-    from sim.experiments import ConfigError
+    from sim.config import ConfigError
     from sim.hardware import SpecError
 
     from sim.replications import WorkerDied
@@ -239,12 +239,12 @@ def _out(args: argparse.Namespace, default: Path) -> Path:
     if args.out is None:
         return default
     if not args.out.strip():
-        from sim.experiments import ConfigError
+        from sim.config import ConfigError
 
         raise ConfigError(f"--out {args.out!r}: expected a directory path")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
-        from sim.experiments import ConfigError
+        from sim.config import ConfigError
 
         raise ConfigError(f"--out {args.out}: exists and is not a directory")
     return out
@@ -269,7 +269,7 @@ def _run(args: argparse.Namespace) -> int:
             print(f"results in {out}")
         return 0
     if args.workers is not None:
-        from sim.experiments import ConfigError
+        from sim.config import ConfigError
 
         raise ConfigError(f"--workers {args.workers}: only with --seeds (a plain run simulates its policies in turn)")
     summary = run_experiment(cfg, out, quiet=args.quiet)
@@ -285,7 +285,7 @@ def _sweep(args: argparse.Namespace) -> int:
     from sim.sweep_run import run_sweep
 
     if args.workers is not None and args.workers < 1:
-        from sim.experiments import ConfigError
+        from sim.config import ConfigError
 
         raise ConfigError(f"--workers {args.workers}: expected an integer >= 1")
     sweep = load_sweep(args.name, args.experiments, args.overrides)
@@ -304,7 +304,7 @@ def _sweep(args: argparse.Namespace) -> int:
 def _plot(args: argparse.Namespace) -> int:
     from sim.derived import NO_RATE, WHY_NO_RATE, parse_target, report, without_rate
     from sim.sweep_table import load_rows, measured, unfinished_sweeps
-    from sim.experiments import ConfigError
+    from sim.config import ConfigError
     from sim.sweep_plots import draw_all
 
     try:

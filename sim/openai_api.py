@@ -12,6 +12,8 @@ is in `sim.serve`'s docstring.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import math
 from dataclasses import dataclass
@@ -60,6 +62,29 @@ async def router_errors(request: web.Request, handler):
         if "Allow" in exc.headers:
             response.headers["Allow"] = exc.headers["Allow"]
         return response
+
+
+def api_key_guard(key: str):
+    """Middleware answering a request to ``/v1`` without ``Authorization: Bearer KEY`` with vLLM's 401 and
+    body ``{"error": "Unauthorized"}``, as ``vllm serve --api-key KEY`` does (its AuthenticationMiddleware:
+    the scheme in any case, the key compared by digest). ``/health`` and ``/metrics`` stay open there (probes,
+    scrapes), and so do ``/health`` and ``/stats`` here, so a gateway or replayer that forgets the key meets
+    the refusal it would meet on vLLM."""
+    want = hashlib.sha256(key.encode()).digest()
+
+    @web.middleware
+    async def guard(request: web.Request, handler):
+        if request.method != "OPTIONS" and request.path.startswith("/v1"):
+            scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+            try:  # aiohttp keeps a header's undecodable bytes as surrogates: back to those bytes
+                digest = hashlib.sha256(given.encode("utf-8", "surrogateescape")).digest()
+            except UnicodeEncodeError:
+                digest = b""
+            if scheme.lower() != "bearer" or not hmac.compare_digest(digest, want):
+                return web.json_response({"error": "Unauthorized"}, status=401)
+        return await handler(request)
+
+    return guard
 
 
 def router_error_message(request: web.Request, exc: web.HTTPException, max_body: int) -> str:

@@ -28,8 +28,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from sim.confidence import CONFIDENCE, t_interval
-from sim.config import ExperimentConfig
-from sim.experiments import ConfigError
+from sim.config import ConfigError, ExperimentConfig
 from sim.metrics import BASELINE, RATIO_METRICS
 from sim.pool import TRIES, WorkerLost, run_in_pools
 from sim.textout import write_atomic

@@ -66,7 +66,7 @@ def load_workload(cfg: ExperimentConfig) -> list[Any]:
     try:
         return list(generate(w.generator, seed=cfg.seed, **w.params))
     except (ValueError, OverflowError) as exc:  # what only the draw shows: e.g. arrivals past the trace format's limit
-        from sim.experiments import ConfigError
+        from sim.config import ConfigError
 
         origin = _draw_origin(w, exc)
         where = f"{origin}: " if origin else ""

@@ -2,7 +2,9 @@
 
 It speaks enough of vLLM's OpenAI server for the gateway and the replayer:
 ``POST /v1/completions``, ``POST /v1/chat/completions`` (both with
-``stream``), ``GET /v1/models``, ``GET /health``, and a debug ``GET /stats``.
+``stream``), ``GET /v1/models``, ``GET /health``, and a debug ``GET /stats``;
+with ``--api-key KEY``, ``/v1`` refuses a request without ``Authorization:
+Bearer KEY`` with vLLM's 401 (`sim.openai_api.api_key_guard`).
 Every response is timed in real time by one simulated replica
 (`sim.realtime.RealtimeEngine`: `sim.replica.Replica` + `sim.core.SchedulerCore`
 + `sim.kvcache.KVCache` + a latency model from `sim.latency.build`).
@@ -86,6 +88,7 @@ from sim.openai_api import (
     XARGS,
     ParsedRequest,
     RequestError,
+    api_key_guard,
     error_body,
     error_response,
     parse_request,
@@ -93,7 +96,7 @@ from sim.openai_api import (
     sse_error,
 )
 from sim.realtime import CallHandle, Conflict, EngineFailed, RealtimeEngine, TooLarge
-from traces.argtypes import int_at_least, nonblank, number, port_number
+from traces.argtypes import api_key, int_at_least, nonblank, number, port_number
 from traces.validate import parse_json_int
 
 TOKEN_TEXT = " tok"
@@ -103,14 +106,17 @@ POSITIVE_INT = int_at_least(1)  # engine limits: 0 would start an engine that ne
 class SimServer:
     """The HTTP face of one `RealtimeEngine`."""
 
-    def __init__(self, engine: RealtimeEngine, served_model: str, expire_interval: float = 10.0):
+    def __init__(self, engine: RealtimeEngine, served_model: str, expire_interval: float = 10.0,
+                 api_key: str | None = None):
         self.engine = engine
         self.served_model = served_model
         self.expire_interval = expire_interval
+        self.api_key = api_key  # vLLM's --api-key: /v1 takes it (`sim.openai_api.api_key_guard`)
         self._expiry: asyncio.Task | None = None
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=MAX_BODY, middlewares=[router_errors])
+        guard = [api_key_guard(self.api_key)] if self.api_key is not None else []
+        app = web.Application(client_max_size=MAX_BODY, middlewares=[*guard, router_errors])
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_post("/v1/chat/completions", self.chat_completions)
         app.router.add_get("/v1/models", self.models)
@@ -397,6 +403,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-gpu-blocks", type=POSITIVE_INT, help="KV capacity in blocks (default: from the specs)")
     p.add_argument("--max-num-seqs", type=POSITIVE_INT)
     p.add_argument("--max-num-batched-tokens", type=POSITIVE_INT)
+    p.add_argument("--api-key", type=api_key, metavar="KEY",
+                   help="as vllm serve's: requests to /v1 need 'Authorization: Bearer KEY', else 401 (default: none)")
 
 
 async def serve(server: SimServer, host: str, port: int) -> web.AppRunner:
@@ -426,7 +434,7 @@ def main(argv: list[str]) -> int:
         print(f"sim serve: note: this is one engine; the experiment's {cfg.engine.replicas} replicas and its "
               f"{cfg.engine.balancer} balancer are the gateway's part (python -m engine gateway), not this "
               "process's", file=sys.stderr)
-    server = SimServer(engine, args.served_model_name)
+    server = SimServer(engine, args.served_model_name, api_key=args.api_key)
     banner = (f"sim serve: engine {args.index} ({cfg.engine.model} on {cfg.engine.gpu}, latency {cfg.latency.kind}, "
               f"policy {policy}) on http://{args.host}:{args.port}")
     return run_site(server.app(), args.host, args.port, "python -m sim serve", banner)

@@ -46,7 +46,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
-from sim.experiments import ConfigError, to_file_dict
+from sim.config import ConfigError
+from sim.experiments import to_file_dict
 from sim.metrics import add_ratios, summarize_policy
 from sim.pool import TRIES, WorkerLost, run_in_pools
 from sim.sweep import DEFAULT_VARIANT, Job, Sweep

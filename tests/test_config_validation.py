@@ -14,9 +14,9 @@ import pytest
 import yaml
 
 from sim.cli import main as cli_main
-from sim.config import EngineConfig, WorkloadConfig
+from sim.config import ConfigError, EngineConfig, WorkloadConfig
 from sim.config_layers import parse_override
-from sim.experiments import ConfigError, load_file, resolve
+from sim.experiments import load_file, resolve
 from sim.yaml_io import MAX_NODES
 from sim.hardware import SPEC_DIR, SpecError, available, load_gpu, load_model
 from sim.simulate import SimulationError, check_fits, simulate

@@ -6,9 +6,9 @@ import textwrap
 
 import pytest
 
-from sim.config import DEFAULT_POLICIES, POLICIES
+from sim.config import DEFAULT_POLICIES, POLICIES, ConfigError
 from sim.config_layers import parse_override
-from sim.experiments import ConfigError, list_experiments, load_file, resolve, to_dict, to_file_dict
+from sim.experiments import list_experiments, load_file, resolve, to_dict, to_file_dict
 from sim.yaml_io import dump_yaml, load_value
 
 BASE = """\

@@ -101,6 +101,47 @@ def test_serve_gateway_replay_validate_commands(tmp_path):
         assert measured >= 0.05 - 1e-3 and error <= 2.0
 
 
+
+def test_a_replay_through_the_gateway_to_an_engine_with_an_api_key(tmp_path):
+    """vLLM's --api-key on the engine (sim serve's mirrors it): the replay's --api-key reaches it through the
+    gateway, which sends its own probes with --engine-api-key; without the key the replay stops at its first
+    request with the engine's 401, and the key is written nowhere."""
+    key = "sk-test-7f3a9c"
+    trace = tmp_path / "t.jsonl"
+    save([Program(f"p{i}", 0.02 * i, "x", (Call("a", (), 20, 3), Call("b", ("a",), 30, 3, context_of="a")))
+          for i in range(2)], trace)
+    e_port, g_port = _free_port(), _free_port()
+    engine = subprocess.Popen([sys.executable, "-m", "sim", "serve", "--port", str(e_port), "--latency", "constant",
+                               "--step-seconds", "0.005", "--num-gpu-blocks", "1000", "--api-key", key],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    gateway = subprocess.Popen([sys.executable, "-m", "engine", "gateway", "--engine", f"http://127.0.0.1:{e_port}",
+                                "--port", str(g_port), "--engine-api-key", key],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    target = f"http://127.0.0.1:{g_port}"
+    try:
+        _wait_healthy(f"http://127.0.0.1:{e_port}", engine)
+        _wait_healthy(target, gateway)
+        keyed = subprocess.run([sys.executable, "-m", "engine", "replay", str(trace), "--target", target,
+                                "--policy", "plas", "--out", str(tmp_path / "r"), "--api-key", key],
+                               capture_output=True, text=True, timeout=120)
+        bare = subprocess.run([sys.executable, "-m", "engine", "replay", str(trace), "--target", target,
+                               "--policy", "plas", "--out", str(tmp_path / "bare")],
+                              capture_output=True, text=True, timeout=120)
+    finally:
+        for p in (gateway, engine):
+            p.terminate()
+            p.wait(timeout=30)
+    assert keyed.returncode == 0, keyed.stderr
+    assert "2 programs, 4 calls" in keyed.stdout
+    calls = read_calls_csv(tmp_path / "r" / "calls.csv")
+    assert len(calls) == 4 and all(c.finish > c.arrival for c in calls)
+    assert json.loads((tmp_path / "r" / "replay.json").read_text())["program_ends"] == {"ended": 2}
+    assert not any(key in f.read_text() for f in (tmp_path / "r").iterdir())
+    assert bare.returncode == 1 and bare.stderr == (
+        f"python -m engine replay: error: {target}/v1/models: cannot learn the model name "
+        '(HTTP 401: {"error": "Unauthorized"}); pass --model\n')
+
+
 def test_gateway_cli_rejects_bad_settings():
     proc = subprocess.run([sys.executable, "-m", "engine", "gateway", "--engine", "http://x", "--ttl", "0"],
                           capture_output=True, text=True, timeout=60)

@@ -888,6 +888,64 @@ def test_a_stalled_engine_with_no_call_gets_a_probe_and_is_back_once_it_answers(
     assert snapshot["engines"][0]["stalled"] is False and snapshot["engines"][0]["health_failures"] == 0
 
 
+class KeyedEngine(SteppingEngine):
+    """A vLLM server started with ``--api-key k``: /v1 answers 401 ``{"error": "Unauthorized"}`` without
+    ``Bearer k``; /health and /metrics stay open."""
+
+    def _refused(self, request: web.Request) -> bool:
+        return request.headers.get("Authorization") != "Bearer k"
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        if self._refused(request):
+            return web.json_response({"error": "Unauthorized"}, status=401)
+        return await super().completions(request)
+
+    async def models(self, request: web.Request) -> web.Response:
+        if self._refused(request):
+            return web.json_response({"error": "Unauthorized"}, status=401)
+        return await super().models(request)
+
+
+@pytest.mark.parametrize("key, refused", [
+    ("k", None),
+    (None, "the engine takes an API key: give the gateway --engine-api-key"),
+    ("x", "the --engine-api-key given is not one of the engine's"),
+])
+def test_a_stalled_engine_with_an_api_key_is_probed_with_the_gateways_engine_key(key, refused):
+    """vLLM's --api-key guards /v1, and the probe carried no key: it got a 401, so a stalled engine that would
+    have answered stayed out until its samples moved (never, while it got no calls)."""
+
+    async def go():
+        eng, other = KeyedEngine(hold=True, step_on_call=True), FakeEngine()
+        gw, gateway = await start_gw([await eng.start(), await other.start()], balancer="round_robin",
+                                     engine_api_key=key, **{**STALL, "health_timeout": 0.25})
+        problems: list[str] = []
+        _record_checks(gateway, problems)
+        try:
+            async with aiohttp.ClientSession() as s:
+                body = {"prompt": [1, 2, 3], "max_tokens": 2}
+                async with s.post(gw.url + "/v1/completions", json=body,  # the client has the key
+                                  headers={"X-Program-Id": "p0", "Authorization": "Bearer k"}) as r:
+                    await r.read()
+                    first = r.status, r.headers.get("X-Gateway-Engine")  # held, lost, sent to engine 1
+                eng.hold = False  # answers new calls from now on, each a step; the first stays held
+                back = await wait_for(lambda: not gateway.engines[0].lost, timeout=1.0)
+            return first, back, eng.probes, problems
+        finally:
+            await gw.stop()
+            await eng.stop()
+            await other.stop()
+
+    first, back, probes, problems = run(go())
+    assert first == (200, "1")
+    if refused is None:
+        assert back and probes[-1] == {"model": "fake", "prompt": [0], "max_tokens": 1}
+    else:
+        assert not back
+        assert problems and re.match(STALL_PROBLEM + re.escape(f"; a probe completion answered 401 ({refused})") + "$",
+                                     problems[-1]), problems[-1]
+
+
 def test_one_failed_health_check_does_not_put_a_still_hung_engine_back():
     """A failed /health cleared the samples and the verdict, so the next check read "new" samples and passed."""
 
@@ -998,6 +1056,11 @@ def test_progress_samples_are_summed_over_series_and_read_strictly():
     # NaN is no reading: summed in, two reads of a still engine would differ (NaN equals nothing)
     nan = 'vllm:prompt_tokens_total{engine="0"} NaN\nvllm:prompt_tokens_total{engine="1"} 2\nvllm:num_requests_running NaN\n'
     assert progress_samples(nan) == (None, 2.0, None, None, None, None) == progress_samples(nan)
+    # Counters there with no finite value are no reading, not absent (the --disable-log-stats wording)
+    with pytest.raises(ValueError, match=r"^sample of vllm:prompt_tokens_total, vllm:generation_tokens_total with "
+                                         r"no finite value \(each series NaN or infinite\)$"):
+        progress_samples("vllm:prompt_tokens_total NaN\nvllm:generation_tokens_total{engine=\"0\"} +Inf\n"
+                         "vllm:num_requests_running 3\n")
     for bad in ('vllm:prompt_tokens_total{engine="0"}5\n', "vllm:prompt_tokens_total five\n",
                 "vllm:prompt_tokens_total\n", "vllm:prompt_tokens_total 1 2 3\n"):
         with pytest.raises(ValueError, match="malformed sample line"):

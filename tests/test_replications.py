@@ -12,8 +12,7 @@ from test_cli import sim
 
 from sim.cli import replication_table
 from sim.confidence import Interval, t_interval
-from sim.config import ExperimentConfig, WorkloadConfig
-from sim.experiments import ConfigError
+from sim.config import ConfigError, ExperimentConfig, WorkloadConfig
 from sim.replications import seeds_of, summarize_replications
 
 # Student t quantiles, two-sided 95% (tables give 4.303 and 2.776; these are

@@ -39,9 +39,9 @@ def _url(runner: web.AppRunner) -> str:
 
 
 async def start_engine(index: int = 0, step: float = 0.005, policy: str = "plas",
-                       blocks: int = 4000) -> tuple[Running, RealtimeEngine]:
+                       blocks: int = 4000, api_key: str | None = None) -> tuple[Running, RealtimeEngine]:
     engine = RealtimeEngine(engine_config(step, blocks), policy, index)
-    runner = await serve(SimServer(engine, "sim"), "127.0.0.1", 0)
+    runner = await serve(SimServer(engine, "sim", api_key=api_key), "127.0.0.1", 0)
     return Running(runner, _url(runner)), engine
 
 

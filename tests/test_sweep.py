@@ -8,7 +8,7 @@ from dataclasses import replace
 import pytest
 
 from sim.config_layers import parse_override
-from sim.experiments import ConfigError
+from sim.config import ConfigError
 from sim.sweep import SECTIONS, check_key, jobs, load_sweep, override_text
 
 BASE = """\

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from sim.sweep_table import unfinished_sweeps
-from sim.experiments import ConfigError
+from sim.config import ConfigError
 from sim.sweep import jobs, load_sweep
 from sim import sweep_run
 from sim.sweep_run import JobResult, SweepWriter, run_sweep

@@ -109,6 +109,31 @@ def nonblank(text: str) -> str:
     return text
 
 
+def api_key(text: str) -> str:
+    """An API key sent as ``Authorization: Bearer KEY`` (what vLLM's ``--api-key`` checks), refused here if a
+    header cannot carry it whole: a control character (aiohttp refuses a newline only at the first request),
+    a space at either end (HTTP drops it, so the key the engine sees is another), a non-ASCII character (the
+    engine's server reads header bytes as Latin-1, aiohttp writes UTF-8) or none at all (``Bearer `` gets a
+    401). The error names the character without echoing the key."""
+    if not text:
+        raise argparse.ArgumentTypeError("expected a key, got an empty one")
+    bad = next((i for i, c in enumerate(text) if not 0x20 <= ord(c) <= 0x7E), None)
+    if bad is None and text != text.strip(" "):
+        bad = 0 if text[0] == " " else len(text) - 1
+    if bad is not None:
+        raise argparse.ArgumentTypeError(
+            f"expected printable ASCII, with no space at either end; character {bad + 1} of the key "
+            f"(of {len(text)}) is {_described_char(text[bad])}")
+    return text
+
+
+def _described_char(char: str) -> str:
+    """How an error names a character of a secret without showing the secret: its code point and class."""
+    kind = "a space" if char == " " else "a control character" if ord(char) < 0x20 or ord(char) == 0x7F \
+        else "not ASCII"
+    return f"U+{ord(char):04X} ({kind})"
+
+
 def fraction(text: str) -> float:
     """A number in (0, 1] (a share of GPU memory: 0 leaves nothing for the model, more than 1 is not there)."""
     value = number(text)

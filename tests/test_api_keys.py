@@ -1,0 +1,136 @@
+"""API keys: vLLM's ``--api-key`` on the engines, as ``sim serve --api-key`` mirrors it; the gateway passing
+clients' keys on; the replay's ``--api-key``; the one check every key option shares."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from traces.argtypes import api_key
+from test_serve_helpers import run, start_engine, start_gw
+
+ROOT = Path(__file__).resolve().parent.parent
+UNAUTHORIZED = (401, {"error": "Unauthorized"})  # vLLM's AuthenticationMiddleware answer
+
+
+@pytest.mark.parametrize("key, message", [
+    ("", "expected a key, got an empty one"),
+    (" k", "expected printable ASCII, with no space at either end; character 1 of the key (of 2) is U+0020 (a space)"),
+    ("k ", "expected printable ASCII, with no space at either end; character 2 of the key (of 2) is U+0020 (a space)"),
+    ("ab\ncd", "expected printable ASCII, with no space at either end; character 3 of the key (of 5) is U+000A "
+               "(a control character)"),
+    ("s\u00e9cret", "expected printable ASCII, with no space at either end; character 2 of the key (of 6) is U+00E9 "
+                    "(not ASCII)"),
+])
+def test_a_key_a_header_cannot_carry_whole_is_refused_without_echoing_it(key, message):
+    with pytest.raises(argparse.ArgumentTypeError) as exc:
+        api_key(key)
+    assert str(exc.value) == message
+
+
+@pytest.mark.parametrize("key", ["sk-abc123", "a b", "!~"])
+def test_printable_keys_pass_unchanged(key):
+    assert api_key(key) == key
+
+
+async def _get(session: aiohttp.ClientSession, url: str, auth: str | None):
+    headers = {"Authorization": auth} if auth is not None else {}
+    async with session.get(url, headers=headers) as r:
+        return r.status, await r.json(content_type=None)
+
+
+def test_sim_serve_guards_v1_with_its_key_as_vllm_does():
+    """/v1 takes "Bearer KEY" (the scheme in any case); /health and /stats stay open; an unknown /v1 route is a
+    401 before it is a 404, as vLLM's middleware runs before its router."""
+
+    async def go():
+        server, _ = await start_engine(api_key="k1")
+        try:
+            async with aiohttp.ClientSession() as s:
+                got = {auth: await _get(s, server.url + "/v1/models", auth)
+                       for auth in (None, "Bearer k2", "Basic k1", "Bearer  k1", "Bearer k1", "bearer k1")}
+                body = {"prompt": [1, 2], "max_tokens": 2}
+                async with s.post(server.url + "/v1/completions", json=body) as r:
+                    bare = r.status, await r.json()
+                async with s.post(server.url + "/v1/completions", json=body,
+                                  headers={"Authorization": "Bearer k1"}) as r:
+                    keyed = r.status, (await r.json())["usage"]["completion_tokens"]
+                opened = [(await s.get(server.url + p)).status for p in ("/health", "/stats")]
+                unknown = await _get(s, server.url + "/v1/nowhere", None)
+            return got, bare, keyed, opened, unknown
+        finally:
+            await server.stop()
+
+    got, bare, keyed, opened, unknown = run(go())
+    assert {a: g[0] for a, g in got.items()} == {None: 401, "Bearer k2": 401, "Basic k1": 401, "Bearer  k1": 401,
+                                                 "Bearer k1": 200, "bearer k1": 200}
+    assert got[None] == UNAUTHORIZED and got["Bearer k1"][1]["data"][0]["id"] == "sim"
+    assert bare == UNAUTHORIZED and keyed == (200, 2)
+    assert opened == [200, 200] and unknown == UNAUTHORIZED
+
+
+def test_the_gateway_passes_each_clients_key_on_with_calls_and_model_lists():
+    """Its /v1/models went to the engine without the client's Authorization, so a keyed engine answered 401
+    to a client that had the key."""
+
+    async def go():
+        server, _ = await start_engine(api_key="k1")
+        gw, _ = await start_gw([server.url])
+        try:
+            async with aiohttp.ClientSession() as s:
+                models = [await _get(s, gw.url + "/v1/models", auth) for auth in (None, "Bearer k1")]
+                calls = []
+                for auth in (None, "Bearer k1"):
+                    headers = {"X-Program-Id": "p"} | ({"Authorization": auth} if auth else {})
+                    async with s.post(gw.url + "/v1/completions", json={"prompt": [1], "max_tokens": 1},
+                                      headers=headers) as r:
+                        calls.append(r.status)
+            return models, calls
+        finally:
+            await gw.stop()
+            await server.stop()
+
+    models, calls = run(go())
+    assert models[0] == UNAUTHORIZED and models[1][0] == 200
+    assert calls == [401, 200]
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+def test_key_options_are_checked_before_anything_starts(tmp_path):
+    trace = tmp_path / "t.jsonl"
+    trace.write_text('{"id": "p", "arrival": 0, "calls": [{"id": "a", "prompt_tokens": 4, "output_tokens": 2}]}\n')
+    bad = _cli("sim", "serve", "--api-key", "k\t", "--port", "0")
+    assert bad.returncode == 2 and bad.stderr.endswith(
+        "argument --api-key: expected printable ASCII, with no space at either end; character 2 of the key (of 2) "
+        "is U+0009 (a control character)\n")
+    bad = _cli("engine", "gateway", "--engine", "http://127.0.0.1:9", "--engine-api-key", "")
+    assert bad.returncode == 2 and bad.stderr.endswith("argument --engine-api-key: expected a key, got an empty one\n")
+    for off in (["--health-interval", "0"], ["--stall-timeout", "0"]):
+        bad = _cli("engine", "gateway", "--engine", "http://127.0.0.1:9", "--engine-api-key", "k", *off)
+        flag = " ".join(off)
+        assert bad.returncode == 1 and bad.stderr == (
+            f"python -m engine gateway: error: --engine-api-key: only the stall check's probe sends it, and {flag} "
+            f"turns that check off, so it would be ignored; drop --engine-api-key or {flag}\n")
+    bad = _cli("engine", "replay", str(trace), "--target", "inprocess", "--policy", "plas", "--api-key", "k",
+               "--out", str(tmp_path / "o"))
+    assert bad.returncode == 2 and bad.stderr == (
+        "python -m engine replay: error: --api-key: the in-process engine has no HTTP server to take a key; drop "
+        "--api-key or give --target URL\n")
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_gateway_config_refuses_a_bad_engine_key():
+    from engine.gateway import GatewayConfig
+
+    with pytest.raises(ValueError, match=r"^--engine-api-key: expected a key, got an empty one$"):
+        GatewayConfig(engines=["http://127.0.0.1:9"], engine_api_key="")
