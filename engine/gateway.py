@@ -66,6 +66,15 @@ can be reached does a call get 502.
 
 Lost engines and hung engine cores: the health checks of `engine.liveness`.
 
+API keys, as vLLM's ``--api-key`` works (``Authorization: Bearer KEY``, else
+401 ``{"error": "Unauthorized"}``). ``--api-key`` guards the gateway's
+``/v1`` and ``/programs`` (``/health`` stays open). The engines' key,
+``--engine-api-key``, goes with every call, model list and probe the gateway
+sends them, in place of the client's ``Authorization``, so clients never
+hold it. Without it the client's ``Authorization`` is passed on (one key for
+both, or a gateway that checks none), and the probes carry none, so keyed
+engines refuse them.
+
 Completion: a streamed call is complete (and charged, and its thread
 free) when its ``[DONE]`` arrives, before that event is passed on: a
 client may close the connection or send the thread's next call as soon
@@ -73,7 +82,8 @@ as it reads it.
 
 Errors use OpenAI's body ``{"error": {"message", "type", "param", "code"}}``:
 malformed JSON or bad ids 400, a body over ``--max-body`` 413, unknown route
-404, wrong method 405, busy thread 409, no engine reachable 502.
+404, wrong method 405, busy thread 409, no engine reachable 502; a missing or
+wrong key gets vLLM's 401 body.
 """
 
 from __future__ import annotations
@@ -119,7 +129,7 @@ from engine.sse import DONE, SSEParser, event_token_count, whole_events_end
 from sim.core import ProcessTable, make_balancer, make_policy
 from sim.core.params import MAX_SECONDS, PolicyParams
 from sim.core.state import CallState, ProgramState
-from sim.openai_api import json_type, router_error_message, sse_error
+from sim.openai_api import api_key_guard, json_type, router_error_message, sse_error
 from sim.http_site import run_site
 from traces.argtypes import api_key, integer, number, port_number
 
@@ -226,8 +236,9 @@ class GatewayConfig:
     # compiling a grammar). With the checks above, an engine is lost about 70 s into that waiting. 0: no stall
     # check.
     stall_timeout: float = 60.0
-    # The key of vLLM's --api-key, for the gateway's own requests to /v1 on the engines (a stalled engine's
-    # probe and the model it names); clients' calls carry their own Authorization, which the gateway forwards.
+    # API keys (module docstring, "API keys"): the one clients must give the gateway, and the engines' (vLLM's
+    # --api-key), which the gateway then sends with everything it asks of them in place of the client's own.
+    api_key: str | None = None
     engine_api_key: str | None = None
 
     def __post_init__(self) -> None:
@@ -272,11 +283,12 @@ class GatewayConfig:
             raise ValueError(f"--health-failures must be >= 1, got {self.health_failures}")
         if not 0 <= self.stall_timeout < math.inf:
             raise ValueError(f"--stall-timeout must be >= 0 seconds (0: no stall check), got {self.stall_timeout}")
-        if self.engine_api_key is not None:
-            try:
-                api_key(self.engine_api_key)
-            except argparse.ArgumentTypeError as exc:
-                raise ValueError(f"--engine-api-key: {exc}") from None
+        for flag, key in (("--api-key", self.api_key), ("--engine-api-key", self.engine_api_key)):
+            if key is not None:
+                try:
+                    api_key(key)
+                except argparse.ArgumentTypeError as exc:
+                    raise ValueError(f"{flag}: {exc}") from None
 
 
 @dataclass(eq=False)
@@ -401,7 +413,9 @@ class Gateway:
 
     # -- lifecycle -----------------------------------------------------------------
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=self.cfg.max_body, middlewares=[self._errors])
+        # The client's key guards the gateway's /v1 and its program table; /health stays open, as on vLLM.
+        guard = [api_key_guard(self.cfg.api_key, ("/v1", "/programs"))] if self.cfg.api_key is not None else []
+        app = web.Application(client_max_size=self.cfg.max_body, middlewares=[*guard, self._errors])
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_post("/v1/chat/completions", self.chat_completions)
         app.router.add_get("/v1/models", self.models)
@@ -461,6 +475,14 @@ class Gateway:
             message = router_error_message(request, exc, self.cfg.max_body)
             return error_response(exc.status, message, headers={"Allow": exc.headers["Allow"]}
                                   if "Allow" in exc.headers else None)
+
+    def _upstream_headers(self, request: web.Request) -> dict[str, str]:
+        """The client's headers an engine may need (`FORWARDED_HEADERS`), the engines' key in place of the
+        client's Authorization when the gateway has one (--engine-api-key)."""
+        headers = {k: request.headers[k] for k in FORWARDED_HEADERS if k in request.headers}
+        if self.cfg.engine_api_key is not None:
+            headers["Authorization"] = f"Bearer {self.cfg.engine_api_key}"
+        return headers
 
     # -- request identity ----------------------------------------------------------
     def _ids(self, request: web.Request, body: dict[str, Any]) -> tuple[str, str]:
@@ -535,7 +557,7 @@ class Gateway:
         if kv_ttl is not None:
             xargs[XARG_KV_TTL] = kv_ttl
         outgoing = with_xargs(body, xargs)
-        upstream_headers = {k: request.headers[k] for k in FORWARDED_HEADERS if k in request.headers}
+        upstream_headers = self._upstream_headers(request)
         upstream_headers.update({PROGRAM_HEADER: pid, THREAD_HEADER: tid})  # the ids the gateway settled on
         tried: set[int] = set()
         unreachable: list[str] = []
@@ -801,7 +823,7 @@ class Gateway:
         # Lost engines last, and no engine waited on past --health-timeout: a frozen first engine held this forever.
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.cfg.connect_timeout,
                                         sock_read=self.cfg.health_timeout)
-        headers = {k: request.headers[k] for k in FORWARDED_HEADERS if k in request.headers}  # vLLM's --api-key
+        headers = self._upstream_headers(request)
         for i in sorted(range(len(self.engines)), key=lambda i: self.engines[i].lost):
             base = self.engines[i].url
             try:
@@ -916,9 +938,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="seconds, in all, that the gateway may wait on an engine for calls while the step "
                         "counters on its /metrics stay still before its checks fail (a hung engine core behind "
                         "a live API server); 0: no stall check (default: 60)")
+    p.add_argument("--api-key", type=api_key, metavar="KEY",
+                   help="clients must send 'Authorization: Bearer KEY' to /v1 and /programs, else 401, as with "
+                        "vllm serve --api-key (default: none)")
     p.add_argument("--engine-api-key", type=api_key, metavar="KEY",
-                   help="the engines' vLLM --api-key, for the gateway's own requests to them (the probe of a "
-                        "stalled engine); clients' calls carry their own Authorization (default: none)")
+                   help="the engines' vllm serve --api-key: sent with every call, model list and probe the "
+                        "gateway sends them, in place of the client's Authorization (default: none: the "
+                        "client's is passed on, and the gateway's probes carry none)")
     p.set_defaults(run=run)
     return p
 
@@ -938,10 +964,6 @@ def inapplicable_flag(args: argparse.Namespace) -> str | None:
         if args.stall_timeout:  # None (not given) or 0 (none) are fine
             return (f"--stall-timeout: {off}, and the stall check runs with them, so it would be ignored; drop "
                     "--stall-timeout or give --health-interval > 0")
-    if args.engine_api_key is not None and (args.health_interval == 0 or args.stall_timeout == 0):
-        off = "--health-interval 0" if args.health_interval == 0 else "--stall-timeout 0"
-        return (f"--engine-api-key: only the stall check's probe sends it, and {off} turns that check off, so it "
-                f"would be ignored; drop --engine-api-key or {off}")
     return None
 
 
@@ -954,7 +976,8 @@ def run(args: argparse.Namespace) -> int:
                                     ("stall_timeout", args.stall_timeout)) if v is not None}
         cfg = GatewayConfig(engines=args.engine, balancer=args.balancer, ttl=args.ttl, policy=args.policy,
                             max_body=args.max_body, health_interval=args.health_interval,
-                            health_timeout=args.health_timeout, engine_api_key=args.engine_api_key, **given)
+                            health_timeout=args.health_timeout, api_key=args.api_key,
+                            engine_api_key=args.engine_api_key, **given)
         problem = same_server_by_address(cfg.engines)
         if problem:
             raise ValueError(problem)

@@ -72,8 +72,8 @@ call: it has no program (the plugin takes an untagged call as a one-call
 program with no service, first in line), is not balanced, counted in
 ``in_flight`` or ``routed``, charged, or shown in ``/programs``. vLLM's
 ``--api-key`` guards ``/v1``: the probe and its ``/v1/models`` carry the
-gateway's ``--engine-api-key``. Without it they get a 401, and a stalled
-engine is back only when its samples move.
+gateway's ``--engine-api-key``. Without it a keyed engine refuses them
+(401), and a stalled one is back only when its samples move.
 
 A ``/metrics`` that times out, fails or answers a 5xx is no stall
 (``/health`` judges reachability). An engine whose ``/metrics`` answers

@@ -64,17 +64,17 @@ async def router_errors(request: web.Request, handler):
         return response
 
 
-def api_key_guard(key: str):
-    """Middleware answering a request to ``/v1`` without ``Authorization: Bearer KEY`` with vLLM's 401 and
-    body ``{"error": "Unauthorized"}``, as ``vllm serve --api-key KEY`` does (its AuthenticationMiddleware:
-    the scheme in any case, the key compared by digest). ``/health`` and ``/metrics`` stay open there (probes,
-    scrapes), and so do ``/health`` and ``/stats`` here, so a gateway or replayer that forgets the key meets
-    the refusal it would meet on vLLM."""
+def api_key_guard(key: str, guarded: tuple[str, ...] = ("/v1",)):
+    """Middleware answering a request under a ``guarded`` path without ``Authorization: Bearer KEY`` with
+    vLLM's 401 and body ``{"error": "Unauthorized"}``, as ``vllm serve --api-key KEY`` does for ``/v1`` (its
+    AuthenticationMiddleware: the scheme in any case, the key compared by digest). ``/health`` and
+    ``/metrics`` stay open there (probes, scrapes), and so do ``/health`` and ``sim serve``'s ``/stats``
+    here, so a gateway or replayer that forgets the key meets the refusal it would meet on vLLM."""
     want = hashlib.sha256(key.encode()).digest()
 
     @web.middleware
     async def guard(request: web.Request, handler):
-        if request.method != "OPTIONS" and request.path.startswith("/v1"):
+        if request.method != "OPTIONS" and request.path.startswith(guarded):
             scheme, _, given = request.headers.get("Authorization", "").partition(" ")
             try:  # aiohttp keeps a header's undecodable bytes as surrogates: back to those bytes
                 digest = hashlib.sha256(given.encode("utf-8", "surrogateescape")).digest()

@@ -1,5 +1,6 @@
-"""API keys: vLLM's ``--api-key`` on the engines, as ``sim serve --api-key`` mirrors it; the gateway passing
-clients' keys on; the replay's ``--api-key``; the one check every key option shares."""
+"""API keys: vLLM's ``--api-key`` on the engines, as ``sim serve --api-key`` mirrors it; the gateway's own key
+for clients, and the engines' key it sends in their place (or the client's, passed on); the replay's
+``--api-key``; the one check every key option shares."""
 
 from __future__ import annotations
 
@@ -75,7 +76,7 @@ def test_sim_serve_guards_v1_with_its_key_as_vllm_does():
     assert opened == [200, 200] and unknown == UNAUTHORIZED
 
 
-def test_the_gateway_passes_each_clients_key_on_with_calls_and_model_lists():
+def test_without_an_engine_key_the_gateway_passes_each_clients_key_on_with_calls_and_model_lists():
     """Its /v1/models went to the engine without the client's Authorization, so a keyed engine answered 401
     to a client that had the key."""
 
@@ -101,6 +102,60 @@ def test_the_gateway_passes_each_clients_key_on_with_calls_and_model_lists():
     assert calls == [401, 200]
 
 
+async def _call(session: aiohttp.ClientSession, url: str, auth: str | None, program: str = "p") -> int:
+    headers = {"X-Program-Id": program} | ({"Authorization": auth} if auth is not None else {})
+    async with session.post(url + "/v1/completions", json={"prompt": [1], "max_tokens": 1}, headers=headers) as r:
+        await r.read()
+        return r.status
+
+
+def test_the_gateways_key_guards_its_api_and_its_engine_key_replaces_the_clients():
+    """Clients hold the gateway's key (g) only; the engines' (e) goes with what the gateway sends them."""
+
+    async def go():
+        server, engine = await start_engine(api_key="e")
+        gw, gateway = await start_gw([server.url], api_key="g", engine_api_key="e")
+        try:
+            async with aiohttp.ClientSession() as s:
+                calls = {auth: await _call(s, gw.url, auth) for auth in (None, "Bearer e", "Bearer g")}
+                models = {auth: (await _get(s, gw.url + "/v1/models", auth))[0] for auth in (None, "Bearer g")}
+                programs = {auth: (await _get(s, gw.url + "/programs", auth))[0] for auth in (None, "Bearer g")}
+                health = await _get(s, gw.url + "/health", None)
+                ended = []
+                for auth in (None, "Bearer g"):
+                    async with s.delete(gw.url + "/v1/programs/p",
+                                        headers={"Authorization": auth} if auth else {}) as r:
+                        ended.append((r.status, await r.json()))
+            return calls, models, programs, health, ended, engine.snapshot()
+        finally:
+            await gw.stop()
+            await server.stop()
+
+    calls, models, programs, health, ended, snap = run(go())
+    assert calls == {None: 401, "Bearer e": 401, "Bearer g": 200}
+    assert models == {None: 401, "Bearer g": 200} and programs == {None: 401, "Bearer g": 200}
+    assert health[0] == 200
+    assert ended == [UNAUTHORIZED, (200, {"id": "p", "object": "program.deleted", "deleted": True})]
+    assert snap["completed"] == 1  # the refused calls never reached the engine
+
+
+def test_an_engine_key_alone_lets_the_gateway_reach_keyed_engines_for_any_client():
+    """With --engine-api-key and no --api-key the gateway is the engines' only keyholder, and whatever
+    Authorization a client sends is replaced, not passed on."""
+
+    async def go():
+        server, _ = await start_engine(api_key="e")
+        gw, _ = await start_gw([server.url], engine_api_key="e")
+        try:
+            async with aiohttp.ClientSession() as s:
+                return [await _call(s, gw.url, auth, f"p{i}") for i, auth in enumerate((None, "Bearer wrong"))]
+        finally:
+            await gw.stop()
+            await server.stop()
+
+    assert run(go()) == [200, 200]
+
+
 def _cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=120,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
@@ -113,14 +168,9 @@ def test_key_options_are_checked_before_anything_starts(tmp_path):
     assert bad.returncode == 2 and bad.stderr.endswith(
         "argument --api-key: expected printable ASCII, with no space at either end; character 2 of the key (of 2) "
         "is U+0009 (a control character)\n")
-    bad = _cli("engine", "gateway", "--engine", "http://127.0.0.1:9", "--engine-api-key", "")
-    assert bad.returncode == 2 and bad.stderr.endswith("argument --engine-api-key: expected a key, got an empty one\n")
-    for off in (["--health-interval", "0"], ["--stall-timeout", "0"]):
-        bad = _cli("engine", "gateway", "--engine", "http://127.0.0.1:9", "--engine-api-key", "k", *off)
-        flag = " ".join(off)
-        assert bad.returncode == 1 and bad.stderr == (
-            f"python -m engine gateway: error: --engine-api-key: only the stall check's probe sends it, and {flag} "
-            f"turns that check off, so it would be ignored; drop --engine-api-key or {flag}\n")
+    for flag in ("--api-key", "--engine-api-key"):
+        bad = _cli("engine", "gateway", "--engine", "http://127.0.0.1:9", flag, "")
+        assert bad.returncode == 2 and bad.stderr.endswith(f"argument {flag}: expected a key, got an empty one\n")
     bad = _cli("engine", "replay", str(trace), "--target", "inprocess", "--policy", "plas", "--api-key", "k",
                "--out", str(tmp_path / "o"))
     assert bad.returncode == 2 and bad.stderr == (
@@ -129,8 +179,10 @@ def test_key_options_are_checked_before_anything_starts(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
-def test_a_gateway_config_refuses_a_bad_engine_key():
+@pytest.mark.parametrize("field, flag", [("api_key", "--api-key"), ("engine_api_key", "--engine-api-key")])
+def test_a_gateway_config_refuses_a_bad_key(field, flag):
     from engine.gateway import GatewayConfig
 
-    with pytest.raises(ValueError, match=r"^--engine-api-key: expected a key, got an empty one$"):
-        GatewayConfig(engines=["http://127.0.0.1:9"], engine_api_key="")
+    with pytest.raises(ValueError, match=rf"^{flag}: expected printable ASCII, with no space at either end; "
+                                         r"character 2 of the key \(of 3\) is U\+000D \(a control character\)$"):
+        GatewayConfig(engines=["http://127.0.0.1:9"], **{field: "a\rb"})

@@ -102,20 +102,20 @@ def test_serve_gateway_replay_validate_commands(tmp_path):
 
 
 
-def test_a_replay_through_the_gateway_to_an_engine_with_an_api_key(tmp_path):
-    """vLLM's --api-key on the engine (sim serve's mirrors it): the replay's --api-key reaches it through the
-    gateway, which sends its own probes with --engine-api-key; without the key the replay stops at its first
-    request with the engine's 401, and the key is written nowhere."""
-    key = "sk-test-7f3a9c"
+def test_a_replay_through_a_keyed_gateway_to_a_keyed_engine(tmp_path):
+    """vLLM's --api-key on the engine (sim serve's mirrors it) and the gateway's own: the replay holds the
+    gateway's key, the gateway the engine's; without a key the replay stops at its first request with the
+    gateway's 401, and neither key is written anywhere."""
+    key, engine_key = "sk-test-7f3a9c", "sk-engine-51d0e2"
     trace = tmp_path / "t.jsonl"
     save([Program(f"p{i}", 0.02 * i, "x", (Call("a", (), 20, 3), Call("b", ("a",), 30, 3, context_of="a")))
           for i in range(2)], trace)
     e_port, g_port = _free_port(), _free_port()
     engine = subprocess.Popen([sys.executable, "-m", "sim", "serve", "--port", str(e_port), "--latency", "constant",
-                               "--step-seconds", "0.005", "--num-gpu-blocks", "1000", "--api-key", key],
+                               "--step-seconds", "0.005", "--num-gpu-blocks", "1000", "--api-key", engine_key],
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     gateway = subprocess.Popen([sys.executable, "-m", "engine", "gateway", "--engine", f"http://127.0.0.1:{e_port}",
-                                "--port", str(g_port), "--engine-api-key", key],
+                                "--port", str(g_port), "--api-key", key, "--engine-api-key", engine_key],
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     target = f"http://127.0.0.1:{g_port}"
     try:
@@ -136,7 +136,7 @@ def test_a_replay_through_the_gateway_to_an_engine_with_an_api_key(tmp_path):
     calls = read_calls_csv(tmp_path / "r" / "calls.csv")
     assert len(calls) == 4 and all(c.finish > c.arrival for c in calls)
     assert json.loads((tmp_path / "r" / "replay.json").read_text())["program_ends"] == {"ended": 2}
-    assert not any(key in f.read_text() for f in (tmp_path / "r").iterdir())
+    assert not any(k in f.read_text() for f in (tmp_path / "r").iterdir() for k in (key, engine_key))
     assert bare.returncode == 1 and bare.stderr == (
         f"python -m engine replay: error: {target}/v1/models: cannot learn the model name "
         '(HTTP 401: {"error": "Unauthorized"}); pass --model\n')

@@ -889,11 +889,13 @@ def test_a_stalled_engine_with_no_call_gets_a_probe_and_is_back_once_it_answers(
 
 
 class KeyedEngine(SteppingEngine):
-    """A vLLM server started with ``--api-key k``: /v1 answers 401 ``{"error": "Unauthorized"}`` without
-    ``Bearer k``; /health and /metrics stay open."""
+    """A vLLM server started with ``--api-key KEY``: /v1 answers 401 ``{"error": "Unauthorized"}`` without
+    ``Bearer KEY``; /health and /metrics stay open."""
+
+    key = "k"
 
     def _refused(self, request: web.Request) -> bool:
-        return request.headers.get("Authorization") != "Bearer k"
+        return request.headers.get("Authorization") != f"Bearer {self.key}"
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         if self._refused(request):
@@ -908,8 +910,8 @@ class KeyedEngine(SteppingEngine):
 
 @pytest.mark.parametrize("key, refused", [
     ("k", None),
-    (None, "the engine takes an API key: give the gateway --engine-api-key"),
-    ("x", "the --engine-api-key given is not one of the engine's"),
+    (None, "the engine takes an API key: give the gateway --engine-api-key"),  # the client's key passed on
+    ("x", "the --engine-api-key given is not one of the engine's"),  # the engine restarted with key k
 ])
 def test_a_stalled_engine_with_an_api_key_is_probed_with_the_gateways_engine_key(key, refused):
     """vLLM's --api-key guards /v1, and the probe carried no key: it got a 401, so a stalled engine that would
@@ -917,6 +919,7 @@ def test_a_stalled_engine_with_an_api_key_is_probed_with_the_gateways_engine_key
 
     async def go():
         eng, other = KeyedEngine(hold=True, step_on_call=True), FakeEngine()
+        eng.key = key or "k"
         gw, gateway = await start_gw([await eng.start(), await other.start()], balancer="round_robin",
                                      engine_api_key=key, **{**STALL, "health_timeout": 0.25})
         problems: list[str] = []
@@ -928,6 +931,7 @@ def test_a_stalled_engine_with_an_api_key_is_probed_with_the_gateways_engine_key
                                   headers={"X-Program-Id": "p0", "Authorization": "Bearer k"}) as r:
                     await r.read()
                     first = r.status, r.headers.get("X-Gateway-Engine")  # held, lost, sent to engine 1
+                eng.key = "k"
                 eng.hold = False  # answers new calls from now on, each a step; the first stays held
                 back = await wait_for(lambda: not gateway.engines[0].lost, timeout=1.0)
             return first, back, eng.probes, problems
