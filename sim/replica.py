@@ -427,6 +427,7 @@ class Replica:
                 shape = StepShape(
                     shape.num_seqs + members, shape.num_tokens + members, shape.num_decode + members,
                     shape.decode_kv_tokens + step.member_kv, shape.prefill_tokens, shape.prefill_attn_pairs,
+                    shape.prefill_kv_tokens,
                 )
             if members or any(c.num_computed + n == c.num_tokens for c, n in batch):
                 self._stalled_tokens = 0

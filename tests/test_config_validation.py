@@ -433,10 +433,10 @@ def test_a_generator_parameter_past_what_a_float_holds_is_one_error_on_it(exp, k
 
 
 def _fitted(tmp_path, **coefficients) -> str:
-    base = dict(per_token=0.0, weights_floor=0.0, per_attn_pair=0.0, per_decode_kv_token=0.0, per_seq=0.0,
+    base = dict(per_token=0.0, weights_floor=0.0, per_attn_pair=0.0, per_kv_read_token=0.0, per_seq=0.0,
                 per_step=0.0)
     path = tmp_path / "f.json"
-    path.write_text(json.dumps({"format": "autellix-fitted-latency v1", "coefficients": {**base, **coefficients}}))
+    path.write_text(json.dumps({"format": "autellix-fitted-latency v2", "coefficients": {**base, **coefficients}}))
     return str(path)
 
 

@@ -19,7 +19,7 @@ from sim.latency.fitted import (COEFFICIENTS, MODELS_DIR, FitError, FittedLatenc
                                 fit_profile, load_fitted, quality, split)
 from sim.latency.profile import Profile, ProfileRow, read_profile, write_profile
 
-TRUE = FittedLatency(per_token=5e-5, weights_floor=0.009, per_attn_pair=3e-9, per_decode_kv_token=9e-8,
+TRUE = FittedLatency(per_token=5e-5, weights_floor=0.009, per_attn_pair=3e-9, per_kv_read_token=9e-8,
                      per_seq=7e-6, per_step=0.003, name="truth")
 SHIPPED = ("a100-llama-3.1-8b", "h100-llama-3.1-8b-est")
 
@@ -102,9 +102,25 @@ def test_shipped_model_is_refit_from_its_profile():
 
 def test_step_time_matches_formula_and_is_zero_when_empty():
     s = StepShape.from_batch([(1, 999)] * 64 + [(512, 100)])
-    expect = max(5e-5 * 576, 0.009) + 3e-9 * s.prefill_attn_pairs + 9e-8 * 64000 + 7e-6 * 65 + 0.003
+    # KV read: 64 decodes of 1,000 each and the chunk's 100 + 512
+    expect = max(5e-5 * 576, 0.009) + 3e-9 * s.prefill_attn_pairs + 9e-8 * (64000 + 612) + 7e-6 * 65 + 0.003
     assert TRUE.step_time(s) == pytest.approx(expect)
     assert TRUE.step_time(StepShape()) == 0.0
+
+
+def test_a_v1_model_is_refused_with_what_changed(tmp_path):
+    """v1 charged decodes only for reading the KV cache; read as v2 its coefficient would mean another thing."""
+    old = tmp_path / "old.json"
+    coefficients = {k: v for k, v in TRUE.coefficients().items() if k != "per_kv_read_token"}
+    old.write_text(json.dumps({"format": "autellix-fitted-latency v1",
+                               "coefficients": {**coefficients, "per_decode_kv_token": 9e-8}}))
+    with pytest.raises(FitError) as err:
+        load_fitted(str(old))
+    assert str(err.value) == (
+        f'{old}: "format": "autellix-fitted-latency v1" is an older form (per_decode_kv_token charged decodes only '
+        "for reading the KV cache; v2's per_kv_read_token charges prefill chunks' reads of their context too); "
+        "profile the engine again (python -m engine profile, whose profile has the prefill_kv_tokens column) and "
+        "fit that (python -m sim fit-latency)")
 
 
 def test_load_by_path_and_errors(tmp_path):
@@ -124,7 +140,7 @@ def test_load_by_path_and_errors(tmp_path):
     with pytest.raises(FitError) as err:
         load_fitted(str(bad))
     assert str(err.value) == (f'{bad}: "coefficients" must have exactly per_token, weights_floor, per_attn_pair, '
-                              "per_decode_kv_token, per_seq, per_step; got ['per_token']")
+                              "per_kv_read_token, per_seq, per_step; got ['per_token']")
     neg = tmp_path / "neg.json"
     neg.write_text(json.dumps({**TRUE.to_json(), "coefficients": {**TRUE.coefficients(), "per_step": -1}}))
     with pytest.raises(FitError) as err:
@@ -253,7 +269,8 @@ def test_cli_bad_input_exits_1_with_message(tmp_path, capsys):
     assert fit_latency_main([str(prof), "-o", str(tmp_path / "x.json")]) == 1
     assert capsys.readouterr().err == (
         f"error: {prof}:1: missing column(s) num_decode, decode_kv_tokens, prefill_tokens, prefill_attn_pairs, "
-        "seconds; expected num_seqs,num_tokens,num_decode,decode_kv_tokens,prefill_tokens,prefill_attn_pairs,seconds\n")
+        "prefill_kv_tokens, seconds; expected num_seqs,num_tokens,num_decode,decode_kv_tokens,prefill_tokens,"
+        "prefill_attn_pairs,prefill_kv_tokens,seconds\n")
     assert fit_latency_main([str(tmp_path / "none.csv"), "-o", str(tmp_path / "x.json")]) == 1
     assert capsys.readouterr().err == f"error: {tmp_path / 'none.csv'}: no such profile file\n"
 

@@ -10,14 +10,14 @@ from sim.latency.profile import (COLUMNS, Profile, ProfileError, ProfileRow, par
 
 HEADER = ",".join(COLUMNS)
 GOOD = [
-    "1,2048,0,0,2048,2098176,0.15",
-    "64,64,64,64064,0,0,0.021",
-    "65,576,64,64064,512,131328,0.05",
+    "1,2048,0,0,2048,2098176,2048,0.15",
+    "64,64,64,64064,0,0,0,0.021",
+    "65,576,64,64064,512,131328,512,0.05",
 ]
 
 
 def text(*rows: str, header: str = HEADER, extra: str = "") -> str:
-    return "# autellix-latency-profile v1\n# gpu: test-gpu\n" + extra + header + "\n" + "\n".join(rows) + "\n"
+    return "# autellix-latency-profile v2\n# gpu: test-gpu\n" + extra + header + "\n" + "\n".join(rows) + "\n"
 
 
 def test_round_trip(tmp_path):
@@ -44,29 +44,42 @@ def test_columns_in_any_order():
     "content, where",
     [
         (text(GOOD[0], header=HEADER.replace(",seconds", "")), ":3: missing column(s) seconds"),
-        (text(GOOD[0], "64,64,64,640"), ":5: expected 7 fields, got 4"),
-        (text(GOOD[0], "64,sixty,64,64064,0,0,0.02"), ":5: column num_tokens: expected an integer, got 'sixty'"),
-        (text(GOOD[0], "64,64,64,64064,0,0,abc"), ":5: column seconds: expected a number"),
-        (text(GOOD[0], "64,64,64,64064,0,0,0"), ":5: column seconds: must be a positive finite time"),
-        (text(GOOD[0], "64,64,64,64064,0,0,-0.1"), ":5: column seconds: must be a positive finite time"),
-        (text(GOOD[0], "64,64,64,64064,0,0,nan"), ":5: column seconds: must be a positive finite time"),
-        (text(GOOD[0], "64,64,64,-5,0,0,0.1"), ":5: column decode_kv_tokens: must be >= 0"),
+        (text(GOOD[0], "64,64,64,640"), ":5: expected 8 fields, got 4"),
+        (text(GOOD[0], "64,sixty,64,64064,0,0,0,0.02"), ":5: column num_tokens: expected an integer, got 'sixty'"),
+        (text(GOOD[0], "64,64,64,64064,0,0,0,abc"), ":5: column seconds: expected a number"),
+        (text(GOOD[0], "64,64,64,64064,0,0,0,0"), ":5: column seconds: must be a positive finite time"),
+        (text(GOOD[0], "64,64,64,64064,0,0,0,-0.1"), ":5: column seconds: must be a positive finite time"),
+        (text(GOOD[0], "64,64,64,64064,0,0,0,nan"), ":5: column seconds: must be a positive finite time"),
+        (text(GOOD[0], "64,64,64,-5,0,0,0,0.1"), ":5: column decode_kv_tokens: must be >= 0"),
         # times near a float's limits overflowed the fit (a traceback); a microsecond-to-hour step is a real one
-        (text(GOOD[0], "64,64,64,64064,0,0,1e300"), ":5: column seconds: expected a step time from 1e-06 to 3600 s, "
+        (text(GOOD[0], "64,64,64,64064,0,0,0,1e300"), ":5: column seconds: expected a step time from 1e-06 to 3600 s, "
                                                    "got 1e300 (times are in seconds)"),
-        (text(GOOD[0], "64,64,64,64064,0,0,1e-300"), ":5: column seconds: expected a step time from 1e-06 to 3600 s"),
-        (text(GOOD[0], "64,64,64,64064,0,0,3601"), ":5: column seconds: expected a step time from 1e-06 to 3600 s"),
-        (text(GOOD[0], f"64,64,64,{10**200},0,0,0.1"), ":5: column decode_kv_tokens: must be at most 2**53, "
+        (text(GOOD[0], "64,64,64,64064,0,0,0,1e-300"), ":5: column seconds: expected a step time from 1e-06 to 3600 s"),
+        (text(GOOD[0], "64,64,64,64064,0,0,0,3601"), ":5: column seconds: expected a step time from 1e-06 to 3600 s"),
+        (text(GOOD[0], f"64,64,64,{10**200},0,0,0,0.1"), ":5: column decode_kv_tokens: must be at most 2**53, "
                                                       "got '10000000000000000000'... (201 characters)"),
-        (text(GOOD[0], f"64,64,64,{2**53 + 1},0,0,0.1"), ":5: column decode_kv_tokens: must be at most 2**53, "
+        (text(GOOD[0], f"64,64,64,{2**53 + 1},0,0,0,0.1"), ":5: column decode_kv_tokens: must be at most 2**53, "
                                                        "got '9007199254740993'"),
-        (text(GOOD[0], f"64,64,64,{'9' * 5000},0,0,0.1"), ":5: column decode_kv_tokens: must be at most 2**53"),
-        (text(GOOD[0], f"64,64,64,-{'9' * 5000},0,0,0.1"), ":5: column decode_kv_tokens: must be >= 0, "
+        (text(GOOD[0], f"64,64,64,{'9' * 5000},0,0,0,0.1"), ":5: column decode_kv_tokens: must be at most 2**53"),
+        (text(GOOD[0], f"64,64,64,-{'9' * 5000},0,0,0,0.1"), ":5: column decode_kv_tokens: must be >= 0, "
                                                           "got '-9999999999999999999'... (5001 characters)"),
-        (text(GOOD[0], f"64,64,64,64064,0,0,1{'0' * 400}"), ":5: column seconds: must be a positive finite time, "
+        (text(GOOD[0], f"64,64,64,64064,0,0,0,1{'0' * 400}"), ":5: column seconds: must be a positive finite time, "
                                                            "got '10000000000000000000'... (401 characters)"),
-        (text(GOOD[0], "64,65,64,64064,0,0,0.1"), ":5: column num_tokens: must equal num_decode + prefill_tokens"),
-        (text(GOOD[0], "0,0,0,0,0,0,0.1"), ":5: column num_seqs"),
+        (text(GOOD[0], "64,65,64,64064,0,0,0,0.1"), ":5: column num_tokens: must equal num_decode + prefill_tokens"),
+        (text(GOOD[0], "0,0,0,0,0,0,0,0.1"), ":5: column num_seqs"),
+        # the KV a chunk reads: at least its own tokens, none without a chunk, and enough for its attention pairs
+        (text(GOOD[0], "1,2048,0,0,2048,2098176,2047,0.15"),
+         ":5: column prefill_kv_tokens: smaller than prefill_tokens (each chunk reads its context and its own KV)"),
+        (text(GOOD[0], "64,64,64,64064,0,0,5,0.1"),
+         ":5: column prefill_kv_tokens: non-zero but every sequence is a decode"),
+        (text(GOOD[0], "1,16,0,0,16,16520,16,0.1"),
+         ":5: column prefill_attn_pairs: larger than prefill_tokens x prefill_kv_tokens (a chunk's new tokens each "
+         "attend to at most its context and itself)"),
+        # a v1 profile: the KV its chunks read cannot be told from its other columns
+        (text(GOOD[0].rsplit(",", 2)[0] + ",0.15", header=HEADER.replace(",prefill_kv_tokens", "")),
+         ":3: missing column prefill_kv_tokens (the KV cache prefill chunks read, their context and themselves), "
+         "which a v1 profile lacks and its other columns cannot give back; profile the engine again "
+         "(python -m engine profile)"),
         (text(GOOD[0], "# note", GOOD[1]), ":5: comment line inside the data"),
         (text(), ": no data rows"),
         ("# only comments\n", ": empty profile"),
@@ -98,10 +111,10 @@ def test_columns_in_any_order():
          ":3: tensor_parallel: expected the GPUs per replica, an integer >= 1, got '0'"),
         (text(*GOOD, extra="# tensor_parallel: four\n"), ":3: tensor_parallel: expected the GPUs per replica"),
         # int() and float() took these; a field past the csv limit was a _csv.Error traceback
-        (text(GOOD[0], "64,64,64,64_064,0,0,0.1"), ":5: column decode_kv_tokens: expected an integer, got '64_064'"),
-        (text(GOOD[0], "64,64,64,\u0666\u0664064,0,0,0.1"), ":5: column decode_kv_tokens: expected an integer"),
-        (text(GOOD[0], "64,64,64,64064,0,0,0.0_2"), ":5: column seconds: expected a number, got '0.0_2'"),
-        (text(GOOD[0], "64,64,64,64064,0,0,0.1," + "x" * 200_000), ":5: not a CSV line (field larger than field limit"),
+        (text(GOOD[0], "64,64,64,64_064,0,0,0,0.1"), ":5: column decode_kv_tokens: expected an integer, got '64_064'"),
+        (text(GOOD[0], "64,64,64,\u0666\u0664064,0,0,0,0.1"), ":5: column decode_kv_tokens: expected an integer"),
+        (text(GOOD[0], "64,64,64,64064,0,0,0,0.0_2"), ":5: column seconds: expected a number, got '0.0_2'"),
+        (text(GOOD[0], "64,64,64,64064,0,0,0,0.1," + "x" * 200_000), ":5: not a CSV line (field larger than field limit"),
     ],
 )
 def test_errors_name_file_line_and_column(tmp_path, content, where):
@@ -133,8 +146,8 @@ def test_host_time_keys_are_read_as_seconds_and_default_to_none():
 def test_a_byte_order_mark_does_not_hide_the_first_column(tmp_path):
     """Excel's "CSV UTF-8" starts with a BOM: 'num_seqs' was then reported missing from line 1."""
     plain = tmp_path / "plain.csv"
-    plain.write_text("num_seqs,num_tokens,num_decode,decode_kv_tokens,prefill_tokens,prefill_attn_pairs,seconds\n"
-                     "1,1,1,1,0,0,0.01\n")
+    plain.write_text("num_seqs,num_tokens,num_decode,decode_kv_tokens,prefill_tokens,prefill_attn_pairs,"
+                     "prefill_kv_tokens,seconds\n1,1,1,1,0,0,0,0.01\n")
     bom = tmp_path / "bom.csv"
     bom.write_bytes(b"\xef\xbb\xbf" + plain.read_bytes())
     assert read_profile(bom).rows == read_profile(plain).rows

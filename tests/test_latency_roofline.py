@@ -27,8 +27,11 @@ def test_hand_computed_single_gpu():
     # FLOPs per attention pair: 4 * 2 * 2 * 4 = 64 -> 64 / 5e5 = 1.28e-4 s.
     decode = StepShape.from_batch([(1, 9), (1, 19)])  # 2 tokens (< knee 100), kv 10 + 20 = 30
     assert m.step_time(decode) == pytest.approx(0.4 + 30 * 0.0064 + 0.01)
-    prefill = StepShape.from_batch([(200, 0)])  # 200 tokens > knee, pairs 200 * 201 / 2 = 20100
-    assert m.step_time(prefill) == pytest.approx(200 * 0.004 + 20100 * 1.28e-4 + 0.01)
+    prefill = StepShape.from_batch([(200, 0)])  # 200 tokens > knee, pairs 200 * 201 / 2 = 20100, reads its 200 KV
+    assert m.step_time(prefill) == pytest.approx(200 * 0.004 + 20100 * 1.28e-4 + 200 * 0.0064 + 0.01)
+    # A short chunk on a long context reads that context, as a decode there does: 2 tokens at 998 read 1,000.
+    short = StepShape.from_batch([(2, 998)])  # pairs 2 * 998 + 3 = 1999
+    assert m.step_time(short) == pytest.approx(0.4 + 1999 * 1.28e-4 + 1000 * 0.0064 + 0.01)
     assert m.step_time(StepShape()) == 0.0
     # step_overhead is the roofline's only CPU term: async scheduling overlaps it.
     assert m.host_time(decode) == m.host_time(prefill) == 0.01 and m.host_time(StepShape()) == 0.0
@@ -39,11 +42,12 @@ def test_hand_computed_tensor_parallel():
     # Two GPUs double F and B. All-reduce: 2 per layer * 2 layers = 4 calls of 200 tokens * 8 * 2 B
     # = 3200 B each, ring 2 * (2 - 1) / 2 = 1 -> 3.2 s each, plus 1 ms latency each.
     s = StepShape.from_batch([(200, 0)])
-    expect = 200 * 0.002 + 20100 * 0.64e-4 + 4 * 3.2 + 4 * 1e-3 + 0.01
+    # TINY's one KV head is replicated on both GPUs: each reads all 200 tokens' 32 B at its own 5e3 B/s.
+    expect = 200 * 0.002 + 20100 * 0.64e-4 + 200 * 0.0064 + 4 * 3.2 + 4 * 1e-3 + 0.01
     assert m.step_time(s) == pytest.approx(expect)
     # TINY's one KV head is replicated on both GPUs, so each reads the full 32 B per token of
     # context at its own B = 5e3 B/s: 0.0064 s, as on one GPU, not half of it.
-    assert m.seconds_per_decode_kv_token == pytest.approx(0.0064)
+    assert m.seconds_per_kv_read_token == pytest.approx(0.0064)
 
 
 def test_real_specs_plausible():

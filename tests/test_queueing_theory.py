@@ -53,9 +53,9 @@ TIMING = ("arrival", "first_scheduled", "first_token", "finish", "waiting", "ser
 def per_token_model(tmp_path_factory):
     """A latency-model file whose step time is exactly ``PER_TOKEN x tokens in the step``."""
     path = tmp_path_factory.mktemp("latency") / "per-token.json"
-    coefficients = dict(per_token=PER_TOKEN, weights_floor=0.0, per_attn_pair=0.0, per_decode_kv_token=0.0,
+    coefficients = dict(per_token=PER_TOKEN, weights_floor=0.0, per_attn_pair=0.0, per_kv_read_token=0.0,
                         per_seq=0.0, per_step=0.0)
-    path.write_text(json.dumps({"format": "autellix-fitted-latency v1", "coefficients": coefficients}))
+    path.write_text(json.dumps({"format": "autellix-fitted-latency v2", "coefficients": coefficients}))
     return str(path)
 
 

@@ -7,8 +7,12 @@ regression (issue: latency models) and the roofline agree on what a "batch"
 is. The sums are exactly the quantities whose cost differs:
 
 * GEMMs scale with the tokens scheduled (``num_tokens``);
-* prefill attention scales with query x key pairs (``prefill_attn_pairs``);
-* decode attention scales with the KV tokens read (``decode_kv_tokens``);
+* prefill attention's FLOPs scale with query x key pairs (``prefill_attn_pairs``);
+* attention reads the KV cache: every decode its context (``decode_kv_tokens``)
+  and every prefill chunk its cached context as well (``prefill_kv_tokens``),
+  which is what a short chunk on a long context spends its time on (a two-token
+  chunk at 16,384 tokens of context reads as much as a decode there);
+  ``kv_read_tokens`` is their sum;
 * a fixed per-step overhead (scheduling, sampling, kernel launches).
 
 ``host_time`` is the part of ``step_time`` spent on the CPU (scheduling,
@@ -40,11 +44,17 @@ class StepShape:
     decode_kv_tokens: int = 0  # sum over decodes of (context + 1)
     prefill_tokens: int = 0  # new tokens over prefill chunks
     prefill_attn_pairs: int = 0  # sum over chunks of new * (context + (new + 1) / 2), rounded down
+    prefill_kv_tokens: int = 0  # sum over chunks of (context + new), as decode_kv_tokens counts (context + 1)
+
+    @property
+    def kv_read_tokens(self) -> int:
+        """KV tokens the step's attention reads: its decodes' and its prefill chunks'."""
+        return self.decode_kv_tokens + self.prefill_kv_tokens
 
     @staticmethod
     def from_batch(batch: Iterable[tuple[int, int]]) -> "StepShape":
         """Build from ``(new_tokens, context)`` per sequence."""
-        n = tok = nd = dkv = pt = pairs = 0
+        n = tok = nd = dkv = pt = pairs = pkv = 0
         for new, ctx in batch:
             if new <= 0 or ctx < 0:
                 raise ValueError(f"bad sequence in batch: new_tokens={new}, context={ctx}")
@@ -56,7 +66,8 @@ class StepShape:
             else:
                 pt += new
                 pairs += attn_pairs(new, ctx)
-        return StepShape(n, tok, nd, dkv, pt, pairs)
+                pkv += ctx + new
+        return StepShape(n, tok, nd, dkv, pt, pairs, pkv)
 
 
 def attn_pairs(new: int, ctx: int) -> int:

@@ -6,7 +6,7 @@ profile, unlike a black-box regressor::
 
     t = max(per_token * num_tokens, weights_floor)   # GEMMs: compute, or reading the weights once
         + per_attn_pair * prefill_attn_pairs          # prefill attention FLOPs
-        + per_decode_kv_token * decode_kv_tokens      # decode attention reads the KV cache
+        + per_kv_read_token * kv_read_tokens          # attention reads the KV cache (decodes and chunks)
         + per_seq * num_seqs                          # LM head / sampling / per-request CPU work
         + per_step                                    # scheduling, launches, fixed CPU work
 
@@ -58,11 +58,15 @@ from traces.argtypes import int_at_least, number, path_problem, positive_float
 from traces.validate import TraceError, parse_json_int, unique_keys
 
 MODELS_DIR = Path(__file__).parent / "models"
-FORMAT = "autellix-fitted-latency v1"
-COEFFICIENTS = ("per_token", "weights_floor", "per_attn_pair", "per_decode_kv_token", "per_seq", "per_step")
+FORMAT = "autellix-fitted-latency v2"
+# Formats read no longer, with why (a profile for v1 has no prefill_kv_tokens column to fit v2 from).
+OLD_FORMATS = {"autellix-fitted-latency v1": "per_decode_kv_token charged decodes only for reading the KV cache; "
+                                            "v2's per_kv_read_token charges prefill chunks' reads of their "
+                                            "context too"}
+COEFFICIENTS = ("per_token", "weights_floor", "per_attn_pair", "per_kv_read_token", "per_seq", "per_step")
 HOST = ("per_step", "per_seq")  # keys of the optional "host" object
 FORM = ("max(per_token*num_tokens, weights_floor) + per_attn_pair*prefill_attn_pairs "
-        "+ per_decode_kv_token*decode_kv_tokens + per_seq*num_seqs + per_step")
+        "+ per_kv_read_token*(decode_kv_tokens + prefill_kv_tokens) + per_seq*num_seqs + per_step")
 
 
 class FitError(ValueError):
@@ -74,7 +78,7 @@ class FittedLatency:
     per_token: float
     weights_floor: float
     per_attn_pair: float
-    per_decode_kv_token: float
+    per_kv_read_token: float
     per_seq: float
     per_step: float
     name: str = "fitted"
@@ -107,7 +111,7 @@ class FittedLatency:
         if gemm < self.weights_floor:
             gemm = self.weights_floor
         return (gemm + self.per_attn_pair * shape.prefill_attn_pairs
-                + self.per_decode_kv_token * shape.decode_kv_tokens
+                + self.per_kv_read_token * (shape.decode_kv_tokens + shape.prefill_kv_tokens)
                 + self.per_seq * shape.num_seqs + self.per_step)
 
     def host_time(self, shape: StepShape) -> float:
@@ -128,6 +132,10 @@ class FittedLatency:
 
     @classmethod
     def from_json(cls, raw: Any, origin: str = "<json>") -> "FittedLatency":
+        if isinstance(raw, dict) and raw.get("format") in OLD_FORMATS:
+            raise FitError(f"{origin}: \"format\": \"{raw['format']}\" is an older form ({OLD_FORMATS[raw['format']]}); "
+                           f"profile the engine again (python -m engine profile, whose profile has the "
+                           f"prefill_kv_tokens column) and fit that (python -m sim fit-latency)")
         if not isinstance(raw, dict) or raw.get("format") != FORMAT:
             raise FitError(f"{origin}: not a fitted latency model (expected \"format\": \"{FORMAT}\")")
         coef = raw.get("coefficients")
@@ -191,7 +199,7 @@ def load_fitted(name: str | None) -> FittedLatency:
 def _design(rows: Sequence[ProfileRow]):
     import numpy as np
 
-    x = np.array([[r.shape.num_tokens, r.shape.prefill_attn_pairs, r.shape.decode_kv_tokens, r.shape.num_seqs]
+    x = np.array([[r.shape.num_tokens, r.shape.prefill_attn_pairs, r.shape.kv_read_tokens, r.shape.num_seqs]
                   for r in rows], dtype=float)
     y = np.array([r.seconds for r in rows], dtype=float)
     return x, y

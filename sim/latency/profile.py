@@ -7,7 +7,7 @@ Both write the same format so one fitter serves both.
 
 Format (UTF-8 text)::
 
-    # autellix-latency-profile v1
+    # autellix-latency-profile v2
     # gpu: NVIDIA A100-SXM4-80GB
     # gpu_spec: a100-80gb
     # model: llama-3.1-8b
@@ -15,12 +15,12 @@ Format (UTF-8 text)::
     # source: python -m engine profile
     # date: 2026-01-01
     # derived: measured, median of 5 timed steps per shape
-    num_seqs,num_tokens,num_decode,decode_kv_tokens,prefill_tokens,prefill_attn_pairs,seconds
-    1,2048,0,0,2048,2098176,0.1432
-    64,64,64,64064,0,0,0.0231
+    num_seqs,num_tokens,num_decode,decode_kv_tokens,prefill_tokens,prefill_attn_pairs,prefill_kv_tokens,seconds
+    1,2048,0,0,2048,2098176,2048,0.1432
+    64,64,64,64064,0,0,0,0.0231
 
 * Leading lines starting with ``#`` are provenance, ``# key: value`` each (the
-  first, ``# autellix-latency-profile v1``, names the format; a ``#`` line
+  first, ``# autellix-latency-profile v2``, names the format; a ``#`` line
   without a colon is a comment). The keys are those in ``KEYS``, each given
   once: ``gpu``, ``model`` (or ``gpu_spec``, ``model_spec``: the spec names,
   where ``gpu``/``model`` is a device's own name), ``tensor_parallel`` (GPUs
@@ -30,9 +30,11 @@ Format (UTF-8 text)::
   model's provenance, and the two host keys below. Another key is refused:
   the fitter would drop it from the provenance without a word.
 * Then one header line with exactly the columns in ``COLUMNS`` (any order),
-  then one row per step. The six shape columns are non-negative integers with
+  then one row per step. The seven shape columns are non-negative integers with
   the meaning of :class:`sim.latency.base.StepShape`; ``seconds`` is the step's
-  wall time, a positive finite number.
+  wall time, a positive finite number. (v1 had no ``prefill_kv_tokens``, the
+  KV prefill chunks read, which a step's sums cannot give back: such a
+  profile is refused with that said; profile again.)
 * Two provenance keys are numbers the fitter uses: ``host_per_step`` and
   ``host_per_seq`` (seconds, each optional, 0 when absent) say how much of
   each step's time is CPU work, ``host_per_step + host_per_seq * num_seqs``.
@@ -58,7 +60,7 @@ from sim.latency.base import StepShape
 from sim.records import number_of
 from sim.textout import MAX_COUNT
 
-FORMAT_LINE = "# autellix-latency-profile v1"
+FORMAT_LINE = "# autellix-latency-profile v2"
 SHAPE_COLUMNS = (
     "num_seqs",
     "num_tokens",
@@ -66,6 +68,7 @@ SHAPE_COLUMNS = (
     "decode_kv_tokens",
     "prefill_tokens",
     "prefill_attn_pairs",
+    "prefill_kv_tokens",
 )
 COLUMNS = SHAPE_COLUMNS + ("seconds",)
 HOST_KEYS = ("host_per_step", "host_per_seq")  # provenance keys read as numbers
@@ -143,12 +146,19 @@ def shape_problem(s: StepShape) -> str | None:
     if s.num_tokens != s.num_decode + s.prefill_tokens:
         return "num_tokens: must equal num_decode + prefill_tokens"
     n_prefill = s.num_seqs - s.num_decode
-    if n_prefill == 0 and (s.prefill_tokens or s.prefill_attn_pairs):
-        return "prefill_tokens: non-zero but every sequence is a decode"
+    if n_prefill == 0 and (s.prefill_tokens or s.prefill_attn_pairs or s.prefill_kv_tokens):
+        col = "prefill_tokens" if s.prefill_tokens else "prefill_attn_pairs" if s.prefill_attn_pairs \
+            else "prefill_kv_tokens"
+        return f"{col}: non-zero but every sequence is a decode"
     if n_prefill and s.prefill_tokens < 2 * n_prefill:
         return "prefill_tokens: each prefill chunk has at least 2 tokens"
     if s.prefill_attn_pairs < s.prefill_tokens:
         return "prefill_attn_pairs: smaller than prefill_tokens"
+    if s.prefill_kv_tokens < s.prefill_tokens:
+        return "prefill_kv_tokens: smaller than prefill_tokens (each chunk reads its context and its own KV)"
+    if s.prefill_attn_pairs > s.prefill_tokens * s.prefill_kv_tokens:
+        return ("prefill_attn_pairs: larger than prefill_tokens x prefill_kv_tokens (a chunk's new tokens each "
+                "attend to at most its context and itself)")
     if s.decode_kv_tokens < s.num_decode:
         return "decode_kv_tokens: smaller than num_decode (each decode reads >= 1 KV token)"
     return None
@@ -186,6 +196,10 @@ def parse_profile(text: str, origin: str = "<profile>") -> Profile:
     header_lineno = i + 1
     header = [c.strip() for c in _fields(lines[i], origin, header_lineno)]
     missing = [c for c in COLUMNS if c not in header]
+    if missing == ["prefill_kv_tokens"]:
+        raise ProfileError(f"{origin}:{header_lineno}: missing column prefill_kv_tokens (the KV cache prefill chunks "
+                           "read, their context and themselves), which a v1 profile lacks and its other columns "
+                           "cannot give back; profile the engine again (python -m engine profile)")
     if missing:
         raise ProfileError(f"{origin}:{header_lineno}: missing column(s) {', '.join(missing)}; "
                            f"expected {','.join(COLUMNS)}")

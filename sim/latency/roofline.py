@@ -8,9 +8,9 @@ Per step, on each of the ``gpus`` tensor-parallel GPUs (work split evenly)::
 
     gemm      = max(2 * params * num_tokens / F,  weight_bytes / B)
     prefill   = 4 * layers * heads * head_dim * prefill_attn_pairs / F
-    decode    = kv_bytes_per_token * decode_kv_tokens / B
+    kv_reads  = kv_bytes_per_token * kv_read_tokens / B       (decodes' and prefill chunks')
     allreduce = 2 * layers * ring(num_tokens * hidden * dtype_bytes)   (gpus > 1)
-    step      = gemm + prefill + decode + allreduce + step_overhead
+    step      = gemm + prefill + kv_reads + allreduce + step_overhead
 
 with ``F = peak_flops * flops_efficiency * gpus`` and
 ``B = hbm_bandwidth * bandwidth_efficiency * gpus``. ``step_overhead`` is
@@ -27,13 +27,13 @@ Simplifications (deliberate; the fitted model corrects them from data):
 * The GEMM, attention and communication kernels run one after another, so
   their times add; only within the GEMMs is compute overlapped with the
   weight reads (the max).
-* Prefill attention counts QK^T and PV: 2 x 2 FLOPs per (query, key) pair per
-  head-dim element per query head; the KV reads of the context are ignored
-  (compute-bound). That fails for a short chunk on a long context (memory-
-  bound below about 33 new tokens), which then costs less than a decode
-  there; README, "Known gap", measures how little it weighs in our
-  workloads. Decode attention reads every cached K and V once; its FLOPs
-  are ignored (memory-bound).
+* Attention: a prefill chunk counts QK^T and PV, 2 x 2 FLOPs per (query,
+  key) pair per head-dim element per query head, and reads its context's K
+  and V once, as a decode does; a decode's FLOPs are ignored (memory-bound).
+  The two terms add, where one kernel overlaps them (a long chunk is
+  compute-bound, a short one on a long context memory-bound), so a chunk
+  pays both: at most the smaller one too much (4% of a 2,048-token chunk at
+  context 0, under 2% at 16,384).
 * Tensor parallel: two all-reduces per layer (after attention and after the
   MLP) of the step's hidden states, as a bandwidth-only ring all-reduce,
   ``2 (g-1)/g x bytes / link_bandwidth``, plus a fixed latency per
@@ -61,7 +61,7 @@ class RooflineLatency:
     gemm_seconds_per_token: float
     weights_read_seconds: float
     seconds_per_attn_pair: float
-    seconds_per_decode_kv_token: float
+    seconds_per_kv_read_token: float
     allreduce_seconds_per_token: float
     allreduce_fixed_seconds: float
     step_overhead: float
@@ -99,7 +99,7 @@ class RooflineLatency:
             gemm_seconds_per_token=2 * model.num_params / flops,
             weights_read_seconds=model.weight_bytes / bw,
             seconds_per_attn_pair=4 * model.num_layers * model.num_heads * model.head_dim / flops,
-            seconds_per_decode_kv_token=model.kv_bytes_per_token_on(gpus) / bw,
+            seconds_per_kv_read_token=model.kv_bytes_per_token_on(gpus) / bw,
             allreduce_seconds_per_token=ar_per_token,
             allreduce_fixed_seconds=ar_fixed,
             step_overhead=cfg.step_overhead,
@@ -116,7 +116,7 @@ class RooflineLatency:
         return (
             gemm
             + self.seconds_per_attn_pair * shape.prefill_attn_pairs
-            + self.seconds_per_decode_kv_token * shape.decode_kv_tokens
+            + self.seconds_per_kv_read_token * (shape.decode_kv_tokens + shape.prefill_kv_tokens)
             + self.allreduce_seconds_per_token * n
             + self.allreduce_fixed_seconds
             + self.step_overhead

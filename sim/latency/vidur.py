@@ -33,8 +33,9 @@ How a step's time is built (all choices are constants below):
 * **LM head** (not in Vidur's ``mlp.csv``): roofline, logits for one position
   per sequence, ``max(2 h V seqs / F, h V bytes / B)``.
 * **Attention** (not included in the published profiles): roofline, prefill
-  ``4 L H d pairs / (peak x ATTN_PREFILL_EFFICIENCY)`` and decode ``KV bytes
-  / (bandwidth x ATTN_DECODE_EFFICIENCY)``.
+  FLOPs ``4 L H d pairs / (peak x ATTN_PREFILL_EFFICIENCY)`` and the KV cache
+  read by every decode and every prefill chunk (its context and itself) ``KV
+  bytes / (bandwidth x ATTN_KV_READ_EFFICIENCY)``.
 * **Per-step overhead**: ``STEP_OVERHEAD_S`` (2 ms) plus
   ``PER_SEQ_OVERHEAD_S`` (10 us) per sequence: vLLM v1's scheduling, input
   preparation, sampling and output processing run on the CPU between GPU
@@ -100,7 +101,7 @@ STATS = ("median", "mean", "min", "max")
 ARCH_COLUMNS = ("n_head", "n_kv_head", "n_embd", "n_expanded_embd", "vocab_size", "use_gated_mlp")
 
 ATTN_PREFILL_EFFICIENCY = 0.5  # FlashAttention-2 forward reaches ~50-70% of peak at head_dim 128
-ATTN_DECODE_EFFICIENCY = 0.7  # paged decode attention reaches ~60-80% of HBM bandwidth
+ATTN_KV_READ_EFFICIENCY = 0.7  # paged attention reading the KV cache reaches ~60-80% of HBM bandwidth
 LM_HEAD_FLOPS_EFFICIENCY = 0.6
 LM_HEAD_BANDWIDTH_EFFICIENCY = 0.7
 STEP_OVERHEAD_S = 2e-3
@@ -231,7 +232,7 @@ class SyntheticStep:
     tokens: np.ndarray  # measured token counts, ascending
     forward_s: np.ndarray  # non-attention forward seconds at each
     seconds_per_attn_pair: float
-    seconds_per_decode_kv_token: float
+    seconds_per_kv_read_token: float
     lm_head_flop_s_per_seq: float
     lm_head_read_s: float
     step_overhead_s: float = STEP_OVERHEAD_S
@@ -246,7 +247,7 @@ class SyntheticStep:
             forward_s=fwd,
             seconds_per_attn_pair=4 * model.num_layers * model.num_heads * model.head_dim
             / (gpu.peak_flops * ATTN_PREFILL_EFFICIENCY),
-            seconds_per_decode_kv_token=model.kv_bytes_per_token / (gpu.hbm_bandwidth * ATTN_DECODE_EFFICIENCY),
+            seconds_per_kv_read_token=model.kv_bytes_per_token / (gpu.hbm_bandwidth * ATTN_KV_READ_EFFICIENCY),
             lm_head_flop_s_per_seq=2 * model.hidden_size * model.vocab_size
             / (gpu.peak_flops * LM_HEAD_FLOPS_EFFICIENCY),
             lm_head_read_s=lm_bytes / (gpu.hbm_bandwidth * LM_HEAD_BANDWIDTH_EFFICIENCY),
@@ -262,7 +263,7 @@ class SyntheticStep:
         lm_head = max(self.lm_head_flop_s_per_seq * s.num_seqs, self.lm_head_read_s)
         return (self.forward_seconds(s.num_tokens) + lm_head
                 + self.seconds_per_attn_pair * s.prefill_attn_pairs
-                + self.seconds_per_decode_kv_token * s.decode_kv_tokens
+                + self.seconds_per_kv_read_token * s.kv_read_tokens
                 + self.step_overhead_s + self.per_seq_overhead_s * s.num_seqs)
 
 
@@ -326,7 +327,8 @@ def build_profile(src: str | Path, model: ModelSpec, gpu: GPUSpec, tp: int = 1, 
         "source_sha256": hashlib.sha256(Path(src).read_bytes()).hexdigest(),
         "derived": (f"sim.latency.vidur: TP={tp} {stat} per-op ms, layer sum x{model.num_layers} + emb, linear "
                     f"interpolation in num_tokens; roofline attention (prefill eff {ATTN_PREFILL_EFFICIENCY}, "
-                    f"decode eff {ATTN_DECODE_EFFICIENCY}) and LM head; overhead {STEP_OVERHEAD_S * 1e3:g} ms/step "
+                    f"KV read eff {ATTN_KV_READ_EFFICIENCY}, decodes' and prefill chunks') and LM head; "
+                    f"overhead {STEP_OVERHEAD_S * 1e3:g} ms/step "
                     f"+ {PER_SEQ_OVERHEAD_S * 1e6:g} us/seq; {note}"),
         # The overhead is the step's CPU work: the fitted model keeps it as
         # host time, which async scheduling overlaps with the GPU.
