@@ -71,9 +71,10 @@ API keys, as vLLM's ``--api-key`` works (``Authorization: Bearer KEY``, else
 ``/v1`` and ``/programs`` (``/health`` stays open). The engines' key,
 ``--engine-api-key``, goes with every call, model list and probe the gateway
 sends them, in place of the client's ``Authorization``, so clients never
-hold it. Without it the client's ``Authorization`` is passed on (one key for
-both, or a gateway that checks none), and the probes carry none, so keyed
-engines refuse them.
+hold it; an engine that refuses it (401) is the operator's to fix, and the
+client gets a 502 saying so. Without it the client's ``Authorization`` is
+passed on (one key for all, or a gateway that checks none), and the probes
+carry the gateway's ``--api-key``, or none.
 
 Completion: a streamed call is complete (and charged, and its thread
 free) when its ``[DONE]`` arrives, before that event is passed on: a
@@ -82,8 +83,9 @@ as it reads it.
 
 Errors use OpenAI's body ``{"error": {"message", "type", "param", "code"}}``:
 malformed JSON or bad ids 400, a body over ``--max-body`` 413, unknown route
-404, wrong method 405, busy thread 409, no engine reachable 502; a missing or
-wrong key gets vLLM's 401 body.
+404, wrong method 405, busy thread 409, no engine reachable or an engine
+refusing ``--engine-api-key`` 502; a missing or wrong client key gets vLLM's
+401 body.
 """
 
 from __future__ import annotations
@@ -238,8 +240,8 @@ class GatewayConfig:
     stall_timeout: float = 60.0
     # API keys (module docstring, "API keys"): the one clients must give the gateway, and the engines' (vLLM's
     # --api-key), which the gateway then sends with everything it asks of them in place of the client's own.
-    api_key: str | None = None
-    engine_api_key: str | None = None
+    api_key: str | None = field(default=None, repr=False)
+    engine_api_key: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if not self.engines:
@@ -324,6 +326,7 @@ class EngineState:
     waited: float = 0.0
     busy_from: float | None = None  # start of the wait not yet in waited
     model_named: str | None = None  # the last model a call to it named
+    key_refused_warned: bool = False  # it answered 401 to --engine-api-key: warned once
     stalled: bool = False  # found with no step; its checks fail until it steps again
     no_progress_warned: bool = False  # /metrics unusable: warned once
 
@@ -404,7 +407,11 @@ class Gateway:
         self.monitor = EngineMonitor(self.engines, health_interval=cfg.health_interval,
                                      health_timeout=cfg.health_timeout, health_failures=cfg.health_failures,
                                      stall_timeout=cfg.stall_timeout, now=self.now, end_backoff=self._mark_up,
-                                     fail_calls=self.fail_lost_engine, api_key=cfg.engine_api_key)
+                                     fail_calls=self.fail_lost_engine,
+                                     # one key for all (the engines' --api-key the gateway's own) needs no
+                                     # --engine-api-key for calls, which pass the client's on; nor for probes
+                                     api_key=cfg.engine_api_key or cfg.api_key,
+                                     key_flag="--engine-api-key" if cfg.engine_api_key else "--api-key")
         self.recent: deque[dict[str, Any]] = deque(maxlen=1000)  # routing decisions, newest last
         self._session: aiohttp.ClientSession | None = None
         self._expiry: asyncio.Task | None = None
@@ -475,6 +482,17 @@ class Gateway:
             message = router_error_message(request, exc, self.cfg.max_body)
             return error_response(exc.status, message, headers={"Allow": exc.headers["Allow"]}
                                   if "Allow" in exc.headers else None)
+
+    def _key_refused(self, engine: int) -> str:
+        """An engine's 401 to the gateway's own key: the operator's to fix, not the client's key (which the
+        gateway checked), so a 502 that says so, and a warning once per engine."""
+        state = self.engines[engine]
+        message = (f"engine {engine} ({state.url}) refused the gateway's --engine-api-key (401): it is not "
+                   f"one of that engine's --api-key keys")
+        if not state.key_refused_warned:
+            state.key_refused_warned = True
+            log.warning("%s", message)
+        return message
 
     def _upstream_headers(self, request: web.Request) -> dict[str, str]:
         """The client's headers an engine may need (`FORWARDED_HEADERS`), the engines' key in place of the
@@ -706,6 +724,9 @@ class Gateway:
                 log.warning("%s", message)
                 return error_response(502, message, code="engine_lost" if live.lost else "engine_failed",
                                       headers=headers), None
+            if upstream.status == 401 and self.cfg.engine_api_key is not None:
+                return error_response(502, self._key_refused(live.engine), code="engine_unauthorized",
+                                      headers=headers), None
             if upstream.status >= 400:
                 return web.Response(status=upstream.status, body=data, headers=headers,
                                     content_type=ctype.split(";")[0] or "application/json"), None
@@ -829,6 +850,9 @@ class Gateway:
             try:
                 async with self._session.get(base + "/v1/models", timeout=timeout, headers=headers) as up:
                     data = await up.read()
+                    if up.status == 401 and self.cfg.engine_api_key is not None:
+                        errors.append(self._key_refused(i))
+                        continue
                     return web.Response(status=up.status, body=data,
                                         content_type=up.headers.get("Content-Type", "application/json").split(";")[0])
             except aiohttp.ConnectionTimeoutError:

@@ -72,8 +72,9 @@ call: it has no program (the plugin takes an untagged call as a one-call
 program with no service, first in line), is not balanced, counted in
 ``in_flight`` or ``routed``, charged, or shown in ``/programs``. vLLM's
 ``--api-key`` guards ``/v1``: the probe and its ``/v1/models`` carry the
-gateway's ``--engine-api-key``. Without it a keyed engine refuses them
-(401), and a stalled one is back only when its samples move.
+gateway's ``--engine-api-key``, else its own ``--api-key`` (one key for
+all). Without either a keyed engine refuses them (401), and a stalled one
+is back only when its samples move.
 
 A ``/metrics`` that times out, fails or answers a 5xx is no stall
 (``/health`` judges reachability). An engine whose ``/metrics`` answers
@@ -191,7 +192,7 @@ class EngineMonitor:
     def __init__(self, engines: list[EngineState], *, health_interval: float, health_timeout: float,
                  health_failures: int, stall_timeout: float, now: Callable[[], float],
                  end_backoff: Callable[[int], None], fail_calls: Callable[[int, str], None],
-                 api_key: str | None = None):
+                 api_key: str | None = None, key_flag: str = "--engine-api-key"):
         self.engines = engines  # the gateway's own list: both read and write the same states
         self.health_interval = health_interval
         self.health_timeout = health_timeout
@@ -202,7 +203,7 @@ class EngineMonitor:
         self._fail_calls = fail_calls
         # vLLM's --api-key guards /v1 (not /health or /metrics): the probe and its model lookup need it.
         self._auth = {"Authorization": f"Bearer {api_key}"} if api_key is not None else {}
-        self._unauthorized = ("the --engine-api-key given is not one of the engine's" if api_key is not None
+        self._unauthorized = (f"the gateway's {key_flag} is not one of the engine's keys" if api_key is not None
                               else "the engine takes an API key: give the gateway --engine-api-key")
         self._session: aiohttp.ClientSession | None = None
         self._watchers: list[asyncio.Task] = []

@@ -139,6 +139,35 @@ def test_the_gateways_key_guards_its_api_and_its_engine_key_replaces_the_clients
     assert snap["completed"] == 1  # the refused calls never reached the engine
 
 
+def test_an_engine_refusing_the_gateways_engine_key_is_a_502_not_the_clients_401(caplog):
+    """The client's own key (g) was right: the engine's 401 to a wrong --engine-api-key went back to it as if
+    its key were wrong, and nothing was logged."""
+
+    async def go():
+        server, _ = await start_engine(api_key="e")
+        gw, _ = await start_gw([server.url], api_key="g", engine_api_key="wrong")
+        try:
+            async with aiohttp.ClientSession() as s:
+                out = []
+                for stream in (False, True):
+                    async with s.post(gw.url + "/v1/completions", json={"prompt": [1], "max_tokens": 1,
+                                                                        "stream": stream},
+                                      headers={"X-Program-Id": f"p{stream}", "Authorization": "Bearer g"}) as r:
+                        out.append((r.status, (await r.json())["error"]["code"]))
+                status, models = await _get(s, gw.url + "/v1/models", "Bearer g")
+                return out, status, models["error"]["message"], server.url
+        finally:
+            await gw.stop()
+            await server.stop()
+
+    calls, status, models, url = run(go())
+    refused = (f"engine 0 ({url}) refused the gateway's --engine-api-key (401): it is not one of that engine's "
+               f"--api-key keys")
+    assert calls == [(502, "engine_unauthorized")] * 2
+    assert status == 502 and models == f"no engine answered /v1/models: {refused}"
+    assert [r.getMessage() for r in caplog.records if "refused" in r.getMessage()] == [refused]  # once
+
+
 def test_an_engine_key_alone_lets_the_gateway_reach_keyed_engines_for_any_client():
     """With --engine-api-key and no --api-key the gateway is the engines' only keyholder, and whatever
     Authorization a client sends is replaced, not passed on."""

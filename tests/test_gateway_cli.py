@@ -136,7 +136,9 @@ def test_a_replay_through_a_keyed_gateway_to_a_keyed_engine(tmp_path):
     calls = read_calls_csv(tmp_path / "r" / "calls.csv")
     assert len(calls) == 4 and all(c.finish > c.arrival for c in calls)
     assert json.loads((tmp_path / "r" / "replay.json").read_text())["program_ends"] == {"ended": 2}
-    assert not any(k in f.read_text() for f in (tmp_path / "r").iterdir() for k in (key, engine_key))
+    logs = [keyed.stdout, keyed.stderr, bare.stdout, bare.stderr, engine.stderr.read(), gateway.stderr.read()]
+    assert not any(k in text for text in logs + [f.read_text() for f in (tmp_path / "r").iterdir()]
+                   for k in (key, engine_key))
     assert bare.returncode == 1 and bare.stderr == (
         f"python -m engine replay: error: {target}/v1/models: cannot learn the model name "
         '(HTTP 401: {"error": "Unauthorized"}); pass --model\n')

@@ -908,27 +908,30 @@ class KeyedEngine(SteppingEngine):
         return await super().models(request)
 
 
-@pytest.mark.parametrize("key, refused", [
-    ("k", None),
-    (None, "the engine takes an API key: give the gateway --engine-api-key"),  # the client's key passed on
-    ("x", "the --engine-api-key given is not one of the engine's"),  # the engine restarted with key k
+@pytest.mark.parametrize("keys, refused", [
+    ({"engine_api_key": "k"}, None),
+    ({"api_key": "k"}, None),  # one key for all: the gateway's own is the engines'
+    ({}, "the engine takes an API key: give the gateway --engine-api-key"),  # the client's key passed on
+    ({"engine_api_key": "x"}, "the gateway's --engine-api-key is not one of the engine's keys"),  # restarted: k
+    ({"api_key": "x"}, "the gateway's --api-key is not one of the engine's keys"),
 ])
-def test_a_stalled_engine_with_an_api_key_is_probed_with_the_gateways_engine_key(key, refused):
+def test_a_stalled_engine_with_an_api_key_is_probed_with_the_gateways_engine_key(keys, refused):
     """vLLM's --api-key guards /v1, and the probe carried no key: it got a 401, so a stalled engine that would
     have answered stayed out until its samples moved (never, while it got no calls)."""
+    key = keys.get("engine_api_key", keys.get("api_key"))
 
     async def go():
         eng, other = KeyedEngine(hold=True, step_on_call=True), FakeEngine()
         eng.key = key or "k"
         gw, gateway = await start_gw([await eng.start(), await other.start()], balancer="round_robin",
-                                     engine_api_key=key, **{**STALL, "health_timeout": 0.25})
+                                     **keys, **{**STALL, "health_timeout": 0.25})
         problems: list[str] = []
         _record_checks(gateway, problems)
         try:
             async with aiohttp.ClientSession() as s:
                 body = {"prompt": [1, 2, 3], "max_tokens": 2}
                 async with s.post(gw.url + "/v1/completions", json=body,  # the client has the key
-                                  headers={"X-Program-Id": "p0", "Authorization": "Bearer k"}) as r:
+                                  headers={"X-Program-Id": "p0", "Authorization": f"Bearer {key or 'k'}"}) as r:
                     await r.read()
                     first = r.status, r.headers.get("X-Gateway-Engine")  # held, lost, sent to engine 1
                 eng.key = "k"

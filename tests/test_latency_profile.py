@@ -75,6 +75,9 @@ def test_columns_in_any_order():
         (text(GOOD[0], "1,16,0,0,16,16520,16,0.1"),
          ":5: column prefill_attn_pairs: larger than prefill_tokens x prefill_kv_tokens (a chunk's new tokens each "
          "attend to at most its context and itself)"),
+        (text(GOOD[0], "1,16,0,0,16,136,100000,0.01"),  # pairs of a chunk at context 0, KV of one at 99,984
+         ":5: column prefill_kv_tokens: more context than prefill_attn_pairs allows (each chunk's two or more new "
+         "tokens attend to all of its context)"),
         # a v1 profile: the KV its chunks read cannot be told from its other columns
         (text(GOOD[0].rsplit(",", 2)[0] + ",0.15", header=HEADER.replace(",prefill_kv_tokens", "")),
          ":3: missing column prefill_kv_tokens (the KV cache prefill chunks read, their context and themselves), "
@@ -167,3 +170,15 @@ def test_only_known_provenance_keys_pass_each_once():
         parse_profile(text(*GOOD, extra="# host_per_call: 0.001\n"))
     prof = parse_profile(text(*GOOD, extra="# a comment line without a colon\n# tensor_parallel: 4\n"))
     assert prof.provenance == {"gpu": "test-gpu", "tensor_parallel": "4"}
+
+
+@pytest.mark.parametrize("line, why", [
+    ("# autellix-latency-profile v1", " (its chunks' KV reads, prefill_kv_tokens, are not in it)"),
+    ("# autellix-latency-profile v3", ""),
+])
+def test_a_profile_of_another_format_is_refused_by_its_first_line(line, why):
+    """A v1 file with v2's columns added by hand loaded: its format line was written and never read."""
+    with pytest.raises(ProfileError) as err:
+        parse_profile(line + "\n" + text(*GOOD).split("\n", 1)[1])
+    assert str(err.value) == (f"<profile>:1: {line[2:]} is not this reader's format, autellix-latency-profile v2"
+                              f"{why}; profile the engine again (python -m engine profile)")

@@ -159,6 +159,10 @@ def shape_problem(s: StepShape) -> str | None:
     if s.prefill_attn_pairs > s.prefill_tokens * s.prefill_kv_tokens:
         return ("prefill_attn_pairs: larger than prefill_tokens x prefill_kv_tokens (a chunk's new tokens each "
                 "attend to at most its context and itself)")
+    # Each chunk has >= 2 new tokens, each attending to all its context: pairs >= 2 x context + new per chunk.
+    if s.prefill_attn_pairs < 2 * (s.prefill_kv_tokens - s.prefill_tokens) + s.prefill_tokens:
+        return ("prefill_kv_tokens: more context than prefill_attn_pairs allows (each chunk's two or more new "
+                "tokens attend to all of its context)")
     if s.decode_kv_tokens < s.num_decode:
         return "decode_kv_tokens: smaller than num_decode (each decode reads >= 1 KV token)"
     return None
@@ -167,6 +171,11 @@ def shape_problem(s: StepShape) -> str | None:
 def parse_profile(text: str, origin: str = "<profile>") -> Profile:
     """Parse profile text; ``origin`` names the file in error messages."""
     lines = text.splitlines()
+    first = lines[0].strip() if lines else ""
+    if first.startswith(FORMAT_LINE[:-2]) and first != FORMAT_LINE:  # "# autellix-latency-profile vN"
+        old = " (its chunks' KV reads, prefill_kv_tokens, are not in it)" if first == FORMAT_LINE[:-2] + "v1" else ""
+        raise ProfileError(f"{origin}:1: {first[2:]} is not this reader's format, {FORMAT_LINE[2:]}{old}; "
+                           "profile the engine again (python -m engine profile)")
     provenance: dict[str, str] = {}
     key_lines: dict[str, int] = {}
     host: dict[str, tuple[float, int]] = {}  # key -> (seconds, line)
