@@ -133,9 +133,10 @@ class FittedLatency:
     @classmethod
     def from_json(cls, raw: Any, origin: str = "<json>") -> "FittedLatency":
         if isinstance(raw, dict) and raw.get("format") in OLD_FORMATS:
-            raise FitError(f"{origin}: \"format\": \"{raw['format']}\" is an older form ({OLD_FORMATS[raw['format']]}); "
-                           f"profile the engine again (python -m engine profile, whose profile has the "
-                           f"prefill_kv_tokens column) and fit that (python -m sim fit-latency)")
+            old = raw["format"]
+            raise FitError(f"{origin}: \"format\": \"{old}\" is an older form ({OLD_FORMATS[old]}); profile the "
+                           f"engine again (python -m engine profile, whose profile has the prefill_kv_tokens "
+                           f"column) and fit that (python -m sim fit-latency)")
         if not isinstance(raw, dict) or raw.get("format") != FORMAT:
             raise FitError(f"{origin}: not a fitted latency model (expected \"format\": \"{FORMAT}\")")
         coef = raw.get("coefficients")
