@@ -968,7 +968,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--engine-api-key", type=api_key, metavar="KEY",
                    help="the engines' vllm serve --api-key: sent with every call, model list and probe the "
                         "gateway sends them, in place of the client's Authorization (default: none: the "
-                        "client's is passed on, and the gateway's probes carry none)")
+                        "client's is passed on, and the gateway's probes carry its --api-key, if any)")
     p.set_defaults(run=run)
     return p
 

@@ -324,8 +324,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="vLLM's cache_salt for every call, so this replay shares no KV blocks with earlier runs "
                         "on the same engine (default: a fresh random salt; '' sends none, to reuse a warm cache)")
     p.add_argument("--api-key", type=api_key, metavar="KEY",
-                   help="sent as 'Authorization: Bearer KEY' with every request: the key of a vLLM server "
-                        "started with --api-key, which the gateway passes on (default: none; not recorded)")
+                   help="sent as 'Authorization: Bearer KEY' with every request: the --api-key of the target "
+                        "(the gateway, vLLM or sim serve) (default: none; not recorded)")
     p.add_argument("--keep-programs", action="store_true",
                    help="do not end each program on the target when its calls are done (by default the replay "
                         "sends DELETE /v1/programs/ID, as an agent framework would; kept, the gateway's "
