@@ -60,7 +60,8 @@ from sim.latency.base import StepShape
 from sim.records import number_of
 from sim.textout import MAX_COUNT
 
-FORMAT_LINE = "# autellix-latency-profile v2"
+FORMAT_PREFIX = "# autellix-latency-profile "  # then the version
+FORMAT_LINE = FORMAT_PREFIX + "v2"
 SHAPE_COLUMNS = (
     "num_seqs",
     "num_tokens",
@@ -172,8 +173,8 @@ def parse_profile(text: str, origin: str = "<profile>") -> Profile:
     """Parse profile text; ``origin`` names the file in error messages."""
     lines = text.splitlines()
     first = lines[0].strip() if lines else ""
-    if first.startswith(FORMAT_LINE[:-2]) and first != FORMAT_LINE:  # "# autellix-latency-profile vN"
-        old = " (its chunks' KV reads, prefill_kv_tokens, are not in it)" if first == FORMAT_LINE[:-2] + "v1" else ""
+    if first.startswith(FORMAT_PREFIX) and first != FORMAT_LINE:
+        old = " (its chunks' KV reads, prefill_kv_tokens, are not in it)" if first == FORMAT_PREFIX + "v1" else ""
         raise ProfileError(f"{origin}:1: {first[2:]} is not this reader's format, {FORMAT_LINE[2:]}{old}; "
                            "profile the engine again (python -m engine profile)")
     provenance: dict[str, str] = {}
