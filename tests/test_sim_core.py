@@ -651,6 +651,7 @@ def _reference_victims(running, waiting, free_seqs, free_blocks, blocks, budget,
     total = 0 if budget is None else budget.tokens
     asked = 0 if budget is None else budget.fixed + sum(budget.running(c) for c in running)
     victims, admitted = [], []
+    free_seqs0, free_blocks0 = free_seqs, free_blocks
     for w in waiting:
         need = blocks[w.id]
         tokens = 0 if budget is None else budget.waiting(w)
@@ -680,6 +681,11 @@ def _reference_victims(running, waiting, free_seqs, free_blocks, blocks, budget,
         pool = [c for c in pool if c not in kept]
         free_seqs, free_blocks, asked = seqs - 1, free - need, wanted + tokens
         admitted.append(w)
+    # Then, best first, each victim without which the engine still admits every call counted in.
+    for c in sorted(victims, key=lambda c: c.key):
+        rest = [v for v in victims if v is not c]
+        if _engine_admits(running, waiting, rest, free_seqs0, free_blocks0, blocks, budget)[:len(admitted)] == admitted:
+            victims = rest
     return victims, admitted
 
 
@@ -768,3 +774,40 @@ def test_candidates_given_back_from_the_spares_stay_worst_first():
         running, waiting, 0, 3, lambda c: blocks[c.id], lambda c: blocks[c.id], budget)
     assert [c.id for c in got] == ["r2", "r6", "r8"]
     assert _reference_victims(running, waiting, 0, 3, blocks, budget, policy)[0] == got
+
+
+def test_a_victim_taken_for_an_earlier_call_is_given_back_when_a_later_ones_blocks_cover_it():
+    """Worked by hand. No free block, 11 tokens of budget, of which r3's decode-sized chunk asks 10.
+    w0 needs 2 blocks and 1 token: it takes r4, the worst (2 blocks). w1 needs 2 blocks and all 10
+    tokens (no chunked prefill): only r3 covers them, and its 5 blocks cover w0's 2 as well. So r4
+    was needless: without it the engine frees 5 blocks and 11 tokens, w0 takes 2 and 1, w1 2 and 10."""
+    from sim.core.state import CallState
+
+    def call(name, queue, n):
+        c = CallState(name, f"P{n}", "0", 0.0, 10, n)
+        c.key = (queue, n)
+        return c
+
+    running = [call("r3", 3, 3), call("r4", 4, 4)]
+    waiting = [call("w0", 0, 0), call("w1", 1, 1)]
+    blocks = {"r3": 5, "r4": 2, "w0": 2, "w1": 2}
+    tokens = {"r3": 10, "r4": 0, "w0": 1, "w1": 10}
+    budget = TokenBudget(11, lambda c: tokens[c.id], lambda c: tokens[c.id], chunked=False)
+    got = SchedulerCore(_RankByQueue(1, None), ProcessTable(60.0)).choose_victims(
+        running, waiting, 8, 0, lambda c: blocks[c.id], lambda c: blocks[c.id], budget)
+    assert [c.id for c in got] == ["r3"]
+    assert _engine_admits(running, waiting, got, 8, 0, blocks, budget) == waiting
+
+
+@settings(max_examples=3000, deadline=None)
+@given(_victim_search_cases())
+def test_no_victim_can_be_spared(case):
+    """Against the engine's own order of admission: without any one victim, some waiting call the
+    search counted in would not be admitted."""
+    policy, running, waiting, free_seqs, free_blocks, blocks, budget = case
+    got = SchedulerCore(policy, ProcessTable(60.0)).choose_victims(
+        running, waiting, free_seqs, free_blocks, lambda c: blocks[c.id], lambda c: blocks[c.id], budget)
+    admitted = _engine_admits(running, waiting, got, free_seqs, free_blocks, blocks, budget)
+    for c in got:
+        rest = [v for v in got if v is not c]
+        assert _engine_admits(running, waiting, rest, free_seqs, free_blocks, blocks, budget) != admitted, c.id

@@ -190,10 +190,13 @@ class SchedulerCore:
         chunked prefill took one decode per missing token, each to recompute
         its history for one step's tokens. What a victim taken for a seat or
         blocks gives back counts first, so a call short of a seat and two
-        tokens may take two decodes. Needless victims are given back only
-        within one waiting call's walk: rarely (a review found 1 random case
-        in 30,000), a victim taken for an earlier call is made needless by
-        those a later call takes, and stays preempted.
+        tokens may take two decodes. A victim made needless by later ones is
+        given back, best first, so the worst stay preempted: first within
+        one waiting call's walk, then once more over all the victims, since
+        one taken for an earlier call can be made needless by those a later
+        call takes (a review found 1 random case in 30,000). After that no
+        single victim can be spared: each one's seat, blocks or tokens are
+        needed by some waiting call counted in.
         """
         if not (self.policy.preemptive and self.policy.params.preemption) or not waiting or not running:
             return []
@@ -206,6 +209,11 @@ class SchedulerCore:
         total = 0 if budget is None else budget.tokens
         asked = 0 if budget is None else budget.fixed + sum(map(budget.running, running))
         victims: list[CallState] = []
+        gains: dict[str, tuple[int, int]] = {}  # victim id -> (blocks it frees, tokens it gives back)
+        # What the waiting calls counted in take together: seats, blocks, and the most any of
+        # them needs of the budget's tokens, counted with all the tokens asked before it.
+        start_seqs, start_blocks, start_asked = free_seqs, free_blocks, asked
+        counted_in = counted_blocks = counted_tokens = tokens_reach = 0
         # Candidates not yet taken, worst first: those given back (`spare`), then candidates[used:].
         spare: list[CallState] = []
         used = 0
@@ -243,8 +251,14 @@ class SchedulerCore:
                 k += 1
             if seqs < 1 or blocks < need or total - wanted < least:
                 break
+            counted_in += 1
+            counted_blocks += need
+            tokens_reach = max(tokens_reach, counted_tokens + least)
+            counted_tokens += tokens
             if k == 1:
-                victims.append(taken[0][0])
+                c, freed, gives = taken[0]
+                victims.append(c)
+                gains[c.id] = (freed, gives)
                 if n_spare:
                     del spare[0]
                 else:
@@ -260,7 +274,10 @@ class SchedulerCore:
                     if kept[j] and seqs > 1 and blocks - freed >= need and total - wanted - gives >= least:
                         kept[j] = False
                         seqs, blocks, wanted = seqs - 1, blocks - freed, wanted + gives
-                victims.extend(c for (c, _, _), keep in zip(taken, kept) if keep)
+                for (c, freed, gives), keep in zip(taken, kept):
+                    if keep:
+                        victims.append(c)
+                        gains[c.id] = (freed, gives)
                 back = [c for (c, _, _), keep in zip(taken, kept) if not keep]
                 # Still worst first: those given back or passed over from the spares, the spares not
                 # reached, then those from candidates[used:] (the spares are all worse than those).
@@ -272,7 +289,35 @@ class SchedulerCore:
             # It asks all it would compute: a chunk the budget cut short takes first whatever a
             # later victim gives back, as the waiting pass serves calls in order.
             asked = wanted + tokens
-        return victims
+        if len(victims) < 2:
+            return victims
+        return self._spare_needless(
+            victims, gains,
+            seats=len(victims) + start_seqs - counted_in,
+            blocks=sum(freed for freed, _ in gains.values()) + start_blocks - counted_blocks,
+            tokens=sum(gives for _, gives in gains.values()) + total - start_asked - tokens_reach,
+        )
+
+    @staticmethod
+    def _spare_needless(
+        victims: list[CallState], gains: dict[str, tuple[int, int]], seats: int, blocks: int, tokens: int
+    ) -> list[CallState]:
+        """Give back, best first, each victim whose seat, blocks and tokens the waiting calls
+        counted in can do without.
+
+        ``seats``, ``blocks`` and ``tokens`` are what all the victims leave over once every
+        counted-in call has what it needs (its seat, its blocks, and the least of the budget
+        it needs after all the tokens asked before it). The waiting pass admits in order
+        after the running calls have taken theirs, so those totals, not the order in which
+        the victims were found, decide whether a victim is needed.
+        """
+        spared: set[str] = set()
+        for c in sorted(victims, key=_KEY):
+            freed, gives = gains[c.id]
+            if seats >= 1 and blocks >= freed and tokens >= gives:
+                spared.add(c.id)
+                seats, blocks, tokens = seats - 1, blocks - freed, tokens - gives
+        return [c for c in victims if c.id not in spared] if spared else victims
 
     # -- state transitions -------------------------------------------------------------
     def on_admitted(self, call: CallState) -> None:
