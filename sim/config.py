@@ -89,7 +89,7 @@ class EngineConfig:
     # as the in-process replay (python -m engine replay --target inprocess) does,
     # and as every figure in docs/ but the few marked async was measured.
     async_scheduling: bool = False
-    # Account steady decodes lazily (sim.replica, "steady decodes"); results
+    # Account steady decodes lazily (sim.lazy_decode); results
     # are bit-identical either way, false runs the per-step reference path.
     fast_forward: bool = True
 

@@ -5,11 +5,11 @@ per step, joins its replica's cohort. Rather than advance every member's
 token and service fields each step, the cohort counts the steps it was
 scheduled in (``steps``) and their summed durations (``service``) once per
 step. A member's fields lag: they are as of cohort step ``j_steps`` and
-cohort service ``j_service`` (fields of `sim.replica.SimCall`), and `settle`
+cohort service ``j_service`` (fields of `sim.sim_call.SimCall`), and `settle`
 brings them up to date only when something needs them: the member finishes,
 its quantum runs out, it is preempted or aborted. A lump of service equals
 the sum of its steps because step durations lie on a 2**-30 s grid
-(`sim.replica.quantize`).
+(`sim.lazy_decode.quantize`).
 
 What a step needs of the members without visiting each one is kept here
 too, indexed by the cohort step it concerns: the members whose next token
@@ -17,7 +17,7 @@ starts a KV block (by phase), those that sample their last token (by finish
 step), the members' decode KV tokens (``kv_tokens``), and their quantum
 expiries in cohort service. Which members a step schedules, what it
 allocates for them and what it charges the scheduler core are the replica's
-decisions (`sim.replica.Replica`, "steady decodes").
+decisions (`sim.lazy_decode.LazyDecodePath`).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from heapq import heappop, heappush
 from typing import TYPE_CHECKING, Iterable
 
 if TYPE_CHECKING:
-    from sim.replica import SimCall
+    from sim.sim_call import SimCall
 
 INF = float("inf")
 

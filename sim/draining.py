@@ -21,7 +21,7 @@ from sim.kv_pins import SimKVPins
 from sim.kvcache import KVCache
 
 if TYPE_CHECKING:
-    from sim.replica import SimCall
+    from sim.sim_call import SimCall
 
 
 class DrainingCalls:

@@ -38,7 +38,8 @@ from sim.hardware import load_gpu, load_model
 from sim.kvcache import KVCache
 from sim.latency import build as build_latency
 from sim.latency import timing_problem
-from sim.replica import Replica, SimCall
+from sim.replica import Replica
+from sim.sim_call import SimCall
 
 
 def block_keys(token_ids: list[int], block_size: int, cache_salt: str | None = None) -> tuple[int, ...]:

@@ -24,7 +24,8 @@ from sim.kvcache import KVCache
 from sim.latency import build as build_latency
 from sim.latency import timing_problem
 from sim.records import CallRecord, ProgramRecord
-from sim.replica import Replica, SimCall, StepInfo
+from sim.replica import Replica, StepInfo
+from sim.sim_call import SimCall
 from traces.format import Program
 from traces.prefix import context_block_keys
 from traces.validate import TraceError, check_program

@@ -227,6 +227,6 @@ def test_the_gateway_and_the_replayer_load_no_simulator():
     sim serve live in modules of their own, so neither loads SimPy or the engine model."""
     code = ("import sys, engine.gateway, engine.replay\n"
             "print(sorted(m for m in sys.modules if m == 'simpy' or m.startswith('simpy.')\n"
-            "             or m in ('sim.replica', 'sim.realtime', 'sim.simulate')))")
+            "             or m in ('sim.replica', 'sim.lazy_decode', 'sim.sim_call', 'sim.realtime', 'sim.simulate')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

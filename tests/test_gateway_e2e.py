@@ -17,7 +17,7 @@ from engine.replay import ReplaySettings, replay
 from engine.replay_targets import HTTPTarget
 from engine.validate import load_replay
 from sim.metrics import read_calls_csv, read_programs_csv
-from sim.replica import quantize
+from sim.lazy_decode import quantize
 from test_serve_helpers import run, start_app, start_engine, start_gw, wait_for
 from traces.format import Call, Program, SharedPrefix
 from traces.io import load_all, save

@@ -13,7 +13,7 @@ from sim.config import EngineConfig, ExperimentConfig, LatencyConfig
 from sim.core import POLICY_CLASSES
 from sim.core.params import PolicyParams
 from sim.latency.fitted import FittedLatency
-from sim.replica import quantize
+from sim.lazy_decode import quantize
 from sim.simulate import SimulationError, simulate
 from traces.format import Call, Program, SharedPrefix
 
@@ -1188,7 +1188,7 @@ def test_preemption_that_recomputes_calls_before_their_first_token_is_reported_a
 
 def test_ids_with_slashes_do_not_collide_in_the_scheduler_core():
     """Program 'a/b' call 'c' and program 'a' call 'b/c' both read 'a/b/c' when joined with '/'."""
-    from sim.replica import core_call_id
+    from sim.sim_call import core_call_id
 
     progs = [Program("a/b", 0.0, "w", (Call("c", (), 10, 5),)), Program("a", 0.0, "w", (Call("b/c", (), 10, 5),)),
              Program("a\\", 0.0, "w", (Call("/c", (), 10, 5),))]
@@ -1222,7 +1222,8 @@ def test_aborting_a_lazily_accounted_decode_is_refused_not_miscounted():
     from sim.core import ProcessTable, SchedulerCore, make_policy
     from sim.kvcache import KVCache
     from sim.latency.base import ConstantLatency
-    from sim.replica import Replica, SimCall
+    from sim.replica import Replica
+    from sim.sim_call import SimCall
 
     def started(on_progress):
         env = simpy.Environment()

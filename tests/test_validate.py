@@ -68,7 +68,7 @@ def test_error_table_on_hand_made_replays(tmp_path):
     assert fcfs.measured == pytest.approx({"mean": 0.25, "p50": 0.25, "p95": 0.3625})
     for metric in ("mean", "p50", "p95"):
         assert fcfs.error_pct(metric) == pytest.approx(-20.0)
-    # Simulated step times lie on a 2**-30 s grid (sim.replica.quantize): 0.05 s
+    # Simulated step times lie on a 2**-30 s grid (sim.lazy_decode.quantize): 0.05 s
     # becomes 0.05 - 1.1e-9 s, a 2e-6 % error.
     assert plas.programs == 2 and plas.error_pct("mean") == pytest.approx(0.0, abs=1e-5)
     table = error_table(rows)

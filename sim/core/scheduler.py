@@ -196,7 +196,10 @@ class SchedulerCore:
         one taken for an earlier call can be made needless by those a later
         call takes (a review found 1 random case in 30,000). After that no
         single victim can be spared: each one's seat, blocks or tokens are
-        needed by some waiting call counted in.
+        needed by some waiting call counted in. The victims come in the
+        order they were taken, worst first for each waiting call; across
+        calls a victim given back and taken again by a later call comes
+        after better ones. Both engines preempt them in this order.
         """
         if not (self.policy.preemptive and self.policy.params.preemption) or not waiting or not running:
             return []
