@@ -252,13 +252,12 @@ def _out(args: argparse.Namespace, default: Path) -> Path:
 
 def _run(args: argparse.Namespace) -> int:
     from sim.experiments import resolve
-    from sim.latency import async_without_host_note
+    from sim.latency import latency_notes
     from sim.run import run_experiment
 
     cfg = resolve(args.name, args.experiments, args.overrides)
     out = _out(args, Path("results") / cfg.name)
-    note = async_without_host_note(cfg)
-    if note:
+    for note in latency_notes(cfg):
         print(note, file=sys.stderr)
     if args.seeds is not None:
         from sim.replications import run_replications

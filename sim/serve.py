@@ -82,7 +82,7 @@ from aiohttp import web
 from sim.config import ExperimentConfig
 from sim.core import POLICY_CLASSES
 from sim.http_site import run_site
-from sim.latency import MAX_STEP_SECONDS, MIN_STEP_SECONDS, async_without_host_note
+from sim.latency import MAX_STEP_SECONDS, MIN_STEP_SECONDS, latency_notes
 from sim.openai_api import (
     MAX_BODY,
     XARGS,
@@ -427,8 +427,7 @@ def main(argv: list[str]) -> int:
     except (ValueError, OSError) as exc:
         print(f"python -m sim serve: error: {exc}", file=sys.stderr)
         return 1
-    note = async_without_host_note(cfg)
-    if note:
+    for note in latency_notes(cfg):
         print(f"sim serve: {note}", file=sys.stderr)
     if cfg.engine.replicas > 1:
         print(f"sim serve: note: this is one engine; the experiment's {cfg.engine.replicas} replicas and its "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -253,6 +254,26 @@ def test_an_async_run_whose_latency_model_has_no_host_time_says_so(workdir):
                     "-s", "latency.kind=fitted", "-s", "latency.name=a100-llama-3.1-8b", cwd=workdir)
     for res in (sync, with_host):
         assert res.returncode == 0 and res.stderr == "", res.stderr
+
+
+def test_a_fitted_model_that_names_no_engine_is_run_with_a_note_that_it_is_unchecked(workdir):
+    """A hand-made fitted file naming neither model nor GPU cannot be checked against the engine
+    (`sim.latency.build` refuses one that names another); it ran without a word."""
+    from test_experiments import tiny_trace
+
+    tiny_trace(workdir / "t.jsonl", programs=2)
+    shipped = json.loads((Path(__file__).resolve().parents[1] / "sim/latency/models/a100-llama-3.1-8b.json").read_text())
+    (workdir / "mine.json").write_text(json.dumps({**shipped, "provenance": {"note": "hand-made"}}))
+    (workdir / "named.json").write_text(json.dumps({**shipped, "provenance": {"gpu": "a100-80gb"}}))
+    res = sim("run", "tiny", "-e", "exp.yaml", "-q", "-s", "latency.kind=fitted", "-s", "latency.name=mine.json",
+              cwd=workdir)
+    assert res.returncode == 0
+    assert res.stderr == ("note: fitted latency model 'a100-llama-3.1-8b' names neither a model nor a GPU in its "
+                          "provenance, so nothing checks that it times this engine (llama-3.1-8b on 1 x a100-80gb); "
+                          "add \"model\" and \"gpu\" to its \"provenance\" to have it checked\n")
+    named = sim("run", "tiny", "-e", "exp.yaml", "-q", "-s", "latency.kind=fitted", "-s", "latency.name=named.json",
+                cwd=workdir)
+    assert named.returncode == 0 and named.stderr == "", named.stderr
 
 
 def test_a_full_disk_names_the_output_directory(tmp_path, monkeypatch, capsys):

@@ -134,6 +134,32 @@ def _fitted_elsewhere(provenance: dict, model: ModelSpec, gpu: GPUSpec, gpus: in
     return why
 
 
+def latency_notes(cfg: ExperimentConfig) -> list[str]:
+    """Notes on an experiment's latency model that a run prints before it starts: legal
+    set-ups that are easy to misread (`async_without_host_note`, `unchecked_fitted_note`)."""
+    return [note for note in (async_without_host_note(cfg), unchecked_fitted_note(cfg)) if note]
+
+
+def unchecked_fitted_note(cfg: ExperimentConfig) -> str | None:
+    """A note for a fitted model whose provenance names neither a model nor a GPU.
+
+    `sim fit-latency` always records both, and `build` refuses a model
+    fitted to another engine; a hand-made file that names neither cannot be
+    checked, and timing a 70B with 8B coefficients would pass unseen.
+    """
+    if cfg.latency.kind != "fitted":
+        return None
+    from sim.latency.fitted import load_fitted
+
+    fitted = load_fitted(cfg.latency.name)
+    if _named(fitted.provenance, "model") is not None or _named(fitted.provenance, "gpu") is not None:
+        return None
+    eng = cfg.engine
+    return (f"note: fitted latency model {fitted.name!r} names neither a model nor a GPU in its provenance, so "
+            f"nothing checks that it times this engine ({eng.model} on {eng.gpus_per_replica} x {eng.gpu}); add "
+            "\"model\" and \"gpu\" to its \"provenance\" to have it checked")
+
+
 def async_without_host_note(cfg: ExperimentConfig) -> str | None:
     """A note for an async run whose latency model has no host time to hide, so async gains nothing.
 
@@ -151,4 +177,4 @@ def async_without_host_note(cfg: ExperimentConfig) -> str | None:
 
 
 __all__ = ["KINDS", "ConstantLatency", "FittedElsewhere", "LatencyModel", "StepShape", "async_without_host_note", "attn_pairs", "build",
-           "step_time_problem", "swap_time_problem", "timing_problem"]
+           "latency_notes", "step_time_problem", "swap_time_problem", "timing_problem", "unchecked_fitted_note"]
