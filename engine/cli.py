@@ -13,11 +13,13 @@ import argparse
 import importlib
 import sys
 
+from traces.argtypes import StrictParser
+
 SUBCOMMANDS = ("engine.profile", "engine.gateway", "engine.replay", "engine.validate")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m engine",
+    parser = StrictParser(prog="python -m engine",
                                      description="vLLM-backed engine tools for the Autellix reproduction.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in SUBCOMMANDS:

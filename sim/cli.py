@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from sim.textout import aligned
-from traces.argtypes import integer
+from traces.argtypes import StrictParser, integer
 
 RUN_EXAMPLES = """examples:
   python -m sim run quickstart
@@ -55,7 +55,7 @@ SERVE_EXAMPLES = """examples:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = StrictParser(
         prog="python -m sim",
         description="Simulate program-aware LLM serving (Autellix PLAS/ATLAS vs FCFS, MLFQ, SRPT).",
         epilog="examples:\n  python -m sim list\n  python -m sim run quickstart\n  python -m sim run quickstart --set engine.replicas=2 --out /tmp/q\n",

@@ -96,7 +96,7 @@ from sim.openai_api import (
     sse_error,
 )
 from sim.realtime import CallHandle, Conflict, EngineFailed, RealtimeEngine, TooLarge
-from traces.argtypes import api_key, int_at_least, nonblank, number, port_number
+from traces.argtypes import StrictParser, api_key, int_at_least, nonblank, number, port_number
 from traces.validate import parse_json_int
 
 TOKEN_TEXT = " tok"
@@ -416,7 +416,7 @@ async def serve(server: SimServer, host: str, port: int) -> web.AppRunner:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sim serve",
+    parser = StrictParser(prog="python -m sim serve",
                                      description="Serve an OpenAI-compatible API timed by the simulated engine.")
     add_arguments(parser)
     args = parser.parse_args(argv)

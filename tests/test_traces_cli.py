@@ -317,3 +317,34 @@ def test_a_read_error_past_open_names_the_file(tmp_path, capsys, cmd):
     name, and the message was "error: input/output error"."""
     assert main([*cmd, "/proc/self/mem", *(["-o", str(tmp_path / "x.jsonl")] if cmd[0] == "convert" else [])]) == 1
     assert capsys.readouterr().err == "error: /proc/self/mem: input/output error\n"
+
+
+@pytest.mark.parametrize("argv, shown", [
+    (["sim", "run", "quickstart", "--seeds", "2", "--seeds=3"], "argument --seeds: given twice (--seeds 2, then --seeds 3)"),
+    (["sim", "run", "quickstart", "-o", "a", "--out", "b"], "argument -o/--out: given twice (-o a, then --out b)"),
+    (["traces", "gen", "bfcl", "--programs", "3", "--programs", "4", "--rate", "1", "--seed", "0", "-o", "x.jsonl"],
+     "argument --programs: given twice (--programs 3, then --programs 4)"),
+    (["engine", "gateway", "--engine", "http://a", "--port", "1", "--port", "2"],
+     "argument --port: given twice (--port 1, then --port 2)"),
+    (["sim", "serve", "quickstart", "--port", "1", "--port", "2"], "argument --port: given twice (--port 1, then --port 2)"),
+])
+def test_an_option_given_twice_is_a_usage_error_naming_both(tmp_path, argv, shown):
+    """argparse kept the last value: `--out a ... --out b` wrote to b and `--seeds 2 --seeds 3`
+    ran three, without a word. Lists (`--set`, `--engine`) and flags still repeat."""
+    res = subprocess.run([sys.executable, "-m", *argv], cwd=tmp_path, capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert res.stderr.splitlines()[-1].endswith(f"error: {shown}; give it once")
+    assert not list(tmp_path.iterdir())  # nothing run, nothing written
+
+
+def test_a_repeatable_option_and_a_flag_still_repeat(tmp_path):
+    from traces.argtypes import StrictParser
+
+    p = StrictParser(prog="t")
+    p.add_argument("--set", action="append")
+    p.add_argument("-q", action="store_true")
+    p.add_argument("--out")
+    args = p.parse_args(["--set", "a=1", "--set", "b=2", "-q", "-q", "--out", "x"])
+    assert (args.set, args.q, args.out) == (["a=1", "b=2"], True, "x")
+    assert p.parse_args(["--out", "y"]).out == "y"  # a second parse starts afresh

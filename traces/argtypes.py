@@ -1,7 +1,8 @@
 """argparse types shared by the command lines (``traces``, ``sim serve``, the
 gateway), so a bad number is a usage error naming its option (exit 2), not a
-traceback from wherever the value is first used; and `path_problem`, the
-check of an output path made before a long run. Numbers are read strictly,
+traceback from wherever the value is first used; `path_problem`, the
+check of an output path made before a long run; and `StrictParser`, which
+refuses an option given twice. Numbers are read strictly,
 as JSON numbers (`json_number`), like ``python -m traces gen --param``."""
 
 from __future__ import annotations
@@ -174,3 +175,36 @@ def path_problem(path: str, flag: str, directory: bool = False) -> str | None:
     if not os.access(parent, os.W_OK | os.X_OK) or (os.path.isfile(path) and not os.access(path, os.W_OK)):
         return f"{flag} {path}: cannot write there: permission denied"
     return None
+
+
+class StrictParser(argparse.ArgumentParser):
+    """An ArgumentParser that refuses a single-valued option given twice (exit 2, naming both).
+
+    argparse keeps the last value: ``--out a ... --out b`` wrote to ``b`` and
+    ``--seeds 3 --seeds 5`` ran five, without a word. Options that take a
+    list (``--set``, ``action="append"``) and flags are not affected. Its
+    subcommands' parsers are StrictParsers too (``add_subparsers`` makes
+    them of the parent's class).
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._given: dict[str, str] = {}  # dest -> how it was given, for the parse under way
+        parser = self
+
+        class StoreOnce(argparse.Action):
+            def __call__(self, _p, namespace, values, option_string=None):
+                if self.option_strings:  # a positional is consumed once by construction
+                    shown = f"{option_string} {values}"
+                    if self.dest in parser._given:
+                        parser.error(f"argument {'/'.join(self.option_strings)}: given twice "
+                                     f"({parser._given[self.dest]}, then {shown}); give it once")
+                    parser._given[self.dest] = shown
+                setattr(namespace, self.dest, values)
+
+        self.register("action", None, StoreOnce)
+        self.register("action", "store", StoreOnce)
+
+    def parse_known_args(self, args=None, namespace=None):
+        self._given = {}
+        return super().parse_known_args(args, namespace)

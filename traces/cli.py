@@ -16,7 +16,7 @@ import sys
 from typing import Iterator, Sequence
 
 from traces import generators, importers
-from traces.argtypes import int_at_least, int_between, positive_float
+from traces.argtypes import StrictParser, int_at_least, int_between, positive_float
 from traces.format import MAX_TOKENS, Program
 from traces.io import load, save
 from traces.stats import trace_stats
@@ -59,7 +59,7 @@ def _param(text: str) -> tuple[str, object]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = StrictParser(
         prog="python -m traces",
         formatter_class=_formatter,
         description="Program traces (JSON Lines, one program DAG per line): generate, convert, validate, stats.",

@@ -54,7 +54,7 @@ from sim.hardware import json_key_line
 from sim.latency.base import StepShape
 from sim.textout import MAX_COUNT, brief
 from sim.latency.profile import COPIED_KEYS, TENSOR_PARALLEL, Profile, ProfileError, ProfileRow, gpu_count, read_profile
-from traces.argtypes import int_at_least, number, path_problem, positive_float
+from traces.argtypes import StrictParser, int_at_least, number, path_problem, positive_float
 from traces.validate import TraceError, parse_json_int, unique_keys
 
 MODELS_DIR = Path(__file__).parent / "models"
@@ -368,7 +368,7 @@ def _check_engine_named(profile: Profile, origin: str | Path) -> None:
 
 def fit_latency_main(argv: list[str]) -> int:
     """``python -m sim fit-latency``: fit a profile CSV and report held-out MAPE and R²."""
-    p = argparse.ArgumentParser(
+    p = StrictParser(
         prog="python -m sim fit-latency",
         description="Fit the step-time regression to a latency profile CSV and write a fitted model JSON. "
                     "Prints MAPE and R² on held-out steps.",

@@ -78,7 +78,7 @@ from pathlib import Path
 
 import numpy as np
 
-from traces.argtypes import int_between
+from traces.argtypes import StrictParser, int_between
 
 from sim.hardware import GPUSpec, ModelSpec, SpecError, load_gpu, load_model
 from sim.latency.base import StepShape
@@ -339,7 +339,7 @@ def build_profile(src: str | Path, model: ModelSpec, gpu: GPUSpec, tp: int = 1, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
+    p = StrictParser(
         prog="python -m sim.latency.vidur",
         description="Build a step-time profile CSV from a Vidur per-operator mlp.csv.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
