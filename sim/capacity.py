@@ -28,6 +28,30 @@ def kv_cache_bytes(cfg: EngineConfig, model: ModelSpec, gpu: GPUSpec) -> int:
     return int(budget - model.weight_bytes - cfg.activation_reserve_bytes * cfg.gpus_per_replica)
 
 
+def max_model_len(cfg: EngineConfig, model: ModelSpec) -> int:
+    """The longest call (prompt + output tokens) the engine takes: ``engine.max_model_len``,
+    else the model's context (vLLM's default). vLLM refuses a longer request outright."""
+    return cfg.max_model_len if cfg.max_model_len is not None else model.max_position_embeddings
+
+
+def _check_context_fits(cfg: EngineConfig, model: ModelSpec, blocks: int) -> None:
+    """vLLM refuses to start when one call of ``max_model_len`` tokens would not fit the KV cache
+    its memory leaves (v1/core/kv_cache_utils.py, check_enough_kv_cache_memory), whatever
+    ``num_gpu_blocks`` overrides; ``blocks`` is what the memory holds."""
+    longest = max_model_len(cfg, model)
+    if -(-longest // cfg.block_size) <= blocks:
+        return
+    fits = blocks * cfg.block_size
+    given = ("engine.max_model_len" if cfg.max_model_len is not None
+             else f"the model's context (max_position_embeddings of {model.name})")
+    raise CapacityError(
+        "max_model_len",
+        f"{given} is {longest} tokens, but the KV cache left after the weights holds {fits} tokens, and vLLM "
+        f"refuses to start unless one call of max_model_len fits; set engine.max_model_len to at most {fits}, "
+        f"or give the KV cache more memory (engine.gpu_memory_utilization, engine.gpus_per_replica)",
+    )
+
+
 def num_kv_blocks(cfg: EngineConfig, model: ModelSpec | None = None, gpu: GPUSpec | None = None) -> int:
     """Blocks of ``cfg.block_size`` tokens per replica; raises CapacityError if < 1 request fits.
 
@@ -45,6 +69,8 @@ def num_kv_blocks(cfg: EngineConfig, model: ModelSpec | None = None, gpu: GPUSpe
     bytes_per_block = per_token * cfg.block_size
     if free <= 0:
         raise CapacityError("model", _does_not_fit(cfg, model, gpu))
+    if free >= bytes_per_block:
+        _check_context_fits(cfg, model, int(free // bytes_per_block))
     if cfg.num_gpu_blocks is not None:
         if cfg.num_gpu_blocks * bytes_per_block > free:
             raise CapacityError(

@@ -68,6 +68,12 @@ class EngineConfig:
     # one off for the null block vLLM reserves (v1/core/block_pool.py). The
     # weights must still fit, and the blocks in what they leave (`sim.capacity`).
     num_gpu_blocks: int | None = None
+    # vLLM's --max-model-len: the longest call (prompt + output tokens) the
+    # engine takes; a longer one is refused, as vLLM refuses it. None: the
+    # model's context (its spec's max_position_embeddings, 131,072 for
+    # Llama-3.1), vLLM's default. At most that, and one call of it must fit
+    # the KV cache the memory leaves, or vLLM does not start.
+    max_model_len: int | None = None
     # Continuum's KV time-to-live, in seconds; 0 (vLLM) turns it off. A call
     # whose program will send a follow-up (it has children in the DAG, as a
     # tool-calling turn does) keeps its keyed KV blocks pinned on its replica
@@ -121,6 +127,17 @@ class WorkloadConfig:
 
 
 @dataclass(frozen=True)
+class FitOrigins:
+    """Where an experiment set what made a call too large, one place per limit a call can
+    exceed (``"--set engine.num_gpu_blocks=1"``, ``"experiments.yaml:12"``), since a
+    call over the token budget was blamed on the keys that size the KV cache."""
+
+    kv_cache: str | None = None
+    token_budget: str | None = None
+    context_length: str | None = None
+
+
+@dataclass(frozen=True)
 class ExperimentConfig:
     name: str
     description: str = ""
@@ -130,7 +147,7 @@ class ExperimentConfig:
     policies: tuple[str, ...] = DEFAULT_POLICIES
     policy_params: PolicyParams = field(default_factory=PolicyParams)
     seed: int = 0
-    # Where the key was set that made a call too large for the engine's KV cache, when one
-    # is ("--set engine.num_gpu_blocks=1", "experiments.yaml:12"): of the cache's size and
-    # the workload, the one set last. Not part of the configuration, as WorkloadConfig.origin.
-    fit_origin: str | None = field(default=None, compare=False, repr=False)
+    # Where the key was set that made a call too large for the engine, when one is: for
+    # each limit, of its keys and the workload's, the one set last. Not part of the
+    # configuration, as WorkloadConfig.origin.
+    fit_origins: FitOrigins | None = field(default=None, compare=False, repr=False)

@@ -48,6 +48,7 @@ from sim.config import (
     PREEMPTION_MODES,
     ConfigError,
     EngineConfig,
+    FitOrigins,
     ExperimentConfig,
     LatencyConfig,
     WorkloadConfig,
@@ -348,6 +349,7 @@ def _check_engine(ck: _Checker, e: EngineConfig) -> None:
     if e.replicas > MAX_REPLICAS:
         ck.fail(p + ("replicas",), f"expected at most {MAX_REPLICAS:,} replicas, got {e.replicas}")
     _positive(ck, p + ("num_gpu_blocks",), e.num_gpu_blocks, "null or an integer >= 1")
+    _positive(ck, p + ("max_model_len",), e.max_model_len, "null or an integer >= 1")
     _positive(ck, p + ("activation_reserve_bytes",), e.activation_reserve_bytes, ">= 0 bytes", strict=False)
     if not 0 < e.gpu_memory_utilization <= 1:
         ck.fail(p + ("gpu_memory_utilization",), f"expected a fraction in (0, 1], got {e.gpu_memory_utilization}")
@@ -363,14 +365,22 @@ def _check_engine(ck: _Checker, e: EngineConfig) -> None:
         culprit = ck.layered.latest([p + ("max_num_batched_tokens",), p + ("max_num_seqs",)])
         ck.fail(culprit, f"engine.max_num_batched_tokens ({e.max_num_batched_tokens}) must be >= "
                 f"engine.max_num_seqs ({e.max_num_seqs}), as vLLM requires")
-    _check_tensor_parallel(ck, e, load_model(e.model))
+    model = load_model(e.model)
+    _check_tensor_parallel(ck, e, model)
+    if e.max_model_len is not None and e.max_model_len > model.max_position_embeddings:
+        # vLLM 0.26.0 (config/model.py, _get_and_verify_max_len) refuses it unless told to trust it.
+        ck.fail(ck.layered.latest([p + ("max_model_len",), p + ("model",)]),
+                f"expected at most {model.name}'s context (max_position_embeddings: "
+                f"{model.max_position_embeddings}), as vLLM requires, got {e.max_model_len}")
+    memory = ("model", "gpus_per_replica", "gpu_memory_utilization", "activation_reserve_bytes", "gpu")
     try:
         num_kv_blocks(e)
     except CapacityError as exc:
         key = p + (exc.key,)
         if exc.key == "model":  # the memory as a whole is short: blame the term set last
-            memory = ("model", "gpus_per_replica", "gpu_memory_utilization", "activation_reserve_bytes", "gpu")
             key = ck.layered.latest([p + (k,) for k in memory])
+        elif exc.key == "max_model_len":  # the context, or the memory that cannot hold it
+            key = ck.layered.latest([p + (k,) for k in ("max_model_len", "block_size", *memory)])
         ck.fail(key, exc.problem)
     _check_swap_time(ck, e)
 
@@ -594,7 +604,7 @@ def _build(name: str, layered: Layered) -> ExperimentConfig:
         policies=policies,
         policy_params=params_obj,
         seed=seed,
-        fit_origin=_fit_origin(layered, engine, params),
+        fit_origins=_fit_origins(layered, engine, params),
     )
 
 
@@ -602,21 +612,34 @@ def _build(name: str, layered: Layered) -> ExperimentConfig:
 KV_SIZE_KEYS = ("block_size", "model", "gpu", "gpus_per_replica", "gpu_memory_utilization", "activation_reserve_bytes")
 
 
-def _fit_origin(layered: Layered, engine: EngineConfig, params: Mapping[str, Any]) -> str | None:
-    """Where to blame a call larger than the KV cache, found only once the workload is drawn:
-    of the keys that size the cache (an explicit num_gpu_blocks first) and the workload's, the
-    one set last. Such an error named no place at all for a generated workload.
+def _fit_origins(layered: Layered, engine: EngineConfig, params: Mapping[str, Any]) -> FitOrigins:
+    """Where to blame a call too large for the engine, found only once the workload is drawn:
+    for each limit, of the keys that set it and the workload's, the one set last. Such an
+    error named no place at all for a generated workload.
 
-    An explicit num_gpu_blocks, which the message names ("raise engine.num_gpu_blocks"), keeps its
-    own line over a workload the same file sets (the defaults and the experiment are one file):
+    The KV cache's keys are an explicit num_gpu_blocks, else those that size the cache; the
+    token budget's (which must hold a whole prompt without chunked prefill) are
+    max_num_batched_tokens and enable_chunked_prefill; the context's, max_model_len, else
+    the model. A limit the message names ("raise engine.num_gpu_blocks") keeps its own line
+    over a workload the same file sets (the defaults and the experiment are one file):
     ``defaults: {engine: {num_gpu_blocks: 1}}`` was blamed on the experiment's workload line.
     Only a workload key set above the file (a ``--set``, a sweep's point) outranks it."""
-    size = ("num_gpu_blocks",) if engine.num_gpu_blocks is not None else KV_SIZE_KEYS
     workload = [("workload", k) for k in ("trace", "generator", "params")] + [("workload", "params", k) for k in params]
-    latest = layered.latest([*(("engine", k) for k in size), *workload])
-    if engine.num_gpu_blocks is not None and layered.rank(latest) < _FILE_LAYERS:
-        latest = ("engine", "num_gpu_blocks")
-    return layered.origin(latest)
+
+    def blame(keys: Sequence[str], named: str | None) -> str | None:
+        latest = layered.latest([*(("engine", k) for k in keys), *workload])
+        if named is not None and layered.rank(latest) < _FILE_LAYERS and layered.rank(("engine", named)) >= 0:
+            latest = ("engine", named)
+        return layered.origin(latest)
+
+    explicit_blocks = engine.num_gpu_blocks is not None
+    return FitOrigins(
+        kv_cache=blame(("num_gpu_blocks",) if explicit_blocks else KV_SIZE_KEYS,
+                       "num_gpu_blocks" if explicit_blocks else None),
+        token_budget=blame(("max_num_batched_tokens", "enable_chunked_prefill"), "max_num_batched_tokens"),
+        context_length=blame(("max_model_len",) if engine.max_model_len is not None else ("model",),
+                             "max_model_len" if engine.max_model_len is not None else None),
+    )
 
 
 _FILE_LAYERS = 2  # the defaults (rank 0) and the experiment (rank 1); overrides rank above (`resolve_layers`)

@@ -35,6 +35,9 @@ class ModelSpec:
     head_dim: int
     intermediate_size: int
     vocab_size: int
+    # The longest context the model takes (its config.json's), vLLM's default
+    # max_model_len: a longer request is refused (`sim.capacity.max_model_len`).
+    max_position_embeddings: int
     num_params: int
     dtype_bytes: int
     tensor_parallel: int

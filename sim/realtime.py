@@ -30,7 +30,7 @@ from typing import Any
 
 import simpy
 
-from sim.capacity import num_kv_blocks
+from sim.capacity import max_model_len, num_kv_blocks
 from sim.config import ExperimentConfig
 from sim.core import POLICY_CLASSES, ProcessTable, SchedulerCore, make_policy
 from sim.filler_tokens import FILLER_BASE, FILLER_VOCAB, filler_ids
@@ -68,7 +68,12 @@ class Conflict(ValueError):
 
 
 class TooLarge(ValueError):
-    """The request does not fit in the engine's KV cache."""
+    """The request is longer than the engine takes (``max_model_len``, its KV cache, or without
+    chunked prefill its token budget); ``param`` is the request field to blame."""
+
+    def __init__(self, message: str, param: str = "max_tokens"):
+        super().__init__(message)
+        self.param = param
 
 
 class EngineFailed(RuntimeError):
@@ -135,7 +140,8 @@ class RealtimeEngine:
                              f"{FILLER_BASE + FILLER_VOCAB:,}")
         self.vocab_size = model.vocab_size  # prompt ids at or past it are refused, as vLLM refuses them
         self.capacity_blocks = num_kv_blocks(eng, model, gpu)
-        self.max_tokens_per_call = self.capacity_blocks * eng.block_size
+        self.kv_tokens = self.capacity_blocks * eng.block_size
+        self.max_model_len = max_model_len(eng, model)
         self.env = simpy.Environment()
         self.table = ProcessTable(cfg.policy_params.program_ttl)
         self.core = SchedulerCore(make_policy(policy, cfg.policy_params), self.table)
@@ -248,10 +254,19 @@ class RealtimeEngine:
         A ``cache_salt`` keeps the call's blocks apart from those of calls
         with another salt or none (`block_keys`).
         """
-        if len(prompt_ids) + max_tokens > self.max_tokens_per_call:
+        prompt = len(prompt_ids)
+        if prompt >= self.max_model_len:  # vLLM's words (entrypoints/openai/serving_engine.py)
+            raise TooLarge(f"This model's maximum context length is {self.max_model_len} tokens. However, your "
+                           f"request has {prompt} input tokens. Please reduce the length of the input messages.",
+                           "prompt")
+        if prompt + max_tokens > self.max_model_len:
+            raise TooLarge(f"'max_tokens' or 'max_completion_tokens' is too large: {max_tokens}. This model's "
+                           f"maximum context length is {self.max_model_len} tokens and your request has {prompt} "
+                           f"input tokens ({max_tokens} > {self.max_model_len} - {prompt}).")
+        if prompt + max_tokens > self.kv_tokens:  # only under engine.num_gpu_blocks: vLLM starts with max_model_len fitting
             raise TooLarge(
-                f"prompt ({len(prompt_ids)} tokens) plus max_tokens ({max_tokens}) exceeds this engine's "
-                f"KV cache of {self.max_tokens_per_call} tokens"
+                f"prompt ({prompt} tokens) plus max_tokens ({max_tokens}) exceeds this engine's "
+                f"KV cache of {self.kv_tokens} tokens (engine.num_gpu_blocks)"
             )
         eng = self.cfg.engine
         if not eng.enable_chunked_prefill and len(prompt_ids) + max_tokens > eng.max_num_batched_tokens:

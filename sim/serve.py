@@ -153,7 +153,7 @@ class SimServer:
     async def models(self, request: web.Request) -> web.Response:
         return web.json_response({"object": "list", "data": [
             {"id": self.served_model, "object": "model", "created": 0, "owned_by": "sim",
-             "max_model_len": self.engine.max_tokens_per_call}]})
+             "max_model_len": self.engine.max_model_len}]})
 
     async def stats(self, request: web.Request) -> web.Response:
         try:
@@ -184,7 +184,7 @@ class SimServer:
         except RequestError as exc:
             return error_response(exc.status, exc.message, exc.param)
         except TooLarge as exc:
-            return error_response(400, str(exc), "max_tokens")
+            return error_response(400, str(exc), exc.param)
         except Conflict as exc:
             return error_response(409, str(exc), f"{XARGS}.thread_id")
         except EngineFailed as exc:

@@ -15,8 +15,8 @@ from typing import Callable, Sequence
 
 import simpy
 
-from sim.capacity import num_kv_blocks
-from sim.config import ExperimentConfig
+from sim.capacity import max_model_len, num_kv_blocks
+from sim.config import ExperimentConfig, FitOrigins
 from sim.core import ProcessTable, SchedulerCore, make_balancer, make_policy
 from sim.errors import SimulationError
 from sim.hardware import load_gpu, load_model
@@ -274,34 +274,48 @@ def check_workload(programs: Sequence[Program], cfg: ExperimentConfig) -> None:
     their file's order when the workload is a trace, so a call is located by its line."""
     eng = cfg.engine
     check_fits(programs, num_kv_blocks(eng, load_model(eng.model), load_gpu(eng.gpu)), eng, cfg.workload.trace,
-               cfg.fit_origin)
+               cfg.fit_origins)
 
 
 def check_fits(programs: Sequence[Program], capacity_blocks: int, engine, trace: str | None = None,
-               origin: str | None = None) -> None:
-    """Every call must fit in an empty engine, or the simulation would stall; a context must fit its prompt.
+               origins: FitOrigins | None = None) -> None:
+    """Every call must fit the engine, or vLLM would refuse it or the simulation would stall.
 
-    As vLLM requires ``max_model_len`` to fit the KV cache, and, without
-    chunked prefill, the token budget to cover a whole (re)computed prompt.
-    ``trace``: the file ``programs`` were read from, one per line, to name the line;
-    else ``origin``: where the experiment set what made a call too large, if known.
+    A call (prompt + output tokens) must be no longer than ``max_model_len``,
+    which vLLM refuses outright; fit an empty engine's KV cache (vLLM
+    requires ``max_model_len`` to, but ``num_gpu_blocks`` can make it
+    smaller); and, without chunked prefill, fit the token budget, which must
+    cover a whole (re)computed prompt. ``trace``: the file ``programs`` were
+    read from, one per line, to name the line; else ``origins``: where the
+    experiment set what made a call too large, per limit, if known.
     """
     limit = capacity_blocks * engine.block_size
+    longest = max_model_len(engine, load_model(engine.model))
+    origins = origins or FitOrigins()
     for line, program in enumerate(programs, 1):
-        where = f"{trace}:{line}: " if trace is not None else f"{origin}: " if origin is not None else ""
         for call in program.calls:
             size = call.prompt_tokens + call.output_tokens
+            if size <= longest and size <= limit and (engine.enable_chunked_prefill
+                                                      or size <= engine.max_num_batched_tokens):
+                continue
+
+            def where(origin: str | None) -> str:
+                return f"{trace}:{line}: " if trace is not None else f"{origin}: " if origin is not None else ""
+
+            what = f"program {program.id!r} call {call.id!r}: prompt_tokens + output_tokens = {size}"
+            if size > longest:
+                given = (f"engine.max_model_len={longest}" if engine.max_model_len is not None
+                         else f"the context of {engine.model} ({longest} tokens, engine.max_model_len unset)")
+                raise SimulationError(f"{where(origins.context_length)}{what} exceeds {given}; vLLM refuses "
+                                      f"a longer request")
             if size > limit:
-                raise SimulationError(
-                    f"{where}program {program.id!r} call {call.id!r}: prompt_tokens + output_tokens = "
-                    f"{size} exceeds the KV cache of one replica ({limit} tokens); {_kv_remedy(engine)}"
-                )
-            if not engine.enable_chunked_prefill and size > engine.max_num_batched_tokens:
-                raise SimulationError(
-                    f"{where}program {program.id!r} call {call.id!r}: prompt_tokens + output_tokens = "
-                    f"{size} exceeds engine.max_num_batched_tokens={engine.max_num_batched_tokens}, "
-                    f"which must cover a whole prompt when engine.enable_chunked_prefill is false"
-                )
+                raise SimulationError(f"{where(origins.kv_cache)}{what} exceeds the KV cache of one replica "
+                                      f"({limit} tokens); {_kv_remedy(engine)}")
+            raise SimulationError(
+                f"{where(origins.token_budget)}{what} exceeds engine.max_num_batched_tokens="
+                f"{engine.max_num_batched_tokens}, which must cover a whole prompt when "
+                f"engine.enable_chunked_prefill is false"
+            )
 
 
 def check_programs(programs: Sequence[Program]) -> None:
@@ -349,7 +363,7 @@ def simulate(
     check_programs(programs)
     env = simpy.Environment()
     cluster = Cluster(env, cfg, policy, progress, observer, block_keys)
-    check_fits(programs, cluster.capacity_blocks, cfg.engine, origin=cfg.fit_origin)
+    check_fits(programs, cluster.capacity_blocks, cfg.engine, origins=cfg.fit_origins)
     ordered = sorted(programs, key=lambda p: p.arrival)  # stable: ties keep file order
     env.process(cluster.source(env, ordered))
     env.run()

@@ -569,21 +569,79 @@ def test_a_fitted_models_name_nulled_by_set_is_blamed_on_the_set(exp):
                  ).startswith("exp.yaml:4: experiment 't': latency.kind: 'fitted' needs latency.name")
 
 
-def test_a_call_from_a_trace_too_big_for_the_cache_names_its_line(exp, tmp_path):
+@pytest.mark.parametrize("prompt, sets, message", [
+    # Past Llama-3.1's context: vLLM refuses it, whatever the KV cache holds (450,896 tokens here).
+    (131_057, [], "prompt_tokens + output_tokens = 131073 exceeds the context of llama-3.1-8b (131072 tokens, "
+                  "engine.max_model_len unset); vLLM refuses a longer request"),
+    (4_081, ["engine.max_model_len=4096"], "prompt_tokens + output_tokens = 4097 exceeds engine.max_model_len=4096; "
+                                           "vLLM refuses a longer request"),
+    (100_000, ["engine.num_gpu_blocks=5000"], "prompt_tokens + output_tokens = 100016 exceeds the KV cache of one "
+                                              "replica (80000 tokens)"),
+])
+def test_a_call_from_a_trace_too_big_for_the_engine_names_its_line(exp, tmp_path, prompt, sets, message):
     from traces.format import Call, Program
     from traces.io import save
 
-    save([Program("a", 0.0, "x", (Call("c0", (), 5, 2),)), Program("p0", 0.0, "x", (Call("c0", (), 600_000, 16),))],
+    save([Program("a", 0.0, "x", (Call("c0", (), 5, 2),)), Program("p0", 0.0, "x", (Call("c0", (), prompt, 16),))],
          tmp_path / "big.jsonl")
     from sim.experiments import resolve
     from sim.run import load_workload
     from sim.simulate import check_workload
 
-    cfg = resolve("t", exp(), ["workload.trace=big.jsonl"])
+    cfg = resolve("t", exp(), ["workload.trace=big.jsonl", *sets])
     with pytest.raises(SimulationError) as info:
         check_workload(load_workload(cfg), cfg)
-    assert str(info.value).startswith("big.jsonl:2: program 'p0' call 'c0': prompt_tokens + output_tokens = 600016 "
-                                      "exceeds the KV cache of one replica")
+    assert str(info.value).startswith(f"big.jsonl:2: program 'p0' call 'c0': {message}")
+
+
+@pytest.mark.parametrize("engine, sets, blamed, message", [
+    # The walkthrough's case: the budget's own --set is blamed, not the workload's (the KV cache's keys were
+    # searched, and none was set). Within one layer the limit's key is blamed before the workload's.
+    ("", ["workload.params.programs=10", "engine.enable_chunked_prefill=false", "engine.max_num_batched_tokens=256"],
+     "--set engine.max_num_batched_tokens=256", "exceeds engine.max_num_batched_tokens=256, which must cover a "
+                                                "whole prompt when engine.enable_chunked_prefill is false"),
+    ("{max_num_batched_tokens: 256}", ["engine.enable_chunked_prefill=false"],
+     "--set engine.enable_chunked_prefill=false", "exceeds engine.max_num_batched_tokens=256"),
+    # The limit's own line, over the workload's in the same file (exp.yaml:3).
+    ("{max_model_len: 300}", [], "exp.yaml:6", "exceeds engine.max_model_len=300; vLLM refuses a longer request"),
+    ("{max_model_len: 300}", ["workload.params.programs=10"], "--set workload.params.programs=10",
+     "exceeds engine.max_model_len=300"),
+    ("", ["engine.max_model_len=300"], "--set engine.max_model_len=300", "exceeds engine.max_model_len=300"),
+    ("{num_gpu_blocks: 20}", ["engine.max_model_len=300"], "--set engine.max_model_len=300",
+     "exceeds engine.max_model_len=300"),
+    ("{num_gpu_blocks: 20}", [], "exp.yaml:6", "exceeds the KV cache of one replica (320 tokens)"),
+])
+def test_a_generated_call_too_big_for_the_engine_blames_the_limit_set_last(exp, engine, sets, blamed, message):
+    from sim.experiments import resolve
+    from sim.run import load_workload
+    from sim.simulate import check_workload
+
+    base = BASE if not engine else BASE.replace("    policies: [fcfs]\n", f"    policies: [fcfs]\n    engine: {engine}\n")
+    cfg = resolve("t", exp(base=base), sets)
+    with pytest.raises(SimulationError) as info:
+        check_workload(load_workload(cfg), cfg)
+    assert str(info.value).startswith(f"{blamed}"), str(info.value)
+    assert message in str(info.value)
+
+
+@pytest.mark.parametrize("sets, message", [
+    (["engine.max_model_len=131073"], "--set engine.max_model_len=131073: experiment 't': engine.max_model_len: "
+     "expected at most llama-3.1-8b's context (max_position_embeddings: 131072), as vLLM requires, got 131073"),
+    (["engine.max_model_len=0"], "--set engine.max_model_len=0: experiment 't': engine.max_model_len: expected null "
+     "or an integer >= 1, got 0"),
+    # vLLM does not start unless one call of max_model_len fits the KV cache the memory leaves.
+    (["engine.gpu_memory_utilization=0.25"], "--set engine.gpu_memory_utilization=0.25: experiment 't': "
+     "engine.gpu_memory_utilization: the model's context (max_position_embeddings of llama-3.1-8b) is 131072 "
+     "tokens, but the KV cache left after the weights holds 24912 tokens, and vLLM refuses to start unless one "
+     "call of max_model_len fits; set engine.max_model_len to at most 24912, or give the KV cache more memory "
+     "(engine.gpu_memory_utilization, engine.gpus_per_replica)"),
+    (["engine.gpu_memory_utilization=0.25", "engine.max_model_len=30000"], "--set engine.max_model_len=30000: "
+     "experiment 't': engine.max_model_len: engine.max_model_len is 30000 tokens, but the KV cache left after "
+     "the weights holds 24912 tokens"),
+])
+def test_max_model_len_is_checked_as_vllm_checks_it(exp, sets, message):
+    assert error("t", exp(), sets).startswith(message)
+    resolve("t", exp(), ["engine.gpu_memory_utilization=0.25", "engine.max_model_len=24912"])  # fits: starts
 
 
 @pytest.mark.parametrize("base, overrides, message", [

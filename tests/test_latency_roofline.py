@@ -12,7 +12,7 @@ from sim.latency.base import StepShape
 from sim.latency.roofline import RooflineLatency
 
 TINY = ModelSpec(name="tiny", source="test", num_layers=2, hidden_size=8, num_heads=2, num_kv_heads=1,
-                 head_dim=4, intermediate_size=16, vocab_size=10, num_params=1000, dtype_bytes=2,
+                 head_dim=4, intermediate_size=16, vocab_size=10, max_position_embeddings=4096, num_params=1000, dtype_bytes=2,
                  tensor_parallel=1)
 GPU = GPUSpec(name="toy", source="test", memory_bytes=10**9, peak_flops=1e6, hbm_bandwidth=1e4,
               pcie_bandwidth=1e3)

@@ -176,6 +176,7 @@ def test_whole_response_text_prompt_chat_and_prefix_hits():
     assert chat["object"] == "chat.completion"
     assert chat["choices"][0]["message"]["content"] == " tok" * 4
     assert models["data"][0]["id"] == "sim"
+    assert models["data"][0]["max_model_len"] == 131072  # Llama-3.1's context, as vLLM advertises it
 
 
 def test_vllm_xargs_reach_the_engine_and_set_program_service():
@@ -235,7 +236,8 @@ def test_bad_requests_get_openai_errors():
         (None, "the request body must be a JSON object, got an array"),
         ("prompt", "prompt must be a string or a non-empty list of token ids >= 0 (one prompt per request), got 5"),
         ("max_tokens", "max_tokens must be an integer >= 1, got 0"),
-        ("max_tokens", "prompt (1 tokens) plus max_tokens (1000000000) exceeds this engine's KV cache of 64000 tokens"),
+        ("max_tokens", "'max_tokens' or 'max_completion_tokens' is too large: 1000000000. This model's maximum context "
+                       "length is 131072 tokens and your request has 1 input tokens (1000000000 > 131072 - 1)."),
         ("vllm_xargs.program_service", "vllm_xargs.program_service must be a finite number of seconds >= 0, got -1"),
         ("vllm_xargs.program_total_service",
          "vllm_xargs.program_total_service must be a finite number of seconds >= 0, got '1'"),
@@ -667,6 +669,37 @@ def test_without_chunked_prefill_a_prompt_past_the_token_budget_is_refused_not_l
         engine.submit(list(range(600)), 4, "A", "a", None)
     assert engine.in_flight == 0 and engine.replica.load == 0
     engine.submit(list(range(500)), 4, "B", "b", None)  # fits: served as usual
+
+
+def test_a_request_past_max_model_len_or_the_kv_cache_is_refused_in_vllms_words():
+    """The limit was the KV cache alone (450,896 tokens on an A100), where vLLM refuses a request past
+    max_model_len (131,072 for Llama-3.1), and /v1/models advertised the cache as max_model_len."""
+    from sim.realtime import TooLarge
+
+    config = engine_config(step=0.01)
+    engine = RealtimeEngine(dataclasses.replace(config, engine=dataclasses.replace(config.engine, max_model_len=4096)),
+                            "fcfs")
+    engine.now = lambda: 0.0
+    assert (engine.max_model_len, engine.kv_tokens) == (4096, 64000)
+    with pytest.raises(TooLarge) as info:
+        engine.submit(list(range(4096)), 1, "A", "a", None)
+    assert (str(info.value), info.value.param) == (
+        "This model's maximum context length is 4096 tokens. However, your request has 4096 input tokens. Please "
+        "reduce the length of the input messages.", "prompt")
+    with pytest.raises(TooLarge) as info:
+        engine.submit(list(range(4000)), 97, "A", "a", None)
+    assert (str(info.value), info.value.param) == (
+        "'max_tokens' or 'max_completion_tokens' is too large: 97. This model's maximum context length is 4096 "
+        "tokens and your request has 4000 input tokens (97 > 4096 - 4000).", "max_tokens")
+    assert engine.in_flight == 0 and engine.replica.load == 0
+    engine.submit(list(range(4000)), 96, "B", "b", None)  # exactly max_model_len: served
+    # engine.num_gpu_blocks may leave less KV than max_model_len (vLLM checks the memory, not the override).
+    small = dataclasses.replace(config.engine, num_gpu_blocks=100)
+    engine = RealtimeEngine(dataclasses.replace(config, engine=small), "fcfs")
+    engine.now = lambda: 0.0
+    with pytest.raises(TooLarge, match=r"^prompt \(1500 tokens\) plus max_tokens \(101\) exceeds this engine's KV "
+                                       r"cache of 1600 tokens \(engine.num_gpu_blocks\)$"):
+        engine.submit(list(range(1500)), 101, "A", "a", None)
 
 
 def test_an_engine_model_error_fails_every_live_call_and_refuses_new_ones():
