@@ -25,7 +25,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Sequence, TextIO
 
 from sim.config import ExperimentConfig
 from sim.experiments import to_file_dict
@@ -120,14 +120,32 @@ def _simulate_and_write(cfg: ExperimentConfig, programs: list[Any], out: Path, q
             res = simulate(programs, cfg, policy, progress=bar.advance, block_keys=block_keys)
             bar.finish_to(len(programs) * (i + 1))
             results.append(PolicyResult(policy, list(res.calls), list(res.programs), dict(res.stats)))
-            write_rows(calls_fh, res.calls)
-            write_rows(programs_fh, res.programs)
-            calls_fh.flush()
-            programs_fh.flush()
             summary = summarize_run(cfg.name, [(r.policy, r.calls, r.programs, r.stats) for r in results])
-            write_atomic(out / "summary.json", summary_text(summary))
+            _append_policy(calls_fh, programs_fh, res, out / "summary.json", summary_text(summary))
     write_plot(out / "latency.png", cfg.name, results, summary)
     return summary
+
+
+def _append_policy(calls_fh: TextIO, programs_fh: TextIO, res: Any, summary_path: Path, summary: str) -> None:
+    """Append one policy's rows and then write the summary naming it, all or nothing.
+
+    An interrupt (Ctrl-C, SIGTERM) between a policy's first row and its
+    summary cuts the two CSV files back to the previous policy's end, so
+    an interrupted run keeps exactly the policies its summary lists: one
+    interrupted while writing left 3,022 of a policy's 6,277 calls in
+    ``calls.csv``, under a summary without that policy.
+    """
+    marks = (calls_fh.tell(), programs_fh.tell())
+    try:
+        write_rows(calls_fh, res.calls)
+        write_rows(programs_fh, res.programs)
+        calls_fh.flush()
+        programs_fh.flush()
+        write_atomic(summary_path, summary)
+    except BaseException:
+        for fh, mark in zip((calls_fh, programs_fh), marks):
+            fh.truncate(mark)  # flushes what is buffered first, then cuts it off
+        raise
 
 
 def write_plot(path: Path, experiment: str, results: Sequence[PolicyResult], summary: dict[str, Any]) -> None:

@@ -290,3 +290,50 @@ def test_a_full_disk_names_the_output_directory(tmp_path, monkeypatch, capsys):
     rc = main(["run", "quickstart", "--quiet", "--out", str(out), "--set", "workload.params.programs=3",
                "--set", "policies=[fcfs]"])
     assert rc == 1 and capsys.readouterr().err == f"error: {out}: No space left on device\n"
+
+
+@pytest.mark.parametrize("after_rows", [0, 3, 1000])
+def test_an_interrupt_while_a_policy_is_written_keeps_exactly_the_policies_its_summary_lists(
+        workdir, monkeypatch, after_rows):
+    """Ctrl-C while plas's rows were being written left part of them in calls.csv, under a summary
+    without plas. The interrupt comes after ``after_rows`` of plas's call rows (1000: after all of
+    them and the programs' rows too, before the summary is written)."""
+    import sim.run as run
+    from sim.experiments import resolve
+    from test_experiments import tiny_trace
+
+    tiny_trace(workdir / "t.jsonl", programs=4)
+    monkeypatch.chdir(workdir)
+    cfg = resolve("tiny", "exp.yaml")
+    run.run_experiment(cfg, workdir / "whole", quiet=True)
+    whole_calls = (workdir / "whole" / "calls.csv").read_text().splitlines()
+    fcfs_calls = [r for r in whole_calls if r.startswith("fcfs,") or r == whole_calls[0]]
+    assert 1 < len(fcfs_calls) < len(whole_calls)
+
+    real_rows, real_atomic, calls = run.write_rows, run.write_atomic, []
+
+    def rows(fh, records):
+        records = list(records)
+        calls.append(fh)
+        if len(calls) == 3:  # plas's calls (fcfs wrote its calls, then its programs)
+            real_rows(fh, records[:after_rows])
+            if after_rows < len(records):
+                raise KeyboardInterrupt
+            records = records[after_rows:]
+        real_rows(fh, records)
+
+    def atomic(path, text):
+        if len(calls) >= 3 and path.name == "summary.json":
+            raise KeyboardInterrupt
+        real_atomic(path, text)
+
+    monkeypatch.setattr(run, "write_rows", rows)
+    monkeypatch.setattr(run, "write_atomic", atomic)
+    with pytest.raises(KeyboardInterrupt):
+        run.run_experiment(cfg, workdir / "cut", quiet=True)
+    cut = workdir / "cut"
+    assert list(json.loads((cut / "summary.json").read_text())["policies"]) == ["fcfs"]
+    assert (cut / "calls.csv").read_text().splitlines() == fcfs_calls
+    whole_programs = (workdir / "whole" / "programs.csv").read_text().splitlines()
+    assert (cut / "programs.csv").read_text().splitlines() == [
+        r for r in whole_programs if r.startswith("fcfs,") or r == whole_programs[0]]
