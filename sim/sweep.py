@@ -36,7 +36,8 @@ Layers, lowest first: the experiment's file entry, the sweep's ``set``, the
 command line's ``--set``, the grid point, the variant's ``set``. Keys are
 checked before anything runs (unknown keys name the file line and the valid
 keys); a point whose values make an invalid experiment (e.g. a model that
-does not fit its GPUs) becomes a failed row instead, so the rest still runs.
+does not fit its GPUs) becomes a failed row instead, so the rest still runs,
+unless a whole variant or grid case is invalid (`_check_some_job_valid`).
 """
 
 from __future__ import annotations
@@ -92,6 +93,7 @@ class Point:
     # Where each value is in the experiments file (``FILE:LINE: sweep 'NAME': grid.KEY``), so that a
     # point the experiment refuses is blamed on its grid entry, not on a --set never given.
     origins: tuple[str, ...] = field(default=(), compare=False)
+    case: int = field(default=0, compare=False)  # the grid case (``grid[i]``) that gave it
 
     def overrides(self) -> list[str]:
         return [override_text(k, v) for k, v in self.params]
@@ -468,12 +470,14 @@ def load_sweep(name: str, file: Any = None, overrides: Sequence[str] = ()) -> Sw
         where.fail(("grid",), "expected at least one case (a mapping of keys to vary)")
     raw_points: list[dict[str, Any]] = []
     origins: list[tuple[str, ...]] = []
+    case_of: list[int] = []
     seen: dict[tuple[str, ...], tuple[Any, ...]] = {}  # a point's overrides -> the case that first gave it
     for i, case in enumerate(cases):
         path = ("grid", i) if isinstance(grid, list) else ("grid",)
         points = _case(where, case, path)
         raw_points += points
         origins += [tuple(where.located(path + (key,)) for key in point) for point in points]
+        case_of += [i] * len(points)
         _at_most_max_points(where, ("grid",), len(raw_points), f"{len(raw_points):,} points")
         for point in points:
             _once(where, seen, point, path)
@@ -481,7 +485,7 @@ def load_sweep(name: str, file: Any = None, overrides: Sequence[str] = ()) -> Sw
     variants = _variants(where, body.get("variants"), policies)
     _check_overrides_take_effect(name, overrides, raw_points, variants)
     _check_layers_take_effect(where, fixed, raw_points, variants)
-    points = tuple(Point(i, tuple(p.items()), o) for i, (p, o) in enumerate(zip(raw_points, origins)))
+    points = tuple(Point(i, tuple(p.items()), o, c) for i, (p, o, c) in enumerate(zip(raw_points, origins, case_of)))
     if base is None:
         base = _first_valid_point(ef, base_name, [*fixed, *overrides], points, variants)
         if base is None:  # no point makes it valid: a mistake of the base, set: or --set, refused as one
@@ -656,12 +660,39 @@ def jobs(sweep: Sweep, file: Any = None, overrides: Sequence[str] = ()) -> list[
 def _check_some_job_valid(sweep: Sweep, todo: Sequence[Job]) -> None:
     """Refuse a sweep none of whose jobs resolves, before anything runs or is written: it made its
     output directory, started the pool and wrote a table of ``invalid`` rows. A sweep with some
-    valid points runs them, its invalid points as rows (a grid may cross a model's limit)."""
+    valid points runs them, its invalid points as rows (a grid may cross a model's limit).
+
+    Likewise a variant invalid at every point, or a grid case (one mapping of a ``grid:`` list)
+    invalid at each of its points under every variant: a slip there (``workload.params.rat``,
+    ``engine.max_num_seqs: x`` in a variant's ``set``) ran the rest of the sweep for minutes and
+    then reported a column or a block of ``invalid`` rows."""
     if not todo or any(job.error is None for job in todo):
+        if todo:
+            _check_each_part_valid(sweep, todo)
         return
     first = todo[0]
     raise ConfigError(f"sweep {sweep.name!r}: no point of the grid is valid, so nothing would run; "
                       f"point {first.point.index} ({first.point.describe()}), the first: {first.error}")
+
+
+def _check_each_part_valid(sweep: Sweep, todo: Sequence[Job]) -> None:
+    if len(sweep.variants) > 1:
+        for variant in sweep.variants:
+            own = [job for job in todo if job.variant == variant.name]
+            if all(job.error is not None for job in own):
+                first = own[0]
+                raise ConfigError(f"sweep {sweep.name!r}: variant {variant.name!r} is invalid at every point of the "
+                                  f"grid, so all its rows would be 'invalid'; point {first.point.index} "
+                                  f"({first.point.describe()}), the first: {first.error}")
+    cases = sorted({job.point.case for job in todo})
+    if len(cases) > 1:
+        for case in cases:
+            own = [job for job in todo if job.point.case == case]
+            if all(job.error is not None for job in own):
+                first = own[0]
+                raise ConfigError(f"sweep {sweep.name!r}: grid case {case} (grid[{case}]) is invalid at each of its "
+                                  f"points, so all its rows would be 'invalid'; point {first.point.index} "
+                                  f"({first.point.describe()}), the first: {first.error}")
 
 
 def _fixed(ef: ExperimentsFile, name: str) -> tuple[tuple[str, ...], dict[str, str], dict[str, dict[str, str]]]:

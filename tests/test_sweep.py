@@ -327,10 +327,12 @@ def test_bad_values_in_a_sweeps_set_are_blamed_on_its_line_in_the_file(tmp_path)
     with pytest.raises(ConfigError) as info:
         load_sweep("s", f, ["workload.params.rate=-1"])
     assert str(info.value) == f"--set workload.params.rate=-1: {rate} -1"
-    # A variant's set: fails its jobs only, at its line.
-    js = jobs(load_sweep("v", f), f)
-    assert [j.error is None for j in js] == [True, True, False, False]
-    assert js[2].error == js[3].error == f"{f}:20: sweep 'v': variants.slow.set.workload.params.rate: {rate} -2"
+    # A variant's set that fails at every point: refused before anything runs, at its line.
+    with pytest.raises(ConfigError) as info:
+        jobs(load_sweep("v", f), f)
+    assert str(info.value) == (f"sweep 'v': variant 'slow' is invalid at every point of the grid, so all its rows "
+                               f"would be 'invalid'; point 0 (seed=1), the first: {f}:20: sweep 'v': "
+                               f"variants.slow.set.workload.params.rate: {rate} -2")
 
 
 def test_a_sweep_whose_every_point_is_invalid_is_refused_before_anything_runs(tmp_path, capsys):
@@ -350,6 +352,47 @@ def test_a_sweep_whose_every_point_is_invalid_is_refused_before_anything_runs(tm
     assert main(["sweep", "s", "-e", str(f), "-w", "1", "-q", "--out", str(out)]) == 1
     assert capsys.readouterr().err.startswith("error: sweep 's': no point of the grid is valid")
     assert not out.exists()
+
+
+@pytest.mark.parametrize("body, message", [
+    # A slip in one case of a grid list: the other case ran for minutes, then a block of invalid rows.
+    ("s: {experiment: tiny, grid: [{workload.params.rate: [1, 2]}, {workload.params.rat: [3]}]}\n",
+     "sweep 's': grid case 1 (grid[1]) is invalid at each of its points, so all its rows would be 'invalid'; "
+     "point 2 (workload.params.rat=3), the first: {f}:9: sweep 's': grid[1].workload.params.rat: experiment 'tiny': "
+     "workload.params.rat: unknown parameter 'rat' for workload 'bfcl'; valid parameters: "),
+    ("s:\n  experiment: tiny\n  grid: {workload.params.rate: [1, 2]}\n  variants:\n    default: {}\n"
+     "    big: {set: {engine.max_num_seqs: x}}\n",
+     "sweep 's': variant 'big' is invalid at every point of the grid, so all its rows would be 'invalid'; point 0 "
+     "(workload.params.rate=1), the first: {f}:14: sweep 's': variants.big.set.engine.max_num_seqs: experiment "
+     "'tiny': engine.max_num_seqs: expected an integer, got 'x'"),
+])
+def test_a_grid_case_or_variant_invalid_at_every_point_is_refused_before_anything_runs(tmp_path, capsys, body,
+                                                                                       message):
+    from sim.cli import main
+
+    f = write(tmp_path, body)
+    with pytest.raises(ConfigError) as info:
+        jobs(load_sweep("s", f), f)
+    assert str(info.value).startswith(message.format(f=f)), str(info.value)
+    out = tmp_path / "out"
+    assert main(["sweep", "s", "-e", str(f), "-w", "1", "-q", "--out", str(out)]) == 1
+    assert capsys.readouterr().err.startswith("error: " + message.format(f=f)[:60])
+    assert not out.exists()
+
+
+def test_a_grid_case_or_variant_valid_at_some_point_still_runs_its_invalid_points_as_rows(tmp_path):
+    f = write(tmp_path, """\
+        s:
+          experiment: tiny
+          grid: [{workload.params.rate: [1]}, {engine.model: [llama-3.1-8b, llama-3.1-70b]}]
+          variants:
+            default: {}
+            tp1: {set: {engine.gpus_per_replica: 1}}
+        """)
+    js = jobs(load_sweep("s", f), f)
+    assert [(j.point.case, j.variant, j.error is None) for j in js if j.policy == js[0].policy] == [
+        (0, "default", True), (0, "tp1", True), (1, "default", True), (1, "tp1", True),
+        (1, "default", False), (1, "tp1", False)]
 
 
 def test_invalid_point_is_a_job_error_not_a_sweep_error(tmp_path):
@@ -378,7 +421,7 @@ def test_invalid_point_is_a_job_error_not_a_sweep_error(tmp_path):
           experiment: tiny
           grid:
             - {seed: [1]}
-            - {engine.model: [llama-3.1-70b]}
+            - {engine.model: [llama-3.1-70b, llama-3.1-8b]}
         """)
     first, second = ([j.error for j in jobs(load_sweep("s", f), f) if j.point.index == i] for i in (0, 1))
     assert set(first) == {None}
