@@ -242,12 +242,14 @@ def _out(args: argparse.Namespace, default: Path) -> Path:
         from sim.config import ConfigError
 
         raise ConfigError(f"--out {args.out!r}: expected a directory path")
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
+    from traces.argtypes import path_problem
+
+    problem = path_problem(args.out, "--out", directory=True)  # a parent that is a file, or none writable
+    if problem:
         from sim.config import ConfigError
 
-        raise ConfigError(f"--out {args.out}: exists and is not a directory")
-    return out
+        raise ConfigError(problem)
+    return Path(args.out)
 
 
 def _run(args: argparse.Namespace) -> int:

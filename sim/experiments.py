@@ -701,7 +701,8 @@ def resolve_layers(
     """
     ef = file if isinstance(file, ExperimentsFile) else load_file(file)
     if name not in ef.experiments:
-        raise ConfigError(f"{ef.path}: unknown experiment {name!r}; experiments: {', '.join(ef.names())}")
+        hint = f" ({name!r} is a sweep: python -m sim sweep {name})" if name in ef.sweeps else ""
+        raise ConfigError(f"{ef.path}: unknown experiment {name!r}{hint}; experiments: {', '.join(ef.names())}")
     layered = merge_layers(
         [
             (ef.defaults, _origins_from_file(ef, ("defaults",))),

@@ -72,8 +72,16 @@ def test_list_default_file_is_the_shipped_one(tmp_path):
         (["run", "tiny", "-e", "exp.yaml", "-s", "latency.seconds=.inf"],
          "error: --set latency.seconds=.inf: experiment 'tiny': latency.seconds: expected a finite number, got inf"),
         (["list", "-e", "missing.yaml"], "error: missing.yaml: experiments file not found"),
+        (["run", "paper-single-seeds", "-e", str(ROOT / "experiments.yaml")],
+         f"error: {ROOT / 'experiments.yaml'}: unknown experiment 'paper-single-seeds' ('paper-single-seeds' is a "
+         "sweep: python -m sim sweep paper-single-seeds); experiments: "),
+        (["sweep", "quickstart", "-e", str(ROOT / "experiments.yaml")],
+         f"error: {ROOT / 'experiments.yaml'}: unknown sweep 'quickstart' ('quickstart' is an experiment: python -m "
+         "sim run quickstart); sweeps: "),
         (["run", "tiny", "-e", "exp.yaml", "--out", ""], "error: --out '': expected a directory path"),
         (["run", "tiny", "-e", "exp.yaml", "--out", "exp.yaml"], "error: --out exp.yaml: exists and is not a directory"),
+        # It read "error: exp.yaml/sub: Not a directory", naming no option.
+        (["run", "tiny", "-e", "exp.yaml", "--out", "exp.yaml/sub"], "error: --out exp.yaml/sub: "),
         (["run", "tiny", "-e", "exp.yaml", "-s", "latency.seconds='1_000'"],
          "error: --set latency.seconds='1_000': experiment 'tiny': latency.seconds: expected a number, got '1_000'"),
         (["run", "tiny", "-e", "exp.yaml", "-s", "workload.trace=."],
