@@ -201,6 +201,17 @@ def _add_merged(lines: dict[KeyPath, int], path: KeyPath, written: set[Any], mer
         taken |= {sub_path[n] for sub_path in sub_lines}
 
 
+# PyYAML's words for a block layout it cannot read, and what usually causes them.
+_LAYOUT_PROBLEMS = ("mapping values are not allowed here", "expected <block end>")
+_LAYOUT_HINT = (" (a key on this line or the one above indented unlike the keys beside it, or a 'key: value' "
+                "after another 'key:' on one line? A nested mapping goes on the lines below its key, indented "
+                "further, or in braces: engine: {max_num_seqs: 8})")
+
+
+def _layout_hint(problem: str | None) -> str:
+    return _LAYOUT_HINT if problem and problem.startswith(_LAYOUT_PROBLEMS) else ""
+
+
 def parse_document(text: str, where: str) -> tuple[yaml.Node | None, Any, dict[KeyPath, int]]:
     """The document's node, its data and the line of every key path; every
     way PyYAML can refuse a text becomes a ConfigError with the line it gives."""
@@ -218,7 +229,8 @@ def parse_document(text: str, where: str) -> tuple[yaml.Node | None, Any, dict[K
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = f":{mark.line + 1}" if mark else ""
-        raise ConfigError(f"{where}{line}: invalid YAML: {exc.problem or exc.context}") from None
+        problem = exc.problem or exc.context
+        raise ConfigError(f"{where}{line}: invalid YAML: {problem}{_layout_hint(problem)}") from None
     except yaml.reader.ReaderError as exc:  # a character YAML does not allow; it gives a position, not a line
         line = text.count("\n", 0, exc.position) + 1
         raise ConfigError(f"{where}:{line}: invalid YAML: unacceptable character #x{exc.character:04x}") from None

@@ -241,8 +241,17 @@ def test_invalid_yaml_and_duplicate_keys_give_lines(write):
         (b"experiments:\n  a:\n    description: \"\xff\"\n", "x.yaml:3: not UTF-8 text (invalid start byte at byte 36)"),
         (b"experiments:\n  a:\n    description: \"x\x07\"\n", "x.yaml:3: invalid YAML: unacceptable character #x0007"),
         (b"experiments:\n  a:\n    description: " + b"[" * 5000 + b"]" * 5000 + b"\n", "x.yaml: invalid YAML: nested too deeply"),
+        # PyYAML's words for a layout slip, with what usually causes them (they named no indentation).
+        (b"experiments:\n  a:\n    engine:\n      max_num_seqs: 8\n     block_size: 16\n",
+         "x.yaml:5: invalid YAML: expected <block end>, but found '<block mapping start>' (a key on this line or the "
+         "one above indented unlike the keys beside it, or a 'key: value' after another 'key:' on one line? A nested "
+         "mapping goes on the lines below its key, indented further, or in braces: engine: {max_num_seqs: 8})"),
+        (b"experiments:\n  a:\n    engine: max_num_seqs: 8\n",
+         "x.yaml:3: invalid YAML: mapping values are not allowed here (a key on this line or the one above indented "
+         "unlike the keys beside it, or a 'key: value' after another 'key:' on one line? A nested mapping goes on the "
+         "lines below its key, indented further, or in braces: engine: {max_num_seqs: 8})"),
     ],
-    ids=["not-utf8", "control-character", "nested"],
+    ids=["not-utf8", "control-character", "nested", "indented-unlike", "two-keys-on-a-line"],
 )
 def test_unreadable_yaml_is_a_located_error(tmp_path, monkeypatch, content, message):
     monkeypatch.chdir(tmp_path)
