@@ -91,6 +91,9 @@ def _load_one(results: str | Path) -> list[tuple[str, dict[str, Any]]]:
     """One table's rows, each with the ``file:line`` it came from."""
     path = Path(results)
     if path.is_dir():
+        if not (path / "sweep.csv").exists() and (path / "summary.json").exists():
+            raise TableError(f"{path}: a run's results (summary.json), not a sweep's: sim plot draws the sweep.csv "
+                             f"that python -m sim sweep writes; a run's own figure is its latency.png")
         path = path / "sweep.csv"
     raw = path.read_bytes()
     try:

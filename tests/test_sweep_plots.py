@@ -328,3 +328,15 @@ def test_a_program_count_that_does_not_follow_the_replicas_keeps_its_own_curves(
         "bfcl programs=500": [1], "bfcl programs=1000": [1, 2]}
     labels = [line.split("  ")[0] for line in format_table(throughput_table(both, "2x")).splitlines()[2:-1]]
     assert sorted(set(labels)) == ["bfcl programs=1000", "bfcl programs=500", "bfcl x2 locality programs=1000"]
+
+
+def test_plotting_a_runs_directory_says_it_is_not_a_sweeps(tmp_path, capsys):
+    """It read "/tmp/o2/sweep.csv: No such file or directory" for a `sim run` directory."""
+    from sim.cli import main
+
+    (tmp_path / "summary.json").write_text("{}")
+    assert main(["plot", str(tmp_path)]) == 1
+    assert capsys.readouterr().err == (f"error: {tmp_path}: a run's results (summary.json), not a sweep's: sim plot "
+                                       "draws the sweep.csv that python -m sim sweep writes; a run's own figure is "
+                                       "its latency.png\n")
+    assert not (tmp_path / "plots").exists()
