@@ -39,6 +39,9 @@ def _check_context_fits(cfg: EngineConfig, model: ModelSpec, blocks: int) -> Non
     its memory leaves (v1/core/kv_cache_utils.py, check_enough_kv_cache_memory), whatever
     ``num_gpu_blocks`` overrides; ``blocks`` is what the memory holds."""
     longest = max_model_len(cfg, model)
+    if longest > model.max_position_embeddings:  # vLLM 0.26.0 (config/model.py, _get_and_verify_max_len)
+        raise CapacityError("max_model_len", f"expected at most {model.name}'s context (max_position_embeddings: "
+                                             f"{model.max_position_embeddings}), as vLLM requires, got {longest}")
     if -(-longest // cfg.block_size) <= blocks:
         return
     fits = blocks * cfg.block_size

@@ -701,7 +701,7 @@ def resolve_layers(
     """
     ef = file if isinstance(file, ExperimentsFile) else load_file(file)
     if name not in ef.experiments:
-        hint = f" ({name!r} is a sweep: python -m sim sweep {name})" if name in ef.sweeps else ""
+        hint = f" ({name!r} is a sweep of this file, which python -m sim sweep runs)" if name in ef.sweeps else ""
         raise ConfigError(f"{ef.path}: unknown experiment {name!r}{hint}; experiments: {', '.join(ef.names())}")
     layered = merge_layers(
         [

@@ -266,7 +266,7 @@ class RealtimeEngine:
         if prompt + max_tokens > self.kv_tokens:  # only under engine.num_gpu_blocks: vLLM starts with max_model_len fitting
             raise TooLarge(
                 f"prompt ({prompt} tokens) plus max_tokens ({max_tokens}) exceeds this engine's "
-                f"KV cache of {self.kv_tokens} tokens (engine.num_gpu_blocks)"
+                f"KV cache of {self.kv_tokens} tokens (engine.num_gpu_blocks, sim serve's --num-gpu-blocks)"
             )
         eng = self.cfg.engine
         if not eng.enable_chunked_prefill and len(prompt_ids) + max_tokens > eng.max_num_batched_tokens:

@@ -144,7 +144,10 @@ def _append_policy(calls_fh: TextIO, programs_fh: TextIO, res: Any, summary_path
         write_atomic(summary_path, summary)
     except BaseException:
         for fh, mark in zip((calls_fh, programs_fh), marks):
-            fh.truncate(mark)  # flushes what is buffered first, then cuts it off
+            try:
+                fh.truncate(mark)  # flushes what is buffered first, then cuts it off
+            except OSError:  # a full disk fails the flush again: the first error is the one to report
+                pass
         raise
 
 

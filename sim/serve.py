@@ -308,7 +308,8 @@ def build_config(args: argparse.Namespace) -> ExperimentConfig:
     eng = cfg.engine
     changes = {k: v for k, v in (("model", args.model), ("gpu", args.gpu), ("num_gpu_blocks", args.num_gpu_blocks),
                                   ("gpus_per_replica", args.gpus_per_replica), ("max_num_seqs", args.max_num_seqs),
-                                  ("max_num_batched_tokens", args.max_num_batched_tokens)) if v is not None}
+                                  ("max_num_batched_tokens", args.max_num_batched_tokens),
+                                  ("max_model_len", args.max_model_len)) if v is not None}
     if args.model is not None and not args.experiment:
         # As an experiment that leaves the count unset (`sim.experiments`): the GPUs the model
         # is served on, its spec's tensor_parallel (70B: 4); 70B on the default 1 did not fit.
@@ -401,6 +402,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--step-seconds", type=number, help="step time of the constant latency model")
     p.add_argument("--latency-name", help="fitted latency model name or path")
     p.add_argument("--num-gpu-blocks", type=POSITIVE_INT, help="KV capacity in blocks (default: from the specs)")
+    p.add_argument("--max-model-len", type=POSITIVE_INT,
+                   help="as vllm serve's: the longest prompt + max_tokens taken (default: the model's context)")
     p.add_argument("--max-num-seqs", type=POSITIVE_INT)
     p.add_argument("--max-num-batched-tokens", type=POSITIVE_INT)
     p.add_argument("--api-key", type=api_key, metavar="KEY",

@@ -440,7 +440,7 @@ def load_sweep(name: str, file: Any = None, overrides: Sequence[str] = ()) -> Sw
     ef = file if isinstance(file, ExperimentsFile) else load_file(file)
     if name not in ef.sweeps:
         known = ", ".join(ef.sweeps) or "none in this file"
-        hint = f" ({name!r} is an experiment: python -m sim run {name})" if name in ef.experiments else ""
+        hint = f" ({name!r} is an experiment of this file, which python -m sim run runs)" if name in ef.experiments else ""
         raise ConfigError(f"{ef.path}: unknown sweep {name!r}{hint}; sweeps: {known}")
     where = _Where(ef, name)
     body = _mapping(where, ef.sweeps[name], (), SWEEP_KEYS)

@@ -74,10 +74,10 @@ def test_list_default_file_is_the_shipped_one(tmp_path):
         (["list", "-e", "missing.yaml"], "error: missing.yaml: experiments file not found"),
         (["run", "paper-single-seeds", "-e", str(ROOT / "experiments.yaml")],
          f"error: {ROOT / 'experiments.yaml'}: unknown experiment 'paper-single-seeds' ('paper-single-seeds' is a "
-         "sweep: python -m sim sweep paper-single-seeds); experiments: "),
+         "sweep of this file, which python -m sim sweep runs); experiments: "),
         (["sweep", "quickstart", "-e", str(ROOT / "experiments.yaml")],
-         f"error: {ROOT / 'experiments.yaml'}: unknown sweep 'quickstart' ('quickstart' is an experiment: python -m "
-         "sim run quickstart); sweeps: "),
+         f"error: {ROOT / 'experiments.yaml'}: unknown sweep 'quickstart' ('quickstart' is an experiment of this file, "
+         "which python -m sim run runs); sweeps: "),
         (["run", "tiny", "-e", "exp.yaml", "--out", ""], "error: --out '': expected a directory path"),
         (["run", "tiny", "-e", "exp.yaml", "--out", "exp.yaml"], "error: --out exp.yaml: exists and is not a directory"),
         # It read "error: exp.yaml/sub: Not a directory", naming no option.

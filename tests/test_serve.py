@@ -657,6 +657,21 @@ def test_sim_serve_takes_the_experiments_only_policy_and_refuses_a_negative_inde
     assert last.endswith(": error: argument --index: expected an integer >= 0, got -5")
 
 
+def test_sim_serve_takes_max_model_len_as_vllm_serve_does(capsys):
+    import argparse
+
+    from sim.serve import add_arguments, build_config, main
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    cfg = build_config(parser.parse_args(["--max-model-len", "4096"]))
+    assert cfg.engine.max_model_len == 4096 and RealtimeEngine(cfg, "fcfs").max_model_len == 4096
+    assert main(["--max-model-len", "131073"]) == 1
+    assert capsys.readouterr().err == ("python -m sim serve: error: engine.max_model_len: expected at most "
+                                       "llama-3.1-8b's context (max_position_embeddings: 131072), as vLLM requires, "
+                                       "got 131073\n")
+
+
 def test_without_chunked_prefill_a_prompt_past_the_token_budget_is_refused_not_left_to_stall():
     config = engine_config(step=0.01)
     eng = dataclasses.replace(config.engine, enable_chunked_prefill=False, max_num_batched_tokens=512)
@@ -698,7 +713,7 @@ def test_a_request_past_max_model_len_or_the_kv_cache_is_refused_in_vllms_words(
     engine = RealtimeEngine(dataclasses.replace(config, engine=small), "fcfs")
     engine.now = lambda: 0.0
     with pytest.raises(TooLarge, match=r"^prompt \(1500 tokens\) plus max_tokens \(101\) exceeds this engine's KV "
-                                       r"cache of 1600 tokens \(engine.num_gpu_blocks\)$"):
+                                       r"cache of 1600 tokens \(engine.num_gpu_blocks, sim serve's --num-gpu-blocks\)$"):
         engine.submit(list(range(1500)), 101, "A", "a", None)
 
 

@@ -348,3 +348,10 @@ def test_a_repeatable_option_and_a_flag_still_repeat(tmp_path):
     args = p.parse_args(["--set", "a=1", "--set", "b=2", "-q", "-q", "--out", "x"])
     assert (args.set, args.q, args.out) == (["a=1", "b=2"], True, "x")
     assert p.parse_args(["--out", "y"]).out == "y"  # a second parse starts afresh
+    assert "_strict_parser_given" not in vars(p.parse_args(["--out", "z"]))  # the record is not left in the result
+    # Parsers sharing a parent's options: the record was kept on the declaring parser, so the
+    # second child's first parse read as a repeat (a reviewer's case).
+    parent = StrictParser(add_help=False)
+    parent.add_argument("--k")
+    one, two = StrictParser(parents=[parent]), StrictParser(parents=[parent])
+    assert (one.parse_args(["--k", "1"]).k, two.parse_args(["--k", "2"]).k) == ("1", "2")

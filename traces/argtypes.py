@@ -177,34 +177,44 @@ def path_problem(path: str, flag: str, directory: bool = False) -> str | None:
     return None
 
 
+class _StoreOnce(argparse.Action):
+    """argparse's plain store, refusing a second value for the same option in one parse."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if self.option_strings:  # a positional is consumed once by construction
+            given = namespace.__dict__.setdefault(_GIVEN, {})
+            shown = f"{option_string} {values}"
+            if self.dest in given:
+                parser.error(f"argument {'/'.join(self.option_strings)}: given twice ({given[self.dest]}, then "
+                             f"{shown}); give it once")
+            given[self.dest] = shown
+        setattr(namespace, self.dest, values)
+
+
+_GIVEN = "_strict_parser_given"  # the namespace's record of the options given so far in this parse
+
+
 class StrictParser(argparse.ArgumentParser):
     """An ArgumentParser that refuses a single-valued option given twice (exit 2, naming both).
 
     argparse keeps the last value: ``--out a ... --out b`` wrote to ``b`` and
     ``--seeds 3 --seeds 5`` ran five, without a word. Options that take a
-    list (``--set``, ``action="append"``) and flags are not affected. Its
-    subcommands' parsers are StrictParsers too (``add_subparsers`` makes
-    them of the parent's class).
+    list (``--set``, ``action="append"``) and flags are not affected, nor
+    options declared on a plain ArgumentParser given as a ``parents=`` entry.
+    Its subcommands' parsers are StrictParsers too (``add_subparsers`` makes
+    them of the parent's class). The record of what was given lives in the
+    parse's namespace, and is removed from it before the namespace is returned.
     """
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self._given: dict[str, str] = {}  # dest -> how it was given, for the parse under way
-        parser = self
-
-        class StoreOnce(argparse.Action):
-            def __call__(self, _p, namespace, values, option_string=None):
-                if self.option_strings:  # a positional is consumed once by construction
-                    shown = f"{option_string} {values}"
-                    if self.dest in parser._given:
-                        parser.error(f"argument {'/'.join(self.option_strings)}: given twice "
-                                     f"({parser._given[self.dest]}, then {shown}); give it once")
-                    parser._given[self.dest] = shown
-                setattr(namespace, self.dest, values)
-
-        self.register("action", None, StoreOnce)
-        self.register("action", "store", StoreOnce)
+        self.register("action", None, _StoreOnce)
+        self.register("action", "store", _StoreOnce)
 
     def parse_known_args(self, args=None, namespace=None):
-        self._given = {}
-        return super().parse_known_args(args, namespace)
+        try:
+            namespace, extras = super().parse_known_args(args, namespace)
+        finally:
+            if namespace is not None:  # one given, or the one made, as an error exits before this
+                namespace.__dict__.pop(_GIVEN, None)
+        return namespace, extras
