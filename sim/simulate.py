@@ -298,24 +298,20 @@ def check_fits(programs: Sequence[Program], capacity_blocks: int, engine, trace:
             if size <= longest and size <= limit and (engine.enable_chunked_prefill
                                                       or size <= engine.max_num_batched_tokens):
                 continue
-
-            def where(origin: str | None) -> str:
-                return f"{trace}:{line}: " if trace is not None else f"{origin}: " if origin is not None else ""
-
             what = f"program {program.id!r} call {call.id!r}: prompt_tokens + output_tokens = {size}"
             if size > longest:
                 given = (f"engine.max_model_len={longest}" if engine.max_model_len is not None
                          else f"the context of {engine.model} ({longest} tokens, engine.max_model_len unset)")
-                raise SimulationError(f"{where(origins.context_length)}{what} exceeds {given}; vLLM refuses "
-                                      f"a longer request")
-            if size > limit:
-                raise SimulationError(f"{where(origins.kv_cache)}{what} exceeds the KV cache of one replica "
-                                      f"({limit} tokens); {_kv_remedy(engine)}")
-            raise SimulationError(
-                f"{where(origins.token_budget)}{what} exceeds engine.max_num_batched_tokens="
-                f"{engine.max_num_batched_tokens}, which must cover a whole prompt when "
-                f"engine.enable_chunked_prefill is false"
-            )
+                origin, problem = origins.context_length, f"exceeds {given}; vLLM refuses a longer request"
+            elif size > limit:
+                origin = origins.kv_cache
+                problem = f"exceeds the KV cache of one replica ({limit} tokens); {_kv_remedy(engine)}"
+            else:
+                origin = origins.token_budget
+                problem = (f"exceeds engine.max_num_batched_tokens={engine.max_num_batched_tokens}, which must "
+                           f"cover a whole prompt when engine.enable_chunked_prefill is false")
+            where = f"{trace}:{line}: " if trace is not None else f"{origin}: " if origin is not None else ""
+            raise SimulationError(f"{where}{what} {problem}")
 
 
 def check_programs(programs: Sequence[Program]) -> None:
