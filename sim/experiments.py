@@ -48,8 +48,8 @@ from sim.config import (
     PREEMPTION_MODES,
     ConfigError,
     EngineConfig,
-    FitOrigins,
     ExperimentConfig,
+    FitOrigins,
     LatencyConfig,
     WorkloadConfig,
 )
