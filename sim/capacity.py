@@ -34,14 +34,24 @@ def max_model_len(cfg: EngineConfig, model: ModelSpec) -> int:
     return cfg.max_model_len if cfg.max_model_len is not None else model.max_position_embeddings
 
 
+def context_problem(cfg: EngineConfig, model: ModelSpec) -> str | None:
+    """Why ``engine.max_model_len`` is refused whatever the memory: past the model's context,
+    which vLLM 0.26.0 refuses (config/model.py, _get_and_verify_max_len)."""
+    longest = max_model_len(cfg, model)
+    if longest > model.max_position_embeddings:
+        return (f"expected at most {model.name}'s context (max_position_embeddings: "
+                f"{model.max_position_embeddings}), as vLLM requires, got {longest}")
+    return None
+
+
 def _check_context_fits(cfg: EngineConfig, model: ModelSpec, blocks: int) -> None:
     """vLLM refuses to start when one call of ``max_model_len`` tokens would not fit the KV cache
     its memory leaves (v1/core/kv_cache_utils.py, check_enough_kv_cache_memory), whatever
     ``num_gpu_blocks`` overrides; ``blocks`` is what the memory holds."""
+    problem = context_problem(cfg, model)
+    if problem:
+        raise CapacityError("max_model_len", problem)
     longest = max_model_len(cfg, model)
-    if longest > model.max_position_embeddings:  # vLLM 0.26.0 (config/model.py, _get_and_verify_max_len)
-        raise CapacityError("max_model_len", f"expected at most {model.name}'s context (max_position_embeddings: "
-                                             f"{model.max_position_embeddings}), as vLLM requires, got {longest}")
     if -(-longest // cfg.block_size) <= blocks:
         return
     fits = blocks * cfg.block_size

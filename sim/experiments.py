@@ -332,7 +332,7 @@ def _serve_batch_defaults(ck: _Checker, e: EngineConfig) -> EngineConfig:
 
 
 def _check_engine(ck: _Checker, e: EngineConfig) -> None:
-    from sim.capacity import CapacityError, num_kv_blocks
+    from sim.capacity import CapacityError, context_problem, num_kv_blocks
     from sim.hardware import SpecError, available, load_gpu, load_model
 
     p = ("engine",)
@@ -367,11 +367,9 @@ def _check_engine(ck: _Checker, e: EngineConfig) -> None:
                 f"engine.max_num_seqs ({e.max_num_seqs}), as vLLM requires")
     model = load_model(e.model)
     _check_tensor_parallel(ck, e, model)
-    if e.max_model_len is not None and e.max_model_len > model.max_position_embeddings:
-        # vLLM 0.26.0 (config/model.py, _get_and_verify_max_len) refuses it unless told to trust it.
-        ck.fail(ck.layered.latest([p + ("max_model_len",), p + ("model",)]),
-                f"expected at most {model.name}'s context (max_position_embeddings: "
-                f"{model.max_position_embeddings}), as vLLM requires, got {e.max_model_len}")
+    problem = context_problem(e, model)
+    if problem:  # blamed on the context's keys alone, before the memory's (`num_kv_blocks` checks it too)
+        ck.fail(ck.layered.latest([p + ("max_model_len",), p + ("model",)]), problem)
     memory = ("model", "gpus_per_replica", "gpu_memory_utilization", "activation_reserve_bytes", "gpu")
     try:
         num_kv_blocks(e)
