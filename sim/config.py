@@ -26,6 +26,8 @@ POLICIES = tuple(POLICY_CLASSES)
 DEFAULT_POLICIES = ("fcfs", "mlfq", "plas", "atlas", "srpt")
 BALANCERS = ("round_robin", "least_used", "locality")
 PREEMPTION_MODES = ("recompute", "swap")
+# vLLM's `--block-size` choices (config/cache.py, `BlockSize`): any other size is refused at start.
+VLLM_BLOCK_SIZES = (1, 8, 16, 32, 64, 128, 256)
 # The most engine replicas one experiment may have. Each is a simulated engine
 # with its own KV-cache pool and scheduler, built before the first arrival,
 # so 10**8 (a typo) runs for minutes and gigabytes before failing; the
