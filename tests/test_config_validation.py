@@ -849,3 +849,18 @@ def test_a_set_of_the_parameter_that_bounds_the_quoted_one_is_blamed(exp):
                                  "workload: {generator: lats, params: {programs: 5, rate: 5.0, calls_mean: 100, "
                                  "width: 2, max_steps: 5}}"))
     assert error("t", path).startswith("exp.yaml:3: experiment 't': workload.params.calls_mean: lats parameter")
+
+
+def test_readme_lists_every_spec_field():
+    """README's "Your own model or GPU" is what a user writes a spec from: a field added to
+    ModelSpec (max_position_embeddings was) and not listed there is a refusal they cannot fix."""
+    from dataclasses import fields
+
+    from sim.hardware import GPUSpec, ModelSpec
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    section = readme[readme.index("**Your own model or GPU**"):readme.index("## Running experiments")]
+    model_part, gpu_part = section.split("A GPU spec needs")
+    for spec, part in ((ModelSpec, model_part), (GPUSpec, gpu_part)):
+        listed = set(re.findall(r"`(\w+)`", part))
+        assert {f.name for f in fields(spec)} <= listed, spec
