@@ -143,12 +143,23 @@ def _append_policy(calls_fh: TextIO, programs_fh: TextIO, res: Any, summary_path
         programs_fh.flush()
         write_atomic(summary_path, summary)
     except BaseException:
+        if _holds(summary_path, summary):  # interrupted after the summary's os.replace: the policy is in
+            raise
         for fh, mark in zip((calls_fh, programs_fh), marks):
             try:
                 fh.truncate(mark)  # flushes what is buffered first, then cuts it off
             except OSError:  # a full disk fails the flush again: the first error is the one to report
                 pass
         raise
+
+
+def _holds(path: Path, text: str) -> bool:
+    """Whether ``path`` already reads ``text``. Each policy's summary lists one more
+    policy than the last, so this tells a summary that landed from one that did not."""
+    try:
+        return path.read_text(encoding="utf-8") == text
+    except (OSError, UnicodeDecodeError):
+        return False
 
 
 def write_plot(path: Path, experiment: str, results: Sequence[PolicyResult], summary: dict[str, Any]) -> None:

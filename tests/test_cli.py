@@ -345,3 +345,35 @@ def test_an_interrupt_while_a_policy_is_written_keeps_exactly_the_policies_its_s
     whole_programs = (workdir / "whole" / "programs.csv").read_text().splitlines()
     assert (cut / "programs.csv").read_text().splitlines() == [
         r for r in whole_programs if r.startswith("fcfs,") or r == whole_programs[0]]
+
+
+def test_an_interrupt_just_after_the_summary_landed_keeps_that_policys_rows(workdir, monkeypatch):
+    """Between the summary's os.replace and the end of the write, an interrupt cut the CSVs back
+    to the previous policy under a summary that already listed this one."""
+    import sim.run as run
+    from sim.experiments import resolve
+    from test_experiments import tiny_trace
+
+    tiny_trace(workdir / "t.jsonl", programs=4)
+    monkeypatch.chdir(workdir)
+    cfg = resolve("tiny", "exp.yaml")
+    run.run_experiment(cfg, workdir / "whole", quiet=True)
+    real_atomic, summaries = run.write_atomic, []
+
+    def atomic(path, text):
+        real_atomic(path, text)
+        if path.name == "summary.json":
+            summaries.append(text)
+            if len(summaries) == 2:  # plas's summary is on disk
+                raise KeyboardInterrupt
+
+    monkeypatch.setattr(run, "write_atomic", atomic)
+    with pytest.raises(KeyboardInterrupt):
+        run.run_experiment(cfg, workdir / "cut", quiet=True)
+    cut, whole = workdir / "cut", workdir / "whole"
+    listed = list(json.loads((cut / "summary.json").read_text())["policies"])
+    assert len(listed) == 2
+    for name in ("calls.csv", "programs.csv"):
+        rows = whole.joinpath(name).read_text().splitlines()
+        assert cut.joinpath(name).read_text().splitlines() == [
+            r for r in rows if r.split(",", 1)[0] in listed or r == rows[0]]
