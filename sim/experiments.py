@@ -165,15 +165,16 @@ def list_experiments(path: str | Path | None = None) -> list[tuple[str, str]]:
 class _Checker:
     """Raises ConfigError naming the origin, the experiment and the dotted key."""
 
-    name: str
+    name: str | None  # None: a configuration no experiment named (sim serve's flags alone)
     layered: Layered
 
     def fail(self, path: KeyPath, problem: str, at: KeyPath | None = None) -> typing.NoReturn:
         """Raise for the key ``path``, located where ``at`` (default ``path``) was set."""
         origin = self.layered.origin(path if at is None else at)
         where = f"{origin}: " if origin else ""
+        experiment = f"experiment {self.name!r}: " if self.name is not None else ""
         key = f"{dotted(path)}: " if path else ""
-        raise ConfigError(f"{where}experiment {self.name!r}: {key}{problem}")
+        raise ConfigError(f"{where}{experiment}{key}{problem}")
 
     def keys(self, data: Any, path: KeyPath, valid: Sequence[str]) -> dict[str, Any]:
         if not isinstance(data, dict):
@@ -385,6 +386,15 @@ def _check_engine(ck: _Checker, e: EngineConfig) -> None:
             key = ck.layered.latest([p + (k,) for k in ("max_model_len", "block_size", *memory)])
         ck.fail(key, exc.problem)
     _check_swap_time(ck, e)
+
+
+def check_flags(cfg: ExperimentConfig, flags: Mapping[KeyPath, str], name: str | None) -> None:
+    """Check an engine and latency model that command-line flags changed after (or without) an
+    experiment, as an experiment's are checked, blaming the flag (its label in ``flags``) that set
+    the key at fault: `sim serve --max-num-batched-tokens 4` ran, where vLLM and `sim run` refuse it."""
+    ck = _Checker(name, Layered({}, dict(flags), {path: 1 for path in flags}))
+    _check_engine(ck, cfg.engine)
+    _check_latency(ck, cfg.latency, cfg.engine)
 
 
 def _check_swap_time(ck: _Checker, e: EngineConfig) -> None:

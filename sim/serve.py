@@ -334,7 +334,28 @@ def build_config(args: argparse.Namespace) -> ExperimentConfig:
         lat = dataclasses.replace(lat, name=args.latency_name)
     _check_latency_flags(args, lat.kind)
     _check_step_seconds(args.step_seconds)
-    return dataclasses.replace(cfg, engine=eng, latency=lat)
+    cfg = dataclasses.replace(cfg, engine=eng, latency=lat)
+    from sim.experiments import check_flags
+
+    check_flags(cfg, _flag_labels(args), args.experiment)
+    return cfg
+
+
+# The flags that set a key of the engine or latency configuration, as (key path, flag, attribute).
+CONFIG_FLAGS = tuple(
+    (path, "--" + attr.replace("_", "-"), attr) for path, attr in (
+        (("engine", "model"), "model"), (("engine", "gpu"), "gpu"), (("engine", "num_gpu_blocks"), "num_gpu_blocks"),
+        (("engine", "gpus_per_replica"), "gpus_per_replica"), (("engine", "max_num_seqs"), "max_num_seqs"),
+        (("engine", "max_num_batched_tokens"), "max_num_batched_tokens"),
+        (("engine", "max_model_len"), "max_model_len"), (("latency", "kind"), "latency"),
+        (("latency", "seconds"), "step_seconds"), (("latency", "name"), "latency_name"))
+)
+
+
+def _flag_labels(args: argparse.Namespace) -> dict[tuple[str, ...], str]:
+    """Each configuration key a flag set, labelled as the flag was given (an error names it)."""
+    return {path: f"{flag} {getattr(args, attr)}" for path, flag, attr in CONFIG_FLAGS
+            if getattr(args, attr) is not None}
 
 
 # The latency flags that set one kind's field (`sim.experiments.LATENCY_KIND_FIELDS`).

@@ -667,7 +667,8 @@ def test_sim_serve_takes_max_model_len_as_vllm_serve_does(capsys):
     cfg = build_config(parser.parse_args(["--max-model-len", "4096"]))
     assert cfg.engine.max_model_len == 4096 and RealtimeEngine(cfg, "fcfs").max_model_len == 4096
     assert main(["--max-model-len", "131073"]) == 1
-    assert capsys.readouterr().err == ("python -m sim serve: error: engine.max_model_len: expected at most "
+    assert capsys.readouterr().err == ("python -m sim serve: error: --max-model-len 131073: engine.max_model_len: "
+                                       "expected at most "
                                        "llama-3.1-8b's context (max_position_embeddings: 131072), as vLLM requires, "
                                        "got 131073\n")
 
@@ -1310,3 +1311,33 @@ def test_a_chat_requests_tools_count_in_its_prompt_and_are_a_shared_prefix():
     shared = len(tools_text.encode()) // 4  # the 4-byte chunks wholly inside the tools' text
     assert other.prompt_ids[:shared] == with_tools.prompt_ids[:shared]
     assert parse_request({"messages": first, "tools": None}, chat=True, served_model="m").prompt_ids == plain.prompt_ids
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--latency", "constant", "--max-num-batched-tokens", "4", "--max-num-seqs", "8"],
+     "--max-num-batched-tokens 4: engine.max_num_batched_tokens: engine.max_num_batched_tokens (4) must be >= "
+     "engine.max_num_seqs (8), as vLLM requires"),
+    (["--experiment", "quickstart", "--policy", "plas", "--max-num-batched-tokens", "4"],
+     "--max-num-batched-tokens 4: experiment 'quickstart': engine.max_num_batched_tokens: "
+     "engine.max_num_batched_tokens (4) must be >= engine.max_num_seqs (256), as vLLM requires"),
+    (["--max-num-seqs", "100000"],
+     "--max-num-seqs 100000: engine.max_num_seqs: engine.max_num_batched_tokens (2048) must be >= "
+     "engine.max_num_seqs (100000), as vLLM requires"),
+    (["--gpus-per-replica", "3"],
+     "--gpus-per-replica 3: engine.gpus_per_replica: engine.gpus_per_replica=3 does not split the 32 attention "
+     "heads and 8 KV heads of engine.model=llama-3.1-8b evenly, as vLLM's tensor parallelism requires; "
+     "valid: 1, 2, 4, 8, 16, 32"),
+])
+def test_sim_serve_refuses_an_engine_vllm_and_sim_run_refuse(capsys, argv, message):
+    """The flags bypassed the experiment checks: a 4-token budget served a 101-token prompt with 200.
+    (`build_config`, not `main`, which would serve forever were the check gone; main prints the error.)"""
+    import argparse
+
+    from sim.config import ConfigError
+    from sim.serve import add_arguments, build_config
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    with pytest.raises(ConfigError) as err:
+        build_config(parser.parse_args(argv))
+    assert str(err.value) == message
