@@ -1009,5 +1009,7 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"python -m engine gateway: error: {exc}", file=sys.stderr)
         return 1
-    banner = f"gateway on http://{args.host}:{args.port} -> {', '.join(cfg.engines)} ({cfg.balancer}, policy {cfg.policy})"
+    def banner(url: str) -> str:
+        return f"gateway on {url} -> {', '.join(cfg.engines)} ({cfg.balancer}, policy {cfg.policy})"
+
     return run_site(gateway.app(), args.host, args.port, "python -m engine gateway", banner)

@@ -9,33 +9,51 @@ already had its 400), not with a traceback per bad client request.
 from __future__ import annotations
 
 import logging
+import socket
 import sys
+from typing import Callable
 
 from aiohttp import web
 
 
-def run_site(app: web.Application, host: str, port: int, prog: str, banner: str = "") -> int:
+def run_site(app: web.Application, host: str, port: int, prog: str,
+             banner: Callable[[str], str] | None = None) -> int:
     """Serve ``app`` until interrupted; an address that cannot be bound (in use, not
     an address of this machine) is one line and exit status 1.
 
-    ``banner`` goes to stderr once the address is bound (aiohttp's ``print``
-    hook runs after its sites start), so a port in use is not first
-    announced as served.
+    ``banner(url)`` goes to stderr once the address is bound (aiohttp's
+    ``print`` hook runs after its sites start), so a port in use is not first
+    announced as served. Port 0 lets the system choose: the socket is bound
+    here to learn which, as a banner saying ``:0`` names no reachable address.
     """
+    sock = None
+    if port == 0:
+        try:
+            family = socket.getaddrinfo(host, 0, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
+            sock = socket.create_server((host, 0), family=family)
+        except OSError as exc:
+            print(f"{prog}: error: cannot listen on {host}:{port}: {exc.strerror or exc}", file=sys.stderr)
+            return 1
+        port = sock.getsockname()[1]
+    url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
+
     def bound(_: str) -> None:
-        if banner:
-            print(banner, file=sys.stderr, flush=True)
+        if banner is not None:
+            print(banner(url), file=sys.stderr, flush=True)
 
     server_log = logging.getLogger("aiohttp.server")
     one_line = MalformedRequestsInOneLine()
     server_log.addFilter(one_line)
+    where = {"sock": sock} if sock is not None else {"host": host, "port": port}
     try:
-        web.run_app(app, host=host, port=port, handler_cancellation=True, access_log=None, print=bound)
+        web.run_app(app, **where, handler_cancellation=True, access_log=None, print=bound)
     except OSError as exc:
         print(f"{prog}: error: cannot listen on {host}:{port}: {exc.strerror or exc}", file=sys.stderr)
         return 1
     finally:
         server_log.removeFilter(one_line)
+        if sock is not None:
+            sock.close()
     return 0
 
 

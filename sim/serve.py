@@ -458,6 +458,8 @@ def main(argv: list[str]) -> int:
               f"{cfg.engine.balancer} balancer are the gateway's part (python -m engine gateway), not this "
               "process's", file=sys.stderr)
     server = SimServer(engine, args.served_model_name, api_key=args.api_key)
-    banner = (f"sim serve: engine {args.index} ({cfg.engine.model} on {cfg.engine.gpu}, latency {cfg.latency.kind}, "
-              f"policy {policy}) on http://{args.host}:{args.port}")
+    def banner(url: str) -> str:
+        return (f"sim serve: engine {args.index} ({cfg.engine.model} on {cfg.engine.gpu}, latency {cfg.latency.kind}, "
+                f"policy {policy}) on {url}")
+
     return run_site(server.app(), args.host, args.port, "python -m sim serve", banner)

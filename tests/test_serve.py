@@ -1341,3 +1341,32 @@ def test_sim_serve_refuses_an_engine_vllm_and_sim_run_refuse(capsys, argv, messa
     with pytest.raises(ConfigError) as err:
         build_config(parser.parse_args(argv))
     assert str(err.value) == message
+
+
+@pytest.mark.parametrize("command", [["sim", "serve", "--latency", "constant"],
+                                     ["engine", "gateway", "--engine", "http://127.0.0.1:9"]])
+def test_port_0_reports_the_port_the_system_chose(command):
+    """`--port 0` (taken as a port) printed `on http://127.0.0.1:0`, an address nobody can reach."""
+    import re
+    import selectors
+    import time
+    import urllib.request
+
+    proc = subprocess.Popen([sys.executable, "-m", *command, "--port", "0"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        sel = selectors.DefaultSelector()
+        sel.register(proc.stderr, selectors.EVENT_READ)
+        deadline, line = time.monotonic() + 60, ""
+        while " on http://" not in line and time.monotonic() < deadline and proc.poll() is None:
+            if sel.select(timeout=1):
+                line = proc.stderr.readline()
+        match = re.search(r" on http://127\.0\.0\.1:(\d+)", line)
+        assert match, line
+        port = int(match.group(1))
+        assert port != 0
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10) as r:
+            assert r.status == 200
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
