@@ -120,6 +120,7 @@ from engine.protocol import (
     XARG_THREAD,
     XARGS,
     BadRequest,
+    base_of_api_path,
     check_id,
     check_kv_ttl,
     error_body,
@@ -260,6 +261,10 @@ class GatewayConfig:
             if parts.query or parts.fragment or url.endswith(("?", "#")):  # the API path is appended to the URL
                 raise ValueError(f"--engine {url}: a base URL takes no ?query or #fragment, as the API path "
                                  f"is appended to it ({example})")
+            base = base_of_api_path(parts)
+            if base is not None:  # it was healthy (/health is not under /v1) and 404'd every call: /v1/v1/...
+                raise ValueError(f"--engine {url}: the gateway appends /v1/... to it itself; expected the "
+                                 f"engine's base URL, without /v1 (here {base})")
             # Two engines that are one server would take twice its share of calls, and the
             # balancer would count one KV cache as two: refused, compared as the server sees them.
             key = engine_key(parts)

@@ -31,6 +31,7 @@ from __future__ import annotations
 import math
 import re
 from typing import Any
+from urllib.parse import SplitResult
 
 from sim.core.params import MAX_SECONDS
 
@@ -141,3 +142,19 @@ def with_xargs(body: dict[str, Any], xargs: dict[str, Any]) -> dict[str, Any]:
     merged.update(xargs)
     out[XARGS] = merged
     return out
+
+
+# What follows /v1 in the routes clients append to a server's base URL (the gateway and vLLM serve them).
+API_ROUTES = (["models"], ["completions"], ["chat", "completions"], ["programs"])
+
+
+def base_of_api_path(url: SplitResult) -> str | None:
+    """The server's base URL when ``url`` names its API (a path ending in /v1, or in /v1 and one
+    of `API_ROUTES`), else None: a client that appends /v1/... to it asked for /v1/v1/... (a 404).
+    A server behind a prefix (a proxy's /sim, or its own /v1/engine0) is a base URL."""
+    segments = [s for s in url.path.split("/") if s]
+    at = next((i for i in range(len(segments)) if segments[i] == "v1" and
+               (segments[i + 1:] == [] or segments[i + 1:] in API_ROUTES)), None)
+    if at is None:
+        return None
+    return url._replace(path="/".join([""] + segments[:at]), query="", fragment="").geturl()

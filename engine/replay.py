@@ -73,6 +73,7 @@ from engine.protocol import (
     PROGRAM_HEADER,
     THREAD_HEADER,
     BadRequest,
+    base_of_api_path,
     check_id,
 )
 from engine.replay_targets import (
@@ -390,14 +391,10 @@ def option_problem(args: argparse.Namespace, out: str) -> str | None:
 def target_path_problem(url: urllib.parse.SplitResult) -> str | None:
     """Why --target is not the server's base URL, to which the replay appends /v1/models,
     /v1/completions and /v1/programs/ID, or None. A path ending in /v1 (or /v1/completions) asked
-    for /v1/v1/models (a 404, reported as "cannot learn the model name ('data')"). A server behind a prefix (a proxy's
-    /sim) is a base URL; a ?query or #fragment cannot be one."""
-    segments = [s for s in url.path.split("/") if s]
-    # /v1 last, or /v1 and one of the routes the replay appends: a proxy's own /v1/engine0 is a base URL.
-    at = next((i for i in range(len(segments)) if segments[i] == "v1" and
-               (segments[i + 1:] == [] or segments[i + 1:] in (["models"], ["completions"], ["programs"]))), None)
-    if at is not None:
-        base = url._replace(path="/".join([""] + segments[:at]), query="", fragment="").geturl()
+    for /v1/v1/models (a 404, reported as "cannot learn the model name ('data')"); a ?query or
+    #fragment cannot be part of a base URL."""
+    base = base_of_api_path(url)
+    if base is not None:
         return (f"the replay appends /v1/... to it itself; expected the server's base URL, without /v1 "
                 f"(here {base})")
     if url.query or url.fragment:

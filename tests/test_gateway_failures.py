@@ -161,6 +161,12 @@ async def _replay_error(mode: str, through_gateway: bool) -> str:
         ("http://127.0.0.1:8001?x=1", "--engine http://127.0.0.1:8001?x=1: a base URL takes no ?query or #fragment"),
         ("http://127.0.0.1:8001/#top", "--engine http://127.0.0.1:8001/#top: a base URL takes no ?query or #fragment"),
         ("http://127.0.0.1:8001?", "--engine http://127.0.0.1:8001?: a base URL takes no ?query or #fragment"),
+        # /health (not under /v1) passed and every call was a 404 for /v1/v1/completions
+        ("http://127.0.0.1:8001/v1", "--engine http://127.0.0.1:8001/v1: the gateway appends /v1/... to it itself; "
+                                     "expected the engine's base URL, without /v1 (here http://127.0.0.1:8001)"),
+        ("http://h:1/proxy/v1/chat/completions/", "--engine http://h:1/proxy/v1/chat/completions: the gateway "
+                                                  "appends /v1/... to it itself; expected the engine's base URL, "
+                                                  "without /v1 (here http://h:1/proxy)"),
     ],
 )
 def test_bad_engine_urls_are_refused_at_start(url, message):
@@ -197,6 +203,7 @@ def test_the_gateway_cli_refuses_an_engine_given_twice():
     assert proc.stderr == ("python -m engine gateway: error: --engine http://127.0.0.1:43001: the same engine as "
                            "--engine http://127.0.0.1:43001 (engine 0); give each engine once\n")
     assert GatewayConfig(engines=["http://h:1", "https://h:1", "http://h:2", "http://h:1/v2"]).engines[3] == "http://h:1/v2"
+    assert GatewayConfig(engines=["http://h:1/v1/engine0"]).engines == ["http://h:1/v1/engine0"]  # a proxy's prefix
 
 
 def _free_port_urls(n: int) -> list[str]:
