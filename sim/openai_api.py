@@ -116,7 +116,7 @@ class ParsedRequest:
 
     chat: bool
     prompt_ids: list[int]
-    max_tokens: int
+    max_tokens: int | None  # None: a chat request without a cap, which runs to the context left (vLLM's)
     stream: bool
     include_usage: bool
     return_token_ids: bool
@@ -129,7 +129,7 @@ class ParsedRequest:
     total_service: float | None = None
 
 
-def _int(body: dict, name: str, default: int, low: int) -> int:
+def _int(body: dict, name: str, default: int | None, low: int) -> int | None:
     value = body.get(name, default)
     if value is None:
         return default
@@ -161,29 +161,60 @@ def _short(value: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+# Chat content parts by type, as vLLM 0.26.0 reads them (entrypoints/chat_utils.py, MM_PARSER_MAP): the
+# field holding each text-like part's text, and the media parts, which a text-only model refuses.
+TEXT_PARTS = {"text": "text", "input_text": "text", "output_text": "text", "refusal": "refusal",
+              "thinking": "thinking", "tool_reference": "name"}
+MEDIA_PARTS = ("image_url", "input_image", "image_pil", "image_embeds", "audio_url", "input_audio", "audio_embeds",
+               "video_url", "prompt_embeds")
+
+
 def _message_text(message: dict[str, Any], i: int) -> str:
     """A chat message's text as OpenAI's API allows it: a string, null (an assistant turn that
     only calls tools), or a list of content parts whose text parts are joined; its tool calls
-    count as their JSON. vLLM accepts all of these, so the stand-in engine must too."""
+    count as their JSON. vLLM accepts all of these, so the stand-in engine must too. A media
+    part (an image) is refused, as vLLM refuses one for a text-only model such as Llama-3.1's
+    ("... is not a multimodal model"): it was dropped, its tokens uncounted."""
     content = message.get("content")
     if content is None:
         text = ""
     elif isinstance(content, str):
         text = content
     elif isinstance(content, list):
-        pieces = []
-        for j, part in enumerate(content):
-            if not isinstance(part, dict) or not isinstance(part.get("text", ""), str):
-                raise RequestError(f"messages[{i}].content[{j}]: expected a content part object with a string "
-                                   f"text", "messages")
-            pieces.append(part.get("text", ""))
-        text = "".join(pieces)
+        text = "".join(_part_text(part, i, j) for j, part in enumerate(content))
     else:
         raise RequestError(f"messages[{i}].content: expected a string, a list of content parts or null, got "
                            f"{json_type(content)}", "messages")
     if message.get("tool_calls") is not None:
         text += json.dumps(message["tool_calls"], sort_keys=True)
     return text
+
+
+def _part_text(part: Any, i: int, j: int) -> str:
+    where = f"messages[{i}].content[{j}]"
+    if not isinstance(part, dict):
+        raise RequestError(f"{where}: expected a content part object, got {json_type(part)}", "messages")
+    kind = part.get("type")
+    if kind is None:  # vLLM reads a media part's type from its key, and refuses any other without one
+        kind = next((k for k in MEDIA_PARTS if k in part), None)
+        if kind is None:
+            raise RequestError(f"{where}: Missing 'type' field in multimodal part (vLLM's words); a text part "
+                               f"is {{\"type\": \"text\", \"text\": ...}}", "messages")
+    if not isinstance(kind, str):
+        raise RequestError(f"{where}: Invalid 'type' field in multimodal part (vLLM's words), got "
+                           f"{as_json(kind)}", "messages")
+    if kind in MEDIA_PARTS:
+        raise RequestError(f"{where}: a {kind!r} part needs a multimodal model; this engine's is text-only, "
+                           f"and vLLM refuses it as not a multimodal model", "messages")
+    if kind not in TEXT_PARTS:
+        raise RequestError(f"{where}: Unsupported chat content part type: {kind!r}. Supported types: "
+                           f"{', '.join(sorted((*TEXT_PARTS, *MEDIA_PARTS)))} (vLLM's words)", "messages")
+    value = part.get(TEXT_PARTS[kind])
+    if value is None:  # vLLM skips a text or refusal part without content
+        return ""
+    if not isinstance(value, str):
+        raise RequestError(f"{where}.{TEXT_PARTS[kind]}: expected a string, got {json_type(value)}", "messages")
+    return value
 
 
 def _xarg_ok(value: Any) -> bool:
@@ -222,7 +253,9 @@ def parse_request(body: Any, chat: bool, served_model: str, vocab_size: int | No
                     raise RequestError(f"messages[{i}].{key} must be a string, {got}", "messages")
             parts.append(f"{m['role']}: {_message_text(m, i)}\n")
         prompt_ids = text_token_ids("".join(parts))
-        max_tokens = _int(body, "max_completion_tokens", _int(body, "max_tokens", DEFAULT_MAX_TOKENS, 1), 1)
+        # vLLM's ChatCompletionRequest has no default cap: without one a reply runs to the context left
+        # (`get_max_tokens`), which the engine, knowing max_model_len, fills in (`None` here).
+        max_tokens = _int(body, "max_completion_tokens", _int(body, "max_tokens", None, 1), 1)
     else:
         prompt = body.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
@@ -238,9 +271,7 @@ def parse_request(body: Any, chat: bool, served_model: str, vocab_size: int | No
             raise RequestError("prompt must be a string or a non-empty list of token ids >= 0 (one prompt per "
                                f"request), got {_short(prompt)}", "prompt")
         max_tokens = _int(body, "max_tokens", DEFAULT_MAX_TOKENS, 1)
-    # A chat request without a cap is capped by vLLM at the context left, not 16, for min_tokens.
-    given = not chat or any(body.get(k) is not None for k in ("max_tokens", "max_completion_tokens"))
-    problem = vllm_field_problem(body, chat, max_tokens if given else None) or unhonoured_field_problem(body, chat)
+    problem = vllm_field_problem(body, chat, max_tokens) or unhonoured_field_problem(body, chat)
     if problem:
         raise RequestError(problem[1], problem[0])
     model = body.get("model")

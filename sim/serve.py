@@ -179,6 +179,11 @@ class SimServer:
             return error_response(400, "malformed JSON: nested too deeply")
         try:
             req = parse_request(body, chat, self.served_model, self.engine.vocab_size)
+            if req.max_tokens is None:  # a chat reply without a cap: the context left, as vLLM's get_max_tokens
+                # (with no end-of-sequence token here, as with vLLM on dummy weights, it runs that long); a
+                # --num-gpu-blocks cache smaller than max_model_len, which vLLM would not start with, bounds it too
+                room = min(self.engine.max_model_len, self.engine.kv_tokens) - len(req.prompt_ids)
+                req = dataclasses.replace(req, max_tokens=max(room, 1))
             handle = self.engine.submit(req.prompt_ids, req.max_tokens, req.program_id, req.thread_id,
                                         req.program_service, req.kv_ttl, req.cache_salt, req.total_service)
         except RequestError as exc:

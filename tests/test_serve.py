@@ -17,6 +17,7 @@ from engine.sse import DONE, SSEParser
 from sim.filler_tokens import filler_ids
 from sim.realtime import RealtimeEngine, block_keys
 from sim.openai_api import RequestError, parse_request, text_token_ids
+from sim.serve import SimServer, serve
 from test_serve_helpers import engine_config, run, start_engine, wait_for
 
 
@@ -515,7 +516,7 @@ def test_chat_messages_in_openais_other_forms_are_accepted():
     for bad, message in (([{"role": "user", "content": 5}], "messages[0].content: expected a string, a list of "
                                                             "content parts or null, got a number"),
                          ([{"role": "user", "content": [7]}], "messages[0].content[0]: expected a content part "
-                                                              "object with a string text"),
+                                                              "object, got a number"),
                          (["hi"], "messages[0]: expected an object, got a string")):
         with pytest.raises(RequestError) as err:
             parse_request({"messages": bad}, chat=True, served_model="m")
@@ -1370,3 +1371,61 @@ def test_port_0_reports_the_port_the_system_chose(command):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_chat_content_parts_are_read_by_type_as_vllm_reads_them():
+    """An image part was a 200 with the image dropped (vLLM refuses it for a text-only model); a
+    thinking or refusal part's text went uncounted, and a part without a type was read as text."""
+    def tokens(*parts):
+        return len(parse_request({"messages": [{"role": "user", "content": list(parts)}]}, chat=True,
+                                 served_model="m").prompt_ids)
+
+    text = {"type": "text", "text": "x" * 40}
+    assert tokens(text, {"type": "thinking", "thinking": "y" * 40}) == tokens(text, text)
+    assert tokens(text, {"type": "refusal", "refusal": "y" * 40}) == tokens(text, text)
+    assert tokens(text, {"type": "text", "text": None}) == tokens(text)  # vLLM skips an empty text part
+    for part, message in (
+        ({"type": "image_url", "image_url": {"url": "http://x"}},
+         "messages[0].content[1]: a 'image_url' part needs a multimodal model; this engine's is text-only, and "
+         "vLLM refuses it as not a multimodal model"),
+        ({"input_audio": {"data": "", "format": "wav"}},
+         "messages[0].content[1]: a 'input_audio' part needs a multimodal model; this engine's is text-only, and "
+         "vLLM refuses it as not a multimodal model"),
+        ({"text": "x"}, "messages[0].content[1]: Missing 'type' field in multimodal part (vLLM's words); a text "
+                        "part is {\"type\": \"text\", \"text\": ...}"),
+        ({"type": 3}, "messages[0].content[1]: Invalid 'type' field in multimodal part (vLLM's words), got 3"),
+        ({"type": "txt", "text": "x"}, "messages[0].content[1]: Unsupported chat content part type: 'txt'. "
+                                        "Supported types: audio_embeds, audio_url, image_embeds, image_pil, "
+                                        "image_url, input_audio, input_image, input_text, output_text, "
+                                        "prompt_embeds, refusal, text, thinking, tool_reference, video_url "
+                                        "(vLLM's words)"),
+        ({"type": "text", "text": 5}, "messages[0].content[1].text: expected a string, got a number"),
+    ):
+        with pytest.raises(RequestError) as err:
+            tokens(text, part)
+        assert str(err.value) == message and err.value.param == "messages"
+
+
+def test_a_chat_request_without_a_cap_runs_to_the_context_left_as_vllm():
+    """It got 16 tokens, a completion's default; vLLM's chat has none (get_max_tokens: the context left)."""
+    assert parse_request({"messages": [{"role": "user", "content": "hi"}]}, chat=True, served_model="m").max_tokens \
+        is None
+    assert parse_request({"prompt": "hi"}, chat=False, served_model="m").max_tokens == 16
+
+    async def go():
+        config = engine_config(0.001, 4000)
+        config = dataclasses.replace(config, engine=dataclasses.replace(config.engine, max_model_len=40))
+        runner = await serve(SimServer(RealtimeEngine(config, "fcfs"), "sim"), "127.0.0.1", 0)
+        url = "http://127.0.0.1:%d" % runner.addresses[0][1]
+        try:
+            async with aiohttp.ClientSession() as s:
+                async with s.post(url + "/v1/chat/completions",
+                                  json={"messages": [{"role": "user", "content": "hi there, engine"}]}) as r:
+                    return r.status, await r.json()
+        finally:
+            await runner.cleanup()
+
+    status, body = run(go())
+    assert status == 200, body
+    assert body["usage"]["prompt_tokens"] == 6 and body["usage"]["completion_tokens"] == 34
+    assert body["choices"][0]["finish_reason"] == "length"
