@@ -118,6 +118,7 @@ CV_RANGE = "cv must be a finite number > 0 from 0.01 to 10 (outside it gamma arr
         (dict(calls_mean=69.9999, calls_max=70, calls_sigma=4.0),
          "bfcl parameters calls_mean=69.9999, calls_max=70, calls_sigma=4.0: a mean of 69.9999 calls is too close "
          "to the maximum of 70 for a spread of 4.0 (reachable: below 69.9"),
+        (dict(output_tokens_sigma=-0.5), "bfcl parameter 'output_tokens_sigma' must be a finite number >= 0, got -0.5"),
         (dict(output_tokens_sigma=100),
          "bfcl parameter 'output_tokens_sigma' must be at most 4 (a wider lognormal degenerates), got 100"),
         (dict(programs=100_000_000_000), "programs must be an integer from 0 to 10,000,000, got 100000000000"),
@@ -308,7 +309,7 @@ def test_lats_shape_parallel_expansions_then_evaluation_then_reflection():
 
 # A spread far below the location's float resolution (sigma = 1e-300 made 0/0 in the bin probabilities
 # and a numpy RuntimeWarning; 5e-324 overflowed a division) is the lognormal's limit as sigma -> 0.
-TINY_SIGMAS = (9.99e-10, 1e-20, 1e-160, 1e-300, 5e-324)
+TINY_SIGMAS = (9.99e-10, 1e-20, 1e-160, 1e-300, 5e-324, 0.0)  # 0: no spread, as the README says
 
 
 @pytest.mark.parametrize("sigma", TINY_SIGMAS)

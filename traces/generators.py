@@ -104,12 +104,12 @@ def _check_positive(obj: Any, *names: str, integer: bool = False) -> None:
         v = getattr(obj, name)
         if integer:  # any size: the bounds below (or the parameter's own) refuse one too large
             ok = isinstance(v, int) and not isinstance(v, bool) and v > 0
-        else:
-            ok = is_finite_number(v) and v > 0
+        else:  # a spread may be 0, no spread (`MIN_SIGMA`): the README says so, and 0 was refused
+            ok = is_finite_number(v) and (v >= 0 if name.endswith("_sigma") else v > 0)
         what = f"{_workload_of(obj)} parameter {name!r}"
         if not ok:
             kind = "an integer" if integer else "a finite number"
-            raise ValueError(f"{what} must be {kind} > 0, got {_shown(v)}")
+            raise ValueError(f"{what} must be {kind} {'>=' if name.endswith('_sigma') else '>'} 0, got {_shown(v)}")
         if name.endswith("_sigma") and v > MAX_SIGMA:
             raise ValueError(f"{what} must be at most {MAX_SIGMA:g} (a wider lognormal degenerates), got {v!r}")
         if integer and name.endswith("_tokens") and v > MAX_TOKENS:
