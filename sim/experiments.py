@@ -759,4 +759,14 @@ def _fields_dict(obj: Any) -> dict[str, Any]:
 
 
 def to_file_dict(cfg: ExperimentConfig) -> dict[str, Any]:
-    return {"experiments": {cfg.name: to_dict(cfg)}}
+    """The experiment as a file that reruns from any directory: the paths in it (a trace, a spec or
+    fitted model given as a .json file), relative to the working directory when given, made absolute.
+    config.yaml kept them as typed, so `--experiments results/NAME/config.yaml` failed elsewhere."""
+    data = to_dict(cfg)
+    if cfg.workload.trace is not None:
+        data["workload"]["trace"] = os.path.abspath(cfg.workload.trace)
+    for section, key in (("engine", "model"), ("engine", "gpu"), ("latency", "name")):
+        value = data[section][key]  # a path as `load_model`/`load_gpu` and `load_fitted` tell one from a name
+        if isinstance(value, str) and (value.endswith(".json") or (key == "name" and len(Path(value).parts) > 1)):
+            data[section][key] = os.path.abspath(value)
+    return {"experiments": {cfg.name: data}}

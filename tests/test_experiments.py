@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import textwrap
 
 import pytest
@@ -384,8 +385,30 @@ def test_resolved_config_round_trips_through_its_file(write, tmp_path):
     data = to_dict(cfg)
     assert set(data["engine"]) >= {"model", "gpu", "replicas", "balancer", "preemption_mode", "max_num_seqs"}
     (tmp_path / "config.yaml").write_text(dump_yaml(to_file_dict(cfg)))
-    assert resolve("ok", tmp_path / "config.yaml") == cfg
+    # the trace's path is written absolute (it was as typed, relative to where the run was started)
+    absolute = dataclasses.replace(cfg, workload=dataclasses.replace(cfg.workload, trace=str(tmp_path / "t.jsonl")))
+    assert resolve("ok", tmp_path / "config.yaml") == absolute
     assert dump_yaml(to_file_dict(cfg)) == dump_yaml(to_file_dict(resolve("ok", tmp_path / "config.yaml")))
+
+
+def test_config_yaml_reruns_from_another_directory(write, tmp_path, monkeypatch):
+    """config.yaml kept paths as typed: rerun from elsewhere, its trace (or a spec or fitted model
+    given as a file) was "no such file"."""
+    import json
+
+    from sim.hardware import SPEC_DIR
+
+    spec = json.loads((SPEC_DIR / "llama-3.1-8b.model.json").read_text())
+    (tmp_path / "specs").mkdir()
+    (tmp_path / "specs" / "mine.model.json").write_text(json.dumps(spec))
+    cfg = resolve("ok", write(), ["engine.model=specs/mine.model.json"])
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "config.yaml").write_text(dump_yaml(to_file_dict(cfg)))
+    monkeypatch.chdir(tmp_path / "out")
+    again = resolve("ok", "config.yaml")
+    assert again.workload.trace == str(tmp_path / "t.jsonl")
+    assert again.engine.model == str(tmp_path / "specs" / "mine.model.json")
+    assert dataclasses.replace(again, workload=cfg.workload, engine=cfg.engine) == cfg
 
 
 def test_a_string_with_a_next_line_character_round_trips_through_config_yaml(write, tmp_path):
@@ -395,7 +418,7 @@ def test_a_string_with_a_next_line_character_round_trips_through_config_yaml(wri
     cfg = resolve("ok", write(), ['description="a\\Nb"'])
     assert cfg.description == "a\x85b"
     (tmp_path / "config.yaml").write_text(dump_yaml(to_file_dict(cfg)), encoding="utf-8")
-    assert resolve("ok", tmp_path / "config.yaml") == cfg
+    assert to_file_dict(resolve("ok", tmp_path / "config.yaml")) == to_file_dict(cfg)  # paths made absolute
 
 
 def test_anchors_and_merge_keys_keep_lines(write):
@@ -494,7 +517,8 @@ def test_run_writes_identical_bytes_twice_and_consistent_files(write, tmp_path):
     again = summarize_run("ok", [(p, by(calls, p), by(programs, p), first["policies"][p]["stats"]) for p in cfg.policies])
     assert again == first  # the CSVs hold exactly what was summarised
     assert first["policies"]["fcfs"]["programs"] == 12
-    assert resolve("ok", tmp_path / "a" / "config.yaml") == cfg  # config.yaml reruns the same experiment
+    # config.yaml reruns the same experiment (its trace path made absolute)
+    assert to_file_dict(resolve("ok", tmp_path / "a" / "config.yaml")) == to_file_dict(cfg)
 
 
 def test_run_replaces_stale_outputs(write, tmp_path):
