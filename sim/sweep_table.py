@@ -187,7 +187,8 @@ def _check_one_row_per_point(located: Sequence[tuple[str, dict[str, Any]]]) -> N
 
 
 def unfinished_sweeps(results: str | Path | Sequence[str | Path]) -> list[str]:
-    """A warning for each table whose ``sweep.json`` says its sweep did not finish.
+    """A warning for each table whose ``sweep.json`` says its sweep did not finish, or
+    wrote another number of rows than the table holds.
 
     An interrupted sweep's table is well formed, only short of rows, so its
     curves end early or lack points with no other sign. A table without a
@@ -206,6 +207,14 @@ def unfinished_sweeps(results: str | Path | Sequence[str | Path]) -> list[str]:
         return [f"{meta_path}: cannot tell whether the sweep finished ({type(exc).__name__}: {exc})"]
     except RecursionError:
         return [f"{meta_path}: cannot tell whether the sweep finished (JSON nested too deeply)"]
+    table = path if not path.is_dir() else path / "sweep.csv"
+    try:  # a sweep that ended wrote its table and then sweep.json (one still running writes rows as they come)
+        rows = len(_load_one(table)) if state != "running" and table.is_file() else None
+    except TableError:  # `load_rows` reports it
+        rows = None
+    if rows is not None and rows != finished:  # cut short or added to since: nothing else would tell
+        return [f"{table}: {rows} rows, where {meta_path.name} says the sweep wrote {finished} ({state}); the "
+                f"table was cut or changed after the sweep, so its curves may lack points"]
     if state == "complete":
         return []
     how = {"interrupted": "was interrupted", "failed": "stopped on an error"}.get(

@@ -543,12 +543,27 @@ def test_plot_warns_of_a_sweep_that_did_not_finish(exp, tmp_path):
     assert res.returncode == 0 and "warning" not in res.stderr, res.stderr
     meta_path = tmp_path / "out" / "sweep.json"
     meta = json.loads(meta_path.read_text())
+    table = tmp_path / "out" / "sweep.csv"
+    whole = table.read_text()
+    table.write_text("".join(whole.splitlines(keepends=True)[:4]))  # the 3 rows an interrupted sweep wrote
     for state, how in [("interrupted", "was interrupted"), ("running", "did not finish (killed, or still running)")]:
         meta_path.write_text(json.dumps({**meta, "state": state, "finished": 3}))
         for given in ("out", "out/sweep.csv"):
             res = sim("plot", given, "--out", "p", cwd=tmp_path)
             assert res.returncode == 0, res.stderr
             assert res.stderr == f"warning: out/sweep.json: the sweep {how}: 3 of 6 jobs have a row; curves lack the rest\n"
+    # A table cut (or added to) after its sweep ended was plotted without a word.
+    for state in ("complete", "interrupted"):
+        meta_path.write_text(json.dumps({**meta, "state": state, "finished": 6 if state == "complete" else 2}))
+        res = sim("plot", "out", "--out", "p", cwd=tmp_path)
+        assert res.returncode == 0, res.stderr
+        assert res.stderr == (f"warning: out/sweep.csv: 3 rows, where sweep.json says the sweep wrote "
+                              f"{6 if state == 'complete' else 2} ({state}); the table was cut or changed after the "
+                              f"sweep, so its curves may lack points\n"), res.stderr
+    table.write_text(whole)
+    meta_path.write_text(json.dumps(meta))
+    res = sim("plot", "out", "--out", "p", cwd=tmp_path)
+    assert res.returncode == 0 and res.stderr == "", res.stderr
     meta_path.write_text("{")
     res = sim("plot", "out", "--out", "p", cwd=tmp_path)
     assert res.returncode == 0 and res.stderr.startswith("warning: out/sweep.json: cannot tell whether the sweep finished")
