@@ -279,6 +279,7 @@ def write_outputs(r: Replayer, settings: ReplaySettings, wall: float, interrupte
         "trace": str(Path(settings.trace).resolve()), "policy": settings.policy, "target": settings.target,
         "model": getattr(r.target, "model", settings.model), "latency": settings.latency, "name": name,
         "kv_ttl": settings.kv_ttl, "programs": len(r.programs), "calls": sum(len(p.calls) for p in r.programs),
+        "finished_programs": len(programs),  # programs.csv's rows: `engine validate` refuses a file cut since
         "trace_sha256": digest(r.programs),  # `engine validate` refuses a trace that no longer matches
         "cache_salt": settings.cache_salt,
         # Where the engine's prefix cache cannot match the simulation's (`engine validate` notes them).

@@ -119,6 +119,12 @@ def load_replay(directory: str | Path) -> Replayed:
         seen.add(r.program_id)
     if not rows:
         raise ValidationError(f"{d / 'programs.csv'}: no program finished in this replay; nothing to compare")
+    finished = meta.get("finished_programs")  # absent from replays written before it was recorded
+    if finished is not None and (type(finished) is not int or finished < 0):
+        raise bad("finished_programs", "an integer >= 0 (programs.csv's rows)")
+    if finished is not None and finished != len(rows):  # compared without a word, as if the replay had fewer
+        raise ValidationError(f"{d / 'programs.csv'}: {len(rows)} rows, but replay.json says {finished} programs "
+                              f"finished (field 'finished_programs'); the file was cut or changed after the replay")
     sha = meta.get("trace_sha256")
     if sha is not None and not (isinstance(sha, str) and re.fullmatch(r"[0-9a-f]{64}", sha)):
         raise bad("trace_sha256", "64 lowercase hex digits (a SHA-256, as python -m engine replay writes) or null")

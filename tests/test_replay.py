@@ -461,6 +461,7 @@ def test_an_interrupted_replay_keeps_the_programs_that_finished(tmp_path):
     assert len(read_calls_csv(out / "calls.csv")) == 2
     meta = json.loads((out / "replay.json").read_text())
     assert meta["interrupted"] is True
+    assert (meta["programs"], meta["finished_programs"]) == (2, 1)  # engine validate checks programs.csv by it
     summary = json.loads((out / "summary.json").read_text())
     assert summary["policies"]["fcfs"]["stats"]["unfinished_programs"] == 1.0
 

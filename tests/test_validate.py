@@ -322,8 +322,10 @@ def _bad_meta(tmp_path, text):
          "replay.json:1: field 'calls_without_output_ids' must be an integer >= 0, got a 5000-digit integer"),
         ('"trace_sha256": "abc"', "replay.json:1: field 'trace_sha256' must be 64 lowercase hex digits (a SHA-256, "
                                   'as python -m engine replay writes) or null, got "abc"'),
+        ('"finished_programs": "1"', "replay.json:1: field 'finished_programs' must be an integer >= 0 (programs.csv's "
+                                     'rows), got "1"'),
     ],
-    ids=["latency-int", "latency-list", "count-float", "count-too-long", "sha-short"],
+    ids=["latency-int", "latency-list", "count-float", "count-too-long", "sha-short", "finished-string"],
 )
 def test_each_replay_json_field_validate_reads_is_type_checked(tmp_path, fields, message):
     """A numeric latency label crashed latency_label_note with AttributeError ('int' has no split)."""
@@ -407,3 +409,17 @@ def test_a_json_path_that_cannot_be_written_is_refused_before_simulating(tmp_pat
     args = build_parser().parse_args(["validate", "r", "--experiment", "tiny", "-e", str(exp), "--json", json_path])
     assert args.run(args) == 2
     assert capsys.readouterr().err == f"python -m engine validate: error: {message.format(tmp=tmp_path)}\n"
+
+
+def test_a_programs_csv_cut_after_the_replay_is_refused(tmp_path):
+    """A row deleted from programs.csv was compared without a word, as if fewer programs had finished."""
+    trace, _ = _trace(tmp_path)
+    d = _replay_dir(tmp_path, "r", trace, "fcfs", {"p0": 0.1, "p1": 0.2})
+    meta = json.loads((d / "replay.json").read_text())
+    (d / "replay.json").write_text(json.dumps({**meta, "finished_programs": 3}))
+    with pytest.raises(ValidationError) as err:
+        load_replay(d)
+    assert str(err.value) == (f"{d / 'programs.csv'}: 2 rows, but replay.json says 3 programs finished (field "
+                              f"'finished_programs'); the file was cut or changed after the replay")
+    (d / "replay.json").write_text(json.dumps({**meta, "finished_programs": 2}))
+    assert len(load_replay(d).latencies) == 2
