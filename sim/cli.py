@@ -304,7 +304,7 @@ def _sweep(args: argparse.Namespace) -> int:
 
 def _plot(args: argparse.Namespace) -> int:
     from sim.derived import NO_RATE, WHY_NO_RATE, parse_target, report, without_rate
-    from sim.sweep_table import load_rows, measured, unfinished_sweeps
+    from sim.sweep_table import PLOTS_DIR, load_rows, measured, unfinished_sweeps
     from sim.config import ConfigError
     from sim.sweep_plots import draw_all
 
@@ -327,7 +327,7 @@ def _plot(args: argparse.Namespace) -> int:
         print(f"warning: {rateless} of {len(measured(rows))} measured rows have no arrival rate and are left out "
               f"({WHY_NO_RATE})", file=sys.stderr)
     results = Path(args.results[0])
-    out = _out(args, (results if results.is_dir() else results.parent) / "plots")
+    out = _out(args, (results if results.is_dir() else results.parent) / PLOTS_DIR)
     print(report(rows, args.target))
     for path in draw_all(rows, out, args.target):
         print(f"wrote {path}")

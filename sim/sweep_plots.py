@@ -34,14 +34,15 @@ from sim.derived import (  # noqa: E402
     throughput_table,
     without_seed,
 )
-from sim.sweep_table import LATENCY, PROGRAMS, Curve, curves, group_label, measured, programs_tell_apart  # noqa: E402
+from sim.sweep_table import (  # noqa: E402
+    FIGURES, LATENCY, PROGRAMS, Curve, curves, group_label, measured, programs_tell_apart,
+)
 
 PNG_METADATA = {"Software": None}
 SVG_METADATA = {"Date": None, "Creator": None}
 RC = {"svg.hashsalt": "autellix", "path.simplify": True}
 DPI = 100
 BOUND_HATCH = {"lower": "//", "upper": "\\\\", "unknown": ".."}
-FIGURES = ("latency_vs_rate", "throughput_ratio", "wait_breakdown", "balancers_vs_replicas")
 
 
 def save(fig: Any, stem: Path) -> list[Path]:

@@ -51,6 +51,7 @@ from sim.experiments import to_file_dict
 from sim.metrics import add_ratios, summarize_policy
 from sim.pool import TRIES, WorkerLost, run_in_pools
 from sim.sweep import DEFAULT_VARIANT, Job, Sweep
+from sim.sweep_table import FIGURES, PLOTS_DIR
 from sim.textout import write_atomic, writing_under
 from sim.yaml_io import dump_yaml
 
@@ -370,6 +371,18 @@ def remove_points(points: Path) -> None:
             sub.rmdir()
 
 
+def remove_figures(plots: Path) -> None:
+    """Delete the figures `sim plot` drew of a previous sweep here, and the directory if that empties it;
+    anything else in it is left alone."""
+    if not plots.is_dir():
+        return
+    for stem in FIGURES:
+        for suffix in (".png", ".svg"):
+            (plots / (stem + suffix)).unlink(missing_ok=True)
+    if not any(plots.iterdir()):
+        plots.rmdir()
+
+
 @dataclass
 class SweepWriter:
     """Owns the output directory: rows appended as they come, a sorted rewrite at the end."""
@@ -388,6 +401,7 @@ class SweepWriter:
         for name in ("sweep.csv", "sweep.parquet", "sweep.json"):
             (self.out / name).unlink(missing_ok=True)
         remove_points(self.out / "points")  # a previous run's points must not mix with this one's
+        remove_figures(self.out / PLOTS_DIR)  # nor its figures (sim plot's default place) sit by this table
         self.meta = {
             "sweep": self.sweep.name,
             "description": self.sweep.description,

@@ -23,6 +23,11 @@ from typing import Any, Iterable, Sequence
 
 from sim.records import number_of
 
+# The figures `sim plot` draws (`sim.sweep_plots.draw_all`), each as .png and .svg under a sweep's plots/ by
+# default; a new sweep into the same directory removes them with the old table (`sim.sweep_run.SweepWriter`).
+FIGURES = ("latency_vs_rate", "throughput_ratio", "wait_breakdown", "balancers_vs_replicas")
+PLOTS_DIR = "plots"
+
 LATENCY = "normalized_latency_mean"
 GROUP = ("workload", "replicas", "balancer")  # always part of a curve's identity
 TEXT_COLUMNS = {"sweep", "workload", "balancer", "variant", "policy", "scheduler", "status", "error"}

@@ -152,6 +152,26 @@ def test_a_rerun_replaces_the_previous_points_but_keeps_other_files(exp, tmp_pat
         "config-unopt.yaml", "config.yaml", "notes.txt", "summary.json"]
 
 
+def test_a_rerun_removes_the_previous_sweeps_figures(exp, tmp_path):
+    """sim plot's figures of the previous sweep stayed in plots/ beside the new table."""
+    from sim.sweep_plots import draw_all
+    from sim.sweep_table import FIGURES, load_rows
+
+    out = tmp_path / "out"
+    big = load_sweep("s", exp)
+    run_sweep(big, jobs(big, exp), out, workers=1, quiet=True)
+    drawn = draw_all(load_rows(out), out / "plots")
+    assert drawn and all(p.stem in FIGURES for p in drawn)
+    (out / "plots" / "notes.txt").write_text("mine")
+    small = load_sweep("ok", exp)
+    run_sweep(small, jobs(small, exp), out, workers=1, quiet=True)
+    assert [p.name for p in (out / "plots").iterdir()] == ["notes.txt"]
+    (out / "plots" / "notes.txt").unlink()
+    draw_all(load_rows(out), out / "plots")
+    run_sweep(small, jobs(small, exp), out, workers=1, quiet=True)
+    assert not (out / "plots").exists()  # emptied: removed
+
+
 def test_parquet_only_with_pyarrow(exp, tmp_path, monkeypatch):
     sweep = load_sweep("ok", exp)
     todo = jobs(sweep, exp)[:1]
