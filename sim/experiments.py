@@ -122,8 +122,8 @@ def load_file(path: str | Path | None = None) -> ExperimentsFile:
         line = lines.get(("experiments", name), 1)
         if not isinstance(name, str) or not NAME_RE.fullmatch(name):  # match's "$" let "a\n" through
             raise ConfigError(
-                f"{where}:{line}: experiment name {name!r}: use letters, digits, '.', '_' and '-' "
-                "(it names the output directory)"
+                f"{where}:{line}: experiment name {name!r}: use letters, digits, '.', '_' and '-', starting with "
+                "a letter or digit (it names the output directory)"
             )
         if not isinstance(body, dict):
             raise ConfigError(f"{where}:{line}: experiments.{name}: expected a mapping")
@@ -132,7 +132,7 @@ def load_file(path: str | Path | None = None) -> ExperimentsFile:
         if not isinstance(name, str) or not NAME_RE.fullmatch(name):  # "../x" wrote outside results/sweeps/
             raise ConfigError(
                 f"{where}:{lines.get(('sweeps', name), 1)}: sweep name {name!r}: use letters, digits, '.', '_' "
-                "and '-' (it names the output directory)"
+                "and '-', starting with a letter or digit (it names the output directory)"
             )
     return ExperimentsFile(where, defaults, experiments, lines, sweeps)
 
@@ -542,6 +542,10 @@ def _check_workload(ck: _Checker, raw: Any) -> tuple[str | None, dict[str, Any],
         generate(gen, **{**params, "programs": 0}, seed=0)
     except (ValueError, TypeError, OverflowError) as exc:  # OverflowError: a number past what a float holds
         msg = str(exc)
+        if msg.startswith("unknown parameter "):  # the generator lists its own; here the arrivals' are params too
+            from traces.generators import ARRIVAL_PARAMS
+
+            msg += f", and the arrivals' {', '.join(ARRIVAL_PARAMS)}"
         names = [k for k in params if isinstance(k, str)]
         # Parameters wrong only together (``calls_mean=6 ... calls_max=2``): blame the one set
         # last, a --set over a file line; the first named was blamed, the file for the --set's value.

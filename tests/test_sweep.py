@@ -685,6 +685,7 @@ def test_a_point_given_as_an_int_and_as_a_float_is_one_point(tmp_path):
     ('""', "''"),  # wrote into results/sweeps/ itself
     ("1", "1"),  # a sweep missing from the file then failed with a TypeError listing the names
     ('"a\\n"', "'a\\n'"),  # NAME_RE.match's "$" matches before a final newline
+    ('".."', "'..'"),  # its characters all allowed: the message now says it must start with a letter or digit
 ])
 def test_a_sweep_name_names_a_directory_so_it_is_a_plain_word(tmp_path, name, shown):
     f = write(tmp_path, f"""\
@@ -697,5 +698,5 @@ def test_a_sweep_name_names_a_directory_so_it_is_a_plain_word(tmp_path, name, sh
         """)
     with pytest.raises(ConfigError) as err:
         load_sweep("ok", f)
-    assert str(err.value) == (f"{f}:12: sweep name {shown}: use letters, digits, '.', '_' and '-' "
-                              "(it names the output directory)")
+    assert str(err.value) == (f"{f}:12: sweep name {shown}: use letters, digits, '.', '_' and '-', starting with a "
+                              "letter or digit (it names the output directory)")

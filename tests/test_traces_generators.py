@@ -118,6 +118,8 @@ CV_RANGE = "cv must be a finite number > 0 from 0.01 to 10 (outside it gamma arr
         (dict(calls_mean=69.9999, calls_max=70, calls_sigma=4.0),
          "bfcl parameters calls_mean=69.9999, calls_max=70, calls_sigma=4.0: a mean of 69.9999 calls is too close "
          "to the maximum of 70 for a spread of 4.0 (reachable: below 69.9"),
+        (dict(workload="lats", max_steps=1), "lats parameter 'max_steps' must be at least 2 (one step makes every "
+         "program 1+(width+2) = 8 calls, leaving calls_mean no room), got 1"),
         (dict(output_tokens_sigma=-0.5), "bfcl parameter 'output_tokens_sigma' must be a finite number >= 0, got -0.5"),
         (dict(output_tokens_sigma=100),
          "bfcl parameter 'output_tokens_sigma' must be at most 4 (a wider lognormal degenerates), got 100"),

@@ -264,6 +264,11 @@ class LATSParams:
                 f"1+max_steps*(width+2) = {f'{hi:,}' if hi < 10**40 else _shown(hi)} calls per program; "
                 f"at most {MAX_CALLS_PER_PROGRAM:,}"
             )
+        if hi <= lo:  # one step: every program has the same 1 + (width + 2) calls, no mean to choose
+            raise ValueError(
+                f"lats parameter 'max_steps' must be at least 2 (one step makes every program "
+                f"1+(width+2) = {lo} calls, leaving calls_mean no room), got {_shown(self.max_steps)}"
+            )
         if not lo < self.calls_mean < hi:
             raise ValueError(
                 f"lats parameter 'calls_mean' must lie strictly between {lo} and {hi} for "
