@@ -245,11 +245,32 @@ def _out(args: argparse.Namespace, default: Path) -> Path:
     from traces.argtypes import path_problem
 
     problem = path_problem(args.out, "--out", directory=True)  # a parent that is a file, or none writable
+    if not problem:
+        problem = _mkdir_problem(args.out)
     if problem:
         from sim.config import ConfigError
 
         raise ConfigError(problem)
     return Path(args.out)
+
+
+def _mkdir_problem(out: str) -> str | None:
+    """Whether --out can be made, found by making it and removing what was made (a run that fails its
+    checks leaves no directory): access() passed /proc/x, which failed later as "/proc/x: No such file"."""
+    path = os.path.abspath(out)
+    if os.path.isdir(path):
+        return None
+    made = []
+    while not os.path.exists(path):
+        made.append(path)
+        path = os.path.dirname(path)
+    try:
+        os.makedirs(made[0])
+    except OSError as exc:
+        return f"--out {out}: cannot make the directory: {exc.strerror or exc}"
+    for d in made:  # deepest first
+        os.rmdir(d)
+    return None
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -79,7 +79,7 @@ from typing import Any, Callable
 
 from aiohttp import web
 
-from sim.config import ExperimentConfig
+from sim.config import ExperimentConfig, LatencyConfig
 from sim.core import POLICY_CLASSES
 from sim.http_site import run_site
 from sim.latency import MAX_STEP_SECONDS, MIN_STEP_SECONDS, latency_notes
@@ -425,7 +425,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="GPUs this engine spans (tensor parallel; default: the --model spec's tensor_parallel, "
                         "else the experiment's, else 1)")
     p.add_argument("--latency", choices=("constant", "roofline", "fitted"), help="latency model kind")
-    p.add_argument("--step-seconds", type=number, help="step time of the constant latency model")
+    p.add_argument("--step-seconds", type=number,
+                   help=f"step time of the constant latency model (default: the --experiment's, else "
+                        f"{LatencyConfig().seconds:g})")
     p.add_argument("--latency-name", help="fitted latency model name or path")
     p.add_argument("--num-gpu-blocks", type=POSITIVE_INT, help="KV capacity in blocks (default: from the specs)")
     p.add_argument("--max-model-len", type=POSITIVE_INT,

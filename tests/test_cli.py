@@ -377,3 +377,27 @@ def test_an_interrupt_just_after_the_summary_landed_keeps_that_policys_rows(work
         rows = whole.joinpath(name).read_text().splitlines()
         assert cut.joinpath(name).read_text().splitlines() == [
             r for r in rows if r.split(",", 1)[0] in listed or r == rows[0]]
+
+
+def test_an_out_directory_that_cannot_be_made_names_out(workdir, monkeypatch, capsys):
+    """access() passes /proc/x (root may write /proc), and the run failed later with
+    "error: /proc/x: No such file or directory", not naming --out. A probe that works leaves nothing."""
+    import errno
+
+    from test_experiments import tiny_trace
+
+    tiny_trace(workdir / "t.jsonl", programs=2)
+    real = os.makedirs
+
+    def makedirs(path, *a, **kw):
+        if "nowhere" in str(path):
+            raise FileNotFoundError(errno.ENOENT, "No such file or directory", path)
+        return real(path, *a, **kw)
+
+    monkeypatch.chdir(workdir)
+    monkeypatch.setattr(os, "makedirs", makedirs)
+    assert main(["run", "tiny", "-e", "exp.yaml", "-q", "--out", "nowhere/x"]) == 1
+    assert capsys.readouterr().err == "error: --out nowhere/x: cannot make the directory: No such file or directory\n"
+    assert main(["run", "tiny", "-e", "exp.yaml", "-q", "--out", "a/b", "-s", "engine.num_gpu_blocks=1"]) == 1
+    assert "exceeds the KV cache of one replica" in capsys.readouterr().err
+    assert not (workdir / "a").exists()  # the probe made a/b and took both away again

@@ -423,3 +423,10 @@ def test_a_programs_csv_cut_after_the_replay_is_refused(tmp_path):
                               f"'finished_programs'); the file was cut or changed after the replay")
     (d / "replay.json").write_text(json.dumps({**meta, "finished_programs": 2}))
     assert len(load_replay(d).latencies) == 2
+
+
+def test_a_replay_whose_trace_is_gone_names_replay_json_s_field(tmp_path):
+    """It said "/nonexist.jsonl: No such file or directory", without saying replay.json named that path."""
+    message = _bad_meta(tmp_path, '{"trace": "/nonexist.jsonl", "policy": "fcfs"}')
+    assert message == ("replay.json:1: field 'trace': no such file /nonexist.jsonl: the trace this replay ran, which "
+                       "validate simulates; put it back there, or give its new path in this field")
