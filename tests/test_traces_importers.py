@@ -185,6 +185,8 @@ def test_sharegpt_conversations_become_chains(tmp_path):
     src.write_text(json.dumps(SHAREGPT))
     report = import_sharegpt(src, rate=2.0, seed=3)
     a, c = report.programs
+    # named by their conversation's index: c, the third, was p1 after b (no reply) made no program
+    assert [p.id for p in report.programs] == ["p0", "p2"]
     assert [(x.prompt_tokens, x.output_tokens, x.context_of) for x in a.calls] == [(10, 20, None), (10 + 20 + 2, 2, "c0")]
     assert a.calls[1].parents == ("c0",)
     assert [(x.prompt_tokens, x.output_tokens) for x in c.calls] == [(3 + 1, 100)]

@@ -324,9 +324,11 @@ def import_sharegpt(
     output token). All three are counted in the report. Roles: ``human``,
     ``user``, ``system`` ask; ``gpt``, ``chatgpt``, ``assistant``, ``bard``,
     ``bing`` reply. Arrivals are Poisson at ``rate`` programs/s with
-    ``seed``; program ids are ``p0, p1, ...`` in file order (the ShareGPT id
-    is not kept, since real dumps repeat ids). A leading byte order mark is
-    ignored.
+    ``seed``; a program's id is ``pN``, N the index of its conversation in
+    the file (as errors give it, ``conversation [N]``), so a program can be
+    traced to its source even where conversations without a reply leave gaps
+    (the ShareGPT id is not used, since real dumps repeat ids). A leading
+    byte order mark is ignored.
     """
     file = os.fspath(path)
     with reading(file) as fh:
@@ -350,6 +352,7 @@ def import_sharegpt(
     if not isinstance(data, list):
         raise TraceError(f"expected a JSON array of conversations, got {show(data)}", file=file)
     bodies: list[tuple[Call, ...]] = []
+    sources: list[int] = []  # each body's conversation index
     no_reply = trailing = empty = 0
     roles = ", ".join(repr(r) for r in USER_ROLES + REPLY_ROLES)
     for n, conv in enumerate(data):
@@ -390,9 +393,10 @@ def import_sharegpt(
         if chat.pending:
             trailing += 1
         bodies.append(tuple(chat.calls))
+        sources.append(n)
     rng = np.random.Generator(np.random.PCG64(seed))
     times = arrival_times(len(bodies), rate, rng)
-    programs = [Program(f"p{i}", t, "sharegpt", calls) for i, (t, calls) in enumerate(zip(times, bodies))]
+    programs = [Program(f"p{n}", t, "sharegpt", calls) for n, t, calls in zip(sources, times, bodies)]
     notes = [
         f"{no_reply} conversation(s) without a reply: no program",
         f"{trailing} conversation(s) end with unanswered messages: not calls",
