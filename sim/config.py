@@ -26,8 +26,10 @@ POLICIES = tuple(POLICY_CLASSES)
 DEFAULT_POLICIES = ("fcfs", "mlfq", "plas", "atlas", "srpt")
 BALANCERS = ("round_robin", "least_used", "locality")
 PREEMPTION_MODES = ("recompute", "swap")
-# vLLM's `--block-size` choices (config/cache.py, `BlockSize`): any other size is refused at start.
-VLLM_BLOCK_SIZES = (1, 8, 16, 32, 64, 128, 256)
+# vLLM 0.26.0 takes any --block-size > 0 (config/cache.py), but its attention backends for these GPUs
+# (FlashAttention, Triton, FlexAttention: `get_supported_kernel_block_sizes`) take multiples of 16 only,
+# so a block of 8 finds no backend and the engine does not start.
+KV_BLOCK_MULTIPLE = 16
 # The most engine replicas one experiment may have. Each is a simulated engine
 # with its own KV-cache pool and scheduler, built before the first arrival,
 # so 10**8 (a typo) runs for minutes and gigabytes before failing; the

@@ -43,10 +43,10 @@ from typing import Any, Mapping, Sequence
 from sim.config import (
     BALANCERS,
     DEFAULT_POLICIES,
+    KV_BLOCK_MULTIPLE,
     MAX_REPLICAS,
     POLICIES,
     PREEMPTION_MODES,
-    VLLM_BLOCK_SIZES,
     ConfigError,
     EngineConfig,
     ExperimentConfig,
@@ -346,11 +346,11 @@ def _check_engine(ck: _Checker, e: EngineConfig) -> None:
             loader(value)
         except SpecError as exc:
             ck.fail(p + (key,), str(exc))
-    for key in ("gpus_per_replica", "max_num_seqs", "max_num_batched_tokens", "replicas"):
+    for key in ("gpus_per_replica", "block_size", "max_num_seqs", "max_num_batched_tokens", "replicas"):
         _positive(ck, p + (key,), getattr(e, key), "an integer >= 1")
-    if e.block_size not in VLLM_BLOCK_SIZES:
-        ck.fail(p + ("block_size",), f"expected one of vLLM's block sizes ({', '.join(map(str, VLLM_BLOCK_SIZES))} "
-                f"tokens), got {brief(e.block_size)}")
+    if e.block_size % KV_BLOCK_MULTIPLE:
+        ck.fail(p + ("block_size",), f"expected a multiple of {KV_BLOCK_MULTIPLE} tokens, as vLLM 0.26.0's attention "
+                f"backends for these GPUs (FlashAttention, Triton, FlexAttention) take, got {e.block_size}")
     if e.replicas > MAX_REPLICAS:
         ck.fail(p + ("replicas",), f"expected at most {MAX_REPLICAS:,} replicas, got {e.replicas}")
     _positive(ck, p + ("num_gpu_blocks",), e.num_gpu_blocks, "null or an integer >= 1")
