@@ -97,7 +97,7 @@ def load_replay(directory: str | Path) -> Replayed:
             raise ValidationError(f"{meta_path}: missing string field {key!r}")
         if not isinstance(meta[key], str) or not meta[key]:
             raise bad(key, "a non-empty string")
-    if not os.path.isfile(meta["trace"]):  # said as "No such file" with no word of where the path came from
+    if not os.path.exists(meta["trace"]):  # said as "No such file" with no word of where the path came from
         raise ValidationError(f"{json_key_line(meta_path, text, 'trace')}: field 'trace': no such file "
                               f"{meta['trace']}: the trace this replay ran, which validate simulates; put it back "
                               f"there, or give its new path in this field")

@@ -245,8 +245,6 @@ def _out(args: argparse.Namespace, default: Path) -> Path:
     from traces.argtypes import path_problem
 
     problem = path_problem(args.out, "--out", directory=True)  # a parent that is a file, or none writable
-    if not problem:
-        problem = _mkdir_problem(args.out)
     if problem:
         from sim.config import ConfigError
 
@@ -254,23 +252,12 @@ def _out(args: argparse.Namespace, default: Path) -> Path:
     return Path(args.out)
 
 
-def _mkdir_problem(out: str) -> str | None:
-    """Whether --out can be made, found by making it and removing what was made (a run that fails its
-    checks leaves no directory): access() passed /proc/x, which failed later as "/proc/x: No such file"."""
-    path = os.path.abspath(out)
-    if os.path.isdir(path):
-        return None
-    made = []
-    while not os.path.exists(path):
-        made.append(path)
-        path = os.path.dirname(path)
-    try:
-        os.makedirs(made[0])
-    except OSError as exc:
-        return f"--out {out}: cannot make the directory: {exc.strerror or exc}"
-    for d in made:  # deepest first
-        os.rmdir(d)
-    return None
+def _under_out(filename: Any, out: str | None) -> bool:
+    """Whether a failed path is the --out directory, one of its parents made on the way, or a file in it."""
+    if not out or not isinstance(filename, (str, os.PathLike)):
+        return False
+    failed, top = os.path.abspath(filename), os.path.abspath(out)
+    return failed == top or top.startswith(failed.rstrip(os.sep) + os.sep) or failed.startswith(top + os.sep)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -403,6 +390,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         text = str(exc)
         if isinstance(exc, OSError) and exc.filename is not None:
             text = f"{exc.filename}: {exc.strerror}"
+            if _under_out(exc.filename, getattr(args, "out", None)):  # /proc/x passed the checks, then failed
+                text = f"--out {args.out}: {text}"
         print(f"error: {text}", file=sys.stderr)
         return 1
     except Terminated:

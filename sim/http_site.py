@@ -29,13 +29,19 @@ def run_site(app: web.Application, host: str, port: int, prog: str,
     sock = None
     if port == 0:
         try:
-            family = socket.getaddrinfo(host, 0, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
-            sock = socket.create_server((host, 0), family=family)
+            if host:  # a name that resolves to several addresses is bound on its first, with one port
+                family = socket.getaddrinfo(host, 0, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
+                sock = socket.create_server((host, 0), family=family)
+            else:  # every interface, as aiohttp binds an empty host
+                dual = socket.has_dualstack_ipv6()
+                sock = socket.create_server(("", 0), family=socket.AF_INET6 if dual else socket.AF_INET,
+                                            dualstack_ipv6=dual)
         except OSError as exc:
             print(f"{prog}: error: cannot listen on {host}:{port}: {exc.strerror or exc}", file=sys.stderr)
             return 1
         port = sock.getsockname()[1]
-    url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
+    shown = host or "0.0.0.0"
+    url = f"http://{f'[{shown}]' if ':' in shown else shown}:{port}"
 
     def bound(_: str) -> None:
         if banner is not None:

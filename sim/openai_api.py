@@ -181,7 +181,8 @@ def _message_text(message: dict[str, Any], i: int) -> str:
     elif isinstance(content, str):
         text = content
     elif isinstance(content, list):
-        text = "".join(_part_text(part, i, j) for j, part in enumerate(content))
+        # vLLM's "string" content format (Llama-3.1's template) joins the parts' texts with newlines
+        text = "\n".join(t for t in (_part_text(part, i, j) for j, part in enumerate(content)) if t is not None)
     else:
         raise RequestError(f"messages[{i}].content: expected a string, a list of content parts or null, got "
                            f"{json_type(content)}", "messages")
@@ -190,28 +191,32 @@ def _message_text(message: dict[str, Any], i: int) -> str:
     return text
 
 
-def _part_text(part: Any, i: int, j: int) -> str:
+def _part_text(part: Any, i: int, j: int) -> str | None:
+    """A content part's text; None for a text or refusal part without content, which vLLM skips."""
     where = f"messages[{i}].content[{j}]"
     if not isinstance(part, dict):
         raise RequestError(f"{where}: expected a content part object, got {json_type(part)}", "messages")
     kind = part.get("type")
     if kind is None:  # vLLM reads a media part's type from its key, and refuses any other without one
-        kind = next((k for k in MEDIA_PARTS if k in part), None)
+        kind = next((k for k in (*MEDIA_PARTS, "tool_reference") if k in part), None)
         if kind is None:
             raise RequestError(f"{where}: Missing 'type' field in multimodal part (vLLM's words); a text part "
                                f"is {{\"type\": \"text\", \"text\": ...}}", "messages")
     if not isinstance(kind, str):
         raise RequestError(f"{where}: Invalid 'type' field in multimodal part (vLLM's words), got "
                            f"{as_json(kind)}", "messages")
+    if kind == "prompt_embeds":
+        raise RequestError(f"{where}: part type 'prompt_embeds' needs vLLM's --enable-prompt-embeds, which this "
+                           f"engine does not take", "messages")
     if kind in MEDIA_PARTS:
-        raise RequestError(f"{where}: a {kind!r} part needs a multimodal model; this engine's is text-only, "
+        raise RequestError(f"{where}: part type {kind!r} needs a multimodal model; this engine's is text-only, "
                            f"and vLLM refuses it as not a multimodal model", "messages")
     if kind not in TEXT_PARTS:
         raise RequestError(f"{where}: Unsupported chat content part type: {kind!r}. Supported types: "
                            f"{', '.join(sorted((*TEXT_PARTS, *MEDIA_PARTS)))} (vLLM's words)", "messages")
     value = part.get(TEXT_PARTS[kind])
     if value is None:  # vLLM skips a text or refusal part without content
-        return ""
+        return None
     if not isinstance(value, str):
         raise RequestError(f"{where}.{TEXT_PARTS[kind]}: expected a string, got {json_type(value)}", "messages")
     return value

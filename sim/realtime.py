@@ -237,6 +237,15 @@ class RealtimeEngine:
     def in_flight(self) -> int:
         return len(self._handles)
 
+    @property
+    def longest_call(self) -> int:
+        """The most tokens (prompt and output) one call may have here, as `submit` checks them: the
+        context, and a --num-gpu-blocks cache smaller than it or, with chunked prefill off, the token
+        budget, neither of which vLLM would start with. A chat without a cap gets what its prompt leaves."""
+        eng = self.cfg.engine
+        budget = eng.max_num_batched_tokens if not eng.enable_chunked_prefill else self.max_model_len
+        return min(self.max_model_len, self.kv_tokens, budget)
+
     def submit(self, prompt_ids: list[int], max_tokens: int, program_id: str | None, thread_id: str | None,
                program_service: float | None, kv_ttl: float = 0.0, cache_salt: str | None = None,
                total_service: float | None = None) -> CallHandle:

@@ -180,10 +180,8 @@ class SimServer:
         try:
             req = parse_request(body, chat, self.served_model, self.engine.vocab_size)
             if req.max_tokens is None:  # a chat reply without a cap: the context left, as vLLM's get_max_tokens
-                # (with no end-of-sequence token here, as with vLLM on dummy weights, it runs that long); a
-                # --num-gpu-blocks cache smaller than max_model_len, which vLLM would not start with, bounds it too
-                room = min(self.engine.max_model_len, self.engine.kv_tokens) - len(req.prompt_ids)
-                req = dataclasses.replace(req, max_tokens=max(room, 1))
+                # (with no end-of-sequence token here, as with vLLM on dummy weights, it runs that long)
+                req = dataclasses.replace(req, max_tokens=max(self.engine.longest_call - len(req.prompt_ids), 1))
             handle = self.engine.submit(req.prompt_ids, req.max_tokens, req.program_id, req.thread_id,
                                         req.program_service, req.kv_ttl, req.cache_salt, req.total_service)
         except RequestError as exc:
@@ -329,6 +327,11 @@ def build_config(args: argparse.Namespace) -> ExperimentConfig:
         seqs, tokens = load_gpu(args.gpu).serve_batch_defaults()
         changes.setdefault("max_num_seqs", seqs)
         changes.setdefault("max_num_batched_tokens", tokens)
+    if args.max_num_batched_tokens is not None and args.max_num_seqs is None:
+        # As vllm serve (engine/arg_utils.py): a budget given without a sequence cap lowers the default cap
+        # to fit it, where both given must satisfy budget >= cap (`sim.experiments._check_engine`).
+        seqs = changes.get("max_num_seqs", eng.max_num_seqs)
+        changes["max_num_seqs"] = min(seqs, args.max_num_batched_tokens)
     eng = dataclasses.replace(eng, **changes)
     lat = cfg.latency
     if args.latency is not None:  # only the kind: the experiment's efficiencies and overhead stay

@@ -374,7 +374,7 @@ def remove_points(points: Path) -> None:
 def remove_figures(plots: Path) -> None:
     """Delete the figures `sim plot` drew of a previous sweep here, and the directory if that empties it;
     anything else in it is left alone."""
-    if not plots.is_dir():
+    if plots.is_symlink() or not plots.is_dir():  # a link (to docs/figures, say) is the user's: left alone
         return
     for stem in FIGURES:
         for suffix in (".png", ".svg"):

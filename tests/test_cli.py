@@ -381,23 +381,24 @@ def test_an_interrupt_just_after_the_summary_landed_keeps_that_policys_rows(work
 
 def test_an_out_directory_that_cannot_be_made_names_out(workdir, monkeypatch, capsys):
     """access() passes /proc/x (root may write /proc), and the run failed later with
-    "error: /proc/x: No such file or directory", not naming --out. A probe that works leaves nothing."""
+    "error: /proc/x: No such file or directory", not naming --out."""
     import errno
 
     from test_experiments import tiny_trace
 
     tiny_trace(workdir / "t.jsonl", programs=2)
-    real = os.makedirs
+    real = os.mkdir
 
-    def makedirs(path, *a, **kw):
+    def mkdir(path, *a, **kw):
         if "nowhere" in str(path):
-            raise FileNotFoundError(errno.ENOENT, "No such file or directory", path)
+            raise FileNotFoundError(errno.ENOENT, "No such file or directory", str(path))
         return real(path, *a, **kw)
 
     monkeypatch.chdir(workdir)
-    monkeypatch.setattr(os, "makedirs", makedirs)
-    assert main(["run", "tiny", "-e", "exp.yaml", "-q", "--out", "nowhere/x"]) == 1
-    assert capsys.readouterr().err == "error: --out nowhere/x: cannot make the directory: No such file or directory\n"
+    monkeypatch.setattr(os, "mkdir", mkdir)
+    for out in ("nowhere", "nowhere/x"):
+        assert main(["run", "tiny", "-e", "exp.yaml", "-q", "--out", out]) == 1
+        assert capsys.readouterr().err == f"error: --out {out}: nowhere: No such file or directory\n"
     assert main(["run", "tiny", "-e", "exp.yaml", "-q", "--out", "a/b", "-s", "engine.num_gpu_blocks=1"]) == 1
     assert "exceeds the KV cache of one replica" in capsys.readouterr().err
-    assert not (workdir / "a").exists()  # the probe made a/b and took both away again
+    assert not (workdir / "a").exists()  # a run that fails its checks makes no directory

@@ -1318,7 +1318,7 @@ def test_a_chat_requests_tools_count_in_its_prompt_and_are_a_shared_prefix():
     (["--latency", "constant", "--max-num-batched-tokens", "4", "--max-num-seqs", "8"],
      "--max-num-batched-tokens 4: engine.max_num_batched_tokens: engine.max_num_batched_tokens (4) must be >= "
      "engine.max_num_seqs (8), as vLLM requires"),
-    (["--experiment", "quickstart", "--policy", "plas", "--max-num-batched-tokens", "4"],
+    (["--experiment", "quickstart", "--policy", "plas", "--max-num-batched-tokens", "4", "--max-num-seqs", "256"],
      "--max-num-batched-tokens 4: experiment 'quickstart': engine.max_num_batched_tokens: "
      "engine.max_num_batched_tokens (4) must be >= engine.max_num_seqs (256), as vLLM requires"),
     (["--max-num-seqs", "100000"],
@@ -1345,6 +1345,7 @@ def test_sim_serve_refuses_an_engine_vllm_and_sim_run_refuse(capsys, argv, messa
 
 
 @pytest.mark.parametrize("command", [["sim", "serve", "--latency", "constant"],
+                                     ["sim", "serve", "--latency", "constant", "--host", ""],  # every interface
                                      ["engine", "gateway", "--engine", "http://127.0.0.1:9"]])
 def test_port_0_reports_the_port_the_system_chose(command):
     """`--port 0` (taken as a port) printed `on http://127.0.0.1:0`, an address nobody can reach."""
@@ -1362,7 +1363,7 @@ def test_port_0_reports_the_port_the_system_chose(command):
         while " on http://" not in line and time.monotonic() < deadline and proc.poll() is None:
             if sel.select(timeout=1):
                 line = proc.stderr.readline()
-        match = re.search(r" on http://127\.0\.0\.1:(\d+)", line)
+        match = re.search(r" on http://(?:127\.0\.0\.1|0\.0\.0\.0|\[::\]):(\d+)", line)
         assert match, line
         port = int(match.group(1))
         assert port != 0
@@ -1384,13 +1385,21 @@ def test_chat_content_parts_are_read_by_type_as_vllm_reads_them():
     assert tokens(text, {"type": "thinking", "thinking": "y" * 40}) == tokens(text, text)
     assert tokens(text, {"type": "refusal", "refusal": "y" * 40}) == tokens(text, text)
     assert tokens(text, {"type": "text", "text": None}) == tokens(text)  # vLLM skips an empty text part
+    # vLLM infers the type from the key, and reads the name
+    assert tokens(text, {"tool_reference": True, "name": "y" * 40}) == tokens(text, text)
+    # the texts are joined with a newline, as vLLM's string content format joins them
+    assert parse_request({"messages": [{"role": "user", "content": [{"type": "text", "text": "ab"}, {"type": "text", "text": "cd"}]}]},
+                         chat=True, served_model="m").prompt_ids == parse_request(
+        {"messages": [{"role": "user", "content": "ab\ncd"}]}, chat=True, served_model="m").prompt_ids
     for part, message in (
         ({"type": "image_url", "image_url": {"url": "http://x"}},
-         "messages[0].content[1]: a 'image_url' part needs a multimodal model; this engine's is text-only, and "
+         "messages[0].content[1]: part type 'image_url' needs a multimodal model; this engine's is text-only, and "
          "vLLM refuses it as not a multimodal model"),
         ({"input_audio": {"data": "", "format": "wav"}},
-         "messages[0].content[1]: a 'input_audio' part needs a multimodal model; this engine's is text-only, and "
-         "vLLM refuses it as not a multimodal model"),
+         "messages[0].content[1]: part type 'input_audio' needs a multimodal model; this engine's is text-only, "
+         "and vLLM refuses it as not a multimodal model"),
+        ({"type": "prompt_embeds", "data": "x"}, "messages[0].content[1]: part type 'prompt_embeds' needs vLLM's "
+                                                  "--enable-prompt-embeds, which this engine does not take"),
         ({"text": "x"}, "messages[0].content[1]: Missing 'type' field in multimodal part (vLLM's words); a text "
                         "part is {\"type\": \"text\", \"text\": ...}"),
         ({"type": 3}, "messages[0].content[1]: Invalid 'type' field in multimodal part (vLLM's words), got 3"),
@@ -1412,9 +1421,9 @@ def test_a_chat_request_without_a_cap_runs_to_the_context_left_as_vllm():
         is None
     assert parse_request({"prompt": "hi"}, chat=False, served_model="m").max_tokens == 16
 
-    async def go():
+    async def go(**engine):
         config = engine_config(0.001, 4000)
-        config = dataclasses.replace(config, engine=dataclasses.replace(config.engine, max_model_len=40))
+        config = dataclasses.replace(config, engine=dataclasses.replace(config.engine, **engine))
         runner = await serve(SimServer(RealtimeEngine(config, "fcfs"), "sim"), "127.0.0.1", 0)
         url = "http://127.0.0.1:%d" % runner.addresses[0][1]
         try:
@@ -1425,7 +1434,29 @@ def test_a_chat_request_without_a_cap_runs_to_the_context_left_as_vllm():
         finally:
             await runner.cleanup()
 
-    status, body = run(go())
-    assert status == 200, body
-    assert body["usage"]["prompt_tokens"] == 6 and body["usage"]["completion_tokens"] == 34
-    assert body["choices"][0]["finish_reason"] == "length"
+    for engine, room in (({"max_model_len": 40}, 40),
+                         # without chunked prefill a call must fit one step's budget: it was a 400 naming a
+                         # max_tokens (the context left) the client never sent
+                         ({"enable_chunked_prefill": False, "max_num_batched_tokens": 30, "max_num_seqs": 4}, 30),
+                         ({"num_gpu_blocks": 2}, 32)):  # a cache smaller than the context
+        status, body = run(go(**engine))
+        assert status == 200, body
+        assert body["usage"]["prompt_tokens"] == 6 and body["usage"]["completion_tokens"] == room - 6, engine
+        assert body["choices"][0]["finish_reason"] == "length"
+
+
+@pytest.mark.parametrize("argv, seqs", [(["--max-num-batched-tokens", "128"], 128),
+                                        (["--gpu", "h100", "--max-num-batched-tokens", "512"], 512),
+                                        (["--experiment", "quickstart", "--policy", "plas",
+                                          "--max-num-batched-tokens", "64"], 64),
+                                        (["--max-num-batched-tokens", "4096"], 256)])
+def test_a_budget_given_alone_lowers_the_sequence_cap_as_vllm_serve_does(argv, seqs):
+    """vllm serve --max-num-batched-tokens 128 starts with 128 sequences (engine/arg_utils.py); the flag
+    checks refused it against the default cap of 256."""
+    import argparse
+
+    from sim.serve import add_arguments, build_config
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert build_config(parser.parse_args(argv)).engine.max_num_seqs == seqs

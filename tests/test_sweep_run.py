@@ -170,6 +170,12 @@ def test_a_rerun_removes_the_previous_sweeps_figures(exp, tmp_path):
     draw_all(load_rows(out), out / "plots")
     run_sweep(small, jobs(small, exp), out, workers=1, quiet=True)
     assert not (out / "plots").exists()  # emptied: removed
+    # plots/ as a link (to a figures directory kept elsewhere) is left alone, and its target too
+    kept = tmp_path / "figures"
+    draw_all(load_rows(out), kept)
+    (out / "plots").symlink_to(kept)
+    run_sweep(small, jobs(small, exp), out, workers=1, quiet=True)
+    assert (out / "plots").is_symlink() and sorted(p.stem for p in kept.iterdir())
 
 
 def test_parquet_only_with_pyarrow(exp, tmp_path, monkeypatch):
