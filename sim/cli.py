@@ -390,8 +390,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         text = str(exc)
         if isinstance(exc, OSError) and exc.filename is not None:
             text = f"{exc.filename}: {exc.strerror}"
-            if _under_out(exc.filename, getattr(args, "out", None)):  # /proc/x passed the checks, then failed
-                text = f"--out {args.out}: {text}"
+            out = getattr(args, "out", None)
+            if _under_out(exc.filename, out):  # /proc/x passed the checks, then failed
+                same = os.path.abspath(exc.filename) == os.path.abspath(out)
+                text = f"--out {out}: {exc.strerror if same else text}"
         print(f"error: {text}", file=sys.stderr)
         return 1
     except Terminated:
