@@ -309,10 +309,8 @@ def build_config(args: argparse.Namespace) -> ExperimentConfig:
     else:
         cfg = ExperimentConfig(name="serve")
     eng = cfg.engine
-    changes = {k: v for k, v in (("model", args.model), ("gpu", args.gpu), ("num_gpu_blocks", args.num_gpu_blocks),
-                                  ("gpus_per_replica", args.gpus_per_replica), ("max_num_seqs", args.max_num_seqs),
-                                  ("max_num_batched_tokens", args.max_num_batched_tokens),
-                                  ("max_model_len", args.max_model_len)) if v is not None}
+    given = {path: getattr(args, attr) for path, _, attr in CONFIG_FLAGS if getattr(args, attr) is not None}
+    changes = {key: value for (section, key), value in given.items() if section == "engine"}
     if args.model is not None and not args.experiment:
         # As an experiment that leaves the count unset (`sim.experiments`): the GPUs the model
         # is served on, its spec's tensor_parallel (70B: 4); 70B on the default 1 did not fit.
@@ -333,13 +331,9 @@ def build_config(args: argparse.Namespace) -> ExperimentConfig:
         seqs = changes.get("max_num_seqs", eng.max_num_seqs)
         changes["max_num_seqs"] = min(seqs, args.max_num_batched_tokens)
     eng = dataclasses.replace(eng, **changes)
-    lat = cfg.latency
-    if args.latency is not None:  # only the kind: the experiment's efficiencies and overhead stay
-        lat = dataclasses.replace(lat, kind=args.latency)
-    if args.step_seconds is not None:
-        lat = dataclasses.replace(lat, seconds=args.step_seconds)
-    if args.latency_name is not None:
-        lat = dataclasses.replace(lat, name=args.latency_name)
+    # --latency sets only the kind: the experiment's efficiencies and overhead stay
+    lat = dataclasses.replace(cfg.latency, **{key: value for (section, key), value in given.items()
+                                              if section == "latency"})
     _check_latency_flags(args, lat.kind)
     _check_step_seconds(args.step_seconds)
     cfg = dataclasses.replace(cfg, engine=eng, latency=lat)
@@ -349,7 +343,8 @@ def build_config(args: argparse.Namespace) -> ExperimentConfig:
     return cfg
 
 
-# The flags that set a key of the engine or latency configuration, as (key path, flag, attribute).
+# The flags that set a key of the engine or latency configuration, as (key path, flag, attribute):
+# `build_config` applies them and `_flag_labels` names them in an error.
 CONFIG_FLAGS = tuple(
     (path, "--" + attr.replace("_", "-"), attr) for path, attr in (
         (("engine", "model"), "model"), (("engine", "gpu"), "gpu"), (("engine", "num_gpu_blocks"), "num_gpu_blocks"),
