@@ -314,23 +314,40 @@ def _model_tensor_parallel(ck: _Checker, e: EngineConfig) -> EngineConfig:
 
 
 def _serve_batch_defaults(ck: _Checker, e: EngineConfig) -> EngineConfig:
-    """The sequence cap and token budget `vllm serve` gives the engine's GPU, where no layer sets them.
+    """The sequence cap and token budget `vllm serve` gives the engine, where no layer sets them.
 
-    An H100 gets 1,024 and 8,192, an A100 256 and 2,048 (`GPUSpec.serve_batch_defaults`),
-    so ``--set engine.gpu=h100`` runs what ``vllm serve`` runs there. An unknown GPU keeps
-    the dataclass defaults; `_check_engine` refuses it.
+    vLLM 0.26.0 (`EngineArgs._set_default_max_num_seqs_and_batched_tokens_args`): an H100 gets
+    1,024 and 8,192, an A100 256 and 2,048 (`GPUSpec.serve_batch_defaults`), so ``--set
+    engine.gpu=h100`` runs what ``vllm serve`` runs there. A default budget without chunked
+    prefill is raised to the context (a whole prompt must fit one step) and kept within
+    max_num_seqs x the context; a default cap is lowered to a budget smaller than it, as
+    ``vllm serve --max-num-batched-tokens 128`` starts with 128 sequences where an experiment
+    was refused. An unknown GPU or model keeps the dataclass defaults; `_check_engine` refuses it.
     """
-    from sim.hardware import SpecError, load_gpu
+    from sim.capacity import max_model_len
+    from sim.hardware import SpecError, load_gpu, load_model
 
     unset = [k for k in ("max_num_seqs", "max_num_batched_tokens") if ck.layered.rank(("engine", k)) < 0]
     if not unset:
         return e
     try:
-        seqs, tokens = load_gpu(e.gpu).serve_batch_defaults()
+        default_seqs, default_budget = load_gpu(e.gpu).serve_batch_defaults()
+        longest = max_model_len(e, load_model(e.model))
     except SpecError:
         return e
-    given = {"max_num_seqs": seqs, "max_num_batched_tokens": tokens}
-    return dataclasses.replace(e, **{k: given[k] for k in unset})
+    seqs = default_seqs if "max_num_seqs" in unset else e.max_num_seqs
+    budget = e.max_num_batched_tokens
+    if "max_num_batched_tokens" in unset:
+        budget = default_budget
+        if _is_count(longest) and _is_count(seqs):  # else `_check_engine` refuses the one at fault
+            budget = min(seqs * longest, budget if e.enable_chunked_prefill else max(longest, budget))
+    if "max_num_seqs" in unset and _is_count(budget):
+        seqs = min(seqs, budget)
+    return dataclasses.replace(e, max_num_seqs=seqs, max_num_batched_tokens=budget)
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
 def _check_engine(ck: _Checker, e: EngineConfig) -> None:
@@ -371,6 +388,7 @@ def _check_engine(ck: _Checker, e: EngineConfig) -> None:
         ck.fail(culprit, f"engine.max_num_batched_tokens ({e.max_num_batched_tokens}) must be >= "
                 f"engine.max_num_seqs ({e.max_num_seqs}), as vLLM requires")
     model = load_model(e.model)
+    _check_unchunked_budget(ck, e, model)
     _check_tensor_parallel(ck, e, model)
     problem = context_problem(e, model)
     if problem:  # blamed on the context's keys alone, before the memory's (`num_kv_blocks` checks it too)
@@ -386,6 +404,27 @@ def _check_engine(ck: _Checker, e: EngineConfig) -> None:
             key = ck.layered.latest([p + (k,) for k in ("max_model_len", "block_size", *memory)])
         ck.fail(key, exc.problem)
     _check_swap_time(ck, e)
+
+
+def _check_unchunked_budget(ck: _Checker, e: EngineConfig, model) -> None:
+    """Without chunked prefill a prompt must fit one step's budget, so vLLM 0.26.0
+    (config/scheduler.py, verify_max_model_len) refuses to start with a budget below
+    max_model_len; `bfcl-unopt-caps` ran an 8,192-token budget on Llama-3.1's 131,072-token
+    context, which `vllm serve` would only start with ``--max-model-len 8192``."""
+    from sim.capacity import max_model_len
+
+    longest = max_model_len(e, model)
+    if e.enable_chunked_prefill or e.max_num_batched_tokens >= longest:
+        return
+    p = ("engine",)
+    culprit = ck.layered.latest([p + (k,) for k in (
+        "max_num_batched_tokens", "max_model_len", "enable_chunked_prefill", "model")])
+    given = (f"engine.max_model_len ({longest})" if e.max_model_len is not None
+             else f"the context of {model.name} ({longest} tokens, engine.max_model_len unset)")
+    ck.fail(culprit, f"engine.max_num_batched_tokens ({e.max_num_batched_tokens}) is smaller than {given} "
+            f"with engine.enable_chunked_prefill false, which vLLM refuses to start: a longer prompt could "
+            f"never be scheduled; set engine.max_model_len to at most {e.max_num_batched_tokens}, raise "
+            f"engine.max_num_batched_tokens, or turn chunked prefill on")
 
 
 def check_flags(cfg: ExperimentConfig, flags: Mapping[KeyPath, str], name: str | None) -> None:

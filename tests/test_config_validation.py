@@ -32,6 +32,11 @@ experiments:
 """
 
 
+def with_engine(engine: str) -> str:
+    """BASE with experiment t's ``engine:`` mapping (flow style, on exp.yaml:6), if any."""
+    return BASE if not engine else BASE.replace("    policies: [fcfs]\n", f"    policies: [fcfs]\n    engine: {engine}\n")
+
+
 @pytest.fixture
 def exp(tmp_path, monkeypatch):
     """Writes an experiments file (BASE plus ``extra`` at the top level) and returns its name."""
@@ -363,7 +368,7 @@ def test_duplicate_grid_points_are_refused(exp):
 
 
 def test_token_budget_below_max_num_seqs(exp):
-    assert error("t", exp(), ["engine.max_num_batched_tokens=1"]) == (
+    assert error("t", exp(), ["engine.max_num_batched_tokens=1", "engine.max_num_seqs=256"]) == (
         "--set engine.max_num_batched_tokens=1: experiment 't': engine.max_num_batched_tokens: "
         "engine.max_num_batched_tokens (1) must be >= engine.max_num_seqs (256), as vLLM requires"
     )
@@ -372,6 +377,59 @@ def test_token_budget_below_max_num_seqs(exp):
     )
     cfg = resolve("t", exp(), ["engine.max_num_batched_tokens=8", "engine.max_num_seqs=8"])
     assert cfg.engine.max_num_batched_tokens == 8
+
+
+@pytest.mark.parametrize("sets, seqs, budget", [
+    # vLLM 0.26.0 (EngineArgs._set_default_max_num_seqs_and_batched_tokens_args): a budget given alone lowers
+    # the default cap to it (this was refused against 256, where `vllm serve --max-num-batched-tokens 128` starts)
+    (["engine.max_num_batched_tokens=128"], 128, 128),
+    (["engine.max_num_batched_tokens=1"], 1, 1),
+    (["engine.max_num_batched_tokens=4096"], 256, 4096),
+    # without chunked prefill the default budget is raised to the context, so a whole prompt fits a step
+    (["engine.enable_chunked_prefill=false"], 256, 131072),
+    (["engine.enable_chunked_prefill=false", "engine.max_model_len=8192"], 256, 8192),
+    (["engine.enable_chunked_prefill=false", "engine.max_model_len=1000"], 256, 2048),
+    # ... and kept within max_num_seqs x the context, as for a tiny model
+    (["engine.enable_chunked_prefill=false", "engine.max_model_len=100", "engine.max_num_seqs=4"], 4, 400),
+    (["engine.max_model_len=100", "engine.max_num_seqs=4"], 4, 400),
+    (["engine.gpu=h100", "engine.enable_chunked_prefill=false", "engine.max_model_len=4096"], 1024, 8192),
+    (["engine.gpu=h100"], 1024, 8192),
+])
+def test_unset_sequence_cap_and_budget_take_vllm_serve_defaults(exp, sets, seqs, budget):
+    cfg = resolve("t", exp(), sets)
+    assert (cfg.engine.max_num_seqs, cfg.engine.max_num_batched_tokens) == (seqs, budget)
+
+
+@pytest.mark.parametrize("base, sets, message", [
+    # vLLM 0.26.0 (config/scheduler.py, verify_max_model_len) refuses to start without chunked prefill when the
+    # budget is below max_model_len; the key set last is blamed.
+    ("", ["engine.enable_chunked_prefill=false", "engine.max_num_batched_tokens=256"],
+     "--set engine.max_num_batched_tokens=256: experiment 't': engine.max_num_batched_tokens: "
+     "engine.max_num_batched_tokens (256) is smaller than the context of llama-3.1-8b (131072 tokens, "
+     "engine.max_model_len unset) with engine.enable_chunked_prefill false, which vLLM refuses to start: a longer "
+     "prompt could never be scheduled; set engine.max_model_len to at most 256, raise "
+     "engine.max_num_batched_tokens, or turn chunked prefill on"),
+    ("{max_num_batched_tokens: 256}", ["engine.enable_chunked_prefill=false"],
+     "--set engine.enable_chunked_prefill=false: experiment 't': engine.enable_chunked_prefill: "
+     "engine.max_num_batched_tokens (256) is smaller than the context of llama-3.1-8b"),
+    ("{enable_chunked_prefill: false, max_num_batched_tokens: 8192, max_model_len: 8192}",
+     ["engine.max_model_len=16384"],
+     "--set engine.max_model_len=16384: experiment 't': engine.max_model_len: engine.max_num_batched_tokens "
+     "(8192) is smaller than engine.max_model_len (16384) with engine.enable_chunked_prefill false"),
+    ("{enable_chunked_prefill: false, max_num_batched_tokens: 8192}", [],
+     "exp.yaml:6: experiment 't': engine.max_num_batched_tokens: engine.max_num_batched_tokens (8192) is smaller "
+     "than the context of llama-3.1-8b (131072 tokens, engine.max_model_len unset)"),
+])
+def test_a_budget_below_the_context_without_chunking_is_refused(exp, base, sets, message):
+    msg = error("t", exp(base=with_engine(base)), sets)
+    assert msg.startswith(message), msg
+    assert "vLLM refuses to start" in msg
+
+
+def test_unchunked_budget_equal_to_the_context_starts(exp):
+    cfg = resolve("t", exp(base=with_engine("{enable_chunked_prefill: false, max_num_batched_tokens: 8192}")),
+                  ["engine.max_model_len=8192"])
+    assert (cfg.engine.max_num_batched_tokens, cfg.engine.max_model_len) == (8192, 8192)
 
 
 @pytest.mark.parametrize("gpus", [3, 100000])
@@ -403,7 +461,7 @@ def test_a_defaulted_key_is_not_blamed_over_a_key_set_lower_down(exp):
 
 
 def test_a_set_mapping_is_not_blamed_for_the_keys_it_left_alone(exp):
-    path = exp("defaults:\n  engine: {max_num_batched_tokens: 8}\n")
+    path = exp("defaults:\n  engine: {max_num_batched_tokens: 8, max_num_seqs: 256}\n")
     msg = error("t", path, ["engine={replicas: 2}"])
     assert msg.startswith("exp.yaml:7: experiment 't': engine.max_num_batched_tokens: "
                           "engine.max_num_batched_tokens (8) must be >= engine.max_num_seqs (256)"), msg
@@ -609,14 +667,8 @@ def test_a_call_from_a_trace_too_big_for_the_engine_names_its_line(exp, tmp_path
 
 
 @pytest.mark.parametrize("engine, sets, blamed, message", [
-    # The walkthrough's case: the budget's own --set is blamed, not the workload's (the KV cache's keys were
-    # searched, and none was set). Within one layer the limit's key is blamed before the workload's.
-    ("", ["workload.params.programs=10", "engine.enable_chunked_prefill=false", "engine.max_num_batched_tokens=256"],
-     "--set engine.max_num_batched_tokens=256", "exceeds engine.max_num_batched_tokens=256, which must cover a "
-                                                "whole prompt when engine.enable_chunked_prefill is false"),
-    ("{max_num_batched_tokens: 256}", ["engine.enable_chunked_prefill=false"],
-     "--set engine.enable_chunked_prefill=false", "exceeds engine.max_num_batched_tokens=256"),
-    # The limit's own line, over the workload's in the same file (exp.yaml:3).
+    # The limit's own line, over the workload's in the same file (exp.yaml:3). (A budget that cannot cover a
+    # prompt without chunking is refused with the experiment: test_a_budget_below_the_context_without_chunking...)
     ("{max_model_len: 300}", [], "exp.yaml:6", "exceeds engine.max_model_len=300; vLLM refuses a longer request"),
     ("{max_model_len: 300}", ["workload.params.programs=10"], "--set workload.params.programs=10",
      "exceeds engine.max_model_len=300"),
@@ -630,8 +682,7 @@ def test_a_generated_call_too_big_for_the_engine_blames_the_limit_set_last(exp, 
     from sim.run import load_workload
     from sim.simulate import check_workload
 
-    base = BASE if not engine else BASE.replace("    policies: [fcfs]\n", f"    policies: [fcfs]\n    engine: {engine}\n")
-    cfg = resolve("t", exp(base=base), sets)
+    cfg = resolve("t", exp(base=with_engine(engine)), sets)
     with pytest.raises(SimulationError) as info:
         check_workload(load_workload(cfg), cfg)
     assert str(info.value).startswith(f"{blamed}"), str(info.value)

@@ -42,6 +42,13 @@ sweeps:
     variants:
       default: {}
       unopt: {policies: [fcfs], set: {engine.enable_prefix_caching: false, engine.enable_chunked_prefill: false}}
+  small-kv:
+    experiment: tiny
+    grid: {workload.params.rate: [1.0, 3.0]}
+    policies: [fcfs]
+    variants:
+      default: {}
+      smallkv: {set: {engine.num_gpu_blocks: 20}}
   seeds:
     experiment: tiny
     grid: {workload.params.rate: [2.0, 40.0], seed: [0, 1, 2]}
@@ -88,17 +95,16 @@ def test_failed_point_is_reported_and_the_rest_completes(exp, tmp_path, capsys):
 
 
 def test_exception_in_simulate_is_a_failed_row(exp, tmp_path, capsys):
-    # The unopt variant has no chunked prefill, so a BFCL prompt (~700 tokens) exceeds a 64-token budget:
-    # simulate raises SimulationError for that point only.
-    sweep = load_sweep("ok", exp, ["engine.max_num_batched_tokens=64", "engine.max_num_seqs=64"])
-    todo = jobs(sweep, exp, ["engine.max_num_batched_tokens=64", "engine.max_num_seqs=64"])
-    outcome = run_sweep(sweep, todo, tmp_path / "out", workers=1, quiet=True)
+    # The smallkv variant's 20 blocks (320 tokens) hold no BFCL call (~700 prompt tokens); the engine starts,
+    # as vLLM does when num_gpu_blocks overrides the count, and simulate raises SimulationError there only.
+    sweep = load_sweep("small-kv", exp)
+    outcome = run_sweep(sweep, jobs(sweep, exp), tmp_path / "out", workers=1, quiet=True)
     status = {(r["point"], r["policy"]): (r["status"], r["error"]) for r in outcome.rows}
-    assert status[0, "fcfs"][0] == "ok" and status[1, "mlfq"][0] == "ok"
-    assert status[0, "fcfs-unopt"][0] == "failed"
-    assert status[0, "fcfs-unopt"][1].startswith("SimulationError: ")
-    assert "max_num_batched_tokens=64" in status[0, "fcfs-unopt"][1]
-    assert "fcfs-unopt: failed: SimulationError" in capsys.readouterr().err
+    assert status[0, "fcfs"][0] == "ok" and status[1, "fcfs"][0] == "ok"
+    assert status[0, "fcfs-smallkv"][0] == status[1, "fcfs-smallkv"][0] == "failed"
+    assert status[0, "fcfs-smallkv"][1].startswith("SimulationError: ")
+    assert "exceeds the KV cache of one replica (320 tokens)" in status[0, "fcfs-smallkv"][1]
+    assert "fcfs-smallkv: failed: SimulationError" in capsys.readouterr().err
 
 
 def strip_wall(text: str) -> list[list[str]]:
