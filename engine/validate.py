@@ -112,16 +112,18 @@ def load_replay(directory: str | Path) -> Replayed:
         raise bad("kv_ttl", "a finite number of seconds >= 0")
     if kv_ttl > MAX_SECONDS:  # the bound engine.kv_ttl has in an experiment, which this one replaces
         raise bad("kv_ttl", f"at most {MAX_SECONDS:g} seconds, as engine.kv_ttl")
-    rows = read_programs_csv(d / "programs.csv")
+    lines: list[int] = []
+    rows = read_programs_csv(d / "programs.csv", lines)
     other = {r.policy for r in rows} - {meta["policy"]}
     if other:
         raise ValidationError(f"{d / 'programs.csv'}: rows of policies {sorted(other)}, but replay.json says "
                               f"{meta['policy']!r}")
-    seen: set[str] = set()
-    for r in rows:  # one latency per program: a second row would silently replace the first
+    seen: dict[str, int] = {}
+    for r, line in zip(rows, lines):  # one latency per program: a second row would silently replace the first
         if r.program_id in seen:
-            raise ValidationError(f"{d / 'programs.csv'}: program {r.program_id!r} has two rows")
-        seen.add(r.program_id)
+            raise ValidationError(f"{d / 'programs.csv'}:{line}: program {r.program_id!r} has a second row "
+                                  f"(the first is on line {seen[r.program_id]})")
+        seen[r.program_id] = line
     if not rows:
         raise ValidationError(f"{d / 'programs.csv'}: no program finished in this replay; nothing to compare")
     finished = meta.get("finished_programs")  # absent from replays written before it was recorded

@@ -168,11 +168,12 @@ def write_programs_csv(path: str | Path, programs: Iterable[ProgramRecord]) -> N
 R = TypeVar("R")
 
 
-def _read(path: str | Path, cls: type[R]) -> list[R]:
-    """The records of ``path``; a file this module did not write fails with its line and column."""
+def _read(path: str | Path, cls: type[R], lines: list[int] | None = None) -> list[R]:
+    """The records of ``path``; a file this module did not write fails with its line and column.
+    ``lines``, if given, gets the line each record starts on, for errors about a record's content."""
     try:
         with open(path, newline="", encoding="utf-8") as fh:
-            return _parse(path, cls, csv.reader(fh))
+            return _parse(path, cls, csv.reader(fh), lines)
     except UnicodeDecodeError:  # its offset is within the decoder's chunk: find the line in the whole file
         raw = Path(path).read_bytes()
         try:
@@ -183,7 +184,7 @@ def _read(path: str | Path, cls: type[R]) -> list[R]:
         raise  # the file changed under us: decoding it whole worked
 
 
-def _parse(path: str | Path, cls: type[R], reader: Any) -> list[R]:
+def _parse(path: str | Path, cls: type[R], reader: Any, lines: list[int] | None) -> list[R]:
     hints = get_type_hints(cls)
     expected = _columns(cls)
     rows: list[R] = []
@@ -202,6 +203,8 @@ def _parse(path: str | Path, cls: type[R], reader: Any) -> list[R]:
             for name, text in zip(expected, row):
                 values[name] = _value(path, line, name, hints[name], text)
             rows.append(cls(**values))
+            if lines is not None:
+                lines.append(line)
             line = reader.line_num + 1
     except csv.Error as exc:  # a field past the csv module's size limit, a NUL byte
         raise RecordFormatError(f"{path}:{line}: not a CSV record as this module writes them ({exc})") from None
@@ -238,8 +241,8 @@ def read_calls_csv(path: str | Path) -> list[CallRecord]:
     return _read(path, CallRecord)
 
 
-def read_programs_csv(path: str | Path) -> list[ProgramRecord]:
-    return _read(path, ProgramRecord)
+def read_programs_csv(path: str | Path, lines: list[int] | None = None) -> list[ProgramRecord]:
+    return _read(path, ProgramRecord, lines)
 
 
 def summarize_records(

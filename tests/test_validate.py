@@ -223,7 +223,7 @@ def test_replays_of_other_programs_or_none_or_twice_are_refused(tmp_path):
     write_programs_csv(twice / "programs.csv", rows)
     with pytest.raises(ValidationError) as err:
         validate([twice], cfg)
-    assert str(err.value) == f"{twice / 'programs.csv'}: program 'p0' has two rows"
+    assert str(err.value) == f"{twice / 'programs.csv'}:3: program 'p0' has a second row (the first is on line 2)"
 
 
 def test_a_trace_whose_programs_changed_since_the_replay_is_refused(tmp_path):
