@@ -149,12 +149,16 @@ API_ROUTES = (["models"], ["completions"], ["chat", "completions"], ["programs"]
 
 
 def base_of_api_path(url: SplitResult) -> str | None:
-    """The server's base URL when ``url`` names its API (a path ending in /v1, or in /v1 and one
-    of `API_ROUTES`), else None: a client that appends /v1/... to it asked for /v1/v1/... (a 404).
-    A server behind a prefix (a proxy's /sim, or its own /v1/engine0) is a base URL."""
+    """The server's base URL when ``url`` names its API (a path ending in /v1, in /v1 and one
+    of `API_ROUTES`, or in /v1/programs/ID, the gateway's DELETE), else None: a client that
+    appends /v1/... to it asked for /v1/v1/... (a 404). A server behind a prefix (a proxy's
+    /sim, or its own /v1/engine0) is a base URL."""
     segments = [s for s in url.path.split("/") if s]
-    at = next((i for i in range(len(segments)) if segments[i] == "v1" and
-               (segments[i + 1:] == [] or segments[i + 1:] in API_ROUTES)), None)
+
+    def names_api(rest: list[str]) -> bool:
+        return rest == [] or rest in API_ROUTES or (len(rest) == 2 and rest[0] == "programs")
+
+    at = next((i for i in range(len(segments)) if segments[i] == "v1" and names_api(segments[i + 1:])), None)
     if at is None:
         return None
     return url._replace(path="/".join([""] + segments[:at]), query="", fragment="").geturl()

@@ -167,6 +167,9 @@ async def _replay_error(mode: str, through_gateway: bool) -> str:
         ("http://h:1/proxy/v1/chat/completions/", "--engine http://h:1/proxy/v1/chat/completions: the gateway "
                                                   "appends /v1/... to it itself; expected the engine's base URL, "
                                                   "without /v1 (here http://h:1/proxy)"),
+        # a program's own URL (the gateway's DELETE /v1/programs/ID), copied from a log
+        ("http://h:1/v1/programs/p7", "--engine http://h:1/v1/programs/p7: the gateway appends /v1/... to it "
+                                      "itself; expected the engine's base URL, without /v1 (here http://h:1)"),
     ],
 )
 def test_bad_engine_urls_are_refused_at_start(url, message):

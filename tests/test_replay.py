@@ -682,7 +682,8 @@ def test_model_name_discovery_says_why_it_failed():
 
 @pytest.mark.parametrize("target, base", [("http://127.0.0.1:18100/v1", "http://127.0.0.1:18100"),
                                           ("http://h:1/v1/", "http://h:1"),
-                                          ("http://h:1/sim/v1/completions", "http://h:1/sim")])
+                                          ("http://h:1/sim/v1/completions", "http://h:1/sim"),
+                                          ("http://h:1/v1/programs/p0", "http://h:1")])
 def test_cli_refuses_a_target_with_the_api_path(tmp_path, target, base):
     """/v1 was appended again: /v1/v1/models, a 404 reported as "cannot learn the model name ('data')"."""
     good = tmp_path / "good.jsonl"
