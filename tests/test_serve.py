@@ -1460,3 +1460,70 @@ def test_a_budget_given_alone_lowers_the_sequence_cap_as_vllm_serve_does(argv, s
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     assert build_config(parser.parse_args(argv)).engine.max_num_seqs == seqs
+
+
+def _two_loopback_addresses(monkeypatch):
+    """getaddrinfo giving ``localhost`` two addresses, as it often has (127.0.0.1 and ::1); two
+    IPv4 loopback addresses, so the test needs no IPv6. Other names resolve as before."""
+    import socket
+
+    real = socket.getaddrinfo
+
+    def getaddrinfo(host, port, *args, **kwargs):
+        if host != "localhost":
+            return real(host, port, *args, **kwargs)
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (a, port)) for a in ("127.0.0.1", "127.0.0.2")]
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+
+
+def test_port_0_binds_every_address_of_the_host_on_one_port(monkeypatch):
+    """`--host localhost --port 0` was bound on the first address only, where a named port is bound
+    on each (aiohttp), so a client that tried the other address was refused."""
+    import socket
+
+    from sim.http_site import bind_one_free_port
+
+    _two_loopback_addresses(monkeypatch)
+    socks = bind_one_free_port("localhost")
+    try:
+        assert [s.getsockname()[0] for s in socks] == ["127.0.0.1", "127.0.0.2"]
+        port = socks[0].getsockname()[1]
+        assert port != 0 and socks[1].getsockname()[1] == port
+        for address in ("127.0.0.1", "127.0.0.2"):
+            socket.create_connection((address, port), timeout=5).close()
+    finally:
+        for s in socks:
+            s.close()
+
+
+def test_port_0_tries_another_port_when_a_later_address_has_it_taken(monkeypatch):
+    import errno
+    import socket
+
+    from sim.http_site import bind_one_free_port
+
+    real = socket.create_server
+    taken: list[int] = []
+
+    def create_server(address, **kwargs):
+        if address[0] == "127.0.0.2" and not taken:  # the first port the system gives is in use there
+            taken.append(address[1])
+            raise OSError(errno.EADDRINUSE, "Address already in use")
+        return real(address, **kwargs)
+
+    _two_loopback_addresses(monkeypatch)
+    monkeypatch.setattr(socket, "create_server", create_server)
+    socks = bind_one_free_port("localhost")
+    try:
+        assert len(socks) == 2 and taken
+        assert socks[0].getsockname()[1] == socks[1].getsockname()[1]
+    finally:
+        for s in socks:
+            s.close()
+    # another failure on a later address (not the port in use) is not retried
+    monkeypatch.setattr(socket, "create_server", lambda address, **kw: real(address, **kw) if address[0] == "127.0.0.1"
+                        else (_ for _ in ()).throw(OSError(errno.EADDRNOTAVAIL, "Cannot assign requested address")))
+    with pytest.raises(OSError) as info:
+        bind_one_free_port("localhost")
+    assert info.value.errno == errno.EADDRNOTAVAIL
