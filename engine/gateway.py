@@ -74,7 +74,10 @@ sends them, in place of the client's ``Authorization``, so clients never
 hold it; an engine that refuses it (401) is the operator's to fix, and the
 client gets a 502 saying so. Without it the client's ``Authorization`` is
 passed on (one key for all, or a gateway that checks none), and the probes
-carry the gateway's ``--api-key``, or none.
+carry the gateway's ``--api-key``, or none. Either key may come from the
+environment instead of the command line, where ``ps`` shows it:
+``VLLM_API_KEY`` (the gateway's, as ``vllm serve`` reads it) and
+``GATEWAY_ENGINE_API_KEY`` (the engines').
 
 Completion: a streamed call is complete (and charged, and its thread
 free) when its ``[DONE]`` arrives, before that event is passed on: a
@@ -134,7 +137,7 @@ from sim.core.params import MAX_SECONDS, PolicyParams
 from sim.core.state import CallState, ProgramState
 from sim.openai_api import api_key_guard, json_type, router_error_message, sse_error
 from sim.http_site import run_site
-from traces.argtypes import api_key, integer, number, port_number
+from traces.argtypes import api_key, api_key_or_env, integer, number, port_number
 
 log = logging.getLogger(__name__)
 
@@ -969,11 +972,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         "a live API server); 0: no stall check (default: 60)")
     p.add_argument("--api-key", type=api_key, metavar="KEY",
                    help="clients must send 'Authorization: Bearer KEY' to /v1 and /programs, else 401, as with "
-                        "vllm serve --api-key (default: none)")
+                        "vllm serve --api-key (default: $VLLM_API_KEY, as vllm serve reads it, else none)")
     p.add_argument("--engine-api-key", type=api_key, metavar="KEY",
                    help="the engines' vllm serve --api-key: sent with every call, model list and probe the "
                         "gateway sends them, in place of the client's Authorization (default: none: the "
-                        "client's is passed on, and the gateway's probes carry its --api-key, if any)")
+                        "client's is passed on, and the gateway's probes carry its --api-key, if any; "
+                        "$GATEWAY_ENGINE_API_KEY, if set, is taken as this flag)")
     p.set_defaults(run=run)
     return p
 
@@ -1003,10 +1007,11 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(problem)
         given = {k: v for k, v in (("threshold", args.threshold), ("health_failures", args.health_failures),
                                     ("stall_timeout", args.stall_timeout)) if v is not None}
+        key = api_key_or_env(args.api_key, "VLLM_API_KEY")  # the gateway stands where a vllm serve would
         cfg = GatewayConfig(engines=args.engine, balancer=args.balancer, ttl=args.ttl, policy=args.policy,
                             max_body=args.max_body, health_interval=args.health_interval,
-                            health_timeout=args.health_timeout, api_key=args.api_key,
-                            engine_api_key=args.engine_api_key, **given)
+                            health_timeout=args.health_timeout, api_key=key,
+                            engine_api_key=api_key_or_env(args.engine_api_key, "GATEWAY_ENGINE_API_KEY"), **given)
         problem = same_server_by_address(cfg.engines)
         if problem:
             raise ValueError(problem)

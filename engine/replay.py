@@ -92,7 +92,7 @@ from sim.core.params import MAX_SECONDS
 from sim.metrics import summarize_run, write_calls_csv, write_programs_csv
 from sim.records import CallRecord, ProgramRecord
 from traces.format import Call, Program
-from traces.argtypes import api_key, nonblank, number
+from traces.argtypes import api_key, api_key_or_env, nonblank, number
 from traces.io import digest
 
 REPLAY_JSON = "replay.json"
@@ -327,7 +327,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         "on the same engine (default: a fresh random salt; '' sends none, to reuse a warm cache)")
     p.add_argument("--api-key", type=api_key, metavar="KEY",
                    help="sent as 'Authorization: Bearer KEY' with every request: the --api-key of the target "
-                        "(the gateway, vLLM or sim serve) (default: none; not recorded)")
+                        "(the gateway, vLLM or sim serve) (default: $OPENAI_API_KEY, as vLLM's benchmark client "
+                        "reads it, else none; not recorded)")
     p.add_argument("--keep-programs", action="store_true",
                    help="do not end each program on the target when its calls are done (by default the replay "
                         "sends DELETE /v1/programs/ID, as an agent framework would; kept, the gateway's "
@@ -443,6 +444,11 @@ def run(args: argparse.Namespace) -> int:
     if problem:
         print(f"{prog}: error: {problem}", file=sys.stderr)
         return 2
+    try:  # the in-process engine takes no key: one in the environment is not meant for it
+        key = api_key_or_env(args.api_key, "OPENAI_API_KEY") if args.target != "inprocess" else None
+    except ValueError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
     if args.target == "inprocess":
         problem = inprocess_problem()
         if problem:
@@ -477,7 +483,7 @@ def run(args: argparse.Namespace) -> int:
         if args.target == "inprocess":
             target: Any = InprocessTarget(args.policy, args.workdir, cache_salt=salt)
         else:
-            target = HTTPTarget(args.target, args.model, args.request_timeout, salt, args.api_key)
+            target = HTTPTarget(args.target, args.model, args.request_timeout, salt, key)
         async with target:
             return await replay(programs, target, settings)
 

@@ -3,8 +3,9 @@
 It speaks enough of vLLM's OpenAI server for the gateway and the replayer:
 ``POST /v1/completions``, ``POST /v1/chat/completions`` (both with
 ``stream``), ``GET /v1/models``, ``GET /health``, and a debug ``GET /stats``;
-with ``--api-key KEY``, ``/v1`` refuses a request without ``Authorization:
-Bearer KEY`` with vLLM's 401 (`sim.openai_api.api_key_guard`).
+with ``--api-key KEY`` (or ``VLLM_API_KEY``, as vllm serve), ``/v1`` refuses
+a request without ``Authorization: Bearer KEY`` with vLLM's 401
+(`sim.openai_api.api_key_guard`).
 Every response is timed in real time by one simulated replica
 (`sim.realtime.RealtimeEngine`: `sim.replica.Replica` + `sim.core.SchedulerCore`
 + `sim.kvcache.KVCache` + a latency model from `sim.latency.build`).
@@ -96,7 +97,7 @@ from sim.openai_api import (
     sse_error,
 )
 from sim.realtime import CallHandle, Conflict, EngineFailed, RealtimeEngine, TooLarge
-from traces.argtypes import StrictParser, api_key, int_at_least, nonblank, number, port_number
+from traces.argtypes import StrictParser, api_key, api_key_or_env, int_at_least, nonblank, number, port_number
 from traces.validate import parse_json_int
 
 TOKEN_TEXT = " tok"
@@ -433,7 +434,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-seqs", type=POSITIVE_INT)
     p.add_argument("--max-num-batched-tokens", type=POSITIVE_INT)
     p.add_argument("--api-key", type=api_key, metavar="KEY",
-                   help="as vllm serve's: requests to /v1 need 'Authorization: Bearer KEY', else 401 (default: none)")
+                   help="as vllm serve's: requests to /v1 need 'Authorization: Bearer KEY', else 401 "
+                        "(default: $VLLM_API_KEY, as vllm serve reads it, else none)")
 
 
 async def serve(server: SimServer, host: str, port: int) -> web.AppRunner:
@@ -450,6 +452,7 @@ def main(argv: list[str]) -> int:
     add_arguments(parser)
     args = parser.parse_args(argv)
     try:
+        key = api_key_or_env(args.api_key, "VLLM_API_KEY")
         cfg = build_config(args)
         policy = serve_policy(args, cfg)
         engine = RealtimeEngine(cfg, policy, args.index)
@@ -462,7 +465,7 @@ def main(argv: list[str]) -> int:
         print(f"sim serve: note: this is one engine; the experiment's {cfg.engine.replicas} replicas and its "
               f"{cfg.engine.balancer} balancer are the gateway's part (python -m engine gateway), not this "
               "process's", file=sys.stderr)
-    server = SimServer(engine, args.served_model_name, api_key=args.api_key)
+    server = SimServer(engine, args.served_model_name, api_key=key)
     def banner(url: str) -> str:
         return (f"sim serve: engine {args.index} ({cfg.engine.model} on {cfg.engine.gpu}, latency {cfg.latency.kind}, "
                 f"policy {policy}) on {url}")

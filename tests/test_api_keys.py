@@ -215,3 +215,119 @@ def test_a_gateway_config_refuses_a_bad_key(field, flag):
     with pytest.raises(ValueError, match=rf"^{flag}: expected printable ASCII, with no space at either end; "
                                          r"character 2 of the key \(of 3\) is U\+000D \(a control character\)$"):
         GatewayConfig(engines=["http://127.0.0.1:9"], **{field: "a\rb"})
+
+
+def test_a_key_may_come_from_the_environment_as_vllm_reads_it(monkeypatch):
+    from traces.argtypes import api_key_or_env
+
+    monkeypatch.setenv("VLLM_API_KEY", "from-env")
+    assert api_key_or_env(None, "VLLM_API_KEY") == "from-env"
+    assert api_key_or_env("flag", "VLLM_API_KEY") == "flag"  # the flag wins, as in vllm serve
+    monkeypatch.setenv("VLLM_API_KEY", "")  # vLLM skips an empty key
+    assert api_key_or_env(None, "VLLM_API_KEY") is None
+    monkeypatch.delenv("VLLM_API_KEY")
+    assert api_key_or_env(None, "VLLM_API_KEY") is None
+    monkeypatch.setenv("VLLM_API_KEY", "secret\n")
+    with pytest.raises(ValueError) as exc:
+        api_key_or_env(None, "VLLM_API_KEY")
+    assert str(exc.value) == ("the environment's VLLM_API_KEY: expected printable ASCII, with no space at either end; "
+                              "character 7 of the key (of 7) is U+000A (a control character)")
+
+
+def _start(command: list[str], env: dict[str, str]) -> tuple[subprocess.Popen, str]:
+    """A server started on --port 0, and its URL from the banner."""
+    import re
+    import selectors
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", *command, "--port", "0"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT), **env})
+    sel = selectors.DefaultSelector()
+    sel.register(proc.stderr, selectors.EVENT_READ)
+    deadline, line = time.monotonic() + 60, ""
+    while " on http://" not in line and time.monotonic() < deadline and proc.poll() is None:
+        if sel.select(timeout=1):
+            line = proc.stderr.readline()
+    match = re.search(r" on (http://127\.0\.0\.1:\d+)", line)
+    if not match:
+        proc.kill()
+        raise AssertionError(f"no banner: {line!r}")
+    return proc, match.group(1)
+
+
+def _status(url: str, key: str | None) -> int:
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {key}"} if key else {})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as r:
+            return r.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def test_sim_serve_and_the_gateway_take_vllm_api_key_and_the_replay_openai_api_key(tmp_path):
+    """A key given only as --api-key shows in `ps` to every user of the machine. vllm serve reads
+    VLLM_API_KEY when --api-key is not given, and vLLM's benchmark client OPENAI_API_KEY; so do
+    sim serve and the gateway, and the replay. The gateway's engine key has a name of its own."""
+    engine, url = _start(["sim", "serve", "--latency", "constant", "--step-seconds", "0.001"],
+                         {"VLLM_API_KEY": "env-key", "OPENAI_API_KEY": ""})
+    try:
+        assert _status(url + "/v1/models", None) == 401
+        assert _status(url + "/v1/models", "env-key") == 200
+        assert _status(url + "/health", None) == 200
+        gateway, gw = _start(["engine", "gateway", "--engine", url],
+                             {"VLLM_API_KEY": "client-key", "GATEWAY_ENGINE_API_KEY": "env-key"})
+        try:
+            assert _status(gw + "/v1/models", None) == 401
+            assert _status(gw + "/v1/models", "client-key") == 200
+        finally:
+            gateway.terminate()
+            gateway.wait(timeout=30)
+        trace = _trace(tmp_path)
+        replay = [sys.executable, "-m", "engine", "replay", str(trace), "--target", url, "--policy", "plas",
+                  "--keep-programs"]
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        ok = subprocess.run(replay + ["--out", str(tmp_path / "ok")], capture_output=True, text=True, timeout=120,
+                            env={**env, "OPENAI_API_KEY": "env-key"})
+        assert ok.returncode == 0, ok.stderr
+        assert "env-key" not in (tmp_path / "ok" / "replay.json").read_text()  # not recorded
+        refused = subprocess.run(replay + ["--out", str(tmp_path / "no")], capture_output=True, text=True,
+                                 timeout=120, env={**env, "OPENAI_API_KEY": "wrong"})
+        assert refused.returncode == 1 and "401" in refused.stderr, refused.stderr
+    finally:
+        engine.terminate()
+        engine.wait(timeout=30)
+
+
+def _trace(tmp_path: Path) -> Path:
+    from traces.format import Call, Program
+    from traces.io import save
+
+    save([Program("p", 0.0, "x", (Call("a", (), 4, 2),))], tmp_path / "t.jsonl")
+    return tmp_path / "t.jsonl"
+
+
+def test_a_bad_key_in_the_environment_is_named_and_not_echoed(tmp_path):
+    _trace(tmp_path)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    for command, variable, code in ((["sim", "serve", "--port", "0"], "VLLM_API_KEY", 1),
+                                    (["engine", "gateway", "--engine", "http://127.0.0.1:9", "--port", "0"],
+                                     "VLLM_API_KEY", 1),
+                                    (["engine", "gateway", "--engine", "http://127.0.0.1:9", "--port", "0"],
+                                     "GATEWAY_ENGINE_API_KEY", 1),
+                                    (["engine", "replay", str(tmp_path / "t.jsonl"), "--target", "http://127.0.0.1:9",
+                                      "--policy", "plas", "--out", str(tmp_path / "o")], "OPENAI_API_KEY", 2)):
+        proc = subprocess.run([sys.executable, "-m", *command], capture_output=True, text=True, timeout=120,
+                              env={**env, variable: "s\u00e9cret-key"})
+        assert proc.returncode == code, proc.stderr
+        assert proc.stderr.endswith(f"error: the environment's {variable}: expected printable ASCII, with no space "
+                                    "at either end; character 2 of the key (of 10) is U+00E9 (not ASCII)\n")
+        assert "cret-key" not in proc.stderr
+    # the in-process engine takes no key, so one in the environment is left alone (not refused as --api-key is)
+    proc = subprocess.run([sys.executable, "-m", "engine", "replay", str(tmp_path / "t.jsonl"), "--target",
+                           "inprocess", "--policy", "plas", "--out", str(tmp_path / "o")], capture_output=True,
+                          text=True, timeout=120, env={**env, "OPENAI_API_KEY": "s\u00e9cret-key"})
+    assert "--api-key" not in proc.stderr and "OPENAI_API_KEY" not in proc.stderr, proc.stderr
+    assert not (tmp_path / "o").exists()

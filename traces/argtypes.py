@@ -128,6 +128,22 @@ def api_key(text: str) -> str:
     return text
 
 
+def api_key_or_env(given: str | None, variable: str) -> str | None:
+    """``given`` (the ``--api-key`` flag), else the environment variable ``variable``, checked as the
+    flag is, so a key need not show in ``ps``: ``vllm serve`` reads VLLM_API_KEY, vLLM's benchmark
+    client OPENAI_API_KEY. An empty variable is no key, as vLLM skips it. ValueError names the
+    variable without echoing the key."""
+    if given is not None:
+        return given
+    text = os.environ.get(variable, "")
+    if not text:
+        return None
+    try:
+        return api_key(text)
+    except argparse.ArgumentTypeError as exc:
+        raise ValueError(f"the environment's {variable}: {exc}") from None
+
+
 def _described_char(char: str) -> str:
     """How an error names a character of a secret without showing the secret: its code point and class."""
     kind = "a space" if char == " " else "a control character" if ord(char) < 0x20 or ord(char) == 0x7F \
