@@ -14,7 +14,7 @@ import aiohttp
 import pytest
 
 from traces.argtypes import api_key
-from test_serve_helpers import run, start_engine, start_gw
+from test_serve_helpers import run, start_cli_server, start_engine, start_gw
 
 ROOT = Path(__file__).resolve().parent.parent
 UNAUTHORIZED = (401, {"error": "Unauthorized"})  # vLLM's AuthenticationMiddleware answer
@@ -237,22 +237,9 @@ def test_a_key_may_come_from_the_environment_as_vllm_reads_it(monkeypatch):
 def _start(command: list[str], env: dict[str, str]) -> tuple[subprocess.Popen, str]:
     """A server started on --port 0, and its URL from the banner."""
     import re
-    import selectors
-    import time
 
-    proc = subprocess.Popen([sys.executable, "-m", *command, "--port", "0"], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT), **env})
-    sel = selectors.DefaultSelector()
-    sel.register(proc.stderr, selectors.EVENT_READ)
-    deadline, line = time.monotonic() + 60, ""
-    while " on http://" not in line and time.monotonic() < deadline and proc.poll() is None:
-        if sel.select(timeout=1):
-            line = proc.stderr.readline()
-    match = re.search(r" on (http://127\.0\.0\.1:\d+)", line)
-    if not match:
-        proc.kill()
-        raise AssertionError(f"no banner: {line!r}")
-    return proc, match.group(1)
+    proc, line = start_cli_server(command, env)
+    return proc, re.search(r" on (http://127\.0\.0\.1:\d+)", line).group(1)
 
 
 def _status(url: str, key: str | None) -> int:

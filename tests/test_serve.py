@@ -18,7 +18,7 @@ from sim.filler_tokens import filler_ids
 from sim.realtime import RealtimeEngine, block_keys
 from sim.openai_api import RequestError, parse_request, text_token_ids
 from sim.serve import SimServer, serve
-from test_serve_helpers import engine_config, run, start_engine, wait_for
+from test_serve_helpers import engine_config, run, start_cli_server, start_engine, wait_for
 
 
 async def _stream(session, url, body, path="/v1/completions"):
@@ -1350,19 +1350,10 @@ def test_sim_serve_refuses_an_engine_vllm_and_sim_run_refuse(capsys, argv, messa
 def test_port_0_reports_the_port_the_system_chose(command):
     """`--port 0` (taken as a port) printed `on http://127.0.0.1:0`, an address nobody can reach."""
     import re
-    import selectors
-    import time
     import urllib.request
 
-    proc = subprocess.Popen([sys.executable, "-m", *command, "--port", "0"], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    proc, line = start_cli_server(command)
     try:
-        sel = selectors.DefaultSelector()
-        sel.register(proc.stderr, selectors.EVENT_READ)
-        deadline, line = time.monotonic() + 60, ""
-        while " on http://" not in line and time.monotonic() < deadline and proc.poll() is None:
-            if sel.select(timeout=1):
-                line = proc.stderr.readline()
         match = re.search(r" on http://(?:127\.0\.0\.1|0\.0\.0\.0|\[::\]):(\d+)", line)
         assert match, line
         port = int(match.group(1))

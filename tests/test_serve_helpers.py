@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
+import selectors
+import subprocess
+import sys
+import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Awaitable, Callable
 
 from aiohttp import web
@@ -13,6 +19,8 @@ from engine.gateway import Gateway, GatewayConfig, start_gateway
 from sim.config import EngineConfig, ExperimentConfig, LatencyConfig
 from sim.realtime import RealtimeEngine
 from sim.serve import SimServer, serve
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def engine_config(step: float = 0.005, blocks: int = 4000, max_num_seqs: int = 256) -> ExperimentConfig:
@@ -77,3 +85,22 @@ async def wait_for(pred: Callable[[], bool | Awaitable[bool]], timeout: float = 
 def run(coro, timeout: float = 60.0):
     """Run a test coroutine with a hard time limit."""
     return asyncio.run(asyncio.wait_for(coro, timeout))
+
+
+def start_cli_server(command: list[str], env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
+    """``python -m COMMAND --port 0`` (sim serve, the gateway) started from this checkout, and the banner
+    line naming where it listens, once printed (killed if it exits or a minute passes without one)."""
+    proc = subprocess.Popen([sys.executable, "-m", *command, "--port", "0"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
+    sel = selectors.DefaultSelector()
+    sel.register(proc.stderr, selectors.EVENT_READ)
+    deadline, line = time.monotonic() + 60, ""
+    while " on http://" not in line and time.monotonic() < deadline and proc.poll() is None:
+        if sel.select(timeout=1):
+            line = proc.stderr.readline()
+    if " on http://" not in line:
+        proc.kill()
+        proc.wait(timeout=30)
+        raise AssertionError(f"{' '.join(command)}: no banner: {line!r}")
+    return proc, line
