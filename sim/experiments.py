@@ -409,8 +409,9 @@ def _check_engine(ck: _Checker, e: EngineConfig) -> None:
 def _check_unchunked_budget(ck: _Checker, e: EngineConfig, model) -> None:
     """Without chunked prefill a prompt must fit one step's budget, so vLLM 0.26.0
     (config/scheduler.py, verify_max_model_len) refuses to start with a budget below
-    max_model_len; `bfcl-unopt-caps` ran an 8,192-token budget on Llama-3.1's 131,072-token
-    context, which `vllm serve` would only start with ``--max-model-len 8192``."""
+    max_model_len. Unchecked, `bfcl-unopt-caps` ran an 8,192-token budget on Llama-3.1's
+    131,072-token context, an engine `vllm serve` would not start; the unoptimised baselines now
+    cut max_model_len to their budget, as ``vllm serve --max-model-len`` must."""
     from sim.capacity import max_model_len
 
     longest = max_model_len(e, model)
