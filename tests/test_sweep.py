@@ -700,3 +700,18 @@ def test_a_sweep_name_names_a_directory_so_it_is_a_plain_word(tmp_path, name, sh
         load_sweep("ok", f)
     assert str(err.value) == (f"{f}:12: sweep name {shown}: use letters, digits, '.', '_' and '-', starting with a "
                               "letter or digit (it names the output directory)")
+
+
+def test_every_shipped_sweep_plans_without_an_invalid_point():
+    """A shipped sweep with a point vLLM would refuse (its unoptimised baselines ran a budget below
+    max_model_len without chunking) reports `invalid` rows for it; each shipped point must be valid."""
+    from pathlib import Path
+
+    import yaml
+
+    shipped = Path(__file__).resolve().parent.parent / "experiments.yaml"
+    names = list(yaml.safe_load(shipped.read_text())["sweeps"])
+    assert "bfcl-unopt-caps" in names and "paper-single-unopt" in names
+    for name in names:
+        planned = jobs(load_sweep(name, str(shipped)), str(shipped))
+        assert planned and [j.error for j in planned if j.error] == [], name
