@@ -314,7 +314,14 @@ def _model_tensor_parallel(ck: _Checker, e: EngineConfig) -> EngineConfig:
 
 
 def _serve_batch_defaults(ck: _Checker, e: EngineConfig) -> EngineConfig:
-    """The sequence cap and token budget `vllm serve` gives the engine, where no layer sets them.
+    """The sequence cap and token budget `vllm serve` gives the engine, where no layer sets them
+    (`serve_batch_limits`)."""
+    return serve_batch_limits(e, seqs_unset=ck.layered.rank(("engine", "max_num_seqs")) < 0,
+                              budget_unset=ck.layered.rank(("engine", "max_num_batched_tokens")) < 0)
+
+
+def serve_batch_limits(e: EngineConfig, seqs_unset: bool, budget_unset: bool) -> EngineConfig:
+    """``e`` with the sequence cap and token budget `vllm serve` would start it with, for those unset.
 
     vLLM 0.26.0 (`EngineArgs._set_default_max_num_seqs_and_batched_tokens_args`): an H100 gets
     1,024 and 8,192, an A100 256 and 2,048 (`GPUSpec.serve_batch_defaults`), so ``--set
@@ -323,25 +330,25 @@ def _serve_batch_defaults(ck: _Checker, e: EngineConfig) -> EngineConfig:
     max_num_seqs x the context; a default cap is lowered to a budget smaller than it, as
     ``vllm serve --max-num-batched-tokens 128`` starts with 128 sequences where an experiment
     was refused. An unknown GPU or model keeps the dataclass defaults; `_check_engine` refuses it.
+    Experiments and ``sim serve`` without one both start their engines through this.
     """
     from sim.capacity import max_model_len
     from sim.hardware import SpecError, load_gpu, load_model
 
-    unset = [k for k in ("max_num_seqs", "max_num_batched_tokens") if ck.layered.rank(("engine", k)) < 0]
-    if not unset:
+    if not (seqs_unset or budget_unset):
         return e
     try:
         default_seqs, default_budget = load_gpu(e.gpu).serve_batch_defaults()
         longest = max_model_len(e, load_model(e.model))
     except SpecError:
         return e
-    seqs = default_seqs if "max_num_seqs" in unset else e.max_num_seqs
+    seqs = default_seqs if seqs_unset else e.max_num_seqs
     budget = e.max_num_batched_tokens
-    if "max_num_batched_tokens" in unset:
+    if budget_unset:
         budget = default_budget
         if _is_count(longest) and _is_count(seqs):  # else `_check_engine` refuses the one at fault
             budget = min(seqs * longest, budget if e.enable_chunked_prefill else max(longest, budget))
-    if "max_num_seqs" in unset and _is_count(budget):
+    if seqs_unset and _is_count(budget):
         seqs = min(seqs, budget)
     return dataclasses.replace(e, max_num_seqs=seqs, max_num_batched_tokens=budget)
 

@@ -318,20 +318,18 @@ def build_config(args: argparse.Namespace) -> ExperimentConfig:
         from sim.hardware import load_model
 
         changes.setdefault("gpus_per_replica", load_model(args.model).tensor_parallel)
-    if args.gpu is not None and not args.experiment:
-        # `vllm serve`'s sequence cap and token budget for that GPU, unless given (`sim.experiments`
-        # does the same for an experiment's GPU; an experiment's are its own, as resolved).
-        from sim.hardware import load_gpu
-
-        seqs, tokens = load_gpu(args.gpu).serve_batch_defaults()
-        changes.setdefault("max_num_seqs", seqs)
-        changes.setdefault("max_num_batched_tokens", tokens)
-    if args.max_num_batched_tokens is not None and args.max_num_seqs is None:
-        # As vllm serve (engine/arg_utils.py): a budget given without a sequence cap lowers the default cap
-        # to fit it, where both given must satisfy budget >= cap (`sim.experiments._check_engine`).
-        seqs = changes.get("max_num_seqs", eng.max_num_seqs)
-        changes["max_num_seqs"] = min(seqs, args.max_num_batched_tokens)
+    if args.max_num_batched_tokens is not None and args.max_num_seqs is None and args.experiment:
+        # As vllm serve (engine/arg_utils.py): a budget given without a sequence cap lowers the cap to fit
+        # it, where both given must satisfy budget >= cap (`sim.experiments._check_engine`).
+        changes["max_num_seqs"] = min(eng.max_num_seqs, args.max_num_batched_tokens)
     eng = dataclasses.replace(eng, **changes)
+    if not args.experiment:
+        # `vllm serve`'s cap and budget for the model and GPU served, unless given, as an experiment
+        # that leaves them unset gets them (an experiment's are its own, as resolved)
+        from sim.experiments import serve_batch_limits
+
+        eng = serve_batch_limits(eng, seqs_unset=args.max_num_seqs is None,
+                                 budget_unset=args.max_num_batched_tokens is None)
     # --latency sets only the kind: the experiment's efficiencies and overhead stay
     lat = dataclasses.replace(cfg.latency, **{key: value for (section, key), value in given.items()
                                               if section == "latency"})

@@ -1453,6 +1453,20 @@ def test_a_budget_given_alone_lowers_the_sequence_cap_as_vllm_serve_does(argv, s
     assert build_config(parser.parse_args(argv)).engine.max_num_seqs == seqs
 
 
+def test_an_unset_budget_stays_within_the_cap_times_the_context_as_vllm_serve_keeps_it():
+    """`sim serve` without an experiment takes its defaults as an experiment does
+    (`sim.experiments.serve_batch_limits`): --max-model-len 4 --max-num-seqs 2 gave a 2,048-token
+    budget where vllm serve starts with 8."""
+    import argparse
+
+    from sim.serve import add_arguments, build_config
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    engine = build_config(parser.parse_args(["--max-model-len", "4", "--max-num-seqs", "2"])).engine
+    assert (engine.max_num_seqs, engine.max_num_batched_tokens) == (2, 8)
+
+
 def _two_loopback_addresses(monkeypatch):
     """getaddrinfo giving ``localhost`` two addresses, as it often has (127.0.0.1 and ::1); two
     IPv4 loopback addresses, so the test needs no IPv6. Other names resolve as before."""
